@@ -1,0 +1,270 @@
+"""``python -m aitk_inference``: models, generate, reproduce, demo, make-tiny, serve.
+
+Each subcommand maps onto one library function and its flags use the library's parameter names. Heavy imports
+happen after argument parsing, so ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+
+def _lora_arg(text: str):
+    """``FILE`` or ``FILE:STRENGTH`` (a Windows drive letter's colon is not a separator)."""
+    path, sep, strength = text.rpartition(":")
+    if sep and path and not (len(path) == 1 and path.isalpha()):
+        try:
+            return path, float(strength)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+def _progress_bar(desc: str):
+    from tqdm import tqdm
+
+    bar = None
+
+    def update(step: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc=desc, unit="step", file=sys.stderr, leave=False)
+        bar.n = step
+        bar.refresh()
+        if step >= total:
+            bar.close()
+
+    return update
+
+
+def save_image(image, path: str, metadata: dict) -> None:
+    """Write an image; PNG carries the generation parameters as a JSON text chunk named ``parameters``."""
+    from PIL.PngImagePlugin import PngInfo
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    tmp = f"{path}.partial"
+    if path.lower().endswith(".png"):
+        info = PngInfo()
+        info.add_text("parameters", json.dumps(metadata))
+        image.save(tmp, format="PNG", pnginfo=info)
+    else:
+        image.save(tmp, format="JPEG" if path.lower().endswith((".jpg", ".jpeg")) else None, quality=95)
+    os.replace(tmp, path)
+
+
+def _numbered(path: str, index: int, count: int) -> str:
+    if count == 1:
+        return path
+    stem, ext = os.path.splitext(path)
+    return f"{stem}_{index}{ext}"
+
+
+def cmd_models(args) -> int:
+    from .pipelines.registry import REGISTRY
+
+    if args.json:
+        print(json.dumps([spec.describe() for spec in REGISTRY.values()], indent=2))
+        return 0
+    print(f"{'id':<28}{'steps':>6}{'guid.':>7}{'div':>5}  {'LoRA':<8}{'negative':<10}base")
+    for spec in REGISTRY.values():
+        neg = "used" if spec.uses_negative else "ignored"
+        print(f"{spec.model_id:<28}{spec.steps:>6}{spec.guidance:>7}{spec.divisor:>5}  {spec.lora_mode:<8}{neg:<10}{spec.base}")
+    return 0
+
+
+def run_generate(pipeline, args, out: str) -> list[str]:
+    from .pipelines.lora import LoraRequest
+
+    pipeline.set_loras([LoraRequest(path=p, strength=s) for p, s in (args.lora or [])])
+    result = pipeline.generate(
+        prompt=args.prompt, negative=args.neg, width=args.width, height=args.height, steps=args.steps,
+        guidance=args.guidance, seed=args.seed, batch_size=args.batch_size, trigger_word=args.trigger,
+        control_images=args.ctrl_img or None, progress=None if args.quiet else _progress_bar(pipeline.spec.model_id),
+    )
+    images = result.to_pil()
+    paths = [_numbered(out, i, len(images)) for i in range(len(images))]
+    for image, path in zip(images, paths):
+        save_image(image, path, result.metadata())
+    p = result.params
+    print(f"wrote {', '.join(paths)}  size {p.width}x{p.height}  seed {p.seed}  steps {p.steps}  "
+          f"guidance {p.guidance}  total {result.timings['total']:.2f}s")
+    for lora in result.loras:
+        print(f"  LoRA {lora['name']}: {lora['modules']} modules ({lora['layout']}), strength {lora['strength']}")
+    return paths
+
+
+def cmd_generate(args) -> int:
+    from .pipelines import load_pipeline
+
+    started = time.perf_counter()
+    pipeline = load_pipeline(args.model, base=args.base, device=args.device, dtype=args.dtype, offload=args.offload,
+                             lora_mode=args.lora_mode)
+    print(f"loaded {args.model} from {pipeline.source} in {time.perf_counter() - started:.2f}s")
+    run_generate(pipeline, args, args.out)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .pipelines import load_pipeline
+    from .pipelines.registry import get_spec
+    from .tiny import tiny_model_dir
+    from .tiny.loras import lora_targets, write_lora
+
+    spec = get_spec(args.model)
+    started = time.perf_counter()
+    folder = tiny_model_dir(args.model)
+    pipeline = load_pipeline(args.model, base=folder, device="cpu", dtype="fp32")
+    denoiser = getattr(pipeline.pipe, pipeline.denoiser)
+    lora = write_lora(os.path.join(folder, "loras", "demo_lora.safetensors"), "peft", lora_targets(denoiser))
+    print(f"tiny {args.model} pipeline (random weights) at {folder}; demo LoRA {lora}")
+    args.lora = [(lora, 1.0)]
+    args.base = folder
+    for name in ("neg", "seed", "trigger", "guidance"):
+        setattr(args, name, None)
+    args.width = args.height = max(spec.divisor, 64) * 2
+    args.steps = 4
+    args.batch_size = 1
+    args.prompt = "a tiny photo of [trigger]"
+    args.trigger = "sks"
+    args.ctrl_img = [_demo_control_image()] * spec.control_images[0]
+    run_generate(pipeline, args, args.out)
+    print(f"demo done in {time.perf_counter() - started:.2f}s")
+    return 0
+
+
+def _demo_control_image():
+    import numpy as np
+
+    ramp = np.linspace(0.0, 1.0, 128, dtype=np.float32)
+    return np.stack([np.tile(ramp, (128, 1)), np.tile(ramp[:, None], (1, 128)), np.full((128, 128), 0.5, np.float32)], -1)
+
+
+def cmd_make_tiny(args) -> int:
+    from .tiny import save_tiny_pipeline
+    from .tiny.loras import write_family_loras
+    from .pipelines import load_pipeline
+
+    folder = save_tiny_pipeline(args.model, args.out)
+    pipeline = load_pipeline(args.model, base=folder, device="cpu", dtype="fp32")
+    paths = write_family_loras(pipeline.pipe, os.path.join(folder, "loras"))
+    print(f"tiny {args.model} pipeline written to {folder}")
+    for layout, path in paths.items():
+        print(f"  LoRA ({layout}): {path}")
+    return 0
+
+
+def cmd_reproduce(args) -> int:
+    from .reproduce import reproduce_job
+
+    report = reproduce_job(args.job, base=args.base, lora=args.lora, out_dir=args.out, device=args.device,
+                           dtype=args.dtype, model=args.model)
+    for row in report["samples"]:
+        line = f"{row['file']}: {row['width']}x{row['height']} seed {row['seed']} steps {row['steps']} guidance {row['guidance']}"
+        if row.get("compare"):
+            c = row["compare"]
+            line += f"  vs preview: max {c['max_abs']} mean {c['mean_abs']:.3f} levels, PSNR {c['psnr']:.2f} dB"
+        print(line)
+    if report.get("sheet"):
+        print(f"side-by-side sheet: {report['sheet']}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .server.main import serve
+
+    return serve(host=args.host, port=args.port, bases=args.base)
+
+
+def _quiet_libraries() -> None:
+    """Hide the libraries' loading bars and advisory warnings; our own progress bar stays."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m aitk_inference", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list model ids with their defaults")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_models)
+
+    def add_load_flags(p, base_help):
+        p.add_argument("--base", help=base_help)
+        p.add_argument("--device", help="cuda, cuda:1, cpu, mps (default: cuda when available)")
+        p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU), fp32, bf16, fp16")
+
+    p = sub.add_parser("generate", help="generate images with LoRAs")
+    p.add_argument("--model", required=True, help="model id (see `models`)")
+    add_load_flags(p, "HF repo id, diffusers folder or single .safetensors file (default: the model's base)")
+    p.add_argument("--offload", choices=["none", "model", "sequential"], default="none")
+    p.add_argument("--lora-mode", choices=["dynamic", "fused"], help="default: the model's")
+    p.add_argument("--lora", action="append", type=_lora_arg, metavar="FILE[:STRENGTH]", help="repeatable")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--neg", help="negative prompt (only used by families with real CFG)")
+    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--guidance", type=float)
+    p.add_argument("--seed", type=int, help="-1 draws a random seed (default: 42)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--trigger", help="replaces [trigger] in the prompt")
+    p.add_argument("--ctrl-img", action="append", metavar="FILE", help="control image (repeatable)")
+    p.add_argument("--out", required=True, help="output file (.png carries the parameters)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("reproduce", help="re-render an ai-toolkit job's sample previews")
+    p.add_argument("job", help="job folder or its config.yaml")
+    add_load_flags(p, "override model.name_or_path")
+    p.add_argument("--lora", help="LoRA file (default: the job's newest by name)")
+    p.add_argument("--model", help="model id (default: derived from the job's model.arch)")
+    p.add_argument("--out", help="output folder (default: <job>/aitk_inference_samples)")
+    p.set_defaults(func=cmd_reproduce)
+
+    p = sub.add_parser("demo", help="tiny random-weight pipeline + tiny LoRA, one image, no download")
+    p.add_argument("--model", default="flux")
+    p.add_argument("--out", default="demo.png")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("make-tiny", help="write a tiny pipeline folder plus one LoRA per layout")
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_make_tiny)
+
+    p = sub.add_parser("serve", help="HTTP server compatible with the reference /v1 API")
+    p.add_argument("--host", default=None, help="default: $HOST or 127.0.0.1")
+    p.add_argument("--port", type=int, default=None, help="default: $PORT or 8000")
+    p.add_argument("--base", action="append", metavar="ID=PATH", help="override a model's base checkpoint (repeatable)")
+    p.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.command != "models":
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        if not args.verbose:
+            _quiet_libraries()
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,21 @@
+"""The library: model registry, ai-toolkit LoRA loading, one file per model family. Never imports ComfyUI.
+
+Importing this package is cheap; torch and diffusers are imported when a pipeline is loaded.
+"""
+
+from .registry import REGISTRY, ModelSpec, get_spec, model_ids
+
+__all__ = ["REGISTRY", "ModelSpec", "get_spec", "model_ids", "load_pipeline", "LoraRequest", "GenerationResult",
+           "GenerationInterrupted", "AITKPipeline"]
+
+
+def __getattr__(name):
+    if name in ("load_pipeline", "AITKPipeline", "GenerationResult", "GenerationInterrupted", "GenerationParams"):
+        from . import base
+
+        return getattr(base, name)
+    if name == "LoraRequest":
+        from .lora import LoraRequest
+
+        return LoraRequest
+    raise AttributeError(name)

@@ -1,0 +1,509 @@
+"""Behaviour shared by every family, taken from ai-toolkit's sample path (``ai-toolkit.md`` §2.1).
+
+A family file subclasses :class:`AITKPipeline` and overrides only what differs: how its diffusers pipeline is loaded,
+how generation parameters map onto that pipeline's ``__call__``, and any extra validation. The rest is here:
+size snapping, seeds and noise, trigger words, control-image preparation, LoRA application, progress and
+interruption, and a typed result.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from .registry import ModelSpec, get_spec
+
+logger = logging.getLogger(__name__)
+
+MAX_SIDE = 8192
+MAX_STEPS = 1000
+MAX_BATCH = 16
+MAX_SEED = 2**64 - 1
+RANDOM_SEED_MAX = 2**32 - 1  # ai-toolkit draws random seeds in [0, 2^32 - 1]
+
+ProgressCallback = Callable[[int, int], None]
+
+
+class GenerationInterrupted(RuntimeError):
+    """Raised (by a progress callback) to stop sampling between two steps."""
+
+
+# ---------------------------------------------------------------------------------------------------------------- helpers
+def snap_size(value: int, divisor: int) -> int:
+    """ai-toolkit's size rule: floor to 8 with a minimum of 64, then floor to the family's divisor."""
+    value = max(64, value - value % 8)
+    return value - value % divisor
+
+
+def snap_frames(num_frames: int, step: int) -> int:
+    """Floor a frame count to ``step * k + 1`` (4k+1 for Wan, 8k+1 for LTX-2), at least 1."""
+    return max(1, ((num_frames - 1) // step) * step + 1)
+
+
+def apply_trigger(prompt: str, trigger_word: str | None) -> str:
+    """Replace ``[trigger]`` and ``[name]`` by the trigger word, only when one is set (as ai-toolkit does)."""
+    if not trigger_word:
+        return prompt
+    return prompt.replace("[trigger]", trigger_word).replace("[name]", trigger_word)
+
+
+def resolve_device(device: str | None) -> str:
+    import torch
+
+    if device:
+        return str(device)
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+_DTYPE_NAMES = {
+    "fp32": "float32", "float32": "float32", "float": "float32",
+    "bf16": "bfloat16", "bfloat16": "bfloat16",
+    "fp16": "float16", "float16": "float16", "half": "float16",
+}
+
+
+def resolve_dtype(dtype, device: str):
+    """``None``/``"auto"``: float32 on CPU, bfloat16 on GPUs that support it, else float16."""
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto", ""):
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    name = _DTYPE_NAMES.get(str(dtype).lower())
+    if name is None:
+        raise ValueError(f"Unknown dtype {dtype!r}; use one of auto, fp32, bf16, fp16.")
+    return getattr(torch, name)
+
+
+def to_pil_rgb(image):
+    """Accept a PIL image, a path, a numpy array or a torch tensor (H,W,C or 1,H,W,C in 0..1) and return PIL RGB."""
+    import numpy as np
+    from PIL import Image
+
+    if isinstance(image, (str, os.PathLike)):
+        with Image.open(image) as im:
+            return im.convert("RGB")
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    array = image.detach().cpu().float().numpy() if hasattr(image, "detach") else np.asarray(image)
+    if array.ndim == 4:
+        if array.shape[0] != 1:
+            raise ValueError(f"A control image must be a single image, got a batch of {array.shape[0]}.")
+        array = array[0]
+    if array.ndim != 3 or array.shape[-1] not in (3, 4):
+        raise ValueError(f"A control image must be H x W x 3 (or 4), got shape {tuple(array.shape)}.")
+    if array.dtype != np.uint8:
+        array = (np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    return Image.fromarray(array[..., :3])
+
+
+# ---------------------------------------------------------------------------------------------------------------- types
+@dataclass(frozen=True)
+class GenerationParams:
+    """Resolved parameters of one generation: what really runs (after snapping, seed drawing, trigger words)."""
+
+    prompt: str
+    negative: str
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    seed: int
+    batch_size: int = 1
+    control_images: tuple = ()
+    num_frames: int | None = None
+    fps: int | None = None
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class GenerationResult:
+    """What :meth:`AITKPipeline.generate` returns.
+
+    Attributes:
+        images (np.ndarray): float32 in 0..1, ``[B, H, W, C]`` for images or ``[B, T, H, W, C]`` for videos.
+        params (GenerationParams): the effective parameters (snapped size, drawn seed, prompt after trigger words).
+        model_id (str): the registry id.
+        loras (list[dict]): the applied LoRAs with their strength and matched module counts.
+        timings (dict): seconds, e.g. ``total``, ``denoise``, ``steps``.
+        audio (np.ndarray, *optional*): ``[B, channels, samples]`` float32 for audio-video models.
+        sample_rate (int, *optional*): the audio sample rate.
+    """
+
+    images: Any
+    params: GenerationParams
+    model_id: str
+    loras: list = field(default_factory=list)
+    timings: dict = field(default_factory=dict)
+    audio: Any = None
+    sample_rate: int | None = None
+
+    @property
+    def width(self) -> int:
+        return self.params.width
+
+    @property
+    def height(self) -> int:
+        return self.params.height
+
+    @property
+    def seed(self) -> int:
+        return self.params.seed
+
+    @property
+    def is_video(self) -> bool:
+        return self.images.ndim == 5
+
+    def to_pil(self) -> list:
+        """One PIL image per batch item (for videos: the frames of the first item)."""
+        import numpy as np
+        from PIL import Image
+
+        arrays = self.images[0] if self.is_video else self.images
+        return [Image.fromarray((np.clip(a, 0, 1) * 255.0 + 0.5).astype(np.uint8)) for a in arrays]
+
+    def metadata(self) -> dict:
+        """The generation parameters as a JSON-friendly dict (embedded in PNG text chunks)."""
+        p = self.params
+        out = {
+            "model": self.model_id, "prompt": p.prompt, "negative": p.negative, "width": p.width, "height": p.height,
+            "steps": p.steps, "guidance": p.guidance, "seed": p.seed, "batch_size": p.batch_size,
+            "loras": [{"name": l["name"], "strength": l["strength"]} for l in self.loras],
+            "software": "aitk-inference",
+        }
+        if p.num_frames is not None:
+            out.update(num_frames=p.num_frames, fps=p.fps)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------------- base
+class AITKPipeline:
+    """A loaded model id: the diffusers pipeline, its LoRA stack and ai-toolkit's sampling behaviour.
+
+    Build one with :func:`aitk_inference.load_pipeline` (or ``AITKPipeline.from_spec``); then call
+    :meth:`set_loras` and :meth:`generate`. ``.pipe`` is the underlying diffusers pipeline.
+    """
+
+    #: the pipeline component a ``transformer.``/``diffusion_model.`` LoRA key targets
+    denoiser: str = "transformer"
+
+    def __init__(self, spec: ModelSpec, pipe, device: str, dtype, offload: str, lora_mode: str, source: str):
+        from .lora import LoraStack
+
+        self.spec = spec
+        self.pipe = pipe
+        self.device = device
+        self.dtype = dtype
+        self.offload = offload
+        self.lora_mode = lora_mode
+        self.source = source
+        self.lock = threading.RLock()
+        self.loras = LoraStack(
+            self.lora_components(), lora_mode, self.denoiser, spec.model_id,
+            name_mapper=self.lora_name_mapper(), route=self.lora_route(),
+        )
+
+    # ------------------------------------------------------------------------------------------------ loading
+    @classmethod
+    def from_spec(
+        cls,
+        spec: ModelSpec,
+        base: str | None = None,
+        device: str | None = None,
+        dtype=None,
+        offload: str | None = None,
+        lora_mode: str | None = None,
+    ) -> "AITKPipeline":
+        """Load ``spec``'s pipeline from ``base`` (HF repo id, diffusers folder or single file; default: the spec's)."""
+        device = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, device)
+        offload = offload or "none"
+        if offload not in ("none", "model", "sequential"):
+            raise ValueError(f"Unknown offload mode {offload!r}; use none, model or sequential.")
+        lora_mode = lora_mode or spec.lora_mode
+        if lora_mode not in ("dynamic", "fused"):
+            raise ValueError(f"Unknown LoRA mode {lora_mode!r}; use dynamic or fused.")
+        source = os.path.expanduser(base) if base else spec.base
+        started = time.perf_counter()
+        pipe = cls.load_diffusers_pipeline(spec, source, torch_dtype)
+        if spec.scheduler is not None:
+            pipe.scheduler = cls.make_scheduler(spec)
+        pipe.set_progress_bar_config(disable=True)
+        cls.place(pipe, device, offload)
+        logger.info("Loaded %s from %s in %.2fs (%s, %s, offload=%s)", spec.model_id, source,
+                    time.perf_counter() - started, device, torch_dtype, offload)
+        return cls(spec, pipe, device, torch_dtype, offload, lora_mode, source)
+
+    @classmethod
+    def load_diffusers_pipeline(cls, spec: ModelSpec, source: str, torch_dtype):
+        """Load the diffusers pipeline; families with extra components override this."""
+        pipeline_cls = cls.diffusers_pipeline_class(spec)
+        if os.path.isfile(source) and source.endswith((".safetensors", ".sft")):
+            if not hasattr(pipeline_cls, "from_single_file"):
+                raise ValueError(f"{spec.model_id}: {pipeline_cls.__name__} cannot load a single file; give a diffusers folder.")
+            return pipeline_cls.from_single_file(source, dtype=torch_dtype)
+        if os.path.exists(source) and not os.path.isfile(os.path.join(source, "model_index.json")):
+            raise FileNotFoundError(
+                f"{source!r} is not a diffusers pipeline folder (no model_index.json). Give the folder of a "
+                f"save_pretrained/hub snapshot of {spec.base}, or a hub repo id."
+            )
+        return pipeline_cls.from_pretrained(source, dtype=torch_dtype)
+
+    @classmethod
+    def diffusers_pipeline_class(cls, spec: ModelSpec):
+        import diffusers
+
+        return getattr(diffusers, spec.pipeline_class)
+
+    @classmethod
+    def make_scheduler(cls, spec: ModelSpec):
+        import diffusers
+
+        return getattr(diffusers, spec.scheduler.class_name).from_config(dict(spec.scheduler.config))
+
+    @staticmethod
+    def place(pipe, device: str, offload: str) -> None:
+        if offload == "none":
+            pipe.to(device)
+        elif offload == "model":
+            pipe.enable_model_cpu_offload(device=device)
+        else:
+            pipe.enable_sequential_cpu_offload(device=device)
+
+    # ------------------------------------------------------------------------------------------------ LoRA hooks
+    def lora_components(self) -> dict:
+        """The components LoRAs may patch (those of the spec that exist on the pipeline)."""
+        return {name: getattr(self.pipe, name) for name in self.spec.lora_components
+                if getattr(self.pipe, name, None) is not None}
+
+    def lora_name_mapper(self):
+        """A family's renaming stage for original (non-diffusers) module names; None when names are diffusers'."""
+        return None
+
+    def lora_route(self):
+        """A MoE family's routing of high/low-noise LoRAs onto its experts; None for single-transformer models."""
+        return None
+
+    def set_loras(self, loras: Sequence) -> list[dict]:
+        """Make ``loras`` the active LoRA set without reloading the base model.
+
+        Args:
+            loras (Sequence[LoraRequest | str | tuple[str, float]]): the LoRAs with their strengths; an empty list
+                removes every LoRA. Entries already applied with the same strength are left as they are.
+
+        Returns:
+            list[dict]: per LoRA, its layout, the number of modules matched, and its strength.
+        """
+        from .lora import LoraRequest
+
+        requests = []
+        for item in loras:
+            if isinstance(item, LoraRequest):
+                requests.append(item)
+            elif isinstance(item, (str, os.PathLike)):
+                requests.append(LoraRequest(path=os.fspath(item)))
+            else:
+                path, strength, *rest = item
+                requests.append(LoraRequest(path=os.fspath(path), strength=strength, side=rest[0] if rest else None))
+        with self.lock:
+            return self.loras.set(requests)
+
+    # ------------------------------------------------------------------------------------------------ generation
+    def resolve_params(
+        self,
+        prompt: str,
+        negative: str | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        seed: int | None = None,
+        batch_size: int = 1,
+        control_images: Sequence | None = None,
+        trigger_word: str | None = None,
+        num_frames: int | None = None,
+        fps: int | None = None,
+        **extra,
+    ) -> GenerationParams:
+        """Validate the inputs and apply the defaults and ai-toolkit's rules; raise ValueError naming any bad value."""
+        spec = self.spec
+        if not isinstance(prompt, str):
+            raise ValueError(f"`prompt` must be a string, got {type(prompt).__name__}.")
+        negative = spec.negative if negative is None else negative
+        if not isinstance(negative, str):
+            raise ValueError(f"`negative` must be a string, got {type(negative).__name__}.")
+
+        sizes = {}
+        for name, value, default in (("width", width, spec.width), ("height", height, spec.height)):
+            value = default if value is None else value
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"`{name}` must be an integer, got {value!r}.")
+            if value < spec.divisor or value > MAX_SIDE:
+                raise ValueError(
+                    f"`{name}`={value} is out of range for {spec.model_id}: use {spec.divisor}..{MAX_SIDE} "
+                    f"(it is floored to a multiple of {spec.divisor}, minimum 64)."
+                )
+            sizes[name] = snap_size(value, spec.divisor)
+            if sizes[name] != value:
+                logger.warning("%s %d floored to %d (multiple of %d, as ai-toolkit samples).", name, value, sizes[name], spec.divisor)
+
+        steps = spec.steps if steps is None else steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+            raise ValueError(f"`steps` must be an integer in 1..{MAX_STEPS}, got {steps!r}.")
+        guidance = spec.guidance if guidance is None else float(guidance)
+        if not math.isfinite(guidance) or not 0.0 <= guidance <= 100.0:
+            raise ValueError(f"`guidance` must be a number in 0..100, got {guidance!r}.")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= MAX_BATCH:
+            raise ValueError(f"`batch_size` must be an integer in 1..{MAX_BATCH}, got {batch_size!r}.")
+
+        seed = spec.seed if seed is None else seed
+        if isinstance(seed, bool) or not isinstance(seed, int) or not -1 <= seed <= MAX_SEED:
+            raise ValueError(f"`seed` must be an integer in -1..{MAX_SEED} (-1 draws a random seed), got {seed!r}.")
+        if seed == -1:
+            seed = random.SystemRandom().randint(0, RANDOM_SEED_MAX)
+
+        images = tuple(to_pil_rgb(im) for im in (control_images or ()) if im is not None)
+        low, high = spec.control_images
+        if len(images) < low:
+            raise ValueError(
+                f"Model {spec.model_id!r} needs {low} control image(s) (got {len(images)}): "
+                "pass `control_images` (CLI: --ctrl-img FILE; ComfyUI: connect control_image)."
+            )
+        if len(images) > high:
+            what = "takes no control image" if high == 0 else f"takes at most {high} control image(s)"
+            raise ValueError(f"Model {spec.model_id!r} {what}, got {len(images)}.")
+
+        if spec.video is not None:
+            num_frames = spec.video.num_frames if num_frames is None else num_frames
+            if isinstance(num_frames, bool) or not isinstance(num_frames, int) or not 1 <= num_frames <= 1001:
+                raise ValueError(f"`num_frames` must be an integer in 1..1001, got {num_frames!r}.")
+            snapped = snap_frames(num_frames, spec.video.frame_step)
+            if snapped != num_frames:
+                logger.warning("num_frames %d floored to %d (%dk+1).", num_frames, snapped, spec.video.frame_step)
+            num_frames = snapped
+            fps = spec.video.fps if fps is None else fps
+            if isinstance(fps, bool) or not isinstance(fps, int) or not 1 <= fps <= 120:
+                raise ValueError(f"`fps` must be an integer in 1..120, got {fps!r}.")
+        elif num_frames not in (None, 1):
+            raise ValueError(f"Model {spec.model_id!r} makes images; `num_frames` does not apply.")
+        else:
+            num_frames, fps = None, None
+
+        prompt = apply_trigger(prompt, trigger_word)
+        if negative and not spec.uses_negative:
+            logger.warning("%s ignores the negative prompt (%s guidance); it has no effect.", spec.model_id, spec.guidance_kind)
+        params = GenerationParams(prompt=prompt, negative=negative, width=sizes["width"], height=sizes["height"],
+                                  steps=steps, guidance=guidance, seed=seed, batch_size=batch_size,
+                                  control_images=images, num_frames=num_frames, fps=fps, extra=dict(extra))
+        self.check_inputs(params)
+        return params
+
+    def check_inputs(self, params: GenerationParams) -> None:
+        """Family-specific validation (raise ValueError); the base checks are already done."""
+        if params.extra:
+            raise ValueError(f"Unknown generation option(s) for {self.spec.model_id}: {sorted(params.extra)}.")
+
+    def pipeline_kwargs(self, params: GenerationParams) -> dict:
+        """Map the resolved parameters onto the diffusers pipeline's ``__call__``; every family overrides this."""
+        raise NotImplementedError
+
+    def postprocess(self, output, params: GenerationParams) -> dict:
+        """Turn the diffusers output into ``GenerationResult`` fields (``images`` float32 [B,H,W,C] by default)."""
+        import numpy as np
+
+        return {"images": np.asarray(output.images, dtype=np.float32)}
+
+    def generate(self, prompt: str, progress: ProgressCallback | None = None, **kwargs) -> GenerationResult:
+        """Generate images (or video frames) as ai-toolkit's sample previews are generated.
+
+        Args:
+            prompt (str): the prompt; ``[trigger]``/``[name]`` are replaced when ``trigger_word`` is set.
+            negative (str, defaults to the model's): negative prompt, used by families with real CFG only.
+            width, height (int, defaults to 1024): floored to 8 (min 64) then to the family's divisor.
+            steps (int), guidance (float): defaults from the registry.
+            seed (int, defaults to 42): -1 draws a random seed; the effective seed is in the result.
+            batch_size (int, defaults to 1): images per call (image i of a batch of 1 equals the single image).
+            control_images (Sequence, *optional*): control/reference images for families that take them.
+            trigger_word (str, *optional*): replaces ``[trigger]``/``[name]``.
+            num_frames, fps (int, *optional*): video families only.
+            progress (callable, *optional*): ``progress(step, total)`` after every denoising step; raising
+                :class:`GenerationInterrupted` (or any exception) stops sampling within one step.
+
+        Returns:
+            GenerationResult: images/frames plus the effective parameters, the applied LoRAs and timings.
+        """
+        import torch
+
+        # 1. Validate and resolve parameters
+        params = self.resolve_params(prompt, **kwargs)
+        with self.lock:
+            # 2. Build the call: noise comes from a freshly seeded CPU generator in the latent dtype (ai-toolkit)
+            generator = torch.Generator("cpu").manual_seed(params.seed)
+            call = self.pipeline_kwargs(params)
+            call.update(generator=generator, num_inference_steps=params.steps)
+            step_times: list[float] = []
+
+            def on_step_end(pipe, step, timestep, callback_kwargs):
+                step_times.append(time.perf_counter())
+                if progress is not None:
+                    progress(step + 1, params.steps)
+                return callback_kwargs
+
+            call["callback_on_step_end"] = on_step_end
+            # 3. Run
+            started = time.perf_counter()
+            with torch.inference_mode():
+                output = self.pipe(**call)
+            total = time.perf_counter() - started
+            # 4. Post-process
+            fields = self.postprocess(output, params)
+        timings = {"total": round(total, 4)}
+        if step_times:
+            timings["first_step_done"] = round(step_times[0] - started, 4)
+            timings["denoise"] = round(step_times[-1] - started, 4)
+        return GenerationResult(params=params, model_id=self.spec.model_id, loras=self.loras.describe(),
+                                timings=timings, **fields)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({self.spec.model_id!r}, source={self.source!r}, device={self.device!r}, "
+                f"dtype={self.dtype}, lora_mode={self.lora_mode!r})")
+
+
+def load_pipeline(
+    model_id: str,
+    base: str | None = None,
+    device: str | None = None,
+    dtype=None,
+    offload: str | None = None,
+    lora_mode: str | None = None,
+) -> AITKPipeline:
+    """Load the pipeline of a registered model id (not cached; see ``pipelines.cache`` for the shared cache).
+
+    Args:
+        model_id (str): a registry id (``python -m aitk_inference models`` lists them).
+        base (str, *optional*): HF repo id, local diffusers folder or single ``.safetensors`` file; defaults to the
+            model's base checkpoint.
+        device (str, *optional*): defaults to CUDA when available, else CPU.
+        dtype (str | torch.dtype, *optional*): ``auto`` (fp32 on CPU, bf16 on GPU), ``fp32``, ``bf16`` or ``fp16``.
+        offload (str, *optional*): ``none`` (default), ``model`` or ``sequential`` CPU offload.
+        lora_mode (str, *optional*): ``dynamic`` or ``fused``; defaults to the model's registry setting.
+    """
+    spec = get_spec(model_id)
+    return spec.family_class().from_spec(spec, base=base, device=device, dtype=dtype, offload=offload, lora_mode=lora_mode)
+
+
+__all__ = ["AITKPipeline", "GenerationInterrupted", "GenerationParams", "GenerationResult", "load_pipeline",
+           "snap_size", "snap_frames", "apply_trigger"]

@@ -1,0 +1,405 @@
+"""Reading LoRA files and applying a stack of them to a loaded pipeline, without ever reloading the base model.
+
+Two application modes, chosen per pipeline:
+
+* ``dynamic``: LoRA factors are injected as PEFT adapters (``peft.inject_adapter_in_model``); the LoRA branch runs in
+  float32 next to the base layer, as ai-toolkit's live sampling does. A strength change sets PEFT's scale in place.
+  Removing the last adapter removes the PEFT layers, which restores the original modules bit for bit.
+* ``fused``: every patch is merged into the weights as ``W = cast(W_fp32 + strength * delta_fp32)``, ai-toolkit's own
+  ``merge_in`` math. A strength change adds ``(new - old) * delta`` in place; removal subtracts it (exact up to one
+  rounding of the weight dtype per change).
+
+LoKr and full-layer (``.diff``) patches have no PEFT adapter type for ai-toolkit's layout, so they are always merged
+(in both modes) with the same arithmetic.
+
+Every change is validated against the model before anything is touched, and a failure part-way through puts back
+the previous LoRA set, so a cached pipeline is never left half-patched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from .lora_convert import ConvertedLora, LoraFormatError, ModulePatch, convert_ai_toolkit_lora, guess_architecture
+
+logger = logging.getLogger(__name__)
+
+STRENGTH_RANGE = (-2.0, 2.0)
+
+
+@dataclass(frozen=True)
+class LoraRequest:
+    """One LoRA to apply.
+
+    Args:
+        path (str, *optional*): a ``.safetensors`` file. Either ``path`` or ``state_dict`` is given.
+        strength (float, defaults to 1.0): ai-toolkit's ``network_multiplier``, in -2..2.
+        side (str, *optional*): ``"high"`` or ``"low"`` for two-expert (MoE) models; None elsewhere.
+        state_dict (Mapping[str, Tensor], *optional*): the LoRA tensors themselves, instead of a file.
+        name (str, *optional*): a label for logs and reports; defaults to the file name.
+    """
+
+    path: str | None = None
+    strength: float = 1.0
+    side: str | None = None
+    state_dict: Mapping[str, torch.Tensor] | None = field(default=None, compare=False, hash=False, repr=False)
+    name: str | None = None
+
+    def label(self) -> str:
+        return self.name or (os.path.basename(self.path) if self.path else "<tensors>")
+
+
+def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Load a LoRA ``.safetensors`` file (tensors on CPU) and its metadata, with errors that say what to fix."""
+    from safetensors import SafetensorError, safe_open
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"LoRA file not found: {path!r}. Give the path of a .safetensors file.")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise LoraFormatError(
+            f"{path!r} is not a readable .safetensors LoRA file ({e}). The file may be truncated (an interrupted "
+            "download) or in another format (.ckpt/.pt/HTML page): download or export it again as .safetensors."
+        ) from e
+    return tensors, metadata
+
+
+def file_identity(path: str) -> str:
+    st = os.stat(path)
+    return f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def _tensor_identity(state_dict: Mapping[str, torch.Tensor]) -> str:
+    h = hashlib.sha1()
+    for k in sorted(state_dict):
+        t = state_dict[k]
+        h.update(k.encode())
+        h.update(str((tuple(t.shape), t.dtype, t.data_ptr(), t._version)).encode())
+    return "tensors|" + h.hexdigest()
+
+
+def patchable_module_names(component: torch.nn.Module) -> list[str]:
+    """Names of the Linear/Conv2d modules of a component (PEFT wrappers report their wrapped module's name)."""
+    names = []
+    for name, module in component.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv3d)):
+            if name.endswith(".base_layer"):
+                name = name[: -len(".base_layer")]
+            elif ".lora_" in name:
+                continue
+            names.append(name)
+    return names
+
+
+def _base_layer(module: torch.nn.Module) -> torch.nn.Module:
+    return module.get_base_layer() if hasattr(module, "get_base_layer") else module
+
+
+def _check_strength(strength: float, label: str) -> float:
+    strength = float(strength)
+    lo, hi = STRENGTH_RANGE
+    if not (lo <= strength <= hi):
+        raise ValueError(f"LoRA strength {strength} for {label} is outside {lo}..{hi} (ai-toolkit's network_multiplier range).")
+    return strength
+
+
+@dataclass
+class LoadedLora:
+    """A converted LoRA bound to one pipeline's module layout."""
+
+    key: str
+    label: str
+    converted: ConvertedLora
+
+    @property
+    def patches(self) -> dict[tuple[str, str], ModulePatch]:
+        return self.converted.patches
+
+    def summary(self) -> dict:
+        kinds = Counter(p.kind for p in self.patches.values())
+        return {"name": self.label, "layout": self.converted.layout, "modules": len(self.patches),
+                "components": sorted(self.converted.components()), "kinds": dict(kinds)}
+
+
+@dataclass
+class _Active:
+    loaded: LoadedLora
+    strength: float
+    adapter: str
+
+
+class LoraStack:
+    """The LoRA set applied to one pipeline's components.
+
+    Args:
+        components (Mapping[str, nn.Module]): the modules LoRAs may patch, by pipeline component name.
+        mode (str): ``"dynamic"`` or ``"fused"`` (see the module docstring).
+        denoiser (str): the component that ``transformer.``/``diffusion_model.`` keys target.
+        model_label (str): the model id, for error messages.
+        name_mapper (callable, *optional*): the family's key renaming stage (see ``lora_convert``).
+        route (callable, *optional*): ``route(converted, side) -> converted`` for MoE families; without it a ``side``
+            is an error.
+    """
+
+    def __init__(
+        self,
+        components: Mapping[str, torch.nn.Module],
+        mode: str,
+        denoiser: str,
+        model_label: str,
+        name_mapper: Callable[[ConvertedLora], ConvertedLora] | None = None,
+        route: Callable[[ConvertedLora, str | None], ConvertedLora] | None = None,
+    ):
+        if mode not in ("dynamic", "fused"):
+            raise ValueError(f"LoRA mode {mode!r} is not one of 'dynamic', 'fused'.")
+        self.components = dict(components)
+        self.mode = mode
+        self.denoiser = denoiser
+        self.model_label = model_label
+        self.name_mapper = name_mapper
+        self.route = route
+        self.active: "OrderedDict[tuple[str, str | None], _Active]" = OrderedDict()
+        self._loaded_cache: dict[tuple[str, str | None], LoadedLora] = {}
+        self._module_names = {c: patchable_module_names(m) for c, m in self.components.items()}
+        self._adapter_counter = 0
+        self.stats = Counter()
+
+    # ------------------------------------------------------------------ reading and validation
+    def load(self, request: LoraRequest) -> LoadedLora:
+        """Read, convert, route and validate one LoRA (cached by file identity); touches no weights."""
+        if request.state_dict is not None:
+            key = _tensor_identity(request.state_dict)
+        elif request.path:
+            key = file_identity(request.path) if os.path.isfile(request.path) else request.path
+        else:
+            raise ValueError("A LoRA request needs a `path` or a `state_dict`.")
+        cache_key = (key, request.side)
+        if cache_key in self._loaded_cache:
+            return self._loaded_cache[cache_key]
+        tensors = dict(request.state_dict) if request.state_dict is not None else read_lora_file(request.path)[0]
+        converted = convert_ai_toolkit_lora(tensors, self.denoiser, self._module_names, self.name_mapper)
+        if self.route is not None:
+            converted = self.route(converted, request.side)
+        elif request.side is not None:
+            raise ValueError(
+                f"{request.label()}: model {self.model_label!r} has a single transformer, so `side`/`transformer` "
+                f"({request.side!r}) does not apply. Leave it empty (high/low files are for Wan 2.2 14B)."
+            )
+        loaded = LoadedLora(key=key, label=request.label(), converted=converted)
+        self._validate(loaded, list(tensors))
+        self._loaded_cache[cache_key] = loaded
+        self.stats["files_converted"] += 1
+        return loaded
+
+    def _validate(self, loaded: LoadedLora, raw_keys: list[str]) -> None:
+        unmatched, mismatched = [], []
+        for (component, path), patch in loaded.patches.items():
+            module = self._find_module(component, path)
+            if module is None:
+                unmatched.append(f"{component}.{path.lstrip('?')}")
+                continue
+            weight = _base_layer(module).weight
+            if tuple(weight.shape) != patch.delta_shape():
+                mismatched.append(f"{component}.{path}: LoRA {patch.delta_shape()} vs model {tuple(weight.shape)}")
+        if unmatched or mismatched:
+            guess = guess_architecture(raw_keys)
+            looks = f" Its keys look like a LoRA for {guess}." if guess else ""
+            if len(unmatched) == len(loaded.patches):
+                raise LoraFormatError(
+                    f"{loaded.label}: none of its {len(loaded.patches)} modules exist in model {self.model_label!r} "
+                    f"(e.g. {unmatched[:3]}).{looks} Load it with the model it was trained on."
+                )
+            if unmatched:
+                raise LoraFormatError(
+                    f"{loaded.label}: {len(unmatched)} of {len(loaded.patches)} modules do not exist in model "
+                    f"{self.model_label!r} (e.g. {unmatched[:3]}).{looks} The LoRA was trained on a different variant."
+                )
+            raise LoraFormatError(
+                f"{loaded.label}: {len(mismatched)} module shapes do not match model {self.model_label!r} "
+                f"(e.g. {mismatched[:2]}).{looks} The LoRA was trained on a model of another size."
+            )
+
+    def _find_module(self, component: str, path: str) -> torch.nn.Module | None:
+        if path.startswith("?") or component not in self.components:
+            return None
+        try:
+            module = self.components[component].get_submodule(path)
+        except AttributeError:
+            return None
+        base = _base_layer(module)
+        return module if isinstance(base, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv3d)) else None
+
+    # ------------------------------------------------------------------ the public operation
+    def set(self, requests: Sequence[LoraRequest]) -> list[dict]:
+        """Make ``requests`` the applied LoRA set; unchanged entries are kept, strength-only changes rescale in place.
+
+        Returns one summary dict per request (modules matched, layout, strength).
+        """
+        wanted: "OrderedDict[tuple[str, str | None], tuple[LoadedLora, float]]" = OrderedDict()
+        for request in requests:
+            strength = _check_strength(request.strength, request.label())
+            loaded = self.load(request)
+            slot = (loaded.key, request.side)
+            if slot in wanted:
+                raise ValueError(f"{request.label()} is given twice for the same side; give it once with one strength.")
+            wanted[slot] = (loaded, strength)
+
+        previous = [(slot, a.loaded, a.strength) for slot, a in self.active.items()]
+        try:
+            self._transition(wanted)
+        except BaseException:
+            logger.error("Applying the LoRA set failed; restoring the previous set.")
+            self._restore(previous)
+            raise
+        return [{**loaded.summary(), "strength": strength} for loaded, strength in wanted.values()]
+
+    def clear(self) -> None:
+        self.set([])
+
+    def _transition(self, wanted) -> None:
+        for slot in [s for s in self.active if s not in wanted]:
+            self._remove(slot)
+        for slot, (loaded, strength) in wanted.items():
+            if slot in self.active:
+                if self.active[slot].strength != strength:
+                    self._rescale(slot, strength)
+            else:
+                self._add(slot, loaded, strength)
+        # Keep the requested order (it decides nothing numerically, but reports follow it).
+        self.active = OrderedDict((s, self.active[s]) for s in wanted)
+
+    def _restore(self, previous) -> None:
+        try:
+            self._transition(OrderedDict((slot, (loaded, strength)) for slot, loaded, strength in previous))
+        except Exception:  # pragma: no cover - a second failure leaves the stack empty rather than inconsistent
+            logger.exception("Could not restore the previous LoRA set; removing all LoRAs.")
+            for slot in list(self.active):
+                self._remove(slot)
+
+    # ------------------------------------------------------------------ mechanics
+    def _uses_peft(self, patch: ModulePatch) -> bool:
+        return self.mode == "dynamic" and patch.kind == "lora"
+
+    def _add(self, slot, loaded: LoadedLora, strength: float) -> None:
+        self._adapter_counter += 1
+        adapter = f"aitk_{self._adapter_counter}"
+        entry = _Active(loaded, strength, adapter)
+        self.active[slot] = entry
+        peft_patches: dict[str, dict[str, ModulePatch]] = {}
+        for (component, path), patch in loaded.patches.items():
+            if self._uses_peft(patch):
+                peft_patches.setdefault(component, {})[path] = patch
+            else:
+                self._merge(component, path, patch, strength)
+        for component, patches in peft_patches.items():
+            self._inject(component, adapter, patches, strength)
+        self.stats["adds"] += 1
+
+    def _rescale(self, slot, strength: float) -> None:
+        entry = self.active[slot]
+        for (component, path), patch in entry.loaded.patches.items():
+            if self._uses_peft(patch):
+                self._peft_layer(component, path).set_scale(entry.adapter, strength)
+            else:
+                self._merge(component, path, patch, strength - entry.strength)
+        entry.strength = strength
+        self.stats["rescales"] += 1
+
+    def _remove(self, slot) -> None:
+        entry = self.active.pop(slot)
+        touched = set()
+        for (component, path), patch in entry.loaded.patches.items():
+            if self._uses_peft(patch):
+                layer = self._peft_layer(component, path)
+                if entry.adapter in layer.lora_A:
+                    layer.delete_adapter(entry.adapter)
+                touched.add(component)
+            else:
+                self._merge(component, path, patch, -entry.strength)
+        for component in touched:
+            self._drop_adapter_config(component, entry.adapter)
+        self.stats["removes"] += 1
+
+    @torch.no_grad()
+    def _merge(self, component: str, path: str, patch: ModulePatch, coefficient: float) -> None:
+        if coefficient == 0.0:
+            return
+        base = _base_layer(self.components[component].get_submodule(path))
+        weight = base.weight
+        weight.copy_((weight.float() + coefficient * patch.delta(weight.device)).to(weight.dtype))
+        diff_b = patch.tensors.get("diff_b")
+        if diff_b is not None and base.bias is not None:
+            bias = base.bias
+            bias.copy_((bias.float() + coefficient * diff_b.to(bias.device, torch.float32)).to(bias.dtype))
+
+    def _peft_layer(self, component: str, path: str):
+        return self.components[component].get_submodule(path)
+
+    @torch.no_grad()
+    def _inject(self, component: str, adapter: str, patches: dict[str, ModulePatch], strength: float) -> None:
+        import re
+
+        from peft import LoraConfig, inject_adapter_in_model
+
+        model = self.components[component]
+        ranks = {path: p.rank for path, p in patches.items()}
+        default_rank = Counter(ranks.values()).most_common(1)[0][0]
+        pattern = {re.escape(path): r for path, r in ranks.items() if r != default_rank}
+        config = LoraConfig(
+            r=default_rank,
+            lora_alpha=default_rank,
+            rank_pattern=pattern,
+            alpha_pattern=dict(pattern),
+            target_modules=sorted(patches),
+            init_lora_weights=False,
+        )
+        inject_adapter_in_model(config, model, adapter_name=adapter)
+        for path, patch in patches.items():
+            layer = model.get_submodule(path)
+            for factor, name in ((layer.lora_A, "down"), (layer.lora_B, "up")):
+                param = factor[adapter].weight
+                param.copy_(patch.tensors[name].reshape(param.shape))
+            layer.set_scale(adapter, strength)
+        self._activate_all(component)
+
+    def _activate_all(self, component: str) -> None:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        names = [a.adapter for a in self.active.values()]
+        for module in self.components[component].modules():
+            if isinstance(module, BaseTunerLayer):
+                module.set_adapter([n for n in names if n in module.lora_A])
+        for name, param in self.components[component].named_parameters():
+            if ".lora_" in name:
+                param.requires_grad_(False)
+
+    def _drop_adapter_config(self, component: str, adapter: str) -> None:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        model = self.components[component]
+        getattr(model, "peft_config", {}).pop(adapter, None)
+        remaining = any(isinstance(m, BaseTunerLayer) and len(m.lora_A) for m in model.modules())
+        if remaining:
+            self._activate_all(component)
+            return
+        from diffusers.utils.peft_utils import recurse_remove_peft_layers
+
+        recurse_remove_peft_layers(model)
+        if hasattr(model, "peft_config"):
+            del model.peft_config
+        if hasattr(model, "_hf_peft_config_loaded"):
+            model._hf_peft_config_loaded = False
+
+    def describe(self) -> list[dict]:
+        return [{**a.loaded.summary(), "strength": a.strength, "side": slot[1]} for slot, a in self.active.items()]

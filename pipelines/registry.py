@@ -1,0 +1,236 @@
+"""The model registry: one ordered table from model id to everything a family needs, as data.
+
+Nothing here imports torch or diffusers, so the nodes, the CLI's ``--help`` and the server's schema can read the
+registry without paying for heavy imports. Family code is imported only when a pipeline of that family is loaded.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+# ai-toolkit's FLUX-style FlowMatch config (toolkit/sampler.py flux_config); also what Flex.1/Flex.2/Chroma use.
+FLUX_FLOWMATCH = {
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+    "invert_sigmas": False,
+    "shift_terminal": None,
+    "use_karras_sigmas": False,
+    "use_exponential_sigmas": False,
+    "use_beta_sigmas": False,
+    "time_shift_type": "exponential",
+    "stochastic_sampling": False,
+}
+
+
+@dataclass(frozen=True)
+class SchedulerSpec:
+    """The scheduler ai-toolkit samples with: a diffusers scheduler class name and its full config."""
+
+    class_name: str
+    config: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class VideoSpec:
+    """Video defaults. ``frame_step`` k means frame counts are snapped to k*n+1 (4 for Wan, 8 for LTX-2)."""
+
+    num_frames: int
+    fps: int
+    frame_step: int
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything that defines one model id.
+
+    Args:
+        model_id (str): stable id, the same as the reference implementation's.
+        family (str): ``"<module>:<Class>"`` of the family pipeline class inside ``pipelines/``.
+        pipeline_class (str): the diffusers pipeline class the family drives (by name, imported lazily).
+        base (str): default base checkpoint (Hugging Face repo id).
+        steps, guidance, width, height, seed, negative: generation defaults.
+        divisor (int): width/height are floored to a multiple of this after ai-toolkit's floor to 8.
+        scheduler (SchedulerSpec, *optional*): the scheduler ai-toolkit samples with; None keeps the checkpoint's.
+        lora_mode (str): ``"dynamic"`` (live PEFT adapters) or ``"fused"`` (merged into the weights).
+        lora_components (tuple): pipeline components a LoRA may target (``transformer``, ``unet``, ``text_encoder``...).
+        guidance_kind (str): ``"distilled"`` (guidance embedding, one forward per step), ``"cfg"`` or ``"true_cfg"``.
+        uses_negative (bool): whether the negative prompt has any effect at the default settings.
+        control_images (tuple[int, int]): (min, max) number of control images.
+        video (VideoSpec, *optional*): video defaults; None for image models.
+        tiny (str): ``"<module>:<function>"`` in ``tiny/`` that builds the tiny random-weight pipeline.
+        notes (str): what differs from the stock diffusers pipeline and why (shown by ``models``).
+    """
+
+    model_id: str
+    family: str
+    pipeline_class: str
+    base: str
+    steps: int
+    guidance: float
+    divisor: int
+    tiny: str
+    scheduler: SchedulerSpec | None = None
+    lora_mode: str = "dynamic"
+    lora_components: tuple[str, ...] = ("transformer",)
+    guidance_kind: str = "cfg"
+    uses_negative: bool = True
+    control_images: tuple[int, int] = (0, 0)
+    video: VideoSpec | None = None
+    width: int = 1024
+    height: int = 1024
+    seed: int = 42
+    negative: str = ""
+    notes: str = ""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def requires_control_image(self) -> bool:
+        return self.control_images[0] > 0
+
+    @property
+    def is_video(self) -> bool:
+        return self.video is not None
+
+    def family_class(self):
+        """Import and return the family pipeline class (this is where torch/diffusers get imported)."""
+        return _import_symbol(self.family)
+
+    def defaults(self) -> dict[str, Any]:
+        """The user-facing defaults, with the library's parameter names."""
+        out = {
+            "steps": self.steps,
+            "guidance": self.guidance,
+            "width": self.width,
+            "height": self.height,
+            "seed": self.seed,
+            "negative": self.negative,
+            "divisor": self.divisor,
+        }
+        if self.video is not None:
+            out.update(num_frames=self.video.num_frames, fps=self.video.fps)
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-friendly description (used by ``models --json``, the server and the nodes' front end)."""
+        return {
+            "id": self.model_id,
+            "base_model": self.base,
+            "pipeline": self.pipeline_class,
+            **self.defaults(),
+            "resolution_divisor": self.divisor,
+            "lora_mode": self.lora_mode,
+            "guidance_kind": self.guidance_kind,
+            "uses_negative": self.uses_negative,
+            "requires_control_image": self.requires_control_image,
+            "control_images": list(self.control_images),
+            "is_video_model": self.is_video,
+            "scheduler": None if self.scheduler is None else {"class": self.scheduler.class_name, **self.scheduler.config},
+            "notes": self.notes,
+        }
+
+
+def _import_symbol(ref: str):
+    module_name, _, attr = ref.partition(":")
+    module = importlib.import_module(f"{__package__}.{module_name}" if not module_name.startswith(".") else module_name,
+                                     package=__package__)
+    return getattr(module, attr)
+
+
+_FLUX_NOTES = (
+    "FLUX.1 is guidance-distilled: `guidance` feeds the guidance embedding (one forward per step) and the negative "
+    "prompt has no effect, exactly as in ai-toolkit's previews."
+)
+
+REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
+    (spec.model_id, spec)
+    for spec in [
+        ModelSpec(
+            model_id="flux",
+            family="flux:FluxFamilyPipeline",
+            pipeline_class="FluxPipeline",
+            base="black-forest-labs/FLUX.1-dev",
+            steps=25,
+            guidance=4.0,
+            divisor=16,
+            scheduler=SchedulerSpec("FlowMatchEulerDiscreteScheduler", FLUX_FLOWMATCH),
+            lora_mode="dynamic",
+            guidance_kind="distilled",
+            uses_negative=False,
+            tiny="flux:build_flux",
+            notes=_FLUX_NOTES,
+        ),
+        ModelSpec(
+            model_id="flex1",
+            family="flux:FluxFamilyPipeline",
+            pipeline_class="FluxPipeline",
+            base="ostris/Flex.1-alpha",
+            steps=25,
+            guidance=4.0,
+            divisor=16,
+            scheduler=SchedulerSpec("FlowMatchEulerDiscreteScheduler", FLUX_FLOWMATCH),
+            lora_mode="fused",
+            guidance_kind="distilled",
+            uses_negative=False,
+            tiny="flux:build_flux",
+            notes="Flex.1-alpha runs as FLUX.1 (ai-toolkit aliases arch flex1 to flux). " + _FLUX_NOTES,
+        ),
+        ModelSpec(
+            model_id="flux_kontext",
+            family="flux:FluxFamilyPipeline",
+            pipeline_class="FluxKontextPipeline",
+            base="black-forest-labs/FLUX.1-Kontext-dev",
+            steps=25,
+            guidance=4.0,
+            divisor=16,
+            scheduler=SchedulerSpec("FlowMatchEulerDiscreteScheduler", FLUX_FLOWMATCH),
+            lora_mode="dynamic",
+            guidance_kind="distilled",
+            uses_negative=False,
+            control_images=(1, 1),
+            tiny="flux:build_flux_kontext",
+            notes="The control image is resized (bilinear) to the target size and passed with max_area = width*height "
+            "and no auto-resize, as ai-toolkit does. " + _FLUX_NOTES,
+        ),
+        ModelSpec(
+            model_id="flex2",
+            family="flex2:Flex2FamilyPipeline",
+            pipeline_class="Flex2Pipeline",
+            base="ostris/Flex.2-preview",
+            steps=25,
+            guidance=4.0,
+            divisor=16,
+            scheduler=SchedulerSpec("FlowMatchEulerDiscreteScheduler", FLUX_FLOWMATCH),
+            lora_mode="fused",
+            guidance_kind="distilled",
+            uses_negative=False,
+            control_images=(0, 1),
+            tiny="flex2:build_flex2",
+            notes="Our own Flex.2 pipeline (no hub remote code). Divisor 16 as ai-toolkit samples (the reference uses 32). "
+            "The optional control image is encoded as Flex.2's control latent; without it the control channels are zero. "
+            + _FLUX_NOTES,
+        ),
+    ]
+)
+
+
+def get_spec(model_id: str) -> ModelSpec:
+    """Return the spec of ``model_id`` or raise a ValueError listing the valid ids."""
+    try:
+        return REGISTRY[model_id]
+    except KeyError:
+        raise ValueError(
+            f"Unknown model id {model_id!r}. Valid ids are: {', '.join(REGISTRY)}. "
+            "Run `python -m aitk_inference models` to see them with their defaults."
+        ) from None
+
+
+def model_ids() -> list[str]:
+    return list(REGISTRY)

@@ -1,0 +1,53 @@
+"""The offline tiny-model kit: tiny random-weight pipelines of the real classes, and LoRA files in every layout.
+
+Used by the tests, by ``demo`` and by ``make-tiny``. Each registry entry names its builder (``ModelSpec.tiny``).
+Builds are deterministic (``torch.manual_seed(0)`` before every component) and take well under a second.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import tempfile
+
+#: bump when a builder changes, so cached tiny models are rebuilt
+KIT_VERSION = "1"
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("AITK_TINY_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "aitk_inference", "tiny")
+
+
+def build_tiny_pipeline(model_id: str):
+    """Build (in memory) the tiny diffusers pipeline of ``model_id``."""
+    from ..pipelines.registry import get_spec
+
+    module_name, _, function = get_spec(model_id).tiny.partition(":")
+    module = importlib.import_module(f"{__name__}.{module_name}")
+    return getattr(module, function)()
+
+
+def save_tiny_pipeline(model_id: str, out_dir: str) -> str:
+    """Build the tiny pipeline of ``model_id`` and ``save_pretrained`` it to ``out_dir`` (written atomically)."""
+    pipe = build_tiny_pipeline(model_id)
+    parent = os.path.dirname(os.path.abspath(out_dir)) or "."
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".tiny-", dir=parent)
+    try:
+        pipe.save_pretrained(staging)
+        if os.path.isdir(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(staging, out_dir)
+    finally:
+        if os.path.isdir(staging):
+            shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
+
+
+def tiny_model_dir(model_id: str, cache_dir: str | None = None) -> str:
+    """The cached tiny pipeline folder of ``model_id``, built on first use."""
+    folder = os.path.join(cache_dir or default_cache_dir(), f"v{KIT_VERSION}", model_id)
+    if not os.path.isfile(os.path.join(folder, "model_index.json")):
+        save_tiny_pipeline(model_id, folder)
+    return folder

@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny random-weight pipelines built once per test run (or reused from AITK_TINY_CACHE)."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+SHARED = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared"))
+PARITY_DIR = os.path.join(SHARED, "parity")
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory) -> str:
+    """Folder holding the tiny pipelines; AITK_TINY_CACHE keeps them between runs."""
+    folder = os.environ.get("AITK_TINY_CACHE") or str(tmp_path_factory.mktemp("tiny_models"))
+    os.environ["AITK_TINY_CACHE"] = folder
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tiny_cache):
+    """``tiny_dir(model_id)`` -> the saved tiny pipeline folder of that id (built on first use)."""
+    from aitk_inference.tiny import tiny_model_dir
+
+    return lambda model_id: tiny_model_dir(model_id, tiny_cache)
+
+
+@pytest.fixture(scope="session")
+def load_tiny(tiny_dir):
+    """``load_tiny(model_id, **kw)`` -> a fresh AITKPipeline on the tiny model (CPU, float32)."""
+    from aitk_inference.pipelines import load_pipeline
+
+    def load(model_id, **kwargs):
+        kwargs.setdefault("device", "cpu")
+        kwargs.setdefault("dtype", "fp32")
+        return load_pipeline(model_id, base=tiny_dir(model_id), **kwargs)
+
+    return load

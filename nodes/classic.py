@@ -1,0 +1,85 @@
+"""Classic-API (``NODE_CLASS_MAPPINGS``) front end, for ComfyUI versions without ``comfy_api``; see ``v3.py``."""
+
+from __future__ import annotations
+
+from . import core
+from .schema import APPLY, CATEGORY, LOAD, SAMPLE, Field, NodeSpec
+
+
+def _input(field: Field) -> tuple:
+    options = {"tooltip": field.tooltip}
+    if field.default is not None:
+        options["default"] = field.default
+    for key in ("min", "max", "step"):
+        if getattr(field, key) is not None:
+            options[key] = getattr(field, key)
+    if field.multiline:
+        options["multiline"] = True
+    if field.control_after_generate:
+        options["control_after_generate"] = True
+    if field.type == "COMBO":
+        return field.options(), options
+    return field.type, options
+
+
+def input_types(spec: NodeSpec) -> dict:
+    """``INPUT_TYPES`` of a node spec: required, then optional inputs, in the spec's order."""
+    out = {"required": {}}
+    for field in spec.inputs:
+        out.setdefault("optional" if field.optional else "required", {})[field.name] = _input(field)
+    return out
+
+
+class _ClassicNode:
+    SPEC: NodeSpec
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+
+    def __init_subclass__(cls):
+        cls.RETURN_TYPES = tuple(o.type for o in cls.SPEC.outputs)
+        cls.RETURN_NAMES = tuple(o.name for o in cls.SPEC.outputs)
+        cls.OUTPUT_TOOLTIPS = tuple(o.tooltip for o in cls.SPEC.outputs)
+        cls.DESCRIPTION = cls.SPEC.description
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return input_types(cls.SPEC)
+
+
+class AITKLoadPipeline(_ClassicNode):
+    SPEC = LOAD
+
+    def run(self, model, base, dtype, offload, device):
+        return (core.load(model, base, dtype, offload, device),)
+
+
+class AITKApplyLoRA(_ClassicNode):
+    SPEC = APPLY
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, lora):
+        # Declaring `lora` here lets an API-format workflow pass a full path instead of a name from the list.
+        try:
+            core.resolve_lora(lora)
+        except ValueError as e:
+            return str(e)
+        return True
+
+    @classmethod
+    def IS_CHANGED(cls, lora, **kwargs):
+        return core.lora_fingerprint(lora)
+
+    def run(self, pipeline, lora, strength, transformer):
+        return (core.apply_lora(pipeline, lora, strength, transformer),)
+
+
+class AITKSample(_ClassicNode):
+    SPEC = SAMPLE
+
+    def run(self, pipeline, **inputs):
+        out = core.sample(pipeline, **inputs)
+        return {"ui": out.ui(), "result": (out.images, out.width, out.height, out.seed)}
+
+
+NODE_CLASS_MAPPINGS = {cls.SPEC.node_id: cls for cls in (AITKLoadPipeline, AITKApplyLoRA, AITKSample)}
+NODE_DISPLAY_NAME_MAPPINGS = {cls.SPEC.node_id: cls.SPEC.display_name for cls in NODE_CLASS_MAPPINGS.values()}

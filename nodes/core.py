@@ -1,0 +1,288 @@
+"""What the three nodes do, as plain functions over the library; the V3 and classic front ends only call these.
+
+ComfyUI's own modules (``folder_paths``, ``comfy.utils``, ``comfy.model_management``) are imported lazily and are
+optional, so this module also runs (and is tested) outside ComfyUI. torch is imported only inside :func:`sample`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ..pipelines import cache
+from ..pipelines.registry import get_spec
+from .schema import DEVICES, DTYPES, OFFLOAD_MODES, TRANSFORMER_SIDES
+
+logger = logging.getLogger(__name__)
+
+
+def _comfy(module_name: str):
+    """A ComfyUI module (``folder_paths``, ``comfy.utils``...) or None when not running inside ComfyUI."""
+    try:
+        return importlib.import_module(module_name)
+    except ImportError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------------------- handle
+@dataclass(frozen=True)
+class PipelineHandle:
+    """What flows along an ``AITK_PIPELINE`` link: load settings plus the LoRA set, never the weights themselves.
+
+    The pipeline is looked up in ``pipelines.cache`` by these settings when a node needs it, so evicting the cache
+    really frees memory, and a handle from a cached graph output still works after an eviction (it reloads).
+
+    Args:
+        model (str): the registry model id.
+        base (str, *optional*): resolved base checkpoint (path or repo id); None = the model's default.
+        dtype (str): ``auto``, ``fp32``, ``bf16`` or ``fp16``.
+        offload (str): ``none``, ``model`` or ``sequential``.
+        device (str, *optional*): torch device string; None = the library's choice.
+        loras (tuple[tuple[str, float, str | None], ...], defaults to ()): (path, strength, side) per LoRA, in order.
+    """
+
+    model: str
+    base: str | None
+    dtype: str
+    offload: str
+    device: str | None
+    loras: tuple[tuple[str, float, str | None], ...] = ()
+
+    def get_pipeline(self):
+        """The cached pipeline for these settings (loaded on first use or after an eviction)."""
+        return cache.get_pipeline(self.model, base=self.base, device=self.device, dtype=self.dtype,
+                                  offload=self.offload)
+
+    def lora_requests(self) -> list:
+        from ..pipelines.lora import LoraRequest
+
+        return [LoraRequest(path=path, strength=strength, side=side) for path, strength, side in self.loras]
+
+
+@dataclass(frozen=True)
+class SampleOutput:
+    """The AITK Sample node's outputs plus the UI message it sends to the front end."""
+
+    images: Any
+    width: int
+    height: int
+    seed: int
+
+    def ui(self) -> dict:
+        return {"aitk_effective": [{"width": self.width, "height": self.height, "seed": str(self.seed)}]}
+
+
+# ---------------------------------------------------------------------------------------------------------------- files
+def lora_choices() -> list[str]:
+    """LoRA files in ComfyUI's ``loras`` folders (empty outside ComfyUI)."""
+    folder_paths = _comfy("folder_paths")
+    return list(folder_paths.get_filename_list("loras")) if folder_paths else []
+
+
+def resolve_base(base: str) -> str | None:
+    """Resolve the Load node's ``base``: empty -> None, a path, a folder under ``models/diffusers``, or a repo id."""
+    base = (base or "").strip()
+    if not base:
+        return None
+    expanded = os.path.expanduser(base)
+    if os.path.exists(expanded):
+        return os.path.abspath(expanded)
+    folder_paths = _comfy("folder_paths")
+    roots = list(folder_paths.get_folder_paths("diffusers")) if folder_paths else []
+    for root in roots:
+        candidate = os.path.join(root, base)
+        if os.path.isdir(candidate):
+            return candidate
+    parts = base.split("/")
+    if len(parts) == 2 and all(parts) and not os.path.isabs(base):
+        return base  # a Hugging Face repo id
+    where = f" nor a folder under {roots}" if roots else ""
+    raise ValueError(
+        f"base {base!r} is not an existing path{where}, nor a Hugging Face repo id like 'owner/name'. Put the "
+        "diffusers folder under ComfyUI/models/diffusers and give its name, or leave base empty for the default."
+    )
+
+
+def resolve_lora(lora: str) -> str:
+    """The full path of the Apply node's ``lora``: a name from ComfyUI's ``loras`` folders or a file path."""
+    lora = (lora or "").strip()
+    if not lora:
+        raise ValueError("No LoRA chosen: pick a .safetensors file from ComfyUI/models/loras (or give its full path).")
+    expanded = os.path.expanduser(lora)
+    if os.path.isfile(expanded):
+        return os.path.abspath(expanded)
+    folder_paths = _comfy("folder_paths")
+    found = folder_paths.get_full_path("loras", lora) if folder_paths else None
+    if found:
+        return found
+    where = f" in {list(folder_paths.get_folder_paths('loras'))}" if folder_paths else ""
+    raise ValueError(
+        f"LoRA {lora!r} not found{where}. Put the .safetensors file into ComfyUI/models/loras and refresh, or give "
+        "its full path."
+    )
+
+
+def lora_fingerprint(lora: str) -> str:
+    """Changes when the LoRA file changes on disk (a retrained file under the same name re-runs the graph)."""
+    try:
+        path = resolve_lora(lora)
+    except ValueError:
+        return ""
+    stat = os.stat(path)
+    return f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
+def _choice(name: str, value: str, allowed) -> str:
+    if value not in allowed:
+        raise ValueError(f"{name} {value!r} is not one of {', '.join(allowed)}.")
+    return value
+
+
+def resolve_device(device: str) -> str | None:
+    """``auto`` -> the device ComfyUI computes on (None outside ComfyUI: the library picks CUDA, MPS or CPU)."""
+    _choice("device", device, DEVICES)
+    if device != "auto":
+        return device
+    model_management = _comfy("comfy.model_management")
+    return str(model_management.get_torch_device()) if model_management else None
+
+
+# ---------------------------------------------------------------------------------------------------------------- ComfyUI hooks
+def comfy_progress(total: int) -> Callable[[int, int], None] | None:
+    """A progress callback that ticks ComfyUI's progress bar and raises on ComfyUI's interrupt; None outside it."""
+    utils = _comfy("comfy.utils")
+    model_management = _comfy("comfy.model_management")
+    if utils is None or model_management is None:
+        return None
+    bar = utils.ProgressBar(total)
+
+    def progress(step: int, steps: int) -> None:
+        bar.update_absolute(step, steps)
+        model_management.throw_exception_if_processing_interrupted()
+
+    return progress
+
+
+def install_memory_hook() -> bool:
+    """Evict cached pipelines when ComfyUI frees memory; returns whether the hook is (now) installed.
+
+    Our diffusers pipelines are not ComfyUI ModelPatchers, so ComfyUI's unloading does not see them. Every unload in
+    ComfyUI goes through ``comfy.model_management.free_memory`` (the "Free model and node cache" button and
+    ``POST /free`` call ``unload_all_models()``, which calls it with 1e30 bytes). We wrap that one function: after
+    ComfyUI has freed its own models, our cache is emptied when everything was asked for, or when the device still
+    has less free memory than ComfyUI needs (another model is being loaded and memory is short).
+    """
+    model_management = _comfy("comfy.model_management")
+    if model_management is None:
+        return False
+    original = model_management.free_memory
+    if getattr(original, "aitk_hook", False):
+        return True
+
+    def free_memory(memory_required, device, *args, **kwargs):
+        result = original(memory_required, device, *args, **kwargs)
+        short = getattr(device, "type", str(device)) != "cpu" and \
+            model_management.get_free_memory(device) < memory_required
+        if cache.cached_keys() and (memory_required >= 1e30 or short):
+            logger.info("ComfyUI is freeing memory: evicting %d cached AITK pipeline(s).", cache.evict())
+        return result
+
+    free_memory.aitk_hook = True
+    model_management.free_memory = free_memory
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------------------- nodes
+def load(model: str, base: str = "", dtype: str = "auto", offload: str = "none", device: str = "auto") -> PipelineHandle:
+    """Load AITK Pipeline: validate, load (or reuse) the cached pipeline, return its handle."""
+    # 1. Validate
+    get_spec(model)
+    _choice("dtype", dtype, DTYPES)
+    _choice("offload", offload, OFFLOAD_MODES)
+    handle = PipelineHandle(model=model, base=resolve_base(base), dtype=dtype, offload=offload,
+                            device=resolve_device(device))
+    # 2. Get pipeline from cache (loads it on a miss, so load errors show on this node)
+    install_memory_hook()
+    handle.get_pipeline()
+    return handle
+
+
+def apply_lora(pipeline: PipelineHandle, lora: str, strength: float = 1.0, transformer: str = "none") -> PipelineHandle:
+    """Apply AITK LoRA: return a new handle with the LoRA appended (``pipeline`` itself is never modified).
+
+    The file is read and checked against the model here (cached by file identity, weights untouched), so a LoRA
+    of the wrong family fails on this node with a message that names the family its keys look like.
+    """
+    from ..pipelines.lora import LoraRequest
+
+    # 1. Validate
+    if not isinstance(pipeline, PipelineHandle):
+        raise ValueError(f"pipeline must come from Load AITK Pipeline, got {type(pipeline).__name__}.")
+    path = resolve_lora(lora)
+    strength = float(strength)
+    if not -2.0 <= strength <= 2.0:
+        raise ValueError(f"LoRA strength {strength} is outside -2..2 (ai-toolkit's network_multiplier range).")
+    side = None if _choice("transformer", transformer, TRANSFORMER_SIDES) == "none" else transformer
+    # 2. Check the file against the cached model
+    loaded = pipeline.get_pipeline()
+    with loaded.lock:
+        loaded.loras.load(LoraRequest(path=path, strength=strength, side=side))
+    return dataclasses.replace(pipeline, loras=pipeline.loras + ((path, strength, side),))
+
+
+def sample(
+    pipeline: PipelineHandle,
+    prompt: str,
+    negative: str = "",
+    trigger_word: str = "",
+    width: int = 1024,
+    height: int = 1024,
+    steps: int = 25,
+    guidance: float = 4.0,
+    seed: int = 42,
+    batch_size: int = 1,
+    control_image=None,
+    control_image_2=None,
+    control_image_3=None,
+    num_frames: int = 0,
+    fps: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> SampleOutput:
+    """AITK Sample: set the handle's LoRAs on the cached pipeline and generate.
+
+    Args:
+        control_image, control_image_2, control_image_3 (torch.Tensor, *optional*): ComfyUI IMAGEs ``[1,H,W,C]``.
+        num_frames, fps (int, defaults to 0): 0 = the model's default (video models).
+        progress (callable, *optional*): ``progress(step, total)``; defaults to ComfyUI's progress bar + interrupt.
+
+    Returns:
+        SampleOutput: images as a CPU float32 tensor ``[B,H,W,C]`` (video: ``[B*frames,H,W,C]``), and the
+        effective width, height and seed.
+    """
+    import torch
+
+    # 1. Validate
+    if not isinstance(pipeline, PipelineHandle):
+        raise ValueError(f"pipeline must come from Load AITK Pipeline, got {type(pipeline).__name__}.")
+    controls = [image for image in (control_image, control_image_2, control_image_3) if image is not None]
+    # 2. Get pipeline from cache
+    loaded = pipeline.get_pipeline()
+    with loaded.lock:
+        # 3. Apply LoRAs (unchanged entries stay as they are; strength-only changes rescale in place)
+        loaded.set_loras(pipeline.lora_requests())
+        # 4. Run
+        result = loaded.generate(
+            prompt=prompt, negative=negative, width=width, height=height, steps=steps, guidance=guidance,
+            seed=seed, batch_size=batch_size, control_images=controls, trigger_word=trigger_word or None,
+            num_frames=num_frames or None, fps=fps or None,
+            progress=progress if progress is not None else comfy_progress(steps),
+        )
+    # 5. Post-process: ComfyUI IMAGE layout, video frames flattened into the batch
+    images = torch.from_numpy(result.images).float()
+    if images.ndim == 5:
+        images = images.reshape(-1, *images.shape[2:])
+    return SampleOutput(images=images.contiguous(), width=result.width, height=result.height, seed=result.seed)

@@ -1,0 +1,179 @@
+"""The three nodes' inputs and outputs, declared once as data.
+
+Both front ends (``v3.py`` for ComfyUI's ``comfy_api`` schema API, ``classic.py`` for ``NODE_CLASS_MAPPINGS``) and the
+example-workflow writer build from these tables, so a widget added here appears everywhere in the same order.
+Nothing here imports torch, diffusers or ComfyUI.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ..pipelines.registry import REGISTRY
+
+CATEGORY = "AITK Inference"
+PIPELINE_TYPE = "AITK_PIPELINE"
+WIDGET_TYPES = ("COMBO", "STRING", "INT", "FLOAT")
+MAX_SEED = 0xFFFFFFFFFFFFFFFF
+
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+OFFLOAD_MODES = ("none", "model", "sequential")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+TRANSFORMER_SIDES = ("none", "high", "low")
+
+
+@dataclass(frozen=True)
+class Field:
+    """One node input.
+
+    Args:
+        name (str): the input name (saved workflows refer to it; never rename).
+        type (str): ``COMBO``, ``STRING``, ``INT``, ``FLOAT``, ``IMAGE`` or ``AITK_PIPELINE``.
+        tooltip (str): shown on hover in ComfyUI.
+        default (Any, *optional*): the widget default.
+        options (Callable[[], list[str]], *optional*): for ``COMBO``, returns the choices (called when ComfyUI asks
+            for the schema, so new files show up after a refresh).
+        min, max, step (number, *optional*): numeric widget limits.
+        multiline (bool, defaults to False): multi-line text box.
+        optional (bool, defaults to False): the input may be left unconnected/unset.
+        control_after_generate (bool, defaults to False): ComfyUI adds its fixed/increment/randomize control.
+    """
+
+    name: str
+    type: str
+    tooltip: str
+    default: Any = None
+    options: Callable[[], list[str]] | None = None
+    min: float | None = None
+    max: float | None = None
+    step: float | None = None
+    multiline: bool = False
+    optional: bool = False
+    control_after_generate: bool = False
+
+    @property
+    def is_widget(self) -> bool:
+        return self.type in WIDGET_TYPES
+
+
+@dataclass(frozen=True)
+class Output:
+    type: str
+    name: str
+    tooltip: str
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    node_id: str
+    display_name: str
+    description: str
+    inputs: tuple[Field, ...]
+    outputs: tuple[Output, ...]
+
+    def widget_names(self) -> list[str]:
+        """Widget values in the order a UI-format workflow stores them (seed is followed by its control widget)."""
+        names = []
+        for field in self.inputs:
+            if field.is_widget:
+                names.append(field.name)
+                if field.control_after_generate:
+                    names.append("control_after_generate")
+        return names
+
+
+def _model_ids() -> list[str]:
+    return list(REGISTRY)
+
+
+def _lora_files() -> list[str]:
+    from .core import lora_choices
+
+    return lora_choices()
+
+
+_FIRST = next(iter(REGISTRY.values()))
+
+LOAD = NodeSpec(
+    node_id="AITKLoadPipeline",
+    display_name="Load AITK Pipeline",
+    description="Load a model the way ai-toolkit samples it (cached: re-running the graph or changing sampling "
+    "widgets or LoRA strengths reloads nothing).",
+    inputs=(
+        Field("model", "COMBO", "The ai-toolkit model id (architecture) the LoRA was trained on.",
+              default=_FIRST.model_id, options=_model_ids),
+        Field("base", "STRING", "Base checkpoint override: empty for the model's default Hugging Face repo, a folder "
+              "under ComfyUI/models/diffusers, a local diffusers folder or .safetensors file, or a repo id.",
+              default=""),
+        Field("dtype", "COMBO", "auto: fp32 on CPU, bf16 on GPUs that support it (else fp16).",
+              default="auto", options=lambda: list(DTYPES)),
+        Field("offload", "COMBO", "CPU offload: none, model (whole components) or sequential (per layer, slowest, "
+              "least VRAM).", default="none", options=lambda: list(OFFLOAD_MODES)),
+        Field("device", "COMBO", "auto: the device ComfyUI uses (CPU under --cpu).", default="auto",
+              options=lambda: list(DEVICES)),
+    ),
+    outputs=(Output(PIPELINE_TYPE, "pipeline", "The loaded pipeline handle (no LoRA yet)."),),
+)
+
+APPLY = NodeSpec(
+    node_id="AITKApplyLoRA",
+    display_name="Apply AITK LoRA",
+    description="Add an ai-toolkit LoRA to the pipeline handle; chain several to stack them. The base model is "
+    "never copied or reloaded, and a strength change re-applies in place.",
+    inputs=(
+        Field("pipeline", PIPELINE_TYPE, "The pipeline handle from Load AITK Pipeline or another Apply AITK "
+              "LoRA."),
+        Field("lora", "COMBO", "A .safetensors LoRA from ComfyUI/models/loras (an API-format workflow may also give "
+              "a full path).", options=_lora_files),
+        Field("strength", "FLOAT", "ai-toolkit's network_multiplier (1.0 = as trained).", default=1.0,
+              min=-2.0, max=2.0, step=0.01),
+        Field("transformer", "COMBO", "For two-expert (MoE) models such as Wan 2.2 14B: which expert the file "
+              "targets (high or low noise). none for every other model.", default="none",
+              options=lambda: list(TRANSFORMER_SIDES)),
+    ),
+    outputs=(Output(PIPELINE_TYPE, "pipeline", "A new handle carrying the LoRA set (the input is unchanged)."),),
+)
+
+SAMPLE = NodeSpec(
+    node_id="AITKSample",
+    display_name="AITK Sample",
+    description="Generate exactly as ai-toolkit's training sample previews: its scheduler, seeds and size rules. "
+    "Width/height are floored to the model's divisor; the effective values are outputs.",
+    inputs=(
+        Field("pipeline", PIPELINE_TYPE, "The pipeline handle (with its LoRAs)."),
+        Field("prompt", "STRING", "The prompt; [trigger] and [name] are replaced by the trigger word when one is "
+              "set, as in ai-toolkit.", default="", multiline=True),
+        Field("negative", "STRING", "Negative prompt. Only used by models with real CFG; guidance-distilled models "
+              "(FLUX.1, Flex, Kontext) ignore it, as ai-toolkit's previews do.", default="", multiline=True),
+        Field("trigger_word", "STRING", "The job's trigger_word; replaces [trigger]/[name] in the prompt.",
+              default=""),
+        Field("width", "INT", "Floored to a multiple of 8 (min 64), then to the model's divisor (16 for FLUX). "
+              "The effective width is an output.", default=_FIRST.width, min=64, max=8192, step=8),
+        Field("height", "INT", "Floored like width; the effective height is an output.", default=_FIRST.height,
+              min=64, max=8192, step=8),
+        Field("steps", "INT", "Denoising steps (ai-toolkit's sample_steps).", default=_FIRST.steps, min=1, max=1000),
+        Field("guidance", "FLOAT", "ai-toolkit's guidance_scale (the guidance embedding for distilled models).",
+              default=_FIRST.guidance, min=0.0, max=100.0, step=0.1),
+        Field("seed", "INT", "Noise seed (ai-toolkit: sample i of a walk_seed job uses seed + i).",
+              default=_FIRST.seed, min=0, max=MAX_SEED, control_after_generate=True),
+        Field("batch_size", "INT", "Images per run; image i of a batch equals the single image.", default=1,
+              min=1, max=16),
+        Field("control_image", "IMAGE", "Control/reference image, required by edit models (FLUX Kontext); "
+              "a single image.", optional=True),
+        Field("control_image_2", "IMAGE", "Second control image (models that take several).", optional=True),
+        Field("control_image_3", "IMAGE", "Third control image (models that take several).", optional=True),
+        Field("num_frames", "INT", "Video models: frame count (floored to k*n+1); 0 = the model's default. Must "
+              "stay 0 (or 1) for image models.", default=0, min=0, max=1001, optional=True),
+        Field("fps", "INT", "Video models: frames per second; 0 = the model's default.", default=0, min=0, max=120,
+              optional=True),
+    ),
+    outputs=(
+        Output("IMAGE", "image", "[B,H,W,C] float32 in 0..1; video frames come as an image batch."),
+        Output("INT", "width", "The width that really ran (after flooring)."),
+        Output("INT", "height", "The height that really ran (after flooring)."),
+        Output("INT", "seed", "The seed that really ran."),
+    ),
+)
+
+NODES = (LOAD, APPLY, SAMPLE)

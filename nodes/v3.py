@@ -1,0 +1,96 @@
+"""V3 front end (``comfy_api.latest``): schema classes built from ``schema.py`` that delegate to ``core``.
+
+Imported only inside a ComfyUI that has ``comfy_api`` (see ``nodes/__init__.py``).
+"""
+
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from . import core
+from .schema import APPLY, CATEGORY, LOAD, PIPELINE_TYPE, SAMPLE, Field, NodeSpec
+
+PipelineType = io.Custom(PIPELINE_TYPE)
+
+_IO_TYPES = {"COMBO": io.Combo, "STRING": io.String, "INT": io.Int, "FLOAT": io.Float, "IMAGE": io.Image,
+             PIPELINE_TYPE: PipelineType}
+
+
+def _input(field: Field):
+    kwargs = {"optional": field.optional, "tooltip": field.tooltip}
+    if field.default is not None:
+        kwargs["default"] = field.default
+    for key in ("min", "max", "step"):
+        if getattr(field, key) is not None:
+            kwargs[key] = getattr(field, key)
+    if field.multiline:
+        kwargs["multiline"] = True
+    if field.control_after_generate:
+        kwargs["control_after_generate"] = True
+    if field.type == "COMBO":
+        kwargs["options"] = field.options()
+    return _IO_TYPES[field.type].Input(field.name, **kwargs)
+
+
+def _schema(spec: NodeSpec) -> io.Schema:
+    return io.Schema(
+        node_id=spec.node_id,
+        display_name=spec.display_name,
+        category=CATEGORY,
+        description=spec.description,
+        inputs=[_input(field) for field in spec.inputs],
+        outputs=[_IO_TYPES[o.type].Output(display_name=o.name, tooltip=o.tooltip) for o in spec.outputs],
+    )
+
+
+class AITKLoadPipeline(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return _schema(LOAD)
+
+    @classmethod
+    def execute(cls, model, base, dtype, offload, device) -> io.NodeOutput:
+        return io.NodeOutput(core.load(model, base, dtype, offload, device))
+
+
+class AITKApplyLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return _schema(APPLY)
+
+    @classmethod
+    def validate_inputs(cls, lora) -> bool | str:
+        # Declaring `lora` here lets an API-format workflow pass a full path instead of a name from the list.
+        try:
+            core.resolve_lora(lora)
+        except ValueError as e:
+            return str(e)
+        return True
+
+    @classmethod
+    def fingerprint_inputs(cls, lora, **kwargs) -> str:
+        return core.lora_fingerprint(lora)
+
+    @classmethod
+    def execute(cls, pipeline, lora, strength, transformer) -> io.NodeOutput:
+        return io.NodeOutput(core.apply_lora(pipeline, lora, strength, transformer))
+
+
+class AITKSample(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return _schema(SAMPLE)
+
+    @classmethod
+    def execute(cls, pipeline, **inputs) -> io.NodeOutput:
+        out = core.sample(pipeline, **inputs)
+        return io.NodeOutput(out.images, out.width, out.height, out.seed, ui=out.ui())
+
+
+class AITKExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [AITKLoadPipeline, AITKApplyLoRA, AITKSample]
+
+
+async def comfy_entrypoint() -> AITKExtension:
+    return AITKExtension()

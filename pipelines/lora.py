@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import warnings
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
@@ -364,7 +365,10 @@ class LoraStack:
             target_modules=sorted(patches),
             init_lora_weights=False,
         )
-        inject_adapter_in_model(config, model, adapter_name=adapter)
+        with warnings.catch_warnings():
+            # Several adapters on one model is exactly what a LoRA stack is; PEFT warns about it by default.
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            inject_adapter_in_model(config, model, adapter_name=adapter)
         for path, patch in patches.items():
             layer = model.get_submodule(path)
             for factor, name in ((layer.lora_A, "down"), (layer.lora_B, "up")):

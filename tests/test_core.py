@@ -1,0 +1,309 @@
+"""Core library on the tiny FLUX family: registry, base behaviour, LoRA layouts and modes, errors, CLI."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from aitk_inference.pipelines import cache, get_spec
+from aitk_inference.pipelines.base import GenerationInterrupted, snap_size
+from aitk_inference.pipelines.lora import LoraRequest
+from aitk_inference.pipelines.lora_convert import LoraFormatError
+from aitk_inference.tiny.loras import TRANSFORMER_LAYOUTS, lora_targets, make_state_dict, reference_deltas, write_lora
+
+SMALL = dict(width=64, height=64, steps=2, prompt="a photo of a cat")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def flux(load_tiny):
+    return load_tiny("flux")
+
+
+@pytest.fixture(scope="module")
+def flux_loras(flux, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("flux_loras")
+    targets = lora_targets(flux.pipe.transformer)
+    return {
+        "a": write_lora(str(folder / "a.safetensors"), "peft", targets, seed=1),
+        "b": write_lora(str(folder / "b.safetensors"), "peft", targets, seed=2),
+        "kohya": write_lora(str(folder / "k.safetensors"), "kohya", targets, seed=3),
+        "lokr": write_lora(str(folder / "lokr.safetensors"), "lokr", targets, seed=4),
+    }
+
+
+def run(pipeline, **kwargs):
+    return pipeline.generate(**{**SMALL, **kwargs}).images
+
+
+# ------------------------------------------------------------------------------------------------ registry & sizing
+def test_unknown_model_id_lists_valid_ids():
+    with pytest.raises(ValueError, match="Unknown model id 'fluxx'.*flux, "):
+        get_spec("fluxx")
+
+
+def test_import_is_light():
+    code = "import sys, aitk_inference, aitk_inference.pipelines; print('torch' in sys.modules, 'diffusers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")
+    assert out.stdout.split() == ["False", "False"]
+
+
+@pytest.mark.parametrize("value,divisor,expected", [
+    (1024, 16, 1024), (1000, 16, 992), (700, 16, 688), (1000, 32, 992), (700, 32, 672), (60, 16, 64), (90, 16, 80),
+    (64, 8, 64), (1023, 8, 1016),
+])
+def test_snap_size_floors_like_ai_toolkit(value, divisor, expected):
+    assert snap_size(value, divisor) == expected
+
+
+def test_effective_size_and_seed_reported(flux):
+    result = flux.generate(prompt="x", width=100, height=90, steps=1)
+    assert (result.width, result.height, result.seed) == (96, 80, 42)
+    assert result.images.shape == (1, 80, 96, 3) and result.images.dtype == np.float32
+    assert 0.0 <= result.images.min() and result.images.max() <= 1.0
+
+
+def test_random_seed_is_reported_and_reproducible(flux):
+    first = flux.generate(**{**SMALL, "seed": -1})
+    assert 0 <= first.seed < 2**32
+    np.testing.assert_array_equal(first.images, run(flux, seed=first.seed))
+
+
+def test_trigger_word_replaced_only_when_set(flux):
+    assert flux.generate(**{**SMALL, "steps": 1, "prompt": "[trigger] cat"}).params.prompt == "[trigger] cat"
+    assert flux.generate(**{**SMALL, "steps": 1, "prompt": "[trigger] cat", "trigger_word": "sks"}).params.prompt == "sks cat"
+
+
+# ------------------------------------------------------------------------------------------------ generation
+def test_deterministic_and_seed_sensitive(flux):
+    a, b, c = run(flux, seed=7), run(flux, seed=7), run(flux, seed=8)
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - c).max() > 1e-3
+
+
+def test_batch_first_image_matches_single(flux):
+    single = run(flux, seed=5)
+    batch = run(flux, seed=5, batch_size=2)
+    assert batch.shape[0] == 2
+    np.testing.assert_allclose(batch[0], single[0], atol=1e-5)
+    assert np.abs(batch[0] - batch[1]).max() > 1e-3
+
+
+def test_interrupt_stops_within_a_step_and_leaves_pipeline_intact(flux, flux_loras):
+    flux.set_loras([LoraRequest(path=flux_loras["a"], strength=0.8)])
+    before = run(flux, steps=4)
+    seen = []
+
+    def stop_at_two(step, total):
+        seen.append(step)
+        if step == 2:
+            raise GenerationInterrupted("stop")
+
+    with pytest.raises(GenerationInterrupted):
+        flux.generate(**{**SMALL, "steps": 4}, progress=stop_at_two)
+    assert seen == [1, 2]
+    np.testing.assert_array_equal(run(flux, steps=4), before)
+    assert [l["strength"] for l in flux.loras.describe()] == [0.8]
+    flux.set_loras([])
+
+
+# ------------------------------------------------------------------------------------------------ LoRA behaviour
+def test_lora_changes_output_and_strength_zero_is_base(flux, flux_loras):
+    flux.set_loras([])
+    base = run(flux)
+    n_targets = len(lora_targets(flux.pipe.transformer))
+    summary = flux.set_loras([LoraRequest(path=flux_loras["a"], strength=1.0)])
+    assert summary[0]["modules"] == n_targets == 20
+    assert np.abs(run(flux) - base).max() > 1e-3
+    flux.set_loras([LoraRequest(path=flux_loras["a"], strength=0.0)])
+    np.testing.assert_array_equal(run(flux), base)
+    flux.set_loras([])
+    np.testing.assert_array_equal(run(flux), base)
+    assert type(flux.pipe.transformer.transformer_blocks[0].attn.to_q) is torch.nn.Linear  # PEFT layers removed
+
+
+def test_fused_equals_dynamic(load_tiny, flux, flux_loras):
+    fused = load_tiny("flux", lora_mode="fused")
+    for pipeline in (flux, fused):
+        pipeline.set_loras([LoraRequest(path=flux_loras["a"], strength=0.7), LoraRequest(path=flux_loras["lokr"], strength=-0.4)])
+    np.testing.assert_allclose(run(fused), run(flux), atol=2e-5)
+    # strength change in place, then back: fused weights return to within float32 rounding
+    base_weight = fused.pipe.transformer.transformer_blocks[0].attn.to_q.weight.clone()
+    fused.set_loras([LoraRequest(path=flux_loras["a"], strength=1.3), LoraRequest(path=flux_loras["lokr"], strength=-0.4)])
+    fused.set_loras([LoraRequest(path=flux_loras["a"], strength=0.7), LoraRequest(path=flux_loras["lokr"], strength=-0.4)])
+    assert (fused.pipe.transformer.transformer_blocks[0].attn.to_q.weight - base_weight).abs().max() < 1e-5
+    flux.set_loras([])
+    fused.set_loras([])
+    np.testing.assert_allclose(run(fused), run(flux), atol=1e-5)
+
+
+def test_stacked_loras_and_switch_without_reload(tiny_dir, flux_loras):
+    cache.evict()
+    loads = cache.stats["loads"]
+    pipeline = cache.get_pipeline("flux", base=tiny_dir("flux"), device="cpu", dtype="fp32")
+    transformer = pipeline.pipe.transformer
+    pipeline.set_loras([(flux_loras["b"], 0.5)])
+    only_b = run(pipeline)
+    pipeline.set_loras([(flux_loras["a"], 1.0), (flux_loras["b"], 0.5)])
+    both = run(pipeline)
+    assert np.abs(both - only_b).max() > 1e-3
+    pipeline.set_loras([(flux_loras["a"], 0.3), (flux_loras["b"], 0.5)])  # strength change: rescale in place
+    assert pipeline.loras.stats["rescales"] >= 1
+    pipeline.set_loras([(flux_loras["b"], 0.5)])  # switch back: remove A
+    np.testing.assert_array_equal(run(pipeline), only_b)
+    again = cache.get_pipeline("flux", base=tiny_dir("flux"), device="cpu", dtype="fp32")
+    assert again is pipeline and again.pipe.transformer is transformer
+    assert cache.stats["loads"] == loads + 1
+    assert pipeline.loras.stats["files_converted"] == 2  # each file read and converted once
+    pipeline.set_loras([])
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "fused"])
+@pytest.mark.parametrize("layout", TRANSFORMER_LAYOUTS)
+def test_every_layout_gives_the_direct_delta(load_tiny, tmp_path, layout, mode):
+    pipeline = load_tiny("flux", lora_mode=mode)
+    transformer = pipeline.pipe.transformer
+    targets = lora_targets(transformer)
+    sd = make_state_dict(layout, targets, seed=11)
+    expected = reference_deltas(layout, sd)
+    assert len(expected) == len(targets)
+    path = write_lora(str(tmp_path / f"{layout}.safetensors"), layout, targets, seed=11)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
+    before = {n: (m.weight.detach().clone(), m.bias.detach().clone()) for n, m in targets}
+    summary = pipeline.set_loras([LoraRequest(path=path, strength=0.7)])
+    assert summary[0]["modules"] == len(targets)
+    with torch.no_grad():
+        flat = {k.split(".", 1)[-1] if not k.startswith("lora_") else k: k for k in expected}
+        for name, _ in targets:
+            key = flat.get(name) or flat["lora_transformer_" + name.replace(".", "_")]
+            delta = expected[key]
+            module = transformer.get_submodule(name)
+            inputs = x[:, : delta.shape[1]] if delta.shape[1] <= 64 else torch.randn(3, delta.shape[1])
+            got = module(inputs) - torch.nn.functional.linear(inputs, *before[name])
+            want = 0.7 * inputs @ delta.T
+            if layout == "full":
+                want = want + 0.7 * sd[f"{key}.diff_b"]
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def test_bad_inputs_raise_clear_errors_and_pipeline_stays_usable(flux, flux_loras, tmp_path, load_tiny):
+    flux.set_loras([LoraRequest(path=flux_loras["a"], strength=1.0)])
+    reference = run(flux)
+    with pytest.raises(ValueError, match="width.*out of range"):
+        flux.generate(prompt="x", width=8)
+    with pytest.raises(ValueError, match="height.*out of range"):
+        flux.generate(prompt="x", height=100000)
+    with pytest.raises(ValueError, match="steps"):
+        flux.generate(prompt="x", steps=-3)
+    with pytest.raises(ValueError, match="takes no control image"):
+        flux.generate(**SMALL, control_images=[np.zeros((8, 8, 3), np.float32)])
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(open(flux_loras["b"], "rb").read()[:300])
+    html = tmp_path / "page.safetensors"
+    html.write_text("<!doctype html><html>Not found</html>")
+    for bad in (truncated, html):
+        with pytest.raises(LoraFormatError, match="not a readable .safetensors"):
+            flux.set_loras([(flux_loras["a"], 1.0), (str(bad), 1.0)])
+    with pytest.raises(FileNotFoundError, match="LoRA file not found"):
+        flux.set_loras([(str(tmp_path / "missing.safetensors"), 1.0)])
+    with pytest.raises(ValueError, match="outside -2.0..2.0"):
+        flux.set_loras([(flux_loras["a"], 3.0)])
+    sdxl_like = tmp_path / "sdxl.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"lora_unet_down_blocks_2_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 8),
+               "lora_unet_down_blocks_2_attentions_0_proj_in.lora_up.weight": torch.zeros(8, 4),
+               "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 8),
+               "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(8, 4)}, str(sdxl_like))
+    with pytest.raises(LoraFormatError, match="none of its 2 modules exist in model 'flux'.*SDXL"):
+        flux.set_loras([(str(sdxl_like), 1.0)])
+    wan_like = tmp_path / "wan.safetensors"
+    save_file({"diffusion_model.blocks.0.self_attn.q.lora_A.weight": torch.zeros(4, 8),
+               "diffusion_model.blocks.0.self_attn.q.lora_B.weight": torch.zeros(8, 4)}, str(wan_like))
+    with pytest.raises(LoraFormatError, match="Wan"):
+        flux.set_loras([(str(wan_like), 1.0)])
+    wrong_shape = tmp_path / "wide.safetensors"
+    save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 3072),
+               "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(3072, 4)}, str(wrong_shape))
+    with pytest.raises(LoraFormatError, match="shapes do not match"):
+        flux.set_loras([(str(wrong_shape), 1.0)])
+    # the failed calls left the pipeline exactly as it was
+    assert [l["name"] for l in flux.loras.describe()] == ["a.safetensors"]
+    np.testing.assert_array_equal(run(flux), reference)
+    kontext = load_tiny("flux_kontext")
+    with pytest.raises(ValueError, match="needs 1 control image"):
+        kontext.generate(**SMALL)
+    flux.set_loras([])
+
+
+def test_failed_transition_restores_previous_set(flux, flux_loras, monkeypatch):
+    flux.set_loras([(flux_loras["a"], 0.5)])
+    reference = run(flux)
+    original = flux.loras._add
+
+    def add_then_fail(slot, loaded, strength):
+        original(slot, loaded, strength)
+        if loaded.label == "b.safetensors":
+            raise RuntimeError("simulated failure while patching")
+
+    monkeypatch.setattr(flux.loras, "_add", add_then_fail)
+    with pytest.raises(RuntimeError, match="simulated"):
+        flux.set_loras([(flux_loras["b"], 1.0)])
+    monkeypatch.undo()
+    assert [l["name"] for l in flux.loras.describe()] == ["a.safetensors"]
+    np.testing.assert_array_equal(run(flux), reference)
+    flux.set_loras([])
+
+
+def test_kontext_uses_control_image(load_tiny):
+    kontext = load_tiny("flux_kontext")
+    red = np.zeros((40, 50, 3), np.float32)
+    red[..., 0] = 1.0
+    a = run(kontext, control_images=[red])
+    b = run(kontext, control_images=[1.0 - red])
+    assert a.shape == (1, 64, 64, 3) and np.abs(a - b).max() > 1e-4
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def _cli(*args, cwd=None):
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, "-m", "aitk_inference", *args], capture_output=True, text=True, env=env, cwd=cwd)
+
+
+def test_cli_models_json():
+    out = _cli("models", "--json")
+    assert out.returncode == 0, out.stderr
+    ids = {m["id"]: m for m in json.loads(out.stdout)}
+    assert ids["flux"]["steps"] == 25 and ids["flux"]["resolution_divisor"] == 16 and ids["flux_kontext"]["requires_control_image"]
+
+
+def test_cli_generate_writes_png_with_parameters(tiny_dir, flux_loras, tmp_path):
+    from PIL import Image
+
+    out_file = tmp_path / "out.png"
+    out = _cli("generate", "--model", "flux", "--base", tiny_dir("flux"), "--lora", f"{flux_loras['a']}:0.5",
+               "--prompt", "[trigger] dog", "--trigger", "sks", "--width", "70", "--height", "64", "--steps", "2",
+               "--seed", "3", "--out", str(out_file), "--quiet")
+    assert out.returncode == 0, out.stderr
+    assert "size 64x64" in out.stdout and "seed 3" in out.stdout and "20 modules" in out.stdout
+    with Image.open(out_file) as image:
+        params = json.loads(image.text["parameters"])
+        assert image.size == (64, 64)
+    assert params["prompt"] == "sks dog" and params["loras"] == [{"name": "a.safetensors", "strength": 0.5}]
+    bad = _cli("generate", "--model", "nope", "--prompt", "x", "--out", str(tmp_path / "x.png"))
+    assert bad.returncode == 2 and "Unknown model id 'nope'" in bad.stderr
+
+
+def test_cli_demo_and_make_tiny(tmp_path):
+    demo = _cli("demo", "--out", str(tmp_path / "demo.png"), "--quiet")
+    assert demo.returncode == 0, demo.stderr
+    assert (tmp_path / "demo.png").is_file() and "demo done" in demo.stdout
+    made = _cli("make-tiny", "--model", "flux", "--out", str(tmp_path / "tiny_flux"))
+    assert made.returncode == 0, made.stderr
+    assert (tmp_path / "tiny_flux" / "model_index.json").is_file()
+    assert sorted(os.listdir(tmp_path / "tiny_flux" / "loras")) == sorted(f"tiny_{l}.safetensors" for l in TRANSFORMER_LAYOUTS)

@@ -248,19 +248,20 @@ class AITKPipeline:
         return cls(spec, pipe, device, torch_dtype, offload, lora_mode, source)
 
     @classmethod
-    def load_diffusers_pipeline(cls, spec: ModelSpec, source: str, torch_dtype):
-        """Load the diffusers pipeline; families with extra components override this."""
+    def load_diffusers_pipeline(cls, spec: ModelSpec, source: str, torch_dtype, **overrides):
+        """Load the diffusers pipeline; ``overrides`` (components or init flags, e.g. ``safety_checker=None``) go to
+        ``from_pretrained``/``from_single_file``. Families with extra components override this."""
         pipeline_cls = cls.diffusers_pipeline_class(spec)
         if os.path.isfile(source) and source.endswith((".safetensors", ".sft")):
             if not hasattr(pipeline_cls, "from_single_file"):
                 raise ValueError(f"{spec.model_id}: {pipeline_cls.__name__} cannot load a single file; give a diffusers folder.")
-            return pipeline_cls.from_single_file(source, dtype=torch_dtype)
+            return pipeline_cls.from_single_file(source, dtype=torch_dtype, **overrides)
         if os.path.exists(source) and not os.path.isfile(os.path.join(source, "model_index.json")):
             raise FileNotFoundError(
                 f"{source!r} is not a diffusers pipeline folder (no model_index.json). Give the folder of a "
                 f"save_pretrained/hub snapshot of {spec.base}, or a hub repo id."
             )
-        return pipeline_cls.from_pretrained(source, dtype=torch_dtype)
+        return pipeline_cls.from_pretrained(source, dtype=torch_dtype, **overrides)
 
     @classmethod
     def diffusers_pipeline_class(cls, spec: ModelSpec):

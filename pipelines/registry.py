@@ -30,6 +30,25 @@ FLUX_FLOWMATCH = {
 }
 
 
+# ai-toolkit's SD/SDXL sampler `ddpm` (toolkit/sampler.py sd_config as DDPMScheduler reads it). steps_offset 0, not the
+# checkpoints' 1: 4 steps give timesteps 750/500/250/0. DDPM is stochastic: each step draws noise from the generator.
+SD_DDPM = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "trained_betas": None,
+    "variance_type": "fixed_small",
+    "clip_sample": False,
+    "prediction_type": "epsilon",
+    "thresholding": False,
+    "sample_max_value": 1.0,
+    "timestep_spacing": "leading",
+    "steps_offset": 0,
+    "rescale_betas_zero_snr": False,
+}
+
+
 @dataclass(frozen=True)
 class SchedulerSpec:
     """The scheduler ai-toolkit samples with: a diffusers scheduler class name and its full config."""
@@ -216,6 +235,46 @@ REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
             notes="Our own Flex.2 pipeline (no hub remote code). Divisor 16 as ai-toolkit samples (the reference uses 32). "
             "The optional control image is encoded as Flex.2's control latent; without it the control channels are zero. "
             + _FLUX_NOTES,
+        ),
+        ModelSpec(
+            model_id="sd15",
+            family="stable_diffusion:StableDiffusionFamilyPipeline",
+            pipeline_class="StableDiffusionPipeline",
+            base="stable-diffusion-v1-5/stable-diffusion-v1-5",
+            steps=30,
+            guidance=6.0,
+            divisor=8,
+            width=512,
+            height=512,
+            scheduler=SchedulerSpec("DDPMScheduler", SD_DDPM),
+            lora_mode="dynamic",
+            lora_components=("unet", "text_encoder"),
+            guidance_kind="cfg",
+            uses_negative=True,
+            tiny="stable_diffusion:build_sd15",
+            notes="Sampled with ai-toolkit's DDPM (steps_offset 0, stochastic: per-step noise from the seeded CPU "
+            "generator), real CFG with the negative prompt, safety checker off. Defaults are ai-toolkit's SD 1.5 "
+            "preset (512x512, 30 steps, guidance 6). Kohya LoRAs (lora_unet_*, lora_te_*, LoCon convs) load with "
+            "scale alpha/rank.",
+        ),
+        ModelSpec(
+            model_id="sdxl",
+            family="stable_diffusion:StableDiffusionFamilyPipeline",
+            pipeline_class="StableDiffusionXLPipeline",
+            base="stabilityai/stable-diffusion-xl-base-1.0",
+            steps=30,
+            guidance=6.0,
+            divisor=8,
+            scheduler=SchedulerSpec("DDPMScheduler", SD_DDPM),
+            lora_mode="dynamic",
+            lora_components=("unet", "text_encoder", "text_encoder_2"),
+            guidance_kind="cfg",
+            uses_negative=True,
+            tiny="stable_diffusion:build_sdxl",
+            notes="Sampled with ai-toolkit's DDPM (steps_offset 0, stochastic), real CFG, guidance_rescale 0, "
+            "watermark off. An empty negative prompt is ENCODED as ai-toolkit does (diffusers' zeroed empty negative "
+            "is switched off). Defaults are ai-toolkit's SDXL preset (1024x1024, 30 steps, guidance 6). Kohya LoRAs "
+            "(lora_unet_*, lora_te1_*/lora_te2_*, LoCon convs) load with scale alpha/rank.",
         ),
     ]
 )

@@ -106,9 +106,88 @@ def write_lora(path: str, layout: str, targets, metadata: dict | None = None, **
     return path
 
 
-def write_family_loras(pipe, out_dir: str, layouts=TRANSFORMER_LAYOUTS, seed: int = 0) -> dict[str, str]:
-    """One LoRA file per layout for ``pipe``'s denoiser; returns ``{layout: path}``."""
-    denoiser = pipe.transformer
-    targets = lora_targets(denoiser)
+# ---------------------------------------------------------------------------------------------- UNet families (kohya)
+# What ai-toolkit's SD/SDXL network writes: kohya names, every Linear and 1x1 conv of the UNet, 3x3 convs only with
+# `network.conv` (LoCon: lora_down Conv2d(in, r, k), lora_up Conv2d(r, out, 1)), and the text encoders' CLIPAttention /
+# CLIPMLP Linears with `train_text_encoder`. Keys: lora_unet_*, lora_te_* (one encoder) or lora_te1_*/lora_te2_*.
+UNET_LAYOUTS = ("kohya", "kohya_locon", "kohya_te")
+TEXT_ENCODER_MODULES = re.compile(r"\.(self_attn|mlp)\.")
+
+
+def kohya_targets(pipe, unet: bool = True, conv3x3: bool = False, text_encoders: bool = False) -> list[tuple[str, object]]:
+    """``(kohya module key, module)`` for a UNet pipeline, as ai-toolkit's SD network selects them."""
+    import torch
+
+    targets = []
+    if unet:
+        for name, module in pipe.unet.named_modules():
+            is_conv = isinstance(module, torch.nn.Conv2d)
+            if isinstance(module, torch.nn.Linear) or (is_conv and (module.kernel_size == (1, 1) or conv3x3)):
+                targets.append((f"lora_unet_{name.replace('.', '_')}", module))
+    if text_encoders:
+        encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if getattr(pipe, "text_encoder_2", None) else [])
+        prefixes = ["lora_te_"] if len(encoders) == 1 else ["lora_te1_", "lora_te2_"]
+        for prefix, encoder in zip(prefixes, encoders):
+            targets += [(f"{prefix}{name.replace('.', '_')}", m) for name, m in encoder.named_modules()
+                        if isinstance(m, torch.nn.Linear) and TEXT_ENCODER_MODULES.search(name)]
+    return targets
+
+
+def make_kohya_state_dict(targets, rank: int = 4, alpha: float | None = 1.0, conv_rank: int = 2,
+                          conv_alpha: float | None = 1.0, seed: int = 0, std: float = 0.1) -> dict:
+    """Random kohya LoRA tensors for ``targets`` (float32); ``alpha=None`` writes no ``.alpha`` key."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for key, module in targets:
+        out_f, in_f = module.weight.shape[:2]
+        kernel = tuple(module.weight.shape[2:])
+        r, a = (conv_rank, conv_alpha) if kernel not in ((), (1, 1)) else (rank, alpha)
+        sd[f"{key}.lora_down.weight"] = torch.randn(r, in_f, *kernel, generator=g) * std
+        sd[f"{key}.lora_up.weight"] = torch.randn(out_f, r, *((1, 1) if kernel else ()), generator=g) * std
+        if a is not None:
+            sd[f"{key}.alpha"] = torch.tensor(float(a))
+    return sd
+
+
+def kohya_reference_deltas(state_dict: dict) -> dict:
+    """``{kohya module key: delta}`` by ai-toolkit's rule ``(alpha / rank) * up . down`` (missing alpha: scale 1),
+    written out with einsum so that it does not share code with the loader."""
+    import torch
+
+    deltas = {}
+    for key, down in state_dict.items():
+        if not key.endswith(".lora_down.weight"):
+            continue
+        m = key[: -len(".lora_down.weight")]
+        up, rank = state_dict[f"{m}.lora_up.weight"], down.shape[0]
+        alpha = state_dict.get(f"{m}.alpha")
+        scale = 1.0 if alpha is None else float(alpha) / rank
+        if down.dim() == 2:
+            deltas[m] = torch.einsum("or,ri->oi", up, down) * scale
+        else:
+            deltas[m] = torch.einsum("or,rikl->oikl", up[:, :, 0, 0], down) * scale
+    return deltas
+
+
+def write_kohya_lora(path: str, targets, metadata: dict | None = None, **kwargs) -> str:
+    from safetensors.torch import save_file
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    meta = {"format": "pt", "software": '{"name": "ai-toolkit", "version": "0.12.26"}', "training_info": '{"step": 0}'}
+    meta.update(metadata or {})
+    save_file({k: v.contiguous() for k, v in make_kohya_state_dict(targets, **kwargs).items()}, path, metadata=meta)
+    return path
+
+
+def write_family_loras(pipe, out_dir: str, layouts=None, seed: int = 0) -> dict[str, str]:
+    """One LoRA file per layout for ``pipe`` (kohya layouts for UNet pipelines); returns ``{layout: path}``."""
+    if getattr(pipe, "unet", None) is not None:
+        selections = {"kohya": {}, "kohya_locon": {"conv3x3": True}, "kohya_te": {"text_encoders": True}}
+        return {layout: write_kohya_lora(os.path.join(out_dir, f"tiny_{layout}.safetensors"),
+                                         kohya_targets(pipe, **selections[layout]), seed=seed)
+                for layout in (layouts or UNET_LAYOUTS)}
+    targets = lora_targets(pipe.transformer)
     return {layout: write_lora(os.path.join(out_dir, f"tiny_{layout}.safetensors"), layout, targets, seed=seed)
-            for layout in layouts}
+            for layout in (layouts or TRANSFORMER_LAYOUTS)}

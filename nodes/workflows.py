@@ -1,0 +1,210 @@
+"""UI-format ComfyUI workflows: one example per model id, and "reproduce the training previews" of an ai-toolkit job.
+
+``python -m aitk_inference.nodes.workflows`` rewrites ``example_workflows/``;
+``python -m aitk_inference.nodes.workflows --job <job folder or config.yaml> --out previews.json`` writes a workflow
+that renders that job's sample previews (one AITK Sample per preview, with its seed, size, steps, guidance and LoRA
+multiplier resolved by ai-toolkit's rules in ``reproduce.build_samples``). Widget values follow ``schema.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from ..pipelines.registry import REGISTRY, get_spec
+from .schema import APPLY, LOAD, NODES, SAMPLE, NodeSpec
+
+EXAMPLES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "example_workflows")
+PREVIEWS_NAME = "reproduce_training_previews_flux.json"
+
+#: widget counts of the ComfyUI core nodes the workflows use (SaveImage: prefix; LoadImage: file + upload button)
+CORE_WIDGET_COUNTS = {"SaveImage": 1, "LoadImage": 2, "Note": 1}
+
+#: an ai-toolkit FLUX job (the shape of its config.yaml), from which the bundled previews workflow is built
+EXAMPLE_JOB = {
+    "job": "extension",
+    "config": {
+        "name": "my_flux_lora",
+        "process": [{
+            "type": "sd_trainer",
+            "trigger_word": "p3r5on",
+            "model": {"name_or_path": "black-forest-labs/FLUX.1-dev", "arch": "flux"},
+            "sample": {
+                "sampler": "flowmatch", "sample_every": 250, "width": 1024, "height": 1024, "neg": "", "seed": 42,
+                "walk_seed": True, "guidance_scale": 4, "sample_steps": 25,
+                "samples": [
+                    {"prompt": "[trigger] holding a sign that says 'I LOVE PROMPTS!'"},
+                    {"prompt": "[trigger] as a knight in shining armor, portrait --w 768 --h 1024"},
+                    {"prompt": "a photo of [trigger] at the beach, golden hour", "network_multiplier": 0.8},
+                ],
+            },
+        }],
+    },
+}
+
+
+class _Graph:
+    """Accumulates nodes and links in the frontend's workflow format (version 0.4)."""
+
+    def __init__(self):
+        self.nodes: list[dict] = []
+        self.links: list[list] = []
+
+    def add(self, node_type: str, pos, widgets: list, inputs=(), outputs=(), size=(320, 130), title=None) -> dict:
+        node = {
+            "id": len(self.nodes) + 1,
+            "type": node_type,
+            "pos": list(pos),
+            "size": list(size),
+            "flags": {},
+            "order": len(self.nodes),
+            "mode": 0,
+            "inputs": [{"name": name, "type": kind, "link": None} for name, kind in inputs],
+            "outputs": [{"name": name, "type": kind, "links": [], "slot_index": i} for i, (name, kind) in enumerate(outputs)],
+            "properties": {"Node name for S&R": node_type},
+            "widgets_values": list(widgets),
+        }
+        if title:
+            node["title"] = title
+        self.nodes.append(node)
+        return node
+
+    def add_aitk(self, spec: NodeSpec, pos, values: dict, size=(320, 130), title=None) -> dict:
+        missing = [name for name in spec.widget_names() if name not in values]
+        if missing:
+            raise ValueError(f"{spec.node_id}: no value for widget(s) {missing}.")
+        return self.add(spec.node_id, pos, [values[name] for name in spec.widget_names()],
+                        inputs=[(f.name, f.type) for f in spec.inputs if not f.is_widget],
+                        outputs=[(o.name, o.type) for o in spec.outputs], size=size, title=title)
+
+    def link(self, src: dict, src_slot: int, dst: dict, input_name: str) -> None:
+        dst_slot = next(i for i, entry in enumerate(dst["inputs"]) if entry["name"] == input_name)
+        link_id = len(self.links) + 1
+        kind = src["outputs"][src_slot]["type"]
+        src["outputs"][src_slot]["links"].append(link_id)
+        dst["inputs"][dst_slot]["link"] = link_id
+        self.links.append([link_id, src["id"], src_slot, dst["id"], dst_slot, kind])
+
+    def to_json(self) -> dict:
+        return {"last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": self.nodes,
+                "links": self.links, "groups": [], "config": {}, "extra": {}, "version": 0.4}
+
+
+def _sample_values(spec, prompt: str, negative: str, trigger_word: str = "", **overrides) -> dict:
+    video = spec.video
+    values = {"prompt": prompt, "negative": negative, "trigger_word": trigger_word, "width": spec.width,
+              "height": spec.height, "steps": spec.steps, "guidance": spec.guidance, "seed": spec.seed,
+              "control_after_generate": "fixed", "batch_size": 1,
+              "num_frames": video.num_frames if video else 0, "fps": video.fps if video else 0}
+    values.update(overrides)
+    return values
+
+
+def model_workflow(model_id: str) -> dict:
+    """Load -> Apply LoRA -> Sample -> Save Image for ``model_id`` with its registry defaults."""
+    spec = get_spec(model_id)
+    graph = _Graph()
+    load = graph.add_aitk(LOAD, (40, 120), {"model": model_id, "base": "", "dtype": "auto", "offload": "none",
+                                            "device": "auto"}, size=(320, 170))
+    apply = graph.add_aitk(APPLY, (400, 120), {"lora": f"{model_id}_lora.safetensors", "strength": 1.0,
+                                               "transformer": "none"}, size=(320, 130))
+    sample = graph.add_aitk(SAMPLE, (760, 120), _sample_values(spec, "a photo of [trigger]", spec.negative,
+                                                               trigger_word="p3r5on"), size=(400, 520))
+    save = graph.add("SaveImage", (1200, 120), [f"aitk/{model_id}"], inputs=[("images", "IMAGE")], size=(400, 420))
+    graph.link(load, 0, apply, "pipeline")
+    graph.link(apply, 0, sample, "pipeline")
+    graph.link(sample, 0, save, "images")
+    for slot in range(spec.control_images[0]):
+        name = "control_image" if slot == 0 else f"control_image_{slot + 1}"
+        image = graph.add("LoadImage", (400, 320 + 340 * slot), ["example.png", "image"],
+                          outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")], size=(320, 320))
+        graph.link(image, 0, sample, name)
+    return graph.to_json()
+
+
+def previews_workflow(job: dict, lora_name: str | None = None) -> dict:
+    """One AITK Sample per sample preview of an ai-toolkit job config (parsed ``config.yaml``).
+
+    Args:
+        job (dict): the job config, as ``yaml.safe_load`` returns it.
+        lora_name (str, *optional*): the LoRA file name in ComfyUI/models/loras; defaults to ``<config.name>.safetensors``
+            (ai-toolkit's final save).
+    """
+    from ..reproduce import build_samples, model_id_for_job, training_process
+
+    process = training_process(job, "job config")
+    model_id = model_id_for_job(process["model"])
+    spec = get_spec(model_id)
+    source = str(process["model"].get("name_or_path") or "")
+    lora_name = lora_name or f"{job['config'].get('name', 'lora')}.safetensors"
+    samples = build_samples(process["sample"], process.get("trigger_word"))
+
+    graph = _Graph()
+    graph.add("Note", (40, 420), ["Reproduces the training previews of ai-toolkit job "
+                                  f"{job['config'].get('name')!r} ({model_id}). Each AITK Sample is one preview, in "
+                                  "order; seeds follow the job's seed/walk_seed, and prompts already have the trigger "
+                                  "word and --flags applied. Put the job's LoRA into ComfyUI/models/loras."],
+              size=(320, 200))
+    load = graph.add_aitk(LOAD, (40, 120), {"model": model_id, "base": "" if source in ("", spec.base) else source,
+                                            "dtype": "auto", "offload": "none", "device": "auto"}, size=(320, 170))
+    applied = {}
+    for sample in samples:
+        if sample.network_multiplier not in applied:
+            apply = graph.add_aitk(APPLY, (400, 120 + 180 * len(applied)),
+                                   {"lora": lora_name, "strength": sample.network_multiplier, "transformer": "none"})
+            graph.link(load, 0, apply, "pipeline")
+            applied[sample.network_multiplier] = apply
+        y = 120 + 560 * sample.index
+        node = graph.add_aitk(SAMPLE, (760, y), _sample_values(
+            spec, sample.prompt, sample.negative, width=sample.width, height=sample.height, steps=sample.steps,
+            guidance=sample.guidance, seed=sample.seed,
+            num_frames=sample.num_frames if spec.video else 0, fps=sample.fps if spec.video else 0,
+        ), size=(400, 520), title=f"AITK Sample (preview {sample.index})")
+        save = graph.add("SaveImage", (1200, y), [f"aitk/{job['config'].get('name', 'job')}_{sample.index}"],
+                         inputs=[("images", "IMAGE")], size=(400, 420))
+        graph.link(applied[sample.network_multiplier], 0, node, "pipeline")
+        graph.link(node, 0, save, "images")
+    return graph.to_json()
+
+
+def all_workflows() -> dict[str, dict]:
+    """Every bundled example, by file name."""
+    out = {f"{model_id}.json": model_workflow(model_id) for model_id in REGISTRY}
+    out[PREVIEWS_NAME] = previews_workflow(EXAMPLE_JOB)
+    return out
+
+
+def write_json(workflow: dict, path: str) -> str:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(workflow, f, indent=1)
+        f.write("\n")
+    return path
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m aitk_inference.nodes.workflows", description=__doc__.split("\n")[0])
+    parser.add_argument("--job", help="an ai-toolkit job folder or config.yaml: write its previews workflow")
+    parser.add_argument("--lora", help="LoRA file name in ComfyUI/models/loras (default: <job name>.safetensors)")
+    parser.add_argument("--out", help="output file for --job (default: <job name>_previews.json)")
+    args = parser.parse_args(argv)
+    if args.job:
+        from ..reproduce import find_job_config, read_job_config
+
+        job = read_job_config(find_job_config(args.job))
+        out = args.out or f"{job['config'].get('name', 'job')}_previews.json"
+        print(write_json(previews_workflow(job, args.lora), out))
+        return 0
+    os.makedirs(EXAMPLES_DIR, exist_ok=True)
+    expected = all_workflows()
+    for name in os.listdir(EXAMPLES_DIR):
+        if name.endswith(".json") and name not in expected:
+            os.remove(os.path.join(EXAMPLES_DIR, name))
+    for name, workflow in expected.items():
+        write_json(workflow, os.path.join(EXAMPLES_DIR, name))
+    print(f"wrote {len(expected)} workflows to {EXAMPLES_DIR}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

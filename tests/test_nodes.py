@@ -1,0 +1,275 @@
+"""The ComfyUI node pack, imported the way ComfyUI imports it, run on tiny FLUX / FLUX Kontext models (CPU)."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+
+
+def import_pack(folder_name: str):
+    """Import the repo root as ComfyUI's loader does: a module named after the folder path, from its __init__.py."""
+    name = os.path.join("/comfy/custom_nodes", folder_name).replace(".", "_x_")
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "__init__.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def pack():
+    return import_pack("aitk.inference-pack")
+
+
+@pytest.fixture(scope="module")
+def core(pack):
+    pack.NODE_CLASS_MAPPINGS  # the lazy attribute imports the nodes package
+    return sys.modules[pack.__name__ + ".nodes.core"]
+
+
+@pytest.fixture(scope="module")
+def cache(core):
+    return sys.modules[core.__name__.rsplit(".", 2)[0] + ".pipelines.cache"]
+
+
+@pytest.fixture(scope="module")
+def loras(core, tiny_dir, tmp_path_factory):
+    """Two FLUX LoRAs (PEFT and kohya layouts), plus one whose keys are Z-Image's (the wrong family for FLUX)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from aitk_inference.tiny.loras import lora_targets, write_lora
+
+    folder = tmp_path_factory.mktemp("loras")
+    pipeline = core.load("flux", tiny_dir("flux"), "fp32", "none", "cpu").get_pipeline()
+    assert not pipeline.loras.describe()  # module names are read before any LoRA wraps them
+    targets = lora_targets(pipeline.pipe.transformer, limit=8)
+    out = {
+        "a": write_lora(str(folder / "flux_a.safetensors"), "peft", targets, seed=1),
+        "b": write_lora(str(folder / "flux_b.safetensors"), "kohya", targets, seed=2),
+    }
+    zimage = {"diffusion_model.layers.0.attention.to_q.lora_A.weight": torch.randn(4, 32),
+              "diffusion_model.layers.0.attention.to_q.lora_B.weight": torch.randn(32, 4)}
+    out["zimage"] = str(folder / "zimage_lora.safetensors")
+    save_file(zimage, out["zimage"])
+    return out
+
+
+@pytest.fixture
+def fake_comfy(monkeypatch):
+    """Stand-ins for the three ComfyUI functions the nodes call (progress bar, interrupt flag, free_memory)."""
+    comfy = types.ModuleType("comfy")
+    utils = types.ModuleType("comfy.utils")
+    mm = types.ModuleType("comfy.model_management")
+    state = types.SimpleNamespace(updates=[], interrupt_after=None, checks=0, freed=[])
+
+    class ProgressBar:
+        def __init__(self, total, node_id=None):
+            self.total = total
+
+        def update_absolute(self, value, total=None, preview=None):
+            state.updates.append((value, total))
+
+    class InterruptProcessingException(Exception):
+        pass
+
+    def throw_exception_if_processing_interrupted():
+        state.checks += 1
+        if state.interrupt_after is not None and state.checks >= state.interrupt_after:
+            raise InterruptProcessingException()
+
+    utils.ProgressBar = ProgressBar
+    mm.InterruptProcessingException = InterruptProcessingException
+    mm.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
+    mm.free_memory = lambda memory_required, device, keep_loaded=(): state.freed.append(memory_required)
+    mm.get_free_memory = lambda device=None: 1 << 40
+    mm.get_torch_device = lambda: "cpu"
+    comfy.utils, comfy.model_management = utils, mm
+    for name, module in (("comfy", comfy), ("comfy.utils", utils), ("comfy.model_management", mm)):
+        monkeypatch.setitem(sys.modules, name, module)
+    state.mm = mm
+    return state
+
+
+def run_graph(core, tiny_dir, lora_specs=(), model="flux", progress=None, **sample_kwargs):
+    """Load -> Apply LoRA (xN) -> Sample through the nodes' shared functions."""
+    handle = core.load(model, tiny_dir(model), "fp32", "none", "cpu")
+    for path, strength in lora_specs:
+        handle = core.apply_lora(handle, path, strength, "none")
+    kwargs = dict(prompt="a photo of [trigger]", negative="", trigger_word="sks", width=64, height=64, steps=1,
+                  guidance=4.0, seed=7, batch_size=1)
+    kwargs.update(sample_kwargs)
+    return handle, core.sample(handle, progress=progress, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------ import and schema
+def test_import_is_light_and_classic_without_comfy_api():
+    code = (
+        "import sys, importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location('/x/custom_nodes/aitk', {os.path.join(ROOT, '__init__.py')!r})\n"
+        "m = importlib.util.module_from_spec(spec); sys.modules[spec.name] = m; spec.loader.exec_module(m)\n"
+        "print(sorted(m.NODE_CLASS_MAPPINGS), hasattr(m, 'comfy_entrypoint'),"
+        " [k for k in ('torch', 'diffusers', 'transformers') if k in sys.modules])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "['AITKApplyLoRA', 'AITKLoadPipeline', 'AITKSample'] False []"
+
+
+def test_schemas(pack):
+    from aitk_inference.pipelines.registry import REGISTRY
+
+    mappings, names = pack.NODE_CLASS_MAPPINGS, pack.NODE_DISPLAY_NAME_MAPPINGS
+    assert names == {"AITKLoadPipeline": "Load AITK Pipeline", "AITKApplyLoRA": "Apply AITK LoRA",
+                     "AITKSample": "AITK Sample"}
+    expected = {
+        "AITKLoadPipeline": (["model", "base", "dtype", "offload", "device"], [], ("AITK_PIPELINE",)),
+        "AITKApplyLoRA": (["pipeline", "lora", "strength", "transformer"], [], ("AITK_PIPELINE",)),
+        "AITKSample": (["pipeline", "prompt", "negative", "trigger_word", "width", "height", "steps", "guidance", "seed",
+                        "batch_size"], ["control_image", "control_image_2", "control_image_3", "num_frames", "fps"],
+                       ("IMAGE", "INT", "INT", "INT")),
+    }
+    for node_id, (required, optional, returns) in expected.items():
+        cls = mappings[node_id]
+        types_ = cls.INPUT_TYPES()
+        assert list(types_["required"]) == required
+        assert list(types_.get("optional", {})) == optional
+        assert cls.RETURN_TYPES == returns and len(cls.RETURN_NAMES) == len(returns)
+        assert cls.CATEGORY == "AITK Inference"
+        assert callable(getattr(cls(), cls.FUNCTION))
+        for name, (kind, options) in {**types_["required"], **types_.get("optional", {})}.items():
+            assert options.get("tooltip"), f"{node_id}.{name} has no tooltip"
+    load = mappings["AITKLoadPipeline"].INPUT_TYPES()["required"]
+    assert load["model"][0] == list(REGISTRY) and load["base"][0] == "STRING"
+    assert load["offload"][0] == ["none", "model", "sequential"] and load["dtype"][0][0] == "auto"
+    apply = mappings["AITKApplyLoRA"].INPUT_TYPES()["required"]
+    assert apply["pipeline"][0] == "AITK_PIPELINE" and isinstance(apply["lora"][0], list)
+    assert (apply["strength"][1]["min"], apply["strength"][1]["max"]) == (-2.0, 2.0)
+    assert apply["transformer"][0] == ["none", "high", "low"]
+    sample = mappings["AITKSample"].INPUT_TYPES()
+    assert sample["required"]["seed"][1]["control_after_generate"] is True
+    assert sample["required"]["width"][1]["step"] == 8 and sample["required"]["prompt"][1]["multiline"]
+    assert all(sample["optional"][f"control_image{s}"][0] == "IMAGE" for s in ("", "_2", "_3"))
+    assert mappings["AITKSample"].RETURN_NAMES == ("image", "width", "height", "seed")
+
+
+# ------------------------------------------------------------------------------------------------ graphs on tiny models
+def test_graph_cache_strength_and_chaining(core, cache, tiny_dir, loras):
+    handle, first = run_graph(core, tiny_dir, [(loras["a"], 1.0)], width=72)
+    assert first.images.shape == (1, 64, 64, 3) and first.images.dtype.is_floating_point
+    assert str(first.images.dtype) == "torch.float32" and first.images.device.type == "cpu"
+    assert 0.0 <= float(first.images.min()) and float(first.images.max()) <= 1.0
+    assert (first.width, first.height, first.seed) == (64, 64, 7)  # 72 floored to FLUX's divisor 16
+    assert first.ui() == {"aitk_effective": [{"width": 64, "height": 64, "seed": "7"}]}
+    loads = cache.stats["loads"]
+
+    # Running the same graph again reloads nothing and gives the same image.
+    _, again = run_graph(core, tiny_dir, [(loras["a"], 1.0)], width=72)
+    assert cache.stats["loads"] == loads
+    assert np.array_equal(again.images.numpy(), first.images.numpy())
+
+    # A strength change re-applies in place: no reload, a different image, and back to 1.0 gives the first image.
+    _, weaker = run_graph(core, tiny_dir, [(loras["a"], 0.3)], width=72)
+    _, back = run_graph(core, tiny_dir, [(loras["a"], 1.0)], width=72)
+    assert cache.stats["loads"] == loads
+    assert not np.allclose(weaker.images.numpy(), first.images.numpy())
+    assert np.allclose(back.images.numpy(), first.images.numpy(), atol=1e-5)
+
+    # Apply returns a new handle and never modifies its input; chaining stacks LoRAs in order.
+    stacked = core.apply_lora(handle, loras["b"], -0.5, "none")
+    assert handle.loras == ((loras["a"], 1.0, None),)
+    assert stacked.loras == ((loras["a"], 1.0, None), (loras["b"], -0.5, None))
+    two = core.sample(stacked, "x", width=64, height=64, steps=1, seed=7, batch_size=2, progress=None)
+    assert two.images.shape == (2, 64, 64, 3) and cache.stats["loads"] == loads
+    assert [entry["name"] for entry in handle.get_pipeline().loras.describe()] == ["flux_a.safetensors",
+                                                                                 "flux_b.safetensors"]
+
+
+def test_interrupt_leaves_pipeline_usable(core, tiny_dir, loras, fake_comfy):
+    handle, before = run_graph(core, tiny_dir, [(loras["a"], 0.7)], steps=3)
+    assert fake_comfy.updates == [(1, 3), (2, 3), (3, 3)]  # ComfyUI's bar ticks once per denoising step
+    lora_state = handle.get_pipeline().loras.describe()
+
+    fake_comfy.checks, fake_comfy.interrupt_after = 0, 2  # ComfyUI's Cancel lands during step 2
+    with pytest.raises(fake_comfy.mm.InterruptProcessingException):
+        run_graph(core, tiny_dir, [(loras["a"], 0.7)], steps=3)
+    assert fake_comfy.checks == 2
+
+    fake_comfy.interrupt_after = None
+    assert handle.get_pipeline().loras.describe() == lora_state
+    _, after = run_graph(core, tiny_dir, [(loras["a"], 0.7)], steps=3)
+    assert np.array_equal(after.images.numpy(), before.images.numpy())
+
+
+def test_free_memory_evicts_the_cache(core, cache, tiny_dir, fake_comfy):
+    handle = core.load("flux", tiny_dir("flux"), "fp32", "none", "auto")  # installs the hook; auto -> ComfyUI's cpu
+    assert handle.device == "cpu" and cache.cached_keys()
+    fake_comfy.mm.free_memory(1e9, types.SimpleNamespace(type="cpu"))  # ComfyUI making room on the CPU: keep ours
+    assert cache.cached_keys()
+    fake_comfy.mm.free_memory(1e30, types.SimpleNamespace(type="cpu"))  # unload_all_models() / POST /free
+    assert not cache.cached_keys() and fake_comfy.freed == [1e9, 1e30]
+    loads = cache.stats["loads"]
+    core.sample(handle, "x", width=64, height=64, steps=1, progress=None)  # a cached handle reloads transparently
+    assert cache.stats["loads"] == loads + 1
+
+
+def test_kontext_control_image(core, tiny_dir):
+    import torch
+
+    with pytest.raises(ValueError, match="control_image"):
+        run_graph(core, tiny_dir, model="flux_kontext")
+    control = torch.rand(1, 80, 96, 3)
+    _, out = run_graph(core, tiny_dir, model="flux_kontext", control_image=control)
+    assert out.images.shape == (1, 64, 64, 3) and out.images.dtype == torch.float32
+    with pytest.raises(ValueError, match="single image"):
+        run_graph(core, tiny_dir, model="flux_kontext", control_image=torch.rand(2, 64, 64, 3))
+
+
+def test_bad_inputs_say_what_to_fix(core, tiny_dir, loras):
+    with pytest.raises(ValueError, match="Valid ids are: flux"):
+        core.load("flux3", "", "fp32", "none", "cpu")
+    with pytest.raises(ValueError, match="models/diffusers"):
+        core.load("flux", "no/such/folder/here", "fp32", "none", "cpu")
+    handle = core.load("flux", tiny_dir("flux"), "fp32", "none", "cpu")
+    with pytest.raises(ValueError, match="Z-Image.*trained on"):
+        core.apply_lora(handle, loras["zimage"], 1.0, "none")
+    with pytest.raises(ValueError, match="models/loras"):
+        core.apply_lora(handle, "missing_lora.safetensors", 1.0, "none")
+    with pytest.raises(ValueError, match="-2..2"):
+        core.apply_lora(handle, loras["a"], 2.5, "none")
+    with pytest.raises(ValueError, match="single transformer"):
+        core.apply_lora(handle, loras["a"], 1.0, "high")
+    with pytest.raises(ValueError, match="num_frames"):
+        core.sample(handle, "x", width=64, height=64, steps=1, num_frames=9, progress=None)
+    assert core.lora_fingerprint("missing_lora.safetensors") == ""
+
+
+# ------------------------------------------------------------------------------------------------ example workflows
+def test_example_workflows_match_schema(pack):
+    from aitk_inference.pipelines.registry import REGISTRY
+
+    workflows = importlib.import_module(pack.__name__ + ".nodes.workflows")
+    folder = os.path.join(ROOT, "example_workflows")
+    expected = workflows.all_workflows()
+    assert set(expected) >= {f"{model_id}.json" for model_id in REGISTRY}
+    assert sorted(os.listdir(folder)) == sorted(expected), "regenerate: python -m aitk_inference.nodes.workflows"
+    widget_counts = {spec.node_id: len(spec.widget_names()) for spec in workflows.NODES}
+    widget_counts.update(workflows.CORE_WIDGET_COUNTS)
+    for name, workflow in expected.items():
+        with open(os.path.join(folder, name)) as f:
+            on_disk = json.load(f)
+        assert on_disk == workflow, f"{name} is stale: python -m aitk_inference.nodes.workflows"
+        nodes = {node["id"]: node for node in on_disk["nodes"]}
+        for node in nodes.values():
+            assert len(node["widgets_values"]) == widget_counts[node["type"]], (name, node["type"])
+        for link_id, src, src_slot, dst, dst_slot, kind in on_disk["links"]:
+            assert nodes[src]["outputs"][src_slot]["type"] == kind and link_id in nodes[src]["outputs"][src_slot]["links"]
+            assert nodes[dst]["inputs"][dst_slot]["link"] == link_id
+        types_ = [node["type"] for node in on_disk["nodes"]]
+        assert {"AITKLoadPipeline", "AITKApplyLoRA", "AITKSample"} <= set(types_)

@@ -1,0 +1,74 @@
+"""Wiring only: the FastAPI app, its lifespan (task store, worker, pipeline cache) and ``serve()``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from contextlib import asynccontextmanager
+from typing import Callable, Sequence
+
+from fastapi import Depends, FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from .. import __version__
+from ..pipelines import cache
+from .dependencies import require_api_key
+from .routers import health, inference, models, requests
+from .settings import Settings
+from .store import TaskStore
+from .worker import Worker
+
+logger = logging.getLogger(__name__)
+
+RESTART_REASON = "The server restarted before this request finished; submit it again."
+
+
+def create_app(settings: Settings | None = None, get_pipeline: Callable | None = None) -> FastAPI:
+    """Build the app.
+
+    Args:
+        settings (Settings, *optional*): defaults to :meth:`Settings.from_env`.
+        get_pipeline (callable, *optional*): the worker's pipeline source; defaults to ``pipelines.cache.get_pipeline``.
+    """
+    settings = settings or Settings.from_env()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        os.makedirs(settings.output_base_path, exist_ok=True)
+        store = TaskStore(settings.database_path)
+        recovered = store.fail_unfinished(RESTART_REASON)
+        if recovered:
+            logger.warning("%d unfinished request(s) from a previous run marked failed.", recovered)
+        worker = Worker(settings, store, get_pipeline or cache.get_pipeline)
+        worker.start()
+        app.state.store, app.state.worker = store, worker
+        yield
+        await asyncio.to_thread(worker.stop)
+        cache.evict()
+        store.close()
+
+    app = FastAPI(
+        title="AITK Inference",
+        version=__version__,
+        description="Run ai-toolkit LoRAs as their training previews were sampled. Compatible with the reference "
+                    "/v1 API, plus cancel, listing, progress and output downloads.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Content-Type", "X-API-Key"])
+    app.include_router(health.router)
+    for area in (models, inference, requests):
+        app.include_router(area.router, dependencies=[Depends(require_api_key)])
+    return app
+
+
+def serve(host: str | None = None, port: int | None = None, bases: Sequence[str] | None = None) -> int:
+    """Run the server with uvicorn until interrupted; CLI values override the environment (see ``Settings``)."""
+    import uvicorn
+
+    settings = Settings.from_env(host=host, port=port, bases=bases)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    return 0

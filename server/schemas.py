@@ -1,0 +1,144 @@
+"""Request and response models. Field names are the reference implementation's, so its clients work unchanged;
+:mod:`.mapping` is the one place they are mapped onto the library's parameter names."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, Field
+
+TaskStatus = Literal["in_queue", "in_progress", "succeeded", "failed", "canceled"]
+FINISHED = ("succeeded", "failed", "canceled")
+
+
+# ---------------------------------------------------------------------------------------------------------------- request
+class LoraItem(BaseModel):
+    path: str = Field(..., description="File relative to WORKFLOWS_BASE_PATH, or an http(s) URL of a .safetensors file.")
+    transformer: Optional[Literal["low", "high"]] = Field(None, description="MoE models only: the expert this LoRA is for.")
+    network_multiplier: Optional[float] = Field(None, ge=-2.0, le=2.0, description="LoRA strength (library: strength), default 1.0.")
+
+
+class PromptItem(BaseModel):
+    prompt: str
+    trigger_word: Optional[str] = Field(None, description="Overrides the request's trigger_word for this prompt.")
+    width: Optional[int] = Field(None, ge=64, le=4096)
+    height: Optional[int] = Field(None, ge=64, le=4096)
+    guidance_scale: Optional[float] = Field(None, ge=0.0, le=20.0, description="Library: guidance.")
+    sample_steps: Optional[int] = Field(None, ge=1, le=150, description="Library: steps.")
+    neg: Optional[str] = Field(None, description="Negative prompt (library: negative).")
+    seed: Optional[int] = Field(None, ge=-1, le=2**63 - 1, description="-1 draws a random seed; the result reports it.")
+    sampler: Optional[str] = Field(None, description="Accepted for compatibility and ignored: each model samples with "
+                                                     "the scheduler ai-toolkit uses for it.")
+    num_frames: Optional[int] = Field(None, ge=1, le=1000)
+    fps: Optional[int] = Field(None, ge=1, le=120)
+    resolution: Optional[Literal["Default", "High"]] = Field(None, description="Accepted for compatibility and ignored.")
+    ctrl_img: Optional[str] = Field(None, description="Control image: base64 (optionally a data: URL) or an http(s) URL.")
+    ctrl_img_1: Optional[str] = None
+    ctrl_img_2: Optional[str] = None
+    ctrl_img_3: Optional[str] = None
+
+
+class InferenceInput(BaseModel):
+    model: str = Field(..., description="A model id from GET /v1/models.")
+    loras: list[LoraItem] = Field(..., description="At least one LoRA; several are stacked.")
+    hf_token: Optional[str] = Field(None, description="Used for this request's URL-LoRA downloads only (never stored).")
+    trigger_word: Optional[str] = Field(None, description="Replaces [trigger] in the prompts.")
+    prompts: list[PromptItem] = Field(..., min_length=1, max_length=64)
+    kv_cache: Optional[bool] = Field(None, description="Passed to families that take it.")
+    match_target_res: Optional[bool] = Field(None, description="Passed to families that take it.")
+    output_format: Literal["png", "jpeg", "webp"] = Field(
+        "png", description="Image format; PNG carries the generation parameters in a 'parameters' text chunk.")
+
+
+# ---------------------------------------------------------------------------------------------------------------- responses
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    details: Optional[dict] = None
+
+
+class ErrorDetail(BaseModel):
+    error: ErrorBody
+
+
+class ErrorResponse(BaseModel):
+    detail: ErrorDetail
+
+
+class InferenceResponse(BaseModel):
+    request_id: str
+    status: Literal["queued"] = "queued"
+    status_url: str
+    result_url: str
+    created_at: str
+    queue_position: Optional[int] = None
+
+
+class InferenceStatusResponse(BaseModel):
+    request_id: str
+    status: TaskStatus
+    created_at: str
+    started_at: Optional[str] = None
+    finished_at: Optional[str] = None
+    error: Optional[str] = None
+    queue_position: Optional[int] = Field(None, description="1 = runs next; null unless in_queue.")
+    step: Optional[int] = Field(None, description="Denoising steps done, over all prompts of the request.")
+    total_steps: Optional[int] = None
+
+
+class ImageOutput(BaseModel):
+    index: int
+    format: str
+    width: int
+    height: int
+    file_path: str
+    url: str
+    seed: int
+
+
+class VideoOutput(ImageOutput):
+    num_frames: int
+    fps: int
+
+
+class Outputs(BaseModel):
+    images: list[ImageOutput] = []
+    videos: list[VideoOutput] = []
+
+
+class InferenceResultResponse(BaseModel):
+    request_id: str
+    status: TaskStatus
+    outputs: Optional[Outputs] = None
+    error: Optional[str] = None
+    created_at: str
+    finished_at: Optional[str] = None
+    metadata: Optional[dict] = None
+
+
+class RequestList(BaseModel):
+    requests: list[InferenceStatusResponse]
+    total: int
+    limit: int
+    offset: int
+
+
+class ModelInfo(BaseModel):
+    id: str
+    base_model: str
+    resolution_divisor: int
+    default_steps: int
+    default_guidance_scale: float
+    requires_control_image: bool
+    is_video_model: bool
+    default_num_frames: Optional[int] = None
+    default_fps: Optional[int] = None
+    base_override: Optional[str] = Field(None, description="The base checkpoint set with --base / AITK_BASES.")
+
+
+class ModelList(BaseModel):
+    models: list[ModelInfo]
+
+
+class Health(BaseModel):
+    status: Literal["healthy"] = "healthy"

@@ -1,0 +1,142 @@
+"""Server settings: environment variables with the reference implementation's names, overridden by CLI flags.
+
+Precedence, for every setting: CLI flag (``serve --host/--port/--base``) > environment variable > default.
+For base overrides the two maps are merged per model id, the CLI's entry winning.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+from ..pipelines.registry import get_spec
+
+OFFLOAD_MODES = ("none", "model", "sequential")
+GIB = 1024**3
+MIB = 1024**2
+
+
+def parse_bases(items: Sequence[str], source: str) -> dict[str, str]:
+    """Parse ``ID=PATH`` items into ``{model_id: path}``; ``source`` names where they came from in errors."""
+    bases = {}
+    for item in items:
+        model_id, sep, path = item.strip().partition("=")
+        model_id, path = model_id.strip(), path.strip()
+        if not sep or not model_id or not path:
+            raise ValueError(f"Bad base override {item!r} in {source}: use ID=PATH, e.g. flux=/models/FLUX.1-dev.")
+        get_spec(model_id)  # raises a ValueError listing the valid ids
+        bases[model_id] = os.path.expanduser(path)
+    return bases
+
+
+def _split(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def _number(env: Mapping[str, str], name: str, default, kind=int, minimum=1):
+    raw = env.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a valid {kind.__name__}.") from None
+    if value < minimum:
+        raise ValueError(f"{name}={raw!r} must be at least {minimum}.")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the server reads at start.
+
+    Args:
+        host (str, defaults to 127.0.0.1): bind address (``HOST``); loopback unless you open it on purpose.
+        port (int, defaults to 8000): ``PORT``.
+        base_url (str, *optional*): public URL used in ``status_url``/``result_url`` (``BASE_URL``); defaults to
+            ``http://{host}:{port}``.
+        device (str, *optional*): ``DEVICE`` (cuda, cuda:1, cpu, mps); defaults to CUDA when available.
+        dtype (str, defaults to auto): ``AITK_DTYPE`` (auto, fp32, bf16, fp16).
+        offload_mode (str, defaults to none): ``OFFLOAD_MODE`` (none, model, sequential).
+        workflows_base_path (str, defaults to /app/ai-toolkit/lora_weights): ``WORKFLOWS_BASE_PATH``; local
+            ``loras[].path`` values are relative to it and may not leave it.
+        output_base_path (str, defaults to /tmp/inference_output): ``OUTPUT_BASE_PATH``; outputs and the task
+            database (``tasks.sqlite3``).
+        hf_token (str, *optional*): ``HF_TOKEN``, sent with URL-LoRA downloads from ``token_hosts`` when a request
+            brings none.
+        inference_timeout (float, defaults to 3600): ``INFERENCE_TIMEOUT`` in seconds per task, checked between steps.
+        lora_download_cache_dir (str, defaults to /tmp/lora_cache): ``LORA_DOWNLOAD_CACHE_DIR``.
+        bases (dict, *optional*): ``{model_id: path}`` base checkpoint overrides (``AITK_BASES`` / ``--base``).
+        api_key (str, *optional*): ``AITK_API_KEY``; when set, ``/v1`` routes need the header ``X-API-Key``.
+        cors_origins (tuple, defaults to none): ``AITK_CORS_ORIGINS`` (comma-separated); CORS is off when empty.
+        lora_max_bytes (int, defaults to 2 GiB): ``AITK_LORA_MAX_BYTES``, the size cap of a URL LoRA.
+        max_loras (int, defaults to 4): ``AITK_MAX_LORAS``, LoRAs per transformer in one request.
+        control_image_max_bytes (int, defaults to 20 MiB): ``AITK_CONTROL_IMAGE_MAX_BYTES`` (decoded size).
+        control_image_max_pixels (int, defaults to 4096*4096): ``AITK_CONTROL_IMAGE_MAX_PIXELS``.
+        token_hosts (tuple, defaults to huggingface.co, hf.co): ``AITK_TOKEN_HOSTS``, hosts (and their
+            subdomains) an HF token may be sent to.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    base_url: str | None = None
+    device: str | None = None
+    dtype: str = "auto"
+    offload_mode: str = "none"
+    workflows_base_path: str = "/app/ai-toolkit/lora_weights"
+    output_base_path: str = "/tmp/inference_output"
+    hf_token: str | None = None
+    inference_timeout: float = 3600.0
+    lora_download_cache_dir: str = "/tmp/lora_cache"
+    bases: dict = field(default_factory=dict)
+    api_key: str | None = None
+    cors_origins: tuple = ()
+    lora_max_bytes: int = 2 * GIB
+    max_loras: int = 4
+    control_image_max_bytes: int = 20 * MIB
+    control_image_max_pixels: int = 4096 * 4096
+    token_hosts: tuple = ("huggingface.co", "hf.co")
+
+    def __post_init__(self):
+        if self.offload_mode not in OFFLOAD_MODES:
+            raise ValueError(f"OFFLOAD_MODE={self.offload_mode!r} is not valid; use one of {', '.join(OFFLOAD_MODES)}.")
+
+    @property
+    def public_url(self) -> str:
+        return (self.base_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+    @property
+    def database_path(self) -> str:
+        return os.path.join(self.output_base_path, "tasks.sqlite3")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, host: str | None = None, port: int | None = None,
+                 bases: Sequence[str] | None = None) -> "Settings":
+        """Read the environment, then apply the CLI values that are not None (CLI > env > default)."""
+        env = os.environ if env is None else env
+        merged_bases = parse_bases(_split(env.get("AITK_BASES", "")), "AITK_BASES")
+        merged_bases.update(parse_bases(bases or [], "--base"))
+        defaults = cls()
+        return cls(
+            host=host or env.get("HOST") or defaults.host,
+            port=port if port is not None else _number(env, "PORT", defaults.port, minimum=0),
+            base_url=env.get("BASE_URL") or None,
+            device=env.get("DEVICE") or None,
+            dtype=env.get("AITK_DTYPE") or defaults.dtype,
+            offload_mode=(env.get("OFFLOAD_MODE") or defaults.offload_mode).lower(),
+            workflows_base_path=os.path.abspath(os.path.expanduser(env.get("WORKFLOWS_BASE_PATH") or defaults.workflows_base_path)),
+            output_base_path=os.path.abspath(os.path.expanduser(env.get("OUTPUT_BASE_PATH") or defaults.output_base_path)),
+            hf_token=env.get("HF_TOKEN") or None,
+            inference_timeout=_number(env, "INFERENCE_TIMEOUT", defaults.inference_timeout, kind=float, minimum=0.001),
+            lora_download_cache_dir=os.path.abspath(os.path.expanduser(
+                env.get("LORA_DOWNLOAD_CACHE_DIR") or defaults.lora_download_cache_dir)),
+            bases=merged_bases,
+            api_key=env.get("AITK_API_KEY") or None,
+            cors_origins=tuple(_split(env.get("AITK_CORS_ORIGINS", ""))),
+            lora_max_bytes=_number(env, "AITK_LORA_MAX_BYTES", defaults.lora_max_bytes),
+            max_loras=_number(env, "AITK_MAX_LORAS", defaults.max_loras),
+            control_image_max_bytes=_number(env, "AITK_CONTROL_IMAGE_MAX_BYTES", defaults.control_image_max_bytes),
+            control_image_max_pixels=_number(env, "AITK_CONTROL_IMAGE_MAX_PIXELS", defaults.control_image_max_pixels),
+            token_hosts=tuple(h.lower() for h in _split(env.get("AITK_TOKEN_HOSTS", ""))) or defaults.token_hosts,
+        )

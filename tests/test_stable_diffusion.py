@@ -21,6 +21,15 @@ AITK_DDPM = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, b
                  clip_sample=False, prediction_type="epsilon", timestep_spacing="leading", steps_offset=0)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared machine 2 spinning OpenMP threads are 10-30x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module", params=MODEL_IDS)
 def model_id(request):
     return request.param
@@ -125,6 +134,17 @@ def _kind(weight):
     return "linear" if weight.dim() == 2 else f"conv{weight.shape[-1]}x{weight.shape[-2]}"
 
 
+def _few_of_each_kind(targets, per_kind=3):
+    """Up to ``per_kind`` targets per (key prefix, module kind): every variant covered, PEFT injection kept fast."""
+    counts, chosen = {}, []
+    for key, module in targets:
+        group = (key.split("_")[1], _kind(module.weight))
+        if counts.get(group, 0) < per_kind:
+            counts[group] = counts.get(group, 0) + 1
+            chosen.append((key, module))
+    return chosen
+
+
 @pytest.mark.parametrize("mode", ["dynamic", "fused"])
 @pytest.mark.parametrize("alpha,conv_alpha", [(1.0, 1.0), (8.0, 1.0), (None, None)], ids=["alpha1", "alpha8", "no_alpha"])
 def test_kohya_variants_give_the_direct_delta(request, model_id, mode, alpha, conv_alpha):
@@ -132,7 +152,7 @@ def test_kohya_variants_give_the_direct_delta(request, model_id, mode, alpha, co
     scale 1), equal a direct computation of strength * (alpha / rank) * up . down in both LoRA modes."""
     pipeline = request.getfixturevalue("pipe" if mode == "dynamic" else "fused_pipe")
     pipeline.set_loras([])
-    targets = kohya_targets(pipeline.pipe, conv3x3=True, text_encoders=True)
+    targets = _few_of_each_kind(kohya_targets(pipeline.pipe, conv3x3=True, text_encoders=True))
     state_dict = make_kohya_state_dict(targets, rank=4, alpha=alpha, conv_rank=2, conv_alpha=conv_alpha, seed=3)
     expected = kohya_reference_deltas(state_dict)
     before = {key: module.weight.detach().clone() for key, module in targets}

@@ -1,0 +1,34 @@
+"""Lumina-Image 2.0: diffusers ``Lumina2Pipeline`` as ai-toolkit samples it (legacy ``StableDiffusion`` path).
+
+What ai-toolkit does here, and so do we:
+
+* the scheduler is FlowMatch Euler with a static shift of 6.0 (``toolkit/sampler.py`` ``lumina2_config``);
+* real CFG with the negative prompt (an empty negative is encoded), with diffusers' Lumina2 defaults for CFG
+  normalization and truncation;
+* Gemma2 prompts are limited to 256 tokens;
+* width and height must be multiples of 16 (the pipeline's own check); ai-toolkit floors to 8 only, so any size it
+  can sample is a multiple of 16 and is reproduced here.
+"""
+
+from __future__ import annotations
+
+from .base import AITKPipeline, GenerationParams
+
+GEMMA_MAX_LENGTH = 256
+
+
+class Lumina2FamilyPipeline(AITKPipeline):
+    """``lumina2``."""
+
+    denoiser = "transformer"
+
+    def pipeline_kwargs(self, params: GenerationParams) -> dict:
+        return {
+            "prompt": [params.prompt] * params.batch_size,
+            "negative_prompt": [params.negative] * params.batch_size,
+            "width": params.width,
+            "height": params.height,
+            "guidance_scale": params.guidance,
+            "max_sequence_length": GEMMA_MAX_LENGTH,
+            "output_type": "np",
+        }

@@ -49,6 +49,23 @@ SD_DDPM = {
 }
 
 
+# ai-toolkit's Qwen-Image scheduler (extensions_built_in/diffusion_models/qwen_image/qwen_image.py scheduler_config,
+# the stock Qwen-Image config): dynamic exponential shift with mu from 256..8192 tokens, stretched to end at 0.02.
+QWEN_FLOWMATCH = {
+    **FLUX_FLOWMATCH,
+    "shift": 1.0,
+    "max_shift": 0.9,
+    "max_image_seq_len": 8192,
+    "shift_terminal": 0.02,
+}
+
+# ai-toolkit's Z-Image scheduler (z_image.py scheduler_config): static shift 3.0.
+ZIMAGE_FLOWMATCH = {**FLUX_FLOWMATCH, "shift": 3.0, "use_dynamic_shifting": False}
+
+# ai-toolkit's Lumina2 scheduler (toolkit/sampler.py lumina2_config): static shift 6.0.
+LUMINA2_FLOWMATCH = {**FLUX_FLOWMATCH, "shift": 6.0, "use_dynamic_shifting": False}
+
+
 @dataclass(frozen=True)
 class SchedulerSpec:
     """The scheduler ai-toolkit samples with: a diffusers scheduler class name and its full config."""
@@ -168,6 +185,16 @@ _FLUX_NOTES = (
     "prompt has no effect, exactly as in ai-toolkit's previews."
 )
 
+_QWEN_NOTES = (
+    "Guidance is true CFG (`true_cfg_scale`) with the negative prompt; an empty negative is encoded, as ai-toolkit does. "
+    "Divisor 32 as ai-toolkit samples (the reference uses 16)."
+)
+
+_ZIMAGE_NOTES = (
+    "Guidance is standard CFG: ai-toolkit passes max(0, guidance - 1) to diffusers' ZImagePipeline (4 -> 3, 1 -> 0 = "
+    "no CFG). FlowMatch Euler static shift 3.0; divisor 16 as ai-toolkit samples (the reference uses 32)."
+)
+
 REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
     (spec.model_id, spec)
     for spec in [
@@ -275,6 +302,86 @@ REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
             "watermark off. An empty negative prompt is ENCODED as ai-toolkit does (diffusers' zeroed empty negative "
             "is switched off). Defaults are ai-toolkit's SDXL preset (1024x1024, 30 steps, guidance 6). Kohya LoRAs "
             "(lora_unet_*, lora_te1_*/lora_te2_*, LoCon convs) load with scale alpha/rank.",
+        ),
+        ModelSpec(
+            model_id="qwen_image",
+            family="qwen_image:QwenImageFamilyPipeline",
+            pipeline_class="QwenImagePipeline",
+            base="Qwen/Qwen-Image",
+            steps=25,
+            guidance=4.0,
+            divisor=32,
+            scheduler=SchedulerSpec("FlowMatchEulerDiscreteScheduler", QWEN_FLOWMATCH),
+            guidance_kind="true_cfg",
+            tiny="qwen_image:build_qwen_image",
+            notes=_QWEN_NOTES,
+        ),
+        ModelSpec(
+            model_id="qwen_image_2512",
+            family="qwen_image:QwenImageFamilyPipeline",
+            pipeline_class="QwenImagePipeline",
+            base="Qwen/Qwen-Image-2512",
+            steps=25,
+            guidance=4.0,
+            divisor=32,
+            scheduler=SchedulerSpec("FlowMatchEulerDiscreteScheduler", QWEN_FLOWMATCH),
+            lora_mode="fused",
+            guidance_kind="true_cfg",
+            tiny="qwen_image:build_qwen_image",
+            notes=_QWEN_NOTES,
+        ),
+        ModelSpec(
+            model_id="zimage",
+            family="zimage:ZImageFamilyPipeline",
+            pipeline_class="ZImagePipeline",
+            base="Tongyi-MAI/Z-Image",
+            steps=30,
+            guidance=4.0,
+            divisor=16,
+            scheduler=SchedulerSpec("FlowMatchEulerDiscreteScheduler", ZIMAGE_FLOWMATCH),
+            tiny="zimage:build_zimage",
+            notes=_ZIMAGE_NOTES,
+        ),
+        ModelSpec(
+            model_id="zimage_turbo",
+            family="zimage:ZImageFamilyPipeline",
+            pipeline_class="ZImagePipeline",
+            base="Tongyi-MAI/Z-Image-Turbo",
+            steps=8,
+            guidance=1.0,
+            divisor=16,
+            scheduler=SchedulerSpec("FlowMatchEulerDiscreteScheduler", ZIMAGE_FLOWMATCH),
+            uses_negative=False,
+            tiny="zimage:build_zimage",
+            notes="At the default guidance 1.0 CFG is off and the negative prompt has no effect. " + _ZIMAGE_NOTES,
+        ),
+        ModelSpec(
+            model_id="zimage_deturbo",
+            family="zimage:ZImageFamilyPipeline",
+            pipeline_class="ZImagePipeline",
+            base="Tongyi-MAI/Z-Image-Turbo",
+            steps=25,
+            guidance=3.0,
+            divisor=16,
+            scheduler=SchedulerSpec("FlowMatchEulerDiscreteScheduler", ZIMAGE_FLOWMATCH),
+            tiny="zimage:build_zimage_deturbo",
+            extra={"transformer": "ostris/Z-Image-De-Turbo"},
+            notes="Text encoder, tokenizer and VAE come from `base` (Z-Image-Turbo); the transformer from "
+            "ostris/Z-Image-De-Turbo, or from `<base>/de_turbo_transformer` when a local base folder has one. "
+            + _ZIMAGE_NOTES,
+        ),
+        ModelSpec(
+            model_id="lumina2",
+            family="lumina2:Lumina2FamilyPipeline",
+            pipeline_class="Lumina2Pipeline",
+            base="Alpha-VLLM/Lumina-Image-2.0",
+            steps=25,
+            guidance=4.0,
+            divisor=16,
+            scheduler=SchedulerSpec("FlowMatchEulerDiscreteScheduler", LUMINA2_FLOWMATCH),
+            tiny="lumina2:build_lumina2",
+            notes="FlowMatch Euler with static shift 6.0 (ai-toolkit's lumina2_config), real CFG with the negative "
+            "prompt, Gemma2 prompts up to 256 tokens. Divisor 16 (the pipeline's own check; the reference uses 32).",
         ),
     ]
 )

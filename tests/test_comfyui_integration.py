@@ -147,6 +147,7 @@ def test_pack_in_real_comfyui(base_dir, api):
         apply = server.get("/object_info/AITKApplyLoRA")["AITKApplyLoRA"]
         assert "tiny_flux.safetensors" in json.dumps(apply["input"]["required"]["lora"])
         assert server.get("/aitk_inference/models")["flux"]["divisor"] == 16
+        assert any(path.endswith("/aitk_inference.js") for path in server.get("/extensions"))
 
         # Load -> Apply LoRA -> Sample -> SaveImage
         first = server.run(_workflow())

@@ -207,7 +207,7 @@ def test_lora_strength_and_switch_without_reload(model_id, tiny_dir, lora_files)
     pipeline = cache.get_pipeline(model_id, **kwargs)
     try:
         pipeline.set_loras([])
-        loads = cache.stats["loads"]
+        loads, lora_stats = cache.stats["loads"], dict(pipeline.loras.stats)
         base = run(pipeline)
         first, second = lora_files
 
@@ -227,7 +227,8 @@ def test_lora_strength_and_switch_without_reload(model_id, tiny_dir, lora_files)
 
         assert cache.get_pipeline(model_id, **kwargs) is pipeline
         assert cache.stats["loads"] == loads
-        assert pipeline.loras.stats["rescales"] == 2 and pipeline.loras.stats["files_converted"] == 2
+        stats = {k: pipeline.loras.stats[k] - lora_stats.get(k, 0) for k in ("rescales", "files_converted")}
+        assert stats["rescales"] == 2 and stats["files_converted"] <= 2  # files are converted once, then cached
         pipeline.set_loras([])
         np.testing.assert_array_equal(run(pipeline), base)
     finally:

@@ -158,10 +158,13 @@ class Flex2Pipeline(FluxControlPipeline):
 
     # ---------------------------------------------------------------------------------------------------- inputs
     def check_flex2_inputs(self, control_strength, control_stop, inpaint_image, inpaint_mask) -> None:
+        def is_number(value) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+
         low, high = CONTROL_STRENGTH_RANGE
-        if not (isinstance(control_strength, (int, float)) and low <= control_strength <= high):
+        if not (is_number(control_strength) and low <= control_strength <= high):
             raise ValueError(f"`control_strength` must be a number in {low}..{high}, got {control_strength!r}.")
-        if not (isinstance(control_stop, (int, float)) and 0.0 <= control_stop <= 1.0):
+        if not (is_number(control_stop) and 0.0 <= control_stop <= 1.0):
             raise ValueError(f"`control_stop` must be a fraction of the steps in 0..1, got {control_stop!r}.")
         if inpaint_mask is not None and inpaint_image is None:
             raise ValueError("`inpaint_mask` was given without `inpaint_image`; pass the image to inpaint too.")

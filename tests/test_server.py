@@ -31,7 +31,7 @@ LONG_STEPS = 150
 class RunningServer:
     """uvicorn serving ``create_app(settings)`` in a thread, on a socket bound to 127.0.0.1 before start."""
 
-    def __init__(self, env: dict, bases: list[str]):
+    def __init__(self, env: dict, bases: list[str], get_pipeline=None):
         import uvicorn
 
         from aitk_inference.server.main import create_app
@@ -42,7 +42,7 @@ class RunningServer:
         port = self.sock.getsockname()[1]
         self.settings = Settings.from_env(env, host="127.0.0.1", port=port, bases=bases)
         self.url = f"http://127.0.0.1:{port}"
-        self.server = uvicorn.Server(uvicorn.Config(create_app(self.settings), log_level="warning"))
+        self.server = uvicorn.Server(uvicorn.Config(create_app(self.settings, get_pipeline), log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
@@ -356,7 +356,8 @@ def test_url_loras_from_loopback(server, lora_site, dirs):
 
 
 def test_openapi_fuzz_has_no_server_errors(server):
-    import schemathesis
+    schemathesis = pytest.importorskip("schemathesis", reason="the OpenAPI fuzz needs schemathesis "
+                                                             "(pip install schemathesis); it is not installed")
     from hypothesis import HealthCheck, Phase, given, settings
 
     schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
@@ -389,8 +390,21 @@ def test_restart_keeps_results_and_fails_unfinished(server, server_env, tiny_flu
     wait_for_step(c, long["request_id"])
     server.stop()
 
+    import torch
+
+    from aitk_inference.pipelines import cache
+
+    calls = []
+
+    def out_of_memory_once(*args, **kwargs):
+        """The cache's loader, except that the first call fails as a GPU out of memory would."""
+        calls.append(args)
+        if len(calls) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return cache.get_pipeline(*args, **kwargs)
+
     env = {**server_env, "AITK_MAX_LORAS": "1", "AITK_API_KEY": "k3y"}
-    again = RunningServer(env, [f"flux={tiny_flux[0]}"])
+    again = RunningServer(env, [f"flux={tiny_flux[0]}"], get_pipeline=out_of_memory_once)
     try:
         c = again.client
         assert c.get("/health").status_code == 200
@@ -407,12 +421,18 @@ def test_restart_keeps_results_and_fails_unfinished(server, server_env, tiny_flu
                                           "prompts": [{"prompt": "p"}]})
         assert error_code(r) == "SINGLE_LORA_ONLY" and r.json()["detail"]["error"]["message"] == \
             "Model 'flux' only supports 1 LoRA file"
+
+        # An out-of-memory fails that request with a clear error; the next one runs.
+        oom, fine = submit(c), submit(c)
+        failed = wait_for(c, oom["request_id"])
+        assert failed["status"] == "failed" and failed["error"].startswith("CUDA out of memory while running flux")
+        assert wait_for(c, fine["request_id"])["status"] == "succeeded"
     finally:
         again.stop()
 
 
-def test_crash_recovery_with_cli_server(tmp_path, server_env, tiny_flux):
-    """``python -m aitk_inference serve`` killed with SIGKILL mid-task: the next start reports the task failed."""
+def test_crash_recovery_with_cli_server_and_timeout(tmp_path, server_env, tiny_flux):
+    """``python -m aitk_inference serve`` killed with SIGKILL mid-task: the next start reports the tasks failed."""
     port = free_port()
     env = {**os.environ, **server_env, "OUTPUT_BASE_PATH": str(tmp_path / "out"), "AITK_BASES": f"flux={tiny_flux[0]}"}
     proc = subprocess.Popen([sys.executable, "-m", "aitk_inference", "-v", "serve", "--port", str(port)], env=env,
@@ -434,10 +454,15 @@ def test_crash_recovery_with_cli_server(tmp_path, server_env, tiny_flux):
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(30)
 
-    again = RunningServer({**server_env, "OUTPUT_BASE_PATH": str(tmp_path / "out")}, [f"flux={tiny_flux[0]}"])
+    env = {**server_env, "OUTPUT_BASE_PATH": str(tmp_path / "out"), "INFERENCE_TIMEOUT": "1"}
+    again = RunningServer(env, [f"flux={tiny_flux[0]}"])
     try:
         for task in tasks:
             status = again.client.get(f"/v1/requests/{task['request_id']}/status").json()
             assert status["status"] == "failed" and "restarted" in status["error"], status
+        # INFERENCE_TIMEOUT=1: a 150-step request is stopped between two steps, well before its end.
+        slow = submit(again.client, steps=LONG_STEPS)
+        status = wait_for(again.client, slow["request_id"], timeout=30)
+        assert status["status"] == "failed" and status["error"].startswith("Timed out after INFERENCE_TIMEOUT=1 s"), status
     finally:
         again.stop()

@@ -60,7 +60,7 @@ def test_loads_hub_layout_without_running_remote_code(tiny_dir, flex2, tmp_path)
     (folder / "model_index.json").write_text(json.dumps(index))
     (folder / "pipeline.py").write_text('raise RuntimeError("hub remote code was executed")\n')
 
-    with pytest.raises(Exception):  # diffusers' generic loader goes for the remote pipeline.py
+    with pytest.raises(ValueError, match="custom code in pipeline.py"):  # the generic loader wants to run it
         DiffusionPipeline.from_pretrained(str(folder))
     pipe = Flex2Pipeline.from_pretrained(str(folder), dtype=torch.float32)
     assert pipe.transformer.config.in_channels == 196

@@ -80,12 +80,14 @@ def family_pipeline(load_tiny):
 
     def get(model_id, dtype="fp32"):
         if (model_id, dtype) not in cache:
-            module = REGISTRY[model_id].family.partition(":")[0]
+            spec = REGISTRY[model_id]
+            ours = {f"aitk_inference.pipelines.{spec.family.partition(':')[0]}",
+                    f"aitk_inference.tiny.{spec.tiny.partition(':')[0]}"}
             try:
                 cache[(model_id, dtype)] = load_tiny(model_id, dtype=dtype)
             except ModuleNotFoundError as e:
-                if e.name and e.name.endswith(f"pipelines.{module}"):
-                    pytest.skip(f"{model_id}: family module pipelines/{module}.py has not landed yet.")
+                if e.name in ours:
+                    pytest.skip(f"{model_id}: {e.name} has not landed yet (registered, but its code is missing).")
                 raise
         return cache[(model_id, dtype)]
 
@@ -172,15 +174,17 @@ def test_scheduler_timesteps_match_ai_toolkit(model_id, scheduler_goldens, famil
             if expected_timesteps is not None:
                 torch.testing.assert_close(seen["timesteps"].to(torch.float32), expected_timesteps, rtol=0.0,
                                            atol=atol * 1000, msg=f"{model_id} {key} timesteps")
-            if "mu" in run and seen["kwargs"].get("mu") is not None:
+            if "mu" in run and scheduler.config.use_dynamic_shifting:  # a static shift ignores mu
                 assert seen["kwargs"]["mu"] == pytest.approx(run["mu"], abs=1e-12), f"{model_id} {key} mu"
     finally:
         undo()
 
 
-@pytest.mark.parametrize("model_id", [m for m in _ids(SCHEDULER_GOLDEN) if REGISTRY[m].scheduler is not None])
+@pytest.mark.parametrize("model_id", [m for m in _ids(SCHEDULER_GOLDEN)
+                                      if REGISTRY[m].scheduler is not None and SCHEDULER_GOLDEN[m] != "flux2"])
 def test_registry_scheduler_config_matches_ai_toolkit(model_id, scheduler_goldens):
-    """The registry restates ai-toolkit's scheduler config (class internals aside)."""
+    """The registry restates ai-toolkit's scheduler config (class internals aside). FLUX.2 is left out: ai-toolkit
+    builds that scheduler but samples with BFL's schedule (checked by the timesteps test above)."""
     golden = dict(scheduler_goldens[SCHEDULER_GOLDEN[model_id]]["scheduler_config"])
     for key in ("_class_name", "prediction_type"):  # ai-toolkit's subclass name; unused by flow matching
         golden.pop(key, None)
@@ -190,10 +194,13 @@ def test_registry_scheduler_config_matches_ai_toolkit(model_id, scheduler_golden
 
 # ---------------------------------------------------------------------------------------------------------------- noise
 def _noise_cases():
+    """``flux``: every golden size and dtype; other ids: the non-square size in fp32 (catches a W/H swap)."""
     cases = []
     for model_id in _ids(NOISE_GOLDEN):
-        dtypes = ("fp32", "bf16", "fp16") if model_id == "flux" else ("fp32",)
-        cases += [(model_id, dtype, size) for dtype in dtypes for size in NOISE_SIZES]
+        if model_id == "flux":
+            cases += [(model_id, dtype, size) for dtype in ("fp32", "bf16", "fp16") for size in NOISE_SIZES]
+        else:
+            cases.append((model_id, "fp32", (512, 768)))
     return cases
 
 

@@ -1,0 +1,197 @@
+"""``reproduce``: re-render an ai-toolkit job folder that the test writes (config.yaml, LoRA files, samples/)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+CONFIG = """\
+job: extension
+config:
+  name: job
+  process:
+    - type: sd_trainer
+      training_folder: output
+      trigger_word: p3r5on
+      network: {{type: lora, linear: 4, linear_alpha: 4}}
+      save: {{dtype: float16, save_every: 100}}
+      train: {{steps: 300, dtype: bf16}}
+      model:
+        name_or_path: {base}
+        arch: flux
+      sample:
+        sampler: flowmatch
+        width: 64
+        height: 64
+        seed: 42
+        walk_seed: true
+        guidance_scale: 4
+        sample_steps: 2
+        samples:
+          - prompt: "[trigger] on a beach"
+          - prompt: "a photo of [trigger] --w 100 --h 80 --steps 3"
+            seed: 7
+          - prompt: "[trigger] in snow --seed 5 --cfg 3.5"
+            width: 60
+meta:
+  name: "[name]"
+  version: "1.0"
+"""
+
+# (index) -> what ai-toolkit's rules give for the config above
+EXPECTED = {
+    0: {"prompt": "p3r5on on a beach", "seed": 42, "width": 64, "height": 64, "steps": 2, "guidance": 4.0},
+    1: {"prompt": "a photo of p3r5on", "seed": 7, "width": 96, "height": 80, "steps": 3, "guidance": 4.0},
+    2: {"prompt": "p3r5on in snow", "seed": 5, "width": 64, "height": 64, "steps": 2, "guidance": 3.5},
+}
+
+
+@pytest.fixture(scope="module")
+def job_dir(tmp_path_factory, tiny_dir):
+    """A job folder as ai-toolkit leaves it: config.yaml with a RELATIVE name_or_path, three LoRA saves."""
+    from aitk_inference.tiny.flux import flux_transformer
+    from aitk_inference.tiny.loras import lora_targets, write_lora
+
+    root = tmp_path_factory.mktemp("aitk_output")
+    job = root / "job"
+    job.mkdir()
+    base = os.path.relpath(tiny_dir("flux"), job)
+    (job / "config.yaml").write_text(CONFIG.format(base=base))
+    targets = lora_targets(flux_transformer())
+    for filename, step, seed in (("job_000000100.safetensors", 100, 1), ("job_000000200.safetensors", 200, 2),
+                                 ("job.safetensors", 300, 3)):
+        write_lora(str(job / filename), "peft", targets, seed=seed,
+                   metadata={"training_info": f'{{"step": {step}, "epoch": 1}}'})
+    # a touched older file must not win: the newest LoRA is decided by name
+    os.utime(job / "job_000000100.safetensors", (4e9, 4e9))
+    return job
+
+
+def _rows(report):
+    return {row["index"]: row for row in report["samples"]}
+
+
+def test_reproduce_job_folder(job_dir, tmp_path, tiny_dir):
+    from PIL import Image
+
+    from aitk_inference.reproduce import reproduce_job
+
+    # 1. No samples/ yet: renders, names like ai-toolkit, picks the final LoRA, applies ai-toolkit's sample rules
+    report = reproduce_job(str(job_dir), out_dir=str(tmp_path / "first"), device="cpu", dtype="fp32")
+    assert report["model"] == "flux"
+    assert os.path.basename(report["lora"]) == "job.safetensors" and report["step"] == 300
+    assert "name_or_path: ../" in (job_dir / "config.yaml").read_text()  # relative to the job folder
+    assert os.path.samefile(report["base"], tiny_dir("flux"))
+    assert report["lora_mode"] == "fused"  # one shared multiplier: merged, as ai-toolkit samples
+    rows = _rows(report)
+    assert sorted(rows) == [0, 1, 2]
+    for index, expected in EXPECTED.items():
+        row = rows[index]
+        assert os.path.basename(row["file"]) == f"job__000000300_{index}.png"
+        assert {k: row[k] for k in expected} == expected
+        assert row["compare"] is None
+        with Image.open(row["file"]) as im:
+            assert im.size == (expected["width"], expected["height"])
+    assert report["sheet"] is None
+
+    # 2. ai-toolkit's samples/: index 0 is our own render (exact), index 1 is off by known amounts (as a JPEG-free
+    #    PNG so the numbers are exact), index 2 only exists for another step; an older duplicate of index 0 loses.
+    samples = job_dir / "samples"
+    samples.mkdir()
+    ours0 = np.asarray(Image.open(rows[0]["file"]).convert("RGB"))
+    Image.fromarray(ours0).save(samples / "1700000000000__000000300_0.png")
+    Image.fromarray(255 - ours0).save(samples / "1600000000000__000000300_0.png")
+    ours1 = np.asarray(Image.open(rows[1]["file"]).convert("RGB")).astype(np.int16)
+    shifted = ours1.copy()
+    shifted[:, : shifted.shape[1] // 2] += np.where(ours1[:, : shifted.shape[1] // 2] > 127, -6, 6)
+    Image.fromarray(shifted.astype(np.uint8)).save(samples / "1700000000001__000000300_1.png")
+    Image.fromarray(ours0).save(samples / "1700000000002__000000200_2.jpg")
+
+    report = reproduce_job(str(job_dir / "config.yaml"), out_dir=str(tmp_path / "second"), device="cpu", dtype="fp32")
+    rows = _rows(report)
+    exact = rows[0]["compare"]
+    assert rows[0]["preview"].endswith("1700000000000__000000300_0.png")
+    assert exact["max_abs"] == 0 and exact["mean_abs"] == 0.0 and exact["psnr"] == float("inf")
+    off = rows[1]["compare"]
+    assert off["max_abs"] == 6 and off["mean_abs"] == pytest.approx(3.0, abs=0.01)
+    assert off["psnr"] == pytest.approx(10 * np.log10(255**2 / 18.0), abs=0.05)
+    assert rows[2]["compare"] is None and rows[2]["preview"] is None
+    sheet = report["sheet"]
+    assert os.path.basename(sheet) == "job__000000300_sheet.png"
+    with Image.open(sheet) as im:
+        # two compared rows, three panels each (theirs, ours, diff)
+        assert im.width >= 3 * 96 and im.height >= 64 + 80
+
+
+def test_reproduce_cli_with_overrides(job_dir, tmp_path, tiny_dir):
+    """``python -m aitk_inference reproduce`` with --lora (a step file) and --base (absolute) overrides."""
+    out = tmp_path / "cli"
+    cmd = [sys.executable, "-m", "aitk_inference", "reproduce", str(job_dir), "--lora",
+           str(job_dir / "job_000000100.safetensors"), "--base", tiny_dir("flux"), "--out", str(out),
+           "--device", "cpu", "--dtype", "fp32"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert any("job__000000100_0.png: 64x64 seed 42 steps 2 guidance 4.0" in line for line in lines), proc.stdout
+    assert any("job__000000100_1.png: 96x80 seed 7 steps 3" in line for line in lines), proc.stdout
+    assert sorted(os.listdir(out)) == [f"job__000000100_{i}.png" for i in range(3)]
+    assert not any("PSNR" in line for line in lines)  # ai-toolkit's samples (if any) are for other steps
+
+
+def test_job_parsing_rules(tmp_path):
+    from aitk_inference.reproduce import (find_previews, lora_step_from_name, model_id_for_job, newest_lora,
+                                          resolve_job_path)
+
+    for name in ("job_000000100.safetensors", "job_000000200.safetensors", "other.safetensors"):
+        (tmp_path / name).write_bytes(b"")
+    assert os.path.basename(newest_lora(str(tmp_path), "job")) == "job_000000200.safetensors"
+    (tmp_path / "job.safetensors").write_bytes(b"")
+    assert os.path.basename(newest_lora(str(tmp_path), "job")) == "job.safetensors"
+    assert os.path.basename(newest_lora(str(tmp_path), "renamed")) == "job.safetensors"
+    assert lora_step_from_name("x/job_000000250.safetensors") == 250
+    assert lora_step_from_name("job_000000250_high_noise.safetensors") == 250
+    assert lora_step_from_name("job.safetensors") is None
+
+    assert model_id_for_job({"arch": "flux", "name_or_path": "black-forest-labs/FLUX.1-dev"}) == "flux"
+    assert model_id_for_job({"arch": "flux:bf16", "name_or_path": "ostris/Flex.1-alpha"}) == "flex1"
+    assert model_id_for_job({"is_flux": True}) == "flux"
+    assert model_id_for_job({"arch": "zimage", "name_or_path": "Tongyi-MAI/Z-Image-Turbo"}) == "zimage_turbo"
+    with pytest.raises(ValueError, match="model.arch 'pixart'"):
+        model_id_for_job({"arch": "pixart"})
+
+    (tmp_path / "models" / "base").mkdir(parents=True)
+    assert resolve_job_path("models/base", str(tmp_path)) == str(tmp_path / "models" / "base")
+    assert resolve_job_path("org/repo", str(tmp_path)) == "org/repo"  # a hub id stays as it is
+
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    for name in ("1700__000000100_0.jpg", "1800__000000100_0.jpg", "1700__000000100_12.webp", "notes.txt",
+                 "1700_000000100_0.jpg"):
+        (samples / name).write_bytes(b"")
+    found = find_previews(str(tmp_path))
+    assert sorted(found) == [(100, 0), (100, 12)]
+    assert found[(100, 0)].endswith("1800__000000100_0.jpg")
+
+
+def test_bad_job_folders(tmp_path):
+    from aitk_inference.reproduce import reproduce_job
+
+    with pytest.raises(FileNotFoundError, match="no config.yaml"):
+        reproduce_job(str(tmp_path))
+    (tmp_path / "config.yaml").write_text("just: text\n")
+    with pytest.raises(ValueError, match="not an ai-toolkit job config"):
+        reproduce_job(str(tmp_path))
+    (tmp_path / "config.yaml").write_text(textwrap.dedent("""\
+        config:
+          name: job
+          process:
+            - type: sd_trainer
+              model: {arch: flux, name_or_path: black-forest-labs/FLUX.1-dev}
+              sample: {samples: [{prompt: x}]}
+        """))
+    with pytest.raises(FileNotFoundError, match="No LoRA"):
+        reproduce_job(str(tmp_path))

@@ -102,22 +102,28 @@ def _sample_values(spec, prompt: str, negative: str, trigger_word: str = "", **o
 
 
 def model_workflow(model_id: str) -> dict:
-    """Load -> Apply LoRA -> Sample -> Save Image for ``model_id`` with its registry defaults."""
+    """Load -> Apply LoRA (one per expert for MoE models) -> Sample -> Save Image, with the registry defaults."""
     spec = get_spec(model_id)
     graph = _Graph()
     load = graph.add_aitk(LOAD, (40, 120), {"model": model_id, "base": "", "dtype": "auto", "offload": "none",
                                             "device": "auto"}, size=(320, 170))
-    apply = graph.add_aitk(APPLY, (400, 120), {"lora": f"{model_id}_lora.safetensors", "strength": 1.0,
-                                               "transformer": "none"}, size=(320, 130))
+    # Two-expert (MoE) models get one Apply per expert: ai-toolkit saves a high-noise and a low-noise file.
+    sides = ("high", "low") if "transformer_2" in spec.lora_components else ("none",)
+    previous = load
+    for i, side in enumerate(sides):
+        name = f"{model_id}_lora.safetensors" if side == "none" else f"{model_id}_{side}_noise.safetensors"
+        apply = graph.add_aitk(APPLY, (400, 120 + 180 * i), {"lora": name, "strength": 1.0, "transformer": side},
+                               size=(320, 130))
+        graph.link(previous, 0, apply, "pipeline")
+        previous = apply
     sample = graph.add_aitk(SAMPLE, (760, 120), _sample_values(spec, "a photo of [trigger]", spec.negative,
                                                                trigger_word="p3r5on"), size=(400, 520))
     save = graph.add("SaveImage", (1200, 120), [f"aitk/{model_id}"], inputs=[("images", "IMAGE")], size=(400, 420))
-    graph.link(load, 0, apply, "pipeline")
-    graph.link(apply, 0, sample, "pipeline")
+    graph.link(previous, 0, sample, "pipeline")
     graph.link(sample, 0, save, "images")
     for slot in range(spec.control_images[0]):
         name = "control_image" if slot == 0 else f"control_image_{slot + 1}"
-        image = graph.add("LoadImage", (400, 320 + 340 * slot), ["example.png", "image"],
+        image = graph.add("LoadImage", (400, 120 + 180 * len(sides) + 340 * slot), ["example.png", "image"],
                           outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")], size=(320, 320))
         graph.link(image, 0, sample, name)
     return graph.to_json()

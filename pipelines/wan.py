@@ -1,0 +1,200 @@
+"""Wan 2.1 (T2V 1.3B/14B, I2V 14B), Wan 2.2 A14B (two experts, T2V/I2V) and Wan 2.2 TI2V-5B: diffusers
+``WanPipeline`` / ``WanImageToVideoPipeline`` as ai-toolkit samples them (``ai-toolkit.md`` §2.2, §1.6, §7).
+
+What ai-toolkit does here, and so do we (where the reference implementation differs, ai-toolkit wins):
+
+* FlowMatch Euler (``FlowMatchEulerDiscreteScheduler``) with a static shift, 3.0 for Wan 2.1 and 5.0 for Wan 2.2,
+  not the checkpoints' (or the reference's) UniPC; ``set_timesteps(steps)`` with no custom sigmas;
+* true CFG with the negative prompt; UMT5 prompts up to 512 tokens;
+* width/height floored to 16 (TI2V-5B: 32), frames to 4k+1;
+* Wan 2.2 A14B: the high-noise expert (``transformer``) runs while ``t >= 875`` and the low-noise expert
+  (``transformer_2``) after, for BOTH T2V and I2V (the checkpoint's I2V boundary 0.9 is not what ai-toolkit samples
+  with), and ``guidance_scale_2 = guidance_scale``;
+* I2V: the control image is resized (LANCZOS) to the target size; TI2V-5B takes an optional control image, which
+  becomes first-frame conditioning through diffusers' ``WanImageToVideoPipeline`` with ``expand_timesteps``.
+
+LoRAs come in original Wan names and are renamed by ``lora_convert.wan_original_to_diffusers``; Wan 2.2 A14B LoRAs are
+placed on their expert by ``lora_convert.route_wan_experts`` (side ``high``/``low``, inferred from ``*_high_noise`` /
+``*_low_noise`` file names, or a combined file).
+
+Progress: ``progress(step, total)`` after every denoising step, and once more (``step == total``) when the VAE decode
+starts. While it runs, ``pipeline.stage`` says what is running: ``"denoise"``, or ``"high_noise"``/``"low_noise"``
+for the two-expert models, then ``"decode"``, then ``"done"``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import time
+from functools import partial
+
+from .base import AITKPipeline, GenerationParams, GenerationResult
+from .lora import LoraRequest
+from .lora_convert import route_wan_experts, wan_original_to_diffusers
+from .registry import ModelSpec
+
+UMT5_MAX_LENGTH = 512
+NUM_TRAIN_TIMESTEPS = 1000
+_SIDE_IN_NAME = {side: re.compile(rf"(^|[_.\-]){side}[_\-]?noise([_.\-]|$)", re.IGNORECASE) for side in ("high", "low")}
+
+
+def lora_side_from_name(path: str) -> str | None:
+    """``"high"``/``"low"`` for ai-toolkit's split Wan 2.2 files (``*_high_noise.safetensors``), else None."""
+    name = os.path.basename(path)
+    sides = [side for side, pattern in _SIDE_IN_NAME.items() if pattern.search(name)]
+    return sides[0] if len(sides) == 1 else None
+
+
+class WanFamilyPipeline(AITKPipeline):
+    """``wan21_1b``, ``wan21_14b``, ``wan21_i2v_14b``, ``wan21_i2v_14b480p``, ``wan22_14b_t2v``, ``wan22_14b_i2v``,
+    ``wan22_5b``."""
+
+    denoiser = "transformer"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stage = "idle"
+        self._image_pipe = None
+        self._running = self.pipe
+        self._decode_seconds = 0.0
+        self._progress = None
+
+    # ------------------------------------------------------------------------------------------------ loading
+    @classmethod
+    def load_diffusers_pipeline(cls, spec: ModelSpec, source: str, torch_dtype, **overrides):
+        pipe = super().load_diffusers_pipeline(spec, source, torch_dtype, **overrides)
+        boundary = spec.extra.get("boundary_ratio")
+        if boundary is not None:
+            if getattr(pipe, "transformer", None) is None or getattr(pipe, "transformer_2", None) is None:
+                raise ValueError(
+                    f"{spec.model_id} needs both experts (transformer = high noise, transformer_2 = low noise), but "
+                    f"{source!r} lacks one. Give a full Wan 2.2 A14B diffusers folder such as {spec.base}."
+                )
+            pipe.register_to_config(boundary_ratio=boundary)
+        if spec.extra.get("expand_timesteps"):
+            pipe.register_to_config(expand_timesteps=True)
+        return pipe
+
+    @property
+    def is_moe(self) -> bool:
+        return self.spec.extra.get("boundary_ratio") is not None
+
+    # ------------------------------------------------------------------------------------------------ LoRA hooks
+    def lora_name_mapper(self):
+        transformer = self.pipe.transformer
+        return partial(wan_original_to_diffusers, image_attention=transformer.config.added_kv_proj_dim is not None)
+
+    def lora_route(self):
+        return route_wan_experts if self.is_moe else None
+
+    def set_loras(self, loras) -> list[dict]:
+        """As :meth:`AITKPipeline.set_loras`; on Wan 2.2 A14B a LoRA without ``side`` whose file name says
+        ``high_noise``/``low_noise`` goes to that expert."""
+        if self.is_moe:
+            loras = [self._with_side(item) for item in loras]
+        return super().set_loras(loras)
+
+    @staticmethod
+    def _with_side(item):
+        if isinstance(item, (str, os.PathLike)):
+            item = LoraRequest(path=os.fspath(item))
+        elif not isinstance(item, LoraRequest):
+            path, strength, *rest = item
+            item = LoraRequest(path=os.fspath(path), strength=strength, side=rest[0] if rest else None)
+        if item.side is None and item.path:
+            side = lora_side_from_name(item.path)
+            if side is not None:
+                item = dataclasses.replace(item, side=side)
+        return item
+
+    # ------------------------------------------------------------------------------------------------ generation
+    def pipeline_kwargs(self, params: GenerationParams) -> dict:
+        kwargs = {
+            "prompt": [params.prompt] * params.batch_size,
+            "negative_prompt": [params.negative] * params.batch_size,
+            "width": params.width,
+            "height": params.height,
+            "num_frames": params.num_frames,
+            "guidance_scale": params.guidance,
+            "max_sequence_length": UMT5_MAX_LENGTH,
+            "output_type": "latent",  # decoded in postprocess, so that decoding is a progress stage of its own
+        }
+        if self.is_moe:
+            kwargs["guidance_scale_2"] = params.guidance
+        if params.control_images:
+            from PIL import Image
+
+            kwargs["image"] = params.control_images[0].resize((params.width, params.height), Image.LANCZOS)
+        return kwargs
+
+    def call_pipeline(self, call: dict):
+        self._running = self.pipe
+        if "image" in call and self.spec.pipeline_class == "WanPipeline":
+            self._running = self._first_frame_pipe()
+        return self._running(**call)
+
+    def _first_frame_pipe(self):
+        """TI2V-5B with a control image: diffusers' image-to-video pipeline over the same modules, whose
+        ``expand_timesteps`` path keeps the first latent frame at the encoded image."""
+        if self._image_pipe is None:
+            from diffusers import WanImageToVideoPipeline
+
+            p = self.pipe
+            self._image_pipe = WanImageToVideoPipeline(
+                tokenizer=p.tokenizer, text_encoder=p.text_encoder, vae=p.vae, scheduler=p.scheduler,
+                transformer=p.transformer, expand_timesteps=True,
+            )
+            self._image_pipe.set_progress_bar_config(disable=True)
+        return self._image_pipe
+
+    def _staged_progress(self, progress):
+        def report(step: int, total: int) -> None:
+            if self.is_moe:
+                t = self._running._current_timestep
+                boundary = self._running.config.boundary_ratio * NUM_TRAIN_TIMESTEPS
+                self.stage = "high_noise" if t is not None and t >= boundary else "low_noise"
+            if progress is not None:
+                progress(step, total)
+
+        return report
+
+    def generate(self, prompt: str, progress=None, **kwargs) -> GenerationResult:
+        """As :meth:`AITKPipeline.generate`, with ``num_frames`` (4k+1) and ``fps``; ``images`` is
+        ``[B, T, H, W, C]``. ``self.stage`` names the running stage (see the module docstring)."""
+        with self.lock:
+            self.stage = "denoise"
+            self._progress = progress
+            self._decode_seconds = 0.0
+            try:
+                result = super().generate(prompt, progress=self._staged_progress(progress), **kwargs)
+            finally:
+                self._progress = None
+                self.stage = "done"
+        result.timings["decode"] = round(self._decode_seconds, 4)
+        result.timings["total"] = round(result.timings["total"] + self._decode_seconds, 4)
+        return result
+
+    def postprocess(self, output, params: GenerationParams) -> dict:
+        import numpy as np
+        import torch
+        from diffusers.utils.torch_utils import get_module_execution_device
+
+        self.stage = "decode"
+        if self._progress is not None:
+            self._progress(params.steps, params.steps)
+        started = time.perf_counter()
+        pipe = self._running
+        vae = pipe.vae
+        with torch.inference_mode():
+            latents = output.frames.to(get_module_execution_device(vae), dtype=vae.dtype)
+            shape = (1, vae.config.z_dim, 1, 1, 1)
+            mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
+            inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
+            # the same arithmetic as the pipelines' own decode, so frames match theirs bit for bit
+            video = vae.decode(latents / inv_std + mean, return_dict=False)[0]
+            frames = pipe.video_processor.postprocess_video(video, output_type="np")
+        pipe.maybe_free_model_hooks()
+        self._decode_seconds = time.perf_counter() - started
+        return {"images": np.asarray(frames, dtype=np.float32)}

@@ -57,6 +57,21 @@ def save_image(image, path: str, metadata: dict) -> None:
     os.replace(tmp, path)
 
 
+def save_videos(result, out: str) -> list[str]:
+    """One video per batch item: ``.webp`` writes animated WEBP, anything else H.264 MP4 (with the audio track when
+    the result has one)."""
+    from .pipelines.video_io import write_video
+
+    if not out.lower().endswith((".mp4", ".webp")):
+        out = os.path.splitext(out)[0] + ".mp4"
+    count = len(result.images)
+    paths = [_numbered(out, i, count) for i in range(count)]
+    for i, path in enumerate(paths):
+        audio = None if result.audio is None else result.audio[i]
+        write_video(result.images[i], path, result.params.fps, audio=audio, sample_rate=result.sample_rate)
+    return paths
+
+
 def _numbered(path: str, index: int, count: int) -> str:
     if count == 1:
         return path
@@ -85,11 +100,15 @@ def run_generate(pipeline, args, out: str) -> list[str]:
         prompt=args.prompt, negative=args.neg, width=args.width, height=args.height, steps=args.steps,
         guidance=args.guidance, seed=args.seed, batch_size=args.batch_size, trigger_word=args.trigger,
         control_images=args.ctrl_img or None, progress=None if args.quiet else _progress_bar(pipeline.spec.model_id),
+        num_frames=getattr(args, "num_frames", None), fps=getattr(args, "fps", None),
     )
-    images = result.to_pil()
-    paths = [_numbered(out, i, len(images)) for i in range(len(images))]
-    for image, path in zip(images, paths):
-        save_image(image, path, result.metadata())
+    if result.is_video:
+        paths = save_videos(result, out)
+    else:
+        images = result.to_pil()
+        paths = [_numbered(out, i, len(images)) for i in range(len(images))]
+        for image, path in zip(images, paths):
+            save_image(image, path, result.metadata())
     p = result.params
     print(f"wrote {', '.join(paths)}  size {p.width}x{p.height}  seed {p.seed}  steps {p.steps}  "
           f"guidance {p.guidance}  total {result.timings['total']:.2f}s")
@@ -221,7 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--trigger", help="replaces [trigger] in the prompt")
     p.add_argument("--ctrl-img", action="append", metavar="FILE", help="control image (repeatable)")
-    p.add_argument("--out", required=True, help="output file (.png carries the parameters)")
+    p.add_argument("--num-frames", type=int, help="video models: frame count (snapped to the model's k*n+1)")
+    p.add_argument("--fps", type=int, help="video models: frames per second of the written video")
+    p.add_argument("--out", required=True, help="output file (.png carries the parameters; videos: .mp4 or .webp)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)
 

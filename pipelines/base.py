@@ -421,6 +421,11 @@ class AITKPipeline:
         """Map the resolved parameters onto the diffusers pipeline's ``__call__``; every family overrides this."""
         raise NotImplementedError
 
+    def call_pipeline(self, call: dict):
+        """Run the diffusers pipeline; a family that switches pipelines per request (e.g. text vs image input)
+        overrides this."""
+        return self.pipe(**call)
+
     def postprocess(self, output, params: GenerationParams) -> dict:
         """Turn the diffusers output into ``GenerationResult`` fields (``images`` float32 [B,H,W,C] by default)."""
         import numpy as np
@@ -467,7 +472,7 @@ class AITKPipeline:
             # 3. Run
             started = time.perf_counter()
             with torch.inference_mode():
-                output = self.pipe(**call)
+                output = self.call_pipeline(call)
             total = time.perf_counter() - started
             # 4. Post-process
             fields = self.postprocess(output, params)

@@ -296,3 +296,129 @@ def guess_architecture(keys: Iterable[str]) -> str | None:
         if any(rx.search(k) for k in keys):
             return arch
     return None
+
+# ------------------------------------------------------------------------------------------ Wan original names (Wan)
+# ai-toolkit saves every Wan LoRA (2.1, 2.2 5B, 2.2 14B) in the original Wan module names (ai-toolkit.md §1.3):
+# `diffusion_model.blocks.N.self_attn.q`, `cross_attn.k_img`, `ffn.0`... The generic parsing above has already
+# stripped the `diffusion_model.` prefix; these two stages rename to diffusers' WanTransformer3DModel names and, for
+# the two-expert Wan 2.2 14B, place each half on its expert.
+
+_WAN_BLOCK_RENAMES = {
+    "self_attn.q": "attn1.to_q",
+    "self_attn.k": "attn1.to_k",
+    "self_attn.v": "attn1.to_v",
+    "self_attn.o": "attn1.to_out.0",
+    "cross_attn.q": "attn2.to_q",
+    "cross_attn.k": "attn2.to_k",
+    "cross_attn.v": "attn2.to_v",
+    "cross_attn.o": "attn2.to_out.0",
+    "cross_attn.k_img": "attn2.add_k_proj",
+    "cross_attn.v_img": "attn2.add_v_proj",
+    "ffn.0": "ffn.net.0.proj",
+    "ffn.2": "ffn.net.2",
+}
+
+# Outside the blocks (only in LoRAs trained with transformer_only: false).
+_WAN_TOP_RENAMES = {
+    "text_embedding.0": "condition_embedder.text_embedder.linear_1",
+    "text_embedding.2": "condition_embedder.text_embedder.linear_2",
+    "time_embedding.0": "condition_embedder.time_embedder.linear_1",
+    "time_embedding.2": "condition_embedder.time_embedder.linear_2",
+    "time_projection.1": "condition_embedder.time_proj",
+    "img_emb.proj.1": "condition_embedder.image_embedder.ff.net.0.proj",
+    "img_emb.proj.3": "condition_embedder.image_embedder.ff.net.2",
+    "head.head": "proj_out",
+}
+
+_WAN_BLOCK = re.compile(r"^(blocks\.\d+\.)(.+)$")
+_WAN_EXPERT_INFIXES = {"transformer_1.": "high", "transformer_2.": "low"}
+_WAN_IMAGE_ATTENTION = re.compile(r"\.attn2\.add_[kv]_proj$")
+
+
+def _split_wan_expert(path: str) -> tuple[str, str]:
+    for infix in _WAN_EXPERT_INFIXES:
+        if path.startswith(infix):
+            return infix, path[len(infix):]
+    return "", path
+
+
+def wan_original_to_diffusers(converted: ConvertedLora, image_attention: bool = True) -> ConvertedLora:
+    """Rename original Wan module names to diffusers' ``WanTransformer3DModel`` names (diffusers names pass through).
+
+    Args:
+        converted (ConvertedLora): the generic conversion of a Wan LoRA.
+        image_attention (bool, defaults to True): whether the target transformer has Wan 2.1 I2V's image
+            cross-attention (``attn2.add_k_proj``/``add_v_proj``); when False, a LoRA with those keys is an error.
+
+    Returns:
+        ConvertedLora: the same patches on diffusers paths; a ``transformer_1.``/``transformer_2.`` expert infix
+        is kept for :func:`route_wan_experts`.
+    """
+    patches: dict[tuple[str, str], ModulePatch] = {}
+    renamed = 0
+    for (component, path), patch in converted.patches.items():
+        infix, rest = _split_wan_expert(path)
+        block = _WAN_BLOCK.match(rest)
+        if block and block.group(2) in _WAN_BLOCK_RENAMES:
+            rest = block.group(1) + _WAN_BLOCK_RENAMES[block.group(2)]
+            renamed += 1
+        elif rest in _WAN_TOP_RENAMES:
+            rest = _WAN_TOP_RENAMES[rest]
+            renamed += 1
+        patches[(component, infix + rest)] = patch
+    if not image_attention:
+        image_keys = sorted(p for _, p in patches if _WAN_IMAGE_ATTENTION.search(p))
+        if image_keys:
+            raise LoraFormatError(
+                f"This LoRA patches the image cross-attention of Wan 2.1 image-to-video (cross_attn.k_img/v_img, "
+                f"{len(image_keys)} modules, e.g. {image_keys[0]!r}), which this text-to-video model does not have: it "
+                "was trained on Wan 2.1 I2V. Use it with wan21_i2v_14b / wan21_i2v_14b480p."
+            )
+    layout = converted.layout + ("+wan_names" if renamed else "")
+    return ConvertedLora(patches=patches, layout=layout, notes=list(converted.notes))
+
+
+def route_wan_experts(
+    converted: ConvertedLora, side: str | None, high: str = "transformer", low: str = "transformer_2"
+) -> ConvertedLora:
+    """Place a Wan 2.2 14B LoRA on its expert(s): ``high`` = the high-noise transformer, ``low`` = the low-noise one.
+
+    A combined file (``transformer_1.``/``transformer_2.`` infixes, ai-toolkit's ``split_multistage_loras: false``)
+    goes to both experts, or only to ``side``'s when one is given. A single-expert file (``*_high_noise`` /
+    ``*_low_noise``) needs ``side``.
+
+    Args:
+        converted (ConvertedLora): the renamed LoRA (:func:`wan_original_to_diffusers`).
+        side (str | None): ``"high"``, ``"low"`` or None.
+        high, low (str): the pipeline component names of the two experts.
+    """
+    if side not in (None, "high", "low"):
+        raise ValueError(f"LoRA side {side!r} is not one of 'high' (high-noise expert) or 'low' (low-noise expert).")
+    components = {"high": high, "low": low}
+    halves = {_split_wan_expert(path)[0] for component, path in converted.patches if component == high}
+    combined = bool(halves - {""})
+    if combined and "" in halves:
+        raise LoraFormatError("The LoRA mixes keys with and without a transformer_1./transformer_2. expert infix.")
+    if not combined and side is None:
+        raise ValueError(
+            "Wan 2.2 14B has two experts: say which one this LoRA is for with side 'high' or 'low' (files named "
+            "*_high_noise / *_low_noise are recognised by name), or give a combined file with transformer_1/"
+            "transformer_2 keys."
+        )
+    patches: dict[tuple[str, str], ModulePatch] = {}
+    notes = list(converted.notes)
+    for (component, path), patch in converted.patches.items():
+        if component != high:
+            patches[(component, path)] = patch
+            continue
+        infix, rest = _split_wan_expert(path)
+        expert = _WAN_EXPERT_INFIXES[infix] if infix else side
+        if side is not None and expert != side:
+            continue
+        patches[(components[expert], rest)] = patch
+    if combined and side is not None:
+        notes.append(f"combined file: only its {side}-noise half is applied for side {side!r}")
+    if not patches:
+        raise LoraFormatError(f"The combined LoRA has no {side}-noise (transformer_{1 if side == 'high' else 2}) keys.")
+    return ConvertedLora(patches=patches, layout=converted.layout, notes=notes)
+

@@ -65,6 +65,11 @@ ZIMAGE_FLOWMATCH = {**FLUX_FLOWMATCH, "shift": 3.0, "use_dynamic_shifting": Fals
 # ai-toolkit's Lumina2 scheduler (toolkit/sampler.py lumina2_config): static shift 6.0.
 LUMINA2_FLOWMATCH = {**FLUX_FLOWMATCH, "shift": 6.0, "use_dynamic_shifting": False}
 
+# ai-toolkit's Wan schedulers (toolkit/models/wan21/wan21.py, wan22): FlowMatch Euler, static shift 3.0 for Wan 2.1 and
+# 5.0 for Wan 2.2 (not the checkpoints' UniPC, which ai-toolkit disabled).
+WAN21_FLOWMATCH = {**FLUX_FLOWMATCH, "shift": 3.0, "use_dynamic_shifting": False}
+WAN22_FLOWMATCH = {**FLUX_FLOWMATCH, "shift": 5.0, "use_dynamic_shifting": False}
+
 
 @dataclass(frozen=True)
 class SchedulerSpec:
@@ -193,6 +198,26 @@ _QWEN_NOTES = (
 _ZIMAGE_NOTES = (
     "Guidance is standard CFG: ai-toolkit passes max(0, guidance - 1) to diffusers' ZImagePipeline (4 -> 3, 1 -> 0 = "
     "no CFG). FlowMatch Euler static shift 3.0; divisor 16 as ai-toolkit samples (the reference uses 32)."
+)
+
+_WAN_COMMON = (
+    "FlowMatch Euler with static shift {} as ai-toolkit samples (the reference uses UniPC), true CFG with the negative "
+    "prompt, UMT5 prompts up to 512 tokens, frames snapped to 4k+1, written as H.264 MP4. LoRAs in original Wan names "
+    "(blocks.N.self_attn.q, cross_attn.o, ffn.0...) are renamed to diffusers'."
+)
+_WAN_I2V_RESIZE = " The control image (required) is resized with LANCZOS to the target size, as ai-toolkit does."
+_WAN21_NOTES = _WAN_COMMON.format("3.0")
+_WAN21_I2V_NOTES = _WAN21_NOTES + _WAN_I2V_RESIZE + " Image cross-attention from the CLIP vision encoder (k_img/v_img LoRA keys)."
+_WAN22_MOE_NOTES = _WAN_COMMON.format("5.0") + (
+    " Two experts: transformer (high noise) runs while t >= 875, transformer_2 (low noise) after, for T2V and I2V alike "
+    "(ai-toolkit's boundary 0.875; the I2V checkpoint says 0.9), guidance_scale_2 = guidance. LoRAs: side high/low "
+    "(*_high_noise / *_low_noise files are recognised by name) or one combined transformer_1/transformer_2 file; a "
+    "missing side means nothing is applied to that expert."
+)
+_WAN22_5B_NOTES = _WAN_COMMON.format("5.0") + (
+    " Divisor 32 (16x VAE x 2x2 patches). Defaults are ai-toolkit's UI preset for this model: 121 frames at 24 fps, "
+    "768x768 (the reference uses 41 at 16). An optional control image becomes first-frame conditioning "
+    "(diffusers' WanImageToVideoPipeline with expand_timesteps)."
 )
 
 REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
@@ -382,6 +407,108 @@ REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
             tiny="lumina2:build_lumina2",
             notes="FlowMatch Euler with static shift 6.0 (ai-toolkit's lumina2_config), real CFG with the negative "
             "prompt, Gemma2 prompts up to 256 tokens. Divisor 16 (the pipeline's own check; the reference uses 32).",
+        ),
+        ModelSpec(
+            model_id="wan21_1b",
+            family="wan:WanFamilyPipeline",
+            pipeline_class="WanPipeline",
+            base="Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+            steps=25,
+            guidance=4.0,
+            divisor=16,
+            scheduler=SchedulerSpec("FlowMatchEulerDiscreteScheduler", WAN21_FLOWMATCH),
+            video=VideoSpec(num_frames=41, fps=16, frame_step=4),
+            tiny="wan:build_wan21_t2v",
+            notes=_WAN21_NOTES,
+        ),
+        ModelSpec(
+            model_id="wan21_14b",
+            family="wan:WanFamilyPipeline",
+            pipeline_class="WanPipeline",
+            base="Wan-AI/Wan2.1-T2V-14B-Diffusers",
+            steps=25,
+            guidance=4.0,
+            divisor=16,
+            scheduler=SchedulerSpec("FlowMatchEulerDiscreteScheduler", WAN21_FLOWMATCH),
+            video=VideoSpec(num_frames=41, fps=16, frame_step=4),
+            tiny="wan:build_wan21_t2v",
+            notes=_WAN21_NOTES,
+        ),
+        ModelSpec(
+            model_id="wan21_i2v_14b",
+            family="wan:WanFamilyPipeline",
+            pipeline_class="WanImageToVideoPipeline",
+            base="Wan-AI/Wan2.1-I2V-14B-720P-Diffusers",
+            steps=25,
+            guidance=4.0,
+            divisor=16,
+            scheduler=SchedulerSpec("FlowMatchEulerDiscreteScheduler", WAN21_FLOWMATCH),
+            control_images=(1, 1),
+            video=VideoSpec(num_frames=41, fps=16, frame_step=4),
+            tiny="wan:build_wan21_i2v",
+            notes=_WAN21_I2V_NOTES,
+        ),
+        ModelSpec(
+            model_id="wan21_i2v_14b480p",
+            family="wan:WanFamilyPipeline",
+            pipeline_class="WanImageToVideoPipeline",
+            base="Wan-AI/Wan2.1-I2V-14B-480P-Diffusers",
+            steps=25,
+            guidance=4.0,
+            divisor=16,
+            scheduler=SchedulerSpec("FlowMatchEulerDiscreteScheduler", WAN21_FLOWMATCH),
+            control_images=(1, 1),
+            video=VideoSpec(num_frames=41, fps=16, frame_step=4),
+            tiny="wan:build_wan21_i2v",
+            notes=_WAN21_I2V_NOTES,
+        ),
+        ModelSpec(
+            model_id="wan22_14b_t2v",
+            family="wan:WanFamilyPipeline",
+            pipeline_class="WanPipeline",
+            base="Wan-AI/Wan2.2-T2V-A14B-Diffusers",
+            steps=25,
+            guidance=4.0,
+            divisor=16,
+            scheduler=SchedulerSpec("FlowMatchEulerDiscreteScheduler", WAN22_FLOWMATCH),
+            lora_components=("transformer", "transformer_2"),
+            video=VideoSpec(num_frames=41, fps=16, frame_step=4),
+            tiny="wan:build_wan22_14b_t2v",
+            extra={"boundary_ratio": 0.875},
+            notes=_WAN22_MOE_NOTES,
+        ),
+        ModelSpec(
+            model_id="wan22_14b_i2v",
+            family="wan:WanFamilyPipeline",
+            pipeline_class="WanImageToVideoPipeline",
+            base="Wan-AI/Wan2.2-I2V-A14B-Diffusers",
+            steps=25,
+            guidance=4.0,
+            divisor=16,
+            scheduler=SchedulerSpec("FlowMatchEulerDiscreteScheduler", WAN22_FLOWMATCH),
+            lora_components=("transformer", "transformer_2"),
+            control_images=(1, 1),
+            video=VideoSpec(num_frames=41, fps=16, frame_step=4),
+            tiny="wan:build_wan22_14b_i2v",
+            extra={"boundary_ratio": 0.875},
+            notes=_WAN22_MOE_NOTES + _WAN_I2V_RESIZE,
+        ),
+        ModelSpec(
+            model_id="wan22_5b",
+            family="wan:WanFamilyPipeline",
+            pipeline_class="WanPipeline",
+            base="Wan-AI/Wan2.2-TI2V-5B-Diffusers",
+            steps=25,
+            guidance=4.0,
+            divisor=32,
+            width=768,
+            height=768,
+            scheduler=SchedulerSpec("FlowMatchEulerDiscreteScheduler", WAN22_FLOWMATCH),
+            control_images=(0, 1),
+            video=VideoSpec(num_frames=121, fps=24, frame_step=4),
+            tiny="wan:build_wan22_5b",
+            extra={"expand_timesteps": True},
+            notes=_WAN22_5B_NOTES,
         ),
     ]
 )

@@ -297,6 +297,7 @@ def guess_architecture(keys: Iterable[str]) -> str | None:
             return arch
     return None
 
+
 # ------------------------------------------------------------------------------------------ Wan original names (Wan)
 # ai-toolkit saves every Wan LoRA (2.1, 2.2 5B, 2.2 14B) in the original Wan module names (ai-toolkit.md §1.3):
 # `diffusion_model.blocks.N.self_attn.q`, `cross_attn.k_img`, `ffn.0`... The generic parsing above has already
@@ -422,3 +423,216 @@ def route_wan_experts(
         raise LoraFormatError(f"The combined LoRA has no {side}-noise (transformer_{1 if side == 'high' else 2}) keys.")
     return ConvertedLora(patches=patches, layout=converted.layout, notes=notes)
 
+
+# ------------------------------------------------------------------ original BFL names (FLUX.2, FLUX.2-klein, Chroma)
+# ai-toolkit trains FLUX.2 / klein / Chroma on BFL-layout models and saves their module names (ai-toolkit.md §1.3):
+# `diffusion_model.double_blocks.N.img_attn.qkv`, `single_blocks.N.linear1`... The generic parsing above has already
+# stripped the prefix; these stages rename onto diffusers' Flux2Transformer2DModel / ChromaTransformer2DModel.
+# Where diffusers splits a fused BFL projection, the patch is split by output rows: a LoRA keeps its lora_A (down)
+# and splits lora_B (up), so each module keeps the file's own rank and alpha; a LoKr splits its w1 when the rows
+# line up with the Kronecker blocks (else its delta is split as full-layer patches); a `.diff` splits its rows.
+# Diffusers names pass through unchanged, so both spellings of a LoRA load the same way.
+
+# A tuple of names is a fused projection: every part but the last takes ``in_features`` (hidden size) rows, the last
+# part the rest (q, k, v: hidden rows each; Chroma's linear1: q, k, v, then the MLP input).
+_QKV = ("to_q", "to_k", "to_v")
+_ADDED_QKV = ("add_q_proj", "add_k_proj", "add_v_proj")
+
+_FLUX2_DOUBLE = {
+    "img_attn.qkv": tuple(f"attn.{n}" for n in _QKV),
+    "txt_attn.qkv": tuple(f"attn.{n}" for n in _ADDED_QKV),
+    "img_attn.proj": "attn.to_out.0",
+    "txt_attn.proj": "attn.to_add_out",
+    "img_mlp.0": "ff.linear_in",
+    "img_mlp.2": "ff.linear_out",
+    "txt_mlp.0": "ff_context.linear_in",
+    "txt_mlp.2": "ff_context.linear_out",
+}
+_FLUX2_SINGLE = {"linear1": "attn.to_qkv_mlp_proj", "linear2": "attn.to_out"}  # diffusers keeps linear1 fused
+_FLUX2_TOP = {
+    "img_in": "x_embedder",
+    "txt_in": "context_embedder",
+    "time_in.in_layer": "time_guidance_embed.timestep_embedder.linear_1",
+    "time_in.out_layer": "time_guidance_embed.timestep_embedder.linear_2",
+    "guidance_in.in_layer": "time_guidance_embed.guidance_embedder.linear_1",
+    "guidance_in.out_layer": "time_guidance_embed.guidance_embedder.linear_2",
+    "double_stream_modulation_img.lin": "double_stream_modulation_img.linear",
+    "double_stream_modulation_txt.lin": "double_stream_modulation_txt.linear",
+    "single_stream_modulation.lin": "single_stream_modulation.linear",
+    "final_layer.linear": "proj_out",
+    "final_layer.adaLN_modulation.1": "norm_out.linear",
+}
+# BFL's final modulation outputs (shift, scale); diffusers' norm_out.linear (scale, shift): its rows are swapped.
+_SWAPPED_HALVES = {"norm_out.linear"}
+
+_CHROMA_DOUBLE = {
+    **{k: v for k, v in _FLUX2_DOUBLE.items() if "mlp" not in k},
+    "img_mlp.0": "ff.net.0.proj",
+    "img_mlp.2": "ff.net.2",
+    "txt_mlp.0": "ff_context.net.0.proj",
+    "txt_mlp.2": "ff_context.net.2",
+}
+# Chroma's linear1 is q, k, v (hidden rows each) and the MLP input (the rest); diffusers has four Linears.
+_CHROMA_SINGLE = {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), "linear2": "proj_out"}
+_CHROMA_TOP = {
+    "img_in": "x_embedder",
+    "txt_in": "context_embedder",
+    "final_layer.linear": "proj_out",
+    "distilled_guidance_layer.in_proj": "distilled_guidance_layer.in_proj",
+    "distilled_guidance_layer.out_proj": "distilled_guidance_layer.out_proj",
+}
+_CHROMA_APPROXIMATOR = re.compile(r"^distilled_guidance_layer\.layers\.(\d+)\.(in_layer|out_layer)$")
+
+_BFL_BLOCK = re.compile(r"^(double_blocks|single_blocks)\.(\d+)\.(.+)$")
+
+
+def split_patch_rows(patch: ModulePatch, sizes: list[int]) -> list[ModulePatch]:
+    """Split a patch by output rows into consecutive parts of ``sizes`` rows (they must add up to its rows)."""
+    rows = patch.delta_shape()[0]
+    if sum(sizes) != rows or min(sizes) <= 0:
+        raise LoraFormatError(f"Cannot split a fused projection of {rows} output rows into parts of {sizes} rows.")
+    t = patch.tensors
+    if patch.kind == "lora":
+        return [ModulePatch("lora", {"down": t["down"], "up": up}) for up in t["up"].split(sizes, dim=0)]
+    if patch.kind == "lokr":
+        block = t["w2"].shape[0]
+        if all(size % block == 0 for size in sizes):
+            # kron(w1, w2) stacks blocks of w2's rows per row of w1: aligned parts are kron(w1 rows, w2)
+            return [ModulePatch("lokr", {"w1": w1, "w2": t["w2"]})
+                    for w1 in t["w1"].split([size // block for size in sizes], dim=0)]
+        patch = ModulePatch("full", {"diff": patch.delta()})
+        t = patch.tensors
+    diffs = t["diff"].split(sizes, dim=0)
+    biases = t["diff_b"].split(sizes, dim=0) if "diff_b" in t else [None] * len(sizes)
+    return [ModulePatch("full", {"diff": d} if b is None else {"diff": d, "diff_b": b}) for d, b in zip(diffs, biases)]
+
+
+def join_patch_rows(parts: list[ModulePatch]) -> ModulePatch:
+    """Stack patches by output rows (the inverse of :func:`split_patch_rows`)."""
+    kinds = {p.kind for p in parts}
+    if kinds == {"lora"} and all(p.tensors["down"] is parts[0].tensors["down"] for p in parts):
+        return ModulePatch("lora", {"down": parts[0].tensors["down"], "up": torch.cat([p.tensors["up"] for p in parts])})
+    if kinds == {"lokr"} and all(p.tensors["w2"] is parts[0].tensors["w2"] for p in parts):
+        return ModulePatch("lokr", {"w1": torch.cat([p.tensors["w1"] for p in parts]), "w2": parts[0].tensors["w2"]})
+    joined = {"diff": torch.cat([p.delta() for p in parts])}
+    if any("diff_b" in p.tensors for p in parts):
+        joined["diff_b"] = torch.cat([p.tensors.get("diff_b", torch.zeros(p.delta_shape()[0])) for p in parts])
+    return ModulePatch("full", joined)
+
+
+def _fused_sizes(patch: ModulePatch, parts: int) -> list[int]:
+    rows, in_features = patch.delta_shape()[:2]
+    return [in_features] * (parts - 1) + [rows - in_features * (parts - 1)]
+
+
+def _rename_bfl(converted: ConvertedLora, double: dict, single: dict, top: dict, top_rule=None) -> ConvertedLora:
+    patches: dict[tuple[str, str], ModulePatch] = {}
+    renamed = split = 0
+
+    def put(component: str, path: str, patch: ModulePatch) -> None:
+        if (component, path) in patches:
+            raise LoraFormatError(f"Module {path!r} of {component} appears twice in the LoRA file (BFL and diffusers names).")
+        patches[(component, path)] = patch
+
+    for (component, path), patch in converted.patches.items():
+        block = _BFL_BLOCK.match(path)
+        target = None
+        if block:
+            kind, index, rest = block.groups()
+            table, parent = (double, "transformer_blocks") if kind == "double_blocks" else (single, "single_transformer_blocks")
+            if rest in table:
+                target = (f"{parent}.{index}.", table[rest])
+        elif path in top:
+            target = ("", top[path])
+        elif top_rule is not None and (top_path := top_rule(path)) is not None:
+            target = ("", top_path)
+        if target is None:
+            put(component, path, patch)
+            continue
+        parent, names = target
+        renamed += 1
+        if isinstance(names, str):
+            if names in _SWAPPED_HALVES:
+                rows = patch.delta_shape()[0]
+                first, second = split_patch_rows(patch, [rows // 2, rows - rows // 2])
+                patch = join_patch_rows([second, first])
+            put(component, parent + names, patch)
+            continue
+        split += 1
+        for name, part in zip(names, split_patch_rows(patch, _fused_sizes(patch, len(names)))):
+            put(component, parent + name, part)
+    notes = list(converted.notes)
+    if renamed:
+        notes.append(f"{renamed} module(s) renamed from original BFL names, {split} fused projection(s) split")
+    return ConvertedLora(patches=patches, layout=converted.layout, notes=notes)
+
+
+def convert_bfl_to_diffusers_flux2(converted: ConvertedLora) -> ConvertedLora:
+    """Rename a FLUX.2 / FLUX.2-klein LoRA from original BFL names onto ``Flux2Transformer2DModel``.
+
+    ``double_blocks.N.{img,txt}_attn.qkv`` is split onto ``to_q/to_k/to_v`` (``add_*_proj`` for text);
+    ``single_blocks.N.linear1`` maps whole onto the fused ``attn.to_qkv_mlp_proj``; the final modulation's rows are
+    swapped into diffusers' (scale, shift) order. Diffusers names pass through.
+    """
+    return _rename_bfl(converted, _FLUX2_DOUBLE, _FLUX2_SINGLE, _FLUX2_TOP)
+
+
+def _chroma_approximator(path: str) -> str | None:
+    match = _CHROMA_APPROXIMATOR.match(path)
+    if match is None:
+        return None
+    return f"distilled_guidance_layer.layers.{match.group(1)}.{'linear_1' if match.group(2) == 'in_layer' else 'linear_2'}"
+
+
+def convert_bfl_to_diffusers_chroma(converted: ConvertedLora) -> ConvertedLora:
+    """Rename a Chroma LoRA from original BFL names onto ``ChromaTransformer2DModel``.
+
+    Fused ``qkv`` is split onto ``to_q/to_k/to_v`` (``add_*_proj`` for text) and ``single_blocks.N.linear1`` onto
+    ``attn.to_q/to_k/to_v`` plus ``proj_mlp``; ``linear2`` is ``proj_out``. Diffusers names pass through.
+    """
+    return _rename_bfl(converted, _CHROMA_DOUBLE, _CHROMA_SINGLE, _CHROMA_TOP, top_rule=_chroma_approximator)
+
+
+# ------------------------------------------------------------------------- original LTX names (LTX-2, LTX-2.3)
+# ai-toolkit saves LTX-2 LoRAs in the original Lightricks names (ai-toolkit.md §1.3: `transformer.` -> `diffusion_model.`,
+# then its convert_lora_diffusers_to_original). Inside `transformer_blocks` the original names are diffusers' own
+# (attn1, audio_attn2, audio_to_video_attn, ff.net.0.proj...); only top-level modules differ. The generic parsing
+# above has already stripped the prefix. Diffusers names pass through, so both spellings load the same way.
+_LTX2_TOP_RENAMES = {
+    "patchify_proj": "proj_in",
+    "audio_patchify_proj": "audio_proj_in",
+    "adaln_single": "time_embed",
+    "audio_adaln_single": "audio_time_embed",
+    "av_ca_video_scale_shift_adaln_single": "av_cross_attn_video_scale_shift",
+    "av_ca_a2v_gate_adaln_single": "av_cross_attn_video_a2v_gate",
+    "av_ca_audio_scale_shift_adaln_single": "av_cross_attn_audio_scale_shift",
+    "av_ca_v2a_gate_adaln_single": "av_cross_attn_audio_v2a_gate",
+    # LTX-2.3. ai-toolkit's renaming is a chain of str.replace calls, so `audio_prompt_adaln` is saved as
+    # `audio_prompt_adaln_single_single` (both of its inverse rules apply); its own loader undoes that the same way.
+    "prompt_adaln_single": "prompt_adaln",
+    "audio_prompt_adaln_single": "audio_prompt_adaln",
+    "audio_prompt_adaln_single_single": "audio_prompt_adaln",
+}
+
+
+def ltx2_original_to_diffusers(converted: ConvertedLora) -> ConvertedLora:
+    """Rename an LTX-2 / LTX-2.3 LoRA from original LTX names onto ``LTX2VideoTransformer3DModel``.
+
+    ``patchify_proj`` -> ``proj_in``, ``adaln_single`` -> ``time_embed``, ``av_ca_*_adaln_single`` ->
+    ``av_cross_attn_*`` and (2.3) ``prompt_adaln_single`` -> ``prompt_adaln``, with their ``audio_`` twins; block
+    modules keep their names. Diffusers names pass through.
+    """
+    patches: dict[tuple[str, str], ModulePatch] = {}
+    renamed = 0
+    for (component, path), patch in converted.patches.items():
+        head, dot, rest = path.partition(".")
+        if head in _LTX2_TOP_RENAMES:
+            path = _LTX2_TOP_RENAMES[head] + dot + rest
+            renamed += 1
+        if (component, path) in patches:
+            raise LoraFormatError(f"Module {path!r} of {component} appears twice in the LoRA file (LTX and diffusers names).")
+        patches[(component, path)] = patch
+    notes = list(converted.notes)
+    if renamed:
+        notes.append(f"{renamed} module(s) renamed from original LTX names")
+    return ConvertedLora(patches=patches, layout=converted.layout + ("+ltx_names" if renamed else ""), notes=notes)

@@ -65,6 +65,10 @@ ZIMAGE_FLOWMATCH = {**FLUX_FLOWMATCH, "shift": 3.0, "use_dynamic_shifting": Fals
 # ai-toolkit's Lumina2 scheduler (toolkit/sampler.py lumina2_config): static shift 6.0.
 LUMINA2_FLOWMATCH = {**FLUX_FLOWMATCH, "shift": 6.0, "use_dynamic_shifting": False}
 
+# FLUX.2 / FLUX.2-klein: ai-toolkit samples with BFL's own schedule (pipelines/flux2.py bfl_schedule), not with a
+# scheduler's shifting. The family passes the finished sigmas; shift 1.0 without dynamic shifting keeps them as given.
+FLUX2_EULER = {**FLUX_FLOWMATCH, "shift": 1.0, "use_dynamic_shifting": False}
+
 # ai-toolkit's Wan schedulers (toolkit/models/wan21/wan21.py, wan22): FlowMatch Euler, static shift 3.0 for Wan 2.1 and
 # 5.0 for Wan 2.2 (not the checkpoints' UniPC, which ai-toolkit disabled).
 WAN21_FLOWMATCH = {**FLUX_FLOWMATCH, "shift": 3.0, "use_dynamic_shifting": False}
@@ -193,6 +197,18 @@ _FLUX_NOTES = (
 _QWEN_NOTES = (
     "Guidance is true CFG (`true_cfg_scale`) with the negative prompt; an empty negative is encoded, as ai-toolkit does. "
     "Divisor 32 as ai-toolkit samples (the reference uses 16)."
+)
+
+_FLUX2_NOTES = (
+    "Sampled with BFL's schedule as ai-toolkit does: t = linspace(1, 0, N+1) time-shifted with mu interpolated from "
+    "the packed sequence length (256 -> 0.5, 4096 -> 1.15), Euler steps; the stock pipeline's empirical mu is not "
+    "used. Up to 3 reference images (control_images) become reference tokens. LoRAs with original BFL names "
+    "(double_blocks.N.img_attn.qkv, single_blocks.N.linear1, ...) load; fused qkv is split for diffusers."
+)
+
+_KLEIN_NOTES = (
+    " klein is not guidance-distilled: guidance above 1 is real CFG u + g(c - u) with the negative prompt "
+    "(empty by default, encoded)."
 )
 
 _ZIMAGE_NOTES = (
@@ -407,6 +423,71 @@ REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
             tiny="lumina2:build_lumina2",
             notes="FlowMatch Euler with static shift 6.0 (ai-toolkit's lumina2_config), real CFG with the negative "
             "prompt, Gemma2 prompts up to 256 tokens. Divisor 16 (the pipeline's own check; the reference uses 32).",
+        ),
+        ModelSpec(
+            model_id="flux2",
+            family="flux2:Flux2FamilyPipeline",
+            pipeline_class="Flux2Pipeline",
+            base="black-forest-labs/FLUX.2-dev",
+            steps=25,
+            guidance=4.0,
+            divisor=16,
+            scheduler=SchedulerSpec("FlowMatchEulerDiscreteScheduler", FLUX2_EULER),
+            guidance_kind="distilled",
+            uses_negative=False,
+            control_images=(0, 3),
+            tiny="flux2:build_flux2",
+            extra={"text_encoder_out_layers": (10, 20, 30)},
+            notes=_FLUX2_NOTES + " FLUX.2-dev is guidance-distilled: `guidance` feeds the guidance embedding and the "
+            "negative prompt has no effect.",
+        ),
+        ModelSpec(
+            model_id="flux2_klein_4b",
+            family="flux2:Flux2FamilyPipeline",
+            pipeline_class="Flux2KleinPipeline",
+            base="black-forest-labs/FLUX.2-klein-base-4B",
+            steps=25,
+            guidance=4.0,
+            divisor=16,
+            scheduler=SchedulerSpec("FlowMatchEulerDiscreteScheduler", FLUX2_EULER),
+            guidance_kind="true_cfg",
+            control_images=(0, 3),
+            tiny="flux2:build_flux2_klein",
+            extra={"text_encoder_out_layers": (9, 18, 27)},
+            notes=_FLUX2_NOTES + _KLEIN_NOTES,
+        ),
+        ModelSpec(
+            model_id="flux2_klein_9b",
+            family="flux2:Flux2FamilyPipeline",
+            pipeline_class="Flux2KleinPipeline",
+            base="black-forest-labs/FLUX.2-klein-base-9B",
+            steps=25,
+            guidance=4.0,
+            divisor=16,
+            scheduler=SchedulerSpec("FlowMatchEulerDiscreteScheduler", FLUX2_EULER),
+            guidance_kind="true_cfg",
+            control_images=(0, 3),
+            tiny="flux2:build_flux2_klein",
+            extra={"text_encoder_out_layers": (9, 18, 27)},
+            notes=_FLUX2_NOTES + _KLEIN_NOTES,
+        ),
+        ModelSpec(
+            model_id="chroma",
+            family="chroma:ChromaFamilyPipeline",
+            pipeline_class="ChromaPipeline",
+            base="lodestones/Chroma1-Base",
+            steps=25,
+            guidance=4.0,
+            divisor=16,
+            scheduler=SchedulerSpec("FlowMatchEulerDiscreteScheduler", FLUX_FLOWMATCH),
+            guidance_kind="true_cfg",
+            uses_negative=False,
+            tiny="chroma:build_chroma",
+            notes="Real CFG above guidance 1 with the guidance input fixed at 0. The unconditional prompt is EMPTY, as "
+            "in ai-toolkit's previews: the negative prompt is ignored unless you pass `use_negative=True`. T5 runs "
+            "without its attention mask (ai-toolkit); the transformer masks padding except one token. FlowMatch "
+            "Euler, dynamic shift (0.5..1.15), sigmas linspace(1, 1/N, N). LoRAs with original BFL names load "
+            "(fused qkv and linear1 are split). Divisor 16 (the reference uses 32).",
         ),
         ModelSpec(
             model_id="wan21_1b",

@@ -1,0 +1,231 @@
+"""FLUX.2-dev, FLUX.2-klein 4B/9B and Chroma on tiny random-weight pipelines of the real diffusers classes."""
+
+import json
+import logging
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import PARITY_DIR
+
+IDS = ["flux2", "flux2_klein_4b", "flux2_klein_9b", "chroma"]
+FAST = dict(width=64, height=64, steps=2, seed=3)
+
+
+@pytest.fixture(scope="module")
+def pipes(load_tiny):
+    """One dynamic-mode pipeline per id, shared by the tests of this module (each test leaves it LoRA-free)."""
+    cache = {}
+
+    def get(model_id):
+        if model_id not in cache:
+            cache[model_id] = load_tiny(model_id, lora_mode="dynamic")
+        return cache[model_id]
+
+    return get
+
+
+def bfl_pair(pipe, **kwargs):
+    """(BFL-named, diffusers-named) LoRA tensors for the family's tiny transformer."""
+    if pipe.spec.model_id == "chroma":
+        from aitk_inference.tiny.chroma import bfl_lora_pair
+    else:
+        from aitk_inference.tiny.flux2 import bfl_lora_pair
+    return bfl_lora_pair(pipe.pipe.transformer, **kwargs)
+
+
+def request(tensors, strength, name):
+    from aitk_inference.pipelines.lora import LoraRequest
+
+    return LoraRequest(state_dict=tensors, strength=strength, name=name)
+
+
+@pytest.mark.parametrize("model_id", IDS)
+def test_generation_and_lora_cycle(model_id, pipes, load_tiny):
+    """Deterministic; a BFL-named LoRA changes the image and equals its diffusers-named twin; strength 0 = base bit
+    for bit; a strength change rescales in place (no reload); fused = dynamic within float32 rounding."""
+    pipe = pipes(model_id)
+    base = pipe.generate("a red fox", **FAST).images
+    assert base.shape == (1, 64, 64, 3) and np.isfinite(base).all()
+    assert np.array_equal(base, pipe.generate("a red fox", **FAST).images), "same seed, same image"
+
+    bfl, diffusers_named = bfl_pair(pipe)
+    transformer = pipe.pipe.transformer
+    try:
+        summary = pipe.set_loras([request(bfl, 0.8, "bfl")])[0]
+        assert summary["modules"] > len([k for k in bfl if k.endswith("lora_A.weight")]), "fused projections are split"
+        with_bfl = pipe.generate("a red fox", **FAST).images
+        assert np.abs(with_bfl - base).max() > 1e-3, "the LoRA must change the image"
+
+        pipe.set_loras([request(bfl, 0.0, "bfl")])
+        assert pipe.pipe.transformer is transformer and pipe.loras.stats["files_converted"] == 1
+        assert pipe.loras.stats["rescales"] == 1, "a strength change rescales in place"
+        assert np.array_equal(pipe.generate("a red fox", **FAST).images, base), "strength 0 is the base model"
+
+        pipe.set_loras([request(diffusers_named, 0.8, "diffusers")])
+        with_diffusers = pipe.generate("a red fox", **FAST).images
+        assert np.abs(with_diffusers - with_bfl).max() < 1e-5, "BFL names give the same result as diffusers names"
+    finally:
+        pipe.set_loras([])
+    assert np.array_equal(pipe.generate("a red fox", **FAST).images, base), "removing the LoRA restores the base"
+
+    fused_pipe = load_tiny(model_id, lora_mode="fused")
+    fused_pipe.set_loras([request(bfl, 0.8, "bfl")])
+    assert np.abs(fused_pipe.generate("a red fox", **FAST).images - with_bfl).max() < 1e-4, "fused = dynamic"
+
+
+@pytest.mark.parametrize("model_id", ["flux2", "flux2_klein_4b", "chroma"])
+def test_lora_of_another_family_is_refused(model_id, pipes):
+    from aitk_inference.pipelines.lora_convert import LoraFormatError
+
+    pipe = pipes(model_id)
+    zimage = {"diffusion_model.layers.0.attention.to_q.lora_A.weight": torch.zeros(4, 32),
+              "diffusion_model.layers.0.attention.to_q.lora_B.weight": torch.zeros(32, 4)}
+    with pytest.raises(LoraFormatError, match=f"none of its 1 modules exist in model '{model_id}'.*Z-Image"):
+        pipe.set_loras([request(zimage, 1.0, "zimage")])
+    # FLUX.2 and Chroma share BFL names but not the module layout: each refuses the other's file
+    other = pipes("chroma" if model_id != "chroma" else "flux2")
+    with pytest.raises(LoraFormatError, match="FLUX.2 / FLUX.2-klein / Chroma"):
+        pipe.set_loras([request(bfl_pair(other)[0], 1.0, "other")])
+    assert pipe.loras.describe() == []
+
+
+# ---------------------------------------------------------------------------------------------- schedules and noise
+def _goldens(family):
+    with open(os.path.join(PARITY_DIR, "schedulers.json")) as f:
+        return json.load(f)[family]["runs"]
+
+
+def test_bfl_schedule_matches_ai_toolkit():
+    from aitk_inference.pipelines.flux2 import bfl_schedule
+
+    for run in _goldens("flux2").values():
+        steps = len(run["t_schedule_float32_list"]) - 1
+        assert bfl_schedule(steps, run["image_seq_len"]) == run["t_schedule_float32_list"], run["call"]
+
+
+@pytest.mark.parametrize("model_id", ["flux2", "flux2_klein_4b"])
+def test_flux2_pipelines_sample_with_the_bfl_schedule(model_id, pipes):
+    """The real pipeline call steps through exactly BFL's t values (4 steps, 64x64 -> 16 tokens)."""
+    pipe = pipes(model_id)
+    seen = []
+    pipe.generate("a red fox", width=64, height=64, steps=4, progress=lambda step, total: seen.append(step))
+    golden = _goldens("flux2")["steps4_w64_h64"]["t_schedule_float32_list"]
+    assert pipe.pipe.scheduler.sigmas.tolist() == golden
+    # the transformer receives timesteps / 1000 = t (float32 round trip)
+    assert np.allclose(pipe.pipe.scheduler.timesteps.numpy() / 1000, golden[:-1], rtol=0, atol=1e-7)
+    assert seen == [1, 2, 3, 4]
+
+
+def test_chroma_scheduler_matches_ai_toolkit(pipes):
+    pipe = pipes("chroma")
+    pipe.generate("a red fox", width=64, height=64, steps=4, guidance=1.0)
+    golden = _goldens("chroma")["steps4_w64_h64"]
+    assert np.allclose(pipe.pipe.scheduler.timesteps.numpy(), golden["timesteps"], rtol=0, atol=1e-4)
+    assert np.allclose(pipe.pipe.scheduler.sigmas.numpy(), golden["sigmas"], rtol=0, atol=1e-7)
+
+
+def test_flux2_noise_is_ai_toolkits(pipes):
+    """The pipeline draws ai-toolkit's FLUX.2 noise: randn (B, 128, H/16, W/16) from the seeded CPU generator."""
+    from safetensors.torch import load_file
+
+    goldens = load_file(os.path.join(PARITY_DIR, "noise", "initial_noise.safetensors"))
+    pipe = pipes("flux2")
+    drawn = []
+    original = pipe.pipe.prepare_latents
+
+    def spy(*args, **kwargs):
+        latents, ids = original(*args, **kwargs)
+        drawn.append(latents.clone())
+        return latents, ids
+
+    pipe.pipe.prepare_latents = spy
+    try:
+        pipe.generate("a red fox", width=64, height=64, steps=1, seed=42)
+    finally:
+        del pipe.pipe.prepare_latents
+    assert torch.equal(drawn[0], goldens["flux2_seed42_w64_h64_float32_packed"])
+    for dtype in ("float32", "bfloat16"):
+        latents, _ = pipe.pipe.prepare_latents(1, 32, 768, 512, getattr(torch, dtype), "cpu",
+                                               torch.Generator("cpu").manual_seed(42))
+        assert torch.equal(latents, goldens[f"flux2_seed42_w512_h768_{dtype}_packed"]), dtype
+
+
+# ---------------------------------------------------------------------------------------------- guidance and negatives
+def test_flux2_dev_ignores_the_negative_prompt(pipes, caplog):
+    pipe = pipes("flux2")
+    with caplog.at_level(logging.WARNING):
+        with_negative = pipe.generate("a red fox", negative="blurry", **FAST).images
+    assert "ignores the negative prompt" in caplog.text
+    assert np.array_equal(with_negative, pipe.generate("a red fox", **FAST).images)
+    assert not np.array_equal(with_negative, pipe.generate("a red fox", guidance=1.5, **FAST).images), \
+        "guidance feeds the guidance embedding"
+
+
+def test_klein_uses_real_cfg_with_the_negative(pipes):
+    pipe = pipes("flux2_klein_4b")
+    default = pipe.generate("a red fox", **FAST).images
+    assert not np.array_equal(default, pipe.generate("a red fox", negative="blurry", **FAST).images)
+    # guidance 1: no CFG, so the negative has no effect (one forward per step)
+    no_cfg = pipe.generate("a red fox", guidance=1.0, **FAST).images
+    assert np.array_equal(no_cfg, pipe.generate("a red fox", guidance=1.0, negative="blurry", **FAST).images)
+    assert not np.array_equal(no_cfg, default)
+
+
+def test_chroma_uses_an_empty_unconditional_unless_asked(pipes, caplog):
+    pipe = pipes("chroma")
+    default = pipe.generate("a red fox", **FAST).images
+    with caplog.at_level(logging.WARNING):
+        ignored = pipe.generate("a red fox", negative="blurry", **FAST)
+    assert "ignores the negative prompt" in caplog.text and ignored.params.negative == "blurry"
+    assert np.array_equal(ignored.images, default), "ai-toolkit's previews use an empty unconditional"
+    used = pipe.generate("a red fox", negative="blurry", use_negative=True, **FAST).images
+    assert not np.array_equal(used, default)
+    assert np.array_equal(pipe.generate("a red fox", negative="", use_negative=True, **FAST).images, default)
+    with pytest.raises(ValueError, match="use_negative"):
+        pipe.generate("a red fox", use_negative="yes", **FAST)
+    with pytest.raises(ValueError, match="Unknown generation option"):
+        pipe.generate("a red fox", true_cfg=2.0, **FAST)
+
+
+def test_chroma_encodes_t5_without_its_mask_and_masks_all_but_one_padding_token(pipes):
+    pipe = pipes("chroma")
+    embeds, mask = pipe.encode(["a red fox"])
+    tokens = pipe.pipe.tokenizer(["a red fox"], padding="max_length", max_length=512, return_tensors="pt")
+    length = int(tokens.attention_mask.sum())
+    assert mask.shape == (1, 512) and mask[0, : length + 1].eq(1).all() and mask[0, length + 1:].eq(0).all()
+    with torch.inference_mode():
+        unmasked = pipe.pipe.text_encoder(tokens.input_ids)[0]
+    assert torch.equal(embeds, unmasked)
+
+
+# ---------------------------------------------------------------------------------------------- reference images
+def test_flux2_reference_images(pipes):
+    from PIL import Image
+
+    pipe = pipes("flux2_klein_4b")
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (72, 100, 3), dtype=np.uint8)) for _ in range(2)]
+    plain = pipe.generate("a red fox", guidance=1.0, **FAST).images
+    one = pipe.generate("a red fox", guidance=1.0, control_images=images[:1], **FAST).images
+    two = pipe.generate("a red fox", guidance=1.0, control_images=images, **FAST).images
+    assert one.shape == plain.shape and not np.array_equal(one, plain) and not np.array_equal(one, two)
+    with pytest.raises(ValueError, match="at least 64x64"):
+        pipe.generate("a red fox", control_images=[Image.new("RGB", (32, 128))], **FAST)
+    with pytest.raises(ValueError, match="at most 3 control image"):
+        pipe.generate("a red fox", control_images=images * 2, **FAST)
+    with pytest.raises(ValueError, match="takes no control image"):
+        pipes("chroma").generate("a red fox", control_images=images[:1], **FAST)
+
+
+def test_reference_image_preparation_follows_ai_toolkit():
+    from PIL import Image
+
+    from aitk_inference.pipelines.flux2 import prepare_reference_image
+
+    assert prepare_reference_image(Image.new("RGB", (100, 72))).size == (96, 64)  # centre crop, no resize
+    assert prepare_reference_image(Image.new("RGB", (2048, 1024))).size == (1440, 720)  # int(1448.15) -> 1448 -> crop
+    with pytest.raises(ValueError, match="at most 8:1"):
+        prepare_reference_image(Image.new("RGB", (900, 100)))

@@ -182,6 +182,7 @@ def cmd_reproduce(args) -> int:
 
     report = reproduce_job(args.job, base=args.base, lora=args.lora, out_dir=args.out, device=args.device,
                            dtype=args.dtype, model=args.model)
+    print(f"{report['model']} from {report['base']}; LoRA {report['lora']} (step {report['step']}, {report['lora_mode']})")
     for row in report["samples"]:
         line = f"{row['file']}: {row['width']}x{row['height']} seed {row['seed']} steps {row['steps']} guidance {row['guidance']}"
         if row.get("compare"):

@@ -224,14 +224,14 @@ def lora_step(path: str, process: dict) -> int:
     step = lora_step_from_name(path)
     if step is not None:
         return step
-    try:
-        from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
+    try:
         with safe_open(path, framework="pt", device="cpu") as f:
             info = json.loads((f.metadata() or {}).get("training_info", "{}"))
-        if isinstance(info.get("step"), int):
+        if isinstance(info, dict) and isinstance(info.get("step"), int):
             return info["step"]
-    except (OSError, ValueError, json.JSONDecodeError) as e:
+    except (SafetensorError, OSError, ValueError) as e:
         logger.warning("Could not read training_info from %s (%s); using train.steps.", path, e)
     return int((process.get("train") or {}).get("steps", 1000))
 

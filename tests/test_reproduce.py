@@ -136,6 +136,7 @@ def test_reproduce_cli_with_overrides(job_dir, tmp_path, tiny_dir):
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
+    assert lines[0].startswith("flux from ") and "job_000000100.safetensors (step 100, fused)" in lines[0]
     assert any("job__000000100_0.png: 64x64 seed 42 steps 2 guidance 4.0" in line for line in lines), proc.stdout
     assert any("job__000000100_1.png: 96x80 seed 7 steps 3" in line for line in lines), proc.stdout
     assert sorted(os.listdir(out)) == [f"job__000000100_{i}.png" for i in range(3)]

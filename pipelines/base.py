@@ -28,6 +28,7 @@ MAX_SEED = 2**64 - 1
 RANDOM_SEED_MAX = 2**32 - 1  # ai-toolkit draws random seeds in [0, 2^32 - 1]
 
 ProgressCallback = Callable[[int, int], None]
+COMPILE_MODES = (None, "none", "regional", "full")
 
 
 class GenerationInterrupted(RuntimeError):
@@ -210,6 +211,7 @@ class AITKPipeline:
         self.offload = offload
         self.lora_mode = lora_mode
         self.source = source
+        self.compiled: str | None = None
         self.lock = threading.RLock()
         self.loras = LoraStack(
             self.lora_components(), lora_mode, self.denoiser, spec.model_id,
@@ -226,6 +228,7 @@ class AITKPipeline:
         dtype=None,
         offload: str | None = None,
         lora_mode: str | None = None,
+        compile: str | None = None,
     ) -> "AITKPipeline":
         """Load ``spec``'s pipeline from ``base`` (HF repo id, diffusers folder or single file; default: the spec's)."""
         device = resolve_device(device)
@@ -236,6 +239,8 @@ class AITKPipeline:
         lora_mode = lora_mode or spec.lora_mode
         if lora_mode not in ("dynamic", "fused"):
             raise ValueError(f"Unknown LoRA mode {lora_mode!r}; use dynamic or fused.")
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"Unknown compile mode {compile!r}; use none, regional or full.")
         source = os.path.expanduser(base) if base else spec.base
         started = time.perf_counter()
         pipe = cls.load_diffusers_pipeline(spec, source, torch_dtype)
@@ -245,7 +250,10 @@ class AITKPipeline:
         cls.place(pipe, device, offload)
         logger.info("Loaded %s from %s in %.2fs (%s, %s, offload=%s)", spec.model_id, source,
                     time.perf_counter() - started, device, torch_dtype, offload)
-        return cls(spec, pipe, device, torch_dtype, offload, lora_mode, source)
+        pipeline = cls(spec, pipe, device, torch_dtype, offload, lora_mode, source)
+        if compile not in (None, "none"):
+            pipeline.compile_denoiser(compile)
+        return pipeline
 
     @classmethod
     def load_diffusers_pipeline(cls, spec: ModelSpec, source: str, torch_dtype, **overrides):
@@ -283,6 +291,29 @@ class AITKPipeline:
             pipe.enable_model_cpu_offload(device=device)
         else:
             pipe.enable_sequential_cpu_offload(device=device)
+
+    def compile_denoiser(self, mode: str = "regional", **compile_kwargs) -> None:
+        """``torch.compile`` the denoiser in place; the first generation pays the compilation.
+
+        Args:
+            mode (str, defaults to "regional"): ``regional`` compiles the repeated transformer block classes once each
+                (``compile_repeated_blocks(fullgraph=True)``, fast to compile); ``full`` compiles the whole denoiser.
+            **compile_kwargs: passed on to ``torch.compile`` (``backend``, ``mode``...).
+
+        In ``fused`` LoRA mode strength changes and LoRA switches edit the weights in place, so the compiled graphs
+        are reused (no recompilation). In ``dynamic`` mode adding PEFT layers or changing a strength recompiles.
+        """
+        denoiser = getattr(self.pipe, self.denoiser)
+        if mode == "regional":
+            if not getattr(denoiser, "_repeated_blocks", None):
+                raise ValueError(f"{type(denoiser).__name__} declares no repeated blocks to compile regionally; "
+                                 "use compile='full'.")
+            denoiser.compile_repeated_blocks(fullgraph=True, **compile_kwargs)
+        elif mode == "full":
+            denoiser.compile(**compile_kwargs)
+        else:
+            raise ValueError(f"Unknown compile mode {mode!r}; use regional or full.")
+        self.compiled = mode
 
     # ------------------------------------------------------------------------------------------------ LoRA hooks
     def lora_components(self) -> dict:
@@ -495,6 +526,7 @@ def load_pipeline(
     dtype=None,
     offload: str | None = None,
     lora_mode: str | None = None,
+    compile: str | None = None,
 ) -> AITKPipeline:
     """Load the pipeline of a registered model id (not cached; see ``pipelines.cache`` for the shared cache).
 
@@ -506,9 +538,12 @@ def load_pipeline(
         dtype (str | torch.dtype, *optional*): ``auto`` (fp32 on CPU, bf16 on GPU), ``fp32``, ``bf16`` or ``fp16``.
         offload (str, *optional*): ``none`` (default), ``model`` or ``sequential`` CPU offload.
         lora_mode (str, *optional*): ``dynamic`` or ``fused``; defaults to the model's registry setting.
+        compile (str, *optional*): ``none`` (default), ``regional`` or ``full`` torch.compile of the denoiser (see
+            :meth:`AITKPipeline.compile_denoiser`; use with ``lora_mode="fused"`` to avoid recompiles).
     """
     spec = get_spec(model_id)
-    return spec.family_class().from_spec(spec, base=base, device=device, dtype=dtype, offload=offload, lora_mode=lora_mode)
+    return spec.family_class().from_spec(spec, base=base, device=device, dtype=dtype, offload=offload,
+                                         lora_mode=lora_mode, compile=compile)
 
 
 __all__ = ["AITKPipeline", "GenerationInterrupted", "GenerationParams", "GenerationResult", "load_pipeline",

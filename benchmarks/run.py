@@ -1,0 +1,90 @@
+"""Run the benchmark suite and write ``<out>/<date>-<device>.json``.
+
+    python -m aitk_inference.benchmarks.run --models flux                 # FLUX.1-dev pipeline, full size, on CUDA
+    python -m aitk_inference.benchmarks.run --models flux --forward-only zimage_turbo qwen_image wan21_14b
+    python -m aitk_inference.benchmarks.run --size tiny --device cpu --dtype fp32 --variants dynamic fused
+
+``--models`` are timed through the whole pipeline (``load_pipeline`` on a local folder materialised with random
+weights); ``--forward-only`` models are timed as one denoiser forward. BENCHMARKS.md describes every metric.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import time
+
+PIPELINE_MODELS = ("flux",)
+FORWARD_MODELS = ("flux", "zimage_turbo", "qwen_image", "wan21_14b")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from .harness import VARIANTS
+
+    parser = argparse.ArgumentParser(prog="python -m aitk_inference.benchmarks.run", description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="*", default=["flux"], choices=PIPELINE_MODELS,
+                        help="models timed through the whole pipeline")
+    parser.add_argument("--forward-only", nargs="*", default=[], choices=FORWARD_MODELS,
+                        help="models timed as one denoiser forward")
+    parser.add_argument("--size", default="full", choices=("full", "tiny"), help="real architectures or tiny ones")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
+                        help="speed paths to time besides the reference (dynamic), which always runs")
+    parser.add_argument("--steps", type=int, default=25, help="steps of the end-to-end image")
+    parser.add_argument("--image-size", type=int, default=1024)
+    parser.add_argument("--reps", type=int, default=5, help="timed forwards per variant")
+    parser.add_argument("--e2e-reps", type=int, default=2, help="timed images per variant (after one warm-up)")
+    parser.add_argument("--compile-backend", default="inductor")
+    parser.add_argument("--workdir", default=None, help="where the random-weight model folder and LoRAs are written")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--drop-page-cache", action="store_true",
+                        help="drop the OS page cache before the cold-load timings (needs root; slows the whole machine)")
+    parser.add_argument("--time-budget", type=float, default=float("inf"),
+                        help="seconds; variants that would start too close to it are skipped")
+    args = parser.parse_args(argv)
+    for name in ("steps", "image_size", "reps", "e2e_reps"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
+    return args
+
+
+def main(argv=None) -> str:
+    """Run what ``argv`` asks for; returns the path of the results file."""
+    import torch
+
+    from .harness import Options, bench_flux_pipeline, bench_transformer, new_recorder
+
+    args = parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but no CUDA GPU is visible; use --size tiny --device cpu for a smoke run.")
+    opts = Options(size=args.size, device=args.device, dtype=args.dtype, variants=tuple(args.variants),
+                   steps=args.steps, step_timing_steps=min(10, args.steps), image_size=args.image_size,
+                   reps=args.reps, e2e_reps=args.e2e_reps, compile_backend=args.compile_backend,
+                   deadline=time.time() + args.time_budget, drop_page_cache=args.drop_page_cache)
+    if args.workdir:
+        opts.workdir = args.workdir
+    command = "python -m aitk_inference.benchmarks.run " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    rec = new_recorder(args.out, args.device, command, args.size)
+    for model_id in args.forward_only:
+        bench_transformer(model_id, opts, rec)
+    for model_id in args.models:
+        bench_flux_pipeline(opts, rec)
+    print(f"[bench] wrote {rec.path}", flush=True)
+    print_table(rec)
+    return rec.path
+
+
+def print_table(rec) -> None:
+    print(f"\n{rec.meta['device']}  {rec.meta['versions']}")
+    print(f"{'model':13s} {'metric':32s} {'variant':20s} {'value':>11s} {'unit':6s} {'ref':>11s} {'ratio':>6s}")
+    for r in rec.records:
+        ref = "" if r.reference_value is None else f"{r.reference_value:11.3f}"
+        ratio = "" if r.ratio is None else f"{r.ratio:6.3f}"
+        print(f"{r.model:13s} {r.metric:32s} {r.variant:20s} {r.value:11.3f} {r.unit:6s} {ref:>11s} {ratio:>6s}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""The benchmark harness on the tiny FLUX model (CPU): the code path the GPU run takes, and its results schema."""
+
+import json
+import math
+
+from aitk_inference.benchmarks.harness import RECORD_KEYS, SCHEMA_VERSION
+
+
+def test_tiny_flux_benchmark_writes_valid_results(tiny_dir, tmp_path):
+    from aitk_inference.benchmarks.run import main
+
+    tiny_dir("flux")
+    path = main(["--size", "tiny", "--device", "cpu", "--dtype", "fp32", "--image-size", "64", "--steps", "2",
+                 "--reps", "1", "--e2e-reps", "1", "--variants", "fused",
+                 "--out", str(tmp_path / "results"), "--workdir", str(tmp_path / "work")])
+    with open(path) as f:
+        payload = json.load(f)
+
+    assert payload["schema"] == SCHEMA_VERSION and payload["size"] == "tiny"
+    assert payload["versions"]["torch"] and payload["versions"]["diffusers"] and payload["device"]
+    assert payload["command"].startswith("python -m aitk_inference.benchmarks.run --size tiny")
+    records = payload["records"]
+    for r in records:
+        assert tuple(r) == RECORD_KEYS
+        assert r["model"] == "flux" and isinstance(r["unit"], str) and math.isfinite(r["value"]) and r["value"] >= 0
+        if r["reference_value"] is None:
+            assert r["ratio"] is None
+        else:
+            assert math.isclose(r["ratio"], r["value"] / r["reference_value"], rel_tol=1e-3)
+    by_key = {(r["metric"], r["variant"]): r for r in records}
+    for metric in ("image_e2e", "step", "strength_change", "lora_switch"):
+        assert by_key[(metric, "dynamic")]["reference_value"] is None  # the reference itself
+        assert by_key[(metric, "fused")]["reference_value"] == by_key[(metric, "dynamic")]["value"]
+    assert by_key[("cold_load", "load_pipeline")]["reference_value"] == by_key[("raw_read", "read()")]["value"]
+    assert {r["variant"] for r in records} == {"dynamic", "fused", "load_pipeline", "read()"}

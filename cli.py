@@ -139,9 +139,12 @@ def cmd_demo(args) -> int:
     folder = tiny_model_dir(args.model)
     pipeline = load_pipeline(args.model, base=folder, device="cpu", dtype="fp32")
     denoiser = getattr(pipeline.pipe, pipeline.denoiser)
-    lora = write_lora(os.path.join(folder, "loras", "demo_lora.safetensors"), "peft", lora_targets(denoiser))
-    print(f"tiny {args.model} pipeline (random weights) at {folder}; demo LoRA {lora}")
-    args.lora = [(lora, 1.0)]
+    # Two-expert models take a high-noise and a low-noise file, as ai-toolkit saves them.
+    names = ["demo_lora_high_noise", "demo_lora_low_noise"] if "transformer_2" in spec.lora_components else ["demo_lora"]
+    loras = [write_lora(os.path.join(folder, "loras", f"{name}.safetensors"), "peft", lora_targets(denoiser), seed=i)
+             for i, name in enumerate(names)]
+    print(f"tiny {args.model} pipeline (random weights) at {folder}; demo LoRA {', '.join(loras)}")
+    args.lora = [(lora, 1.0) for lora in loras]
     args.base = folder
     for name in ("neg", "seed", "trigger", "guidance"):
         setattr(args, name, None)
@@ -151,6 +154,10 @@ def cmd_demo(args) -> int:
     args.prompt = "a tiny photo of [trigger]"
     args.trigger = "sks"
     args.ctrl_img = [_demo_control_image()] * spec.control_images[0]
+    if spec.video is not None:
+        args.num_frames, args.fps = 2 * spec.video.frame_step + 1, None
+        if args.out.lower().endswith(".png"):
+            args.out = args.out[:-4] + ".mp4"
     run_generate(pipeline, args, args.out)
     print(f"demo done in {time.perf_counter() - started:.2f}s")
     return 0

@@ -7,7 +7,6 @@ the "long" jobs (150 steps) are always canceled or interrupted, never run to the
 from __future__ import annotations
 
 import base64
-import dataclasses
 import http.server
 import io
 import json
@@ -271,10 +270,6 @@ def test_fifo_queue_progress_and_cancel(server):
 def test_reference_400_codes_and_path_escapes(server, dirs, monkeypatch):
     from PIL import Image
 
-    from aitk_inference.pipelines.registry import REGISTRY
-
-    # No MoE family is registered yet: a flux copy flagged as MoE exercises the MoE validation (never loaded).
-    monkeypatch.setitem(REGISTRY, "tiny_moe", dataclasses.replace(REGISTRY["flux"], model_id="tiny_moe", extra={"moe": True}))
     c = server.client
     prompt = {"prompt": "p", "width": 64, "height": 64, "sample_steps": 2}
 
@@ -287,7 +282,7 @@ def test_reference_400_codes_and_path_escapes(server, dirs, monkeypatch):
     cases = {
         "MODEL_NOT_FOUND": post(model="sdxl_nope"),
         "LORA_FILE_REQUIRED": post(loras=()),
-        "MOE_FORMAT_REQUIRED": post(model="tiny_moe", loras=({"path": "style_a.safetensors", "transformer": "low"},
+        "MOE_FORMAT_REQUIRED": post(model="wan22_14b_t2v", loras=({"path": "style_a.safetensors", "transformer": "low"},
                                                              {"path": "style_b.safetensors"})),
         "MOE_FORMAT_NOT_SUPPORTED": post(loras=({"path": "style_a.safetensors", "transformer": "high"},)),
         "TOO_MANY_LORAS": post(loras=[{"path": f"sub/style_{x}.safetensors"} for x in "cde"]
@@ -301,7 +296,7 @@ def test_reference_400_codes_and_path_escapes(server, dirs, monkeypatch):
         assert response.status_code == 400 and error_code(response) == code, (code, response.text)
     assert cases["MODEL_NOT_FOUND"].json()["detail"]["error"]["details"]["supported_models"][0] == "flux"
     assert cases["MODEL_NOT_FOUND"].json()["detail"]["error"]["message"] == "Model 'sdxl_nope' is not supported"
-    assert post(model="tiny_moe", loras=({"path": "missing.safetensors", "transformer": "low"},)).json()[
+    assert post(model="wan22_14b_t2v", loras=({"path": "missing.safetensors", "transformer": "low"},)).json()[
         "detail"]["error"]["message"] == "LoRA file(s) not found: ['missing.safetensors']"
 
     for source in ("not base64 !!", base64.b64encode(huge_png.getvalue()).decode(), base64.b64encode(b"GIF89a junk").decode(),

@@ -74,6 +74,31 @@ FLUX2_EULER = {**FLUX_FLOWMATCH, "shift": 1.0, "use_dynamic_shifting": False}
 WAN21_FLOWMATCH = {**FLUX_FLOWMATCH, "shift": 3.0, "use_dynamic_shifting": False}
 WAN22_FLOWMATCH = {**FLUX_FLOWMATCH, "shift": 5.0, "use_dynamic_shifting": False}
 
+# ai-toolkit's LTX-2 scheduler (extensions_built_in/diffusion_models/ltx2/ltx2.py scheduler_config): dynamic exponential
+# shift with mu from 1024..4096 video tokens (0.95..2.05), stretched to end at 0.1.
+LTX2_FLOWMATCH = {
+    **FLUX_FLOWMATCH,
+    "shift": 1.0,
+    "base_shift": 0.95,
+    "max_shift": 2.05,
+    "base_image_seq_len": 1024,
+    "max_image_seq_len": 4096,
+    "shift_terminal": 0.1,
+}
+
+# LTX2Pipeline guidance arguments. LTX-2.0: ai-toolkit passes none, i.e. plain CFG in the diffusers it was written for;
+# diffusers 0.42's defaults are LTX-2.3's, so the plain values are explicit. LTX-2.3: what ai-toolkit passes.
+LTX20_GUIDANCE = {
+    "stg_scale": 0.0, "modality_scale": 1.0, "guidance_rescale": 0.0, "audio_guidance_scale": None,
+    "audio_stg_scale": None, "audio_modality_scale": None, "audio_guidance_rescale": None,
+    "spatio_temporal_guidance_blocks": None, "use_cross_timestep": False,
+}
+LTX23_GUIDANCE = {
+    "stg_scale": 1.0, "modality_scale": 3.0, "guidance_rescale": 0.7, "audio_guidance_scale": 7.0,
+    "audio_stg_scale": 1.0, "audio_modality_scale": 3.0, "audio_guidance_rescale": 0.7,
+    "spatio_temporal_guidance_blocks": [28], "use_cross_timestep": True,
+}
+
 
 @dataclass(frozen=True)
 class SchedulerSpec:
@@ -234,6 +259,12 @@ _WAN22_5B_NOTES = _WAN_COMMON.format("5.0") + (
     " Divisor 32 (16x VAE x 2x2 patches). Defaults are ai-toolkit's UI preset for this model: 121 frames at 24 fps, "
     "768x768 (the reference uses 41 at 16). An optional control image becomes first-frame conditioning "
     "(diffusers' WanImageToVideoPipeline with expand_timesteps)."
+)
+
+_LTX2_NOTES = (
+    "Video with audio (MP4 with the audio track). FlowMatch Euler with LTX-2's dynamic shift (0.95..2.05 over "
+    "1024..4096 tokens, terminal 0.1), true CFG with the negative prompt, divisor 32, frames 8k+1. An optional control "
+    "image (LANCZOS-resized to the target size) makes it image-to-video. LoRAs in original LTX names load."
 )
 
 REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
@@ -590,6 +621,39 @@ REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
             tiny="wan:build_wan22_5b",
             extra={"expand_timesteps": True},
             notes=_WAN22_5B_NOTES,
+        ),
+        ModelSpec(
+            model_id="ltx2",
+            family="ltx2:LTX2FamilyPipeline",
+            pipeline_class="LTX2Pipeline",
+            base="Lightricks/LTX-2",
+            steps=25,
+            guidance=4.0,
+            divisor=32,
+            scheduler=SchedulerSpec("FlowMatchEulerDiscreteScheduler", LTX2_FLOWMATCH),
+            guidance_kind="true_cfg",
+            control_images=(0, 1),
+            video=VideoSpec(num_frames=41, fps=24, frame_step=8),
+            tiny="ltx2:build_ltx2",
+            extra={"guidance": LTX20_GUIDANCE},
+            notes=_LTX2_NOTES + " LTX-2.0: plain true CFG (no STG or modality guidance), as ai-toolkit samples it.",
+        ),
+        ModelSpec(
+            model_id="ltx2.3",
+            family="ltx2:LTX2FamilyPipeline",
+            pipeline_class="LTX2Pipeline",
+            base="dg845/LTX-2.3-Diffusers",
+            steps=25,
+            guidance=4.0,
+            divisor=32,
+            scheduler=SchedulerSpec("FlowMatchEulerDiscreteScheduler", LTX2_FLOWMATCH),
+            guidance_kind="true_cfg",
+            control_images=(0, 1),
+            video=VideoSpec(num_frames=41, fps=24, frame_step=8),
+            tiny="ltx2:build_ltx23",
+            extra={"guidance": LTX23_GUIDANCE, "stg_reference_depth": 48},
+            notes=_LTX2_NOTES + " LTX-2.3: ai-toolkit's guidance extras (STG at block 28, modality guidance 3.0, "
+            "guidance rescale 0.7, audio guidance 7.0, cross-modality timesteps).",
         ),
     ]
 )

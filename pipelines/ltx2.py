@@ -1,0 +1,141 @@
+"""LTX-2 and LTX-2.3 (video with audio): diffusers ``LTX2Pipeline`` / ``LTX2ImageToVideoPipeline`` as ai-toolkit
+samples them (``ai-toolkit.md`` §2.2, ai-toolkit's ``extensions_built_in/diffusion_models/ltx2/ltx2.py``).
+
+What ai-toolkit does here, and so do we:
+
+* FlowMatch Euler with LTX-2's dynamic shift (mu from 1024..4096 video tokens, 0.95..2.05, exponential), stretched
+  to end at 0.1 (``shift_terminal``); the pipeline's own sigmas ``linspace(1, 1/N, N)``;
+* true CFG with the negative prompt; Gemma prompts padded to 1024 tokens (the connectors need that length);
+* width/height floored to 32, frames to 8k+1;
+* an optional control image, resized (LANCZOS) to the target size, switches to ``LTX2ImageToVideoPipeline`` over the
+  same modules (first-frame conditioning);
+* LTX-2.3 gets ai-toolkit's guidance extras (STG, modality isolation, guidance rescale, separate audio scales,
+  cross-modality timesteps). LTX-2.0 gets none: ai-toolkit passes nothing, which in the diffusers it was written
+  against meant plain CFG. Diffusers 0.42 changed the call defaults to LTX-2.3's, so the plain values are passed
+  explicitly (``ModelSpec.extra["guidance"]``).
+
+Where we differ on purpose: ``frame_rate`` is the requested ``fps`` (ai-toolkit leaves the pipeline's 24 and only
+writes the file at ``fps``); at the default 24 fps both are the same, at other rates ours keeps audio and video the
+same length. Audio is kept: ``GenerationResult.audio`` is ``[B, channels, samples]`` float32 at
+``GenerationResult.sample_rate`` (the vocoder's output rate).
+
+STG perturbs the transformer blocks listed in ``spatio_temporal_guidance_blocks`` (``[28]`` for the 48-block LTX-2.3).
+A model of another depth (the tiny test models) gets the block at the same relative depth,
+``index * depth // stg_reference_depth``, so STG never silently points past the last block.
+
+LoRAs in original LTX names (``diffusion_model.patchify_proj``, ``adaln_single``...) are renamed by
+``lora_convert.ltx2_original_to_diffusers``; diffusers-named files load as they are.
+
+Progress: ``progress(step, total)`` after every denoising step, and once more (``step == total``) when decoding
+(video VAE, audio VAE, vocoder) starts. ``pipeline.stage`` is ``"denoise"``, then ``"decode"``, then ``"done"``.
+"""
+
+from __future__ import annotations
+
+import time
+
+from .base import AITKPipeline, GenerationParams, GenerationResult
+from .lora_convert import ltx2_original_to_diffusers
+
+GEMMA_MAX_LENGTH = 1024
+
+
+class LTX2FamilyPipeline(AITKPipeline):
+    """``ltx2`` and ``ltx2.3``."""
+
+    denoiser = "transformer"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stage = "idle"
+        self._image_pipe = None
+        self._progress = None
+        self._decode_started = None
+
+    # ------------------------------------------------------------------------------------------------ LoRA hooks
+    def lora_name_mapper(self):
+        return ltx2_original_to_diffusers
+
+    # ------------------------------------------------------------------------------------------------ generation
+    def guidance_kwargs(self) -> dict:
+        """The spec's extra guidance arguments, with the STG blocks mapped onto this transformer's depth."""
+        extras = dict(self.spec.extra["guidance"])
+        blocks = extras.get("spatio_temporal_guidance_blocks")
+        if blocks:
+            depth = self.pipe.transformer.config.num_layers
+            reference = self.spec.extra["stg_reference_depth"]
+            extras["spatio_temporal_guidance_blocks"] = sorted({b * depth // reference for b in blocks})
+        return extras
+
+    def pipeline_kwargs(self, params: GenerationParams) -> dict:
+        kwargs = {
+            "prompt": [params.prompt] * params.batch_size,
+            "negative_prompt": [params.negative] * params.batch_size,
+            "width": params.width,
+            "height": params.height,
+            "num_frames": params.num_frames,
+            "frame_rate": float(params.fps),
+            "guidance_scale": params.guidance,
+            "max_sequence_length": GEMMA_MAX_LENGTH,
+            "output_type": "np",
+            **self.guidance_kwargs(),
+        }
+        if params.control_images:
+            from PIL import Image
+
+            kwargs["image"] = params.control_images[0].resize((params.width, params.height), Image.LANCZOS)
+        return kwargs
+
+    def call_pipeline(self, call: dict):
+        pipe = self._image_to_video_pipe() if "image" in call else self.pipe
+        return pipe(**call)
+
+    def _image_to_video_pipe(self):
+        """diffusers' image-to-video pipeline over the same modules (built once, as ai-toolkit does per sample)."""
+        if self._image_pipe is None:
+            from diffusers import LTX2ImageToVideoPipeline
+
+            p = self.pipe
+            self._image_pipe = LTX2ImageToVideoPipeline(
+                scheduler=p.scheduler, vae=p.vae, audio_vae=p.audio_vae, text_encoder=p.text_encoder,
+                tokenizer=p.tokenizer, connectors=p.connectors, transformer=p.transformer, vocoder=p.vocoder,
+            )
+            self._image_pipe.set_progress_bar_config(disable=True)
+        return self._image_pipe
+
+    def _staged_progress(self, progress):
+        def report(step: int, total: int) -> None:
+            if progress is not None:
+                progress(step, total)
+            if step == total:
+                # the pipeline decodes video and audio right after its last step
+                self.stage = "decode"
+                self._decode_started = time.perf_counter()
+                if progress is not None:
+                    progress(total, total)
+
+        return report
+
+    def generate(self, prompt: str, progress=None, **kwargs) -> GenerationResult:
+        """As :meth:`AITKPipeline.generate`, with ``num_frames`` (8k+1), ``fps`` and an optional control image
+        (image-to-video); ``images`` is ``[B, T, H, W, C]``, ``audio`` ``[B, channels, samples]``."""
+        with self.lock:
+            self.stage = "denoise"
+            self._decode_started = None
+            try:
+                result = super().generate(prompt, progress=self._staged_progress(progress), **kwargs)
+                finished = time.perf_counter()
+            finally:
+                self.stage = "done"
+        if self._decode_started is not None:
+            result.timings["decode"] = round(finished - self._decode_started, 4)
+        return result
+
+    def postprocess(self, output, params: GenerationParams) -> dict:
+        import numpy as np
+
+        return {
+            "images": np.asarray(output.frames, dtype=np.float32),
+            "audio": output.audio.detach().float().cpu().numpy(),
+            "sample_rate": int(self.pipe.vocoder.config.output_sampling_rate),
+        }

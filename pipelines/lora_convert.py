@@ -83,11 +83,14 @@ class ModulePatch:
     """One module's change, alpha already folded in: the module's weight becomes ``W + strength * delta``.
 
     ``kind`` is ``"lora"`` (tensors ``down`` (r, in[, kh, kw]) and ``up`` (out, r[, 1, 1])), ``"lokr"`` (``w1``,
-    ``w2``: delta = kron(w1, w2)) or ``"full"`` (``diff`` and optionally ``diff_b`` for the bias).
+    ``w2``: delta = kron(w1, w2)) or ``"full"`` (``diff`` and optionally ``diff_b`` for the bias). ``rows``
+    (``"lokr"`` only) keeps output rows ``start:stop`` of the Kronecker product: one part of a fused projection that
+    a family splits (see :func:`split_patch_rows`).
     """
 
     kind: str
     tensors: dict[str, torch.Tensor]
+    rows: tuple[int, int] | None = None
 
     @property
     def rank(self) -> int | None:
@@ -100,7 +103,8 @@ class ModulePatch:
             return (up.shape[0], down.shape[1], *down.shape[2:])
         if self.kind == "lokr":
             w1, w2 = t["w1"], t["w2"]
-            return (w1.shape[0] * w2.shape[0], w1.shape[1] * w2.shape[1], *w2.shape[2:])
+            rows = w1.shape[0] * w2.shape[0] if self.rows is None else self.rows[1] - self.rows[0]
+            return (rows, w1.shape[1] * w2.shape[1], *w2.shape[2:])
         return tuple(t["diff"].shape)
 
     def delta(self, device=None) -> torch.Tensor:
@@ -117,7 +121,13 @@ class ModulePatch:
             w1, w2 = t["w1"], t["w2"]
             if w2.dim() == 4:
                 w1 = w1[:, :, None, None]
-            return torch.kron(w1, w2)
+            if self.rows is None:
+                return torch.kron(w1, w2)
+            # only the rows of w1 whose blocks overlap start:stop are expanded
+            start, stop = self.rows
+            block = w2.shape[0]
+            first, last = start // block, (stop - 1) // block + 1
+            return torch.kron(w1[first:last], w2)[start - first * block: stop - first * block]
         return t["diff"]
 
 
@@ -430,7 +440,8 @@ def route_wan_experts(
 # stripped the prefix; these stages rename onto diffusers' Flux2Transformer2DModel / ChromaTransformer2DModel.
 # Where diffusers splits a fused BFL projection, the patch is split by output rows: a LoRA keeps its lora_A (down)
 # and splits lora_B (up), so each module keeps the file's own rank and alpha; a LoKr splits its w1 when the rows
-# line up with the Kronecker blocks (else its delta is split as full-layer patches); a `.diff` splits its rows.
+# line up with the Kronecker blocks, else each part keeps both factors and its row range (nothing is expanded until
+# it is merged); a `.diff` splits its rows.
 # Diffusers names pass through unchanged, so both spellings of a LoRA load the same way.
 
 # A tuple of names is a fused projection: every part but the last takes ``in_features`` (hidden size) rows, the last
@@ -496,12 +507,13 @@ def split_patch_rows(patch: ModulePatch, sizes: list[int]) -> list[ModulePatch]:
         return [ModulePatch("lora", {"down": t["down"], "up": up}) for up in t["up"].split(sizes, dim=0)]
     if patch.kind == "lokr":
         block = t["w2"].shape[0]
-        if all(size % block == 0 for size in sizes):
-            # kron(w1, w2) stacks blocks of w2's rows per row of w1: aligned parts are kron(w1 rows, w2)
+        if patch.rows is None and all(size % block == 0 for size in sizes):
+            # kron(w1, w2) stacks one block of w2's rows per row of w1: aligned parts are kron(w1 rows, w2)
             return [ModulePatch("lokr", {"w1": w1, "w2": t["w2"]})
                     for w1 in t["w1"].split([size // block for size in sizes], dim=0)]
-        patch = ModulePatch("full", {"diff": patch.delta()})
-        t = patch.tensors
+        offset = 0 if patch.rows is None else patch.rows[0]
+        bounds = [offset + sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        return [ModulePatch("lokr", dict(t), rows=(start, stop)) for start, stop in zip(bounds, bounds[1:])]
     diffs = t["diff"].split(sizes, dim=0)
     biases = t["diff_b"].split(sizes, dim=0) if "diff_b" in t else [None] * len(sizes)
     return [ModulePatch("full", {"diff": d} if b is None else {"diff": d, "diff_b": b}) for d, b in zip(diffs, biases)]
@@ -512,7 +524,7 @@ def join_patch_rows(parts: list[ModulePatch]) -> ModulePatch:
     kinds = {p.kind for p in parts}
     if kinds == {"lora"} and all(p.tensors["down"] is parts[0].tensors["down"] for p in parts):
         return ModulePatch("lora", {"down": parts[0].tensors["down"], "up": torch.cat([p.tensors["up"] for p in parts])})
-    if kinds == {"lokr"} and all(p.tensors["w2"] is parts[0].tensors["w2"] for p in parts):
+    if kinds == {"lokr"} and all(p.rows is None and p.tensors["w2"] is parts[0].tensors["w2"] for p in parts):
         return ModulePatch("lokr", {"w1": torch.cat([p.tensors["w1"] for p in parts]), "w2": parts[0].tensors["w2"]})
     joined = {"diff": torch.cat([p.delta() for p in parts])}
     if any("diff_b" in p.tensors for p in parts):

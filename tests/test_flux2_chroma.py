@@ -76,6 +76,33 @@ def test_generation_and_lora_cycle(model_id, pipes, load_tiny):
     assert np.abs(fused_pipe.generate("a red fox", **FAST).images - with_bfl).max() < 1e-4, "fused = dynamic"
 
 
+def test_bfl_lokr_on_fused_projections_equals_the_split_full_layers(pipes):
+    """ai-toolkit's full-rank LoKr on qkv (96 rows = 8 x 12: rows not aligned with thirds) and linear1."""
+    pipe = pipes("flux2")
+    g = torch.Generator().manual_seed(4)
+    lokr, full = {}, {}
+    for bfl, names, out_l, out_k in (
+        ("double_blocks.0.img_attn.qkv", ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k",
+                                          "transformer_blocks.0.attn.to_v"], 8, 12),
+        ("single_blocks.0.linear1", ["single_transformer_blocks.0.attn.to_qkv_mlp_proj"], 16, 18),
+    ):
+        w1, w2 = torch.randn(out_l, 4, generator=g) * 0.3, torch.randn(out_k, 8, generator=g) * 0.3
+        lokr.update({f"diffusion_model.{bfl}.lokr_w1": w1, f"diffusion_model.{bfl}.lokr_w2": w2,
+                     f"diffusion_model.{bfl}.alpha": torch.tensor(1e10)})
+        for name, diff in zip(names, torch.kron(w1, w2).chunk(len(names))):
+            full[f"transformer.{name}.diff"] = diff
+    base = pipe.generate("a red fox", **FAST).images
+    try:
+        pipe.set_loras([request(lokr, 1.0, "lokr")])
+        with_lokr = pipe.generate("a red fox", **FAST).images
+        pipe.set_loras([request(full, 1.0, "full")])
+        with_full = pipe.generate("a red fox", **FAST).images
+    finally:
+        pipe.set_loras([])
+    assert np.abs(with_lokr - base).max() > 1e-3
+    assert np.abs(with_lokr - with_full).max() < 1e-5
+
+
 @pytest.mark.parametrize("model_id", ["flux2", "flux2_klein_4b", "chroma"])
 def test_lora_of_another_family_is_refused(model_id, pipes):
     from aitk_inference.pipelines.lora_convert import LoraFormatError
@@ -229,3 +256,79 @@ def test_reference_image_preparation_follows_ai_toolkit():
     assert prepare_reference_image(Image.new("RGB", (2048, 1024))).size == (1440, 720)  # int(1448.15) -> 1448 -> crop
     with pytest.raises(ValueError, match="at most 8:1"):
         prepare_reference_image(Image.new("RGB", (900, 100)))
+
+
+# ---------------------------------------------------------------------------------------------- BFL renaming (pure)
+def _convert(state_dict, mapper):
+    from aitk_inference.pipelines import lora_convert
+
+    return lora_convert.convert_ai_toolkit_lora(state_dict, "transformer", {}, getattr(lora_convert, mapper))
+
+
+def test_bfl_qkv_split_keeps_each_modules_rank_and_alpha():
+    g = torch.Generator().manual_seed(0)
+    sd = {  # rank 4 with alpha 2 on the fused qkv, rank 2 without alpha on the projection
+        "diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight": torch.randn(4, 8, generator=g),
+        "diffusion_model.double_blocks.0.img_attn.qkv.lora_up.weight": torch.randn(24, 4, generator=g),
+        "diffusion_model.double_blocks.0.img_attn.qkv.alpha": torch.tensor(2.0),
+        "diffusion_model.double_blocks.0.img_attn.proj.lora_A.weight": torch.randn(2, 8, generator=g),
+        "diffusion_model.double_blocks.0.img_attn.proj.lora_B.weight": torch.randn(8, 2, generator=g),
+    }
+    patches = _convert(sd, "convert_bfl_to_diffusers_flux2").patches
+    fused = sd["diffusion_model.double_blocks.0.img_attn.qkv.lora_up.weight"] @ \
+        sd["diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight"] * (2.0 / 4)
+    parts = [patches[("transformer", f"transformer_blocks.0.attn.{n}")] for n in ("to_q", "to_k", "to_v")]
+    assert [p.rank for p in parts] == [4, 4, 4]
+    assert torch.allclose(torch.cat([p.delta() for p in parts]), fused)
+    proj = patches[("transformer", "transformer_blocks.0.attn.to_out.0")]
+    assert proj.rank == 2 and torch.allclose(proj.delta(), sd["diffusion_model.double_blocks.0.img_attn.proj.lora_B.weight"]
+                                              @ sd["diffusion_model.double_blocks.0.img_attn.proj.lora_A.weight"])
+
+
+def test_bfl_lokr_and_full_layers_split_exactly():
+    g = torch.Generator().manual_seed(1)
+    w1, w2 = torch.randn(6, 2, generator=g), torch.randn(4, 4, generator=g)  # 24 x 8: w1 rows align with thirds
+    odd_w1, odd_w2 = torch.randn(2, 2, generator=g), torch.randn(12, 4, generator=g)  # they do not: row ranges
+    diff, diff_b = torch.randn(56, 8, generator=g), torch.randn(56, generator=g)  # 3 x 8 + MLP 32
+    sd = {"diffusion_model.double_blocks.0.img_attn.qkv.lokr_w1": w1,
+          "diffusion_model.double_blocks.0.img_attn.qkv.lokr_w2": w2,
+          "diffusion_model.double_blocks.0.img_attn.qkv.alpha": torch.tensor(float("inf")),
+          "diffusion_model.double_blocks.0.txt_attn.qkv.lokr_w1": odd_w1,
+          "diffusion_model.double_blocks.0.txt_attn.qkv.lokr_w2": odd_w2,
+          "diffusion_model.single_blocks.0.linear1.diff": diff,
+          "diffusion_model.single_blocks.0.linear1.diff_b": diff_b}
+    patches = _convert(sd, "convert_bfl_to_diffusers_chroma").patches
+
+    def stacked(names):
+        return torch.cat([patches[("transformer", n)].delta() for n in names])
+
+    img = [f"transformer_blocks.0.attn.{n}" for n in ("to_q", "to_k", "to_v")]
+    assert {patches[("transformer", n)].kind for n in img} == {"lokr"}
+    assert torch.allclose(stacked(img), torch.kron(w1, w2))
+    txt = [f"transformer_blocks.0.attn.{n}" for n in ("add_q_proj", "add_k_proj", "add_v_proj")]
+    assert [(patches[("transformer", n)].kind, patches[("transformer", n)].rows) for n in txt] == \
+        [("lokr", (0, 8)), ("lokr", (8, 16)), ("lokr", (16, 24))]
+    assert [patches[("transformer", n)].delta_shape() for n in txt] == [(8, 8)] * 3
+    assert torch.allclose(stacked(txt), torch.kron(odd_w1, odd_w2))
+    # Chroma's linear1 is q, k, v (hidden = in_features rows each) then the MLP input
+    single = [f"single_transformer_blocks.0.{n}" for n in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")]
+    assert [patches[("transformer", n)].delta_shape() for n in single] == [(8, 8)] * 3 + [(32, 8)]
+    assert torch.equal(stacked(single), diff)
+    assert torch.equal(torch.cat([patches[("transformer", n)].tensors["diff_b"] for n in single]), diff_b)
+
+
+def test_flux2_final_modulation_rows_are_swapped_and_names_pass_through():
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(2, 8, generator=g), torch.randn(16, 2, generator=g)
+    sd = {"diffusion_model.final_layer.adaLN_modulation.1.lora_A.weight": a,
+          "diffusion_model.final_layer.adaLN_modulation.1.lora_B.weight": b,
+          "diffusion_model.single_blocks.3.linear1.lora_A.weight": a,
+          "diffusion_model.single_blocks.3.linear1.lora_B.weight": b,
+          "transformer.transformer_blocks.1.ff.linear_in.lora_A.weight": a,
+          "transformer.transformer_blocks.1.ff.linear_in.lora_B.weight": b}
+    converted = _convert(sd, "convert_bfl_to_diffusers_flux2")
+    norm = converted.patches[("transformer", "norm_out.linear")]
+    assert torch.equal(norm.delta(), torch.cat([b[8:], b[:8]]) @ a), "BFL (shift, scale) -> diffusers (scale, shift)"
+    assert torch.equal(converted.patches[("transformer", "single_transformer_blocks.3.attn.to_qkv_mlp_proj")].delta(), b @ a)
+    assert ("transformer", "transformer_blocks.1.ff.linear_in") in converted.patches
+    assert any("renamed from original BFL names" in note for note in converted.notes)

@@ -49,7 +49,6 @@ class LTX2FamilyPipeline(AITKPipeline):
         super().__init__(*args, **kwargs)
         self.stage = "idle"
         self._image_pipe = None
-        self._progress = None
         self._decode_started = None
 
     # ------------------------------------------------------------------------------------------------ LoRA hooks

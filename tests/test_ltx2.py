@@ -224,3 +224,13 @@ def test_mp4_with_audio_track(pipes, tmp_path):
         assert video.average_rate == 12
         assert sum(1 for _ in container.decode(video=0)) == 9
         assert len(audio) == 1 and audio[0].sample_rate == result.sample_rate and audio[0].channels == 2
+
+
+def test_image_to_video_ltx23_batch(pipes):
+    """LTX-2.3 image-to-video with its guidance extras, a batch of 2: one video and one audio track per item."""
+    from PIL import Image
+
+    image = Image.fromarray((np.random.RandomState(1).rand(64, 64, 3) * 255).astype(np.uint8))
+    result = pipes("ltx2.3").generate("a fox", control_images=[image], batch_size=2, **FAST)
+    assert result.images.shape == (2, 9, 64, 64, 3) and result.audio.shape[:2] == (2, 2)
+    assert np.isfinite(result.images).all() and np.isfinite(result.audio).all()

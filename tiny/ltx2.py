@@ -69,8 +69,8 @@ def ltx2_connectors(v23: bool):
         video_connector_num_attention_heads=video_heads, video_connector_attention_head_dim=video_dim,
         video_connector_num_layers=1, video_connector_num_learnable_registers=None,
         audio_connector_num_attention_heads=audio_heads, audio_connector_attention_head_dim=audio_dim,
-        audio_connector_num_layers=1, audio_connector_num_learnable_registers=None, connector_rope_base_seq_len=32, rope_theta=10000.0,
-        rope_double_precision=False, causal_temporal_positioning=False, rope_type="split",
+        audio_connector_num_layers=1, audio_connector_num_learnable_registers=None, connector_rope_base_seq_len=32,
+        rope_theta=10000.0, rope_double_precision=False, causal_temporal_positioning=False, rope_type="split",
         video_gated_attn=v23, audio_gated_attn=v23, per_modality_projections=v23, video_hidden_dim=VIDEO_INNER,
         audio_hidden_dim=AUDIO_INNER, proj_bias=v23,
     )
@@ -84,9 +84,10 @@ def ltx2_video_vae():
     vae = AutoencoderKLLTX2Video(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,), decoder_block_out_channels=(8,),
         layers_per_block=(1,), decoder_layers_per_block=(1, 1), spatio_temporal_scaling=(True,),
-        decoder_spatio_temporal_scaling=(True,), decoder_inject_noise=(False, False), downsample_type=("spatiotemporal",),
-        upsample_type=("spatiotemporal",), upsample_residual=(False,), upsample_factor=(1,), timestep_conditioning=False,
-        patch_size=4, patch_size_t=1, encoder_causal=True, decoder_causal=False,
+        decoder_spatio_temporal_scaling=(True,), decoder_inject_noise=(False, False),
+        downsample_type=("spatiotemporal",), upsample_type=("spatiotemporal",), upsample_residual=(False,),
+        upsample_factor=(1,), timestep_conditioning=False, patch_size=4, patch_size_t=1, encoder_causal=True,
+        decoder_causal=False,
     )
     vae.use_framewise_encoding = False
     vae.use_framewise_decoding = False

@@ -100,6 +100,26 @@ LTX23_GUIDANCE = {
 }
 
 
+# ai-toolkit samples HiDream with its FlowUniPCMultistepScheduler(shift=3.0, use_dynamic_shifting=False): UniPC-bh2,
+# order 2, on flow sigmas. The family passes that scheduler's step grid as `sigmas` (pipelines/hidream.py); E1's
+# editing pipeline then shifts it by 3.0, I1's by exp(mu) with mu from the transformer's max_seq (dynamic, exponential).
+HIDREAM_E1_UNIPC = {
+    "num_train_timesteps": 1000,
+    "solver_order": 2,
+    "prediction_type": "flow_prediction",
+    "predict_x0": True,
+    "solver_type": "bh2",
+    "lower_order_final": True,
+    "disable_corrector": [],
+    "use_flow_sigmas": True,
+    "flow_shift": 3.0,
+    "use_dynamic_shifting": False,
+    "time_shift_type": "exponential",
+    "timestep_spacing": "linspace",
+    "final_sigmas_type": "zero",
+}
+HIDREAM_UNIPC = {**HIDREAM_E1_UNIPC, "use_dynamic_shifting": True}
+
 @dataclass(frozen=True)
 class SchedulerSpec:
     """The scheduler ai-toolkit samples with: a diffusers scheduler class name and its full config."""
@@ -654,6 +674,41 @@ REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
             extra={"guidance": LTX23_GUIDANCE, "stg_reference_depth": 48},
             notes=_LTX2_NOTES + " LTX-2.3: ai-toolkit's guidance extras (STG at block 28, modality guidance 3.0, "
             "guidance rescale 0.7, audio guidance 7.0, cross-modality timesteps).",
+        ),
+        ModelSpec(
+            model_id="hidream",
+            family="hidream:HiDreamFamilyPipeline",
+            pipeline_class="HiDreamImagePipeline",
+            base="HiDream-ai/HiDream-I1-Full",
+            steps=50,
+            guidance=5.0,
+            divisor=16,
+            scheduler=SchedulerSpec("UniPCMultistepScheduler", HIDREAM_UNIPC),
+            tiny="hidream:build_hidream",
+            extra={"llama": "unsloth/Meta-Llama-3.1-8B-Instruct"},
+            notes="ai-toolkit's FlowUniPC schedule (UniPC on its shift-3.0 grid, shifted by exp(mu), mu = 1.15 for "
+            "HiDream-I1's 4096 tokens), true CFG with the encoded negative prompt, 128-token prompts for CLIP-L, "
+            "CLIP-G, T5 and Llama-3.1 (loaded from unsloth/Meta-Llama-3.1-8B-Instruct). Any size is rescaled to the "
+            "1024x1024 area (aspect kept, floored to 16) as ai-toolkit's pipeline does. LoRAs: diffusion_model. + "
+            "diffusers names, alpha honoured.",
+        ),
+        ModelSpec(
+            model_id="hidream_e1",
+            family="hidream:HiDreamFamilyPipeline",
+            pipeline_class="HiDreamImagePipeline",
+            base="HiDream-ai/HiDream-E1-Full",
+            steps=28,
+            guidance=5.0,
+            divisor=16,
+            scheduler=SchedulerSpec("UniPCMultistepScheduler", HIDREAM_E1_UNIPC),
+            control_images=(1, 1),
+            tiny="hidream:build_hidream_e1",
+            extra={"llama": "unsloth/Meta-Llama-3.1-8B-Instruct"},
+            notes="Our own editing loop around diffusers' HiDream transformer (diffusers has no E1 pipeline). The "
+            "control image (required) is resized BILINEAR to the target size and appended to the latent along the "
+            "width. Three-pass guidance with ai-toolkit's norm clipping; image guidance 2.0, the value ai-toolkit's "
+            "previews get (`image_guidance` overrides it). FlowUniPC schedule, shift 3.0. LoRAs: diffusion_model. "
+            "+ diffusers names, alpha honoured.",
         ),
     ]
 )

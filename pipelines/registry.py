@@ -244,6 +244,12 @@ _QWEN_NOTES = (
     "Divisor 32 as ai-toolkit samples (the reference uses 16)."
 )
 
+_QWEN_EDIT_PLUS_NOTES = (
+    "1 to 3 control images (ctrl_img_1..3), passed to the pipeline as they are; prompt and negative are encoded with "
+    "them (at about 384x384) as ai-toolkit does. True CFG u + g(c - u) WITHOUT diffusers' norm rescale (ai-toolkit "
+    "do_cfg_norm: false). Divisor 32."
+)
+
 _FLUX2_NOTES = (
     "Sampled with BFL's schedule as ai-toolkit does: t = linspace(1, 0, N+1) time-shifted with mu interpolated from "
     "the packed sequence length (256 -> 0.5, 4096 -> 1.15), Euler steps; the stock pipeline's empirical mu is not "
@@ -423,6 +429,50 @@ REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
             notes=_QWEN_NOTES,
         ),
         ModelSpec(
+            model_id="qwen_image_edit",
+            family="qwen_image:QwenImageEditFamilyPipeline",
+            pipeline_class="QwenImageEditPipeline",
+            base="Qwen/Qwen-Image-Edit",
+            steps=25,
+            guidance=4.0,
+            divisor=32,
+            scheduler=SchedulerSpec("FlowMatchEulerDiscreteScheduler", QWEN_FLOWMATCH),
+            guidance_kind="true_cfg",
+            control_images=(1, 1),
+            tiny="qwen_image:build_qwen_image_edit",
+            notes=_QWEN_NOTES + " One control image (required), resized bilinear to the output size for the VAE; "
+            "prompt and negative are encoded with it (at about 1 MP) as ai-toolkit does. Stock CFG norm rescale.",
+        ),
+        ModelSpec(
+            model_id="qwen_image_edit_plus",
+            family="qwen_image:QwenImageEditPlusFamilyPipeline",
+            pipeline_class="QwenImageEditPlusPipeline",
+            base="Qwen/Qwen-Image-Edit-2509",
+            steps=25,
+            guidance=4.0,
+            divisor=32,
+            scheduler=SchedulerSpec("FlowMatchEulerDiscreteScheduler", QWEN_FLOWMATCH),
+            guidance_kind="true_cfg",
+            control_images=(1, 3),
+            tiny="qwen_image:build_qwen_image_edit_plus",
+            notes=_QWEN_EDIT_PLUS_NOTES,
+        ),
+        ModelSpec(
+            model_id="qwen_image_edit_plus_2511",
+            family="qwen_image:QwenImageEditPlusFamilyPipeline",
+            pipeline_class="QwenImageEditPlusPipeline",
+            base="Qwen/Qwen-Image-Edit-2511",
+            steps=25,
+            guidance=4.0,
+            divisor=32,
+            scheduler=SchedulerSpec("FlowMatchEulerDiscreteScheduler", QWEN_FLOWMATCH),
+            lora_mode="fused",
+            guidance_kind="true_cfg",
+            control_images=(1, 3),
+            tiny="qwen_image:build_qwen_image_edit_plus",
+            notes=_QWEN_EDIT_PLUS_NOTES,
+        ),
+        ModelSpec(
             model_id="zimage",
             family="zimage:ZImageFamilyPipeline",
             pipeline_class="ZImagePipeline",
@@ -474,6 +524,26 @@ REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
             tiny="lumina2:build_lumina2",
             notes="FlowMatch Euler with static shift 6.0 (ai-toolkit's lumina2_config), real CFG with the negative "
             "prompt, Gemma2 prompts up to 256 tokens. Divisor 16 (the pipeline's own check; the reference uses 32).",
+        ),
+        ModelSpec(
+            model_id="omnigen2",
+            family="omnigen2:OmniGen2FamilyPipeline",
+            pipeline_class="OmniGen2Pipeline",
+            base="OmniGen2/OmniGen2",
+            steps=25,
+            guidance=4.0,
+            divisor=16,
+            # OmniGen2's own Euler (pipelines/omnigen2.py), not a diffusers class: shift sqrt(latent pixels) / 40
+            scheduler=SchedulerSpec("OmniFlowMatchEulerScheduler", {"num_train_timesteps": 1000,
+                                                                    "dynamic_time_shift": True}),
+            control_images=(0, 3),
+            tiny="omnigen2:build_omnigen2",
+            notes="Our own OmniGen2 pipeline and transformer (diffusers has none; checkpoint weight names kept). "
+            "`guidance` is the text guidance: real CFG against the negative prompt without the input images; image "
+            "guidance fixed at 1.0. The Qwen2.5-VL chat template is applied twice, as ai-toolkit trains and samples. "
+            "Up to 3 input images (control_images), resized to the target size then VAE-encoded as reference "
+            "tokens. OmniGen2's Euler with the resolution-dependent time shift. LoRAs with diffusion_model. keys "
+            "load with their alpha.",
         ),
         ModelSpec(
             model_id="flux2",

@@ -30,6 +30,7 @@ LoRAs use original BFL module names (``lora_convert.convert_bfl_to_diffusers_flu
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
@@ -106,21 +107,18 @@ class Flux2FamilyPipeline(AITKPipeline):
             overrides.setdefault("is_distilled", False)  # ai-toolkit's klein always does CFG above guidance 1
         return super().load_diffusers_pipeline(spec, source, torch_dtype, **overrides)
 
-    @property
+    @functools.cached_property
     def text_encoder_out_layers(self) -> tuple[int, ...]:
         """The text encoder's hidden-state layers stacked into the prompt embedding (ai-toolkit's, from the registry)."""
-        if getattr(self, "_out_layers", None) is None:
-            layers = tuple(self.spec.extra["text_encoder_out_layers"])
-            config = self.pipe.text_encoder.config
-            depth = getattr(config, "text_config", config).num_hidden_layers
-            if depth < max(layers):
-                shallow = tuple(range(depth - len(layers) + 1, depth + 1))
-                logger.warning("%s: the text encoder has %d layers, fewer than the hidden states %s ai-toolkit reads; "
-                               "using its last layers %s (expected only for tiny test models).",
-                               self.spec.model_id, depth, layers, shallow)
-                layers = shallow
-            self._out_layers = layers
-        return self._out_layers
+        layers = tuple(self.spec.extra["text_encoder_out_layers"])
+        config = self.pipe.text_encoder.config
+        depth = getattr(config, "text_config", config).num_hidden_layers
+        if depth >= max(layers):
+            return layers
+        shallow = tuple(range(depth - len(layers) + 1, depth + 1))
+        logger.warning("%s: the text encoder has %d layers, fewer than the hidden states %s ai-toolkit reads; using its "
+                       "last layers %s (expected only for tiny test models).", self.spec.model_id, depth, layers, shallow)
+        return shallow
 
     def lora_name_mapper(self):
         from .lora_convert import convert_bfl_to_diffusers_flux2

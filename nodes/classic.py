@@ -78,7 +78,7 @@ class AITKSample(_ClassicNode):
 
     def run(self, pipeline, **inputs):
         out = core.sample(pipeline, **inputs)
-        return {"ui": out.ui(), "result": (out.images, out.width, out.height, out.seed)}
+        return {"ui": out.ui(), "result": out.result()}
 
 
 NODE_CLASS_MAPPINGS = {cls.SPEC.node_id: cls for cls in (AITKLoadPipeline, AITKApplyLoRA, AITKSample)}

@@ -71,6 +71,12 @@ class SampleOutput:
     width: int
     height: int
     seed: int
+    fps: float = 0.0
+    audio: dict | None = None
+
+    def result(self) -> tuple:
+        """The outputs in the order the schema declares them."""
+        return (self.images, self.width, self.height, self.seed, self.fps, self.audio)
 
     def ui(self) -> dict:
         return {"aitk_effective": [{"width": self.width, "height": self.height, "seed": str(self.seed)}]}
@@ -285,4 +291,19 @@ def sample(
     images = torch.from_numpy(result.images).float()
     if images.ndim == 5:
         images = images.reshape(-1, *images.shape[2:])
-    return SampleOutput(images=images.contiguous(), width=result.width, height=result.height, seed=result.seed)
+    fps = float(result.params.fps or 0)
+    return SampleOutput(images=images.contiguous(), width=result.width, height=result.height, seed=result.seed,
+                        fps=fps, audio=comfy_audio(result, frames=images.shape[0]))
+
+
+SILENCE_RATE = 16000
+
+
+def comfy_audio(result, frames: int) -> dict:
+    """ComfyUI AUDIO (``{"waveform": [B, C, S], "sample_rate"}``): the model's audio, or silence as long as the video."""
+    import torch
+
+    if result.audio is not None:
+        return {"waveform": torch.from_numpy(result.audio).float().cpu(), "sample_rate": int(result.sample_rate)}
+    seconds = frames / result.params.fps if result.params.fps else 0.0
+    return {"waveform": torch.zeros(1, 1, max(1, round(seconds * SILENCE_RATE))), "sample_rate": SILENCE_RATE}

@@ -173,6 +173,9 @@ SAMPLE = NodeSpec(
         Output("INT", "width", "The width that really ran (after flooring)."),
         Output("INT", "height", "The height that really ran (after flooring)."),
         Output("INT", "seed", "The seed that really ran."),
+        Output("FLOAT", "fps", "Video models: the frame rate that ran (connect to Create Video); 0 for images."),
+        Output("AUDIO", "audio", "Audio-video models (LTX-2): the generated soundtrack; silence for other models, "
+               "so Create Video -> Save Video works for every video model."),
     ),
 )
 

@@ -12,7 +12,7 @@ from .schema import APPLY, CATEGORY, LOAD, PIPELINE_TYPE, SAMPLE, Field, NodeSpe
 
 PipelineType = io.Custom(PIPELINE_TYPE)
 
-_IO_TYPES = {"COMBO": io.Combo, "STRING": io.String, "INT": io.Int, "FLOAT": io.Float, "IMAGE": io.Image,
+_IO_TYPES = {"COMBO": io.Combo, "STRING": io.String, "INT": io.Int, "FLOAT": io.Float, "IMAGE": io.Image, "AUDIO": io.Audio,
              PIPELINE_TYPE: PipelineType}
 
 
@@ -84,7 +84,7 @@ class AITKSample(io.ComfyNode):
     @classmethod
     def execute(cls, pipeline, **inputs) -> io.NodeOutput:
         out = core.sample(pipeline, **inputs)
-        return io.NodeOutput(out.images, out.width, out.height, out.seed, ui=out.ui())
+        return io.NodeOutput(*out.result(), ui=out.ui())
 
 
 class AITKExtension(ComfyExtension):

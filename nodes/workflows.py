@@ -19,7 +19,7 @@ EXAMPLES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 PREVIEWS_NAME = "reproduce_training_previews_flux.json"
 
 #: widget counts of the ComfyUI core nodes the workflows use (SaveImage: prefix; LoadImage: file + upload button)
-CORE_WIDGET_COUNTS = {"SaveImage": 1, "LoadImage": 2, "Note": 1}
+CORE_WIDGET_COUNTS = {"SaveImage": 1, "LoadImage": 2, "Note": 1, "CreateVideo": 1, "SaveVideo": 3}
 
 #: an ai-toolkit FLUX job (the shape of its config.yaml), from which the bundled previews workflow is built
 EXAMPLE_JOB = {
@@ -102,7 +102,8 @@ def _sample_values(spec, prompt: str, negative: str, trigger_word: str = "", **o
 
 
 def model_workflow(model_id: str) -> dict:
-    """Load -> Apply LoRA (one per expert for MoE models) -> Sample -> Save Image, with the registry defaults."""
+    """Load -> Apply LoRA (one per expert for MoE models) -> Sample -> Save Image (videos: Create Video -> Save Video),
+    with the registry defaults."""
     spec = get_spec(model_id)
     graph = _Graph()
     load = graph.add_aitk(LOAD, (40, 120), {"model": model_id, "base": "", "dtype": "auto", "offload": "none",
@@ -118,9 +119,21 @@ def model_workflow(model_id: str) -> dict:
         previous = apply
     sample = graph.add_aitk(SAMPLE, (760, 120), _sample_values(spec, "a photo of [trigger]", spec.negative,
                                                                trigger_word="p3r5on"), size=(400, 520))
-    save = graph.add("SaveImage", (1200, 120), [f"aitk/{model_id}"], inputs=[("images", "IMAGE")], size=(400, 420))
     graph.link(previous, 0, sample, "pipeline")
-    graph.link(sample, 0, save, "images")
+    if spec.video is None:
+        save = graph.add("SaveImage", (1200, 120), [f"aitk/{model_id}"], inputs=[("images", "IMAGE")], size=(400, 420))
+        graph.link(sample, 0, save, "images")
+    else:
+        # frames + fps + audio -> ComfyUI's VIDEO -> an MP4 (the fps input replaces Create Video's fps widget)
+        create = graph.add("CreateVideo", (1200, 120), [float(spec.video.fps)],
+                           inputs=[("images", "IMAGE"), ("audio", "AUDIO"), ("fps", "FLOAT")],
+                           outputs=[("VIDEO", "VIDEO")], size=(270, 100))
+        create["inputs"][2]["widget"] = {"name": "fps"}
+        for slot, name in ((0, "images"), (5, "audio"), (4, "fps")):
+            graph.link(sample, slot, create, name)
+        save = graph.add("SaveVideo", (1520, 120), [f"aitk/{model_id}", "auto", "auto"], inputs=[("video", "VIDEO")],
+                         size=(400, 420))
+        graph.link(create, 0, save, "video")
     for slot in range(spec.control_images[0]):
         name = "control_image" if slot == 0 else f"control_image_{slot + 1}"
         image = graph.add("LoadImage", (400, 120 + 180 * len(sides) + 340 * slot), ["example.png", "image"],

@@ -395,6 +395,11 @@ class AITKPipeline:
         steps = spec.steps if steps is None else steps
         if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
             raise ValueError(f"`steps` must be an integer in 1..{MAX_STEPS}, got {steps!r}.")
+        if steps < 2 and spec.scheduler is not None and spec.scheduler.config.get("shift_terminal"):
+            raise ValueError(
+                f"{spec.model_id} needs at least 2 steps: its scheduler stretches the schedule to a terminal sigma "
+                f"(shift_terminal={spec.scheduler.config['shift_terminal']}), which is undefined for one step."
+            )
         guidance = spec.guidance if guidance is None else float(guidance)
         if not math.isfinite(guidance) or not 0.0 <= guidance <= 100.0:
             raise ValueError(f"`guidance` must be a number in 0..100, got {guidance!r}.")

@@ -133,7 +133,7 @@ def test_schemas(pack):
         "AITKApplyLoRA": (["pipeline", "lora", "strength", "transformer"], [], ("AITK_PIPELINE",)),
         "AITKSample": (["pipeline", "prompt", "negative", "trigger_word", "width", "height", "steps", "guidance", "seed",
                         "batch_size"], ["control_image", "control_image_2", "control_image_3", "num_frames", "fps"],
-                       ("IMAGE", "INT", "INT", "INT")),
+                       ("IMAGE", "INT", "INT", "INT", "FLOAT", "AUDIO")),
     }
     for node_id, (required, optional, returns) in expected.items():
         cls = mappings[node_id]
@@ -156,7 +156,7 @@ def test_schemas(pack):
     assert sample["required"]["seed"][1]["control_after_generate"] is True
     assert sample["required"]["width"][1]["step"] == 8 and sample["required"]["prompt"][1]["multiline"]
     assert all(sample["optional"][f"control_image{s}"][0] == "IMAGE" for s in ("", "_2", "_3"))
-    assert mappings["AITKSample"].RETURN_NAMES == ("image", "width", "height", "seed")
+    assert mappings["AITKSample"].RETURN_NAMES == ("image", "width", "height", "seed", "fps", "audio")
 
 
 # ------------------------------------------------------------------------------------------------ graphs on tiny models
@@ -273,3 +273,18 @@ def test_example_workflows_match_schema(pack):
             assert nodes[dst]["inputs"][dst_slot]["link"] == link_id
         types_ = [node["type"] for node in on_disk["nodes"]]
         assert {"AITKLoadPipeline", "AITKApplyLoRA", "AITKSample"} <= set(types_)
+
+
+def test_video_models_give_frames_fps_and_audio(core, tiny_dir):
+    _, ltx = run_graph(core, tiny_dir, model="ltx2", width=64, height=64, steps=2, num_frames=9, fps=12)
+    frames, _, _, _, fps, audio = ltx.result()
+    assert frames.shape == (9, 64, 64, 3) and fps == 12.0
+    assert audio["waveform"].ndim == 3 and audio["waveform"].isfinite().all() and audio["waveform"].abs().sum() > 0
+    assert audio["sample_rate"] > 0
+    with pytest.raises(ValueError, match="at least 2 steps"):
+        run_graph(core, tiny_dir, model="ltx2", width=64, height=64, steps=1, num_frames=9)
+    _, wan = run_graph(core, tiny_dir, model="wan21_1b", width=64, height=64, steps=1, num_frames=5, fps=10)
+    frames, _, _, _, fps, audio = wan.result()
+    assert frames.shape == (5, 64, 64, 3) and fps == 10.0
+    # a silent model gets silence as long as the clip, so Create Video -> Save Video works for every video model
+    assert audio["waveform"].shape == (1, 1, round(5 / 10 * core.SILENCE_RATE)) and not audio["waveform"].any()

@@ -58,6 +58,11 @@ def omnigen2(load_tiny):
 
 
 @pytest.fixture(scope="module")
+def fused(load_tiny):
+    return load_tiny("omnigen2", lora_mode="fused")
+
+
+@pytest.fixture(scope="module")
 def base_image(omnigen2):
     return omnigen2.generate("a tiny cat", **FAST).images
 
@@ -154,7 +159,7 @@ def test_input_images_change_the_output_and_are_limited_to_three(omnigen2, base_
         omnigen2.generate("a tiny cat", control_images=[ramp()] * 4, **FAST)
 
 
-def test_lora_changes_output_strength_zero_is_base_and_no_reload(omnigen2, base_image, tmp_path):
+def test_lora_changes_output_strength_zero_is_base_no_reload_and_fused_agrees(omnigen2, fused, base_image, tmp_path):
     from aitk_inference.tiny.loras import write_lora
 
     transformer = omnigen2.pipe.transformer
@@ -171,14 +176,30 @@ def test_lora_changes_output_strength_zero_is_base_and_no_reload(omnigen2, base_
     finally:
         omnigen2.set_loras([])
     assert np.array_equal(omnigen2.generate("a tiny cat", **FAST).images, base_image)
+    fused.set_loras([(path, 0.8)])
+    try:
+        assert np.abs(fused.generate("a tiny cat", **FAST).images - with_lora).max() < 1e-4
+    finally:
+        fused.set_loras([])
 
 
-def test_lora_alpha_is_honoured(load_tiny, tmp_path):
+def test_lora_of_another_family_is_rejected_clearly(omnigen2, tmp_path):
+    from safetensors.torch import save_file
+
+    key = "diffusion_model.single_transformer_blocks.0.attn.to_q"
+    save_file({f"{key}.lora_A.weight": torch.ones(4, 32), f"{key}.lora_B.weight": torch.ones(32, 4)},
+              str(tmp_path / "flux.safetensors"))
+    with pytest.raises(ValueError, match="FLUX"):
+        omnigen2.set_loras([(str(tmp_path / "flux.safetensors"), 1.0)])
+    assert omnigen2.loras.describe() == []
+
+
+def test_lora_alpha_is_honoured(fused, tmp_path):
     from safetensors.torch import save_file
 
     from aitk_inference.tiny.loras import make_state_dict
 
-    pipe = load_tiny("omnigen2", lora_mode="fused")
+    pipe = fused
     targets = block_targets(pipe.pipe.transformer)[:3]
     rank, alpha = 4, 2.0
     state = make_state_dict("peft_diffusion_model", targets, rank=rank)

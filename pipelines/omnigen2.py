@@ -177,8 +177,9 @@ class OmniGen2Pipeline(DiffusionPipeline):
         texts = [self.apply_chat_template(p) for p in prompts]
         tokens = self.processor(texts, padding="longest", max_length=max_sequence_length, truncation=True,
                                 return_tensors="pt").to(device)
-        # the language model alone: its last hidden state is the full model's hidden_states[-1], without lm_head
-        hidden = self.mllm.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
+        # through the top-level module (CPU-offload hooks sit there), as OmniGen2 does: the last hidden state
+        hidden = self.mllm(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
+                           output_hidden_states=True).hidden_states[-1]
         return hidden.to(self.mllm.dtype), tokens.attention_mask
 
     # ------------------------------------------------------------------------------------------------ images

@@ -244,6 +244,12 @@ _QWEN_NOTES = (
     "Divisor 32 as ai-toolkit samples (the reference uses 16)."
 )
 
+_QWEN_EDIT_PLUS_NOTES = (
+    "1 to 3 control images (ctrl_img_1..3), passed to the pipeline as they are; prompt and negative are encoded with "
+    "them (at about 384x384) as ai-toolkit does. True CFG u + g(c - u) WITHOUT diffusers' norm rescale (ai-toolkit "
+    "do_cfg_norm: false). Divisor 32."
+)
+
 _FLUX2_NOTES = (
     "Sampled with BFL's schedule as ai-toolkit does: t = linspace(1, 0, N+1) time-shifted with mu interpolated from "
     "the packed sequence length (256 -> 0.5, 4096 -> 1.15), Euler steps; the stock pipeline's empirical mu is not "
@@ -421,6 +427,50 @@ REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
             guidance_kind="true_cfg",
             tiny="qwen_image:build_qwen_image",
             notes=_QWEN_NOTES,
+        ),
+        ModelSpec(
+            model_id="qwen_image_edit",
+            family="qwen_image:QwenImageEditFamilyPipeline",
+            pipeline_class="QwenImageEditPipeline",
+            base="Qwen/Qwen-Image-Edit",
+            steps=25,
+            guidance=4.0,
+            divisor=32,
+            scheduler=SchedulerSpec("FlowMatchEulerDiscreteScheduler", QWEN_FLOWMATCH),
+            guidance_kind="true_cfg",
+            control_images=(1, 1),
+            tiny="qwen_image:build_qwen_image_edit",
+            notes=_QWEN_NOTES + " One control image (required), resized bilinear to the output size for the VAE; "
+            "prompt and negative are encoded with it (at about 1 MP) as ai-toolkit does. Stock CFG norm rescale.",
+        ),
+        ModelSpec(
+            model_id="qwen_image_edit_plus",
+            family="qwen_image:QwenImageEditPlusFamilyPipeline",
+            pipeline_class="QwenImageEditPlusPipeline",
+            base="Qwen/Qwen-Image-Edit-2509",
+            steps=25,
+            guidance=4.0,
+            divisor=32,
+            scheduler=SchedulerSpec("FlowMatchEulerDiscreteScheduler", QWEN_FLOWMATCH),
+            guidance_kind="true_cfg",
+            control_images=(1, 3),
+            tiny="qwen_image:build_qwen_image_edit_plus",
+            notes=_QWEN_EDIT_PLUS_NOTES,
+        ),
+        ModelSpec(
+            model_id="qwen_image_edit_plus_2511",
+            family="qwen_image:QwenImageEditPlusFamilyPipeline",
+            pipeline_class="QwenImageEditPlusPipeline",
+            base="Qwen/Qwen-Image-Edit-2511",
+            steps=25,
+            guidance=4.0,
+            divisor=32,
+            scheduler=SchedulerSpec("FlowMatchEulerDiscreteScheduler", QWEN_FLOWMATCH),
+            lora_mode="fused",
+            guidance_kind="true_cfg",
+            control_images=(1, 3),
+            tiny="qwen_image:build_qwen_image_edit_plus",
+            notes=_QWEN_EDIT_PLUS_NOTES,
         ),
         ModelSpec(
             model_id="zimage",

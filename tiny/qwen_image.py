@@ -28,7 +28,7 @@ def qwen_vl_text_encoder(tokenizer):
     return Qwen2_5_VLForConditionalGeneration(config).eval()
 
 
-def qwen_image_components() -> dict:
+def qwen_image_components(vae_dim: int = 16, vae_res_blocks: int = 1) -> dict:
     import torch
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
 
@@ -42,7 +42,7 @@ def qwen_image_components() -> dict:
     )
     torch.manual_seed(0)
     vae = AutoencoderKLQwenImage(
-        base_dim=16, z_dim=LATENT_CHANNELS, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+        base_dim=vae_dim, z_dim=LATENT_CHANNELS, dim_mult=[1, 1, 1, 1], num_res_blocks=vae_res_blocks,
         temperal_downsample=[False, True, True], latents_mean=[0.0] * LATENT_CHANNELS,
         latents_std=[1.0] * LATENT_CHANNELS,
     )
@@ -60,3 +60,36 @@ def build_qwen_image():
     from diffusers import QwenImagePipeline
 
     return QwenImagePipeline(**qwen_image_components())
+
+
+def qwen_vl_processor(tokenizer):
+    """The image half of a Qwen2-VL processor with the real patch settings and a small pixel budget."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from ..pipelines.qwen_image import QwenVLImageProcessor
+
+    # max 64 merged tokens per image keeps the tiny vision tower and text encoder fast
+    image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": 56 * 56, "longest_edge": 64 * 28 * 28})
+    return QwenVLImageProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def _edit_pipeline(pipeline_cls):
+    # The edit pipelines VAE-encode every control image at about 1 MP (diffusers' fixed size); the smallest VAE
+    # keeps that to a few CPU seconds.
+    components = qwen_image_components(vae_dim=4, vae_res_blocks=0)
+    pipe = pipeline_cls(processor=qwen_vl_processor(components["tokenizer"]), **components)
+    # model_index.json names the processor as the real checkpoints do
+    pipe.register_to_config(processor=("transformers", "Qwen2VLProcessor"))
+    return pipe
+
+
+def build_qwen_image_edit():
+    from diffusers import QwenImageEditPipeline
+
+    return _edit_pipeline(QwenImageEditPipeline)
+
+
+def build_qwen_image_edit_plus():
+    from diffusers import QwenImageEditPlusPipeline
+
+    return _edit_pipeline(QwenImageEditPlusPipeline)

@@ -130,7 +130,7 @@ class QwenImageEditFamilyPipeline(QwenImageFamilyPipeline):
             tensors.append(F.interpolate(tensor, size=self.condition_size(*tensor.shape[2:]), mode="bilinear"))
         return tensors
 
-    def encode(self, text: str, images) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def encode(self, text: str, images) -> tuple[torch.Tensor, torch.Tensor]:
         """``pipeline.encode_prompt`` of one text with the control images, as ai-toolkit calls it."""
         with torch.inference_mode():
             embeds, mask = self.pipe.encode_prompt(text, image=images, device=self.pipe._execution_device)
@@ -191,7 +191,7 @@ class QwenImageEditPlusFamilyPipeline(QwenImageEditFamilyPipeline):
         batch = call["num_images_per_prompt"]
         negative = call.pop("negative_prompt_embeds").repeat(batch, 1, 1)
         mask = call.pop("negative_prompt_embeds_mask")
-        mask = None if mask is None else mask.repeat(batch, 1)
+        mask = None if mask.all() else mask.repeat(batch, 1)  # as the pipeline's encode_prompt treats masks
         scale, call["true_cfg_scale"] = call["true_cfg_scale"], 1.0  # the pipeline itself runs no CFG
         with true_cfg_without_norm(self.pipe.transformer, negative, mask, scale):
             return self.pipe(**call)

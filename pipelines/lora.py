@@ -33,6 +33,8 @@ from .lora_convert import ConvertedLora, LoraFormatError, ModulePatch, convert_a
 logger = logging.getLogger(__name__)
 
 STRENGTH_RANGE = (-2.0, 2.0)
+#: converted LoRA files kept per pipeline (host memory) so that switching back and forth re-reads nothing
+MAX_CONVERTED_CACHED = 8
 
 
 @dataclass(frozen=True)
@@ -171,7 +173,7 @@ class LoraStack:
         self.name_mapper = name_mapper
         self.route = route
         self.active: "OrderedDict[tuple[str, str | None], _Active]" = OrderedDict()
-        self._loaded_cache: dict[tuple[str, str | None], LoadedLora] = {}
+        self._loaded_cache: "OrderedDict[tuple[str, str | None], LoadedLora]" = OrderedDict()
         self._module_names = {c: patchable_module_names(m) for c, m in self.components.items()}
         self._adapter_counter = 0
         self.stats = Counter()
@@ -187,6 +189,7 @@ class LoraStack:
             raise ValueError("A LoRA request needs a `path` or a `state_dict`.")
         cache_key = (key, request.side)
         if cache_key in self._loaded_cache:
+            self._loaded_cache.move_to_end(cache_key)
             return self._loaded_cache[cache_key]
         tensors = dict(request.state_dict) if request.state_dict is not None else read_lora_file(request.path)[0]
         converted = convert_ai_toolkit_lora(tensors, self.denoiser, self._module_names, self.name_mapper)
@@ -200,6 +203,12 @@ class LoraStack:
         loaded = LoadedLora(key=key, label=request.label(), converted=converted)
         self._validate(loaded, list(tensors))
         self._loaded_cache[cache_key] = loaded
+        active = {(a.loaded.key, slot[1]) for slot, a in self.active.items()}
+        while len(self._loaded_cache) > MAX_CONVERTED_CACHED:
+            stale = next((k for k in self._loaded_cache if k not in active and k != cache_key), None)
+            if stale is None:
+                break
+            del self._loaded_cache[stale]
         self.stats["files_converted"] += 1
         return loaded
 
@@ -328,6 +337,7 @@ class LoraStack:
                 touched.add(component)
             else:
                 self._merge(component, path, patch, -entry.strength)
+            patch.release_device_copies()
         for component in touched:
             self._drop_adapter_config(component, entry.adapter)
         self.stats["removes"] += 1
@@ -338,7 +348,14 @@ class LoraStack:
             return
         base = _base_layer(self.components[component].get_submodule(path))
         weight = base.weight
-        weight.copy_((weight.float() + coefficient * patch.delta(weight.device)).to(weight.dtype))
+        if patch.kind == "lora" and weight.dim() == 2:
+            # ai-toolkit's merge_in math: W = cast(W_fp32 + c * up @ down), as one fused addmm on the weight's device
+            factors = patch.factors(weight.device)
+            merged = weight.float()
+            merged.addmm_(factors["up"], factors["down"], alpha=coefficient)
+            weight.copy_(merged)
+        else:
+            weight.copy_((weight.float() + coefficient * patch.delta(weight.device)).to(weight.dtype))
         diff_b = patch.tensors.get("diff_b")
         if diff_b is not None and base.bias is not None:
             bias = base.bias

@@ -91,6 +91,21 @@ class ModulePatch:
     kind: str
     tensors: dict[str, torch.Tensor]
     rows: tuple[int, int] | None = None
+    _on_device: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def factors(self, device) -> dict[str, torch.Tensor]:
+        """The float32 tensors on ``device``. LoRA and LoKr factors (small) are kept there after the first use, so a
+        strength change on the GPU copies nothing from the host; full ``.diff`` tensors (weight-sized) never are."""
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        if self.kind == "full" or device.type == "cpu":
+            return {k: v.to(device=device, dtype=torch.float32) for k, v in self.tensors.items()}
+        if device not in self._on_device:
+            self._on_device.clear()
+            self._on_device[device] = {k: v.to(device=device, dtype=torch.float32) for k, v in self.tensors.items()}
+        return self._on_device[device]
+
+    def release_device_copies(self) -> None:
+        self._on_device.clear()
 
     @property
     def rank(self) -> int | None:
@@ -109,7 +124,7 @@ class ModulePatch:
 
     def delta(self, device=None) -> torch.Tensor:
         """The full float32 weight delta on ``device`` (computed, never stored)."""
-        t = {k: v.to(device=device, dtype=torch.float32) for k, v in self.tensors.items()}
+        t = self.factors(device)
         if self.kind == "lora":
             down, up = t["down"], t["up"]
             if down.dim() == 2:

@@ -122,7 +122,7 @@ def cmd_generate(args) -> int:
 
     started = time.perf_counter()
     pipeline = load_pipeline(args.model, base=args.base, device=args.device, dtype=args.dtype, offload=args.offload,
-                             lora_mode=args.lora_mode)
+                             lora_mode=args.lora_mode, compile=args.compile)
     print(f"loaded {args.model} from {pipeline.source} in {time.perf_counter() - started:.2f}s")
     run_generate(pipeline, args, args.out)
     return 0
@@ -237,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_load_flags(p, "HF repo id, diffusers folder or single .safetensors file (default: the model's base)")
     p.add_argument("--offload", choices=["none", "model", "sequential"], default="none")
     p.add_argument("--lora-mode", choices=["dynamic", "fused"], help="default: the model's")
+    p.add_argument("--compile", choices=["none", "regional", "full"], default="none",
+                   help="torch.compile the denoiser (regional: its repeated blocks); pays off over many steps/images")
     p.add_argument("--lora", action="append", type=_lora_arg, metavar="FILE[:STRENGTH]", help="repeatable")
     p.add_argument("--prompt", required=True)
     p.add_argument("--neg", help="negative prompt (only used by families with real CFG)")

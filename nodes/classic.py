@@ -49,8 +49,8 @@ class _ClassicNode:
 class AITKLoadPipeline(_ClassicNode):
     SPEC = LOAD
 
-    def run(self, model, base, dtype, offload, device):
-        return (core.load(model, base, dtype, offload, device),)
+    def run(self, **inputs):
+        return (core.load(**inputs),)
 
 
 class AITKApplyLoRA(_ClassicNode):

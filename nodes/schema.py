@@ -21,6 +21,8 @@ DTYPES = ("auto", "fp32", "bf16", "fp16")
 OFFLOAD_MODES = ("none", "model", "sequential")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 TRANSFORMER_SIDES = ("none", "high", "low")
+LORA_MODES = ("model default", "dynamic", "fused")
+COMPILE_MODES = ("none", "regional")
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,13 @@ LOAD = NodeSpec(
               "least VRAM).", default="none", options=lambda: list(OFFLOAD_MODES)),
         Field("device", "COMBO", "auto: the device ComfyUI uses (CPU under --cpu).", default="auto",
               options=lambda: list(DEVICES)),
+        Field("lora_mode", "COMBO", "How LoRAs are applied: dynamic (live adapters, instant strength changes) or "
+              "fused (merged into the weights: faster steps, ai-toolkit's merged-preview math, ~0.1 s per strength "
+              "change on FLUX). 'model default' uses the model's registry setting.", default="model default",
+              options=lambda: list(LORA_MODES)),
+        Field("compile", "COMBO", "regional: torch.compile the repeated transformer blocks once (the first run pays "
+              "the compilation; strength changes and LoRA switches never recompile). Best with lora_mode fused.",
+              default="none", options=lambda: list(COMPILE_MODES)),
     ),
     outputs=(Output(PIPELINE_TYPE, "pipeline", "The loaded pipeline handle (no LoRA yet)."),),
 )

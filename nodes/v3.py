@@ -49,8 +49,8 @@ class AITKLoadPipeline(io.ComfyNode):
         return _schema(LOAD)
 
     @classmethod
-    def execute(cls, model, base, dtype, offload, device) -> io.NodeOutput:
-        return io.NodeOutput(core.load(model, base, dtype, offload, device))
+    def execute(cls, **inputs) -> io.NodeOutput:
+        return io.NodeOutput(core.load(**inputs))
 
 
 class AITKApplyLoRA(io.ComfyNode):

@@ -107,7 +107,8 @@ def model_workflow(model_id: str) -> dict:
     spec = get_spec(model_id)
     graph = _Graph()
     load = graph.add_aitk(LOAD, (40, 120), {"model": model_id, "base": "", "dtype": "auto", "offload": "none",
-                                            "device": "auto"}, size=(320, 170))
+                                            "device": "auto", "lora_mode": "model default", "compile": "none"},
+                          size=(320, 220))
     # Two-expert (MoE) models get one Apply per expert: ai-toolkit saves a high-noise and a low-noise file.
     sides = ("high", "low") if "transformer_2" in spec.lora_components else ("none",)
     previous = load
@@ -166,7 +167,8 @@ def previews_workflow(job: dict, lora_name: str | None = None) -> dict:
                                   "word and --flags applied. Put the job's LoRA into ComfyUI/models/loras."],
               size=(320, 200))
     load = graph.add_aitk(LOAD, (40, 120), {"model": model_id, "base": "" if source in ("", spec.base) else source,
-                                            "dtype": "auto", "offload": "none", "device": "auto"}, size=(320, 170))
+                                            "dtype": "auto", "offload": "none", "device": "auto",
+                                            "lora_mode": "model default", "compile": "none"}, size=(320, 220))
     applied = {}
     for sample in samples:
         if sample.network_multiplier not in applied:

@@ -1,6 +1,6 @@
 """The one place loaded pipelines live, shared by the nodes, the CLI and the server.
 
-Keyed by (model id, base, device, dtype, offload, LoRA mode): LoRAs and strengths are NOT part of the key, they are
+Keyed by (model id, base, device, dtype, offload, LoRA mode, compile mode): LoRAs and strengths are NOT part of the key, they are
 state of the cached pipeline changed in place by ``set_loras``. At most ``max_entries`` pipelines are kept (default 1,
 env ``AITK_MAX_CACHED_PIPELINES``); loading another evicts the least recently used one first, so two copies of the
 same weights never coexist.
@@ -25,21 +25,22 @@ def max_entries() -> int:
     return max(1, int(os.environ.get("AITK_MAX_CACHED_PIPELINES", "1")))
 
 
-def cache_key(model_id, base=None, device=None, dtype=None, offload=None, lora_mode=None) -> tuple:
+def cache_key(model_id, base=None, device=None, dtype=None, offload=None, lora_mode=None, compile=None) -> tuple:
     from .base import resolve_device, resolve_dtype
     from .registry import get_spec
 
     spec = get_spec(model_id)
     device = resolve_device(device)
     source = os.path.realpath(os.path.expanduser(base)) if base and os.path.exists(os.path.expanduser(base)) else (base or spec.base)
-    return (model_id, source, device, str(resolve_dtype(dtype, device)), offload or "none", lora_mode or spec.lora_mode)
+    return (model_id, source, device, str(resolve_dtype(dtype, device)), offload or "none", lora_mode or spec.lora_mode,
+            compile or "none")
 
 
-def get_pipeline(model_id, base=None, device=None, dtype=None, offload=None, lora_mode=None):
+def get_pipeline(model_id, base=None, device=None, dtype=None, offload=None, lora_mode=None, compile=None):
     """Return the cached pipeline for these load settings, loading it (and evicting others) when needed."""
     from .base import load_pipeline
 
-    key = cache_key(model_id, base, device, dtype, offload, lora_mode)
+    key = cache_key(model_id, base, device, dtype, offload, lora_mode, compile)
     with _lock:
         if key in _entries:
             _entries.move_to_end(key)
@@ -47,7 +48,8 @@ def get_pipeline(model_id, base=None, device=None, dtype=None, offload=None, lor
             return _entries[key]
         while len(_entries) >= max_entries():
             evict(next(iter(_entries)))
-        pipeline = load_pipeline(model_id, base=base, device=device, dtype=dtype, offload=offload, lora_mode=lora_mode)
+        pipeline = load_pipeline(model_id, base=base, device=device, dtype=dtype, offload=offload, lora_mode=lora_mode,
+                                 compile=compile)
         stats["loads"] += 1
         _entries[key] = pipeline
         return pipeline

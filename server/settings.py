@@ -59,6 +59,9 @@ class Settings:
         device (str, *optional*): ``DEVICE`` (cuda, cuda:1, cpu, mps); defaults to CUDA when available.
         dtype (str, defaults to auto): ``AITK_DTYPE`` (auto, fp32, bf16, fp16).
         offload_mode (str, defaults to none): ``OFFLOAD_MODE`` (none, model, sequential).
+        lora_mode (str, *optional*): ``AITK_LORA_MODE`` (dynamic, fused); defaults to each model's registry setting.
+        compile (str, defaults to none): ``AITK_COMPILE`` (none, regional, full): torch.compile the denoiser once per
+            loaded pipeline; strength changes and LoRA switches never recompile.
         workflows_base_path (str, defaults to /app/ai-toolkit/lora_weights): ``WORKFLOWS_BASE_PATH``; local
             ``loras[].path`` values are relative to it and may not leave it.
         output_base_path (str, defaults to /tmp/inference_output): ``OUTPUT_BASE_PATH``; outputs and the task
@@ -84,6 +87,8 @@ class Settings:
     device: str | None = None
     dtype: str = "auto"
     offload_mode: str = "none"
+    lora_mode: str | None = None
+    compile: str = "none"
     workflows_base_path: str = "/app/ai-toolkit/lora_weights"
     output_base_path: str = "/tmp/inference_output"
     hf_token: str | None = None
@@ -101,6 +106,10 @@ class Settings:
     def __post_init__(self):
         if self.offload_mode not in OFFLOAD_MODES:
             raise ValueError(f"OFFLOAD_MODE={self.offload_mode!r} is not valid; use one of {', '.join(OFFLOAD_MODES)}.")
+        if self.lora_mode not in (None, "dynamic", "fused"):
+            raise ValueError(f"AITK_LORA_MODE={self.lora_mode!r} is not valid; use dynamic or fused (or leave it unset).")
+        if self.compile not in ("none", "regional", "full"):
+            raise ValueError(f"AITK_COMPILE={self.compile!r} is not valid; use none, regional or full.")
 
     @property
     def public_url(self) -> str:
@@ -125,6 +134,8 @@ class Settings:
             device=env.get("DEVICE") or None,
             dtype=env.get("AITK_DTYPE") or defaults.dtype,
             offload_mode=(env.get("OFFLOAD_MODE") or defaults.offload_mode).lower(),
+            lora_mode=(env.get("AITK_LORA_MODE") or "").lower() or None,
+            compile=(env.get("AITK_COMPILE") or defaults.compile).lower(),
             workflows_base_path=os.path.abspath(os.path.expanduser(env.get("WORKFLOWS_BASE_PATH") or defaults.workflows_base_path)),
             output_base_path=os.path.abspath(os.path.expanduser(env.get("OUTPUT_BASE_PATH") or defaults.output_base_path)),
             hf_token=env.get("HF_TOKEN") or None,

@@ -129,7 +129,8 @@ def test_schemas(pack):
     assert names == {"AITKLoadPipeline": "Load AITK Pipeline", "AITKApplyLoRA": "Apply AITK LoRA",
                      "AITKSample": "AITK Sample"}
     expected = {
-        "AITKLoadPipeline": (["model", "base", "dtype", "offload", "device"], [], ("AITK_PIPELINE",)),
+        "AITKLoadPipeline": (["model", "base", "dtype", "offload", "device", "lora_mode", "compile"], [],
+                             ("AITK_PIPELINE",)),
         "AITKApplyLoRA": (["pipeline", "lora", "strength", "transformer"], [], ("AITK_PIPELINE",)),
         "AITKSample": (["pipeline", "prompt", "negative", "trigger_word", "width", "height", "steps", "guidance", "seed",
                         "batch_size"], ["control_image", "control_image_2", "control_image_3", "num_frames", "fps"],
@@ -288,3 +289,14 @@ def test_video_models_give_frames_fps_and_audio(core, tiny_dir):
     assert frames.shape == (5, 64, 64, 3) and fps == 10.0
     # a silent model gets silence as long as the clip, so Create Video -> Save Video works for every video model
     assert audio["waveform"].shape == (1, 1, round(5 / 10 * core.SILENCE_RATE)) and not audio["waveform"].any()
+
+
+def test_load_options_select_lora_mode_and_compile(core, tiny_dir):
+    fused = core.load("flux", tiny_dir("flux"), "fp32", "none", "cpu", lora_mode="fused")
+    default = core.load("flux", tiny_dir("flux"), "fp32", "none", "cpu")
+    assert fused.get_pipeline().lora_mode == "fused" and default.get_pipeline().lora_mode == "dynamic"
+    assert fused.get_pipeline() is not default.get_pipeline()  # a different cache entry, not a mutated one
+    with pytest.raises(ValueError, match="lora_mode 'merged' is not one of model default, dynamic, fused"):
+        core.load("flux", tiny_dir("flux"), "fp32", "none", "cpu", lora_mode="merged")
+    with pytest.raises(ValueError, match="compile 'max' is not one of none, regional"):
+        core.load("flux", tiny_dir("flux"), "fp32", "none", "cpu", compile="max")

@@ -461,3 +461,13 @@ def test_crash_recovery_with_cli_server_and_timeout(tmp_path, server_env, tiny_f
         assert status["status"] == "failed" and status["error"].startswith("Timed out after INFERENCE_TIMEOUT=1 s"), status
     finally:
         again.stop()
+
+
+def test_settings_select_lora_mode_and_compile():
+    from aitk_inference.server.settings import Settings
+
+    settings = Settings.from_env({"AITK_LORA_MODE": "FUSED", "AITK_COMPILE": "regional"})
+    assert (settings.lora_mode, settings.compile) == ("fused", "regional")
+    assert Settings.from_env({}).lora_mode is None
+    with pytest.raises(ValueError, match="AITK_LORA_MODE='merged' is not valid"):
+        Settings.from_env({"AITK_LORA_MODE": "merged"})

@@ -142,7 +142,7 @@ def test_pack_in_real_comfyui(base_dir, api):
     try:
         # The pack loaded, its nodes and route answer
         info = server.get("/object_info/AITKSample")["AITKSample"]
-        assert info["category"] == "AITK Inference" and info["output"] == ["IMAGE", "INT", "INT", "INT"]
+        assert info["category"] == "AITK Inference" and info["output"] == ["IMAGE", "INT", "INT", "INT", "FLOAT", "AUDIO"]
         assert info["python_module"] == "custom_nodes.aitk_inference"
         apply = server.get("/object_info/AITKApplyLoRA")["AITKApplyLoRA"]
         assert "tiny_flux.safetensors" in json.dumps(apply["input"]["required"]["lora"])

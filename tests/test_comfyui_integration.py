@@ -118,6 +118,7 @@ def base_dir(tmp_path_factory, tiny_dir):
         (base / folder).mkdir(parents=True)
     os.symlink(ROOT, base / "custom_nodes" / "aitk_inference")
     os.symlink(tiny_dir("flux"), base / "models" / "diffusers" / "tiny-flux")
+    os.symlink(tiny_dir("ltx2"), base / "models" / "diffusers" / "tiny-ltx2")
     transformer = diffusers.FluxTransformer2DModel.from_pretrained(tiny_dir("flux"), subfolder="transformer")
     write_lora(str(base / "models" / "loras" / "tiny_flux.safetensors"), "peft", lora_targets(transformer, limit=8))
     return base
@@ -128,6 +129,22 @@ def _workflow(**sample_inputs) -> dict:
         workflow = json.load(f)
     workflow["3"]["inputs"].update(sample_inputs)
     return workflow
+
+
+def _video_workflow() -> dict:
+    """Load (tiny LTX-2) -> Sample (9 frames at 12 fps) -> Create Video (frames, fps, audio) -> Save Video."""
+    return {
+        "1": {"class_type": "AITKLoadPipeline", "inputs": {"model": "ltx2", "base": "tiny-ltx2", "dtype": "fp32",
+                                                           "offload": "none", "device": "auto",
+                                                           "lora_mode": "model default", "compile": "none"}},
+        "3": {"class_type": "AITKSample", "inputs": {"pipeline": ["1", 0], "prompt": "a robot", "negative": "",
+                                                     "trigger_word": "", "width": 64, "height": 64, "steps": 2,
+                                                     "guidance": 4.0, "seed": 7, "batch_size": 1, "num_frames": 9,
+                                                     "fps": 12}},
+        "5": {"class_type": "CreateVideo", "inputs": {"images": ["3", 0], "fps": ["3", 4], "audio": ["3", 5]}},
+        "6": {"class_type": "SaveVideo", "inputs": {"video": ["5", 0], "filename_prefix": "aitk_video",
+                                                    "format": "mp4", "codec": "h264"}},
+    }
 
 
 def _messages(entry: dict, kind: str) -> list:
@@ -172,6 +189,19 @@ def test_pack_in_real_comfyui(base_dir, api):
         bad["2"]["inputs"]["lora"] = "no_such_lora.safetensors"
         status, reply = server.post("/prompt", {"prompt": bad})
         assert status == 400 and "models/loras" in json.dumps(reply)
+
+        # A video model: frames + fps + audio -> core Create Video -> Save Video writes an MP4 with sound
+        if api == "v3":
+            video = server.run(_video_workflow())
+            assert video["status"]["status_str"] == "success", _messages(video, "execution_error") or server.log_tail()
+            mp4s = list((base_dir / "output").rglob("aitk_video*.mp4"))
+            assert len(mp4s) == 1
+            import av
+
+            with av.open(str(mp4s[0])) as container:
+                stream = container.streams.video[0]
+                assert sum(1 for _ in container.decode(stream)) == 9 and round(float(stream.average_rate)) == 12
+                assert len(container.streams.audio) == 1
 
         # ComfyUI's "free memory" evicts the cached pipeline
         server.post("/free", {"unload_models": True, "free_memory": True})

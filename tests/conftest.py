@@ -40,3 +40,18 @@ def load_tiny(tiny_dir):
         return load_pipeline(model_id, base=tiny_dir(model_id), **kwargs)
 
     return load
+
+
+@pytest.fixture(scope="module")
+def pipes(load_tiny):
+    """``pipes(model_id, **load_kwargs)`` -> one tiny pipeline per id and load options, shared by the tests of a
+    module (tests leave it LoRA-free)."""
+    loaded = {}
+
+    def get(model_id, **load_kwargs):
+        key = (model_id, tuple(sorted(load_kwargs.items())))
+        if key not in loaded:
+            loaded[key] = load_tiny(model_id, **load_kwargs)
+        return loaded[key]
+
+    return get

@@ -14,19 +14,6 @@ IDS = ["flux2", "flux2_klein_4b", "flux2_klein_9b", "chroma"]
 FAST = dict(width=64, height=64, steps=2, seed=3)
 
 
-@pytest.fixture(scope="module")
-def pipes(load_tiny):
-    """One dynamic-mode pipeline per id, shared by the tests of this module (each test leaves it LoRA-free)."""
-    cache = {}
-
-    def get(model_id):
-        if model_id not in cache:
-            cache[model_id] = load_tiny(model_id, lora_mode="dynamic")
-        return cache[model_id]
-
-    return get
-
-
 def bfl_pair(pipe, **kwargs):
     """(BFL-named, diffusers-named) LoRA tensors for the family's tiny transformer."""
     if pipe.spec.model_id == "chroma":

@@ -9,19 +9,6 @@ import torch
 FAST = dict(width=64, height=64, steps=2, seed=3)
 
 
-@pytest.fixture(scope="module")
-def pipes(load_tiny):
-    """One dynamic-mode pipeline per id, shared by the tests of this module (each test leaves it LoRA-free)."""
-    cache = {}
-
-    def get(model_id):
-        if model_id not in cache:
-            cache[model_id] = load_tiny(model_id)
-        return cache[model_id]
-
-    return get
-
-
 def control(seed=0):
     return np.random.RandomState(seed).rand(48, 80, 3).astype(np.float32)
 

@@ -11,19 +11,6 @@ import torch
 FAST = dict(width=64, height=64, num_frames=9, steps=2, seed=5)
 
 
-@pytest.fixture(scope="module")
-def pipes(load_tiny):
-    """One pipeline per id, shared by the tests of this module (each test leaves it LoRA-free)."""
-    cache = {}
-
-    def get(model_id):
-        if model_id not in cache:
-            cache[model_id] = load_tiny(model_id)
-        return cache[model_id]
-
-    return get
-
-
 @pytest.fixture(autouse=True)
 def one_thread():
     """The tiny models are faster on one thread than fighting other processes for the machine's cores."""

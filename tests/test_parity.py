@@ -10,7 +10,6 @@ end.
 
 import functools
 import json
-import math
 import os
 import re
 

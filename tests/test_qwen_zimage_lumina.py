@@ -13,19 +13,6 @@ IDS = ["qwen_image", "qwen_image_2512", "zimage", "zimage_turbo", "zimage_deturb
 FAST = dict(width=64, height=64, steps=2, seed=3)
 
 
-@pytest.fixture(scope="module")
-def pipes(load_tiny):
-    """One dynamic-mode pipeline per id, shared by the tests of this module (each test leaves it LoRA-free)."""
-    cache = {}
-
-    def get(model_id):
-        if model_id not in cache:
-            cache[model_id] = load_tiny(model_id, lora_mode="dynamic")
-        return cache[model_id]
-
-    return get
-
-
 def write_lora(pipe, path, layout="peft", seed=0):
     from aitk_inference.tiny.loras import lora_targets, write_lora as write
 
@@ -35,7 +22,7 @@ def write_lora(pipe, path, layout="peft", seed=0):
 @pytest.mark.parametrize("model_id", IDS)
 def test_lora_cycle(model_id, pipes, load_tiny, tmp_path):
     """Deterministic, LoRA changes output, strength 0 = base bit for bit, no reload, fused = dynamic (default guidance)."""
-    pipe = pipes(model_id)
+    pipe = pipes(model_id, lora_mode="dynamic")
     base = pipe.generate("a red fox", **FAST).images
     lora = write_lora(pipe, tmp_path / "l.safetensors", layout="peft_diffusion_model")
     transformer = pipe.pipe.transformer
@@ -113,7 +100,7 @@ def test_size_floors():
 def test_scheduler_matches_ai_toolkit(model_id, family, pipes):
     with open(os.path.join(PARITY_DIR, "schedulers.json")) as f:
         run = json.load(f)[family]["runs"]["steps4_w64_h64"]
-    pipe = pipes(model_id)
+    pipe = pipes(model_id, lora_mode="dynamic")
     pipe.generate("x", width=64, height=64, steps=4, guidance=1.0)  # guidance 1: one forward per step
     timesteps = pipe.pipe.scheduler.timesteps.tolist()
     if family == "lumina2":

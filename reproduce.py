@@ -203,7 +203,7 @@ def newest_lora(job_dir: str, name: str | None) -> str:
     """
     files = sorted(f for f in os.listdir(job_dir) if f.endswith(".safetensors"))
     if name:
-        pattern = re.compile(rf"^{re.escape(name)}(_\d{{9}})?\.safetensors$")
+        pattern = re.compile(rf"^{re.escape(name)}(_\d{{9}})?(_(high|low)_noise)?\.safetensors$")
         named = [f for f in files if pattern.match(f)]
         files = named or files
     if not files:
@@ -216,6 +216,17 @@ def newest_lora(job_dir: str, name: str | None) -> str:
         return (1, 0) if step is None else (0, step)
 
     return os.path.join(job_dir, max(files, key=rank))
+
+
+def with_expert_sibling(path: str) -> list[str]:
+    """A Wan 2.2 14B split save comes as ``*_high_noise`` + ``*_low_noise``: return both files (ai-toolkit loads the
+    sibling too); any other LoRA is returned alone."""
+    match = re.search(r"_(high|low)_noise\.safetensors$", path)
+    if not match:
+        return [path]
+    other = "low" if match.group(1) == "high" else "high"
+    sibling = path[: match.start()] + f"_{other}_noise.safetensors"
+    return sorted([path, sibling]) if os.path.isfile(sibling) else [path]
 
 
 def lora_step(path: str, process: dict) -> int:
@@ -448,18 +459,20 @@ def reproduce_job(
     rows, sheet_rows = [], []
     for sample in samples:
         # 4. Apply the LoRA at this sample's multiplier (an in-place change after the first)
-        pipeline.set_loras([LoraRequest(path=lora_path, strength=sample.network_multiplier)])
+        pipeline.set_loras([LoraRequest(path=path, strength=sample.network_multiplier)
+                            for path in with_expert_sibling(lora_path)])
         # 5. Run
-        kwargs = {}
+        controls = []
         if spec.control_images[1] == 1 and sample.ctrl_img:
-            kwargs["control_images"] = [resolve_job_path(sample.ctrl_img, job_dir)]
+            controls = [resolve_job_path(sample.ctrl_img, job_dir)]
         elif spec.control_images[1] > 1 and sample.ctrl_imgs:
-            kwargs["control_images"] = [resolve_job_path(p, job_dir) for p in sample.ctrl_imgs]
-        if spec.is_video:
-            kwargs.update(num_frames=sample.num_frames, fps=sample.fps)
-        for path in kwargs.get("control_images", []):
+            controls = [resolve_job_path(p, job_dir) for p in sample.ctrl_imgs]
+        for path in controls:
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"Sample {sample.index}: control image {path!r} does not exist.")
+        kwargs = pipeline.control_inputs(controls) if controls else {}
+        if spec.is_video:
+            kwargs.update(num_frames=sample.num_frames, fps=sample.fps)
         result = pipeline.generate(prompt=sample.prompt, negative=sample.negative, width=sample.width,
                                    height=sample.height, steps=sample.steps, guidance=sample.guidance,
                                    seed=sample.seed, **kwargs)
@@ -496,5 +509,5 @@ def reproduce_job(
             "lora_mode": lora_mode, "out_dir": out_dir, "samples": rows, "sheet": sheet}
 
 
-__all__ = ["SampleSpec", "build_samples", "reproduce_job", "model_id_for_job", "newest_lora", "find_previews",
-           "compare_images"]
+__all__ = ["SampleSpec", "build_samples", "reproduce_job", "model_id_for_job", "newest_lora", "with_expert_sibling",
+           "find_previews", "compare_images"]

@@ -453,6 +453,11 @@ class AITKPipeline:
         if params.extra:
             raise ValueError(f"Unknown generation option(s) for {self.spec.model_id}: {sorted(params.extra)}.")
 
+    def control_inputs(self, images: Sequence) -> dict:
+        """``generate`` keyword arguments for an ai-toolkit sample's control images (``ctrl_img``/``ctrl_img_N``).
+        Families with other conditioning slots (Flex.2's inpaint image) override this."""
+        return {"control_images": list(images)}
+
     def pipeline_kwargs(self, params: GenerationParams) -> dict:
         """Map the resolved parameters onto the diffusers pipeline's ``__call__``; every family overrides this."""
         raise NotImplementedError

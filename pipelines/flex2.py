@@ -421,6 +421,19 @@ class Flex2FamilyPipeline(AITKPipeline):
             None if inpaint_image is None else load_inpaint_image(inpaint_image), params.extra.get("inpaint_mask"),
         )
 
+
+    def control_inputs(self, images) -> dict:
+        """ai-toolkit routes a ``*.inpaint.*`` file (RGBA, alpha 0 = paint) to Flex.2's inpaint slot (its ctrl_idx 0);
+        any other image is the control image."""
+        from PIL import Image
+
+        inpaint = [p for p in images if ".inpaint." in os.path.basename(str(p))]
+        kwargs = {"control_images": [p for p in images if p not in inpaint]}
+        if inpaint:
+            with Image.open(inpaint[0]) as image:
+                kwargs["inpaint_image"] = image.copy()
+        return kwargs
+
     def pipeline_kwargs(self, params: GenerationParams) -> dict:
         kwargs = {
             "prompt": [params.prompt] * params.batch_size,

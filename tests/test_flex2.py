@@ -183,3 +183,18 @@ def test_cli_demo(tiny_cache, tmp_path, capsys):
     with Image.open(out) as im:
         assert json.loads(im.text["parameters"])["model"] == "flex2"
     assert "demo done" in capsys.readouterr().out
+
+
+def test_job_control_images_route_inpaint_files(flex2, tmp_path):
+    """reproduce passes a sample's ctrl_img through control_inputs: ai-toolkit's `*.inpaint.*` RGBA files fill the
+    inpaint slot, other images the control slot."""
+    from PIL import Image
+
+    rgba = (ramp_image(channels=4) * 255).astype(np.uint8)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "ref.inpaint.png")
+    Image.fromarray(rgba[..., :3]).save(tmp_path / "pose.png")
+    routed = flex2.control_inputs([str(tmp_path / "ref.inpaint.png")])
+    assert routed["control_images"] == [] and routed["inpaint_image"].mode == "RGBA"
+    assert flex2.control_inputs([str(tmp_path / "pose.png")]) == {"control_images": [str(tmp_path / "pose.png")]}
+    np.testing.assert_array_equal(flex2.generate("a tiny cat", **routed, **SIZE).images,
+                                  flex2.generate("a tiny cat", inpaint_image=Image.fromarray(rgba, "RGBA"), **SIZE).images)

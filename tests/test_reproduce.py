@@ -157,6 +157,18 @@ def test_job_parsing_rules(tmp_path):
     assert lora_step_from_name("job_000000250_high_noise.safetensors") == 250
     assert lora_step_from_name("job.safetensors") is None
 
+    from aitk_inference.reproduce import with_expert_sibling
+
+    wan = tmp_path / "wan"
+    wan.mkdir()
+    for name in ("w_000000100_high_noise", "w_000000100_low_noise", "w_000000300_high_noise", "w_000000300_low_noise"):
+        (wan / f"{name}.safetensors").write_bytes(b"")
+    newest = newest_lora(str(wan), "w")
+    assert os.path.basename(newest).startswith("w_000000300_")
+    assert [os.path.basename(p) for p in with_expert_sibling(newest)] == [
+        "w_000000300_high_noise.safetensors", "w_000000300_low_noise.safetensors"]
+    assert with_expert_sibling(str(tmp_path / "job.safetensors")) == [str(tmp_path / "job.safetensors")]
+
     assert model_id_for_job({"arch": "flux", "name_or_path": "black-forest-labs/FLUX.1-dev"}) == "flux"
     assert model_id_for_job({"arch": "flux:bf16", "name_or_path": "ostris/Flex.1-alpha"}) == "flex1"
     assert model_id_for_job({"is_flux": True}) == "flux"

@@ -8,6 +8,7 @@ interruption, and a typed result.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -351,7 +352,17 @@ class AITKPipeline:
                 path, strength, *rest = item
                 requests.append(LoraRequest(path=os.fspath(path), strength=strength, side=rest[0] if rest else None))
         with self.lock:
-            return self.loras.set(requests)
+            return self.loras.set(requests, before_change=self._weights_unhooked if self.offload == "sequential" else None)
+
+    @contextlib.contextmanager
+    def _weights_unhooked(self):
+        """Sequential offload keeps the weights in accelerate's offload map (the modules hold meta tensors); take the
+        hooks off (which puts the weights back on the modules), patch, and offload again."""
+        self.pipe.remove_all_hooks()
+        try:
+            yield
+        finally:
+            self.place(self.pipe, self.device, self.offload)
 
     # ------------------------------------------------------------------------------------------------ generation
     def resolve_params(

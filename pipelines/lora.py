@@ -251,8 +251,14 @@ class LoraStack:
         return module if isinstance(base, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv3d)) else None
 
     # ------------------------------------------------------------------ the public operation
-    def set(self, requests: Sequence[LoraRequest]) -> list[dict]:
+    def set(self, requests: Sequence[LoraRequest], before_change: Callable[[], object] | None = None) -> list[dict]:
         """Make ``requests`` the applied LoRA set; unchanged entries are kept, strength-only changes rescale in place.
+
+        Args:
+            requests (Sequence[LoraRequest]): the wanted set, in order.
+            before_change (callable, *optional*): called once, after every file is read and validated and only when
+                weights will really change; what it returns is used as a context manager around the change (the
+                pipeline uses it to take sequential-offload hooks off the weights while they are patched).
 
         Returns one summary dict per request (modules matched, layout, strength).
         """
@@ -264,7 +270,19 @@ class LoraStack:
             if slot in wanted:
                 raise ValueError(f"{request.label()} is given twice for the same side; give it once with one strength.")
             wanted[slot] = (loaded, strength)
+        summaries = [{**loaded.summary(), "strength": strength} for loaded, strength in wanted.values()]
+        unchanged = list(wanted) == list(self.active) and all(
+            self.active[slot].strength == strength for slot, (_, strength) in wanted.items())
+        if unchanged:
+            return summaries
+        if before_change is None:
+            self._apply(wanted)
+        else:
+            with before_change():
+                self._apply(wanted)
+        return summaries
 
+    def _apply(self, wanted) -> None:
         previous = [(slot, a.loaded, a.strength) for slot, a in self.active.items()]
         try:
             self._transition(wanted)
@@ -272,7 +290,6 @@ class LoraStack:
             logger.error("Applying the LoRA set failed; restoring the previous set.")
             self._restore(previous)
             raise
-        return [{**loaded.summary(), "strength": strength} for loaded, strength in wanted.values()]
 
     def clear(self) -> None:
         self.set([])

@@ -101,6 +101,7 @@ def run_generate(pipeline, args, out: str) -> list[str]:
         guidance=args.guidance, seed=args.seed, batch_size=args.batch_size, trigger_word=args.trigger,
         control_images=args.ctrl_img or None, progress=None if args.quiet else _progress_bar(pipeline.spec.model_id),
         num_frames=getattr(args, "num_frames", None), fps=getattr(args, "fps", None),
+        vae_tiling=getattr(args, "vae_tiling", False),
     )
     if result.is_video:
         paths = save_videos(result, out)
@@ -237,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_load_flags(p, "HF repo id, diffusers folder or single .safetensors file (default: the model's base)")
     p.add_argument("--offload", choices=["none", "model", "sequential"], default="none")
     p.add_argument("--lora-mode", choices=["dynamic", "fused"], help="default: the model's")
+    p.add_argument("--vae-tiling", action="store_true", help="decode in tiles: far less memory for large videos/images")
     p.add_argument("--compile", choices=["none", "regional", "full"], default="none",
                    help="torch.compile the denoiser (regional: its repeated blocks); pays off over many steps/images")
     p.add_argument("--lora", action="append", type=_lora_arg, metavar="FILE[:STRENGTH]", help="repeatable")

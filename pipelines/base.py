@@ -355,6 +355,20 @@ class AITKPipeline:
             return self.loras.set(requests, before_change=self._weights_unhooked if self.offload == "sequential" else None)
 
     @contextlib.contextmanager
+    def _vae_tiling(self, enabled: bool):
+        vae = getattr(self.pipe, "vae", None)
+        if not enabled:
+            yield
+            return
+        if vae is None or not hasattr(vae, "enable_tiling"):
+            raise ValueError(f"{self.spec.model_id}'s VAE cannot decode in tiles; leave vae_tiling off.")
+        vae.enable_tiling()
+        try:
+            yield
+        finally:
+            vae.disable_tiling()
+
+    @contextlib.contextmanager
     def _weights_unhooked(self):
         """Sequential offload keeps the weights in accelerate's offload map (the modules hold meta tensors); take the
         hooks off (which puts the weights back on the modules), patch, and offload again."""
@@ -484,7 +498,8 @@ class AITKPipeline:
 
         return {"images": np.asarray(output.images, dtype=np.float32)}
 
-    def generate(self, prompt: str, progress: ProgressCallback | None = None, **kwargs) -> GenerationResult:
+    def generate(self, prompt: str, progress: ProgressCallback | None = None, vae_tiling: bool = False,
+                 **kwargs) -> GenerationResult:
         """Generate images (or video frames) as ai-toolkit's sample previews are generated.
 
         Args:
@@ -499,6 +514,8 @@ class AITKPipeline:
             num_frames, fps (int, *optional*): video families only.
             progress (callable, *optional*): ``progress(step, total)`` after every denoising step; raising
                 :class:`GenerationInterrupted` (or any exception) stops sampling within one step.
+            vae_tiling (bool, defaults to False): decode in overlapping tiles (the VAE's ``enable_tiling``), for this
+                call only: much less memory for large videos and images, at the cost of some speed.
 
         Returns:
             GenerationResult: images/frames plus the effective parameters, the applied LoRAs and timings.
@@ -523,11 +540,11 @@ class AITKPipeline:
             call["callback_on_step_end"] = on_step_end
             # 3. Run
             started = time.perf_counter()
-            with torch.inference_mode():
+            with torch.inference_mode(), self._vae_tiling(vae_tiling):
                 output = self.call_pipeline(call)
+                # 4. Post-process (families that decode here do it inside the tiling scope)
+                fields = self.postprocess(output, params)
             total = time.perf_counter() - started
-            # 4. Post-process
-            fields = self.postprocess(output, params)
         timings = {"total": round(total, 4)}
         if step_times:
             timings["first_step_done"] = round(step_times[0] - started, 4)

@@ -173,7 +173,6 @@ class WanFamilyPipeline(AITKPipeline):
                 self._progress = None
                 self.stage = "done"
         result.timings["decode"] = round(self._decode_seconds, 4)
-        result.timings["total"] = round(result.timings["total"] + self._decode_seconds, 4)
         return result
 
     def postprocess(self, output, params: GenerationParams) -> dict:

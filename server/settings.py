@@ -60,6 +60,8 @@ class Settings:
         dtype (str, defaults to auto): ``AITK_DTYPE`` (auto, fp32, bf16, fp16).
         offload_mode (str, defaults to none): ``OFFLOAD_MODE`` (none, model, sequential).
         lora_mode (str, *optional*): ``AITK_LORA_MODE`` (dynamic, fused); defaults to each model's registry setting.
+        vae_tiling (bool, defaults to False): ``AITK_VAE_TILING`` (1/true): decode in tiles, far less memory for large
+            videos at some speed.
         compile (str, defaults to none): ``AITK_COMPILE`` (none, regional, full): torch.compile the denoiser once per
             loaded pipeline; strength changes and LoRA switches never recompile.
         workflows_base_path (str, defaults to /app/ai-toolkit/lora_weights): ``WORKFLOWS_BASE_PATH``; local
@@ -89,6 +91,7 @@ class Settings:
     offload_mode: str = "none"
     lora_mode: str | None = None
     compile: str = "none"
+    vae_tiling: bool = False
     workflows_base_path: str = "/app/ai-toolkit/lora_weights"
     output_base_path: str = "/tmp/inference_output"
     hf_token: str | None = None
@@ -136,6 +139,7 @@ class Settings:
             offload_mode=(env.get("OFFLOAD_MODE") or defaults.offload_mode).lower(),
             lora_mode=(env.get("AITK_LORA_MODE") or "").lower() or None,
             compile=(env.get("AITK_COMPILE") or defaults.compile).lower(),
+            vae_tiling=(env.get("AITK_VAE_TILING") or "").lower() in ("1", "true", "yes", "on"),
             workflows_base_path=os.path.abspath(os.path.expanduser(env.get("WORKFLOWS_BASE_PATH") or defaults.workflows_base_path)),
             output_base_path=os.path.abspath(os.path.expanduser(env.get("OUTPUT_BASE_PATH") or defaults.output_base_path)),
             hf_token=env.get("HF_TOKEN") or None,

@@ -178,7 +178,8 @@ class Worker:
                     self._check(job, deadline)
 
                 t = time.perf_counter()
-                result = pipeline.generate(progress=on_step, control_images=controls or None, **kwargs)
+                result = pipeline.generate(progress=on_step, control_images=controls or None,
+                                           vae_tiling=self.settings.vae_tiling, **kwargs)
                 t_generate = time.perf_counter() - t
                 done += result.params.steps
                 job.step = done

@@ -326,3 +326,13 @@ def test_before_change_hook_runs_only_when_weights_change(flux, flux_loras):
     flux.loras.set([LoraRequest(path=flux_loras["a"], strength=0.6)], before_change=record)
     flux.loras.set([], before_change=record)
     assert calls == ["change"] * 3
+
+
+def test_vae_tiling_is_per_call(flux, load_tiny):
+    plain = run(flux)
+    tiled = flux.generate(**SMALL, vae_tiling=True).images  # smaller than one tile: the same decode
+    np.testing.assert_allclose(tiled, plain, atol=1e-6)
+    assert not flux.pipe.vae.use_tiling  # switched off again after the call
+    wan = load_tiny("wan21_1b")
+    frames = dict(prompt="x", width=64, height=64, steps=1, num_frames=5)
+    np.testing.assert_allclose(wan.generate(**frames, vae_tiling=True).images, wan.generate(**frames).images, atol=1e-5)

@@ -466,8 +466,8 @@ def test_crash_recovery_with_cli_server_and_timeout(tmp_path, server_env, tiny_f
 def test_settings_select_lora_mode_and_compile():
     from aitk_inference.server.settings import Settings
 
-    settings = Settings.from_env({"AITK_LORA_MODE": "FUSED", "AITK_COMPILE": "regional"})
-    assert (settings.lora_mode, settings.compile) == ("fused", "regional")
+    settings = Settings.from_env({"AITK_LORA_MODE": "FUSED", "AITK_COMPILE": "regional", "AITK_VAE_TILING": "1"})
+    assert (settings.lora_mode, settings.compile, settings.vae_tiling) == ("fused", "regional", True)
     assert Settings.from_env({}).lora_mode is None
     with pytest.raises(ValueError, match="AITK_LORA_MODE='merged' is not valid"):
         Settings.from_env({"AITK_LORA_MODE": "merged"})

@@ -264,6 +264,7 @@ def sample(
     control_image_3=None,
     num_frames: int = 0,
     fps: int = 0,
+    vae_tiling: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> SampleOutput:
     """AITK Sample: set the handle's LoRAs on the cached pipeline and generate.
@@ -271,6 +272,7 @@ def sample(
     Args:
         control_image, control_image_2, control_image_3 (torch.Tensor, *optional*): ComfyUI IMAGEs ``[1,H,W,C]``.
         num_frames, fps (int, defaults to 0): 0 = the model's default (video models).
+        vae_tiling (bool, defaults to False): decode in tiles (less memory).
         progress (callable, *optional*): ``progress(step, total)``; defaults to ComfyUI's progress bar + interrupt.
 
     Returns:
@@ -292,7 +294,7 @@ def sample(
         result = loaded.generate(
             prompt=prompt, negative=negative, width=width, height=height, steps=steps, guidance=guidance,
             seed=seed, batch_size=batch_size, control_images=controls, trigger_word=trigger_word or None,
-            num_frames=num_frames or None, fps=fps or None,
+            num_frames=num_frames or None, fps=fps or None, vae_tiling=bool(vae_tiling),
             progress=progress if progress is not None else comfy_progress(steps),
         )
     # 5. Post-process: ComfyUI IMAGE layout, video frames flattened into the batch

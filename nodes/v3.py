@@ -12,7 +12,8 @@ from .schema import APPLY, CATEGORY, LOAD, PIPELINE_TYPE, SAMPLE, Field, NodeSpe
 
 PipelineType = io.Custom(PIPELINE_TYPE)
 
-_IO_TYPES = {"COMBO": io.Combo, "STRING": io.String, "INT": io.Int, "FLOAT": io.Float, "IMAGE": io.Image, "AUDIO": io.Audio,
+_IO_TYPES = {"COMBO": io.Combo, "STRING": io.String, "INT": io.Int, "FLOAT": io.Float, "BOOLEAN": io.Boolean,
+             "IMAGE": io.Image, "AUDIO": io.Audio,
              PIPELINE_TYPE: PipelineType}
 
 

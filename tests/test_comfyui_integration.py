@@ -140,7 +140,7 @@ def _video_workflow() -> dict:
         "3": {"class_type": "AITKSample", "inputs": {"pipeline": ["1", 0], "prompt": "a robot", "negative": "",
                                                      "trigger_word": "", "width": 64, "height": 64, "steps": 2,
                                                      "guidance": 4.0, "seed": 7, "batch_size": 1, "num_frames": 9,
-                                                     "fps": 12}},
+                                                     "fps": 12, "vae_tiling": True}},
         "5": {"class_type": "CreateVideo", "inputs": {"images": ["3", 0], "fps": ["3", 4], "audio": ["3", 5]}},
         "6": {"class_type": "SaveVideo", "inputs": {"video": ["5", 0], "filename_prefix": "aitk_video",
                                                     "format": "mp4", "codec": "h264"}},

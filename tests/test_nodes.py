@@ -133,7 +133,8 @@ def test_schemas(pack):
                              ("AITK_PIPELINE",)),
         "AITKApplyLoRA": (["pipeline", "lora", "strength", "transformer"], [], ("AITK_PIPELINE",)),
         "AITKSample": (["pipeline", "prompt", "negative", "trigger_word", "width", "height", "steps", "guidance", "seed",
-                        "batch_size"], ["control_image", "control_image_2", "control_image_3", "num_frames", "fps"],
+                        "batch_size"], ["control_image", "control_image_2", "control_image_3", "num_frames", "fps",
+                                       "vae_tiling"],
                        ("IMAGE", "INT", "INT", "INT", "FLOAT", "AUDIO")),
     }
     for node_id, (required, optional, returns) in expected.items():

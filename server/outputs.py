@@ -7,7 +7,7 @@ import json
 import os
 
 FORMATS = {"png": ("PNG", ".png", "image/png"), "jpeg": ("JPEG", ".jpg", "image/jpeg"), "webp": ("WEBP", ".webp", "image/webp")}
-MEDIA_TYPES = {ext: media for _, ext, media in FORMATS.values()}
+MEDIA_TYPES = {**{ext: media for _, ext, media in FORMATS.values()}, ".mp4": "video/mp4"}
 
 
 def save_image(image, base: str, output_format: str, metadata: dict) -> str:
@@ -27,12 +27,13 @@ def save_image(image, base: str, output_format: str, metadata: dict) -> str:
     return path
 
 
-def save_video(result, base: str) -> str:
-    """Write the first video of ``result`` as an animated WEBP at its fps."""
-    frames = result.to_pil()
-    path = base + ".webp"
-    tmp = f"{path}.partial"
-    frames[0].save(tmp, format="WEBP", save_all=True, append_images=frames[1:], duration=round(1000 / result.params.fps),
-                   loop=0, quality=95)
-    os.replace(tmp, path)
-    return path
+def save_video(result, base: str, output_format: str) -> tuple[str, str]:
+    """Write the first video of ``result``: an H.264 MP4 (with the audio track when the model makes one), or an
+    animated WEBP when ``output_format`` is ``webp``. Returns (path, format)."""
+    from ..pipelines.video_io import write_mp4, write_webp
+
+    frames, fps = result.images[0], result.params.fps
+    if output_format == "webp":
+        return write_webp(frames, base + ".webp", fps), "webp"
+    audio = None if result.audio is None else result.audio[0]
+    return write_mp4(frames, base + ".mp4", fps, audio=audio, sample_rate=result.sample_rate), "mp4"

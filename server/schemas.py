@@ -47,7 +47,8 @@ class InferenceInput(BaseModel):
     kv_cache: Optional[bool] = Field(None, description="Passed to families that take it.")
     match_target_res: Optional[bool] = Field(None, description="Passed to families that take it.")
     output_format: Literal["png", "jpeg", "webp"] = Field(
-        "png", description="Image format; PNG carries the generation parameters in a 'parameters' text chunk.")
+        "png", description="Image format; PNG carries the generation parameters in a 'parameters' text chunk. Video "
+        "models write MP4 (H.264, with the audio track when the model makes one), or animated WEBP for 'webp'.")
 
 
 # ---------------------------------------------------------------------------------------------------------------- responses

@@ -204,8 +204,8 @@ class Worker:
         url = f"{self.settings.public_url}/v1/requests/{job.id}/outputs/{index}"
         common = {"width": result.width, "height": result.height, "seed": result.seed}
         if result.is_video:
-            path = save_video(result, base)
-            outputs["videos"].append({"index": index, "format": "webp", "file_path": path, "url": url,
+            path, video_format = save_video(result, base, job.output_format)
+            outputs["videos"].append({"index": index, "format": video_format, "file_path": path, "url": url,
                                       "num_frames": result.params.num_frames, "fps": result.params.fps, **common})
             return
         path = save_image(result.to_pil()[0], base, job.output_format, result.metadata())

@@ -140,8 +140,8 @@ def server_env(dirs):
 
 
 @pytest.fixture(scope="module")
-def server(server_env, tiny_flux):
-    running = RunningServer(server_env, [f"flux={tiny_flux[0]}"])
+def server(server_env, tiny_flux, tiny_dir):
+    running = RunningServer(server_env, [f"flux={tiny_flux[0]}", f"ltx2={tiny_dir('ltx2')}"])
     yield running
     running.stop()
 
@@ -374,6 +374,31 @@ def test_openapi_fuzz_has_no_server_errors(server):
     assert len(statuses) > 2 * len(operations)
     # Random bodies never name a real model and file, so nothing was queued.
     assert server.client.get("/v1/requests").json()["total"] == before
+
+
+def test_video_request_writes_mp4_with_audio(server, dirs, tiny_dir):
+    import av
+    from diffusers import LTX2VideoTransformer3DModel
+
+    from aitk_inference.tiny.loras import lora_targets, write_lora
+
+    transformer = LTX2VideoTransformer3DModel.from_pretrained(tiny_dir("ltx2"), subfolder="transformer")
+    write_lora(os.path.join(dirs["workflows"], "ltx_style.safetensors"), "peft", lora_targets(transformer, limit=4))
+    c = server.client
+    reply = c.post("/v1/inference", json={"model": "ltx2", "loras": [{"path": "ltx_style.safetensors"}], "prompts": [
+        {"prompt": "a robot", "width": 64, "height": 64, "sample_steps": 2, "num_frames": 9, "fps": 12}]})
+    assert reply.status_code == 200, reply.text
+    request_id = reply.json()["request_id"]
+    assert wait_for(c, request_id)["status"] == "succeeded"
+    video = c.get(f"/v1/requests/{request_id}/result").json()["outputs"]["videos"][0]
+    assert (video["format"], video["num_frames"], video["fps"]) == ("mp4", 9, 12)
+    download = c.get(video["url"].replace(server.settings.public_url, ""))
+    assert download.headers["content-type"] == "video/mp4"
+    path = os.path.join(dirs["root"], "downloaded.mp4")
+    with open(path, "wb") as f:
+        f.write(download.content)
+    with av.open(path) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 9 and len(container.streams.audio) == 1
 
 
 def test_restart_keeps_results_and_fails_unfinished(server, server_env, tiny_flux):

@@ -236,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate images with LoRAs")
     p.add_argument("--model", required=True, help="model id (see `models`)")
     add_load_flags(p, "HF repo id, diffusers folder or single .safetensors file (default: the model's base)")
-    p.add_argument("--offload", choices=["none", "model", "sequential"], default="none")
+    p.add_argument("--offload", choices=["none", "model", "sequential", "group"], default="none",
+                   help="CPU offload: model (whole components), sequential or group (layer by layer; least memory)")
     p.add_argument("--lora-mode", choices=["dynamic", "fused"], help="default: the model's")
     p.add_argument("--vae-tiling", action="store_true", help="decode in tiles: far less memory for large videos/images")
     p.add_argument("--compile", choices=["none", "regional", "full"], default="none",

@@ -18,7 +18,7 @@ WIDGET_TYPES = ("COMBO", "STRING", "INT", "FLOAT", "BOOLEAN")
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
-OFFLOAD_MODES = ("none", "model", "sequential")
+OFFLOAD_MODES = ("none", "model", "sequential", "group")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 TRANSFORMER_SIDES = ("none", "high", "low")
 LORA_MODES = ("model default", "dynamic", "fused")
@@ -110,8 +110,9 @@ LOAD = NodeSpec(
               default=""),
         Field("dtype", "COMBO", "auto: fp32 on CPU, bf16 on GPUs that support it (else fp16).",
               default="auto", options=lambda: list(DTYPES)),
-        Field("offload", "COMBO", "CPU offload: none, model (whole components) or sequential (per layer, slowest, "
-              "least VRAM).", default="none", options=lambda: list(OFFLOAD_MODES)),
+        Field("offload", "COMBO", "CPU offload: none, model (whole components), sequential (per layer, slowest, "
+              "least VRAM) or group (per layer with overlapped transfers).", default="none",
+              options=lambda: list(OFFLOAD_MODES)),
         Field("device", "COMBO", "auto: the device ComfyUI uses (CPU under --cpu).", default="auto",
               options=lambda: list(DEVICES)),
         Field("lora_mode", "COMBO", "How LoRAs are applied: dynamic (live adapters, instant strength changes) or "

@@ -28,6 +28,8 @@ MAX_BATCH = 16
 MAX_SEED = 2**64 - 1
 RANDOM_SEED_MAX = 2**32 - 1  # ai-toolkit draws random seeds in [0, 2^32 - 1]
 
+OFFLOAD_MODES = ("none", "model", "sequential", "group")
+
 ProgressCallback = Callable[[int, int], None]
 COMPILE_MODES = (None, "none", "regional", "full")
 
@@ -235,8 +237,8 @@ class AITKPipeline:
         device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, device)
         offload = offload or "none"
-        if offload not in ("none", "model", "sequential"):
-            raise ValueError(f"Unknown offload mode {offload!r}; use none, model or sequential.")
+        if offload not in OFFLOAD_MODES:
+            raise ValueError(f"Unknown offload mode {offload!r}; use one of {', '.join(OFFLOAD_MODES)}.")
         lora_mode = lora_mode or spec.lora_mode
         if lora_mode not in ("dynamic", "fused"):
             raise ValueError(f"Unknown LoRA mode {lora_mode!r}; use dynamic or fused.")
@@ -286,12 +288,20 @@ class AITKPipeline:
 
     @staticmethod
     def place(pipe, device: str, offload: str) -> None:
+        """Move the pipeline to ``device`` or set up CPU offloading: ``model`` (whole components move in and out),
+        ``sequential`` (accelerate, layer by layer: least memory, slowest) or ``group`` (diffusers group offloading,
+        layer by layer with transfers overlapped on a CUDA stream)."""
+        import torch
+
         if offload == "none":
             pipe.to(device)
         elif offload == "model":
             pipe.enable_model_cpu_offload(device=device)
-        else:
+        elif offload == "sequential":
             pipe.enable_sequential_cpu_offload(device=device)
+        else:
+            pipe.enable_group_offload(onload_device=torch.device(device), offload_device=torch.device("cpu"),
+                                      offload_type="leaf_level", use_stream=str(device).startswith("cuda"))
 
     def compile_denoiser(self, mode: str = "regional", **compile_kwargs) -> None:
         """``torch.compile`` the denoiser in place; the first generation pays the compilation.
@@ -351,8 +361,21 @@ class AITKPipeline:
             else:
                 path, strength, *rest = item
                 requests.append(LoraRequest(path=os.fspath(path), strength=strength, side=rest[0] if rest else None))
+        hooks = {"sequential": self._weights_unhooked, "group": self._group_offload_refreshed}
         with self.lock:
-            return self.loras.set(requests, before_change=self._weights_unhooked if self.offload == "sequential" else None)
+            return self.loras.set(requests, before_change=hooks.get(self.offload))
+
+    @contextlib.contextmanager
+    def _group_offload_refreshed(self):
+        """Group offloading keeps its own references to the weights (and to new PEFT layers it has never seen):
+        re-apply it to the patched components, as diffusers' own LoRA loader does."""
+        from diffusers.hooks.group_offloading import _maybe_remove_and_reapply_group_offloading
+
+        try:
+            yield
+        finally:
+            for component in self.lora_components().values():
+                _maybe_remove_and_reapply_group_offloading(component)
 
     @contextlib.contextmanager
     def _vae_tiling(self, enabled: bool):
@@ -574,7 +597,7 @@ def load_pipeline(
             model's base checkpoint.
         device (str, *optional*): defaults to CUDA when available, else CPU.
         dtype (str | torch.dtype, *optional*): ``auto`` (fp32 on CPU, bf16 on GPU), ``fp32``, ``bf16`` or ``fp16``.
-        offload (str, *optional*): ``none`` (default), ``model`` or ``sequential`` CPU offload.
+        offload (str, *optional*): ``none`` (default), or CPU offload: ``model``, ``sequential`` or ``group``.
         lora_mode (str, *optional*): ``dynamic`` or ``fused``; defaults to the model's registry setting.
         compile (str, *optional*): ``none`` (default), ``regional`` or ``full`` torch.compile of the denoiser (see
             :meth:`AITKPipeline.compile_denoiser`; use with ``lora_mode="fused"`` to avoid recompiles).

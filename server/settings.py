@@ -12,7 +12,7 @@ from typing import Mapping, Sequence
 
 from ..pipelines.registry import get_spec
 
-OFFLOAD_MODES = ("none", "model", "sequential")
+OFFLOAD_MODES = ("none", "model", "sequential", "group")
 GIB = 1024**3
 MIB = 1024**2
 
@@ -58,7 +58,7 @@ class Settings:
             ``http://{host}:{port}``.
         device (str, *optional*): ``DEVICE`` (cuda, cuda:1, cpu, mps); defaults to CUDA when available.
         dtype (str, defaults to auto): ``AITK_DTYPE`` (auto, fp32, bf16, fp16).
-        offload_mode (str, defaults to none): ``OFFLOAD_MODE`` (none, model, sequential).
+        offload_mode (str, defaults to none): ``OFFLOAD_MODE`` (none, model, sequential, group).
         lora_mode (str, *optional*): ``AITK_LORA_MODE`` (dynamic, fused); defaults to each model's registry setting.
         vae_tiling (bool, defaults to False): ``AITK_VAE_TILING`` (1/true): decode in tiles, far less memory for large
             videos at some speed.

@@ -336,3 +336,17 @@ def test_vae_tiling_is_per_call(flux, load_tiny):
     wan = load_tiny("wan21_1b")
     frames = dict(prompt="x", width=64, height=64, steps=1, num_frames=5)
     np.testing.assert_allclose(wan.generate(**frames, vae_tiling=True).images, wan.generate(**frames).images, atol=1e-5)
+
+
+@pytest.mark.parametrize("lora_mode", ["dynamic", "fused"])
+def test_group_offload_reapplies_after_lora_changes(load_tiny, flux_loras, lora_mode):
+    """On the CPU group offloading moves nothing, but the LoRA path (hooks re-applied around every change) runs for
+    real; tests/test_gpu.py checks the same on CUDA."""
+    reference = load_tiny("flux", lora_mode=lora_mode)
+    grouped = load_tiny("flux", lora_mode=lora_mode, offload="group")
+    for strength in (0.7, 0.2):
+        for pipeline in (reference, grouped):
+            pipeline.set_loras([(flux_loras["a"], strength)])
+        np.testing.assert_allclose(run(grouped), run(reference), atol=1e-6)
+    with pytest.raises(ValueError, match="Unknown offload mode 'disk'"):
+        load_tiny("flux", offload="disk")

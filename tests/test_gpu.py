@@ -13,7 +13,7 @@ from aitk_inference.tiny.loras import lora_targets, write_lora
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.mark.parametrize("offload", ["model", "sequential"])
+@pytest.mark.parametrize("offload", ["model", "sequential", "group"])
 @pytest.mark.parametrize("lora_mode", ["dynamic", "fused"])
 def test_loras_under_offload_match_no_offload(load_tiny, tmp_path, offload, lora_mode):
     reference = load_tiny("flux", device="cuda")

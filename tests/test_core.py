@@ -350,3 +350,20 @@ def test_group_offload_reapplies_after_lora_changes(load_tiny, flux_loras, lora_
         np.testing.assert_allclose(run(grouped), run(reference), atol=1e-6)
     with pytest.raises(ValueError, match="Unknown offload mode 'disk'"):
         load_tiny("flux", offload="disk")
+
+
+@pytest.mark.parametrize("key,family", [
+    ("transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight", "FLUX.1"),
+    ("diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight", "FLUX.2"),
+    ("diffusion_model.blocks.0.self_attn.q.lora_A.weight", "Wan"),
+    ("diffusion_model.transformer_blocks.0.img_mlp.net.0.proj.lora_A.weight", "Qwen-Image"),
+    ("diffusion_model.layers.0.attention.to_q.lora_A.weight", "Z-Image"),
+    ("diffusion_model.ref_image_refiner.0.attn.to_q.lora_A.weight", "OmniGen2"),
+    ("transformer.layers.0.attn.to_q.lora_A.weight", "Lumina2 or OmniGen2"),
+    ("lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight", "SDXL"),
+    ("lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight", "SD 1.5"),
+])
+def test_wrong_family_errors_name_the_family(key, family):
+    from aitk_inference.pipelines.lora_convert import guess_architecture
+
+    assert guess_architecture([key]).startswith(family)

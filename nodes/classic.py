@@ -7,16 +7,7 @@ from .schema import APPLY, CATEGORY, LOAD, SAMPLE, Field, NodeSpec
 
 
 def _input(field: Field) -> tuple:
-    options = {"tooltip": field.tooltip}
-    if field.default is not None:
-        options["default"] = field.default
-    for key in ("min", "max", "step"):
-        if getattr(field, key) is not None:
-            options[key] = getattr(field, key)
-    if field.multiline:
-        options["multiline"] = True
-    if field.control_after_generate:
-        options["control_after_generate"] = True
+    options = field.widget_options()
     if field.type == "COMBO":
         return field.options(), options
     return field.type, options

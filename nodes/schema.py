@@ -58,6 +58,20 @@ class Field:
     def is_widget(self) -> bool:
         return self.type in WIDGET_TYPES
 
+    def widget_options(self) -> dict:
+        """The options both node APIs take under the same names (tooltip, default, limits, text and seed flags)."""
+        options = {"tooltip": self.tooltip}
+        if self.default is not None:
+            options["default"] = self.default
+        for key in ("min", "max", "step"):
+            if getattr(self, key) is not None:
+                options[key] = getattr(self, key)
+        if self.multiline:
+            options["multiline"] = True
+        if self.control_after_generate:
+            options["control_after_generate"] = True
+        return options
+
 
 @dataclass(frozen=True)
 class Output:

@@ -18,16 +18,7 @@ _IO_TYPES = {"COMBO": io.Combo, "STRING": io.String, "INT": io.Int, "FLOAT": io.
 
 
 def _input(field: Field):
-    kwargs = {"optional": field.optional, "tooltip": field.tooltip}
-    if field.default is not None:
-        kwargs["default"] = field.default
-    for key in ("min", "max", "step"):
-        if getattr(field, key) is not None:
-            kwargs[key] = getattr(field, key)
-    if field.multiline:
-        kwargs["multiline"] = True
-    if field.control_after_generate:
-        kwargs["control_after_generate"] = True
+    kwargs = {"optional": field.optional, **field.widget_options()}
     if field.type == "COMBO":
         kwargs["options"] = field.options()
     return _IO_TYPES[field.type].Input(field.name, **kwargs)

@@ -367,3 +367,28 @@ def test_wrong_family_errors_name_the_family(key, family):
     from aitk_inference.pipelines.lora_convert import guess_architecture
 
     assert guess_architecture([key]).startswith(family)
+
+
+def test_fused_unfuse_in_bf16_is_within_rounding(load_tiny, flux_loras):
+    """Unloading a fused LoRA restores bf16 weights up to rounding: each in-place change (add, rescale, remove) rounds
+    once to bf16, so a weight ends within 3 half-ulps of the largest magnitude it took on the way."""
+    pipeline = load_tiny("flux", dtype="bf16", lora_mode="fused")
+    modules = lora_targets(pipeline.pipe.transformer)
+    before = {name: m.weight.detach().clone() for name, m in modules}
+    largest = {name: w.abs().float() for name, w in before.items()}
+    for strength in (1.0, 0.3):
+        pipeline.set_loras([(flux_loras["a"], strength)])
+        for name, module in modules:
+            largest[name] = torch.maximum(largest[name], module.weight.detach().abs().float())
+    pipeline.set_loras([])
+    half_ulp = 2.0 ** -8  # bf16 keeps 8 significant bits: rounding moves a value by at most 2^-8 of its magnitude
+    for name, module in modules:
+        drift = (module.weight.detach().float() - before[name].float()).abs()
+        assert (drift <= 3 * half_ulp * largest[name]).all(), name
+    # live (dynamic) adapters never touch the weights: removing them gives the base back bit for bit, in bf16 too
+    dynamic = load_tiny("flux", dtype="bf16", lora_mode="dynamic")
+    base = {name: m.weight.detach().clone() for name, m in lora_targets(dynamic.pipe.transformer)}
+    dynamic.set_loras([(flux_loras["a"], 0.8)])
+    dynamic.set_loras([])
+    for name, module in lora_targets(dynamic.pipe.transformer):
+        assert torch.equal(module.weight, base[name]), name

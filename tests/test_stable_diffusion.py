@@ -264,7 +264,7 @@ def test_demo_and_make_tiny_cli(model_id, tiny_cache, pipe, tmp_path):
         out = tmp_path / "demo.png"
         assert main(["demo", "--model", "sdxl", "--out", str(out), "--quiet"]) == 0
         with Image.open(out) as image:
-            assert image.size == (128, 128)
+            assert image.size == (64, 64)
             assert json.loads(image.text["parameters"])["model"] == "sdxl"
 
     folder = tmp_path / "tiny"

@@ -172,13 +172,16 @@ def _demo_control_image():
 
 
 def cmd_make_tiny(args) -> int:
-    from .tiny import save_tiny_pipeline
+    from .tiny import native_lora_writer, save_tiny_pipeline
     from .tiny.loras import write_family_loras
     from .pipelines import load_pipeline
 
     folder = save_tiny_pipeline(args.model, args.out)
     pipeline = load_pipeline(args.model, base=folder, device="cpu", dtype="fp32")
     paths = write_family_loras(pipeline.pipe, os.path.join(folder, "loras"))
+    native = native_lora_writer(args.model)
+    if native is not None:
+        paths.update(native(pipeline.pipe, os.path.join(folder, "loras")))
     print(f"tiny {args.model} pipeline written to {folder}")
     for layout, path in paths.items():
         print(f"  LoRA ({layout}): {path}")

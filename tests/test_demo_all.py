@@ -16,3 +16,25 @@ def test_demo_runs_for_every_model(model_id, tiny_cache, tmp_path, capsys):
     written = [name for name in os.listdir(tmp_path)]
     assert "demo done" in out and "modules" in out
     assert written == ["demo.mp4"] if REGISTRY[model_id].is_video else written == ["demo.png"]
+
+
+@pytest.mark.parametrize("model_id,native", [
+    ("wan22_14b_t2v", ["tiny_aitk_wan_high_noise.safetensors", "tiny_aitk_wan_low_noise.safetensors"]),
+    ("wan21_1b", ["tiny_aitk_wan.safetensors"]),
+    ("flux2_klein_4b", ["tiny_aitk_bfl.safetensors"]),
+    ("chroma", ["tiny_aitk_bfl.safetensors"]),
+])
+def test_make_tiny_writes_the_layout_ai_toolkit_saves(model_id, native, tiny_cache, tmp_path):
+    """Besides the generic layouts, make-tiny writes the family's own ai-toolkit layout (original Wan names with a
+    high/low pair for the two-expert models, BFL names), and those files load by name alone, as from the CLI."""
+    from aitk_inference.cli import main
+    from aitk_inference.pipelines import load_pipeline
+
+    folder = tmp_path / "tiny"
+    assert main(["make-tiny", "--model", model_id, "--out", str(folder)]) == 0
+    assert set(native) <= set(os.listdir(folder / "loras"))
+    pipeline = load_pipeline(model_id, base=str(folder), device="cpu", dtype="fp32")
+    summaries = pipeline.set_loras([str(folder / "loras" / name) for name in native])
+    assert all(s["modules"] > 0 for s in summaries)
+    assert pipeline.generate(prompt="x", width=64, height=64, steps=1, **(
+        {"num_frames": 5} if pipeline.spec.is_video else {})).images.size

@@ -28,6 +28,15 @@ def build_tiny_pipeline(model_id: str):
     return getattr(module, function)()
 
 
+def native_lora_writer(model_id: str):
+    """The family's ``write_native_loras(pipe, out_dir, seed)`` (the layout ai-toolkit itself saves when it differs
+    from diffusers' names: original Wan / BFL names), or None."""
+    from ..pipelines.registry import get_spec
+
+    module_name = get_spec(model_id).tiny.partition(":")[0]
+    return getattr(importlib.import_module(f"{__name__}.{module_name}"), "write_native_loras", None)
+
+
 def save_tiny_pipeline(model_id: str, out_dir: str) -> str:
     """Build the tiny pipeline of ``model_id`` and ``save_pretrained`` it to ``out_dir`` (written atomically)."""
     pipe = build_tiny_pipeline(model_id)

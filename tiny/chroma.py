@@ -75,3 +75,13 @@ def bfl_lora_pair(transformer, rank: int = 4, seed: int = 0, std: float = 0.3) -
         put(bfl, f"diffusion_model.single_blocks.{i}.linear2", a, b)
         put(diffusers_named, f"{prefix}.proj_out", a, b)
     return bfl, diffusers_named
+
+
+def write_native_loras(pipe, out_dir: str, seed: int = 0) -> dict[str, str]:
+    """The layout ai-toolkit saves for this family: original BFL module names under ``diffusion_model.``."""
+    import os
+
+    from .wan import write_original_wan_lora as write_safetensors
+
+    bfl, _ = bfl_lora_pair(pipe.transformer, seed=seed)
+    return {"ai-toolkit (BFL names)": write_safetensors(os.path.join(out_dir, "tiny_aitk_bfl.safetensors"), bfl)}

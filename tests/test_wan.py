@@ -15,7 +15,8 @@ from aitk_inference.pipelines.lora import LoraRequest
 from aitk_inference.pipelines.lora_convert import LoraFormatError, convert_ai_toolkit_lora
 from aitk_inference.pipelines.registry import get_spec
 from aitk_inference.pipelines.video_io import write_video
-from aitk_inference.tiny.wan import original_wan_state_dict, write_original_wan_lora
+from aitk_inference.tiny.loras import save_lora
+from aitk_inference.tiny.wan import original_wan_state_dict
 
 from conftest import PARITY_DIR
 
@@ -207,16 +208,16 @@ def test_original_wan_names_map_to_diffusers(t2v):
 
 def test_lora_errors(t2v, moe, load_tiny, tmp_path, clean):
     i2v = load_tiny("wan21_i2v_14b")
-    i2v_lora = write_original_wan_lora(str(tmp_path / "i2v.safetensors"), original_wan_state_dict(i2v.pipe.transformer))
+    i2v_lora = save_lora(str(tmp_path / "i2v.safetensors"), original_wan_state_dict(i2v.pipe.transformer))
     assert i2v.set_loras([i2v_lora])[0]["modules"] == 24  # k_img/v_img included
     i2v.set_loras([])
     with pytest.raises(LoraFormatError, match=r"cross_attn.k_img/v_img.*text-to-video"):
         t2v.set_loras([i2v_lora])
-    plain = write_original_wan_lora(str(tmp_path / "style_high_noise.safetensors"),
+    plain = save_lora(str(tmp_path / "style_high_noise.safetensors"),
                                     original_wan_state_dict(t2v.pipe.transformer))
     with pytest.raises(ValueError, match="single transformer"):
         t2v.set_loras([LoraRequest(path=plain, side="high")])
-    unnamed = write_original_wan_lora(str(tmp_path / "style.safetensors"), original_wan_state_dict(t2v.pipe.transformer))
+    unnamed = save_lora(str(tmp_path / "style.safetensors"), original_wan_state_dict(t2v.pipe.transformer))
     with pytest.raises(ValueError, match="side 'high' or 'low'"):
         moe.set_loras([unnamed])
     assert t2v.loras.active == {} and moe.loras.active == {}
@@ -236,11 +237,11 @@ def test_lora_pair_goes_to_its_expert(moe, tmp_path, clean):
     that expert's output changes); a combined transformer_1/transformer_2 file equals the pair; strength 0 is base."""
     high_sd = original_wan_state_dict(moe.pipe.transformer, seed=1)
     low_sd = original_wan_state_dict(moe.pipe.transformer_2, seed=2)
-    high = write_original_wan_lora(str(tmp_path / "style_000000250_high_noise.safetensors"), high_sd)
-    low = write_original_wan_lora(str(tmp_path / "style_000000250_low_noise.safetensors"), low_sd)
+    high = save_lora(str(tmp_path / "style_000000250_high_noise.safetensors"), high_sd)
+    low = save_lora(str(tmp_path / "style_000000250_low_noise.safetensors"), low_sd)
     combined = {k.replace("diffusion_model.", "diffusion_model.transformer_1."): v for k, v in high_sd.items()}
     combined.update({k.replace("diffusion_model.", "diffusion_model.transformer_2."): v for k, v in low_sd.items()})
-    combined = write_original_wan_lora(str(tmp_path / "style_combined.safetensors"), combined)
+    combined = save_lora(str(tmp_path / "style_combined.safetensors"), combined)
 
     base_high, base_low = _expert_outputs(moe.pipe)
     moe.set_loras([high])
@@ -268,7 +269,7 @@ def test_lora_pair_goes_to_its_expert(moe, tmp_path, clean):
 
 def test_lora_strength_through_generate(t2v, tmp_path, clean):
     """Frames are deterministic (strength 0 reproduces the base run bit for bit); strength 1 changes them."""
-    lora = write_original_wan_lora(str(tmp_path / "t2v.safetensors"), original_wan_state_dict(t2v.pipe.transformer))
+    lora = save_lora(str(tmp_path / "t2v.safetensors"), original_wan_state_dict(t2v.pipe.transformer))
     base = run(t2v).images
     t2v.set_loras([(lora, 0.0)])
     np.testing.assert_array_equal(run(t2v).images, base)

@@ -147,7 +147,7 @@ def write_native_loras(pipe, out_dir: str, seed: int = 0) -> dict[str, str]:
     """The layout ai-toolkit saves for this family: original BFL module names under ``diffusion_model.``."""
     import os
 
-    from .wan import write_original_wan_lora as write_safetensors
+    from .loras import save_lora
 
     bfl, _ = bfl_lora_pair(pipe.transformer, seed=seed)
-    return {"ai-toolkit (BFL names)": write_safetensors(os.path.join(out_dir, "tiny_aitk_bfl.safetensors"), bfl)}
+    return {"ai-toolkit (BFL names)": save_lora(os.path.join(out_dir, "tiny_aitk_bfl.safetensors"), bfl)}

@@ -96,14 +96,19 @@ def reference_deltas(layout: str, state_dict: dict, rank: int = 4, alpha: float 
     return deltas
 
 
-def write_lora(path: str, layout: str, targets, metadata: dict | None = None, **kwargs) -> str:
+def save_lora(path: str, state_dict: dict, metadata: dict | None = None) -> str:
+    """Write LoRA tensors as a ``.safetensors`` file with the metadata keys ai-toolkit stores; returns ``path``."""
     from safetensors.torch import save_file
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     meta = {"format": "pt", "software": '{"name": "ai-toolkit", "version": "0.12.26"}', "training_info": '{"step": 0}'}
     meta.update(metadata or {})
-    save_file({k: v.contiguous() for k, v in make_state_dict(layout, targets, **kwargs).items()}, path, metadata=meta)
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, path, metadata=meta)
     return path
+
+
+def write_lora(path: str, layout: str, targets, metadata: dict | None = None, **kwargs) -> str:
+    return save_lora(path, make_state_dict(layout, targets, **kwargs), metadata)
 
 
 # ---------------------------------------------------------------------------------------------- UNet families (kohya)
@@ -172,13 +177,7 @@ def kohya_reference_deltas(state_dict: dict) -> dict:
 
 
 def write_kohya_lora(path: str, targets, metadata: dict | None = None, **kwargs) -> str:
-    from safetensors.torch import save_file
-
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    meta = {"format": "pt", "software": '{"name": "ai-toolkit", "version": "0.12.26"}', "training_info": '{"step": 0}'}
-    meta.update(metadata or {})
-    save_file({k: v.contiguous() for k, v in make_kohya_state_dict(targets, **kwargs).items()}, path, metadata=meta)
-    return path
+    return save_lora(path, make_kohya_state_dict(targets, **kwargs), metadata)
 
 
 def write_family_loras(pipe, out_dir: str, layouts=None, seed: int = 0) -> dict[str, str]:

@@ -148,26 +148,17 @@ def original_wan_state_dict(transformer, seed: int = 0, infix: str = "", rank: i
     return sd
 
 
-def write_original_wan_lora(path: str, state_dict: dict) -> str:
-    import os
-
-    from safetensors.torch import save_file
-
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state_dict.items()}, path,
-              metadata={"format": "pt", "software": '{"name": "ai-toolkit", "version": "0.12.26"}'})
-    return path
-
-
 def write_native_loras(pipe, out_dir: str, seed: int = 0) -> dict[str, str]:
     """The layout ai-toolkit saves for Wan: original Wan names; a ``_high_noise``/``_low_noise`` pair for the
     two-expert 14B models (one file per expert, as ``split_multistage_loras`` writes them)."""
     import os
 
+    from .loras import save_lora
+
     if getattr(pipe, "transformer_2", None) is None:
         path = os.path.join(out_dir, "tiny_aitk_wan.safetensors")
-        return {"ai-toolkit (Wan names)": write_original_wan_lora(path, original_wan_state_dict(pipe.transformer, seed))}
-    return {f"ai-toolkit ({side} noise)": write_original_wan_lora(
+        return {"ai-toolkit (Wan names)": save_lora(path, original_wan_state_dict(pipe.transformer, seed))}
+    return {f"ai-toolkit ({side} noise)": save_lora(
                 os.path.join(out_dir, f"tiny_aitk_wan_{side}_noise.safetensors"),
                 original_wan_state_dict(transformer, seed + offset))
             for offset, (side, transformer) in enumerate((("high", pipe.transformer), ("low", pipe.transformer_2)))}

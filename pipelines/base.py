@@ -340,6 +340,10 @@ class AITKPipeline:
         """A MoE family's routing of high/low-noise LoRAs onto its experts; None for single-transformer models."""
         return None
 
+    def complete_lora_request(self, request):
+        """Fill what a family can infer about a LoRA request (Wan 2.2: the expert from the file name)."""
+        return request
+
     def set_loras(self, loras: Sequence) -> list[dict]:
         """Make ``loras`` the active LoRA set without reloading the base model.
 
@@ -350,17 +354,9 @@ class AITKPipeline:
         Returns:
             list[dict]: per LoRA, its layout, the number of modules matched, and its strength.
         """
-        from .lora import LoraRequest
+        from .lora import as_lora_request
 
-        requests = []
-        for item in loras:
-            if isinstance(item, LoraRequest):
-                requests.append(item)
-            elif isinstance(item, (str, os.PathLike)):
-                requests.append(LoraRequest(path=os.fspath(item)))
-            else:
-                path, strength, *rest = item
-                requests.append(LoraRequest(path=os.fspath(path), strength=strength, side=rest[0] if rest else None))
+        requests = [self.complete_lora_request(as_lora_request(item)) for item in loras]
         hooks = {"sequential": self._weights_unhooked, "group": self._group_offload_refreshed}
         with self.lock:
             return self.loras.set(requests, before_change=hooks.get(self.offload))

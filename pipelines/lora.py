@@ -59,6 +59,16 @@ class LoraRequest:
         return self.name or (os.path.basename(self.path) if self.path else "<tensors>")
 
 
+def as_lora_request(item) -> LoraRequest:
+    """A :class:`LoraRequest` from a request, a path, or a ``(path, strength[, side])`` tuple."""
+    if isinstance(item, LoraRequest):
+        return item
+    if isinstance(item, (str, os.PathLike)):
+        return LoraRequest(path=os.fspath(item))
+    path, strength, *rest = item
+    return LoraRequest(path=os.fspath(path), strength=strength, side=rest[0] if rest else None)
+
+
 def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Load a LoRA ``.safetensors`` file (tensors on CPU) and its metadata, with errors that say what to fix."""
     from safetensors import SafetensorError, safe_open

@@ -31,7 +31,6 @@ import time
 from functools import partial
 
 from .base import AITKPipeline, GenerationParams, GenerationResult
-from .lora import LoraRequest
 from .lora_convert import route_wan_experts, wan_original_to_diffusers
 from .registry import ModelSpec
 
@@ -89,25 +88,14 @@ class WanFamilyPipeline(AITKPipeline):
     def lora_route(self):
         return route_wan_experts if self.is_moe else None
 
-    def set_loras(self, loras) -> list[dict]:
-        """As :meth:`AITKPipeline.set_loras`; on Wan 2.2 A14B a LoRA without ``side`` whose file name says
-        ``high_noise``/``low_noise`` goes to that expert."""
-        if self.is_moe:
-            loras = [self._with_side(item) for item in loras]
-        return super().set_loras(loras)
-
-    @staticmethod
-    def _with_side(item):
-        if isinstance(item, (str, os.PathLike)):
-            item = LoraRequest(path=os.fspath(item))
-        elif not isinstance(item, LoraRequest):
-            path, strength, *rest = item
-            item = LoraRequest(path=os.fspath(path), strength=strength, side=rest[0] if rest else None)
-        if item.side is None and item.path:
-            side = lora_side_from_name(item.path)
+    def complete_lora_request(self, request):
+        """On Wan 2.2 A14B a LoRA without ``side`` whose file name says ``high_noise``/``low_noise`` goes to that
+        expert."""
+        if self.is_moe and request.side is None and request.path:
+            side = lora_side_from_name(request.path)
             if side is not None:
-                item = dataclasses.replace(item, side=side)
-        return item
+                return dataclasses.replace(request, side=side)
+        return request
 
     # ------------------------------------------------------------------------------------------------ generation
     def pipeline_kwargs(self, params: GenerationParams) -> dict:

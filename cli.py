@@ -42,21 +42,6 @@ def _progress_bar(desc: str):
     return update
 
 
-def save_image(image, path: str, metadata: dict) -> None:
-    """Write an image; PNG carries the generation parameters as a JSON text chunk named ``parameters``."""
-    from PIL.PngImagePlugin import PngInfo
-
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    tmp = f"{path}.partial"
-    if path.lower().endswith(".png"):
-        info = PngInfo()
-        info.add_text("parameters", json.dumps(metadata))
-        image.save(tmp, format="PNG", pnginfo=info)
-    else:
-        image.save(tmp, format="JPEG" if path.lower().endswith((".jpg", ".jpeg")) else None, quality=95)
-    os.replace(tmp, path)
-
-
 def save_videos(result, out: str) -> list[str]:
     """One video per batch item: ``.webp`` writes animated WEBP, anything else H.264 MP4 (with the audio track when
     the result has one)."""
@@ -94,6 +79,7 @@ def cmd_models(args) -> int:
 
 def run_generate(pipeline, args, out: str) -> list[str]:
     from .pipelines.lora import LoraRequest
+    from .pipelines.video_io import write_image
 
     pipeline.set_loras([LoraRequest(path=p, strength=s) for p, s in (args.lora or [])])
     result = pipeline.generate(
@@ -109,7 +95,7 @@ def run_generate(pipeline, args, out: str) -> list[str]:
         images = result.to_pil()
         paths = [_numbered(out, i, len(images)) for i in range(len(images))]
         for image, path in zip(images, paths):
-            save_image(image, path, result.metadata())
+            write_image(image, path, result.metadata())
     p = result.params
     print(f"wrote {', '.join(paths)}  size {p.width}x{p.height}  seed {p.seed}  steps {p.steps}  "
           f"guidance {p.guidance}  total {result.timings['total']:.2f}s")

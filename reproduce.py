@@ -382,14 +382,6 @@ def write_sheet(rows: list[tuple[str, object, object]], path: str) -> str:
     return path
 
 
-def _save_png(image, path: str, metadata: dict) -> None:
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    info.add_text("parameters", json.dumps(metadata))
-    image.save(path, format="PNG", pnginfo=info)
-
-
 # ---------------------------------------------------------------------------------------------------------------- run
 def reproduce_job(
     job: str,
@@ -423,6 +415,7 @@ def reproduce_job(
     from .pipelines import load_pipeline
     from .pipelines.lora import LoraRequest
     from .pipelines.registry import get_spec
+    from .pipelines.video_io import write_image, write_webp
 
     # 1. Validate and read the job
     config_path = find_job_config(job)
@@ -482,10 +475,9 @@ def reproduce_job(
         path = os.path.join(out_dir, filename)
         metadata = {**result.metadata(), "ai_toolkit_step": step, "ai_toolkit_index": sample.index}
         if result.is_video:
-            frames[0].save(path, format="WEBP", append_images=frames[1:], save_all=True,
-                           duration=1000 // result.params.fps, loop=0, quality=80)
+            write_webp(result.images[0], path, result.params.fps)  # ai-toolkit's video previews are animated WEBP
         else:
-            _save_png(frames[0], path, metadata)
+            write_image(frames[0], path, metadata)
         p = result.params
         row = {"file": path, "index": sample.index, "prompt": p.prompt, "width": p.width, "height": p.height,
                "seed": p.seed, "steps": p.steps, "guidance": p.guidance,

@@ -1,7 +1,8 @@
-"""Writing generated videos: H.264 MP4 (with an optional AAC audio track) through PyAV, or animated WEBP.
+"""Writing generated media: images (PNG with the generation parameters, JPEG, WEBP), and videos as H.264 MP4 (with
+an optional AAC audio track) through PyAV, or animated WEBP.
 
 Frames are float32 ``[T, H, W, C]`` in 0..1 (one item of ``GenerationResult.images``) or uint8. Files are written to a
-temporary name in the target folder and renamed when complete, so a reader never sees half a video.
+temporary name in the target folder and renamed when complete, so a reader never sees half a file.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import os
 from fractions import Fraction
 
 VIDEO_EXTENSIONS = (".mp4", ".webp")
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+IMAGE_QUALITY = 95  # JPEG/WEBP stills
 MP4_CRF = 18  # visually lossless for previews; libx264's default is 23
 WEBP_QUALITY = 80  # what ai-toolkit writes its animated WEBP previews with
 
@@ -122,3 +125,25 @@ def write_video(frames, path: str, fps: int, audio=None, sample_rate: int | None
             raise ValueError(f"{path!r}: animated WEBP cannot carry the audio track; write .mp4 to keep it.")
         return write_webp(frames, path, fps)
     raise ValueError(f"Unsupported video file extension {ext!r} for {path!r}; use .mp4 (H.264) or .webp.")
+
+
+def write_image(image, path: str, metadata: dict | None = None) -> str:
+    """Write a PIL image by ``path``'s extension; PNG carries ``metadata`` as a JSON text chunk named ``parameters``."""
+    import json
+
+    from PIL.PngImagePlugin import PngInfo
+
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in IMAGE_FORMATS:
+        raise ValueError(f"Unsupported image file extension {ext!r} for {path!r}; use .png, .jpg or .webp.")
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    tmp = _temp_path(path)
+    if IMAGE_FORMATS[ext] == "PNG":
+        info = PngInfo()
+        if metadata is not None:
+            info.add_text("parameters", json.dumps(metadata))
+        image.save(tmp, format="PNG", pnginfo=info)
+    else:
+        image.save(tmp, format=IMAGE_FORMATS[ext], quality=IMAGE_QUALITY)
+    os.replace(tmp, path)
+    return path

@@ -1,9 +1,11 @@
-"""Peak GPU memory of Wan 2.1 14B at 1280x720 x 81 frames through our library's generate(), per offload mode, with
-and without VAE tiling: full-size transformer (random bf16 weights), full-size UMT5-XXL text encoder and Wan VAE,
-1 denoising step (2 transformer forwards with CFG) so that the run fits a short GPU lease; memory does not grow with
-the step count.
+"""Peak GPU memory of Wan 14B at 1280x720 x 81 frames through our library's generate(), per offload mode, with
+and without VAE tiling: full-size transformer(s) (random bf16 weights), full-size UMT5-XXL text encoder and Wan VAE.
+Wan 2.1 runs 1 denoising step (2 transformer forwards with CFG) so that the run fits a short GPU lease; memory does
+not grow with the step count. Wan 2.2 A14B has two experts of the same size and runs 2 steps, the first on the
+high-noise expert and the second on the low-noise one (ai-toolkit's boundary 0.875 at shift 5), so both are used.
 
-    python -m aitk_inference.benchmarks.wan_memory --out DIR
+    python -m aitk_inference.benchmarks.wan_memory --model wan21_14b --runs group+tiling,sequential+tiling --out DIR
+    python -m aitk_inference.benchmarks.wan_memory --model wan22_14b_t2v --runs none+tiling,model+tiling --out DIR
 """
 
 import argparse
@@ -23,19 +25,26 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
+    parser.add_argument("--model", choices=["wan21_14b", "wan22_14b_t2v"], default="wan21_14b")
     parser.add_argument("--runs", default="none+tiling,model+tiling,none")
     args = parser.parse_args(argv)
     dtype, device = torch.bfloat16, "cuda"
-    spec = get_spec("wan21_14b")
+    spec = get_spec(args.model)
+    two_experts = args.model == "wan22_14b_t2v"
+    steps = 2 if two_experts else 1
     started = time.perf_counter()
-    transformer = build_transformer("wan21_14b", "full", device, dtype)
+    # Wan 2.2 A14B's experts have Wan 2.1 14B's architecture
+    experts = {"transformer": build_transformer("wan21_14b", "full", device, dtype)}
+    if two_experts:
+        experts["transformer_2"] = build_transformer("wan21_14b", "full", device, dtype, seed=1)
     with torch.device(device):
         text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
                                                    num_heads=64, feed_forward_proj="gated-gelu")).to(dtype).eval()
         vae = diffusers.AutoencoderKLWan().to(dtype).eval()
     randomize_(text_encoder)
-    pipe = diffusers.WanPipeline(tokenizer=t5_tokenizer(), text_encoder=text_encoder, transformer=transformer, vae=vae,
-                                 scheduler=spec.family_class().make_scheduler(spec))
+    pipe = diffusers.WanPipeline(tokenizer=t5_tokenizer(), text_encoder=text_encoder, vae=vae,
+                                 scheduler=spec.family_class().make_scheduler(spec), **experts,
+                                 **({"boundary_ratio": spec.extra["boundary_ratio"]} if two_experts else {}))
     pipe.set_progress_bar_config(disable=True)
     pipeline = spec.family_class()(spec, pipe, device, dtype, "none", "dynamic", "random weights")
     built = time.perf_counter() - started
@@ -51,18 +60,21 @@ def main(argv=None) -> int:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
-        record = {"offload": offload, "vae_tiling": bool(tiling), "size": "1280x720x81", "steps": 1}
+        record = {"offload": offload, "vae_tiling": bool(tiling), "model": args.model, "size": "1280x720x81",
+                  "steps": steps}
+        stages = []
         try:
-            result = pipeline.generate(prompt="a robot dancing", width=1280, height=720, num_frames=81, steps=1,
-                                       vae_tiling=bool(tiling))
+            result = pipeline.generate(prompt="a robot dancing", width=1280, height=720, num_frames=81, steps=steps,
+                                       vae_tiling=bool(tiling),
+                                       progress=lambda step, total: stages.append(pipeline.stage))
             record.update(seconds=round(time.perf_counter() - t, 2), timings=result.timings,
-                          frames=list(result.images.shape))
+                          frames=list(result.images.shape), stages=stages)
         except torch.cuda.OutOfMemoryError as e:
             record.update(error=f"CUDA out of memory: {str(e)[:160]}")
         record["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         records.append(record)
         print(json.dumps(record), flush=True)
-        with open(os.path.join(args.out, "wan_memory.json"), "w") as f:
+        with open(os.path.join(args.out, f"{args.model}_memory.json"), "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                        "diffusers": diffusers.__version__, "build_seconds": round(built, 1), "runs": records}, f, indent=1)
     return 0

@@ -28,6 +28,8 @@ def main(argv=None) -> int:
     parser.add_argument("--model", choices=["wan21_14b", "wan22_14b_t2v"], default="wan21_14b")
     parser.add_argument("--runs", default="none+tiling,model+tiling,none")
     args = parser.parse_args(argv)
+    if "group" in [run.partition("+")[0] for run in args.runs.split(",")[:-1]]:
+        parser.error("a group run must come last: diffusers cannot take group offloading off a pipeline again")
     dtype, device = torch.bfloat16, "cuda"
     spec = get_spec(args.model)
     two_experts = args.model == "wan22_14b_t2v"

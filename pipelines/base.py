@@ -29,6 +29,22 @@ MAX_SEED = 2**64 - 1
 RANDOM_SEED_MAX = 2**32 - 1  # ai-toolkit draws random seeds in [0, 2^32 - 1]
 
 OFFLOAD_MODES = ("none", "model", "sequential", "group")
+#: attention kernel choices -> diffusers attention backends (``ModelMixin.set_attention_backend``). ``sdpa`` is
+#: diffusers' default (torch's scaled_dot_product_attention picks its kernel); the ``sdpa_*`` names force one of
+#: torch's kernels; the rest need their own package (flash-attn, flash-attn 3, sageattention, xformers).
+ATTENTION_KERNELS = {
+    "sdpa": "native",
+    "sdpa_cudnn": "_native_cudnn",
+    "sdpa_flash": "_native_flash",
+    "sdpa_efficient": "_native_efficient",
+    "sdpa_math": "_native_math",
+    "flash_attn": "flash",
+    "flash_attn_3": "_flash_3",
+    "sage": "sage",
+    "xformers": "xformers",
+}
+#: where torch.compile keeps its compiled kernels between processes (unless TORCHINDUCTOR_CACHE_DIR is set)
+COMPILE_CACHE_ENV = "AITK_COMPILE_CACHE"
 
 ProgressCallback = Callable[[int, int], None]
 COMPILE_MODES = (None, "none", "regional", "full")
@@ -215,6 +231,8 @@ class AITKPipeline:
         self.lora_mode = lora_mode
         self.source = source
         self.compiled: str | None = None
+        self.attention = "sdpa"
+        self.quantize = "none"
         self.lock = threading.RLock()
         self.loras = LoraStack(
             self.lora_components(), lora_mode, self.denoiser, spec.model_id,
@@ -232,21 +250,42 @@ class AITKPipeline:
         offload: str | None = None,
         lora_mode: str | None = None,
         compile: str | None = None,
+        attention: str | None = None,
+        quantize: str | None = None,
     ) -> "AITKPipeline":
         """Load ``spec``'s pipeline from ``base`` (HF repo id, diffusers folder or single file; default: the spec's)."""
+        from .quantize import QUANTIZE_MODES, fp8_unavailable
+
         device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, device)
         offload = offload or "none"
         if offload not in OFFLOAD_MODES:
             raise ValueError(f"Unknown offload mode {offload!r}; use one of {', '.join(OFFLOAD_MODES)}.")
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"Unknown compile mode {compile!r}; use none, regional or full.")
+        attention = attention or "sdpa"
+        if attention not in ATTENTION_KERNELS:
+            raise ValueError(f"Unknown attention kernel {attention!r}; use one of {', '.join(ATTENTION_KERNELS)}.")
+        quantize = quantize or "none"
+        if quantize not in QUANTIZE_MODES:
+            raise ValueError(f"Unknown quantize mode {quantize!r}; use one of {', '.join(QUANTIZE_MODES)}.")
+        if quantize == "fp8":
+            problem = fp8_unavailable(device) or (
+                f"quantize='fp8' keeps the FP8 weights on the GPU, so it cannot be combined with offload={offload!r}; "
+                "use offload='none'" if offload != "none" else None) or (
+                "quantize='fp8' applies LoRAs as live adapters next to the FP8 weights (merging a LoRA into FP8 "
+                "weights would round most of it away); use lora_mode='dynamic'" if lora_mode == "fused" else None)
+            if problem:
+                raise ValueError(problem + ".")
+            lora_mode = "dynamic"
         lora_mode = lora_mode or spec.lora_mode
         if lora_mode not in ("dynamic", "fused"):
             raise ValueError(f"Unknown LoRA mode {lora_mode!r}; use dynamic or fused.")
-        if compile not in COMPILE_MODES:
-            raise ValueError(f"Unknown compile mode {compile!r}; use none, regional or full.")
         source = os.path.expanduser(base) if base else spec.base
         started = time.perf_counter()
-        pipe = cls.load_diffusers_pipeline(spec, source, torch_dtype)
+        # Without offloading the weights are read straight onto the device (no CPU copy on the way).
+        load_options = {"device_map": device} if offload == "none" and device in _direct_load_devices() else {}
+        pipe = cls.load_diffusers_pipeline(spec, source, torch_dtype, **load_options)
         if spec.scheduler is not None:
             pipe.scheduler = cls.make_scheduler(spec)
         pipe.set_progress_bar_config(disable=True)
@@ -254,6 +293,9 @@ class AITKPipeline:
         logger.info("Loaded %s from %s in %.2fs (%s, %s, offload=%s)", spec.model_id, source,
                     time.perf_counter() - started, device, torch_dtype, offload)
         pipeline = cls(spec, pipe, device, torch_dtype, offload, lora_mode, source)
+        pipeline.set_attention_kernel(attention)
+        if quantize == "fp8":
+            pipeline.quantize_fp8()
         if compile not in (None, "none"):
             pipeline.compile_denoiser(compile)
         return pipeline
@@ -266,6 +308,7 @@ class AITKPipeline:
         if os.path.isfile(source) and source.endswith((".safetensors", ".sft")):
             if not hasattr(pipeline_cls, "from_single_file"):
                 raise ValueError(f"{spec.model_id}: {pipeline_cls.__name__} cannot load a single file; give a diffusers folder.")
+            overrides.pop("device_map", None)  # single-file loading has no device map; place() moves it
             return pipeline_cls.from_single_file(source, dtype=torch_dtype, **overrides)
         if os.path.exists(source) and not os.path.isfile(os.path.join(source, "model_index.json")):
             raise FileNotFoundError(
@@ -315,6 +358,7 @@ class AITKPipeline:
         are reused (no recompilation). In ``dynamic`` mode adding PEFT layers or changing a strength recompiles.
         """
         denoiser = getattr(self.pipe, self.denoiser)
+        use_persistent_compile_cache()
         if mode == "regional":
             if not getattr(denoiser, "_repeated_blocks", None):
                 raise ValueError(f"{type(denoiser).__name__} declares no repeated blocks to compile regionally; "
@@ -325,6 +369,53 @@ class AITKPipeline:
         else:
             raise ValueError(f"Unknown compile mode {mode!r}; use regional or full.")
         self.compiled = mode
+
+    def set_attention_kernel(self, kernel: str) -> None:
+        """Run the denoiser's attention with ``kernel`` (a key of ``ATTENTION_KERNELS``).
+
+        ``sdpa`` leaves a denoiser that cannot choose (UNets, OmniGen2) as it is; any other kernel raises for it.
+        Kernels of the same attention differ only in floating-point rounding.
+        """
+        import diffusers
+
+        if kernel not in ATTENTION_KERNELS:
+            raise ValueError(f"Unknown attention kernel {kernel!r}; use one of {', '.join(ATTENTION_KERNELS)}.")
+        denoiser = getattr(self.pipe, self.denoiser)
+        selectable = any(hasattr(getattr(m, "processor", None), "_attention_backend") for m in denoiser.modules())
+        if not selectable:
+            if kernel != "sdpa":
+                raise ValueError(f"{self.spec.model_id}'s {type(denoiser).__name__} cannot choose its attention kernel; "
+                                 "use attention='sdpa'.")
+            return
+        if kernel.startswith("sdpa_") and kernel != "sdpa_math" and not str(self.device).startswith("cuda"):
+            raise ValueError(f"attention={kernel!r} is a CUDA kernel; on {self.device} use 'sdpa' or 'sdpa_math'.")
+        # Set even for the default: diffusers keeps one process-wide active backend, which another pipeline may
+        # have changed; naming it on every attention layer makes this model independent of that.
+        quiet = diffusers.utils.logging.get_logger("diffusers.models.modeling_utils")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)  # "Attention backends are an experimental feature" on every call
+        try:
+            denoiser.set_attention_backend(ATTENTION_KERNELS[kernel])
+        except (RuntimeError, ImportError) as e:
+            raise ValueError(f"attention={kernel!r} is not usable here: {e}") from e
+        finally:
+            quiet.setLevel(level)
+        self.attention = kernel
+
+    def quantize_fp8(self) -> None:
+        """Give the denoiser's block Linears FP8 weights (see ``pipelines.quantize``); LoRAs then run as adapters."""
+        from .quantize import fp8_unavailable, quantize_denoiser_fp8
+
+        problem = fp8_unavailable(self.device)
+        if problem:
+            raise ValueError(problem + ".")
+        if self.loras.active:
+            raise ValueError("Quantize before applying LoRAs: they are applied next to the FP8 weights.")
+        if self.lora_mode != "dynamic":
+            raise ValueError("FP8 weights need lora_mode='dynamic' (merging into FP8 weights rounds LoRAs away).")
+        count = quantize_denoiser_fp8(getattr(self.pipe, self.denoiser))
+        logger.info("%s: %d block Linear layers now have FP8 weights", self.spec.model_id, count)
+        self.quantize = "fp8"
 
     # ------------------------------------------------------------------------------------------------ LoRA hooks
     def lora_components(self) -> dict:
@@ -573,7 +664,26 @@ class AITKPipeline:
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.spec.model_id!r}, source={self.source!r}, device={self.device!r}, "
-                f"dtype={self.dtype}, lora_mode={self.lora_mode!r})")
+                f"dtype={self.dtype}, lora_mode={self.lora_mode!r}, attention={self.attention!r}, "
+                f"quantize={self.quantize!r})")
+
+
+def _direct_load_devices() -> tuple[str, ...]:
+    """Devices diffusers' pipeline loader can place weights on while reading them (its ``device_map`` strings)."""
+    from diffusers.utils.torch_utils import get_device
+
+    return (get_device(), "cpu")
+
+
+def use_persistent_compile_cache() -> str:
+    """Keep torch.compile's kernels in a folder that outlives the process and /tmp clean-ups, so that a later process
+    compiling the same graphs loads them instead of generating them again. ``TORCHINDUCTOR_CACHE_DIR`` wins when
+    set; else ``AITK_COMPILE_CACHE``; else ``~/.cache/aitk_inference/torchinductor``. Returns the folder used."""
+    folder = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or os.path.expanduser(
+        os.environ.get(COMPILE_CACHE_ENV) or os.path.join("~", ".cache", "aitk_inference", "torchinductor"))
+    os.makedirs(folder, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
+    return folder
 
 
 def load_pipeline(
@@ -584,6 +694,8 @@ def load_pipeline(
     offload: str | None = None,
     lora_mode: str | None = None,
     compile: str | None = None,
+    attention: str | None = None,
+    quantize: str | None = None,
 ) -> AITKPipeline:
     """Load the pipeline of a registered model id (not cached; see ``pipelines.cache`` for the shared cache).
 
@@ -596,12 +708,18 @@ def load_pipeline(
         offload (str, *optional*): ``none`` (default), or CPU offload: ``model``, ``sequential`` or ``group``.
         lora_mode (str, *optional*): ``dynamic`` or ``fused``; defaults to the model's registry setting.
         compile (str, *optional*): ``none`` (default), ``regional`` or ``full`` torch.compile of the denoiser (see
-            :meth:`AITKPipeline.compile_denoiser`; use with ``lora_mode="fused"`` to avoid recompiles).
+            :meth:`AITKPipeline.compile_denoiser`; use with ``lora_mode="fused"`` to avoid recompiles). Compiled
+            kernels are kept on disk (see :func:`use_persistent_compile_cache`), so a later process compiles faster.
+        attention (str, *optional*): the attention kernel, a key of ``ATTENTION_KERNELS``; ``sdpa`` (default) is
+            diffusers' default.
+        quantize (str, *optional*): ``none`` (default) or ``fp8``: FP8 weights for the denoiser's blocks (torchao; a
+            CUDA GPU with compute capability 8.9+; faster, less exact: see BENCHMARKS.md). LoRAs then run as live
+            adapters (``lora_mode="dynamic"``).
     """
     spec = get_spec(model_id)
     return spec.family_class().from_spec(spec, base=base, device=device, dtype=dtype, offload=offload,
-                                         lora_mode=lora_mode, compile=compile)
+                                         lora_mode=lora_mode, compile=compile, attention=attention, quantize=quantize)
 
 
-__all__ = ["AITKPipeline", "GenerationInterrupted", "GenerationParams", "GenerationResult", "load_pipeline",
+__all__ = ["ATTENTION_KERNELS", "AITKPipeline", "GenerationInterrupted", "GenerationParams", "GenerationResult", "load_pipeline",
            "snap_size", "snap_frames", "apply_trigger"]

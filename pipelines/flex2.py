@@ -109,11 +109,13 @@ class Flex2Pipeline(FluxControlPipeline):
                 component subfolders and ``model_index.json`` are fetched, never the ``.py`` or single-file weights).
             dtype (torch.dtype, *optional*): dtype of the weighted components (``torch_dtype`` is accepted too).
             revision (str, *optional*): hub revision.
+            device_map (str, *optional*): a device to read the weighted components onto directly.
             scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, transformer (*optional*):
                 an already loaded component to use instead of the folder's.
         """
         dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
         revision = kwargs.pop("revision", None)
+        device_map = kwargs.pop("device_map", None)
         components = {name: kwargs.pop(name) for name in COMPONENT_CLASSES if name in kwargs}
         if kwargs:
             raise ValueError(f"Flex2Pipeline.from_pretrained got unsupported option(s) {sorted(kwargs)}.")
@@ -145,7 +147,10 @@ class Flex2Pipeline(FluxControlPipeline):
             )
         for name, component_cls in COMPONENT_CLASSES.items():
             if name not in components:
-                options = {"dtype": dtype} if name in WEIGHTED_COMPONENTS and dtype is not None else {}
+                options = {}
+                if name in WEIGHTED_COMPONENTS:
+                    options = {key: value for key, value in (("dtype", dtype), ("device_map", device_map))
+                               if value is not None}
                 components[name] = component_cls.from_pretrained(folder, subfolder=name, **options)
         return cls(**components)
 

@@ -217,7 +217,8 @@ class HiDreamFamilyPipeline(AITKPipeline):
 
             llama = spec.extra["llama"]
             overrides["tokenizer_4"] = AutoTokenizer.from_pretrained(llama)
-            overrides["text_encoder_4"] = LlamaForCausalLM.from_pretrained(llama, dtype=torch_dtype)
+            overrides["text_encoder_4"] = LlamaForCausalLM.from_pretrained(
+                llama, dtype=torch_dtype, device_map=overrides.get("device_map"))
         return HiDreamAITKPipeline.from_pretrained(source, dtype=torch_dtype, **overrides)
 
     @property

@@ -29,6 +29,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from .lora_convert import ConvertedLora, LoraFormatError, ModulePatch, convert_ai_toolkit_lora, guess_architecture
+from .quantize import is_quantized
 
 logger = logging.getLogger(__name__)
 
@@ -223,7 +224,7 @@ class LoraStack:
         return loaded
 
     def _validate(self, loaded: LoadedLora, raw_keys: list[str]) -> None:
-        unmatched, mismatched = [], []
+        unmatched, mismatched, quantized = [], [], []
         for (component, path), patch in loaded.patches.items():
             module = self._find_module(component, path)
             if module is None:
@@ -232,6 +233,14 @@ class LoraStack:
             weight = _base_layer(module).weight
             if tuple(weight.shape) != patch.delta_shape():
                 mismatched.append(f"{component}.{path}: LoRA {patch.delta_shape()} vs model {tuple(weight.shape)}")
+            elif is_quantized(weight) and not self._uses_peft(patch):
+                quantized.append(f"{component}.{path} ({patch.kind})")
+        if quantized:
+            raise LoraFormatError(
+                f"{loaded.label}: {len(quantized)} of its patches would have to be merged into FP8 weights (e.g. "
+                f"{quantized[:2]}), which rounds them away; only plain LoRA patches run next to FP8 layers. Load the "
+                "model without quantize='fp8' to use this file."
+            )
         if unmatched or mismatched:
             guess = guess_architecture(raw_keys)
             looks = f" Its keys look like a LoRA for {guess}." if guess else ""
@@ -412,6 +421,8 @@ class LoraStack:
         with warnings.catch_warnings():
             # Several adapters on one model is exactly what a LoRA stack is; PEFT warns about it by default.
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            # FP8 (torchao) base layers: PEFT warns that merging is unavailable; we never merge adapters.
+            warnings.filterwarnings("ignore", message=".*instantiated without `get_apply_tensor_subclass`")
             inject_adapter_in_model(config, model, adapter_name=adapter)
         for path, patch in patches.items():
             layer = model.get_submodule(path)

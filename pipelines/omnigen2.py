@@ -138,9 +138,11 @@ class OmniGen2Pipeline(DiffusionPipeline):
                 ``processor/`` (the OmniGen2/OmniGen2 layout), or a hub repo id.
             dtype (torch.dtype, *optional*): dtype of the weighted components (``torch_dtype`` is accepted too).
             revision (str, *optional*): hub revision.
+            device_map (str, *optional*): a device to read the weighted components onto directly.
         """
         dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
         revision = kwargs.pop("revision", None)
+        device_map = kwargs.pop("device_map", None)
         if kwargs:
             raise ValueError(f"OmniGen2Pipeline.from_pretrained got unsupported option(s) {sorted(kwargs)}.")
         folder = os.fspath(pretrained_model_name_or_path)
@@ -153,7 +155,7 @@ class OmniGen2Pipeline(DiffusionPipeline):
         if missing:
             raise FileNotFoundError(f"{folder!r} is not an OmniGen2 folder: it lacks {missing} (expected the "
                                     "OmniGen2/OmniGen2 layout: transformer/, vae/, mllm/, processor/).")
-        options = {} if dtype is None else {"dtype": dtype}
+        options = {key: value for key, value in (("dtype", dtype), ("device_map", device_map)) if value is not None}
         processor = AutoTokenizer.from_pretrained(os.path.join(folder, SUBFOLDERS["processor"]))
         if not processor.chat_template:
             raise ValueError(f"The tokenizer in {folder}/processor has no chat template; OmniGen2 prompts need "

@@ -32,17 +32,18 @@ class ZImageFamilyPipeline(AITKPipeline):
     denoiser = "transformer"
 
     @classmethod
-    def load_diffusers_pipeline(cls, spec: ModelSpec, source: str, torch_dtype):
+    def load_diffusers_pipeline(cls, spec: ModelSpec, source: str, torch_dtype, **overrides):
         transformer_source = spec.extra.get("transformer")
         if transformer_source is None:
-            return super().load_diffusers_pipeline(spec, source, torch_dtype)
+            return super().load_diffusers_pipeline(spec, source, torch_dtype, **overrides)
         from diffusers import ZImageTransformer2DModel
 
         local = os.path.join(source, DETURBO_SUBFOLDER)
         if os.path.isfile(os.path.join(local, "config.json")):
             transformer_source = local
-        transformer = ZImageTransformer2DModel.from_pretrained(transformer_source, dtype=torch_dtype)
-        return cls.diffusers_pipeline_class(spec).from_pretrained(source, transformer=transformer, dtype=torch_dtype)
+        transformer = ZImageTransformer2DModel.from_pretrained(transformer_source, dtype=torch_dtype,
+                                                               device_map=overrides.get("device_map"))
+        return super().load_diffusers_pipeline(spec, source, torch_dtype, transformer=transformer, **overrides)
 
     def pipeline_kwargs(self, params: GenerationParams) -> dict:
         return {

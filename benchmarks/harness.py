@@ -23,7 +23,9 @@ logger = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 RECORD_KEYS = ("model", "metric", "variant", "value", "unit", "reference_value", "ratio", "notes")
 REFERENCE = "dynamic"
-VARIANTS = ("plain", "dynamic", "fused", "fused+compile", "fused+compile+fp8")
+VARIANTS = ("plain", "dynamic", "fused", "attention", "fused+compile", "fused+compile+fp8", "fp8+compile")
+#: the kernels the FLUX pipeline run compares (``attention`` variant); the fastest one is used for the compiled runs
+ATTENTION_SWEEP = ("sdpa", "sdpa_cudnn", "sdpa_flash")
 PROMPT = "a photo of a cat holding a sign that says hello world, studio lighting, 35mm film, highly detailed"
 
 
@@ -62,8 +64,11 @@ class Recorder:
         return record
 
     def reference(self, model: str, metric: str) -> float | None:
+        return self.records_value(model, metric, REFERENCE)
+
+    def records_value(self, model: str, metric: str, variant: str) -> float | None:
         for r in self.records:
-            if r.model == model and r.metric == metric and r.variant == REFERENCE:
+            if r.model == model and r.metric == metric and r.variant == variant:
                 return r.value
         return None
 
@@ -172,28 +177,15 @@ def read_bytes(paths) -> float:
     return time.perf_counter() - started
 
 
-def quantize_fp8(transformer) -> None:
-    """torchao float8 dynamic activation x float8 weight (per-row scales) on every block Linear, in place."""
-    import torch
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+def fresh_compile_cache(opts: "Options") -> str:
+    """Point torch.compile's on-disk cache at an empty folder, so that this run's first compile is a cold one."""
+    import shutil
 
-    from ..tiny.loras import BLOCK_PATTERN
-
-    quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
-              filter_fn=lambda m, name: isinstance(m, torch.nn.Linear) and BLOCK_PATTERN.search(name) is not None)
-
-
-def fp8_unavailable(device: str) -> str | None:
-    """Why the FP8 variant cannot run here, or None."""
-    import importlib.util
-
-    import torch
-
-    if not device.startswith("cuda") or torch.cuda.get_device_capability() < (8, 9):
-        return "needs a CUDA GPU with FP8 tensor cores (sm_89+)"
-    if importlib.util.find_spec("torchao") is None:
-        return "torchao is not installed"
-    return None
+    folder = os.path.join(opts.workdir, "compile_cache")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
+    return folder
 
 
 def lora_state_dict(transformer, rank: int, seed: int, std: float):
@@ -237,6 +229,7 @@ def bench_transformer(model_id: str, opts: Options, rec: Recorder) -> None:
 
     from ..pipelines.base import resolve_dtype
     from ..pipelines.lora import LoraRequest, LoraStack
+    from ..pipelines.quantize import fp8_unavailable, quantize_denoiser_fp8
     from .models import WORKLOADS, build_transformer, forward_inputs
 
     dtype = resolve_dtype(opts.dtype, opts.device)
@@ -297,7 +290,7 @@ def bench_transformer(model_id: str, opts: Options, rec: Recorder) -> None:
         else:
             if reference_out is None:
                 reference_out = forward()
-            quantize_fp8(model)
+            quantize_denoiser_fp8(model)
             if "fused+compile" not in opts.variants:
                 model.compile_repeated_blocks(fullgraph=True, backend=opts.compile_backend)
             out = forward()
@@ -336,14 +329,17 @@ def materialize_flux(opts: Options) -> str:
 
 
 def bench_flux_pipeline(opts: Options, rec: Recorder) -> None:
-    """FLUX.1-dev through ``load_pipeline``: cold load, step, end-to-end image, strength change, LoRA switch, memory."""
+    """FLUX.1-dev through ``load_pipeline``: cold load, step, end-to-end image, strength change, LoRA switch, memory,
+    attention kernels, compile (cold and from the on-disk cache of another process) and FP8 weights."""
     import glob
 
     import torch
     from safetensors.torch import save_file
 
-    from ..pipelines.base import AITKPipeline, load_pipeline
+    from ..pipelines.base import AITKPipeline, load_pipeline, resolve_dtype
     from ..pipelines.lora import LoraRequest
+    from ..pipelines.quantize import fp8_unavailable
+    from ..pipelines.registry import get_spec
     from .models import WORKLOADS, forward_inputs
 
     model = "flux"
@@ -352,15 +348,26 @@ def bench_flux_pipeline(opts: Options, rec: Recorder) -> None:
     size_gib = sum(os.path.getsize(f) for f in files) / 2**30
     dropped = opts.drop_page_cache and drop_page_cache()
     raw = read_bytes(files)
+    cache_note = "page cache dropped before each" if dropped else "page cache NOT dropped (warm read)"
+    rec.add(model, "raw_read", "read()", raw, "s", notes=f"{size_gib:.1f} GiB of safetensors; {cache_note}")
+    # the loading path before this version: every component read to the CPU, then moved
+    if opts.device != "cpu":
+        dropped = dropped and drop_page_cache()
+        family = get_spec(model).family_class()
+        started = time.perf_counter()
+        pipe = family.load_diffusers_pipeline(get_spec(model), folder, resolve_dtype(opts.dtype, opts.device))
+        pipe.to(opts.device)
+        sync(opts.device)
+        rec.add(model, "cold_load", "cpu_then_to", time.perf_counter() - started, "s", raw,
+                notes=f"from_pretrained to the CPU, then .to(device); reference_value = raw read; {cache_note}")
+        del pipe
+        torch.cuda.empty_cache()
     dropped = dropped and drop_page_cache()
     started = time.perf_counter()
     pipeline = load_pipeline(model, base=folder, device=opts.device, dtype=opts.dtype, lora_mode="dynamic")
     sync(opts.device)
-    load = time.perf_counter() - started
-    cache_note = "page cache dropped before each" if dropped else "page cache NOT dropped (warm read)"
-    rec.add(model, "raw_read", "read()", raw, "s", notes=f"{size_gib:.1f} GiB of safetensors; {cache_note}")
-    rec.add(model, "cold_load", "load_pipeline", load, "s", raw,
-            notes=f"reference_value = raw read of the same files; {cache_note}")
+    rec.add(model, "cold_load", "load_pipeline", time.perf_counter() - started, "s", raw,
+            notes=f"weights read straight onto the device (device_map); reference_value = raw read; {cache_note}")
 
     # LoRA files, as ai-toolkit writes them (PEFT layout, bf16), in the page cache
     lora_dir = os.path.join(opts.workdir, "loras")
@@ -388,7 +395,7 @@ def bench_flux_pipeline(opts: Options, rec: Recorder) -> None:
         p.generate(steps=opts.step_timing_steps, progress=progress, **gen)
         return statistics.median(b - a for a, b in zip(marks, marks[1:]))
 
-    def lora_ops(p: AITKPipeline, variant: str) -> None:
+    def lora_ops(p: AITKPipeline, variant: str, switch_path: str) -> None:
         """Strength change of the active LoRA, then a switch to a LoRA file never loaded before."""
         p.set_loras([LoraRequest(path=paths[0], strength=1.0)])
         graphs = compiled_graphs()
@@ -397,7 +404,6 @@ def bench_flux_pipeline(opts: Options, rec: Recorder) -> None:
         p.set_loras([LoraRequest(path=paths[0], strength=0.6)])
         sync(opts.device)
         change = time.perf_counter() - t0
-        switch_path = paths[1] if variant != "fused+compile" else paths[2]
         t0 = time.perf_counter()
         p.set_loras([LoraRequest(path=switch_path, strength=0.8)])
         sync(opts.device)
@@ -411,32 +417,47 @@ def bench_flux_pipeline(opts: Options, rec: Recorder) -> None:
                     notes="graphs compiled by a generate after the strength change and the switch")
         p.set_loras([LoraRequest(path=paths[0], strength=1.0)])
 
-    def timings(p: AITKPipeline, variant: str) -> None:
+    def timings(p: AITKPipeline, variant: str, note: str = "") -> None:
         reset_peak(opts.device)
         e2e(p)  # warm-up (and compilation)
         seconds = statistics.median(e2e(p) for _ in range(opts.e2e_reps))
         rec.add(model, "image_e2e", variant, seconds, "s", rec.reference(model, "image_e2e"),
-                notes=f"{side}x{side}, {opts.steps} steps, text encoding + denoising + VAE decode")
+                notes=f"{side}x{side}, {opts.steps} steps, text encoding + denoising + VAE decode{note}")
         rec.add(model, "step", variant, step_time(p) * 1000, "ms", rec.reference(model, "step"),
-                notes="median interval between step callbacks (synchronised)")
+                notes=f"median interval between step callbacks (synchronised){note}")
         peak = peak_memory_gib(opts.device)
         if peak is not None:
             rec.add(model, "peak_memory", variant, peak, "GiB", rec.reference(model, "peak_memory"))
 
+    def rewrap(p: AITKPipeline, lora_mode: str) -> AITKPipeline:
+        """The same loaded weights under another LoRA mode (no second copy)."""
+        p.set_loras([])
+        return type(p)(p.spec, p.pipe, p.device, p.dtype, p.offload, lora_mode, p.source)
+
     # 1. the reference path: live PEFT adapter
     pipeline.set_loras([LoraRequest(path=paths[0], strength=1.0)])
     timings(pipeline, "dynamic")
-    lora_ops(pipeline, "dynamic")
-    pipeline.set_loras([])
-    # 2. fused: same loaded pipeline, another LoRA mode (no second copy of the weights)
-    fused = type(pipeline)(pipeline.spec, pipeline.pipe, pipeline.device, pipeline.dtype, pipeline.offload, "fused",
-                           pipeline.source)
+    lora_ops(pipeline, "dynamic", paths[1])
+    # 2. fused: same loaded pipeline, another LoRA mode
+    fused = rewrap(pipeline, "fused")
     del pipeline
     fused.set_loras([LoraRequest(path=paths[0], strength=1.0)])
     if "fused" in opts.variants:
         timings(fused, "fused")
-        lora_ops(fused, "fused")
-    # 3. fused + regional compile: strength changes must not recompile
+        lora_ops(fused, "fused", paths[1])
+    # 3. attention kernels, eager: the fastest is used for the compiled variants
+    kernel, kernel_steps = "sdpa", {}
+    if "attention" in opts.variants and opts.device.startswith("cuda"):
+        for name in ATTENTION_SWEEP:
+            fused.set_attention_kernel(name)
+            step_time(fused)  # warm-up
+            kernel_steps[name] = step_time(fused) * 1000
+            rec.add(model, "step_by_attention", f"fused+{name}", kernel_steps[name], "ms",
+                    kernel_steps["sdpa"], notes="eager; reference_value = the same with sdpa (diffusers' default)")
+        kernel = min(kernel_steps, key=kernel_steps.get)
+    fused.set_attention_kernel(kernel)
+    kernel_note = f"; attention {kernel}"
+    # 4. fused + regional compile: strength changes must not recompile. A fresh on-disk cache makes this compile cold.
     reference_image = reference_out = None
     transformer = fused.pipe.transformer
     probe = forward_inputs(model, transformer, WORKLOADS[opts.size][model])
@@ -446,18 +467,27 @@ def bench_flux_pipeline(opts: Options, rec: Recorder) -> None:
             return transformer(**probe)[0]
 
     if "fused+compile" in opts.variants and opts.time_left() > 150:
+        cache_dir = fresh_compile_cache(opts)
         graphs = compiled_graphs()
-        fused.compile_denoiser("regional", backend=opts.compile_backend)
         t0 = time.perf_counter()
+        fused.compile_denoiser("regional", backend=opts.compile_backend)
         fused.generate(steps=2, **gen)
         rec.add(model, "compile_first_call", "fused+compile", time.perf_counter() - t0, "s",
-                notes=f"regional compile + a 2-step generate; {compiled_graphs() - graphs} graphs")
-        timings(fused, "fused+compile")
-        lora_ops(fused, "fused+compile")
+                notes=f"regional compile + a 2-step generate, empty compile cache; {compiled_graphs() - graphs} "
+                      f"graphs{kernel_note}")
+        timings(fused, "fused+compile", kernel_note)
+        lora_ops(fused, "fused+compile", paths[2])
         reference_image = fused.generate(steps=opts.steps, **gen).images
         reference_out = probe_forward()
-    # 4. FP8 (torchao) on top: error against the bf16 fused model
-    if "fused+compile+fp8" in opts.variants and opts.time_left() > 150:
+        if opts.time_left() > 120:
+            warm = compile_in_new_process(opts, folder, kernel, cache_dir)
+            if warm is not None:
+                rec.add(model, "compile_first_call", "fused+compile, cache from disk", warm, "s",
+                        rec.records_value(model, "compile_first_call", "fused+compile"),
+                        notes="the same in a new process, with the on-disk compile cache the first compile wrote; "
+                              "reference_value = the cold compile above")
+    # 5. FP8 weights as the library offers them (quantize="fp8"): LoRAs as adapters next to FP8 layers
+    if "fp8+compile" in opts.variants and opts.time_left() > 150:
         why = fp8_unavailable(opts.device)
         if why:
             print(f"[bench] flux: FP8 skipped: {why}", flush=True)
@@ -465,18 +495,40 @@ def bench_flux_pipeline(opts: Options, rec: Recorder) -> None:
             import numpy as np
 
             if reference_out is None:
+                fused.set_loras([LoraRequest(path=paths[0], strength=1.0)])
                 reference_image = fused.generate(steps=opts.steps, **gen).images
                 reference_out = probe_forward()
-            quantize_fp8(transformer)
-            if not fused.compiled:
-                fused.compile_denoiser("regional", backend=opts.compile_backend)
-            rec.add(model, "fp8_relative_error", "fused+compile+fp8", relative_error(probe_forward(), reference_out),
-                    "rel L2", notes="one transformer forward vs bf16 fused, same inputs")
-            image = fused.generate(steps=opts.steps, **gen).images
+            fp8 = rewrap(fused, "dynamic")
+            del fused
+            fp8.quantize_fp8()
+            fp8.set_loras([LoraRequest(path=paths[0], strength=1.0)])
+            if not fp8.compiled:
+                fp8.compile_denoiser("regional", backend=opts.compile_backend)
+            rec.add(model, "fp8_relative_error", "fp8+compile", relative_error(probe_forward(), reference_out),
+                    "rel L2", notes="one transformer forward vs bf16 fused, same inputs, same LoRA")
+            image = fp8.generate(steps=opts.steps, **gen).images
             err = float(np.linalg.norm(image - reference_image) / np.linalg.norm(reference_image))
-            rec.add(model, "fp8_image_relative_error", "fused+compile+fp8", err, "rel L2",
-                    notes=f"final {opts.steps}-step image vs bf16 fused, same seed")
-            timings(fused, "fused+compile+fp8")
+            rec.add(model, "fp8_image_relative_error", "fp8+compile", err, "rel L2",
+                    notes=f"final {opts.steps}-step image vs bf16 fused, same seed, same LoRA")
+            timings(fp8, "fp8+compile", f"; quantize=fp8, LoRA as adapter{kernel_note}")
+            lora_ops(fp8, "fp8+compile", paths[1])
+            fused = fp8
     del fused, transformer
     if opts.device.startswith("cuda"):
         torch.cuda.empty_cache()
+
+
+def compile_in_new_process(opts: Options, folder: str, kernel: str, cache_dir: str) -> float | None:
+    """Seconds of regional compile + a 2-step generate in a fresh process reading ``cache_dir``, or None if it failed."""
+    import sys
+
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir}
+    command = [sys.executable, "-m", "aitk_inference.benchmarks.compile_probe", "--base", folder, "--device",
+               opts.device, "--dtype", opts.dtype, "--attention", kernel, "--size", str(opts.image_size),
+               "--backend", opts.compile_backend, "--lora", os.path.join(opts.workdir, "loras", f"flux_r{opts.rank}_a.safetensors")]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=min(900, max(60, opts.time_left() - 30)))
+    lines = [line for line in result.stdout.splitlines() if line.startswith("compile_first_call ")]
+    if result.returncode != 0 or not lines:
+        print(f"[bench] compile probe failed ({result.returncode}): {result.stderr[-2000:]}", flush=True)
+        return None
+    return float(lines[-1].split()[1])

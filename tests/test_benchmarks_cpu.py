@@ -33,3 +33,20 @@ def test_tiny_flux_benchmark_writes_valid_results(tiny_dir, tmp_path):
         assert by_key[(metric, "fused")]["reference_value"] == by_key[(metric, "dynamic")]["value"]
     assert by_key[("cold_load", "load_pipeline")]["reference_value"] == by_key[("raw_read", "read()")]["value"]
     assert {r["variant"] for r in records} == {"dynamic", "fused", "load_pipeline", "read()"}
+
+
+def test_tiny_flux_compile_variant_times_a_second_process(tiny_dir, tmp_path):
+    """The compiled variant, and its probe in a new process that reads the same on-disk compile cache."""
+    from aitk_inference.benchmarks.run import main
+
+    tiny_dir("flux")
+    path = main(["--size", "tiny", "--device", "cpu", "--dtype", "fp32", "--image-size", "64", "--steps", "2",
+                 "--reps", "1", "--e2e-reps", "1", "--variants", "fused+compile", "--compile-backend", "eager",
+                 "--out", str(tmp_path / "results"), "--workdir", str(tmp_path / "work")])
+    with open(path) as f:
+        by_key = {(r["metric"], r["variant"]): r for r in json.load(f)["records"]}
+    cold = by_key[("compile_first_call", "fused+compile")]
+    warm = by_key[("compile_first_call", "fused+compile, cache from disk")]
+    assert cold["value"] > 0 and warm["value"] > 0 and warm["reference_value"] == cold["value"]
+    assert by_key[("recompiles_after_lora_change", "fused+compile")]["value"] == 0
+    assert by_key[("step", "fused+compile")]["reference_value"] == by_key[("step", "dynamic")]["value"]

@@ -1,4 +1,5 @@
-"""Checks that need a CUDA GPU (skipped elsewhere): LoRA application under every offload mode.
+"""Checks that need a CUDA GPU (skipped elsewhere): LoRA application under every offload mode, FP8 weights with LoRA
+adapters, and the attention kernels.
 
 Run on a GPU machine with ``python -m pytest tests/test_gpu.py``; the same check ran on an H100 (see the notes of the
 core issue): dynamic mode equals offload none bit for bit, fused mode within float32 rounding of the live adapters.
@@ -26,3 +27,44 @@ def test_loras_under_offload_match_no_offload(load_tiny, tmp_path, offload, lora
         want = reference.generate(prompt="x", width=64, height=64, steps=2).images
         got = offloaded.generate(prompt="x", width=64, height=64, steps=2).images
         assert np.abs(got - want).max() <= tolerance
+
+
+def _relative(a, b) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def test_fp8_weights_run_loras_as_adapters(load_tiny, tmp_path):
+    from aitk_inference.pipelines.lora import LoraFormatError
+    from aitk_inference.pipelines.quantize import fp8_unavailable, is_quantized
+
+    if fp8_unavailable("cuda"):
+        pytest.skip(fp8_unavailable("cuda"))
+    reference = load_tiny("flux", device="cuda", dtype="bf16")
+    fp8 = load_tiny("flux", device="cuda", dtype="bf16", quantize="fp8")
+    assert fp8.quantize == "fp8" and fp8.lora_mode == "dynamic"
+    assert sum(is_quantized(m.weight) for m in fp8.pipe.transformer.modules() if hasattr(m, "weight")) == 20
+    targets = lora_targets(reference.pipe.transformer)
+    lora = write_lora(str(tmp_path / "l.safetensors"), "peft", targets)
+    gen = dict(prompt="x", width=64, height=64, steps=2)
+    base_bf16, base_fp8 = reference.generate(**gen).images, fp8.generate(**gen).images
+    reference.set_loras([(lora, 1.0)])
+    fp8.set_loras([(lora, 1.0)])
+    lora_bf16, lora_fp8 = reference.generate(**gen).images, fp8.generate(**gen).images
+    assert 0 < _relative(lora_fp8, lora_bf16) < 0.25
+    # the LoRA moves the FP8 model as much as it moves the bf16 one (it is not rounded away)
+    assert 0.5 < _relative(lora_fp8, base_fp8) / _relative(lora_bf16, base_bf16) < 2.0
+    fp8.set_loras([(lora, 0.0)])
+    assert np.array_equal(fp8.generate(**gen).images, base_fp8)
+    lokr = write_lora(str(tmp_path / "k.safetensors"), "lokr", targets)
+    with pytest.raises(LoraFormatError, match="FP8"):
+        fp8.set_loras([(lokr, 1.0)])
+    assert [entry["strength"] for entry in fp8.loras.describe()] == [0.0]  # the previous set is kept
+
+
+@pytest.mark.parametrize("kernel", ["sdpa_cudnn", "sdpa_flash", "sdpa_efficient"])
+def test_attention_kernels_agree_with_the_default(load_tiny, kernel):
+    gen = dict(prompt="x", width=64, height=64, steps=2)
+    default = load_tiny("flux", device="cuda", dtype="bf16").generate(**gen).images
+    chosen = load_tiny("flux", device="cuda", dtype="bf16", attention=kernel)
+    assert chosen.attention == kernel
+    assert np.abs(chosen.generate(**gen).images - default).max() < 0.03

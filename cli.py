@@ -109,7 +109,8 @@ def cmd_generate(args) -> int:
 
     started = time.perf_counter()
     pipeline = load_pipeline(args.model, base=args.base, device=args.device, dtype=args.dtype, offload=args.offload,
-                             lora_mode=args.lora_mode, compile=args.compile)
+                             lora_mode=args.lora_mode, compile=args.compile, attention=args.attention,
+                             quantize=args.quantize)
     print(f"loaded {args.model} from {pipeline.source} in {time.perf_counter() - started:.2f}s")
     run_generate(pipeline, args, args.out)
     return 0
@@ -209,6 +210,9 @@ def _quiet_libraries() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .pipelines.base import ATTENTION_KERNELS  # light: the registry only, no torch
+    from .pipelines.quantize import QUANTIZE_MODES
+
     parser = argparse.ArgumentParser(prog="python -m aitk_inference", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -231,6 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae-tiling", action="store_true", help="decode in tiles: far less memory for large videos/images")
     p.add_argument("--compile", choices=["none", "regional", "full"], default="none",
                    help="torch.compile the denoiser (regional: its repeated blocks); pays off over many steps/images")
+    p.add_argument("--attention", choices=list(ATTENTION_KERNELS), default="sdpa",
+                   help="attention kernel of the denoiser: sdpa lets torch pick (diffusers' default); the others force "
+                        "one (sdpa_math also runs on CPU; flash_attn, flash_attn_3, sage, xformers need their package)")
+    p.add_argument("--quantize", choices=list(QUANTIZE_MODES), default="none",
+                   help="fp8: FP8 denoiser weights (torchao; CUDA GPU with compute capability 8.9+): faster, less "
+                        "exact; LoRAs run as live adapters")
     p.add_argument("--lora", action="append", type=_lora_arg, metavar="FILE[:STRENGTH]", help="repeatable")
     p.add_argument("--prompt", required=True)
     p.add_argument("--neg", help="negative prompt (only used by families with real CFG)")

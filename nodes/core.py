@@ -15,7 +15,8 @@ from typing import Any, Callable
 
 from ..pipelines import cache
 from ..pipelines.registry import get_spec
-from .schema import COMPILE_MODES, DEVICES, DTYPES, LORA_MODES, OFFLOAD_MODES, TRANSFORMER_SIDES
+from .schema import (ATTENTION_KERNELS, COMPILE_MODES, DEVICES, DTYPES, LORA_MODES, OFFLOAD_MODES, QUANTIZE_MODES,
+                     TRANSFORMER_SIDES)
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,8 @@ class PipelineHandle:
         loras (tuple[tuple[str, float, str | None], ...], defaults to ()): (path, strength, side) per LoRA, in order.
         lora_mode (str, *optional*): ``dynamic`` or ``fused``; None = the model's registry setting.
         compile (str, defaults to "none"): ``none`` or ``regional``.
+        attention (str, defaults to "sdpa"): the attention kernel, a key of ``pipelines.base.ATTENTION_KERNELS``.
+        quantize (str, defaults to "none"): ``none`` or ``fp8``.
     """
 
     model: str
@@ -55,11 +58,14 @@ class PipelineHandle:
     loras: tuple[tuple[str, float, str | None], ...] = ()
     lora_mode: str | None = None
     compile: str = "none"
+    attention: str = "sdpa"
+    quantize: str = "none"
 
     def get_pipeline(self):
         """The cached pipeline for these settings (loaded on first use or after an eviction)."""
         return cache.get_pipeline(self.model, base=self.base, device=self.device, dtype=self.dtype,
-                                  offload=self.offload, lora_mode=self.lora_mode, compile=self.compile)
+                                  offload=self.offload, lora_mode=self.lora_mode, compile=self.compile,
+                                  attention=self.attention, quantize=self.quantize)
 
     def lora_requests(self) -> list:
         from ..pipelines.lora import LoraRequest
@@ -208,7 +214,8 @@ def install_memory_hook() -> bool:
 
 # ---------------------------------------------------------------------------------------------------------------- nodes
 def load(model: str, base: str = "", dtype: str = "auto", offload: str = "none", device: str = "auto",
-         lora_mode: str = "model default", compile: str = "none") -> PipelineHandle:
+         lora_mode: str = "model default", compile: str = "none", attention: str = "sdpa",
+         quantize: str = "none") -> PipelineHandle:
     """Load AITK Pipeline: validate, load (or reuse) the cached pipeline, return its handle."""
     # 1. Validate
     get_spec(model)
@@ -216,9 +223,11 @@ def load(model: str, base: str = "", dtype: str = "auto", offload: str = "none",
     _choice("offload", offload, OFFLOAD_MODES)
     _choice("lora_mode", lora_mode, LORA_MODES)
     _choice("compile", compile, COMPILE_MODES)
+    _choice("attention", attention, ATTENTION_KERNELS)
+    _choice("quantize", quantize, QUANTIZE_MODES)
     handle = PipelineHandle(model=model, base=resolve_base(base), dtype=dtype, offload=offload,
                             device=resolve_device(device), lora_mode=None if lora_mode == "model default" else lora_mode,
-                            compile=compile)
+                            compile=compile, attention=attention, quantize=quantize)
     # 2. Get pipeline from cache (loads it on a miss, so load errors show on this node)
     install_memory_hook()
     handle.get_pipeline()

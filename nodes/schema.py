@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from ..pipelines.base import ATTENTION_KERNELS as _KERNELS
+from ..pipelines.quantize import QUANTIZE_MODES
 from ..pipelines.registry import REGISTRY
 
 CATEGORY = "AITK Inference"
@@ -23,6 +25,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 TRANSFORMER_SIDES = ("none", "high", "low")
 LORA_MODES = ("model default", "dynamic", "fused")
 COMPILE_MODES = ("none", "regional")
+ATTENTION_KERNELS = tuple(_KERNELS)
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,15 @@ LOAD = NodeSpec(
         Field("compile", "COMBO", "regional: torch.compile the repeated transformer blocks once (the first run pays "
               "the compilation; strength changes and LoRA switches never recompile). Best with lora_mode fused.",
               default="none", options=lambda: list(COMPILE_MODES)),
+        # Optional, so that saved workflows from before these two inputs still load (they get the defaults).
+        Field("attention", "COMBO", "Attention kernel of the transformer. sdpa (default): torch picks the kernel, as "
+              "in diffusers. The others force one: sdpa_math runs on any device; sdpa_cudnn, sdpa_flash and "
+              "sdpa_efficient need CUDA; flash_attn, flash_attn_3, sage and xformers need their package installed. "
+              "UNet models (SD 1.5, SDXL) and some transformers (Lumina 2, HiDream, OmniGen2) take only sdpa.",
+              default="sdpa", options=lambda: list(ATTENTION_KERNELS), optional=True),
+        Field("quantize", "COMBO", "fp8: FP8 weights for the transformer blocks (torchao): faster on Ada/Hopper GPUs "
+              "(compute capability 8.9+), less exact than bf16. LoRAs then run as live adapters (lora_mode dynamic) "
+              "and offload must be none.", default="none", options=lambda: list(QUANTIZE_MODES), optional=True),
     ),
     outputs=(Output(PIPELINE_TYPE, "pipeline", "The loaded pipeline handle (no LoRA yet)."),),
 )

@@ -108,8 +108,8 @@ def model_workflow(model_id: str) -> dict:
     spec = get_spec(model_id)
     graph = _Graph()
     load = graph.add_aitk(LOAD, (40, 120), {"model": model_id, "base": "", "dtype": "auto", "offload": "none",
-                                            "device": "auto", "lora_mode": "model default", "compile": "none"},
-                          size=(320, 220))
+                                            "device": "auto", "lora_mode": "model default", "compile": "none",
+                                            "attention": "sdpa", "quantize": "none"}, size=(320, 270))
     # Two-expert (MoE) models get one Apply per expert: ai-toolkit saves a high-noise and a low-noise file.
     sides = ("high", "low") if "transformer_2" in spec.lora_components else ("none",)
     previous = load
@@ -169,7 +169,8 @@ def previews_workflow(job: dict, lora_name: str | None = None) -> dict:
               size=(320, 200))
     load = graph.add_aitk(LOAD, (40, 120), {"model": model_id, "base": "" if source in ("", spec.base) else source,
                                             "dtype": "auto", "offload": "none", "device": "auto",
-                                            "lora_mode": "model default", "compile": "none"}, size=(320, 220))
+                                            "lora_mode": "model default", "compile": "none", "attention": "sdpa",
+                                            "quantize": "none"}, size=(320, 270))
     applied = {}
     for sample in samples:
         if sample.network_multiplier not in applied:

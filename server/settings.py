@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
+from ..pipelines.base import ATTENTION_KERNELS
+from ..pipelines.quantize import QUANTIZE_MODES
 from ..pipelines.registry import get_spec
 
 OFFLOAD_MODES = ("none", "model", "sequential", "group")
@@ -64,6 +66,10 @@ class Settings:
             videos at some speed.
         compile (str, defaults to none): ``AITK_COMPILE`` (none, regional, full): torch.compile the denoiser once per
             loaded pipeline; strength changes and LoRA switches never recompile.
+        attention (str, defaults to sdpa): ``AITK_ATTENTION``, the denoiser's attention kernel (a key of
+            ``pipelines.base.ATTENTION_KERNELS``); sdpa is diffusers' default, the others force one kernel.
+        quantize (str, defaults to none): ``AITK_QUANTIZE`` (none, fp8): FP8 denoiser weights (CUDA GPU with compute
+            capability 8.9+, torchao); LoRAs then run as live adapters, and ``OFFLOAD_MODE`` must stay none.
         workflows_base_path (str, defaults to /app/ai-toolkit/lora_weights): ``WORKFLOWS_BASE_PATH``; local
             ``loras[].path`` values are relative to it and may not leave it.
         output_base_path (str, defaults to /tmp/inference_output): ``OUTPUT_BASE_PATH``; outputs and the task
@@ -91,6 +97,8 @@ class Settings:
     offload_mode: str = "none"
     lora_mode: str | None = None
     compile: str = "none"
+    attention: str = "sdpa"
+    quantize: str = "none"
     vae_tiling: bool = False
     workflows_base_path: str = "/app/ai-toolkit/lora_weights"
     output_base_path: str = "/tmp/inference_output"
@@ -113,6 +121,17 @@ class Settings:
             raise ValueError(f"AITK_LORA_MODE={self.lora_mode!r} is not valid; use dynamic or fused (or leave it unset).")
         if self.compile not in ("none", "regional", "full"):
             raise ValueError(f"AITK_COMPILE={self.compile!r} is not valid; use none, regional or full.")
+        if self.attention not in ATTENTION_KERNELS:
+            raise ValueError(f"AITK_ATTENTION={self.attention!r} is not valid; use one of "
+                             f"{', '.join(ATTENTION_KERNELS)}.")
+        if self.quantize not in QUANTIZE_MODES:
+            raise ValueError(f"AITK_QUANTIZE={self.quantize!r} is not valid; use one of {', '.join(QUANTIZE_MODES)}.")
+        if self.quantize == "fp8" and self.offload_mode != "none":
+            raise ValueError(f"AITK_QUANTIZE=fp8 keeps the FP8 weights on the GPU, so it cannot be combined with "
+                             f"OFFLOAD_MODE={self.offload_mode!r}; use OFFLOAD_MODE=none.")
+        if self.quantize == "fp8" and self.lora_mode == "fused":
+            raise ValueError("AITK_QUANTIZE=fp8 applies LoRAs as live adapters, so it cannot be combined with "
+                             "AITK_LORA_MODE=fused; use dynamic (or leave it unset).")
 
     @property
     def public_url(self) -> str:
@@ -139,6 +158,8 @@ class Settings:
             offload_mode=(env.get("OFFLOAD_MODE") or defaults.offload_mode).lower(),
             lora_mode=(env.get("AITK_LORA_MODE") or "").lower() or None,
             compile=(env.get("AITK_COMPILE") or defaults.compile).lower(),
+            attention=(env.get("AITK_ATTENTION") or defaults.attention).lower(),
+            quantize=(env.get("AITK_QUANTIZE") or defaults.quantize).lower(),
             vae_tiling=(env.get("AITK_VAE_TILING") or "").lower() in ("1", "true", "yes", "on"),
             workflows_base_path=os.path.abspath(os.path.expanduser(env.get("WORKFLOWS_BASE_PATH") or defaults.workflows_base_path)),
             output_base_path=os.path.abspath(os.path.expanduser(env.get("OUTPUT_BASE_PATH") or defaults.output_base_path)),

@@ -43,7 +43,7 @@ class Worker:
         settings (Settings): device, dtype, offload, base overrides, timeout, download limits.
         store (TaskStore): where task state is written.
         get_pipeline (callable, defaults to ``pipelines.cache.get_pipeline``): ``(model_id, base, device, dtype,
-            offload, lora_mode, compile) -> AITKPipeline``.
+            offload, lora_mode, compile, attention, quantize) -> AITKPipeline``.
     """
 
     def __init__(self, settings: Settings, store: TaskStore, get_pipeline: Callable = cache.get_pipeline):
@@ -152,7 +152,8 @@ class Worker:
             t = time.perf_counter()
             load = dict(base=self.settings.bases.get(job.model), device=self.settings.device, dtype=self.settings.dtype,
                         offload=self.settings.offload_mode, lora_mode=self.settings.lora_mode,
-                        compile=self.settings.compile)
+                        compile=self.settings.compile, attention=self.settings.attention,
+                        quantize=self.settings.quantize)
             hit = cache.cache_key(job.model, **load) in cache.cached_keys()
             pipeline = self.get_pipeline(job.model, **load)
             timings["get_pipeline"] = round(time.perf_counter() - t, 4)

@@ -309,6 +309,20 @@ def test_cli_demo_and_make_tiny(tmp_path):
     assert sorted(os.listdir(tmp_path / "tiny_flux" / "loras")) == sorted(f"tiny_{l}.safetensors" for l in TRANSFORMER_LAYOUTS)
 
 
+def test_cli_generate_selects_attention_and_quantize(tiny_dir, tmp_path):
+    out = _cli("generate", "--model", "flux", "--base", tiny_dir("flux"), "--device", "cpu", "--attention", "sdpa_math",
+               "--prompt", "a dog", "--width", "64", "--height", "64", "--steps", "2", "--out", str(tmp_path / "m.png"),
+               "--quiet")
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "m.png").is_file() and "size 64x64" in out.stdout
+    bad = _cli("generate", "--model", "flux", "--attention", "fast", "--prompt", "x", "--out", str(tmp_path / "x.png"))
+    assert bad.returncode == 2 and "invalid choice: 'fast'" in bad.stderr and "sdpa_math" in bad.stderr
+    fp8 = _cli("generate", "--model", "flux", "--base", tiny_dir("flux"), "--device", "cpu", "--quantize", "fp8",
+               "--prompt", "x", "--out", str(tmp_path / "y.png"), "--quiet")
+    assert fp8.returncode == 2 and "FP8 needs a CUDA GPU" in fp8.stderr
+    assert not (tmp_path / "y.png").exists()
+
+
 def test_before_change_hook_runs_only_when_weights_change(flux, flux_loras):
     """The pipeline takes sequential-offload hooks off around a LoRA change through this hook (checked on an H100:
     outputs under sequential offload equal offload none in both LoRA modes); an unchanged set must not pay for it."""
@@ -392,3 +406,78 @@ def test_fused_unfuse_in_bf16_is_within_rounding(load_tiny, flux_loras):
     dynamic.set_loras([])
     for name, module in lora_targets(dynamic.pipe.transformer):
         assert torch.equal(module.weight, base[name]), name
+
+
+# ------------------------------------------------------------------------------------------------ load options
+def _attention_backends(denoiser) -> set:
+    """The attention backend every selectable attention processor of ``denoiser`` reports."""
+    return {str(module.processor._attention_backend.value) for module in denoiser.modules()
+            if hasattr(getattr(module, "processor", None), "_attention_backend")}
+
+
+def test_attention_sdpa_math_matches_default(flux, load_tiny):
+    from aitk_inference.pipelines.base import ATTENTION_KERNELS
+
+    math = load_tiny("flux", attention="sdpa_math")
+    assert (math.attention, flux.attention) == ("sdpa_math", "sdpa")
+    assert _attention_backends(math.pipe.transformer) == {ATTENTION_KERNELS["sdpa_math"]}
+    assert _attention_backends(flux.pipe.transformer) == {ATTENTION_KERNELS["sdpa"]}  # named on every layer
+    # kernels of the same attention differ only in floating-point rounding
+    default = run(flux, seed=5)
+    forced = run(math, seed=5)
+    assert np.abs(default - forced).max() < 1e-4
+
+
+def test_attention_choices_fail_clearly(tiny_dir, load_tiny):
+    with pytest.raises(ValueError, match="Unknown attention kernel 'fast'; use one of sdpa, sdpa_cudnn, .*sdpa_math"):
+        load_tiny("flux", attention="fast")
+    with pytest.raises(ValueError, match="'sdpa_cudnn' is a CUDA kernel; on cpu use 'sdpa' or 'sdpa_math'"):
+        load_tiny("flux", attention="sdpa_cudnn")
+    # flash-attn is a CUDA-only package: either the device or the missing package is named
+    with pytest.raises(ValueError, match="flash_attn") as error:
+        load_tiny("flux", attention="flash_attn")
+    assert "CUDA" in str(error.value) or "flash-attn" in str(error.value), error.value
+    # a UNet has no selectable attention: only the default is accepted
+    with pytest.raises(ValueError, match="sd15's UNet2DConditionModel cannot choose its attention kernel; use "
+                                         "attention='sdpa'"):
+        load_tiny("sd15", attention="sdpa_math")
+    sd15 = load_tiny("sd15", attention="sdpa")
+    assert sd15.attention == "sdpa" and np.isfinite(run(sd15)).all()
+
+
+def test_quantize_fp8_needs_a_cuda_gpu(load_tiny):
+    with pytest.raises(ValueError, match="FP8 needs a CUDA GPU.*not 'cpu'"):
+        load_tiny("flux", quantize="fp8")
+    with pytest.raises(ValueError, match="Unknown quantize mode 'int4'; use one of none, fp8"):
+        load_tiny("flux", quantize="int4")
+
+
+def test_cache_key_includes_attention_and_quantize():
+    key = cache.cache_key("flex1", device="cpu", dtype="fp32")
+    assert key[-2:] == ("sdpa", "none") and key[5] == "fused"  # flex1's registry LoRA mode
+    assert cache.cache_key("flex1", device="cpu", dtype="fp32", attention="sdpa") == key
+    assert cache.cache_key("flex1", device="cpu", dtype="fp32", attention="sdpa_math") != key
+    fp8 = cache.cache_key("flex1", device="cpu", dtype="fp32", quantize="fp8")
+    assert fp8 != key and fp8[-1] == "fp8"
+    assert fp8[5] == "dynamic"  # FP8 weights always take LoRAs as live adapters
+
+
+def test_persistent_compile_cache_folder(monkeypatch, tmp_path):
+    from aitk_inference.pipelines.base import use_persistent_compile_cache
+
+    # setenv first, so that the variable the function sets is removed again after the test
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "unused")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    monkeypatch.delenv("AITK_COMPILE_CACHE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    default = str(tmp_path / "home" / ".cache" / "aitk_inference" / "torchinductor")
+    assert use_persistent_compile_cache() == default and os.path.isdir(default)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == default
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    monkeypatch.setenv("AITK_COMPILE_CACHE", str(tmp_path / "ours"))
+    assert use_persistent_compile_cache() == str(tmp_path / "ours") and (tmp_path / "ours").is_dir()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "ours")
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "torch"))  # torch's own variable wins
+    assert use_persistent_compile_cache() == str(tmp_path / "torch") and (tmp_path / "torch").is_dir()

@@ -129,8 +129,9 @@ def test_schemas(pack):
     assert names == {"AITKLoadPipeline": "Load AITK Pipeline", "AITKApplyLoRA": "Apply AITK LoRA",
                      "AITKSample": "AITK Sample"}
     expected = {
-        "AITKLoadPipeline": (["model", "base", "dtype", "offload", "device", "lora_mode", "compile"], [],
-                             ("AITK_PIPELINE",)),
+        # attention and quantize came later: optional, so that older saved workflows still load
+        "AITKLoadPipeline": (["model", "base", "dtype", "offload", "device", "lora_mode", "compile"],
+                             ["attention", "quantize"], ("AITK_PIPELINE",)),
         "AITKApplyLoRA": (["pipeline", "lora", "strength", "transformer"], [], ("AITK_PIPELINE",)),
         "AITKSample": (["pipeline", "prompt", "negative", "trigger_word", "width", "height", "steps", "guidance", "seed",
                         "batch_size"], ["control_image", "control_image_2", "control_image_3", "num_frames", "fps",
@@ -301,3 +302,28 @@ def test_load_options_select_lora_mode_and_compile(core, tiny_dir):
         core.load("flux", tiny_dir("flux"), "fp32", "none", "cpu", lora_mode="merged")
     with pytest.raises(ValueError, match="compile 'max' is not one of none, regional"):
         core.load("flux", tiny_dir("flux"), "fp32", "none", "cpu", compile="max")
+
+
+def test_load_options_select_attention_and_quantize(pack, core, tiny_dir):
+    from aitk_inference.pipelines.base import ATTENTION_KERNELS
+
+    optional = pack.NODE_CLASS_MAPPINGS["AITKLoadPipeline"].INPUT_TYPES()["optional"]
+    assert optional["attention"][0] == list(ATTENTION_KERNELS) and optional["attention"][1]["default"] == "sdpa"
+    assert optional["quantize"][0] == ["none", "fp8"] and optional["quantize"][1]["default"] == "none"
+    assert "Ada/Hopper" in optional["quantize"][1]["tooltip"] and "sdpa" in optional["attention"][1]["tooltip"]
+
+    math = core.load("flux", tiny_dir("flux"), "fp32", "none", "cpu", attention="sdpa_math")
+    assert (math.attention, math.quantize) == ("sdpa_math", "none")
+    assert math.get_pipeline().attention == "sdpa_math"
+    # a workflow saved without the two inputs gets the defaults (ComfyUI passes no value for an unset optional input)
+    old = core.load(model="flux", base=tiny_dir("flux"), dtype="fp32", offload="none", device="cpu",
+                    lora_mode="model default", compile="none")
+    assert (old.attention, old.quantize) == ("sdpa", "none") and old.get_pipeline().attention == "sdpa"
+    assert old.get_pipeline() is not math.get_pipeline()  # a different cache entry, not a mutated one
+
+    with pytest.raises(ValueError, match="FP8 needs a CUDA GPU.*not 'cpu'"):
+        core.load("flux", tiny_dir("flux"), "fp32", "none", "cpu", quantize="fp8")
+    with pytest.raises(ValueError, match="quantize 'int8' is not one of none, fp8"):
+        core.load("flux", tiny_dir("flux"), "fp32", "none", "cpu", quantize="int8")
+    with pytest.raises(ValueError, match="attention 'fast' is not one of sdpa, sdpa_cudnn"):
+        core.load("flux", tiny_dir("flux"), "fp32", "none", "cpu", attention="fast")

@@ -496,3 +496,42 @@ def test_settings_select_lora_mode_and_compile():
     assert Settings.from_env({}).lora_mode is None
     with pytest.raises(ValueError, match="AITK_LORA_MODE='merged' is not valid"):
         Settings.from_env({"AITK_LORA_MODE": "merged"})
+
+
+def test_settings_select_attention_and_quantize():
+    from aitk_inference.server.settings import Settings
+
+    settings = Settings.from_env({"AITK_ATTENTION": "SDPA_MATH", "AITK_QUANTIZE": "fp8"})
+    assert (settings.attention, settings.quantize) == ("sdpa_math", "fp8")
+    assert (Settings.from_env({}).attention, Settings.from_env({}).quantize) == ("sdpa", "none")
+    with pytest.raises(ValueError, match="AITK_ATTENTION='fast' is not valid; use one of sdpa, sdpa_cudnn, .*xformers"):
+        Settings.from_env({"AITK_ATTENTION": "fast"})
+    with pytest.raises(ValueError, match="AITK_QUANTIZE='int8' is not valid; use one of none, fp8"):
+        Settings.from_env({"AITK_QUANTIZE": "int8"})
+    # FP8 weights stay on the GPU and take LoRAs as adapters: said at start, not at the first request
+    with pytest.raises(ValueError, match="AITK_QUANTIZE=fp8 .* OFFLOAD_MODE='model'"):
+        Settings.from_env({"AITK_QUANTIZE": "fp8", "OFFLOAD_MODE": "model"})
+    with pytest.raises(ValueError, match="AITK_QUANTIZE=fp8 .* AITK_LORA_MODE=fused"):
+        Settings.from_env({"AITK_QUANTIZE": "fp8", "AITK_LORA_MODE": "fused"})
+
+
+def test_server_loads_with_the_attention_setting(server_env, tiny_flux, tmp_path):
+    from aitk_inference.pipelines import cache
+
+    loads, pipelines = [], []
+
+    def recording(model_id, **load):
+        loads.append(load)
+        pipelines.append(cache.get_pipeline(model_id, **load))
+        return pipelines[-1]
+
+    env = {**server_env, "OUTPUT_BASE_PATH": str(tmp_path), "AITK_ATTENTION": "sdpa_math"}
+    running = RunningServer(env, [f"flux={tiny_flux[0]}"], get_pipeline=recording)
+    try:
+        task = submit(running.client)
+        assert wait_for(running.client, task["request_id"])["status"] == "succeeded"
+        assert cache.cache_key("flux", **loads[0]) in cache.cached_keys()
+    finally:
+        running.stop()
+    assert [(load["attention"], load["quantize"]) for load in loads] == [("sdpa_math", "none")]
+    assert pipelines[0].attention == "sdpa_math"

@@ -266,6 +266,8 @@ class AITKPipeline:
         attention = attention or "sdpa"
         if attention not in ATTENTION_KERNELS:
             raise ValueError(f"Unknown attention kernel {attention!r}; use one of {', '.join(ATTENTION_KERNELS)}.")
+        if attention not in ("sdpa", "sdpa_math") and not device.startswith("cuda"):  # before a long load
+            raise ValueError(f"attention={attention!r} is a CUDA kernel; on {device} use 'sdpa' or 'sdpa_math'.")
         quantize = quantize or "none"
         if quantize not in QUANTIZE_MODES:
             raise ValueError(f"Unknown quantize mode {quantize!r}; use one of {', '.join(QUANTIZE_MODES)}.")
@@ -357,18 +359,23 @@ class AITKPipeline:
         In ``fused`` LoRA mode strength changes and LoRA switches edit the weights in place, so the compiled graphs
         are reused (no recompilation). In ``dynamic`` mode adding PEFT layers or changing a strength recompiles.
         """
-        denoiser = getattr(self.pipe, self.denoiser)
+        if mode not in ("regional", "full"):
+            raise ValueError(f"Unknown compile mode {mode!r}; use regional or full.")
         use_persistent_compile_cache()
-        if mode == "regional":
-            if not getattr(denoiser, "_repeated_blocks", None):
+        for denoiser in self.denoisers():
+            if mode == "full":
+                denoiser.compile(**compile_kwargs)
+            elif getattr(denoiser, "_repeated_blocks", None):
+                denoiser.compile_repeated_blocks(fullgraph=True, **compile_kwargs)
+            else:
                 raise ValueError(f"{type(denoiser).__name__} declares no repeated blocks to compile regionally; "
                                  "use compile='full'.")
-            denoiser.compile_repeated_blocks(fullgraph=True, **compile_kwargs)
-        elif mode == "full":
-            denoiser.compile(**compile_kwargs)
-        else:
-            raise ValueError(f"Unknown compile mode {mode!r}; use regional or full.")
         self.compiled = mode
+
+    def denoisers(self) -> list:
+        """The denoiser module(s) that compile, attention and quantization settings apply to (MoE families: all
+        experts)."""
+        return [getattr(self.pipe, self.denoiser)]
 
     def set_attention_kernel(self, kernel: str) -> None:
         """Run the denoiser's attention with ``kernel`` (a key of ``ATTENTION_KERNELS``).
@@ -380,14 +387,15 @@ class AITKPipeline:
 
         if kernel not in ATTENTION_KERNELS:
             raise ValueError(f"Unknown attention kernel {kernel!r}; use one of {', '.join(ATTENTION_KERNELS)}.")
-        denoiser = getattr(self.pipe, self.denoiser)
-        selectable = any(hasattr(getattr(m, "processor", None), "_attention_backend") for m in denoiser.modules())
+        denoisers = self.denoisers()
+        selectable = all(any(hasattr(getattr(m, "processor", None), "_attention_backend") for m in denoiser.modules())
+                         for denoiser in denoisers)
         if not selectable:
             if kernel != "sdpa":
-                raise ValueError(f"{self.spec.model_id}'s {type(denoiser).__name__} cannot choose its attention kernel; "
-                                 "use attention='sdpa'.")
+                raise ValueError(f"{self.spec.model_id}'s {type(denoisers[0]).__name__} cannot choose its attention "
+                                 "kernel; use attention='sdpa'.")
             return
-        if kernel.startswith("sdpa_") and kernel != "sdpa_math" and not str(self.device).startswith("cuda"):
+        if kernel not in ("sdpa", "sdpa_math") and not str(self.device).startswith("cuda"):
             raise ValueError(f"attention={kernel!r} is a CUDA kernel; on {self.device} use 'sdpa' or 'sdpa_math'.")
         # Set even for the default: diffusers keeps one process-wide active backend, which another pipeline may
         # have changed; naming it on every attention layer makes this model independent of that.
@@ -395,7 +403,8 @@ class AITKPipeline:
         level = quiet.level
         quiet.setLevel(logging.ERROR)  # "Attention backends are an experimental feature" on every call
         try:
-            denoiser.set_attention_backend(ATTENTION_KERNELS[kernel])
+            for denoiser in denoisers:
+                denoiser.set_attention_backend(ATTENTION_KERNELS[kernel])
         except (RuntimeError, ImportError) as e:
             raise ValueError(f"attention={kernel!r} is not usable here: {e}") from e
         finally:
@@ -413,7 +422,7 @@ class AITKPipeline:
             raise ValueError("Quantize before applying LoRAs: they are applied next to the FP8 weights.")
         if self.lora_mode != "dynamic":
             raise ValueError("FP8 weights need lora_mode='dynamic' (merging into FP8 weights rounds LoRAs away).")
-        count = quantize_denoiser_fp8(getattr(self.pipe, self.denoiser))
+        count = sum(quantize_denoiser_fp8(denoiser) for denoiser in self.denoisers())
         logger.info("%s: %d block Linear layers now have FP8 weights", self.spec.model_id, count)
         self.quantize = "fp8"
 
@@ -713,7 +722,8 @@ def load_pipeline(
         attention (str, *optional*): the attention kernel, a key of ``ATTENTION_KERNELS``; ``sdpa`` (default) is
             diffusers' default.
         quantize (str, *optional*): ``none`` (default) or ``fp8``: FP8 weights for the denoiser's blocks (torchao; a
-            CUDA GPU with compute capability 8.9+; faster, less exact: see BENCHMARKS.md). LoRAs then run as live
+            CUDA GPU with compute capability 8.9+; about half the transformer's memory, less exact, not faster eager: see
+            BENCHMARKS.md). LoRAs then run as live
             adapters (``lora_mode="dynamic"``).
     """
     spec = get_spec(model_id)

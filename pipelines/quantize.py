@@ -1,5 +1,6 @@
-"""Opt-in FP8 weights for the denoiser (torchao): faster matmuls on GPUs with FP8 tensor cores, at a cost in accuracy
-measured in BENCHMARKS.md. Off by default because it changes the numbers ai-toolkit's previews were made with.
+"""Opt-in FP8 weights for the denoiser (torchao): about half the transformer's GPU memory, at a cost in accuracy
+measured in BENCHMARKS.md. Off by default because it changes the numbers ai-toolkit's previews were made with. Not a
+speed mode without compile: eager, the per-activation quantization kernels made a FLUX forward 2.26x slower on an H100.
 
 The Linear layers inside the denoiser's repeated transformer blocks get float8 weights with one scale per row, and
 their inputs are quantized on the fly (torchao's ``Float8DynamicActivationFloat8WeightConfig(PerRow)``). Embedders,

@@ -81,6 +81,10 @@ class WanFamilyPipeline(AITKPipeline):
         return self.spec.extra.get("boundary_ratio") is not None
 
     # ------------------------------------------------------------------------------------------------ LoRA hooks
+    def denoisers(self) -> list:
+        """Both experts of Wan 2.2 A14B (compile, attention kernel and FP8 apply to each)."""
+        return [self.pipe.transformer, self.pipe.transformer_2] if self.is_moe else super().denoisers()
+
     def lora_name_mapper(self):
         transformer = self.pipe.transformer
         return partial(wan_original_to_diffusers, image_attention=transformer.config.added_kv_proj_dim is not None)

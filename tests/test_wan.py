@@ -310,3 +310,19 @@ def test_cli_generate_writes_mp4(tiny_dir, tmp_path, capsys):
     with av.open(str(tmp_path / "clip.mp4")) as container:
         assert container.streams.video[0].average_rate == 12
         assert sum(1 for _ in container.decode(video=0)) == 5
+
+
+def test_compile_and_attention_kernel_apply_to_both_experts(load_tiny):
+    """Wan 2.2 A14B's low-noise expert gets the same compile and attention settings as the high-noise one."""
+    moe = load_tiny("wan22_14b_t2v", attention="sdpa_math")
+    experts = moe.denoisers()
+    assert [e is getattr(moe.pipe, n) for e, n in zip(experts, ("transformer", "transformer_2"))] == [True, True]
+    for expert in experts:
+        backends = {m.processor._attention_backend for m in expert.modules()
+                    if hasattr(getattr(m, "processor", None), "_attention_backend")}
+        assert backends == {"_native_math"}
+    moe.compile_denoiser("regional", backend="eager")
+    for expert in experts:
+        assert all(block._compiled_call_impl is not None for block in expert.blocks)
+    result = moe.generate(prompt="x", width=32, height=32, num_frames=5, steps=2)
+    assert result.images.shape[:2] == (1, 5)

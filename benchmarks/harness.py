@@ -256,6 +256,16 @@ def bench_transformer(model_id: str, opts: Options, rec: Recorder) -> None:
         if peak is not None:
             rec.add(model_id, "peak_memory", variant, peak, "GiB", rec.reference(model_id, "peak_memory"))
 
+    def compile_and_first_forward(variant: str, notes: str):
+        """Regional compile, then the first forward (which compiles); records its time and returns its output."""
+        model.compile_repeated_blocks(fullgraph=True, backend=opts.compile_backend)
+        sync(opts.device)
+        t0 = time.perf_counter()
+        out = forward()
+        sync(opts.device)
+        rec.add(model_id, "compile_first_call", variant, time.perf_counter() - t0, "s", notes=notes)
+        return out
+
     # the reference first, so every later ratio has its denominator
     stack = LoraStack({"transformer": model}, "dynamic", "transformer", model_id)
     stack.set([lora])
@@ -270,13 +280,8 @@ def bench_transformer(model_id: str, opts: Options, rec: Recorder) -> None:
     reference_out = None
     if "fused+compile" in opts.variants and opts.time_left() > 120:
         graphs = compiled_graphs()
-        model.compile_repeated_blocks(fullgraph=True, backend=opts.compile_backend)
-        sync(opts.device)
-        t0 = time.perf_counter()
-        reference_out = forward()
-        sync(opts.device)
-        rec.add(model_id, "compile_first_call", "fused+compile", time.perf_counter() - t0, "s",
-                notes="regional compile (compile_repeated_blocks, fullgraph) + first forward")
+        reference_out = compile_and_first_forward(
+            "fused+compile", "regional compile (compile_repeated_blocks, fullgraph) + first forward")
         measure("fused+compile")
         before = compiled_graphs()
         stack.set([LoraRequest(state_dict=lora.state_dict, name=lora.name, strength=0.5)])
@@ -298,8 +303,10 @@ def bench_transformer(model_id: str, opts: Options, rec: Recorder) -> None:
                     notes="one forward vs the bf16 fused model, same inputs")
             measure("fused+compile+fp8")
     if "fp8+compile" in opts.variants and opts.time_left() > 150:
+        compiled_before = any(v in opts.variants for v in ("fused+compile", "fused+compile+fp8"))
         why = fp8_unavailable(opts.device) or (
-            "it needs the bf16 model: run it without fused+compile and fused+compile+fp8" if any(v in opts.variants for v in ("fused+compile", "fused+compile+fp8")) else None)
+            "it needs the uncompiled bf16 model: run it without fused+compile and fused+compile+fp8"
+            if compiled_before else None)
         if why:
             print(f"[bench] {model_id}: fp8+compile skipped: {why}", flush=True)
         else:
@@ -310,13 +317,8 @@ def bench_transformer(model_id: str, opts: Options, rec: Recorder) -> None:
             stack = LoraStack({"transformer": model}, "dynamic", "transformer", model_id)
             stack.set([lora])
             measure("fp8")
-            model.compile_repeated_blocks(fullgraph=True, backend=opts.compile_backend)
-            sync(opts.device)
-            t0 = time.perf_counter()
-            out = forward()
-            sync(opts.device)
-            rec.add(model_id, "compile_first_call", "fp8+compile", time.perf_counter() - t0, "s",
-                    notes="regional compile + first forward, FP8 weights and a LoRA adapter")
+            out = compile_and_first_forward("fp8+compile",
+                                            "regional compile + first forward, FP8 weights and a LoRA adapter")
             rec.add(model_id, "fp8_relative_error", "fp8+compile", relative_error(out, reference_out), "rel L2",
                     notes="one forward vs bf16 with the LoRA fused, same inputs")
             measure("fp8+compile")

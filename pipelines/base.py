@@ -254,7 +254,7 @@ class AITKPipeline:
         quantize: str | None = None,
     ) -> "AITKPipeline":
         """Load ``spec``'s pipeline from ``base`` (HF repo id, diffusers folder or single file; default: the spec's)."""
-        from .quantize import QUANTIZE_MODES, fp8_unavailable
+        from .quantize import QUANTIZE_MODES, fp8_option_conflict, fp8_unavailable
 
         device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, device)
@@ -272,11 +272,7 @@ class AITKPipeline:
         if quantize not in QUANTIZE_MODES:
             raise ValueError(f"Unknown quantize mode {quantize!r}; use one of {', '.join(QUANTIZE_MODES)}.")
         if quantize == "fp8":
-            problem = fp8_unavailable(device) or (
-                f"quantize='fp8' keeps the FP8 weights on the GPU, so it cannot be combined with offload={offload!r}; "
-                "use offload='none'" if offload != "none" else None) or (
-                "quantize='fp8' applies LoRAs as live adapters next to the FP8 weights (merging a LoRA into FP8 "
-                "weights would round most of it away); use lora_mode='dynamic'" if lora_mode == "fused" else None)
+            problem = fp8_unavailable(device) or fp8_option_conflict(offload, lora_mode)
             if problem:
                 raise ValueError(problem + ".")
             lora_mode = "dynamic"

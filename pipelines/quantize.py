@@ -33,6 +33,17 @@ def fp8_unavailable(device: str) -> str | None:
     return None
 
 
+def fp8_option_conflict(offload: str, lora_mode: str | None) -> str | None:
+    """Why FP8 weights cannot go with these load options, or None."""
+    if offload != "none":
+        return (f"FP8 weights stay on the GPU, so quantize='fp8' cannot be combined with offload={offload!r}; "
+                "use offload='none'")
+    if lora_mode == "fused":
+        return ("with FP8 weights LoRAs run as live adapters (merging a LoRA into FP8 weights would round most of it "
+                "away), so quantize='fp8' cannot be combined with lora_mode='fused'; use lora_mode='dynamic'")
+    return None
+
+
 def block_linear_names(denoiser) -> list[str]:
     """Names of the Linear layers inside the denoiser's repeated blocks whose shapes float8 matmuls accept."""
     import torch

@@ -10,11 +10,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
-from ..pipelines.base import ATTENTION_KERNELS
-from ..pipelines.quantize import QUANTIZE_MODES
+from ..pipelines.base import ATTENTION_KERNELS, OFFLOAD_MODES
+from ..pipelines.quantize import QUANTIZE_MODES, fp8_option_conflict
 from ..pipelines.registry import get_spec
 
-OFFLOAD_MODES = ("none", "model", "sequential", "group")
 GIB = 1024**3
 MIB = 1024**2
 
@@ -126,12 +125,10 @@ class Settings:
                              f"{', '.join(ATTENTION_KERNELS)}.")
         if self.quantize not in QUANTIZE_MODES:
             raise ValueError(f"AITK_QUANTIZE={self.quantize!r} is not valid; use one of {', '.join(QUANTIZE_MODES)}.")
-        if self.quantize == "fp8" and self.offload_mode != "none":
-            raise ValueError(f"AITK_QUANTIZE=fp8 keeps the FP8 weights on the GPU, so it cannot be combined with "
-                             f"OFFLOAD_MODE={self.offload_mode!r}; use OFFLOAD_MODE=none.")
-        if self.quantize == "fp8" and self.lora_mode == "fused":
-            raise ValueError("AITK_QUANTIZE=fp8 applies LoRAs as live adapters, so it cannot be combined with "
-                             "AITK_LORA_MODE=fused; use dynamic (or leave it unset).")
+        conflict = fp8_option_conflict(self.offload_mode, self.lora_mode) if self.quantize == "fp8" else None
+        if conflict:
+            raise ValueError(f"AITK_QUANTIZE=fp8 with OFFLOAD_MODE={self.offload_mode!r} and "
+                             f"AITK_LORA_MODE={self.lora_mode or 'unset'}: {conflict}.")
 
     @property
     def public_url(self) -> str:

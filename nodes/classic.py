@@ -49,12 +49,7 @@ class AITKApplyLoRA(_ClassicNode):
 
     @classmethod
     def VALIDATE_INPUTS(cls, lora):
-        # Declaring `lora` here lets an API-format workflow pass a full path instead of a name from the list.
-        try:
-            core.resolve_lora(lora)
-        except ValueError as e:
-            return str(e)
-        return True
+        return core.lora_input_problem(lora)
 
     @classmethod
     def IS_CHANGED(cls, lora, **kwargs):

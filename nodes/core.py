@@ -142,6 +142,16 @@ def resolve_lora(lora: str) -> str:
     )
 
 
+def lora_input_problem(lora: str) -> bool | str:
+    """ComfyUI's input validation for the Apply node's ``lora``: True, or the message saying what to fix. Declaring
+    ``lora`` there lets an API-format workflow pass a full path instead of a name from the list."""
+    try:
+        resolve_lora(lora)
+    except ValueError as e:
+        return str(e)
+    return True
+
+
 def lora_fingerprint(lora: str) -> str:
     """Changes when the LoRA file changes on disk (a retrained file under the same name re-runs the graph)."""
     try:

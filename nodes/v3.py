@@ -52,12 +52,7 @@ class AITKApplyLoRA(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, lora) -> bool | str:
-        # Declaring `lora` here lets an API-format workflow pass a full path instead of a name from the list.
-        try:
-            core.resolve_lora(lora)
-        except ValueError as e:
-            return str(e)
-        return True
+        return core.lora_input_problem(lora)
 
     @classmethod
     def fingerprint_inputs(cls, lora, **kwargs) -> str:

@@ -254,7 +254,7 @@ class AITKPipeline:
         quantize: str | None = None,
     ) -> "AITKPipeline":
         """Load ``spec``'s pipeline from ``base`` (HF repo id, diffusers folder or single file; default: the spec's)."""
-        from .quantize import QUANTIZE_MODES, fp8_option_conflict, fp8_unavailable
+        from .quantize import QUANTIZE_MODES, effective_lora_mode, fp8_option_conflict, fp8_unavailable
 
         device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, device)
@@ -275,8 +275,7 @@ class AITKPipeline:
             problem = fp8_unavailable(device) or fp8_option_conflict(offload, lora_mode)
             if problem:
                 raise ValueError(problem + ".")
-            lora_mode = "dynamic"
-        lora_mode = lora_mode or spec.lora_mode
+        lora_mode = effective_lora_mode(quantize, lora_mode, spec.lora_mode)
         if lora_mode not in ("dynamic", "fused"):
             raise ValueError(f"Unknown LoRA mode {lora_mode!r}; use dynamic or fused.")
         source = os.path.expanduser(base) if base else spec.base

@@ -33,6 +33,11 @@ def fp8_unavailable(device: str) -> str | None:
     return None
 
 
+def effective_lora_mode(quantize: str | None, lora_mode: str | None, default: str) -> str:
+    """The LoRA mode a pipeline loads with: FP8 weights take LoRAs as live adapters, else the asked or default one."""
+    return "dynamic" if quantize == "fp8" else lora_mode or default
+
+
 def fp8_option_conflict(offload: str, lora_mode: str | None) -> str | None:
     """Why FP8 weights cannot go with these load options, or None."""
     if offload != "none":

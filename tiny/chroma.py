@@ -79,9 +79,6 @@ def bfl_lora_pair(transformer, rank: int = 4, seed: int = 0, std: float = 0.3) -
 
 def write_native_loras(pipe, out_dir: str, seed: int = 0) -> dict[str, str]:
     """The layout ai-toolkit saves for this family: original BFL module names under ``diffusion_model.``."""
-    import os
+    from .loras import write_bfl_native_lora
 
-    from .loras import save_lora
-
-    bfl, _ = bfl_lora_pair(pipe.transformer, seed=seed)
-    return {"ai-toolkit (BFL names)": save_lora(os.path.join(out_dir, "tiny_aitk_bfl.safetensors"), bfl)}
+    return write_bfl_native_lora(bfl_lora_pair(pipe.transformer, seed=seed)[0], out_dir)

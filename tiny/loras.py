@@ -107,6 +107,11 @@ def save_lora(path: str, state_dict: dict, metadata: dict | None = None) -> str:
     return path
 
 
+def write_bfl_native_lora(bfl_state_dict: dict, out_dir: str) -> dict[str, str]:
+    """A family's ``write_native_loras`` result for a LoRA under ai-toolkit's original BFL names (FLUX.2, Chroma)."""
+    return {"ai-toolkit (BFL names)": save_lora(os.path.join(out_dir, "tiny_aitk_bfl.safetensors"), bfl_state_dict)}
+
+
 def write_lora(path: str, layout: str, targets, metadata: dict | None = None, **kwargs) -> str:
     return save_lora(path, make_state_dict(layout, targets, **kwargs), metadata)
 

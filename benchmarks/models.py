@@ -40,21 +40,30 @@ class Workload:
     text_tokens: int
     frames: int = 1
     forwards_per_step: int = 1
+    architecture: str | None = None  # the FULL_CONFIGS key, when it is not the workload's own name
+
+    def config_key(self, name: str) -> str:
+        return self.architecture or name
 
 
-# Full: 1024x1024 images (128x128 latents) and Wan 480p x 33 frames (9 x 60 x 104 latents).
+# Full: 1024x1024 images (128x128 latents) and Wan 480p x 33 frames (9 x 60 x 104 latents) or x 81 frames (21 latent
+# frames: 32,760 tokens, the size of issue 9's Wan target).
 WORKLOADS = {
     "full": {
         "flux": Workload("1024x1024, 512 text tokens", 128, 128, 512),
         "qwen_image": Workload("1024x1024, 128 text tokens, true CFG", 128, 128, 128, forwards_per_step=2),
         "zimage_turbo": Workload("1024x1024, 128 text tokens", 128, 128, 128),
         "wan21_14b": Workload("832x480 x 33 frames, 512 text tokens, CFG", 60, 104, 512, frames=9, forwards_per_step=2),
+        "wan21_14b_81f": Workload("832x480 x 81 frames, 512 text tokens, CFG", 60, 104, 512, frames=21,
+                                  forwards_per_step=2, architecture="wan21_14b"),
     },
     "tiny": {
         "flux": Workload("tiny 8x8 latents", 8, 8, 8),
         "qwen_image": Workload("tiny 8x8 latents", 8, 8, 8, forwards_per_step=2),
         "zimage_turbo": Workload("tiny 8x8 latents", 8, 8, 32),
         "wan21_14b": Workload("tiny 2x8x8 latents", 8, 8, 8, frames=2, forwards_per_step=2),
+        "wan21_14b_81f": Workload("tiny 3x8x8 latents", 8, 8, 8, frames=3, forwards_per_step=2,
+                                  architecture="wan21_14b"),
     },
 }
 

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from .readahead import start_readahead
 from .registry import ModelSpec, get_spec
 
 logger = logging.getLogger(__name__)
@@ -254,7 +255,7 @@ class AITKPipeline:
         quantize: str | None = None,
     ) -> "AITKPipeline":
         """Load ``spec``'s pipeline from ``base`` (HF repo id, diffusers folder or single file; default: the spec's)."""
-        from .quantize import QUANTIZE_MODES, effective_lora_mode, fp8_option_conflict, fp8_unavailable
+        from .quantize import QUANTIZE_MODES, fp8_option_conflict, fp8_unavailable
 
         device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, device)
@@ -272,14 +273,15 @@ class AITKPipeline:
         if quantize not in QUANTIZE_MODES:
             raise ValueError(f"Unknown quantize mode {quantize!r}; use one of {', '.join(QUANTIZE_MODES)}.")
         if quantize == "fp8":
-            problem = fp8_unavailable(device) or fp8_option_conflict(offload, lora_mode)
+            problem = fp8_unavailable(device) or fp8_option_conflict(offload)
             if problem:
                 raise ValueError(problem + ".")
-        lora_mode = effective_lora_mode(quantize, lora_mode, spec.lora_mode)
+        lora_mode = lora_mode or spec.lora_mode
         if lora_mode not in ("dynamic", "fused"):
             raise ValueError(f"Unknown LoRA mode {lora_mode!r}; use dynamic or fused.")
         source = os.path.expanduser(base) if base else spec.base
         started = time.perf_counter()
+        start_readahead(source)
         # Without offloading the weights are read straight onto the device (no CPU copy on the way).
         load_options = {"device_map": device} if offload == "none" and device in _direct_load_devices() else {}
         pipe = cls.load_diffusers_pipeline(spec, source, torch_dtype, **load_options)
@@ -407,18 +409,21 @@ class AITKPipeline:
         self.attention = kernel
 
     def quantize_fp8(self) -> None:
-        """Give the denoiser's block Linears FP8 weights (see ``pipelines.quantize``); LoRAs then run as adapters."""
-        from .quantize import fp8_unavailable, quantize_denoiser_fp8
+        """Give the denoiser's block Linears FP8 weights (see ``pipelines.quantize``). In ``fused`` LoRA mode LoRAs
+        are merged before quantizing (a host copy of the weights is kept for that); in ``dynamic`` mode they run as
+        adapters next to the FP8 layers."""
+        from .quantize import fp8_option_conflict, fp8_unavailable, quantize_denoiser_fp8
 
-        problem = fp8_unavailable(self.device)
+        problem = fp8_unavailable(self.device) or fp8_option_conflict(self.offload)
         if problem:
             raise ValueError(problem + ".")
         if self.loras.active:
-            raise ValueError("Quantize before applying LoRAs: they are applied next to the FP8 weights.")
-        if self.lora_mode != "dynamic":
-            raise ValueError("FP8 weights need lora_mode='dynamic' (merging into FP8 weights rounds LoRAs away).")
-        count = sum(quantize_denoiser_fp8(denoiser) for denoiser in self.denoisers())
-        logger.info("%s: %d block Linear layers now have FP8 weights", self.spec.model_id, count)
+            raise ValueError("Quantize before applying LoRAs: remove them with set_loras([]) and apply them again "
+                             "after quantize_fp8().")
+        keep_master = self.lora_mode == "fused"
+        count = sum(quantize_denoiser_fp8(denoiser, keep_master) for denoiser in self.denoisers())
+        logger.info("%s: %d block Linear layers now have FP8 weights (LoRAs %s)", self.spec.model_id, count,
+                    "merged before quantizing" if keep_master else "as adapters")
         self.quantize = "fp8"
 
     # ------------------------------------------------------------------------------------------------ LoRA hooks
@@ -717,9 +722,9 @@ def load_pipeline(
         attention (str, *optional*): the attention kernel, a key of ``ATTENTION_KERNELS``; ``sdpa`` (default) is
             diffusers' default.
         quantize (str, *optional*): ``none`` (default) or ``fp8``: FP8 weights for the denoiser's blocks (torchao; a
-            CUDA GPU with compute capability 8.9+; about half the transformer's memory, less exact, not faster eager: see
-            BENCHMARKS.md). LoRAs then run as live
-            adapters (``lora_mode="dynamic"``).
+            CUDA GPU with compute capability 8.9+; less exact, see BENCHMARKS.md; use with ``compile="regional"``).
+            With ``lora_mode="fused"`` LoRAs are merged before quantizing (the fast mode; keeps a bf16 host copy of
+            the quantized weights); with ``dynamic`` they run as adapters (about half the transformer's GPU memory).
     """
     spec = get_spec(model_id)
     return spec.family_class().from_spec(spec, base=base, device=device, dtype=dtype, offload=offload,

@@ -28,14 +28,13 @@ def max_entries() -> int:
 def cache_key(model_id, base=None, device=None, dtype=None, offload=None, lora_mode=None, compile=None, attention=None,
               quantize=None) -> tuple:
     from .base import resolve_device, resolve_dtype
-    from .quantize import effective_lora_mode
     from .registry import get_spec
 
     spec = get_spec(model_id)
     device = resolve_device(device)
     source = os.path.realpath(os.path.expanduser(base)) if base and os.path.exists(os.path.expanduser(base)) else (base or spec.base)
     return (model_id, source, device, str(resolve_dtype(dtype, device)), offload or "none",
-            effective_lora_mode(quantize, lora_mode, spec.lora_mode), compile or "none", attention or "sdpa",
+            lora_mode or spec.lora_mode, compile or "none", attention or "sdpa",
             quantize or "none")
 
 

@@ -12,6 +12,10 @@ Two application modes, chosen per pipeline:
 LoKr and full-layer (``.diff``) patches have no PEFT adapter type for ai-toolkit's layout, so they are always merged
 (in both modes) with the same arithmetic.
 
+Quantized (FP8) weights cannot take an in-place merge. In fused mode each one has a host master copy (see
+``pipelines.quantize``); once a change is complete, every quantized layer it touched is rebuilt as
+``quantize(master + sum(strength * delta))`` over the LoRAs then active, in place.
+
 Every change is validated against the model before anything is touched, and a failure part-way through puts back
 the previous LoRA set, so a cached pipeline is never left half-patched.
 """
@@ -29,7 +33,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from .lora_convert import ConvertedLora, LoraFormatError, ModulePatch, convert_ai_toolkit_lora, guess_architecture
-from .quantize import is_quantized
+from .quantize import is_quantized, master_weight, requantize_
 
 logger = logging.getLogger(__name__)
 
@@ -187,6 +191,7 @@ class LoraStack:
         self._loaded_cache: "OrderedDict[tuple[str, str | None], LoadedLora]" = OrderedDict()
         self._module_names = {c: patchable_module_names(m) for c, m in self.components.items()}
         self._adapter_counter = 0
+        self._stale_quantized: set[tuple[str, str]] = set()
         self.stats = Counter()
 
     # ------------------------------------------------------------------ reading and validation
@@ -233,13 +238,14 @@ class LoraStack:
             weight = _base_layer(module).weight
             if tuple(weight.shape) != patch.delta_shape():
                 mismatched.append(f"{component}.{path}: LoRA {patch.delta_shape()} vs model {tuple(weight.shape)}")
-            elif is_quantized(weight) and not self._uses_peft(patch):
+            elif is_quantized(weight) and not self._uses_peft(patch) and master_weight(_base_layer(module)) is None:
                 quantized.append(f"{component}.{path} ({patch.kind})")
         if quantized:
             raise LoraFormatError(
                 f"{loaded.label}: {len(quantized)} of its patches would have to be merged into FP8 weights (e.g. "
-                f"{quantized[:2]}), which rounds them away; only plain LoRA patches run next to FP8 layers. Load the "
-                "model without quantize='fp8' to use this file."
+                f"{quantized[:2]}), which rounds them away; only plain LoRA patches run next to FP8 layers as "
+                "adapters. Load the model with lora_mode='fused' (FP8 weights re-quantized from a bf16 copy) or "
+                "without quantize='fp8' to use this file."
             )
         if unmatched or mismatched:
             guess = guess_architecture(raw_keys)
@@ -324,6 +330,7 @@ class LoraStack:
                 self._add(slot, loaded, strength)
         # Keep the requested order (it decides nothing numerically, but reports follow it).
         self.active = OrderedDict((s, self.active[s]) for s in wanted)
+        self._requantize_stale()
 
     def _restore(self, previous) -> None:
         try:
@@ -384,7 +391,9 @@ class LoraStack:
             return
         base = _base_layer(self.components[component].get_submodule(path))
         weight = base.weight
-        if patch.kind == "lora" and weight.dim() == 2:
+        if is_quantized(weight):
+            self._stale_quantized.add((component, path))  # rebuilt from its master once the whole set is applied
+        elif patch.kind == "lora" and weight.dim() == 2:
             # ai-toolkit's merge_in math: W = cast(W_fp32 + c * up @ down), as one fused addmm on the weight's device
             factors = patch.factors(weight.device)
             merged = weight.float()
@@ -396,6 +405,28 @@ class LoraStack:
         if diff_b is not None and base.bias is not None:
             bias = base.bias
             bias.copy_((bias.float() + coefficient * diff_b.to(bias.device, torch.float32)).to(bias.dtype))
+
+    @torch.no_grad()
+    def _requantize_stale(self) -> None:
+        """Rebuild every quantized layer a change touched: quantize(master + sum over active LoRAs of c * delta)."""
+        for key in sorted(self._stale_quantized):
+            component, path = key
+            base = _base_layer(self.components[component].get_submodule(path))
+            master = master_weight(base)
+            device = base.weight.device
+            merged = master.to(device, non_blocking=True).float()
+            for entry in self.active.values():
+                patch = entry.loaded.patches.get(key)
+                if patch is None:
+                    continue
+                if patch.kind == "lora" and merged.dim() == 2:
+                    factors = patch.factors(device)
+                    merged.addmm_(factors["up"], factors["down"], alpha=entry.strength)
+                else:
+                    merged.add_(patch.delta(device), alpha=entry.strength)
+            requantize_(base, merged.to(master.dtype))
+            self._stale_quantized.discard(key)
+            self.stats["requantized_layers"] += 1
 
     def _peft_layer(self, component: str, path: str):
         return self.components[component].get_submodule(path)

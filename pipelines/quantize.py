@@ -1,11 +1,20 @@
 """Opt-in FP8 weights for the denoiser (torchao): about half the transformer's GPU memory, at a cost in accuracy
-measured in BENCHMARKS.md. Off by default because it changes the numbers ai-toolkit's previews were made with. Not a
-speed mode without compile: eager, the per-activation quantization kernels made a FLUX forward 2.26x slower on an H100.
+measured in BENCHMARKS.md. Off by default because it changes the numbers ai-toolkit's previews were made with.
 
 The Linear layers inside the denoiser's repeated transformer blocks get float8 weights with one scale per row, and
 their inputs are quantized on the fly (torchao's ``Float8DynamicActivationFloat8WeightConfig(PerRow)``). Embedders,
-norms and the output projection stay in the model dtype. LoRAs run next to the FP8 layers as live PEFT adapters in
-the model dtype: merging a small LoRA delta into FP8 weights would round most of it away.
+norms and the output projection stay in the model dtype. LoRAs go with FP8 weights in one of two ways:
+
+* ``lora_mode="fused"`` (the fast mode): every LoRA is merged into the model-dtype weights first, exactly as in bf16
+  fused mode, and the merged weight is then quantized; a host copy of each quantized layer's original weights (its
+  *master*) is kept so that a strength change or a LoRA switch re-quantizes ``master + sum(strength * delta)``
+  into the same FP8 tensors in place (no recompile). Costs host memory the size of those weights in bf16.
+* ``lora_mode="dynamic"`` (the lean mode): LoRAs run next to the FP8 layers as live PEFT adapters in the model dtype,
+  with no host copy. Merging a small delta into weights that are already FP8 would round most of it away, so LoKr
+  and full-layer patches, which must be merged, are refused in this mode.
+
+Eager, torchao's per-activation quantization kernels are slow (a FLUX forward with adapters was 2.26x slower than
+bf16 on an H100); use ``compile="regional"`` with FP8.
 """
 
 from __future__ import annotations
@@ -33,19 +42,11 @@ def fp8_unavailable(device: str) -> str | None:
     return None
 
 
-def effective_lora_mode(quantize: str | None, lora_mode: str | None, default: str) -> str:
-    """The LoRA mode a pipeline loads with: FP8 weights take LoRAs as live adapters, else the asked or default one."""
-    return "dynamic" if quantize == "fp8" else lora_mode or default
-
-
-def fp8_option_conflict(offload: str, lora_mode: str | None) -> str | None:
+def fp8_option_conflict(offload: str) -> str | None:
     """Why FP8 weights cannot go with these load options, or None."""
     if offload != "none":
         return (f"FP8 weights stay on the GPU, so quantize='fp8' cannot be combined with offload={offload!r}; "
                 "use offload='none'")
-    if lora_mode == "fused":
-        return ("with FP8 weights LoRAs run as live adapters (merging a LoRA into FP8 weights would round most of it "
-                "away), so quantize='fp8' cannot be combined with lora_mode='fused'; use lora_mode='dynamic'")
     return None
 
 
@@ -66,14 +67,76 @@ def block_linear_names(denoiser) -> list[str]:
     return names
 
 
-def quantize_denoiser_fp8(denoiser) -> int:
-    """Give the block Linears of ``denoiser`` float8 weights in place; returns how many layers were quantized."""
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+def fp8_config():
+    """torchao's FP8 recipe used here: float8 weights with one scale per row, activations quantized per row."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
 
-    targets = set(block_linear_names(denoiser))
-    quantize_(denoiser, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
-              filter_fn=lambda module, name: name in targets)
-    return len(targets)
+    return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+
+
+def quantize_denoiser_fp8(denoiser, keep_master: bool = False) -> int:
+    """Give the block Linears of ``denoiser`` float8 weights in place; returns how many layers were quantized.
+
+    ``keep_master`` keeps a host copy of each layer's current weight (see :func:`master_weight`), which fused LoRA
+    mode re-quantizes from."""
+    return quantize_block_linears(denoiser, fp8_config(), keep_master)
+
+
+def quantize_block_linears(denoiser, config, keep_master: bool = False) -> int:
+    """Quantize the block Linears of ``denoiser`` with the torchao ``config``, one layer at a time (so the host
+    copies of ``keep_master`` never need a second full copy of the model)."""
+    from torchao.quantization import quantize_
+
+    names = block_linear_names(denoiser)
+    for name in names:
+        module = denoiser.get_submodule(name)
+        if keep_master:
+            setattr(module, _MASTER, _host_copy(module.weight.detach()))
+        quantize_(module, config)
+        setattr(module, _CONFIG, config)
+    return len(names)
+
+
+#: attributes a quantized Linear carries: its master weight (fused LoRA mode) and the torchao config it was made with
+_MASTER, _CONFIG = "aitk_master_weight", "aitk_quantize_config"
+
+
+def master_weight(module):
+    """The host copy of a quantized layer's weight kept for re-quantizing, or None."""
+    return getattr(module, _MASTER, None)
+
+
+def _host_copy(weight):
+    import torch
+
+    pin = weight.device.type == "cuda"  # pinned memory: the re-quantizing copies back run at full PCIe speed
+    copy = torch.empty(weight.shape, dtype=weight.dtype, device="cpu", pin_memory=pin)
+    copy.copy_(weight)
+    return copy
+
+
+def requantize_(module, weight) -> None:
+    """Set the values of ``module``'s quantized weight to the quantization of ``weight`` (model dtype, same shape),
+    in place: the quantized tensors keep their storage, so compiled graphs that read them stay valid."""
+    import torch
+    from torchao.quantization import quantize_
+
+    scratch = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    scratch.weight = torch.nn.Parameter(weight, requires_grad=False)
+    quantize_(scratch, getattr(module, _CONFIG))
+    _copy_quantized_(module.weight, scratch.weight)
+
+
+def _copy_quantized_(target, source) -> None:
+    names, _ = target.__tensor_flatten__()
+    for name in names:
+        inner, new = getattr(target, name), getattr(source, name)
+        if inner is None:
+            continue
+        if hasattr(inner, "__tensor_flatten__"):
+            _copy_quantized_(inner, new)
+        else:
+            inner.copy_(new)
 
 
 def is_quantized(weight) -> bool:

@@ -125,10 +125,9 @@ class Settings:
                              f"{', '.join(ATTENTION_KERNELS)}.")
         if self.quantize not in QUANTIZE_MODES:
             raise ValueError(f"AITK_QUANTIZE={self.quantize!r} is not valid; use one of {', '.join(QUANTIZE_MODES)}.")
-        conflict = fp8_option_conflict(self.offload_mode, self.lora_mode) if self.quantize == "fp8" else None
+        conflict = fp8_option_conflict(self.offload_mode) if self.quantize == "fp8" else None
         if conflict:
-            raise ValueError(f"AITK_QUANTIZE=fp8 with OFFLOAD_MODE={self.offload_mode!r} and "
-                             f"AITK_LORA_MODE={self.lora_mode or 'unset'}: {conflict}.")
+            raise ValueError(f"AITK_QUANTIZE=fp8 with OFFLOAD_MODE={self.offload_mode!r}: {conflict}.")
 
     @property
     def public_url(self) -> str:

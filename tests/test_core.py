@@ -459,7 +459,8 @@ def test_cache_key_includes_attention_and_quantize():
     assert cache.cache_key("flex1", device="cpu", dtype="fp32", attention="sdpa_math") != key
     fp8 = cache.cache_key("flex1", device="cpu", dtype="fp32", quantize="fp8")
     assert fp8 != key and fp8[-1] == "fp8"
-    assert fp8[5] == "dynamic"  # FP8 weights always take LoRAs as live adapters
+    assert fp8[5] == "fused"  # FP8 weights follow the LoRA mode asked for (or the registry's)
+    assert cache.cache_key("flex1", device="cpu", dtype="fp32", quantize="fp8", lora_mode="dynamic")[5] == "dynamic"
 
 
 def test_persistent_compile_cache_folder(monkeypatch, tmp_path):

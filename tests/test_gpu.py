@@ -1,5 +1,5 @@
 """Checks that need a CUDA GPU (skipped elsewhere): LoRA application under every offload mode, FP8 weights with LoRA
-adapters, and the attention kernels.
+adapters and with fused LoRAs, and the attention kernels.
 
 Run on a GPU machine with ``python -m pytest tests/test_gpu.py``; the same check ran on an H100 (see the notes of the
 core issue): dynamic mode equals offload none bit for bit, fused mode within float32 rounding of the live adapters.
@@ -40,7 +40,7 @@ def test_fp8_weights_run_loras_as_adapters(load_tiny, tmp_path):
     if fp8_unavailable("cuda"):
         pytest.skip(fp8_unavailable("cuda"))
     reference = load_tiny("flux", device="cuda", dtype="bf16")
-    fp8 = load_tiny("flux", device="cuda", dtype="bf16", quantize="fp8")
+    fp8 = load_tiny("flux", device="cuda", dtype="bf16", quantize="fp8", lora_mode="dynamic")
     assert fp8.quantize == "fp8" and fp8.lora_mode == "dynamic"
     assert sum(is_quantized(m.weight) for m in fp8.pipe.transformer.modules() if hasattr(m, "weight")) == 20
     targets = lora_targets(reference.pipe.transformer)
@@ -59,6 +59,36 @@ def test_fp8_weights_run_loras_as_adapters(load_tiny, tmp_path):
     with pytest.raises(LoraFormatError, match="FP8"):
         fp8.set_loras([(lokr, 1.0)])
     assert [entry["strength"] for entry in fp8.loras.describe()] == [0.0]  # the previous set is kept
+
+
+def test_fp8_fused_mode_merges_loras_before_quantizing(load_tiny, tmp_path):
+    from torch._dynamo.utils import counters
+
+    from aitk_inference.pipelines.quantize import fp8_unavailable
+
+    if fp8_unavailable("cuda"):
+        pytest.skip(fp8_unavailable("cuda"))
+    reference = load_tiny("flux", device="cuda", dtype="bf16", lora_mode="fused")
+    fp8 = load_tiny("flux", device="cuda", dtype="bf16", quantize="fp8", lora_mode="fused", compile="regional")
+    targets = lora_targets(reference.pipe.transformer)
+    lora = write_lora(str(tmp_path / "l.safetensors"), "peft", targets)
+    lokr = write_lora(str(tmp_path / "k.safetensors"), "lokr", targets)
+    gen = dict(prompt="x", width=64, height=64, steps=2)
+    base_bf16, base_fp8 = reference.generate(**gen).images, fp8.generate(**gen).images
+    reference.set_loras([(lora, 1.0)])
+    fp8.set_loras([(lora, 1.0)])
+    lora_bf16, lora_fp8 = reference.generate(**gen).images, fp8.generate(**gen).images
+    assert 0 < _relative(lora_fp8, lora_bf16) < 0.25
+    assert 0.5 < _relative(lora_fp8, base_fp8) / _relative(lora_bf16, base_bf16) < 2.0
+    graphs = counters["stats"]["unique_graphs"]
+    fp8.set_loras([(lora, 0.4), (lokr, 0.5)])  # a strength change and a LoKr file (merged, then quantized)
+    stacked = fp8.generate(**gen).images
+    fp8.set_loras([(lora, 1.0)])
+    assert np.array_equal(fp8.generate(**gen).images, lora_fp8)  # rebuilt from the master: no drift
+    assert counters["stats"]["unique_graphs"] == graphs  # the compiled FP8 blocks were reused
+    assert not np.array_equal(stacked, lora_fp8)
+    fp8.set_loras([])
+    assert np.array_equal(fp8.generate(**gen).images, base_fp8)
 
 
 @pytest.mark.parametrize("kernel", ["sdpa_cudnn", "sdpa_flash", "sdpa_efficient"])

@@ -239,8 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention kernel of the denoiser: sdpa lets torch pick (diffusers' default); the others force "
                         "one (sdpa_math also runs on CPU; flash_attn, flash_attn_3, sage, xformers need their package)")
     p.add_argument("--quantize", choices=list(QUANTIZE_MODES), default="none",
-                   help="fp8: FP8 denoiser weights (torchao; CUDA GPU with compute capability 8.9+): about half "
-                        "the transformer's memory, less exact, not faster yet; LoRAs run as live adapters")
+                   help="fp8: FP8 denoiser weights (torchao; CUDA GPU with compute capability 8.9+), less exact; "
+                        "with --lora-mode fused the fast mode (LoRAs merged before quantizing, bf16 copy kept in "
+                        "host RAM), with dynamic LoRAs run as adapters (least GPU memory); use --compile regional")
     p.add_argument("--lora", action="append", type=_lora_arg, metavar="FILE[:STRENGTH]", help="repeatable")
     p.add_argument("--prompt", required=True)
     p.add_argument("--neg", help="negative prompt (only used by families with real CFG)")

@@ -68,7 +68,8 @@ class Settings:
         attention (str, defaults to sdpa): ``AITK_ATTENTION``, the denoiser's attention kernel (a key of
             ``pipelines.base.ATTENTION_KERNELS``); sdpa is diffusers' default, the others force one kernel.
         quantize (str, defaults to none): ``AITK_QUANTIZE`` (none, fp8): FP8 denoiser weights (CUDA GPU with compute
-            capability 8.9+, torchao); LoRAs then run as live adapters, and ``OFFLOAD_MODE`` must stay none.
+            capability 8.9+, torchao); with ``AITK_LORA_MODE=fused`` LoRAs are merged before quantizing (the fast
+            mode), otherwise they run as live adapters; ``OFFLOAD_MODE`` must stay none.
         workflows_base_path (str, defaults to /app/ai-toolkit/lora_weights): ``WORKFLOWS_BASE_PATH``; local
             ``loras[].path`` values are relative to it and may not leave it.
         output_base_path (str, defaults to /tmp/inference_output): ``OUTPUT_BASE_PATH``; outputs and the task

@@ -50,3 +50,19 @@ def test_tiny_flux_compile_variant_times_a_second_process(tiny_dir, tmp_path):
     assert cold["value"] > 0 and warm["value"] > 0 and warm["reference_value"] == cold["value"]
     assert by_key[("recompiles_after_lora_change", "fused+compile")]["value"] == 0
     assert by_key[("step", "fused+compile")]["reference_value"] == by_key[("step", "dynamic")]["value"]
+
+
+def test_tiny_step_profile_times_each_variant_against_the_reference(tiny_dir, tmp_path):
+    """The step profiler's CPU path: every variant's forward is recorded against the live-adapter reference."""
+    from aitk_inference.benchmarks.step_profile import main
+
+    tiny_dir("flux")
+    path = main(["--model", "flux", "--size", "tiny", "--device", "cpu", "--compile-backend", "eager", "--reps", "1",
+                 "--variants", "fused", "fused+compile", "qkv+compile", "--out", str(tmp_path)])
+    with open(path) as f:
+        by_key = {(r["metric"], r["variant"]): r for r in json.load(f)["records"]}
+    reference = by_key[("forward_ms", "dynamic")]["value"]
+    for variant in ("fused", "fused+compile", "qkv+compile"):
+        assert by_key[("forward_ms", variant)]["reference_value"] == reference
+    assert by_key[("recompiles_after_strength_change", "fused+compile")]["value"] == 0
+    assert by_key[("qkv_fused_relative_diff", "qkv+compile")]["value"] < 1e-5  # fp32: same numbers

@@ -33,6 +33,19 @@ def _relative(a, b) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+def _lora_reaches_fp8(reference, fp8, lora, gen) -> tuple:
+    """Apply ``lora`` at 1.0 to a bf16 and an FP8 pipeline; check that the FP8 images stay near the bf16 ones and that
+    the LoRA moves the FP8 model as much as the bf16 one (it is not rounded away). Returns the FP8 images without
+    and with the LoRA."""
+    base_bf16, base_fp8 = reference.generate(**gen).images, fp8.generate(**gen).images
+    reference.set_loras([(lora, 1.0)])
+    fp8.set_loras([(lora, 1.0)])
+    lora_bf16, lora_fp8 = reference.generate(**gen).images, fp8.generate(**gen).images
+    assert 0 < _relative(lora_fp8, lora_bf16) < 0.25
+    assert 0.5 < _relative(lora_fp8, base_fp8) / _relative(lora_bf16, base_bf16) < 2.0
+    return base_fp8, lora_fp8
+
+
 def test_fp8_weights_run_loras_as_adapters(load_tiny, tmp_path):
     from aitk_inference.pipelines.lora import LoraFormatError
     from aitk_inference.pipelines.quantize import fp8_unavailable, is_quantized
@@ -46,13 +59,7 @@ def test_fp8_weights_run_loras_as_adapters(load_tiny, tmp_path):
     targets = lora_targets(reference.pipe.transformer)
     lora = write_lora(str(tmp_path / "l.safetensors"), "peft", targets)
     gen = dict(prompt="x", width=64, height=64, steps=2)
-    base_bf16, base_fp8 = reference.generate(**gen).images, fp8.generate(**gen).images
-    reference.set_loras([(lora, 1.0)])
-    fp8.set_loras([(lora, 1.0)])
-    lora_bf16, lora_fp8 = reference.generate(**gen).images, fp8.generate(**gen).images
-    assert 0 < _relative(lora_fp8, lora_bf16) < 0.25
-    # the LoRA moves the FP8 model as much as it moves the bf16 one (it is not rounded away)
-    assert 0.5 < _relative(lora_fp8, base_fp8) / _relative(lora_bf16, base_bf16) < 2.0
+    base_fp8, _ = _lora_reaches_fp8(reference, fp8, lora, gen)
     fp8.set_loras([(lora, 0.0)])
     assert np.array_equal(fp8.generate(**gen).images, base_fp8)
     lokr = write_lora(str(tmp_path / "k.safetensors"), "lokr", targets)
@@ -74,12 +81,7 @@ def test_fp8_fused_mode_merges_loras_before_quantizing(load_tiny, tmp_path):
     lora = write_lora(str(tmp_path / "l.safetensors"), "peft", targets)
     lokr = write_lora(str(tmp_path / "k.safetensors"), "lokr", targets)
     gen = dict(prompt="x", width=64, height=64, steps=2)
-    base_bf16, base_fp8 = reference.generate(**gen).images, fp8.generate(**gen).images
-    reference.set_loras([(lora, 1.0)])
-    fp8.set_loras([(lora, 1.0)])
-    lora_bf16, lora_fp8 = reference.generate(**gen).images, fp8.generate(**gen).images
-    assert 0 < _relative(lora_fp8, lora_bf16) < 0.25
-    assert 0.5 < _relative(lora_fp8, base_fp8) / _relative(lora_bf16, base_bf16) < 2.0
+    base_fp8, lora_fp8 = _lora_reaches_fp8(reference, fp8, lora, gen)
     graphs = counters["stats"]["unique_graphs"]
     fp8.set_loras([(lora, 0.4), (lokr, 0.5)])  # a strength change and a LoKr file (merged, then quantized)
     stacked = fp8.generate(**gen).images

@@ -91,6 +91,7 @@ def attention_sweep(model_id: str, workload, config, rec, reps: int) -> None:
     """Each attention backend alone at the model's attention shape, through diffusers' dispatcher."""
     import torch
     from diffusers.models.attention_dispatch import dispatch_attention_fn
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     heads, head_dim = config.num_attention_heads, config.attention_head_dim
     tokens = attention_tokens(model_id, workload)
@@ -98,8 +99,6 @@ def attention_sweep(model_id: str, workload, config, rec, reps: int) -> None:
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(1, tokens, heads, head_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
                for _ in range(3))
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     candidates = {name: (lambda b=backend: dispatch_attention_fn(q, k, v, backend=b))
                   for name, backend in ATTENTION_BACKENDS.items()}
     heads_first = [x.transpose(1, 2).contiguous() for x in (q, k, v)]
@@ -125,7 +124,8 @@ def attention_sweep(model_id: str, workload, config, rec, reps: int) -> None:
             reference = out.float()
         err = float((out.float() - reference).norm() / reference.norm())
         rec.add(model_id, "attention_ms", name, ms, "ms", rec.records_value(model_id, "attention_ms", "sdpa"),
-                notes=f"1x{tokens}x{heads}x{head_dim} bf16, {flops / ms / 1e9:.0f} TFLOP/s, rel. diff vs sdpa {err:.2e}")
+                notes=f"1x{tokens}x{heads}x{head_dim} bf16, {flops / ms / 1e9:.0f} TFLOP/s, "
+                      f"rel. diff vs sdpa {err:.2e}")
 
 
 def attention_tokens(model_id: str, workload) -> int:
@@ -141,6 +141,7 @@ def main(argv=None) -> str:
     from ..pipelines.quantize import fp8_unavailable, quantize_denoiser_fp8
     from .harness import compiled_graphs, lora_state_dict, new_recorder, relative_error
     from .models import WORKLOADS, build_transformer, forward_inputs
+    from .run import print_table
 
     parser = argparse.ArgumentParser(prog="python -m aitk_inference.benchmarks.step_profile", description=__doc__)
     parser.add_argument("--model", default="flux", choices=sorted(WORKLOADS["full"]))
@@ -241,9 +242,7 @@ def main(argv=None) -> str:
             forward()
             rec.add(model_id, "recompiles_after_strength_change", variant, compiled_graphs() - before, "graphs")
     print(f"[profile] wrote {rec.path}", flush=True)
-    for r in rec.records:
-        ratio = "" if r.ratio is None else f"{r.ratio:6.3f}"
-        print(f"{r.metric:32s} {r.variant:26s} {r.value:10.3f} {r.unit:7s} {ratio}")
+    print_table(rec)
     return rec.path
 
 

@@ -124,6 +124,16 @@ def _base_layer(module: torch.nn.Module) -> torch.nn.Module:
     return module.get_base_layer() if hasattr(module, "get_base_layer") else module
 
 
+def _add_patch_(merged: torch.Tensor, patch: ModulePatch, coefficient: float) -> None:
+    """``merged += coefficient * delta`` for a float32 weight on its device: ai-toolkit's merge_in math, one fused
+    addmm for a linear LoRA (``W_fp32 + c * up @ down``), the full delta otherwise (LoKr, conv, ``.diff``)."""
+    if patch.kind == "lora" and merged.dim() == 2:
+        factors = patch.factors(merged.device)
+        merged.addmm_(factors["up"], factors["down"], alpha=coefficient)
+    else:
+        merged.add_(coefficient * patch.delta(merged.device))
+
+
 def _check_strength(strength: float, label: str) -> float:
     strength = float(strength)
     lo, hi = STRENGTH_RANGE
@@ -393,14 +403,10 @@ class LoraStack:
         weight = base.weight
         if is_quantized(weight):
             self._stale_quantized.add((component, path))  # rebuilt from its master once the whole set is applied
-        elif patch.kind == "lora" and weight.dim() == 2:
-            # ai-toolkit's merge_in math: W = cast(W_fp32 + c * up @ down), as one fused addmm on the weight's device
-            factors = patch.factors(weight.device)
-            merged = weight.float()
-            merged.addmm_(factors["up"], factors["down"], alpha=coefficient)
-            weight.copy_(merged)
         else:
-            weight.copy_((weight.float() + coefficient * patch.delta(weight.device)).to(weight.dtype))
+            merged = weight.float()
+            _add_patch_(merged, patch, coefficient)
+            weight.copy_(merged)
         diff_b = patch.tensors.get("diff_b")
         if diff_b is not None and base.bias is not None:
             bias = base.bias
@@ -417,13 +423,8 @@ class LoraStack:
             merged = master.to(device, non_blocking=True).float()
             for entry in self.active.values():
                 patch = entry.loaded.patches.get(key)
-                if patch is None:
-                    continue
-                if patch.kind == "lora" and merged.dim() == 2:
-                    factors = patch.factors(device)
-                    merged.addmm_(factors["up"], factors["down"], alpha=entry.strength)
-                else:
-                    merged.add_(patch.delta(device), alpha=entry.strength)
+                if patch is not None:
+                    _add_patch_(merged, patch, entry.strength)
             requantize_(base, merged.to(master.dtype))
             self._stale_quantized.discard(key)
             self.stats["requantized_layers"] += 1

@@ -45,7 +45,7 @@ def _progress_bar(desc: str):
 def save_videos(result, out: str) -> list[str]:
     """One video per batch item: ``.webp`` writes animated WEBP, anything else H.264 MP4 (with the audio track when
     the result has one)."""
-    from .pipelines.video_io import write_video
+    from .pipelines.media import write_video
 
     if not out.lower().endswith((".mp4", ".webp")):
         out = os.path.splitext(out)[0] + ".mp4"
@@ -78,8 +78,8 @@ def cmd_models(args) -> int:
 
 
 def run_generate(pipeline, args, out: str) -> list[str]:
-    from .pipelines.lora import LoraRequest
-    from .pipelines.video_io import write_image
+    from .pipelines.lora.stack import LoraRequest
+    from .pipelines.media import write_image
 
     pipeline.set_loras([LoraRequest(path=p, strength=s) for p, s in (args.lora or [])])
     result = pipeline.generate(
@@ -176,7 +176,7 @@ def cmd_make_tiny(args) -> int:
 
 
 def cmd_reproduce(args) -> int:
-    from .reproduce import reproduce_job
+    from .pipelines.jobs.reproduce import reproduce_job
 
     report = reproduce_job(args.job, base=args.base, lora=args.lora, out_dir=args.out, device=args.device,
                            dtype=args.dtype, model=args.model)
@@ -211,7 +211,7 @@ def _quiet_libraries() -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .pipelines.base import ATTENTION_KERNELS  # light: the registry only, no torch
-    from .pipelines.quantize import QUANTIZE_MODES
+    from .pipelines.runtime.quantize import QUANTIZE_MODES
 
     parser = argparse.ArgumentParser(prog="python -m aitk_inference", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")

@@ -231,8 +231,8 @@ def bench_transformer(model_id: str, opts: Options, rec: Recorder) -> None:
     import torch
 
     from ..pipelines.base import resolve_dtype
-    from ..pipelines.lora import LoraRequest, LoraStack
-    from ..pipelines.quantize import fp8_unavailable, quantize_denoiser_fp8
+    from ..pipelines.lora.stack import LoraRequest, LoraStack
+    from ..pipelines.runtime.quantize import fp8_unavailable, quantize_denoiser_fp8
     from .models import WORKLOADS, build_transformer, forward_inputs
 
     dtype = resolve_dtype(opts.dtype, opts.device)
@@ -374,8 +374,8 @@ def bench_flux_pipeline(opts: Options, rec: Recorder) -> None:
     from safetensors.torch import save_file
 
     from ..pipelines.base import AITKPipeline, load_pipeline, resolve_dtype
-    from ..pipelines.lora import LoraRequest
-    from ..pipelines.quantize import fp8_unavailable
+    from ..pipelines.lora.stack import LoraRequest
+    from ..pipelines.runtime.quantize import fp8_unavailable
     from ..pipelines.registry import get_spec
     from .models import WORKLOADS, forward_inputs
 

@@ -137,8 +137,8 @@ def attention_tokens(model_id: str, workload) -> int:
 def main(argv=None) -> str:
     import torch
 
-    from ..pipelines.lora import LoraRequest, LoraStack
-    from ..pipelines.quantize import fp8_unavailable, quantize_denoiser_fp8
+    from ..pipelines.lora.stack import LoraRequest, LoraStack
+    from ..pipelines.runtime.quantize import fp8_unavailable, quantize_denoiser_fp8
     from .harness import compiled_graphs, lora_state_dict, new_recorder, relative_error
     from .models import WORKLOADS, build_transformer, forward_inputs
     from .run import print_table

@@ -3,7 +3,7 @@ the previous merge (factors copied host->device each time, separate matmul + add
 (factors kept on the device, one addmm), measured in the same run."""
 import json, os, time, torch
 from diffusers import FluxTransformer2DModel
-from aitk_inference.pipelines.lora import LoraStack, LoraRequest
+from aitk_inference.pipelines.lora.stack import LoraStack, LoraRequest
 from aitk_inference.tiny.loras import lora_targets, make_state_dict
 
 torch.manual_seed(0)

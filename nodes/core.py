@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..pipelines import cache
+from ..pipelines.runtime import cache
 from ..pipelines.registry import get_spec
 from .schema import (ATTENTION_KERNELS, COMPILE_MODES, DEVICES, DTYPES, LORA_MODES, OFFLOAD_MODES, QUANTIZE_MODES,
                      TRANSFORMER_SIDES)
@@ -34,7 +34,7 @@ def _comfy(module_name: str):
 class PipelineHandle:
     """What flows along an ``AITK_PIPELINE`` link: load settings plus the LoRA set, never the weights themselves.
 
-    The pipeline is looked up in ``pipelines.cache`` by these settings when a node needs it, so evicting the cache
+    The pipeline is looked up in ``pipelines.runtime.cache`` by these settings when a node needs it, so evicting the cache
     really frees memory, and a handle from a cached graph output still works after an eviction (it reloads).
 
     Args:
@@ -68,7 +68,7 @@ class PipelineHandle:
                                   attention=self.attention, quantize=self.quantize)
 
     def lora_requests(self) -> list:
-        from ..pipelines.lora import LoraRequest
+        from ..pipelines.lora.stack import LoraRequest
 
         return [LoraRequest(path=path, strength=strength, side=side) for path, strength, side in self.loras]
 
@@ -250,7 +250,7 @@ def apply_lora(pipeline: PipelineHandle, lora: str, strength: float = 1.0, trans
     The file is read and checked against the model here (cached by file identity, weights untouched), so a LoRA
     of the wrong family fails on this node with a message that names the family its keys look like.
     """
-    from ..pipelines.lora import LoraRequest
+    from ..pipelines.lora.stack import LoraRequest
 
     # 1. Validate
     if not isinstance(pipeline, PipelineHandle):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..pipelines.base import ATTENTION_KERNELS as _KERNELS
-from ..pipelines.quantize import QUANTIZE_MODES
+from ..pipelines.runtime.quantize import QUANTIZE_MODES
 from ..pipelines.registry import REGISTRY
 
 CATEGORY = "AITK Inference"

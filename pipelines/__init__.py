@@ -15,7 +15,7 @@ def __getattr__(name):
 
         return getattr(base, name)
     if name == "LoraRequest":
-        from .lora import LoraRequest
+        from .lora.stack import LoraRequest
 
         return LoraRequest
     raise AttributeError(name)

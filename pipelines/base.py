@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from .readahead import start_readahead
+from .runtime.readahead import start_readahead
 from .registry import ModelSpec, get_spec
 
 logger = logging.getLogger(__name__)
@@ -222,7 +222,7 @@ class AITKPipeline:
     denoiser: str = "transformer"
 
     def __init__(self, spec: ModelSpec, pipe, device: str, dtype, offload: str, lora_mode: str, source: str):
-        from .lora import LoraStack
+        from .lora.stack import LoraStack
 
         self.spec = spec
         self.pipe = pipe
@@ -255,7 +255,7 @@ class AITKPipeline:
         quantize: str | None = None,
     ) -> "AITKPipeline":
         """Load ``spec``'s pipeline from ``base`` (HF repo id, diffusers folder or single file; default: the spec's)."""
-        from .quantize import QUANTIZE_MODES, fp8_option_conflict, fp8_unavailable
+        from .runtime.quantize import QUANTIZE_MODES, fp8_option_conflict, fp8_unavailable
 
         device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, device)
@@ -409,10 +409,10 @@ class AITKPipeline:
         self.attention = kernel
 
     def quantize_fp8(self) -> None:
-        """Give the denoiser's block Linears FP8 weights (see ``pipelines.quantize``). In ``fused`` LoRA mode LoRAs
+        """Give the denoiser's block Linears FP8 weights (see ``pipelines.runtime.quantize``). In ``fused`` LoRA mode LoRAs
         are merged before quantizing (a host copy of the weights is kept for that); in ``dynamic`` mode they run as
         adapters next to the FP8 layers."""
-        from .quantize import fp8_option_conflict, fp8_unavailable, quantize_denoiser_fp8
+        from .runtime.quantize import fp8_option_conflict, fp8_unavailable, quantize_denoiser_fp8
 
         problem = fp8_unavailable(self.device) or fp8_option_conflict(self.offload)
         if problem:
@@ -454,7 +454,7 @@ class AITKPipeline:
         Returns:
             list[dict]: per LoRA, its layout, the number of modules matched, and its strength.
         """
-        from .lora import as_lora_request
+        from .lora.stack import as_lora_request
 
         requests = [self.complete_lora_request(as_lora_request(item)) for item in loras]
         hooks = {"sequential": self._weights_unhooked, "group": self._group_offload_refreshed}
@@ -706,7 +706,7 @@ def load_pipeline(
     attention: str | None = None,
     quantize: str | None = None,
 ) -> AITKPipeline:
-    """Load the pipeline of a registered model id (not cached; see ``pipelines.cache`` for the shared cache).
+    """Load the pipeline of a registered model id (not cached; see ``pipelines.runtime.cache`` for the shared cache).
 
     Args:
         model_id (str): a registry id (``python -m aitk_inference models`` lists them).

@@ -65,7 +65,7 @@ ZIMAGE_FLOWMATCH = {**FLUX_FLOWMATCH, "shift": 3.0, "use_dynamic_shifting": Fals
 # ai-toolkit's Lumina2 scheduler (toolkit/sampler.py lumina2_config): static shift 6.0.
 LUMINA2_FLOWMATCH = {**FLUX_FLOWMATCH, "shift": 6.0, "use_dynamic_shifting": False}
 
-# FLUX.2 / FLUX.2-klein: ai-toolkit samples with BFL's own schedule (pipelines/flux2.py bfl_schedule), not with a
+# FLUX.2 / FLUX.2-klein: ai-toolkit samples with BFL's own schedule (pipelines/families/flux2.py bfl_schedule), not with a
 # scheduler's shifting. The family passes the finished sigmas; shift 1.0 without dynamic shifting keeps them as given.
 FLUX2_EULER = {**FLUX_FLOWMATCH, "shift": 1.0, "use_dynamic_shifting": False}
 
@@ -143,7 +143,7 @@ class ModelSpec:
 
     Args:
         model_id (str): stable id, the same as the reference implementation's.
-        family (str): ``"<module>:<Class>"`` of the family pipeline class inside ``pipelines/``.
+        family (str): ``"<module>:<Class>"`` of the family pipeline class inside ``pipelines/families/``.
         pipeline_class (str): the diffusers pipeline class the family drives (by name, imported lazily).
         base (str): default base checkpoint (Hugging Face repo id).
         steps, guidance, width, height, seed, negative: generation defaults.
@@ -228,10 +228,9 @@ class ModelSpec:
 
 
 def _import_symbol(ref: str):
+    """``"<module>:<name>"`` of a module in ``pipelines/families/``."""
     module_name, _, attr = ref.partition(":")
-    module = importlib.import_module(f"{__package__}.{module_name}" if not module_name.startswith(".") else module_name,
-                                     package=__package__)
-    return getattr(module, attr)
+    return getattr(importlib.import_module(f"{__package__}.families.{module_name}"), attr)
 
 
 _FLUX_NOTES = (

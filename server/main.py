@@ -12,7 +12,7 @@ from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from .. import __version__
-from ..pipelines import cache
+from ..pipelines.runtime import cache
 from .dependencies import require_api_key
 from .routers import health, inference, models, requests
 from .settings import Settings
@@ -29,7 +29,7 @@ def create_app(settings: Settings | None = None, get_pipeline: Callable | None =
 
     Args:
         settings (Settings, *optional*): defaults to :meth:`Settings.from_env`.
-        get_pipeline (callable, *optional*): the worker's pipeline source; defaults to ``pipelines.cache.get_pipeline``.
+        get_pipeline (callable, *optional*): the worker's pipeline source; defaults to ``pipelines.runtime.cache.get_pipeline``.
     """
     settings = settings or Settings.from_env()
 

@@ -9,7 +9,7 @@ MEDIA_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".webp": "image/webp",
 
 def save_image(image, base: str, output_format: str, metadata: dict) -> str:
     """Write ``image`` to ``base`` + the format's extension; PNG carries ``metadata`` as a ``parameters`` text chunk."""
-    from ..pipelines.video_io import write_image
+    from ..pipelines.media import write_image
 
     return write_image(image, base + EXTENSIONS[output_format], metadata)
 
@@ -17,7 +17,7 @@ def save_image(image, base: str, output_format: str, metadata: dict) -> str:
 def save_video(result, base: str, output_format: str) -> tuple[str, str]:
     """Write the first video of ``result``: an H.264 MP4 (with the audio track when the model makes one), or an
     animated WEBP when ``output_format`` is ``webp``. Returns (path, format)."""
-    from ..pipelines.video_io import write_video
+    from ..pipelines.media import write_video
 
     video_format = "webp" if output_format == "webp" else "mp4"
     audio = None if result.audio is None or video_format == "webp" else result.audio[0]

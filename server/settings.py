@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 from ..pipelines.base import ATTENTION_KERNELS, OFFLOAD_MODES
-from ..pipelines.quantize import QUANTIZE_MODES, fp8_option_conflict
+from ..pipelines.runtime.quantize import QUANTIZE_MODES, fp8_option_conflict
 from ..pipelines.registry import get_spec
 
 GIB = 1024**3

@@ -1,6 +1,6 @@
 """One worker thread per process, fed by a FIFO queue whose positions clients can see.
 
-The worker owns the GPU: it takes the oldest job, gets its pipeline from the shared cache (``pipelines.cache``: the
+The worker owns the GPU: it takes the oldest job, gets its pipeline from the shared cache (``pipelines.runtime.cache``: the
 same model is never loaded twice, LoRA and strength changes are applied in place), and generates prompt by prompt.
 Its progress callback raises :class:`GenerationInterrupted` when the job is canceled or past its deadline, so both
 stop within one denoising step.
@@ -15,7 +15,7 @@ import time
 from collections import deque
 from typing import Callable
 
-from ..pipelines import cache
+from ..pipelines.runtime import cache
 from ..pipelines.base import GenerationInterrupted
 from .downloads import DownloadError, fetch_image, fetch_lora
 from .mapping import Job
@@ -42,7 +42,7 @@ class Worker:
     Args:
         settings (Settings): device, dtype, offload, base overrides, timeout, download limits.
         store (TaskStore): where task state is written.
-        get_pipeline (callable, defaults to ``pipelines.cache.get_pipeline``): ``(model_id, base, device, dtype,
+        get_pipeline (callable, defaults to ``pipelines.runtime.cache.get_pipeline``): ``(model_id, base, device, dtype,
             offload, lora_mode, compile, attention, quantize) -> AITKPipeline``.
     """
 
@@ -134,7 +134,7 @@ class Worker:
         timings: dict = {"pipeline_details": {}, "prompts": []}
         try:
             # 1. Resolve LoRA files (URL LoRAs are downloaded, checked and cached)
-            from ..pipelines.lora import LoraRequest
+            from ..pipelines.lora.stack import LoraRequest
 
             t = time.perf_counter()
             requests, downloads = [], []

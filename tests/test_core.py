@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from aitk_inference.pipelines import cache, get_spec
+from aitk_inference.pipelines import get_spec
+from aitk_inference.pipelines.runtime import cache
 from aitk_inference.pipelines.base import GenerationInterrupted, snap_size
-from aitk_inference.pipelines.lora import LoraRequest
-from aitk_inference.pipelines.lora_convert import LoraFormatError
+from aitk_inference.pipelines.lora.stack import LoraRequest
+from aitk_inference.pipelines.lora.convert import LoraFormatError
 from aitk_inference.tiny.loras import TRANSFORMER_LAYOUTS, lora_targets, make_state_dict, reference_deltas, write_lora
 
 SMALL = dict(width=64, height=64, steps=2, prompt="a photo of a cat")
@@ -378,7 +379,7 @@ def test_group_offload_reapplies_after_lora_changes(load_tiny, flux_loras, lora_
     ("lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight", "SD 1.5"),
 ])
 def test_wrong_family_errors_name_the_family(key, family):
-    from aitk_inference.pipelines.lora_convert import guess_architecture
+    from aitk_inference.pipelines.lora.convert import guess_architecture
 
     assert guess_architecture([key]).startswith(family)
 

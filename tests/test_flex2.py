@@ -51,7 +51,7 @@ def test_loads_hub_layout_without_running_remote_code(tiny_dir, flex2, tmp_path)
     import torch
     from diffusers import DiffusionPipeline
 
-    from aitk_inference.pipelines.flex2 import Flex2Pipeline
+    from aitk_inference.pipelines.families.flex2 import Flex2Pipeline
 
     folder = tmp_path / "Flex.2-preview"
     shutil.copytree(tiny_dir("flex2"), folder, ignore=shutil.ignore_patterns("loras"))
@@ -121,7 +121,7 @@ def test_bad_inputs_raise_and_pipeline_stays_usable(flex2, tiny_dir, load_tiny, 
 
 
 def test_fused_lora_changes_output_strength_zero_is_base_and_no_reload(flex2, flex2_lora, base_image, monkeypatch):
-    from aitk_inference.pipelines.flex2 import Flex2Pipeline
+    from aitk_inference.pipelines.families.flex2 import Flex2Pipeline
 
     def no_reload(*args, **kwargs):
         raise AssertionError("the base model was reloaded")

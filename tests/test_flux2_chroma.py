@@ -24,7 +24,7 @@ def bfl_pair(pipe, **kwargs):
 
 
 def request(tensors, strength, name):
-    from aitk_inference.pipelines.lora import LoraRequest
+    from aitk_inference.pipelines.lora.stack import LoraRequest
 
     return LoraRequest(state_dict=tensors, strength=strength, name=name)
 
@@ -92,7 +92,7 @@ def test_bfl_lokr_on_fused_projections_equals_the_split_full_layers(pipes):
 
 @pytest.mark.parametrize("model_id", ["flux2", "flux2_klein_4b", "chroma"])
 def test_lora_of_another_family_is_refused(model_id, pipes):
-    from aitk_inference.pipelines.lora_convert import LoraFormatError
+    from aitk_inference.pipelines.lora.convert import LoraFormatError
 
     pipe = pipes(model_id)
     zimage = {"diffusion_model.layers.0.attention.to_q.lora_A.weight": torch.zeros(4, 32),
@@ -113,7 +113,7 @@ def _goldens(family):
 
 
 def test_bfl_schedule_matches_ai_toolkit():
-    from aitk_inference.pipelines.flux2 import bfl_schedule
+    from aitk_inference.pipelines.families.flux2 import bfl_schedule
 
     for run in _goldens("flux2").values():
         steps = len(run["t_schedule_float32_list"]) - 1
@@ -237,7 +237,7 @@ def test_flux2_reference_images(pipes):
 def test_reference_image_preparation_follows_ai_toolkit():
     from PIL import Image
 
-    from aitk_inference.pipelines.flux2 import prepare_reference_image
+    from aitk_inference.pipelines.families.flux2 import prepare_reference_image
 
     assert prepare_reference_image(Image.new("RGB", (100, 72))).size == (96, 64)  # centre crop, no resize
     assert prepare_reference_image(Image.new("RGB", (2048, 1024))).size == (1440, 720)  # int(1448.15) -> 1448 -> crop

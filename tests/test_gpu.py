@@ -47,8 +47,8 @@ def _lora_reaches_fp8(reference, fp8, lora, gen) -> tuple:
 
 
 def test_fp8_weights_run_loras_as_adapters(load_tiny, tmp_path):
-    from aitk_inference.pipelines.lora import LoraFormatError
-    from aitk_inference.pipelines.quantize import fp8_unavailable, is_quantized
+    from aitk_inference.pipelines.lora.stack import LoraFormatError
+    from aitk_inference.pipelines.runtime.quantize import fp8_unavailable, is_quantized
 
     if fp8_unavailable("cuda"):
         pytest.skip(fp8_unavailable("cuda"))
@@ -71,7 +71,7 @@ def test_fp8_weights_run_loras_as_adapters(load_tiny, tmp_path):
 def test_fp8_fused_mode_merges_loras_before_quantizing(load_tiny, tmp_path):
     from torch._dynamo.utils import counters
 
-    from aitk_inference.pipelines.quantize import fp8_unavailable
+    from aitk_inference.pipelines.runtime.quantize import fp8_unavailable
 
     if fp8_unavailable("cuda"):
         pytest.skip(fp8_unavailable("cuda"))

@@ -57,7 +57,7 @@ def test_scheduler_matches_ai_toolkit_flow_unipc(model_id, max_seq, steps):
     """I1: set_timesteps(shift=exp(mu)), mu from the transformer's max_seq; E1: the config's 3.0."""
     from diffusers import UniPCMultistepScheduler
 
-    from aitk_inference.pipelines.hidream import flow_unipc_grid
+    from aitk_inference.pipelines.families.hidream import flow_unipc_grid
     from aitk_inference.pipelines.registry import get_spec
 
     spec = get_spec(model_id)
@@ -126,8 +126,8 @@ def test_full_area_size_and_negative(pipes):
 
 
 def test_lora_of_another_family_is_refused(pipes):
-    from aitk_inference.pipelines.lora import LoraRequest
-    from aitk_inference.pipelines.lora_convert import LoraFormatError
+    from aitk_inference.pipelines.lora.stack import LoraRequest
+    from aitk_inference.pipelines.lora.convert import LoraFormatError
 
     flux_keys = {"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 32),
                  "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(32, 4)}

@@ -155,7 +155,7 @@ def test_original_ltx_names_equal_diffusers_names(pipes, tmp_path):
     save_file(_state_dict(targets, ORIGINAL_NAMES, "diffusion_model"), original)
     save_file(_state_dict(targets, {}, "transformer"), diffusers_named)
 
-    from aitk_inference.pipelines.lora import LoraRequest
+    from aitk_inference.pipelines.lora.stack import LoraRequest
 
     a, b = pipe.loras.load(LoraRequest(path=original)), pipe.loras.load(LoraRequest(path=diffusers_named))
     assert a.converted.layout.endswith("+ltx_names") and not b.converted.layout.endswith("+ltx_names")
@@ -199,7 +199,7 @@ def test_mp4_with_audio_track(pipes, tmp_path):
     """The MP4 carries every frame at the requested fps and the audio track (probed with PyAV)."""
     import av
 
-    from aitk_inference.pipelines.video_io import write_mp4
+    from aitk_inference.pipelines.media import write_mp4
 
     result = pipes("ltx2").generate("a fox", **{**FAST, "fps": 12})
     assert result.params.fps == 12

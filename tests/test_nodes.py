@@ -36,7 +36,7 @@ def core(pack):
 
 @pytest.fixture(scope="module")
 def cache(core):
-    return sys.modules[core.__name__.rsplit(".", 2)[0] + ".pipelines.cache"]
+    return sys.modules[core.__name__.rsplit(".", 2)[0] + ".pipelines.runtime.cache"]
 
 
 @pytest.fixture(scope="module")

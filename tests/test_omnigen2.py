@@ -80,7 +80,7 @@ def block_targets(transformer):
 
 def test_transformer_has_the_published_weight_names_and_shapes():
     """The full-size config, built on the meta device, has exactly the checkpoint's parameter names and shapes."""
-    from aitk_inference.pipelines.omnigen2_transformer import OmniGen2Transformer2DModel
+    from aitk_inference.pipelines.families.omnigen2_transformer import OmniGen2Transformer2DModel
 
     with torch.device("meta"):
         model = OmniGen2Transformer2DModel(**REAL_CONFIG)
@@ -91,7 +91,7 @@ def test_transformer_has_the_published_weight_names_and_shapes():
 def test_tiny_checkpoint_loads_by_the_published_names(omnigen2, tiny_dir):
     from safetensors.torch import load_file
 
-    from aitk_inference.pipelines.omnigen2_transformer import OmniGen2Transformer2DModel
+    from aitk_inference.pipelines.families.omnigen2_transformer import OmniGen2Transformer2DModel
 
     transformer = omnigen2.pipe.transformer
     on_disk = load_file(f"{tiny_dir('omnigen2')}/transformer/diffusion_pytorch_model.safetensors")
@@ -215,7 +215,7 @@ def test_lora_alpha_is_honoured(fused, tmp_path):
 
 
 def test_large_sizes_sample_at_one_megapixel_and_resize():
-    from aitk_inference.pipelines.omnigen2 import reference_size, sampling_size
+    from aitk_inference.pipelines.families.omnigen2 import reference_size, sampling_size
 
     assert sampling_size(1024, 1024) == (1024, 1024)
     w, h = sampling_size(1536, 1536)

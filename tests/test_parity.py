@@ -80,7 +80,7 @@ def family_pipeline(load_tiny):
     def get(model_id, dtype="fp32"):
         if (model_id, dtype) not in cache:
             spec = REGISTRY[model_id]
-            ours = {f"aitk_inference.pipelines.{spec.family.partition(':')[0]}",
+            ours = {f"aitk_inference.pipelines.families.{spec.family.partition(':')[0]}",
                     f"aitk_inference.tiny.{spec.tiny.partition(':')[0]}"}
             try:
                 cache[(model_id, dtype)] = load_tiny(model_id, dtype=dtype)
@@ -310,7 +310,7 @@ def test_lora_file_reproduces_ai_toolkit_outputs(case, variant, filename, mode, 
     import torch
     from safetensors.torch import load_file
 
-    from aitk_inference.pipelines.lora import LoraRequest, LoraStack
+    from aitk_inference.pipelines.lora.stack import LoraRequest, LoraStack
 
     variant_dir = os.path.join(parity_dir, case, variant)
     golden = load_file(os.path.join(variant_dir, "outputs.safetensors"))
@@ -357,7 +357,7 @@ def test_lokr_golden_stores_huge_alpha(parity_dir):
 
 # ---------------------------------------------------------------------------------------------------------------- behaviours
 def _build(samples, **section):
-    from aitk_inference.reproduce import build_samples
+    from aitk_inference.pipelines.jobs.reproduce import build_samples
 
     return build_samples({"samples": samples, **section}, section.pop("trigger_word", None))
 
@@ -485,7 +485,7 @@ def test_lora_scale_rules(layout, tiny_transformer, tmp_path):
     1e10 alpha is ignored; .diff: added as is."""
     import torch
 
-    from aitk_inference.pipelines.lora import LoraRequest, LoraStack
+    from aitk_inference.pipelines.lora.stack import LoraRequest, LoraStack
     from aitk_inference.tiny.loras import lora_targets, make_state_dict
 
     model, _ = tiny_transformer
@@ -508,7 +508,7 @@ def test_lokr_with_inf_alpha_is_full_scale(tiny_transformer, tmp_path):
     """An fp16 save turns ai-toolkit's 9999999999 alpha into inf; full-rank LoKr must still have scale 1."""
     import torch
 
-    from aitk_inference.pipelines.lora import LoraRequest, LoraStack
+    from aitk_inference.pipelines.lora.stack import LoraRequest, LoraStack
     from aitk_inference.tiny.loras import lora_targets, make_state_dict
 
     model, _ = tiny_transformer
@@ -529,7 +529,7 @@ def test_lokr_with_inf_alpha_is_full_scale(tiny_transformer, tmp_path):
 def test_diff_bias_added_as_is(tiny_transformer, tmp_path):
     import torch
 
-    from aitk_inference.pipelines.lora import LoraRequest, LoraStack
+    from aitk_inference.pipelines.lora.stack import LoraRequest, LoraStack
     from aitk_inference.tiny.loras import lora_targets, make_state_dict
 
     model, _ = tiny_transformer
@@ -549,7 +549,7 @@ def test_multiplier_is_linear_and_zero_is_base(mode, tiny_transformer, tmp_path)
     """A patched layer computes W x + m * dW x (linear in m); m = 0 leaves the whole model bit-exact."""
     import torch
 
-    from aitk_inference.pipelines.lora import LoraRequest, LoraStack
+    from aitk_inference.pipelines.lora.stack import LoraRequest, LoraStack
     from aitk_inference.tiny.loras import lora_targets, write_lora
 
     model, forward = tiny_transformer

@@ -24,7 +24,7 @@ def _int8_config():
 
 
 def _quantized(load_tiny, keep_master=True):
-    from aitk_inference.pipelines.quantize import quantize_block_linears
+    from aitk_inference.pipelines.runtime.quantize import quantize_block_linears
 
     pipeline = load_tiny("flux", lora_mode="fused", dtype="bf16")
     count = quantize_block_linears(pipeline.pipe.transformer, _int8_config(), keep_master=keep_master)
@@ -32,7 +32,7 @@ def _quantized(load_tiny, keep_master=True):
 
 
 def _weights(transformer) -> dict:
-    from aitk_inference.pipelines.quantize import is_quantized
+    from aitk_inference.pipelines.runtime.quantize import is_quantized
 
     return {name: m.weight.dequantize().clone() for name, m in transformer.named_modules()
             if hasattr(m, "weight") and is_quantized(m.weight)}
@@ -47,7 +47,7 @@ def lora_files(tmp_path_factory, load_tiny):
 
 
 def test_fused_lora_on_quantized_weights_equals_quantizing_the_merged_model(load_tiny, lora_files):
-    from aitk_inference.pipelines.quantize import quantize_block_linears
+    from aitk_inference.pipelines.runtime.quantize import quantize_block_linears
 
     quantized, count = _quantized(load_tiny)
     assert count == len(lora_targets(quantized.pipe.transformer)) > 0
@@ -108,7 +108,7 @@ def test_a_failed_rebuild_puts_back_the_previous_set(load_tiny, lora_files, monk
 
 
 def test_quantized_weights_without_a_master_refuse_merged_patches(load_tiny, lora_files):
-    from aitk_inference.pipelines.lora import LoraFormatError
+    from aitk_inference.pipelines.lora.stack import LoraFormatError
 
     quantized, _ = _quantized(load_tiny, keep_master=False)
     with pytest.raises(LoraFormatError, match="lora_mode='fused'"):

@@ -160,7 +160,7 @@ def test_condition_sizes_follow_ai_toolkit(edit, edit_plus):
 
 def test_processor_loads_from_a_checkpoint_layout_without_torchvision(edit_plus, tmp_path):
     """The real checkpoints' processor folder: preprocessor_config.json (min/max_pixels) next to the tokenizer."""
-    from aitk_inference.pipelines.qwen_image import QwenVLImageProcessor
+    from aitk_inference.pipelines.families.qwen_image import QwenVLImageProcessor
 
     folder = tmp_path / "processor"
     edit_plus.pipe.tokenizer.save_pretrained(folder)

@@ -1,4 +1,4 @@
-"""Weight-file read-ahead on load (pipelines/readahead.py)."""
+"""Weight-file read-ahead on load (pipelines/runtime/readahead.py)."""
 
 import os
 

@@ -77,7 +77,7 @@ def _rows(report):
 def test_reproduce_job_folder(job_dir, tmp_path, tiny_dir):
     from PIL import Image
 
-    from aitk_inference.reproduce import reproduce_job
+    from aitk_inference.pipelines.jobs.reproduce import reproduce_job
 
     # 1. No samples/ yet: renders, names like ai-toolkit, picks the final LoRA, applies ai-toolkit's sample rules
     report = reproduce_job(str(job_dir), out_dir=str(tmp_path / "first"), device="cpu", dtype="fp32")
@@ -144,7 +144,7 @@ def test_reproduce_cli_with_overrides(job_dir, tmp_path, tiny_dir):
 
 
 def test_job_parsing_rules(tmp_path):
-    from aitk_inference.reproduce import (find_previews, lora_step_from_name, model_id_for_job, newest_lora,
+    from aitk_inference.pipelines.jobs.reproduce import (find_previews, lora_step_from_name, model_id_for_job, newest_lora,
                                           resolve_job_path)
 
     for name in ("job_000000100.safetensors", "job_000000200.safetensors", "other.safetensors"):
@@ -157,7 +157,7 @@ def test_job_parsing_rules(tmp_path):
     assert lora_step_from_name("job_000000250_high_noise.safetensors") == 250
     assert lora_step_from_name("job.safetensors") is None
 
-    from aitk_inference.reproduce import with_expert_sibling
+    from aitk_inference.pipelines.jobs.reproduce import with_expert_sibling
 
     wan = tmp_path / "wan"
     wan.mkdir()
@@ -191,7 +191,7 @@ def test_job_parsing_rules(tmp_path):
 
 
 def test_bad_job_folders(tmp_path):
-    from aitk_inference.reproduce import reproduce_job
+    from aitk_inference.pipelines.jobs.reproduce import reproduce_job
 
     with pytest.raises(FileNotFoundError, match="no config.yaml"):
         reproduce_job(str(tmp_path))

@@ -106,7 +106,7 @@ def parse_time(value: str) -> datetime:
 # ---------------------------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def tiny_flux(tiny_dir):
-    from aitk_inference.pipelines import cache
+    from aitk_inference.pipelines.runtime import cache
 
     folder = tiny_dir("flux")
     pipeline = cache.get_pipeline("flux", base=folder, device="cpu", dtype="auto")  # warm: the server shares the cache
@@ -195,7 +195,7 @@ def lora_site(dirs):
 def test_lifecycle_stacked_loras_formats_and_cache_reuse(server):
     from PIL import Image
 
-    from aitk_inference.pipelines import cache
+    from aitk_inference.pipelines.runtime import cache
 
     c = server.client
     assert c.get("/health").json() == {"status": "healthy"}
@@ -412,7 +412,7 @@ def test_restart_keeps_results_and_fails_unfinished(server, server_env, tiny_flu
 
     import torch
 
-    from aitk_inference.pipelines import cache
+    from aitk_inference.pipelines.runtime import cache
 
     calls = []
 
@@ -516,7 +516,7 @@ def test_settings_select_attention_and_quantize():
 
 
 def test_server_loads_with_the_attention_setting(server_env, tiny_flux, tmp_path):
-    from aitk_inference.pipelines import cache
+    from aitk_inference.pipelines.runtime import cache
 
     loads, pipelines = [], []
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aitk_inference.pipelines.lora import LoraRequest
-from aitk_inference.pipelines.lora_convert import LoraFormatError
+from aitk_inference.pipelines.lora.stack import LoraRequest
+from aitk_inference.pipelines.lora.convert import LoraFormatError
 from aitk_inference.tiny.loras import kohya_reference_deltas, kohya_targets, make_kohya_state_dict, write_kohya_lora
 
 MODEL_IDS = ("sd15", "sdxl")
@@ -201,7 +201,7 @@ def lora_files(pipe, tmp_path_factory):
 
 
 def test_lora_strength_and_switch_without_reload(model_id, tiny_dir, lora_files):
-    from aitk_inference.pipelines import cache
+    from aitk_inference.pipelines.runtime import cache
 
     kwargs = dict(base=tiny_dir(model_id), device="cpu", dtype="fp32")
     pipeline = cache.get_pipeline(model_id, **kwargs)

@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from aitk_inference.pipelines.lora import LoraRequest
-from aitk_inference.pipelines.lora_convert import LoraFormatError, convert_ai_toolkit_lora
+from aitk_inference.pipelines.lora.stack import LoraRequest
+from aitk_inference.pipelines.lora.convert import LoraFormatError, convert_ai_toolkit_lora
 from aitk_inference.pipelines.registry import get_spec
-from aitk_inference.pipelines.video_io import write_video
+from aitk_inference.pipelines.media import write_video
 from aitk_inference.tiny.loras import save_lora
 from aitk_inference.tiny.wan import original_wan_state_dict
 
@@ -189,7 +189,7 @@ def test_snapping_and_control_image_errors(load_tiny, t2v):
 def test_original_wan_names_map_to_diffusers(t2v):
     """ai-toolkit.md §6.5: self_attn.q -> attn1.to_q, cross_attn.o -> attn2.to_out.0, ffn.0 -> ffn.net.0.proj,
     ffn.2 -> ffn.net.2, cross_attn.k_img -> attn2.add_k_proj; the patch tensors are untouched."""
-    from aitk_inference.pipelines.lora_convert import wan_original_to_diffusers
+    from aitk_inference.pipelines.lora.convert import wan_original_to_diffusers
 
     a, b = torch.randn(4, 24), torch.randn(24, 4)
     keys = {"self_attn.q": "attn1.to_q", "cross_attn.o": "attn2.to_out.0", "ffn.2": "ffn.net.2",

@@ -8,7 +8,7 @@ LATENT_CHANNELS = 16
 
 
 def build_flex2():
-    from ..pipelines.flex2 import Flex2Pipeline, flex2_in_channels
+    from ..pipelines.families.flex2 import Flex2Pipeline, flex2_in_channels
 
     # noisy latent + inpaint latent + mask + control latent, packed 2x2 (196); the output is one packed latent (64)
     transformer = flux_transformer(in_channels=flex2_in_channels(LATENT_CHANNELS), out_channels=4 * LATENT_CHANNELS)

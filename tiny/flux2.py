@@ -1,7 +1,7 @@
 """Tiny FLUX.2-dev and FLUX.2-klein pipelines: real classes, random weights, built offline.
 
 The text encoders have 3 layers, 16 wide: fewer than the hidden-state layers the real models read ((10, 20, 30) and
-(9, 18, 27)), so the family reads their last three layers instead (``pipelines/flux2.py text_encoder_out_layers``);
+(9, 18, 27)), so the family reads their last three layers instead (``pipelines/families/flux2.py text_encoder_out_layers``);
 ``joint_attention_dim`` is 3 x 16 accordingly. Full-depth tiny encoders would cost seconds per prompt at FLUX.2's 512
 tokens. FLUX.2-dev's real tokenizer is a Pixtral ``AutoProcessor`` (hub only); the Qwen-style stand-in
 from :mod:`.tokenizers` has a chat template that accepts FLUX.2's list-of-parts messages, which is all text-only

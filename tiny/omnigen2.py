@@ -13,7 +13,7 @@ LATENT_CHANNELS = 16
 def omnigen2_transformer(text_feat_dim: int = 16):
     import torch
 
-    from ..pipelines.omnigen2_transformer import OmniGen2Transformer2DModel
+    from ..pipelines.families.omnigen2_transformer import OmniGen2Transformer2DModel
 
     torch.manual_seed(0)
     model = OmniGen2Transformer2DModel(
@@ -30,7 +30,7 @@ def omnigen2_transformer(text_feat_dim: int = 16):
 
 
 def build_omnigen2():
-    from ..pipelines.omnigen2 import OmniFlowMatchEulerScheduler, OmniGen2Pipeline
+    from ..pipelines.families.omnigen2 import OmniFlowMatchEulerScheduler, OmniGen2Pipeline
 
     tokenizer = qwen_tokenizer()
     return OmniGen2Pipeline(

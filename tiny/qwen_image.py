@@ -66,7 +66,7 @@ def qwen_vl_processor(tokenizer):
     """The image half of a Qwen2-VL processor with the real patch settings and a small pixel budget."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from ..pipelines.qwen_image import QwenVLImageProcessor
+    from ..pipelines.families.qwen_image import QwenVLImageProcessor
 
     # max 64 merged tokens per image keeps the tiny vision tower and text encoder fast
     image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": 56 * 56, "longest_edge": 64 * 28 * 28})

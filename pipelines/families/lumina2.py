@@ -12,7 +12,7 @@ What ai-toolkit does here, and so do we:
 
 from __future__ import annotations
 
-from .base import AITKPipeline, GenerationParams
+from ..base import AITKPipeline, GenerationParams
 
 GEMMA_MAX_LENGTH = 256
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import os
 
-from .base import AITKPipeline, GenerationParams
-from .registry import ModelSpec
+from ..base import AITKPipeline, GenerationParams
+from ..registry import ModelSpec
 
 #: a local base folder may carry the separately trained transformer here (the tiny kit's De-Turbo layout)
 DETURBO_SUBFOLDER = "de_turbo_transformer"

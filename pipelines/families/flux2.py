@@ -34,7 +34,7 @@ import functools
 import logging
 import math
 
-from .base import AITKPipeline, GenerationParams
+from ..base import AITKPipeline, GenerationParams
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ class Flux2FamilyPipeline(AITKPipeline):
         return shallow
 
     def lora_name_mapper(self):
-        from .lora_convert import convert_bfl_to_diffusers_flux2
+        from ..lora.convert import convert_bfl_to_diffusers_flux2
 
         return convert_bfl_to_diffusers_flux2
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .base import AITKPipeline, GenerationParams
+from ..base import AITKPipeline, GenerationParams
 
 T5_MAX_LENGTH = 512
 CFG_THRESHOLD = 1.00001  # ai-toolkit's ChromaPipeline: CFG only when guidance_scale > 1.00001
@@ -36,7 +36,7 @@ class ChromaFamilyPipeline(AITKPipeline):
     denoiser = "transformer"
 
     def lora_name_mapper(self):
-        from .lora_convert import convert_bfl_to_diffusers_chroma
+        from ..lora.convert import convert_bfl_to_diffusers_chroma
 
         return convert_bfl_to_diffusers_chroma
 

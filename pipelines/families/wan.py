@@ -30,9 +30,9 @@ import re
 import time
 from functools import partial
 
-from .base import AITKPipeline, GenerationParams, GenerationResult
-from .lora_convert import route_wan_experts, wan_original_to_diffusers
-from .registry import ModelSpec
+from ..base import AITKPipeline, GenerationParams, GenerationResult
+from ..lora.convert import route_wan_experts, wan_original_to_diffusers
+from ..registry import ModelSpec
 
 UMT5_MAX_LENGTH = 512
 NUM_TRAIN_TIMESTEPS = 1000

@@ -26,7 +26,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from .pipelines.prompts import inject_trigger, parse_prompt_flags
+from ..prompts import inject_trigger, parse_prompt_flags
 
 logger = logging.getLogger(__name__)
 
@@ -412,10 +412,10 @@ def reproduce_job(
     import numpy as np
     from PIL import Image
 
-    from .pipelines import load_pipeline
-    from .pipelines.lora import LoraRequest
-    from .pipelines.registry import get_spec
-    from .pipelines.video_io import write_image, write_webp
+    from .. import load_pipeline
+    from ..lora.stack import LoraRequest
+    from ..registry import get_spec
+    from ..media import write_image, write_webp
 
     # 1. Validate and read the job
     config_path = find_job_config(job)

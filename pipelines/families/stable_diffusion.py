@@ -17,8 +17,8 @@ converter resolves their flattened names against the UNet's and text encoders' m
 
 from __future__ import annotations
 
-from .base import AITKPipeline, GenerationParams
-from .registry import ModelSpec
+from ..base import AITKPipeline, GenerationParams
+from ..registry import ModelSpec
 
 SDXL_GUIDANCE_RESCALE = 0.0  # ai-toolkit's sample.guidance_rescale default
 

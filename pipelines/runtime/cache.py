@@ -27,8 +27,8 @@ def max_entries() -> int:
 
 def cache_key(model_id, base=None, device=None, dtype=None, offload=None, lora_mode=None, compile=None, attention=None,
               quantize=None) -> tuple:
-    from .base import resolve_device, resolve_dtype
-    from .registry import get_spec
+    from ..base import resolve_device, resolve_dtype
+    from ..registry import get_spec
 
     spec = get_spec(model_id)
     device = resolve_device(device)
@@ -41,7 +41,7 @@ def cache_key(model_id, base=None, device=None, dtype=None, offload=None, lora_m
 def get_pipeline(model_id, base=None, device=None, dtype=None, offload=None, lora_mode=None, compile=None,
                  attention=None, quantize=None):
     """Return the cached pipeline for these load settings, loading it (and evicting others) when needed."""
-    from .base import load_pipeline
+    from ..base import load_pipeline
 
     key = cache_key(model_id, base, device, dtype, offload, lora_mode, compile, attention, quantize)
     with _lock:

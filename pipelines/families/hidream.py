@@ -47,8 +47,8 @@ from diffusers.pipelines.hidream_image.pipeline_hidream_image import calculate_s
 from diffusers.pipelines.hidream_image.pipeline_output import HiDreamImagePipelineOutput
 from PIL import Image
 
-from .base import AITKPipeline, GenerationParams
-from .registry import ModelSpec
+from ..base import AITKPipeline, GenerationParams
+from ..registry import ModelSpec
 
 logger = logging.getLogger(__name__)
 

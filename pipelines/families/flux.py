@@ -13,7 +13,7 @@ What ai-toolkit does here, and so do we:
 
 from __future__ import annotations
 
-from .base import AITKPipeline, GenerationParams
+from ..base import AITKPipeline, GenerationParams
 
 T5_MAX_LENGTH = 512
 

@@ -40,7 +40,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
-from .base import AITKPipeline, GenerationParams
+from ..base import AITKPipeline, GenerationParams
 from .omnigen2_transformer import OmniGen2Transformer2DModel
 
 MAX_SEQUENCE_LENGTH = 256

@@ -34,8 +34,8 @@ from __future__ import annotations
 
 import time
 
-from .base import AITKPipeline, GenerationParams, GenerationResult
-from .lora_convert import ltx2_original_to_diffusers
+from ..base import AITKPipeline, GenerationParams, GenerationResult
+from ..lora.convert import ltx2_original_to_diffusers
 
 GEMMA_MAX_LENGTH = 1024
 

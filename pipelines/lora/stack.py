@@ -13,7 +13,7 @@ LoKr and full-layer (``.diff``) patches have no PEFT adapter type for ai-toolkit
 (in both modes) with the same arithmetic.
 
 Quantized (FP8) weights cannot take an in-place merge. In fused mode each one has a host master copy (see
-``pipelines.quantize``); once a change is complete, every quantized layer it touched is rebuilt as
+``pipelines.runtime.quantize``); once a change is complete, every quantized layer it touched is rebuilt as
 ``quantize(master + sum(strength * delta))`` over the LoRAs then active, in place.
 
 Every change is validated against the model before anything is touched, and a failure part-way through puts back
@@ -32,8 +32,8 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from .lora_convert import ConvertedLora, LoraFormatError, ModulePatch, convert_ai_toolkit_lora, guess_architecture
-from .quantize import is_quantized, master_weight, requantize_
+from .convert import ConvertedLora, LoraFormatError, ModulePatch, convert_ai_toolkit_lora, guess_architecture
+from ..runtime.quantize import is_quantized, master_weight, requantize_
 
 logger = logging.getLogger(__name__)
 

@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import Qwen2VLProcessor
 
-from .base import AITKPipeline, GenerationParams
-from .registry import ModelSpec
+from ..base import AITKPipeline, GenerationParams
+from ..registry import ModelSpec
 
 
 class QwenImageFamilyPipeline(AITKPipeline):

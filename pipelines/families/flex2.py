@@ -45,7 +45,7 @@ from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-from .base import AITKPipeline, GenerationParams
+from ..base import AITKPipeline, GenerationParams
 
 T5_MAX_LENGTH = 512
 CONTROL_STRENGTH_RANGE = (0.0, 10.0)

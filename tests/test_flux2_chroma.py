@@ -247,7 +247,7 @@ def test_reference_image_preparation_follows_ai_toolkit():
 
 # ---------------------------------------------------------------------------------------------- BFL renaming (pure)
 def _convert(state_dict, mapper):
-    from aitk_inference.pipelines import lora_convert
+    from aitk_inference.pipelines.lora import convert as lora_convert
 
     return lora_convert.convert_ai_toolkit_lora(state_dict, "transformer", {}, getattr(lora_convert, mapper))
 

@@ -85,7 +85,7 @@ def test_changes_rebuild_in_place_and_removal_restores_the_base(load_tiny, lora_
 
 
 def test_a_failed_rebuild_puts_back_the_previous_set(load_tiny, lora_files, monkeypatch):
-    from aitk_inference.pipelines import lora as lora_module
+    from aitk_inference.pipelines.lora import stack as lora_module
 
     quantized, _ = _quantized(load_tiny)
     quantized.set_loras([(lora_files["peft"], 1.0)])

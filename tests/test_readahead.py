@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from aitk_inference.pipelines import readahead
+from aitk_inference.pipelines.runtime import readahead
 
 
 def test_read_ahead_covers_every_weight_file_of_a_local_folder(tiny_dir):

@@ -128,7 +128,7 @@ def cmd_demo(args) -> int:
     pipeline = load_pipeline(args.model, base=folder, device="cpu", dtype="fp32")
     denoiser = getattr(pipeline.pipe, pipeline.denoiser)
     # Two-expert models take a high-noise and a low-noise file, as ai-toolkit saves them.
-    names = ["demo_lora_high_noise", "demo_lora_low_noise"] if "transformer_2" in spec.lora_components else ["demo_lora"]
+    names = [spec.experts.file_stem("demo_lora", side) for side in spec.experts.SIDES] if spec.experts else ["demo_lora"]
     loras = [write_lora(os.path.join(folder, "loras", f"{name}.safetensors"), "peft", lora_targets(denoiser), seed=i)
              for i, name in enumerate(names)]
     print(f"tiny {args.model} pipeline (random weights) at {folder}; demo LoRA {', '.join(loras)}")

@@ -32,7 +32,7 @@ def main(argv=None) -> int:
         parser.error("a group run must come last: diffusers cannot take group offloading off a pipeline again")
     dtype, device = torch.bfloat16, "cuda"
     spec = get_spec(args.model)
-    two_experts = args.model == "wan22_14b_t2v"
+    two_experts = spec.experts is not None
     steps = 2 if two_experts else 1
     started = time.perf_counter()
     # Wan 2.2 A14B's experts have Wan 2.1 14B's architecture
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     randomize_(text_encoder)
     pipe = diffusers.WanPipeline(tokenizer=t5_tokenizer(), text_encoder=text_encoder, vae=vae,
                                  scheduler=spec.family_class().make_scheduler(spec), **experts,
-                                 **({"boundary_ratio": spec.extra["boundary_ratio"]} if two_experts else {}))
+                                 **({"boundary_ratio": spec.experts.boundary_ratio} if two_experts else {}))
     pipe.set_progress_bar_config(disable=True)
     pipeline = spec.family_class()(spec, pipe, device, dtype, "none", "dynamic", "random weights")
     built = time.perf_counter() - started

@@ -220,6 +220,8 @@ class AITKPipeline:
 
     #: the pipeline component a ``transformer.``/``diffusion_model.`` LoRA key targets
     denoiser: str = "transformer"
+    #: the type of ``spec.options`` this family reads (a registry options dataclass), None when it reads none
+    options_type: type | None = None
 
     def __init__(self, spec: ModelSpec, pipe, device: str, dtype, offload: str, lora_mode: str, source: str):
         from .lora.stack import LoraStack
@@ -584,8 +586,9 @@ class AITKPipeline:
             num_frames, fps = None, None
 
         prompt = apply_trigger(prompt, trigger_word)
-        if negative and not spec.uses_negative:
-            logger.warning("%s ignores the negative prompt (%s guidance); it has no effect.", spec.model_id, spec.guidance_kind)
+        if negative and not spec.negative_has_effect(guidance):
+            logger.warning("%s ignores the negative prompt at guidance %s (%s guidance); it has no effect.",
+                           spec.model_id, guidance, spec.guidance_kind)
         params = GenerationParams(prompt=prompt, negative=negative, width=sizes["width"], height=sizes["height"],
                                   steps=steps, guidance=guidance, seed=seed, batch_size=batch_size,
                                   control_images=images, num_frames=num_frames, fps=fps, extra=dict(extra))

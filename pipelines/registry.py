@@ -7,9 +7,11 @@ registry without paying for heavy imports. Family code is imported only when a p
 from __future__ import annotations
 
 import importlib
+import os
+import re
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping
 
 # ai-toolkit's FLUX-style FlowMatch config (toolkit/sampler.py flux_config); also what Flex.1/Flex.2/Chroma use.
 FLUX_FLOWMATCH = {
@@ -137,25 +139,139 @@ class VideoSpec:
     frame_step: int
 
 
+_EXPERT_IN_NAME = re.compile(r"(?P<lead>^|[_.\-])(?P<side>high|low)(?P<gap>[_\-]?)noise(?=[_.\-]|$)", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Experts:
+    """A two-expert denoiser (Wan 2.2 A14B): ``high`` runs while ``t >= boundary_ratio * 1000``, ``low`` after.
+
+    ai-toolkit saves a LoRA of such a model as one combined file (``transformer_1.``/``transformer_2.`` keys) or as
+    two files whose names say their expert (``<name>_high_noise.safetensors`` / ``<name>_low_noise.safetensors``);
+    :meth:`side_from_name`, :meth:`file_stem` and :meth:`sibling` are that naming rule.
+    """
+
+    boundary_ratio: float
+    high: str = "transformer"
+    low: str = "transformer_2"
+
+    SIDES: ClassVar[tuple[str, str]] = ("high", "low")
+
+    @property
+    def components(self) -> tuple[str, str]:
+        return (self.high, self.low)
+
+    def component(self, side: str) -> str:
+        return {"high": self.high, "low": self.low}[side]
+
+    @staticmethod
+    def side_from_name(path: str) -> str | None:
+        """``"high"``/``"low"`` when the file name names exactly one expert (``*_high_noise``), else None."""
+        sides = {m.group("side").lower() for m in _EXPERT_IN_NAME.finditer(os.path.basename(path))}
+        return sides.pop() if len(sides) == 1 else None
+
+    @staticmethod
+    def file_stem(stem: str, side: str) -> str:
+        """The file stem ai-toolkit gives one expert's half of a split save."""
+        return f"{stem}_{side}_noise"
+
+    @staticmethod
+    def sibling(path: str) -> str | None:
+        """The path of the other expert's file of a split save, or None when the name names no single expert."""
+        folder, name = os.path.split(path)
+        side = Experts.side_from_name(name)
+        if side is None:
+            return None
+        other = "low" if side == "high" else "high"
+        swapped = _EXPERT_IN_NAME.sub(lambda m: f"{m.group('lead')}{other}{m.group('gap')}noise", name)
+        return os.path.join(folder, swapped)
+
+
+@dataclass(frozen=True)
+class AitkArch:
+    """An ai-toolkit ``model.arch`` that a job maps to this id. With a ``checkpoint_hint`` (lower case), the job's
+    ``name_or_path`` must contain it; the id without a hint is the arch's default."""
+
+    name: str
+    checkpoint_hint: str | None = None
+
+
+@dataclass(frozen=True)
+class LoraSignature:
+    """What only a LoRA for ``label`` has in its key names (a regular expression searched in each key); used to name
+    the family a LoRA was made for when it does not fit the loaded model."""
+
+    label: str
+    pattern: str
+
+
+# ---------------------------------------------------------------------------------------------- typed family options
+@dataclass(frozen=True)
+class ZImageOptions:
+    """``transformer``: hub repo of a transformer that replaces the base's (Z-Image De-Turbo)."""
+
+    transformer: str | None = None
+
+
+@dataclass(frozen=True)
+class Flux2Options:
+    """``text_encoder_out_layers``: the text encoder's hidden-state layers stacked into the prompt embedding."""
+
+    text_encoder_out_layers: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class WanOptions:
+    """``expand_timesteps``: Wan 2.2 TI2V-5B's per-token timesteps (first-frame conditioning from a control image)."""
+
+    expand_timesteps: bool = False
+
+
+@dataclass(frozen=True)
+class LTX2Options:
+    """``guidance``: LTX2Pipeline's guidance arguments; ``stg_reference_depth``: the transformer depth that the STG
+    block indices in ``guidance`` refer to (they are rescaled to the loaded transformer's depth)."""
+
+    guidance: Mapping[str, Any]
+    stg_reference_depth: int | None = None
+
+
+@dataclass(frozen=True)
+class HiDreamOptions:
+    """``llama``: hub repo of the Llama-3.1 text encoder (HiDream's repos do not include it)."""
+
+    llama: str
+
+
+# ---------------------------------------------------------------------------------------------------------- the spec
+GUIDANCE_KINDS = ("distilled", "cfg", "true_cfg")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Everything that defines one model id.
 
     Args:
         model_id (str): stable id, the same as the reference implementation's.
-        family (str): ``"<module>:<Class>"`` of the family pipeline class inside ``pipelines/families/``.
+        family (str): ``"<module>:<Class>"`` of the family pipeline class in ``pipelines/families/``.
         pipeline_class (str): the diffusers pipeline class the family drives (by name, imported lazily).
         base (str): default base checkpoint (Hugging Face repo id).
         steps, guidance, width, height, seed, negative: generation defaults.
         divisor (int): width/height are floored to a multiple of this after ai-toolkit's floor to 8.
+        tiny (str): ``"<module>:<function>"`` in ``tiny/`` that builds the tiny random-weight pipeline.
+        aitk_archs (tuple[AitkArch, ...]): the ai-toolkit ``model.arch`` values (with checkpoint hints) of this id.
+        lora_signatures (tuple[LoraSignature, ...]): key names that mark a LoRA as made for this family.
         scheduler (SchedulerSpec, *optional*): the scheduler ai-toolkit samples with; None keeps the checkpoint's.
         lora_mode (str): ``"dynamic"`` (live PEFT adapters) or ``"fused"`` (merged into the weights).
-        lora_components (tuple): pipeline components a LoRA may target (``transformer``, ``unet``, ``text_encoder``...).
+        lora_components (tuple): pipeline components a LoRA may target; defaults to the experts of a two-expert model,
+            else ``("transformer",)``.
         guidance_kind (str): ``"distilled"`` (guidance embedding, one forward per step), ``"cfg"`` or ``"true_cfg"``.
-        uses_negative (bool): whether the negative prompt has any effect at the default settings.
+        unconditional_is_negative (bool): whether CFG's unconditional pass encodes the negative prompt (Chroma's
+            previews encode an empty prompt there instead).
         control_images (tuple[int, int]): (min, max) number of control images.
         video (VideoSpec, *optional*): video defaults; None for image models.
-        tiny (str): ``"<module>:<function>"`` in ``tiny/`` that builds the tiny random-weight pipeline.
+        experts (Experts, *optional*): the two experts of a two-expert denoiser; None for one denoiser.
+        options (*optional*): the family's typed options (``ZImageOptions``, ``Flux2Options``...), or None.
         notes (str): what differs from the stock diffusers pipeline and why (shown by ``models``).
     """
 
@@ -167,19 +283,30 @@ class ModelSpec:
     guidance: float
     divisor: int
     tiny: str
+    aitk_archs: tuple[AitkArch, ...]
+    lora_signatures: tuple[LoraSignature, ...]
     scheduler: SchedulerSpec | None = None
     lora_mode: str = "dynamic"
-    lora_components: tuple[str, ...] = ("transformer",)
+    lora_components: tuple[str, ...] = ()
     guidance_kind: str = "cfg"
-    uses_negative: bool = True
+    unconditional_is_negative: bool = True
     control_images: tuple[int, int] = (0, 0)
     video: VideoSpec | None = None
+    experts: Experts | None = None
+    options: Any = None
     width: int = 1024
     height: int = 1024
     seed: int = 42
     negative: str = ""
     notes: str = ""
-    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.lora_components:
+            object.__setattr__(self, "lora_components", self.experts.components if self.experts else ("transformer",))
+        if self.lora_mode not in ("dynamic", "fused"):
+            raise ValueError(f"{self.model_id}: lora_mode {self.lora_mode!r} is not one of dynamic, fused.")
+        if self.guidance_kind not in GUIDANCE_KINDS:
+            raise ValueError(f"{self.model_id}: guidance_kind {self.guidance_kind!r} is not one of {GUIDANCE_KINDS}.")
 
     @property
     def requires_control_image(self) -> bool:
@@ -189,9 +316,20 @@ class ModelSpec:
     def is_video(self) -> bool:
         return self.video is not None
 
+    def negative_has_effect(self, guidance: float) -> bool:
+        """Whether the negative prompt changes the output at ``guidance``: only real CFG runs an unconditional pass,
+        and only above guidance 1, and only a family whose unconditional pass encodes the negative uses it."""
+        return self.guidance_kind != "distilled" and self.unconditional_is_negative and guidance > 1.0
+
+    @property
+    def uses_negative(self) -> bool:
+        """Whether the negative prompt has any effect at the default guidance."""
+        return self.negative_has_effect(self.guidance)
+
     def family_class(self):
         """Import and return the family pipeline class (this is where torch/diffusers get imported)."""
-        return _import_symbol(self.family)
+        module_name, _, attr = self.family.partition(":")
+        return getattr(importlib.import_module(f"{__package__}.families.{module_name}"), attr)
 
     def defaults(self) -> dict[str, Any]:
         """The user-facing defaults, with the library's parameter names."""
@@ -227,27 +365,83 @@ class ModelSpec:
         }
 
 
-def _import_symbol(ref: str):
-    """``"<module>:<name>"`` of a module in ``pipelines/families/``."""
-    module_name, _, attr = ref.partition(":")
-    return getattr(importlib.import_module(f"{__package__}.families.{module_name}"), attr)
+class Preset:
+    """The field values a family's ids share: ``PRESET("id", **differences)`` is one :class:`ModelSpec`, and
+    ``PRESET.derive(**differences)`` a narrower preset. An entry then states only what sets it apart."""
+
+    def __init__(self, **fields):
+        self.fields = fields
+
+    def derive(self, **differences) -> "Preset":
+        return Preset(**{**self.fields, **differences})
+
+    def __call__(self, model_id: str, **differences) -> ModelSpec:
+        return ModelSpec(model_id=model_id, **{**self.fields, **differences})
+
+
+# ------------------------------------------------------------------------------------------------ LoRA signatures
+FLUX1_NAMES = LoraSignature("FLUX.1 / Flex / Kontext (diffusers names)", r"single_transformer_blocks\.\d+\.")
+BFL_NAMES = LoraSignature("FLUX.2 / FLUX.2-klein / Chroma (original BFL names)",
+                          r"(^|\.)double_blocks\.\d+\.img_attn|(^|\.)single_blocks\.\d+\.linear1")
+KOHYA_SD15 = LoraSignature("SD 1.5 (kohya)", r"lora_unet_|lora_te_")
+KOHYA_SDXL = LoraSignature("SDXL (kohya)", r"lora_te2_|lora_unet_.*add_embedding|lora_unet_down_blocks_2_attentions")
+QWEN_NAMES = LoraSignature("Qwen-Image", r"transformer_blocks\.\d+\.img_mlp|transformer_blocks\.\d+\.txt_mlp")
+ZIMAGE_NAMES = LoraSignature("Z-Image", r"layers\.\d+\.attention\.to_q|layers\.\d+\.feed_forward\.w1")
+LUMINA2_NAMES = LoraSignature("Lumina2 or OmniGen2 (they share block names)",
+                              r"layers\.\d+\.attn\.to_q|context_refiner\.\d+\.attn\.")
+OMNIGEN2_NAMES = LoraSignature("OmniGen2", r"ref_image_refiner")
+WAN_COMBINED = LoraSignature("Wan 2.2 14B (combined high/low-noise file)", r"(^|[._])transformer_[12]\.blocks\.\d+\.")
+WAN_ORIGINAL = LoraSignature("Wan 2.1/2.2 (original Wan names)",
+                             r"(^|(?<!transformer_1)(?<!transformer_2)\.)blocks\.\d+\.(self_attn|cross_attn)\.")
+WAN_DIFFUSERS = LoraSignature("Wan (diffusers names)", r"(^|(?<!transformer_1)(?<!transformer_2)\.)blocks\.\d+\.attn1\.")
+LTX2_NAMES = LoraSignature("LTX-2", r"audio_attn|audio_ff|video_to_audio")
+HIDREAM_NAMES = LoraSignature("HiDream", r"double_stream_blocks|single_stream_blocks")
+
+
+def lora_signatures() -> list[LoraSignature]:
+    """Every family's signatures, once each, in registry order."""
+    return list(OrderedDict.fromkeys(s for spec in REGISTRY.values() for s in spec.lora_signatures))
+
+
+# ------------------------------------------------------------------------------------------------------- presets
+def _flow(config: Mapping[str, Any]) -> SchedulerSpec:
+    return SchedulerSpec("FlowMatchEulerDiscreteScheduler", config)
 
 
 _FLUX_NOTES = (
     "FLUX.1 is guidance-distilled: `guidance` feeds the guidance embedding (one forward per step) and the negative "
     "prompt has no effect, exactly as in ai-toolkit's previews."
 )
+FLUX1 = Preset(family="flux:FluxFamilyPipeline", pipeline_class="FluxPipeline", steps=25, guidance=4.0, divisor=16,
+               scheduler=_flow(FLUX_FLOWMATCH), guidance_kind="distilled", tiny="flux:build_flux",
+               lora_signatures=(FLUX1_NAMES,), notes=_FLUX_NOTES)
+
+SD = Preset(family="stable_diffusion:StableDiffusionFamilyPipeline", steps=30, guidance=6.0, divisor=8,
+            scheduler=SchedulerSpec("DDPMScheduler", SD_DDPM), guidance_kind="cfg")
 
 _QWEN_NOTES = (
     "Guidance is true CFG (`true_cfg_scale`) with the negative prompt; an empty negative is encoded, as ai-toolkit does. "
     "Divisor 32 as ai-toolkit samples (the reference uses 16)."
 )
-
 _QWEN_EDIT_PLUS_NOTES = (
     "1 to 3 control images (ctrl_img_1..3), passed to the pipeline as they are; prompt and negative are encoded with "
     "them (at about 384x384) as ai-toolkit does. True CFG u + g(c - u) WITHOUT diffusers' norm rescale (ai-toolkit "
     "do_cfg_norm: false). Divisor 32."
 )
+QWEN = Preset(family="qwen_image:QwenImageFamilyPipeline", pipeline_class="QwenImagePipeline", steps=25, guidance=4.0,
+              divisor=32, scheduler=_flow(QWEN_FLOWMATCH), guidance_kind="true_cfg", tiny="qwen_image:build_qwen_image",
+              aitk_archs=(AitkArch("qwen_image"),), lora_signatures=(QWEN_NAMES,), notes=_QWEN_NOTES)
+QWEN_EDIT_PLUS = QWEN.derive(family="qwen_image:QwenImageEditPlusFamilyPipeline",
+                             pipeline_class="QwenImageEditPlusPipeline", control_images=(1, 3),
+                             tiny="qwen_image:build_qwen_image_edit_plus", notes=_QWEN_EDIT_PLUS_NOTES)
+
+_ZIMAGE_NOTES = (
+    "Guidance is standard CFG: ai-toolkit passes max(0, guidance - 1) to diffusers' ZImagePipeline (4 -> 3, 1 -> 0 = "
+    "no CFG). FlowMatch Euler static shift 3.0; divisor 16 as ai-toolkit samples (the reference uses 32)."
+)
+ZIMAGE = Preset(family="zimage:ZImageFamilyPipeline", pipeline_class="ZImagePipeline", steps=30, guidance=4.0,
+                divisor=16, scheduler=_flow(ZIMAGE_FLOWMATCH), tiny="zimage:build_zimage",
+                lora_signatures=(ZIMAGE_NAMES,), notes=_ZIMAGE_NOTES)
 
 _FLUX2_NOTES = (
     "Sampled with BFL's schedule as ai-toolkit does: t = linspace(1, 0, N+1) time-shifted with mu interpolated from "
@@ -255,16 +449,16 @@ _FLUX2_NOTES = (
     "used. Up to 3 reference images (control_images) become reference tokens. LoRAs with original BFL names "
     "(double_blocks.N.img_attn.qkv, single_blocks.N.linear1, ...) load; fused qkv is split for diffusers."
 )
-
 _KLEIN_NOTES = (
     " klein is not guidance-distilled: guidance above 1 is real CFG u + g(c - u) with the negative prompt "
     "(empty by default, encoded)."
 )
-
-_ZIMAGE_NOTES = (
-    "Guidance is standard CFG: ai-toolkit passes max(0, guidance - 1) to diffusers' ZImagePipeline (4 -> 3, 1 -> 0 = "
-    "no CFG). FlowMatch Euler static shift 3.0; divisor 16 as ai-toolkit samples (the reference uses 32)."
-)
+FLUX2 = Preset(family="flux2:Flux2FamilyPipeline", pipeline_class="Flux2Pipeline", steps=25, guidance=4.0, divisor=16,
+               scheduler=_flow(FLUX2_EULER), guidance_kind="distilled", control_images=(0, 3), tiny="flux2:build_flux2",
+               lora_signatures=(BFL_NAMES,))
+FLUX2_KLEIN = FLUX2.derive(pipeline_class="Flux2KleinPipeline", guidance_kind="true_cfg",
+                           tiny="flux2:build_flux2_klein", options=Flux2Options(text_encoder_out_layers=(9, 18, 27)),
+                           notes=_FLUX2_NOTES + _KLEIN_NOTES)
 
 _WAN_COMMON = (
     "FlowMatch Euler with static shift {} as ai-toolkit samples (the reference uses UniPC), true CFG with the negative "
@@ -285,258 +479,96 @@ _WAN22_5B_NOTES = _WAN_COMMON.format("5.0") + (
     "768x768 (the reference uses 41 at 16). An optional control image becomes first-frame conditioning "
     "(diffusers' WanImageToVideoPipeline with expand_timesteps)."
 )
+WAN21 = Preset(family="wan:WanFamilyPipeline", pipeline_class="WanPipeline", steps=25, guidance=4.0, divisor=16,
+               scheduler=_flow(WAN21_FLOWMATCH), video=VideoSpec(num_frames=41, fps=16, frame_step=4),
+               tiny="wan:build_wan21_t2v", lora_signatures=(WAN_ORIGINAL, WAN_DIFFUSERS), notes=_WAN21_NOTES)
+WAN21_I2V = WAN21.derive(pipeline_class="WanImageToVideoPipeline", control_images=(1, 1), tiny="wan:build_wan21_i2v",
+                         aitk_archs=(AitkArch("wan21_i2v"),), notes=_WAN21_I2V_NOTES)
+WAN22_A14B = WAN21.derive(scheduler=_flow(WAN22_FLOWMATCH), experts=Experts(boundary_ratio=0.875),
+                          lora_signatures=(WAN_COMBINED, WAN_ORIGINAL, WAN_DIFFUSERS), notes=_WAN22_MOE_NOTES)
 
 _LTX2_NOTES = (
     "Video with audio (MP4 with the audio track). FlowMatch Euler with LTX-2's dynamic shift (0.95..2.05 over "
     "1024..4096 tokens, terminal 0.1), true CFG with the negative prompt, divisor 32, frames 8k+1. An optional control "
     "image (LANCZOS-resized to the target size) makes it image-to-video. LoRAs in original LTX names load."
 )
+LTX2 = Preset(family="ltx2:LTX2FamilyPipeline", pipeline_class="LTX2Pipeline", steps=25, guidance=4.0, divisor=32,
+              scheduler=_flow(LTX2_FLOWMATCH), guidance_kind="true_cfg", control_images=(0, 1),
+              video=VideoSpec(num_frames=41, fps=24, frame_step=8), lora_signatures=(LTX2_NAMES,))
 
+HIDREAM = Preset(family="hidream:HiDreamFamilyPipeline", pipeline_class="HiDreamImagePipeline", guidance=5.0,
+                 divisor=16, lora_signatures=(HIDREAM_NAMES,),
+                 options=HiDreamOptions(llama="unsloth/Meta-Llama-3.1-8B-Instruct"))
+
+# ------------------------------------------------------------------------------------------------------ registry
 REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
     (spec.model_id, spec)
     for spec in [
+        FLUX1("flux", base="black-forest-labs/FLUX.1-dev", aitk_archs=(AitkArch("flux"),)),
+        FLUX1("flex1", base="ostris/Flex.1-alpha", lora_mode="fused",
+              aitk_archs=(AitkArch("flex1"), AitkArch("flux", "flex.1")),
+              notes="Flex.1-alpha runs as FLUX.1 (ai-toolkit aliases arch flex1 to flux). " + _FLUX_NOTES),
+        FLUX1("flux_kontext", pipeline_class="FluxKontextPipeline", base="black-forest-labs/FLUX.1-Kontext-dev",
+              control_images=(1, 1), tiny="flux:build_flux_kontext", aitk_archs=(AitkArch("flux_kontext"),),
+              notes="The control image is resized (bilinear) to the target size and passed with max_area = "
+              "width*height and no auto-resize, as ai-toolkit does. " + _FLUX_NOTES),
+        FLUX1("flex2", family="flex2:Flex2FamilyPipeline", pipeline_class="Flex2Pipeline", base="ostris/Flex.2-preview",
+              lora_mode="fused", control_images=(0, 1), tiny="flex2:build_flex2", aitk_archs=(AitkArch("flex2"),),
+              notes="Our own Flex.2 pipeline (no hub remote code). Divisor 16 as ai-toolkit samples (the reference "
+              "uses 32). The optional control image is encoded as Flex.2's control latent; without it the control "
+              "channels are zero. " + _FLUX_NOTES),
+        SD("sd15", pipeline_class="StableDiffusionPipeline", base="stable-diffusion-v1-5/stable-diffusion-v1-5",
+           width=512, height=512, lora_components=("unet", "text_encoder"), tiny="stable_diffusion:build_sd15",
+           aitk_archs=(AitkArch("sd1"),), lora_signatures=(KOHYA_SD15,),
+           notes="Sampled with ai-toolkit's DDPM (steps_offset 0, stochastic: per-step noise from the seeded CPU "
+           "generator), real CFG with the negative prompt, safety checker off. Defaults are ai-toolkit's SD 1.5 "
+           "preset (512x512, 30 steps, guidance 6). Kohya LoRAs (lora_unet_*, lora_te_*, LoCon convs) load with "
+           "scale alpha/rank."),
+        SD("sdxl", pipeline_class="StableDiffusionXLPipeline", base="stabilityai/stable-diffusion-xl-base-1.0",
+           lora_components=("unet", "text_encoder", "text_encoder_2"), tiny="stable_diffusion:build_sdxl",
+           aitk_archs=(AitkArch("sdxl"),), lora_signatures=(KOHYA_SDXL,),
+           notes="Sampled with ai-toolkit's DDPM (steps_offset 0, stochastic), real CFG, guidance_rescale 0, "
+           "watermark off. An empty negative prompt is ENCODED as ai-toolkit does (diffusers' zeroed empty negative "
+           "is switched off). Defaults are ai-toolkit's SDXL preset (1024x1024, 30 steps, guidance 6). Kohya LoRAs "
+           "(lora_unet_*, lora_te1_*/lora_te2_*, LoCon convs) load with scale alpha/rank."),
+        QWEN("qwen_image", base="Qwen/Qwen-Image"),
+        QWEN("qwen_image_2512", base="Qwen/Qwen-Image-2512", lora_mode="fused",
+             aitk_archs=(AitkArch("qwen_image", "2512"),)),
+        QWEN("qwen_image_edit", family="qwen_image:QwenImageEditFamilyPipeline", pipeline_class="QwenImageEditPipeline",
+             base="Qwen/Qwen-Image-Edit", control_images=(1, 1), tiny="qwen_image:build_qwen_image_edit",
+             aitk_archs=(AitkArch("qwen_image_edit"),),
+             notes=_QWEN_NOTES + " One control image (required), resized bilinear to the output size for the VAE; "
+             "prompt and negative are encoded with it (at about 1 MP) as ai-toolkit does. Stock CFG norm rescale."),
+        QWEN_EDIT_PLUS("qwen_image_edit_plus", base="Qwen/Qwen-Image-Edit-2509",
+                       aitk_archs=(AitkArch("qwen_image_edit_plus"),)),
+        QWEN_EDIT_PLUS("qwen_image_edit_plus_2511", base="Qwen/Qwen-Image-Edit-2511", lora_mode="fused",
+                       aitk_archs=(AitkArch("qwen_image_edit_plus", "2511"),)),
+        ZIMAGE("zimage", base="Tongyi-MAI/Z-Image", aitk_archs=(AitkArch("zimage"),)),
+        ZIMAGE("zimage_turbo", base="Tongyi-MAI/Z-Image-Turbo", steps=8, guidance=1.0,
+               aitk_archs=(AitkArch("zimage", "turbo"),),
+               notes="At the default guidance 1.0 CFG is off and the negative prompt has no effect. " + _ZIMAGE_NOTES),
+        ZIMAGE("zimage_deturbo", base="Tongyi-MAI/Z-Image-Turbo", steps=25, guidance=3.0,
+               tiny="zimage:build_zimage_deturbo", aitk_archs=(AitkArch("zimage", "de-turbo"),),
+               options=ZImageOptions(transformer="ostris/Z-Image-De-Turbo"),
+               notes="Text encoder, tokenizer and VAE come from `base` (Z-Image-Turbo); the transformer from "
+               "ostris/Z-Image-De-Turbo, or from `<base>/de_turbo_transformer` when a local base folder has one. "
+               + _ZIMAGE_NOTES),
         ModelSpec(
-            model_id="flux",
-            family="flux:FluxFamilyPipeline",
-            pipeline_class="FluxPipeline",
-            base="black-forest-labs/FLUX.1-dev",
-            steps=25,
-            guidance=4.0,
-            divisor=16,
-            scheduler=SchedulerSpec("FlowMatchEulerDiscreteScheduler", FLUX_FLOWMATCH),
-            lora_mode="dynamic",
-            guidance_kind="distilled",
-            uses_negative=False,
-            tiny="flux:build_flux",
-            notes=_FLUX_NOTES,
-        ),
-        ModelSpec(
-            model_id="flex1",
-            family="flux:FluxFamilyPipeline",
-            pipeline_class="FluxPipeline",
-            base="ostris/Flex.1-alpha",
-            steps=25,
-            guidance=4.0,
-            divisor=16,
-            scheduler=SchedulerSpec("FlowMatchEulerDiscreteScheduler", FLUX_FLOWMATCH),
-            lora_mode="fused",
-            guidance_kind="distilled",
-            uses_negative=False,
-            tiny="flux:build_flux",
-            notes="Flex.1-alpha runs as FLUX.1 (ai-toolkit aliases arch flex1 to flux). " + _FLUX_NOTES,
-        ),
-        ModelSpec(
-            model_id="flux_kontext",
-            family="flux:FluxFamilyPipeline",
-            pipeline_class="FluxKontextPipeline",
-            base="black-forest-labs/FLUX.1-Kontext-dev",
-            steps=25,
-            guidance=4.0,
-            divisor=16,
-            scheduler=SchedulerSpec("FlowMatchEulerDiscreteScheduler", FLUX_FLOWMATCH),
-            lora_mode="dynamic",
-            guidance_kind="distilled",
-            uses_negative=False,
-            control_images=(1, 1),
-            tiny="flux:build_flux_kontext",
-            notes="The control image is resized (bilinear) to the target size and passed with max_area = width*height "
-            "and no auto-resize, as ai-toolkit does. " + _FLUX_NOTES,
-        ),
-        ModelSpec(
-            model_id="flex2",
-            family="flex2:Flex2FamilyPipeline",
-            pipeline_class="Flex2Pipeline",
-            base="ostris/Flex.2-preview",
-            steps=25,
-            guidance=4.0,
-            divisor=16,
-            scheduler=SchedulerSpec("FlowMatchEulerDiscreteScheduler", FLUX_FLOWMATCH),
-            lora_mode="fused",
-            guidance_kind="distilled",
-            uses_negative=False,
-            control_images=(0, 1),
-            tiny="flex2:build_flex2",
-            notes="Our own Flex.2 pipeline (no hub remote code). Divisor 16 as ai-toolkit samples (the reference uses 32). "
-            "The optional control image is encoded as Flex.2's control latent; without it the control channels are zero. "
-            + _FLUX_NOTES,
-        ),
-        ModelSpec(
-            model_id="sd15",
-            family="stable_diffusion:StableDiffusionFamilyPipeline",
-            pipeline_class="StableDiffusionPipeline",
-            base="stable-diffusion-v1-5/stable-diffusion-v1-5",
-            steps=30,
-            guidance=6.0,
-            divisor=8,
-            width=512,
-            height=512,
-            scheduler=SchedulerSpec("DDPMScheduler", SD_DDPM),
-            lora_mode="dynamic",
-            lora_components=("unet", "text_encoder"),
-            guidance_kind="cfg",
-            uses_negative=True,
-            tiny="stable_diffusion:build_sd15",
-            notes="Sampled with ai-toolkit's DDPM (steps_offset 0, stochastic: per-step noise from the seeded CPU "
-            "generator), real CFG with the negative prompt, safety checker off. Defaults are ai-toolkit's SD 1.5 "
-            "preset (512x512, 30 steps, guidance 6). Kohya LoRAs (lora_unet_*, lora_te_*, LoCon convs) load with "
-            "scale alpha/rank.",
-        ),
-        ModelSpec(
-            model_id="sdxl",
-            family="stable_diffusion:StableDiffusionFamilyPipeline",
-            pipeline_class="StableDiffusionXLPipeline",
-            base="stabilityai/stable-diffusion-xl-base-1.0",
-            steps=30,
-            guidance=6.0,
-            divisor=8,
-            scheduler=SchedulerSpec("DDPMScheduler", SD_DDPM),
-            lora_mode="dynamic",
-            lora_components=("unet", "text_encoder", "text_encoder_2"),
-            guidance_kind="cfg",
-            uses_negative=True,
-            tiny="stable_diffusion:build_sdxl",
-            notes="Sampled with ai-toolkit's DDPM (steps_offset 0, stochastic), real CFG, guidance_rescale 0, "
-            "watermark off. An empty negative prompt is ENCODED as ai-toolkit does (diffusers' zeroed empty negative "
-            "is switched off). Defaults are ai-toolkit's SDXL preset (1024x1024, 30 steps, guidance 6). Kohya LoRAs "
-            "(lora_unet_*, lora_te1_*/lora_te2_*, LoCon convs) load with scale alpha/rank.",
-        ),
-        ModelSpec(
-            model_id="qwen_image",
-            family="qwen_image:QwenImageFamilyPipeline",
-            pipeline_class="QwenImagePipeline",
-            base="Qwen/Qwen-Image",
-            steps=25,
-            guidance=4.0,
-            divisor=32,
-            scheduler=SchedulerSpec("FlowMatchEulerDiscreteScheduler", QWEN_FLOWMATCH),
-            guidance_kind="true_cfg",
-            tiny="qwen_image:build_qwen_image",
-            notes=_QWEN_NOTES,
-        ),
-        ModelSpec(
-            model_id="qwen_image_2512",
-            family="qwen_image:QwenImageFamilyPipeline",
-            pipeline_class="QwenImagePipeline",
-            base="Qwen/Qwen-Image-2512",
-            steps=25,
-            guidance=4.0,
-            divisor=32,
-            scheduler=SchedulerSpec("FlowMatchEulerDiscreteScheduler", QWEN_FLOWMATCH),
-            lora_mode="fused",
-            guidance_kind="true_cfg",
-            tiny="qwen_image:build_qwen_image",
-            notes=_QWEN_NOTES,
-        ),
-        ModelSpec(
-            model_id="qwen_image_edit",
-            family="qwen_image:QwenImageEditFamilyPipeline",
-            pipeline_class="QwenImageEditPipeline",
-            base="Qwen/Qwen-Image-Edit",
-            steps=25,
-            guidance=4.0,
-            divisor=32,
-            scheduler=SchedulerSpec("FlowMatchEulerDiscreteScheduler", QWEN_FLOWMATCH),
-            guidance_kind="true_cfg",
-            control_images=(1, 1),
-            tiny="qwen_image:build_qwen_image_edit",
-            notes=_QWEN_NOTES + " One control image (required), resized bilinear to the output size for the VAE; "
-            "prompt and negative are encoded with it (at about 1 MP) as ai-toolkit does. Stock CFG norm rescale.",
-        ),
-        ModelSpec(
-            model_id="qwen_image_edit_plus",
-            family="qwen_image:QwenImageEditPlusFamilyPipeline",
-            pipeline_class="QwenImageEditPlusPipeline",
-            base="Qwen/Qwen-Image-Edit-2509",
-            steps=25,
-            guidance=4.0,
-            divisor=32,
-            scheduler=SchedulerSpec("FlowMatchEulerDiscreteScheduler", QWEN_FLOWMATCH),
-            guidance_kind="true_cfg",
-            control_images=(1, 3),
-            tiny="qwen_image:build_qwen_image_edit_plus",
-            notes=_QWEN_EDIT_PLUS_NOTES,
-        ),
-        ModelSpec(
-            model_id="qwen_image_edit_plus_2511",
-            family="qwen_image:QwenImageEditPlusFamilyPipeline",
-            pipeline_class="QwenImageEditPlusPipeline",
-            base="Qwen/Qwen-Image-Edit-2511",
-            steps=25,
-            guidance=4.0,
-            divisor=32,
-            scheduler=SchedulerSpec("FlowMatchEulerDiscreteScheduler", QWEN_FLOWMATCH),
-            lora_mode="fused",
-            guidance_kind="true_cfg",
-            control_images=(1, 3),
-            tiny="qwen_image:build_qwen_image_edit_plus",
-            notes=_QWEN_EDIT_PLUS_NOTES,
-        ),
-        ModelSpec(
-            model_id="zimage",
-            family="zimage:ZImageFamilyPipeline",
-            pipeline_class="ZImagePipeline",
-            base="Tongyi-MAI/Z-Image",
-            steps=30,
-            guidance=4.0,
-            divisor=16,
-            scheduler=SchedulerSpec("FlowMatchEulerDiscreteScheduler", ZIMAGE_FLOWMATCH),
-            tiny="zimage:build_zimage",
-            notes=_ZIMAGE_NOTES,
-        ),
-        ModelSpec(
-            model_id="zimage_turbo",
-            family="zimage:ZImageFamilyPipeline",
-            pipeline_class="ZImagePipeline",
-            base="Tongyi-MAI/Z-Image-Turbo",
-            steps=8,
-            guidance=1.0,
-            divisor=16,
-            scheduler=SchedulerSpec("FlowMatchEulerDiscreteScheduler", ZIMAGE_FLOWMATCH),
-            uses_negative=False,
-            tiny="zimage:build_zimage",
-            notes="At the default guidance 1.0 CFG is off and the negative prompt has no effect. " + _ZIMAGE_NOTES,
-        ),
-        ModelSpec(
-            model_id="zimage_deturbo",
-            family="zimage:ZImageFamilyPipeline",
-            pipeline_class="ZImagePipeline",
-            base="Tongyi-MAI/Z-Image-Turbo",
-            steps=25,
-            guidance=3.0,
-            divisor=16,
-            scheduler=SchedulerSpec("FlowMatchEulerDiscreteScheduler", ZIMAGE_FLOWMATCH),
-            tiny="zimage:build_zimage_deturbo",
-            extra={"transformer": "ostris/Z-Image-De-Turbo"},
-            notes="Text encoder, tokenizer and VAE come from `base` (Z-Image-Turbo); the transformer from "
-            "ostris/Z-Image-De-Turbo, or from `<base>/de_turbo_transformer` when a local base folder has one. "
-            + _ZIMAGE_NOTES,
-        ),
-        ModelSpec(
-            model_id="lumina2",
-            family="lumina2:Lumina2FamilyPipeline",
-            pipeline_class="Lumina2Pipeline",
-            base="Alpha-VLLM/Lumina-Image-2.0",
-            steps=25,
-            guidance=4.0,
-            divisor=16,
-            scheduler=SchedulerSpec("FlowMatchEulerDiscreteScheduler", LUMINA2_FLOWMATCH),
-            tiny="lumina2:build_lumina2",
+            model_id="lumina2", family="lumina2:Lumina2FamilyPipeline", pipeline_class="Lumina2Pipeline",
+            base="Alpha-VLLM/Lumina-Image-2.0", steps=25, guidance=4.0, divisor=16,
+            scheduler=_flow(LUMINA2_FLOWMATCH), tiny="lumina2:build_lumina2", aitk_archs=(AitkArch("lumina2"),),
+            lora_signatures=(LUMINA2_NAMES,),
             notes="FlowMatch Euler with static shift 6.0 (ai-toolkit's lumina2_config), real CFG with the negative "
             "prompt, Gemma2 prompts up to 256 tokens. Divisor 16 (the pipeline's own check; the reference uses 32).",
         ),
         ModelSpec(
-            model_id="omnigen2",
-            family="omnigen2:OmniGen2FamilyPipeline",
-            pipeline_class="OmniGen2Pipeline",
-            base="OmniGen2/OmniGen2",
-            steps=25,
-            guidance=4.0,
-            divisor=16,
-            # OmniGen2's own Euler (pipelines/omnigen2.py), not a diffusers class: shift sqrt(latent pixels) / 40
+            model_id="omnigen2", family="omnigen2:OmniGen2FamilyPipeline", pipeline_class="OmniGen2Pipeline",
+            base="OmniGen2/OmniGen2", steps=25, guidance=4.0, divisor=16,
+            # OmniGen2's own Euler (pipelines/families/omnigen2.py), not a diffusers class: shift sqrt(latent pixels) / 40
             scheduler=SchedulerSpec("OmniFlowMatchEulerScheduler", {"num_train_timesteps": 1000,
                                                                     "dynamic_time_shift": True}),
-            control_images=(0, 3),
-            tiny="omnigen2:build_omnigen2",
+            control_images=(0, 3), tiny="omnigen2:build_omnigen2", aitk_archs=(AitkArch("omnigen2"),),
+            lora_signatures=(OMNIGEN2_NAMES,),
             notes="Our own OmniGen2 pipeline and transformer (diffusers has none; checkpoint weight names kept). "
             "`guidance` is the text guidance: real CFG against the negative prompt without the input images; image "
             "guidance fixed at 1.0. The Qwen2.5-VL chat template is applied twice, as ai-toolkit trains and samples. "
@@ -544,241 +576,58 @@ REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
             "tokens. OmniGen2's Euler with the resolution-dependent time shift. LoRAs with diffusion_model. keys "
             "load with their alpha.",
         ),
-        ModelSpec(
-            model_id="flux2",
-            family="flux2:Flux2FamilyPipeline",
-            pipeline_class="Flux2Pipeline",
-            base="black-forest-labs/FLUX.2-dev",
-            steps=25,
-            guidance=4.0,
-            divisor=16,
-            scheduler=SchedulerSpec("FlowMatchEulerDiscreteScheduler", FLUX2_EULER),
-            guidance_kind="distilled",
-            uses_negative=False,
-            control_images=(0, 3),
-            tiny="flux2:build_flux2",
-            extra={"text_encoder_out_layers": (10, 20, 30)},
-            notes=_FLUX2_NOTES + " FLUX.2-dev is guidance-distilled: `guidance` feeds the guidance embedding and the "
-            "negative prompt has no effect.",
-        ),
-        ModelSpec(
-            model_id="flux2_klein_4b",
-            family="flux2:Flux2FamilyPipeline",
-            pipeline_class="Flux2KleinPipeline",
-            base="black-forest-labs/FLUX.2-klein-base-4B",
-            steps=25,
-            guidance=4.0,
-            divisor=16,
-            scheduler=SchedulerSpec("FlowMatchEulerDiscreteScheduler", FLUX2_EULER),
-            guidance_kind="true_cfg",
-            control_images=(0, 3),
-            tiny="flux2:build_flux2_klein",
-            extra={"text_encoder_out_layers": (9, 18, 27)},
-            notes=_FLUX2_NOTES + _KLEIN_NOTES,
-        ),
-        ModelSpec(
-            model_id="flux2_klein_9b",
-            family="flux2:Flux2FamilyPipeline",
-            pipeline_class="Flux2KleinPipeline",
-            base="black-forest-labs/FLUX.2-klein-base-9B",
-            steps=25,
-            guidance=4.0,
-            divisor=16,
-            scheduler=SchedulerSpec("FlowMatchEulerDiscreteScheduler", FLUX2_EULER),
-            guidance_kind="true_cfg",
-            control_images=(0, 3),
-            tiny="flux2:build_flux2_klein",
-            extra={"text_encoder_out_layers": (9, 18, 27)},
-            notes=_FLUX2_NOTES + _KLEIN_NOTES,
-        ),
-        ModelSpec(
-            model_id="chroma",
-            family="chroma:ChromaFamilyPipeline",
-            pipeline_class="ChromaPipeline",
-            base="lodestones/Chroma1-Base",
-            steps=25,
-            guidance=4.0,
-            divisor=16,
-            scheduler=SchedulerSpec("FlowMatchEulerDiscreteScheduler", FLUX_FLOWMATCH),
-            guidance_kind="true_cfg",
-            uses_negative=False,
-            tiny="chroma:build_chroma",
-            notes="Real CFG above guidance 1 with the guidance input fixed at 0. The unconditional prompt is EMPTY, as "
-            "in ai-toolkit's previews: the negative prompt is ignored unless you pass `use_negative=True`. T5 runs "
-            "without its attention mask (ai-toolkit); the transformer masks padding except one token. FlowMatch "
-            "Euler, dynamic shift (0.5..1.15), sigmas linspace(1, 1/N, N). LoRAs with original BFL names load "
-            "(fused qkv and linear1 are split). Divisor 16 (the reference uses 32).",
-        ),
-        ModelSpec(
-            model_id="wan21_1b",
-            family="wan:WanFamilyPipeline",
-            pipeline_class="WanPipeline",
-            base="Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
-            steps=25,
-            guidance=4.0,
-            divisor=16,
-            scheduler=SchedulerSpec("FlowMatchEulerDiscreteScheduler", WAN21_FLOWMATCH),
-            video=VideoSpec(num_frames=41, fps=16, frame_step=4),
-            tiny="wan:build_wan21_t2v",
-            notes=_WAN21_NOTES,
-        ),
-        ModelSpec(
-            model_id="wan21_14b",
-            family="wan:WanFamilyPipeline",
-            pipeline_class="WanPipeline",
-            base="Wan-AI/Wan2.1-T2V-14B-Diffusers",
-            steps=25,
-            guidance=4.0,
-            divisor=16,
-            scheduler=SchedulerSpec("FlowMatchEulerDiscreteScheduler", WAN21_FLOWMATCH),
-            video=VideoSpec(num_frames=41, fps=16, frame_step=4),
-            tiny="wan:build_wan21_t2v",
-            notes=_WAN21_NOTES,
-        ),
-        ModelSpec(
-            model_id="wan21_i2v_14b",
-            family="wan:WanFamilyPipeline",
-            pipeline_class="WanImageToVideoPipeline",
-            base="Wan-AI/Wan2.1-I2V-14B-720P-Diffusers",
-            steps=25,
-            guidance=4.0,
-            divisor=16,
-            scheduler=SchedulerSpec("FlowMatchEulerDiscreteScheduler", WAN21_FLOWMATCH),
-            control_images=(1, 1),
-            video=VideoSpec(num_frames=41, fps=16, frame_step=4),
-            tiny="wan:build_wan21_i2v",
-            notes=_WAN21_I2V_NOTES,
-        ),
-        ModelSpec(
-            model_id="wan21_i2v_14b480p",
-            family="wan:WanFamilyPipeline",
-            pipeline_class="WanImageToVideoPipeline",
-            base="Wan-AI/Wan2.1-I2V-14B-480P-Diffusers",
-            steps=25,
-            guidance=4.0,
-            divisor=16,
-            scheduler=SchedulerSpec("FlowMatchEulerDiscreteScheduler", WAN21_FLOWMATCH),
-            control_images=(1, 1),
-            video=VideoSpec(num_frames=41, fps=16, frame_step=4),
-            tiny="wan:build_wan21_i2v",
-            notes=_WAN21_I2V_NOTES,
-        ),
-        ModelSpec(
-            model_id="wan22_14b_t2v",
-            family="wan:WanFamilyPipeline",
-            pipeline_class="WanPipeline",
-            base="Wan-AI/Wan2.2-T2V-A14B-Diffusers",
-            steps=25,
-            guidance=4.0,
-            divisor=16,
-            scheduler=SchedulerSpec("FlowMatchEulerDiscreteScheduler", WAN22_FLOWMATCH),
-            lora_components=("transformer", "transformer_2"),
-            video=VideoSpec(num_frames=41, fps=16, frame_step=4),
-            tiny="wan:build_wan22_14b_t2v",
-            extra={"boundary_ratio": 0.875},
-            notes=_WAN22_MOE_NOTES,
-        ),
-        ModelSpec(
-            model_id="wan22_14b_i2v",
-            family="wan:WanFamilyPipeline",
-            pipeline_class="WanImageToVideoPipeline",
-            base="Wan-AI/Wan2.2-I2V-A14B-Diffusers",
-            steps=25,
-            guidance=4.0,
-            divisor=16,
-            scheduler=SchedulerSpec("FlowMatchEulerDiscreteScheduler", WAN22_FLOWMATCH),
-            lora_components=("transformer", "transformer_2"),
-            control_images=(1, 1),
-            video=VideoSpec(num_frames=41, fps=16, frame_step=4),
-            tiny="wan:build_wan22_14b_i2v",
-            extra={"boundary_ratio": 0.875},
-            notes=_WAN22_MOE_NOTES + _WAN_I2V_RESIZE,
-        ),
-        ModelSpec(
-            model_id="wan22_5b",
-            family="wan:WanFamilyPipeline",
-            pipeline_class="WanPipeline",
-            base="Wan-AI/Wan2.2-TI2V-5B-Diffusers",
-            steps=25,
-            guidance=4.0,
-            divisor=32,
-            width=768,
-            height=768,
-            scheduler=SchedulerSpec("FlowMatchEulerDiscreteScheduler", WAN22_FLOWMATCH),
-            control_images=(0, 1),
-            video=VideoSpec(num_frames=121, fps=24, frame_step=4),
-            tiny="wan:build_wan22_5b",
-            extra={"expand_timesteps": True},
-            notes=_WAN22_5B_NOTES,
-        ),
-        ModelSpec(
-            model_id="ltx2",
-            family="ltx2:LTX2FamilyPipeline",
-            pipeline_class="LTX2Pipeline",
-            base="Lightricks/LTX-2",
-            steps=25,
-            guidance=4.0,
-            divisor=32,
-            scheduler=SchedulerSpec("FlowMatchEulerDiscreteScheduler", LTX2_FLOWMATCH),
-            guidance_kind="true_cfg",
-            control_images=(0, 1),
-            video=VideoSpec(num_frames=41, fps=24, frame_step=8),
-            tiny="ltx2:build_ltx2",
-            extra={"guidance": LTX20_GUIDANCE},
-            notes=_LTX2_NOTES + " LTX-2.0: plain true CFG (no STG or modality guidance), as ai-toolkit samples it.",
-        ),
-        ModelSpec(
-            model_id="ltx2.3",
-            family="ltx2:LTX2FamilyPipeline",
-            pipeline_class="LTX2Pipeline",
-            base="dg845/LTX-2.3-Diffusers",
-            steps=25,
-            guidance=4.0,
-            divisor=32,
-            scheduler=SchedulerSpec("FlowMatchEulerDiscreteScheduler", LTX2_FLOWMATCH),
-            guidance_kind="true_cfg",
-            control_images=(0, 1),
-            video=VideoSpec(num_frames=41, fps=24, frame_step=8),
-            tiny="ltx2:build_ltx23",
-            extra={"guidance": LTX23_GUIDANCE, "stg_reference_depth": 48},
-            notes=_LTX2_NOTES + " LTX-2.3: ai-toolkit's guidance extras (STG at block 28, modality guidance 3.0, "
-            "guidance rescale 0.7, audio guidance 7.0, cross-modality timesteps).",
-        ),
-        ModelSpec(
-            model_id="hidream",
-            family="hidream:HiDreamFamilyPipeline",
-            pipeline_class="HiDreamImagePipeline",
-            base="HiDream-ai/HiDream-I1-Full",
-            steps=50,
-            guidance=5.0,
-            divisor=16,
-            scheduler=SchedulerSpec("UniPCMultistepScheduler", HIDREAM_UNIPC),
-            tiny="hidream:build_hidream",
-            extra={"llama": "unsloth/Meta-Llama-3.1-8B-Instruct"},
-            notes="ai-toolkit's FlowUniPC schedule (UniPC on its shift-3.0 grid, shifted by exp(mu), mu = 1.15 for "
-            "HiDream-I1's 4096 tokens), true CFG with the encoded negative prompt, 128-token prompts for CLIP-L, "
-            "CLIP-G, T5 and Llama-3.1 (loaded from unsloth/Meta-Llama-3.1-8B-Instruct). Any size is rescaled to the "
-            "1024x1024 area (aspect kept, floored to 16) as ai-toolkit's pipeline does. LoRAs: diffusion_model. + "
-            "diffusers names, alpha honoured.",
-        ),
-        ModelSpec(
-            model_id="hidream_e1",
-            family="hidream:HiDreamFamilyPipeline",
-            pipeline_class="HiDreamImagePipeline",
-            base="HiDream-ai/HiDream-E1-Full",
-            steps=28,
-            guidance=5.0,
-            divisor=16,
-            scheduler=SchedulerSpec("UniPCMultistepScheduler", HIDREAM_E1_UNIPC),
-            control_images=(1, 1),
-            tiny="hidream:build_hidream_e1",
-            extra={"llama": "unsloth/Meta-Llama-3.1-8B-Instruct"},
-            notes="Our own editing loop around diffusers' HiDream transformer (diffusers has no E1 pipeline). The "
-            "control image (required) is resized BILINEAR to the target size and appended to the latent along the "
-            "width. Three-pass guidance with ai-toolkit's norm clipping; image guidance 2.0, the value ai-toolkit's "
-            "previews get (`image_guidance` overrides it). FlowUniPC schedule, shift 3.0. LoRAs: diffusion_model. "
-            "+ diffusers names, alpha honoured.",
-        ),
+        FLUX2("flux2", base="black-forest-labs/FLUX.2-dev", aitk_archs=(AitkArch("flux2"),),
+              options=Flux2Options(text_encoder_out_layers=(10, 20, 30)),
+              notes=_FLUX2_NOTES + " FLUX.2-dev is guidance-distilled: `guidance` feeds the guidance embedding and the "
+              "negative prompt has no effect."),
+        FLUX2_KLEIN("flux2_klein_4b", base="black-forest-labs/FLUX.2-klein-base-4B",
+                    aitk_archs=(AitkArch("flux2_klein_4b"),)),
+        FLUX2_KLEIN("flux2_klein_9b", base="black-forest-labs/FLUX.2-klein-base-9B",
+                    aitk_archs=(AitkArch("flux2_klein_9b"),)),
+        FLUX1("chroma", family="chroma:ChromaFamilyPipeline", pipeline_class="ChromaPipeline",
+              base="lodestones/Chroma1-Base", guidance_kind="true_cfg", unconditional_is_negative=False,
+              tiny="chroma:build_chroma", aitk_archs=(AitkArch("chroma"),), lora_signatures=(BFL_NAMES,),
+              notes="Real CFG above guidance 1 with the guidance input fixed at 0. The unconditional prompt is EMPTY, "
+              "as in ai-toolkit's previews: the negative prompt is ignored unless you pass `use_negative=True`. T5 "
+              "runs without its attention mask (ai-toolkit); the transformer masks padding except one token. "
+              "FlowMatch Euler, dynamic shift (0.5..1.15), sigmas linspace(1, 1/N, N). LoRAs with original BFL names "
+              "load (fused qkv and linear1 are split). Divisor 16 (the reference uses 32)."),
+        WAN21("wan21_1b", base="Wan-AI/Wan2.1-T2V-1.3B-Diffusers", aitk_archs=(AitkArch("wan21", "1.3b"),)),
+        WAN21("wan21_14b", base="Wan-AI/Wan2.1-T2V-14B-Diffusers", aitk_archs=(AitkArch("wan21"),)),
+        WAN21_I2V("wan21_i2v_14b", base="Wan-AI/Wan2.1-I2V-14B-720P-Diffusers"),
+        WAN21_I2V("wan21_i2v_14b480p", base="Wan-AI/Wan2.1-I2V-14B-480P-Diffusers",
+                  aitk_archs=(AitkArch("wan21_i2v", "480p"),)),
+        WAN22_A14B("wan22_14b_t2v", base="Wan-AI/Wan2.2-T2V-A14B-Diffusers", tiny="wan:build_wan22_14b_t2v",
+                   aitk_archs=(AitkArch("wan22_14b"),)),
+        WAN22_A14B("wan22_14b_i2v", pipeline_class="WanImageToVideoPipeline", base="Wan-AI/Wan2.2-I2V-A14B-Diffusers",
+                   control_images=(1, 1), tiny="wan:build_wan22_14b_i2v", aitk_archs=(AitkArch("wan22_14b_i2v"),),
+                   notes=_WAN22_MOE_NOTES + _WAN_I2V_RESIZE),
+        WAN21("wan22_5b", base="Wan-AI/Wan2.2-TI2V-5B-Diffusers", divisor=32, width=768, height=768,
+              scheduler=_flow(WAN22_FLOWMATCH), control_images=(0, 1),
+              video=VideoSpec(num_frames=121, fps=24, frame_step=4), tiny="wan:build_wan22_5b",
+              aitk_archs=(AitkArch("wan22_5b"),), options=WanOptions(expand_timesteps=True), notes=_WAN22_5B_NOTES),
+        LTX2("ltx2", base="Lightricks/LTX-2", tiny="ltx2:build_ltx2", aitk_archs=(AitkArch("ltx2"),),
+             options=LTX2Options(guidance=LTX20_GUIDANCE),
+             notes=_LTX2_NOTES + " LTX-2.0: plain true CFG (no STG or modality guidance), as ai-toolkit samples it."),
+        LTX2("ltx2.3", base="dg845/LTX-2.3-Diffusers", tiny="ltx2:build_ltx23", aitk_archs=(AitkArch("ltx2.3"),),
+             options=LTX2Options(guidance=LTX23_GUIDANCE, stg_reference_depth=48),
+             notes=_LTX2_NOTES + " LTX-2.3: ai-toolkit's guidance extras (STG at block 28, modality guidance 3.0, "
+             "guidance rescale 0.7, audio guidance 7.0, cross-modality timesteps)."),
+        HIDREAM("hidream", base="HiDream-ai/HiDream-I1-Full", steps=50, scheduler=SchedulerSpec("UniPCMultistepScheduler",
+                HIDREAM_UNIPC), tiny="hidream:build_hidream", aitk_archs=(AitkArch("hidream"),),
+                notes="ai-toolkit's FlowUniPC schedule (UniPC on its shift-3.0 grid, shifted by exp(mu), mu = 1.15 "
+                "for HiDream-I1's 4096 tokens), true CFG with the encoded negative prompt, 128-token prompts for "
+                "CLIP-L, CLIP-G, T5 and Llama-3.1 (loaded from unsloth/Meta-Llama-3.1-8B-Instruct). Any size is "
+                "rescaled to the 1024x1024 area (aspect kept, floored to 16) as ai-toolkit's pipeline does. LoRAs: "
+                "diffusion_model. + diffusers names, alpha honoured."),
+        HIDREAM("hidream_e1", base="HiDream-ai/HiDream-E1-Full", steps=28,
+                scheduler=SchedulerSpec("UniPCMultistepScheduler", HIDREAM_E1_UNIPC), control_images=(1, 1),
+                tiny="hidream:build_hidream_e1", aitk_archs=(AitkArch("hidream_e1"),),
+                notes="Our own editing loop around diffusers' HiDream transformer (diffusers has no E1 pipeline). The "
+                "control image (required) is resized BILINEAR to the target size and appended to the latent along "
+                "the width. Three-pass guidance with ai-toolkit's norm clipping; image guidance 2.0, the value "
+                "ai-toolkit's previews get (`image_guidance` overrides it). FlowUniPC schedule, shift 3.0. LoRAs: "
+                "diffusion_model. + diffusers names, alpha honoured."),
     ]
 )
 
@@ -792,6 +641,29 @@ def get_spec(model_id: str) -> ModelSpec:
             f"Unknown model id {model_id!r}. Valid ids are: {', '.join(REGISTRY)}. "
             "Run `python -m aitk_inference models` to see them with their defaults."
         ) from None
+
+
+def aitk_arch_names() -> list[str]:
+    """Every ai-toolkit ``model.arch`` some id answers for."""
+    return sorted({arch.name for spec in REGISTRY.values() for arch in spec.aitk_archs})
+
+
+def model_id_for_arch(arch: str, name_or_path: str = "") -> str:
+    """The id of an ai-toolkit job's ``model.arch``: among the ids of that arch, the one whose checkpoint hint is in
+    ``name_or_path`` (the longest, so that "de-turbo" wins over "turbo"), else the arch's default."""
+    source = name_or_path.lower()
+    candidates = [(a.checkpoint_hint, spec.model_id) for spec in REGISTRY.values() for a in spec.aitk_archs
+                  if a.name == arch]
+    hinted = [(len(hint), model_id) for hint, model_id in candidates if hint and hint in source]
+    if hinted:
+        return max(hinted)[1]
+    defaults = [model_id for hint, model_id in candidates if hint is None]
+    if not defaults:
+        raise ValueError(
+            f"model.arch {arch!r} has no aitk-inference model; known archs: {', '.join(aitk_arch_names())}. "
+            "Pass --model with a model id (see `python -m aitk_inference models`)."
+        )
+    return defaults[0]
 
 
 def model_ids() -> list[str]:

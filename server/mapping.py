@@ -54,8 +54,8 @@ class Job:
 
 
 def is_moe(spec: ModelSpec) -> bool:
-    """Two-expert models (Wan 2.2 14B) take one LoRA per ``transformer`` side: their LoRAs may patch ``transformer_2``."""
-    return "transformer_2" in spec.lora_components
+    """Two-expert models (Wan 2.2 14B) take one LoRA per ``transformer`` side."""
+    return spec.experts is not None
 
 
 def is_url(path: str) -> bool:

@@ -47,7 +47,7 @@ def test_guidance_arguments_match_diffusers_and_ai_toolkit(pipes):
 
     for model_id in ("ltx2", "ltx2.3"):
         for cls in (LTX2Pipeline, LTX2ImageToVideoPipeline):
-            missing = set(get_spec(model_id).extra["guidance"]) - set(inspect.signature(cls.__call__).parameters)
+            missing = set(get_spec(model_id).options.guidance) - set(inspect.signature(cls.__call__).parameters)
             assert not missing, f"{cls.__name__} lacks {missing}"
     extras = pipes("ltx2.3").guidance_kwargs()
     assert extras == {

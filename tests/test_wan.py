@@ -105,7 +105,7 @@ def test_registry_matches_ai_toolkit():
         assert spec.control_images == control and spec.guidance_kind == "cfg" and spec.uses_negative
         moe = model_id.startswith("wan22_14b")
         assert spec.lora_components == (("transformer", "transformer_2") if moe else ("transformer",))
-        assert spec.extra.get("boundary_ratio") == (0.875 if moe else None)
+        assert (spec.experts.boundary_ratio if spec.experts else None) == (0.875 if moe else None)
 
 
 def test_t2v_snapped_and_equal_to_stock_euler(t2v, clean):

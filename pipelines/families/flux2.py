@@ -23,7 +23,7 @@ with diffusers'. Where the two differ we follow ai-toolkit, explicitly:
 
 Text encoding is the pipelines' own and matches ai-toolkit's: Mistral3 hidden states (10, 20, 30) with BFL's system
 message for FLUX.2-dev, Qwen3 hidden states (9, 18, 27) through the chat template for klein, 512 tokens, padded. The
-layer indices are the registry's ``extra["text_encoder_out_layers"]``; a text encoder with fewer layers than that
+layer indices are the registry's ``Flux2Options.text_encoder_out_layers``; a text encoder with fewer layers than that
 (only the tiny test models) has its last layers read instead, with a warning.
 LoRAs use original BFL module names (``lora_convert.convert_bfl_to_diffusers_flux2``).
 """
@@ -35,6 +35,7 @@ import logging
 import math
 
 from ..base import AITKPipeline, GenerationParams
+from ..registry import Flux2Options
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +97,7 @@ class Flux2FamilyPipeline(AITKPipeline):
     """``flux2`` (FLUX.2-dev, guidance-distilled) and ``flux2_klein_4b`` / ``flux2_klein_9b`` (real CFG)."""
 
     denoiser = "transformer"
+    options_type = Flux2Options
 
     @property
     def is_klein(self) -> bool:
@@ -110,7 +112,7 @@ class Flux2FamilyPipeline(AITKPipeline):
     @functools.cached_property
     def text_encoder_out_layers(self) -> tuple[int, ...]:
         """The text encoder's hidden-state layers stacked into the prompt embedding (ai-toolkit's, from the registry)."""
-        layers = tuple(self.spec.extra["text_encoder_out_layers"])
+        layers = tuple(self.spec.options.text_encoder_out_layers)
         config = self.pipe.text_encoder.config
         depth = getattr(config, "text_config", config).num_hidden_layers
         if depth >= max(layers):

@@ -48,7 +48,7 @@ from diffusers.pipelines.hidream_image.pipeline_output import HiDreamImagePipeli
 from PIL import Image
 
 from ..base import AITKPipeline, GenerationParams
-from ..registry import ModelSpec
+from ..registry import HiDreamOptions, ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -197,6 +197,7 @@ class HiDreamFamilyPipeline(AITKPipeline):
     """``hidream`` (HiDream-I1-Full) and ``hidream_e1`` (HiDream-E1-Full, instruction editing)."""
 
     denoiser = "transformer"
+    options_type = HiDreamOptions
 
     @classmethod
     def diffusers_pipeline_class(cls, spec: ModelSpec):
@@ -204,7 +205,7 @@ class HiDreamFamilyPipeline(AITKPipeline):
 
     @classmethod
     def load_diffusers_pipeline(cls, spec: ModelSpec, source: str, torch_dtype, **overrides):
-        """A diffusers folder or hub repo; Llama-3.1 (tokenizer_4, text_encoder_4) comes from ``spec.extra["llama"]``
+        """A diffusers folder or hub repo; Llama-3.1 (tokenizer_4, text_encoder_4) comes from ``spec.options.llama``
         unless the folder has its own ``text_encoder_4``."""
         if os.path.isfile(source):
             raise ValueError(f"{spec.model_id}: single-file checkpoints are not supported ({source!r}); give a "
@@ -215,7 +216,7 @@ class HiDreamFamilyPipeline(AITKPipeline):
         if not os.path.isdir(os.path.join(source, "text_encoder_4")) and "text_encoder_4" not in overrides:
             from transformers import AutoTokenizer, LlamaForCausalLM
 
-            llama = spec.extra["llama"]
+            llama = spec.options.llama
             overrides["tokenizer_4"] = AutoTokenizer.from_pretrained(llama)
             overrides["text_encoder_4"] = LlamaForCausalLM.from_pretrained(
                 llama, dtype=torch_dtype, device_map=overrides.get("device_map"))

@@ -12,7 +12,7 @@ What ai-toolkit does here, and so do we:
 * LTX-2.3 gets ai-toolkit's guidance extras (STG, modality isolation, guidance rescale, separate audio scales,
   cross-modality timesteps). LTX-2.0 gets none: ai-toolkit passes nothing, which in the diffusers it was written
   against meant plain CFG. Diffusers 0.42 changed the call defaults to LTX-2.3's, so the plain values are passed
-  explicitly (``ModelSpec.extra["guidance"]``).
+  explicitly (``LTX2Options.guidance`` in the registry).
 
 Where we differ on purpose: ``frame_rate`` is the requested ``fps`` (ai-toolkit leaves the pipeline's 24 and only
 writes the file at ``fps``); at the default 24 fps both are the same, at other rates ours keeps audio and video the
@@ -36,6 +36,7 @@ import time
 
 from ..base import AITKPipeline, GenerationParams, GenerationResult
 from ..lora.convert import ltx2_original_to_diffusers
+from ..registry import LTX2Options
 
 GEMMA_MAX_LENGTH = 1024
 
@@ -44,6 +45,7 @@ class LTX2FamilyPipeline(AITKPipeline):
     """``ltx2`` and ``ltx2.3``."""
 
     denoiser = "transformer"
+    options_type = LTX2Options
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -58,11 +60,11 @@ class LTX2FamilyPipeline(AITKPipeline):
     # ------------------------------------------------------------------------------------------------ generation
     def guidance_kwargs(self) -> dict:
         """The spec's extra guidance arguments, with the STG blocks mapped onto this transformer's depth."""
-        extras = dict(self.spec.extra["guidance"])
+        extras = dict(self.spec.options.guidance)
         blocks = extras.get("spatio_temporal_guidance_blocks")
         if blocks:
             depth = self.pipe.transformer.config.num_layers
-            reference = self.spec.extra["stg_reference_depth"]
+            reference = self.spec.options.stg_reference_depth
             extras["spatio_temporal_guidance_blocks"] = sorted({b * depth // reference for b in blocks})
         return extras
 

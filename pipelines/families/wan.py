@@ -25,25 +25,15 @@ for the two-expert models, then ``"decode"``, then ``"done"``.
 from __future__ import annotations
 
 import dataclasses
-import os
-import re
 import time
 from functools import partial
 
 from ..base import AITKPipeline, GenerationParams, GenerationResult
 from ..lora.convert import route_wan_experts, wan_original_to_diffusers
-from ..registry import ModelSpec
+from ..registry import ModelSpec, WanOptions
 
 UMT5_MAX_LENGTH = 512
 NUM_TRAIN_TIMESTEPS = 1000
-_SIDE_IN_NAME = {side: re.compile(rf"(^|[_.\-]){side}[_\-]?noise([_.\-]|$)", re.IGNORECASE) for side in ("high", "low")}
-
-
-def lora_side_from_name(path: str) -> str | None:
-    """``"high"``/``"low"`` for ai-toolkit's split Wan 2.2 files (``*_high_noise.safetensors``), else None."""
-    name = os.path.basename(path)
-    sides = [side for side, pattern in _SIDE_IN_NAME.items() if pattern.search(name)]
-    return sides[0] if len(sides) == 1 else None
 
 
 class WanFamilyPipeline(AITKPipeline):
@@ -51,6 +41,7 @@ class WanFamilyPipeline(AITKPipeline):
     ``wan22_5b``."""
 
     denoiser = "transformer"
+    options_type = WanOptions
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -64,26 +55,27 @@ class WanFamilyPipeline(AITKPipeline):
     @classmethod
     def load_diffusers_pipeline(cls, spec: ModelSpec, source: str, torch_dtype, **overrides):
         pipe = super().load_diffusers_pipeline(spec, source, torch_dtype, **overrides)
-        boundary = spec.extra.get("boundary_ratio")
-        if boundary is not None:
+        if spec.experts is not None:
             if getattr(pipe, "transformer", None) is None or getattr(pipe, "transformer_2", None) is None:
                 raise ValueError(
                     f"{spec.model_id} needs both experts (transformer = high noise, transformer_2 = low noise), but "
                     f"{source!r} lacks one. Give a full Wan 2.2 A14B diffusers folder such as {spec.base}."
                 )
-            pipe.register_to_config(boundary_ratio=boundary)
-        if spec.extra.get("expand_timesteps"):
+            pipe.register_to_config(boundary_ratio=spec.experts.boundary_ratio)
+        if spec.options is not None and spec.options.expand_timesteps:
             pipe.register_to_config(expand_timesteps=True)
         return pipe
 
     @property
     def is_moe(self) -> bool:
-        return self.spec.extra.get("boundary_ratio") is not None
+        return self.spec.experts is not None
 
     # ------------------------------------------------------------------------------------------------ LoRA hooks
     def denoisers(self) -> list:
         """Both experts of Wan 2.2 A14B (compile, attention kernel and FP8 apply to each)."""
-        return [self.pipe.transformer, self.pipe.transformer_2] if self.is_moe else super().denoisers()
+        if self.is_moe:
+            return [getattr(self.pipe, name) for name in self.spec.experts.components]
+        return super().denoisers()
 
     def lora_name_mapper(self):
         transformer = self.pipe.transformer
@@ -96,7 +88,7 @@ class WanFamilyPipeline(AITKPipeline):
         """On Wan 2.2 A14B a LoRA without ``side`` whose file name says ``high_noise``/``low_noise`` goes to that
         expert."""
         if self.is_moe and request.side is None and request.path:
-            side = lora_side_from_name(request.path)
+            side = self.spec.experts.side_from_name(request.path)
             if side is not None:
                 return dataclasses.replace(request, side=side)
         return request

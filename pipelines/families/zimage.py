@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 
 from ..base import AITKPipeline, GenerationParams
-from ..registry import ModelSpec
+from ..registry import ModelSpec, ZImageOptions
 
 #: a local base folder may carry the separately trained transformer here (the tiny kit's De-Turbo layout)
 DETURBO_SUBFOLDER = "de_turbo_transformer"
@@ -30,10 +30,11 @@ class ZImageFamilyPipeline(AITKPipeline):
     """``zimage``, ``zimage_turbo`` and ``zimage_deturbo``."""
 
     denoiser = "transformer"
+    options_type = ZImageOptions
 
     @classmethod
     def load_diffusers_pipeline(cls, spec: ModelSpec, source: str, torch_dtype, **overrides):
-        transformer_source = spec.extra.get("transformer")
+        transformer_source = spec.options.transformer if spec.options else None
         if transformer_source is None:
             return super().load_diffusers_pipeline(spec, source, torch_dtype, **overrides)
         from diffusers import ZImageTransformer2DModel

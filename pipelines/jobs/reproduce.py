@@ -27,48 +27,9 @@ import re
 from dataclasses import dataclass, field
 
 from ..prompts import inject_trigger, parse_prompt_flags
+from ..registry import Experts, model_id_for_arch
 
 logger = logging.getLogger(__name__)
-
-# ai-toolkit ``model.arch`` -> our model id. Refinements by ``name_or_path`` are in ``model_id_for_job``.
-ARCH_TO_MODEL = {
-    "flux": "flux",
-    "flex1": "flex1",
-    "flux_kontext": "flux_kontext",
-    "flex2": "flex2",
-    "chroma": "chroma",
-    "flux2": "flux2",
-    "flux2_klein_4b": "flux2_klein_4b",
-    "flux2_klein_9b": "flux2_klein_9b",
-    "qwen_image": "qwen_image",
-    "qwen_image_edit": "qwen_image_edit",
-    "qwen_image_edit_plus": "qwen_image_edit_plus",
-    "zimage": "zimage",
-    "lumina2": "lumina2",
-    "hidream": "hidream",
-    "hidream_e1": "hidream_e1",
-    "omnigen2": "omnigen2",
-    "wan21": "wan21_14b",
-    "wan21_i2v": "wan21_i2v_14b",
-    "wan22_5b": "wan22_5b",
-    "wan22_14b": "wan22_14b_t2v",
-    "wan22_14b_i2v": "wan22_14b_i2v",
-    "ltx2": "ltx2",
-    "ltx2.3": "ltx2.3",
-    "sd1": "sd15",
-    "sdxl": "sdxl",
-}
-
-# (model id, substring of name_or_path in lower case) -> the more specific id for that checkpoint.
-_CHECKPOINT_VARIANTS = [
-    ("flux", "flex.1", "flex1"),
-    ("zimage", "de-turbo", "zimage_deturbo"),
-    ("zimage", "turbo", "zimage_turbo"),
-    ("wan21_14b", "1.3b", "wan21_1b"),
-    ("wan21_i2v_14b", "480p", "wan21_i2v_14b480p"),
-    ("qwen_image", "2512", "qwen_image_2512"),
-    ("qwen_image_edit_plus", "2511", "qwen_image_edit_plus_2511"),
-]
 
 _STEP_SUFFIX = re.compile(r"_(\d{9})$")
 # ai-toolkit's preview names: "[time]_" + "_%09d" + "_[count]" -> "<ms>__<step>_<index>.<ext>"
@@ -165,18 +126,7 @@ def model_id_for_job(model_cfg: dict) -> str:
         raise ValueError("This job's model (SD2/SD3/PixArt/AuraFlow) is not a family aitk-inference runs.")
     else:
         arch = "sd1"
-    if arch not in ARCH_TO_MODEL:
-        raise ValueError(
-            f"model.arch {arch!r} has no aitk-inference model; known archs: {', '.join(sorted(ARCH_TO_MODEL))}. "
-            "Pass --model with a model id (see `python -m aitk_inference models`)."
-        )
-    model_id = ARCH_TO_MODEL[arch]
-    source = str(model_cfg.get("name_or_path") or "").lower()
-    for general, needle, specific in _CHECKPOINT_VARIANTS:
-        if model_id == general and needle in source:
-            model_id = specific
-            break
-    return model_id
+    return model_id_for_arch(arch, str(model_cfg.get("name_or_path") or ""))
 
 
 def resolve_job_path(path: str, job_dir: str) -> str:
@@ -219,14 +169,10 @@ def newest_lora(job_dir: str, name: str | None) -> str:
 
 
 def with_expert_sibling(path: str) -> list[str]:
-    """A Wan 2.2 14B split save comes as ``*_high_noise`` + ``*_low_noise``: return both files (ai-toolkit loads the
+    """A two-expert split save comes as ``*_high_noise`` + ``*_low_noise``: return both files (ai-toolkit loads the
     sibling too); any other LoRA is returned alone."""
-    match = re.search(r"_(high|low)_noise\.safetensors$", path)
-    if not match:
-        return [path]
-    other = "low" if match.group(1) == "high" else "high"
-    sibling = path[: match.start()] + f"_{other}_noise.safetensors"
-    return sorted([path, sibling]) if os.path.isfile(sibling) else [path]
+    sibling = Experts.sibling(path)
+    return sorted([path, sibling]) if sibling and os.path.isfile(sibling) else [path]
 
 
 def lora_step(path: str, process: dict) -> int:

@@ -296,32 +296,20 @@ def convert_ai_toolkit_lora(
     return name_mapper(converted) if name_mapper else converted
 
 
-# Key signatures of the architectures ai-toolkit trains, to name what a mismatched LoRA was made for.
-_ARCH_SIGNATURES: list[tuple[str, str]] = [
-    (r"(^|[._])transformer_[12]\.blocks\.\d+\.", "Wan 2.2 14B (combined high/low-noise file)"),
-    (r"(^|\.)blocks\.\d+\.(self_attn|cross_attn)\.", "Wan 2.1/2.2 (original Wan names)"),
-    (r"(^|\.)blocks\.\d+\.attn1\.", "Wan (diffusers names)"),
-    (r"audio_attn|audio_ff|video_to_audio", "LTX-2"),
-    (r"(^|\.)double_blocks\.\d+\.img_attn|(^|\.)single_blocks\.\d+\.linear1", "FLUX.2 / FLUX.2-klein / Chroma (original BFL names)"),
-    (r"single_transformer_blocks\.\d+\.", "FLUX.1 / Flex / Kontext (diffusers names)"),
-    (r"transformer_blocks\.\d+\.img_mlp|transformer_blocks\.\d+\.txt_mlp", "Qwen-Image"),
-    (r"layers\.\d+\.attention\.to_q|layers\.\d+\.feed_forward\.w1", "Z-Image"),
-    (r"ref_image_refiner", "OmniGen2"),
-    (r"layers\.\d+\.attn\.to_q|context_refiner", "Lumina2 or OmniGen2 (they share block names)"),
-    (r"double_stream_blocks|single_stream_blocks", "HiDream"),
-    (r"lora_te2_|lora_unet_.*add_embedding|lora_unet_down_blocks_2_attentions", "SDXL (kohya)"),
-    (r"lora_unet_|lora_te_", "SD 1.5 (kohya)"),
-]
-
-
 def guess_architecture(keys: Iterable[str]) -> str | None:
-    """Best guess of the model family a LoRA's keys were written for, or None."""
+    """The family a LoRA's keys were written for (a registry ``LoraSignature`` label), or None. When several
+    families' signatures match, the one matching the fewest keys is the one that sets the file apart (an SDXL file
+    also has SD 1.5's ``lora_unet_`` keys; an OmniGen2 file also has Lumina2's block names)."""
+    from ..registry import lora_signatures
+
     keys = list(keys)
-    for pattern, arch in _ARCH_SIGNATURES:
-        rx = re.compile(pattern)
-        if any(rx.search(k) for k in keys):
-            return arch
-    return None
+    matches = []
+    for order, signature in enumerate(lora_signatures()):
+        pattern = re.compile(signature.pattern)
+        count = sum(1 for k in keys if pattern.search(k))
+        if count:
+            matches.append((count, order, signature.label))
+    return min(matches)[2] if matches else None
 
 
 # ------------------------------------------------------------------------------------------ Wan original names (Wan)

@@ -2,6 +2,7 @@
 
 import dataclasses
 import logging
+import os
 
 import pytest
 
@@ -120,3 +121,19 @@ def test_negative_warning_is_true_at_the_requested_guidance(load_tiny, caplog):
     with caplog.at_level(logging.WARNING):
         pipeline.resolve_params("x", negative="blurry", width=64, height=64)
     assert "zimage_turbo ignores the negative prompt at guidance 1.0" in caplog.text
+
+
+def test_generated_tables_match_the_registry():
+    """README.md's models table and each family page's defaults table are generated from the registry."""
+    from aitk_inference.pipelines import tables
+
+    assert tables.stale_files() == [], "run `python -m aitk_inference.pipelines.tables` and commit the result"
+    readme = open(os.path.join(tables.ROOT, "README.md"), encoding="utf-8").read()
+    assert all(f"| `{model_id}` |" in readme for model_id in REGISTRY)
+
+
+def test_a_table_without_markers_is_an_error():
+    from aitk_inference.pipelines import tables
+
+    with pytest.raises(ValueError, match="needs exactly one pair of generated-table markers"):
+        tables.render("# page without markers\n", "| a |", "docs/models/x.md")

@@ -180,15 +180,15 @@ def cmd_reproduce(args) -> int:
 
     report = reproduce_job(args.job, base=args.base, lora=args.lora, out_dir=args.out, device=args.device,
                            dtype=args.dtype, model=args.model)
-    print(f"{report['model']} from {report['base']}; LoRA {report['lora']} (step {report['step']}, {report['lora_mode']})")
-    for row in report["samples"]:
-        line = f"{row['file']}: {row['width']}x{row['height']} seed {row['seed']} steps {row['steps']} guidance {row['guidance']}"
-        if row.get("compare"):
-            c = row["compare"]
-            line += f"  vs preview: max {c['max_abs']} mean {c['mean_abs']:.3f} levels, PSNR {c['psnr']:.2f} dB"
+    print(f"{report.model} from {report.base}; LoRA {report.lora} (step {report.step}, {report.lora_mode})")
+    for row in report.samples:
+        line = f"{row.file}: {row.width}x{row.height} seed {row.seed} steps {row.steps} guidance {row.guidance}"
+        if row.compare:
+            c = row.compare
+            line += f"  vs preview: max {c.max_abs} mean {c.mean_abs:.3f} levels, PSNR {c.psnr:.2f} dB"
         print(line)
-    if report.get("sheet"):
-        print(f"side-by-side sheet: {report['sheet']}")
+    if report.sheet:
+        print(f"side-by-side sheet: {report.sheet}")
     return 0
 
 

@@ -152,7 +152,7 @@ def previews_workflow(job: dict, lora_name: str | None = None) -> dict:
         lora_name (str, *optional*): the LoRA file name in ComfyUI/models/loras; defaults to ``<config.name>.safetensors``
             (ai-toolkit's final save).
     """
-    from ..pipelines.jobs.reproduce import build_samples, model_id_for_job, training_process
+    from ..pipelines.jobs.config import build_samples, model_id_for_job, training_process
 
     process = training_process(job, "job config")
     model_id = model_id_for_job(process["model"])
@@ -212,7 +212,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="output file for --job (default: <job name>_previews.json)")
     args = parser.parse_args(argv)
     if args.job:
-        from ..pipelines.jobs.reproduce import find_job_config, read_job_config
+        from ..pipelines.jobs.config import find_job_config, read_job_config
 
         job = read_job_config(find_job_config(args.job))
         out = args.out or f"{job['config'].get('name', 'job')}_previews.json"

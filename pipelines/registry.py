@@ -171,6 +171,11 @@ class Experts:
         return sides.pop() if len(sides) == 1 else None
 
     @staticmethod
+    def without_side(stem: str) -> str:
+        """``stem`` with its expert part removed (``job_000000100_high_noise`` -> ``job_000000100``)."""
+        return _EXPERT_IN_NAME.sub("", stem)
+
+    @staticmethod
     def file_stem(stem: str, side: str) -> str:
         """The file stem ai-toolkit gives one expert's half of a split save."""
         return f"{stem}_{side}_noise"

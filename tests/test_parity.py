@@ -357,7 +357,7 @@ def test_lokr_golden_stores_huge_alpha(parity_dir):
 
 # ---------------------------------------------------------------------------------------------------------------- behaviours
 def _build(samples, **section):
-    from aitk_inference.pipelines.jobs.reproduce import build_samples
+    from aitk_inference.pipelines.jobs.config import build_samples
 
     return build_samples({"samples": samples, **section}, section.pop("trigger_word", None))
 

@@ -71,7 +71,7 @@ def job_dir(tmp_path_factory, tiny_dir):
 
 
 def _rows(report):
-    return {row["index"]: row for row in report["samples"]}
+    return {row.index: row for row in report.samples}
 
 
 def test_reproduce_job_folder(job_dir, tmp_path, tiny_dir):
@@ -81,30 +81,30 @@ def test_reproduce_job_folder(job_dir, tmp_path, tiny_dir):
 
     # 1. No samples/ yet: renders, names like ai-toolkit, picks the final LoRA, applies ai-toolkit's sample rules
     report = reproduce_job(str(job_dir), out_dir=str(tmp_path / "first"), device="cpu", dtype="fp32")
-    assert report["model"] == "flux"
-    assert os.path.basename(report["lora"]) == "job.safetensors" and report["step"] == 300
+    assert report.model == "flux"
+    assert os.path.basename(report.lora) == "job.safetensors" and report.step == 300
     assert "name_or_path: ../" in (job_dir / "config.yaml").read_text()  # relative to the job folder
-    assert os.path.samefile(report["base"], tiny_dir("flux"))
-    assert report["lora_mode"] == "fused"  # one shared multiplier: merged, as ai-toolkit samples
+    assert os.path.samefile(report.base, tiny_dir("flux"))
+    assert report.lora_mode == "fused"  # one shared multiplier: merged, as ai-toolkit samples
     rows = _rows(report)
     assert sorted(rows) == [0, 1, 2]
     for index, expected in EXPECTED.items():
         row = rows[index]
-        assert os.path.basename(row["file"]) == f"job__000000300_{index}.png"
-        assert {k: row[k] for k in expected} == expected
-        assert row["compare"] is None
-        with Image.open(row["file"]) as im:
+        assert os.path.basename(row.file) == f"job__000000300_{index}.png"
+        assert {k: getattr(row, k) for k in expected} == expected
+        assert row.compare is None
+        with Image.open(row.file) as im:
             assert im.size == (expected["width"], expected["height"])
-    assert report["sheet"] is None
+    assert report.sheet is None
 
     # 2. ai-toolkit's samples/: index 0 is our own render (exact), index 1 is off by known amounts (as a JPEG-free
     #    PNG so the numbers are exact), index 2 only exists for another step; an older duplicate of index 0 loses.
     samples = job_dir / "samples"
     samples.mkdir()
-    ours0 = np.asarray(Image.open(rows[0]["file"]).convert("RGB"))
+    ours0 = np.asarray(Image.open(rows[0].file).convert("RGB"))
     Image.fromarray(ours0).save(samples / "1700000000000__000000300_0.png")
     Image.fromarray(255 - ours0).save(samples / "1600000000000__000000300_0.png")
-    ours1 = np.asarray(Image.open(rows[1]["file"]).convert("RGB")).astype(np.int16)
+    ours1 = np.asarray(Image.open(rows[1].file).convert("RGB")).astype(np.int16)
     shifted = ours1.copy()
     shifted[:, : shifted.shape[1] // 2] += np.where(ours1[:, : shifted.shape[1] // 2] > 127, -6, 6)
     Image.fromarray(shifted.astype(np.uint8)).save(samples / "1700000000001__000000300_1.png")
@@ -112,14 +112,14 @@ def test_reproduce_job_folder(job_dir, tmp_path, tiny_dir):
 
     report = reproduce_job(str(job_dir / "config.yaml"), out_dir=str(tmp_path / "second"), device="cpu", dtype="fp32")
     rows = _rows(report)
-    exact = rows[0]["compare"]
-    assert rows[0]["preview"].endswith("1700000000000__000000300_0.png")
-    assert exact["max_abs"] == 0 and exact["mean_abs"] == 0.0 and exact["psnr"] == float("inf")
-    off = rows[1]["compare"]
-    assert off["max_abs"] == 6 and off["mean_abs"] == pytest.approx(3.0, abs=0.01)
-    assert off["psnr"] == pytest.approx(10 * np.log10(255**2 / 18.0), abs=0.05)
-    assert rows[2]["compare"] is None and rows[2]["preview"] is None
-    sheet = report["sheet"]
+    exact = rows[0].compare
+    assert rows[0].preview.endswith("1700000000000__000000300_0.png")
+    assert exact.max_abs == 0 and exact.mean_abs == 0.0 and exact.psnr == float("inf")
+    off = rows[1].compare
+    assert off.max_abs == 6 and off.mean_abs == pytest.approx(3.0, abs=0.01)
+    assert off.psnr == pytest.approx(10 * np.log10(255**2 / 18.0), abs=0.05)
+    assert rows[2].compare is None and rows[2].preview is None
+    sheet = report.sheet
     assert os.path.basename(sheet) == "job__000000300_sheet.png"
     with Image.open(sheet) as im:
         # two compared rows, three panels each (theirs, ours, diff)
@@ -144,8 +144,8 @@ def test_reproduce_cli_with_overrides(job_dir, tmp_path, tiny_dir):
 
 
 def test_job_parsing_rules(tmp_path):
-    from aitk_inference.pipelines.jobs.reproduce import (find_previews, lora_step_from_name, model_id_for_job, newest_lora,
-                                          resolve_job_path)
+    from aitk_inference.pipelines.jobs.config import (find_previews, lora_step_from_name, model_id_for_job, newest_lora,
+                                                      resolve_job_path)
 
     for name in ("job_000000100.safetensors", "job_000000200.safetensors", "other.safetensors"):
         (tmp_path / name).write_bytes(b"")
@@ -157,7 +157,7 @@ def test_job_parsing_rules(tmp_path):
     assert lora_step_from_name("job_000000250_high_noise.safetensors") == 250
     assert lora_step_from_name("job.safetensors") is None
 
-    from aitk_inference.pipelines.jobs.reproduce import with_expert_sibling
+    from aitk_inference.pipelines.jobs.config import with_expert_sibling
 
     wan = tmp_path / "wan"
     wan.mkdir()

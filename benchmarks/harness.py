@@ -18,6 +18,8 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
+from ..pipelines.atomic import atomic_path
+
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
@@ -76,11 +78,9 @@ class Recorder:
         return None
 
     def write(self) -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         payload = {**self.meta, "records": [asdict(r) for r in self.records]}
-        with open(self.path + ".tmp", "w") as f:
+        with atomic_path(self.path) as tmp, open(tmp, "w") as f:
             json.dump(payload, f, indent=1)
-        os.replace(self.path + ".tmp", self.path)
 
 
 def environment(device: str) -> dict:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from fractions import Fraction
 
+from .atomic import atomic_path
+
 VIDEO_EXTENSIONS = (".mp4", ".webp")
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 IMAGE_QUALITY = 95  # JPEG/WEBP stills
@@ -32,11 +34,6 @@ def _check_fps(fps) -> int:
     if isinstance(fps, bool) or not isinstance(fps, int) or not 1 <= fps <= 120:
         raise ValueError(f"`fps` must be an integer in 1..120, got {fps!r}.")
     return fps
-
-
-def _temp_path(path: str) -> str:
-    stem, ext = os.path.splitext(path)
-    return f"{stem}.partial{ext}"  # keeps the extension: PyAV and PIL pick the container from it
 
 
 def write_mp4(frames, path: str, fps: int, audio=None, sample_rate: int | None = None) -> str:
@@ -68,31 +65,24 @@ def write_mp4(frames, path: str, fps: int, audio=None, sample_rate: int | None =
         if audio.ndim != 2 or audio.shape[0] not in (1, 2):
             raise ValueError(f"`audio` must be [channels (1 or 2), samples], got shape {tuple(audio.shape)}.")
 
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    tmp = _temp_path(path)
-    try:
-        with av.open(tmp, mode="w", format="mp4") as container:
-            stream = container.add_stream("libx264", rate=Fraction(fps, 1))
-            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-            stream.options = {"crf": str(MP4_CRF)}
-            audio_stream = None
-            if audio is not None:
-                audio_stream = container.add_stream("aac", rate=int(sample_rate))
-                audio_stream.layout = "stereo" if audio.shape[0] == 2 else "mono"
-            for array in video:
-                container.mux(stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")))
-            container.mux(stream.encode())
-            if audio_stream is not None:
-                # planar float ("fltp"): one row per channel
-                frame = av.AudioFrame.from_ndarray(np.clip(audio, -1.0, 1.0), format="fltp",
-                                                   layout=audio_stream.layout.name)
-                frame.sample_rate = int(sample_rate)
-                container.mux(audio_stream.encode(frame))
-                container.mux(audio_stream.encode())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path) as tmp, av.open(tmp, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps, 1))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"crf": str(MP4_CRF)}
+        audio_stream = None
+        if audio is not None:
+            audio_stream = container.add_stream("aac", rate=int(sample_rate))
+            audio_stream.layout = "stereo" if audio.shape[0] == 2 else "mono"
+        for array in video:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")))
+        container.mux(stream.encode())
+        if audio_stream is not None:
+            # planar float ("fltp"): one row per channel
+            frame = av.AudioFrame.from_ndarray(np.clip(audio, -1.0, 1.0), format="fltp",
+                                               layout=audio_stream.layout.name)
+            frame.sample_rate = int(sample_rate)
+            container.mux(audio_stream.encode(frame))
+            container.mux(audio_stream.encode())
     return path
 
 
@@ -103,15 +93,9 @@ def write_webp(frames, path: str, fps: int) -> str:
     video = _frames_uint8(frames)
     fps = _check_fps(fps)
     images = [Image.fromarray(array) for array in video]
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    tmp = _temp_path(path)
-    try:
+    with atomic_path(path) as tmp:
         images[0].save(tmp, format="WEBP", save_all=True, append_images=images[1:], duration=1000 // fps, loop=0,
                        quality=WEBP_QUALITY)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 
@@ -136,14 +120,12 @@ def write_image(image, path: str, metadata: dict | None = None) -> str:
     ext = os.path.splitext(path)[1].lower()
     if ext not in IMAGE_FORMATS:
         raise ValueError(f"Unsupported image file extension {ext!r} for {path!r}; use .png, .jpg or .webp.")
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    tmp = _temp_path(path)
-    if IMAGE_FORMATS[ext] == "PNG":
-        info = PngInfo()
-        if metadata is not None:
-            info.add_text("parameters", json.dumps(metadata))
-        image.save(tmp, format="PNG", pnginfo=info)
-    else:
-        image.save(tmp, format=IMAGE_FORMATS[ext], quality=IMAGE_QUALITY)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        if IMAGE_FORMATS[ext] == "PNG":
+            info = PngInfo()
+            if metadata is not None:
+                info.add_text("parameters", json.dumps(metadata))
+            image.save(tmp, format="PNG", pnginfo=info)
+        else:
+            image.save(tmp, format=IMAGE_FORMATS[ext], quality=IMAGE_QUALITY)
     return path

@@ -13,6 +13,7 @@ import argparse
 import os
 from collections import OrderedDict
 
+from .atomic import atomic_path
 from .registry import REGISTRY, ModelSpec
 
 START = "<!-- generated from the registry by `python -m aitk_inference.pipelines.tables`; do not edit -->"
@@ -113,7 +114,7 @@ def write_all() -> list[str]:
         full = os.path.join(ROOT, path)
         with open(full, encoding="utf-8") as f:
             text = f.read()
-        with open(full, "w", encoding="utf-8") as f:
+        with atomic_path(full) as tmp, open(tmp, "w", encoding="utf-8") as f:
             f.write(render(text, generated_files()[path], path))
         written.append(path)
     return written

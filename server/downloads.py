@@ -23,6 +23,8 @@ import struct
 from typing import Callable
 from urllib.parse import urljoin, urlsplit
 
+from ..pipelines.atomic import atomic_path
+
 logger = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 5
@@ -136,17 +138,12 @@ def fetch_lora(url: str, cache_dir: str, max_bytes: int, token: str | None = Non
         except DownloadError:
             logger.warning("Cached LoRA %s is invalid; downloading it again.", path)
             os.remove(path)
-    tmp = f"{path}.{os.getpid()}.partial"
-    try:
+    with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             content_type = _stream(url, f, max_bytes, token, token_hosts, should_stop)
         if content_type.startswith("text/html"):
             raise DownloadError(f"{url} returned an HTML page, not a safetensors file; give a direct download link.")
         check_safetensors(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path, False
 
 

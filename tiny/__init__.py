@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import importlib
 import os
-import shutil
-import tempfile
+
+from ..pipelines.atomic import atomic_path
 
 #: bump when a builder changes, so cached tiny models are rebuilt
 KIT_VERSION = "1"
@@ -40,17 +40,8 @@ def native_lora_writer(model_id: str):
 def save_tiny_pipeline(model_id: str, out_dir: str) -> str:
     """Build the tiny pipeline of ``model_id`` and ``save_pretrained`` it to ``out_dir`` (written atomically)."""
     pipe = build_tiny_pipeline(model_id)
-    parent = os.path.dirname(os.path.abspath(out_dir)) or "."
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".tiny-", dir=parent)
-    try:
+    with atomic_path(out_dir, folder=True) as staging:
         pipe.save_pretrained(staging)
-        if os.path.isdir(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    finally:
-        if os.path.isdir(staging):
-            shutil.rmtree(staging, ignore_errors=True)
     return out_dir
 
 

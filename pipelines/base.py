@@ -609,6 +609,15 @@ class AITKPipeline:
         """Map the resolved parameters onto the diffusers pipeline's ``__call__``; every family overrides this."""
         raise NotImplementedError
 
+    def prompt_call(self, params: GenerationParams, negative: bool = True, **family) -> dict:
+        """The ``pipeline_kwargs`` most families start from: the prompt (and the negative, with ``negative``) once per
+        batch item, the size, ``guidance_scale`` and ``output_type="np"``; ``family`` adds or overrides arguments."""
+        call = {"prompt": [params.prompt] * params.batch_size, "width": params.width, "height": params.height,
+                "guidance_scale": params.guidance, "output_type": "np"}
+        if negative:
+            call["negative_prompt"] = [params.negative] * params.batch_size
+        return {**call, **family}
+
     def call_pipeline(self, call: dict):
         """Run the diffusers pipeline; a family that switches pipelines per request (e.g. text vs image input)
         overrides this."""

@@ -440,16 +440,9 @@ class Flex2FamilyPipeline(AITKPipeline):
         return kwargs
 
     def pipeline_kwargs(self, params: GenerationParams) -> dict:
-        kwargs = {
-            "prompt": [params.prompt] * params.batch_size,
-            "width": params.width,
-            "height": params.height,
-            "guidance_scale": params.guidance,
-            "max_sequence_length": T5_MAX_LENGTH,
-            "output_type": "np",
-            "control_strength": params.extra.get("control_strength", 1.0),
-            "control_stop": params.extra.get("control_stop", 1.0),
-        }
+        kwargs = self.prompt_call(params, negative=False, max_sequence_length=T5_MAX_LENGTH,
+                                  control_strength=params.extra.get("control_strength", 1.0),
+                                  control_stop=params.extra.get("control_stop", 1.0))
         if params.control_images:
             kwargs["control_image"] = params.control_images[0]
         if params.extra.get("inpaint_image") is not None:

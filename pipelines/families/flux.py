@@ -24,14 +24,7 @@ class FluxFamilyPipeline(AITKPipeline):
     denoiser = "transformer"
 
     def pipeline_kwargs(self, params: GenerationParams) -> dict:
-        kwargs = {
-            "prompt": [params.prompt] * params.batch_size,
-            "width": params.width,
-            "height": params.height,
-            "guidance_scale": params.guidance,
-            "max_sequence_length": T5_MAX_LENGTH,
-            "output_type": "np",
-        }
+        kwargs = self.prompt_call(params, negative=False, max_sequence_length=T5_MAX_LENGTH)
         if self.spec.pipeline_class == "FluxKontextPipeline":
             from PIL import Image
 

@@ -130,16 +130,8 @@ class Flux2FamilyPipeline(AITKPipeline):
     def pipeline_kwargs(self, params: GenerationParams) -> dict:
         image_seq_len = (params.height // 16) * (params.width // 16)
         schedule = bfl_schedule(params.steps, image_seq_len)
-        kwargs = {
-            "prompt": [params.prompt] * params.batch_size,
-            "width": params.width,
-            "height": params.height,
-            "guidance_scale": params.guidance,
-            "sigmas": schedule[:-1],
-            "max_sequence_length": MAX_SEQUENCE_LENGTH,
-            "text_encoder_out_layers": self.text_encoder_out_layers,
-            "output_type": "np",
-        }
+        kwargs = self.prompt_call(params, negative=False, sigmas=schedule[:-1], max_sequence_length=MAX_SEQUENCE_LENGTH,
+                                  text_encoder_out_layers=self.text_encoder_out_layers)
         if params.control_images:
             kwargs["image"] = [prepare_reference_image(image) for image in params.control_images]
         if self.is_klein and params.guidance > 1.0:

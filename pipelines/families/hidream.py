@@ -249,15 +249,7 @@ class HiDreamFamilyPipeline(AITKPipeline):
             raise ValueError(f"`image_guidance` must be a number in {low}..{high}, got {value!r}.")
 
     def pipeline_kwargs(self, params: GenerationParams) -> dict:
-        kwargs = {
-            "prompt": [params.prompt] * params.batch_size,
-            "negative_prompt": [params.negative] * params.batch_size,
-            "width": params.width,
-            "height": params.height,
-            "guidance_scale": params.guidance,
-            "max_sequence_length": MAX_SEQUENCE_LENGTH,
-            "output_type": "np",
-        }
+        kwargs = self.prompt_call(params, max_sequence_length=MAX_SEQUENCE_LENGTH)
         if self.is_editing:
             kwargs.update(control_image=params.control_images[0],
                           image_guidance_scale=float(params.extra.get("image_guidance", E1_IMAGE_GUIDANCE)))

@@ -69,18 +69,8 @@ class LTX2FamilyPipeline(AITKPipeline):
         return extras
 
     def pipeline_kwargs(self, params: GenerationParams) -> dict:
-        kwargs = {
-            "prompt": [params.prompt] * params.batch_size,
-            "negative_prompt": [params.negative] * params.batch_size,
-            "width": params.width,
-            "height": params.height,
-            "num_frames": params.num_frames,
-            "frame_rate": float(params.fps),
-            "guidance_scale": params.guidance,
-            "max_sequence_length": GEMMA_MAX_LENGTH,
-            "output_type": "np",
-            **self.guidance_kwargs(),
-        }
+        kwargs = self.prompt_call(params, num_frames=params.num_frames, frame_rate=float(params.fps),
+                                  max_sequence_length=GEMMA_MAX_LENGTH, **self.guidance_kwargs())
         if params.control_images:
             from PIL import Image
 

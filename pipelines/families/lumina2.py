@@ -23,12 +23,4 @@ class Lumina2FamilyPipeline(AITKPipeline):
     denoiser = "transformer"
 
     def pipeline_kwargs(self, params: GenerationParams) -> dict:
-        return {
-            "prompt": [params.prompt] * params.batch_size,
-            "negative_prompt": [params.negative] * params.batch_size,
-            "width": params.width,
-            "height": params.height,
-            "guidance_scale": params.guidance,
-            "max_sequence_length": GEMMA_MAX_LENGTH,
-            "output_type": "np",
-        }
+        return self.prompt_call(params, max_sequence_length=GEMMA_MAX_LENGTH)

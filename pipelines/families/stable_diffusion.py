@@ -39,14 +39,7 @@ class StableDiffusionFamilyPipeline(AITKPipeline):
         )
 
     def pipeline_kwargs(self, params: GenerationParams) -> dict:
-        kwargs = {
-            "prompt": [params.prompt] * params.batch_size,
-            "negative_prompt": [params.negative] * params.batch_size,
-            "width": params.width,
-            "height": params.height,
-            "guidance_scale": params.guidance,
-            "output_type": "np",
-        }
+        kwargs = self.prompt_call(params)
         if self.spec.pipeline_class == "StableDiffusionXLPipeline":
             kwargs["guidance_rescale"] = SDXL_GUIDANCE_RESCALE
         return kwargs

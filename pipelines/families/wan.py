@@ -95,16 +95,9 @@ class WanFamilyPipeline(AITKPipeline):
 
     # ------------------------------------------------------------------------------------------------ generation
     def pipeline_kwargs(self, params: GenerationParams) -> dict:
-        kwargs = {
-            "prompt": [params.prompt] * params.batch_size,
-            "negative_prompt": [params.negative] * params.batch_size,
-            "width": params.width,
-            "height": params.height,
-            "num_frames": params.num_frames,
-            "guidance_scale": params.guidance,
-            "max_sequence_length": UMT5_MAX_LENGTH,
-            "output_type": "latent",  # decoded in postprocess, so that decoding is a progress stage of its own
-        }
+        # output_type latent: decoded in postprocess, so that decoding is a progress stage of its own
+        kwargs = self.prompt_call(params, num_frames=params.num_frames, max_sequence_length=UMT5_MAX_LENGTH,
+                                  output_type="latent")
         if self.is_moe:
             kwargs["guidance_scale_2"] = params.guidance
         if params.control_images:

@@ -47,11 +47,4 @@ class ZImageFamilyPipeline(AITKPipeline):
         return super().load_diffusers_pipeline(spec, source, torch_dtype, transformer=transformer, **overrides)
 
     def pipeline_kwargs(self, params: GenerationParams) -> dict:
-        return {
-            "prompt": [params.prompt] * params.batch_size,
-            "negative_prompt": [params.negative] * params.batch_size,
-            "width": params.width,
-            "height": params.height,
-            "guidance_scale": diffusers_guidance(params.guidance),
-            "output_type": "np",
-        }
+        return self.prompt_call(params, guidance_scale=diffusers_guidance(params.guidance))

@@ -49,7 +49,7 @@ class LoraRequest:
 
     Args:
         path (str, *optional*): a ``.safetensors`` file. Either ``path`` or ``state_dict`` is given.
-        strength (float, defaults to 1.0): ai-toolkit's ``network_multiplier``, within ``STRENGTH_RANGE``.
+        strength (float, defaults to 1.0): ai-toolkit's ``network_multiplier``, within ``pipelines.lora.STRENGTH_RANGE``.
         side (str, *optional*): ``"high"`` or ``"low"`` for two-expert (MoE) models; None elsewhere.
         state_dict (Mapping[str, Tensor], *optional*): the LoRA tensors themselves, instead of a file.
         name (str, *optional*): a label for logs and reports; defaults to the file name.
@@ -329,13 +329,13 @@ class LoraStack:
         if unchanged:
             return summaries
         if before_change is None:
-            self._change(wanted)
+            self._apply(wanted)
         else:
             with before_change():
-                self._change(wanted)
+                self._apply(wanted)
         return summaries
 
-    def _change(self, wanted) -> None:
+    def _apply(self, wanted) -> None:
         previous = [(slot, a.loaded, a.strength) for slot, a in self.active.items()]
         try:
             self._transition(wanted)

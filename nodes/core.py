@@ -247,24 +247,19 @@ def load(model: str, base: str = "", dtype: str = "auto", offload: str = "none",
 def apply_lora(pipeline: PipelineHandle, lora: str, strength: float = 1.0, transformer: str = "none") -> PipelineHandle:
     """Apply AITK LoRA: return a new handle with the LoRA appended (``pipeline`` itself is never modified).
 
-    The file is read and checked against the model here (cached by file identity, weights untouched), so a LoRA
-    of the wrong family fails on this node with a message that names the family its keys look like.
+    The LoRA is checked here by the pipeline's own front door (:meth:`AITKPipeline.check_lora`: strength, side,
+    file read and matched against the model, weights untouched; cached by file identity), so a LoRA of the wrong
+    family fails on this node with a message that names the family its keys look like. The handle keeps what the
+    check resolved (the side a family infers from the file name), so Sample applies exactly what the library would.
     """
-    from ..pipelines.lora.stack import LoraRequest
-
     # 1. Validate
     if not isinstance(pipeline, PipelineHandle):
         raise ValueError(f"pipeline must come from Load AITK Pipeline, got {type(pipeline).__name__}.")
     path = resolve_lora(lora)
-    strength = float(strength)
-    if not -2.0 <= strength <= 2.0:
-        raise ValueError(f"LoRA strength {strength} is outside -2..2 (ai-toolkit's network_multiplier range).")
     side = None if _choice("transformer", transformer, TRANSFORMER_SIDES) == "none" else transformer
-    # 2. Check the file against the cached model
-    loaded = pipeline.get_pipeline()
-    with loaded.lock:
-        loaded.loras.load(LoraRequest(path=path, strength=strength, side=side))
-    return dataclasses.replace(pipeline, loras=pipeline.loras + ((path, strength, side),))
+    # 2. Check the LoRA against the cached model
+    checked = pipeline.get_pipeline().check_lora((path, strength, side))
+    return dataclasses.replace(pipeline, loras=pipeline.loras + ((path, checked.strength, checked.request.side),))
 
 
 def sample(

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..pipelines.base import ATTENTION_KERNELS as _KERNELS
+from ..pipelines.lora import STRENGTH_RANGE
 from ..pipelines.runtime.quantize import QUANTIZE_MODES
 from ..pipelines.registry import REGISTRY
 
@@ -166,7 +167,7 @@ APPLY = NodeSpec(
         Field("lora", "COMBO", "A .safetensors LoRA from ComfyUI/models/loras (an API-format workflow may also give "
               "a full path).", options=_lora_files),
         Field("strength", "FLOAT", "ai-toolkit's network_multiplier (1.0 = as trained).", default=1.0,
-              min=-2.0, max=2.0, step=0.01),
+              min=STRENGTH_RANGE[0], max=STRENGTH_RANGE[1], step=0.01),
         Field("transformer", "COMBO", "For two-expert (MoE) models such as Wan 2.2 14B: which expert the file "
               "targets (high or low noise). none for every other model.", default="none",
               options=lambda: list(TRANSFORMER_SIDES)),

@@ -446,6 +446,27 @@ class AITKPipeline:
         """Fill what a family can infer about a LoRA request (Wan 2.2: the expert from the file name)."""
         return request
 
+    def check_lora(self, item):
+        """Check one LoRA against this model without touching any weight: the request completed by the family (Wan
+        2.2 A14B: the expert from a ``*_high_noise``/``*_low_noise`` file name), its strength, its side, and its
+        file read, converted and matched against the model's modules (cached by file identity, so applying it later
+        re-reads nothing). Every way of applying a LoRA (:meth:`set_loras`, the ComfyUI nodes, the server) goes
+        through here.
+
+        Args:
+            item (LoraRequest | str | tuple[str, float] | tuple[str, float, str]): a request, a path, or
+                ``(path, strength[, side])``.
+
+        Returns:
+            CheckedLora: the completed ``request`` (with the side the family inferred), its ``strength`` and
+            ``summary()`` (layout, modules matched, components).
+        """
+        from .lora.stack import as_lora_request
+
+        request = self.complete_lora_request(as_lora_request(item))
+        with self.lock:
+            return self.loras.check(request)
+
     def set_loras(self, loras: Sequence) -> list[dict]:
         """Make ``loras`` the active LoRA set without reloading the base model.
 
@@ -456,12 +477,10 @@ class AITKPipeline:
         Returns:
             list[dict]: per LoRA, its layout, the number of modules matched, and its strength.
         """
-        from .lora.stack import as_lora_request
-
-        requests = [self.complete_lora_request(as_lora_request(item)) for item in loras]
         hooks = {"sequential": self._weights_unhooked, "group": self._group_offload_refreshed}
         with self.lock:
-            return self.loras.set(requests, before_change=hooks.get(self.offload))
+            checked = [self.check_lora(item) for item in loras]
+            return self.loras.set_checked(checked, before_change=hooks.get(self.offload))
 
     @contextlib.contextmanager
     def _group_offload_refreshed(self):

@@ -7,6 +7,8 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, Field
 
+from ..pipelines.lora import STRENGTH_RANGE
+
 TaskStatus = Literal["in_queue", "in_progress", "succeeded", "failed", "canceled"]
 FINISHED = ("succeeded", "failed", "canceled")
 
@@ -15,7 +17,7 @@ FINISHED = ("succeeded", "failed", "canceled")
 class LoraItem(BaseModel):
     path: str = Field(..., description="File relative to WORKFLOWS_BASE_PATH, or an http(s) URL of a .safetensors file.")
     transformer: Optional[Literal["low", "high"]] = Field(None, description="MoE models only: the expert this LoRA is for.")
-    network_multiplier: Optional[float] = Field(None, ge=-2.0, le=2.0, description="LoRA strength (library: strength), default 1.0.")
+    network_multiplier: Optional[float] = Field(None, ge=STRENGTH_RANGE[0], le=STRENGTH_RANGE[1], description="LoRA strength (library: strength), default 1.0.")
 
 
 class PromptItem(BaseModel):

@@ -155,9 +155,7 @@ def test_original_ltx_names_equal_diffusers_names(pipes, tmp_path):
     save_file(_state_dict(targets, ORIGINAL_NAMES, "diffusion_model"), original)
     save_file(_state_dict(targets, {}, "transformer"), diffusers_named)
 
-    from aitk_inference.pipelines.lora.stack import LoraRequest
-
-    a, b = pipe.loras.load(LoraRequest(path=original)), pipe.loras.load(LoraRequest(path=diffusers_named))
+    a, b = pipe.check_lora(original).loaded, pipe.check_lora(diffusers_named).loaded
     assert a.converted.layout.endswith("+ltx_names") and not b.converted.layout.endswith("+ltx_names")
     assert set(a.patches) == set(b.patches) and len(a.patches) == len(targets)
     for key, patch in a.patches.items():

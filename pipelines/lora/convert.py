@@ -201,6 +201,8 @@ def _lokr_patch(params: dict[str, torch.Tensor], alpha: float | None, module_key
         w2_a, w2_b = params["w2_a"], params["w2_b"]
         rank = w2_b.shape[0]
         w2 = (w2_a @ w2_b.flatten(1)).reshape(w2_a.shape[0], *w2_b.shape[1:])
+    if rank is not None and alpha is not None and not math.isfinite(alpha):
+        raise LoraFormatError(f"Module {module_key!r} has a non-finite alpha ({alpha}) on factored LoKr weights.")
     # Full factors: LyCORIS (and so ai-toolkit) forces alpha = rank, i.e. scale 1, whatever alpha the file stores.
     scale = 1.0 if rank is None else (alpha if alpha else rank) / rank
     return ModulePatch("lokr", {"w1": w1 * scale, "w2": w2})
@@ -220,11 +222,19 @@ def _lora_patch(params: dict[str, torch.Tensor], alpha: float | None, module_key
     return ModulePatch("lora", {"down": down, "up": up * scale if scale != 1.0 else up})
 
 
+def _non_finite(tensor: torch.Tensor) -> str | None:
+    """``"NaN"``, ``"inf"`` or ``"NaN and inf"`` for a tensor holding such values; None when every value is finite."""
+    if torch.isfinite(tensor).all():
+        return None
+    return " and ".join(name for name, found in (("NaN", torch.isnan), ("inf", torch.isinf)) if found(tensor).any())
+
+
 def convert_ai_toolkit_lora(
     state_dict: Mapping[str, torch.Tensor],
     denoiser: str,
     module_names: Mapping[str, Iterable[str]],
     name_mapper: Callable[[ConvertedLora], ConvertedLora] | None = None,
+    label: str = "The LoRA file",
 ) -> ConvertedLora:
     """Convert any ai-toolkit LoRA state dict into :class:`ConvertedLora`.
 
@@ -236,10 +246,15 @@ def convert_ai_toolkit_lora(
             kohya's ``_``-flattened names.
         name_mapper (callable, *optional*): a family's renaming stage (original BFL / Wan / LTX names to diffusers),
             applied after the generic parsing.
+        label (str, *optional*): the file's name, for error messages.
 
     Returns:
         ConvertedLora: float32 patches keyed by (component, module path). Module paths that could not be resolved
         start with ``?`` so that the applier can report them.
+
+    Raises:
+        LoraFormatError: for a layout it cannot read, or a weight tensor holding NaN or inf: merged into a model's
+            weights such a value could never be subtracted again (``W + NaN - NaN`` is NaN).
     """
     keys = list(state_dict)
     if not keys:
@@ -255,7 +270,15 @@ def convert_ai_toolkit_lora(
             unknown.append(key)
             continue
         module_key, kind, param = parsed
-        grouped[module_key][param] = state_dict[key].to(torch.float32)
+        tensor = state_dict[key].to(torch.float32)
+        problem = None if kind == "alpha" else _non_finite(tensor)
+        if problem:
+            tensor_name = key[len(module_key) + 1:].split(".")[0]
+            raise LoraFormatError(
+                f"{label}: {module_key}: {tensor_name} holds {problem}. The file is corrupt or the training diverged; "
+                "use an earlier checkpoint."
+            )
+        grouped[module_key][param] = tensor
         if kind != "alpha":
             kinds[module_key].add(kind)
     if unknown:

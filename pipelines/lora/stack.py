@@ -16,8 +16,9 @@ Quantized (FP8) weights cannot take an in-place merge. In fused mode each one ha
 ``pipelines.runtime.quantize``); once a change is complete, every quantized layer it touched is rebuilt as
 ``quantize(master + sum(strength * delta))`` over the LoRAs then active, in place.
 
-Every change is validated against the model before anything is touched, and a failure part-way through puts back
-the previous LoRA set, so a cached pipeline is never left half-patched.
+Every request is checked against the model (:meth:`LoraStack.check`: strength, file, conversion, module match) before
+anything is touched, and a failure part-way through puts back the previous LoRA set, so a cached pipeline is never
+left half-patched.
 """
 
 from __future__ import annotations
@@ -32,12 +33,12 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
+from . import check_strength
 from .convert import ConvertedLora, LoraFormatError, ModulePatch, convert_ai_toolkit_lora, guess_architecture
 from ..runtime.quantize import is_quantized, master_weight, requantize_
 
 logger = logging.getLogger(__name__)
 
-STRENGTH_RANGE = (-2.0, 2.0)
 #: converted LoRA files kept per pipeline (host memory) so that switching back and forth re-reads nothing
 MAX_CONVERTED_CACHED = 8
 
@@ -48,7 +49,7 @@ class LoraRequest:
 
     Args:
         path (str, *optional*): a ``.safetensors`` file. Either ``path`` or ``state_dict`` is given.
-        strength (float, defaults to 1.0): ai-toolkit's ``network_multiplier``, in -2..2.
+        strength (float, defaults to 1.0): ai-toolkit's ``network_multiplier``, within ``pipelines.lora.STRENGTH_RANGE``.
         side (str, *optional*): ``"high"`` or ``"low"`` for two-expert (MoE) models; None elsewhere.
         state_dict (Mapping[str, Tensor], *optional*): the LoRA tensors themselves, instead of a file.
         name (str, *optional*): a label for logs and reports; defaults to the file name.
@@ -134,14 +135,6 @@ def _add_patch_(merged: torch.Tensor, patch: ModulePatch, coefficient: float) ->
         merged.add_(coefficient * patch.delta(merged.device))
 
 
-def _check_strength(strength: float, label: str) -> float:
-    strength = float(strength)
-    lo, hi = STRENGTH_RANGE
-    if not (lo <= strength <= hi):
-        raise ValueError(f"LoRA strength {strength} for {label} is outside {lo}..{hi} (ai-toolkit's network_multiplier range).")
-    return strength
-
-
 @dataclass
 class LoadedLora:
     """A converted LoRA bound to one pipeline's module layout."""
@@ -158,6 +151,23 @@ class LoadedLora:
         kinds = Counter(p.kind for p in self.patches.values())
         return {"name": self.label, "layout": self.converted.layout, "modules": len(self.patches),
                 "components": sorted(self.converted.components()), "kinds": dict(kinds)}
+
+
+@dataclass(frozen=True)
+class CheckedLora:
+    """A request checked against one stack's model, nothing applied yet: ``request`` as checked (a family may have
+    filled in its side), its ``strength`` in range, and its file converted and matched (``loaded``)."""
+
+    request: LoraRequest
+    strength: float
+    loaded: LoadedLora
+
+    @property
+    def slot(self) -> tuple[str, str | None]:
+        return (self.loaded.key, self.request.side)
+
+    def summary(self) -> dict:
+        return {**self.loaded.summary(), "strength": self.strength}
 
 
 @dataclass
@@ -205,7 +215,13 @@ class LoraStack:
         self.stats = Counter()
 
     # ------------------------------------------------------------------ reading and validation
-    def load(self, request: LoraRequest) -> LoadedLora:
+    def check(self, request: LoraRequest) -> CheckedLora:
+        """Check one request against the model without touching any weight: its strength, then its file (read,
+        converted, routed and matched; cached by file identity, so applying it later re-reads nothing)."""
+        strength = check_strength(request.strength, request.label())
+        return CheckedLora(request=request, strength=strength, loaded=self._load(request))
+
+    def _load(self, request: LoraRequest) -> LoadedLora:
         """Read, convert, route and validate one LoRA (cached by file identity); touches no weights."""
         if request.state_dict is not None:
             key = _tensor_identity(request.state_dict)
@@ -218,7 +234,8 @@ class LoraStack:
             self._loaded_cache.move_to_end(cache_key)
             return self._loaded_cache[cache_key]
         tensors = dict(request.state_dict) if request.state_dict is not None else read_lora_file(request.path)[0]
-        converted = convert_ai_toolkit_lora(tensors, self.denoiser, self._module_names, self.name_mapper)
+        converted = convert_ai_toolkit_lora(tensors, self.denoiser, self._module_names, self.name_mapper,
+                                            label=request.label())
         if self.route is not None:
             converted = self.route(converted, request.side)
         elif request.side is not None:
@@ -287,25 +304,26 @@ class LoraStack:
 
     # ------------------------------------------------------------------ the public operation
     def set(self, requests: Sequence[LoraRequest], before_change: Callable[[], object] | None = None) -> list[dict]:
-        """Make ``requests`` the applied LoRA set; unchanged entries are kept, strength-only changes rescale in place.
+        """Check every request (:meth:`check`), then make them the applied set (:meth:`set_checked`)."""
+        return self.set_checked([self.check(request) for request in requests], before_change)
+
+    def set_checked(self, checked: Sequence[CheckedLora], before_change: Callable[[], object] | None = None) -> list[dict]:
+        """Make ``checked`` the applied LoRA set; unchanged entries are kept, strength-only changes rescale in place.
 
         Args:
-            requests (Sequence[LoraRequest]): the wanted set, in order.
-            before_change (callable, *optional*): called once, after every file is read and validated and only when
-                weights will really change; what it returns is used as a context manager around the change (the
-                pipeline uses it to take sequential-offload hooks off the weights while they are patched).
+            checked (Sequence[CheckedLora]): the wanted set, in order, each from this stack's :meth:`check`.
+            before_change (callable, *optional*): called once, only when weights will really change; what it returns
+                is used as a context manager around the change (the pipeline uses it to take sequential-offload hooks
+                off the weights while they are patched).
 
         Returns one summary dict per request (modules matched, layout, strength).
         """
         wanted: "OrderedDict[tuple[str, str | None], tuple[LoadedLora, float]]" = OrderedDict()
-        for request in requests:
-            strength = _check_strength(request.strength, request.label())
-            loaded = self.load(request)
-            slot = (loaded.key, request.side)
-            if slot in wanted:
-                raise ValueError(f"{request.label()} is given twice for the same side; give it once with one strength.")
-            wanted[slot] = (loaded, strength)
-        summaries = [{**loaded.summary(), "strength": strength} for loaded, strength in wanted.values()]
+        for item in checked:
+            if item.slot in wanted:
+                raise ValueError(f"{item.request.label()} is given twice for the same side; give it once with one strength.")
+            wanted[item.slot] = (item.loaded, item.strength)
+        summaries = [item.summary() for item in checked]
         unchanged = list(wanted) == list(self.active) and all(
             self.active[slot].strength == strength for slot, (_, strength) in wanted.items())
         if unchanged:

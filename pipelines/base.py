@@ -56,9 +56,14 @@ class GenerationInterrupted(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------------------------- helpers
+def floor_sample_size(value: int) -> int:
+    """ai-toolkit's sample-config size rule (``GenerateImageConfig``): floor to a multiple of 8, at least 64."""
+    return max(64, value - value % 8)
+
+
 def snap_size(value: int, divisor: int) -> int:
-    """ai-toolkit's size rule: floor to 8 with a minimum of 64, then floor to the family's divisor."""
-    value = max(64, value - value % 8)
+    """ai-toolkit's size rule: :func:`floor_sample_size`, then floor to the family's divisor."""
+    value = floor_sample_size(value)
     return value - value % divisor
 
 

@@ -20,6 +20,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from ..base import floor_sample_size
 from ..prompts import inject_trigger, parse_prompt_flags
 from ..registry import Experts, model_id_for_arch
 
@@ -283,8 +284,8 @@ def build_samples(sample_cfg: dict, trigger_word: str | None) -> list[SampleSpec
             index=i,
             prompt=options.prompt,
             negative=negative if isinstance(negative, str) else "",  # SampleConfig's default neg is False
-            width=max(64, width - width % 8),
-            height=max(64, height - height % 8),
+            width=floor_sample_size(width),
+            height=floor_sample_size(height),
             seed=current_seed if options.seed is None else options.seed,
             steps=int(values["sample_steps"] if options.steps is None else options.steps),
             guidance=float(values["guidance_scale"] if options.guidance is None else options.guidance),

@@ -455,13 +455,13 @@ def test_quantize_fp8_needs_a_cuda_gpu(load_tiny):
 
 
 def test_cache_key_includes_attention_and_quantize(monkeypatch):
-    from aitk_inference.pipelines.runtime import quantize
+    from aitk_inference.pipelines.runtime import options
 
     key = LoadOptions(device="cpu", dtype="fp32").cache_key("flex1")
     assert key[-2:] == ("sdpa", "none") and key[5] == "fused"  # flex1's registry LoRA mode
     assert LoadOptions(device="cpu", dtype="fp32", attention="sdpa").cache_key("flex1") == key
     assert LoadOptions(device="cpu", dtype="fp32", attention="sdpa_math").cache_key("flex1") != key
-    monkeypatch.setattr(quantize, "fp8_unavailable", lambda device: None)  # as on an FP8 GPU
+    monkeypatch.setattr(options, "fp8_unavailable", lambda device: None)  # as on an FP8 GPU
     fp8 = LoadOptions(device="cpu", dtype="fp32", quantize="fp8").cache_key("flex1")
     assert fp8 != key and fp8[-1] == "fp8"
     assert fp8[5] == "fused"  # FP8 weights follow the LoRA mode asked for (or the registry's)

@@ -14,6 +14,7 @@ import os
 import threading
 from collections import Counter, OrderedDict
 
+from ..registry import get_spec
 from .options import LoadOptions
 
 logger = logging.getLogger(__name__)
@@ -30,8 +31,6 @@ def max_entries() -> int:
 def get_pipeline(model_id: str, options: LoadOptions):
     """Return the cached pipeline of ``model_id`` with these load options, loading it (and evicting others) when
     needed."""
-    from ..registry import get_spec
-
     key = options.cache_key(model_id)
     with _lock:
         if key in _entries:

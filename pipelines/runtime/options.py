@@ -12,6 +12,9 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from ..registry import ModelSpec, get_spec
+from .quantize import fp8_option_conflict, fp8_unavailable
+
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 #: every dtype spelling accepted (case-insensitive) -> the torch dtype's name; ``auto`` is decided per device
 TORCH_DTYPE_NAMES = {
@@ -126,22 +129,19 @@ class LoadOptions:
             if getattr(self, option) not in CHOICES[option][1]:
                 raise unknown_option(option, getattr(self, option))
         if self.quantize == "fp8":
-            from .quantize import fp8_option_conflict
-
             conflict = fp8_option_conflict(self.offload)
             if conflict:
                 raise LoadOptionError(conflict + ".", {"quantize": self.quantize, "offload": self.offload})
         if self.lora_mode is not None and self.lora_mode not in LORA_MODES:
             raise unknown_option("lora_mode", self.lora_mode)
 
-    def resolve(self, spec) -> "LoadOptions":
-        """These options with every default decided for ``spec`` (a ``ModelSpec``): the device, the torch dtype,
-        the checkpoint source as ``base`` (the expanded path, or the model's base) and the LoRA mode.
+    def resolve(self, spec: ModelSpec) -> "LoadOptions":
+        """These options with every default decided for ``spec``: the device, the torch dtype, the checkpoint
+        source as ``base`` (the expanded path, or the model's base) and the LoRA mode.
 
         Raises a :class:`LoadOptionError` when the device cannot run them (a CUDA-only attention kernel elsewhere,
         FP8 weights without an FP8 GPU)."""
-        from .accelerate import resolve_device, resolve_dtype
-        from .quantize import fp8_unavailable
+        from .accelerate import resolve_device, resolve_dtype  # accelerate imports this module
 
         device = resolve_device(self.device)
         problem = attention_device_problem(self.attention, device)
@@ -157,8 +157,6 @@ class LoadOptions:
         """The key of the pipeline these options load for ``model_id``; equal for spellings that load the same
         pipeline (``dtype`` None or ``auto`` and the dtype it resolves to, a folder and a link to it, an unset LoRA
         mode and the model's)."""
-        from ..registry import get_spec
-
         resolved = self.resolve(get_spec(model_id))
         source = os.path.realpath(resolved.base) if self.base and os.path.exists(resolved.base) else resolved.base
         return (model_id, source, resolved.device, str(resolved.dtype), resolved.offload, resolved.lora_mode,

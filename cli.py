@@ -210,8 +210,8 @@ def _quiet_libraries() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .pipelines.base import ATTENTION_KERNELS  # light: the registry only, no torch
-    from .pipelines.runtime.quantize import QUANTIZE_MODES
+    from .pipelines.runtime.options import (ATTENTION_KERNELS, COMPILE_MODES, LORA_MODES, OFFLOAD_MODES,  # no torch
+                                            QUANTIZE_MODES)
 
     parser = argparse.ArgumentParser(prog="python -m aitk_inference", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -229,16 +229,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate images with LoRAs")
     p.add_argument("--model", required=True, help="model id (see `models`)")
     add_load_flags(p, "HF repo id, diffusers folder or single .safetensors file (default: the model's base)")
-    p.add_argument("--offload", choices=["none", "model", "sequential", "group"], default="none",
+    p.add_argument("--offload", choices=OFFLOAD_MODES, default="none",
                    help="CPU offload: model (whole components), sequential or group (layer by layer; least memory)")
-    p.add_argument("--lora-mode", choices=["dynamic", "fused"], help="default: the model's")
+    p.add_argument("--lora-mode", choices=LORA_MODES, help="default: the model's")
     p.add_argument("--vae-tiling", action="store_true", help="decode in tiles: far less memory for large videos/images")
-    p.add_argument("--compile", choices=["none", "regional", "full"], default="none",
+    p.add_argument("--compile", choices=COMPILE_MODES, default="none",
                    help="torch.compile the denoiser (regional: its repeated blocks); pays off over many steps/images")
     p.add_argument("--attention", choices=list(ATTENTION_KERNELS), default="sdpa",
                    help="attention kernel of the denoiser: sdpa lets torch pick (diffusers' default); the others force "
                         "one (sdpa_math also runs on CPU; flash_attn, flash_attn_3, sage, xformers need their package)")
-    p.add_argument("--quantize", choices=list(QUANTIZE_MODES), default="none",
+    p.add_argument("--quantize", choices=QUANTIZE_MODES, default="none",
                    help="fp8: FP8 denoiser weights (torchao; CUDA GPU with compute capability 8.9+), less exact; "
                         "with --lora-mode fused the fast mode (LoRAs merged before quantizing, bf16 copy kept in "
                         "host RAM), with dynamic LoRAs run as adapters (least GPU memory); use --compile regional")

@@ -11,7 +11,8 @@ import time
 
 
 def main(argv=None) -> int:
-    from ..pipelines.base import ATTENTION_KERNELS, load_pipeline
+    from ..pipelines.base import load_pipeline
+    from ..pipelines.runtime.options import ATTENTION_KERNELS
     from .harness import PROMPT, compiled_graphs, sync
 
     parser = argparse.ArgumentParser(prog="python -m aitk_inference.benchmarks.compile_probe")

@@ -230,7 +230,7 @@ def bench_transformer(model_id: str, opts: Options, rec: Recorder) -> None:
     """One denoiser forward per variant (median), with the LoRA applied by our ``LoraStack``."""
     import torch
 
-    from ..pipelines.base import resolve_dtype
+    from ..pipelines.runtime.accelerate import resolve_dtype
     from ..pipelines.lora.stack import LoraRequest, LoraStack
     from ..pipelines.runtime.quantize import fp8_unavailable, quantize_denoiser_fp8
     from .models import WORKLOADS, build_transformer, forward_inputs
@@ -348,7 +348,7 @@ def materialize_flux(opts: Options) -> str:
         return tiny_model_dir("flux")
     import torch
 
-    from ..pipelines.base import resolve_dtype
+    from ..pipelines.runtime.accelerate import resolve_dtype
     from .models import build_flux_pipeline
 
     folder = os.path.join(opts.workdir, "flux1-dev-random")
@@ -373,7 +373,8 @@ def bench_flux_pipeline(opts: Options, rec: Recorder) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from ..pipelines.base import AITKPipeline, load_pipeline, resolve_dtype
+    from ..pipelines.base import AITKPipeline, load_pipeline
+    from ..pipelines.runtime.accelerate import resolve_dtype
     from ..pipelines.lora.stack import LoraRequest
     from ..pipelines.runtime.quantize import fp8_unavailable
     from ..pipelines.registry import get_spec

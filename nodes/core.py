@@ -7,26 +7,19 @@ optional, so this module also runs (and is tested) outside ComfyUI. torch is imp
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..pipelines.runtime import cache
 from ..pipelines.registry import get_spec
+from ..pipelines.runtime import cache
+from ..pipelines.runtime.options import LoadOptions
+from .comfy import comfy_module as _comfy
 from .schema import (ATTENTION_KERNELS, COMPILE_MODES, DEVICES, DTYPES, LORA_MODES, OFFLOAD_MODES, QUANTIZE_MODES,
                      TRANSFORMER_SIDES)
 
 logger = logging.getLogger(__name__)
-
-
-def _comfy(module_name: str):
-    """A ComfyUI module (``folder_paths``, ``comfy.utils``...) or None when not running inside ComfyUI."""
-    try:
-        return importlib.import_module(module_name)
-    except ImportError:
-        return None
 
 
 # ---------------------------------------------------------------------------------------------------------------- handle
@@ -39,33 +32,18 @@ class PipelineHandle:
 
     Args:
         model (str): the registry model id.
-        base (str, *optional*): resolved base checkpoint (path or repo id); None = the model's default.
-        dtype (str): ``auto``, ``fp32``, ``bf16`` or ``fp16``.
-        offload (str): ``none``, ``model`` or ``sequential``.
-        device (str, *optional*): torch device string; None = the library's choice.
+        options (LoadOptions): the load options (base resolved to a path or repo id; device None = the library's
+            choice).
         loras (tuple[tuple[str, float, str | None], ...], defaults to ()): (path, strength, side) per LoRA, in order.
-        lora_mode (str, *optional*): ``dynamic`` or ``fused``; None = the model's registry setting.
-        compile (str, defaults to "none"): ``none`` or ``regional``.
-        attention (str, defaults to "sdpa"): the attention kernel, a key of ``pipelines.base.ATTENTION_KERNELS``.
-        quantize (str, defaults to "none"): ``none`` or ``fp8``.
     """
 
     model: str
-    base: str | None
-    dtype: str
-    offload: str
-    device: str | None
+    options: LoadOptions
     loras: tuple[tuple[str, float, str | None], ...] = ()
-    lora_mode: str | None = None
-    compile: str = "none"
-    attention: str = "sdpa"
-    quantize: str = "none"
 
     def get_pipeline(self):
         """The cached pipeline for these settings (loaded on first use or after an eviction)."""
-        return cache.get_pipeline(self.model, base=self.base, device=self.device, dtype=self.dtype,
-                                  offload=self.offload, lora_mode=self.lora_mode, compile=self.compile,
-                                  attention=self.attention, quantize=self.quantize)
+        return cache.get_pipeline(self.model, self.options)
 
     def lora_requests(self) -> list:
         from ..pipelines.lora.stack import LoraRequest
@@ -93,12 +71,6 @@ class SampleOutput:
 
 
 # ---------------------------------------------------------------------------------------------------------------- files
-def lora_choices() -> list[str]:
-    """LoRA files in ComfyUI's ``loras`` folders (empty outside ComfyUI)."""
-    folder_paths = _comfy("folder_paths")
-    return list(folder_paths.get_filename_list("loras")) if folder_paths else []
-
-
 def resolve_base(base: str) -> str | None:
     """Resolve the Load node's ``base``: empty -> None, a path, a folder under ``models/diffusers``, or a repo id."""
     base = (base or "").strip()
@@ -235,9 +207,10 @@ def load(model: str, base: str = "", dtype: str = "auto", offload: str = "none",
     _choice("compile", compile, COMPILE_MODES)
     _choice("attention", attention, ATTENTION_KERNELS)
     _choice("quantize", quantize, QUANTIZE_MODES)
-    handle = PipelineHandle(model=model, base=resolve_base(base), dtype=dtype, offload=offload,
-                            device=resolve_device(device), lora_mode=None if lora_mode == "model default" else lora_mode,
-                            compile=compile, attention=attention, quantize=quantize)
+    options = LoadOptions(base=resolve_base(base), device=resolve_device(device), dtype=dtype, offload=offload,
+                          lora_mode=None if lora_mode == "model default" else lora_mode, compile=compile,
+                          attention=attention, quantize=quantize)
+    handle = PipelineHandle(model=model, options=options)
     # 2. Get pipeline from cache (loads it on a miss, so load errors show on this node)
     install_memory_hook()
     handle.get_pipeline()

@@ -10,23 +10,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..pipelines.base import ATTENTION_KERNELS as _KERNELS
 from ..pipelines.lora import STRENGTH_RANGE
-from ..pipelines.runtime.quantize import QUANTIZE_MODES
 from ..pipelines.registry import REGISTRY
+from ..pipelines.runtime import options as load_options
+from ..pipelines.runtime.options import ATTENTION_KERNELS, DTYPES, OFFLOAD_MODES, QUANTIZE_MODES
+from .comfy import lora_choices
 
 CATEGORY = "AITK Inference"
 PIPELINE_TYPE = "AITK_PIPELINE"
 WIDGET_TYPES = ("COMBO", "STRING", "INT", "FLOAT", "BOOLEAN")
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 
-DTYPES = ("auto", "fp32", "bf16", "fp16")
-OFFLOAD_MODES = ("none", "model", "sequential", "group")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 TRANSFORMER_SIDES = ("none", "high", "low")
-LORA_MODES = ("model default", "dynamic", "fused")
-COMPILE_MODES = ("none", "regional")
-ATTENTION_KERNELS = tuple(_KERNELS)
+#: the load options' choices as the Load node offers them: "model default" stands for an unset LoRA mode, and
+#: compile leaves out "full"
+LORA_MODES = ("model default", *load_options.LORA_MODES)
+COMPILE_MODES = tuple(mode for mode in load_options.COMPILE_MODES if mode != "full")
 
 
 @dataclass(frozen=True)
@@ -107,12 +107,6 @@ def _model_ids() -> list[str]:
     return list(REGISTRY)
 
 
-def _lora_files() -> list[str]:
-    from .core import lora_choices
-
-    return lora_choices()
-
-
 _FIRST = next(iter(REGISTRY.values()))
 
 LOAD = NodeSpec(
@@ -165,7 +159,7 @@ APPLY = NodeSpec(
         Field("pipeline", PIPELINE_TYPE, "The pipeline handle from Load AITK Pipeline or another Apply AITK "
               "LoRA."),
         Field("lora", "COMBO", "A .safetensors LoRA from ComfyUI/models/loras (an API-format workflow may also give "
-              "a full path).", options=_lora_files),
+              "a full path).", options=lora_choices),
         Field("strength", "FLOAT", "ai-toolkit's network_multiplier (1.0 = as trained).", default=1.0,
               min=STRENGTH_RANGE[0], max=STRENGTH_RANGE[1], step=0.01),
         Field("transformer", "COMBO", "For two-expert (MoE) models such as Wan 2.2 14B: which expert the file "

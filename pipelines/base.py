@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from .runtime import accelerate
+from .runtime.options import LoadOptions
 from .runtime.readahead import start_readahead
 from .registry import ModelSpec, get_spec
 
@@ -29,26 +31,7 @@ MAX_BATCH = 16
 MAX_SEED = 2**64 - 1
 RANDOM_SEED_MAX = 2**32 - 1  # ai-toolkit draws random seeds in [0, 2^32 - 1]
 
-OFFLOAD_MODES = ("none", "model", "sequential", "group")
-#: attention kernel choices -> diffusers attention backends (``ModelMixin.set_attention_backend``). ``sdpa`` is
-#: diffusers' default (torch's scaled_dot_product_attention picks its kernel); the ``sdpa_*`` names force one of
-#: torch's kernels; the rest need their own package (flash-attn, flash-attn 3, sageattention, xformers).
-ATTENTION_KERNELS = {
-    "sdpa": "native",
-    "sdpa_cudnn": "_native_cudnn",
-    "sdpa_flash": "_native_flash",
-    "sdpa_efficient": "_native_efficient",
-    "sdpa_math": "_native_math",
-    "flash_attn": "flash",
-    "flash_attn_3": "_flash_3",
-    "sage": "sage",
-    "xformers": "xformers",
-}
-#: where torch.compile keeps its compiled kernels between processes (unless TORCHINDUCTOR_CACHE_DIR is set)
-COMPILE_CACHE_ENV = "AITK_COMPILE_CACHE"
-
 ProgressCallback = Callable[[int, int], None]
-COMPILE_MODES = (None, "none", "regional", "full")
 
 
 class GenerationInterrupted(RuntimeError):
@@ -77,41 +60,6 @@ def apply_trigger(prompt: str, trigger_word: str | None) -> str:
     if not trigger_word:
         return prompt
     return prompt.replace("[trigger]", trigger_word).replace("[name]", trigger_word)
-
-
-def resolve_device(device: str | None) -> str:
-    import torch
-
-    if device:
-        return str(device)
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-_DTYPE_NAMES = {
-    "fp32": "float32", "float32": "float32", "float": "float32",
-    "bf16": "bfloat16", "bfloat16": "bfloat16",
-    "fp16": "float16", "float16": "float16", "half": "float16",
-}
-
-
-def resolve_dtype(dtype, device: str):
-    """``None``/``"auto"``: float32 on CPU, bfloat16 on GPUs that support it, else float16."""
-    import torch
-
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in (None, "auto", ""):
-        if device.startswith("cuda"):
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    name = _DTYPE_NAMES.get(str(dtype).lower())
-    if name is None:
-        raise ValueError(f"Unknown dtype {dtype!r}; use one of auto, fp32, bf16, fp16.")
-    return getattr(torch, name)
 
 
 def to_pil_rgb(image):
@@ -249,61 +197,26 @@ class AITKPipeline:
 
     # ------------------------------------------------------------------------------------------------ loading
     @classmethod
-    def from_spec(
-        cls,
-        spec: ModelSpec,
-        base: str | None = None,
-        device: str | None = None,
-        dtype=None,
-        offload: str | None = None,
-        lora_mode: str | None = None,
-        compile: str | None = None,
-        attention: str | None = None,
-        quantize: str | None = None,
-    ) -> "AITKPipeline":
-        """Load ``spec``'s pipeline from ``base`` (HF repo id, diffusers folder or single file; default: the spec's)."""
-        from .runtime.quantize import QUANTIZE_MODES, fp8_option_conflict, fp8_unavailable
-
-        device = resolve_device(device)
-        torch_dtype = resolve_dtype(dtype, device)
-        offload = offload or "none"
-        if offload not in OFFLOAD_MODES:
-            raise ValueError(f"Unknown offload mode {offload!r}; use one of {', '.join(OFFLOAD_MODES)}.")
-        if compile not in COMPILE_MODES:
-            raise ValueError(f"Unknown compile mode {compile!r}; use none, regional or full.")
-        attention = attention or "sdpa"
-        if attention not in ATTENTION_KERNELS:
-            raise ValueError(f"Unknown attention kernel {attention!r}; use one of {', '.join(ATTENTION_KERNELS)}.")
-        if attention not in ("sdpa", "sdpa_math") and not device.startswith("cuda"):  # before a long load
-            raise ValueError(f"attention={attention!r} is a CUDA kernel; on {device} use 'sdpa' or 'sdpa_math'.")
-        quantize = quantize or "none"
-        if quantize not in QUANTIZE_MODES:
-            raise ValueError(f"Unknown quantize mode {quantize!r}; use one of {', '.join(QUANTIZE_MODES)}.")
-        if quantize == "fp8":
-            problem = fp8_unavailable(device) or fp8_option_conflict(offload)
-            if problem:
-                raise ValueError(problem + ".")
-        lora_mode = lora_mode or spec.lora_mode
-        if lora_mode not in ("dynamic", "fused"):
-            raise ValueError(f"Unknown LoRA mode {lora_mode!r}; use dynamic or fused.")
-        source = os.path.expanduser(base) if base else spec.base
+    def from_spec(cls, spec: ModelSpec, options: LoadOptions | None = None) -> "AITKPipeline":
+        """Load ``spec``'s pipeline with ``options`` (default: ``LoadOptions()``, the model's base checkpoint on the
+        best device); every option is checked before any weights load."""
+        options = (options or LoadOptions()).resolve(spec)
+        source, device, torch_dtype, offload = options.base, options.device, options.dtype, options.offload
         started = time.perf_counter()
         start_readahead(source)
-        # Without offloading the weights are read straight onto the device (no CPU copy on the way).
-        load_options = {"device_map": device} if offload == "none" and device in _direct_load_devices() else {}
-        pipe = cls.load_diffusers_pipeline(spec, source, torch_dtype, **load_options)
+        pipe = cls.load_diffusers_pipeline(spec, source, torch_dtype, **accelerate.direct_load_options(device, offload))
         if spec.scheduler is not None:
             pipe.scheduler = cls.make_scheduler(spec)
         pipe.set_progress_bar_config(disable=True)
-        cls.place(pipe, device, offload)
+        accelerate.place(pipe, device, offload)
         logger.info("Loaded %s from %s in %.2fs (%s, %s, offload=%s)", spec.model_id, source,
                     time.perf_counter() - started, device, torch_dtype, offload)
-        pipeline = cls(spec, pipe, device, torch_dtype, offload, lora_mode, source)
-        pipeline.set_attention_kernel(attention)
-        if quantize == "fp8":
+        pipeline = cls(spec, pipe, device, torch_dtype, offload, options.lora_mode, source)
+        pipeline.set_attention_kernel(options.attention)
+        if options.quantize == "fp8":
             pipeline.quantize_fp8()
-        if compile not in (None, "none"):
-            pipeline.compile_denoiser(compile)
+        if options.compile != "none":
+            pipeline.compile_denoiser(options.compile)
         return pipeline
 
     @classmethod
@@ -335,45 +248,17 @@ class AITKPipeline:
 
         return getattr(diffusers, spec.scheduler.class_name).from_config(dict(spec.scheduler.config))
 
-    @staticmethod
-    def place(pipe, device: str, offload: str) -> None:
-        """Move the pipeline to ``device`` or set up CPU offloading: ``model`` (whole components move in and out),
-        ``sequential`` (accelerate, layer by layer: least memory, slowest) or ``group`` (diffusers group offloading,
-        layer by layer with transfers overlapped on a CUDA stream)."""
-        import torch
-
-        if offload == "none":
-            pipe.to(device)
-        elif offload == "model":
-            pipe.enable_model_cpu_offload(device=device)
-        elif offload == "sequential":
-            pipe.enable_sequential_cpu_offload(device=device)
-        else:
-            pipe.enable_group_offload(onload_device=torch.device(device), offload_device=torch.device("cpu"),
-                                      offload_type="leaf_level", use_stream=str(device).startswith("cuda"))
+    # ------------------------------------------------------------------------------------------------ acceleration
+    # Thin methods over ``runtime.accelerate`` that apply to this pipeline's ``denoisers()`` and record the setting.
+    place = staticmethod(accelerate.place)
 
     def compile_denoiser(self, mode: str = "regional", **compile_kwargs) -> None:
-        """``torch.compile`` the denoiser in place; the first generation pays the compilation.
-
-        Args:
-            mode (str, defaults to "regional"): ``regional`` compiles the repeated transformer block classes once each
-                (``compile_repeated_blocks(fullgraph=True)``, fast to compile); ``full`` compiles the whole denoiser.
-            **compile_kwargs: passed on to ``torch.compile`` (``backend``, ``mode``...).
+        """``torch.compile`` the denoiser(s) in place (see ``accelerate.compile_denoiser``).
 
         In ``fused`` LoRA mode strength changes and LoRA switches edit the weights in place, so the compiled graphs
         are reused (no recompilation). In ``dynamic`` mode adding PEFT layers or changing a strength recompiles.
         """
-        if mode not in ("regional", "full"):
-            raise ValueError(f"Unknown compile mode {mode!r}; use regional or full.")
-        use_persistent_compile_cache()
-        for denoiser in self.denoisers():
-            if mode == "full":
-                denoiser.compile(**compile_kwargs)
-            elif getattr(denoiser, "_repeated_blocks", None):
-                denoiser.compile_repeated_blocks(fullgraph=True, **compile_kwargs)
-            else:
-                raise ValueError(f"{type(denoiser).__name__} declares no repeated blocks to compile regionally; "
-                                 "use compile='full'.")
+        accelerate.compile_denoiser(self.denoisers(), mode, **compile_kwargs)
         self.compiled = mode
 
     def denoisers(self) -> list:
@@ -382,53 +267,20 @@ class AITKPipeline:
         return [getattr(self.pipe, self.denoiser)]
 
     def set_attention_kernel(self, kernel: str) -> None:
-        """Run the denoiser's attention with ``kernel`` (a key of ``ATTENTION_KERNELS``).
-
-        ``sdpa`` leaves a denoiser that cannot choose (UNets, OmniGen2) as it is; any other kernel raises for it.
-        Kernels of the same attention differ only in floating-point rounding.
-        """
-        import diffusers
-
-        if kernel not in ATTENTION_KERNELS:
-            raise ValueError(f"Unknown attention kernel {kernel!r}; use one of {', '.join(ATTENTION_KERNELS)}.")
-        denoisers = self.denoisers()
-        selectable = all(any(hasattr(getattr(m, "processor", None), "_attention_backend") for m in denoiser.modules())
-                         for denoiser in denoisers)
-        if not selectable:
-            if kernel != "sdpa":
-                raise ValueError(f"{self.spec.model_id}'s {type(denoisers[0]).__name__} cannot choose its attention "
-                                 "kernel; use attention='sdpa'.")
-            return
-        if kernel not in ("sdpa", "sdpa_math") and not str(self.device).startswith("cuda"):
-            raise ValueError(f"attention={kernel!r} is a CUDA kernel; on {self.device} use 'sdpa' or 'sdpa_math'.")
-        # Set even for the default: diffusers keeps one process-wide active backend, which another pipeline may
-        # have changed; naming it on every attention layer makes this model independent of that.
-        quiet = diffusers.utils.logging.get_logger("diffusers.models.modeling_utils")
-        level = quiet.level
-        quiet.setLevel(logging.ERROR)  # "Attention backends are an experimental feature" on every call
-        try:
-            for denoiser in denoisers:
-                denoiser.set_attention_backend(ATTENTION_KERNELS[kernel])
-        except (RuntimeError, ImportError) as e:
-            raise ValueError(f"attention={kernel!r} is not usable here: {e}") from e
-        finally:
-            quiet.setLevel(level)
+        """Run the denoiser's attention with ``kernel``, a key of ``runtime.options.ATTENTION_KERNELS`` (see
+        ``accelerate.set_attention_kernel``)."""
+        accelerate.set_attention_kernel(self.denoisers(), kernel, self.device, self.spec.model_id)
         self.attention = kernel
 
     def quantize_fp8(self) -> None:
         """Give the denoiser's block Linears FP8 weights (see ``pipelines.runtime.quantize``). In ``fused`` LoRA mode LoRAs
         are merged before quantizing (a host copy of the weights is kept for that); in ``dynamic`` mode they run as
         adapters next to the FP8 layers."""
-        from .runtime.quantize import fp8_option_conflict, fp8_unavailable, quantize_denoiser_fp8
-
-        problem = fp8_unavailable(self.device) or fp8_option_conflict(self.offload)
-        if problem:
-            raise ValueError(problem + ".")
         if self.loras.active:
             raise ValueError("Quantize before applying LoRAs: remove them with set_loras([]) and apply them again "
                              "after quantize_fp8().")
         keep_master = self.lora_mode == "fused"
-        count = sum(quantize_denoiser_fp8(denoiser, keep_master) for denoiser in self.denoisers())
+        count = accelerate.quantize_fp8(self.denoisers(), self.device, self.offload, keep_master)
         logger.info("%s: %d block Linear layers now have FP8 weights (LoRAs %s)", self.spec.model_id, count,
                     "merged before quantizing" if keep_master else "as adapters")
         self.quantize = "fp8"
@@ -713,24 +565,6 @@ class AITKPipeline:
                 f"quantize={self.quantize!r})")
 
 
-def _direct_load_devices() -> tuple[str, ...]:
-    """Devices diffusers' pipeline loader can place weights on while reading them (its ``device_map`` strings)."""
-    from diffusers.utils.torch_utils import get_device
-
-    return (get_device(), "cpu")
-
-
-def use_persistent_compile_cache() -> str:
-    """Keep torch.compile's kernels in a folder that outlives the process and /tmp clean-ups, so that a later process
-    compiling the same graphs loads them instead of generating them again. ``TORCHINDUCTOR_CACHE_DIR`` wins when
-    set; else ``AITK_COMPILE_CACHE``; else ``~/.cache/aitk_inference/torchinductor``. Returns the folder used."""
-    folder = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or os.path.expanduser(
-        os.environ.get(COMPILE_CACHE_ENV) or os.path.join("~", ".cache", "aitk_inference", "torchinductor"))
-    os.makedirs(folder, exist_ok=True)
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
-    return folder
-
-
 def load_pipeline(
     model_id: str,
     base: str | None = None,
@@ -754,18 +588,20 @@ def load_pipeline(
         lora_mode (str, *optional*): ``dynamic`` or ``fused``; defaults to the model's registry setting.
         compile (str, *optional*): ``none`` (default), ``regional`` or ``full`` torch.compile of the denoiser (see
             :meth:`AITKPipeline.compile_denoiser`; use with ``lora_mode="fused"`` to avoid recompiles). Compiled
-            kernels are kept on disk (see :func:`use_persistent_compile_cache`), so a later process compiles faster.
-        attention (str, *optional*): the attention kernel, a key of ``ATTENTION_KERNELS``; ``sdpa`` (default) is
-            diffusers' default.
+            kernels are kept on disk (see ``runtime.accelerate.use_persistent_compile_cache``), so a later process
+            compiles faster.
+        attention (str, *optional*): the attention kernel, a key of ``runtime.options.ATTENTION_KERNELS``; ``sdpa``
+            (default) is diffusers' default.
         quantize (str, *optional*): ``none`` (default) or ``fp8``: FP8 weights for the denoiser's blocks (torchao; a
             CUDA GPU with compute capability 8.9+; less exact, see BENCHMARKS.md; use with ``compile="regional"``).
             With ``lora_mode="fused"`` LoRAs are merged before quantizing (the fast mode; keeps a bf16 host copy of
             the quantized weights); with ``dynamic`` they run as adapters (about half the transformer's GPU memory).
     """
     spec = get_spec(model_id)
-    return spec.family_class().from_spec(spec, base=base, device=device, dtype=dtype, offload=offload,
-                                         lora_mode=lora_mode, compile=compile, attention=attention, quantize=quantize)
+    options = LoadOptions(base=base, device=device, dtype=dtype, offload=offload, lora_mode=lora_mode, compile=compile,
+                          attention=attention, quantize=quantize)
+    return spec.family_class().from_spec(spec, options)
 
 
-__all__ = ["ATTENTION_KERNELS", "AITKPipeline", "GenerationInterrupted", "GenerationParams", "GenerationResult", "load_pipeline",
+__all__ = ["AITKPipeline", "GenerationInterrupted", "GenerationParams", "GenerationResult", "load_pipeline",
            "snap_size", "snap_frames", "apply_trigger"]

@@ -6,16 +6,26 @@ For base overrides the two maps are merged per model id, the CLI's entry winning
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
-from ..pipelines.base import ATTENTION_KERNELS, OFFLOAD_MODES
-from ..pipelines.runtime.quantize import QUANTIZE_MODES, fp8_option_conflict
 from ..pipelines.registry import get_spec
+from ..pipelines.runtime.options import LoadOptionError, LoadOptions
 
 GIB = 1024**3
 MIB = 1024**2
+#: load option -> the environment variable that sets it (``base`` comes per model from ``AITK_BASES``/``--base``)
+LOAD_OPTION_ENV = {
+    "device": "DEVICE",
+    "dtype": "AITK_DTYPE",
+    "offload": "OFFLOAD_MODE",
+    "lora_mode": "AITK_LORA_MODE",
+    "compile": "AITK_COMPILE",
+    "attention": "AITK_ATTENTION",
+    "quantize": "AITK_QUANTIZE",
+}
 
 
 def parse_bases(items: Sequence[str], source: str) -> dict[str, str]:
@@ -33,6 +43,19 @@ def parse_bases(items: Sequence[str], source: str) -> dict[str, str]:
 
 def _split(value: str) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def load_options_from_env(env: Mapping[str, str]) -> LoadOptions:
+    """The load options the ``LOAD_OPTION_ENV`` variables set (case-insensitive); a bad value raises a ValueError
+    that names the variable."""
+    values = {option: (env.get(name) or "").strip().lower() for option, name in LOAD_OPTION_ENV.items()}
+    try:
+        return LoadOptions(**values)
+    except LoadOptionError as e:
+        settings = " with ".join(f"{LOAD_OPTION_ENV[option]}={value!r}" for option, value in e.options.items())
+        if e.choices:
+            raise ValueError(f"{settings} is not valid; use one of {', '.join(e.choices)}.") from None
+        raise ValueError(f"{settings}: {e}") from None
 
 
 def _number(env: Mapping[str, str], name: str, default, kind=int, minimum=1):
@@ -57,19 +80,17 @@ class Settings:
         port (int, defaults to 8000): ``PORT``.
         base_url (str, *optional*): public URL used in ``status_url``/``result_url`` (``BASE_URL``); defaults to
             ``http://{host}:{port}``.
-        device (str, *optional*): ``DEVICE`` (cuda, cuda:1, cpu, mps); defaults to CUDA when available.
-        dtype (str, defaults to auto): ``AITK_DTYPE`` (auto, fp32, bf16, fp16).
-        offload_mode (str, defaults to none): ``OFFLOAD_MODE`` (none, model, sequential, group).
-        lora_mode (str, *optional*): ``AITK_LORA_MODE`` (dynamic, fused); defaults to each model's registry setting.
+        load (LoadOptions, defaults to ``LoadOptions()``): the load options of every model, from ``DEVICE`` (cuda,
+            cuda:1, cpu, mps; defaults to CUDA when available), ``AITK_DTYPE`` (auto, fp32, bf16, fp16),
+            ``OFFLOAD_MODE`` (none, model, sequential, group), ``AITK_LORA_MODE`` (dynamic, fused; defaults to each
+            model's registry setting), ``AITK_COMPILE`` (none, regional, full: torch.compile the denoiser once per
+            loaded pipeline; strength changes and LoRA switches never recompile), ``AITK_ATTENTION`` (a key of
+            ``pipelines.runtime.options.ATTENTION_KERNELS``; sdpa is diffusers' default, the others force one
+            kernel) and ``AITK_QUANTIZE`` (none, fp8: FP8 denoiser weights on a CUDA GPU with compute capability
+            8.9+, torchao; with ``AITK_LORA_MODE=fused`` LoRAs are merged before quantizing (the fast mode),
+            otherwise they run as live adapters; ``OFFLOAD_MODE`` must stay none). ``bases`` sets ``base`` per model.
         vae_tiling (bool, defaults to False): ``AITK_VAE_TILING`` (1/true): decode in tiles, far less memory for large
             videos at some speed.
-        compile (str, defaults to none): ``AITK_COMPILE`` (none, regional, full): torch.compile the denoiser once per
-            loaded pipeline; strength changes and LoRA switches never recompile.
-        attention (str, defaults to sdpa): ``AITK_ATTENTION``, the denoiser's attention kernel (a key of
-            ``pipelines.base.ATTENTION_KERNELS``); sdpa is diffusers' default, the others force one kernel.
-        quantize (str, defaults to none): ``AITK_QUANTIZE`` (none, fp8): FP8 denoiser weights (CUDA GPU with compute
-            capability 8.9+, torchao); with ``AITK_LORA_MODE=fused`` LoRAs are merged before quantizing (the fast
-            mode), otherwise they run as live adapters; ``OFFLOAD_MODE`` must stay none.
         workflows_base_path (str, defaults to /app/ai-toolkit/lora_weights): ``WORKFLOWS_BASE_PATH``; local
             ``loras[].path`` values are relative to it and may not leave it.
         output_base_path (str, defaults to /tmp/inference_output): ``OUTPUT_BASE_PATH``; outputs and the task
@@ -92,13 +113,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     base_url: str | None = None
-    device: str | None = None
-    dtype: str = "auto"
-    offload_mode: str = "none"
-    lora_mode: str | None = None
-    compile: str = "none"
-    attention: str = "sdpa"
-    quantize: str = "none"
+    load: LoadOptions = field(default_factory=LoadOptions)
     vae_tiling: bool = False
     workflows_base_path: str = "/app/ai-toolkit/lora_weights"
     output_base_path: str = "/tmp/inference_output"
@@ -114,21 +129,9 @@ class Settings:
     control_image_max_pixels: int = 4096 * 4096
     token_hosts: tuple = ("huggingface.co", "hf.co")
 
-    def __post_init__(self):
-        if self.offload_mode not in OFFLOAD_MODES:
-            raise ValueError(f"OFFLOAD_MODE={self.offload_mode!r} is not valid; use one of {', '.join(OFFLOAD_MODES)}.")
-        if self.lora_mode not in (None, "dynamic", "fused"):
-            raise ValueError(f"AITK_LORA_MODE={self.lora_mode!r} is not valid; use dynamic or fused (or leave it unset).")
-        if self.compile not in ("none", "regional", "full"):
-            raise ValueError(f"AITK_COMPILE={self.compile!r} is not valid; use none, regional or full.")
-        if self.attention not in ATTENTION_KERNELS:
-            raise ValueError(f"AITK_ATTENTION={self.attention!r} is not valid; use one of "
-                             f"{', '.join(ATTENTION_KERNELS)}.")
-        if self.quantize not in QUANTIZE_MODES:
-            raise ValueError(f"AITK_QUANTIZE={self.quantize!r} is not valid; use one of {', '.join(QUANTIZE_MODES)}.")
-        conflict = fp8_option_conflict(self.offload_mode) if self.quantize == "fp8" else None
-        if conflict:
-            raise ValueError(f"AITK_QUANTIZE=fp8 with OFFLOAD_MODE={self.offload_mode!r}: {conflict}.")
+    def load_options(self, model_id: str) -> LoadOptions:
+        """The load options of ``model_id``: ``load`` with the model's base override."""
+        return dataclasses.replace(self.load, base=self.bases.get(model_id))
 
     @property
     def public_url(self) -> str:
@@ -150,13 +153,7 @@ class Settings:
             host=host or env.get("HOST") or defaults.host,
             port=port if port is not None else _number(env, "PORT", defaults.port, minimum=0),
             base_url=env.get("BASE_URL") or None,
-            device=env.get("DEVICE") or None,
-            dtype=env.get("AITK_DTYPE") or defaults.dtype,
-            offload_mode=(env.get("OFFLOAD_MODE") or defaults.offload_mode).lower(),
-            lora_mode=(env.get("AITK_LORA_MODE") or "").lower() or None,
-            compile=(env.get("AITK_COMPILE") or defaults.compile).lower(),
-            attention=(env.get("AITK_ATTENTION") or defaults.attention).lower(),
-            quantize=(env.get("AITK_QUANTIZE") or defaults.quantize).lower(),
+            load=load_options_from_env(env),
             vae_tiling=(env.get("AITK_VAE_TILING") or "").lower() in ("1", "true", "yes", "on"),
             workflows_base_path=os.path.abspath(os.path.expanduser(env.get("WORKFLOWS_BASE_PATH") or defaults.workflows_base_path)),
             output_base_path=os.path.abspath(os.path.expanduser(env.get("OUTPUT_BASE_PATH") or defaults.output_base_path)),

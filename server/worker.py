@@ -42,8 +42,8 @@ class Worker:
     Args:
         settings (Settings): device, dtype, offload, base overrides, timeout, download limits.
         store (TaskStore): where task state is written.
-        get_pipeline (callable, defaults to ``pipelines.runtime.cache.get_pipeline``): ``(model_id, base, device, dtype,
-            offload, lora_mode, compile, attention, quantize) -> AITKPipeline``.
+        get_pipeline (callable, defaults to ``pipelines.runtime.cache.get_pipeline``): ``(model_id, LoadOptions) ->
+            AITKPipeline``.
     """
 
     def __init__(self, settings: Settings, store: TaskStore, get_pipeline: Callable = cache.get_pipeline):
@@ -150,12 +150,9 @@ class Worker:
 
             # 2. Get the pipeline from the shared cache
             t = time.perf_counter()
-            load = dict(base=self.settings.bases.get(job.model), device=self.settings.device, dtype=self.settings.dtype,
-                        offload=self.settings.offload_mode, lora_mode=self.settings.lora_mode,
-                        compile=self.settings.compile, attention=self.settings.attention,
-                        quantize=self.settings.quantize)
-            hit = cache.cache_key(job.model, **load) in cache.cached_keys()
-            pipeline = self.get_pipeline(job.model, **load)
+            options = self.settings.load_options(job.model)
+            hit = options.cache_key(job.model) in cache.cached_keys()
+            pipeline = self.get_pipeline(job.model, options)
             timings["get_pipeline"] = round(time.perf_counter() - t, 4)
             timings["pipeline_details"].update(cache_hit=hit, cache_action="reuse" if hit else "load")
 

@@ -11,6 +11,7 @@ import torch
 
 from aitk_inference.pipelines import get_spec
 from aitk_inference.pipelines.runtime import cache
+from aitk_inference.pipelines.runtime.options import LoadOptions
 from aitk_inference.pipelines.base import GenerationInterrupted, snap_size
 from aitk_inference.pipelines.lora.stack import LoraRequest
 from aitk_inference.pipelines.lora.convert import LoraFormatError
@@ -145,7 +146,7 @@ def test_fused_equals_dynamic(load_tiny, flux, flux_loras):
 def test_stacked_loras_and_switch_without_reload(tiny_dir, flux_loras):
     cache.evict()
     loads = cache.stats["loads"]
-    pipeline = cache.get_pipeline("flux", base=tiny_dir("flux"), device="cpu", dtype="fp32")
+    pipeline = cache.get_pipeline("flux", LoadOptions(base=tiny_dir("flux"), device="cpu", dtype="fp32"))
     transformer = pipeline.pipe.transformer
     pipeline.set_loras([(flux_loras["b"], 0.5)])
     only_b = run(pipeline)
@@ -156,7 +157,7 @@ def test_stacked_loras_and_switch_without_reload(tiny_dir, flux_loras):
     assert pipeline.loras.stats["rescales"] >= 1
     pipeline.set_loras([(flux_loras["b"], 0.5)])  # switch back: remove A
     np.testing.assert_array_equal(run(pipeline), only_b)
-    again = cache.get_pipeline("flux", base=tiny_dir("flux"), device="cpu", dtype="fp32")
+    again = cache.get_pipeline("flux", LoadOptions(base=tiny_dir("flux"), device="cpu", dtype="fp32"))
     assert again is pipeline and again.pipe.transformer is transformer
     assert cache.stats["loads"] == loads + 1
     assert pipeline.loras.stats["files_converted"] == 2  # each file read and converted once
@@ -417,7 +418,7 @@ def _attention_backends(denoiser) -> set:
 
 
 def test_attention_sdpa_math_matches_default(flux, load_tiny):
-    from aitk_inference.pipelines.base import ATTENTION_KERNELS
+    from aitk_inference.pipelines.runtime.options import ATTENTION_KERNELS
 
     math = load_tiny("flux", attention="sdpa_math")
     assert (math.attention, flux.attention) == ("sdpa_math", "sdpa")
@@ -453,19 +454,23 @@ def test_quantize_fp8_needs_a_cuda_gpu(load_tiny):
         load_tiny("flux", quantize="int4")
 
 
-def test_cache_key_includes_attention_and_quantize():
-    key = cache.cache_key("flex1", device="cpu", dtype="fp32")
+def test_cache_key_includes_attention_and_quantize(monkeypatch):
+    from aitk_inference.pipelines.runtime import options
+
+    key = LoadOptions(device="cpu", dtype="fp32").cache_key("flex1")
     assert key[-2:] == ("sdpa", "none") and key[5] == "fused"  # flex1's registry LoRA mode
-    assert cache.cache_key("flex1", device="cpu", dtype="fp32", attention="sdpa") == key
-    assert cache.cache_key("flex1", device="cpu", dtype="fp32", attention="sdpa_math") != key
-    fp8 = cache.cache_key("flex1", device="cpu", dtype="fp32", quantize="fp8")
+    assert LoadOptions(device="cpu", dtype="fp32", attention="sdpa").cache_key("flex1") == key
+    assert LoadOptions(device="cpu", dtype="fp32", attention="sdpa_math").cache_key("flex1") != key
+    monkeypatch.setattr(options, "fp8_unavailable", lambda device: None)  # as on an FP8 GPU
+    fp8 = LoadOptions(device="cpu", dtype="fp32", quantize="fp8").cache_key("flex1")
     assert fp8 != key and fp8[-1] == "fp8"
     assert fp8[5] == "fused"  # FP8 weights follow the LoRA mode asked for (or the registry's)
-    assert cache.cache_key("flex1", device="cpu", dtype="fp32", quantize="fp8", lora_mode="dynamic")[5] == "dynamic"
+    dynamic = LoadOptions(device="cpu", dtype="fp32", quantize="fp8", lora_mode="dynamic")
+    assert dynamic.cache_key("flex1")[5] == "dynamic"
 
 
 def test_persistent_compile_cache_folder(monkeypatch, tmp_path):
-    from aitk_inference.pipelines.base import use_persistent_compile_cache
+    from aitk_inference.pipelines.runtime.accelerate import use_persistent_compile_cache
 
     # setenv first, so that the variable the function sets is removed again after the test
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "unused")

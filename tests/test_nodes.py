@@ -212,7 +212,7 @@ def test_interrupt_leaves_pipeline_usable(core, tiny_dir, loras, fake_comfy):
 
 def test_free_memory_evicts_the_cache(core, cache, tiny_dir, fake_comfy):
     handle = core.load("flux", tiny_dir("flux"), "fp32", "none", "auto")  # installs the hook; auto -> ComfyUI's cpu
-    assert handle.device == "cpu" and cache.cached_keys()
+    assert handle.options.device == "cpu" and cache.cached_keys()
     fake_comfy.mm.free_memory(1e9, types.SimpleNamespace(type="cpu"))  # ComfyUI making room on the CPU: keep ours
     assert cache.cached_keys()
     fake_comfy.mm.free_memory(1e30, types.SimpleNamespace(type="cpu"))  # unload_all_models() / POST /free
@@ -305,7 +305,7 @@ def test_load_options_select_lora_mode_and_compile(core, tiny_dir):
 
 
 def test_load_options_select_attention_and_quantize(pack, core, tiny_dir):
-    from aitk_inference.pipelines.base import ATTENTION_KERNELS
+    from aitk_inference.pipelines.runtime.options import ATTENTION_KERNELS
 
     optional = pack.NODE_CLASS_MAPPINGS["AITKLoadPipeline"].INPUT_TYPES()["optional"]
     assert optional["attention"][0] == list(ATTENTION_KERNELS) and optional["attention"][1]["default"] == "sdpa"
@@ -313,12 +313,13 @@ def test_load_options_select_attention_and_quantize(pack, core, tiny_dir):
     assert "Ada/Hopper" in optional["quantize"][1]["tooltip"] and "sdpa" in optional["attention"][1]["tooltip"]
 
     math = core.load("flux", tiny_dir("flux"), "fp32", "none", "cpu", attention="sdpa_math")
-    assert (math.attention, math.quantize) == ("sdpa_math", "none")
+    assert (math.options.attention, math.options.quantize) == ("sdpa_math", "none")
     assert math.get_pipeline().attention == "sdpa_math"
     # a workflow saved without the two inputs gets the defaults (ComfyUI passes no value for an unset optional input)
     old = core.load(model="flux", base=tiny_dir("flux"), dtype="fp32", offload="none", device="cpu",
                     lora_mode="model default", compile="none")
-    assert (old.attention, old.quantize) == ("sdpa", "none") and old.get_pipeline().attention == "sdpa"
+    assert (old.options.attention, old.options.quantize) == ("sdpa", "none")
+    assert old.get_pipeline().attention == "sdpa"
     assert old.get_pipeline() is not math.get_pipeline()  # a different cache entry, not a mutated one
 
     with pytest.raises(ValueError, match="FP8 needs a CUDA GPU.*not 'cpu'"):

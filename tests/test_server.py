@@ -107,9 +107,11 @@ def parse_time(value: str) -> datetime:
 @pytest.fixture(scope="module")
 def tiny_flux(tiny_dir):
     from aitk_inference.pipelines.runtime import cache
+    from aitk_inference.pipelines.runtime.options import LoadOptions
 
     folder = tiny_dir("flux")
-    pipeline = cache.get_pipeline("flux", base=folder, device="cpu", dtype="auto")  # warm: the server shares the cache
+    # warm: the server shares the cache
+    pipeline = cache.get_pipeline("flux", LoadOptions(base=folder, device="cpu", dtype="auto"))
     return folder, pipeline
 
 
@@ -492,8 +494,8 @@ def test_settings_select_lora_mode_and_compile():
     from aitk_inference.server.settings import Settings
 
     settings = Settings.from_env({"AITK_LORA_MODE": "FUSED", "AITK_COMPILE": "regional", "AITK_VAE_TILING": "1"})
-    assert (settings.lora_mode, settings.compile, settings.vae_tiling) == ("fused", "regional", True)
-    assert Settings.from_env({}).lora_mode is None
+    assert (settings.load.lora_mode, settings.load.compile, settings.vae_tiling) == ("fused", "regional", True)
+    assert Settings.from_env({}).load.lora_mode is None
     with pytest.raises(ValueError, match="AITK_LORA_MODE='merged' is not valid"):
         Settings.from_env({"AITK_LORA_MODE": "merged"})
 
@@ -502,17 +504,17 @@ def test_settings_select_attention_and_quantize():
     from aitk_inference.server.settings import Settings
 
     settings = Settings.from_env({"AITK_ATTENTION": "SDPA_MATH", "AITK_QUANTIZE": "fp8"})
-    assert (settings.attention, settings.quantize) == ("sdpa_math", "fp8")
-    assert (Settings.from_env({}).attention, Settings.from_env({}).quantize) == ("sdpa", "none")
+    assert (settings.load.attention, settings.load.quantize) == ("sdpa_math", "fp8")
+    assert (Settings.from_env({}).load.attention, Settings.from_env({}).load.quantize) == ("sdpa", "none")
     with pytest.raises(ValueError, match="AITK_ATTENTION='fast' is not valid; use one of sdpa, sdpa_cudnn, .*xformers"):
         Settings.from_env({"AITK_ATTENTION": "fast"})
     with pytest.raises(ValueError, match="AITK_QUANTIZE='int8' is not valid; use one of none, fp8"):
         Settings.from_env({"AITK_QUANTIZE": "int8"})
     # FP8 weights stay on the GPU: said at start, not at the first request
-    with pytest.raises(ValueError, match="AITK_QUANTIZE=fp8 .* OFFLOAD_MODE='model'"):
+    with pytest.raises(ValueError, match="AITK_QUANTIZE='fp8' with OFFLOAD_MODE='model': FP8 weights stay on the GPU"):
         Settings.from_env({"AITK_QUANTIZE": "fp8", "OFFLOAD_MODE": "model"})
     # both LoRA modes go with FP8: fused merges before quantizing (the fast mode), dynamic runs adapters
-    assert Settings.from_env({"AITK_QUANTIZE": "fp8", "AITK_LORA_MODE": "fused"}).lora_mode == "fused"
+    assert Settings.from_env({"AITK_QUANTIZE": "fp8", "AITK_LORA_MODE": "fused"}).load.lora_mode == "fused"
 
 
 def test_server_loads_with_the_attention_setting(server_env, tiny_flux, tmp_path):
@@ -520,9 +522,9 @@ def test_server_loads_with_the_attention_setting(server_env, tiny_flux, tmp_path
 
     loads, pipelines = [], []
 
-    def recording(model_id, **load):
-        loads.append(load)
-        pipelines.append(cache.get_pipeline(model_id, **load))
+    def recording(model_id, options):
+        loads.append(options)
+        pipelines.append(cache.get_pipeline(model_id, options))
         return pipelines[-1]
 
     env = {**server_env, "OUTPUT_BASE_PATH": str(tmp_path), "AITK_ATTENTION": "sdpa_math"}
@@ -530,8 +532,8 @@ def test_server_loads_with_the_attention_setting(server_env, tiny_flux, tmp_path
     try:
         task = submit(running.client)
         assert wait_for(running.client, task["request_id"])["status"] == "succeeded"
-        assert cache.cache_key("flux", **loads[0]) in cache.cached_keys()
+        assert loads[0].cache_key("flux") in cache.cached_keys()
     finally:
         running.stop()
-    assert [(load["attention"], load["quantize"]) for load in loads] == [("sdpa_math", "none")]
+    assert [(options.attention, options.quantize) for options in loads] == [("sdpa_math", "none")]
     assert pipelines[0].attention == "sdpa_math"

@@ -202,9 +202,10 @@ def lora_files(pipe, tmp_path_factory):
 
 def test_lora_strength_and_switch_without_reload(model_id, tiny_dir, lora_files):
     from aitk_inference.pipelines.runtime import cache
+    from aitk_inference.pipelines.runtime.options import LoadOptions
 
-    kwargs = dict(base=tiny_dir(model_id), device="cpu", dtype="fp32")
-    pipeline = cache.get_pipeline(model_id, **kwargs)
+    options = LoadOptions(base=tiny_dir(model_id), device="cpu", dtype="fp32")
+    pipeline = cache.get_pipeline(model_id, options)
     try:
         pipeline.set_loras([])
         loads, lora_stats = cache.stats["loads"], dict(pipeline.loras.stats)
@@ -215,7 +216,7 @@ def test_lora_strength_and_switch_without_reload(model_id, tiny_dir, lora_files)
         with_lora = run(pipeline)
         assert np.abs(with_lora - base).max() > 1e-3
 
-        assert cache.get_pipeline(model_id, **kwargs) is pipeline
+        assert cache.get_pipeline(model_id, options) is pipeline
         pipeline.set_loras([(first, 0.0)])
         np.testing.assert_array_equal(run(pipeline), base)  # strength 0 == no LoRA, bit for bit (dynamic)
         pipeline.set_loras([(first, 1.0)])
@@ -225,14 +226,14 @@ def test_lora_strength_and_switch_without_reload(model_id, tiny_dir, lora_files)
         switched = run(pipeline)
         assert np.abs(switched - with_lora).max() > 1e-3
 
-        assert cache.get_pipeline(model_id, **kwargs) is pipeline
+        assert cache.get_pipeline(model_id, options) is pipeline
         assert cache.stats["loads"] == loads
         stats = {k: pipeline.loras.stats[k] - lora_stats.get(k, 0) for k in ("rescales", "files_converted")}
         assert stats["rescales"] == 2 and stats["files_converted"] <= 2  # files are converted once, then cached
         pipeline.set_loras([])
         np.testing.assert_array_equal(run(pipeline), base)
     finally:
-        cache.evict(cache.cache_key(model_id, **kwargs))
+        cache.evict(options.cache_key(model_id))
 
 
 def test_fused_equals_dynamic(clean, fused_pipe, lora_files):

@@ -22,7 +22,6 @@ from __future__ import annotations
 import importlib.util
 import sys
 
-QUANTIZE_MODES = ("none", "fp8")
 #: float8 matmuls need both dimensions of a weight to be multiples of 16
 _FP8_ALIGNMENT = 16
 

@@ -1,0 +1,152 @@
+"""Where a pipeline runs and how fast: device and dtype resolution, placement and CPU offload, torch.compile (with
+its on-disk kernel cache), the attention kernel and FP8 weights. ``AITKPipeline.from_spec`` applies them in that
+order; each works on the denoiser module(s) it is given (MoE families pass all their experts).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from .options import ATTENTION_KERNELS, TORCH_DTYPE_NAMES, attention_device_problem, unknown_option
+
+#: where torch.compile keeps its compiled kernels between processes (unless TORCHINDUCTOR_CACHE_DIR is set)
+COMPILE_CACHE_ENV = "AITK_COMPILE_CACHE"
+
+
+# ---------------------------------------------------------------------------------------------------------------- device and dtype
+def resolve_device(device: str | None) -> str:
+    """``device`` as a string; unset: CUDA when available, else MPS, else CPU."""
+    import torch
+
+    if device:
+        return str(device)
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def resolve_dtype(dtype, device: str):
+    """``None``/``"auto"``: float32 on CPU, bfloat16 on GPUs that support it, else float16."""
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto", ""):
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    name = TORCH_DTYPE_NAMES.get(str(dtype).lower())
+    if name is None:
+        raise unknown_option("dtype", dtype)
+    return getattr(torch, name)
+
+
+# ---------------------------------------------------------------------------------------------------------------- placement
+def direct_load_options(device: str, offload: str) -> dict:
+    """``from_pretrained`` options that read the weights straight onto ``device`` (no CPU copy on the way), when
+    nothing is offloaded and diffusers' loader can place weights on that device; else none."""
+    from diffusers.utils.torch_utils import get_device
+
+    return {"device_map": device} if offload == "none" and device in (get_device(), "cpu") else {}
+
+
+def place(pipe, device: str, offload: str) -> None:
+    """Move the pipeline to ``device`` or set up CPU offloading: ``model`` (whole components move in and out),
+    ``sequential`` (accelerate, layer by layer: least memory, slowest) or ``group`` (diffusers group offloading,
+    layer by layer with transfers overlapped on a CUDA stream)."""
+    import torch
+
+    if offload == "none":
+        pipe.to(device)
+    elif offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    elif offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+    else:
+        pipe.enable_group_offload(onload_device=torch.device(device), offload_device=torch.device("cpu"),
+                                  offload_type="leaf_level", use_stream=str(device).startswith("cuda"))
+
+
+# ---------------------------------------------------------------------------------------------------------------- compile
+def use_persistent_compile_cache() -> str:
+    """Keep torch.compile's kernels in a folder that outlives the process and /tmp clean-ups, so that a later process
+    compiling the same graphs loads them instead of generating them again. ``TORCHINDUCTOR_CACHE_DIR`` wins when
+    set; else ``AITK_COMPILE_CACHE``; else ``~/.cache/aitk_inference/torchinductor``. Returns the folder used."""
+    folder = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or os.path.expanduser(
+        os.environ.get(COMPILE_CACHE_ENV) or os.path.join("~", ".cache", "aitk_inference", "torchinductor"))
+    os.makedirs(folder, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
+    return folder
+
+
+def compile_denoiser(denoisers: list, mode: str = "regional", **compile_kwargs) -> None:
+    """``torch.compile`` the ``denoisers`` in place; the first generation pays the compilation.
+
+    Args:
+        denoisers (list): the denoiser module(s).
+        mode (str, defaults to "regional"): ``regional`` compiles the repeated transformer block classes once each
+            (``compile_repeated_blocks(fullgraph=True)``, fast to compile); ``full`` compiles the whole denoiser.
+        **compile_kwargs: passed on to ``torch.compile`` (``backend``, ``mode``...).
+    """
+    if mode not in ("regional", "full"):
+        raise ValueError(f"Unknown compile mode {mode!r}; use regional or full.")
+    use_persistent_compile_cache()
+    for denoiser in denoisers:
+        if mode == "full":
+            denoiser.compile(**compile_kwargs)
+        elif getattr(denoiser, "_repeated_blocks", None):
+            denoiser.compile_repeated_blocks(fullgraph=True, **compile_kwargs)
+        else:
+            raise ValueError(f"{type(denoiser).__name__} declares no repeated blocks to compile regionally; "
+                             "use compile='full'.")
+
+
+# ---------------------------------------------------------------------------------------------------------------- attention
+def set_attention_kernel(denoisers: list, kernel: str, device: str, model_id: str) -> None:
+    """Run the attention of ``denoisers`` (``model_id``'s, on ``device``) with ``kernel``, a key of
+    ``ATTENTION_KERNELS``.
+
+    ``sdpa`` leaves a denoiser that cannot choose (UNets, OmniGen2) as it is; any other kernel raises for it.
+    Kernels of the same attention differ only in floating-point rounding.
+    """
+    import diffusers
+
+    if kernel not in ATTENTION_KERNELS:
+        raise unknown_option("attention", kernel)
+    selectable = all(any(hasattr(getattr(m, "processor", None), "_attention_backend") for m in denoiser.modules())
+                     for denoiser in denoisers)
+    if not selectable:
+        if kernel != "sdpa":
+            raise ValueError(f"{model_id}'s {type(denoisers[0]).__name__} cannot choose its attention kernel; use "
+                             "attention='sdpa'.")
+        return
+    problem = attention_device_problem(kernel, device)
+    if problem:
+        raise ValueError(problem + ".")
+    # Set even for the default: diffusers keeps one process-wide active backend, which another pipeline may
+    # have changed; naming it on every attention layer makes this model independent of that.
+    quiet = diffusers.utils.logging.get_logger("diffusers.models.modeling_utils")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # "Attention backends are an experimental feature" on every call
+    try:
+        for denoiser in denoisers:
+            denoiser.set_attention_backend(ATTENTION_KERNELS[kernel])
+    except (RuntimeError, ImportError) as e:
+        raise ValueError(f"attention={kernel!r} is not usable here: {e}") from e
+    finally:
+        quiet.setLevel(level)
+
+
+# ---------------------------------------------------------------------------------------------------------------- FP8
+def quantize_fp8(denoisers: list, device: str, offload: str, keep_master: bool) -> int:
+    """Give the block Linears of ``denoisers`` FP8 weights (see ``runtime.quantize``); ``keep_master`` keeps the
+    host copy that fused LoRA mode re-quantizes from. Returns how many layers were quantized."""
+    from .quantize import fp8_option_conflict, fp8_unavailable, quantize_denoiser_fp8
+
+    problem = fp8_unavailable(device) or fp8_option_conflict(offload)
+    if problem:
+        raise ValueError(problem + ".")
+    return sum(quantize_denoiser_fp8(denoiser, keep_master) for denoiser in denoisers)

@@ -1,0 +1,163 @@
+"""The load options of a pipeline, in one place: their choices, one type, one validation and one cache key.
+
+The nodes, the CLI and the server read their choice lists from here, so this module imports no torch: resolving
+``auto`` devices and dtypes happens in :meth:`LoadOptions.resolve`, which imports it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from ..registry import ModelSpec, get_spec
+from .quantize import fp8_option_conflict, fp8_unavailable
+
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+#: every dtype spelling accepted (case-insensitive) -> the torch dtype's name; ``auto`` is decided per device
+TORCH_DTYPE_NAMES = {
+    "fp32": "float32", "float32": "float32", "float": "float32",
+    "bf16": "bfloat16", "bfloat16": "bfloat16",
+    "fp16": "float16", "float16": "float16", "half": "float16",
+}
+OFFLOAD_MODES = ("none", "model", "sequential", "group")
+LORA_MODES = ("dynamic", "fused")
+COMPILE_MODES = ("none", "regional", "full")
+#: attention kernel choices -> diffusers attention backends (``ModelMixin.set_attention_backend``). ``sdpa`` is
+#: diffusers' default (torch's scaled_dot_product_attention picks its kernel); the ``sdpa_*`` names force one of
+#: torch's kernels; the rest need their own package (flash-attn, flash-attn 3, sageattention, xformers).
+ATTENTION_KERNELS = {
+    "sdpa": "native",
+    "sdpa_cudnn": "_native_cudnn",
+    "sdpa_flash": "_native_flash",
+    "sdpa_efficient": "_native_efficient",
+    "sdpa_math": "_native_math",
+    "flash_attn": "flash",
+    "flash_attn_3": "_flash_3",
+    "sage": "sage",
+    "xformers": "xformers",
+}
+#: the attention kernels that run on any device; every other one needs CUDA
+PORTABLE_ATTENTION_KERNELS = ("sdpa", "sdpa_math")
+QUANTIZE_MODES = ("none", "fp8")
+
+#: option -> (what its error message calls it, its valid values)
+CHOICES = {
+    "dtype": ("dtype", DTYPES),
+    "offload": ("offload mode", OFFLOAD_MODES),
+    "lora_mode": ("LoRA mode", LORA_MODES),
+    "compile": ("compile mode", COMPILE_MODES),
+    "attention": ("attention kernel", tuple(ATTENTION_KERNELS)),
+    "quantize": ("quantize mode", QUANTIZE_MODES),
+}
+
+
+class LoadOptionError(ValueError):
+    """Load options that cannot be used together or on this device.
+
+    Attributes:
+        options (dict): the option(s) at fault -> their values (front ends name them by their own spelling).
+        choices (tuple): the valid values when one option is outside its choices; empty otherwise.
+    """
+
+    def __init__(self, message: str, options: dict, choices: tuple = ()):
+        super().__init__(message)
+        self.options = options
+        self.choices = choices
+
+
+def unknown_option(option: str, value) -> LoadOptionError:
+    """The error for ``value`` outside ``option``'s choices, naming the valid ones."""
+    label, choices = CHOICES[option]
+    return LoadOptionError(f"Unknown {label} {value!r}; use one of {', '.join(choices)}.", {option: value}, choices)
+
+
+def attention_device_problem(kernel: str, device: str) -> str | None:
+    """Why the attention ``kernel`` cannot run on ``device``, or None when it can."""
+    if kernel not in PORTABLE_ATTENTION_KERNELS and not str(device).startswith("cuda"):
+        return f"attention={kernel!r} is a CUDA kernel; on {device} use 'sdpa' or 'sdpa_math'"
+    return None
+
+
+def _is_dtype(dtype) -> bool:
+    torch = sys.modules.get("torch")  # a torch.dtype can only come from a process that imported torch
+    if torch is not None and isinstance(dtype, torch.dtype):
+        return True
+    return dtype in (None, "auto") or str(dtype).lower() in TORCH_DTYPE_NAMES
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How a model id is loaded and run: everything that needs a new pipeline when it changes (LoRAs do not).
+
+    An unset option (None or an empty string) takes its default; any other value outside its choices raises a
+    :class:`LoadOptionError` (a ValueError) naming the valid ones, as do the combinations that cannot work, before
+    any weights load.
+
+    Args:
+        base (str, *optional*): HF repo id, local diffusers folder or single ``.safetensors`` file; defaults to the
+            model's base checkpoint.
+        device (str, *optional*): ``cuda``, ``cuda:1``, ``cpu``, ``mps``; defaults to CUDA, else MPS, else CPU.
+        dtype (str | torch.dtype, *optional*): one of ``DTYPES`` (or a ``TORCH_DTYPE_NAMES`` spelling); defaults to
+            ``auto``: fp32 on CPU, bf16 on GPUs that support it, else fp16.
+        offload (str, defaults to "none"): one of ``OFFLOAD_MODES``.
+        lora_mode (str, *optional*): ``dynamic`` or ``fused``; defaults to the model's registry setting.
+        compile (str, defaults to "none"): one of ``COMPILE_MODES``.
+        attention (str, defaults to "sdpa"): a key of ``ATTENTION_KERNELS``; all but ``sdpa`` and ``sdpa_math``
+            need CUDA.
+        quantize (str, defaults to "none"): one of ``QUANTIZE_MODES``; ``fp8`` needs an FP8 GPU and no offload.
+    """
+
+    base: str | None = None
+    device: str | None = None
+    dtype: Any = None
+    offload: str = "none"
+    lora_mode: str | None = None
+    compile: str = "none"
+    attention: str = "sdpa"
+    quantize: str = "none"
+
+    def __post_init__(self):
+        for option in dataclasses.fields(self):
+            if getattr(self, option.name) in (None, ""):
+                object.__setattr__(self, option.name, option.default)
+        if not _is_dtype(self.dtype):
+            raise unknown_option("dtype", self.dtype)
+        for option in ("offload", "compile", "attention", "quantize"):
+            if getattr(self, option) not in CHOICES[option][1]:
+                raise unknown_option(option, getattr(self, option))
+        if self.quantize == "fp8":
+            conflict = fp8_option_conflict(self.offload)
+            if conflict:
+                raise LoadOptionError(conflict + ".", {"quantize": self.quantize, "offload": self.offload})
+        if self.lora_mode is not None and self.lora_mode not in LORA_MODES:
+            raise unknown_option("lora_mode", self.lora_mode)
+
+    def resolve(self, spec: ModelSpec) -> "LoadOptions":
+        """These options with every default decided for ``spec``: the device, the torch dtype, the checkpoint
+        source as ``base`` (the expanded path, or the model's base) and the LoRA mode.
+
+        Raises a :class:`LoadOptionError` when the device cannot run them (a CUDA-only attention kernel elsewhere,
+        FP8 weights without an FP8 GPU)."""
+        from .accelerate import resolve_device, resolve_dtype  # accelerate imports this module
+
+        device = resolve_device(self.device)
+        problem = attention_device_problem(self.attention, device)
+        if problem:
+            raise LoadOptionError(problem + ".", {"attention": self.attention, "device": device})
+        problem = fp8_unavailable(device) if self.quantize == "fp8" else None
+        if problem:
+            raise LoadOptionError(problem + ".", {"quantize": self.quantize, "device": device})
+        return dataclasses.replace(self, base=os.path.expanduser(self.base) if self.base else spec.base, device=device,
+                                   dtype=resolve_dtype(self.dtype, device), lora_mode=self.lora_mode or spec.lora_mode)
+
+    def cache_key(self, model_id: str) -> tuple:
+        """The key of the pipeline these options load for ``model_id``; equal for spellings that load the same
+        pipeline (``dtype`` None or ``auto`` and the dtype it resolves to, a folder and a link to it, an unset LoRA
+        mode and the model's)."""
+        resolved = self.resolve(get_spec(model_id))
+        source = os.path.realpath(resolved.base) if self.base and os.path.exists(resolved.base) else resolved.base
+        return (model_id, source, resolved.device, str(resolved.dtype), resolved.offload, resolved.lora_mode,
+                resolved.compile, resolved.attention, resolved.quantize)

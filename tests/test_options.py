@@ -1,0 +1,146 @@
+"""Load options as one type: each option's validation, the device rules checked before any weights load, the cache
+key of equivalent spellings, and the node, CLI and server choice lists read from ``pipelines.runtime.options``."""
+
+import argparse
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from aitk_inference.pipelines import get_spec
+from aitk_inference.pipelines.runtime import options as opts
+from aitk_inference.pipelines.runtime.options import LoadOptionError, LoadOptions
+
+
+# ------------------------------------------------------------------------------------------------ validation
+@pytest.mark.parametrize("option,value,message", [
+    ("dtype", "int8", "Unknown dtype 'int8'; use one of auto, fp32, bf16, fp16."),
+    ("dtype", "AUTO", "Unknown dtype 'AUTO'; use one of auto, fp32, bf16, fp16."),  # "auto" is spelled in lower case
+    ("offload", "disk", "Unknown offload mode 'disk'; use one of none, model, sequential, group."),
+    ("lora_mode", "merged", "Unknown LoRA mode 'merged'; use one of dynamic, fused."),
+    ("compile", "max", "Unknown compile mode 'max'; use one of none, regional, full."),
+    ("attention", "fast", "Unknown attention kernel 'fast'; use one of sdpa, sdpa_cudnn, sdpa_flash, sdpa_efficient, "
+                          "sdpa_math, flash_attn, flash_attn_3, sage, xformers."),
+    ("quantize", "int4", "Unknown quantize mode 'int4'; use one of none, fp8."),
+])
+def test_each_option_rejects_values_outside_its_choices(option, value, message):
+    with pytest.raises(LoadOptionError) as error:
+        LoadOptions(**{option: value})
+    assert str(error.value) == message
+    assert error.value.options == {option: value} and error.value.choices == opts.CHOICES[option][1]
+    assert isinstance(error.value, ValueError)
+
+
+def test_unset_options_take_their_defaults():
+    unset = dict(base=None, device=None, dtype=None, offload=None, lora_mode=None, compile=None, attention=None,
+                 quantize=None)
+    assert LoadOptions(**unset) == LoadOptions() == LoadOptions(**{name: "" for name in unset})
+    assert (LoadOptions().offload, LoadOptions().compile, LoadOptions().attention, LoadOptions().quantize) == \
+        ("none", "none", "sdpa", "none")
+    assert LoadOptions().lora_mode is None and LoadOptions().base is None
+
+
+def test_every_choice_and_dtype_spelling_is_accepted():
+    for option, (_, choices) in opts.CHOICES.items():
+        for value in choices:
+            assert getattr(LoadOptions(**{option: value}), option) == value
+    for spelling in (*opts.TORCH_DTYPE_NAMES, "BF16", "Half", torch.float16):
+        assert LoadOptions(dtype=spelling).dtype == spelling
+
+
+def test_fp8_with_offload_is_refused_before_any_device_check():
+    with pytest.raises(LoadOptionError, match="quantize='fp8' cannot be combined with offload='group'") as error:
+        LoadOptions(quantize="fp8", offload="group")
+    assert error.value.options == {"quantize": "fp8", "offload": "group"} and error.value.choices == ()
+
+
+def test_device_rules_are_checked_before_any_weights_load():
+    from aitk_inference.pipelines import load_pipeline
+
+    missing = "/nonexistent/aitk-options-test"  # loading it would fail with FileNotFoundError or a hub error
+    with pytest.raises(LoadOptionError, match="'sdpa_cudnn' is a CUDA kernel; on cpu use 'sdpa' or 'sdpa_math'"):
+        load_pipeline("flux", base=missing, device="cpu", attention="sdpa_cudnn")
+    with pytest.raises(LoadOptionError, match="FP8 needs a CUDA GPU.*not 'cpu'"):
+        load_pipeline("flux", base=missing, device="cpu", quantize="fp8")
+    with pytest.raises(LoadOptionError, match="Unknown offload mode 'disk'"):
+        load_pipeline("flux", base=missing, device="cpu", offload="disk")
+    # the kernels that run anywhere pass on the CPU
+    for kernel in opts.PORTABLE_ATTENTION_KERNELS:
+        assert LoadOptions(device="cpu", attention=kernel).resolve(get_spec("flux")).attention == kernel
+
+
+# ------------------------------------------------------------------------------------------------ resolution and cache key
+def test_resolve_fills_every_default_from_the_model():
+    spec = get_spec("flex1")
+    resolved = LoadOptions(device="cpu").resolve(spec)
+    assert (resolved.base, resolved.device, resolved.dtype, resolved.lora_mode) == \
+        (spec.base, "cpu", torch.float32, spec.lora_mode)
+    assert LoadOptions(base="~/weights", device="cpu", lora_mode="dynamic").resolve(spec).base == \
+        os.path.expanduser("~/weights")
+    assert LoadOptions(device="cpu", lora_mode="dynamic").resolve(spec).lora_mode == "dynamic"
+
+
+def test_cache_key_is_equal_for_equivalent_spellings(tmp_path):
+    key = LoadOptions(device="cpu").cache_key("flux")
+    for dtype in ("auto", "", "fp32", "float32", "FP32", torch.float32):
+        assert LoadOptions(device="cpu", dtype=dtype).cache_key("flux") == key, dtype
+    assert LoadOptions(device="cpu", offload="none", attention="sdpa", quantize="none", compile="none",
+                       lora_mode=get_spec("flux").lora_mode).cache_key("flux") == key
+    assert LoadOptions(device="cpu", dtype="bf16").cache_key("flux") != key
+    assert LoadOptions(device="cpu", lora_mode="fused").cache_key("flux") != key
+    assert LoadOptions(device="cpu").cache_key("flex1") != key
+    # a folder and a link to it load the same pipeline
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    os.symlink(folder, tmp_path / "link")
+    assert LoadOptions(base=str(folder), device="cpu").cache_key("flux") == \
+        LoadOptions(base=str(tmp_path / "link"), device="cpu").cache_key("flux")
+
+
+# ------------------------------------------------------------------------------------------------ front ends
+def test_options_module_imports_no_torch():
+    code = ("import sys, aitk_inference.pipelines.runtime.options, aitk_inference.cli as cli; cli.build_parser(); "
+            "import aitk_inference.server.settings; print([m for m in ('torch', 'diffusers') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
+
+
+def test_node_choices_come_from_the_options_module():
+    from aitk_inference.nodes.schema import LOAD
+
+    choices = {field.name: list(field.options()) for field in LOAD.inputs if field.type == "COMBO"}
+    assert choices["dtype"] == list(opts.DTYPES)
+    assert choices["offload"] == list(opts.OFFLOAD_MODES)
+    assert choices["attention"] == list(opts.ATTENTION_KERNELS)
+    assert choices["quantize"] == list(opts.QUANTIZE_MODES)
+    assert choices["lora_mode"] == ["model default", *opts.LORA_MODES]
+    assert set(choices["compile"]) <= set(opts.COMPILE_MODES)
+    # saved workflows store these values: they must never change
+    assert choices["lora_mode"] == ["model default", "dynamic", "fused"] and choices["compile"] == ["none", "regional"]
+
+
+def test_cli_choices_come_from_the_options_module():
+    from aitk_inference.cli import build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    choices = {a.dest: list(a.choices) for a in subparsers.choices["generate"]._actions if a.choices}
+    assert choices == {"offload": list(opts.OFFLOAD_MODES), "lora_mode": list(opts.LORA_MODES),
+                       "compile": list(opts.COMPILE_MODES), "attention": list(opts.ATTENTION_KERNELS),
+                       "quantize": list(opts.QUANTIZE_MODES)}
+
+
+def test_server_settings_take_every_choice_and_name_the_variable():
+    from aitk_inference.server.settings import LOAD_OPTION_ENV, Settings
+
+    for option, (_, choices) in opts.CHOICES.items():
+        variable = LOAD_OPTION_ENV[option]
+        for value in choices:
+            assert getattr(Settings.from_env({variable: value.upper()}).load, option) == value
+        with pytest.raises(ValueError, match=f"^{variable}='bad' is not valid; use one of {', '.join(choices)}.$"):
+            Settings.from_env({variable: "bad"})
+    settings = Settings.from_env({"DEVICE": "cpu", "AITK_BASES": "flux=/models/flux"})
+    assert settings.load_options("flux") == LoadOptions(base="/models/flux", device="cpu")
+    assert settings.load_options("flex1") == LoadOptions(device="cpu")

@@ -203,11 +203,13 @@ class AitkArch:
 
 @dataclass(frozen=True)
 class LoraSignature:
-    """What only a LoRA for ``label`` has in its key names (a regular expression searched in each key); used to name
-    the family a LoRA was made for when it does not fit the loaded model."""
+    """What marks a LoRA for ``label`` in its key names (a regular expression searched in each key); used to name the
+    family a LoRA was made for when it does not fit the loaded model. ``refines`` names a signature whose marks this
+    family's files have too (an SDXL file has SD 1.5's ``lora_unet_`` keys): when both match, this one wins."""
 
     label: str
     pattern: str
+    refines: LoraSignature | None = None
 
 
 # ---------------------------------------------------------------------------------------------- typed family options
@@ -389,16 +391,17 @@ FLUX1_NAMES = LoraSignature("FLUX.1 / Flex / Kontext (diffusers names)", r"singl
 BFL_NAMES = LoraSignature("FLUX.2 / FLUX.2-klein / Chroma (original BFL names)",
                           r"(^|\.)double_blocks\.\d+\.img_attn|(^|\.)single_blocks\.\d+\.linear1")
 KOHYA_SD15 = LoraSignature("SD 1.5 (kohya)", r"lora_unet_|lora_te_")
-KOHYA_SDXL = LoraSignature("SDXL (kohya)", r"lora_te2_|lora_unet_.*add_embedding|lora_unet_down_blocks_2_attentions")
+KOHYA_SDXL = LoraSignature("SDXL (kohya)", r"lora_te2_|lora_unet_.*add_embedding|lora_unet_down_blocks_2_attentions",
+                           refines=KOHYA_SD15)
 QWEN_NAMES = LoraSignature("Qwen-Image", r"transformer_blocks\.\d+\.img_mlp|transformer_blocks\.\d+\.txt_mlp")
 ZIMAGE_NAMES = LoraSignature("Z-Image", r"layers\.\d+\.attention\.to_q|layers\.\d+\.feed_forward\.w1")
 LUMINA2_NAMES = LoraSignature("Lumina2 or OmniGen2 (they share block names)",
                               r"layers\.\d+\.attn\.to_q|context_refiner\.\d+\.attn\.")
-OMNIGEN2_NAMES = LoraSignature("OmniGen2", r"ref_image_refiner")
-WAN_COMBINED = LoraSignature("Wan 2.2 14B (combined high/low-noise file)", r"(^|[._])transformer_[12]\.blocks\.\d+\.")
-WAN_ORIGINAL = LoraSignature("Wan 2.1/2.2 (original Wan names)",
-                             r"(^|(?<!transformer_1)(?<!transformer_2)\.)blocks\.\d+\.(self_attn|cross_attn)\.")
-WAN_DIFFUSERS = LoraSignature("Wan (diffusers names)", r"(^|(?<!transformer_1)(?<!transformer_2)\.)blocks\.\d+\.attn1\.")
+OMNIGEN2_NAMES = LoraSignature("OmniGen2", r"ref_image_refiner", refines=LUMINA2_NAMES)
+WAN_ORIGINAL = LoraSignature("Wan 2.1/2.2 (original Wan names)", r"(^|\.)blocks\.\d+\.(self_attn|cross_attn)\.")
+WAN_DIFFUSERS = LoraSignature("Wan (diffusers names)", r"(^|\.)blocks\.\d+\.attn1\.")
+WAN_COMBINED = LoraSignature("Wan 2.2 14B (combined high/low-noise file)", r"(^|[._])transformer_[12]\.blocks\.\d+\.",
+                             refines=WAN_ORIGINAL)
 LTX2_NAMES = LoraSignature("LTX-2", r"audio_attn|audio_ff|video_to_audio")
 HIDREAM_NAMES = LoraSignature("HiDream", r"double_stream_blocks|single_stream_blocks")
 

@@ -11,6 +11,7 @@ import torch
 from aitk_inference.pipelines.lora import STRENGTH_RANGE
 from aitk_inference.pipelines.lora.convert import LoraFormatError, convert_ai_toolkit_lora
 from aitk_inference.pipelines.runtime import cache
+from aitk_inference.pipelines.runtime.options import LoadOptions
 from aitk_inference.tiny.loras import lora_targets, make_state_dict, save_lora, write_lora
 from aitk_inference.tiny.wan import original_wan_state_dict
 
@@ -108,7 +109,7 @@ def _assert_same_weights(pipeline, before: dict) -> None:
 
 @pytest.mark.parametrize("mode", ["fused", "dynamic"])
 def test_nan_lora_is_refused_and_leaves_the_cached_pipeline_as_it_was(mode, tiny_dir, tmp_path):
-    pipeline = cache.get_pipeline("flux", base=tiny_dir("flux"), device="cpu", dtype="fp32", lora_mode=mode)
+    pipeline = cache.get_pipeline("flux", LoadOptions(base=tiny_dir("flux"), device="cpu", dtype="fp32", lora_mode=mode))
     assert pipeline.lora_mode == mode and not pipeline.loras.active
     targets = lora_targets(pipeline.pipe.transformer, limit=8)
     good = write_lora(str(tmp_path / "good.safetensors"), "peft", targets, seed=1)

@@ -137,3 +137,21 @@ def test_a_table_without_markers_is_an_error():
 
     with pytest.raises(ValueError, match="needs exactly one pair of generated-table markers"):
         tables.render("# page without markers\n", "| a |", "docs/models/x.md")
+
+
+@pytest.mark.parametrize("keys,label", [
+    (["lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight",
+      "lora_unet_down_blocks_2_attentions_0_proj_in.lora_down.weight"], "SDXL (kohya)"),
+    (["diffusion_model.ref_image_refiner.0.attn.to_q.lora_A.weight",
+      "diffusion_model.layers.0.attn.to_q.lora_A.weight",
+      "diffusion_model.layers.1.attn.to_q.lora_A.weight"], "OmniGen2"),
+    (["diffusion_model.transformer_1.blocks.0.self_attn.q.lora_A.weight",
+      "diffusion_model.transformer_2.blocks.0.self_attn.q.lora_A.weight"], "Wan 2.2 14B (combined high/low-noise file)"),
+    (["diffusion_model.layers.0.attention.to_q.lora_A.weight",
+      "diffusion_model.context_refiner.0.attention.to_q.lora_A.weight"], "Z-Image"),
+    (["transformer.unknown.0.proj.lora_A.weight"], None),
+])
+def test_a_refining_signature_wins_over_the_one_it_refines(keys, label):
+    from aitk_inference.pipelines.lora.convert import guess_architecture
+
+    assert guess_architecture(keys) == label

@@ -320,19 +320,14 @@ def convert_ai_toolkit_lora(
 
 
 def guess_architecture(keys: Iterable[str]) -> str | None:
-    """The family a LoRA's keys were written for (a registry ``LoraSignature`` label), or None. When several
-    families' signatures match, the one matching the fewest keys is the one that sets the file apart (an SDXL file
-    also has SD 1.5's ``lora_unet_`` keys; an OmniGen2 file also has Lumina2's block names)."""
+    """The family a LoRA's keys were written for (a registry ``LoraSignature`` label), or None. Of the signatures
+    that match, one that another matching signature refines gives way to it (SDXL over SD 1.5)."""
     from ..registry import lora_signatures
 
     keys = list(keys)
-    matches = []
-    for order, signature in enumerate(lora_signatures()):
-        pattern = re.compile(signature.pattern)
-        count = sum(1 for k in keys if pattern.search(k))
-        if count:
-            matches.append((count, order, signature.label))
-    return min(matches)[2] if matches else None
+    matches = [s for s in lora_signatures() if any(re.search(s.pattern, k) for k in keys)]
+    refined = {s.refines for s in matches}
+    return next((s.label for s in matches if s not in refined), None)
 
 
 # ------------------------------------------------------------------------------------------ Wan original names (Wan)

@@ -91,6 +91,12 @@ class _Graph:
                 "links": self.links, "groups": [], "config": {}, "extra": {}, "version": 0.4}
 
 
+def _load_values(model_id: str, **overrides) -> dict:
+    """The Load node's widget values: the schema's defaults, for ``model_id``."""
+    values = {f.name: f.default for f in LOAD.inputs if f.is_widget}
+    return {**values, "model": model_id, **overrides}
+
+
 def _sample_values(spec, prompt: str, negative: str, trigger_word: str = "", **overrides) -> dict:
     video = spec.video
     values = {"prompt": prompt, "negative": negative, "trigger_word": trigger_word, "width": spec.width,
@@ -107,14 +113,12 @@ def model_workflow(model_id: str) -> dict:
     with the registry defaults."""
     spec = get_spec(model_id)
     graph = _Graph()
-    load = graph.add_aitk(LOAD, (40, 120), {"model": model_id, "base": "", "dtype": "auto", "offload": "none",
-                                            "device": "auto", "lora_mode": "model default", "compile": "none",
-                                            "attention": "sdpa", "quantize": "none"}, size=(320, 270))
+    load = graph.add_aitk(LOAD, (40, 120), _load_values(model_id), size=(320, 270))
     # Two-expert (MoE) models get one Apply per expert: ai-toolkit saves a high-noise and a low-noise file.
-    sides = ("high", "low") if "transformer_2" in spec.lora_components else ("none",)
+    sides = spec.experts.SIDES if spec.experts else ("none",)
     previous = load
     for i, side in enumerate(sides):
-        name = f"{model_id}_lora.safetensors" if side == "none" else f"{model_id}_{side}_noise.safetensors"
+        name = f"{model_id}_lora.safetensors" if side == "none" else f"{spec.experts.file_stem(model_id, side)}.safetensors"
         apply = graph.add_aitk(APPLY, (400, 120 + 180 * i), {"lora": name, "strength": 1.0, "transformer": side},
                                size=(320, 130))
         graph.link(previous, 0, apply, "pipeline")
@@ -167,10 +171,8 @@ def previews_workflow(job: dict, lora_name: str | None = None) -> dict:
                                   "order; seeds follow the job's seed/walk_seed, and prompts already have the trigger "
                                   "word and --flags applied. Put the job's LoRA into ComfyUI/models/loras."],
               size=(320, 200))
-    load = graph.add_aitk(LOAD, (40, 120), {"model": model_id, "base": "" if source in ("", spec.base) else source,
-                                            "dtype": "auto", "offload": "none", "device": "auto",
-                                            "lora_mode": "model default", "compile": "none", "attention": "sdpa",
-                                            "quantize": "none"}, size=(320, 270))
+    load = graph.add_aitk(LOAD, (40, 120), _load_values(model_id, base="" if source in ("", spec.base) else source),
+                          size=(320, 270))
     applied = {}
     for sample in samples:
         if sample.network_multiplier not in applied:

@@ -56,7 +56,7 @@ class WanFamilyPipeline(AITKPipeline):
     def load_diffusers_pipeline(cls, spec: ModelSpec, source: str, torch_dtype, **overrides):
         pipe = super().load_diffusers_pipeline(spec, source, torch_dtype, **overrides)
         if spec.experts is not None:
-            if getattr(pipe, "transformer", None) is None or getattr(pipe, "transformer_2", None) is None:
+            if any(getattr(pipe, name, None) is None for name in spec.experts.components):
                 raise ValueError(
                     f"{spec.model_id} needs both experts (transformer = high noise, transformer_2 = low noise), but "
                     f"{source!r} lacks one. Give a full Wan 2.2 A14B diffusers folder such as {spec.base}."

@@ -190,18 +190,12 @@ def test_kohya_variants_give_the_direct_delta(request, model_id, mode, alpha, co
             torch.testing.assert_close(module.weight, before[key], rtol=0, atol=1e-6)
 
 
-@pytest.fixture(scope="module")
-def lora_files(pipe, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("sd_loras")
-    targets = kohya_targets(pipe.pipe, conv3x3=True, text_encoders=True)
-    return [write_kohya_lora(str(folder / f"lora_{seed}.safetensors"), targets, seed=seed, rank=4, alpha=1.0)
-            for seed in (0, 1)]
-
-
-def test_fused_equals_dynamic_for_kohya_files(clean, fused_pipe, lora_files):
+def test_fused_equals_dynamic_for_kohya_files(clean, fused_pipe, tmp_path):
     """Kohya files with LoCon 3x3 convs and text-encoder modules: merged equals live adapters to float32 rounding."""
-    clean.set_loras([(lora_files[0], 0.8)])
-    fused_pipe.set_loras([(lora_files[0], 0.8)])
+    targets = kohya_targets(clean.pipe, conv3x3=True, text_encoders=True)
+    lora = write_kohya_lora(str(tmp_path / "lora.safetensors"), targets, seed=0, rank=4, alpha=1.0)
+    clean.set_loras([(lora, 0.8)])
+    fused_pipe.set_loras([(lora, 0.8)])
     try:
         dynamic, fused = run(clean), run(fused_pipe)
         assert np.abs(dynamic - run(clean, prompt="x")).max() > 1e-3

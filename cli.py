@@ -207,6 +207,10 @@ def _quiet_libraries() -> None:
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+    # transformers imports torchao whenever it is installed (its quantizer registry), even when nothing is quantized;
+    # torchao's import logs its missing optional kernels, and torch logs deprecation notes about torchao's enums.
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def build_parser() -> argparse.ArgumentParser:

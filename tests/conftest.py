@@ -9,8 +9,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
-SHARED = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared"))
-PARITY_DIR = os.path.join(SHARED, "parity")
+#: golden files made by ai-toolkit's own code (see goldens/MANIFEST.md); part of the checkout
+GOLDENS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "goldens")
 
 
 @pytest.fixture(scope="session")

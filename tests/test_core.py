@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -81,20 +82,6 @@ def test_trigger_word_replaced_only_when_set(flux):
 
 
 # ------------------------------------------------------------------------------------------------ generation
-def test_deterministic_and_seed_sensitive(flux):
-    a, b, c = run(flux, seed=7), run(flux, seed=7), run(flux, seed=8)
-    np.testing.assert_array_equal(a, b)
-    assert np.abs(a - c).max() > 1e-3
-
-
-def test_batch_first_image_matches_single(flux):
-    single = run(flux, seed=5)
-    batch = run(flux, seed=5, batch_size=2)
-    assert batch.shape[0] == 2
-    np.testing.assert_allclose(batch[0], single[0], atol=1e-5)
-    assert np.abs(batch[0] - batch[1]).max() > 1e-3
-
-
 def test_interrupt_stops_within_a_step_and_leaves_pipeline_intact(flux, flux_loras):
     flux.set_loras([LoraRequest(path=flux_loras["a"], strength=0.8)])
     before = run(flux, steps=4)
@@ -114,21 +101,19 @@ def test_interrupt_stops_within_a_step_and_leaves_pipeline_intact(flux, flux_lor
 
 
 # ------------------------------------------------------------------------------------------------ LoRA behaviour
-def test_lora_changes_output_and_strength_zero_is_base(flux, flux_loras):
+# (every registry id: LoRA effect, strength 0, strength changes, fused vs dynamic in tests/test_families.py)
+def test_lora_matches_every_block_linear_and_removal_restores_the_base(flux, flux_loras):
     flux.set_loras([])
     base = run(flux)
-    n_targets = len(lora_targets(flux.pipe.transformer))
+    targets = lora_targets(flux.pipe.transformer)
     summary = flux.set_loras([LoraRequest(path=flux_loras["a"], strength=1.0)])
-    assert summary[0]["modules"] == n_targets == 20
-    assert np.abs(run(flux) - base).max() > 1e-3
-    flux.set_loras([LoraRequest(path=flux_loras["a"], strength=0.0)])
-    np.testing.assert_array_equal(run(flux), base)
+    assert summary[0]["modules"] == len(targets) == 20
     flux.set_loras([])
     np.testing.assert_array_equal(run(flux), base)
     assert type(flux.pipe.transformer.transformer_blocks[0].attn.to_q) is torch.nn.Linear  # PEFT layers removed
 
 
-def test_fused_equals_dynamic(load_tiny, flux, flux_loras):
+def test_fused_equals_dynamic_for_a_stack_with_lokr(load_tiny, flux, flux_loras):
     fused = load_tiny("flux", lora_mode="fused")
     for pipeline in (flux, fused):
         pipeline.set_loras([LoraRequest(path=flux_loras["a"], strength=0.7), LoraRequest(path=flux_loras["lokr"], strength=-0.4)])
@@ -193,7 +178,7 @@ def test_every_layout_gives_the_direct_delta(load_tiny, tmp_path, layout, mode):
 
 
 # ------------------------------------------------------------------------------------------------ bad input
-def test_bad_inputs_raise_clear_errors_and_pipeline_stays_usable(flux, flux_loras, tmp_path, load_tiny):
+def test_bad_inputs_raise_clear_errors_and_pipeline_stays_usable(flux, flux_loras, tmp_path):
     flux.set_loras([LoraRequest(path=flux_loras["a"], strength=1.0)])
     reference = run(flux)
     with pytest.raises(ValueError, match="width.*out of range"):
@@ -202,8 +187,6 @@ def test_bad_inputs_raise_clear_errors_and_pipeline_stays_usable(flux, flux_lora
         flux.generate(prompt="x", height=100000)
     with pytest.raises(ValueError, match="steps"):
         flux.generate(prompt="x", steps=-3)
-    with pytest.raises(ValueError, match="takes no control image"):
-        flux.generate(**SMALL, control_images=[np.zeros((8, 8, 3), np.float32)])
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(open(flux_loras["b"], "rb").read()[:300])
     html = tmp_path / "page.safetensors"
@@ -237,9 +220,6 @@ def test_bad_inputs_raise_clear_errors_and_pipeline_stays_usable(flux, flux_lora
     # the failed calls left the pipeline exactly as it was
     assert [l["name"] for l in flux.loras.describe()] == ["a.safetensors"]
     np.testing.assert_array_equal(run(flux), reference)
-    kontext = load_tiny("flux_kontext")
-    with pytest.raises(ValueError, match="needs 1 control image"):
-        kontext.generate(**SMALL)
     flux.set_loras([])
 
 
@@ -309,6 +289,18 @@ def test_cli_demo_and_make_tiny(tmp_path):
     assert made.returncode == 0, made.stderr
     assert (tmp_path / "tiny_flux" / "model_index.json").is_file()
     assert sorted(os.listdir(tmp_path / "tiny_flux" / "loras")) == sorted(f"tiny_{l}.safetensors" for l in TRANSFORMER_LAYOUTS)
+
+
+def test_cli_demo_prints_no_warnings(tiny_cache, tmp_path):
+    """The demo prints its report and its progress bar, nothing else: no library warnings (transformers imports
+    torchao whenever it is installed, and torchao's import logs about its optional kernels)."""
+    demo = _cli("demo", "--out", str(tmp_path / "demo.png"))
+    assert demo.returncode == 0, demo.stderr
+    progress = re.compile(r"flux:\s+\d+%\|")
+    stray = [line for line in re.split(r"[\r\n]+", demo.stderr) if line.strip() and not progress.match(line)]
+    assert not stray, f"unexpected output on stderr: {stray}"
+    report = ("tiny flux pipeline (random weights) at ", "wrote ", "  LoRA demo_lora.safetensors: ", "demo done in ")
+    assert [line.startswith(report) for line in demo.stdout.splitlines()] == [True] * 4, demo.stdout
 
 
 def test_cli_generate_selects_attention_and_quantize(tiny_dir, tmp_path):

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import PARITY_DIR
+from conftest import GOLDENS_DIR
 
 SIZE = dict(width=64, height=64, steps=2)
 
@@ -29,14 +29,6 @@ def flex2(load_tiny):
 @pytest.fixture(scope="module")
 def base_image(flex2):
     return flex2.generate("a tiny cat", **SIZE).images
-
-
-@pytest.fixture(scope="module")
-def flex2_lora(flex2, tmp_path_factory):
-    from aitk_inference.tiny.loras import lora_targets, write_lora
-
-    path = tmp_path_factory.mktemp("flex2_lora") / "flex2_peft.safetensors"
-    return write_lora(str(path), "peft", lora_targets(flex2.pipe.transformer))
 
 
 def test_tiny_transformer_has_flex2_channel_layout(flex2):
@@ -66,14 +58,6 @@ def test_loads_hub_layout_without_running_remote_code(tiny_dir, flex2, tmp_path)
     assert pipe.transformer.config.in_channels == 196
     for name, tensor in flex2.pipe.transformer.state_dict().items():
         assert torch.equal(pipe.transformer.state_dict()[name], tensor), name
-
-
-def test_deterministic_and_seed_sensitive(flex2, base_image):
-    again = flex2.generate("a tiny cat", seed=42, **SIZE).images
-    other = flex2.generate("a tiny cat", seed=43, **SIZE).images
-    assert base_image.shape == (1, 64, 64, 3)
-    assert np.array_equal(again, base_image)
-    assert not np.array_equal(other, base_image)
 
 
 def test_control_image_changes_output_and_stop_zero_equals_strength_zero(flex2, base_image):
@@ -109,8 +93,6 @@ def test_bad_inputs_raise_and_pipeline_stays_usable(flex2, tiny_dir, load_tiny, 
         flex2.generate("x", control_strength=-1.0, **SIZE)
     with pytest.raises(ValueError, match="Unknown generation option"):
         flex2.generate("x", control_image_idx=0, **SIZE)
-    with pytest.raises(ValueError, match="at most 1 control image"):
-        flex2.generate("x", control_images=[ramp_image(), ramp_image()], **SIZE)
     with pytest.raises(ValueError, match="in_channels=64"):
         load_pipeline("flex2", base=tiny_dir("flux"), device="cpu", dtype="fp32")
     single = tmp_path / "Flex.2-preview.safetensors"
@@ -120,38 +102,8 @@ def test_bad_inputs_raise_and_pipeline_stays_usable(flex2, tiny_dir, load_tiny, 
     assert flex2.generate("x", **SIZE).images.shape == (1, 64, 64, 3)
 
 
-def test_fused_lora_changes_output_strength_zero_is_base_and_no_reload(flex2, flex2_lora, base_image, monkeypatch):
-    from aitk_inference.pipelines.families.flex2 import Flex2Pipeline
-
-    def no_reload(*args, **kwargs):
-        raise AssertionError("the base model was reloaded")
-
-    monkeypatch.setattr(Flex2Pipeline, "from_pretrained", no_reload)
-    pipe = flex2.pipe
-    weights = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
-    try:
-        report = flex2.set_loras([(flex2_lora, 1.0)])
-        assert report[0]["modules"] > 0
-        full = flex2.generate("a tiny cat", **SIZE).images
-        flex2.set_loras([(flex2_lora, 0.5)])
-        half = flex2.generate("a tiny cat", **SIZE).images
-        flex2.set_loras([(flex2_lora, 0.0)])
-        zero = flex2.generate("a tiny cat", **SIZE).images
-        flex2.set_loras([])
-        flex2.set_loras([(flex2_lora, 0.5)])
-        fresh_half = flex2.generate("a tiny cat", **SIZE).images
-    finally:
-        flex2.set_loras([])
-    assert flex2.pipe is pipe
-    assert np.abs(full - base_image).max() > 1e-3 and np.abs(half - full).max() > 1e-3
-    np.testing.assert_allclose(zero, base_image, atol=1e-4)  # fp32 re-fuse by the difference: rounding only
-    np.testing.assert_allclose(half, fresh_half, atol=1e-4)
-    for name, tensor in pipe.transformer.state_dict().items():  # unloading restores the weights (fp32 rounding)
-        np.testing.assert_allclose(tensor.numpy(), weights[name].numpy(), atol=1e-5, err_msg=name)
-
-
 def test_scheduler_timesteps_match_ai_toolkit(flex2, monkeypatch):
-    with open(os.path.join(PARITY_DIR, "schedulers.json")) as f:
+    with open(os.path.join(GOLDENS_DIR, "schedulers.json")) as f:
         expected = json.load(f)["flex2"]["runs"]["steps4_w64_h64"]
     scheduler = flex2.pipe.scheduler
     calls = []

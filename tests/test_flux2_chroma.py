@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PARITY_DIR
+from conftest import GOLDENS_DIR
 
 IDS = ["flux2", "flux2_klein_4b", "flux2_klein_9b", "chroma"]
 FAST = dict(width=64, height=64, steps=2, seed=3)
@@ -30,33 +30,22 @@ def request(tensors, strength, name):
 
 
 @pytest.mark.parametrize("model_id", IDS)
-def test_generation_and_lora_cycle(model_id, pipes, load_tiny):
-    """Deterministic; a BFL-named LoRA changes the image and equals its diffusers-named twin; strength 0 = base bit
-    for bit; a strength change rescales in place (no reload); fused = dynamic within float32 rounding."""
+def test_bfl_named_lora_equals_its_diffusers_named_twin(model_id, pipes, load_tiny):
+    """A LoRA under ai-toolkit's original BFL names (fused qkv / linear1 split for diffusers) changes the image exactly
+    as the same tensors under diffusers names, in dynamic mode and merged (fused mode)."""
     pipe = pipes(model_id)
     base = pipe.generate("a red fox", **FAST).images
-    assert base.shape == (1, 64, 64, 3) and np.isfinite(base).all()
-    assert np.array_equal(base, pipe.generate("a red fox", **FAST).images), "same seed, same image"
-
     bfl, diffusers_named = bfl_pair(pipe)
-    transformer = pipe.pipe.transformer
     try:
         summary = pipe.set_loras([request(bfl, 0.8, "bfl")])[0]
         assert summary["modules"] > len([k for k in bfl if k.endswith("lora_A.weight")]), "fused projections are split"
         with_bfl = pipe.generate("a red fox", **FAST).images
         assert np.abs(with_bfl - base).max() > 1e-3, "the LoRA must change the image"
-
-        pipe.set_loras([request(bfl, 0.0, "bfl")])
-        assert pipe.pipe.transformer is transformer and pipe.loras.stats["files_converted"] == 1
-        assert pipe.loras.stats["rescales"] == 1, "a strength change rescales in place"
-        assert np.array_equal(pipe.generate("a red fox", **FAST).images, base), "strength 0 is the base model"
-
         pipe.set_loras([request(diffusers_named, 0.8, "diffusers")])
         with_diffusers = pipe.generate("a red fox", **FAST).images
         assert np.abs(with_diffusers - with_bfl).max() < 1e-5, "BFL names give the same result as diffusers names"
     finally:
         pipe.set_loras([])
-    assert np.array_equal(pipe.generate("a red fox", **FAST).images, base), "removing the LoRA restores the base"
 
     fused_pipe = load_tiny(model_id, lora_mode="fused")
     fused_pipe.set_loras([request(bfl, 0.8, "bfl")])
@@ -108,7 +97,7 @@ def test_lora_of_another_family_is_refused(model_id, pipes):
 
 # ---------------------------------------------------------------------------------------------- schedules and noise
 def _goldens(family):
-    with open(os.path.join(PARITY_DIR, "schedulers.json")) as f:
+    with open(os.path.join(GOLDENS_DIR, "schedulers.json")) as f:
         return json.load(f)[family]["runs"]
 
 
@@ -145,7 +134,7 @@ def test_flux2_noise_is_ai_toolkits(pipes):
     """The pipeline draws ai-toolkit's FLUX.2 noise: randn (B, 128, H/16, W/16) from the seeded CPU generator."""
     from safetensors.torch import load_file
 
-    goldens = load_file(os.path.join(PARITY_DIR, "noise", "initial_noise.safetensors"))
+    goldens = load_file(os.path.join(GOLDENS_DIR, "noise", "initial_noise.safetensors"))
     pipe = pipes("flux2")
     drawn = []
     original = pipe.pipe.prepare_latents
@@ -168,20 +157,19 @@ def test_flux2_noise_is_ai_toolkits(pipes):
 
 
 # ---------------------------------------------------------------------------------------------- guidance and negatives
-def test_flux2_dev_ignores_the_negative_prompt(pipes, caplog):
+# (whether the negative prompt matters at the default guidance: every id in tests/test_families.py)
+def test_flux2_dev_warns_about_the_negative_and_feeds_guidance_to_the_embedding(pipes, caplog):
     pipe = pipes("flux2")
     with caplog.at_level(logging.WARNING):
         with_negative = pipe.generate("a red fox", negative="blurry", **FAST).images
     assert "ignores the negative prompt" in caplog.text
-    assert np.array_equal(with_negative, pipe.generate("a red fox", **FAST).images)
     assert not np.array_equal(with_negative, pipe.generate("a red fox", guidance=1.5, **FAST).images), \
         "guidance feeds the guidance embedding"
 
 
-def test_klein_uses_real_cfg_with_the_negative(pipes):
+def test_klein_cfg_is_off_at_guidance_one(pipes):
     pipe = pipes("flux2_klein_4b")
     default = pipe.generate("a red fox", **FAST).images
-    assert not np.array_equal(default, pipe.generate("a red fox", negative="blurry", **FAST).images)
     # guidance 1: no CFG, so the negative has no effect (one forward per step)
     no_cfg = pipe.generate("a red fox", guidance=1.0, **FAST).images
     assert np.array_equal(no_cfg, pipe.generate("a red fox", guidance=1.0, negative="blurry", **FAST).images)
@@ -194,7 +182,6 @@ def test_chroma_uses_an_empty_unconditional_unless_asked(pipes, caplog):
     with caplog.at_level(logging.WARNING):
         ignored = pipe.generate("a red fox", negative="blurry", **FAST)
     assert "ignores the negative prompt" in caplog.text and ignored.params.negative == "blurry"
-    assert np.array_equal(ignored.images, default), "ai-toolkit's previews use an empty unconditional"
     used = pipe.generate("a red fox", negative="blurry", use_negative=True, **FAST).images
     assert not np.array_equal(used, default)
     assert np.array_equal(pipe.generate("a red fox", negative="", use_negative=True, **FAST).images, default)
@@ -228,10 +215,6 @@ def test_flux2_reference_images(pipes):
     assert one.shape == plain.shape and not np.array_equal(one, plain) and not np.array_equal(one, two)
     with pytest.raises(ValueError, match="at least 64x64"):
         pipe.generate("a red fox", control_images=[Image.new("RGB", (32, 128))], **FAST)
-    with pytest.raises(ValueError, match="at most 3 control image"):
-        pipe.generate("a red fox", control_images=images * 2, **FAST)
-    with pytest.raises(ValueError, match="takes no control image"):
-        pipes("chroma").generate("a red fox", control_images=images[:1], **FAST)
 
 
 def test_reference_image_preparation_follows_ai_toolkit():

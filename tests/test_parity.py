@@ -1,8 +1,9 @@
 """Preview parity with ai-toolkit (issue 4), driven by the golden files that ai-toolkit's own code produced.
 
-The goldens live in ``../shared/parity`` (see its MANIFEST.md): scheduler timesteps/sigmas per family, the initial noise
-for seed 42, and LoRA/LoKr files saved by ai-toolkit's network code with the outputs it computed. Tests over model
-families are parametrised from the registry, so a family is covered as soon as its entry exists.
+The goldens live in ``tests/goldens`` (see its MANIFEST.md): scheduler timesteps/sigmas per family, the initial noise
+for seed 42, and LoRA/LoKr files saved by ai-toolkit's network code with the outputs it computed. Each table below maps
+registry ids to their golden; an id without one is listed, with the reason, in the table's "no golden yet" mapping, and
+``test_every_registry_id_has_a_golden_or_a_reason`` fails for an id in neither, so a new id needs a decision.
 
 Behaviour tests that need no golden file (seeds, trigger words, prompt flags, size flooring, LoRA maths) are at the
 end.
@@ -16,7 +17,7 @@ import re
 import pytest
 
 from aitk_inference.pipelines.registry import REGISTRY
-from conftest import PARITY_DIR
+from conftest import GOLDENS_DIR
 
 # registry id -> schedulers.json entry (ai-toolkit's sample path per family; MANIFEST §1).
 SCHEDULER_GOLDEN = {
@@ -27,6 +28,25 @@ SCHEDULER_GOLDEN = {
     "zimage": "zimage", "zimage_turbo": "zimage", "zimage_deturbo": "zimage",
     "wan21_14b": "wan21", "wan21_1b": "wan21", "wan21_i2v_14b": "wan21", "wan21_i2v_14b480p": "wan21",
     "flux2": "flux2", "flux2_klein_4b": "flux2", "flux2_klein_9b": "flux2",
+}
+NO_SCHEDULER_GOLDEN = {
+    "sd15": "schedulers.json records the flow-matching families only; SD's DDPM config and timesteps are checked in "
+            "test_stable_diffusion.py",
+    "sdxl": "schedulers.json records the flow-matching families only; SDXL's DDPM config and timesteps are checked in "
+            "test_stable_diffusion.py",
+    "omnigen2": "no OmniGen2 entry in schedulers.json; its own Euler with the resolution-dependent shift is checked "
+                "against the formula in test_omnigen2.py",
+    "wan22_14b_t2v": "schedulers.json's wan21 entry has shift 3.0, Wan 2.2 samples with shift 5.0; checked against "
+                     "the formula in test_wan.py",
+    "wan22_14b_i2v": "schedulers.json's wan21 entry has shift 3.0, Wan 2.2 samples with shift 5.0; checked against "
+                     "the formula in test_wan.py",
+    "wan22_5b": "schedulers.json's wan21 entry has shift 3.0, Wan 2.2 samples with shift 5.0; checked against the "
+                "formula in test_wan.py",
+    "ltx2": "no LTX-2 entry in schedulers.json; the schedule is checked against ai-toolkit's formula in test_ltx2.py",
+    "ltx2.3": "no LTX-2 entry in schedulers.json; the schedule is checked against ai-toolkit's formula in test_ltx2.py",
+    "hidream": "no HiDream entry in schedulers.json; ai-toolkit's FlowUniPC schedule is re-derived in test_hidream.py",
+    "hidream_e1": "no HiDream entry in schedulers.json; ai-toolkit's FlowUniPC schedule is re-derived in "
+                  "test_hidream.py",
 }
 # Differences between the golden data and our wiring that are not settled yet: strict xfail, so that a fix shows up.
 KNOWN_SCHEDULER_DIFFERENCES = {
@@ -41,6 +61,13 @@ NOISE_GOLDEN = {
     "flux": "flux1", "flex1": "flux1", "flux_kontext": "flux1", "flex2": "flux1", "chroma": "flux1",
     "flux2": "flux2", "flux2_klein_4b": "flux2", "flux2_klein_9b": "flux2",
 }
+NO_NOISE_GOLDEN = dict.fromkeys(
+    ("sd15", "sdxl", "qwen_image", "qwen_image_2512", "qwen_image_edit", "qwen_image_edit_plus",
+     "qwen_image_edit_plus_2511", "zimage", "zimage_turbo", "zimage_deturbo", "lumina2", "omnigen2", "wan21_1b",
+     "wan21_14b", "wan21_i2v_14b", "wan21_i2v_14b480p", "wan22_14b_t2v", "wan22_14b_i2v", "wan22_5b", "ltx2", "ltx2.3",
+     "hidream", "hidream_e1"),
+    "noise/initial_noise.safetensors holds ai-toolkit's noise for the FLUX.1-style and FLUX.2 latent layouts only",
+)
 NOISE_SIZES = [(64, 64), (512, 768)]  # (W, H) as in the golden keys
 
 # ai-toolkit's size floor per family (ai-toolkit.md §2.2; 8 = only GenerateImageConfig's floor).
@@ -52,23 +79,39 @@ AITK_DIVISOR = {
     "wan21_i2v_14b480p": 16, "wan22_14b_t2v": 16, "wan22_14b_i2v": 16, "sd15": 8, "sdxl": 8, "hidream": 16,
     "omnigen2": 16,
 }
+NO_DIVISOR_GOLDEN = {
+    "lumina2": "ai-toolkit.md §2.2 gives Lumina2's floor as the pipeline default, unverified",
+    "hidream_e1": "ai-toolkit.md §2.2 has no HiDream-E1 row",
+}
+GOLDEN_TABLES = {  # table name -> (id -> golden, id -> why there is no golden yet)
+    "SCHEDULER_GOLDEN": (SCHEDULER_GOLDEN, NO_SCHEDULER_GOLDEN),
+    "NOISE_GOLDEN": (NOISE_GOLDEN, NO_NOISE_GOLDEN),
+    "AITK_DIVISOR": (AITK_DIVISOR, NO_DIVISOR_GOLDEN),
+}
 
 
 def _ids(table):
+    """The ids of ``table`` in registry order."""
     return [model_id for model_id in REGISTRY if model_id in table]
 
 
-@pytest.fixture(scope="module")
-def parity_dir():
-    if not os.path.isdir(PARITY_DIR):
-        pytest.skip(f"PARITY GOLDENS MISSING: {PARITY_DIR} does not exist, so parity with ai-toolkit is NOT tested. "
-                    "It must sit next to the checkout (../shared/parity).")
-    return PARITY_DIR
+@pytest.mark.parametrize("name", list(GOLDEN_TABLES))
+def test_every_registry_id_has_a_golden_or_a_reason(name):
+    """A registry id is either compared with a golden or listed, with a reason, as having none yet: never both,
+    never neither (a newly registered id fails here until someone decides)."""
+    table, no_golden = GOLDEN_TABLES[name]
+    neither = [m for m in REGISTRY if m not in table and m not in no_golden]
+    both = [m for m in REGISTRY if m in table and m in no_golden]
+    unknown = sorted((set(table) | set(no_golden)) - set(REGISTRY))
+    assert not neither, f"{name}: add a golden or a 'no golden yet' reason for {neither}"
+    assert not both, f"{name}: {both} have a golden and a 'no golden yet' reason; keep one"
+    assert not unknown, f"{name}: {unknown} are not registry ids"
+    assert all(isinstance(reason, str) and reason.strip() for reason in no_golden.values())
 
 
 @pytest.fixture(scope="module")
-def scheduler_goldens(parity_dir):
-    with open(os.path.join(parity_dir, "schedulers.json")) as f:
+def scheduler_goldens():
+    with open(os.path.join(GOLDENS_DIR, "schedulers.json")) as f:
         return json.load(f)
 
 
@@ -79,15 +122,7 @@ def family_pipeline(load_tiny):
 
     def get(model_id, dtype="fp32"):
         if (model_id, dtype) not in cache:
-            spec = REGISTRY[model_id]
-            ours = {f"aitk_inference.pipelines.families.{spec.family.partition(':')[0]}",
-                    f"aitk_inference.tiny.{spec.tiny.partition(':')[0]}"}
-            try:
-                cache[(model_id, dtype)] = load_tiny(model_id, dtype=dtype)
-            except ModuleNotFoundError as e:
-                if e.name in ours:
-                    pytest.skip(f"{model_id}: {e.name} has not landed yet (registered, but its code is missing).")
-                raise
+            cache[(model_id, dtype)] = load_tiny(model_id, dtype=dtype)
         return cache[(model_id, dtype)]
 
     return get
@@ -221,12 +256,12 @@ def _noise_cases():
 
 
 @pytest.mark.parametrize("model_id,dtype,size", _noise_cases())
-def test_initial_noise_matches_ai_toolkit(model_id, dtype, size, parity_dir, family_pipeline):
+def test_initial_noise_matches_ai_toolkit(model_id, dtype, size, family_pipeline):
     """The latents the first denoising step receives are ai-toolkit's seed-42 noise (CPU generator, latent dtype)."""
     import torch
     from safetensors.torch import load_file
 
-    golden = load_file(os.path.join(parity_dir, "noise", "initial_noise.safetensors"))
+    golden = load_file(os.path.join(GOLDENS_DIR, "noise", "initial_noise.safetensors"))
     width, height = size
     torch_dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
     key = f"{NOISE_GOLDEN[model_id]}_seed42_w{width}_h{height}_{torch_dtype}"
@@ -260,10 +295,10 @@ def _load_inputs(path):
     return load_file(path)
 
 
-def _flux_case(parity_dir):
+def _flux_case():
     from diffusers import FluxTransformer2DModel
 
-    root = os.path.join(parity_dir, "lora_flux")
+    root = os.path.join(GOLDENS_DIR, "lora_flux")
     inputs = _load_inputs(os.path.join(root, "inputs.safetensors"))
     model = FluxTransformer2DModel.from_pretrained(os.path.join(root, "base_transformer")).eval()
 
@@ -276,10 +311,10 @@ def _flux_case(parity_dir):
     return model, "transformer", forward
 
 
-def _sdxl_case(parity_dir):
+def _sdxl_case():
     from diffusers import UNet2DConditionModel
 
-    root = os.path.join(parity_dir, "lora_sdxl")
+    root = os.path.join(GOLDENS_DIR, "lora_sdxl")
     inputs = _load_inputs(os.path.join(root, "inputs.safetensors"))
     model = UNet2DConditionModel.from_pretrained(os.path.join(root, "base_unet")).eval()
 
@@ -304,7 +339,7 @@ LORA_ATOL = 1e-6  # ai-toolkit's live vs merged outputs differ by up to 2e-7 the
 
 @pytest.mark.parametrize("mode", ["dynamic", "fused"])
 @pytest.mark.parametrize("case,variant,filename", LORA_GOLDEN_FILES)
-def test_lora_file_reproduces_ai_toolkit_outputs(case, variant, filename, mode, parity_dir):
+def test_lora_file_reproduces_ai_toolkit_outputs(case, variant, filename, mode):
     """Each file ai-toolkit saved gives ai-toolkit's outputs at m=1.0, after an in-place change to 0.5, and from a
     fresh load at 0.5; unloading restores the base output; fused weights equal ai-toolkit's merge_in weights."""
     import torch
@@ -312,7 +347,7 @@ def test_lora_file_reproduces_ai_toolkit_outputs(case, variant, filename, mode, 
 
     from aitk_inference.pipelines.lora.stack import LoraRequest, LoraStack
 
-    variant_dir = os.path.join(parity_dir, case, variant)
+    variant_dir = os.path.join(GOLDENS_DIR, case, variant)
     golden = load_file(os.path.join(variant_dir, "outputs.safetensors"))
     path = os.path.join(variant_dir, filename)
     build = _flux_case if case == "lora_flux" else _sdxl_case
@@ -322,7 +357,7 @@ def test_lora_file_reproduces_ai_toolkit_outputs(case, variant, filename, mode, 
     def expected(m):
         return golden.get(f"lora_{flavour}_m{m}", golden[f"lora_live_m{m}"])
 
-    model, component, forward = build(parity_dir)
+    model, component, forward = build()
     base_output = forward()
     torch.testing.assert_close(base_output, golden["base_output"], rtol=0, atol=0)
     stack = LoraStack({component: model}, mode, component, case)
@@ -341,16 +376,16 @@ def test_lora_file_reproduces_ai_toolkit_outputs(case, variant, filename, mode, 
     exact = mode == "dynamic" and variant.startswith("lora_")
     torch.testing.assert_close(forward(), base_output, rtol=0, atol=0 if exact else LORA_ATOL)
 
-    model, component, forward = build(parity_dir)
+    model, component, forward = build()
     LoraStack({component: model}, mode, component, case).set([LoraRequest(path=path, strength=0.5)])
     torch.testing.assert_close(forward(), expected("0.5"), rtol=0, atol=LORA_ATOL)
 
 
-def test_lokr_golden_stores_huge_alpha(parity_dir):
+def test_lokr_golden_stores_huge_alpha():
     """Guard for the LoKr case above: ai-toolkit really stored its 1e10 alpha, which a loader must ignore."""
     from safetensors.torch import load_file
 
-    sd = load_file(os.path.join(parity_dir, "lora_flux", "lokr_default", "tiny_flux_lokr_default.safetensors"))
+    sd = load_file(os.path.join(GOLDENS_DIR, "lora_flux", "lokr_default", "tiny_flux_lokr_default.safetensors"))
     alphas = [float(v) for k, v in sd.items() if k.endswith(".alpha")]
     assert alphas and min(alphas) >= 1e9
 
@@ -418,9 +453,10 @@ def test_size_floor_matches_ai_toolkit():
     assert _build([{"prompt": "x", "width": 1000, "height": 700}])[0].width == 1000
     assert _build([{"prompt": "x", "width": 1000, "height": 700}])[0].height == 696
     assert _build([{"prompt": "x", "width": 60, "height": 90}])[0].width == 64
+    for model_id in _ids(AITK_DIVISOR):
+        divisor = AITK_DIVISOR[model_id]
+        assert REGISTRY[model_id].divisor == divisor, f"{model_id}: ai-toolkit floors to {divisor}"
     for model_id, spec in REGISTRY.items():
-        if model_id in AITK_DIVISOR:
-            assert spec.divisor == AITK_DIVISOR[model_id], f"{model_id}: ai-toolkit floors to {AITK_DIVISOR[model_id]}"
         assert (snap_size(1000, spec.divisor), snap_size(700, spec.divisor)) == expected[spec.divisor], model_id
     assert snap_size(60, 16) == 64 and snap_size(90, 16) == 80
 

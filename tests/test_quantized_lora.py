@@ -12,7 +12,8 @@ import torch
 
 from aitk_inference.tiny.loras import lora_targets, write_lora
 
-torchao = pytest.importorskip("torchao")
+torchao = pytest.importorskip("torchao", reason="quantized-weight LoRA tests need torchao (in requirements-ci.txt; "
+                                                 "pip install torchao)")
 
 GEN = dict(prompt="a cat", width=64, height=64, steps=2, seed=3)
 

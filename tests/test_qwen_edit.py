@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import PARITY_DIR
+from conftest import GOLDENS_DIR
 
 FAST = dict(width=64, height=64, steps=2, seed=3)
 # a high guidance makes the norm rescale (which ai-toolkit leaves out) visible on the tiny model
@@ -71,52 +71,16 @@ def test_edit_plus_true_cfg_has_no_norm_rescale(edit_plus, recorded):
     assert np.abs(np.asarray(stock) - result.images).max() > 1e-4, "our runs are bit-exact; stock differs"
 
 
-def test_edit_plus_deterministic_images_and_lora(edit_plus, recorded, tiny_dir, tmp_path):
-    from aitk_inference.pipelines import load_pipeline
-    from aitk_inference.tiny.loras import lora_targets, write_lora
-
+def test_edit_plus_second_image_matters(edit_plus, recorded):
     base = recorded[0].images
     assert base.shape == (1, 64, 64, 3) and np.isfinite(base).all()
     two = edit_plus.generate("a red fox", control_images=[picture(0), picture(1, (96, 64))], **PLUS)
     assert two.images.shape == base.shape and np.abs(two.images - base).max() > 1e-3, "a second image matters"
 
-    lora = write_lora(str(tmp_path / "l.safetensors"), "peft_diffusion_model", lora_targets(edit_plus.pipe.transformer))
-    transformer = edit_plus.pipe.transformer
-    try:
-        assert edit_plus.set_loras([(lora, 0.7)])[0]["modules"] > 0
-        with_lora = edit_plus.generate("a red fox", control_images=[picture(0)], **PLUS).images
-        assert np.abs(with_lora - base).max() > 1e-3, "the LoRA must change the image"
-        edit_plus.set_loras([(lora, 0.0)])
-        assert edit_plus.pipe.transformer is transformer and edit_plus.loras.stats["files_converted"] == 1
-        zero = edit_plus.generate("a red fox", control_images=[picture(0)], **PLUS).images
-        assert np.array_equal(zero, base), "same seed and strength 0 give the base image bit for bit"
-    finally:
-        edit_plus.set_loras([])
-
-    # 2511 runs the same pipeline with fused LoRAs by default: fused equals dynamic to float32 rounding
-    fused_pipe = load_pipeline("qwen_image_edit_plus_2511", base=tiny_dir("qwen_image_edit_plus"), device="cpu",
-                               dtype="fp32")
-    assert fused_pipe.lora_mode == "fused"
-    fused_pipe.set_loras([(lora, 0.7)])
-    fused = fused_pipe.generate("a red fox", control_images=[picture(0)], **PLUS).images
-    assert np.abs(fused - with_lora).max() < 1e-4
-
 
 @pytest.fixture(scope="module")
 def edit(load_tiny):
     return load_tiny("qwen_image_edit")
-
-
-@pytest.mark.parametrize("model_id,count,match", [
-    ("qwen_image_edit", 0, "needs 1 control image"),
-    ("qwen_image_edit", 2, "takes at most 1 control image"),
-    ("qwen_image_edit_plus", 0, "needs 1 control image"),
-    ("qwen_image_edit_plus", 4, "takes at most 3 control image"),
-])
-def test_control_image_count_is_checked(model_id, count, match, edit, edit_plus):
-    pipe = edit if model_id == "qwen_image_edit" else edit_plus
-    with pytest.raises(ValueError, match=match):
-        pipe.resolve_params("x", control_images=[picture(i) for i in range(count)])
 
 
 def test_registry_entries():
@@ -131,7 +95,7 @@ def test_registry_entries():
 
 
 def test_edit_scheduler_control_image_and_inputs(edit):
-    with open(os.path.join(PARITY_DIR, "schedulers.json")) as f:
+    with open(os.path.join(GOLDENS_DIR, "schedulers.json")) as f:
         expected = json.load(f)["qwen_image"]["runs"]["steps4_w64_h64"]["timesteps"]
     # guidance 1: one forward per step, no negative encoded
     run = dict(width=64, height=64, steps=4, seed=3, guidance=1.0)

@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PARITY_DIR
+from conftest import GOLDENS_DIR
 
-IDS = ["qwen_image", "qwen_image_2512", "zimage", "zimage_turbo", "zimage_deturbo", "lumina2"]
 FAST = dict(width=64, height=64, steps=2, seed=3)
 
 
@@ -17,31 +16,6 @@ def write_lora(pipe, path, layout="peft", seed=0):
     from aitk_inference.tiny.loras import lora_targets, write_lora as write
 
     return write(str(path), layout, lora_targets(pipe.pipe.transformer), seed=seed)
-
-
-@pytest.mark.parametrize("model_id", IDS)
-def test_lora_cycle(model_id, pipes, load_tiny, tmp_path):
-    """Deterministic, LoRA changes output, strength 0 = base bit for bit, no reload, fused = dynamic (default guidance)."""
-    pipe = pipes(model_id, lora_mode="dynamic")
-    base = pipe.generate("a red fox", **FAST).images
-    lora = write_lora(pipe, tmp_path / "l.safetensors", layout="peft_diffusion_model")
-    transformer = pipe.pipe.transformer
-    try:
-        assert pipe.set_loras([(lora, 0.7)])[0]["modules"] > 0
-        dynamic = pipe.generate("a red fox", **FAST).images
-        assert np.abs(dynamic - base).max() > 1e-3, "the LoRA must change the image"
-        pipe.set_loras([(lora, 0.0)])
-        assert pipe.pipe.transformer is transformer and pipe.loras.stats["files_converted"] == 1
-        assert pipe.loras.stats["rescales"] == 1, "a strength change rescales in place"
-        zero = pipe.generate("a red fox", **FAST).images
-        assert np.array_equal(zero, base), "same seed and strength 0 must equal the base model bit for bit"
-    finally:
-        pipe.set_loras([])
-
-    fused_pipe = load_tiny(model_id, lora_mode="fused")
-    fused_pipe.set_loras([(lora, 0.7)])
-    fused = fused_pipe.generate("a red fox", **FAST).images
-    assert np.abs(fused - dynamic).max() < 1e-4, "fused and dynamic LoRAs agree to float32 rounding"
 
 
 @pytest.mark.parametrize("model_id", ["qwen_image", "zimage", "zimage_deturbo", "lumina2"])
@@ -60,14 +34,6 @@ def test_lora_layouts_give_the_right_scale(model_id, load_tiny, tmp_path):
         deltas = reference_deltas(layout, make_state_dict(layout, targets))
         expected = next(d for k, d in deltas.items() if k.endswith("." + name))
         torch.testing.assert_close(after - before, 0.5 * expected, atol=1e-6, rtol=1e-5)
-
-
-@pytest.mark.parametrize("model_id", IDS)
-def test_control_images_are_rejected(model_id, pipes):
-    from PIL import Image
-
-    with pytest.raises(ValueError, match="takes no control image"):
-        pipes(model_id).resolve_params("x", control_images=[Image.new("RGB", (64, 64))])
 
 
 def test_guidance_mapping(pipes):
@@ -98,7 +64,7 @@ def test_size_floors():
 
 @pytest.mark.parametrize("model_id,family", [("qwen_image", "qwen_image"), ("zimage", "zimage"), ("lumina2", "lumina2")])
 def test_scheduler_matches_ai_toolkit(model_id, family, pipes):
-    with open(os.path.join(PARITY_DIR, "schedulers.json")) as f:
+    with open(os.path.join(GOLDENS_DIR, "schedulers.json")) as f:
         run = json.load(f)[family]["runs"]["steps4_w64_h64"]
     pipe = pipes(model_id, lora_mode="dynamic")
     pipe.generate("x", width=64, height=64, steps=4, guidance=1.0)  # guidance 1: one forward per step

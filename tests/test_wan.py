@@ -18,7 +18,7 @@ from aitk_inference.pipelines.media import write_video
 from aitk_inference.tiny.loras import save_lora
 from aitk_inference.tiny.wan import original_wan_state_dict
 
-from conftest import PARITY_DIR
+from conftest import GOLDENS_DIR
 
 SIZE, FRAMES, STEPS = 64, 5, 2
 WAN_IDS = ("wan21_1b", "wan21_14b", "wan21_i2v_14b", "wan21_i2v_14b480p", "wan22_14b_t2v", "wan22_14b_i2v", "wan22_5b")
@@ -111,7 +111,7 @@ def test_registry_matches_ai_toolkit():
 def test_t2v_snapped_and_equal_to_stock_euler(t2v, clean):
     """Sizes/frames snap (70 -> 64, 6 -> 5 frames), the result is [B, T, H, W, C] and equals
     diffusers' WanPipeline with Euler shift 3.0; the timesteps equal ai-toolkit's wan21 scheduler (schedulers.json)."""
-    with open(os.path.join(PARITY_DIR, "schedulers.json")) as f:
+    with open(os.path.join(GOLDENS_DIR, "schedulers.json")) as f:
         expected = json.load(f)["wan21"]["runs"]["steps4_w64_h64"]["timesteps"]
     calls, handles = spy_experts(t2v.pipe)
     try:
@@ -175,15 +175,11 @@ def test_image_conditioned_equals_stock(model_id, load_tiny):
     np.testing.assert_array_equal(ours.images, stock)
 
 
-def test_snapping_and_control_image_errors(load_tiny, t2v):
+def test_size_and_frame_snapping(load_tiny, t2v):
     five_b = load_tiny("wan22_5b")
     params = five_b.resolve_params("x", width=100, height=70)
     assert (params.width, params.height, params.num_frames, params.fps) == (96, 64, 121, 24)
     assert t2v.resolve_params("x", num_frames=44, fps=8).num_frames == 41
-    with pytest.raises(ValueError, match="wan21_i2v_14b.*needs 1 control image"):
-        load_tiny("wan21_i2v_14b").resolve_params("x")
-    with pytest.raises(ValueError, match="takes no control image"):
-        t2v.resolve_params("x", control_images=[control_image()])
 
 
 def test_original_wan_names_map_to_diffusers(t2v):
@@ -267,12 +263,10 @@ def test_lora_pair_goes_to_its_expert(moe, tmp_path, clean):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_lora_strength_through_generate(t2v, tmp_path, clean):
-    """Frames are deterministic (strength 0 reproduces the base run bit for bit); strength 1 changes them."""
+def test_original_wan_names_through_generate(t2v, tmp_path, clean):
+    """A LoRA in ai-toolkit's original Wan names is renamed onto every block module and changes the frames."""
     lora = save_lora(str(tmp_path / "t2v.safetensors"), original_wan_state_dict(t2v.pipe.transformer))
     base = run(t2v).images
-    t2v.set_loras([(lora, 0.0)])
-    np.testing.assert_array_equal(run(t2v).images, base)
     t2v.set_loras([(lora, 1.0)])
     result = run(t2v)
     assert np.abs(result.images - base).max() > 1e-3

@@ -13,7 +13,7 @@ import json
 import os
 
 from ..pipelines.registry import REGISTRY, get_spec
-from .schema import APPLY, LOAD, NODES, SAMPLE, NodeSpec
+from .schema import APPLY, LOAD, SAMPLE, NodeSpec
 
 EXAMPLES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "example_workflows")
 PREVIEWS_NAME = "reproduce_training_previews_flux.json"

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-import torch
 
 from aitk_inference.pipelines.registry import REGISTRY
 from aitk_inference.pipelines.runtime import cache
@@ -108,13 +107,7 @@ def write_family_loras(pipeline, folder) -> list[str]:
             for seed, (name, component) in enumerate(experts.items())]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared machine spinning OpenMP threads are much slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # Module scope: pytest runs every check of one id before loading the next, so one pipeline is in memory at a time.

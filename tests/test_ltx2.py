@@ -11,13 +11,7 @@ import torch
 FAST = dict(width=64, height=64, num_frames=9, steps=2, seed=5)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny models are faster on one thread than fighting other processes for the machine's cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("model_id", ["ltx2", "ltx2.3"])

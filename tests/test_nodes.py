@@ -258,11 +258,12 @@ def test_example_workflows_match_schema(pack):
     from aitk_inference.pipelines.registry import REGISTRY
 
     workflows = importlib.import_module(pack.__name__ + ".nodes.workflows")
+    schema = importlib.import_module(pack.__name__ + ".nodes.schema")
     folder = os.path.join(ROOT, "example_workflows")
     expected = workflows.all_workflows()
     assert set(expected) >= {f"{model_id}.json" for model_id in REGISTRY}
     assert sorted(os.listdir(folder)) == sorted(expected), "regenerate: python -m aitk_inference.nodes.workflows"
-    widget_counts = {spec.node_id: len(spec.widget_names()) for spec in workflows.NODES}
+    widget_counts = {spec.node_id: len(spec.widget_names()) for spec in schema.NODES}
     widget_counts.update(workflows.CORE_WIDGET_COUNTS)
     for name, workflow in expected.items():
         with open(os.path.join(folder, name)) as f:

@@ -21,13 +21,7 @@ AITK_DDPM = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, b
                  clip_sample=False, prediction_type="epsilon", timestep_spacing="leading", steps_offset=0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared machine 2 spinning OpenMP threads are 10-30x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=MODEL_IDS)

@@ -16,7 +16,7 @@ and encodes the prompts itself. Where that differs from stock diffusers, we foll
   ai-toolkit's scheduler config (``registry.FLUX_FLOWMATCH``).
 
 Noise is the FLUX.1-style draw ``randn((B, 16, 2*(H//16), 2*(W//16)))`` from the seeded CPU generator, packed 2x2, as
-in ai-toolkit. LoRAs use original BFL module names (``lora_convert.convert_bfl_to_diffusers_chroma``).
+in ai-toolkit. LoRAs use original BFL module names (``lora.convert.convert_bfl_to_diffusers_chroma``).
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ Text encoding is the pipelines' own and matches ai-toolkit's: Mistral3 hidden st
 message for FLUX.2-dev, Qwen3 hidden states (9, 18, 27) through the chat template for klein, 512 tokens, padded. The
 layer indices are the registry's ``Flux2Options.text_encoder_out_layers``; a text encoder with fewer layers than that
 (only the tiny test models) has its last layers read instead, with a warning.
-LoRAs use original BFL module names (``lora_convert.convert_bfl_to_diffusers_flux2``).
+LoRAs use original BFL module names (``lora.convert.convert_bfl_to_diffusers_flux2``).
 """
 
 from __future__ import annotations

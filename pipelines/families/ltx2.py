@@ -24,7 +24,7 @@ A model of another depth (the tiny test models) gets the block at the same relat
 ``index * depth // stg_reference_depth``, so STG never silently points past the last block.
 
 LoRAs in original LTX names (``diffusion_model.patchify_proj``, ``adaln_single``...) are renamed by
-``lora_convert.ltx2_original_to_diffusers``; diffusers-named files load as they are.
+``lora.convert.ltx2_original_to_diffusers``; diffusers-named files load as they are.
 
 Progress: ``progress(step, total)`` after every denoising step, and once more (``step == total``) when decoding
 (video VAE, audio VAE, vocoder) starts. ``pipeline.stage`` is ``"denoise"``, then ``"decode"``, then ``"done"``.

@@ -13,8 +13,8 @@ What ai-toolkit does here, and so do we (where the reference implementation diff
 * I2V: the control image is resized (LANCZOS) to the target size; TI2V-5B takes an optional control image, which
   becomes first-frame conditioning through diffusers' ``WanImageToVideoPipeline`` with ``expand_timesteps``.
 
-LoRAs come in original Wan names and are renamed by ``lora_convert.wan_original_to_diffusers``; Wan 2.2 A14B LoRAs are
-placed on their expert by ``lora_convert.route_wan_experts`` (side ``high``/``low``, inferred from ``*_high_noise`` /
+LoRAs come in original Wan names and are renamed by ``lora.convert.wan_original_to_diffusers``; Wan 2.2 A14B LoRAs are
+placed on their expert by ``lora.convert.route_wan_experts`` (side ``high``/``low``, inferred from ``*_high_noise`` /
 ``*_low_noise`` file names, or a combined file).
 
 Progress: ``progress(step, total)`` after every denoising step, and once more (``step == total``) when the VAE decode

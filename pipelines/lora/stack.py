@@ -185,7 +185,7 @@ class LoraStack:
         mode (str): ``"dynamic"`` or ``"fused"`` (see the module docstring).
         denoiser (str): the component that ``transformer.``/``diffusion_model.`` keys target.
         model_label (str): the model id, for error messages.
-        name_mapper (callable, *optional*): the family's key renaming stage (see ``lora_convert``).
+        name_mapper (callable, *optional*): the family's key renaming stage (see ``lora.convert``).
         route (callable, *optional*): ``route(converted, side) -> converted`` for MoE families; without it a ``side``
             is an error.
     """

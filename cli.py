@@ -94,8 +94,8 @@ def run_generate(pipeline, args, out: str) -> list[str]:
     else:
         images = result.to_pil()
         paths = [_numbered(out, i, len(images)) for i in range(len(images))]
-        for image, path in zip(images, paths):
-            write_image(image, path, result.metadata())
+        for i, (image, path) in enumerate(zip(images, paths)):
+            write_image(image, path, result.metadata(i))
     p = result.params
     print(f"wrote {', '.join(paths)}  size {p.width}x{p.height}  seed {p.seed}  steps {p.steps}  "
           f"guidance {p.guidance}  total {result.timings['total']:.2f}s")

@@ -191,8 +191,8 @@ SAMPLE = NodeSpec(
               default=_FIRST.guidance, min=0.0, max=100.0, step=0.1),
         Field("seed", "INT", "Noise seed (ai-toolkit: sample i of a walk_seed job uses seed + i).",
               default=_FIRST.seed, min=0, max=MAX_SEED, control_after_generate=True),
-        Field("batch_size", "INT", "Images per run; image i of a batch equals the single image.", default=1,
-              min=1, max=16),
+        Field("batch_size", "INT", "Images per run; image i uses seed + i and equals the single image of that seed.",
+              default=1, min=1, max=16),
         Field("control_image", "IMAGE", "Control/reference image, required by edit models (FLUX Kontext); "
               "a single image.", optional=True),
         Field("control_image_2", "IMAGE", "Second control image (models that take several).", optional=True),

@@ -102,6 +102,11 @@ class GenerationParams:
     fps: int | None = None
     extra: dict = field(default_factory=dict)
 
+    @property
+    def seeds(self) -> list[int]:
+        """The seed of each image of the batch: ``seed + i`` for image i, as ai-toolkit's ``walk_seed`` previews."""
+        return [self.seed + i for i in range(self.batch_size)]
+
 
 @dataclass
 class GenerationResult:
@@ -149,12 +154,13 @@ class GenerationResult:
         arrays = self.images[0] if self.is_video else self.images
         return [Image.fromarray((np.clip(a, 0, 1) * 255.0 + 0.5).astype(np.uint8)) for a in arrays]
 
-    def metadata(self) -> dict:
-        """The generation parameters as a JSON-friendly dict (embedded in PNG text chunks)."""
+    def metadata(self, index: int = 0) -> dict:
+        """The parameters of image ``index`` of the batch as a JSON-friendly dict (embedded in PNG text chunks): its
+        own seed, which makes it again alone."""
         p = self.params
         out = {
             "model": self.model_id, "prompt": p.prompt, "negative": p.negative, "width": p.width, "height": p.height,
-            "steps": p.steps, "guidance": p.guidance, "seed": p.seed, "batch_size": p.batch_size,
+            "steps": p.steps, "guidance": p.guidance, "seed": p.seeds[index],
             "loras": [{"name": l["name"], "strength": l["strength"]} for l in self.loras],
             "software": "aitk-inference",
         }
@@ -433,6 +439,9 @@ class AITKPipeline:
             raise ValueError(f"`seed` must be an integer in -1..{MAX_SEED} (-1 draws a random seed), got {seed!r}.")
         if seed == -1:
             seed = random.SystemRandom().randint(0, RANDOM_SEED_MAX)
+        if seed + batch_size - 1 > MAX_SEED:
+            raise ValueError(f"Image i of a batch uses seed + i: with batch_size {batch_size}, `seed` must be at most "
+                             f"{MAX_SEED - batch_size + 1}, got {seed}.")
 
         images = tuple(to_pil_rgb(im) for im in (control_images or ()) if im is not None)
         low, high = spec.control_images
@@ -515,7 +524,8 @@ class AITKPipeline:
             width, height (int, defaults to 1024): floored to 8 (min 64) then to the family's divisor.
             steps (int), guidance (float): defaults from the registry.
             seed (int, defaults to 42): -1 draws a random seed; the effective seed is in the result.
-            batch_size (int, defaults to 1): images per call (image i of a batch of 1 equals the single image).
+            batch_size (int, defaults to 1): images per call; image i uses seed + i and equals the single image of
+                that seed (ai-toolkit's ``walk_seed`` previews).
             control_images (Sequence, *optional*): control/reference images for families that take them.
             trigger_word (str, *optional*): replaces ``[trigger]``/``[name]``.
             num_frames, fps (int, *optional*): video families only.
@@ -532,8 +542,10 @@ class AITKPipeline:
         # 1. Validate and resolve parameters
         params = self.resolve_params(prompt, **kwargs)
         with self.lock:
-            # 2. Build the call: noise comes from a freshly seeded CPU generator in the latent dtype (ai-toolkit)
-            generator = torch.Generator("cpu").manual_seed(params.seed)
+            # 2. Build the call: noise comes from a freshly seeded CPU generator in the latent dtype (ai-toolkit), one
+            # per image of a batch, so that image i is the image of seed + i alone
+            generators = [torch.Generator("cpu").manual_seed(seed) for seed in params.seeds]
+            generator = generators[0] if len(generators) == 1 else generators
             call = self.pipeline_kwargs(params)
             call.update(generator=generator, num_inference_steps=params.steps)
             step_times: list[float] = []

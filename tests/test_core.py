@@ -480,3 +480,13 @@ def test_persistent_compile_cache_folder(monkeypatch, tmp_path):
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "torch"))  # torch's own variable wins
     assert use_persistent_compile_cache() == str(tmp_path / "torch") and (tmp_path / "torch").is_dir()
+
+
+def test_each_image_of_a_batch_reports_its_own_seed(flux):
+    from aitk_inference.pipelines.base import MAX_SEED
+
+    result = flux.generate(prompt="x", width=64, height=64, steps=1, seed=5, batch_size=2)
+    assert result.params.seeds == [5, 6] and result.seed == 5
+    assert [result.metadata(i)["seed"] for i in range(2)] == [5, 6]
+    with pytest.raises(ValueError, match=r"uses seed \+ i: with batch_size 2, `seed` must be at most"):
+        flux.generate(prompt="x", width=64, height=64, steps=1, seed=MAX_SEED, batch_size=2)

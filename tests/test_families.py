@@ -1,14 +1,13 @@
 """What every registered model promises, checked for every id of the registry on its tiny random-weight model.
 
 The checks: a LoRA changes the output; strength 0 is the output without it, bit for bit; a strength change reloads
-nothing; fused LoRAs agree with dynamic ones; the same seed gives the same output; a batch starts with the single
-image of its seed; the control-image count is bounded; the negative prompt matters exactly when the registry says
+nothing; fused LoRAs agree with dynamic ones; the same seed gives the same output; image i of a batch is the single
+image of its seed (seed + i); the control-image count is bounded; the negative prompt matters exactly when the registry says
 so. A newly registered id is covered without touching this file. Family-specific behaviour lives in the per-family
 test files.
 
-Batches: ``generate`` seeds one CPU generator for the whole call and the pipeline draws the batch's noise from it, so
-image 0 of a batch is the single image of that seed (up to the rounding of batched kernels) and the other images
-continue the generator's stream; no single call reproduces them.
+Batches: ``generate`` seeds one CPU generator per image (seed + i), so every image of a batch can be made again alone,
+and a batch of N is the N previews ai-toolkit renders with ``walk_seed`` (up to the rounding of batched kernels).
 """
 
 from __future__ import annotations
@@ -30,18 +29,8 @@ CHANGED = 1e-3
 #: fused (weights merged in float32) vs dynamic (PEFT adapters) on the fp32 tiny models: the same maths in another
 #: order of float32 operations; the largest difference seen over the registry is 9e-6 (sdxl), most are about 1e-6
 FUSED_VS_DYNAMIC_ATOL = 1e-4
-#: image 0 of a batch vs the single image: batched kernels round differently; at most 5e-6 seen over the registry
+#: image i of a batch vs the single image of seed + i: batched kernels round differently
 BATCH_ATOL = 1e-5
-KNOWN_BATCH_DIFFERENCES = {
-    "sd15": "DDPM draws every step's noise for the whole batch from the one generator, so image 0 of a batch of 2 "
-            "gets other step noise than the single image (max difference 0.019)",
-    "sdxl": "DDPM draws every step's noise for the whole batch from the one generator, so image 0 of a batch of 2 "
-            "gets other step noise than the single image (max difference 0.018)",
-    "ltx2": "the audio noise is drawn after the whole batch's video noise, so image 0 of a batch of 2 gets other "
-            "audio noise than the single video, which changes its frames through the joint transformer (0.14)",
-    "ltx2.3": "the audio noise is drawn after the whole batch's video noise, so image 0 of a batch of 2 gets other "
-              "audio noise than the single video, which changes its frames through the joint transformer (0.26)",
-}
 
 
 def _control_image(size=80):
@@ -190,15 +179,18 @@ def test_same_seed_same_output(family):
         assert max_difference(family.run(seed=family.inputs["seed"] + 1), first) > CHANGED
 
 
-def test_batch_starts_with_the_single_image_of_its_seed(request, family):
-    if family.model_id in KNOWN_BATCH_DIFFERENCES:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=KNOWN_BATCH_DIFFERENCES[family.model_id]))
-    with family.lora_free():
-        single = family.run()
-        batch = family.run(batch_size=2)
-    assert all(len(part) == 2 for part in batch)
-    assert max_difference(tuple(part[:1] for part in batch), single) <= BATCH_ATOL
-    assert max_difference(tuple(part[1:] for part in batch), tuple(part[:1] for part in batch)) > CHANGED
+def test_each_image_of_a_batch_is_the_single_image_of_its_seed(family):
+    """With the fewest and with the most control images the model takes (reference images are encoded per seed)."""
+    seed = family.inputs["seed"]
+    for count in sorted(set(family.spec.control_images)):
+        inputs = {"control_images": [_control_image()] * count}
+        with family.lora_free():
+            batch = family.run(batch_size=3, **inputs)
+            singles = [family.run(seed=seed + i, **inputs) for i in range(3)]
+        assert all(len(part) == 3 for part in batch)
+        for i, single in enumerate(singles):
+            assert max_difference(tuple(part[i:i + 1] for part in batch), single) <= BATCH_ATOL, (count, i)
+        assert max_difference(tuple(part[1:2] for part in batch), singles[0]) > CHANGED
 
 
 def test_control_image_count_is_bounded(family):

@@ -78,8 +78,23 @@ class LTX2FamilyPipeline(AITKPipeline):
         return kwargs
 
     def call_pipeline(self, call: dict):
-        pipe = self._image_to_video_pipe() if "image" in call else self.pipe
-        return pipe(**call)
+        if "image" not in call:
+            return self.pipe(**call)
+        if isinstance(call["generator"], list):
+            call = {**call, **self._image_per_item(call["image"], len(call["generator"]))}
+        return self._image_to_video_pipe()(**call)
+
+    def _image_per_item(self, image, batch_size: int) -> dict:
+        """With one generator per batch item, diffusers' image-to-video pipeline takes one image per item, and takes
+        a list only without its H.264 re-compression of the image: re-compress it here as it would, once."""
+        import numpy as np
+        from diffusers.pipelines.ltx2.utils import apply_image_conditioning_crf, resolve_default_image_crf
+        from PIL import Image
+
+        crf = resolve_default_image_crf(self.pipe.text_encoder)
+        if crf != 0:
+            image = Image.fromarray(apply_image_conditioning_crf(np.array(image.convert("RGB")), crf))
+        return {"image": [image] * batch_size, "image_crf": 0}
 
     def _image_to_video_pipe(self):
         """diffusers' image-to-video pipeline over the same modules (built once, as ai-toolkit does per sample)."""

@@ -185,14 +185,17 @@ class OmniGen2Pipeline(DiffusionPipeline):
         return hidden.to(self.mllm.dtype), tokens.attention_mask
 
     # ------------------------------------------------------------------------------------------------ images
-    def encode_references(self, images: list[Image.Image], batch_size: int, device, seed: int) -> list[torch.Tensor]:
-        """Each input image as VAE latents ``[batch_size, C, h, w]`` (OmniGen2's size rule, posterior sample)."""
-        generator = torch.Generator("cpu").manual_seed(seed)
+    def encode_references(self, images: list[Image.Image], batch_size: int, device, seeds: list[int]) -> list[torch.Tensor]:
+        """Each input image as VAE latents ``[batch_size, C, h, w]`` (OmniGen2's size rule, posterior sample): one
+        sample per seed (one seed for the whole batch, or one per batch item), each seed's generator drawing for the
+        images in order."""
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
         latents = []
         for image in images:
             width, height = reference_size(*image.size)
             pixels = self.image_processor.preprocess(image, height=height, width=width).to(device, self.vae.dtype)
-            z = self.vae.encode(pixels).latent_dist.sample(generator=generator)
+            posterior = self.vae.encode(pixels).latent_dist
+            z = torch.cat([posterior.sample(generator=generator) for generator in generators])
             z = (z - self.vae.config.shift_factor) * self.vae.config.scaling_factor
             latents.append(z.to(self.vae.dtype).expand(batch_size, -1, -1, -1))
         return latents
@@ -210,7 +213,7 @@ class OmniGen2Pipeline(DiffusionPipeline):
         text_guidance_scale: float = 4.0,
         image_guidance_scale: float = 1.0,
         max_sequence_length: int = MAX_SEQUENCE_LENGTH,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         callback_on_step_end: Callable | None = None,
     ) -> ImagePipelineOutput:
@@ -226,8 +229,8 @@ class OmniGen2Pipeline(DiffusionPipeline):
             image_guidance_scale (float, defaults to 1.0): above 1 (with input images and text guidance above 1), a
                 third pass with the negative prompt and the images: ``u + gi (r - u) + gt (c - r)``.
             max_sequence_length (int, defaults to 256): prompt tokens kept.
-            generator (torch.Generator, *optional*): draws the initial noise; its seed also seeds the input images'
-                VAE posterior sample.
+            generator (torch.Generator | list[torch.Generator], *optional*): draws the initial noise (a list: one
+                generator per batch item); its seed also seeds the input images' VAE posterior sample.
             output_type (str, defaults to "pil"): ``pil``, ``np`` or ``pt``.
             callback_on_step_end (callable, *optional*): ``f(pipe, step, timestep, callback_kwargs)`` after each step.
         """
@@ -246,8 +249,11 @@ class OmniGen2Pipeline(DiffusionPipeline):
         text, text_mask = self.encode_prompt(prompts, device, max_sequence_length)
         if use_text_cfg:
             neg_text, neg_mask = self.encode_prompt(negatives, device, max_sequence_length)
-        seed = generator.initial_seed() if generator is not None else torch.initial_seed()
-        refs = self.encode_references(images, batch, device, seed)
+        if isinstance(generator, list):
+            seeds = [g.initial_seed() for g in generator]
+        else:
+            seeds = [generator.initial_seed() if generator is not None else torch.initial_seed()]
+        refs = self.encode_references(images, batch, device, seeds)
 
         sample_width, sample_height = sampling_size(width, height)
         shape = (batch, self.transformer.config.in_channels, sample_height // self.vae_scale_factor,

@@ -464,6 +464,9 @@ _KLEIN_NOTES = (
 FLUX2 = Preset(family="flux2:Flux2FamilyPipeline", pipeline_class="Flux2Pipeline", steps=25, guidance=4.0, divisor=16,
                scheduler=_flow(FLUX2_EULER), guidance_kind="distilled", control_images=(0, 3), tiny="flux2:build_flux2",
                lora_signatures=(BFL_NAMES,))
+FLUX2_DEV = FLUX2.derive(base="black-forest-labs/FLUX.2-dev", options=Flux2Options(text_encoder_out_layers=(10, 20, 30)),
+                         notes=_FLUX2_NOTES + " FLUX.2-dev is guidance-distilled: `guidance` feeds the guidance embedding "
+                         "and the negative prompt has no effect.")
 FLUX2_KLEIN = FLUX2.derive(pipeline_class="Flux2KleinPipeline", guidance_kind="true_cfg",
                            tiny="flux2:build_flux2_klein", options=Flux2Options(text_encoder_out_layers=(9, 18, 27)),
                            notes=_FLUX2_NOTES + _KLEIN_NOTES)
@@ -584,10 +587,11 @@ REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
             "tokens. OmniGen2's Euler with the resolution-dependent time shift. LoRAs with diffusion_model. keys "
             "load with their alpha.",
         ),
-        FLUX2("flux2", base="black-forest-labs/FLUX.2-dev", aitk_archs=(AitkArch("flux2"),),
-              options=Flux2Options(text_encoder_out_layers=(10, 20, 30)),
-              notes=_FLUX2_NOTES + " FLUX.2-dev is guidance-distilled: `guidance` feeds the guidance embedding and the "
-              "negative prompt has no effect."),
+        FLUX2_DEV("flux2", aitk_archs=(AitkArch("flux2"),)),
+        # The reference implementation's id for FLUX.2-dev through diffusers: the same model, sampled as `flux2` is.
+        FLUX2_DEV("flux2_diffusers", aitk_archs=(),
+                  notes="The reference implementation's id for FLUX.2-dev, kept so that its requests and workflows run: "
+                  "the same pipeline and sampling as `flux2` (ai-toolkit's jobs map to `flux2`). " + FLUX2_DEV.fields["notes"]),
         FLUX2_KLEIN("flux2_klein_4b", base="black-forest-labs/FLUX.2-klein-base-4B",
                     aitk_archs=(AitkArch("flux2_klein_4b"),)),
         FLUX2_KLEIN("flux2_klein_9b", base="black-forest-labs/FLUX.2-klein-base-9B",

@@ -27,7 +27,7 @@ SCHEDULER_GOLDEN = {
     "qwen_image_edit_plus": "qwen_image", "qwen_image_edit_plus_2511": "qwen_image",
     "zimage": "zimage", "zimage_turbo": "zimage", "zimage_deturbo": "zimage",
     "wan21_14b": "wan21", "wan21_1b": "wan21", "wan21_i2v_14b": "wan21", "wan21_i2v_14b480p": "wan21",
-    "flux2": "flux2", "flux2_klein_4b": "flux2", "flux2_klein_9b": "flux2",
+    "flux2": "flux2", "flux2_diffusers": "flux2", "flux2_klein_4b": "flux2", "flux2_klein_9b": "flux2",
 }
 NO_SCHEDULER_GOLDEN = {
     "sd15": "schedulers.json records the flow-matching families only; SD's DDPM config and timesteps are checked in "
@@ -59,7 +59,7 @@ FLOAT32_LINSPACE_ATOL = {"zimage": 1e-6}
 # registry id -> noise/initial_noise.safetensors key family (MANIFEST §4).
 NOISE_GOLDEN = {
     "flux": "flux1", "flex1": "flux1", "flux_kontext": "flux1", "flex2": "flux1", "chroma": "flux1",
-    "flux2": "flux2", "flux2_klein_4b": "flux2", "flux2_klein_9b": "flux2",
+    "flux2": "flux2", "flux2_diffusers": "flux2", "flux2_klein_4b": "flux2", "flux2_klein_9b": "flux2",
 }
 NO_NOISE_GOLDEN = dict.fromkeys(
     ("sd15", "sdxl", "qwen_image", "qwen_image_2512", "qwen_image_edit", "qwen_image_edit_plus",
@@ -72,8 +72,8 @@ NOISE_SIZES = [(64, 64), (512, 768)]  # (W, H) as in the golden keys
 
 # ai-toolkit's size floor per family (ai-toolkit.md §2.2; 8 = only GenerateImageConfig's floor).
 AITK_DIVISOR = {
-    "flux": 16, "flex1": 16, "flux_kontext": 16, "flex2": 16, "chroma": 16, "flux2": 16, "flux2_klein_4b": 16,
-    "flux2_klein_9b": 16, "zimage": 16, "zimage_turbo": 16, "zimage_deturbo": 16, "qwen_image": 32,
+    "flux": 16, "flex1": 16, "flux_kontext": 16, "flex2": 16, "chroma": 16, "flux2": 16, "flux2_diffusers": 16,
+    "flux2_klein_4b": 16, "flux2_klein_9b": 16, "zimage": 16, "zimage_turbo": 16, "zimage_deturbo": 16, "qwen_image": 32,
     "qwen_image_2512": 32, "qwen_image_edit": 32, "qwen_image_edit_plus": 32, "qwen_image_edit_plus_2511": 32,
     "ltx2": 32, "ltx2.3": 32, "wan22_5b": 32, "wan21_14b": 16, "wan21_1b": 16, "wan21_i2v_14b": 16,
     "wan21_i2v_14b480p": 16, "wan22_14b_t2v": 16, "wan22_14b_i2v": 16, "sd15": 8, "sdxl": 8, "hidream": 16,

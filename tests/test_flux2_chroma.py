@@ -304,7 +304,7 @@ def test_flux2_final_modulation_rows_are_swapped_and_names_pass_through():
     assert any("renamed from original BFL names" in note for note in converted.notes)
 
 
-def test_flux2_diffusers_is_the_reference_implementations_name_for_flux2(pipes):
+def test_flux2_diffusers_is_the_reference_implementations_name_for_flux2(load_tiny):
     """The reference's `flux2_diffusers` id runs FLUX.2-dev exactly as `flux2` does, a BFL-named LoRA included."""
     from aitk_inference.pipelines.registry import get_spec, model_id_for_arch
 
@@ -312,12 +312,9 @@ def test_flux2_diffusers_is_the_reference_implementations_name_for_flux2(pipes):
     assert {k: v for k, v in get_spec("flux2_diffusers").describe().items() if k not in ("id", "notes")} == same
     assert model_id_for_arch("flux2", "black-forest-labs/FLUX.2-dev") == "flux2"  # ai-toolkit's jobs stay on flux2
     outputs = []
-    for model_id in ("flux2", "flux2_diffusers"):
-        pipeline = pipes(model_id)
+    for model_id in ("flux2", "flux2_diffusers"):  # fresh pipelines: merged patches of other tests leave rounding
+        pipeline = load_tiny(model_id)
         bfl, _ = bfl_pair(pipeline, seed=4)
         pipeline.set_loras([request(bfl, 0.8, "bfl")])
-        try:
-            outputs.append(pipeline.generate(prompt="a fox", **FAST).images)
-        finally:
-            pipeline.set_loras([])
+        outputs.append(pipeline.generate(prompt="a fox", **FAST).images)
     np.testing.assert_array_equal(outputs[0], outputs[1])

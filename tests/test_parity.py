@@ -28,6 +28,7 @@ SCHEDULER_GOLDEN = {
     "zimage": "zimage", "zimage_turbo": "zimage", "zimage_deturbo": "zimage",
     "wan21_14b": "wan21", "wan21_1b": "wan21", "wan21_i2v_14b": "wan21", "wan21_i2v_14b480p": "wan21",
     "flux2": "flux2", "flux2_diffusers": "flux2", "flux2_klein_4b": "flux2", "flux2_klein_9b": "flux2",
+    "cogview4": "cogview4",
 }
 NO_SCHEDULER_GOLDEN = {
     "sd15": "schedulers.json records the flow-matching families only; SD's DDPM config and timesteps are checked in "
@@ -61,13 +62,17 @@ NOISE_GOLDEN = {
     "flux": "flux1", "flex1": "flux1", "flux_kontext": "flux1", "flex2": "flux1", "chroma": "flux1",
     "flux2": "flux2", "flux2_diffusers": "flux2", "flux2_klein_4b": "flux2", "flux2_klein_9b": "flux2",
 }
-NO_NOISE_GOLDEN = dict.fromkeys(
-    ("sd15", "sdxl", "qwen_image", "qwen_image_2512", "qwen_image_edit", "qwen_image_edit_plus",
-     "qwen_image_edit_plus_2511", "zimage", "zimage_turbo", "zimage_deturbo", "lumina2", "omnigen2", "wan21_1b",
-     "wan21_14b", "wan21_i2v_14b", "wan21_i2v_14b480p", "wan22_14b_t2v", "wan22_14b_i2v", "wan22_5b", "ltx2", "ltx2.3",
-     "hidream", "hidream_e1"),
-    "noise/initial_noise.safetensors holds ai-toolkit's noise for the FLUX.1-style and FLUX.2 latent layouts only",
-)
+NO_NOISE_GOLDEN = {
+    **dict.fromkeys(
+        ("sd15", "sdxl", "qwen_image", "qwen_image_2512", "qwen_image_edit", "qwen_image_edit_plus",
+         "qwen_image_edit_plus_2511", "zimage", "zimage_turbo", "zimage_deturbo", "lumina2", "omnigen2", "wan21_1b",
+         "wan21_14b", "wan21_i2v_14b", "wan21_i2v_14b480p", "wan22_14b_t2v", "wan22_14b_i2v", "wan22_5b", "ltx2",
+         "ltx2.3", "hidream", "hidream_e1"),
+        "noise/initial_noise.safetensors holds ai-toolkit's noise for the FLUX.1-style and FLUX.2 latent layouts only",
+    ),
+    "cogview4": "noise/initial_noise.safetensors holds packed FLUX.1-style and FLUX.2 draws; CogView4 draws an unpacked "
+                "float32 (1, 16, H/8, W/8) latent, which the noise test does not read",
+}
 NOISE_SIZES = [(64, 64), (512, 768)]  # (W, H) as in the golden keys
 
 # ai-toolkit's size floor per family (ai-toolkit.md §2.2; 8 = only GenerateImageConfig's floor).
@@ -82,6 +87,8 @@ AITK_DIVISOR = {
 NO_DIVISOR_GOLDEN = {
     "lumina2": "ai-toolkit.md §2.2 gives Lumina2's floor as the pipeline default, unverified",
     "hidream_e1": "ai-toolkit.md §2.2 has no HiDream-E1 row",
+    "cogview4": "ai-toolkit floors to 8 only and CogView4Pipeline rejects sizes that are not multiples of 16, so there "
+                "is no floor of ai-toolkit's to compare; divisor 16 keeps every size it can sample",
 }
 GOLDEN_TABLES = {  # table name -> (id -> golden, id -> why there is no golden yet)
     "SCHEDULER_GOLDEN": (SCHEDULER_GOLDEN, NO_SCHEDULER_GOLDEN),

@@ -61,18 +61,15 @@ FLOAT32_LINSPACE_ATOL = {"zimage": 1e-6}
 NOISE_GOLDEN = {
     "flux": "flux1", "flex1": "flux1", "flux_kontext": "flux1", "flex2": "flux1", "chroma": "flux1",
     "flux2": "flux2", "flux2_diffusers": "flux2", "flux2_klein_4b": "flux2", "flux2_klein_9b": "flux2",
+    "cogview4": "flux1",  # ai-toolkit's CogView4 draw is FLUX.1's unpacked float32 draw (MANIFEST §4)
 }
-NO_NOISE_GOLDEN = {
-    **dict.fromkeys(
-        ("sd15", "sdxl", "qwen_image", "qwen_image_2512", "qwen_image_edit", "qwen_image_edit_plus",
-         "qwen_image_edit_plus_2511", "zimage", "zimage_turbo", "zimage_deturbo", "lumina2", "omnigen2", "wan21_1b",
-         "wan21_14b", "wan21_i2v_14b", "wan21_i2v_14b480p", "wan22_14b_t2v", "wan22_14b_i2v", "wan22_5b", "ltx2",
-         "ltx2.3", "hidream", "hidream_e1"),
-        "noise/initial_noise.safetensors holds ai-toolkit's noise for the FLUX.1-style and FLUX.2 latent layouts only",
-    ),
-    "cogview4": "noise/initial_noise.safetensors holds packed FLUX.1-style and FLUX.2 draws; CogView4 draws an unpacked "
-                "float32 (1, 16, H/8, W/8) latent, which the noise test does not read",
-}
+NO_NOISE_GOLDEN = dict.fromkeys(
+    ("sd15", "sdxl", "qwen_image", "qwen_image_2512", "qwen_image_edit", "qwen_image_edit_plus",
+     "qwen_image_edit_plus_2511", "zimage", "zimage_turbo", "zimage_deturbo", "lumina2", "omnigen2", "wan21_1b",
+     "wan21_14b", "wan21_i2v_14b", "wan21_i2v_14b480p", "wan22_14b_t2v", "wan22_14b_i2v", "wan22_5b", "ltx2", "ltx2.3",
+     "hidream", "hidream_e1"),
+    "noise/initial_noise.safetensors holds ai-toolkit's noise for the FLUX.1-style and FLUX.2 latent layouts only",
+)
 NOISE_SIZES = [(64, 64), (512, 768)]  # (W, H) as in the golden keys
 
 # ai-toolkit's size floor per family (ai-toolkit.md §2.2; 8 = only GenerateImageConfig's floor).
@@ -287,10 +284,11 @@ def test_initial_noise_matches_ai_toolkit(model_id, dtype, size, family_pipeline
     finally:
         undo()
     latents = seen["latents"].cpu()
-    expected = golden[f"{key}_packed"]
+    layout = "packed" if latents.ndim == 3 else "unpacked"  # CogView4 denoises the unpacked (B, 16, H/8, W/8) draw
+    expected = golden[f"{key}_{layout}"]
     assert latents.dtype == expected.dtype
     assert torch.equal(latents, expected), f"{model_id} {key}: initial noise differs from ai-toolkit's"
-    if NOISE_GOLDEN[model_id] == "flux1":
+    if NOISE_GOLDEN[model_id] == "flux1" and layout == "packed":
         unpacked = pipeline.pipe._unpack_latents(latents, height, width, pipeline.pipe.vae_scale_factor)
         assert torch.equal(unpacked, golden[f"{key}_unpacked"])
 

@@ -95,7 +95,7 @@ def glm_tokenizer():
     tokenizer = qwen_tokenizer()
     tokenizer.add_tokens(GLM_PREFIX, special_tokens=True)
     tokenizer.padding_side = "left"
-    tokenizer._tokenizer.post_processor = TemplateProcessing(
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
         single=" ".join([*GLM_PREFIX, "$A"]),
         special_tokens=[(token, tokenizer.convert_tokens_to_ids(token)) for token in GLM_PREFIX],
     )

@@ -67,6 +67,10 @@ ZIMAGE_FLOWMATCH = {**FLUX_FLOWMATCH, "shift": 3.0, "use_dynamic_shifting": Fals
 # ai-toolkit's Lumina2 scheduler (toolkit/sampler.py lumina2_config): static shift 6.0.
 LUMINA2_FLOWMATCH = {**FLUX_FLOWMATCH, "shift": 6.0, "use_dynamic_shifting": False}
 
+# ai-toolkit's CogView4 scheduler (toolkit/models/cogview4.py scheduler_config): dynamic shifting with the linear time
+# shift; the pipeline computes mu itself, 0.25 + 0.75 * sqrt(image tokens / 256), and passes unshifted timesteps.
+COGVIEW4_FLOWMATCH = {**FLUX_FLOWMATCH, "shift": 1.0, "base_shift": 0.25, "max_shift": 0.75, "time_shift_type": "linear"}
+
 # FLUX.2 / FLUX.2-klein: ai-toolkit samples with BFL's own schedule (pipelines/families/flux2.py bfl_schedule), not with a
 # scheduler's shifting. The family passes the finished sigmas; shift 1.0 without dynamic shifting keeps them as given.
 FLUX2_EULER = {**FLUX_FLOWMATCH, "shift": 1.0, "use_dynamic_shifting": False}
@@ -402,7 +406,8 @@ WAN_ORIGINAL = LoraSignature("Wan 2.1/2.2 (original Wan names)", r"(^|\.)blocks\
 WAN_DIFFUSERS = LoraSignature("Wan (diffusers names)", r"(^|\.)blocks\.\d+\.attn1\.")
 WAN_COMBINED = LoraSignature("Wan 2.2 14B (combined high/low-noise file)", r"(^|[._])transformer_[12]\.blocks\.\d+\.",
                              refines=WAN_ORIGINAL)
-LTX2_NAMES = LoraSignature("LTX-2", r"audio_attn|audio_ff|video_to_audio")
+COGVIEW4_NAMES = LoraSignature("CogView4", r"(^|\.)transformer_blocks\.\d+\.attn1\.")
+LTX2_NAMES = LoraSignature("LTX-2", r"audio_attn|audio_ff|video_to_audio", refines=COGVIEW4_NAMES)  # LTX-2 has attn1 too
 HIDREAM_NAMES = LoraSignature("HiDream", r"double_stream_blocks|single_stream_blocks")
 
 
@@ -640,6 +645,17 @@ REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
                 "the width. Three-pass guidance with ai-toolkit's norm clipping; image guidance 2.0, the value "
                 "ai-toolkit's previews get (`image_guidance` overrides it). FlowUniPC schedule, shift 3.0. LoRAs: "
                 "diffusion_model. + diffusers names, alpha honoured."),
+        ModelSpec(
+            model_id="cogview4", family="cogview4:CogView4FamilyPipeline", pipeline_class="CogView4Pipeline",
+            base="THUDM/CogView4-6B", steps=50, guidance=5.0, divisor=16,
+            scheduler=_flow(COGVIEW4_FLOWMATCH), tiny="cogview4:build_cogview4", aitk_archs=(AitkArch("cogview4"),),
+            lora_signatures=(COGVIEW4_NAMES,),
+            notes="ai-toolkit's built-in CogView4 (config-only, not in its UI; its source marks it unfinished). "
+            "FlowMatch Euler with dynamic linear shifting, mu = 0.25 + 0.75 * sqrt(image tokens / 256) as the "
+            "pipeline computes it; real CFG with the negative prompt (an empty one is encoded); GLM prompts up to "
+            "1024 tokens. Divisor 16 (the pipeline rejects other sizes; ai-toolkit floors to 8 only). Defaults are "
+            "the pipeline's (50 steps, guidance 5.0): ai-toolkit has no CogView4 preset.",
+        ),
     ]
 )
 

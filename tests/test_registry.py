@@ -149,6 +149,10 @@ def test_a_table_without_markers_is_an_error():
       "diffusion_model.transformer_2.blocks.0.self_attn.q.lora_A.weight"], "Wan 2.2 14B (combined high/low-noise file)"),
     (["diffusion_model.layers.0.attention.to_q.lora_A.weight",
       "diffusion_model.context_refiner.0.attention.to_q.lora_A.weight"], "Z-Image"),
+    (["transformer.transformer_blocks.0.attn1.to_q.lora_A.weight",
+      "transformer.transformer_blocks.0.audio_attn1.to_q.lora_A.weight"], "LTX-2"),
+    (["transformer.transformer_blocks.0.attn1.to_q.lora_A.weight",
+      "transformer.transformer_blocks.0.norm1.linear.lora_A.weight"], "CogView4"),
     (["transformer.unknown.0.proj.lora_A.weight"], None),
 ])
 def test_a_refining_signature_wins_over_the_one_it_refines(keys, label):

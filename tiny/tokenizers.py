@@ -82,3 +82,21 @@ def gemma_tokenizer():
     tokenizer = GemmaTokenizer(vocab=vocab, merges=[])
     tokenizer.add_special_tokens({"additional_special_tokens": ["<start_of_image>", "<end_of_image>", "<image_soft_token>"]})
     return tokenizer
+
+
+GLM_PREFIX = ["[gMASK]", "<sop>"]
+
+
+def glm_tokenizer():
+    """GLM-4-style byte-level tokenizer: it starts every text with ``[gMASK]<sop>`` (so an empty prompt still has
+    tokens, as the real one does) and pads on the left."""
+    from tokenizers.processors import TemplateProcessing
+
+    tokenizer = qwen_tokenizer()
+    tokenizer.add_tokens(GLM_PREFIX, special_tokens=True)
+    tokenizer.padding_side = "left"
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single=" ".join([*GLM_PREFIX, "$A"]),
+        special_tokens=[(token, tokenizer.convert_tokens_to_ids(token)) for token in GLM_PREFIX],
+    )
+    return tokenizer

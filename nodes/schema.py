@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..pipelines.lora import STRENGTH_RANGE
-from ..pipelines.registry import REGISTRY
+from ..pipelines.registry import REGISTRY, Experts
 from ..pipelines.runtime import options as load_options
 from ..pipelines.runtime.options import ATTENTION_KERNELS, DTYPES, OFFLOAD_MODES, QUANTIZE_MODES
 from .comfy import lora_choices
@@ -22,7 +22,7 @@ WIDGET_TYPES = ("COMBO", "STRING", "INT", "FLOAT", "BOOLEAN")
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
-TRANSFORMER_SIDES = ("none", "high", "low")
+TRANSFORMER_SIDES = ("none", *Experts.SIDES)
 #: the load options' choices as the Load node offers them: "model default" stands for an unset LoRA mode, and
 #: compile leaves out "full"
 LORA_MODES = ("model default", *load_options.LORA_MODES)

@@ -82,7 +82,7 @@ class WanFamilyPipeline(AITKPipeline):
         return partial(wan_original_to_diffusers, image_attention=transformer.config.added_kv_proj_dim is not None)
 
     def lora_route(self):
-        return route_wan_experts if self.is_moe else None
+        return partial(route_wan_experts, experts=self.spec.experts) if self.is_moe else None
 
     def complete_lora_request(self, request):
         """On Wan 2.2 A14B a LoRA without ``side`` whose file name says ``high_noise``/``low_noise`` goes to that

@@ -29,6 +29,8 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 
+from ..registry import Experts
+
 # Suffix -> (kind, parameter). Longest suffixes first so that ".lora_A.default.weight" wins over ".weight" forms.
 _SUFFIXES: list[tuple[str, str, str]] = [
     (".lora_A.default.weight", "lora", "down"),
@@ -411,10 +413,8 @@ def wan_original_to_diffusers(converted: ConvertedLora, image_attention: bool = 
     return ConvertedLora(patches=patches, layout=layout, notes=list(converted.notes))
 
 
-def route_wan_experts(
-    converted: ConvertedLora, side: str | None, high: str = "transformer", low: str = "transformer_2"
-) -> ConvertedLora:
-    """Place a Wan 2.2 14B LoRA on its expert(s): ``high`` = the high-noise transformer, ``low`` = the low-noise one.
+def route_wan_experts(converted: ConvertedLora, side: str | None, experts: Experts) -> ConvertedLora:
+    """Place a Wan 2.2 14B LoRA on its expert(s), the components the registry's ``experts`` names.
 
     A combined file (``transformer_1.``/``transformer_2.`` infixes, ai-toolkit's ``split_multistage_loras: false``)
     goes to both experts, or only to ``side``'s when one is given. A single-expert file (``*_high_noise`` /
@@ -422,13 +422,12 @@ def route_wan_experts(
 
     Args:
         converted (ConvertedLora): the renamed LoRA (:func:`wan_original_to_diffusers`).
-        side (str | None): ``"high"``, ``"low"`` or None.
-        high, low (str): the pipeline component names of the two experts.
+        side (str | None): one of ``Experts.SIDES`` (``"high"``, ``"low"``) or None.
+        experts (Experts): the model's two experts.
     """
-    if side not in (None, "high", "low"):
+    if side is not None and side not in Experts.SIDES:
         raise ValueError(f"LoRA side {side!r} is not one of 'high' (high-noise expert) or 'low' (low-noise expert).")
-    components = {"high": high, "low": low}
-    halves = {_split_wan_expert(path)[0] for component, path in converted.patches if component == high}
+    halves = {_split_wan_expert(path)[0] for component, path in converted.patches if component == experts.high}
     combined = bool(halves - {""})
     if combined and "" in halves:
         raise LoraFormatError("The LoRA mixes keys with and without a transformer_1./transformer_2. expert infix.")
@@ -441,14 +440,14 @@ def route_wan_experts(
     patches: dict[tuple[str, str], ModulePatch] = {}
     notes = list(converted.notes)
     for (component, path), patch in converted.patches.items():
-        if component != high:
+        if component != experts.high:
             patches[(component, path)] = patch
             continue
         infix, rest = _split_wan_expert(path)
         expert = _WAN_EXPERT_INFIXES[infix] if infix else side
         if side is not None and expert != side:
             continue
-        patches[(components[expert], rest)] = patch
+        patches[(experts.component(expert), rest)] = patch
     if combined and side is not None:
         notes.append(f"combined file: only its {side}-noise half is applied for side {side!r}")
     if not patches:

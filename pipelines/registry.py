@@ -256,6 +256,8 @@ class HiDreamOptions:
 
 # ---------------------------------------------------------------------------------------------------------- the spec
 GUIDANCE_KINDS = ("distilled", "cfg", "true_cfg")
+#: how LoRAs are applied: live PEFT adapters or merged into the weights (see ``lora.stack``)
+LORA_MODES = ("dynamic", "fused")
 
 
 @dataclass(frozen=True)
@@ -314,7 +316,7 @@ class ModelSpec:
     def __post_init__(self):
         if not self.lora_components:
             object.__setattr__(self, "lora_components", self.experts.components if self.experts else ("transformer",))
-        if self.lora_mode not in ("dynamic", "fused"):
+        if self.lora_mode not in LORA_MODES:
             raise ValueError(f"{self.model_id}: lora_mode {self.lora_mode!r} is not one of dynamic, fused.")
         if self.guidance_kind not in GUIDANCE_KINDS:
             raise ValueError(f"{self.model_id}: guidance_kind {self.guidance_kind!r} is not one of {GUIDANCE_KINDS}.")

@@ -35,6 +35,7 @@ import torch
 
 from . import check_strength
 from .convert import ConvertedLora, LoraFormatError, ModulePatch, convert_ai_toolkit_lora, guess_architecture
+from ..registry import LORA_MODES
 from ..runtime.quantize import is_quantized, master_weight, requantize_
 
 logger = logging.getLogger(__name__)
@@ -199,7 +200,7 @@ class LoraStack:
         name_mapper: Callable[[ConvertedLora], ConvertedLora] | None = None,
         route: Callable[[ConvertedLora, str | None], ConvertedLora] | None = None,
     ):
-        if mode not in ("dynamic", "fused"):
+        if mode not in LORA_MODES:
             raise ValueError(f"LoRA mode {mode!r} is not one of 'dynamic', 'fused'.")
         self.components = dict(components)
         self.mode = mode

@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from ..registry import ModelSpec, get_spec
+from ..registry import LORA_MODES, ModelSpec, get_spec
 from .quantize import fp8_option_conflict, fp8_unavailable
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
@@ -23,7 +23,6 @@ TORCH_DTYPE_NAMES = {
     "fp16": "float16", "float16": "float16", "half": "float16",
 }
 OFFLOAD_MODES = ("none", "model", "sequential", "group")
-LORA_MODES = ("dynamic", "fused")
 COMPILE_MODES = ("none", "regional", "full")
 #: attention kernel choices -> diffusers attention backends (``ModelMixin.set_attention_backend``). ``sdpa`` is
 #: diffusers' default (torch's scaled_dot_product_attention picks its kernel); the ``sdpa_*`` names force one of

@@ -97,27 +97,29 @@ def render(text: str, table: str, path: str) -> str:
     return f"{head}{START}\n{table}\n{END}{tail}"
 
 
-def stale_files() -> list[str]:
-    """The files whose generated table differs from the registry."""
-    stale = []
+def _updates() -> "OrderedDict[str, str]":
+    """Relative path -> its new text, for each file whose generated table differs from the registry."""
+    updates = OrderedDict()
     for path, table in generated_files().items():
         with open(os.path.join(ROOT, path), encoding="utf-8") as f:
             text = f.read()
-        if render(text, table, path) != text:
-            stale.append(path)
-    return stale
+        updated = render(text, table, path)
+        if updated != text:
+            updates[path] = updated
+    return updates
+
+
+def stale_files() -> list[str]:
+    """The files whose generated table differs from the registry."""
+    return list(_updates())
 
 
 def write_all() -> list[str]:
-    written = []
-    for path in stale_files():
-        full = os.path.join(ROOT, path)
-        with open(full, encoding="utf-8") as f:
-            text = f.read()
-        with atomic_path(full) as tmp, open(tmp, "w", encoding="utf-8") as f:
-            f.write(render(text, generated_files()[path], path))
-        written.append(path)
-    return written
+    updates = _updates()
+    for path, text in updates.items():
+        with atomic_path(os.path.join(ROOT, path)) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    return list(updates)
 
 
 def main(argv=None) -> int:

@@ -432,11 +432,11 @@ def test_prompt_flags_parsed_as_ai_toolkit():
     from aitk_inference.pipelines.prompts import parse_prompt_flags
 
     o = parse_prompt_flags("  a cat, photo --n ugly, blurry --w 768 --h 1024 --seed 7 --cfg 3.5 --steps 12 --m 0.5 "
-                           "--frames 33 --fps 24 --ctrl_img /x/c.png --gr 0.7 --unknown 1  ")
+                           "--frames 33 --fps 24 --ctrl_img /x/c.png --gr 0.7 --n2 dark --unknown 1  ")
     assert o.prompt == "a cat, photo"
     assert (o.negative, o.width, o.height, o.seed, o.guidance, o.steps) == ("ugly, blurry", 768, 1024, 7, 3.5, 12)
-    assert (o.network_multiplier, o.num_frames, o.fps, o.ctrl_img) == (0.5, 33, 24, "/x/c.png")
-    assert o.unused == {"gr": "0.7"}
+    assert (o.network_multiplier, o.num_frames, o.fps, o.ctrl_img, o.guidance_rescale) == (0.5, 33, 24, "/x/c.png", 0.7)
+    assert o.unused == {"n2": "dark"}
     aliases = parse_prompt_flags("x --d 3 --l 2 --s 5 --network_multiplier -1 --num_frames 9")
     assert (aliases.seed, aliases.guidance, aliases.steps, aliases.network_multiplier, aliases.num_frames) == (3, 2.0, 5, -1.0, 9)
     assert parse_prompt_flags("x --seed 1 --d 2").seed == 2  # the later flag wins
@@ -448,6 +448,22 @@ def test_prompt_flags_parsed_as_ai_toolkit():
     s = _build([{"prompt": "x --w 200 --steps 3 --m 0.25", "width": 100, "sample_steps": 9, "network_multiplier": 2}],
                width=300, height=90, guidance_scale=5, neg="bad")[0]
     assert (s.width, s.height, s.steps, s.guidance, s.network_multiplier, s.negative) == (200, 88, 3, 5.0, 0.25, "bad")
+
+
+def test_text_encoder_prompts_match_ai_toolkit():
+    """ai-toolkit's GenerateImageConfig on six sample prompts (goldens/prompt_flags.json): ``--n`` reaches the first
+    text encoder only, the second keeps the job's ``neg``; ``--p2``/``--n2`` are overwritten; ``--gr`` and the
+    section's ``guidance_rescale`` set the rescale."""
+    with open(os.path.join(GOLDENS_DIR, "prompt_flags.json")) as f:
+        cases = json.load(f)["cases"]
+    for case in cases:
+        given = case["input"]
+        sample = _build([{"prompt": given["prompt"], "neg": given["neg"]}],
+                        guidance_rescale=given["guidance_rescale"])[0]
+        assert case["prompt_2"] == case["prompt"] == sample.prompt, given  # both encoders get the prompt
+        assert (sample.negative, sample.negative_2) == (case["negative_prompt"], case["negative_prompt_2"]), given
+        assert sample.guidance_rescale == case["guidance_rescale"], given
+    assert any(case["negative_prompt"] != case["negative_prompt_2"] for case in cases)
 
 
 def test_size_floor_matches_ai_toolkit():

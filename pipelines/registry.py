@@ -64,8 +64,10 @@ QWEN_FLOWMATCH = {
 # ai-toolkit's Z-Image scheduler (z_image.py scheduler_config): static shift 3.0.
 ZIMAGE_FLOWMATCH = {**FLUX_FLOWMATCH, "shift": 3.0, "use_dynamic_shifting": False}
 
-# ai-toolkit's Lumina2 scheduler (toolkit/sampler.py lumina2_config): static shift 6.0.
-LUMINA2_FLOWMATCH = {**FLUX_FLOWMATCH, "shift": 6.0, "use_dynamic_shifting": False}
+# ai-toolkit's Lumina2 scheduler as it really samples: no shift at all. Its lumina2_config says static shift 6.0, but
+# get_sampler builds the scheduler with from_config on a subclass whose __init__ takes only *args/**kwargs, so no value
+# reaches __init__: the values read through .config hold, while the shift attribute keeps its default of 1.0.
+LUMINA2_FLOWMATCH = {**FLUX_FLOWMATCH, "shift": 1.0, "use_dynamic_shifting": False}
 
 # ai-toolkit's CogView4 scheduler (toolkit/models/cogview4.py scheduler_config): dynamic shifting with the linear time
 # shift; the pipeline computes mu itself, 0.25 + 0.75 * sqrt(image tokens / 256), and passes unshifted timesteps.
@@ -576,8 +578,9 @@ REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
             base="Alpha-VLLM/Lumina-Image-2.0", steps=25, guidance=4.0, divisor=16,
             scheduler=_flow(LUMINA2_FLOWMATCH), tiny="lumina2:build_lumina2", aitk_archs=(AitkArch("lumina2"),),
             lora_signatures=(LUMINA2_NAMES,),
-            notes="FlowMatch Euler with static shift 6.0 (ai-toolkit's lumina2_config), real CFG with the negative "
-            "prompt, Gemma2 prompts up to 256 tokens. Divisor 16 (the pipeline's own check; the reference uses 32).",
+            notes="FlowMatch Euler with the unshifted sigmas ai-toolkit's previews use (its lumina2_config names "
+            "shift 6.0, which its scheduler construction drops), real CFG with the negative prompt, Gemma2 prompts up "
+            "to 256 tokens. Divisor 16 (the pipeline's own check; the reference uses 32).",
         ),
         ModelSpec(
             model_id="omnigen2", family="omnigen2:OmniGen2FamilyPipeline", pipeline_class="OmniGen2Pipeline",

@@ -49,11 +49,9 @@ NO_SCHEDULER_GOLDEN = {
     "hidream_e1": "no HiDream entry in schedulers.json; ai-toolkit's FlowUniPC schedule is re-derived in "
                   "test_hidream.py",
 }
-# Differences between the golden data and our wiring that are not settled yet: strict xfail, so that a fix shows up.
-KNOWN_SCHEDULER_DIFFERENCES = {
-    "lumina2": "golden sigmas are the unshifted linspace (0.75 at 4 steps) although ai-toolkit's lumina2_config has "
-               "static shift 6.0, which diffusers 0.42 applies (0.947); to be settled against ai-toolkit's pinned diffusers",
-}
+# Where ai-toolkit's scheduler object samples with another shift than its recorded config states: id -> golden file
+# with that object's state (MANIFEST §6).
+SCHEDULER_STATE_GOLDEN = {"lumina2": "lumina2_scheduler_state.json"}
 # Z-Image's pipeline builds its sigmas with a float32 torch.linspace; allow one float32 rounding there.
 FLOAT32_LINSPACE_ATOL = {"zimage": 1e-6}
 
@@ -188,11 +186,7 @@ def _runs_to_check(model_id, runs):
     return {key: run for key, run in runs.items() if _run_shape(key)[1] * _run_shape(key)[2] <= limit}
 
 
-@pytest.mark.parametrize("model_id", [
-    pytest.param(m, marks=pytest.mark.xfail(strict=True, reason=KNOWN_SCHEDULER_DIFFERENCES[m]))
-    if m in KNOWN_SCHEDULER_DIFFERENCES else m
-    for m in _ids(SCHEDULER_GOLDEN)
-])
+@pytest.mark.parametrize("model_id", _ids(SCHEDULER_GOLDEN))
 def test_scheduler_timesteps_match_ai_toolkit(model_id, scheduler_goldens, family_pipeline):
     """generate() sets the exact timesteps/sigmas ai-toolkit samples with (spy on the real set_timesteps call)."""
     import torch
@@ -242,8 +236,22 @@ def test_registry_scheduler_config_matches_ai_toolkit(model_id, scheduler_golden
     golden = dict(scheduler_goldens[SCHEDULER_GOLDEN[model_id]]["scheduler_config"])
     for key in ("_class_name", "prediction_type"):  # ai-toolkit's subclass name; unused by flow matching
         golden.pop(key, None)
+    if model_id in SCHEDULER_STATE_GOLDEN:
+        golden["shift"] = _scheduler_state(model_id)["shift"]
     ours = dict(REGISTRY[model_id].scheduler.config)
     assert {k: ours.get(k) for k in golden} == golden
+
+
+def _scheduler_state(model_id):
+    with open(os.path.join(GOLDENS_DIR, SCHEDULER_STATE_GOLDEN[model_id])) as f:
+        return json.load(f)["scheduler_state"]
+
+
+def test_lumina2_sampler_drops_its_configured_shift(scheduler_goldens):
+    """ai-toolkit's Lumina2 sampler states shift 6.0 in its config but samples with a shift of 1.0 (MANIFEST §6)."""
+    state = _scheduler_state("lumina2")
+    assert state["config_shift"] == scheduler_goldens["lumina2"]["scheduler_config"]["shift"] == 6.0
+    assert (state["shift"], state["use_dynamic_shifting"]) == (1.0, False)
 
 
 # ---------------------------------------------------------------------------------------------------------------- noise

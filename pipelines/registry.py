@@ -642,7 +642,7 @@ REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
                 "CLIP-L, CLIP-G, T5 and Llama-3.1 (loaded from unsloth/Meta-Llama-3.1-8B-Instruct). Any size is "
                 "rescaled to the 1024x1024 area (aspect kept, floored to 16) as ai-toolkit's pipeline does. LoRAs: "
                 "diffusion_model. + diffusers names, alpha honoured."),
-        HIDREAM("hidream_e1", base="HiDream-ai/HiDream-E1-Full", steps=28,
+        HIDREAM("hidream_e1", base="HiDream-ai/HiDream-E1-1", steps=28,
                 scheduler=SchedulerSpec("UniPCMultistepScheduler", HIDREAM_E1_UNIPC), control_images=(1, 1),
                 tiny="hidream:build_hidream_e1", aitk_archs=(AitkArch("hidream_e1"),),
                 notes="Our own editing loop around diffusers' HiDream transformer (diffusers has no E1 pipeline). The "

@@ -235,9 +235,12 @@ class Flux2Options:
 
 @dataclass(frozen=True)
 class WanOptions:
-    """``expand_timesteps``: Wan 2.2 TI2V-5B's per-token timesteps (first-frame conditioning from a control image)."""
+    """``expand_timesteps``: Wan 2.2 TI2V-5B's per-token timesteps (first-frame conditioning from a control image).
+    ``sample_first_frame``: the control image's latent is a draw from the VAE posterior (ai-toolkit's Wan 2.2 A14B
+    I2V previews), not its mode (diffusers' image-to-video pipeline)."""
 
     expand_timesteps: bool = False
+    sample_first_frame: bool = False
 
 
 @dataclass(frozen=True)
@@ -623,7 +626,9 @@ REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
                    aitk_archs=(AitkArch("wan22_14b"),)),
         WAN22_A14B("wan22_14b_i2v", pipeline_class="WanImageToVideoPipeline", base="Wan-AI/Wan2.2-I2V-A14B-Diffusers",
                    control_images=(1, 1), tiny="wan:build_wan22_14b_i2v", aitk_archs=(AitkArch("wan22_14b_i2v"),),
-                   notes=_WAN22_MOE_NOTES + _WAN_I2V_RESIZE),
+                   options=WanOptions(sample_first_frame=True),
+                   notes=_WAN22_MOE_NOTES + _WAN_I2V_RESIZE + " Its latent is a draw from the VAE posterior made "
+                   "after the initial noise, as ai-toolkit's previews make it (diffusers takes the posterior mode)."),
         WAN21("wan22_5b", base="Wan-AI/Wan2.2-TI2V-5B-Diffusers", divisor=32, width=768, height=768,
               scheduler=_flow(WAN22_FLOWMATCH), control_images=(0, 1),
               video=VideoSpec(num_frames=121, fps=24, frame_step=4), tiny="wan:build_wan22_5b",

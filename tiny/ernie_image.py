@@ -1,8 +1,9 @@
 """Tiny ERNIE-Image pipeline: real ``ErnieImageTransformer2DModel``, ``Mistral3Model`` and ``AutoencoderKLFlux2``.
 
 The transformer's adaLN and output projections start at zero in diffusers (the output would be zero whatever the
-input or LoRA), so every transformer parameter is redrawn. The text encoder has 3 layers, 16 wide, so the prompt
-embedding (second-to-last hidden state) is 16 wide, the transformer's ``text_in_dim``. The tokenizer is the in-memory
+input or LoRA), so every transformer parameter is redrawn, at a scale (0.2) where the prompt visibly moves the
+prediction. The text encoder has 3 layers, 16 wide, so the prompt embedding (second-to-last hidden state) is 16 wide,
+the transformer's ``text_in_dim``; its token embeddings are redrawn at unit scale for the same reason. The tokenizer is the in-memory
 Qwen-style stand-in (ERNIE-Image's real one is a Mistral tokenizer from the hub).
 """
 
@@ -24,7 +25,7 @@ def ernie_transformer(seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, parameter in sorted(transformer.named_parameters()):
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
     return transformer
 
 
@@ -41,7 +42,11 @@ def ernie_text_encoder(tokenizer):
         image_token_index=tokenizer.convert_tokens_to_ids("<|image_pad|>"), image_seq_length=4, vision_feature_layer=-1,
     )
     torch.manual_seed(0)
-    return Mistral3Model(config).eval()
+    text_encoder = Mistral3Model(config).eval()
+    embeddings = text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        embeddings.copy_(torch.randn(embeddings.shape, generator=torch.Generator().manual_seed(5)))
+    return text_encoder
 
 
 def build_ernie_image():

@@ -201,3 +201,31 @@ def test_lora_signature_names_the_family():
     with pytest.raises(LoraFormatError, match="FLUX.1"):
         LoraStack({"transformer": golden_transformer()}, "dynamic", "transformer", "ernie_image").set(
             [LoraRequest(path=flux_lora)])
+
+
+# ------------------------------------------------------------------------------------------------ prompt enhancer
+def test_prompt_enhancer_is_neither_loaded_nor_used(golden_pipeline, monkeypatch):
+    """ai-toolkit builds its pipeline without the checkpoint's prompt enhancer, so prompts are never rewritten: we
+    load it as None and, should a pipeline carry one anyway, call with use_pe=False."""
+    from aitk_inference.pipelines.base import AITKPipeline
+    from aitk_inference.pipelines.families.ernie_image import ErnieImageFamilyPipeline
+
+    seen = {}
+    monkeypatch.setattr(AITKPipeline, "load_diffusers_pipeline",
+                        classmethod(lambda cls, spec, source, torch_dtype, **overrides: seen.update(overrides)))
+    ErnieImageFamilyPipeline.load_diffusers_pipeline(REGISTRY["ernie_image"], "baidu/ERNIE-Image", torch.float32)
+    assert seen["pe"] is None and seen["pe_tokenizer"] is None
+
+    class Enhancer(torch.nn.Linear):  # a stand-in chat model: pipelines read a component's .device
+        device = torch.device("cpu")
+
+    pipe = golden_pipeline.pipe
+    monkeypatch.setattr(pipe, "pe", Enhancer(1, 1))
+    monkeypatch.setattr(pipe, "pe_tokenizer", pipe.tokenizer)
+
+    def rewrite(*args, **kwargs):
+        raise AssertionError("the prompt was sent to the prompt enhancer")
+
+    monkeypatch.setattr(pipe, "_enhance_prompt_with_pe", rewrite)
+    result = golden_pipeline.generate(prompt="a photo", width=64, height=64, steps=1, seed=42)
+    assert result.images.shape == (1, 64, 64, 3)

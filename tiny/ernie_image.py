@@ -3,8 +3,8 @@
 The transformer's adaLN and output projections start at zero in diffusers (the output would be zero whatever the
 input or LoRA), so every transformer parameter is redrawn, at a scale (0.2) where the prompt visibly moves the
 prediction. The text encoder has 3 layers, 16 wide, so the prompt embedding (second-to-last hidden state) is 16 wide,
-the transformer's ``text_in_dim``; its token embeddings are redrawn at unit scale for the same reason. The tokenizer is the in-memory
-Qwen-style stand-in (ERNIE-Image's real one is a Mistral tokenizer from the hub).
+the transformer's ``text_in_dim``; its token embeddings are redrawn at unit scale for the same reason. The tokenizer is
+the in-memory Qwen-style stand-in (ERNIE-Image's real one is a Mistral tokenizer from the hub).
 """
 
 from __future__ import annotations

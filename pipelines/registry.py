@@ -73,6 +73,10 @@ LUMINA2_FLOWMATCH = {**FLUX_FLOWMATCH, "shift": 1.0, "use_dynamic_shifting": Fal
 # shift; the pipeline computes mu itself, 0.25 + 0.75 * sqrt(image tokens / 256), and passes unshifted timesteps.
 COGVIEW4_FLOWMATCH = {**FLUX_FLOWMATCH, "shift": 1.0, "base_shift": 0.25, "max_shift": 0.75, "time_shift_type": "linear"}
 
+# ai-toolkit's ERNIE-Image scheduler (extensions_built_in/diffusion_models/ernie_image/ernie_image.py scheduler_config):
+# static shift 3.0, no dynamic shifting.
+ERNIE_IMAGE_FLOWMATCH = {**FLUX_FLOWMATCH, "shift": 3.0, "use_dynamic_shifting": False}
+
 # FLUX.2 / FLUX.2-klein: ai-toolkit samples with BFL's own schedule (pipelines/families/flux2.py bfl_schedule), not with a
 # scheduler's shifting. The family passes the finished sigmas; shift 1.0 without dynamic shifting keeps them as given.
 FLUX2_EULER = {**FLUX_FLOWMATCH, "shift": 1.0, "use_dynamic_shifting": False}
@@ -416,6 +420,7 @@ WAN_COMBINED = LoraSignature("Wan 2.2 14B (combined high/low-noise file)", r"(^|
 COGVIEW4_NAMES = LoraSignature("CogView4", r"(^|\.)transformer_blocks\.\d+\.attn1\.")
 LTX2_NAMES = LoraSignature("LTX-2", r"audio_attn|audio_ff|video_to_audio", refines=COGVIEW4_NAMES)  # LTX-2 has attn1 too
 HIDREAM_NAMES = LoraSignature("HiDream", r"double_stream_blocks|single_stream_blocks")
+ERNIE_IMAGE_NAMES = LoraSignature("ERNIE-Image", r"(^|\.)layers\.\d+\.(self_attention\.|mlp\.linear_fc2)")
 
 
 def lora_signatures() -> list[LoraSignature]:
@@ -665,6 +670,18 @@ REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
             "pipeline computes it; real CFG with the negative prompt (an empty one is encoded); GLM prompts up to "
             "1024 tokens. Divisor 16 (the pipeline rejects other sizes; ai-toolkit floors to 8 only). Defaults are "
             "the pipeline's (50 steps, guidance 5.0): ai-toolkit has no CogView4 preset.",
+        ),
+        ModelSpec(
+            model_id="ernie_image", family="ernie_image:ErnieImageFamilyPipeline", pipeline_class="ErnieImagePipeline",
+            base="baidu/ERNIE-Image", steps=30, guidance=4.0, divisor=32,
+            scheduler=_flow(ERNIE_IMAGE_FLOWMATCH), tiny="ernie_image:build_ernie_image",
+            aitk_archs=(AitkArch("ernie_image"),), lora_signatures=(ERNIE_IMAGE_NAMES,),
+            notes="FlowMatch Euler with static shift 3.0 (ai-toolkit's scheduler_config), real CFG u + g(c - u) with "
+            "the negative prompt (an empty one is encoded) above guidance 1; Mistral-3 prompt embeddings (second-to-"
+            "last hidden state, unpadded). The checkpoint's optional prompt enhancer is not loaded and prompts are "
+            "not rewritten, as in ai-toolkit. Divisor 32 (ai-toolkit's floor). Defaults are ai-toolkit's UI defaults "
+            "(its ERNIE-Image preset sets none): 30 steps, guidance 4, 1024x1024. LoRAs: diffusion_model. + diffusers "
+            "names.",
         ),
     ]
 )

@@ -263,6 +263,18 @@ class HiDreamOptions:
     llama: str
 
 
+@dataclass(frozen=True)
+class Ideogram4Options:
+    """ai-toolkit's Ideogram 4 sampling constants (``src/pipeline.py``, ``ideogram4.py``): the logit-normal schedule's
+    base mean and std (its ``ideogram_schedule_mu``/``_std`` model kwargs, default 0 and 1.75), the prompt token cap,
+    and the text encoder it loads when the checkpoint folder has none (stock Qwen3-VL-8B-Instruct)."""
+
+    schedule_mu: float = 0.0
+    schedule_std: float = 1.75
+    max_text_tokens: int = 3072
+    text_encoder: str = "Qwen/Qwen3-VL-8B-Instruct"
+
+
 # ---------------------------------------------------------------------------------------------------------- the spec
 GUIDANCE_KINDS = ("distilled", "cfg", "true_cfg")
 #: how LoRAs are applied: live PEFT adapters or merged into the weights (see ``lora.stack``)
@@ -421,6 +433,10 @@ COGVIEW4_NAMES = LoraSignature("CogView4", r"(^|\.)transformer_blocks\.\d+\.attn
 LTX2_NAMES = LoraSignature("LTX-2", r"audio_attn|audio_ff|video_to_audio", refines=COGVIEW4_NAMES)  # LTX-2 has attn1 too
 HIDREAM_NAMES = LoraSignature("HiDream", r"double_stream_blocks|single_stream_blocks")
 ERNIE_IMAGE_NAMES = LoraSignature("ERNIE-Image", r"(^|\.)layers\.\d+\.(self_attention\.|mlp\.linear_fc2)")
+# Ideogram 4 files share Z-Image's `layers.N.feed_forward.w1`; its fused `attention.qkv` and `adaln_modulation` (Z-Image:
+# `adaLN_modulation`) mark them.
+IDEOGRAM4_NAMES = LoraSignature("Ideogram 4", r"(^|\.)layers\.\d+\.(attention\.qkv|adaln_modulation)\.|(^|\.)llm_cond_proj\.",
+                                refines=ZIMAGE_NAMES)
 
 
 def lora_signatures() -> list[LoraSignature]:
@@ -682,6 +698,21 @@ REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
             "not rewritten, as in ai-toolkit. Divisor 32 (ai-toolkit's floor). Defaults are ai-toolkit's UI defaults "
             "(its ERNIE-Image preset sets none): 30 steps, guidance 4, 1024x1024. LoRAs: diffusion_model. + diffusers "
             "names.",
+        ),
+        ModelSpec(
+            model_id="ideogram4", family="ideogram4:Ideogram4FamilyPipeline", pipeline_class="Ideogram4Pipeline",
+            base="ideogram-ai/ideogram-4-fp8", steps=30, guidance=4.0, divisor=16,
+            tiny="ideogram4:build_ideogram4", aitk_archs=(AitkArch("ideogram4"),),
+            lora_signatures=(IDEOGRAM4_NAMES,), unconditional_is_negative=False, options=Ideogram4Options(),
+            notes="ai-toolkit's own sampler around diffusers' transformer and VAE: one transformer for both CFG "
+            "passes (the unconditional one image-only with zero text features, so the negative prompt has no "
+            "effect), u + g(c - u) above guidance 1; logit-normal sigmas with mean 0.5 ln(wh/512^2) and std 1.75; "
+            "noise drawn as (1, 128, h/16, w/16) and scaled by the first sigma; ai-toolkit's fixed latent "
+            "normalisation. An optional unconditional LoRA (side 'uncond') acts in the unconditional pass only. "
+            "Loads ai-toolkit's checkpoint (ideogram-ai/ideogram-4-fp8, Ideogram's names, FP8 folded) with "
+            "Qwen3-VL-8B-Instruct, or a diffusers folder without its unconditional transformer. Defaults are "
+            "ai-toolkit's UI defaults (30 steps, guidance 4, 1024x1024). LoRAs: diffusion_model. + Ideogram's names "
+            "(fused attention.qkv split onto to_q/to_k/to_v).",
         ),
     ]
 )

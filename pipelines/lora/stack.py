@@ -19,10 +19,15 @@ Quantized (FP8) weights cannot take an in-place merge. In fused mode each one ha
 Every request is checked against the model (:meth:`LoraStack.check`: strength, file, conversion, module match) before
 anything is touched, and a failure part-way through puts back the previous LoRA set, so a cached pipeline is never
 left half-patched.
+
+A family may name *pass sides* (Ideogram 4's ``"uncond"``): a LoRA requested on such a side is held as a PEFT adapter in
+both modes and stays switched off except inside :meth:`LoraStack.pass_side`, which the family's sampling loop wraps
+around the one denoiser pass it belongs to (ai-toolkit's unconditional LoRA, active only in the CFG negative pass).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -189,6 +194,8 @@ class LoraStack:
         name_mapper (callable, *optional*): the family's key renaming stage (see ``lora.convert``).
         route (callable, *optional*): ``route(converted, side) -> converted`` for MoE families; without it a ``side``
             is an error.
+        pass_sides (tuple[str, ...], *optional*): sides whose LoRAs act only inside :meth:`pass_side` (see the module
+            docstring); ``route`` must accept them.
     """
 
     def __init__(
@@ -199,6 +206,7 @@ class LoraStack:
         model_label: str,
         name_mapper: Callable[[ConvertedLora], ConvertedLora] | None = None,
         route: Callable[[ConvertedLora, str | None], ConvertedLora] | None = None,
+        pass_sides: tuple[str, ...] = (),
     ):
         if mode not in LORA_MODES:
             raise ValueError(f"LoRA mode {mode!r} is not one of 'dynamic', 'fused'.")
@@ -208,6 +216,8 @@ class LoraStack:
         self.model_label = model_label
         self.name_mapper = name_mapper
         self.route = route
+        self.pass_sides = frozenset(pass_sides)
+        self._passes_on: set[str] = set()
         self.active: "OrderedDict[tuple[str, str | None], _Active]" = OrderedDict()
         self._loaded_cache: "OrderedDict[tuple[str, str | None], LoadedLora]" = OrderedDict()
         self._module_names = {c: patchable_module_names(m) for c, m in self.components.items()}
@@ -245,7 +255,15 @@ class LoraStack:
                 f"({request.side!r}) does not apply. Leave it empty (high/low files are for Wan 2.2 14B)."
             )
         loaded = LoadedLora(key=key, label=request.label(), converted=converted)
-        self._validate(loaded, list(tensors))
+        if request.side in self.pass_sides:
+            kinds = sorted({p.kind for p in converted.patches.values()} - {"lora"})
+            if kinds:
+                raise LoraFormatError(
+                    f"{request.label()}: a LoRA for the {request.side!r} pass must be a plain LoRA, this file has "
+                    f"{', '.join(kinds)} patches, which would be merged into weights that every pass uses. Apply it "
+                    "without a side, or export it as type 'lora'."
+                )
+        self._validate(loaded, list(tensors), request.side)
         self._loaded_cache[cache_key] = loaded
         active = {(a.loaded.key, slot[1]) for slot, a in self.active.items()}
         while len(self._loaded_cache) > MAX_CONVERTED_CACHED:
@@ -256,7 +274,7 @@ class LoraStack:
         self.stats["files_converted"] += 1
         return loaded
 
-    def _validate(self, loaded: LoadedLora, raw_keys: list[str]) -> None:
+    def _validate(self, loaded: LoadedLora, raw_keys: list[str], side: str | None = None) -> None:
         unmatched, mismatched, quantized = [], [], []
         for (component, path), patch in loaded.patches.items():
             module = self._find_module(component, path)
@@ -266,7 +284,7 @@ class LoraStack:
             weight = _base_layer(module).weight
             if tuple(weight.shape) != patch.delta_shape():
                 mismatched.append(f"{component}.{path}: LoRA {patch.delta_shape()} vs model {tuple(weight.shape)}")
-            elif is_quantized(weight) and not self._uses_peft(patch) and master_weight(_base_layer(module)) is None:
+            elif is_quantized(weight) and not self._uses_peft(patch, side) and master_weight(_base_layer(module)) is None:
                 quantized.append(f"{component}.{path} ({patch.kind})")
         if quantized:
             raise LoraFormatError(
@@ -370,8 +388,8 @@ class LoraStack:
                 self._remove(slot)
 
     # ------------------------------------------------------------------ mechanics
-    def _uses_peft(self, patch: ModulePatch) -> bool:
-        return self.mode == "dynamic" and patch.kind == "lora"
+    def _uses_peft(self, patch: ModulePatch, side: str | None = None) -> bool:
+        return patch.kind == "lora" and (self.mode == "dynamic" or side in self.pass_sides)
 
     def _add(self, slot, loaded: LoadedLora, strength: float) -> None:
         self._adapter_counter += 1
@@ -380,7 +398,7 @@ class LoraStack:
         self.active[slot] = entry
         peft_patches: dict[str, dict[str, ModulePatch]] = {}
         for (component, path), patch in loaded.patches.items():
-            if self._uses_peft(patch):
+            if self._uses_peft(patch, slot[1]):
                 peft_patches.setdefault(component, {})[path] = patch
             else:
                 self._merge(component, path, patch, strength)
@@ -391,7 +409,7 @@ class LoraStack:
     def _rescale(self, slot, strength: float) -> None:
         entry = self.active[slot]
         for (component, path), patch in entry.loaded.patches.items():
-            if self._uses_peft(patch):
+            if self._uses_peft(patch, slot[1]):
                 self._peft_layer(component, path).set_scale(entry.adapter, strength)
             else:
                 self._merge(component, path, patch, strength - entry.strength)
@@ -402,7 +420,7 @@ class LoraStack:
         entry = self.active.pop(slot)
         touched = set()
         for (component, path), patch in entry.loaded.patches.items():
-            if self._uses_peft(patch):
+            if self._uses_peft(patch, slot[1]):
                 layer = self._peft_layer(component, path)
                 if entry.adapter in layer.lora_A:
                     layer.delete_adapter(entry.adapter)
@@ -486,7 +504,8 @@ class LoraStack:
     def _activate_all(self, component: str) -> None:
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        names = [a.adapter for a in self.active.values()]
+        names = [a.adapter for slot, a in self.active.items()
+                 if slot[1] not in self.pass_sides or slot[1] in self._passes_on]
         for module in self.components[component].modules():
             if isinstance(module, BaseTunerLayer):
                 module.set_adapter([n for n in names if n in module.lora_A])
@@ -510,6 +529,24 @@ class LoraStack:
             del model.peft_config
         if hasattr(model, "_hf_peft_config_loaded"):
             model._hf_peft_config_loaded = False
+
+    @contextlib.contextmanager
+    def pass_side(self, side: str):
+        """Switch the LoRAs of pass side ``side`` on for the duration (one denoiser pass); off again after."""
+        if side not in self.pass_sides:
+            raise ValueError(f"{side!r} is not a pass side of model {self.model_label!r} ({sorted(self.pass_sides)}).")
+        if not any(slot[1] == side for slot in self.active):
+            yield
+            return
+        self._passes_on.add(side)
+        try:
+            for component in self.components:
+                self._activate_all(component)
+            yield
+        finally:
+            self._passes_on.discard(side)
+            for component in self.components:
+                self._activate_all(component)
 
     def describe(self) -> list[dict]:
         return [{**a.loaded.summary(), "strength": a.strength, "side": slot[1]} for slot, a in self.active.items()]

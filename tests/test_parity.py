@@ -50,6 +50,9 @@ NO_SCHEDULER_GOLDEN = {
                   "test_hidream.py",
     "ernie_image": "ai-toolkit's ERNIE-Image schedule (its own run, with the sigmas the pipeline passes) is in "
                    "goldens/ernie_image/schedules.json, compared in test_ernie_image.py",
+    "ideogram4": "ai-toolkit samples Ideogram 4 with its own logit-normal sigmas, no scheduler: they are in "
+                 "goldens/ideogram4/schedules.json, compared (and the times the transformer receives) in "
+                 "test_ideogram4.py",
 }
 # Where ai-toolkit's scheduler object samples with another shift than its recorded config states: id -> golden file
 # with that object's state (MANIFEST §6).
@@ -72,6 +75,8 @@ NO_NOISE_GOLDEN = dict.fromkeys(
 )
 NO_NOISE_GOLDEN["ernie_image"] = ("ai-toolkit's seed-42 ERNIE-Image draw (float32 and bfloat16) is in "
                                   "goldens/ernie_image/sampling.safetensors, compared in test_ernie_image.py")
+NO_NOISE_GOLDEN["ideogram4"] = ("ai-toolkit's seed-42 Ideogram 4 draw ((1, 128, h/16, w/16) times the first sigma) is "
+                                "in goldens/ideogram4/sampling.safetensors, compared in test_ideogram4.py")
 NOISE_SIZES = [(64, 64), (512, 768)]  # (W, H) as in the golden keys
 
 # ai-toolkit's size floor per family (ai-toolkit.md §2.2; 8 = only GenerateImageConfig's floor).
@@ -81,7 +86,7 @@ AITK_DIVISOR = {
     "qwen_image_2512": 32, "qwen_image_edit": 32, "qwen_image_edit_plus": 32, "qwen_image_edit_plus_2511": 32,
     "ltx2": 32, "ltx2.3": 32, "wan22_5b": 32, "wan21_14b": 16, "wan21_1b": 16, "wan21_i2v_14b": 16,
     "wan21_i2v_14b480p": 16, "wan22_14b_t2v": 16, "wan22_14b_i2v": 16, "sd15": 8, "sdxl": 8, "hidream": 16,
-    "omnigen2": 16, "ernie_image": 32,
+    "omnigen2": 16, "ernie_image": 32, "ideogram4": 16,
 }
 NO_DIVISOR_GOLDEN = {
     "lumina2": "ai-toolkit.md §2.2 gives Lumina2's floor as the pipeline default, unverified",

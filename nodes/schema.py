@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..pipelines.lora import STRENGTH_RANGE
-from ..pipelines.registry import REGISTRY, Experts
+from ..pipelines.registry import REGISTRY, UNCONDITIONAL_LORA_SIDE, Experts
 from ..pipelines.runtime import options as load_options
 from ..pipelines.runtime.options import ATTENTION_KERNELS, DTYPES, OFFLOAD_MODES, QUANTIZE_MODES
 from .comfy import lora_choices
@@ -22,7 +22,7 @@ WIDGET_TYPES = ("COMBO", "STRING", "INT", "FLOAT", "BOOLEAN")
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
-TRANSFORMER_SIDES = ("none", *Experts.SIDES)
+TRANSFORMER_SIDES = ("none", *Experts.SIDES, UNCONDITIONAL_LORA_SIDE)
 #: the load options' choices as the Load node offers them: "model default" stands for an unset LoRA mode, and
 #: compile leaves out "full"
 LORA_MODES = ("model default", *load_options.LORA_MODES)
@@ -163,7 +163,8 @@ APPLY = NodeSpec(
         Field("strength", "FLOAT", "ai-toolkit's network_multiplier (1.0 = as trained).", default=1.0,
               min=STRENGTH_RANGE[0], max=STRENGTH_RANGE[1], step=0.01),
         Field("transformer", "COMBO", "For two-expert (MoE) models such as Wan 2.2 14B: which expert the file "
-              "targets (high or low noise). none for every other model.", default="none",
+              "targets (high or low noise). uncond (Ideogram 4): the file acts in the unconditional CFG pass only "
+              "(ai-toolkit's unconditional LoRA). none for every other model.", default="none",
               options=lambda: list(TRANSFORMER_SIDES)),
     ),
     outputs=(Output(PIPELINE_TYPE, "pipeline", "A new handle carrying the LoRA set (the input is unchanged)."),),

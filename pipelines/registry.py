@@ -263,6 +263,11 @@ class HiDreamOptions:
     llama: str
 
 
+#: the LoRA side of a LoRA that acts in the unconditional CFG pass only (Ideogram 4's, ai-toolkit's
+#: ``unconditional_lora_path``; ``lora.stack`` "pass sides")
+UNCONDITIONAL_LORA_SIDE = "uncond"
+
+
 @dataclass(frozen=True)
 class Ideogram4Options:
     """ai-toolkit's Ideogram 4 sampling constants (``src/pipeline.py``, ``ideogram4.py``): the logit-normal schedule's

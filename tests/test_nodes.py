@@ -154,7 +154,7 @@ def test_schemas(pack):
     apply = mappings["AITKApplyLoRA"].INPUT_TYPES()["required"]
     assert apply["pipeline"][0] == "AITK_PIPELINE" and isinstance(apply["lora"][0], list)
     assert (apply["strength"][1]["min"], apply["strength"][1]["max"]) == (-2.0, 2.0)
-    assert apply["transformer"][0] == ["none", "high", "low"]
+    assert apply["transformer"][0] == ["none", "high", "low", "uncond"]
     sample = mappings["AITKSample"].INPUT_TYPES()
     assert sample["required"]["seed"][1]["control_after_generate"] is True
     assert sample["required"]["width"][1]["step"] == 8 and sample["required"]["prompt"][1]["multiline"]

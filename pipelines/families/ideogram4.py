@@ -38,10 +38,9 @@ import os
 
 from ..base import AITKPipeline, GenerationParams
 from ..lora.convert import ConvertedLora, LoraFormatError, ModulePatch, split_patch_rows
+from ..registry import UNCONDITIONAL_LORA_SIDE as UNCONDITIONAL
 from ..registry import Ideogram4Options
 
-#: the LoRA side of ai-toolkit's unconditional LoRA (active in the unconditional CFG pass only)
-UNCONDITIONAL = "uncond"
 PATCH_SIZE = 2
 #: the VAE's 8x times the 2x2 patching; ai-toolkit's get_bucket_divisibility
 DIVISOR = 16

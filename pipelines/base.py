@@ -184,8 +184,6 @@ class AITKPipeline:
     #: the fields of a job's :class:`~.jobs.config.SampleSpec`, beyond the common ones, that this family's ai-toolkit
     #: previews use; ``reproduce`` passes them to :meth:`generate` as generation options
     sample_options: tuple[str, ...] = ()
-    #: LoRA sides that act in one denoiser pass only (``LoraRequest.side``; see ``lora.stack`` "pass sides")
-    lora_pass_sides: tuple[str, ...] = ()
 
     def __init__(self, spec: ModelSpec, pipe, device: str, dtype, offload: str, lora_mode: str, source: str):
         from .lora.stack import LoraStack
@@ -203,7 +201,7 @@ class AITKPipeline:
         self.lock = threading.RLock()
         self.loras = LoraStack(
             self.lora_components(), lora_mode, self.denoiser, spec.model_id,
-            name_mapper=self.lora_name_mapper(), route=self.lora_route(), pass_sides=self.lora_pass_sides,
+            name_mapper=self.lora_name_mapper(), route=self.lora_route(), pass_sides=spec.lora_pass_sides,
         )
 
     # ------------------------------------------------------------------------------------------------ loading

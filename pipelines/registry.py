@@ -310,6 +310,8 @@ class ModelSpec:
         control_images (tuple[int, int]): (min, max) number of control images.
         video (VideoSpec, *optional*): video defaults; None for image models.
         experts (Experts, *optional*): the two experts of a two-expert denoiser; None for one denoiser.
+        lora_pass_sides (tuple[str, ...]): LoRA sides whose LoRAs act in one denoiser pass only
+            (:data:`UNCONDITIONAL_LORA_SIDE`); empty for most models.
         options (*optional*): the family's typed options (``ZImageOptions``, ``Flux2Options``...), or None.
         notes (str): what differs from the stock diffusers pipeline and why (shown by ``models``).
     """
@@ -332,6 +334,7 @@ class ModelSpec:
     control_images: tuple[int, int] = (0, 0)
     video: VideoSpec | None = None
     experts: Experts | None = None
+    lora_pass_sides: tuple[str, ...] = ()
     options: Any = None
     width: int = 1024
     height: int = 1024
@@ -709,6 +712,7 @@ REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
             base="ideogram-ai/ideogram-4-fp8", steps=30, guidance=4.0, divisor=16,
             tiny="ideogram4:build_ideogram4", aitk_archs=(AitkArch("ideogram4"),),
             lora_signatures=(IDEOGRAM4_NAMES,), unconditional_is_negative=False, options=Ideogram4Options(),
+            lora_pass_sides=(UNCONDITIONAL_LORA_SIDE,),
             notes="ai-toolkit's own sampler around diffusers' transformer and VAE: one transformer for both CFG "
             "passes (the unconditional one image-only with zero text features, so the negative prompt has no "
             "effect), u + g(c - u) above guidance 1; logit-normal sigmas with mean 0.5 ln(wh/512^2) and std 1.75; "

@@ -117,7 +117,7 @@ def _check_lora_layout(model: str, spec: ModelSpec, body: InferenceInput, max_lo
                            f"Model '{model}' takes at most {max_loras} LoRAs per transformer (AITK_MAX_LORAS); got {count} for {side}.")
                 raise APIError(400, code, message, {"max_loras": max_loras})
         return
-    if any(item.transformer is not None for item in loras):
+    if any(item.transformer is not None and item.transformer not in spec.lora_pass_sides for item in loras):
         raise APIError(400, "MOE_FORMAT_NOT_SUPPORTED", f"Model '{model}' does not support MoE LoRA format")
     if len(loras) > max_loras:
         code = "SINGLE_LORA_ONLY" if max_loras == 1 else "TOO_MANY_LORAS"

@@ -16,7 +16,9 @@ FINISHED = ("succeeded", "failed", "canceled")
 # ---------------------------------------------------------------------------------------------------------------- request
 class LoraItem(BaseModel):
     path: str = Field(..., description="File relative to WORKFLOWS_BASE_PATH, or an http(s) URL of a .safetensors file.")
-    transformer: Optional[Literal["low", "high"]] = Field(None, description="MoE models only: the expert this LoRA is for.")
+    transformer: Optional[Literal["low", "high", "uncond"]] = Field(
+        None, description="MoE models only: the expert this LoRA is for (low/high). Ideogram 4 only: uncond, a LoRA "
+                          "for the unconditional CFG pass only (ai-toolkit's unconditional LoRA).")
     network_multiplier: Optional[float] = Field(None, ge=STRENGTH_RANGE[0], le=STRENGTH_RANGE[1], description="LoRA strength (library: strength), default 1.0.")
 
 

@@ -347,3 +347,24 @@ def test_lora_signature_names_the_family():
     with pytest.raises(LoraFormatError, match="FLUX.1"):
         LoraStack({"transformer": golden_transformer()}, "dynamic", "transformer", "ideogram4",
                   name_mapper=ideogram4_original_to_diffusers).set([LoraRequest(path=flux_lora)])
+
+
+def test_server_and_nodes_take_the_unconditional_side(golden_pipeline):
+    """The HTTP API's LoRA ``transformer`` field takes ``uncond`` for Ideogram 4 (and still refuses it elsewhere), and
+    the Apply LoRA node's check resolves it to the unconditional pass."""
+    from aitk_inference.nodes import core
+    from aitk_inference.server.errors import APIError
+    from aitk_inference.server.mapping import _check_lora_layout
+    from aitk_inference.server.schemas import InferenceInput
+
+    def body(model):
+        return InferenceInput(model=model, prompts=[{"prompt": "a photo"}],
+                              loras=[{"path": "style.safetensors"}, {"path": "negative.safetensors",
+                                                                     "transformer": UNCONDITIONAL}])
+
+    _check_lora_layout("ideogram4", REGISTRY["ideogram4"], body("ideogram4"), max_loras=4)
+    with pytest.raises(APIError) as error:
+        _check_lora_layout("flux", REGISTRY["flux"], body("flux"), max_loras=4)
+    assert error.value.code == "MOE_FORMAT_NOT_SUPPORTED"
+    checked = golden_pipeline.check_lora((UNCOND_LORA, 1.0, UNCONDITIONAL))
+    assert checked.request.side == UNCONDITIONAL and UNCONDITIONAL in core.TRANSFORMER_SIDES

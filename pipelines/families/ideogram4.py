@@ -194,7 +194,6 @@ class Ideogram4FamilyPipeline(AITKPipeline):
 
     denoiser = "transformer"
     options_type = Ideogram4Options
-    lora_pass_sides = (UNCONDITIONAL,)
 
     # ------------------------------------------------------------------------------------------------ loading
     @classmethod

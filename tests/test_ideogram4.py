@@ -368,3 +368,24 @@ def test_server_and_nodes_take_the_unconditional_side(golden_pipeline):
     assert error.value.code == "MOE_FORMAT_NOT_SUPPORTED"
     checked = golden_pipeline.check_lora((UNCOND_LORA, 1.0, UNCONDITIONAL))
     assert checked.request.side == UNCONDITIONAL and UNCONDITIONAL in core.TRANSFORMER_SIDES
+
+
+def test_reproduce_applies_the_jobs_unconditional_lora(tmp_path):
+    """A job whose model section sets ``unconditional_lora_path`` (relative to the job folder) gets that LoRA on the
+    unconditional pass beside its own; another model's job with one is refused."""
+    import dataclasses
+    import shutil
+
+    from aitk_inference.pipelines.jobs.config import TrainingJob
+    from aitk_inference.pipelines.jobs.reproduce import job_side_loras
+
+    shutil.copy(UNCOND_LORA, tmp_path / "negative.safetensors")
+    job = TrainingJob(config_path=str(tmp_path / "config.yaml"), folder=str(tmp_path), name="job",
+                      process={"model": {"arch": "ideogram4", "unconditional_lora_path": "negative.safetensors"}})
+    assert job.model_id == "ideogram4"
+    (request,) = job_side_loras(job, REGISTRY["ideogram4"])
+    assert (request.path, request.side, request.strength) == (str(tmp_path / "negative.safetensors"), UNCONDITIONAL,
+                                                              1.0)
+    assert job_side_loras(dataclasses.replace(job, process={"model": {"arch": "ideogram4"}}), REGISTRY["ideogram4"]) == []
+    with pytest.raises(ValueError, match="unconditional_lora_path"):
+        job_side_loras(job, REGISTRY["flux"])

@@ -62,6 +62,13 @@ class TrainingJob:
     def samples(self) -> list[SampleSpec]:
         return build_samples(self.process["sample"], self.process.get("trigger_word"))
 
+    @property
+    def unconditional_lora(self) -> str | None:
+        """``model.unconditional_lora_path`` (Ideogram 4: a LoRA ai-toolkit switches on in the unconditional CFG pass
+        only), a relative path resolved against the job folder; None when the job has none."""
+        path = self.process["model"].get("unconditional_lora_path")
+        return resolve_job_path(path, self.folder) if path else None
+
 
 def read_job(job: str) -> TrainingJob:
     """Read the job folder (or config file) ``job``."""

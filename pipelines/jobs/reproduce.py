@@ -19,6 +19,27 @@ from .config import find_previews, lora_step, newest_lora, read_job, resolve_job
 logger = logging.getLogger(__name__)
 
 
+def job_side_loras(training, spec) -> list:
+    """The LoRAs a job's model section adds beside the trained one: ai-toolkit's unconditional LoRA
+    (``model.unconditional_lora_path``), at strength 1 on the unconditional pass only. A ``owner/repo/file`` hub path
+    is downloaded as ai-toolkit does."""
+    from ..lora.stack import LoraRequest
+    from ..registry import UNCONDITIONAL_LORA_SIDE
+
+    path = training.unconditional_lora
+    if path is None:
+        return []
+    if UNCONDITIONAL_LORA_SIDE not in spec.lora_pass_sides:
+        raise ValueError(f"{training.config_path!r} sets model.unconditional_lora_path, which {spec.model_id} has no "
+                         "unconditional pass for (ai-toolkit reads it for Ideogram 4 only).")
+    if not os.path.isfile(path) and len(path.split("/")) == 3:
+        from huggingface_hub import hf_hub_download
+
+        owner, repo, filename = path.split("/")
+        path = hf_hub_download(f"{owner}/{repo}", filename)
+    return [LoraRequest(path=path, strength=1.0, side=UNCONDITIONAL_LORA_SIDE)]
+
+
 @dataclass(frozen=True)
 class ImageDifference:
     """Two uint8 RGB images compared in 8-bit levels."""
@@ -157,11 +178,12 @@ def reproduce_job(
     previews = find_previews(training.folder)
     prefix = training.name or "sample"
 
+    extra_loras = job_side_loras(training, spec)
     rows, sheet_rows = [], []
     for sample in samples:
         # 4. Apply the LoRA at this sample's multiplier (an in-place change after the first)
         pipeline.set_loras([LoraRequest(path=path, strength=sample.network_multiplier)
-                            for path in with_expert_sibling(lora_path)])
+                            for path in with_expert_sibling(lora_path)] + extra_loras)
         # 5. Run
         controls = []
         if spec.control_images[1] == 1 and sample.ctrl_img:

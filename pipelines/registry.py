@@ -415,7 +415,7 @@ WAN_COMBINED = LoraSignature("Wan 2.2 14B (combined high/low-noise file)", r"(^|
 COGVIEW4_NAMES = LoraSignature("CogView4", r"(^|\.)transformer_blocks\.\d+\.attn1\.")
 LTX2_NAMES = LoraSignature("LTX-2", r"audio_attn|audio_ff|video_to_audio", refines=COGVIEW4_NAMES)  # LTX-2 has attn1 too
 HIDREAM_NAMES = LoraSignature("HiDream", r"double_stream_blocks|single_stream_blocks")
-# Nucleus-Image shares Qwen-Image's img_mlp/img_mod block names; its per-block text projection and MoE layers are its own.
+# Nucleus-Image shares Qwen-Image's img_mlp/img_mod names; its per-block text projection and MoE layers are its own.
 NUCLEUS_NAMES = LoraSignature("Nucleus-Image",
                               r"transformer_blocks\.\d+\.(encoder_proj|img_mlp\.(gate|shared_expert|experts))",
                               refines=QWEN_NAMES)

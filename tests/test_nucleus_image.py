@@ -219,6 +219,12 @@ def test_ai_toolkit_lora_loads_through_the_pipeline_front_door(nucleus):
     assert np.array_equal(nucleus.generate("a photo", **call).images, base)
 
 
+def _request(state_dict):
+    from aitk_inference.pipelines.lora.stack import LoraRequest
+
+    return LoraRequest(state_dict=state_dict, name="handmade.safetensors")
+
+
 def test_expert_keys_are_refused_with_the_reason(nucleus):
     """The routed experts are packed parameters that ai-toolkit's network never adapts: a file targeting them is
     refused by name instead of loading partly."""
@@ -234,12 +240,6 @@ def test_expert_keys_are_refused_with_the_reason(nucleus):
     }
     with pytest.raises(LoraFormatError, match="routed MoE experts.*never adapt"):
         nucleus.check_lora(_request(state_dict))
-
-
-def _request(state_dict):
-    from aitk_inference.pipelines.lora.stack import LoraRequest
-
-    return LoraRequest(state_dict=state_dict, name="experts.safetensors")
 
 
 def test_lora_signature_names_nucleus_and_other_families():

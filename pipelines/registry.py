@@ -76,6 +76,9 @@ COGVIEW4_FLOWMATCH = {**FLUX_FLOWMATCH, "shift": 1.0, "base_shift": 0.25, "max_s
 # ai-toolkit's ERNIE-Image scheduler (extensions_built_in/diffusion_models/ernie_image/ernie_image.py scheduler_config):
 # static shift 3.0, no dynamic shifting.
 ERNIE_IMAGE_FLOWMATCH = {**FLUX_FLOWMATCH, "shift": 3.0, "use_dynamic_shifting": False}
+# ai-toolkit's Nucleus-Image scheduler (extensions_built_in/diffusion_models/nucleus_image/nucleus_image_model.py
+# scheduler_config): static shift 1.0 without dynamic shifting, so the pipeline's linspace(1, 1/N, N) sigmas are kept.
+NUCLEUS_FLOWMATCH = {**FLUX_FLOWMATCH, "shift": 1.0, "use_dynamic_shifting": False}
 
 # FLUX.2 / FLUX.2-klein: ai-toolkit samples with BFL's own schedule (pipelines/families/flux2.py bfl_schedule), not with a
 # scheduler's shifting. The family passes the finished sigmas; shift 1.0 without dynamic shifting keeps them as given.
@@ -421,6 +424,10 @@ COGVIEW4_NAMES = LoraSignature("CogView4", r"(^|\.)transformer_blocks\.\d+\.attn
 LTX2_NAMES = LoraSignature("LTX-2", r"audio_attn|audio_ff|video_to_audio", refines=COGVIEW4_NAMES)  # LTX-2 has attn1 too
 HIDREAM_NAMES = LoraSignature("HiDream", r"double_stream_blocks|single_stream_blocks")
 ERNIE_IMAGE_NAMES = LoraSignature("ERNIE-Image", r"(^|\.)layers\.\d+\.(self_attention\.|mlp\.linear_fc2)")
+# Nucleus-Image shares Qwen-Image's img_mlp/img_mod names; its per-block text projection and MoE layers are its own.
+NUCLEUS_NAMES = LoraSignature("Nucleus-Image",
+                              r"transformer_blocks\.\d+\.(encoder_proj|img_mlp\.(gate|shared_expert|experts))",
+                              refines=QWEN_NAMES)
 
 
 def lora_signatures() -> list[LoraSignature]:
@@ -682,6 +689,18 @@ REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
             "not rewritten, as in ai-toolkit. Divisor 32 (ai-toolkit's floor). Defaults are ai-toolkit's UI defaults "
             "(its ERNIE-Image preset sets none): 30 steps, guidance 4, 1024x1024. LoRAs: diffusion_model. + diffusers "
             "names.",
+        ),
+        ModelSpec(
+            model_id="nucleus_image", family="nucleus_image:NucleusImageFamilyPipeline",
+            pipeline_class="NucleusMoEImagePipeline", base="NucleusAI/Nucleus-Image", steps=30, guidance=4.0,
+            divisor=32, scheduler=_flow(NUCLEUS_FLOWMATCH), tiny="nucleus_image:build_nucleus_image",
+            aitk_archs=(AitkArch("nucleus_image"),), lora_signatures=(NUCLEUS_NAMES,),
+            notes="ai-toolkit's Nucleus-Image extension: the stock pipeline with FlowMatch Euler at static shift 1.0 "
+            "(the linspace sigmas unshifted), real CFG with the pipeline's norm rescale and the negative prompt (an "
+            "empty one is encoded), Qwen3-VL prompts up to 1024 tokens. Divisor 32 (16x VAE x 2x2 patches). "
+            "Defaults are ai-toolkit's UI sample defaults (30 steps, guidance 4); its Nucleus preset sets none. "
+            "LoRAs: diffusion_model. + diffusers names (no diffusers loader; ours reads them), Linear layers only: "
+            "the routed MoE experts are packed parameters that ai-toolkit never adapts.",
         ),
     ]
 )

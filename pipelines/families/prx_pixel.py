@@ -87,7 +87,8 @@ class PRXPixelAITKPipeline(PRXPixelPipeline):
         dtype = self.transformer.dtype
         batch_size = len(prompt)
         cfg = guidance_scale != 1.0
-        # 1. Prompts; with guidance one batched pass of [negative, prompt]
+        passes = 2 if cfg else 1
+        # 1. Prompts; with guidance one batched pass of [negative, prompt] (ai-toolkit runs the two one after the other)
         embeds, mask = self.encode_prompts(prompt, dtype)
         if cfg:
             negative_embeds, negative_mask = self.encode_prompts(negative_prompt, dtype)
@@ -103,7 +104,6 @@ class PRXPixelAITKPipeline(PRXPixelPipeline):
 
         # 3. Denoise: x0 prediction, guidance on x0, x0 -> velocity, Euler step
         for i, t in enumerate(timesteps):
-            passes = 2 if cfg else 1
             flow_time = (t / train_timesteps).float().expand(batch_size * passes)
             x0 = self.transformer(
                 hidden_states=latents.to(dtype).repeat(passes, 1, 1, 1), timestep=flow_time,
@@ -118,7 +118,7 @@ class PRXPixelAITKPipeline(PRXPixelPipeline):
                 callback_on_step_end(self, i, t, {})
 
         # 4. The latents are the image in [-1, 1]
-        images = latents if output_type == "latent" else self.image_processor.postprocess(latents, output_type=output_type)
+        images = self.image_processor.postprocess(latents, output_type=output_type)
         self.maybe_free_model_hooks()
         return PRXPipelineOutput(images=images) if return_dict else (images,)
 

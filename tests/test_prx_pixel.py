@@ -197,3 +197,17 @@ def test_negative_prompt_runs_below_guidance_one(pipes):
         plain = pipe.generate("a red fox", negative="", guidance=guidance, **fast).images
         negative = pipe.generate("a red fox", negative="blurry", guidance=guidance, **fast).images
         assert (np.abs(plain - negative).max() > 1e-6) == matters == pipe.spec.negative_has_effect(guidance)
+
+
+def test_every_linear_loads_for_a_whole_model_lora():
+    """A job with ``transformer_only: false`` trains every Linear (patch and text projections, time and resolution
+    embedders, final layer): ai-toolkit saves them under the same diffusers names, so all of them match."""
+    from aitk_inference.pipelines.lora.stack import LoraRequest, LoraStack
+    from aitk_inference.tiny.loras import make_state_dict
+
+    model = golden_transformer()
+    targets = [(name, module) for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    assert any(not name.startswith("blocks.") for name, _ in targets)
+    stack = LoraStack({"transformer": model}, "dynamic", "transformer", "prx_pixel")
+    request = LoraRequest(state_dict=make_state_dict("peft_diffusion_model", targets), name="all_linears")
+    assert stack.set([request])[0]["modules"] == len(targets)

@@ -17,6 +17,7 @@ import gc
 import json
 import os
 import time
+from functools import partial
 
 
 def resident_mib() -> float:
@@ -79,8 +80,10 @@ def main(argv=None) -> str:
 
     from ..pipelines.base import load_pipeline
     from ..pipelines.lora.stack import MAX_CONVERTED_CACHED
+    from ..pipelines.registry import get_spec
     from ..pipelines.runtime.accelerate import resolve_dtype
     from .harness import Options, device_slug, environment, lora_state_dict, materialize_flux
+    from .models import build_flux_pipeline
 
     parser = argparse.ArgumentParser(prog="python -m aitk_inference.benchmarks.soak", description=__doc__.split("\n")[0])
     parser.add_argument("--size", default="full", choices=("full", "tiny"))
@@ -97,7 +100,16 @@ def main(argv=None) -> str:
     opts = Options(size=args.size, device=args.device, dtype=args.dtype, rank=args.rank)
     if args.workdir:
         opts.workdir = args.workdir
-    folder = materialize_flux(opts)
+    spec = get_spec("flux")
+    if args.size == "tiny":
+        folder = materialize_flux(opts)
+        make_pipeline = partial(load_pipeline, "flux", base=folder, device=args.device, dtype=args.dtype)
+    else:  # full size: built in memory once (no 33 GB folder to write), wrapped once per mode
+        torch_dtype = resolve_dtype(args.dtype, args.device)
+        pipe = build_flux_pipeline(args.device, torch_dtype)
+        pipe.set_progress_bar_config(disable=True)
+        make_pipeline = partial(spec.family_class(), spec, pipe, args.device, torch_dtype, "none",
+                                source="random weights, in memory")
     lora_dir = os.path.join(opts.workdir, f"soak-loras-{args.size}")
     os.makedirs(lora_dir, exist_ok=True)
 
@@ -105,7 +117,7 @@ def main(argv=None) -> str:
               "iterations": args.iterations, "files": args.files, "rank": args.rank,
               "converted_cache_limit": MAX_CONVERTED_CACHED, "modes": {}}
     for mode in args.modes:
-        pipeline = load_pipeline("flux", base=folder, device=args.device, dtype=args.dtype, lora_mode=mode)
+        pipeline = make_pipeline(lora_mode=mode)
         denoiser = getattr(pipeline.pipe, pipeline.denoiser)
         files = []
         for seed in range(args.files):

@@ -71,6 +71,10 @@ LUMINA2_FLOWMATCH = {**FLUX_FLOWMATCH, "shift": 6.0, "use_dynamic_shifting": Fal
 # shift; the pipeline computes mu itself, 0.25 + 0.75 * sqrt(image tokens / 256), and passes unshifted timesteps.
 COGVIEW4_FLOWMATCH = {**FLUX_FLOWMATCH, "shift": 1.0, "base_shift": 0.25, "max_shift": 0.75, "time_shift_type": "linear"}
 
+# ai-toolkit's Anima scheduler (extensions_built_in/diffusion_models/anima/anima.py scheduler_config): static shift 3.0;
+# the modular pipeline hands it sigmas linspace(1, 1/N, N), which the scheduler shifts.
+ANIMA_FLOWMATCH = {**FLUX_FLOWMATCH, "shift": 3.0, "use_dynamic_shifting": False}
+
 # FLUX.2 / FLUX.2-klein: ai-toolkit samples with BFL's own schedule (pipelines/families/flux2.py bfl_schedule), not with a
 # scheduler's shifting. The family passes the finished sigmas; shift 1.0 without dynamic shifting keeps them as given.
 FLUX2_EULER = {**FLUX_FLOWMATCH, "shift": 1.0, "use_dynamic_shifting": False}
@@ -410,6 +414,11 @@ WAN_COMBINED = LoraSignature("Wan 2.2 14B (combined high/low-noise file)", r"(^|
                              refines=WAN_ORIGINAL)
 COGVIEW4_NAMES = LoraSignature("CogView4", r"(^|\.)transformer_blocks\.\d+\.attn1\.")
 LTX2_NAMES = LoraSignature("LTX-2", r"audio_attn|audio_ff|video_to_audio", refines=COGVIEW4_NAMES)  # LTX-2 has attn1 too
+# Anima LoRAs come in ComfyUI / original Cosmos names (`blocks.N.self_attn.q_proj`, `adaln_modulation_*`), which also
+# match the original Wan pattern, and `llm_adapter.` for the text conditioner.
+ANIMA_NAMES = LoraSignature("Anima (ComfyUI / original Cosmos names)",
+                            r"adaln_modulation_(self_attn|cross_attn|mlp)|llm_adapter\.|(self_attn|cross_attn)\.output_proj",
+                            refines=WAN_ORIGINAL)
 HIDREAM_NAMES = LoraSignature("HiDream", r"double_stream_blocks|single_stream_blocks")
 
 
@@ -657,6 +666,21 @@ REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
             "pipeline computes it; real CFG with the negative prompt (an empty one is encoded); GLM prompts up to "
             "1024 tokens. Divisor 16 (the pipeline rejects other sizes; ai-toolkit floors to 8 only). Defaults are "
             "the pipeline's (50 steps, guidance 5.0): ai-toolkit has no CogView4 preset.",
+        ),
+        ModelSpec(
+            model_id="anima", family="anima:AnimaFamilyPipeline", pipeline_class="AnimaModularPipeline",
+            base="circlestone-labs/Anima-Base-v1.0-Diffusers", steps=30, guidance=4.0, divisor=32,
+            negative="worst quality, low quality, score_1, score_2, score_3, blurry, jpeg artifacts, sepia, signature, "
+            "artist name",
+            scheduler=_flow(ANIMA_FLOWMATCH), tiny="anima:build_anima", aitk_archs=(AitkArch("anima"),),
+            lora_components=("transformer", "text_conditioner"), lora_signatures=(ANIMA_NAMES,),
+            notes="ai-toolkit's Anima (Cosmos-Predict2 DiT, Qwen3 text encoder, LLM adapter, Qwen-Image VAE), sampled "
+            "through diffusers' Anima modular blocks as ai-toolkit does: FlowMatch Euler with static shift 3.0 on "
+            "sigmas linspace(1, 1/N, N); real CFG (the modular guider) with the negative prompt, whose default is "
+            "ai-toolkit's Anima UI preset; prompts encoded as ai-toolkit encodes them (an empty prompt becomes one "
+            "masked pad token that the LLM adapter still attends to). Divisor 32. LoRAs in ComfyUI / original Cosmos "
+            "names, the LLM adapter's (`llm_adapter.`) included. Steps 30 and guidance 4 are ai-toolkit's UI sample "
+            "defaults (its Anima preset sets none).",
         ),
     ]
 )

@@ -1,0 +1,74 @@
+"""Tiny Anima pipeline: the real ``CosmosTransformer3DModel``, ``AnimaTextConditioner``, Qwen3 text encoder and Qwen-Image
+VAE with random weights, assembled as the family's modular pipeline (``pipelines/families/anima.py``).
+
+Anima is published as a modular pipeline (``modular_model_index.json``, no ``model_index.json``); ``save_pretrained``
+writes the same layout.
+"""
+
+from __future__ import annotations
+
+from .tokenizers import qwen_tokenizer, t5_tokenizer
+
+LATENT_CHANNELS = 16
+
+
+def anima_transformer(seed: int = 0):
+    """The Cosmos-Predict2 layout Anima uses (padding-mask channel, no extra positional embedding), tiny."""
+    import torch
+    from diffusers import CosmosTransformer3DModel
+
+    torch.manual_seed(seed)
+    return CosmosTransformer3DModel(
+        in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, num_attention_heads=2, attention_head_dim=16,
+        num_layers=2, text_embed_dim=16, adaln_lora_dim=8, max_size=(4, 32, 32), patch_size=(1, 2, 2),
+        rope_scale=(1.0, 4.0, 4.0), concat_padding_mask=True, extra_pos_embed_type=None,
+    )
+
+
+def anima_text_conditioner(target_vocab_size: int, seed: int = 0):
+    """The LLM adapter: T5 token embeddings cross-attending to the Qwen3 states; ``target_dim`` is the transformer's
+    ``text_embed_dim``."""
+    import torch
+    from diffusers import AnimaTextConditioner
+
+    torch.manual_seed(seed)
+    return AnimaTextConditioner(
+        source_dim=16, target_dim=16, model_dim=16, num_layers=2, num_attention_heads=2,
+        target_vocab_size=target_vocab_size, min_sequence_length=32,
+    )
+
+
+def anima_components() -> dict:
+    import torch
+    from diffusers import AutoencoderKLQwenImage
+    from transformers import Qwen3Config, Qwen3Model
+
+    tokenizer = qwen_tokenizer()
+    t5 = t5_tokenizer()
+    torch.manual_seed(0)
+    text_encoder = Qwen3Model(Qwen3Config(
+        hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+        head_dim=8, vocab_size=len(tokenizer), max_position_embeddings=512, bos_token_id=None, eos_token_id=None,
+        pad_token_id=tokenizer.pad_token_id,
+    )).eval()
+    torch.manual_seed(0)
+    vae = AutoencoderKLQwenImage(
+        base_dim=16, z_dim=LATENT_CHANNELS, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+        temperal_downsample=[False, True, True], latents_mean=[0.0] * LATENT_CHANNELS,
+        latents_std=[1.0] * LATENT_CHANNELS,
+    )
+    return {
+        "transformer": anima_transformer(), "text_conditioner": anima_text_conditioner(len(t5)),
+        "text_encoder": text_encoder, "tokenizer": tokenizer, "t5_tokenizer": t5, "vae": vae,
+    }
+
+
+def build_anima():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from ..pipelines.families.anima import AnimaAitkBlocks
+    from ..pipelines.registry import ANIMA_FLOWMATCH
+
+    pipe = AnimaAitkBlocks().init_pipeline()
+    pipe.update_components(**anima_components(), scheduler=FlowMatchEulerDiscreteScheduler.from_config(ANIMA_FLOWMATCH))
+    return pipe

@@ -417,7 +417,7 @@ LTX2_NAMES = LoraSignature("LTX-2", r"audio_attn|audio_ff|video_to_audio", refin
 # Anima LoRAs come in ComfyUI / original Cosmos names (`blocks.N.self_attn.q_proj`, `adaln_modulation_*`), which also
 # match the original Wan pattern, and `llm_adapter.` for the text conditioner.
 ANIMA_NAMES = LoraSignature("Anima (ComfyUI / original Cosmos names)",
-                            r"adaln_modulation_(self_attn|cross_attn|mlp)|llm_adapter\.|(self_attn|cross_attn)\.output_proj",
+                            r"adaln_modulation_(self_attn|cross_attn|mlp)|llm_adapter\.|(self_attn|cross_attn)\.(q|k|v|output)_proj",
                             refines=WAN_ORIGINAL)
 HIDREAM_NAMES = LoraSignature("HiDream", r"double_stream_blocks|single_stream_blocks")
 

@@ -49,8 +49,7 @@ def anima_components() -> dict:
     text_encoder = Qwen3Model(Qwen3Config(
         hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
         head_dim=8, vocab_size=len(tokenizer), max_position_embeddings=512, bos_token_id=None, eos_token_id=None,
-        pad_token_id=tokenizer.pad_token_id,
-    )).eval()
+    )).eval()  # no pad_token_id, as Qwen3's config: the pad token's embedding is a trained (here random) row
     torch.manual_seed(0)
     vae = AutoencoderKLQwenImage(
         base_dim=16, z_dim=LATENT_CHANNELS, dim_mult=[1, 1, 1, 1], num_res_blocks=1,

@@ -71,3 +71,38 @@ def build_anima():
     pipe = AnimaAitkBlocks().init_pipeline()
     pipe.update_components(**anima_components(), scheduler=FlowMatchEulerDiscreteScheduler.from_config(ANIMA_FLOWMATCH))
     return pipe
+
+
+def cosmos_named_state_dict(pipe, seed: int = 0, rank: int = 4, std: float = 0.3) -> dict:
+    """Random PEFT LoRA tensors under the names ai-toolkit saves for Anima (``train_text_conditioner`` on): every Linear
+    of the transformer blocks as ``diffusion_model.blocks.N.<Cosmos name>`` and of the LLM adapter as
+    ``diffusion_model.llm_adapter.<name>``."""
+    import torch
+
+    from ..pipelines.families.anima import COSMOS_BLOCK_NAMES
+
+    to_cosmos = {diffusers_name: cosmos for cosmos, diffusers_name in COSMOS_BLOCK_NAMES.items()}
+    targets = []
+    for name, module in pipe.transformer.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.startswith("transformer_blocks."):
+            _, block, inner = name.split(".", 2)
+            targets.append((f"blocks.{block}.{to_cosmos[inner]}", module))
+    targets += [(f"llm_adapter.{name}", module) for name, module in pipe.text_conditioner.named_modules()
+                if isinstance(module, torch.nn.Linear)]
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for key, module in targets:
+        out_f, in_f = module.weight.shape
+        sd[f"diffusion_model.{key}.lora_A.weight"] = torch.randn(rank, in_f, generator=g) * std
+        sd[f"diffusion_model.{key}.lora_B.weight"] = torch.randn(out_f, rank, generator=g) * std
+    return sd
+
+
+def write_native_loras(pipe, out_dir: str, seed: int = 0) -> dict[str, str]:
+    """The layout ai-toolkit saves for Anima: ComfyUI / original Cosmos names, LLM adapter included."""
+    import os
+
+    from .loras import save_lora
+
+    path = os.path.join(out_dir, "tiny_aitk_anima.safetensors")
+    return {"ai-toolkit (Cosmos names + LLM adapter)": save_lora(path, cosmos_named_state_dict(pipe, seed))}

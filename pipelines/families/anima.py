@@ -187,7 +187,7 @@ def disable_progress_bars(blocks) -> None:
 
 # ---------------------------------------------------------------------------------------------------------------- LoRA names
 # ComfyUI / original Cosmos module names (as ai-toolkit saves them) -> diffusers' CosmosTransformer3DModel names.
-_ANIMA_BLOCK_RENAMES = {
+COSMOS_BLOCK_NAMES = {
     "adaln_modulation_self_attn.1": "norm1.linear_1",
     "adaln_modulation_self_attn.2": "norm1.linear_2",
     "adaln_modulation_cross_attn.1": "norm2.linear_1",
@@ -205,7 +205,7 @@ _ANIMA_BLOCK_RENAMES = {
     "mlp.layer1": "ff.net.0.proj",
     "mlp.layer2": "ff.net.2",
 }
-_ANIMA_TOP_RENAMES = {
+COSMOS_TOP_NAMES = {
     "final_layer.adaln_modulation.1": "norm_out.linear_1",
     "final_layer.adaln_modulation.2": "norm_out.linear_2",
     "final_layer.linear": "proj_out",
@@ -230,11 +230,11 @@ def anima_original_to_diffusers(converted: ConvertedLora) -> ConvertedLora:
         if adapter_prefix:
             component, path = "text_conditioner", path[len(adapter_prefix):]
             renamed += adapter_prefix == "llm_adapter."
-        elif block and block.group(2) in _ANIMA_BLOCK_RENAMES:
-            path = f"transformer_blocks.{block.group(1)}.{_ANIMA_BLOCK_RENAMES[block.group(2)]}"
+        elif block and block.group(2) in COSMOS_BLOCK_NAMES:
+            path = f"transformer_blocks.{block.group(1)}.{COSMOS_BLOCK_NAMES[block.group(2)]}"
             renamed += 1
-        elif path in _ANIMA_TOP_RENAMES:
-            path = _ANIMA_TOP_RENAMES[path]
+        elif path in COSMOS_TOP_NAMES:
+            path = COSMOS_TOP_NAMES[path]
             renamed += 1
         patches[(component, path)] = patch
     layout = converted.layout + ("+cosmos_names" if renamed else "")

@@ -163,7 +163,8 @@ class AnimaAitkDenoiseStep(AnimaDenoiseStep):
 
 
 class AnimaAitkCoreDenoiseStep(AnimaCoreDenoiseStep):
-    block_classes = [*AnimaCoreDenoiseStep.block_classes[:-1], AnimaAitkDenoiseStep]
+    block_classes = [AnimaAitkDenoiseStep if name == "denoise" else block
+                     for name, block in zip(AnimaCoreDenoiseStep.block_names, AnimaCoreDenoiseStep.block_classes)]
     block_names = AnimaCoreDenoiseStep.block_names
 
 
@@ -229,7 +230,7 @@ def anima_original_to_diffusers(converted: ConvertedLora) -> ConvertedLora:
         adapter_prefix = next((p for p in _ANIMA_ADAPTER_PREFIXES if path.startswith(p)), None)
         if adapter_prefix:
             component, path = "text_conditioner", path[len(adapter_prefix):]
-            renamed += adapter_prefix == "llm_adapter."
+            renamed += adapter_prefix == "llm_adapter."  # text_conditioner. is diffusers' own name
         elif block and block.group(2) in COSMOS_BLOCK_NAMES:
             path = f"transformer_blocks.{block.group(1)}.{COSMOS_BLOCK_NAMES[block.group(2)]}"
             renamed += 1
@@ -261,6 +262,7 @@ class AnimaFamilyPipeline(AITKPipeline):
         if os.path.exists(source) and not os.path.isfile(os.path.join(source, "modular_model_index.json")):
             raise FileNotFoundError(f"{source!r} is not an Anima modular pipeline folder (no modular_model_index.json). "
                                     f"Give a snapshot of {spec.base}, or the hub repo id.")
+        # components load on the CPU and `place` moves them: load_components takes no device map (`overrides`)
         provide_padding_mask_resize()
         pipe = AnimaAitkBlocks().init_pipeline(source)
         local = {"pretrained_model_name_or_path": source} if os.path.isdir(source) else {}

@@ -181,6 +181,9 @@ class AITKPipeline:
     denoiser: str = "transformer"
     #: the type of ``spec.options`` this family reads (a registry options dataclass), None when it reads none
     options_type: type | None = None
+    #: the fields of a job's :class:`~.jobs.config.SampleSpec`, beyond the common ones, that this family's ai-toolkit
+    #: previews use; ``reproduce`` passes them to :meth:`generate` as generation options
+    sample_options: tuple[str, ...] = ()
 
     def __init__(self, spec: ModelSpec, pipe, device: str, dtype, offload: str, lora_mode: str, source: str):
         from .lora.stack import LoraStack

@@ -64,12 +64,18 @@ QWEN_FLOWMATCH = {
 # ai-toolkit's Z-Image scheduler (z_image.py scheduler_config): static shift 3.0.
 ZIMAGE_FLOWMATCH = {**FLUX_FLOWMATCH, "shift": 3.0, "use_dynamic_shifting": False}
 
-# ai-toolkit's Lumina2 scheduler (toolkit/sampler.py lumina2_config): static shift 6.0.
-LUMINA2_FLOWMATCH = {**FLUX_FLOWMATCH, "shift": 6.0, "use_dynamic_shifting": False}
+# ai-toolkit's Lumina2 scheduler as it really samples: no shift at all. Its lumina2_config says static shift 6.0, but
+# get_sampler builds the scheduler with from_config on a subclass whose __init__ takes only *args/**kwargs, so no value
+# reaches __init__: the values read through .config hold, while the shift attribute keeps its default of 1.0.
+LUMINA2_FLOWMATCH = {**FLUX_FLOWMATCH, "shift": 1.0, "use_dynamic_shifting": False}
 
 # ai-toolkit's CogView4 scheduler (toolkit/models/cogview4.py scheduler_config): dynamic shifting with the linear time
 # shift; the pipeline computes mu itself, 0.25 + 0.75 * sqrt(image tokens / 256), and passes unshifted timesteps.
 COGVIEW4_FLOWMATCH = {**FLUX_FLOWMATCH, "shift": 1.0, "base_shift": 0.25, "max_shift": 0.75, "time_shift_type": "linear"}
+
+# ai-toolkit's ERNIE-Image scheduler (extensions_built_in/diffusion_models/ernie_image/ernie_image.py scheduler_config):
+# static shift 3.0, no dynamic shifting.
+ERNIE_IMAGE_FLOWMATCH = {**FLUX_FLOWMATCH, "shift": 3.0, "use_dynamic_shifting": False}
 
 # ai-toolkit's Anima scheduler (extensions_built_in/diffusion_models/anima/anima.py scheduler_config): static shift 3.0;
 # the modular pipeline hands it sigmas linspace(1, 1/N, N), which the scheduler shifts.
@@ -237,9 +243,12 @@ class Flux2Options:
 
 @dataclass(frozen=True)
 class WanOptions:
-    """``expand_timesteps``: Wan 2.2 TI2V-5B's per-token timesteps (first-frame conditioning from a control image)."""
+    """``expand_timesteps``: Wan 2.2 TI2V-5B's per-token timesteps (first-frame conditioning from a control image).
+    ``sample_first_frame``: the control image's latent is a draw from the VAE posterior (ai-toolkit's Wan 2.2 A14B
+    I2V previews), not its mode (diffusers' image-to-video pipeline)."""
 
     expand_timesteps: bool = False
+    sample_first_frame: bool = False
 
 
 @dataclass(frozen=True)
@@ -420,6 +429,7 @@ ANIMA_NAMES = LoraSignature("Anima (ComfyUI / original Cosmos names)",
                             r"adaln_modulation_(self_attn|cross_attn|mlp)|llm_adapter\.|(self_attn|cross_attn)\.(q|k|v|output)_proj",
                             refines=WAN_ORIGINAL)
 HIDREAM_NAMES = LoraSignature("HiDream", r"double_stream_blocks|single_stream_blocks")
+ERNIE_IMAGE_NAMES = LoraSignature("ERNIE-Image", r"(^|\.)layers\.\d+\.(self_attention\.|mlp\.linear_fc2)")
 
 
 def lora_signatures() -> list[LoraSignature]:
@@ -585,8 +595,9 @@ REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
             base="Alpha-VLLM/Lumina-Image-2.0", steps=25, guidance=4.0, divisor=16,
             scheduler=_flow(LUMINA2_FLOWMATCH), tiny="lumina2:build_lumina2", aitk_archs=(AitkArch("lumina2"),),
             lora_signatures=(LUMINA2_NAMES,),
-            notes="FlowMatch Euler with static shift 6.0 (ai-toolkit's lumina2_config), real CFG with the negative "
-            "prompt, Gemma2 prompts up to 256 tokens. Divisor 16 (the pipeline's own check; the reference uses 32).",
+            notes="FlowMatch Euler with the unshifted sigmas ai-toolkit's previews use (its lumina2_config names "
+            "shift 6.0, which its scheduler construction drops), real CFG with the negative prompt, Gemma2 prompts up "
+            "to 256 tokens. Divisor 16 (the pipeline's own check; the reference uses 32).",
         ),
         ModelSpec(
             model_id="omnigen2", family="omnigen2:OmniGen2FamilyPipeline", pipeline_class="OmniGen2Pipeline",
@@ -629,7 +640,9 @@ REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
                    aitk_archs=(AitkArch("wan22_14b"),)),
         WAN22_A14B("wan22_14b_i2v", pipeline_class="WanImageToVideoPipeline", base="Wan-AI/Wan2.2-I2V-A14B-Diffusers",
                    control_images=(1, 1), tiny="wan:build_wan22_14b_i2v", aitk_archs=(AitkArch("wan22_14b_i2v"),),
-                   notes=_WAN22_MOE_NOTES + _WAN_I2V_RESIZE),
+                   options=WanOptions(sample_first_frame=True),
+                   notes=_WAN22_MOE_NOTES + _WAN_I2V_RESIZE + " Its latent is a draw from the VAE posterior made "
+                   "after the initial noise, as ai-toolkit's previews make it (diffusers takes the posterior mode)."),
         WAN21("wan22_5b", base="Wan-AI/Wan2.2-TI2V-5B-Diffusers", divisor=32, width=768, height=768,
               scheduler=_flow(WAN22_FLOWMATCH), control_images=(0, 1),
               video=VideoSpec(num_frames=121, fps=24, frame_step=4), tiny="wan:build_wan22_5b",
@@ -648,7 +661,7 @@ REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
                 "CLIP-L, CLIP-G, T5 and Llama-3.1 (loaded from unsloth/Meta-Llama-3.1-8B-Instruct). Any size is "
                 "rescaled to the 1024x1024 area (aspect kept, floored to 16) as ai-toolkit's pipeline does. LoRAs: "
                 "diffusion_model. + diffusers names, alpha honoured."),
-        HIDREAM("hidream_e1", base="HiDream-ai/HiDream-E1-Full", steps=28,
+        HIDREAM("hidream_e1", base="HiDream-ai/HiDream-E1-1", steps=28,
                 scheduler=SchedulerSpec("UniPCMultistepScheduler", HIDREAM_E1_UNIPC), control_images=(1, 1),
                 tiny="hidream:build_hidream_e1", aitk_archs=(AitkArch("hidream_e1"),),
                 notes="Our own editing loop around diffusers' HiDream transformer (diffusers has no E1 pipeline). The "
@@ -666,6 +679,18 @@ REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
             "pipeline computes it; real CFG with the negative prompt (an empty one is encoded); GLM prompts up to "
             "1024 tokens. Divisor 16 (the pipeline rejects other sizes; ai-toolkit floors to 8 only). Defaults are "
             "the pipeline's (50 steps, guidance 5.0): ai-toolkit has no CogView4 preset.",
+        ),
+        ModelSpec(
+            model_id="ernie_image", family="ernie_image:ErnieImageFamilyPipeline", pipeline_class="ErnieImagePipeline",
+            base="baidu/ERNIE-Image", steps=30, guidance=4.0, divisor=32,
+            scheduler=_flow(ERNIE_IMAGE_FLOWMATCH), tiny="ernie_image:build_ernie_image",
+            aitk_archs=(AitkArch("ernie_image"),), lora_signatures=(ERNIE_IMAGE_NAMES,),
+            notes="FlowMatch Euler with static shift 3.0 (ai-toolkit's scheduler_config), real CFG u + g(c - u) with "
+            "the negative prompt (an empty one is encoded) above guidance 1; Mistral-3 prompt embeddings (second-to-"
+            "last hidden state, unpadded). The checkpoint's optional prompt enhancer is not loaded and prompts are "
+            "not rewritten, as in ai-toolkit. Divisor 32 (ai-toolkit's floor). Defaults are ai-toolkit's UI defaults "
+            "(its ERNIE-Image preset sets none): 30 steps, guidance 4, 1024x1024. LoRAs: diffusion_model. + diffusers "
+            "names.",
         ),
         ModelSpec(
             model_id="anima", family="anima:AnimaFamilyPipeline", pipeline_class="AnimaModularPipeline",

@@ -3,6 +3,7 @@ encoding, whole samples (initial noise, the timesteps the transformer receives, 
 LoKr files its network saves in ComfyUI / original Cosmos names, LLM adapter included."""
 
 import json
+import logging
 import os
 
 import numpy as np
@@ -198,3 +199,22 @@ def test_make_tiny_native_lora_matches_every_module(load_tiny, tmp_path):
     summary = pipeline.set_loras([(path, 1.0)])
     assert summary[0]["modules"] == linears == 53
     assert np.abs(pipeline.generate("a cat", width=64, height=64, steps=1).images - base).max() > 1e-3
+
+
+def test_interrupt_stops_within_a_step_and_is_not_logged_as_an_error(anima, caplog):
+    """The progress callback runs after every denoising step (our step-end block); raising from it stops sampling,
+    and diffusers' per-block "Error in block" echo of the exception is not logged."""
+    from aitk_inference.pipelines.base import GenerationInterrupted
+
+    steps = []
+
+    def stop_after_two(step, total):
+        steps.append((step, total))
+        if step == 2:
+            raise GenerationInterrupted("stop")
+
+    with caplog.at_level(logging.ERROR), pytest.raises(GenerationInterrupted):
+        anima.generate("a cat", width=64, height=64, steps=4, progress=stop_after_two)
+    assert steps == [(1, 4), (2, 4)]
+    assert not [r for r in caplog.records if "Error in block" in r.getMessage()]
+    assert anima.generate("a cat", width=64, height=64, steps=1).images.shape == (1, 64, 64, 3)

@@ -26,6 +26,8 @@ adapter modules as ``diffusion_model.llm_adapter.*``; :func:`anima_original_to_d
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 
@@ -176,6 +178,25 @@ class AnimaAitkBlocks(SequentialPipelineBlocks):
     block_names = ["text_encoder", "denoise", "decode"]
 
 
+class _BlockErrorEcho(logging.Filter):
+    """Drops diffusers' ``Error in block`` records: each level of nested blocks logs the exception again, with its
+    traceback, before re-raising it to the caller anyway (and an interrupt from the progress callback is no error)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("\nError in block:")
+
+
+@contextlib.contextmanager
+def block_errors_not_echoed():
+    block_logger = logging.getLogger("diffusers.modular_pipelines.modular_pipeline")
+    echo_filter = _BlockErrorEcho()
+    block_logger.addFilter(echo_filter)
+    try:
+        yield
+    finally:
+        block_logger.removeFilter(echo_filter)
+
+
 def disable_progress_bars(blocks) -> None:
     """Every block's tqdm bar off (``ModularPipeline.set_progress_bar_config`` reaches one level only; the denoising
     loop is two levels down)."""
@@ -281,7 +302,8 @@ class AnimaFamilyPipeline(AITKPipeline):
     def call_pipeline(self, call: dict):
         # ai-toolkit sets the guidance on the guider, which the denoising loop reads
         self.pipe.guider.guidance_scale = call.pop("guidance_scale")
-        return self.pipe(**call, output="images")
+        with block_errors_not_echoed():
+            return self.pipe(**call, output="images")
 
     def postprocess(self, output, params: GenerationParams) -> dict:
         import numpy as np

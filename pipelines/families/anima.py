@@ -183,7 +183,7 @@ class _BlockErrorEcho(logging.Filter):
     traceback, before re-raising it to the caller anyway (and an interrupt from the progress callback is no error)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("\nError in block:")
+        return not record.getMessage().lstrip().startswith("Error in block:")
 
 
 @contextlib.contextmanager

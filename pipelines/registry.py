@@ -64,6 +64,10 @@ QWEN_FLOWMATCH = {
 # ai-toolkit's Z-Image scheduler (z_image.py scheduler_config): static shift 3.0.
 ZIMAGE_FLOWMATCH = {**FLUX_FLOWMATCH, "shift": 3.0, "use_dynamic_shifting": False}
 
+# ai-toolkit's PRXPixel scheduler (extensions_built_in/diffusion_models/prx_pixel_t2i/prx_pixel_t2i.py scheduler_config, the
+# released checkpoint's): static shift 3.0.
+PRX_FLOWMATCH = {**FLUX_FLOWMATCH, "shift": 3.0, "use_dynamic_shifting": False}
+
 # ai-toolkit's Lumina2 scheduler as it really samples: no shift at all. Its lumina2_config says static shift 6.0, but
 # get_sampler builds the scheduler with from_config on a subclass whose __init__ takes only *args/**kwargs, so no value
 # reaches __init__: the values read through .config hold, while the shift attribute keeps its default of 1.0.
@@ -76,6 +80,9 @@ COGVIEW4_FLOWMATCH = {**FLUX_FLOWMATCH, "shift": 1.0, "base_shift": 0.25, "max_s
 # ai-toolkit's ERNIE-Image scheduler (extensions_built_in/diffusion_models/ernie_image/ernie_image.py scheduler_config):
 # static shift 3.0, no dynamic shifting.
 ERNIE_IMAGE_FLOWMATCH = {**FLUX_FLOWMATCH, "shift": 3.0, "use_dynamic_shifting": False}
+# ai-toolkit's Nucleus-Image scheduler (extensions_built_in/diffusion_models/nucleus_image/nucleus_image_model.py
+# scheduler_config): static shift 1.0 without dynamic shifting, so the pipeline's linspace(1, 1/N, N) sigmas are kept.
+NUCLEUS_FLOWMATCH = {**FLUX_FLOWMATCH, "shift": 1.0, "use_dynamic_shifting": False}
 
 # ai-toolkit's Anima scheduler (extensions_built_in/diffusion_models/anima/anima.py scheduler_config): static shift 3.0;
 # the modular pipeline hands it sigmas linspace(1, 1/N, N), which the scheduler shifts.
@@ -294,6 +301,8 @@ class ModelSpec:
         guidance_kind (str): ``"distilled"`` (guidance embedding, one forward per step), ``"cfg"`` or ``"true_cfg"``.
         unconditional_is_negative (bool): whether CFG's unconditional pass encodes the negative prompt (Chroma's
             previews encode an empty prompt there instead).
+        cfg_unless_one (bool): CFG runs at every guidance but exactly 1 (below 1 too), as ai-toolkit's own loop for
+            the family does; otherwise only above 1.
         control_images (tuple[int, int]): (min, max) number of control images.
         video (VideoSpec, *optional*): video defaults; None for image models.
         experts (Experts, *optional*): the two experts of a two-expert denoiser; None for one denoiser.
@@ -316,6 +325,7 @@ class ModelSpec:
     lora_components: tuple[str, ...] = ()
     guidance_kind: str = "cfg"
     unconditional_is_negative: bool = True
+    cfg_unless_one: bool = False
     control_images: tuple[int, int] = (0, 0)
     video: VideoSpec | None = None
     experts: Experts | None = None
@@ -344,8 +354,10 @@ class ModelSpec:
 
     def negative_has_effect(self, guidance: float) -> bool:
         """Whether the negative prompt changes the output at ``guidance``: only real CFG runs an unconditional pass,
-        and only above guidance 1, and only a family whose unconditional pass encodes the negative uses it."""
-        return self.guidance_kind != "distilled" and self.unconditional_is_negative and guidance > 1.0
+        and only above guidance 1 (or at any guidance but 1 with ``cfg_unless_one``), and only a family whose
+        unconditional pass encodes the negative uses it."""
+        runs_cfg = guidance != 1.0 if self.cfg_unless_one else guidance > 1.0
+        return self.guidance_kind != "distilled" and self.unconditional_is_negative and runs_cfg
 
     @property
     def uses_negative(self) -> bool:
@@ -430,6 +442,11 @@ ANIMA_NAMES = LoraSignature("Anima (ComfyUI / original Cosmos names)",
                             refines=WAN_ORIGINAL)
 HIDREAM_NAMES = LoraSignature("HiDream", r"double_stream_blocks|single_stream_blocks")
 ERNIE_IMAGE_NAMES = LoraSignature("ERNIE-Image", r"(^|\.)layers\.\d+\.(self_attention\.|mlp\.linear_fc2)")
+# Nucleus-Image shares Qwen-Image's img_mlp/img_mod names; its per-block text projection and MoE layers are its own.
+NUCLEUS_NAMES = LoraSignature("Nucleus-Image",
+                              r"transformer_blocks\.\d+\.(encoder_proj|img_mlp\.(gate|shared_expert|experts))",
+                              refines=QWEN_NAMES)
+PRX_NAMES = LoraSignature("PRXPixel", r"(^|\.)blocks\.\d+\.attention\.(img_qkv_proj|txt_kv_proj)")
 
 
 def lora_signatures() -> list[LoraSignature]:
@@ -693,19 +710,44 @@ REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
             "names.",
         ),
         ModelSpec(
+            model_id="nucleus_image", family="nucleus_image:NucleusImageFamilyPipeline",
+            pipeline_class="NucleusMoEImagePipeline", base="NucleusAI/Nucleus-Image", steps=30, guidance=4.0,
+            divisor=32, scheduler=_flow(NUCLEUS_FLOWMATCH), tiny="nucleus_image:build_nucleus_image",
+            aitk_archs=(AitkArch("nucleus_image"),), lora_signatures=(NUCLEUS_NAMES,),
+            notes="ai-toolkit's Nucleus-Image extension: the stock pipeline with FlowMatch Euler at static shift 1.0 "
+            "(the linspace sigmas unshifted), real CFG with the pipeline's norm rescale and the negative prompt (an "
+            "empty one is encoded), Qwen3-VL prompts up to 1024 tokens. Divisor 32 (16x VAE x 2x2 patches). "
+            "Defaults are ai-toolkit's UI sample defaults (30 steps, guidance 4); its Nucleus preset sets none. "
+            "LoRAs: diffusion_model. + diffusers names (no diffusers loader; ours reads them), Linear layers only: "
+            "the routed MoE experts are packed parameters that ai-toolkit never adapts.",
+        ),
+        ModelSpec(
+            model_id="prx_pixel", family="prx_pixel:PRXPixelFamilyPipeline", pipeline_class="PRXPixelPipeline",
+            base="Photoroom/prxpixel-t2i", steps=28, guidance=5.0, divisor=16, scheduler=_flow(PRX_FLOWMATCH),
+            cfg_unless_one=True, tiny="prx_pixel:build_prx_pixel", aitk_archs=(AitkArch("prx_pixel"),),
+            lora_signatures=(PRX_NAMES,),
+            notes="Pixel space (no VAE), sampled with ai-toolkit's own preview loop: the transformer predicts the "
+            "clean image, guidance is applied to that prediction whenever it is not 1 (below 1 too) with the "
+            "negative prompt (an empty one is encoded), then it becomes a velocity (x - x0) / max(t, 0.05) for the "
+            "Euler step. Initial noise randn * 2.0 in float32. FlowMatch Euler, static shift 3.0. Qwen3-VL prompts "
+            "padded to 256 tokens, not cleaned; no aspect-ratio binning. Defaults are ai-toolkit's PRXPixel example "
+            "(28 steps, guidance 5.0). LoRAs: diffusion_model. + diffusers names (PEFT or LoKr).",
+        ),
+        ModelSpec(
             model_id="anima", family="anima:AnimaFamilyPipeline", pipeline_class="AnimaModularPipeline",
             base="circlestone-labs/Anima-Base-v1.0-Diffusers", steps=30, guidance=4.0, divisor=32,
             negative="worst quality, low quality, score_1, score_2, score_3, blurry, jpeg artifacts, sepia, signature, "
             "artist name",
-            scheduler=_flow(ANIMA_FLOWMATCH), tiny="anima:build_anima", aitk_archs=(AitkArch("anima"),),
+            scheduler=_flow(ANIMA_FLOWMATCH), cfg_unless_one=True, tiny="anima:build_anima",
+            aitk_archs=(AitkArch("anima"),),
             lora_components=("transformer", "text_conditioner"), lora_signatures=(ANIMA_NAMES,),
             notes="ai-toolkit's Anima (Cosmos-Predict2 DiT, Qwen3 text encoder, LLM adapter, Qwen-Image VAE), sampled "
             "through diffusers' Anima modular blocks as ai-toolkit does: FlowMatch Euler with static shift 3.0 on "
-            "sigmas linspace(1, 1/N, N); real CFG (the modular guider) with the negative prompt, whose default is "
-            "ai-toolkit's Anima UI preset; prompts encoded as ai-toolkit encodes them (an empty prompt becomes one "
-            "masked pad token that the LLM adapter still attends to). Divisor 32. LoRAs in ComfyUI / original Cosmos "
-            "names, the LLM adapter's (`llm_adapter.`) included. Steps 30 and guidance 4 are ai-toolkit's UI sample "
-            "defaults (its Anima preset sets none).",
+            "sigmas linspace(1, 1/N, N); real CFG (the modular guider, at any guidance but 1) with the negative "
+            "prompt, whose default is ai-toolkit's Anima UI preset; prompts encoded as ai-toolkit encodes them (an "
+            "empty prompt becomes one masked pad token that the LLM adapter still attends to). Divisor 32. LoRAs in "
+            "ComfyUI / original Cosmos names, the LLM adapter's (`llm_adapter.`) included. Steps 30 and guidance 4 "
+            "are ai-toolkit's UI sample defaults (its Anima preset sets none).",
         ),
     ]
 )

@@ -29,6 +29,8 @@ SCHEDULER_GOLDEN = {
     "wan21_14b": "wan21", "wan21_1b": "wan21", "wan21_i2v_14b": "wan21", "wan21_i2v_14b480p": "wan21",
     "flux2": "flux2", "flux2_diffusers": "flux2", "flux2_klein_4b": "flux2", "flux2_klein_9b": "flux2",
     "cogview4": "cogview4",
+    "nucleus_image": "nucleus_image",
+    "prx_pixel": "prx_pixel",
     "anima": "anima",
 }
 NO_SCHEDULER_GOLDEN = {
@@ -73,6 +75,14 @@ NO_NOISE_GOLDEN = dict.fromkeys(
 )
 NO_NOISE_GOLDEN["ernie_image"] = ("ai-toolkit's seed-42 ERNIE-Image draw (float32 and bfloat16) is in "
                                   "goldens/ernie_image/sampling.safetensors, compared in test_ernie_image.py")
+NO_NOISE_GOLDEN["nucleus_image"] = (
+    "NucleusMoEImagePipeline._unpack_latents takes a patch size, so the packed-to-unpacked check here does not fit; "
+    "test_nucleus_image.py compares the seed-42 draw with ai-toolkit's own sample path and with FLUX.1's packed key"
+)
+NO_NOISE_GOLDEN["prx_pixel"] = (
+    "pixel space: ai-toolkit's draw is randn(1, 3, H, W) * 2.0 in float32, a layout initial_noise.safetensors does not "
+    "hold; test_prx_pixel.py compares it with ai-toolkit's own generations (goldens/prx_pixel, seed 42, fp32 and bf16)"
+)
 NO_NOISE_GOLDEN["anima"] = (
     "Anima draws a 5-D (B, 16, 1, H/8, W/8) latent; tests/test_anima.py compares it bit for bit with ai-toolkit's own "
     "draw (goldens/anima) and with FLUX.1's unpacked float32 draw here, which holds the same numbers"
@@ -86,7 +96,7 @@ AITK_DIVISOR = {
     "qwen_image_2512": 32, "qwen_image_edit": 32, "qwen_image_edit_plus": 32, "qwen_image_edit_plus_2511": 32,
     "ltx2": 32, "ltx2.3": 32, "wan22_5b": 32, "wan21_14b": 16, "wan21_1b": 16, "wan21_i2v_14b": 16,
     "wan21_i2v_14b480p": 16, "wan22_14b_t2v": 16, "wan22_14b_i2v": 16, "sd15": 8, "sdxl": 8, "hidream": 16,
-    "omnigen2": 16, "ernie_image": 32, "anima": 32,
+    "omnigen2": 16, "ernie_image": 32, "nucleus_image": 32, "prx_pixel": 16, "anima": 32,
 }
 NO_DIVISOR_GOLDEN = {
     "lumina2": "ai-toolkit.md §2.2 gives Lumina2's floor as the pipeline default, unverified",

@@ -235,3 +235,12 @@ def test_interrupt_stops_within_a_step_and_is_not_logged_as_an_error(anima):
     # the handler sees diffusers' records (the check record above, logged outside a generation), but no echo
     assert [m for m in records.messages if "Error in block" in m] == ["Error in block: (echo check)"]
     assert anima.generate("a cat", width=64, height=64, steps=1).images.shape == (1, 64, 64, 3)
+
+
+@pytest.mark.parametrize("guidance", [0.5, 1.0, 2.0])
+def test_negative_matters_at_every_guidance_but_one(guidance, anima):
+    """The modular guider runs CFG unless the guidance is 1, below 1 too: the registry's ``cfg_unless_one``."""
+    run = dict(prompt="a cat", width=64, height=64, steps=1, guidance=guidance)
+    changed = np.abs(anima.generate(negative="", **run).images - anima.generate(negative="blurry", **run).images).max()
+    assert anima.spec.negative_has_effect(guidance) == (guidance != 1.0)
+    assert (changed > 1e-4) == (guidance != 1.0), changed

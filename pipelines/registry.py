@@ -84,6 +84,10 @@ ERNIE_IMAGE_FLOWMATCH = {**FLUX_FLOWMATCH, "shift": 3.0, "use_dynamic_shifting":
 # scheduler_config): static shift 1.0 without dynamic shifting, so the pipeline's linspace(1, 1/N, N) sigmas are kept.
 NUCLEUS_FLOWMATCH = {**FLUX_FLOWMATCH, "shift": 1.0, "use_dynamic_shifting": False}
 
+# ai-toolkit's Anima scheduler (extensions_built_in/diffusion_models/anima/anima.py scheduler_config): static shift 3.0;
+# the modular pipeline hands it sigmas linspace(1, 1/N, N), which the scheduler shifts.
+ANIMA_FLOWMATCH = {**FLUX_FLOWMATCH, "shift": 3.0, "use_dynamic_shifting": False}
+
 # FLUX.2 / FLUX.2-klein: ai-toolkit samples with BFL's own schedule (pipelines/families/flux2.py bfl_schedule), not with a
 # scheduler's shifting. The family passes the finished sigmas; shift 1.0 without dynamic shifting keeps them as given.
 FLUX2_EULER = {**FLUX_FLOWMATCH, "shift": 1.0, "use_dynamic_shifting": False}
@@ -431,6 +435,11 @@ WAN_COMBINED = LoraSignature("Wan 2.2 14B (combined high/low-noise file)", r"(^|
                              refines=WAN_ORIGINAL)
 COGVIEW4_NAMES = LoraSignature("CogView4", r"(^|\.)transformer_blocks\.\d+\.attn1\.")
 LTX2_NAMES = LoraSignature("LTX-2", r"audio_attn|audio_ff|video_to_audio", refines=COGVIEW4_NAMES)  # LTX-2 has attn1 too
+# Anima LoRAs come in ComfyUI / original Cosmos names (`blocks.N.self_attn.q_proj`, `adaln_modulation_*`), which also
+# match the original Wan pattern, and `llm_adapter.` for the text conditioner.
+ANIMA_NAMES = LoraSignature("Anima (ComfyUI / original Cosmos names)",
+                            r"adaln_modulation_(self_attn|cross_attn|mlp)|llm_adapter\.|(self_attn|cross_attn)\.(q|k|v|output)_proj",
+                            refines=WAN_ORIGINAL)
 HIDREAM_NAMES = LoraSignature("HiDream", r"double_stream_blocks|single_stream_blocks")
 ERNIE_IMAGE_NAMES = LoraSignature("ERNIE-Image", r"(^|\.)layers\.\d+\.(self_attention\.|mlp\.linear_fc2)")
 # Nucleus-Image shares Qwen-Image's img_mlp/img_mod names; its per-block text projection and MoE layers are its own.
@@ -723,6 +732,22 @@ REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
             "Euler step. Initial noise randn * 2.0 in float32. FlowMatch Euler, static shift 3.0. Qwen3-VL prompts "
             "padded to 256 tokens, not cleaned; no aspect-ratio binning. Defaults are ai-toolkit's PRXPixel example "
             "(28 steps, guidance 5.0). LoRAs: diffusion_model. + diffusers names (PEFT or LoKr).",
+        ),
+        ModelSpec(
+            model_id="anima", family="anima:AnimaFamilyPipeline", pipeline_class="AnimaModularPipeline",
+            base="circlestone-labs/Anima-Base-v1.0-Diffusers", steps=30, guidance=4.0, divisor=32,
+            negative="worst quality, low quality, score_1, score_2, score_3, blurry, jpeg artifacts, sepia, signature, "
+            "artist name",
+            scheduler=_flow(ANIMA_FLOWMATCH), cfg_unless_one=True, tiny="anima:build_anima",
+            aitk_archs=(AitkArch("anima"),),
+            lora_components=("transformer", "text_conditioner"), lora_signatures=(ANIMA_NAMES,),
+            notes="ai-toolkit's Anima (Cosmos-Predict2 DiT, Qwen3 text encoder, LLM adapter, Qwen-Image VAE), sampled "
+            "through diffusers' Anima modular blocks as ai-toolkit does: FlowMatch Euler with static shift 3.0 on "
+            "sigmas linspace(1, 1/N, N); real CFG (the modular guider, at any guidance but 1) with the negative "
+            "prompt, whose default is ai-toolkit's Anima UI preset; prompts encoded as ai-toolkit encodes them (an "
+            "empty prompt becomes one masked pad token that the LLM adapter still attends to). Divisor 32. LoRAs in "
+            "ComfyUI / original Cosmos names, the LLM adapter's (`llm_adapter.`) included. Steps 30 and guidance 4 "
+            "are ai-toolkit's UI sample defaults (its Anima preset sets none).",
         ),
     ]
 )

@@ -31,6 +31,7 @@ SCHEDULER_GOLDEN = {
     "cogview4": "cogview4",
     "nucleus_image": "nucleus_image",
     "prx_pixel": "prx_pixel",
+    "anima": "anima",
 }
 NO_SCHEDULER_GOLDEN = {
     "sd15": "schedulers.json records the flow-matching families only; SD's DDPM config and timesteps are checked in "
@@ -82,6 +83,10 @@ NO_NOISE_GOLDEN["prx_pixel"] = (
     "pixel space: ai-toolkit's draw is randn(1, 3, H, W) * 2.0 in float32, a layout initial_noise.safetensors does not "
     "hold; test_prx_pixel.py compares it with ai-toolkit's own generations (goldens/prx_pixel, seed 42, fp32 and bf16)"
 )
+NO_NOISE_GOLDEN["anima"] = (
+    "Anima draws a 5-D (B, 16, 1, H/8, W/8) latent; tests/test_anima.py compares it bit for bit with ai-toolkit's own "
+    "draw (goldens/anima) and with FLUX.1's unpacked float32 draw here, which holds the same numbers"
+)
 NOISE_SIZES = [(64, 64), (512, 768)]  # (W, H) as in the golden keys
 
 # ai-toolkit's size floor per family (ai-toolkit.md §2.2; 8 = only GenerateImageConfig's floor).
@@ -91,7 +96,7 @@ AITK_DIVISOR = {
     "qwen_image_2512": 32, "qwen_image_edit": 32, "qwen_image_edit_plus": 32, "qwen_image_edit_plus_2511": 32,
     "ltx2": 32, "ltx2.3": 32, "wan22_5b": 32, "wan21_14b": 16, "wan21_1b": 16, "wan21_i2v_14b": 16,
     "wan21_i2v_14b480p": 16, "wan22_14b_t2v": 16, "wan22_14b_i2v": 16, "sd15": 8, "sdxl": 8, "hidream": 16,
-    "omnigen2": 16, "ernie_image": 32, "nucleus_image": 32, "prx_pixel": 16,
+    "omnigen2": 16, "ernie_image": 32, "nucleus_image": 32, "prx_pixel": 16, "anima": 32,
 }
 NO_DIVISOR_GOLDEN = {
     "lumina2": "ai-toolkit.md §2.2 gives Lumina2's floor as the pipeline default, unverified",

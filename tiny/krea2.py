@@ -85,7 +85,8 @@ def build_krea2_edit(is_distilled: bool = False):
     from ..pipelines.families.krea2 import Krea2AITKPipeline
 
     stock = build_krea2(is_distilled)
-    pipe = Krea2AITKPipeline(processor=qwen3_vl_processor(stock.tokenizer), **stock.components)
+    pipe = Krea2AITKPipeline(processor=qwen3_vl_processor(stock.tokenizer), is_distilled=is_distilled,
+                             text_encoder_select_layers=TINY_TEXT_LAYERS, **stock.components)
     pipe.register_to_config(processor=("transformers", "Qwen3VLProcessor"))
     return pipe
 

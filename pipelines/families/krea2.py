@@ -102,9 +102,9 @@ def to_unit_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div(255)
 
 
-def vlm_image(image: torch.Tensor) -> torch.Tensor:
+def vlm_image(image: torch.Tensor, budget: int = VLM_MAX_PIXELS) -> torch.Tensor:
     """A ``(3, H, W)`` 0..1 reference image resized for the Qwen3-VL prompt (bicubic, antialias, clamped)."""
-    size = vlm_size(image.shape[1], image.shape[2])
+    size = vlm_size(image.shape[1], image.shape[2], budget)
     if size == tuple(image.shape[1:]):
         return image.float()
     resized = F.interpolate(image[None].float(), size=size, mode="bicubic", antialias=True)
@@ -125,6 +125,8 @@ class Krea2AITKPipeline(Krea2Pipeline):
     Same components as the stock pipeline, plus an optional ``processor`` (the Qwen3-VL processor) that the edit
     variants need to put reference images into the prompt.
     """
+
+    _optional_components = ["processor"]
 
     def __init__(self, scheduler, vae, text_encoder, tokenizer, transformer, text_encoder_select_layers=None,
                  is_distilled: bool = False, patch_size: int = 2, processor=None):
@@ -369,13 +371,15 @@ class Krea2FamilyPipeline(AITKPipeline):
 
     @classmethod
     def load_diffusers_pipeline(cls, spec, source, torch_dtype, **overrides):
-        """The base loading; the edit ids add the Qwen3-VL processor from ``spec.options.vision_processor`` when the
-        checkpoint has none (Krea 2's repos ship the text encoder without it)."""
+        """The base loading; the edit ids add the Qwen3-VL processor (images and text only, see
+        :class:`Qwen3VLImageProcessor`): the checkpoint's own ``processor`` folder, else ``spec.options.vision_processor``
+        (Krea 2's repos ship the text encoder without a processor)."""
         import os
 
-        has_processor = os.path.isdir(os.path.join(source, "processor"))
-        if spec.options.edit and not has_processor and "processor" not in overrides:
-            overrides["processor"] = Qwen3VLImageProcessor.from_pretrained(spec.options.vision_processor)
+        if spec.options.edit and "processor" not in overrides:
+            folder = os.path.join(source, "processor")
+            overrides["processor"] = Qwen3VLImageProcessor.from_pretrained(
+                folder if os.path.isdir(folder) else spec.options.vision_processor)
         return super().load_diffusers_pipeline(spec, source, torch_dtype, **overrides)
 
     def lora_name_mapper(self):

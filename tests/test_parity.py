@@ -48,6 +48,10 @@ NO_SCHEDULER_GOLDEN = {
     "hidream": "no HiDream entry in schedulers.json; ai-toolkit's FlowUniPC schedule is re-derived in test_hidream.py",
     "hidream_e1": "no HiDream entry in schedulers.json; ai-toolkit's FlowUniPC schedule is re-derived in "
                   "test_hidream.py",
+    **dict.fromkeys(
+        ("krea2", "krea2_turbo", "krea2_o_edit", "krea2_o_edit_turbo"),
+        "ai-toolkit samples Krea 2 with its own Euler loop, no scheduler: test_krea2.py compares our schedule with "
+        "tests/goldens/krea2 (ai-toolkit's pipeline.timesteps) and spies on the times the transformer receives"),
 }
 # Differences between the golden data and our wiring that are not settled yet: strict xfail, so that a fix shows up.
 KNOWN_SCHEDULER_DIFFERENCES = {
@@ -70,6 +74,11 @@ NO_NOISE_GOLDEN = dict.fromkeys(
      "hidream", "hidream_e1"),
     "noise/initial_noise.safetensors holds ai-toolkit's noise for the FLUX.1-style and FLUX.2 latent layouts only",
 )
+NO_NOISE_GOLDEN.update(dict.fromkeys(
+    ("krea2", "krea2_turbo", "krea2_o_edit", "krea2_o_edit_turbo"),
+    "Krea 2's own loop calls no scheduler step to spy on; test_krea2.py compares the latents the first transformer call "
+    "receives with the draw of ai-toolkit's Krea2Pipeline (tests/goldens/krea2)",
+))
 NOISE_SIZES = [(64, 64), (512, 768)]  # (W, H) as in the golden keys
 
 # ai-toolkit's size floor per family (ai-toolkit.md §2.2; 8 = only GenerateImageConfig's floor).
@@ -80,6 +89,8 @@ AITK_DIVISOR = {
     "ltx2": 32, "ltx2.3": 32, "wan22_5b": 32, "wan21_14b": 16, "wan21_1b": 16, "wan21_i2v_14b": 16,
     "wan21_i2v_14b480p": 16, "wan22_14b_t2v": 16, "wan22_14b_i2v": 16, "sd15": 8, "sdxl": 8, "hidream": 16,
     "omnigen2": 16,
+    # Krea2Model.get_bucket_divisibility (VAE 8 x patch 2); generate_single_image floors the sample size to it
+    "krea2": 16, "krea2_turbo": 16, "krea2_o_edit": 16, "krea2_o_edit_turbo": 16,
 }
 NO_DIVISOR_GOLDEN = {
     "lumina2": "ai-toolkit.md §2.2 gives Lumina2's floor as the pipeline default, unverified",

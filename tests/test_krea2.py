@@ -319,3 +319,47 @@ def test_job_arch_tags_map_to_the_edit_ids():
     assert model_id_for_job({"arch": "krea2:o_edit", "name_or_path": "krea/Krea-2-Raw"}) == "krea2_o_edit"
     assert model_id_for_job({"arch": "krea2:o_edit_turbo", "name_or_path": "x"}) == "krea2_o_edit_turbo"
     assert model_id_for_job({"arch": "zimage:turbo", "name_or_path": "Tongyi-MAI/Z-Image-Turbo"}) == "zimage_turbo"
+
+
+def test_reproduce_passes_the_jobs_model_kwargs(pipes):
+    model = {"arch": "krea2:o_edit", "model_kwargs": {"edit": True, "kv_cache": False, "match_target_res": True,
+                                                      "schedule_mu": 1.0, "checkpoint_filename": "raw.safetensors"}}
+    assert pipes("krea2_o_edit").job_options(model) == {"kv_cache": False, "match_target_res": True, "schedule_mu": 1.0}
+    assert pipes("krea2").job_options({"arch": "krea2", "model_kwargs": {"schedule_mu": 1.15}}) == {"schedule_mu": 1.15}
+    assert pipes("krea2_turbo").job_options({"arch": "krea2:turbo"}) == {}
+
+
+def test_server_request_of_the_reference_shape_runs_an_edit_id(pipes, tmp_path):
+    """The reference's /v1 request for Krea 2 edit: ``ctrl_img_1..3`` (base64), request-level ``kv_cache`` and
+    ``match_target_res``; mapped to the library and generated on the tiny model."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from aitk_inference.server.mapping import build_job
+    from aitk_inference.server.schemas import InferenceInput
+    from aitk_inference.server.settings import Settings
+
+    (tmp_path / "k.safetensors").write_bytes(open(os.path.join(GOLDEN_DIR, "krea2_lora_r4.safetensors"), "rb").read())
+
+    def encoded(color):
+        buffer = io.BytesIO()
+        Image.new("RGB", (40, 24), color).save(buffer, "PNG")
+        return base64.b64encode(buffer.getvalue()).decode()
+
+    body = InferenceInput(model="krea2_o_edit", loras=[{"path": "k.safetensors"}], kv_cache=False,
+                          match_target_res=False,
+                          prompts=[{"prompt": "make it blue", "width": 64, "height": 64, "sample_steps": 1, "seed": 1,
+                                    "ctrl_img_1": encoded("red"), "ctrl_img_2": encoded("green"),
+                                    "ctrl_img_3": encoded("white")}])
+    job = build_job("t", body, Settings.from_env({"WORKFLOWS_BASE_PATH": str(tmp_path)}))
+    kwargs = job.prompts[0]
+    assert kwargs["kv_cache"] is False and kwargs["match_target_res"] is False and len(job.controls[0]) == 3
+    pipeline = pipes("krea2_o_edit")
+    pipeline.set_loras([(job.loras[0].path, job.loras[0].strength)])
+    try:
+        result = pipeline.generate(control_images=job.controls[0], **kwargs)
+    finally:
+        pipeline.set_loras([])
+    assert result.images.shape == (1, 64, 64, 3)

@@ -401,6 +401,11 @@ class Krea2FamilyPipeline(AITKPipeline):
             raise ValueError(f"`schedule_mu` must be a number in -10..10 (ai-toolkit's model_kwargs.schedule_mu), got "
                              f"{mu!r}; leave it unset to derive it from the image size.")
 
+    def job_options(self, model_config: dict) -> dict:
+        """The job's ``model_kwargs`` among this id's options (``schedule_mu``; ``kv_cache``, ``match_target_res``)."""
+        model_kwargs = model_config.get("model_kwargs") or {}
+        return {name: model_kwargs[name] for name in self.spec.options.generation_options if name in model_kwargs}
+
     def pipeline_kwargs(self, params: GenerationParams) -> dict:
         options = {**self.spec.options.defaults(), **params.extra}
         kwargs = self.prompt_call(params, guidance_scale=max(0.0, params.guidance - 1.0),

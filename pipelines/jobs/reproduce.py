@@ -172,6 +172,7 @@ def reproduce_job(
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"Sample {sample.index}: control image {path!r} does not exist.")
         kwargs = pipeline.control_inputs(controls) if controls else {}
+        kwargs.update(pipeline.job_options(training.process["model"]))
         if spec.is_video:
             kwargs.update(num_frames=sample.num_frames, fps=sample.fps)
         result = pipeline.generate(prompt=sample.prompt, negative=sample.negative, width=sample.width,

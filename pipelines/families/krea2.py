@@ -61,7 +61,6 @@ MU_ENDPOINTS = ((256, 0.5), (6400, 1.15))
 REFERENCE_MAX_PIXELS = 1024 * 1024
 VLM_MAX_PIXELS = 384 * 384
 VLM_MIN_SIDE = 28
-MAX_REFERENCES = 3
 
 
 def krea2_mu(image_seq_len: int) -> float:
@@ -342,21 +341,26 @@ def reference_forward(transformer, latents, references, text, timestep, position
     split = text_len + image_len
 
     for block in transformer.transformer_blocks:
+        # the six (prescale, preshift, pregate, postscale, postshift, postgate) rows, live and at t = 0
         live = (mod.unflatten(-1, (6, -1)) + block.scale_shift_table).unbind(-2)
         clean = (mod_reference.unflatten(-1, (6, -1)) + block.scale_shift_table).unbind(-2)
-
-        def modulate(x, scale, shift):
-            return torch.cat([(1 + live[scale]) * x[:, :split] + live[shift],
-                              (1 + clean[scale]) * x[:, split:] + clean[shift]], dim=1)
-
-        def gate(x, index):
-            return torch.cat([live[index] * x[:, :split], clean[index] * x[:, split:]], dim=1)
-
-        attn = block.attn(modulate(block.norm1(hidden), 0, 1), attention_mask=key_mask, image_rotary_emb=rotary)
-        hidden = hidden + gate(attn, 2)
-        hidden = hidden + gate(block.ff(modulate(block.norm2(hidden), 3, 4)), 5)
+        attn_input = _modulate(block.norm1(hidden), split, live, clean, 0, 1)
+        attn = block.attn(attn_input, attention_mask=key_mask, image_rotary_emb=rotary)
+        hidden = hidden + _gate(attn, split, live, clean, 2)
+        ff = block.ff(_modulate(block.norm2(hidden), split, live, clean, 3, 4))
+        hidden = hidden + _gate(ff, split, live, clean, 5)
 
     return transformer.final_layer(hidden[:, text_len:split], temb)
+
+
+def _modulate(x, split, live, clean, scale, shift):
+    """``(1 + scale) * x + shift``, with the ``live`` rows before token ``split`` and the ``clean`` rows after."""
+    return torch.cat([(1 + live[scale]) * x[:, :split] + live[shift],
+                      (1 + clean[scale]) * x[:, split:] + clean[shift]], dim=1)
+
+
+def _gate(x, split, live, clean, index):
+    return torch.cat([live[index] * x[:, :split], clean[index] * x[:, split:]], dim=1)
 
 
 class Krea2FamilyPipeline(AITKPipeline):

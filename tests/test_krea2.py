@@ -327,6 +327,8 @@ def test_reproduce_passes_the_jobs_model_kwargs(pipes):
     assert pipes("krea2_o_edit").job_options(model) == {"kv_cache": False, "match_target_res": True, "schedule_mu": 1.0}
     assert pipes("krea2").job_options({"arch": "krea2", "model_kwargs": {"schedule_mu": 1.15}}) == {"schedule_mu": 1.15}
     assert pipes("krea2_turbo").job_options({"arch": "krea2:turbo"}) == {}
+    with pytest.raises(ValueError, match="--model krea2_o_edit"):
+        pipes("krea2").job_options({"arch": "krea2", "model_kwargs": {"edit": True}})
 
 
 def test_server_request_of_the_reference_shape_runs_an_edit_id(pipes, tmp_path):

@@ -408,6 +408,9 @@ class Krea2FamilyPipeline(AITKPipeline):
     def job_options(self, model_config: dict) -> dict:
         """The job's ``model_kwargs`` among this id's options (``schedule_mu``; ``kv_cache``, ``match_target_res``)."""
         model_kwargs = model_config.get("model_kwargs") or {}
+        if model_kwargs.get("edit") and not self.spec.options.edit:
+            raise ValueError(f"This job trains Krea 2 with reference images (model_kwargs.edit), which {self.spec.model_id} "
+                             "does not take: pass --model krea2_o_edit (or krea2_o_edit_turbo for a Turbo base).")
         return {name: model_kwargs[name] for name in self.spec.options.generation_options if name in model_kwargs}
 
     def pipeline_kwargs(self, params: GenerationParams) -> dict:

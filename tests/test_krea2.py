@@ -244,13 +244,13 @@ AITK_TO_DIFFUSERS_WEIGHT = {"blocks.1.attn.wq.weight": "transformer_blocks.1.att
 
 @pytest.mark.parametrize("variant", ["lora_r4", "lokr"])
 @pytest.mark.parametrize("mode", ["dynamic", "fused"])
-def test_lora_saved_by_ai_toolkit_reproduces_its_outputs(variant, mode, load_tiny, golden):
+def test_lora_saved_by_ai_toolkit_reproduces_its_outputs(variant, mode, pipes, golden):
     """ai-toolkit's own network + save code (diffusion_model. + original Krea names, 48 modules including the
     text-fusion blocks; LoKr too): every module matches, and inactive / m1.0 / m0.5 / the merged weight are ai-toolkit's."""
     meta, tensors = golden
     outputs = load_file(os.path.join(GOLDEN_DIR, f"krea2_{variant}_outputs.safetensors"))
     path = os.path.join(GOLDEN_DIR, f"krea2_{variant}.safetensors")
-    pipeline = load_tiny("krea2", lora_mode=mode)
+    pipeline = pipes("krea2", lora_mode=mode)
     pipe = pipeline.pipe
     text, mask = features_and_mask(tensors["features_prompt"])
     positions = image_positions(pipe, text.shape[1], 8, 12)

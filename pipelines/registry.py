@@ -260,9 +260,9 @@ class Krea2Options:
 
     ``schedule_mu`` pins the time shift (None: linear in the image token count, ai-toolkit's default for Raw and
     Turbo alike). ``edit`` ids take reference images, which need ``vision_processor`` (the hub repo of the Qwen3-VL
-    processor, ai-toolkit's text encoder repo) when the checkpoint has no processor; their ``kv_cache`` (reference tokens attend only to each other)
-    and ``match_target_res`` (reference latents at the target's area instead of the 1 MP cap) defaults are ai-toolkit's
-    ``krea2:o_edit`` UI preset's."""
+    processor, ai-toolkit's text encoder repo) when the checkpoint has no processor; their ``kv_cache`` (reference
+    tokens attend only to each other) and ``match_target_res`` (reference latents at the target's area instead of the
+    1 MP cap) defaults are ai-toolkit's ``krea2:o_edit`` UI preset's."""
 
     edit: bool = False
     vision_processor: str | None = None
@@ -558,6 +558,9 @@ _KREA2_EDIT_NOTES = (
     "preset; /16, bilinear) follow the image tokens at t = 0. `kv_cache` (default on, the preset's) keeps the "
     "reference tokens attending only to each other."
 )
+# Defaults from ai-toolkit's UI presets (ui/src/app/jobs/new/options.ts): `krea2` and `krea2:o_edit` set no sample
+# values, so the UI's 25 steps / guidance 4 apply; `krea2:turbo` 9 / 1; `krea2:o_edit_turbo` 8 / 1; both o_edit presets
+# set model_kwargs edit, kv_cache and match_target_res to true.
 KREA2 = Preset(family="krea2:Krea2FamilyPipeline", pipeline_class="Krea2Pipeline", base="krea/Krea-2-Raw", steps=25,
                guidance=4.0, divisor=16, tiny="krea2:build_krea2", lora_signatures=(KREA2_NAMES,),
                options=Krea2Options(), notes=_KREA2_NOTES)

@@ -212,6 +212,8 @@ class Krea2AITKPipeline(Krea2Pipeline):
         transformer = self.transformer
         dtype = transformer.dtype
         timestep = t.to(dtype)
+        if text_mask.all():  # nothing to mask (one prompt, or prompts of one length): lets SDPA use its fastest kernels
+            text_mask = None
         if references is None:
             return transformer(hidden_states=latents.to(dtype), encoder_hidden_states=text, timestep=timestep,
                                position_ids=position_ids, encoder_attention_mask=text_mask, return_dict=False)[0]
@@ -316,6 +318,7 @@ class Krea2AITKPipeline(Krea2Pipeline):
 def reference_forward(transformer, latents, references, text, timestep, position_ids, text_mask, isolate_references):
     """``Krea2Transformer2DModel``'s forward with clean reference tokens after the noisy image tokens: the references
     are modulated at ``t = 0`` and left out of the output; with ``isolate_references`` they attend only to each other.
+    ``text_mask`` (``(B, L)``, True for real tokens) may be None when every text token is real.
     """
     batch_size, image_len, _ = latents.shape
     text_len, reference_len = text.shape[1], references.shape[1]
@@ -328,14 +331,18 @@ def reference_forward(transformer, latents, references, text, timestep, position
     temb, mod = modulation(timestep)
     _, mod_reference = modulation(torch.zeros_like(timestep))
 
-    visual_mask = text_mask.new_ones((batch_size, image_len + reference_len))
-    key_mask = torch.cat([text_mask, visual_mask], dim=1)[:, None, None, :]
+    key_mask, text_key_mask = None, None
+    if text_mask is not None:
+        visual_mask = text_mask.new_ones((batch_size, image_len + reference_len))
+        key_mask = torch.cat([text_mask, visual_mask], dim=1)[:, None, None, :]
+        text_key_mask = text_mask[:, None, None, :]
     if isolate_references:
         total = text_len + image_len + reference_len
         is_reference = torch.zeros(total, dtype=torch.bool, device=latents.device)
         is_reference[text_len + image_len:] = True
-        key_mask = key_mask & (~is_reference[:, None] | is_reference[None, :])
-    fused = transformer.text_fusion(text, attention_mask=text_mask[:, None, None, :])
+        isolation = ~is_reference[:, None] | is_reference[None, :]
+        key_mask = isolation if key_mask is None else key_mask & isolation
+    fused = transformer.text_fusion(text, attention_mask=text_key_mask)
     hidden = torch.cat([transformer.txt_in(fused), transformer.img_in(torch.cat([latents, references], dim=1))], 1)
     rotary = transformer.rotary_emb(position_ids)
     split = text_len + image_len

@@ -128,7 +128,6 @@ def test_forward_matches_ai_toolkits_predict_velocity(pipes, golden):
     (False, 0.7, "forward_velocity_refs"),
     (True, 0.7, "forward_velocity_refs_isolated"),
     (True, 0.3, "forward_velocity_refs_isolated_t03"),
-    (True, 0.3, "forward_velocity_refs_kv_cached"),  # ai-toolkit's cached ref K/V: the same arithmetic as isolated
 ])
 def test_forward_with_reference_latents_matches_ai_toolkit(isolated, t, key, pipes, golden):
     """Two references of different sizes at rotary index 1 and 2, modulated at t = 0; isolated = kv_cache."""
@@ -140,6 +139,26 @@ def test_forward_with_reference_latents_matches_ai_toolkit(isolated, t, key, pip
     ours = pipe.velocity(pack(pipe, tensors["forward_latents"]), torch.tensor([t]), text, mask, positions, references,
                          isolated)
     check(unpack(pipe, ours, 64, 96), tensors[key])
+
+
+def test_cached_reference_keys_and_values_match_ai_toolkits_cache(pipes, golden):
+    """kv_cache: a first call at t = 0.7 fills the cache, the call at t = 0.3 leaves the references out and attends to
+    the cached keys/values, as ai-toolkit's ref_kv_cache does; both calls also equal the uncached isolated forward."""
+    from aitk_inference.pipelines.families.krea2 import ReferenceKV
+
+    _, tensors = golden
+    pipe = pipes("krea2").pipe
+    text, mask = features_and_mask(tensors["features_prompt"])
+    references, reference_ids = pipe.reference_tokens([tensors["forward_ref_0"], tensors["forward_ref_1"]])
+    positions = torch.cat([image_positions(pipe, text.shape[1], 8, 12), reference_ids])
+    latents, cache = pack(pipe, tensors["forward_latents"]), ReferenceKV()
+    first = pipe.velocity(latents, torch.tensor([0.7]), text, mask, positions, references, True, cache)
+    assert cache.blocks is not None and len(cache.blocks) == len(pipe.transformer.transformer_blocks)
+    check(unpack(pipe, first, 64, 96), tensors["forward_velocity_refs_isolated"])
+    second = pipe.velocity(latents, torch.tensor([0.3]), text, mask, positions, references, True, cache)
+    check(unpack(pipe, second, 64, 96), tensors["forward_velocity_refs_kv_cached"])
+    with pytest.raises(ValueError, match="isolate_references"):
+        pipe.velocity(latents, torch.tensor([0.3]), text, mask, positions, references, False, ReferenceKV())
 
 
 # ------------------------------------------------------------------------------------------------------- sampler

@@ -29,8 +29,9 @@ what ai-toolkit's previews do:
   global RNG with the sample seed just before) and normalized. Their tokens follow the image tokens at rotary index
   ``(i + 1, y, x)``, are modulated at ``t = 0`` and never predicted. The unconditional pass sees the same references
   (and encodes the negative prompt with the same VLM images). With ``kv_cache`` the reference tokens attend only to
-  each other (what a LoRA trained with ai-toolkit's ``kv_cache`` expects); ai-toolkit then also caches their keys
-  and values across steps, which is the same arithmetic, and we recompute them each step.
+  each other (what a LoRA trained with ai-toolkit's ``kv_cache`` expects), so their keys and values never change:
+  as ai-toolkit does, the first transformer call computes them and every later call (both CFG passes) leaves the
+  reference tokens out and attends to the cached ones (:class:`ReferenceKV`).
 
 LoRAs: ai-toolkit saves ``diffusion_model.`` + original Krea module names (``blocks.N.attn.wq``, ``txtfusion...``) as
 LoRA or LoKr; ``lora.convert.krea2_original_to_diffusers`` renames them. See ``docs/models/krea2.md``.
@@ -45,6 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import Krea2Pipeline
+from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.pipelines.krea2.pipeline_output import Krea2PipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
@@ -207,8 +209,10 @@ class Krea2AITKPipeline(Krea2Pipeline):
         return torch.cat(tokens, dim=1), torch.cat(ids)
 
     # ------------------------------------------------------------------------------------------------ denoiser
-    def velocity(self, latents, t, text, text_mask, position_ids, references=None, isolate_references=False):
-        """The transformer's velocity for the packed noisy ``latents``; ``references`` are appended clean tokens."""
+    def velocity(self, latents, t, text, text_mask, position_ids, references=None, isolate_references=False,
+                 cache: ReferenceKV | None = None):
+        """The transformer's velocity for the packed noisy ``latents``; ``references`` are appended clean tokens (see
+        :func:`reference_forward` for ``isolate_references`` and ``cache``)."""
         transformer = self.transformer
         dtype = transformer.dtype
         timestep = t.to(dtype)
@@ -218,7 +222,7 @@ class Krea2AITKPipeline(Krea2Pipeline):
             return transformer(hidden_states=latents.to(dtype), encoder_hidden_states=text, timestep=timestep,
                                position_ids=position_ids, encoder_attention_mask=text_mask, return_dict=False)[0]
         return reference_forward(transformer, latents.to(dtype), references.to(dtype), text, timestep, position_ids,
-                                 text_mask, isolate_references)
+                                 text_mask, isolate_references, cache)
 
     # ------------------------------------------------------------------------------------------------ sampling
     @torch.no_grad()
@@ -253,7 +257,7 @@ class Krea2AITKPipeline(Krea2Pipeline):
                 that samples its reference latents; ai-toolkit's previews draw them from the device's global RNG
                 right after seeding it with the sample seed.
             schedule_mu (float, *optional*): pins the time shift; None derives it from the image size.
-            kv_cache (bool): reference tokens attend only to each other.
+            kv_cache (bool): reference tokens attend only to each other; their keys and values are computed once.
             match_target_res (bool): reference latents take the target's area instead of the 1 MP cap.
         """
         device = self._execution_device
@@ -290,14 +294,15 @@ class Krea2AITKPipeline(Krea2Pipeline):
         def positions(text_len: int) -> torch.Tensor:
             return torch.cat([torch.zeros(text_len, 3, device=device), image_ids])
 
+        cache = ReferenceKV() if kv_cache and references is not None else None
         schedule = krea2_schedule(num_inference_steps, grid_h * grid_w, schedule_mu)
         self._num_timesteps = num_inference_steps
         for i, (t_now, t_next) in enumerate(zip(schedule[:-1], schedule[1:])):
             t = torch.full((batch_size,), t_now, device=device)
-            v = self.velocity(latents, t, text, text_mask, positions(text.shape[1]), references, kv_cache)
+            v = self.velocity(latents, t, text, text_mask, positions(text.shape[1]), references, kv_cache, cache)
             if cfg:
                 v_uncond = self.velocity(latents, t, negative, negative_mask, positions(negative.shape[1]),
-                                         references, kv_cache)
+                                         references, kv_cache, cache)
                 v = v + guidance_scale * (v - v_uncond)
             latents = latents + (t_next - t_now) * v.to(torch.float32)
             if callback_on_step_end is not None:
@@ -315,13 +320,28 @@ class Krea2AITKPipeline(Krea2Pipeline):
         return Krea2PipelineOutput(images=images) if return_dict else (images,)
 
 
-def reference_forward(transformer, latents, references, text, timestep, position_ids, text_mask, isolate_references):
+class ReferenceKV:
+    """The reference tokens' keys and values per block (after their norm and rotary embedding), kept through one
+    sampling with ``kv_cache``: isolated references see only each other, at ``t = 0``, so these never change. The first
+    forward fills it; later ones (every step, both CFG passes) leave the reference tokens out and attend to it."""
+
+    def __init__(self):
+        self.blocks: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+
+def reference_forward(transformer, latents, references, text, timestep, position_ids, text_mask, isolate_references,
+                      cache: ReferenceKV | None = None):
     """``Krea2Transformer2DModel``'s forward with clean reference tokens after the noisy image tokens: the references
-    are modulated at ``t = 0`` and left out of the output; with ``isolate_references`` they attend only to each other.
-    ``text_mask`` (``(B, L)``, True for real tokens) may be None when every text token is real.
-    """
+    are modulated at ``t = 0`` and left out of the output; with ``isolate_references`` they attend only to each other,
+    and ``cache`` (isolated only) keeps their keys and values across calls. ``text_mask`` (``(B, L)``, True for real
+    tokens) may be None when every text token is real. ``position_ids`` cover text, image and reference tokens."""
+    if cache is not None and not isolate_references:
+        raise ValueError("Cached reference keys and values hold only when the references attend to each other alone "
+                         "(isolate_references).")
+    reuse = cache is not None and cache.blocks is not None
     batch_size, image_len, _ = latents.shape
     text_len, reference_len = text.shape[1], references.shape[1]
+    split = text_len + image_len
     dtype = latents.dtype
 
     def modulation(t):
@@ -336,28 +356,55 @@ def reference_forward(transformer, latents, references, text, timestep, position
         visual_mask = text_mask.new_ones((batch_size, image_len + reference_len))
         key_mask = torch.cat([text_mask, visual_mask], dim=1)[:, None, None, :]
         text_key_mask = text_mask[:, None, None, :]
-    if isolate_references:
-        total = text_len + image_len + reference_len
-        is_reference = torch.zeros(total, dtype=torch.bool, device=latents.device)
-        is_reference[text_len + image_len:] = True
+    if isolate_references and not reuse:
+        is_reference = torch.zeros(split + reference_len, dtype=torch.bool, device=latents.device)
+        is_reference[split:] = True
         isolation = ~is_reference[:, None] | is_reference[None, :]
         key_mask = isolation if key_mask is None else key_mask & isolation
     fused = transformer.text_fusion(text, attention_mask=text_key_mask)
-    hidden = torch.cat([transformer.txt_in(fused), transformer.img_in(torch.cat([latents, references], dim=1))], 1)
-    rotary = transformer.rotary_emb(position_ids)
-    split = text_len + image_len
+    visual = latents if reuse else torch.cat([latents, references], dim=1)
+    hidden = torch.cat([transformer.txt_in(fused), transformer.img_in(visual)], dim=1)
+    rotary = transformer.rotary_emb(position_ids[:split] if reuse else position_ids)
+    captured = [] if cache is not None and not reuse else None
 
-    for block in transformer.transformer_blocks:
+    for index, block in enumerate(transformer.transformer_blocks):
         # the six (prescale, preshift, pregate, postscale, postshift, postgate) rows, live and at t = 0
         live = (mod.unflatten(-1, (6, -1)) + block.scale_shift_table).unbind(-2)
         clean = (mod_reference.unflatten(-1, (6, -1)) + block.scale_shift_table).unbind(-2)
         attn_input = _modulate(block.norm1(hidden), split, live, clean, 0, 1)
-        attn = block.attn(attn_input, attention_mask=key_mask, image_rotary_emb=rotary)
+        if cache is None:
+            attn = block.attn(attn_input, attention_mask=key_mask, image_rotary_emb=rotary)
+        else:
+            attn = _attention_with_references(block.attn, attn_input, rotary, key_mask, split, captured,
+                                              cache.blocks[index] if reuse else None)
         hidden = hidden + _gate(attn, split, live, clean, 2)
         ff = block.ff(_modulate(block.norm2(hidden), split, live, clean, 3, 4))
         hidden = hidden + _gate(ff, split, live, clean, 5)
 
+    if captured is not None:
+        cache.blocks = captured
     return transformer.final_layer(hidden[:, text_len:split], temb)
+
+
+def _attention_with_references(attn, hidden, rotary, mask, split, captured, cached):
+    """``Krea2Attention`` (grouped-query, q/k norm, rotary, sigmoid gate) in plain SDPA that also records the keys and
+    values of the tokens from ``split`` on into ``captured``, or attends to ``cached`` ones as extra keys."""
+    query = attn.to_q(hidden).unflatten(-1, (attn.num_heads, attn.head_dim))
+    key = attn.to_k(hidden).unflatten(-1, (attn.num_kv_heads, attn.head_dim))
+    value = attn.to_v(hidden).unflatten(-1, (attn.num_kv_heads, attn.head_dim))
+    gate = attn.to_gate(hidden)
+    query = apply_rotary_emb(attn.norm_q(query), rotary, sequence_dim=1)
+    key = apply_rotary_emb(attn.norm_k(key), rotary, sequence_dim=1)
+    if captured is not None:
+        captured.append((key[:, split:], value[:, split:]))
+    if cached is not None:
+        key, value = torch.cat([key, cached[0]], dim=1), torch.cat([value, cached[1]], dim=1)
+    groups = attn.num_heads // attn.num_kv_heads
+    if groups > 1:
+        key, value = key.repeat_interleave(groups, dim=2), value.repeat_interleave(groups, dim=2)
+    out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                                         attn_mask=mask)
+    return attn.to_out[0](out.transpose(1, 2).flatten(2) * torch.sigmoid(gate))
 
 
 def _modulate(x, split, live, clean, scale, shift):

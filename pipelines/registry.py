@@ -556,7 +556,7 @@ _KREA2_EDIT_NOTES = (
     " Up to 3 reference images (at least 1): a <=384x384 copy (bicubic, antialias) goes into the Qwen3-VL prompt, and "
     "VAE latents (at most 1 MP, or the target's area with `match_target_res`, default on as in ai-toolkit's o_edit "
     "preset; /16, bilinear) follow the image tokens at t = 0. `kv_cache` (default on, the preset's) keeps the "
-    "reference tokens attending only to each other."
+    "reference tokens attending only to each other, their keys and values computed once."
 )
 # Defaults from ai-toolkit's UI presets (ui/src/app/jobs/new/options.ts): `krea2` and `krea2:o_edit` set no sample
 # values, so the UI's 25 steps / guidance 4 apply; `krea2:turbo` 9 / 1; `krea2:o_edit_turbo` 8 / 1; both o_edit presets

@@ -384,3 +384,20 @@ def test_server_request_of_the_reference_shape_runs_an_edit_id(pipes, tmp_path):
     finally:
         pipeline.set_loras([])
     assert result.images.shape == (1, 64, 64, 3)
+
+
+def test_make_tiny_writes_loras_in_ai_toolkits_krea_names(pipes, tmp_path):
+    """``write_native_loras``: every Linear (48 on the tiny model, as ai-toolkit's own file) under original names, as
+    LoRA and LoKr; both load with every module matched and change the output."""
+    from aitk_inference.tiny.krea2 import write_native_loras
+
+    pipeline = pipes("krea2")
+    files = write_native_loras(pipeline.pipe, str(tmp_path))
+    fast = dict(width=64, height=64, steps=1, seed=3)
+    base = pipeline.generate("a fox", **fast).images
+    for label, path in files.items():
+        assert "blocks.0.attn.wq" in " ".join(load_file(path)), label
+        summary = pipeline.set_loras([(path, 1.0)])
+        assert summary[0]["modules"] == 48, label
+        assert np.abs(pipeline.generate("a fox", **fast).images - base).max() > 1e-4, label
+    pipeline.set_loras([])

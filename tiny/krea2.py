@@ -93,3 +93,43 @@ def build_krea2_edit(is_distilled: bool = False):
 
 def build_krea2_edit_turbo():
     return build_krea2_edit(is_distilled=True)
+
+
+# ai-toolkit's Krea 2 LoRA: the Linears of the transformer blocks and of the text-fusion blocks, original Krea names
+ORIGINAL_BLOCK_LISTS = {"transformer_blocks": "blocks", "text_fusion.layerwise_blocks": "txtfusion.layerwise_blocks",
+                        "text_fusion.refiner_blocks": "txtfusion.refiner_blocks"}
+ORIGINAL_BLOCK_NAMES = {"attn.to_q": "attn.wq", "attn.to_k": "attn.wk", "attn.to_v": "attn.wv",
+                        "attn.to_out.0": "attn.wo", "attn.to_gate": "attn.gate", "ff.gate": "mlp.gate",
+                        "ff.up": "mlp.up", "ff.down": "mlp.down"}
+
+
+def original_targets(transformer) -> list[tuple[str, object]]:
+    """What ai-toolkit's Krea 2 LoRA targets, under the original Krea names: every Linear of the transformer blocks and
+    of the text-fusion blocks (the embedders, projector and final layer are not targeted)."""
+    import re
+
+    import torch
+
+    targets = []
+    for name, module in transformer.named_modules():
+        block = re.match(r"^(.*blocks)\.(\d+)\.(.+)$", name)
+        if block and isinstance(module, torch.nn.Linear):
+            lists, index, inner = block.groups()
+            targets.append((f"{ORIGINAL_BLOCK_LISTS[lists]}.{index}.{ORIGINAL_BLOCK_NAMES[inner]}", module))
+    return targets
+
+
+def write_native_loras(pipe, out_dir: str, seed: int = 0) -> dict[str, str]:
+    """The layouts ai-toolkit saves for Krea 2: ``diffusion_model.`` + original Krea names, as LoRA and as LoKr."""
+    import os
+
+    from .loras import make_state_dict, save_lora
+
+    targets = original_targets(pipe.transformer)
+    return {
+        "ai-toolkit (Krea names)": save_lora(os.path.join(out_dir, "tiny_aitk_krea2.safetensors"),
+                                             make_state_dict("peft_diffusion_model", targets, seed=seed)),
+        "ai-toolkit LoKr (Krea names)": save_lora(os.path.join(out_dir, "tiny_aitk_krea2_lokr.safetensors"),
+                                                  make_state_dict("lokr", targets, seed=seed,
+                                                                  prefix="diffusion_model")),
+    }

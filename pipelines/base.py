@@ -488,6 +488,11 @@ class AITKPipeline:
         if params.extra:
             raise ValueError(f"Unknown generation option(s) for {self.spec.model_id}: {sorted(params.extra)}.")
 
+    def job_options(self, model_config: dict) -> dict:
+        """``generate`` keyword arguments that an ai-toolkit job's ``model`` section sets for its previews (family
+        options read from ``model_kwargs``); ``reproduce`` passes them. None by default."""
+        return {}
+
     def control_inputs(self, images: Sequence) -> dict:
         """``generate`` keyword arguments for an ai-toolkit sample's control images (``ctrl_img``/``ctrl_img_N``).
         Families with other conditioning slots (Flex.2's inpaint image) override this."""

@@ -274,6 +274,31 @@ class HiDreamOptions:
     llama: str
 
 
+@dataclass(frozen=True)
+class Krea2Options:
+    """ai-toolkit's Krea 2 ``model_kwargs`` that change sampling, as this id's defaults (each can be passed per call).
+
+    ``schedule_mu`` pins the time shift (None: linear in the image token count, ai-toolkit's default for Raw and
+    Turbo alike). ``edit`` ids take reference images, which need ``vision_processor`` (the hub repo of the Qwen3-VL
+    processor, ai-toolkit's text encoder repo) when the checkpoint has no processor; their ``kv_cache`` (reference
+    tokens attend only to each other) and ``match_target_res`` (reference latents at the target's area instead of the
+    1 MP cap) defaults are ai-toolkit's ``krea2:o_edit`` UI preset's."""
+
+    edit: bool = False
+    vision_processor: str | None = None
+    schedule_mu: float | None = None
+    kv_cache: bool = False
+    match_target_res: bool = False
+
+    @property
+    def generation_options(self) -> tuple[str, ...]:
+        """The ``generate()`` options this id takes."""
+        return ("schedule_mu", "kv_cache", "match_target_res") if self.edit else ("schedule_mu",)
+
+    def defaults(self) -> dict:
+        return {name: getattr(self, name) for name in self.generation_options}
+
+
 # ---------------------------------------------------------------------------------------------------------- the spec
 GUIDANCE_KINDS = ("distilled", "cfg", "true_cfg")
 #: how LoRAs are applied: live PEFT adapters or merged into the weights (see ``lora.stack``)
@@ -447,6 +472,7 @@ NUCLEUS_NAMES = LoraSignature("Nucleus-Image",
                               r"transformer_blocks\.\d+\.(encoder_proj|img_mlp\.(gate|shared_expert|experts))",
                               refines=QWEN_NAMES)
 PRX_NAMES = LoraSignature("PRXPixel", r"(^|\.)blocks\.\d+\.attention\.(img_qkv_proj|txt_kv_proj)")
+KREA2_NAMES = LoraSignature("Krea 2", r"(^|\.)(blocks\.\d+\.attn\.wq|txtfusion\.|transformer_blocks\.\d+\.attn\.to_gate)")
 
 
 def lora_signatures() -> list[LoraSignature]:
@@ -553,6 +579,31 @@ LTX2 = Preset(family="ltx2:LTX2FamilyPipeline", pipeline_class="LTX2Pipeline", s
 HIDREAM = Preset(family="hidream:HiDreamFamilyPipeline", pipeline_class="HiDreamImagePipeline", guidance=5.0,
                  divisor=16, lora_signatures=(HIDREAM_NAMES,),
                  options=HiDreamOptions(llama="unsloth/Meta-Llama-3.1-8B-Instruct"))
+
+_KREA2_NOTES = (
+    "ai-toolkit's own Krea 2 sampler on diffusers' Krea2Transformer2DModel: Euler on t = linspace(1, 0, N+1) "
+    "time-shifted with mu linear in image tokens (256 -> 0.5, 6400 -> 1.15) for Raw and Turbo alike (option "
+    "`schedule_mu` pins it, as the job's model_kwargs.schedule_mu does); real CFG u + g(c - u) with the encoded negative "
+    "above guidance 1 (diffusers' guidance_scale gets g - 1); prompts at natural length, up to 512 tokens plus the "
+    "assistant suffix; float32 latents. LoRAs and LoKr with original Krea names (diffusion_model.blocks.N.attn.wq, "
+    "text-fusion blocks included) load."
+)
+_KREA2_EDIT_NOTES = (
+    " Up to 3 reference images (at least 1): a <=384x384 copy (bicubic, antialias) goes into the Qwen3-VL prompt, and "
+    "VAE latents (at most 1 MP, or the target's area with `match_target_res`, default on as in ai-toolkit's o_edit "
+    "preset; /16, bilinear) follow the image tokens at t = 0. `kv_cache` (default on, the preset's) keeps the "
+    "reference tokens attending only to each other, their keys and values computed once."
+)
+# Defaults from ai-toolkit's UI presets (ui/src/app/jobs/new/options.ts): `krea2` and `krea2:o_edit` set no sample
+# values, so the UI's 25 steps / guidance 4 apply; `krea2:turbo` 9 / 1; `krea2:o_edit_turbo` 8 / 1; both o_edit presets
+# set model_kwargs edit, kv_cache and match_target_res to true.
+KREA2 = Preset(family="krea2:Krea2FamilyPipeline", pipeline_class="Krea2Pipeline", base="krea/Krea-2-Raw", steps=25,
+               guidance=4.0, divisor=16, tiny="krea2:build_krea2", lora_signatures=(KREA2_NAMES,),
+               options=Krea2Options(), notes=_KREA2_NOTES)
+KREA2_EDIT = KREA2.derive(control_images=(1, 3), tiny="krea2:build_krea2_edit",
+                          options=Krea2Options(edit=True, vision_processor="Qwen/Qwen3-VL-4B-Instruct", kv_cache=True,
+                                               match_target_res=True),
+                          notes=_KREA2_NOTES + _KREA2_EDIT_NOTES)
 
 # ------------------------------------------------------------------------------------------------------ registry
 REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
@@ -749,6 +800,12 @@ REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
             "ComfyUI / original Cosmos names, the LLM adapter's (`llm_adapter.`) included. Steps 30 and guidance 4 "
             "are ai-toolkit's UI sample defaults (its Anima preset sets none).",
         ),
+        KREA2("krea2", aitk_archs=(AitkArch("krea2"),)),
+        KREA2("krea2_turbo", base="krea/Krea-2-Turbo", steps=9, guidance=1.0, tiny="krea2:build_krea2_turbo",
+              aitk_archs=(AitkArch("krea2", "turbo"),)),
+        KREA2_EDIT("krea2_o_edit", aitk_archs=(AitkArch("krea2:o_edit"),)),
+        KREA2_EDIT("krea2_o_edit_turbo", base="krea/Krea-2-Turbo", steps=8, guidance=1.0,
+                   tiny="krea2:build_krea2_edit_turbo", aitk_archs=(AitkArch("krea2:o_edit_turbo"),)),
     ]
 )
 

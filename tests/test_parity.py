@@ -53,6 +53,10 @@ NO_SCHEDULER_GOLDEN = {
                   "test_hidream.py",
     "ernie_image": "ai-toolkit's ERNIE-Image schedule (its own run, with the sigmas the pipeline passes) is in "
                    "goldens/ernie_image/schedules.json, compared in test_ernie_image.py",
+    **dict.fromkeys(
+        ("krea2", "krea2_turbo", "krea2_o_edit", "krea2_o_edit_turbo"),
+        "ai-toolkit samples Krea 2 with its own Euler loop, no scheduler: test_krea2.py compares our schedule with "
+        "tests/goldens/krea2 (ai-toolkit's pipeline.timesteps) and spies on the times the transformer receives"),
 }
 # Where ai-toolkit's scheduler object samples with another shift than its recorded config states: id -> golden file
 # with that object's state (MANIFEST §6).
@@ -87,6 +91,11 @@ NO_NOISE_GOLDEN["anima"] = (
     "Anima draws a 5-D (B, 16, 1, H/8, W/8) latent; tests/test_anima.py compares it bit for bit with ai-toolkit's own "
     "draw (goldens/anima) and with FLUX.1's unpacked float32 draw here, which holds the same numbers"
 )
+NO_NOISE_GOLDEN.update(dict.fromkeys(
+    ("krea2", "krea2_turbo", "krea2_o_edit", "krea2_o_edit_turbo"),
+    "Krea 2's own loop calls no scheduler step to spy on; test_krea2.py compares the latents the first transformer call "
+    "receives with the draw of ai-toolkit's Krea2Pipeline (tests/goldens/krea2)",
+))
 NOISE_SIZES = [(64, 64), (512, 768)]  # (W, H) as in the golden keys
 
 # ai-toolkit's size floor per family (ai-toolkit.md §2.2; 8 = only GenerateImageConfig's floor).
@@ -97,6 +106,8 @@ AITK_DIVISOR = {
     "ltx2": 32, "ltx2.3": 32, "wan22_5b": 32, "wan21_14b": 16, "wan21_1b": 16, "wan21_i2v_14b": 16,
     "wan21_i2v_14b480p": 16, "wan22_14b_t2v": 16, "wan22_14b_i2v": 16, "sd15": 8, "sdxl": 8, "hidream": 16,
     "omnigen2": 16, "ernie_image": 32, "nucleus_image": 32, "prx_pixel": 16, "anima": 32,
+    # Krea2Model.get_bucket_divisibility (VAE 8 x patch 2); generate_single_image floors the sample size to it
+    "krea2": 16, "krea2_turbo": 16, "krea2_o_edit": 16, "krea2_o_edit_turbo": 16,
 }
 NO_DIVISOR_GOLDEN = {
     "lumina2": "ai-toolkit.md §2.2 gives Lumina2's floor as the pipeline default, unverified",

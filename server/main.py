@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from typing import Callable, Sequence
 
 from fastapi import Depends, FastAPI
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 
 from .. import __version__
@@ -17,6 +18,7 @@ from .dependencies import require_api_key
 from .routers import health, inference, models, requests
 from .settings import Settings
 from .store import TaskStore
+from .validation import BodyLimit, validation_error_handler
 from .worker import Worker
 
 logger = logging.getLogger(__name__)
@@ -56,6 +58,8 @@ def create_app(settings: Settings | None = None, get_pipeline: Callable | None =
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Content-Type", "X-API-Key"])

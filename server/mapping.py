@@ -132,7 +132,7 @@ def _lora_sources(body: InferenceInput, spec: ModelSpec, settings: Settings) -> 
         strength = 1.0 if item.network_multiplier is None else item.network_multiplier
         if is_url(item.path):
             try:
-                url = check_url(item.path)
+                url = check_url(item.path, settings.fetch_policy)
             except DownloadError as e:
                 raise APIError(400, "INVALID_LORA_URL", str(e), {"path": item.path}) from None
             sources.append(LoraSource(strength, item.transformer, url=url))
@@ -163,7 +163,7 @@ def _controls(model: str, spec: ModelSpec, body: InferenceInput, settings: Setti
         for source in sources:
             try:
                 if source.startswith(("http://", "https://")) or is_url(source):
-                    images.append(check_url(source))
+                    images.append(check_url(source, settings.fetch_policy))
                 else:
                     images.append(decode_base64_image(source, settings.control_image_max_bytes,
                                                       settings.control_image_max_pixels))

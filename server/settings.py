@@ -13,6 +13,7 @@ from typing import Mapping, Sequence
 
 from ..pipelines.registry import get_spec
 from ..pipelines.runtime.options import LoadOptionError, LoadOptions
+from .downloads import FetchPolicy
 
 GIB = 1024**3
 MIB = 1024**2
@@ -108,6 +109,12 @@ class Settings:
         control_image_max_pixels (int, defaults to 4096*4096): ``AITK_CONTROL_IMAGE_MAX_PIXELS``.
         token_hosts (tuple, defaults to huggingface.co, hf.co): ``AITK_TOKEN_HOSTS``, hosts (and their
             subdomains) an HF token may be sent to.
+        fetch_allowlist (tuple, defaults to none): ``AITK_FETCH_ALLOWLIST`` (comma-separated host names, IP addresses
+            or networks): internal places URL LoRAs and control images may be fetched from; everything else must
+            resolve to public addresses only.
+        download_timeout (float, defaults to 900): ``AITK_DOWNLOAD_TIMEOUT``, total seconds one download may take.
+        max_body_bytes (int, defaults to 32 MiB): ``AITK_MAX_BODY_BYTES``, the largest request body accepted (413
+            above it); room for one control image at the default ``control_image_max_bytes`` in base64.
     """
 
     host: str = "127.0.0.1"
@@ -128,10 +135,20 @@ class Settings:
     control_image_max_bytes: int = 20 * MIB
     control_image_max_pixels: int = 4096 * 4096
     token_hosts: tuple = ("huggingface.co", "hf.co")
+    fetch_allowlist: tuple = ()
+    download_timeout: float = 900.0
+    max_body_bytes: int = 32 * MIB
+
+    def __post_init__(self):
+        self.fetch_policy  # noqa: B018 - a bad AITK_FETCH_ALLOWLIST entry fails at start, not at the first download
 
     def load_options(self, model_id: str) -> LoadOptions:
         """The load options of ``model_id``: ``load`` with the model's base override."""
         return dataclasses.replace(self.load, base=self.bases.get(model_id))
+
+    @property
+    def fetch_policy(self) -> FetchPolicy:
+        return FetchPolicy.from_entries(self.fetch_allowlist, self.download_timeout)
 
     @property
     def public_url(self) -> str:
@@ -169,4 +186,7 @@ class Settings:
             control_image_max_bytes=_number(env, "AITK_CONTROL_IMAGE_MAX_BYTES", defaults.control_image_max_bytes),
             control_image_max_pixels=_number(env, "AITK_CONTROL_IMAGE_MAX_PIXELS", defaults.control_image_max_pixels),
             token_hosts=tuple(h.lower() for h in _split(env.get("AITK_TOKEN_HOSTS", ""))) or defaults.token_hosts,
+            fetch_allowlist=tuple(_split(env.get("AITK_FETCH_ALLOWLIST", ""))),
+            download_timeout=_number(env, "AITK_DOWNLOAD_TIMEOUT", defaults.download_timeout, kind=float, minimum=0.001),
+            max_body_bytes=_number(env, "AITK_MAX_BODY_BYTES", defaults.max_body_bytes),
         )

@@ -142,7 +142,8 @@ class Worker:
                 path = lora.path
                 if lora.url is not None:
                     path, cached = fetch_lora(lora.url, self.settings.lora_download_cache_dir, self.settings.lora_max_bytes,
-                                              job.hf_token, self.settings.token_hosts, lambda: self._check(job, deadline))
+                                              job.hf_token, self.settings.token_hosts, lambda: self._check(job, deadline),
+                                              self.settings.fetch_policy)
                     downloads.append({"url": lora.url, "cached": cached})
                 requests.append(LoraRequest(path=path, strength=lora.strength, side=lora.side))
             timings["pipeline_details"].update(download_loras=round(time.perf_counter() - t, 4), downloads=downloads)
@@ -167,7 +168,8 @@ class Worker:
             t_inference = time.perf_counter()
             for i, kwargs in enumerate(job.prompts):
                 t = time.perf_counter()
-                controls = [fetch_image(c, self.settings.control_image_max_bytes, self.settings.control_image_max_pixels)
+                controls = [fetch_image(c, self.settings.control_image_max_bytes, self.settings.control_image_max_pixels,
+                                        self.settings.fetch_policy)
                             if isinstance(c, str) else c for c in job.controls[i]]
                 t_controls = time.perf_counter() - t
 

@@ -138,7 +138,8 @@ def dirs(tmp_path_factory, tiny_flux):
 def server_env(dirs):
     return {"WORKFLOWS_BASE_PATH": dirs["workflows"], "OUTPUT_BASE_PATH": dirs["outputs"], "DEVICE": "cpu",
             "LORA_DOWNLOAD_CACHE_DIR": dirs["lora_cache"], "AITK_LORA_MAX_BYTES": str(256 * 1024),
-            "AITK_TOKEN_HOSTS": "127.0.0.1", "AITK_CONTROL_IMAGE_MAX_PIXELS": str(128 * 128)}
+            "AITK_TOKEN_HOSTS": "127.0.0.1", "AITK_CONTROL_IMAGE_MAX_PIXELS": str(128 * 128),
+            "AITK_FETCH_ALLOWLIST": "127.0.0.1"}  # the URL LoRAs come from a loopback site
 
 
 @pytest.fixture(scope="module")

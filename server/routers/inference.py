@@ -15,7 +15,7 @@ from ..worker import Worker
 router = APIRouter(prefix="/v1/inference", tags=["inference"], responses=responses(401))
 
 
-@router.post("", response_model=InferenceResponse, responses=responses(400))
+@router.post("", response_model=InferenceResponse, responses=responses(400, 413))
 def submit(body: InferenceInput, settings: Settings = Depends(get_settings), store: TaskStore = Depends(get_store),
            worker: Worker = Depends(get_worker)) -> InferenceResponse:
     """Validate the request, store it and queue it; returns at once with the URLs to poll."""

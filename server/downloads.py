@@ -27,6 +27,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import socket
 import struct
 import time
@@ -114,6 +115,11 @@ def _literal_address(host: str):
     except (socket.gaierror, UnicodeError, ValueError):
         return None
     return ipaddress.ip_address(info[0][4][0].split("%")[0])
+
+
+def without_credentials(url: str) -> str:
+    """``url`` with any ``user:password@`` removed, for messages and records."""
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@?#]*@", r"\1", url)
 
 
 def _refuse(url: str, host: str, why: str) -> DownloadError:

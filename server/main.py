@@ -23,7 +23,15 @@ from .worker import Worker
 
 logger = logging.getLogger(__name__)
 
-RESTART_REASON = "The server restarted before this request finished; submit it again."
+
+
+def remove_partial_files(*folders: str) -> None:
+    """Delete the temporary files (``pipelines.atomic``) a killed process left half-written."""
+    for folder in folders:
+        if os.path.isdir(folder):
+            for name in os.listdir(folder):
+                if name.startswith(".") and ".partial" in name and os.path.isfile(os.path.join(folder, name)):
+                    os.remove(os.path.join(folder, name))
 
 
 def create_app(settings: Settings | None = None, get_pipeline: Callable | None = None) -> FastAPI:
@@ -37,12 +45,14 @@ def create_app(settings: Settings | None = None, get_pipeline: Callable | None =
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        os.makedirs(settings.output_base_path, exist_ok=True)
+        os.makedirs(settings.inputs_path, exist_ok=True)
+        remove_partial_files(settings.output_base_path, settings.inputs_path, settings.lora_download_cache_dir)
         store = TaskStore(settings.database_path)
-        recovered = store.fail_unfinished(RESTART_REASON)
-        if recovered:
-            logger.warning("%d unfinished request(s) from a previous run marked failed.", recovered)
         worker = Worker(settings, store, get_pipeline or cache.get_pipeline)
+        requeued, failed = worker.recover()
+        if requeued or failed:
+            logger.warning("Unfinished requests from a previous run: %d queued again, %d failed.", requeued, failed)
+        worker.sweep(force=True)
         worker.start()
         app.state.store, app.state.worker = store, worker
         yield

@@ -99,6 +99,8 @@ class InferenceStatusResponse(BaseModel):
     queue_position: Optional[int] = Field(None, description="1 = runs next; null unless in_queue.")
     step: Optional[int] = Field(None, description="Denoising steps done, over all prompts of the request.")
     total_steps: Optional[int] = None
+    attempts: int = Field(0, description="How many times the request was started: above 1 when a server restart "
+                                         "(crash or shutdown) queued it again (at most AITK_MAX_ATTEMPTS).")
 
 
 class ImageOutput(BaseModel):

@@ -24,7 +24,6 @@ from .worker import Worker
 logger = logging.getLogger(__name__)
 
 
-
 def remove_partial_files(*folders: str) -> None:
     """Delete the temporary files (``pipelines.atomic``) a killed process left half-written."""
     for folder in folders:
@@ -46,7 +45,7 @@ def create_app(settings: Settings | None = None, get_pipeline: Callable | None =
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         os.makedirs(settings.inputs_path, exist_ok=True)
-        remove_partial_files(settings.output_base_path, settings.inputs_path, settings.lora_download_cache_dir)
+        remove_partial_files(settings.output_base_path, settings.inputs_path)
         store = TaskStore(settings.database_path)
         worker = Worker(settings, store, get_pipeline or cache.get_pipeline)
         requeued, failed = worker.recover()

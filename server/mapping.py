@@ -104,7 +104,9 @@ def is_url(path: str) -> bool:
 def resolve_local_lora(path: str, root: str) -> str:
     """``root/path`` after symlinks, or a 400 if ``path`` is absolute, has ``..``, or resolves outside ``root``."""
     hint = "Give a path relative to WORKFLOWS_BASE_PATH, inside it."
-    if "\x00" in path or os.path.isabs(path) or path.startswith("~") or re.match(r"^[A-Za-z]:", path):
+    if "\x00" in path:
+        raise APIError(400, "LORA_PATH_NOT_ALLOWED", f"LoRA path {path!r} contains a NUL character. {hint}", {"path": path})
+    if os.path.isabs(path) or path.startswith("~") or re.match(r"^[A-Za-z]:", path):
         raise APIError(400, "LORA_PATH_NOT_ALLOWED", f"LoRA path {path!r} is absolute. {hint}", {"path": path})
     if ".." in re.split(r"[\\/]", path):
         raise APIError(400, "LORA_PATH_NOT_ALLOWED", f"LoRA path {path!r} contains '..'. {hint}", {"path": path})

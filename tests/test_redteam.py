@@ -240,7 +240,12 @@ BAD_NODE_INPUTS = [
     ("apply", {"lora": "nan"}, "lora_B holds NaN"),
     ("apply", {"lora": "inf"}, "lora_B holds inf"),
     ("apply", {"lora": "truncated"}, "truncated.safetensors"),
-    ("apply", {"transformer": "middle"}, "transformer"),
+    ("apply", {"transformer": "middle"}, "transformer 'middle' is not one of"),
+    ("apply", {"lora": ""}, "lora"),
+    ("load", {"dtype": "fp64"}, "dtype 'fp64' is not one of"),
+    ("load", {"device": "quantum"}, "device 'quantum' is not one of"),
+    ("load", {"lora_mode": "merged"}, "lora_mode 'merged' is not one of"),
+    ("load", {"model": "flux_nope"}, "flux_nope"),
 ]
 
 
@@ -251,6 +256,8 @@ def test_nodes_refuse_bad_inputs(node, loras, node_name, change, message):
     with pytest.raises(ValueError, match=message):
         if node_name == "sample":
             core.sample(handle, **{**settings, **change})
+        elif node_name == "load":
+            core.load(**{"model": "flux", "base": handle.options.base, "dtype": "auto", "device": "cpu", **change})
         else:
             args = {"lora": loras["good"], "strength": 1.0, "transformer": "none", **change}
             args["lora"] = loras.get(args["lora"], args["lora"])
@@ -357,6 +364,22 @@ def redteam_server(tmp_path_factory, tiny_dir, loras):
             site.server_close()
 
 
+def png_declaring(width: int, height: int) -> str:
+    """A base64 PNG of 1x1 pixels whose header claims ``width`` x ``height`` (a decompression bomb's calling card)."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buffer, "PNG")
+    data = bytearray(buffer.getvalue())
+    header = struct.pack(">II", width, height) + bytes(data[24:29])  # IHDR data: size, then depth, color, ...
+    data[16:29] = header
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + header))
+    return base64.b64encode(bytes(data)).decode()
+
+
 PROMPT = {"prompt": "p", "width": 64, "height": 64, "sample_steps": 2}
 BODY = {"model": "flux", "loras": [{"path": "good.safetensors"}], "prompts": [PROMPT]}
 
@@ -395,6 +418,14 @@ BAD_BODIES = [
     ("too-many-prompts", json.dumps({**BODY, "prompts": [PROMPT] * 65}), 422, "prompts: List should have at most 64"),
     ("empty-loras", json.dumps({**BODY, "loras": []}), 400, "At least one LoRA is required"),
     ("abs-path", json.dumps(_with(lora={"path": "/etc/passwd"})), 400, "is absolute"),
+    ("nul-path", json.dumps(_with(lora={"path": "good.safetensors\x00.txt"})), 400, "contains a NUL character"),
+    ("encoded-dotdot", json.dumps(_with(lora={"path": "..%2f..%2fetc%2fpasswd"})), 400,
+     "LoRA file not found: ..%2f..%2fetc%2fpasswd"),
+    ("png-bomb", json.dumps({**BODY, "model": "flux_kontext", "prompts": [{**PROMPT, "ctrl_img": png_declaring(8000, 8000)}]}),
+     400, "Control image is 8000x8000, over the 16777216-pixel limit"),
+    ("not-base64", json.dumps({**BODY, "model": "flux_kontext", "prompts": [{**PROMPT, "ctrl_img": "%%%"}]}), 400,
+     "neither an http(s) URL nor valid base64"),
+    ("nested-json", "[" * 100_000 + "]" * 100_000, 400, "There was an error parsing the body"),
     ("dotdot-path", json.dumps(_with(lora={"path": "../x.safetensors"})), 400, "contains '..'"),
     ("oversized-body", json.dumps(_with({"prompt": "p", "neg": "n" * 9000}, trigger_word="t") | {
         "prompts": [{**PROMPT, "neg": "n" * 9_000}] * 30}), 413, "over the 262144-byte limit (AITK_MAX_BODY_BYTES)"),
@@ -404,7 +435,8 @@ BAD_BODIES = [
 def _check_server_error(response: httpx.Response, status: int, message: str) -> None:
     assert response.status_code == status, response.text
     detail = response.json()["detail"]
-    text = detail["error"]["message"] if isinstance(detail, dict) else " | ".join(e["msg"] for e in detail)
+    text = detail["error"]["message"] if isinstance(detail, dict) else (
+        detail if isinstance(detail, str) else " | ".join(e["msg"] for e in detail))
     assert message in text, text
 
 

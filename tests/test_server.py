@@ -12,7 +12,6 @@ import io
 import json
 import os
 import socket
-import sys
 import threading
 import time
 from datetime import datetime

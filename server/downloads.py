@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import io
 import ipaddress
@@ -154,9 +155,10 @@ def check_url(url: str, policy: FetchPolicy | None = None) -> str:
     return url.replace("/blob/", "/resolve/", 1)
 
 
-def resolve_checked(url: str, policy: FetchPolicy) -> str:
-    """Resolve ``url``'s host and return the address to connect to; raise DownloadError if any address it resolves to
-    is internal (unless allow-listed): a name that answers with both a public and an internal address is refused."""
+def resolve_checked(url: str, policy: FetchPolicy) -> list[str]:
+    """Resolve ``url``'s host and return the addresses to connect to, in the resolver's order; raise DownloadError if
+    any of them is internal (unless allow-listed): a name answering with both a public and an internal address is
+    refused."""
     parts = urlsplit(url)
     host = parts.hostname
     try:
@@ -171,7 +173,7 @@ def resolve_checked(url: str, policy: FetchPolicy) -> str:
             why = address_refusal(address)
             if why and not policy.allows_address(address):
                 raise _refuse(url, host, f"resolves to {why}")
-    return addresses[0]
+    return addresses
 
 
 def _pinned(url: str, address: str) -> tuple[str, dict, dict]:
@@ -183,6 +185,29 @@ def _pinned(url: str, address: str) -> tuple[str, dict, dict]:
     pinned = urlunsplit((parts.scheme, target + port, parts.path or "/", parts.query, ""))
     extensions = {"sni_hostname": parts.hostname} if parts.scheme == "https" else {}
     return pinned, {"Host": host + port}, extensions
+
+
+@contextlib.contextmanager
+def _get_checked(client, url: str, headers: dict, policy: FetchPolicy):
+    """GET ``url`` (streamed, no redirects followed) from one of the addresses its host resolves to, all checked;
+    the next address is tried only when connecting to one fails."""
+    import httpx
+
+    addresses = resolve_checked(url, policy)
+    for i, address in enumerate(addresses):
+        pinned, host, extensions = _pinned(url, address)
+        request = client.build_request("GET", pinned, headers={**headers, **host}, extensions=extensions)
+        try:
+            response = client.send(request, stream=True)
+        except httpx.ConnectError:
+            if i + 1 == len(addresses):
+                raise
+            continue
+        try:
+            yield response
+        finally:
+            response.close()
+        return
 
 
 def _host_allowed(url: str, hosts) -> bool:
@@ -207,11 +232,9 @@ def _stream(url: str, sink, max_bytes: int, token: str | None, token_hosts, shou
     with httpx.Client(follow_redirects=False, timeout=IO_TIMEOUT_S, trust_env=False) as client:
         for _ in range(MAX_REDIRECTS + 1):
             check_time()
-            pinned, headers, extensions = _pinned(url, resolve_checked(url, policy))
-            if token and _host_allowed(url, token_hosts):
-                headers["Authorization"] = f"Bearer {token}"
+            headers = {"Authorization": f"Bearer {token}"} if token and _host_allowed(url, token_hosts) else {}
             try:
-                with client.stream("GET", pinned, headers=headers, extensions=extensions) as response:
+                with _get_checked(client, url, headers, policy) as response:
                     if response.is_redirect:
                         url = check_url(urljoin(url, response.headers.get("location", "")), policy)
                         continue

@@ -311,7 +311,8 @@ def redteam_server(tmp_path_factory, tiny_dir, loras):
     """The server on the tiny FLUX model with a small body limit, an allow-list of one host name and one address
     (127.0.0.2), loopback sites holding a secret (127.0.0.1) and a good LoRA (127.0.0.2), and a resolver for the test
     names: internal.example -> 127.0.0.1, store.example (allow-listed) -> 127.0.0.1, rebind.example -> 127.0.0.2 on
-    the first query and 127.0.0.1 after that."""
+    the first query and 127.0.0.1 after that, mixed.example -> 127.0.0.2 and 127.0.0.1, multi.example -> 127.0.0.3
+    (allow-listed, nothing listens) and 127.0.0.2."""
     import shutil
 
     root = tmp_path_factory.mktemp("redteam_server")
@@ -333,14 +334,15 @@ def redteam_server(tmp_path_factory, tiny_dir, loras):
     def resolver(host, *args, **kwargs):
         if kwargs.get("flags", 0) & socket.AI_NUMERICHOST:  # a parse, not a query
             return real_getaddrinfo(host, *args, **kwargs)
-        fake = {"internal.example": "127.0.0.1", "store.example": "127.0.0.1",
-                "rebind.example": "127.0.0.2" if "rebind.example" not in queries else "127.0.0.1"}.get(host)
+        fake = {"internal.example": ["127.0.0.1"], "store.example": ["127.0.0.1"],
+                "rebind.example": ["127.0.0.2" if "rebind.example" not in queries else "127.0.0.1"],
+                "mixed.example": ["127.0.0.2", "127.0.0.1"], "multi.example": ["127.0.0.3", "127.0.0.2"]}.get(host, [host])
         queries.append(host)
-        return real_getaddrinfo(fake or host, *args, **kwargs)
+        return [info for address in fake for info in real_getaddrinfo(address, *args, **kwargs)]
 
     env = {"WORKFLOWS_BASE_PATH": str(workflows), "OUTPUT_BASE_PATH": str(root / "out"), "DEVICE": "cpu",
            "LORA_DOWNLOAD_CACHE_DIR": str(root / "lora_cache"), "AITK_MAX_BODY_BYTES": str(256 * 1024),
-           "AITK_FETCH_ALLOWLIST": "store.example,127.0.0.2"}
+           "AITK_FETCH_ALLOWLIST": "store.example,127.0.0.2,127.0.0.3"}
     socket.getaddrinfo = resolver
     running = RunningServer(env, [f"flux={tiny_dir('flux')}"])
 
@@ -519,7 +521,8 @@ def _failed_job(redteam_server, body) -> dict:
     return status
 
 
-@pytest.mark.parametrize("case", ["name-resolving-inward", "allowed-name-redirecting-inward", "control-image-name"])
+@pytest.mark.parametrize("case", ["name-resolving-inward", "name-resolving-both-ways", "allowed-name-redirecting-inward",
+                                  "control-image-name"])
 def test_server_refuses_inward_fetches_when_running(redteam_server, case):
     """Names are resolved and every address checked when fetched, on every redirect hop; the error says what was
     refused and why, never what answered there."""
@@ -528,6 +531,11 @@ def test_server_refuses_inward_fetches_when_running(redteam_server, case):
     if case == "name-resolving-inward":
         status = _failed_job(redteam_server, _with(lora={"path": f"http://internal.example:{port}/secret.safetensors"}))
         assert "host 'internal.example' resolves to a loopback address" in status["error"]
+    elif case == "name-resolving-both-ways":  # one allowed address does not make the internal one acceptable
+        store_port = redteam_server["store"].rsplit(":", 1)[1]
+        status = _failed_job(redteam_server, _with(lora={"path": f"http://mixed.example:{store_port}/good.safetensors"}))
+        assert "host 'mixed.example' resolves to a loopback address" in status["error"]
+        assert not [s for s in redteam_server["seen"][seen:] if s[0] == "127.0.0.2"]
     elif case == "allowed-name-redirecting-inward":
         # store.example is allow-listed; the redirect it sends to 127.0.0.1 is checked on its own and refused
         store_port = redteam_server["store"].rsplit(":", 1)[1]
@@ -557,6 +565,14 @@ def test_server_connects_to_the_address_it_checked(redteam_server):
     assert status["status"] == "succeeded", c.get(f"/v1/requests/{task['request_id']}/result").text
     assert redteam_server["queries"].count("rebind.example") == 1
     assert redteam_server["seen"][seen:] == [("127.0.0.2", "/good.safetensors", f"rebind.example:{store_port}")]
+    redteam_server["snapshot"].assert_output_unchanged()
+
+
+def test_server_tries_the_next_checked_address_when_one_does_not_answer(redteam_server):
+    c = redteam_server["server"].client
+    store_port = redteam_server["store"].rsplit(":", 1)[1]
+    task = submit(c, lora=f"http://multi.example:{store_port}/good.safetensors")
+    assert wait_for(c, task["request_id"])["status"] == "succeeded", c.get(f"/v1/requests/{task['request_id']}/result").text
     redteam_server["snapshot"].assert_output_unchanged()
 
 

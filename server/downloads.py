@@ -42,7 +42,6 @@ logger = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 5
 MAX_HEADER_BYTES = 100 * 1024**2  # safetensors' own limit on the JSON header
-CHUNK = 1024**2
 IO_TIMEOUT_S = 30.0  # connect, and each read
 ALLOWLIST_HINT = "set AITK_FETCH_ALLOWLIST to fetch from an internal model store on purpose"
 #: IPv6 prefixes that carry an IPv4 address in their low 32 bits (NAT64); the IPv4 address is what is reached
@@ -244,7 +243,7 @@ def _stream(url: str, sink, max_bytes: int, token: str | None, token_hosts, shou
                     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
                         raise DownloadError(f"{url} is {int(declared)} bytes, over the {max_bytes}-byte limit.")
                     received = 0
-                    for chunk in response.iter_raw(CHUNK):
+                    for chunk in response.iter_raw():  # as it arrives: a trickle still meets the time cap
                         received += len(chunk)
                         if received > max_bytes:
                             raise DownloadError(f"{url} sent more than the {max_bytes}-byte limit; download stopped.")

@@ -576,6 +576,40 @@ def test_server_tries_the_next_checked_address_when_one_does_not_answer(redteam_
     redteam_server["snapshot"].assert_output_unchanged()
 
 
+def test_download_time_cap_stops_a_trickle(tmp_path):
+    """A site that sends a byte at a time, each within the read timeout, is cut off at the total time cap."""
+    from aitk_inference.server.downloads import DownloadError, FetchPolicy, fetch_lora
+
+    class Trickle(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            try:
+                for _ in range(1000):
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                    time.sleep(0.05)
+            except OSError:  # the client hung up, as it should
+                pass
+
+    site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    threading.Thread(target=site.serve_forever, daemon=True).start()
+    try:
+        started = time.monotonic()
+        with pytest.raises(DownloadError, match="took longer than the 0.5-second limit \\(AITK_DOWNLOAD_TIMEOUT\\)"):
+            fetch_lora(f"http://127.0.0.1:{site.server_address[1]}/slow.safetensors", str(tmp_path), 10_000,
+                       policy=FetchPolicy.from_entries(["127.0.0.1"], timeout_s=0.5))
+        assert time.monotonic() - started < 5
+        assert os.listdir(tmp_path) == []  # nothing half-written left behind
+    finally:
+        site.shutdown()
+        site.server_close()
+
+
 @pytest.mark.parametrize("lora,message", [("nan.safetensors", "lora_B holds NaN"),
                                           ("huge.safetensors", "flux produced an image with 12288 NaN/inf values")])
 def test_server_never_succeeds_with_a_non_finite_output(redteam_server, lora, message):

@@ -640,5 +640,5 @@ def load_pipeline(
     return spec.family_class().from_spec(spec, options)
 
 
-__all__ = ["AITKPipeline", "GenerationInterrupted", "GenerationParams", "GenerationResult", "load_pipeline",
-           "snap_size", "snap_frames", "apply_trigger"]
+__all__ = ["AITKPipeline", "GenerationInterrupted", "GenerationParams", "GenerationResult", "NonFiniteOutputError",
+           "load_pipeline", "snap_size", "snap_frames", "apply_trigger"]

@@ -55,7 +55,7 @@ class Job:
     output_format: str
     hf_token: str | None
     total_steps: int
-    own_token: bool = False  # the request brought its hf_token (never stored, so a restart cannot run it again)
+    own_token: bool = False  # the request brought its hf_token (never stored: a restart cannot download with it)
     cancel_requested: bool = False
     step: int = 0
 

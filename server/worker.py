@@ -82,9 +82,9 @@ class Worker:
             if task["attempts"] >= limit:
                 reason = (f"The server stopped while running this request {task['attempts']} time(s) "
                           f"(AITK_MAX_ATTEMPTS={limit}); it is not started again, as it may be what stops the server.")
-            elif task["job"] is None or task["job"]["own_token"]:
+            elif task["job"] is None or (task["job"]["own_token"] and any(l["url"] for l in task["job"]["loras"])):
                 reason = ("The server restarted before this request finished, and the request cannot be run again "
-                          "without what is never stored (its hf_token); submit it again.")
+                          "without what is never stored (the hf_token for its URL LoRAs); submit it again.")
             else:
                 try:
                     job = Job.from_record(task["id"], task["model"], task["job"], self.settings.hf_token)

@@ -628,7 +628,7 @@ def test_server_output_is_bit_identical_after_the_bad_inputs(redteam_server):
 def test_sigkill_mid_job_then_restart_requeues_and_completes(tmp_path, tiny_dir, loras):
     """``python -m aitk_inference serve`` killed with SIGKILL while running a job: the next start queues it again
     (attempts 2) and the one behind it (attempts 1), both complete with whole output files; a task already started
-    AITK_MAX_ATTEMPTS times is failed with the reason instead."""
+    AITK_MAX_ATTEMPTS times, and one that would need its never-stored hf_token, are failed with the reason instead."""
     from PIL import Image
 
     from aitk_inference.server.mapping import Job, LoraSource
@@ -679,6 +679,13 @@ def test_sigkill_mid_job_then_restart_requeues_and_completes(tmp_path, tiny_dir,
     store.add(job.id, "flux", {}, utc_now(), job.to_record(str(tmp_path / "out" / "inputs")))
     for _ in range(3):
         store.start(job.id)
+    # and one whose URL LoRA needs the request's own hf_token, which is never stored
+    private = Job(id="needs-its-token", model="flux", loras=[LoraSource(1.0, None, url="https://hf.co/me/private.safetensors")],
+                  prompts=job.prompts, controls=[[]], output_format="png", hf_token="hf_secret", total_steps=2,
+                  own_token=True)
+    record = private.to_record(str(tmp_path / "out" / "inputs"))
+    assert "hf_secret" not in json.dumps(record)
+    store.add(private.id, "flux", {}, utc_now(), record)
     store.close()
 
     again = RunningServer(env, [f"flux={tiny_dir('flux')}"])
@@ -692,6 +699,8 @@ def test_sigkill_mid_job_then_restart_requeues_and_completes(tmp_path, tiny_dir,
         gave_up = c.get("/v1/requests/crashes-the-server/status").json()
         assert gave_up["status"] == "failed" and gave_up["attempts"] == 3
         assert "3 time(s) (AITK_MAX_ATTEMPTS=3); it is not started again" in gave_up["error"]
+        no_token = c.get("/v1/requests/needs-its-token/status").json()
+        assert no_token["status"] == "failed" and "the hf_token for its URL LoRAs" in no_token["error"]
         leftovers = [n for n in os.listdir(env["OUTPUT_BASE_PATH"]) if ".partial" in n]
         assert not leftovers and not os.listdir(os.path.join(env["OUTPUT_BASE_PATH"], "inputs"))
     finally:

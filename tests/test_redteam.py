@@ -198,6 +198,26 @@ def test_library_huge_finite_lora_never_yields_an_image(library, loras):
     snapshot.assert_unchanged()
 
 
+def test_fused_merge_refuses_an_fp16_overflow_before_writing_any_weight():
+    """The case the merge guard is for: finite LoRA values whose merged weight overflows float16 (65504). The third
+    layer overflows; the first two, which would merge fine, are left untouched too."""
+    from aitk_inference.pipelines.lora.stack import LoraRequest, LoraStack
+
+    torch.manual_seed(0)
+    model = torch.nn.Module()
+    model.blocks = torch.nn.ModuleList(torch.nn.Linear(8, 6) for _ in range(3)).half()
+    state_dict = make_state_dict("peft", [(f"blocks.{i}", block) for i, block in enumerate(model.blocks)], seed=4)
+    state_dict["transformer.blocks.2.lora_B.weight"] *= 1e6  # |delta| ~ 1e5: finite in float32, inf in float16
+    stack = LoraStack({"transformer": model}, "fused", "transformer", "toy")
+    stack.set([LoraRequest(state_dict={k: v for k, v in state_dict.items() if ".2." not in k}, name="fine", strength=0.5)])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="overflow: merging it into transformer.blocks.2 \\(coefficient 1\\) would make "
+                                         "toy's torch.float16 weights NaN or inf, so the change was refused"):
+        stack.set([LoraRequest(state_dict=state_dict, name="overflow", strength=1.0)])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert [(e["name"], e["strength"]) for e in stack.describe()] == [("fine", 0.5)]
+
+
 def test_library_output_is_bit_identical_after_the_bad_inputs(library):
     library[1].assert_output_unchanged()
 

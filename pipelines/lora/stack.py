@@ -19,8 +19,9 @@ Quantized (FP8) weights cannot take an in-place merge. In fused mode each one ha
 Every request is checked against the model (:meth:`LoraStack.check`: strength, file, conversion, module match) before
 anything is touched, and a failure part-way through puts back the previous LoRA set, so a cached pipeline is never
 left half-patched. Finite LoRA tensors can still overflow once multiplied out and merged (fp16 weights, absurd
-magnitudes), so every merge of a change is first replayed on a scratch copy of its weight, one layer at a time, and a
-change that would leave a NaN or inf weight is refused before any weight is written.
+magnitudes), so every merge of a change that could overflow is first replayed on a scratch copy of its weight, one
+layer at a time, and a change that would leave a NaN or inf weight is refused before any weight is written. A merge
+whose factors bound its growth far below the range of a bfloat16/float32 weight cannot overflow and is not replayed.
 """
 
 from __future__ import annotations
@@ -136,6 +137,25 @@ def _add_patch_(merged: torch.Tensor, patch: ModulePatch, coefficient: float) ->
         merged.addmm_(factors["up"], factors["down"], alpha=coefficient)
     else:
         merged.add_(coefficient * patch.delta(merged.device))
+
+
+# bfloat16 and float32 reach 3.4e38: a weight that moves by less than this cannot overflow (see _cannot_overflow)
+SAFE_MERGE_GROWTH = 1e30
+
+
+def _cannot_overflow(weight: torch.Tensor, merges) -> bool:
+    """True when LoRA merges provably keep a bfloat16/float32 weight finite, so the replay can be skipped:
+    ``|W + c * up @ down| <= |W| + |c| * rank * max|up| * max|down|``, a bound that costs a pass over the small factors
+    instead of one over the weight. float16 weights, LoKr, full and bias patches always get the replay."""
+    if weight.dtype not in (torch.bfloat16, torch.float32) or is_quantized(weight):
+        return False
+    growth = 0.0
+    for patch, coefficient, _ in merges:
+        if patch.kind != "lora" or "diff_b" in patch.tensors:
+            return False
+        up, down = patch.tensors["up"], patch.tensors["down"]
+        growth += abs(coefficient) * down.shape[0] * float(up.abs().max()) * float(down.abs().max())
+    return growth <= SAFE_MERGE_GROWTH
 
 
 @dataclass
@@ -370,6 +390,8 @@ class LoraStack:
         :meth:`_merge`) and raise a ValueError, before any weight is written, if one would become NaN or inf."""
         for (component, path), merges in self._merge_plan(wanted).items():
             base = _base_layer(self.components[component].get_submodule(path))
+            if _cannot_overflow(base.weight, merges):
+                continue
             weight = None if is_quantized(base.weight) else base.weight.to(torch.float32, copy=True)
             bias = None if base.bias is None else base.bias.detach()
             for patch, coefficient, label in merges:

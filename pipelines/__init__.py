@@ -6,11 +6,12 @@ Importing this package is cheap; torch and diffusers are imported when a pipelin
 from .registry import REGISTRY, ModelSpec, get_spec, model_ids
 
 __all__ = ["REGISTRY", "ModelSpec", "get_spec", "model_ids", "load_pipeline", "LoraRequest", "GenerationResult",
-           "GenerationInterrupted", "AITKPipeline"]
+           "GenerationInterrupted", "NonFiniteOutputError", "AITKPipeline"]
 
 
 def __getattr__(name):
-    if name in ("load_pipeline", "AITKPipeline", "GenerationResult", "GenerationInterrupted", "GenerationParams"):
+    if name in ("load_pipeline", "AITKPipeline", "GenerationResult", "GenerationInterrupted", "GenerationParams",
+                "NonFiniteOutputError"):
         from . import base
 
         return getattr(base, name)

@@ -30,6 +30,9 @@ def atomic_path(path: str, folder: bool = False):
         tmp = os.path.join(parent, f".{stem}.{os.getpid()}.{threading.get_ident()}.partial{ext}")
     try:
         yield tmp
+        if not folder:  # the bytes reach the disk before the name does, so a power loss never leaves a short file
+            with open(tmp, "rb") as written:
+                os.fsync(written.fileno())
         if folder and os.path.isdir(path):
             shutil.rmtree(path)
         os.replace(tmp, path)

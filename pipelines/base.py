@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import numbers
 import os
 import random
 import threading
@@ -36,6 +37,10 @@ ProgressCallback = Callable[[int, int], None]
 
 class GenerationInterrupted(RuntimeError):
     """Raised (by a progress callback) to stop sampling between two steps."""
+
+
+class NonFiniteOutputError(ValueError):
+    """The model produced NaN or inf pixels (or audio samples): nothing usable came out, so nothing is returned."""
 
 
 # ---------------------------------------------------------------------------------------------------------------- helpers
@@ -82,6 +87,23 @@ def to_pil_rgb(image):
     if array.dtype != np.uint8:
         array = (np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
     return Image.fromarray(array[..., :3])
+
+
+def check_finite_output(model_id: str, fields: dict) -> None:
+    """Raise :class:`NonFiniteOutputError` when the generated ``images`` or ``audio`` hold NaN or inf (the image
+    processor's clamp turns inf into white but keeps NaN, which would be written as black pixels)."""
+    import numpy as np
+
+    for name, what in (("images", "frames" if np.ndim(fields["images"]) == 5 else "an image"), ("audio", "audio")):
+        values = fields.get(name)
+        if values is None:
+            continue
+        finite = np.isfinite(values)
+        if not finite.all():
+            raise NonFiniteOutputError(
+                f"{model_id} produced {what} with {finite.size - int(finite.sum())} NaN/inf values out of {finite.size}; "
+                "nothing was returned. Usual causes: a LoRA at too high a strength or from a training run that diverged "
+                "(try a lower strength or an earlier checkpoint), or fp16 overflow (load with dtype bf16 or fp32).")
 
 
 # ---------------------------------------------------------------------------------------------------------------- types
@@ -431,9 +453,11 @@ class AITKPipeline:
                 f"{spec.model_id} needs at least 2 steps: its scheduler stretches the schedule to a terminal sigma "
                 f"(shift_terminal={spec.scheduler.config['shift_terminal']}), which is undefined for one step."
             )
-        guidance = spec.guidance if guidance is None else float(guidance)
-        if not math.isfinite(guidance) or not 0.0 <= guidance <= 100.0:
+        guidance = spec.guidance if guidance is None else guidance
+        if isinstance(guidance, bool) or not isinstance(guidance, numbers.Real) or not math.isfinite(guidance) \
+                or not 0.0 <= guidance <= 100.0:
             raise ValueError(f"`guidance` must be a number in 0..100, got {guidance!r}.")
+        guidance = float(guidance)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= MAX_BATCH:
             raise ValueError(f"`batch_size` must be an integer in 1..{MAX_BATCH}, got {batch_size!r}.")
 
@@ -487,6 +511,11 @@ class AITKPipeline:
         """Family-specific validation (raise ValueError); the base checks are already done."""
         if params.extra:
             raise ValueError(f"Unknown generation option(s) for {self.spec.model_id}: {sorted(params.extra)}.")
+
+    def job_options(self, model_config: dict) -> dict:
+        """``generate`` keyword arguments that an ai-toolkit job's ``model`` section sets for its previews (family
+        options read from ``model_kwargs``); ``reproduce`` passes them. None by default."""
+        return {}
 
     def control_inputs(self, images: Sequence) -> dict:
         """``generate`` keyword arguments for an ai-toolkit sample's control images (``ctrl_img``/``ctrl_img_N``).
@@ -567,6 +596,7 @@ class AITKPipeline:
                 # 4. Post-process (families that decode here do it inside the tiling scope)
                 fields = self.postprocess(output, params)
             total = time.perf_counter() - started
+        check_finite_output(self.spec.model_id, fields)
         timings = {"total": round(total, 4)}
         if step_times:
             timings["first_step_done"] = round(step_times[0] - started, 4)
@@ -618,5 +648,5 @@ def load_pipeline(
     return spec.family_class().from_spec(spec, options)
 
 
-__all__ = ["AITKPipeline", "GenerationInterrupted", "GenerationParams", "GenerationResult", "load_pipeline",
-           "snap_size", "snap_frames", "apply_trigger"]
+__all__ = ["AITKPipeline", "GenerationInterrupted", "GenerationParams", "GenerationResult", "NonFiniteOutputError",
+           "load_pipeline", "snap_size", "snap_frames", "apply_trigger"]

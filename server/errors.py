@@ -24,5 +24,6 @@ def responses(*statuses: int) -> dict:
         401: "Missing or wrong X-API-Key (code: UNAUTHORIZED)",
         404: "Unknown request id or output index (codes: REQUEST_NOT_FOUND, OUTPUT_NOT_FOUND)",
         409: "The request already finished (code: REQUEST_ALREADY_FINISHED)",
+        413: "The request body is over AITK_MAX_BODY_BYTES (code: REQUEST_TOO_LARGE)",
     }
     return {s: {"model": ErrorResponse, "description": descriptions[s]} for s in statuses}

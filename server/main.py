@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from typing import Callable, Sequence
 
 from fastapi import Depends, FastAPI
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 
 from .. import __version__
@@ -17,11 +18,19 @@ from .dependencies import require_api_key
 from .routers import health, inference, models, requests
 from .settings import Settings
 from .store import TaskStore
+from .validation import BodyLimit, validation_error_handler
 from .worker import Worker
 
 logger = logging.getLogger(__name__)
 
-RESTART_REASON = "The server restarted before this request finished; submit it again."
+
+def remove_partial_files(*folders: str) -> None:
+    """Delete the temporary files (``pipelines.atomic``) a killed process left half-written."""
+    for folder in folders:
+        if os.path.isdir(folder):
+            for name in os.listdir(folder):
+                if name.startswith(".") and ".partial" in name and os.path.isfile(os.path.join(folder, name)):
+                    os.remove(os.path.join(folder, name))
 
 
 def create_app(settings: Settings | None = None, get_pipeline: Callable | None = None) -> FastAPI:
@@ -35,12 +44,14 @@ def create_app(settings: Settings | None = None, get_pipeline: Callable | None =
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        os.makedirs(settings.output_base_path, exist_ok=True)
+        os.makedirs(settings.inputs_path, exist_ok=True)
+        remove_partial_files(settings.output_base_path, settings.inputs_path)
         store = TaskStore(settings.database_path)
-        recovered = store.fail_unfinished(RESTART_REASON)
-        if recovered:
-            logger.warning("%d unfinished request(s) from a previous run marked failed.", recovered)
         worker = Worker(settings, store, get_pipeline or cache.get_pipeline)
+        requeued, failed = worker.recover()
+        if requeued or failed:
+            logger.warning("Unfinished requests from a previous run: %d queued again, %d failed.", requeued, failed)
+        worker.sweep(force=True)
         worker.start()
         app.state.store, app.state.worker = store, worker
         yield
@@ -56,6 +67,8 @@ def create_app(settings: Settings | None = None, get_pipeline: Callable | None =
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Content-Type", "X-API-Key"])

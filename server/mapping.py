@@ -16,12 +16,13 @@ request field          library
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass
 
 from ..pipelines.registry import REGISTRY, ModelSpec
-from .downloads import DownloadError, check_url, decode_base64_image
+from .downloads import DownloadError, check_url, decode_base64_image, without_credentials
 from .errors import APIError
 from .schemas import InferenceInput, PromptItem
 from .settings import Settings
@@ -37,6 +38,11 @@ class LoraSource:
     url: str | None = None
 
 
+def inputs_prefix(folder: str, task_id: str) -> str:
+    """Where a queued job's inline control images are kept: ``<folder>/<task id>_control_<prompt>_<k>.png``."""
+    return os.path.join(folder, f"{task_id}_control_")
+
+
 @dataclass
 class Job:
     """A validated request, in library terms; lives in memory while queued or running."""
@@ -49,8 +55,41 @@ class Job:
     output_format: str
     hf_token: str | None
     total_steps: int
+    own_token: bool = False  # the request brought its hf_token (never stored: a restart cannot download with it)
     cancel_requested: bool = False
     step: int = 0
+
+    def to_record(self, inputs_folder: str) -> dict:
+        """What is stored to run the job again after a restart: JSON, with inline control images written as
+        lossless PNG files under ``inputs_folder`` (URLs are fetched again) and no token."""
+        from ..pipelines.media import write_image
+
+        controls = []
+        for i, sources in enumerate(self.controls):
+            controls.append([])
+            for k, source in enumerate(sources):
+                if isinstance(source, str):
+                    controls[-1].append({"url": source})
+                else:
+                    controls[-1].append({"file": write_image(source, f"{inputs_prefix(inputs_folder, self.id)}{i}_{k}.png")})
+        return {"loras": [dataclasses.asdict(lora) for lora in self.loras], "prompts": self.prompts,
+                "controls": controls, "output_format": self.output_format, "total_steps": self.total_steps,
+                "own_token": self.own_token}
+
+    @classmethod
+    def from_record(cls, task_id: str, model: str, record: dict, hf_token: str | None) -> "Job":
+        """The job stored by :meth:`to_record` (raises OSError when an input file is gone)."""
+        from PIL import Image
+
+        def load(path: str):
+            with Image.open(path) as image:
+                return image.convert("RGB")
+
+        controls = [[source["url"] if "url" in source else load(source["file"]) for source in sources]
+                    for sources in record["controls"]]
+        return cls(id=task_id, model=model, loras=[LoraSource(**lora) for lora in record["loras"]],
+                   prompts=record["prompts"], controls=controls, output_format=record["output_format"],
+                   hf_token=hf_token, total_steps=record["total_steps"], own_token=record["own_token"])
 
 
 def is_moe(spec: ModelSpec) -> bool:
@@ -65,7 +104,9 @@ def is_url(path: str) -> bool:
 def resolve_local_lora(path: str, root: str) -> str:
     """``root/path`` after symlinks, or a 400 if ``path`` is absolute, has ``..``, or resolves outside ``root``."""
     hint = "Give a path relative to WORKFLOWS_BASE_PATH, inside it."
-    if "\x00" in path or os.path.isabs(path) or path.startswith("~") or re.match(r"^[A-Za-z]:", path):
+    if "\x00" in path:
+        raise APIError(400, "LORA_PATH_NOT_ALLOWED", f"LoRA path {path!r} contains a NUL character. {hint}", {"path": path})
+    if os.path.isabs(path) or path.startswith("~") or re.match(r"^[A-Za-z]:", path):
         raise APIError(400, "LORA_PATH_NOT_ALLOWED", f"LoRA path {path!r} is absolute. {hint}", {"path": path})
     if ".." in re.split(r"[\\/]", path):
         raise APIError(400, "LORA_PATH_NOT_ALLOWED", f"LoRA path {path!r} contains '..'. {hint}", {"path": path})
@@ -132,9 +173,9 @@ def _lora_sources(body: InferenceInput, spec: ModelSpec, settings: Settings) -> 
         strength = 1.0 if item.network_multiplier is None else item.network_multiplier
         if is_url(item.path):
             try:
-                url = check_url(item.path)
+                url = check_url(item.path, settings.fetch_policy)
             except DownloadError as e:
-                raise APIError(400, "INVALID_LORA_URL", str(e), {"path": item.path}) from None
+                raise APIError(400, "INVALID_LORA_URL", str(e), {"path": without_credentials(item.path)}) from None
             sources.append(LoraSource(strength, item.transformer, url=url))
             continue
         full = resolve_local_lora(item.path, settings.workflows_base_path)
@@ -163,7 +204,7 @@ def _controls(model: str, spec: ModelSpec, body: InferenceInput, settings: Setti
         for source in sources:
             try:
                 if source.startswith(("http://", "https://")) or is_url(source):
-                    images.append(check_url(source))
+                    images.append(check_url(source, settings.fetch_policy))
                 else:
                     images.append(decode_base64_image(source, settings.control_image_max_bytes,
                                                       settings.control_image_max_pixels))
@@ -198,4 +239,5 @@ def build_job(task_id: str, body: InferenceInput, settings: Settings) -> Job:
     prompts = [generate_kwargs(item, body, spec) for item in body.prompts]
     total = sum(spec.steps if p["steps"] is None else p["steps"] for p in prompts)
     return Job(id=task_id, model=body.model, loras=loras, prompts=prompts, controls=controls,
-               output_format=body.output_format, hf_token=body.hf_token or settings.hf_token, total_steps=total)
+               output_format=body.output_format, hf_token=body.hf_token or settings.hf_token, total_steps=total,
+               own_token=bool(body.hf_token))

@@ -5,33 +5,45 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..pipelines.lora import STRENGTH_RANGE
+
+#: length caps of the free-text fields, in characters (a prompt is far shorter than any text encoder's window)
+MAX_PROMPT_CHARS = 10_000
+MAX_NAME_CHARS = 1_000
+MAX_URL_CHARS = 4_096
 
 TaskStatus = Literal["in_queue", "in_progress", "succeeded", "failed", "canceled"]
 FINISHED = ("succeeded", "failed", "canceled")
 
 
 # ---------------------------------------------------------------------------------------------------------------- request
-class LoraItem(BaseModel):
-    path: str = Field(..., description="File relative to WORKFLOWS_BASE_PATH, or an http(s) URL of a .safetensors file.")
+class RequestModel(BaseModel):
+    """Request bodies: an unknown field is an error (a typo such as ``sample_step`` must not silently run with the
+    default), and NaN/Infinity are not numbers."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class LoraItem(RequestModel):
+    path: str = Field(..., max_length=MAX_URL_CHARS, description="File relative to WORKFLOWS_BASE_PATH, or an http(s) URL of a .safetensors file.")
     transformer: Optional[Literal["low", "high", "uncond"]] = Field(
         None, description="MoE models only: the expert this LoRA is for (low/high). Ideogram 4 only: uncond, a LoRA "
                           "for the unconditional CFG pass only (ai-toolkit's unconditional LoRA).")
     network_multiplier: Optional[float] = Field(None, ge=STRENGTH_RANGE[0], le=STRENGTH_RANGE[1], description="LoRA strength (library: strength), default 1.0.")
 
 
-class PromptItem(BaseModel):
-    prompt: str
-    trigger_word: Optional[str] = Field(None, description="Overrides the request's trigger_word for this prompt.")
+class PromptItem(RequestModel):
+    prompt: str = Field(..., max_length=MAX_PROMPT_CHARS)
+    trigger_word: Optional[str] = Field(None, max_length=MAX_NAME_CHARS, description="Overrides the request's trigger_word for this prompt.")
     width: Optional[int] = Field(None, ge=64, le=4096)
     height: Optional[int] = Field(None, ge=64, le=4096)
     guidance_scale: Optional[float] = Field(None, ge=0.0, le=20.0, description="Library: guidance.")
     sample_steps: Optional[int] = Field(None, ge=1, le=150, description="Library: steps.")
-    neg: Optional[str] = Field(None, description="Negative prompt (library: negative).")
+    neg: Optional[str] = Field(None, max_length=MAX_PROMPT_CHARS, description="Negative prompt (library: negative).")
     seed: Optional[int] = Field(None, ge=-1, le=2**63 - 1, description="-1 draws a random seed; the result reports it.")
-    sampler: Optional[str] = Field(None, description="Accepted for compatibility and ignored: each model samples with "
+    sampler: Optional[str] = Field(None, max_length=MAX_NAME_CHARS, description="Accepted for compatibility and ignored: each model samples with "
                                                      "the scheduler ai-toolkit uses for it.")
     num_frames: Optional[int] = Field(None, ge=1, le=1000)
     fps: Optional[int] = Field(None, ge=1, le=120)
@@ -42,11 +54,11 @@ class PromptItem(BaseModel):
     ctrl_img_3: Optional[str] = None
 
 
-class InferenceInput(BaseModel):
-    model: str = Field(..., description="A model id from GET /v1/models.")
+class InferenceInput(RequestModel):
+    model: str = Field(..., max_length=MAX_NAME_CHARS, description="A model id from GET /v1/models.")
     loras: list[LoraItem] = Field(..., description="At least one LoRA; several are stacked.")
-    hf_token: Optional[str] = Field(None, description="Used for this request's URL-LoRA downloads only (never stored).")
-    trigger_word: Optional[str] = Field(None, description="Replaces [trigger] in the prompts.")
+    hf_token: Optional[str] = Field(None, max_length=MAX_NAME_CHARS, description="Used for this request's URL-LoRA downloads only (never stored).")
+    trigger_word: Optional[str] = Field(None, max_length=MAX_NAME_CHARS, description="Replaces [trigger] in the prompts.")
     prompts: list[PromptItem] = Field(..., min_length=1, max_length=64)
     kv_cache: Optional[bool] = Field(None, description="Passed to families that take it.")
     match_target_res: Optional[bool] = Field(None, description="Passed to families that take it.")
@@ -89,6 +101,8 @@ class InferenceStatusResponse(BaseModel):
     queue_position: Optional[int] = Field(None, description="1 = runs next; null unless in_queue.")
     step: Optional[int] = Field(None, description="Denoising steps done, over all prompts of the request.")
     total_steps: Optional[int] = None
+    attempts: int = Field(0, description="How many times the request was started: above 1 when a server restart "
+                                         "(crash or shutdown) queued it again (at most AITK_MAX_ATTEMPTS).")
 
 
 class ImageOutput(BaseModel):

@@ -13,6 +13,7 @@ from typing import Mapping, Sequence
 
 from ..pipelines.registry import get_spec
 from ..pipelines.runtime.options import LoadOptionError, LoadOptions
+from .downloads import FetchPolicy
 
 GIB = 1024**3
 MIB = 1024**2
@@ -108,6 +109,19 @@ class Settings:
         control_image_max_pixels (int, defaults to 4096*4096): ``AITK_CONTROL_IMAGE_MAX_PIXELS``.
         token_hosts (tuple, defaults to huggingface.co, hf.co): ``AITK_TOKEN_HOSTS``, hosts (and their
             subdomains) an HF token may be sent to.
+        fetch_allowlist (tuple, defaults to none): ``AITK_FETCH_ALLOWLIST`` (comma-separated host names, IP addresses
+            or networks): internal places URL LoRAs and control images may be fetched from; everything else must
+            resolve to public addresses only.
+        download_timeout (float, defaults to 900): ``AITK_DOWNLOAD_TIMEOUT``, total seconds one download may take.
+        max_body_bytes (int, defaults to 32 MiB): ``AITK_MAX_BODY_BYTES``, the largest request body accepted (413
+            above it); room for one control image at the default ``control_image_max_bytes`` in base64.
+        max_attempts (int, defaults to 3): ``AITK_MAX_ATTEMPTS``, how many times a request may be started: one left
+            queued or running by a crash or a shutdown is queued again at the next start until it has been started
+            this often (so a request that crashes the server cannot do it forever).
+        output_max_age (float, defaults to 7 days): ``AITK_OUTPUT_MAX_AGE`` in seconds; output files of requests
+            finished longer ago are deleted (0 keeps them forever).
+        output_max_bytes (int, defaults to 0): ``AITK_OUTPUT_MAX_BYTES``; when the kept output files add up to more,
+            the oldest requests' files are deleted first (0: no size cap).
     """
 
     host: str = "127.0.0.1"
@@ -128,14 +142,32 @@ class Settings:
     control_image_max_bytes: int = 20 * MIB
     control_image_max_pixels: int = 4096 * 4096
     token_hosts: tuple = ("huggingface.co", "hf.co")
+    fetch_allowlist: tuple = ()
+    download_timeout: float = 900.0
+    max_body_bytes: int = 32 * MIB
+    max_attempts: int = 3
+    output_max_age: float = 7 * 24 * 3600.0
+    output_max_bytes: int = 0
+
+    def __post_init__(self):
+        self.fetch_policy  # noqa: B018 - a bad AITK_FETCH_ALLOWLIST entry fails at start, not at the first download
 
     def load_options(self, model_id: str) -> LoadOptions:
         """The load options of ``model_id``: ``load`` with the model's base override."""
         return dataclasses.replace(self.load, base=self.bases.get(model_id))
 
     @property
+    def fetch_policy(self) -> FetchPolicy:
+        return FetchPolicy.from_entries(self.fetch_allowlist, self.download_timeout)
+
+    @property
     def public_url(self) -> str:
         return (self.base_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+    @property
+    def inputs_path(self) -> str:
+        """Where queued requests' inline control images wait (as PNG) until the request finishes."""
+        return os.path.join(self.output_base_path, "inputs")
 
     @property
     def database_path(self) -> str:
@@ -169,4 +201,10 @@ class Settings:
             control_image_max_bytes=_number(env, "AITK_CONTROL_IMAGE_MAX_BYTES", defaults.control_image_max_bytes),
             control_image_max_pixels=_number(env, "AITK_CONTROL_IMAGE_MAX_PIXELS", defaults.control_image_max_pixels),
             token_hosts=tuple(h.lower() for h in _split(env.get("AITK_TOKEN_HOSTS", ""))) or defaults.token_hosts,
+            fetch_allowlist=tuple(_split(env.get("AITK_FETCH_ALLOWLIST", ""))),
+            download_timeout=_number(env, "AITK_DOWNLOAD_TIMEOUT", defaults.download_timeout, kind=float, minimum=0.001),
+            max_body_bytes=_number(env, "AITK_MAX_BODY_BYTES", defaults.max_body_bytes),
+            max_attempts=_number(env, "AITK_MAX_ATTEMPTS", defaults.max_attempts),
+            output_max_age=_number(env, "AITK_OUTPUT_MAX_AGE", defaults.output_max_age, kind=float, minimum=0),
+            output_max_bytes=_number(env, "AITK_OUTPUT_MAX_BYTES", defaults.output_max_bytes, minimum=0),
         )

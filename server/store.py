@@ -27,8 +27,11 @@ CREATE TABLE IF NOT EXISTS tasks (
     metadata TEXT
 )
 """
-_JSON_COLUMNS = ("request", "outputs", "metadata")
-_COLUMNS = ("status", "started_at", "finished_at", "error", "outputs", "metadata")
+#: columns added after the first release, with their SQL type: an older database gets them on open
+_ADDED_COLUMNS = {"attempts": "INTEGER NOT NULL DEFAULT 0", "job": "TEXT", "outputs_deleted_at": "TEXT"}
+_JSON_COLUMNS = ("request", "outputs", "metadata", "job")
+_COLUMNS = ("status", "started_at", "finished_at", "error", "outputs", "metadata", "job", "outputs_deleted_at")
+UNFINISHED = ("in_queue", "in_progress")
 
 
 def utc_now() -> str:
@@ -50,17 +53,43 @@ class TaskStore:
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(_SCHEMA)
+        present = {row["name"] for row in self._db.execute("PRAGMA table_info(tasks)")}
+        for name, kind in _ADDED_COLUMNS.items():
+            if name not in present:
+                self._db.execute(f"ALTER TABLE tasks ADD COLUMN {name} {kind}")
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
-    def add(self, task_id: str, model: str, request: dict, created_at: str) -> None:
+    def add(self, task_id: str, model: str, request: dict, created_at: str, job: dict | None = None) -> None:
+        """Store a queued task: ``request`` as shown to clients (redacted), ``job`` what the worker needs to run it
+        again after a restart."""
         with self._lock:
             self._db.execute(
-                "INSERT INTO tasks (id, status, model, created_at, request) VALUES (?, 'in_queue', ?, ?, ?)",
-                (task_id, model, created_at, json.dumps(request)),
+                "INSERT INTO tasks (id, status, model, created_at, request, job) VALUES (?, 'in_queue', ?, ?, ?, ?)",
+                (task_id, model, created_at, json.dumps(request), None if job is None else json.dumps(job)),
             )
+
+    def start(self, task_id: str) -> int:
+        """Mark the task running and count the attempt; returns the attempt number (1 for the first run)."""
+        with self._lock:
+            self._db.execute("UPDATE tasks SET status = 'in_progress', started_at = ?, attempts = attempts + 1 "
+                             "WHERE id = ?", (utc_now(), task_id))
+            return self._db.execute("SELECT attempts FROM tasks WHERE id = ?", (task_id,)).fetchone()[0]
+
+    def unfinished(self) -> list[dict]:
+        """Queued or running tasks (left by a previous run), oldest first."""
+        with self._lock:
+            rows = self._db.execute(f"SELECT * FROM tasks WHERE status IN {UNFINISHED} ORDER BY seq").fetchall()
+        return [_decode(r) for r in rows]
+
+    def with_outputs(self) -> list[dict]:
+        """Finished tasks whose output files are still kept, oldest finished first."""
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM tasks WHERE outputs IS NOT NULL AND outputs_deleted_at IS NULL "
+                                    "ORDER BY finished_at, seq").fetchall()
+        return [_decode(r) for r in rows]
 
     def update(self, task_id: str, **fields) -> None:
         unknown = set(fields) - set(_COLUMNS)
@@ -84,14 +113,6 @@ class TaskStore:
                                     (*args, limit, offset)).fetchall()
         return [_decode(r) for r in rows], total
 
-    def fail_unfinished(self, reason: str) -> int:
-        """Mark every queued or running task failed with ``reason``; returns how many."""
-        with self._lock:
-            cursor = self._db.execute(
-                "UPDATE tasks SET status = 'failed', error = ?, finished_at = ? WHERE status IN ('in_queue', 'in_progress')",
-                (reason, utc_now()),
-            )
-            return cursor.rowcount
 
 
 def _decode(row: sqlite3.Row) -> dict:

@@ -8,6 +8,7 @@ stop within one denoising step.
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import threading
@@ -18,14 +19,14 @@ from typing import Callable
 from ..pipelines.runtime import cache
 from ..pipelines.base import GenerationInterrupted
 from .downloads import DownloadError, fetch_image, fetch_lora
-from .mapping import Job
-from .outputs import save_image, save_video
+from .mapping import Job, inputs_prefix
+from .outputs import output_files, save_image, save_video, sweep_outputs
 from .settings import Settings
 from .store import TaskStore, utc_now
 
 logger = logging.getLogger(__name__)
 
-SHUTDOWN_REASON = "The server shut down before this request finished; submit it again."
+SWEEP_INTERVAL_S = 60.0  # the output retention sweep runs at most this often (and at start)
 
 
 class _Stop(GenerationInterrupted):
@@ -54,6 +55,7 @@ class Worker:
         self._cond = threading.Condition()
         self._current: Job | None = None
         self._stopping = False
+        self._last_sweep = float("-inf")
         self._thread = threading.Thread(target=self._loop, name="aitk-worker", daemon=True)
 
     # ------------------------------------------------------------------------------------------------ control
@@ -61,15 +63,41 @@ class Worker:
         self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop taking jobs, interrupt the running one at its next step, and fail what is left with a reason."""
+        """Stop taking jobs and interrupt the running one at its next step, putting it back in the queue: what is
+        left queued stays queued in the store and runs after the next start (see :meth:`recover`)."""
         with self._cond:
             self._stopping = True
-            queued = list(self._queue)
             self._queue.clear()
             self._cond.notify_all()
-        for job in queued:
-            self.store.update(job.id, status="failed", error=SHUTDOWN_REASON, finished_at=utc_now())
         self._thread.join(timeout)
+
+    def recover(self) -> tuple[int, int]:
+        """Queue again, in their order, the tasks a previous run left queued or running (crash or shutdown), each
+        until it has been started ``max_attempts`` times; fail the others with the reason. Call before
+        :meth:`start`. Returns (queued again, failed)."""
+        requeued = failed = 0
+        limit = self.settings.max_attempts
+        for task in self.store.unfinished():
+            reason = None
+            if task["attempts"] >= limit:
+                reason = (f"The server stopped while running this request {task['attempts']} time(s) "
+                          f"(AITK_MAX_ATTEMPTS={limit}); it is not started again, as it may be what stops the server.")
+            elif task["job"] is None or (task["job"]["own_token"] and any(l["url"] for l in task["job"]["loras"])):
+                reason = ("The server restarted before this request finished, and the request cannot be run again "
+                          "without what is never stored (the hf_token for its URL LoRAs); submit it again.")
+            else:
+                try:
+                    job = Job.from_record(task["id"], task["model"], task["job"], self.settings.hf_token)
+                except OSError:
+                    reason = "The server restarted and this request's control images are gone; submit it again."
+            if reason is not None:
+                self._finish(task["id"], status="failed", error=reason)
+                failed += 1
+                continue
+            self.store.update(task["id"], status="in_queue")
+            self._queue.append(job)
+            requeued += 1
+        return requeued, failed
 
     def submit(self, job: Job) -> int:
         """Queue ``job``; returns its queue position (1 = runs next)."""
@@ -96,7 +124,7 @@ class Worker:
             for job in self._queue:
                 if job.id == task_id:
                     self._queue.remove(job)
-                    self.store.update(task_id, status="canceled", finished_at=utc_now())
+                    self._finish(task_id, status="canceled")
                     return True
             if self._current is not None and self._current.id == task_id:
                 self._current.cancel_requested = True
@@ -116,13 +144,35 @@ class Worker:
                 self._run(self._current)
             finally:
                 self._current = None
+            self.sweep()
+
+    def sweep(self, force: bool = False) -> None:
+        """Apply the output retention settings (at most every ``SWEEP_INTERVAL_S`` unless ``force``)."""
+        settings = self.settings
+        if not (settings.output_max_age or settings.output_max_bytes):
+            return
+        if not force and time.monotonic() - self._last_sweep < SWEEP_INTERVAL_S:
+            return
+        self._last_sweep = time.monotonic()
+        try:
+            deleted = sweep_outputs(self.store, settings.output_max_age, settings.output_max_bytes)
+            if deleted:
+                logger.info("Output retention: deleted the files of %d finished request(s).", deleted)
+        except OSError:
+            logger.exception("Output retention sweep failed; it will be tried again.")
+
+    def _finish(self, task_id: str, **fields) -> None:
+        """Record the end of a task and delete the inline control images kept for a restart."""
+        self.store.update(task_id, finished_at=utc_now(), **fields)
+        for path in glob.glob(glob.escape(inputs_prefix(self.settings.inputs_path, task_id)) + "*"):
+            os.remove(path)
 
     def _check(self, job: Job, deadline: float) -> None:
         """Raise :class:`_Stop` if the job was canceled, timed out, or the server is stopping."""
         if job.cancel_requested:
             raise _Stop("canceled", None)
         if self._stopping:
-            raise _Stop("failed", SHUTDOWN_REASON)
+            raise _Stop("in_queue", None)  # run again after the next start
         if time.monotonic() > deadline:
             raise _Stop("failed", f"Timed out after INFERENCE_TIMEOUT={self.settings.inference_timeout:g} s; "
                                   "the generation was stopped between two steps.")
@@ -130,7 +180,7 @@ class Worker:
     def _run(self, job: Job) -> None:
         started = time.perf_counter()
         deadline = time.monotonic() + self.settings.inference_timeout
-        self.store.update(job.id, status="in_progress", started_at=utc_now())
+        self.store.start(job.id)
         timings: dict = {"pipeline_details": {}, "prompts": []}
         try:
             # 1. Resolve LoRA files (URL LoRAs are downloaded, checked and cached)
@@ -142,11 +192,21 @@ class Worker:
                 path = lora.path
                 if lora.url is not None:
                     path, cached = fetch_lora(lora.url, self.settings.lora_download_cache_dir, self.settings.lora_max_bytes,
-                                              job.hf_token, self.settings.token_hosts, lambda: self._check(job, deadline))
+                                              job.hf_token, self.settings.token_hosts, lambda: self._check(job, deadline),
+                                              self.settings.fetch_policy)
                     downloads.append({"url": lora.url, "cached": cached})
                 requests.append(LoraRequest(path=path, strength=lora.strength, side=lora.side))
             timings["pipeline_details"].update(download_loras=round(time.perf_counter() - t, 4), downloads=downloads)
             self._check(job, deadline)
+            # ... and control images: every input is fetched and checked before the model is touched
+            control_images, control_times = [], []
+            for sources in job.controls:
+                t = time.perf_counter()
+                control_images.append([fetch_image(c, self.settings.control_image_max_bytes,
+                                                   self.settings.control_image_max_pixels, self.settings.fetch_policy)
+                                       if isinstance(c, str) else c for c in sources])
+                control_times.append(time.perf_counter() - t)
+                self._check(job, deadline)
 
             # 2. Get the pipeline from the shared cache
             t = time.perf_counter()
@@ -166,17 +226,12 @@ class Worker:
             done = 0
             t_inference = time.perf_counter()
             for i, kwargs in enumerate(job.prompts):
-                t = time.perf_counter()
-                controls = [fetch_image(c, self.settings.control_image_max_bytes, self.settings.control_image_max_pixels)
-                            if isinstance(c, str) else c for c in job.controls[i]]
-                t_controls = time.perf_counter() - t
-
                 def on_step(step: int, total: int, done=done) -> None:
                     job.step = done + step
                     self._check(job, deadline)
 
                 t = time.perf_counter()
-                result = pipeline.generate(progress=on_step, control_images=controls or None,
+                result = pipeline.generate(progress=on_step, control_images=control_images[i] or None,
                                            vae_tiling=self.settings.vae_tiling, **kwargs)
                 t_generate = time.perf_counter() - t
                 done += result.params.steps
@@ -186,16 +241,22 @@ class Worker:
                 index = len(outputs["images"]) + len(outputs["videos"])
                 self._save(job, index, result, outputs)
                 generations.append(result.metadata())
-                timings["prompts"].append({"load_control_images": round(t_controls, 4), "generate": round(t_generate, 4),
+                timings["prompts"].append({"load_control_images": round(control_times[i], 4), "generate": round(t_generate, 4),
                                            "save": round(time.perf_counter() - t, 4)})
             timings["inference_total"] = round(time.perf_counter() - t_inference, 4)
             metadata = {"model": job.model, "inference_time": round(time.perf_counter() - started, 4), "timings": timings,
                         "loras": applied, "generations": generations}
-            self.store.update(job.id, status="succeeded", outputs=outputs, metadata=metadata, finished_at=utc_now())
+            incomplete = [p for p in output_files({"outputs": outputs}) if not os.path.getsize(p)]
+            if incomplete:
+                raise OSError(f"Output file(s) {incomplete} are empty after writing (disk full?).")
+            self._finish(job.id, status="succeeded", outputs=outputs, metadata=metadata)
         except _Stop as stop:
-            self.store.update(job.id, status=stop.status, error=stop.reason, finished_at=utc_now())
+            if stop.status == "in_queue":
+                self.store.update(job.id, status="in_queue")
+            else:
+                self._finish(job.id, status=stop.status, error=stop.reason)
         except Exception as e:  # a failed task must never take the worker down
-            self.store.update(job.id, status="failed", error=_describe(e, job), finished_at=utc_now())
+            self._finish(job.id, status="failed", error=_describe(e, job))
 
     def _save(self, job: Job, index: int, result, outputs: dict) -> None:
         base = os.path.join(self.settings.output_base_path, f"{job.id}_output_{index}")
@@ -221,7 +282,7 @@ def _describe(error: Exception, job: Job) -> str:
                     "or restart the server with OFFLOAD_MODE=model. The server and its cached pipeline are still usable.")
     except ImportError:  # pragma: no cover
         pass
-    if isinstance(error, (ValueError, FileNotFoundError, DownloadError)):
+    if isinstance(error, (ValueError, OSError, DownloadError)):
         return str(error)
     logger.exception("Task %s failed", job.id)
     return f"{type(error).__name__}: {error}"

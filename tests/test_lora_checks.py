@@ -149,3 +149,22 @@ def test_apply_node_refuses_a_nan_lora(tiny_dir, tmp_path):
     bad = save_lora(str(tmp_path / "diverged.safetensors"), diverged)
     with pytest.raises(LoraFormatError, match=re.escape(f"transformer.{targets[1][0]}: lora_A holds inf")):
         core.apply_lora(handle, bad, 1.0, "none")
+
+
+def test_merge_replay_is_skipped_only_where_overflow_is_impossible():
+    """The fused merge guard replays a change on scratch weights unless the factors bound its growth far below the
+    range of a bfloat16/float32 weight; float16 weights, LoKr and huge factors always get the replay."""
+    import torch
+
+    from aitk_inference.pipelines.lora.convert import ModulePatch
+    from aitk_inference.pipelines.lora.stack import _cannot_overflow
+
+    small = ModulePatch(kind="lora", tensors={"up": torch.full((8, 4), 0.5), "down": torch.full((4, 6), -2.0)})
+    huge = ModulePatch(kind="lora", tensors={"up": torch.full((8, 4), 1e16), "down": torch.full((4, 6), 1e16)})
+    lokr = ModulePatch(kind="lokr", tensors={"w1": torch.ones(2, 2), "w2": torch.ones(4, 3)})
+    for dtype in (torch.bfloat16, torch.float32):
+        weight = torch.zeros(8, 6, dtype=dtype)
+        assert _cannot_overflow(weight, [(small, 1.0, "a"), (small, -0.5, "a")])
+        assert not _cannot_overflow(weight, [(small, 1.0, "a"), (huge, 1.0, "b")])
+        assert not _cannot_overflow(weight, [(lokr, 1.0, "c")])
+    assert not _cannot_overflow(torch.zeros(8, 6, dtype=torch.float16), [(small, 1.0, "a")])

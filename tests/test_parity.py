@@ -29,6 +29,9 @@ SCHEDULER_GOLDEN = {
     "wan21_14b": "wan21", "wan21_1b": "wan21", "wan21_i2v_14b": "wan21", "wan21_i2v_14b480p": "wan21",
     "flux2": "flux2", "flux2_diffusers": "flux2", "flux2_klein_4b": "flux2", "flux2_klein_9b": "flux2",
     "cogview4": "cogview4",
+    "nucleus_image": "nucleus_image",
+    "prx_pixel": "prx_pixel",
+    "anima": "anima",
 }
 NO_SCHEDULER_GOLDEN = {
     "sd15": "schedulers.json records the flow-matching families only; SD's DDPM config and timesteps are checked in "
@@ -50,6 +53,10 @@ NO_SCHEDULER_GOLDEN = {
                   "test_hidream.py",
     "ernie_image": "ai-toolkit's ERNIE-Image schedule (its own run, with the sigmas the pipeline passes) is in "
                    "goldens/ernie_image/schedules.json, compared in test_ernie_image.py",
+    **dict.fromkeys(
+        ("krea2", "krea2_turbo", "krea2_o_edit", "krea2_o_edit_turbo"),
+        "ai-toolkit samples Krea 2 with its own Euler loop, no scheduler: test_krea2.py compares our schedule with "
+        "tests/goldens/krea2 (ai-toolkit's pipeline.timesteps) and spies on the times the transformer receives"),
     "ideogram4": "ai-toolkit samples Ideogram 4 with its own logit-normal sigmas, no scheduler: they are in "
                  "goldens/ideogram4/schedules.json, compared (and the times the transformer receives) in "
                  "test_ideogram4.py",
@@ -75,6 +82,23 @@ NO_NOISE_GOLDEN = dict.fromkeys(
 )
 NO_NOISE_GOLDEN["ernie_image"] = ("ai-toolkit's seed-42 ERNIE-Image draw (float32 and bfloat16) is in "
                                   "goldens/ernie_image/sampling.safetensors, compared in test_ernie_image.py")
+NO_NOISE_GOLDEN["nucleus_image"] = (
+    "NucleusMoEImagePipeline._unpack_latents takes a patch size, so the packed-to-unpacked check here does not fit; "
+    "test_nucleus_image.py compares the seed-42 draw with ai-toolkit's own sample path and with FLUX.1's packed key"
+)
+NO_NOISE_GOLDEN["prx_pixel"] = (
+    "pixel space: ai-toolkit's draw is randn(1, 3, H, W) * 2.0 in float32, a layout initial_noise.safetensors does not "
+    "hold; test_prx_pixel.py compares it with ai-toolkit's own generations (goldens/prx_pixel, seed 42, fp32 and bf16)"
+)
+NO_NOISE_GOLDEN["anima"] = (
+    "Anima draws a 5-D (B, 16, 1, H/8, W/8) latent; tests/test_anima.py compares it bit for bit with ai-toolkit's own "
+    "draw (goldens/anima) and with FLUX.1's unpacked float32 draw here, which holds the same numbers"
+)
+NO_NOISE_GOLDEN.update(dict.fromkeys(
+    ("krea2", "krea2_turbo", "krea2_o_edit", "krea2_o_edit_turbo"),
+    "Krea 2's own loop calls no scheduler step to spy on; test_krea2.py compares the latents the first transformer call "
+    "receives with the draw of ai-toolkit's Krea2Pipeline (tests/goldens/krea2)",
+))
 NO_NOISE_GOLDEN["ideogram4"] = ("ai-toolkit's seed-42 Ideogram 4 draw ((1, 128, h/16, w/16) times the first sigma) is "
                                 "in goldens/ideogram4/sampling.safetensors, compared in test_ideogram4.py")
 NOISE_SIZES = [(64, 64), (512, 768)]  # (W, H) as in the golden keys
@@ -86,7 +110,9 @@ AITK_DIVISOR = {
     "qwen_image_2512": 32, "qwen_image_edit": 32, "qwen_image_edit_plus": 32, "qwen_image_edit_plus_2511": 32,
     "ltx2": 32, "ltx2.3": 32, "wan22_5b": 32, "wan21_14b": 16, "wan21_1b": 16, "wan21_i2v_14b": 16,
     "wan21_i2v_14b480p": 16, "wan22_14b_t2v": 16, "wan22_14b_i2v": 16, "sd15": 8, "sdxl": 8, "hidream": 16,
-    "omnigen2": 16, "ernie_image": 32, "ideogram4": 16,
+    "omnigen2": 16, "ernie_image": 32, "nucleus_image": 32, "prx_pixel": 16, "anima": 32, "ideogram4": 16,
+    # Krea2Model.get_bucket_divisibility (VAE 8 x patch 2); generate_single_image floors the sample size to it
+    "krea2": 16, "krea2_turbo": 16, "krea2_o_edit": 16, "krea2_o_edit_turbo": 16,
 }
 NO_DIVISOR_GOLDEN = {
     "lumina2": "ai-toolkit.md §2.2 gives Lumina2's floor as the pipeline default, unverified",

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from ..base import floor_sample_size
 from ..prompts import inject_trigger, parse_prompt_flags
-from ..registry import Experts, model_id_for_arch
+from ..registry import Experts, aitk_arch_names, model_id_for_arch
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +162,10 @@ def model_id_for_job(model_cfg: dict) -> str:
     """Map a job's ``model`` section (``arch``, legacy ``is_flux``/``is_xl`` flags, ``name_or_path``) to a model id."""
     arch = model_cfg.get("arch")
     if arch:
-        arch = str(arch).split(":")[0]
+        # A tagged UI arch that some id answers for (krea2:o_edit) stays whole; other tags are presets of the arch
+        arch = str(arch)
+        if arch not in aitk_arch_names():
+            arch = arch.split(":")[0]
     elif model_cfg.get("is_flux"):
         arch = "flux"
     elif model_cfg.get("is_xl"):

@@ -12,8 +12,11 @@ STRENGTH_RANGE = (-2.0, 2.0)
 
 def check_strength(strength: float, label: str) -> float:
     """``strength`` as a float, or a ValueError naming ``label`` when it is outside :data:`STRENGTH_RANGE`."""
-    strength = float(strength)
     lo, hi = STRENGTH_RANGE
-    if not (lo <= strength <= hi):
-        raise ValueError(f"LoRA strength {strength} for {label} is outside {lo}..{hi} (ai-toolkit's network_multiplier range).")
-    return strength
+    try:
+        value = float(strength)
+    except (TypeError, ValueError):
+        raise ValueError(f"LoRA strength for {label} must be a number in {lo}..{hi}, got {strength!r}.") from None
+    if not (lo <= value <= hi):  # NaN fails this too
+        raise ValueError(f"LoRA strength {value} for {label} is outside {lo}..{hi} (ai-toolkit's network_multiplier range).")
+    return value

@@ -18,7 +18,10 @@ Quantized (FP8) weights cannot take an in-place merge. In fused mode each one ha
 
 Every request is checked against the model (:meth:`LoraStack.check`: strength, file, conversion, module match) before
 anything is touched, and a failure part-way through puts back the previous LoRA set, so a cached pipeline is never
-left half-patched.
+left half-patched. Finite LoRA tensors can still overflow once multiplied out and merged (fp16 weights, absurd
+magnitudes), so every merge of a change that could overflow is first replayed on a scratch copy of its weight, one
+layer at a time, and a change that would leave a NaN or inf weight is refused before any weight is written. A merge
+whose factors bound its growth far below the range of a bfloat16/float32 weight cannot overflow and is not replayed.
 
 A family may name *pass sides* (Ideogram 4's ``"uncond"``): a LoRA requested on such a side is held as a PEFT adapter in
 both modes and stays switched off except inside :meth:`LoraStack.pass_side`, which the family's sampling loop wraps
@@ -139,6 +142,25 @@ def _add_patch_(merged: torch.Tensor, patch: ModulePatch, coefficient: float) ->
         merged.addmm_(factors["up"], factors["down"], alpha=coefficient)
     else:
         merged.add_(coefficient * patch.delta(merged.device))
+
+
+# bfloat16 and float32 reach 3.4e38: a weight that moves by less than this cannot overflow (see _cannot_overflow)
+SAFE_MERGE_GROWTH = 1e30
+
+
+def _cannot_overflow(weight: torch.Tensor, merges) -> bool:
+    """True when LoRA merges provably keep a bfloat16/float32 weight finite, so the replay can be skipped:
+    ``|W + c * up @ down| <= |W| + |c| * rank * max|up| * max|down|``, a bound that costs a pass over the small factors
+    instead of one over the weight. float16 weights, LoKr, full and bias patches always get the replay."""
+    if weight.dtype not in (torch.bfloat16, torch.float32) or is_quantized(weight):
+        return False
+    growth = 0.0
+    for patch, coefficient, _ in merges:
+        if patch.kind != "lora" or "diff_b" in patch.tensors:
+            return False
+        up, down = patch.tensors["up"], patch.tensors["down"]
+        growth += abs(coefficient) * down.shape[0] * float(up.abs().max()) * float(down.abs().max())
+    return growth <= SAFE_MERGE_GROWTH
 
 
 @dataclass
@@ -355,6 +377,7 @@ class LoraStack:
         return summaries
 
     def _apply(self, wanted) -> None:
+        self._check_merges_finite(wanted)
         previous = [(slot, a.loaded, a.strength) for slot, a in self.active.items()]
         try:
             self._transition(wanted)
@@ -362,6 +385,50 @@ class LoraStack:
             logger.error("Applying the LoRA set failed; restoring the previous set.")
             self._restore(previous)
             raise
+
+    def _merge_plan(self, wanted) -> dict[tuple[str, str], list]:
+        """Per weight, the merges ``_transition(wanted)`` makes, in its order: ``[(patch, coefficient, label)]``."""
+        plan: dict[tuple[str, str], list] = {}
+
+        def add(loaded: LoadedLora, coefficient: float, side: str | None) -> None:
+            for key, patch in loaded.patches.items():
+                if coefficient != 0.0 and not self._uses_peft(patch, side):
+                    plan.setdefault(key, []).append((patch, coefficient, loaded.label))
+
+        for slot, entry in self.active.items():
+            if slot not in wanted:
+                add(entry.loaded, -entry.strength, slot[1])
+        for slot, (loaded, strength) in wanted.items():
+            add(loaded, strength - (self.active[slot].strength if slot in self.active else 0.0), slot[1])
+        return plan
+
+    @torch.no_grad()
+    def _check_merges_finite(self, wanted) -> None:
+        """Replay the merges of ``_transition(wanted)`` on a scratch copy of each weight (the same arithmetic as
+        :meth:`_merge`) and raise a ValueError, before any weight is written, if one would become NaN or inf."""
+        for (component, path), merges in self._merge_plan(wanted).items():
+            base = _base_layer(self.components[component].get_submodule(path))
+            if _cannot_overflow(base.weight, merges):
+                continue
+            weight = None if is_quantized(base.weight) else base.weight.to(torch.float32, copy=True)
+            bias = None if base.bias is None else base.bias.detach()
+            for patch, coefficient, label in merges:
+                if weight is not None:
+                    _add_patch_(weight, patch, coefficient)
+                    weight = weight.to(base.weight.dtype).float()
+                    finite = bool(torch.isfinite(weight).all())
+                else:
+                    finite = True
+                diff_b = patch.tensors.get("diff_b")
+                if bias is not None and diff_b is not None:
+                    bias = (bias.float() + coefficient * diff_b.to(bias.device, torch.float32)).to(base.bias.dtype)
+                    finite = finite and bool(torch.isfinite(bias).all())
+                if not finite:
+                    raise ValueError(
+                        f"{label}: merging it into {component}.{path} (coefficient {coefficient:g}) would make "
+                        f"{self.model_label}'s {base.weight.dtype} weights NaN or inf, so the change was refused and "
+                        "no weight was changed. The LoRA's values are far too large (a training run that diverged?): "
+                        "use an earlier checkpoint or a lower strength.")
 
     def clear(self) -> None:
         self.set([])

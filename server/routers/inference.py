@@ -15,14 +15,14 @@ from ..worker import Worker
 router = APIRouter(prefix="/v1/inference", tags=["inference"], responses=responses(401))
 
 
-@router.post("", response_model=InferenceResponse, responses=responses(400))
+@router.post("", response_model=InferenceResponse, responses=responses(400, 413))
 def submit(body: InferenceInput, settings: Settings = Depends(get_settings), store: TaskStore = Depends(get_store),
            worker: Worker = Depends(get_worker)) -> InferenceResponse:
     """Validate the request, store it and queue it; returns at once with the URLs to poll."""
     task_id = str(uuid.uuid4())
     job = build_job(task_id, body, settings)
     created_at = utc_now()
-    store.add(task_id, body.model, redacted(body), created_at)
+    store.add(task_id, body.model, redacted(body), created_at, job.to_record(settings.inputs_path))
     position = worker.submit(job)
     base = f"{settings.public_url}/v1/requests/{task_id}"
     return InferenceResponse(request_id=task_id, status_url=f"{base}/status", result_url=f"{base}/result",

@@ -35,6 +35,7 @@ def _status(task: dict, worker: Worker) -> InferenceStatusResponse:
     return InferenceStatusResponse(
         request_id=task["id"], status=task["status"], created_at=task["created_at"], started_at=task["started_at"],
         finished_at=task["finished_at"], error=task["error"], queue_position=position, step=step, total_steps=total,
+        attempts=task["attempts"],
     )
 
 
@@ -82,6 +83,10 @@ def download(request_id: str, index: int = Path(..., ge=0, le=10_000), store: Ta
     entries = [] if not task["outputs"] else task["outputs"]["images"] + task["outputs"]["videos"]
     entry = next((e for e in entries if e["index"] == index), None)
     root = os.path.realpath(settings.output_base_path)
+    if entry is not None and task["outputs_deleted_at"]:
+        raise APIError(404, "OUTPUT_NOT_FOUND", f"Output {index} of request '{request_id}' was deleted by the output "
+                       f"retention settings (AITK_OUTPUT_MAX_AGE / AITK_OUTPUT_MAX_BYTES) at {task['outputs_deleted_at']}.",
+                       {"request_id": request_id, "index": index, "deleted_at": task["outputs_deleted_at"]})
     if entry is None or not os.path.isfile(entry["file_path"]) or \
             os.path.commonpath([root, os.path.realpath(entry["file_path"])]) != root:
         raise APIError(404, "OUTPUT_NOT_FOUND", f"Request '{request_id}' has no output {index}.",

@@ -389,3 +389,22 @@ def test_reproduce_applies_the_jobs_unconditional_lora(tmp_path):
     assert job_side_loras(dataclasses.replace(job, process={"model": {"arch": "ideogram4"}}), REGISTRY["ideogram4"]) == []
     with pytest.raises(ValueError, match="unconditional_lora_path"):
         job_side_loras(job, REGISTRY["flux"])
+
+
+def test_schedule_options_match_ai_toolkits_model_kwargs(golden_pipeline):
+    """ai-toolkit's sampler reads ``model_kwargs.ideogram_schedule_mu``/``_std``: our ``schedule_mu``/``schedule_std``
+    generation options (a job's values through ``job_options``) give its sigmas, and the transformer receives the
+    flow times ``1 - sigma`` of them."""
+    key, run = next(iter(_json("schedules.json")["custom"].items()))
+    golden = torch.tensor(run["sigmas"])
+    assert golden_pipeline.job_options({"model_kwargs": {"ideogram_schedule_mu": run["mu"],
+                                                         "ideogram_schedule_std": run["std"]}}) == {
+        "schedule_mu": run["mu"], "schedule_std": run["std"]}
+    assert golden_pipeline.job_options({"model_kwargs": {}}) == {}
+    _, calls, _ = _record(golden_pipeline, prompt="a photo", width=768, height=512, steps=4, guidance=1.0, seed=42,
+                          schedule_mu=run["mu"], schedule_std=run["std"])
+    assert torch.equal(torch.cat([call["timestep"] for call in calls]), 1.0 - golden[:-1])
+    with pytest.raises(ValueError, match="schedule_std"):
+        golden_pipeline.generate(prompt="a photo", width=64, height=64, steps=1, schedule_std=0.0)
+    with pytest.raises(ValueError, match="takes schedule_mu, schedule_std"):
+        golden_pipeline.generate(prompt="a photo", width=64, height=64, steps=1, shift=3.0)

@@ -10,7 +10,8 @@ What ai-toolkit's previews do, and so do we (our own loop, :meth:`Ideogram4Famil
   pass only, on top of the LoRAs that act in both passes. Here it is a LoRA request with ``side="uncond"``
   (:data:`UNCONDITIONAL`; ``lora.stack`` "pass sides"): always a live adapter, off outside that pass;
 * the schedule is Ideogram's logit-normal one, shifted with the resolution (:func:`ideogram4_sigmas`: mean
-  ``mu + 0.5 ln(w h / 512^2)``, std 1.75, ``mu`` 0), Euler steps ``x += v (sigma_next - sigma)`` in float32;
+  ``mu + 0.5 ln(w h / 512^2)``, std 1.75, ``mu`` 0; a job's ``model_kwargs.ideogram_schedule_mu``/``_std`` are our
+  ``schedule_mu``/``schedule_std`` generation options), Euler steps ``x += v (sigma_next - sigma)`` in float32;
 * the initial latents are the seeded CPU draw ``randn(1, 128, h/16, w/16)`` in float32, scaled by the first sigma;
 * the prompt (wrapped in the chat template, unpadded, at most 3072 tokens) goes through Qwen3-VL; the hidden states
   of 13 of its layers, concatenated per token, are the text features;
@@ -47,6 +48,8 @@ DIVISOR = 16
 #: clamp of the flow time, from Ideogram's log-SNR range [-15, 18]
 LOGSNR_MIN, LOGSNR_MAX = -15.0, 18.0
 BASE_PIXELS = 512 * 512
+#: our generation options -> the ai-toolkit ``model_kwargs`` its sampler reads them from
+SCHEDULE_OPTIONS = {"schedule_mu": "ideogram_schedule_mu", "schedule_std": "ideogram_schedule_std"}
 
 # ai-toolkit's latent normalisation (src/latent_norm.py): per channel of the 128 patched channels, in the order
 # (patch row, patch column, VAE channel) with the VAE channel fastest; latents = (patched - shift) / scale.
@@ -259,9 +262,31 @@ class Ideogram4FamilyPipeline(AITKPipeline):
         return route_unconditional
 
     # ------------------------------------------------------------------------------------------------ generation
+    def check_inputs(self, params: GenerationParams) -> None:
+        """Generation options: ``schedule_mu`` (a number in -10..10) and ``schedule_std`` (in 0.01..10), the
+        schedule's base mean and std (ai-toolkit's ``model_kwargs.ideogram_schedule_mu``/``_std``)."""
+        unknown = set(params.extra) - set(SCHEDULE_OPTIONS)
+        if unknown:
+            raise ValueError(f"Unknown generation option(s) for {self.spec.model_id}: {sorted(unknown)}; it takes "
+                             f"{', '.join(SCHEDULE_OPTIONS)}.")
+        for name, (low, high) in (("schedule_mu", (-10.0, 10.0)), ("schedule_std", (0.01, 10.0))):
+            value = params.extra.get(name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not low <= value <= high):
+                raise ValueError(f"`{name}` must be a number in {low:g}..{high:g} (ai-toolkit's model_kwargs."
+                                 f"{SCHEDULE_OPTIONS[name]}), got {value!r}.")
+
+    def job_options(self, model_config: dict) -> dict:
+        """A job's ``model_kwargs.ideogram_schedule_mu``/``_std`` as our ``schedule_mu``/``schedule_std``."""
+        model_kwargs = model_config.get("model_kwargs") or {}
+        return {ours: float(model_kwargs[theirs]) for ours, theirs in SCHEDULE_OPTIONS.items() if theirs in model_kwargs}
+
     def pipeline_kwargs(self, params: GenerationParams) -> dict:
+        options = self.spec.options
         return {"prompt": params.prompt, "width": params.width, "height": params.height,
-                "guidance": params.guidance, "batch_size": params.batch_size}
+                "guidance": params.guidance,
+                "schedule_mu": float(params.extra.get("schedule_mu", options.schedule_mu)),
+                "schedule_std": float(params.extra.get("schedule_std", options.schedule_std))}
 
     def call_pipeline(self, call: dict):
         return self.sample(**call)
@@ -320,15 +345,14 @@ class Ideogram4FamilyPipeline(AITKPipeline):
                           return_dict=False)[0]
         return -out[:, text_tokens:].to(torch.float32)
 
-    def sample(self, prompt: str, width: int, height: int, guidance: float, batch_size: int, generator,
-               num_inference_steps: int, callback_on_step_end=None):
+    def sample(self, prompt: str, width: int, height: int, guidance: float, generator,
+               num_inference_steps: int, schedule_mu: float, schedule_std: float, callback_on_step_end=None):
         """ai-toolkit's Ideogram 4 sampler (see the module docstring); returns float32 images ``[B, H, W, 3]``."""
         import torch
 
-        options = self.spec.options
         device = self.pipe._execution_device
         generators = generator if isinstance(generator, list) else [generator]
-        sigmas = ideogram4_sigmas(num_inference_steps, width, height, options.schedule_mu, options.schedule_std)
+        sigmas = ideogram4_sigmas(num_inference_steps, width, height, schedule_mu, schedule_std)
         sigmas = sigmas.to(device)
         grid = (height // DIVISOR, width // DIVISOR)
         channels = self.pipe.transformer.config.in_channels

@@ -127,9 +127,10 @@ def _diffusers_path(path: str) -> tuple[str, tuple[str, ...] | str] | None:
     return None
 
 
-def convert_original_transformer(state_dict: dict) -> dict:
+def convert_original_transformer(state_dict: dict, dtype=None) -> dict:
     """A transformer state dict in Ideogram's names (ai-toolkit's model, ``ideogram-ai/ideogram-4-fp8``) in
-    diffusers' names, FP8 weights folded with their ``.weight_scale`` into float32 (``w * scale[:, None]``)."""
+    diffusers' names, FP8 weights folded with their ``.weight_scale`` in float32 (``w * scale[:, None]``), floating
+    tensors then cast to ``dtype`` when given (ai-toolkit's ``_dequantize_fp8_state_dict``)."""
     import torch
 
     converted = {}
@@ -139,6 +140,8 @@ def convert_original_transformer(state_dict: dict) -> dict:
         scale = state_dict.get(key + FP8_SCALE_SUFFIX)
         if scale is not None:
             tensor = tensor.to(torch.float32) * scale.to(torch.float32).unsqueeze(1)
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
         module, _, parameter = key.rpartition(".")
         target = _diffusers_path(module)
         if target is None:
@@ -219,6 +222,7 @@ class Ideogram4FamilyPipeline(AITKPipeline):
         import json
 
         from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Ideogram4Pipeline
+        from accelerate import init_empty_weights
         from diffusers import Ideogram4Transformer2DModel
         from safetensors.torch import load_file
         from transformers import AutoModel, AutoTokenizer
@@ -230,12 +234,15 @@ class Ideogram4FamilyPipeline(AITKPipeline):
         if os.path.isfile(config_path):
             with open(config_path) as f:
                 config = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
-        transformer = Ideogram4Transformer2DModel(**config)
+        with init_empty_weights():  # parameters on the meta device (the rotary buffer is built), filled by assign
+            transformer = Ideogram4Transformer2DModel(**config)
         state = {}
         for name in sorted(os.listdir(transformer_dir)):
             if name.endswith(".safetensors"):
                 state.update(load_file(os.path.join(transformer_dir, name)))
-        transformer.load_state_dict(convert_original_transformer(state), strict=True)
+        transformer.load_state_dict(convert_original_transformer(state, torch_dtype), strict=True, assign=True)
+        transformer.eval()  # as from_pretrained leaves a model
+        del state
         vae_dir = os.path.join(folder, "vae")
         if os.path.isfile(os.path.join(vae_dir, "config.json")):
             vae = AutoencoderKLFlux2.from_pretrained(vae_dir)
@@ -246,7 +253,7 @@ class Ideogram4FamilyPipeline(AITKPipeline):
         subfolder = {"subfolder": "text_encoder"} if text_encoder_source == folder else {}
         tokenizer_kwargs = {"subfolder": "tokenizer"} if text_encoder_source == folder else {}
         parts = {
-            "transformer": transformer.to(torch_dtype), "vae": vae.to(torch_dtype),
+            "transformer": transformer, "vae": vae.to(torch_dtype),
             "text_encoder": AutoModel.from_pretrained(text_encoder_source, dtype=torch_dtype, **subfolder),
             "tokenizer": AutoTokenizer.from_pretrained(text_encoder_source, **tokenizer_kwargs),
             "scheduler": FlowMatchEulerDiscreteScheduler(),

@@ -413,3 +413,14 @@ def test_schedule_options_match_ai_toolkits_model_kwargs(golden_pipeline):
         golden_pipeline.generate(prompt="a photo", width=64, height=64, steps=1, schedule_std=0.0)
     with pytest.raises(ValueError, match="takes schedule_mu, schedule_std"):
         golden_pipeline.generate(prompt="a photo", width=64, height=64, steps=1, shift=3.0)
+
+
+def test_make_tiny_native_loras_load(golden_pipeline, tmp_path):
+    """make-tiny's files in ai-toolkit's layout (Ideogram names) load with every module matched, the unconditional one
+    on its side."""
+    from aitk_inference.tiny.ideogram4 import write_native_loras
+
+    paths = write_native_loras(golden_pipeline.pipe, str(tmp_path))
+    main, uncond = paths.values()
+    assert golden_pipeline.check_lora(main).summary()["modules"] == 2 * (6 + 2)  # qkv onto three
+    assert golden_pipeline.check_lora((uncond, 1.0, UNCONDITIONAL)).summary()["modules"] == 2 * (6 + 2) + 7

@@ -80,3 +80,42 @@ def build_ideogram4():
         text_encoder=ideogram4_text_encoder(tokenizer), tokenizer=tokenizer, transformer=ideogram4_transformer(),
         unconditional_transformer=None,
     )
+
+
+def write_native_loras(pipe, out_dir: str, seed: int = 0) -> dict[str, str]:
+    """The layouts ai-toolkit saves for Ideogram 4, under ``diffusion_model.`` + Ideogram's module names: a LoRA on
+    the block Linears (``attention.qkv`` fused, ``attention.o``, ``feed_forward.w1/w2/w3``, ``adaln_modulation``),
+    and an unconditional LoRA on every Linear of the transformer (for ``side="uncond"``)."""
+    import os
+
+    import torch
+
+    from .loras import save_lora
+
+    transformer = pipe.transformer
+    generator = torch.Generator().manual_seed(seed)
+    renamed = {"attention.to_q": "attention.qkv", "attention.to_out.0": "attention.o"}
+    skipped = ("attention.to_k", "attention.to_v")
+
+    def lora(blocks_only: bool) -> dict:
+        tensors = {}
+        for name, module in transformer.named_modules():
+            if not isinstance(module, torch.nn.Linear) or name.endswith(skipped):
+                continue
+            if blocks_only and not name.startswith("layers."):
+                continue
+            rows = module.out_features
+            for ours, theirs in renamed.items():
+                if name.endswith(ours):
+                    name = name[: -len(ours)] + theirs
+                    rows = 3 * module.out_features if theirs.endswith("qkv") else rows
+            key = f"diffusion_model.{name}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(4, module.in_features, generator=generator) * 0.3
+            tensors[f"{key}.lora_B.weight"] = torch.randn(rows, 4, generator=generator) * 0.3
+        return tensors
+
+    return {
+        "ai-toolkit (Ideogram names)": save_lora(os.path.join(out_dir, "tiny_aitk_ideogram.safetensors"), lora(True)),
+        "ai-toolkit unconditional LoRA (side uncond)": save_lora(
+            os.path.join(out_dir, "tiny_aitk_ideogram_uncond.safetensors"), lora(False)),
+    }

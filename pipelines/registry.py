@@ -92,6 +92,11 @@ LTX2_FLOWMATCH = {
     "shift_terminal": 0.1,
 }
 
+# ai-toolkit samples LTX-2.5 through the diffusers it pins (c943837), whose LTX2Pipeline computes mu at
+# max_image_seq_len (4096 tokens) whatever the size: always max_shift, 2.05 (MANIFEST "ltx25"). diffusers 0.42 computes
+# it from the video token count; base_shift = max_shift makes that formula give the same constant.
+LTX25_FLOWMATCH = {**LTX2_FLOWMATCH, "base_shift": LTX2_FLOWMATCH["max_shift"]}
+
 # LTX2Pipeline guidance arguments. LTX-2.0: ai-toolkit passes none, i.e. plain CFG in the diffusers it was written for;
 # diffusers 0.42's defaults are LTX-2.3's, so the plain values are explicit. LTX-2.3: what ai-toolkit passes.
 LTX20_GUIDANCE = {
@@ -632,6 +637,13 @@ REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
              options=LTX2Options(guidance=LTX23_GUIDANCE, stg_reference_depth=48),
              notes=_LTX2_NOTES + " LTX-2.3: ai-toolkit's guidance extras (STG at block 28, modality guidance 3.0, "
              "guidance rescale 0.7, audio guidance 7.0, cross-modality timesteps)."),
+        LTX2("ltx2.5", base="Lightricks/LTX-2.5", tiny="ltx2:build_ltx25", aitk_archs=(AitkArch("ltx2.5"),),
+             width=768, height=768, video=VideoSpec(num_frames=121, fps=24, frame_step=8),
+             scheduler=_flow(LTX25_FLOWMATCH),
+             options=LTX2Options(guidance=LTX23_GUIDANCE, stg_reference_depth=48),
+             notes=_LTX2_NOTES + " LTX-2.5: sampled exactly as LTX-2.3 (ai-toolkit shares the code path); the "
+             "transformer has no video feed-forward biases and the text encoder is Gemma-4 12B. Lightricks/LTX-2.5 "
+             "ships ComfyUI single files (int8 ConvRot transformer and text encoder); give a diffusers folder as base."),
         HIDREAM("hidream", base="HiDream-ai/HiDream-I1-Full", steps=50, scheduler=SchedulerSpec("UniPCMultistepScheduler",
                 HIDREAM_UNIPC), tiny="hidream:build_hidream", aitk_archs=(AitkArch("hidream"),),
                 notes="ai-toolkit's FlowUniPC schedule (UniPC on its shift-3.0 grid, shifted by exp(mu), mu = 1.15 "

@@ -246,10 +246,12 @@ class WanOptions:
 @dataclass(frozen=True)
 class LTX2Options:
     """``guidance``: LTX2Pipeline's guidance arguments; ``stg_reference_depth``: the transformer depth that the STG
-    block indices in ``guidance`` refer to (they are rescaled to the loaded transformer's depth)."""
+    block indices in ``guidance`` refer to (they are rescaled to the loaded transformer's depth); ``image_crf``: the
+    H.264 CRF the control image is re-compressed at before image-to-video (0: none; None: the pipeline's default)."""
 
     guidance: Mapping[str, Any]
     stg_reference_depth: int | None = None
+    image_crf: int | None = None
 
 
 @dataclass(frozen=True)
@@ -640,10 +642,12 @@ REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
         LTX2("ltx2.5", base="Lightricks/LTX-2.5", tiny="ltx2:build_ltx25", aitk_archs=(AitkArch("ltx2.5"),),
              width=768, height=768, video=VideoSpec(num_frames=121, fps=24, frame_step=8),
              scheduler=_flow(LTX25_FLOWMATCH),
-             options=LTX2Options(guidance=LTX23_GUIDANCE, stg_reference_depth=48),
+             # ai-toolkit's pinned diffusers has no conditioning-image re-compression (MANIFEST "ltx25")
+             options=LTX2Options(guidance=LTX23_GUIDANCE, stg_reference_depth=48, image_crf=0),
              notes=_LTX2_NOTES + " LTX-2.5: sampled exactly as LTX-2.3 (ai-toolkit shares the code path); the "
-             "transformer has no video feed-forward biases and the text encoder is Gemma-4 12B. Lightricks/LTX-2.5 "
-             "ships ComfyUI single files (int8 ConvRot transformer and text encoder); give a diffusers folder as base."),
+             "transformer has no video feed-forward biases and the text encoder is Gemma-4 12B; mu is 2.05 at every size and "
+             "the control image is not re-compressed, as with ai-toolkit's pinned diffusers. Lightricks/LTX-2.5 ships "
+             "ComfyUI single files (int8 ConvRot transformer and text encoder); give a diffusers folder as base."),
         HIDREAM("hidream", base="HiDream-ai/HiDream-I1-Full", steps=50, scheduler=SchedulerSpec("UniPCMultistepScheduler",
                 HIDREAM_UNIPC), tiny="hidream:build_hidream", aitk_archs=(AitkArch("hidream"),),
                 notes="ai-toolkit's FlowUniPC schedule (UniPC on its shift-3.0 grid, shifted by exp(mu), mu = 1.15 "

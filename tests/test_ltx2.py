@@ -1,12 +1,17 @@
-"""LTX-2 / LTX-2.3 (video + audio) on tiny random-weight pipelines of the real classes."""
+"""LTX-2 / LTX-2.3 / LTX-2.5 (video + audio) on tiny random-weight pipelines of the real classes; LTX-2.5 also
+against ai-toolkit's own code (tests/goldens/ltx25, MANIFEST "ltx25")."""
 
 import functools
 import inspect
+import json
 import math
+import os
 
 import numpy as np
 import pytest
 import torch
+
+from conftest import GOLDENS_DIR
 
 FAST = dict(width=64, height=64, num_frames=9, steps=2, seed=5)
 
@@ -14,7 +19,7 @@ FAST = dict(width=64, height=64, num_frames=9, steps=2, seed=5)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.mark.parametrize("model_id", ["ltx2", "ltx2.3"])
+@pytest.mark.parametrize("model_id", ["ltx2", "ltx2.3", "ltx2.5"])
 def test_frames_and_audio(model_id, pipes):
     """Frames [B,T,H,W,C], audio [B,C,S] at the vocoder's rate, progress per step plus decode."""
     pipe = pipes(model_id)
@@ -24,7 +29,7 @@ def test_frames_and_audio(model_id, pipes):
     assert first.audio.dtype == np.float32 and first.audio.ndim == 3 and first.audio.shape[:2] == (1, 2)
     assert first.audio.shape[2] > 0 and np.isfinite(first.audio).all()
     assert first.sample_rate == pipe.pipe.vocoder.config.output_sampling_rate
-    assert first.sample_rate == (48000 if model_id == "ltx2.3" else 16000)  # the tiny vocoders' rates
+    assert first.sample_rate == (16000 if model_id == "ltx2" else 48000)  # the tiny vocoders' rates (2.3+: BWE)
     assert steps == [(1, 2), (2, 2), (2, 2)], "one report per step, and one more when decoding starts"
     assert first.timings["decode"] >= 0 and pipe.stage == "done"
     assert first.params.fps == 24 and first.metadata()["num_frames"] == 9
@@ -36,7 +41,7 @@ def test_guidance_arguments_match_diffusers_and_ai_toolkit(pipes):
 
     from aitk_inference.pipelines.registry import get_spec
 
-    for model_id in ("ltx2", "ltx2.3"):
+    for model_id in ("ltx2", "ltx2.3", "ltx2.5"):
         for cls in (LTX2Pipeline, LTX2ImageToVideoPipeline):
             missing = set(get_spec(model_id).options.guidance) - set(inspect.signature(cls.__call__).parameters)
             assert not missing, f"{cls.__name__} lacks {missing}"
@@ -47,6 +52,7 @@ def test_guidance_arguments_match_diffusers_and_ai_toolkit(pipes):
         "spatio_temporal_guidance_blocks": [1],  # block 28 of 48 -> block 1 of the tiny model's 2
         "use_cross_timestep": True,
     }
+    assert pipes("ltx2.5").guidance_kwargs() == extras, "ai-toolkit samples 2.5 exactly as 2.3"
     legacy = pipes("ltx2").guidance_kwargs()
     assert legacy["stg_scale"] == 0.0 and legacy["modality_scale"] == 1.0 and legacy["use_cross_timestep"] is False
 
@@ -203,3 +209,198 @@ def test_image_to_video_ltx23_batch(pipes):
     result = pipes("ltx2.3").generate("a fox", control_images=[image], batch_size=2, **FAST)
     assert result.images.shape == (2, 9, 64, 64, 3) and result.audio.shape[:2] == (2, 2)
     assert np.isfinite(result.images).all() and np.isfinite(result.audio).all()
+
+
+# ------------------------------------------------------------------------------------ LTX-2.5 against ai-toolkit
+LTX25_GOLDENS = os.path.join(GOLDENS_DIR, "ltx25")
+LTX25_PROMPT = dict(prompt="a fox in the snow", negative="blurry", seed=42, guidance=4.0)
+# ai-toolkit encodes each prompt at its own length and zero-pads the Gemma states to 1024 on the left; diffusers pads
+# the tokens to 1024 first. Gemma's attention sees the real tokens at the same relative positions either way, so the
+# connector outputs differ by float32 rounding only (largest seen 1.3e-5 on values up to 2.6).
+PROMPT_EMBEDS_ATOL = 5e-5
+
+
+@pytest.fixture(scope="module")
+def ltx25_golden():
+    from safetensors.torch import load_file
+
+    with open(os.path.join(LTX25_GOLDENS, "sample_first_call.json")) as f:
+        meta = json.load(f)
+    return load_file(os.path.join(LTX25_GOLDENS, "sample_first_call.safetensors")), meta
+
+
+class _FirstCall(Exception):
+    pass
+
+
+def _record_sampling(pipe, monkeypatch, stop_at_first_call: bool) -> dict:
+    """Spy on what the scheduler (both copies: video and audio) and the transformer receive."""
+    record = {"set_timesteps": []}
+    scheduler_cls = type(pipe.pipe.scheduler)
+    original = scheduler_cls.set_timesteps
+
+    @functools.wraps(original)  # the pipeline inspects the signature for `sigmas`
+    def spy_set(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        record["set_timesteps"].append((kwargs, self.sigmas.clone(), self.timesteps.clone()))
+        return out
+
+    transformer = pipe.pipe.transformer
+    forward = transformer.forward
+
+    def spy_forward(*args, **kwargs):
+        record.setdefault("first_call", kwargs)
+        if stop_at_first_call:
+            raise _FirstCall
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(scheduler_cls, "set_timesteps", spy_set)
+    monkeypatch.setattr(transformer, "forward", spy_forward)
+    # ai-toolkit passes STG block 28, which the 2-block tiny transformer lacks, so its STG pass perturbs nothing; ours
+    # maps 28 onto the tiny depth (block 1). Give ours ai-toolkit's list to compare the sampling itself; on the real
+    # 48-block model the mapping is the identity.
+    monkeypatch.setattr(pipe, "guidance_kwargs", lambda: dict(pipe.spec.options.guidance))
+    return record
+
+
+def test_ltx25_sampling_matches_ai_toolkit(pipes, monkeypatch, ltx25_golden):
+    """ai-toolkit's LTX-2.5 sample path (generate_single_image on its pinned diffusers) vs ours, for three sizes and
+    step counts: the schedule both schedulers get (sigmas in, mu = 2.05 whatever the size, resulting sigmas and
+    timesteps), the initial video and audio noise for seed 42 and the first timestep; for the 64x64 2-step run also
+    the Gemma-4 prompt embeddings after the connectors and the decoded frames and audio."""
+    golden, meta = ltx25_golden
+    pipe = pipes("ltx2.5")
+    assert meta["seed"] == LTX25_PROMPT["seed"] and meta["prompt"] == LTX25_PROMPT["prompt"]
+    for key, run in meta["runs"].items():
+        if key.startswith("i2v_"):
+            continue  # test_ltx25_image_to_video_matches_ai_toolkit
+        steps, width, height, frames = (int(part.lstrip("stepswhf")) for part in key.split("_"))
+        full = key == "steps2_w64_h64_f9"
+        with monkeypatch.context() as patch:
+            record = _record_sampling(pipe, patch, stop_at_first_call=not full)
+            call = functools.partial(pipe.generate, width=width, height=height, num_frames=frames, steps=steps,
+                                     **LTX25_PROMPT)
+            if full:
+                result = call()
+            else:
+                with pytest.raises(_FirstCall):
+                    call()
+        assert len(record["set_timesteps"]) == len(run["set_timesteps"]) == 2, "video and audio schedulers"
+        for (kwargs, sigmas, timesteps), expected in zip(record["set_timesteps"], run["set_timesteps"]):
+            assert kwargs["mu"] == pytest.approx(expected["mu"], abs=1e-12) and expected["mu"] == pytest.approx(2.05)
+            assert np.allclose(kwargs["sigmas"], expected["sigmas_in"], atol=1e-7, rtol=0)
+            assert np.allclose(sigmas.numpy(), expected["sigmas"], atol=1e-6, rtol=0)
+            assert np.allclose(timesteps.numpy(), expected["timesteps"], atol=1e-4, rtol=0)
+        first = record["first_call"]
+        for name in ("hidden_states", "audio_hidden_states", "timestep", "sigma"):
+            assert torch.equal(first[name].float(), golden[f"{key}.first_call.{name}"]), f"{key}: {name}"
+        if not full:
+            continue
+        for name in ("encoder_attention_mask", "audio_encoder_attention_mask", "video_coords", "audio_coords"):
+            assert torch.equal(first[name].float(), golden[f"{key}.first_call.{name}"]), name
+        for name in ("encoder_hidden_states", "audio_encoder_hidden_states"):
+            difference = (first[name].float() - golden[f"{key}.first_call.{name}"]).abs().max().item()
+            assert difference < PROMPT_EMBEDS_ATOL, f"{name}: {difference}"
+        frames_048 = golden[f"{key}.video_frames_0_4_8"].numpy()
+        assert np.allclose(result.images[:, [0, 4, 8]], frames_048, atol=1e-5, rtol=0)
+        assert np.allclose(result.images.astype(np.float64).sum(axis=(2, 3, 4)),
+                           golden[f"{key}.video_sum_per_frame"].numpy(), rtol=1e-5)
+        assert np.allclose(result.audio, golden[f"{key}.audio"].numpy(), atol=1e-5, rtol=0)
+
+
+def test_ltx25_image_to_video_matches_ai_toolkit(pipes, monkeypatch, ltx25_golden):
+    """ai-toolkit's image-to-video sample (its control image LANCZOS-resized, LTX2ImageToVideoPipeline of its pinned
+    diffusers, which never re-compresses the image) vs ours with ``image_crf=0``: same noise, frames and audio."""
+    from PIL import Image
+
+    golden, meta = ltx25_golden
+    key = "i2v_steps2_w64_h64_f9"
+    assert meta["runs"][key]["pipeline"] == "LTX2ImageToVideoPipeline"
+    assert "image_crf" not in meta["runs"][key]["call_kwargs"]
+    pipe = pipes("ltx2.5")
+    assert pipe.spec.options.image_crf == 0
+    control = Image.open(os.path.join(LTX25_GOLDENS, "control_48x80.png"))
+    with monkeypatch.context() as patch:
+        record = _record_sampling(pipe, patch, stop_at_first_call=False)
+        result = pipe.generate(width=64, height=64, num_frames=9, steps=2, control_images=[control], **LTX25_PROMPT)
+    for name in ("hidden_states", "audio_hidden_states"):
+        assert torch.allclose(record["first_call"][name].float(), golden[f"{key}.first_call.{name}"], atol=1e-6)
+    assert np.allclose(result.images[:, [0, 8]], golden[f"{key}.video_frames_0_8"].numpy(), atol=1e-5, rtol=0)
+    assert np.allclose(result.images.astype(np.float64).sum(axis=(2, 3, 4)),
+                       golden[f"{key}.video_sum_per_frame"].numpy(), rtol=1e-5)
+    assert np.allclose(result.audio, golden[f"{key}.audio"].numpy(), atol=1e-5, rtol=0)
+
+
+def test_ltx25_transformer_drops_the_video_feed_forward_biases(pipes, ltx25_golden):
+    """ai-toolkit's "2.5" surgery (convert_ltx2_transformer) leaves exactly the video feed-forward Linears bias-free;
+    ours is the 2.3 transformer built with ff_bias=False, the only config difference (audio_ff keeps its biases)."""
+    _, meta = ltx25_golden
+    v25, v23 = pipes("ltx2.5").pipe.transformer, pipes("ltx2.3").pipe.transformer
+    bias_free = sorted(n for n, m in v25.named_modules() if isinstance(m, torch.nn.Linear) and m.bias is None)
+    assert bias_free == meta["bias_free_linears"]
+    assert set(v23.state_dict()) - set(v25.state_dict()) == {f"{n}.bias" for n in bias_free}
+    assert set(v25.state_dict()) < set(v23.state_dict())
+    differing = {k for k, v in v25.config.items() if v23.config.get(k) != v and not k.startswith("_")}
+    assert differing == {"ff_bias"} and v25.config.audio_ff_bias
+    assert meta["transformer_keys_pinned_class_lacks"]["ff_bias"] is False
+
+
+def _first_call_inputs(ltx25_golden):
+    golden, meta = ltx25_golden
+    run = "steps2_w64_h64_f9"
+    inputs = {k.split(".first_call.")[1]: v for k, v in golden.items() if k.startswith(f"{run}.first_call.")}
+    for mask in ("encoder_attention_mask", "audio_encoder_attention_mask"):
+        inputs[mask] = inputs[mask].long()
+    other = {k: v for k, v in meta["runs"][run]["first_call_other"].items() if k != "return_dict"}
+    return {**inputs, **other}
+
+
+@pytest.mark.parametrize("scope", ["blocks", "all"])
+def test_ltx25_lora_saved_by_ai_toolkit(pipes, ltx25_golden, scope):
+    """LoRAs saved by ai-toolkit's LoRASpecialNetwork for arch ltx2.5 (diffusion_model. + original LTX names,
+    converter version "2.5"; transformer_blocks only, and every Linear) load with every module matched, and the
+    transformer's outputs equal ai-toolkit's with the network off, at 1.0 and at 0.5."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    expected = load_file(os.path.join(LTX25_GOLDENS, "lora_outputs.safetensors"))
+    path = os.path.join(LTX25_GOLDENS, f"ltx25_lora_{scope}_r4_fp32.safetensors")
+    with safe_open(path, "pt") as f:
+        file_modules = {k.rsplit(".lora_", 1)[0] for k in f.keys()}
+    assert all(m.startswith("diffusion_model.") for m in file_modules)
+    pipe = pipes("ltx2.5")
+    transformer = pipe.pipe.transformer
+    inputs = _first_call_inputs(ltx25_golden)
+    assert set(inputs) <= set(inspect.signature(transformer.forward).parameters)
+
+    def forward():
+        with torch.no_grad():
+            return transformer(**inputs, return_dict=False)
+
+    video, audio = forward()
+    assert torch.allclose(video, expected[f"{scope}.inactive.video"], atol=1e-5, rtol=0)
+    assert torch.allclose(audio, expected[f"{scope}.inactive.audio"], atol=1e-5, rtol=0)
+    try:
+        for multiplier in (1.0, 0.5):
+            assert pipe.set_loras([(path, multiplier)])[0]["modules"] == len(file_modules)
+            video, audio = forward()
+            assert torch.allclose(video, expected[f"{scope}.m{multiplier}.video"], atol=1e-5, rtol=0)
+            assert torch.allclose(audio, expected[f"{scope}.m{multiplier}.audio"], atol=1e-5, rtol=0)
+    finally:
+        pipe.set_loras([])
+    assert (expected[f"{scope}.m1.0.video"] - expected["base.video"]).abs().max() > 1e-2, "the LoRA has an effect"
+
+
+def test_ltx25_fused_lora_weight_equals_ai_toolkit(pipes):
+    """Fused mode merges the ai-toolkit file into the weight ai-toolkit's network computes (W + scale * up @ down)."""
+    from safetensors.torch import load_file
+
+    expected = load_file(os.path.join(LTX25_GOLDENS, "lora_outputs.safetensors"))
+    pipe = pipes("ltx2.5", lora_mode="fused")
+    module = "transformer_blocks.0.attn1.to_q"
+    try:
+        pipe.set_loras([(os.path.join(LTX25_GOLDENS, "ltx25_lora_all_r4_fp32.safetensors"), 1.0)])
+        weight = pipe.pipe.transformer.get_submodule(module).weight.detach()
+        assert torch.allclose(weight, expected[f"all.merged.{module}"], atol=1e-6, rtol=0)
+    finally:
+        pipe.set_loras([])

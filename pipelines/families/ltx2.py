@@ -75,23 +75,28 @@ class LTX2FamilyPipeline(AITKPipeline):
             from PIL import Image
 
             kwargs["image"] = params.control_images[0].resize((params.width, params.height), Image.LANCZOS)
+            if self.spec.options.image_crf is not None:
+                kwargs["image_crf"] = self.spec.options.image_crf
         return kwargs
 
     def call_pipeline(self, call: dict):
         if "image" not in call:
             return self.pipe(**call)
         if isinstance(call["generator"], list):
-            call = {**call, **self._image_per_item(call["image"], len(call["generator"]))}
+            call = {**call, **self._image_per_item(call, len(call["generator"]))}
         return self._image_to_video_pipe()(**call)
 
-    def _image_per_item(self, image, batch_size: int) -> dict:
+    def _image_per_item(self, call: dict, batch_size: int) -> dict:
         """With one generator per batch item, diffusers' image-to-video pipeline takes one image per item, and takes
         a list only without its H.264 re-compression of the image: re-compress it here as it would, once."""
         import numpy as np
         from diffusers.pipelines.ltx2.utils import apply_image_conditioning_crf, resolve_default_image_crf
         from PIL import Image
 
-        crf = resolve_default_image_crf(self.pipe.text_encoder)
+        image = call["image"]
+        crf = call.get("image_crf")
+        if crf is None:
+            crf = resolve_default_image_crf(self.pipe.text_encoder)
         if crf != 0:
             image = Image.fromarray(apply_image_conditioning_crf(np.array(image.convert("RGB")), crf))
         return {"image": [image] * batch_size, "image_crf": 0}

@@ -1,5 +1,5 @@
-"""LTX-2 and LTX-2.3 (video with audio): diffusers ``LTX2Pipeline`` / ``LTX2ImageToVideoPipeline`` as ai-toolkit
-samples them (``ai-toolkit.md`` §2.2, ai-toolkit's ``extensions_built_in/diffusion_models/ltx2/ltx2.py``).
+"""LTX-2, LTX-2.3 and LTX-2.5 (video with audio): diffusers ``LTX2Pipeline`` / ``LTX2ImageToVideoPipeline`` as
+ai-toolkit samples them (``ai-toolkit.md`` §2.2, ai-toolkit's ``extensions_built_in/diffusion_models/ltx2/ltx2.py``).
 
 What ai-toolkit does here, and so do we:
 
@@ -12,7 +12,13 @@ What ai-toolkit does here, and so do we:
 * LTX-2.3 gets ai-toolkit's guidance extras (STG, modality isolation, guidance rescale, separate audio scales,
   cross-modality timesteps). LTX-2.0 gets none: ai-toolkit passes nothing, which in the diffusers it was written
   against meant plain CFG. Diffusers 0.42 changed the call defaults to LTX-2.3's, so the plain values are passed
-  explicitly (``LTX2Options.guidance`` in the registry).
+  explicitly (``LTX2Options.guidance`` in the registry);
+* LTX-2.5 is sampled exactly as LTX-2.3 (ai-toolkit shares the code path); its transformer lacks the video
+  feed-forward biases and its text encoder is Gemma-4 (``Gemma4TextModel``). Proven against ai-toolkit's own sample
+  path (``tests/goldens/ltx25``), which showed two things of ai-toolkit's pinned diffusers that 0.42 changed: ``mu`` is
+  always 2.05 (computed at 4096 tokens whatever the size; the registry gets it with ``base_shift = max_shift``) and the
+  control image is not re-compressed (``LTX2Options.image_crf = 0``). Both hold for ai-toolkit's 2.0/2.3 previews as
+  well; those ids keep diffusers 0.42's behaviour for now.
 
 Where we differ on purpose: ``frame_rate`` is the requested ``fps`` (ai-toolkit leaves the pipeline's 24 and only
 writes the file at ``fps``); at the default 24 fps both are the same, at other rates ours keeps audio and video the
@@ -42,7 +48,7 @@ GEMMA_MAX_LENGTH = 1024
 
 
 class LTX2FamilyPipeline(AITKPipeline):
-    """``ltx2`` and ``ltx2.3``."""
+    """``ltx2``, ``ltx2.3`` and ``ltx2.5``."""
 
     denoiser = "transformer"
     options_type = LTX2Options

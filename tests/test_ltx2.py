@@ -298,8 +298,8 @@ def test_ltx25_sampling_matches_ai_toolkit(pipes, monkeypatch, ltx25_golden):
             continue
         for name in ("encoder_attention_mask", "audio_encoder_attention_mask", "video_coords", "audio_coords"):
             assert torch.equal(first[name].float(), golden[f"{key}.first_call.{name}"]), name
-        for name in ("encoder_hidden_states", "audio_encoder_hidden_states"):
-            difference = (first[name].float() - golden[f"{key}.first_call.{name}"]).abs().max().item()
+        for name in ("encoder_hidden_states", "audio_encoder_hidden_states"):  # every prompt token is in the last 64
+            difference = (first[name][:, -64:].float() - golden[f"{key}.first_call.{name}_last64"]).abs().max().item()
             assert difference < PROMPT_EMBEDS_ATOL, f"{name}: {difference}"
         frames_048 = golden[f"{key}.video_frames_0_4_8"].numpy()
         assert np.allclose(result.images[:, [0, 4, 8]], frames_048, atol=1e-5, rtol=0)
@@ -351,6 +351,9 @@ def _first_call_inputs(ltx25_golden):
     inputs = {k.split(".first_call.")[1]: v for k, v in golden.items() if k.startswith(f"{run}.first_call.")}
     for mask in ("encoder_attention_mask", "audio_encoder_attention_mask"):
         inputs[mask] = inputs[mask].long()
+    for name in ("encoder_hidden_states", "audio_encoder_hidden_states"):  # as the golden: 960 zero rows + last 64
+        last = inputs.pop(f"{name}_last64")
+        inputs[name] = torch.cat([last.new_zeros(last.shape[0], 1024 - last.shape[1], last.shape[2]), last], dim=1)
     other = {k: v for k, v in meta["runs"][run]["first_call_other"].items() if k != "return_dict"}
     return {**inputs, **other}
 
@@ -404,3 +407,108 @@ def test_ltx25_fused_lora_weight_equals_ai_toolkit(pipes):
         assert torch.allclose(weight, expected[f"all.merged.{module}"], atol=1e-6, rtol=0)
     finally:
         pipe.set_loras([])
+
+
+# ------------------------------------------------------------- LTX-2.5 from the ComfyUI int8 ConvRot files
+def test_ltx25_comfy_int8_convrot_files_load_as_ai_toolkit_loads_them(pipes, ltx25_golden, tmp_path):
+    """Tiny files in the ComfyUI int8 ConvRot layout, quantized by ai-toolkit's own ConvRotInt8Quantizer (MANIFEST
+    "ltx25"), loaded natively (dequantized): the Gemma-4 tokenizer (BOS restored), the text encoder's stacked hidden
+    states, the connectors and the transformer equal what ai-toolkit's loading code (OstrisLinear, Int8Embedding)
+    computes from the same files."""
+    from safetensors.torch import load_file
+
+    from aitk_inference.pipelines.families import ltx2_comfy
+
+    expected = load_file(os.path.join(LTX25_GOLDENS, "comfy_outputs.safetensors"))
+    dit, te = (os.path.join(LTX25_GOLDENS, f"comfy_{name}.safetensors") for name in ("dit", "te"))
+    tiny = pipes("ltx2.5").pipe
+    transformer, connectors = ltx2_comfy.load_transformer_and_connectors(
+        dit, te, torch.float32, transformer_config=tiny.transformer.config, connectors_config=tiny.connectors.config)
+    text_encoder = ltx2_comfy.load_gemma4_text_encoder(te, torch.float32)
+    tokenizer = ltx2_comfy.load_gemma4_tokenizer(te, str(tmp_path / "tokenizer"))
+    assert type(text_encoder).__name__ == "Gemma4TextModel"
+
+    ids = tokenizer(["a fox in the snow"], return_tensors="pt").input_ids
+    assert ids.float().equal(expected["prompt_input_ids"]) and ids[0, 0] == tokenizer.bos_token_id
+    with torch.no_grad():
+        states = text_encoder(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True)
+        embeds = torch.stack(states.hidden_states, dim=-1).flatten(2, 3)
+        assert torch.allclose(embeds, expected["prompt_embeds"], atol=1e-5, rtol=0)
+        padded = torch.cat([embeds.new_zeros(1, 1024 - embeds.shape[1], embeds.shape[2]), embeds], dim=1)
+        mask = torch.cat([torch.zeros(1, 1024 - ids.shape[1], dtype=torch.long), torch.ones_like(ids)], dim=1)
+        video_text, audio_text, _ = connectors(padded, mask)
+        assert torch.allclose(video_text[:, -64:], expected["connectors.video_last64"], atol=1e-5, rtol=0)
+        assert torch.allclose(audio_text[:, -64:], expected["connectors.audio_last64"], atol=1e-5, rtol=0)
+        video, audio = transformer(**_first_call_inputs(ltx25_golden), return_dict=False)
+    assert torch.allclose(video, expected["transformer.video"], atol=1e-5, rtol=0)
+    assert torch.allclose(audio, expected["transformer.audio"], atol=1e-5, rtol=0)
+
+    # an int8 embedding table (per-row scales, never rotated) looks up the rows ai-toolkit's Int8Embedding returns
+    marker = torch.tensor(list(b'{"format": "int8_tensorwise", "convrot": true, "convrot_groupsize": 16}'),
+                          dtype=torch.uint8)
+    table = ltx2_comfy.dequantize_comfy_layers(
+        {"embed_tokens.weight": expected["embedding.codes"], "embed_tokens.weight_scale": expected["embedding.scales"],
+         "embed_tokens.comfy_quant": marker}, embeddings=("embed_tokens",))["embed_tokens.weight"]
+    assert torch.allclose(torch.nn.functional.embedding(ids, table), expected["embedding.rows"], atol=1e-7, rtol=0)
+
+
+def test_ltx25_int8_convrot_dequantization():
+    """The regular Hadamard is orthonormal and symmetric; per-row int8 codes rotated in blocks dequantize to the
+    weight they were made from (within the int8 step), and unsupported ComfyUI formats are refused by name."""
+    import json as json_module
+
+    from aitk_inference.pipelines.families import ltx2_comfy
+
+    for size in (4, 16, 64, 256):
+        h = ltx2_comfy.regular_hadamard(size)
+        assert torch.allclose(h @ h, torch.eye(size, dtype=h.dtype)) and torch.equal(h, h.T)
+    with pytest.raises(ValueError, match="power of 4"):
+        ltx2_comfy.regular_hadamard(8)
+    weight = torch.randn(8, 32, generator=torch.Generator().manual_seed(0))
+    rotated = (weight.double().reshape(8, 2, 16) @ ltx2_comfy.regular_hadamard(16)).reshape(8, 32)
+    scales = rotated.abs().amax(dim=1) / 127
+    codes = torch.round(rotated / scales[:, None]).to(torch.int8)
+    restored = ltx2_comfy.dequantize_int8_rows(codes, scales.float(), 16)
+    assert (restored - weight).abs().max() <= scales.max() * 2
+    marker = torch.tensor(list(json_module.dumps({"format": "nvfp4"}).encode()), dtype=torch.uint8)
+    with pytest.raises(ValueError, match="nvfp4"):
+        ltx2_comfy.dequantize_comfy_layers({"x.weight": codes, "x.weight_scale": scales, "x.comfy_quant": marker}, ())
+
+
+@pytest.fixture(scope="module")
+def ltx25_names():
+    import gzip
+
+    with gzip.open(os.path.join(LTX25_GOLDENS, "names.json.gz"), "rt") as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("component", ["transformer", "connectors", "video_vae", "audio_vae", "vocoder"])
+def test_ltx25_full_size_names_and_shapes_match_ai_toolkit(ltx25_names, component):
+    """For every key of the real 2.5 checkpoints (made from the modules ai-toolkit's converter builds), our renaming
+    gives ai-toolkit's diffusers name (or drops it, where ai-toolkit drops it), and our full-size configs build modules
+    with exactly the parameter names and shapes of ai-toolkit's (meta device, no weights)."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video, LTX2VideoTransformer3DModel
+    from diffusers.pipelines.ltx2 import LTX2TextConnectors
+    from diffusers.pipelines.ltx2.vocoder import LTX2VocoderWithBWE
+
+    from aitk_inference.pipelines.families import ltx2_comfy as comfy
+
+    golden = ltx25_names[component]
+    levels = len(comfy.VIDEO_VAE_CONFIG["block_out_channels"])
+    rename, drop, cls, config = {
+        "transformer": (comfy.transformer_key, comfy.TRANSFORMER_UNUSED, LTX2VideoTransformer3DModel,
+                        comfy.TRANSFORMER_CONFIG),
+        "connectors": (comfy.connector_key, (), LTX2TextConnectors, comfy.CONNECTORS_CONFIG),
+        "video_vae": (lambda k: comfy.video_vae_key(k, levels), comfy.VAE_UNUSED, AutoencoderKLLTX2Video,
+                      comfy.VIDEO_VAE_CONFIG),
+        "audio_vae": (comfy.audio_vae_key, (), AutoencoderKLLTX2Audio, comfy.AUDIO_VAE_CONFIG),
+        "vocoder": (comfy.vocoder_key, (), LTX2VocoderWithBWE, comfy.VOCODER_CONFIG),
+    }[component]
+    ours = {k: None if k.startswith(drop) else rename(k) for k in golden["original"]}
+    wrong = {k: (v, golden["renames"][k]) for k, v in ours.items() if v != golden["renames"][k]}
+    assert not wrong, f"{len(wrong)} keys renamed differently, e.g. {list(wrong.items())[:3]}"
+    with init_empty_weights(include_buffers=True):
+        module = cls.from_config(dict(config))
+    assert {k: list(v.shape) for k, v in module.state_dict().items()} == golden["shapes"]

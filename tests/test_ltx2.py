@@ -512,3 +512,81 @@ def test_ltx25_full_size_names_and_shapes_match_ai_toolkit(ltx25_names, componen
     with init_empty_weights(include_buffers=True):
         module = cls.from_config(dict(config))
     assert {k: list(v.shape) for k, v in module.state_dict().items()} == golden["shapes"]
+
+
+def _original_vae_key(key: str) -> str:
+    """Diffusers -> original LTX name of a one-level video VAE (the inverse of ``ltx2_comfy.video_vae_key``)."""
+    import re
+
+    key = {"latents_mean": "per_channel_statistics.mean-of-means",
+           "latents_std": "per_channel_statistics.std-of-means"}.get(key, key)
+    for pattern, replacement in ((r"^encoder\.down_blocks\.0\.downsamplers\.0\.", "encoder.down_blocks.1."),
+                                 (r"^encoder\.mid_block\.", "encoder.down_blocks.2."),
+                                 (r"^decoder\.mid_block\.", "decoder.up_blocks.0."),
+                                 (r"^decoder\.up_blocks\.0\.upsamplers\.0\.", "decoder.up_blocks.1."),
+                                 (r"^decoder\.up_blocks\.0\.(?!upsamplers)", "decoder.up_blocks.2.")):
+        if re.match(pattern, key):
+            key = re.sub(pattern, replacement, key)
+            break
+    return key.replace("resnets", "res_blocks")
+
+
+def _original_vocoder_key(key: str) -> str:
+    names = {"upsamplers": "ups", "resnets": "resblocks", "conv_in": "conv_pre", "conv_out": "conv_post",
+             "act_out": "act_post"}
+    return ".".join(names.get(part, part) for part in key.split(".")).replace(".downsample.", ".downsample.lowpass.")
+
+
+def test_ltx25_loads_a_comfyui_folder(pipes, tmp_path, monkeypatch):
+    """A folder laid out like Lightricks/LTX-2.5 (ComfyUI single files: the int8 ConvRot transformer and text encoder
+    goldens, the conv VAE and the audio VAE + vocoder written in original names) loads as the ltx2.5 pipeline: every
+    component from its file, the tokenizer from the text encoder file, and it generates."""
+    from safetensors.torch import save_file
+
+    from aitk_inference.pipelines import load_pipeline
+    from aitk_inference.pipelines.families import ltx2_comfy
+    from aitk_inference.pipelines.registry import LTX25_COMFY_FILES
+
+    tiny = pipes("ltx2.5").pipe
+    for component, module in (("transformer", tiny.transformer), ("connectors", tiny.connectors),
+                              ("video_vae", tiny.vae), ("audio_vae", tiny.audio_vae), ("vocoder", tiny.vocoder)):
+        monkeypatch.setitem(ltx2_comfy.CONFIGS, component, dict(module.config))
+    folder = tmp_path / "models"
+    for component, golden in (("transformer", "comfy_dit"), ("text_encoder", "comfy_te")):
+        target = folder / LTX25_COMFY_FILES[component]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(open(os.path.join(LTX25_GOLDENS, f"{golden}.safetensors"), "rb").read())
+    video_vae = {_original_vae_key(k): v for k, v in tiny.vae.state_dict().items()}
+    assert all(ltx2_comfy.video_vae_key(o, 1) == k for o, k in zip(video_vae, tiny.vae.state_dict()))
+    (folder / "vae").mkdir()
+    save_file({k: v.contiguous() for k, v in video_vae.items()}, str(folder / LTX25_COMFY_FILES["video_vae"]))
+    audio = {f"audio_vae.{k.replace('latents_mean', 'per_channel_statistics.mean-of-means').replace('latents_std', 'per_channel_statistics.std-of-means')}": v
+             for k, v in tiny.audio_vae.state_dict().items()}
+    audio.update({f"vocoder.{_original_vocoder_key(k)}": v for k, v in tiny.vocoder.state_dict().items()})
+    save_file({k: v.contiguous() for k, v in audio.items()}, str(folder / LTX25_COMFY_FILES["audio_vae"]))
+
+    pipe = load_pipeline("ltx2.5", base=str(folder), device="cpu", dtype="fp32")
+    for name in ("vae", "audio_vae", "vocoder", "connectors"):
+        ours, theirs = getattr(pipe.pipe, name).state_dict(), getattr(tiny, name).state_dict()
+        assert set(ours) == set(theirs), name
+        if name != "connectors":  # the connectors' Linears are int8 in the file
+            assert all(torch.equal(ours[k], theirs[k]) for k in ours), name
+    to_q = "transformer_blocks.0.attn1.to_q.weight"  # int8 ConvRot in the file: within the int8 step of the original
+    original = tiny.transformer.state_dict()[to_q]
+    assert (pipe.pipe.transformer.state_dict()[to_q] - original).abs().max() < original.abs().max() / 64
+    assert pipe.pipe.tokenizer("a fox").input_ids[0] == pipe.pipe.tokenizer.bos_token_id
+    assert type(pipe.pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    assert pipe.pipe.scheduler.config.base_shift == pipe.pipe.scheduler.config.max_shift == 2.05
+    result = pipe.generate("a fox", **FAST)
+    assert result.images.shape == (1, 9, 64, 64, 3) and np.isfinite(result.images).all()
+    assert np.isfinite(result.audio).all() and result.audio.shape[:2] == (1, 2)
+
+
+def test_ltx25_comfyui_folder_missing_a_file_is_named(tmp_path):
+    from aitk_inference.pipelines.families import ltx2_comfy
+    from aitk_inference.pipelines.registry import LTX25_COMFY_FILES
+
+    (tmp_path / "diffusion_models").mkdir()
+    (tmp_path / LTX25_COMFY_FILES["transformer"]).write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="gemma4-12b-with-proj"):
+        ltx2_comfy.locate_files(str(tmp_path), LTX25_COMFY_FILES)

@@ -43,6 +43,7 @@ import time
 from ..base import AITKPipeline, GenerationParams, GenerationResult
 from ..lora.convert import ltx2_original_to_diffusers
 from ..registry import LTX2Options
+from .ltx2_comfy import is_comfy_source, load_comfy_pipeline
 
 GEMMA_MAX_LENGTH = 1024
 
@@ -58,6 +59,16 @@ class LTX2FamilyPipeline(AITKPipeline):
         self.stage = "idle"
         self._image_pipe = None
         self._decode_started = None
+
+    # ------------------------------------------------------------------------------------------------ loading
+    @classmethod
+    def load_diffusers_pipeline(cls, spec, source: str, torch_dtype, **overrides):
+        """LTX-2.5's base repo holds ComfyUI single files only: load those natively (``ltx2_comfy``); a diffusers
+        folder or repo loads as usual."""
+        files = spec.options.comfy_files
+        if files and is_comfy_source(source, spec.base):
+            return load_comfy_pipeline(source, files, torch_dtype)
+        return super().load_diffusers_pipeline(spec, source, torch_dtype, **overrides)
 
     # ------------------------------------------------------------------------------------------------ LoRA hooks
     def lora_name_mapper(self):

@@ -85,6 +85,10 @@ VOCODER_CONFIG = {
     "output_sampling_rate": 48000,
 }
 
+#: the configs the files are loaded with, by component (the tests swap in their tiny ones)
+CONFIGS = {"transformer": TRANSFORMER_CONFIG, "connectors": CONNECTORS_CONFIG, "video_vae": VIDEO_VAE_CONFIG,
+           "audio_vae": AUDIO_VAE_CONFIG, "vocoder": VOCODER_CONFIG}
+
 # ----------------------------------------------------------------------------------- original -> diffusers names
 # Renames of whole dotted path segments. The first segment of a transformer key may be a top-level module of another
 # name; inside the blocks only the QK norms and the audio-video cross-attention tables are named differently.
@@ -240,8 +244,8 @@ def _strip(state_dict: Mapping[str, Any], prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
-def load_transformer_and_connectors(transformer_file: str, text_encoder_file: str, dtype,
-                                    transformer_config=TRANSFORMER_CONFIG, connectors_config=CONNECTORS_CONFIG):
+def load_transformer_and_connectors(transformer_file: str, text_encoder_file: str, dtype, transformer_config,
+                                    connectors_config):
     from diffusers import LTX2VideoTransformer3DModel
     from diffusers.pipelines.ltx2 import LTX2TextConnectors
     from safetensors.torch import load_file
@@ -303,7 +307,7 @@ def load_gemma4_tokenizer(text_encoder_file: str, folder: str):
     return AutoTokenizer.from_pretrained(folder, add_bos_token=True)
 
 
-def load_video_vae(path: str, dtype, config=VIDEO_VAE_CONFIG):
+def load_video_vae(path: str, dtype, config):
     from diffusers import AutoencoderKLLTX2Video
     from safetensors.torch import load_file
 
@@ -314,7 +318,7 @@ def load_video_vae(path: str, dtype, config=VIDEO_VAE_CONFIG):
     return _build(AutoencoderKLLTX2Video, config, state_dict, dtype, "video VAE")
 
 
-def load_audio_vae_and_vocoder(path: str, dtype, audio_vae_config=AUDIO_VAE_CONFIG, vocoder_config=VOCODER_CONFIG):
+def load_audio_vae_and_vocoder(path: str, dtype, audio_vae_config, vocoder_config):
     from diffusers import AutoencoderKLLTX2Audio
     from diffusers.pipelines.ltx2.vocoder import LTX2VocoderWithBWE
     from safetensors.torch import load_file
@@ -325,3 +329,52 @@ def load_audio_vae_and_vocoder(path: str, dtype, audio_vae_config=AUDIO_VAE_CONF
     vocoder = _build(LTX2VocoderWithBWE, vocoder_config,
                      {vocoder_key(k): v for k, v in _strip(original, "vocoder.").items()}, dtype, "vocoder")
     return audio_vae, vocoder
+
+
+# ------------------------------------------------------------------------------------------------- the pipeline
+def is_comfy_source(source: str, base: str) -> bool:
+    """A local folder that is not a diffusers pipeline folder, or the registry's base repo (which has no diffusers
+    folders)."""
+    if os.path.isdir(source):
+        return not os.path.isfile(os.path.join(source, "model_index.json"))
+    return not os.path.exists(source) and source == base
+
+
+def locate_files(source: str, files: Mapping[str, str]) -> dict:
+    """Each file of ``files`` (component -> path in the repo): from the hub repo ``source``, or in the folder
+    ``source`` at that path, at its bare name, or anywhere below (a ComfyUI ``models`` folder works)."""
+    if not os.path.isdir(source):
+        from huggingface_hub import hf_hub_download
+
+        return {component: hf_hub_download(source, path) for component, path in files.items()}
+    found, missing = {}, []
+    for component, path in files.items():
+        name = os.path.basename(path)
+        candidates = [os.path.join(source, path), os.path.join(source, name)]
+        candidates += [os.path.join(root, name) for root, _, names in sorted(os.walk(source)) if name in names]
+        found[component] = next((c for c in candidates if os.path.isfile(c)), None)
+        if found[component] is None:
+            missing.append(path)
+    if missing:
+        raise FileNotFoundError(f"{source!r} lacks the LTX-2.5 ComfyUI file(s) {missing}; download them from "
+                                "Lightricks/LTX-2.5 into it, or give a diffusers folder.")
+    return found
+
+
+def load_comfy_pipeline(source: str, files: Mapping[str, str], dtype):
+    """An ``LTX2Pipeline`` over the components the ComfyUI files hold (the scheduler is the caller's)."""
+    import tempfile
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, LTX2Pipeline
+
+    paths = locate_files(source, files)
+    transformer, connectors = load_transformer_and_connectors(
+        paths["transformer"], paths["text_encoder"], dtype, CONFIGS["transformer"], CONFIGS["connectors"])
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer = load_gemma4_tokenizer(paths["text_encoder"], folder)
+    audio_vae, vocoder = load_audio_vae_and_vocoder(paths["audio_vae"], dtype, CONFIGS["audio_vae"], CONFIGS["vocoder"])
+    return LTX2Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=load_video_vae(paths["video_vae"], dtype, CONFIGS["video_vae"]),
+        audio_vae=audio_vae, text_encoder=load_gemma4_text_encoder(paths["text_encoder"], dtype), tokenizer=tokenizer,
+        connectors=connectors, transformer=transformer, vocoder=vocoder,
+    )

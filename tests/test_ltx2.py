@@ -6,6 +6,7 @@ import inspect
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -274,7 +275,7 @@ def test_ltx25_sampling_matches_ai_toolkit(pipes, monkeypatch, ltx25_golden):
     for key, run in meta["runs"].items():
         if key.startswith("i2v_"):
             continue  # test_ltx25_image_to_video_matches_ai_toolkit
-        steps, width, height, frames = (int(part.lstrip("stepswhf")) for part in key.split("_"))
+        steps, width, height, frames = map(int, re.fullmatch(r"steps(\d+)_w(\d+)_h(\d+)_f(\d+)", key).groups())
         full = key == "steps2_w64_h64_f9"
         with monkeypatch.context() as patch:
             record = _record_sampling(pipe, patch, stop_at_first_call=not full)
@@ -366,8 +367,6 @@ def test_ltx25_lora_saved_by_ai_toolkit(pipes, ltx25_golden, scope):
     """LoRAs saved by ai-toolkit's LoRASpecialNetwork for arch ltx2.5 (diffusion_model. + original LTX names,
     converter version "2.5"; transformer_blocks only, every Linear, and a LoKr with its defaults) load with every
     module matched, and the transformer's outputs equal ai-toolkit's with the network off, at 1.0 and at 0.5."""
-    import re
-
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -536,8 +535,6 @@ def test_ltx25_full_size_names_and_shapes_match_ai_toolkit(ltx25_names, componen
 
 def _original_vae_key(key: str) -> str:
     """Diffusers -> original LTX name of a one-level video VAE (the inverse of ``ltx2_comfy.video_vae_key``)."""
-    import re
-
     key = {"latents_mean": "per_channel_statistics.mean-of-means",
            "latents_std": "per_channel_statistics.std-of-means"}.get(key, key)
     for pattern, replacement in ((r"^encoder\.down_blocks\.0\.downsamplers\.0\.", "encoder.down_blocks.1."),
@@ -561,6 +558,8 @@ def test_ltx25_loads_a_comfyui_folder(pipes, tmp_path, monkeypatch):
     """A folder laid out like Lightricks/LTX-2.5 (ComfyUI single files: the int8 ConvRot transformer and text encoder
     goldens, the conv VAE and the audio VAE + vocoder written in original names) loads as the ltx2.5 pipeline: every
     component from its file, the tokenizer from the text encoder file, and it generates."""
+    import shutil
+
     from safetensors.torch import save_file
 
     from aitk_inference.pipelines import load_pipeline
@@ -575,7 +574,7 @@ def test_ltx25_loads_a_comfyui_folder(pipes, tmp_path, monkeypatch):
     for component, golden in (("transformer", "comfy_dit"), ("text_encoder", "comfy_te")):
         target = folder / LTX25_COMFY_FILES[component]
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(open(os.path.join(LTX25_GOLDENS, f"{golden}.safetensors"), "rb").read())
+        shutil.copyfile(os.path.join(LTX25_GOLDENS, f"{golden}.safetensors"), target)
     video_vae = {_original_vae_key(k): v for k, v in tiny.vae.state_dict().items()}
     assert all(ltx2_comfy.video_vae_key(o, 1) == k for o, k in zip(video_vae, tiny.vae.state_dict()))
     (folder / "vae").mkdir()

@@ -24,7 +24,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 #: ComfyUI quantization formats we can dequantize
 INT8_FORMAT = "int8_tensorwise"

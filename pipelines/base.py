@@ -181,6 +181,9 @@ class AITKPipeline:
     denoiser: str = "transformer"
     #: the type of ``spec.options`` this family reads (a registry options dataclass), None when it reads none
     options_type: type | None = None
+    #: the fields of a job's :class:`~.jobs.config.SampleSpec`, beyond the common ones, that this family's ai-toolkit
+    #: previews use; ``reproduce`` passes them to :meth:`generate` as generation options
+    sample_options: tuple[str, ...] = ()
 
     def __init__(self, spec: ModelSpec, pipe, device: str, dtype, offload: str, lora_mode: str, source: str):
         from .lora.stack import LoraStack
@@ -484,6 +487,11 @@ class AITKPipeline:
         """Family-specific validation (raise ValueError); the base checks are already done."""
         if params.extra:
             raise ValueError(f"Unknown generation option(s) for {self.spec.model_id}: {sorted(params.extra)}.")
+
+    def job_options(self, model_config: dict) -> dict:
+        """``generate`` keyword arguments that an ai-toolkit job's ``model`` section sets for its previews (family
+        options read from ``model_kwargs``); ``reproduce`` passes them. None by default."""
+        return {}
 
     def control_inputs(self, images: Sequence) -> dict:
         """``generate`` keyword arguments for an ai-toolkit sample's control images (``ctrl_img``/``ctrl_img_N``).

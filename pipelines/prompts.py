@@ -35,11 +35,14 @@ _FLAGS = {
     "fps": ("fps", int),
     "ctrl_img": ("ctrl_img", str),
     "ctrl_idx": ("ctrl_idx", int),
+    "gr": ("guidance_rescale", float),
 }
 
-# Flags ai-toolkit parses that change nothing in the families we run (SDXL second-encoder prompts, guidance rescale,
-# adapter/refiner knobs); kept in ``PromptOptions.unused`` so that a caller can say they were ignored.
-_UNUSED_FLAGS = ("p2", "n2", "gr", "a", "ref", "ev", "extra_values")
+# Flags ai-toolkit parses that change nothing in its previews of the families we run; kept in ``PromptOptions.unused``
+# so that a caller can say they were ignored. ``--p2``/``--n2`` are parsed there and then overwritten by the
+# constructor's own defaults (the second SDXL encoder always gets the prompt and the job's ``neg``); the others are
+# adapter and refiner knobs.
+_UNUSED_FLAGS = ("p2", "n2", "a", "ref", "ev", "extra_values")
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,8 @@ class PromptOptions:
         num_frames, fps (int, *optional*): ``--frames`` / ``--num_frames``, ``--fps``.
         ctrl_img (str, *optional*): ``--ctrl_img`` (a path).
         ctrl_idx (int, *optional*): ``--ctrl_idx``.
-        unused (dict[str, str]): flags ai-toolkit knows but that have no effect here (``--p2``, ``--n2``, ``--gr``...).
+        guidance_rescale (float, *optional*): ``--gr`` (SDXL's previews only).
+        unused (dict[str, str]): flags ai-toolkit knows but that have no effect on its previews (``--p2``, ``--n2``...).
     """
 
     prompt: str
@@ -72,6 +76,7 @@ class PromptOptions:
     fps: int | None = None
     ctrl_img: str | None = None
     ctrl_idx: int | None = None
+    guidance_rescale: float | None = None
     unused: dict = field(default_factory=dict)
 
     def overrides(self) -> dict:

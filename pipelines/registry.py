@@ -64,12 +64,29 @@ QWEN_FLOWMATCH = {
 # ai-toolkit's Z-Image scheduler (z_image.py scheduler_config): static shift 3.0.
 ZIMAGE_FLOWMATCH = {**FLUX_FLOWMATCH, "shift": 3.0, "use_dynamic_shifting": False}
 
-# ai-toolkit's Lumina2 scheduler (toolkit/sampler.py lumina2_config): static shift 6.0.
-LUMINA2_FLOWMATCH = {**FLUX_FLOWMATCH, "shift": 6.0, "use_dynamic_shifting": False}
+# ai-toolkit's PRXPixel scheduler (extensions_built_in/diffusion_models/prx_pixel_t2i/prx_pixel_t2i.py scheduler_config, the
+# released checkpoint's): static shift 3.0.
+PRX_FLOWMATCH = {**FLUX_FLOWMATCH, "shift": 3.0, "use_dynamic_shifting": False}
+
+# ai-toolkit's Lumina2 scheduler as it really samples: no shift at all. Its lumina2_config says static shift 6.0, but
+# get_sampler builds the scheduler with from_config on a subclass whose __init__ takes only *args/**kwargs, so no value
+# reaches __init__: the values read through .config hold, while the shift attribute keeps its default of 1.0.
+LUMINA2_FLOWMATCH = {**FLUX_FLOWMATCH, "shift": 1.0, "use_dynamic_shifting": False}
 
 # ai-toolkit's CogView4 scheduler (toolkit/models/cogview4.py scheduler_config): dynamic shifting with the linear time
 # shift; the pipeline computes mu itself, 0.25 + 0.75 * sqrt(image tokens / 256), and passes unshifted timesteps.
 COGVIEW4_FLOWMATCH = {**FLUX_FLOWMATCH, "shift": 1.0, "base_shift": 0.25, "max_shift": 0.75, "time_shift_type": "linear"}
+
+# ai-toolkit's ERNIE-Image scheduler (extensions_built_in/diffusion_models/ernie_image/ernie_image.py scheduler_config):
+# static shift 3.0, no dynamic shifting.
+ERNIE_IMAGE_FLOWMATCH = {**FLUX_FLOWMATCH, "shift": 3.0, "use_dynamic_shifting": False}
+# ai-toolkit's Nucleus-Image scheduler (extensions_built_in/diffusion_models/nucleus_image/nucleus_image_model.py
+# scheduler_config): static shift 1.0 without dynamic shifting, so the pipeline's linspace(1, 1/N, N) sigmas are kept.
+NUCLEUS_FLOWMATCH = {**FLUX_FLOWMATCH, "shift": 1.0, "use_dynamic_shifting": False}
+
+# ai-toolkit's Anima scheduler (extensions_built_in/diffusion_models/anima/anima.py scheduler_config): static shift 3.0;
+# the modular pipeline hands it sigmas linspace(1, 1/N, N), which the scheduler shifts.
+ANIMA_FLOWMATCH = {**FLUX_FLOWMATCH, "shift": 3.0, "use_dynamic_shifting": False}
 
 # FLUX.2 / FLUX.2-klein: ai-toolkit samples with BFL's own schedule (pipelines/families/flux2.py bfl_schedule), not with a
 # scheduler's shifting. The family passes the finished sigmas; shift 1.0 without dynamic shifting keeps them as given.
@@ -248,9 +265,12 @@ class Flux2Options:
 
 @dataclass(frozen=True)
 class WanOptions:
-    """``expand_timesteps``: Wan 2.2 TI2V-5B's per-token timesteps (first-frame conditioning from a control image)."""
+    """``expand_timesteps``: Wan 2.2 TI2V-5B's per-token timesteps (first-frame conditioning from a control image).
+    ``sample_first_frame``: the control image's latent is a draw from the VAE posterior (ai-toolkit's Wan 2.2 A14B
+    I2V previews), not its mode (diffusers' image-to-video pipeline)."""
 
     expand_timesteps: bool = False
+    sample_first_frame: bool = False
 
 
 @dataclass(frozen=True)
@@ -272,6 +292,31 @@ class HiDreamOptions:
     """``llama``: hub repo of the Llama-3.1 text encoder (HiDream's repos do not include it)."""
 
     llama: str
+
+
+@dataclass(frozen=True)
+class Krea2Options:
+    """ai-toolkit's Krea 2 ``model_kwargs`` that change sampling, as this id's defaults (each can be passed per call).
+
+    ``schedule_mu`` pins the time shift (None: linear in the image token count, ai-toolkit's default for Raw and
+    Turbo alike). ``edit`` ids take reference images, which need ``vision_processor`` (the hub repo of the Qwen3-VL
+    processor, ai-toolkit's text encoder repo) when the checkpoint has no processor; their ``kv_cache`` (reference
+    tokens attend only to each other) and ``match_target_res`` (reference latents at the target's area instead of the
+    1 MP cap) defaults are ai-toolkit's ``krea2:o_edit`` UI preset's."""
+
+    edit: bool = False
+    vision_processor: str | None = None
+    schedule_mu: float | None = None
+    kv_cache: bool = False
+    match_target_res: bool = False
+
+    @property
+    def generation_options(self) -> tuple[str, ...]:
+        """The ``generate()`` options this id takes."""
+        return ("schedule_mu", "kv_cache", "match_target_res") if self.edit else ("schedule_mu",)
+
+    def defaults(self) -> dict:
+        return {name: getattr(self, name) for name in self.generation_options}
 
 
 # ---------------------------------------------------------------------------------------------------------- the spec
@@ -301,6 +346,8 @@ class ModelSpec:
         guidance_kind (str): ``"distilled"`` (guidance embedding, one forward per step), ``"cfg"`` or ``"true_cfg"``.
         unconditional_is_negative (bool): whether CFG's unconditional pass encodes the negative prompt (Chroma's
             previews encode an empty prompt there instead).
+        cfg_unless_one (bool): CFG runs at every guidance but exactly 1 (below 1 too), as ai-toolkit's own loop for
+            the family does; otherwise only above 1.
         control_images (tuple[int, int]): (min, max) number of control images.
         video (VideoSpec, *optional*): video defaults; None for image models.
         experts (Experts, *optional*): the two experts of a two-expert denoiser; None for one denoiser.
@@ -323,6 +370,7 @@ class ModelSpec:
     lora_components: tuple[str, ...] = ()
     guidance_kind: str = "cfg"
     unconditional_is_negative: bool = True
+    cfg_unless_one: bool = False
     control_images: tuple[int, int] = (0, 0)
     video: VideoSpec | None = None
     experts: Experts | None = None
@@ -351,8 +399,10 @@ class ModelSpec:
 
     def negative_has_effect(self, guidance: float) -> bool:
         """Whether the negative prompt changes the output at ``guidance``: only real CFG runs an unconditional pass,
-        and only above guidance 1, and only a family whose unconditional pass encodes the negative uses it."""
-        return self.guidance_kind != "distilled" and self.unconditional_is_negative and guidance > 1.0
+        and only above guidance 1 (or at any guidance but 1 with ``cfg_unless_one``), and only a family whose
+        unconditional pass encodes the negative uses it."""
+        runs_cfg = guidance != 1.0 if self.cfg_unless_one else guidance > 1.0
+        return self.guidance_kind != "distilled" and self.unconditional_is_negative and runs_cfg
 
     @property
     def uses_negative(self) -> bool:
@@ -430,7 +480,19 @@ WAN_COMBINED = LoraSignature("Wan 2.2 14B (combined high/low-noise file)", r"(^|
                              refines=WAN_ORIGINAL)
 COGVIEW4_NAMES = LoraSignature("CogView4", r"(^|\.)transformer_blocks\.\d+\.attn1\.")
 LTX2_NAMES = LoraSignature("LTX-2", r"audio_attn|audio_ff|video_to_audio", refines=COGVIEW4_NAMES)  # LTX-2 has attn1 too
+# Anima LoRAs come in ComfyUI / original Cosmos names (`blocks.N.self_attn.q_proj`, `adaln_modulation_*`), which also
+# match the original Wan pattern, and `llm_adapter.` for the text conditioner.
+ANIMA_NAMES = LoraSignature("Anima (ComfyUI / original Cosmos names)",
+                            r"adaln_modulation_(self_attn|cross_attn|mlp)|llm_adapter\.|(self_attn|cross_attn)\.(q|k|v|output)_proj",
+                            refines=WAN_ORIGINAL)
 HIDREAM_NAMES = LoraSignature("HiDream", r"double_stream_blocks|single_stream_blocks")
+ERNIE_IMAGE_NAMES = LoraSignature("ERNIE-Image", r"(^|\.)layers\.\d+\.(self_attention\.|mlp\.linear_fc2)")
+# Nucleus-Image shares Qwen-Image's img_mlp/img_mod names; its per-block text projection and MoE layers are its own.
+NUCLEUS_NAMES = LoraSignature("Nucleus-Image",
+                              r"transformer_blocks\.\d+\.(encoder_proj|img_mlp\.(gate|shared_expert|experts))",
+                              refines=QWEN_NAMES)
+PRX_NAMES = LoraSignature("PRXPixel", r"(^|\.)blocks\.\d+\.attention\.(img_qkv_proj|txt_kv_proj)")
+KREA2_NAMES = LoraSignature("Krea 2", r"(^|\.)(blocks\.\d+\.attn\.wq|txtfusion\.|transformer_blocks\.\d+\.attn\.to_gate)")
 
 
 def lora_signatures() -> list[LoraSignature]:
@@ -538,6 +600,31 @@ HIDREAM = Preset(family="hidream:HiDreamFamilyPipeline", pipeline_class="HiDream
                  divisor=16, lora_signatures=(HIDREAM_NAMES,),
                  options=HiDreamOptions(llama="unsloth/Meta-Llama-3.1-8B-Instruct"))
 
+_KREA2_NOTES = (
+    "ai-toolkit's own Krea 2 sampler on diffusers' Krea2Transformer2DModel: Euler on t = linspace(1, 0, N+1) "
+    "time-shifted with mu linear in image tokens (256 -> 0.5, 6400 -> 1.15) for Raw and Turbo alike (option "
+    "`schedule_mu` pins it, as the job's model_kwargs.schedule_mu does); real CFG u + g(c - u) with the encoded negative "
+    "above guidance 1 (diffusers' guidance_scale gets g - 1); prompts at natural length, up to 512 tokens plus the "
+    "assistant suffix; float32 latents. LoRAs and LoKr with original Krea names (diffusion_model.blocks.N.attn.wq, "
+    "text-fusion blocks included) load."
+)
+_KREA2_EDIT_NOTES = (
+    " Up to 3 reference images (at least 1): a <=384x384 copy (bicubic, antialias) goes into the Qwen3-VL prompt, and "
+    "VAE latents (at most 1 MP, or the target's area with `match_target_res`, default on as in ai-toolkit's o_edit "
+    "preset; /16, bilinear) follow the image tokens at t = 0. `kv_cache` (default on, the preset's) keeps the "
+    "reference tokens attending only to each other, their keys and values computed once."
+)
+# Defaults from ai-toolkit's UI presets (ui/src/app/jobs/new/options.ts): `krea2` and `krea2:o_edit` set no sample
+# values, so the UI's 25 steps / guidance 4 apply; `krea2:turbo` 9 / 1; `krea2:o_edit_turbo` 8 / 1; both o_edit presets
+# set model_kwargs edit, kv_cache and match_target_res to true.
+KREA2 = Preset(family="krea2:Krea2FamilyPipeline", pipeline_class="Krea2Pipeline", base="krea/Krea-2-Raw", steps=25,
+               guidance=4.0, divisor=16, tiny="krea2:build_krea2", lora_signatures=(KREA2_NAMES,),
+               options=Krea2Options(), notes=_KREA2_NOTES)
+KREA2_EDIT = KREA2.derive(control_images=(1, 3), tiny="krea2:build_krea2_edit",
+                          options=Krea2Options(edit=True, vision_processor="Qwen/Qwen3-VL-4B-Instruct", kv_cache=True,
+                                               match_target_res=True),
+                          notes=_KREA2_NOTES + _KREA2_EDIT_NOTES)
+
 # ------------------------------------------------------------------------------------------------------ registry
 REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
     (spec.model_id, spec)
@@ -596,8 +683,9 @@ REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
             base="Alpha-VLLM/Lumina-Image-2.0", steps=25, guidance=4.0, divisor=16,
             scheduler=_flow(LUMINA2_FLOWMATCH), tiny="lumina2:build_lumina2", aitk_archs=(AitkArch("lumina2"),),
             lora_signatures=(LUMINA2_NAMES,),
-            notes="FlowMatch Euler with static shift 6.0 (ai-toolkit's lumina2_config), real CFG with the negative "
-            "prompt, Gemma2 prompts up to 256 tokens. Divisor 16 (the pipeline's own check; the reference uses 32).",
+            notes="FlowMatch Euler with the unshifted sigmas ai-toolkit's previews use (its lumina2_config names "
+            "shift 6.0, which its scheduler construction drops), real CFG with the negative prompt, Gemma2 prompts up "
+            "to 256 tokens. Divisor 16 (the pipeline's own check; the reference uses 32).",
         ),
         ModelSpec(
             model_id="omnigen2", family="omnigen2:OmniGen2FamilyPipeline", pipeline_class="OmniGen2Pipeline",
@@ -640,7 +728,9 @@ REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
                    aitk_archs=(AitkArch("wan22_14b"),)),
         WAN22_A14B("wan22_14b_i2v", pipeline_class="WanImageToVideoPipeline", base="Wan-AI/Wan2.2-I2V-A14B-Diffusers",
                    control_images=(1, 1), tiny="wan:build_wan22_14b_i2v", aitk_archs=(AitkArch("wan22_14b_i2v"),),
-                   notes=_WAN22_MOE_NOTES + _WAN_I2V_RESIZE),
+                   options=WanOptions(sample_first_frame=True),
+                   notes=_WAN22_MOE_NOTES + _WAN_I2V_RESIZE + " Its latent is a draw from the VAE posterior made "
+                   "after the initial noise, as ai-toolkit's previews make it (diffusers takes the posterior mode)."),
         WAN21("wan22_5b", base="Wan-AI/Wan2.2-TI2V-5B-Diffusers", divisor=32, width=768, height=768,
               scheduler=_flow(WAN22_FLOWMATCH), control_images=(0, 1),
               video=VideoSpec(num_frames=121, fps=24, frame_step=4), tiny="wan:build_wan22_5b",
@@ -670,7 +760,7 @@ REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
                 "CLIP-L, CLIP-G, T5 and Llama-3.1 (loaded from unsloth/Meta-Llama-3.1-8B-Instruct). Any size is "
                 "rescaled to the 1024x1024 area (aspect kept, floored to 16) as ai-toolkit's pipeline does. LoRAs: "
                 "diffusion_model. + diffusers names, alpha honoured."),
-        HIDREAM("hidream_e1", base="HiDream-ai/HiDream-E1-Full", steps=28,
+        HIDREAM("hidream_e1", base="HiDream-ai/HiDream-E1-1", steps=28,
                 scheduler=SchedulerSpec("UniPCMultistepScheduler", HIDREAM_E1_UNIPC), control_images=(1, 1),
                 tiny="hidream:build_hidream_e1", aitk_archs=(AitkArch("hidream_e1"),),
                 notes="Our own editing loop around diffusers' HiDream transformer (diffusers has no E1 pipeline). The "
@@ -689,6 +779,64 @@ REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
             "1024 tokens. Divisor 16 (the pipeline rejects other sizes; ai-toolkit floors to 8 only). Defaults are "
             "the pipeline's (50 steps, guidance 5.0): ai-toolkit has no CogView4 preset.",
         ),
+        ModelSpec(
+            model_id="ernie_image", family="ernie_image:ErnieImageFamilyPipeline", pipeline_class="ErnieImagePipeline",
+            base="baidu/ERNIE-Image", steps=30, guidance=4.0, divisor=32,
+            scheduler=_flow(ERNIE_IMAGE_FLOWMATCH), tiny="ernie_image:build_ernie_image",
+            aitk_archs=(AitkArch("ernie_image"),), lora_signatures=(ERNIE_IMAGE_NAMES,),
+            notes="FlowMatch Euler with static shift 3.0 (ai-toolkit's scheduler_config), real CFG u + g(c - u) with "
+            "the negative prompt (an empty one is encoded) above guidance 1; Mistral-3 prompt embeddings (second-to-"
+            "last hidden state, unpadded). The checkpoint's optional prompt enhancer is not loaded and prompts are "
+            "not rewritten, as in ai-toolkit. Divisor 32 (ai-toolkit's floor). Defaults are ai-toolkit's UI defaults "
+            "(its ERNIE-Image preset sets none): 30 steps, guidance 4, 1024x1024. LoRAs: diffusion_model. + diffusers "
+            "names.",
+        ),
+        ModelSpec(
+            model_id="nucleus_image", family="nucleus_image:NucleusImageFamilyPipeline",
+            pipeline_class="NucleusMoEImagePipeline", base="NucleusAI/Nucleus-Image", steps=30, guidance=4.0,
+            divisor=32, scheduler=_flow(NUCLEUS_FLOWMATCH), tiny="nucleus_image:build_nucleus_image",
+            aitk_archs=(AitkArch("nucleus_image"),), lora_signatures=(NUCLEUS_NAMES,),
+            notes="ai-toolkit's Nucleus-Image extension: the stock pipeline with FlowMatch Euler at static shift 1.0 "
+            "(the linspace sigmas unshifted), real CFG with the pipeline's norm rescale and the negative prompt (an "
+            "empty one is encoded), Qwen3-VL prompts up to 1024 tokens. Divisor 32 (16x VAE x 2x2 patches). "
+            "Defaults are ai-toolkit's UI sample defaults (30 steps, guidance 4); its Nucleus preset sets none. "
+            "LoRAs: diffusion_model. + diffusers names (no diffusers loader; ours reads them), Linear layers only: "
+            "the routed MoE experts are packed parameters that ai-toolkit never adapts.",
+        ),
+        ModelSpec(
+            model_id="prx_pixel", family="prx_pixel:PRXPixelFamilyPipeline", pipeline_class="PRXPixelPipeline",
+            base="Photoroom/prxpixel-t2i", steps=28, guidance=5.0, divisor=16, scheduler=_flow(PRX_FLOWMATCH),
+            cfg_unless_one=True, tiny="prx_pixel:build_prx_pixel", aitk_archs=(AitkArch("prx_pixel"),),
+            lora_signatures=(PRX_NAMES,),
+            notes="Pixel space (no VAE), sampled with ai-toolkit's own preview loop: the transformer predicts the "
+            "clean image, guidance is applied to that prediction whenever it is not 1 (below 1 too) with the "
+            "negative prompt (an empty one is encoded), then it becomes a velocity (x - x0) / max(t, 0.05) for the "
+            "Euler step. Initial noise randn * 2.0 in float32. FlowMatch Euler, static shift 3.0. Qwen3-VL prompts "
+            "padded to 256 tokens, not cleaned; no aspect-ratio binning. Defaults are ai-toolkit's PRXPixel example "
+            "(28 steps, guidance 5.0). LoRAs: diffusion_model. + diffusers names (PEFT or LoKr).",
+        ),
+        ModelSpec(
+            model_id="anima", family="anima:AnimaFamilyPipeline", pipeline_class="AnimaModularPipeline",
+            base="circlestone-labs/Anima-Base-v1.0-Diffusers", steps=30, guidance=4.0, divisor=32,
+            negative="worst quality, low quality, score_1, score_2, score_3, blurry, jpeg artifacts, sepia, signature, "
+            "artist name",
+            scheduler=_flow(ANIMA_FLOWMATCH), cfg_unless_one=True, tiny="anima:build_anima",
+            aitk_archs=(AitkArch("anima"),),
+            lora_components=("transformer", "text_conditioner"), lora_signatures=(ANIMA_NAMES,),
+            notes="ai-toolkit's Anima (Cosmos-Predict2 DiT, Qwen3 text encoder, LLM adapter, Qwen-Image VAE), sampled "
+            "through diffusers' Anima modular blocks as ai-toolkit does: FlowMatch Euler with static shift 3.0 on "
+            "sigmas linspace(1, 1/N, N); real CFG (the modular guider, at any guidance but 1) with the negative "
+            "prompt, whose default is ai-toolkit's Anima UI preset; prompts encoded as ai-toolkit encodes them (an "
+            "empty prompt becomes one masked pad token that the LLM adapter still attends to). Divisor 32. LoRAs in "
+            "ComfyUI / original Cosmos names, the LLM adapter's (`llm_adapter.`) included. Steps 30 and guidance 4 "
+            "are ai-toolkit's UI sample defaults (its Anima preset sets none).",
+        ),
+        KREA2("krea2", aitk_archs=(AitkArch("krea2"),)),
+        KREA2("krea2_turbo", base="krea/Krea-2-Turbo", steps=9, guidance=1.0, tiny="krea2:build_krea2_turbo",
+              aitk_archs=(AitkArch("krea2", "turbo"),)),
+        KREA2_EDIT("krea2_o_edit", aitk_archs=(AitkArch("krea2:o_edit"),)),
+        KREA2_EDIT("krea2_o_edit_turbo", base="krea/Krea-2-Turbo", steps=8, guidance=1.0,
+                   tiny="krea2:build_krea2_edit_turbo", aitk_archs=(AitkArch("krea2:o_edit_turbo"),)),
     ]
 )
 

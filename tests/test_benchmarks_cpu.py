@@ -66,3 +66,27 @@ def test_tiny_step_profile_times_each_variant_against_the_reference(tiny_dir, tm
         assert by_key[("forward_ms", variant)]["reference_value"] == reference
     assert by_key[("recompiles_after_strength_change", "fused+compile")]["value"] == 0
     assert by_key[("qkv_fused_relative_diff", "qkv+compile")]["value"] < 1e-5  # fp32: same numbers
+
+
+def test_tiny_lora_soak_keeps_caches_bounded_and_dynamic_exact(tiny_dir, tmp_path):
+    """The soak on the tiny FLUX model: switches among more files than the converted-LoRA cache holds keep that cache
+    at its limit and at most one adapter injected; removing the LoRA restores every weight bit for bit in dynamic mode
+    and within a float32 rounding per change in fused mode."""
+    from aitk_inference.benchmarks.soak import main
+    from aitk_inference.pipelines.lora.stack import MAX_CONVERTED_CACHED
+
+    tiny_dir("flux")
+    path = main(["--size", "tiny", "--device", "cpu", "--dtype", "fp32", "--iterations", "24", "--every", "6",
+                 "--files", str(MAX_CONVERTED_CACHED + 2), "--rank", "4", "--out", str(tmp_path / "results"),
+                 "--workdir", str(tmp_path / "work")])
+    with open(path) as f:
+        payload = json.load(f)
+    for mode, run in payload["modes"].items():
+        assert len(run["rows"]) == 5 and run["rows"][-1]["iteration"] == 23
+        assert all(row["converted_cached"] <= MAX_CONVERTED_CACHED for row in run["rows"])
+        assert run["final"]["converted_cached"] == MAX_CONVERTED_CACHED
+        assert all(row["adapters"] == (1 if mode == "dynamic" else 0) for row in run["rows"])
+        assert run["final"]["adapters"] == 0
+        assert math.isfinite(run["rss_growth_mib"])
+    assert payload["modes"]["dynamic"]["weights_changed_after_removal"] == 0
+    assert payload["modes"]["fused"]["largest_relative_drift"] < 1e-5

@@ -369,6 +369,9 @@ def test_group_offload_reapplies_after_lora_changes(load_tiny, flux_loras, lora_
     ("diffusion_model.ref_image_refiner.0.attn.to_q.lora_A.weight", "OmniGen2"),
     ("transformer.layers.0.attn.to_q.lora_A.weight", "Lumina2 or OmniGen2"),
     ("transformer.transformer_blocks.0.attn1.to_q.lora_A.weight", "CogView4"),
+    ("diffusion_model.layers.0.self_attention.to_q.lora_A.weight", "ERNIE-Image"),
+    ("diffusion_model.blocks.0.self_attn.q_proj.lora_A.weight", "Anima"),
+    ("diffusion_model.llm_adapter.blocks.0.mlp.0.lora_A.weight", "Anima"),
     ("lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight", "SDXL"),
     ("lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight", "SD 1.5"),
 ])

@@ -29,6 +29,9 @@ SCHEDULER_GOLDEN = {
     "wan21_14b": "wan21", "wan21_1b": "wan21", "wan21_i2v_14b": "wan21", "wan21_i2v_14b480p": "wan21",
     "flux2": "flux2", "flux2_diffusers": "flux2", "flux2_klein_4b": "flux2", "flux2_klein_9b": "flux2",
     "cogview4": "cogview4",
+    "nucleus_image": "nucleus_image",
+    "prx_pixel": "prx_pixel",
+    "anima": "anima",
 }
 NO_SCHEDULER_GOLDEN = {
     "sd15": "schedulers.json records the flow-matching families only; SD's DDPM config and timesteps are checked in "
@@ -50,12 +53,16 @@ NO_SCHEDULER_GOLDEN = {
     "hidream": "no HiDream entry in schedulers.json; ai-toolkit's FlowUniPC schedule is re-derived in test_hidream.py",
     "hidream_e1": "no HiDream entry in schedulers.json; ai-toolkit's FlowUniPC schedule is re-derived in "
                   "test_hidream.py",
+    "ernie_image": "ai-toolkit's ERNIE-Image schedule (its own run, with the sigmas the pipeline passes) is in "
+                   "goldens/ernie_image/schedules.json, compared in test_ernie_image.py",
+    **dict.fromkeys(
+        ("krea2", "krea2_turbo", "krea2_o_edit", "krea2_o_edit_turbo"),
+        "ai-toolkit samples Krea 2 with its own Euler loop, no scheduler: test_krea2.py compares our schedule with "
+        "tests/goldens/krea2 (ai-toolkit's pipeline.timesteps) and spies on the times the transformer receives"),
 }
-# Differences between the golden data and our wiring that are not settled yet: strict xfail, so that a fix shows up.
-KNOWN_SCHEDULER_DIFFERENCES = {
-    "lumina2": "golden sigmas are the unshifted linspace (0.75 at 4 steps) although ai-toolkit's lumina2_config has "
-               "static shift 6.0, which diffusers 0.42 applies (0.947); to be settled against ai-toolkit's pinned diffusers",
-}
+# Where ai-toolkit's scheduler object samples with another shift than its recorded config states: id -> golden file
+# with that object's state (MANIFEST §6).
+SCHEDULER_STATE_GOLDEN = {"lumina2": "lumina2_scheduler_state.json"}
 # Z-Image's pipeline builds its sigmas with a float32 torch.linspace; allow one float32 rounding there.
 FLOAT32_LINSPACE_ATOL = {"zimage": 1e-6}
 
@@ -74,6 +81,25 @@ NO_NOISE_GOLDEN = dict.fromkeys(
 )
 NO_NOISE_GOLDEN["ltx2.5"] = ("ai-toolkit's seed-42 video and audio noise for LTX-2.5 (its first transformer call, "
                              "tests/goldens/ltx25) is compared in test_ltx2.py test_ltx25_sampling_matches_ai_toolkit")
+NO_NOISE_GOLDEN["ernie_image"] = ("ai-toolkit's seed-42 ERNIE-Image draw (float32 and bfloat16) is in "
+                                  "goldens/ernie_image/sampling.safetensors, compared in test_ernie_image.py")
+NO_NOISE_GOLDEN["nucleus_image"] = (
+    "NucleusMoEImagePipeline._unpack_latents takes a patch size, so the packed-to-unpacked check here does not fit; "
+    "test_nucleus_image.py compares the seed-42 draw with ai-toolkit's own sample path and with FLUX.1's packed key"
+)
+NO_NOISE_GOLDEN["prx_pixel"] = (
+    "pixel space: ai-toolkit's draw is randn(1, 3, H, W) * 2.0 in float32, a layout initial_noise.safetensors does not "
+    "hold; test_prx_pixel.py compares it with ai-toolkit's own generations (goldens/prx_pixel, seed 42, fp32 and bf16)"
+)
+NO_NOISE_GOLDEN["anima"] = (
+    "Anima draws a 5-D (B, 16, 1, H/8, W/8) latent; tests/test_anima.py compares it bit for bit with ai-toolkit's own "
+    "draw (goldens/anima) and with FLUX.1's unpacked float32 draw here, which holds the same numbers"
+)
+NO_NOISE_GOLDEN.update(dict.fromkeys(
+    ("krea2", "krea2_turbo", "krea2_o_edit", "krea2_o_edit_turbo"),
+    "Krea 2's own loop calls no scheduler step to spy on; test_krea2.py compares the latents the first transformer call "
+    "receives with the draw of ai-toolkit's Krea2Pipeline (tests/goldens/krea2)",
+))
 NOISE_SIZES = [(64, 64), (512, 768)]  # (W, H) as in the golden keys
 
 # ai-toolkit's size floor per family (ai-toolkit.md §2.2; 8 = only GenerateImageConfig's floor).
@@ -83,7 +109,9 @@ AITK_DIVISOR = {
     "qwen_image_2512": 32, "qwen_image_edit": 32, "qwen_image_edit_plus": 32, "qwen_image_edit_plus_2511": 32,
     "ltx2": 32, "ltx2.3": 32, "ltx2.5": 32, "wan22_5b": 32, "wan21_14b": 16, "wan21_1b": 16, "wan21_i2v_14b": 16,
     "wan21_i2v_14b480p": 16, "wan22_14b_t2v": 16, "wan22_14b_i2v": 16, "sd15": 8, "sdxl": 8, "hidream": 16,
-    "omnigen2": 16,
+    "omnigen2": 16, "ernie_image": 32, "nucleus_image": 32, "prx_pixel": 16, "anima": 32,
+    # Krea2Model.get_bucket_divisibility (VAE 8 x patch 2); generate_single_image floors the sample size to it
+    "krea2": 16, "krea2_turbo": 16, "krea2_o_edit": 16, "krea2_o_edit_turbo": 16,
 }
 NO_DIVISOR_GOLDEN = {
     "lumina2": "ai-toolkit.md §2.2 gives Lumina2's floor as the pipeline default, unverified",
@@ -192,11 +220,7 @@ def _runs_to_check(model_id, runs):
     return {key: run for key, run in runs.items() if _run_shape(key)[1] * _run_shape(key)[2] <= limit}
 
 
-@pytest.mark.parametrize("model_id", [
-    pytest.param(m, marks=pytest.mark.xfail(strict=True, reason=KNOWN_SCHEDULER_DIFFERENCES[m]))
-    if m in KNOWN_SCHEDULER_DIFFERENCES else m
-    for m in _ids(SCHEDULER_GOLDEN)
-])
+@pytest.mark.parametrize("model_id", _ids(SCHEDULER_GOLDEN))
 def test_scheduler_timesteps_match_ai_toolkit(model_id, scheduler_goldens, family_pipeline):
     """generate() sets the exact timesteps/sigmas ai-toolkit samples with (spy on the real set_timesteps call)."""
     import torch
@@ -246,8 +270,22 @@ def test_registry_scheduler_config_matches_ai_toolkit(model_id, scheduler_golden
     golden = dict(scheduler_goldens[SCHEDULER_GOLDEN[model_id]]["scheduler_config"])
     for key in ("_class_name", "prediction_type"):  # ai-toolkit's subclass name; unused by flow matching
         golden.pop(key, None)
+    if model_id in SCHEDULER_STATE_GOLDEN:
+        golden["shift"] = _scheduler_state(model_id)["shift"]
     ours = dict(REGISTRY[model_id].scheduler.config)
     assert {k: ours.get(k) for k in golden} == golden
+
+
+def _scheduler_state(model_id):
+    with open(os.path.join(GOLDENS_DIR, SCHEDULER_STATE_GOLDEN[model_id])) as f:
+        return json.load(f)["scheduler_state"]
+
+
+def test_lumina2_sampler_drops_its_configured_shift(scheduler_goldens):
+    """ai-toolkit's Lumina2 sampler states shift 6.0 in its config but samples with a shift of 1.0 (MANIFEST §6)."""
+    state = _scheduler_state("lumina2")
+    assert state["config_shift"] == scheduler_goldens["lumina2"]["scheduler_config"]["shift"] == 6.0
+    assert (state["shift"], state["use_dynamic_shifting"]) == (1.0, False)
 
 
 # ---------------------------------------------------------------------------------------------------------------- noise
@@ -436,11 +474,11 @@ def test_prompt_flags_parsed_as_ai_toolkit():
     from aitk_inference.pipelines.prompts import parse_prompt_flags
 
     o = parse_prompt_flags("  a cat, photo --n ugly, blurry --w 768 --h 1024 --seed 7 --cfg 3.5 --steps 12 --m 0.5 "
-                           "--frames 33 --fps 24 --ctrl_img /x/c.png --gr 0.7 --unknown 1  ")
+                           "--frames 33 --fps 24 --ctrl_img /x/c.png --gr 0.7 --n2 dark --unknown 1  ")
     assert o.prompt == "a cat, photo"
     assert (o.negative, o.width, o.height, o.seed, o.guidance, o.steps) == ("ugly, blurry", 768, 1024, 7, 3.5, 12)
-    assert (o.network_multiplier, o.num_frames, o.fps, o.ctrl_img) == (0.5, 33, 24, "/x/c.png")
-    assert o.unused == {"gr": "0.7"}
+    assert (o.network_multiplier, o.num_frames, o.fps, o.ctrl_img, o.guidance_rescale) == (0.5, 33, 24, "/x/c.png", 0.7)
+    assert o.unused == {"n2": "dark"}
     aliases = parse_prompt_flags("x --d 3 --l 2 --s 5 --network_multiplier -1 --num_frames 9")
     assert (aliases.seed, aliases.guidance, aliases.steps, aliases.network_multiplier, aliases.num_frames) == (3, 2.0, 5, -1.0, 9)
     assert parse_prompt_flags("x --seed 1 --d 2").seed == 2  # the later flag wins
@@ -452,6 +490,22 @@ def test_prompt_flags_parsed_as_ai_toolkit():
     s = _build([{"prompt": "x --w 200 --steps 3 --m 0.25", "width": 100, "sample_steps": 9, "network_multiplier": 2}],
                width=300, height=90, guidance_scale=5, neg="bad")[0]
     assert (s.width, s.height, s.steps, s.guidance, s.network_multiplier, s.negative) == (200, 88, 3, 5.0, 0.25, "bad")
+
+
+def test_text_encoder_prompts_match_ai_toolkit():
+    """ai-toolkit's GenerateImageConfig on six sample prompts (goldens/prompt_flags.json): ``--n`` reaches the first
+    text encoder only, the second keeps the job's ``neg``; ``--p2``/``--n2`` are overwritten; ``--gr`` and the
+    section's ``guidance_rescale`` set the rescale."""
+    with open(os.path.join(GOLDENS_DIR, "prompt_flags.json")) as f:
+        cases = json.load(f)["cases"]
+    for case in cases:
+        given = case["input"]
+        sample = _build([{"prompt": given["prompt"], "neg": given["neg"]}],
+                        guidance_rescale=given["guidance_rescale"])[0]
+        assert case["prompt_2"] == case["prompt"] == sample.prompt, given  # both encoders get the prompt
+        assert (sample.negative, sample.negative_2) == (case["negative_prompt"], case["negative_prompt_2"]), given
+        assert sample.guidance_rescale == case["guidance_rescale"], given
+    assert any(case["negative_prompt"] != case["negative_prompt_2"] for case in cases)
 
 
 def test_size_floor_matches_ai_toolkit():

@@ -68,15 +68,7 @@ def test_scheduler_matches_ai_toolkit(model_id, family, pipes):
         run = json.load(f)[family]["runs"]["steps4_w64_h64"]
     pipe = pipes(model_id, lora_mode="dynamic")
     pipe.generate("x", width=64, height=64, steps=4, guidance=1.0)  # guidance 1: one forward per step
-    timesteps = pipe.pipe.scheduler.timesteps.tolist()
-    if family == "lumina2":
-        # schedulers.json records this family's sigmas unshifted, which its own config (static shift 6.0) cannot
-        # produce in diffusers; we follow the config: sigma' = 6 s / (1 + 5 s) of the same input sigmas.
-        s = np.asarray(run["sigmas_in"], dtype=np.float32)
-        expected = (6.0 * s / (1.0 + 5.0 * s) * 1000.0).tolist()
-    else:
-        expected = run["timesteps"]
-    np.testing.assert_allclose(timesteps, expected, rtol=1e-6, atol=1e-4)
+    np.testing.assert_allclose(pipe.pipe.scheduler.timesteps.tolist(), run["timesteps"], rtol=1e-6, atol=1e-4)
 
 
 def test_deturbo_takes_its_transformer_from_the_second_source(load_tiny, tiny_dir):

@@ -153,6 +153,10 @@ def test_a_table_without_markers_is_an_error():
       "transformer.transformer_blocks.0.audio_attn1.to_q.lora_A.weight"], "LTX-2"),
     (["transformer.transformer_blocks.0.attn1.to_q.lora_A.weight",
       "transformer.transformer_blocks.0.norm1.linear.lora_A.weight"], "CogView4"),
+    (["diffusion_model.layers.0.mlp.linear_fc2.lora_A.weight",
+      "diffusion_model.layers.0.mlp.gate_proj.lora_A.weight"], "ERNIE-Image"),
+    (["diffusion_model.blocks.0.self_attn.q_proj.lora_A.weight",
+      "diffusion_model.blocks.0.adaln_modulation_self_attn.1.lora_A.weight"], "Anima (ComfyUI / original Cosmos names)"),
     (["transformer.unknown.0.proj.lora_A.weight"], None),
 ])
 def test_a_refining_signature_wins_over_the_one_it_refines(keys, label):

@@ -208,3 +208,53 @@ def test_bad_job_folders(tmp_path):
         """))
     with pytest.raises(FileNotFoundError, match="No LoRA"):
         reproduce_job(str(tmp_path))
+
+
+SDXL_CONFIG = """\
+job: extension
+config:
+  name: xl
+  process:
+    - type: sd_trainer
+      trigger_word: p3r5on
+      model: {{name_or_path: {base}, arch: sdxl}}
+      sample:
+        width: 64
+        height: 64
+        seed: 3
+        guidance_scale: 6
+        sample_steps: 2
+        neg: cartoon
+        guidance_rescale: 0.5
+        samples:
+          - prompt: "[trigger] dog --n blurry, ugly"
+          - prompt: "[trigger] dog --gr 0 --n2 dark"
+"""
+
+
+def test_reproduce_sdxl_second_encoder_negative(tmp_path, tiny_dir, load_tiny):
+    """SDXL previews: ``--n`` replaces the first encoder's negative only, the second keeps the job's ``neg``; the
+    section's ``guidance_rescale`` applies unless ``--gr`` overrides it; ``--n2`` has no effect (ai-toolkit overwrites
+    it). Each reproduced image equals a direct render with those values."""
+    from PIL import Image
+
+    from aitk_inference.pipelines.jobs.reproduce import reproduce_job
+    from aitk_inference.tiny.loras import kohya_targets, write_kohya_lora
+
+    pipeline = load_tiny("sdxl", lora_mode="fused")
+    job = tmp_path / "xl"
+    job.mkdir()
+    (job / "config.yaml").write_text(SDXL_CONFIG.format(base=tiny_dir("sdxl")))
+    lora = write_kohya_lora(str(job / "xl.safetensors"), kohya_targets(pipeline.pipe), seed=1)
+    report = reproduce_job(str(job), out_dir=str(tmp_path / "out"), device="cpu", dtype="fp32")
+    pipeline.set_loras([(lora, 1.0)])
+    call = dict(prompt="p3r5on dog", width=64, height=64, steps=2, guidance=6.0, seed=3, negative_2="cartoon")
+    expected = {0: dict(negative="blurry, ugly", guidance_rescale=0.5), 1: dict(negative="cartoon", guidance_rescale=0.0)}
+    for row in report.samples:
+        with Image.open(row.file) as im:
+            ours = np.asarray(im.convert("RGB"))
+        direct = pipeline.generate(**call, **expected[row.index]).to_pil()[0]
+        np.testing.assert_array_equal(ours, np.asarray(direct.convert("RGB")))
+    with_first_negative_for_both = pipeline.generate(**{**call, "negative_2": None}, **expected[0]).to_pil()[0]
+    with Image.open(_rows(report)[0].file) as im:
+        assert not np.array_equal(np.asarray(im.convert("RGB")), np.asarray(with_first_negative_for_both))

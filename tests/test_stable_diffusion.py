@@ -231,3 +231,39 @@ def test_demo_and_make_tiny_cli(model_id, tiny_cache, pipe, tmp_path):
             assert ("text_encoder" in summary["components"]) == (name == "tiny_kohya_te.safetensors")
     finally:
         pipe.set_loras([])
+
+
+def test_sdxl_second_encoder_negative_and_guidance_rescale(pipes):
+    """``negative_2`` reaches SDXL's second text encoder only and ``guidance_rescale`` the pipeline, as ai-toolkit's
+    previews pass them (goldens/prompt_flags.json); the output equals the stock pipeline's given the same values."""
+    pipeline = pipes("sdxl")
+    call = dict(prompt="a photo of a cat", negative="blurry", width=SIZE, height=SIZE, steps=STEPS, seed=7)
+    plain = pipeline.generate(**call).images
+    np.testing.assert_array_equal(pipeline.generate(negative_2="blurry", **call).images, plain)
+    for options in ({"negative_2": "cartoon"}, {"guidance_rescale": 0.7}):
+        ours = pipeline.generate(**call, **options).images
+        assert not np.array_equal(ours, plain), options
+        stock = pipeline.pipe(
+            prompt="a photo of a cat", negative_prompt="blurry", negative_prompt_2=options.get("negative_2"),
+            guidance_rescale=options.get("guidance_rescale", 0.0), width=SIZE, height=SIZE,
+            num_inference_steps=STEPS, guidance_scale=pipeline.spec.guidance,
+            generator=torch.Generator("cpu").manual_seed(7), output_type="np",
+        ).images
+        np.testing.assert_allclose(ours, stock, atol=1e-6)
+    # an empty second negative (a job without `neg` whose prompt has `--n`), which the stock pipeline would replace by
+    # the first: the unconditional embeddings are the first encoder's "blurry" and the second encoder's ""
+    pipe = pipeline.pipe
+    blurry, _, _, _ = pipe.encode_prompt(prompt="blurry", device="cpu", do_classifier_free_guidance=False)
+    empty, _, empty_pooled, _ = pipe.encode_prompt(prompt="", device="cpu", do_classifier_free_guidance=False)
+    width = pipe.text_encoder.config.hidden_size
+    assert not torch.equal(blurry[..., width:], empty[..., width:])
+    stock = pipe(
+        prompt="a photo of a cat", negative_prompt_embeds=torch.cat([blurry[..., :width], empty[..., width:]], -1),
+        negative_pooled_prompt_embeds=empty_pooled, width=SIZE, height=SIZE, num_inference_steps=STEPS,
+        guidance_scale=pipeline.spec.guidance, generator=torch.Generator("cpu").manual_seed(7), output_type="np",
+    ).images
+    np.testing.assert_allclose(pipeline.generate(negative_2="", **call).images, stock, atol=1e-6)
+    with pytest.raises(ValueError, match="guidance_rescale"):
+        pipeline.generate(guidance_rescale=1.5, **call)
+    with pytest.raises(ValueError, match="takes none"):
+        pipes("sd15").generate(negative_2="cartoon", **call)

@@ -320,3 +320,47 @@ def test_compile_and_attention_kernel_apply_to_both_experts(load_tiny):
         assert all(block._compiled_call_impl is not None for block in expert.blocks)
     result = moe.generate(prompt="x", width=32, height=32, num_frames=5, steps=2)
     assert result.images.shape[:2] == (1, 5)
+
+
+def test_wan22_i2v_first_frame_latent_is_ai_toolkits_posterior_draw(load_tiny):
+    """Wan 2.2 A14B I2V: the transformer's first input (initial noise, mask channels, first-frame condition) equals
+    what ai-toolkit's own preview code builds (goldens/wan22_i2v, MANIFEST §7) on the same tiny VAE, for two seeds;
+    diffusers' stock pipeline (posterior mode) differs."""
+    from diffusers import WanImageToVideoPipeline
+    from safetensors.torch import load_file
+
+    folder = os.path.join(GOLDENS_DIR, "wan22_i2v")
+    golden = load_file(os.path.join(folder, "aitk_i2v_latents.safetensors"))
+    pipeline = load_tiny("wan22_14b_i2v")
+    pipe = pipeline.pipe
+    pipe.vae.load_state_dict(load_file(os.path.join(folder, "vae.safetensors")))
+    control = Image.open(os.path.join(folder, "control.png")).convert("RGB")
+    stock = WanImageToVideoPipeline(**pipe.components)
+    stock.set_progress_bar_config(disable=True)
+
+    def first_transformer_input(target, **call):
+        seen = []
+
+        def stop(module, args, kwargs):
+            seen.append(kwargs["hidden_states"].clone())
+            raise InterruptedError
+
+        handle = target.transformer.register_forward_pre_hook(stop, with_kwargs=True)
+        try:
+            with pytest.raises(InterruptedError):
+                call["run"]()
+        finally:
+            handle.remove()
+        return seen[0]
+
+    for seed in (42, 7):
+        ours = first_transformer_input(pipe, run=lambda: pipeline.generate(
+            "x", width=96, height=64, num_frames=5, steps=2, seed=seed, control_images=[control]))
+        expected = golden[f"seed{seed}_latents"]
+        assert ours.shape == expected.shape == (1, 36, 2, 8, 12)
+        torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
+        theirs = first_transformer_input(stock, run=lambda: stock(
+            prompt="x", image=control.resize((96, 64), Image.LANCZOS), width=96, height=64, num_frames=5,
+            num_inference_steps=2, generator=torch.Generator("cpu").manual_seed(seed), output_type="latent"))
+        torch.testing.assert_close(theirs[:, :20], expected[:, :20], rtol=0, atol=1e-6)  # noise and mask agree
+        assert (theirs[:, 20:] - expected[:, 20:]).abs().max() > 1e-3  # the mode is not ai-toolkit's draw

@@ -194,7 +194,7 @@ class HiDreamAITKPipeline(HiDreamImagePipeline):
 
 
 class HiDreamFamilyPipeline(AITKPipeline):
-    """``hidream`` (HiDream-I1-Full) and ``hidream_e1`` (HiDream-E1-Full, instruction editing)."""
+    """``hidream`` (HiDream-I1-Full) and ``hidream_e1`` (HiDream-E1-1, instruction editing)."""
 
     denoiser = "transformer"
     options_type = HiDreamOptions

@@ -2,7 +2,9 @@
 
 What ai-toolkit does here, and so do we:
 
-* the scheduler is FlowMatch Euler with a static shift of 6.0 (``toolkit/sampler.py`` ``lumina2_config``);
+* the scheduler is FlowMatch Euler on the unshifted sigmas ``linspace(1, 1/N, N)``: ``toolkit/sampler.py``'s
+  ``lumina2_config`` names a static shift of 6.0, but the scheduler ai-toolkit builds from it keeps a shift of 1.0
+  (registry ``LUMINA2_FLOWMATCH`` says why);
 * real CFG with the negative prompt (an empty negative is encoded), with diffusers' Lumina2 defaults for CFG
   normalization and truncation;
 * Gemma2 prompts are limited to 256 tokens;

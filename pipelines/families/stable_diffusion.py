@@ -8,8 +8,13 @@ What ai-toolkit does here (``toolkit/stable_diffusion_model.py`` generate_images
   ``torch.manual_seed(seed)`` global generator;
 * real classifier-free guidance with the negative prompt, which is ENCODED even when empty. SDXL's stock pipeline
   would use zero embeddings for an empty negative when ``force_zeros_for_empty_prompt`` is set (the SDXL base
-  checkpoint sets it); we switch that off. Both SDXL text encoders get the same negative;
-* SDXL: ``guidance_rescale`` 0, no invisible watermark; SD 1.5: no safety checker.
+  checkpoint sets it); we switch that off;
+* SDXL's two text encoders: both get the prompt; the first gets the negative, the second ``negative_2``, which
+  defaults to the negative. In a job's previews a ``--n`` flag replaces the first encoder's negative only, while the
+  second keeps the job's ``neg`` (``reproduce`` passes it as ``negative_2``), often ``""``; the stock pipeline cannot
+  give an empty negative to the second encoder only, so we encode the two halves ourselves;
+* SDXL: ``guidance_rescale`` from the job's ``sample.guidance_rescale`` or ``--gr`` (default 0), no invisible
+  watermark; SD 1.5: no safety checker, and neither option.
 
 LoRAs are kohya files (``lora_unet_*``, ``lora_te_*`` / ``lora_te1_*`` / ``lora_te2_*``, ``.alpha``); the generic
 converter resolves their flattened names against the UNet's and text encoders' module names.
@@ -17,16 +22,27 @@ converter resolves their flattened names against the UNet's and text encoders' m
 
 from __future__ import annotations
 
+import math
+
 from ..base import AITKPipeline, GenerationParams
 from ..registry import ModelSpec
 
 SDXL_GUIDANCE_RESCALE = 0.0  # ai-toolkit's sample.guidance_rescale default
+SDXL_SAMPLE_OPTIONS = ("negative_2", "guidance_rescale")
 
 
 class StableDiffusionFamilyPipeline(AITKPipeline):
     """``sd15`` and ``sdxl``."""
 
     denoiser = "unet"
+
+    @property
+    def is_xl(self) -> bool:
+        return self.spec.pipeline_class == "StableDiffusionXLPipeline"
+
+    @property
+    def sample_options(self) -> tuple[str, ...]:
+        return SDXL_SAMPLE_OPTIONS if self.is_xl else ()
 
     @classmethod
     def load_diffusers_pipeline(cls, spec: ModelSpec, source: str, torch_dtype, **overrides):
@@ -38,8 +54,43 @@ class StableDiffusionFamilyPipeline(AITKPipeline):
             spec, source, torch_dtype, safety_checker=None, requires_safety_checker=False, **overrides
         )
 
+    def check_inputs(self, params: GenerationParams) -> None:
+        unknown = sorted(set(params.extra) - set(self.sample_options))
+        if unknown:
+            takes = f"it takes {list(self.sample_options)}" if self.sample_options else "it takes none"
+            raise ValueError(f"Unknown generation option(s) for {self.spec.model_id}: {unknown}; {takes}.")
+        negative_2 = params.extra.get("negative_2")
+        if negative_2 is not None and not isinstance(negative_2, str):
+            raise ValueError(f"`negative_2` must be a string, got {type(negative_2).__name__}.")
+        rescale = params.extra.get("guidance_rescale", SDXL_GUIDANCE_RESCALE)
+        if isinstance(rescale, bool) or not isinstance(rescale, (int, float)) or not (
+                math.isfinite(rescale) and 0.0 <= rescale <= 1.0):
+            raise ValueError(f"`guidance_rescale` must be a number in 0..1, got {rescale!r}.")
+
     def pipeline_kwargs(self, params: GenerationParams) -> dict:
         kwargs = self.prompt_call(params)
-        if self.spec.pipeline_class == "StableDiffusionXLPipeline":
-            kwargs["guidance_rescale"] = SDXL_GUIDANCE_RESCALE
+        if self.is_xl:
+            negative_2 = params.extra.get("negative_2")
+            if negative_2 is not None and negative_2 != params.negative:
+                del kwargs["negative_prompt"]
+                kwargs.update(self.encode_split_negative(params.negative, negative_2, params.batch_size))
+            kwargs["guidance_rescale"] = float(params.extra.get("guidance_rescale", SDXL_GUIDANCE_RESCALE))
         return kwargs
+
+    def encode_split_negative(self, negative: str, negative_2: str, batch_size: int) -> dict:
+        """SDXL's unconditional embeddings with one negative per text encoder: the first encoder's hidden states of
+        ``negative``, the second's of ``negative_2`` and its pooled output. Encoded one at a time because the stock
+        pipeline replaces an empty ``negative_prompt_2`` by ``negative_prompt``."""
+        import torch
+
+        first_width = self.pipe.text_encoder.config.hidden_size
+        encoded = {}
+        with torch.inference_mode():
+            for text in {negative, negative_2}:
+                embeds, _, pooled, _ = self.pipe.encode_prompt(
+                    prompt=text, device=self.pipe._execution_device, do_classifier_free_guidance=False,
+                )
+                encoded[text] = (embeds, pooled)
+        embeds = torch.cat([encoded[negative][0][..., :first_width], encoded[negative_2][0][..., first_width:]], dim=-1)
+        return {"negative_prompt_embeds": embeds.repeat(batch_size, 1, 1),
+                "negative_pooled_prompt_embeds": encoded[negative_2][1].repeat(batch_size, 1)}

@@ -11,7 +11,13 @@ What ai-toolkit does here, and so do we (where the reference implementation diff
   (``transformer_2``) after, for BOTH T2V and I2V (the checkpoint's I2V boundary 0.9 is not what ai-toolkit samples
   with), and ``guidance_scale_2 = guidance_scale``;
 * I2V: the control image is resized (LANCZOS) to the target size; TI2V-5B takes an optional control image, which
-  becomes first-frame conditioning through diffusers' ``WanImageToVideoPipeline`` with ``expand_timesteps``.
+  becomes first-frame conditioning through diffusers' ``WanImageToVideoPipeline`` with ``expand_timesteps``;
+* Wan 2.2 A14B I2V (``WanOptions.sample_first_frame``): ai-toolkit builds the first-frame condition itself
+  (``wan_utils.add_first_frame_conditioning``) and takes a DRAW from the VAE posterior, with the global RNG right
+  after the initial noise, where diffusers takes the posterior's mode. :class:`WanSampledFirstFramePipeline` does
+  the same: on the CPU with the sample's generator after the noise (ai-toolkit's CPU draw exactly), on a GPU with a
+  generator of that device seeded with the sample's seed (ai-toolkit's global CUDA generator after
+  ``torch.cuda.manual_seed(seed)``).
 
 LoRAs come in original Wan names and are renamed by ``lora.convert.wan_original_to_diffusers``; Wan 2.2 A14B LoRAs are
 placed on their expert by ``lora.convert.route_wan_experts`` (side ``high``/``low``, inferred from ``*_high_noise`` /
@@ -28,12 +34,58 @@ import dataclasses
 import time
 from functools import partial
 
+import torch
+from diffusers import WanImageToVideoPipeline
+from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
+
 from ..base import AITKPipeline, GenerationParams, GenerationResult
 from ..lora.convert import route_wan_experts, wan_original_to_diffusers
 from ..registry import ModelSpec, WanOptions
 
 UMT5_MAX_LENGTH = 512
 NUM_TRAIN_TIMESTEPS = 1000
+
+
+class WanSampledFirstFramePipeline(WanImageToVideoPipeline):
+    """diffusers' image-to-video pipeline whose first-frame condition latent is a draw from the VAE posterior, as
+    ai-toolkit's Wan 2.2 A14B I2V previews make it, instead of the posterior's mode. Everything else (the zero frames
+    after the image, the normalisation, the mask channels) is diffusers' own."""
+
+    def prepare_latents(self, image, batch_size, num_channels_latents=16, height=480, width=832, num_frames=81,
+                        dtype=None, device=None, generator=None, latents=None, last_image=None):
+        if last_image is not None or self.config.expand_timesteps:
+            raise ValueError("The sampled first frame applies to first-frame conditioning only (no last image, no "
+                             "expand_timesteps).")
+        generators = generator if isinstance(generator, list) else [generator] * batch_size
+        scale_t, scale_s = self.vae_scale_factor_temporal, self.vae_scale_factor_spatial
+        shape = (batch_size, num_channels_latents, (num_frames - 1) // scale_t + 1, height // scale_s, width // scale_s)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        latents = latents.to(device=device, dtype=dtype)
+
+        video = torch.cat([image.unsqueeze(2), image.new_zeros(image.shape[0], image.shape[1], num_frames - 1, height,
+                                                                width)], dim=2)
+        vae_device = get_module_execution_device(self.vae)
+        posterior = self.vae.encode(video.to(device=vae_device, dtype=self.vae.dtype)).latent_dist
+        condition = torch.cat([posterior.sample(generator=self.posterior_generator(g, vae_device)) for g in generators])
+        config = self.vae.config
+        mean = torch.tensor(config.latents_mean).view(1, config.z_dim, 1, 1, 1).to(device, dtype)
+        inv_std = 1.0 / torch.tensor(config.latents_std).view(1, config.z_dim, 1, 1, 1).to(device, dtype)
+        condition = (condition.to(device=device, dtype=dtype) - mean) * inv_std
+
+        # 1 on the image's frames, 0 on the rest; the first latent frame stands for scale_t video frames
+        mask = torch.zeros(batch_size, 1, num_frames + scale_t - 1, shape[3], shape[4], device=device, dtype=dtype)
+        mask[:, :, :scale_t] = 1
+        mask = mask.view(batch_size, -1, scale_t, shape[3], shape[4]).transpose(1, 2)
+        return latents, torch.cat([mask, condition], dim=1)
+
+    @staticmethod
+    def posterior_generator(generator, device):
+        """The generator ai-toolkit's posterior draw uses: the sample's own on the CPU (continuing after the initial
+        noise); on another device, that device's generator seeded with the sample's seed."""
+        if generator is None or torch.device(device).type == "cpu":
+            return generator
+        return torch.Generator(device).manual_seed(generator.initial_seed())
 
 
 class WanFamilyPipeline(AITKPipeline):
@@ -65,6 +117,12 @@ class WanFamilyPipeline(AITKPipeline):
         if spec.options is not None and spec.options.expand_timesteps:
             pipe.register_to_config(expand_timesteps=True)
         return pipe
+
+    @classmethod
+    def diffusers_pipeline_class(cls, spec: ModelSpec):
+        if spec.options is not None and spec.options.sample_first_frame:
+            return WanSampledFirstFramePipeline
+        return super().diffusers_pipeline_class(spec)
 
     @property
     def is_moe(self) -> bool:
@@ -116,8 +174,6 @@ class WanFamilyPipeline(AITKPipeline):
         """TI2V-5B with a control image: diffusers' image-to-video pipeline over the same modules, whose
         ``expand_timesteps`` path keeps the first latent frame at the encoded image."""
         if self._image_pipe is None:
-            from diffusers import WanImageToVideoPipeline
-
             p = self.pipe
             self._image_pipe = WanImageToVideoPipeline(
                 tokenizer=p.tokenizer, text_encoder=p.text_encoder, vae=p.vae, scheduler=p.scheduler,
@@ -154,8 +210,6 @@ class WanFamilyPipeline(AITKPipeline):
 
     def postprocess(self, output, params: GenerationParams) -> dict:
         import numpy as np
-        import torch
-        from diffusers.utils.torch_utils import get_module_execution_device
 
         self.stage = "decode"
         if self._progress is not None:

@@ -9,7 +9,9 @@ the preview list with ai-toolkit's rules (``BaseSDTrainProcess.sample`` and ``Ge
   ``walk_seed`` it also stays in force for the samples after it (ai-toolkit keeps one running seed);
 * per-sample ``width``/``height``/``neg``/``guidance_scale``/``sample_steps``/``network_multiplier``/``num_frames``/
   ``fps``/``ctrl_img`` override the section's values; then ``[trigger]`` is replaced by ``trigger_word`` and the
-  prompt's ``--flags`` override again; width/height are floored to 8 (minimum 64).
+  prompt's ``--flags`` override again; width/height are floored to 8 (minimum 64);
+* ``--n`` replaces the negative of the first text encoder only: SDXL's second encoder keeps the job's ``neg``
+  (``negative_2``), and ``--p2``/``--n2`` are overwritten by ``GenerateImageConfig``'s own defaults.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 
 from ..base import floor_sample_size
 from ..prompts import inject_trigger, parse_prompt_flags
-from ..registry import Experts, model_id_for_arch
+from ..registry import Experts, aitk_arch_names, model_id_for_arch
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +79,7 @@ class SampleSpec:
         index (int): position in the job's ``samples`` list (the ``[count]`` of the file name).
         prompt (str): text to encode (trigger replaced, flags removed).
         negative (str): negative prompt (the section's ``neg``, a per-sample ``neg`` or ``--n``).
+        negative_2 (str): the negative SDXL's second text encoder gets: always the job's ``neg``, never ``--n``.
         width, height (int): floored to 8 with a minimum of 64 (the family floors further when rendering).
         seed (int): the seed after ``walk_seed``, per-sample seeds and ``--seed``.
         steps (int), guidance (float): sampling steps and ai-toolkit's ``guidance_scale``.
@@ -84,12 +87,14 @@ class SampleSpec:
         num_frames, fps (int): video settings (``num_frames`` 1 for images).
         ctrl_img (str, *optional*): the single control image (``ctrl_img`` or ``--ctrl_img``).
         ctrl_imgs (tuple[str, ...]): ``ctrl_img_1..3`` for multi-reference families.
-        unused_flags (dict): prompt flags that have no effect here (``--p2``, ``--gr``...).
+        guidance_rescale (float): the section's ``guidance_rescale`` or ``--gr`` (used by SDXL's previews only).
+        unused_flags (dict): prompt flags that have no effect on ai-toolkit's previews (``--p2``, ``--n2``...).
     """
 
     index: int
     prompt: str
     negative: str
+    negative_2: str
     width: int
     height: int
     seed: int
@@ -100,6 +105,7 @@ class SampleSpec:
     fps: int = 16
     ctrl_img: str | None = None
     ctrl_imgs: tuple = ()
+    guidance_rescale: float = 0.0
     unused_flags: dict = field(default_factory=dict)
 
 
@@ -149,7 +155,10 @@ def model_id_for_job(model_cfg: dict) -> str:
     """Map a job's ``model`` section (``arch``, legacy ``is_flux``/``is_xl`` flags, ``name_or_path``) to a model id."""
     arch = model_cfg.get("arch")
     if arch:
-        arch = str(arch).split(":")[0]
+        # A tagged UI arch that some id answers for (krea2:o_edit) stays whole; other tags are presets of the arch
+        arch = str(arch)
+        if arch not in aitk_arch_names():
+            arch = arch.split(":")[0]
     elif model_cfg.get("is_flux"):
         arch = "flux"
     elif model_cfg.get("is_xl"):
@@ -259,6 +268,7 @@ def build_samples(sample_cfg: dict, trigger_word: str | None) -> list[SampleSpec
         "num_frames": sample_cfg.get("num_frames", 1),
         "fps": sample_cfg.get("fps", 16),
     }
+    guidance_rescale = float(sample_cfg.get("guidance_rescale", 0.0))  # a section value: ai-toolkit has no per-sample one
     start_seed = int(sample_cfg.get("seed", 0))
     walk_seed = bool(sample_cfg.get("walk_seed", False))
     current_seed = start_seed
@@ -277,13 +287,14 @@ def build_samples(sample_cfg: dict, trigger_word: str | None) -> list[SampleSpec
                           if p)
 
         options = parse_prompt_flags(inject_trigger(item["prompt"], trigger_word))
-        negative = values["neg"] if options.negative is None else options.negative
+        job_negative = values["neg"] if isinstance(values["neg"], str) else ""  # SampleConfig's default neg is False
         width = int(values["width"] if options.width is None else options.width)
         height = int(values["height"] if options.height is None else options.height)
         samples.append(SampleSpec(
             index=i,
             prompt=options.prompt,
-            negative=negative if isinstance(negative, str) else "",  # SampleConfig's default neg is False
+            negative=job_negative if options.negative is None else options.negative,
+            negative_2=job_negative,
             width=floor_sample_size(width),
             height=floor_sample_size(height),
             seed=current_seed if options.seed is None else options.seed,
@@ -295,6 +306,7 @@ def build_samples(sample_cfg: dict, trigger_word: str | None) -> list[SampleSpec
             fps=int(values["fps"] if options.fps is None else options.fps),
             ctrl_img=options.ctrl_img or ctrl_img,
             ctrl_imgs=ctrl_imgs,
+            guidance_rescale=guidance_rescale if options.guidance_rescale is None else options.guidance_rescale,
             unused_flags=options.unused,
         ))
     return samples

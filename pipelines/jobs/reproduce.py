@@ -172,6 +172,11 @@ def reproduce_job(
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"Sample {sample.index}: control image {path!r} does not exist.")
         kwargs = pipeline.control_inputs(controls) if controls else {}
+        kwargs.update({name: getattr(sample, name) for name in pipeline.sample_options})
+        if sample.guidance_rescale and "guidance_rescale" not in pipeline.sample_options:
+            logger.warning("Sample %d: guidance_rescale %s has no effect for %s (ai-toolkit's previews use it for "
+                           "SDXL only).", sample.index, sample.guidance_rescale, spec.model_id)
+        kwargs.update(pipeline.job_options(training.process["model"]))
         if spec.is_video:
             kwargs.update(num_frames=sample.num_frames, fps=sample.fps)
         result = pipeline.generate(prompt=sample.prompt, negative=sample.negative, width=sample.width,

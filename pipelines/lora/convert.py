@@ -669,3 +669,52 @@ def ltx2_original_to_diffusers(converted: ConvertedLora) -> ConvertedLora:
     if renamed:
         notes.append(f"{renamed} module(s) renamed from original LTX names")
     return ConvertedLora(patches=patches, layout=converted.layout + ("+ltx_names" if renamed else ""), notes=notes)
+
+
+# Original Krea 2 module names (ai-toolkit's SingleStreamDiT) -> Krea2Transformer2DModel. Within a block or a
+# text-fusion block, the attention projections and the SwiGLU take diffusers' names; a few top-level modules move.
+_KREA2_BLOCK = re.compile(r"^(blocks|txtfusion\.layerwise_blocks|txtfusion\.refiner_blocks)\.(\d+)\.(attn|mlp)\.(\w+)$")
+_KREA2_BLOCK_LISTS = {"blocks": "transformer_blocks", "txtfusion.layerwise_blocks": "text_fusion.layerwise_blocks",
+                      "txtfusion.refiner_blocks": "text_fusion.refiner_blocks"}
+_KREA2_ATTENTION = {"wq": "to_q", "wk": "to_k", "wv": "to_v", "wo": "to_out.0", "gate": "to_gate"}
+_KREA2_TOP_RENAMES = {
+    "first": "img_in",
+    "tmlp.0": "time_embed.linear_1",
+    "tmlp.2": "time_embed.linear_2",
+    "tproj.1": "time_mod_proj",
+    "txtmlp.1": "txt_in.linear_1",
+    "txtmlp.3": "txt_in.linear_2",
+    "txtfusion.projector": "text_fusion.projector",
+    "last.linear": "final_layer.linear",
+}
+
+
+def _krea2_path(path: str) -> str | None:
+    block = _KREA2_BLOCK.match(path)
+    if block:
+        blocks, index, part, name = block.groups()
+        if part == "attn" and name in _KREA2_ATTENTION:
+            return f"{_KREA2_BLOCK_LISTS[blocks]}.{index}.attn.{_KREA2_ATTENTION[name]}"
+        if part == "mlp" and name in ("gate", "up", "down"):
+            return f"{_KREA2_BLOCK_LISTS[blocks]}.{index}.ff.{name}"
+        return None
+    return _KREA2_TOP_RENAMES.get(path)
+
+
+def krea2_original_to_diffusers(converted: ConvertedLora) -> ConvertedLora:
+    """Rename a Krea 2 LoRA (or LoKr) from original Krea names (``blocks.N.attn.wq``, ``txtfusion...``, ``first``,
+    ``tmlp.0``...), as ai-toolkit saves it, onto ``Krea2Transformer2DModel``. Diffusers names pass through."""
+    patches: dict[tuple[str, str], ModulePatch] = {}
+    renamed = 0
+    for (component, path), patch in converted.patches.items():
+        target = _krea2_path(path)
+        if target is not None:
+            path = target
+            renamed += 1
+        if (component, path) in patches:
+            raise LoraFormatError(f"Module {path!r} of {component} appears twice in the LoRA file (Krea and diffusers names).")
+        patches[(component, path)] = patch
+    notes = list(converted.notes)
+    if renamed:
+        notes.append(f"{renamed} module(s) renamed from original Krea 2 names")
+    return ConvertedLora(patches=patches, layout=converted.layout + ("+krea2_names" if renamed else ""), notes=notes)

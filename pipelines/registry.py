@@ -109,6 +109,21 @@ LTX2_FLOWMATCH = {
     "shift_terminal": 0.1,
 }
 
+# ai-toolkit samples LTX-2.5 through the diffusers it pins (c943837), whose LTX2Pipeline computes mu at
+# max_image_seq_len (4096 tokens) whatever the size: always max_shift, 2.05 (MANIFEST "ltx25"). diffusers 0.42 computes
+# it from the video token count; base_shift = max_shift makes that formula give the same constant.
+LTX25_FLOWMATCH = {**LTX2_FLOWMATCH, "base_shift": LTX2_FLOWMATCH["max_shift"]}
+
+# The ComfyUI single files Lightricks/LTX-2.5 publishes, the ones ai-toolkit loads (its COMFY_LTX25_FILES): int8 ConvRot
+# transformer and Gemma-4 text encoder, the conv video VAE (the default 2.5 VAE file is a diffusion decoder that
+# diffusers has no class for), the audio VAE with the vocoder.
+LTX25_COMFY_FILES = {
+    "transformer": "diffusion_models/ltx-2.5-22b-dev-transformer-comfy-int8-convrot.safetensors",
+    "text_encoder": "text_encoders/gemma4-12b-with-proj-ltx-2.5-comfy-int8-convrot.safetensors",
+    "video_vae": "vae/ltx-2.5-video-vae-conv-bf16.safetensors",
+    "audio_vae": "vae/ltx-2.5-audio-vae-bf16.safetensors",
+}
+
 # LTX2Pipeline guidance arguments. LTX-2.0: ai-toolkit passes none, i.e. plain CFG in the diffusers it was written for;
 # diffusers 0.42's defaults are LTX-2.3's, so the plain values are explicit. LTX-2.3: what ai-toolkit passes.
 LTX20_GUIDANCE = {
@@ -261,10 +276,15 @@ class WanOptions:
 @dataclass(frozen=True)
 class LTX2Options:
     """``guidance``: LTX2Pipeline's guidance arguments; ``stg_reference_depth``: the transformer depth that the STG
-    block indices in ``guidance`` refer to (they are rescaled to the loaded transformer's depth)."""
+    block indices in ``guidance`` refer to (they are rescaled to the loaded transformer's depth); ``image_crf``: the
+    H.264 CRF the control image is re-compressed at before image-to-video (0: none; None: the pipeline's default);
+    ``comfy_files``: where the base repo keeps its ComfyUI single files, by component, when it has no diffusers
+    folders (``families/ltx2_comfy.py`` loads them)."""
 
     guidance: Mapping[str, Any]
     stg_reference_depth: int | None = None
+    image_crf: int | None = None
+    comfy_files: Mapping[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -722,6 +742,17 @@ REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
              options=LTX2Options(guidance=LTX23_GUIDANCE, stg_reference_depth=48),
              notes=_LTX2_NOTES + " LTX-2.3: ai-toolkit's guidance extras (STG at block 28, modality guidance 3.0, "
              "guidance rescale 0.7, audio guidance 7.0, cross-modality timesteps)."),
+        LTX2("ltx2.5", base="Lightricks/LTX-2.5", tiny="ltx2:build_ltx25", aitk_archs=(AitkArch("ltx2.5"),),
+             width=768, height=768, video=VideoSpec(num_frames=121, fps=24, frame_step=8),
+             scheduler=_flow(LTX25_FLOWMATCH),
+             # ai-toolkit's pinned diffusers has no conditioning-image re-compression (MANIFEST "ltx25")
+             options=LTX2Options(guidance=LTX23_GUIDANCE, stg_reference_depth=48, image_crf=0,
+                                 comfy_files=LTX25_COMFY_FILES),
+             notes=_LTX2_NOTES + " LTX-2.5: sampled exactly as LTX-2.3 (ai-toolkit shares the code path); the "
+             "transformer has no video feed-forward biases and the text encoder is Gemma-4 12B; mu is 2.05 at every size and "
+             "the control image is not re-compressed, as with ai-toolkit's pinned diffusers. Loads the ComfyUI single "
+             "files Lightricks/LTX-2.5 publishes (int8 ConvRot transformer and Gemma-4 text encoder, dequantized; "
+             "conv VAE; audio VAE and vocoder), from the hub or a folder holding them, or a diffusers folder."),
         HIDREAM("hidream", base="HiDream-ai/HiDream-I1-Full", steps=50, scheduler=SchedulerSpec("UniPCMultistepScheduler",
                 HIDREAM_UNIPC), tiny="hidream:build_hidream", aitk_archs=(AitkArch("hidream"),),
                 notes="ai-toolkit's FlowUniPC schedule (UniPC on its shift-3.0 grid, shifted by exp(mu), mu = 1.15 "

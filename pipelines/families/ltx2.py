@@ -18,7 +18,7 @@ What ai-toolkit does here, and so do we:
   path (``tests/goldens/ltx25``), which showed two things of ai-toolkit's pinned diffusers that 0.42 changed: ``mu`` is
   always 2.05 (computed at 4096 tokens whatever the size; the registry gets it with ``base_shift = max_shift``) and the
   control image is not re-compressed (``LTX2Options.image_crf = 0``). Both hold for ai-toolkit's 2.0/2.3 previews as
-  well; those ids keep diffusers 0.42's behaviour for now. Its base repo holds ComfyUI single files only (int8 ConvRot
+  well (the same code path and pinned diffusers), so every LTX-2 id samples that way. Its base repo holds ComfyUI single files only (int8 ConvRot
   transformer and text encoder): ``ltx2_comfy`` loads them, dequantized.
 
 Where we differ on purpose: ``frame_rate`` is the requested ``fps`` (ai-toolkit leaves the pipeline's 24 and only

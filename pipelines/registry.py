@@ -109,6 +109,21 @@ LTX2_FLOWMATCH = {
     "shift_terminal": 0.1,
 }
 
+# ai-toolkit samples every LTX-2 version through the diffusers it pins (c943837), whose LTX2Pipeline computes mu at
+# max_image_seq_len (4096 tokens) whatever the size: always max_shift, 2.05 (MANIFEST "ltx25"). diffusers 0.42 computes
+# it from the video token count; base_shift = max_shift makes that formula give the same constant.
+LTX2_PREVIEW_FLOWMATCH = {**LTX2_FLOWMATCH, "base_shift": LTX2_FLOWMATCH["max_shift"]}
+
+# The ComfyUI single files Lightricks/LTX-2.5 publishes, the ones ai-toolkit loads (its COMFY_LTX25_FILES): int8 ConvRot
+# transformer and Gemma-4 text encoder, the conv video VAE (the default 2.5 VAE file is a diffusion decoder that
+# diffusers has no class for), the audio VAE with the vocoder.
+LTX25_COMFY_FILES = {
+    "transformer": "diffusion_models/ltx-2.5-22b-dev-transformer-comfy-int8-convrot.safetensors",
+    "text_encoder": "text_encoders/gemma4-12b-with-proj-ltx-2.5-comfy-int8-convrot.safetensors",
+    "video_vae": "vae/ltx-2.5-video-vae-conv-bf16.safetensors",
+    "audio_vae": "vae/ltx-2.5-audio-vae-bf16.safetensors",
+}
+
 # LTX2Pipeline guidance arguments. LTX-2.0: ai-toolkit passes none, i.e. plain CFG in the diffusers it was written for;
 # diffusers 0.42's defaults are LTX-2.3's, so the plain values are explicit. LTX-2.3: what ai-toolkit passes.
 LTX20_GUIDANCE = {
@@ -261,10 +276,16 @@ class WanOptions:
 @dataclass(frozen=True)
 class LTX2Options:
     """``guidance``: LTX2Pipeline's guidance arguments; ``stg_reference_depth``: the transformer depth that the STG
-    block indices in ``guidance`` refer to (they are rescaled to the loaded transformer's depth)."""
+    block indices in ``guidance`` refer to (they are rescaled to the loaded transformer's depth); ``image_crf``: the
+    H.264 CRF the control image is re-compressed at before image-to-video (0, the default: none, as in the diffusers
+    ai-toolkit pins; None: diffusers 0.42's default);
+    ``comfy_files``: where the base repo keeps its ComfyUI single files, by component, when it has no diffusers
+    folders (``families/ltx2_comfy.py`` loads them)."""
 
     guidance: Mapping[str, Any]
     stg_reference_depth: int | None = None
+    image_crf: int | None = 0
+    comfy_files: Mapping[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -592,12 +613,13 @@ WAN22_A14B = WAN21.derive(scheduler=_flow(WAN22_FLOWMATCH), experts=Experts(boun
                           lora_signatures=(WAN_COMBINED, WAN_ORIGINAL, WAN_DIFFUSERS), notes=_WAN22_MOE_NOTES)
 
 _LTX2_NOTES = (
-    "Video with audio (MP4 with the audio track). FlowMatch Euler with LTX-2's dynamic shift (0.95..2.05 over "
-    "1024..4096 tokens, terminal 0.1), true CFG with the negative prompt, divisor 32, frames 8k+1. An optional control "
-    "image (LANCZOS-resized to the target size) makes it image-to-video. LoRAs in original LTX names load."
+    "Video with audio (MP4 with the audio track). FlowMatch Euler with LTX-2's exponential shift at mu 2.05 whatever "
+    "the size (ai-toolkit's pinned diffusers computes it at 4096 tokens), terminal 0.1, true CFG with the negative "
+    "prompt, divisor 32, frames 8k+1. An optional control image (LANCZOS-resized to the target size, not "
+    "re-compressed) makes it image-to-video. LoRAs in original LTX names load."
 )
 LTX2 = Preset(family="ltx2:LTX2FamilyPipeline", pipeline_class="LTX2Pipeline", steps=25, guidance=4.0, divisor=32,
-              scheduler=_flow(LTX2_FLOWMATCH), guidance_kind="true_cfg", control_images=(0, 1),
+              scheduler=_flow(LTX2_PREVIEW_FLOWMATCH), guidance_kind="true_cfg", control_images=(0, 1),
               video=VideoSpec(num_frames=41, fps=24, frame_step=8), lora_signatures=(LTX2_NAMES,))
 
 HIDREAM = Preset(family="hidream:HiDreamFamilyPipeline", pipeline_class="HiDreamImagePipeline", guidance=5.0,
@@ -746,6 +768,14 @@ REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
              options=LTX2Options(guidance=LTX23_GUIDANCE, stg_reference_depth=48),
              notes=_LTX2_NOTES + " LTX-2.3: ai-toolkit's guidance extras (STG at block 28, modality guidance 3.0, "
              "guidance rescale 0.7, audio guidance 7.0, cross-modality timesteps)."),
+        LTX2("ltx2.5", base="Lightricks/LTX-2.5", tiny="ltx2:build_ltx25", aitk_archs=(AitkArch("ltx2.5"),),
+             width=768, height=768, video=VideoSpec(num_frames=121, fps=24, frame_step=8),
+             options=LTX2Options(guidance=LTX23_GUIDANCE, stg_reference_depth=48, comfy_files=LTX25_COMFY_FILES),
+             notes=_LTX2_NOTES + " LTX-2.5: sampled exactly as LTX-2.3 (ai-toolkit shares the code path); the "
+             "transformer has no video feed-forward biases and the text encoder is Gemma-4 12B; mu is 2.05 at every size and "
+             "the control image is not re-compressed, as with ai-toolkit's pinned diffusers. Loads the ComfyUI single "
+             "files Lightricks/LTX-2.5 publishes (int8 ConvRot transformer and Gemma-4 text encoder, dequantized; "
+             "conv VAE; audio VAE and vocoder), from the hub or a folder holding them, or a diffusers folder."),
         HIDREAM("hidream", base="HiDream-ai/HiDream-I1-Full", steps=50, scheduler=SchedulerSpec("UniPCMultistepScheduler",
                 HIDREAM_UNIPC), tiny="hidream:build_hidream", aitk_archs=(AitkArch("hidream"),),
                 notes="ai-toolkit's FlowUniPC schedule (UniPC on its shift-3.0 grid, shifted by exp(mu), mu = 1.15 "

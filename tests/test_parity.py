@@ -48,6 +48,8 @@ NO_SCHEDULER_GOLDEN = {
                 "formula in test_wan.py",
     "ltx2": "no LTX-2 entry in schedulers.json; the schedule is checked against ai-toolkit's formula in test_ltx2.py",
     "ltx2.3": "no LTX-2 entry in schedulers.json; the schedule is checked against ai-toolkit's formula in test_ltx2.py",
+    "ltx2.5": "no LTX-2 entry in schedulers.json; the schedules ai-toolkit's own LTX-2.5 sample path gave (3 sizes and "
+              "step counts, tests/goldens/ltx25) are compared in test_ltx2.py test_ltx25_sampling_matches_ai_toolkit",
     "hidream": "no HiDream entry in schedulers.json; ai-toolkit's FlowUniPC schedule is re-derived in test_hidream.py",
     "hidream_e1": "no HiDream entry in schedulers.json; ai-toolkit's FlowUniPC schedule is re-derived in "
                   "test_hidream.py",
@@ -80,6 +82,8 @@ NO_NOISE_GOLDEN = dict.fromkeys(
      "hidream", "hidream_e1"),
     "noise/initial_noise.safetensors holds ai-toolkit's noise for the FLUX.1-style and FLUX.2 latent layouts only",
 )
+NO_NOISE_GOLDEN["ltx2.5"] = ("ai-toolkit's seed-42 video and audio noise for LTX-2.5 (its first transformer call, "
+                             "tests/goldens/ltx25) is compared in test_ltx2.py test_ltx25_sampling_matches_ai_toolkit")
 NO_NOISE_GOLDEN["ernie_image"] = ("ai-toolkit's seed-42 ERNIE-Image draw (float32 and bfloat16) is in "
                                   "goldens/ernie_image/sampling.safetensors, compared in test_ernie_image.py")
 NO_NOISE_GOLDEN["nucleus_image"] = (
@@ -108,7 +112,7 @@ AITK_DIVISOR = {
     "flux": 16, "flex1": 16, "flux_kontext": 16, "flex2": 16, "chroma": 16, "flux2": 16, "flux2_diffusers": 16,
     "flux2_klein_4b": 16, "flux2_klein_9b": 16, "zimage": 16, "zimage_turbo": 16, "zimage_deturbo": 16, "qwen_image": 32,
     "qwen_image_2512": 32, "qwen_image_edit": 32, "qwen_image_edit_plus": 32, "qwen_image_edit_plus_2511": 32,
-    "ltx2": 32, "ltx2.3": 32, "wan22_5b": 32, "wan21_14b": 16, "wan21_1b": 16, "wan21_i2v_14b": 16,
+    "ltx2": 32, "ltx2.3": 32, "ltx2.5": 32, "wan22_5b": 32, "wan21_14b": 16, "wan21_1b": 16, "wan21_i2v_14b": 16,
     "wan21_i2v_14b480p": 16, "wan22_14b_t2v": 16, "wan22_14b_i2v": 16, "sd15": 8, "sdxl": 8, "hidream": 16,
     "omnigen2": 16, "ernie_image": 32, "nucleus_image": 32, "prx_pixel": 16, "anima": 32, "ideogram4": 16,
     # Krea2Model.get_bucket_divisibility (VAE 8 x patch 2); generate_single_image floors the sample size to it

@@ -1,4 +1,4 @@
-"""Tiny LTX-2 and LTX-2.3 pipelines (video + audio): real classes, random weights, offline.
+"""Tiny LTX-2, LTX-2.3 and LTX-2.5 pipelines (video + audio): real classes, random weights, offline.
 
 Sizes follow diffusers' own LTX-2 tests: a 2-layer ``LTX2VideoTransformer3DModel`` (video 2 heads x 8, audio
 2 heads x 4), a one-block video VAE (4 latent channels, 4x4 patches: 8x spatial and 2x temporal compression, so a
@@ -10,6 +10,9 @@ LTX-2.3 differs the way the real checkpoints differ (ai-toolkit's ``convert_ltx2
 attention and cross-attention modulation in the transformer, per-modality text projections in the connectors (no
 caption projection in the transformer), STG-capable attention, and the vocoder with bandwidth extension (16 kHz ->
 48 kHz here, as in the real one).
+
+LTX-2.5 is LTX-2.3 with the video feed-forward biases dropped (the audio feed-forward keeps them) and a Gemma-4 text
+model (``Gemma4TextModel``, the text stack ai-toolkit loads from the ComfyUI file) in place of Gemma-3.
 """
 
 from __future__ import annotations
@@ -41,7 +44,21 @@ def gemma_encoder(tokenizer):
     return Gemma3ForConditionalGeneration(config).eval()
 
 
-def ltx2_transformer(v23: bool):
+def gemma4_encoder(tokenizer):
+    import torch
+    from transformers import Gemma4TextConfig
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4TextModel
+
+    torch.manual_seed(0)
+    config = Gemma4TextConfig(
+        hidden_size=TEXT_HIDDEN, intermediate_size=32, num_hidden_layers=TEXT_LAYERS, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=8, global_head_dim=8, vocab_size=len(tokenizer), sliding_window=16,
+        max_position_embeddings=1024, vocab_size_per_layer_input=len(tokenizer), hidden_size_per_layer_input=8,
+    )
+    return Gemma4TextModel(config).eval()
+
+
+def ltx2_transformer(v23: bool, video_ff_bias: bool = True):
     import torch
     from diffusers import LTX2VideoTransformer3DModel
 
@@ -52,7 +69,7 @@ def ltx2_transformer(v23: bool):
         audio_attention_head_dim=4, audio_cross_attention_dim=AUDIO_INNER, num_layers=2,
         qk_norm="rms_norm_across_heads", caption_channels=TEXT_HIDDEN, rope_double_precision=False, rope_type="split",
         gated_attn=v23, cross_attn_mod=v23, audio_gated_attn=v23, audio_cross_attn_mod=v23,
-        use_prompt_embeddings=not v23, perturbed_attn=v23,
+        use_prompt_embeddings=not v23, perturbed_attn=v23, ff_bias=video_ff_bias,
     )
 
 
@@ -126,14 +143,15 @@ def ltx2_vocoder(v23: bool):
     )
 
 
-def _build(v23: bool):
+def _build(v23: bool, v25: bool = False):
     from diffusers import FlowMatchEulerDiscreteScheduler, LTX2Pipeline
 
     tokenizer = gemma_tokenizer()
     return LTX2Pipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(), vae=ltx2_video_vae(), audio_vae=ltx2_audio_vae(),
-        text_encoder=gemma_encoder(tokenizer), tokenizer=tokenizer, connectors=ltx2_connectors(v23),
-        transformer=ltx2_transformer(v23), vocoder=ltx2_vocoder(v23),
+        text_encoder=(gemma4_encoder if v25 else gemma_encoder)(tokenizer), tokenizer=tokenizer,
+        connectors=ltx2_connectors(v23), transformer=ltx2_transformer(v23, video_ff_bias=not v25),
+        vocoder=ltx2_vocoder(v23),
     )
 
 
@@ -143,3 +161,7 @@ def build_ltx2():
 
 def build_ltx23():
     return _build(v23=True)
+
+
+def build_ltx25():
+    return _build(v23=True, v25=True)

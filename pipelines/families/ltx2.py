@@ -1,5 +1,5 @@
-"""LTX-2 and LTX-2.3 (video with audio): diffusers ``LTX2Pipeline`` / ``LTX2ImageToVideoPipeline`` as ai-toolkit
-samples them (``ai-toolkit.md`` §2.2, ai-toolkit's ``extensions_built_in/diffusion_models/ltx2/ltx2.py``).
+"""LTX-2, LTX-2.3 and LTX-2.5 (video with audio): diffusers ``LTX2Pipeline`` / ``LTX2ImageToVideoPipeline`` as
+ai-toolkit samples them (``ai-toolkit.md`` §2.2, ai-toolkit's ``extensions_built_in/diffusion_models/ltx2/ltx2.py``).
 
 What ai-toolkit does here, and so do we:
 
@@ -12,7 +12,14 @@ What ai-toolkit does here, and so do we:
 * LTX-2.3 gets ai-toolkit's guidance extras (STG, modality isolation, guidance rescale, separate audio scales,
   cross-modality timesteps). LTX-2.0 gets none: ai-toolkit passes nothing, which in the diffusers it was written
   against meant plain CFG. Diffusers 0.42 changed the call defaults to LTX-2.3's, so the plain values are passed
-  explicitly (``LTX2Options.guidance`` in the registry).
+  explicitly (``LTX2Options.guidance`` in the registry);
+* LTX-2.5 is sampled exactly as LTX-2.3 (ai-toolkit shares the code path); its transformer lacks the video
+  feed-forward biases and its text encoder is Gemma-4 (``Gemma4TextModel``). Proven against ai-toolkit's own sample
+  path (``tests/goldens/ltx25``), which showed two things of ai-toolkit's pinned diffusers that 0.42 changed: ``mu`` is
+  always 2.05 (computed at 4096 tokens whatever the size; the registry gets it with ``base_shift = max_shift``) and the
+  control image is not re-compressed (``LTX2Options.image_crf = 0``). Both hold for ai-toolkit's 2.0/2.3 previews as
+  well (the same code path and pinned diffusers), so every LTX-2 id samples that way. Its base repo holds ComfyUI single files only (int8 ConvRot
+  transformer and text encoder): ``ltx2_comfy`` loads them, dequantized.
 
 Where we differ on purpose: ``frame_rate`` is the requested ``fps`` (ai-toolkit leaves the pipeline's 24 and only
 writes the file at ``fps``); at the default 24 fps both are the same, at other rates ours keeps audio and video the
@@ -37,12 +44,13 @@ import time
 from ..base import AITKPipeline, GenerationParams, GenerationResult
 from ..lora.convert import ltx2_original_to_diffusers
 from ..registry import LTX2Options
+from .ltx2_comfy import is_comfy_source, load_comfy_pipeline
 
 GEMMA_MAX_LENGTH = 1024
 
 
 class LTX2FamilyPipeline(AITKPipeline):
-    """``ltx2`` and ``ltx2.3``."""
+    """``ltx2``, ``ltx2.3`` and ``ltx2.5``."""
 
     denoiser = "transformer"
     options_type = LTX2Options
@@ -52,6 +60,16 @@ class LTX2FamilyPipeline(AITKPipeline):
         self.stage = "idle"
         self._image_pipe = None
         self._decode_started = None
+
+    # ------------------------------------------------------------------------------------------------ loading
+    @classmethod
+    def load_diffusers_pipeline(cls, spec, source: str, torch_dtype, **overrides):
+        """LTX-2.5's base repo holds ComfyUI single files only: load those natively (``ltx2_comfy``); a diffusers
+        folder or repo loads as usual."""
+        files = spec.options.comfy_files
+        if files and is_comfy_source(source, spec.base):
+            return load_comfy_pipeline(source, files, torch_dtype)
+        return super().load_diffusers_pipeline(spec, source, torch_dtype, **overrides)
 
     # ------------------------------------------------------------------------------------------------ LoRA hooks
     def lora_name_mapper(self):
@@ -75,23 +93,28 @@ class LTX2FamilyPipeline(AITKPipeline):
             from PIL import Image
 
             kwargs["image"] = params.control_images[0].resize((params.width, params.height), Image.LANCZOS)
+            if self.spec.options.image_crf is not None:
+                kwargs["image_crf"] = self.spec.options.image_crf
         return kwargs
 
     def call_pipeline(self, call: dict):
         if "image" not in call:
             return self.pipe(**call)
         if isinstance(call["generator"], list):
-            call = {**call, **self._image_per_item(call["image"], len(call["generator"]))}
+            call = {**call, **self._image_per_item(call, len(call["generator"]))}
         return self._image_to_video_pipe()(**call)
 
-    def _image_per_item(self, image, batch_size: int) -> dict:
+    def _image_per_item(self, call: dict, batch_size: int) -> dict:
         """With one generator per batch item, diffusers' image-to-video pipeline takes one image per item, and takes
         a list only without its H.264 re-compression of the image: re-compress it here as it would, once."""
         import numpy as np
         from diffusers.pipelines.ltx2.utils import apply_image_conditioning_crf, resolve_default_image_crf
         from PIL import Image
 
-        crf = resolve_default_image_crf(self.pipe.text_encoder)
+        image = call["image"]
+        crf = call.get("image_crf")
+        if crf is None:
+            crf = resolve_default_image_crf(self.pipe.text_encoder)
         if crf != 0:
             image = Image.fromarray(apply_image_conditioning_crf(np.array(image.convert("RGB")), crf))
         return {"image": [image] * batch_size, "image_crf": 0}

@@ -30,8 +30,11 @@ WEBP_LEVELS = 4
 #: id -> job folder under goldens/e2e
 E2E_GOLDEN = {model_id: model_id for model_id in (
     "flux", "flex1", "flux_kontext", "sdxl", "qwen_image", "qwen_image_2512", "zimage", "zimage_turbo", "lumina2",
-    "wan21_1b", "wan21_14b", "cogview4")}
+    "wan21_1b", "wan21_14b", "wan21_i2v_14b", "wan21_i2v_14b480p",
+    "cogview4", "ernie_image", "prx_pixel")}
 
+FLUX2_REASON = ("not made: ai-toolkit builds its own BFL-layout Flux2 transformer at the released sizes "
+                "(get_flux2_params) and loads a single BFL-format file, so a tiny diffusers folder cannot stand in")
 QWEN_EDIT_REASON = ("not made: ai-toolkit's QwenImageModel loads a Qwen2VLProcessor for the edit models, which under "
                     "transformers 5 needs a video processor and with it torchvision, absent where the goldens are made")
 NO_E2E_GOLDEN_YET = {
@@ -43,15 +46,14 @@ NO_E2E_GOLDEN_YET = {
     "qwen_image_edit_plus": QWEN_EDIT_REASON,
     "qwen_image_edit_plus_2511": QWEN_EDIT_REASON,
     "zimage_deturbo": "not made yet: ai-toolkit loads the de-turbo transformer from a second path",
-    "omnigen2": "not made yet: OmniGen2Model's own pipeline",
-    "flux2": "not made yet: Flux2Model",
+    "omnigen2": "not made: ai-toolkit's OmniGen2Model loads a CLIPProcessor (image processor and tokenizer) from "
+                "the checkpoint's processor/ folder, which our tiny OmniGen2 folder leaves empty",
+    "flux2": FLUX2_REASON,
     "flux2_diffusers": "no ai-toolkit arch maps to it (our diffusers-layout variant of flux2), so no job can name it",
-    "flux2_klein_4b": "not made yet: Flux2Klein4BModel",
-    "flux2_klein_9b": "not made yet: Flux2Klein9BModel",
+    "flux2_klein_4b": FLUX2_REASON,
+    "flux2_klein_9b": FLUX2_REASON,
     "chroma": "ai-toolkit's ChromaModel loads the transformer from a single original-format .safetensors file (and the "
               "rest from FLUX.1-schnell), not from a diffusers folder like our tiny model; needs a converted tiny file",
-    "wan21_i2v_14b": "not made yet: needs a control image through Wan21I2V",
-    "wan21_i2v_14b480p": "not made yet: needs a control image through Wan21I2V",
     "wan22_14b_t2v": "not made yet: two-expert LoRA saves through Wan2214bModel",
     "wan22_14b_i2v": "not made yet: two-expert LoRA saves and a control image through Wan2214bI2VModel",
     "wan22_5b": "not made yet: Wan225bModel",
@@ -59,9 +61,9 @@ NO_E2E_GOLDEN_YET = {
     "ltx2.3": "not made yet: LTX23Model (video with audio)",
     "hidream": "not made yet: HidreamModel (four text encoders)",
     "hidream_e1": "not made yet: HidreamE1Model with a control image",
-    "ernie_image": "not made yet: ErnieImageModel (its sample path is covered by goldens/ernie_image)",
-    "nucleus_image": "not made yet: NucleusImageModel (its sample path is covered by goldens/nucleus_image)",
-    "prx_pixel": "not made yet: PRXPixelT2IModel (whole generations are covered by goldens/prx_pixel)",
+    "nucleus_image": "not made: ai-toolkit's NucleusImageModel loads a Qwen3-VL processor that under transformers 5 "
+                     "needs a video processor and with it torchvision (its sample path is covered by "
+                     "goldens/nucleus_image)",
 }
 
 
@@ -91,7 +93,7 @@ def weights_sha256(folder: str) -> str:
             rel = os.path.relpath(os.path.join(root, name), folder)
             for key, tensor in sorted(load_file(os.path.join(root, name)).items()):
                 digest.update(f"{rel}:{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-                digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+                digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

@@ -29,9 +29,9 @@ WEBP_LEVELS = 4
 
 #: id -> job folder under goldens/e2e
 E2E_GOLDEN = {model_id: model_id for model_id in (
-    "flux", "flex1", "flux_kontext", "sdxl", "qwen_image", "qwen_image_2512", "zimage", "zimage_turbo", "lumina2",
+    "flux", "flex1", "flux_kontext", "sd15", "sdxl", "qwen_image", "qwen_image_2512", "zimage", "zimage_turbo", "lumina2",
     "wan21_1b", "wan21_14b", "wan21_i2v_14b", "wan21_i2v_14b480p",
-    "wan22_5b", "cogview4", "ernie_image", "prx_pixel")}
+    "wan22_14b_t2v", "wan22_5b", "cogview4", "ernie_image", "prx_pixel")}
 
 FLUX2_REASON = ("not made: ai-toolkit builds its own BFL-layout Flux2 transformer at the released sizes "
                 "(get_flux2_params) and loads a single BFL-format file, so a tiny diffusers folder cannot stand in")
@@ -39,9 +39,6 @@ QWEN_EDIT_REASON = ("not made: ai-toolkit's QwenImageModel loads a Qwen2VLProces
                     "transformers 5 needs a video processor and with it torchvision, absent where the goldens are made")
 NO_E2E_GOLDEN_YET = {
     "flex2": "not made yet: ai-toolkit's Flex2 extension (extensions_built_in/flex2) with its control inputs",
-    "sd15": "open: a job made like sdxl's (DDPM, CFG 6 and 3) gives previews that ours differ from by 4 to 17 levels; "
-            "the prompt embeddings, the scheduler config and the 48 LoRA modules were checked equal, the cause is not "
-            "found yet (see PARITY.md, End-to-end jobs)",
     "qwen_image_edit": QWEN_EDIT_REASON,
     "qwen_image_edit_plus": QWEN_EDIT_REASON,
     "qwen_image_edit_plus_2511": QWEN_EDIT_REASON,
@@ -54,7 +51,6 @@ NO_E2E_GOLDEN_YET = {
     "flux2_klein_9b": FLUX2_REASON,
     "chroma": "ai-toolkit's ChromaModel loads the transformer from a single original-format .safetensors file (and the "
               "rest from FLUX.1-schnell), not from a diffusers folder like our tiny model; needs a converted tiny file",
-    "wan22_14b_t2v": "not made yet: two-expert LoRA saves through Wan2214bModel",
     "wan22_14b_i2v": "not made yet: two-expert LoRA saves and a control image through Wan2214bI2VModel",
     "ltx2": "not made yet: LTX2Model (video with audio)",
     "ltx2.3": "not made yet: LTX23Model (video with audio)",

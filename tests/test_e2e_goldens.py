@@ -29,29 +29,27 @@ WEBP_LEVELS = 4
 
 #: id -> job folder under goldens/e2e
 E2E_GOLDEN = {model_id: model_id for model_id in (
-    "flux", "flex1", "flux_kontext", "sd15", "sdxl", "qwen_image", "qwen_image_2512", "zimage", "zimage_turbo", "lumina2",
-    "wan21_1b", "wan21_14b", "wan21_i2v_14b", "wan21_i2v_14b480p",
-    "wan22_14b_t2v", "wan22_5b", "cogview4", "ernie_image", "prx_pixel")}
+    "flux", "flex1", "flux_kontext", "flex2", "sd15", "sdxl", "qwen_image", "qwen_image_2512", "zimage",
+    "zimage_turbo", "zimage_deturbo", "lumina2", "wan21_1b", "wan21_14b", "wan21_i2v_14b", "wan21_i2v_14b480p",
+    "wan22_14b_t2v", "wan22_14b_i2v", "wan22_5b", "cogview4", "ernie_image", "prx_pixel")}
 
 FLUX2_REASON = ("not made: ai-toolkit builds its own BFL-layout Flux2 transformer at the released sizes "
                 "(get_flux2_params) and loads a single BFL-format file, so a tiny diffusers folder cannot stand in")
 QWEN_EDIT_REASON = ("not made: ai-toolkit's QwenImageModel loads a Qwen2VLProcessor for the edit models, which under "
                     "transformers 5 needs a video processor and with it torchvision, absent where the goldens are made")
 NO_E2E_GOLDEN_YET = {
-    "flex2": "not made yet: ai-toolkit's Flex2 extension (extensions_built_in/flex2) with its control inputs",
     "qwen_image_edit": QWEN_EDIT_REASON,
     "qwen_image_edit_plus": QWEN_EDIT_REASON,
     "qwen_image_edit_plus_2511": QWEN_EDIT_REASON,
-    "zimage_deturbo": "not made yet: ai-toolkit loads the de-turbo transformer from a second path",
     "omnigen2": "not made: ai-toolkit's OmniGen2Model loads a CLIPProcessor (image processor and tokenizer) from "
                 "the checkpoint's processor/ folder, which our tiny OmniGen2 folder leaves empty",
     "flux2": FLUX2_REASON,
     "flux2_diffusers": "no ai-toolkit arch maps to it (our diffusers-layout variant of flux2), so no job can name it",
     "flux2_klein_4b": FLUX2_REASON,
     "flux2_klein_9b": FLUX2_REASON,
-    "chroma": "ai-toolkit's ChromaModel loads the transformer from a single original-format .safetensors file (and the "
-              "rest from FLUX.1-schnell), not from a diffusers folder like our tiny model; needs a converted tiny file",
-    "wan22_14b_i2v": "not made yet: two-expert LoRA saves and a control image through Wan2214bI2VModel",
+    "chroma": "not made: ai-toolkit's ChromaModel loads its own transformer from a single original-format .safetensors "
+              "file and the text encoder and VAE from the hub repo ostris/Flex.1-alpha, not from a diffusers folder "
+              "like our tiny model",
     "ltx2": "not made yet: LTX2Model (video with audio)",
     "ltx2.3": "not made yet: LTX23Model (video with audio)",
     "hidream": "not made: ai-toolkit's HiDream preview pipeline fails on the tiny model (it pads the image ids to "

@@ -36,7 +36,8 @@ E2E_GOLDEN = {model_id: model_id for model_id in (
 FLUX2_REASON = ("not made: ai-toolkit builds its own BFL-layout Flux2 transformer at the released sizes "
                 "(get_flux2_params) and loads a single BFL-format file, so a tiny diffusers folder cannot stand in")
 QWEN_EDIT_REASON = ("not made: ai-toolkit's QwenImageModel loads a Qwen2VLProcessor for the edit models, which under "
-                    "transformers 5 needs a video processor and with it torchvision, absent where the goldens are made")
+                    "transformers 5 needs a video processor and with it torchvision: the CPU machine the goldens are "
+                    "made on has none (the only wheels at hand are CUDA builds that do not load with CPU torch)")
 NO_E2E_GOLDEN_YET = {
     "qwen_image_edit": QWEN_EDIT_REASON,
     "qwen_image_edit_plus": QWEN_EDIT_REASON,
@@ -52,10 +53,10 @@ NO_E2E_GOLDEN_YET = {
               "like our tiny model",
     "ltx2": "not made yet: LTX2Model (video with audio)",
     "ltx2.3": "not made yet: LTX23Model (video with audio)",
-    "hidream": "not made: ai-toolkit's HiDream preview pipeline fails on the tiny model (it pads the image ids to "
-               "transformer.max_seq, 16 here, and got 4056 positions for a 64x64 preview); not investigated further",
-    "hidream_e1": "not made yet: HidreamE1Model shares the HiDream preview code that fails on the tiny model "
-                  "(see hidream)",
+    "hidream": "not made: ai-toolkit's HiDream pipeline renders every preview at the area (128 * vae_scale_factor)^2, "
+               "aspect ratio kept, which on the tiny model is 4056 image tokens, beyond the tiny transformer's max_seq "
+               "(16); needs a tiny HiDream sized for it",
+    "hidream_e1": "not made yet: HidreamE1Model shares the HiDream preview code (see hidream)",
     "nucleus_image": "not made: ai-toolkit's NucleusImageModel loads a Qwen3-VL processor that under transformers 5 "
                      "needs a video processor and with it torchvision (its sample path is covered by "
                      "goldens/nucleus_image)",

@@ -35,6 +35,8 @@ E2E_GOLDEN = {model_id: model_id for model_id in (
 
 FLUX2_REASON = ("not made: ai-toolkit builds its own BFL-layout Flux2 transformer at the released sizes "
                 "(get_flux2_params) and loads a single BFL-format file, so a tiny diffusers folder cannot stand in")
+LTX2_REASON = ("not made: ai-toolkit's LTX2Model builds torchaudio transforms for its audio when it loads, and "
+               "torchaudio is not installed where the goldens are made")
 QWEN_EDIT_REASON = ("not made: ai-toolkit's QwenImageModel loads a Qwen2VLProcessor for the edit models, which under "
                     "transformers 5 needs a video processor and with it torchvision: the CPU machine the goldens are "
                     "made on has none (the only wheels at hand are CUDA builds that do not load with CPU torch)")
@@ -51,8 +53,8 @@ NO_E2E_GOLDEN_YET = {
     "chroma": "not made: ai-toolkit's ChromaModel loads its own transformer from a single original-format .safetensors "
               "file and the text encoder and VAE from the hub repo ostris/Flex.1-alpha, not from a diffusers folder "
               "like our tiny model",
-    "ltx2": "not made yet: LTX2Model (video with audio)",
-    "ltx2.3": "not made yet: LTX23Model (video with audio)",
+    "ltx2": LTX2_REASON,
+    "ltx2.3": LTX2_REASON,
     "hidream": "not made: ai-toolkit's HiDream pipeline renders every preview at the area (128 * vae_scale_factor)^2, "
                "aspect ratio kept, which on the tiny model is 4056 image tokens, beyond the tiny transformer's max_seq "
                "(16); needs a tiny HiDream sized for it",
@@ -110,12 +112,12 @@ def test_reproduce_matches_ai_toolkit_previews(model_id, tiny_dir, tmp_path, mon
     import aitk_inference.pipelines.media as media
 
     encoded = {}  # our video frames as they go into the WEBP encoder, by output file
+    write_webp = media.write_webp
 
     def keep_frames(frames, path, fps):
         encoded[os.path.basename(path)] = media._frames_uint8(frames)
         return write_webp(frames, path, fps)
 
-    write_webp = media.write_webp
     monkeypatch.setattr(media, "write_webp", keep_frames)
     report = reproduce_job(job, base=base, out_dir=str(tmp_path), device="cpu", dtype="fp32")
     previews = find_previews(job)

@@ -49,6 +49,10 @@ SD_DDPM = {
     "steps_offset": 0,
     "rescale_betas_zero_snr": False,
 }
+# ai-toolkit's SD 1.x previews build StableDiffusionPipeline(scheduler=...) with that config, and the pipeline's __init__
+# rewrites any steps_offset other than 1 to 1 (a diffusers deprecation fix that StableDiffusionXLPipeline lacks): 4 steps
+# give 751/501/251/1 there (proven by the sd15 end-to-end golden, tests/goldens/e2e/sd15).
+SD15_DDPM = {**SD_DDPM, "steps_offset": 1}
 
 
 # ai-toolkit's Qwen-Image scheduler (extensions_built_in/diffusion_models/qwen_image/qwen_image.py scheduler_config,
@@ -671,8 +675,10 @@ REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
         SD("sd15", pipeline_class="StableDiffusionPipeline", base="stable-diffusion-v1-5/stable-diffusion-v1-5",
            width=512, height=512, lora_components=("unet", "text_encoder"), tiny="stable_diffusion:build_sd15",
            aitk_archs=(AitkArch("sd1"),), lora_signatures=(KOHYA_SD15,),
-           notes="Sampled with ai-toolkit's DDPM (steps_offset 0, stochastic: per-step noise from the seeded CPU "
-           "generator), real CFG with the negative prompt, safety checker off. Defaults are ai-toolkit's SD 1.5 "
+           scheduler=SchedulerSpec("DDPMScheduler", SD15_DDPM),
+           notes="Sampled with ai-toolkit's DDPM (steps_offset 1, as its SD 1.x pipeline sets it; stochastic: "
+           "per-step noise from the seeded CPU generator), real CFG with the negative prompt, safety checker off. "
+           "Defaults are ai-toolkit's SD 1.5 "
            "preset (512x512, 30 steps, guidance 6). Kohya LoRAs (lora_unet_*, lora_te_*, LoCon convs) load with "
            "scale alpha/rank."),
         SD("sdxl", pipeline_class="StableDiffusionXLPipeline", base="stabilityai/stable-diffusion-xl-base-1.0",

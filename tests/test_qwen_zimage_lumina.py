@@ -50,7 +50,12 @@ def test_guidance_mapping(pipes):
     # true CFG really runs with the empty negative: guidance 4 differs from guidance 1 (a single forward)
     assert not np.array_equal(qwen.generate("x", guidance=4.0, **FAST).images,
                               qwen.generate("x", guidance=1.0, **FAST).images)
-    assert pipes("lumina2").pipeline_kwargs(pipes("lumina2").resolve_params("x"))["max_sequence_length"] == 256
+    lumina = pipes("lumina2")
+    kwargs = lumina.pipeline_kwargs(lumina.resolve_params("x", negative="blurry"))
+    assert kwargs["max_sequence_length"] == 256
+    # ai-toolkit encodes the negative through encode_prompt like the prompt: with the system prompt in front
+    assert kwargs["negative_prompt"] == [f"{lumina.pipe.system_prompt} <Prompt Start> blurry"]
+    assert kwargs["prompt"] == ["x"]  # the pipeline itself prefixes the prompt
 
 
 def test_size_floors():

@@ -19,6 +19,9 @@ SIZE, STEPS = 64, 2
 # ai-toolkit toolkit/sampler.py sd_config, restated independently of the registry, as DDPMScheduler reads it.
 AITK_DDPM = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                  clip_sample=False, prediction_type="epsilon", timestep_spacing="leading", steps_offset=0)
+# ai-toolkit passes that scheduler to StableDiffusionPipeline(...), whose __init__ rewrites steps_offset to 1; the SDXL
+# pipeline keeps 0 (ai-toolkit's own SD 1.x run: tests/goldens/e2e/sd15)
+AITK_STEPS_OFFSET = {"sd15": 1, "sdxl": 0}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -60,9 +63,10 @@ def test_registry_defaults_and_sampling_setup(pipe, model_id):
     assert pipe.denoiser == "unet"
     scheduler = pipe.pipe.scheduler
     assert isinstance(scheduler, DDPMScheduler)
-    assert {k: scheduler.config[k] for k in AITK_DDPM} == AITK_DDPM
+    aitk_ddpm = {**AITK_DDPM, "steps_offset": AITK_STEPS_OFFSET[model_id]}
+    assert {k: scheduler.config[k] for k in aitk_ddpm} == aitk_ddpm
     scheduler.set_timesteps(4)
-    assert scheduler.timesteps.tolist() == [750, 500, 250, 0]
+    assert scheduler.timesteps.tolist() == ([751, 501, 251, 1] if model_id == "sd15" else [750, 500, 250, 0])
     if model_id == "sdxl":
         assert pipe.pipe.config.force_zeros_for_empty_prompt is False
         assert pipe.pipe.watermark is None
@@ -71,14 +75,15 @@ def test_registry_defaults_and_sampling_setup(pipe, model_id):
 
 
 def test_matches_ai_toolkit_sample_call(clean, model_id):
-    """Our generate() equals ai-toolkit's call: DDPM (steps_offset 0) from its own config, prompt and empty negative
+    """Our generate() equals ai-toolkit's call: DDPM from its own config (steps_offset as its pipeline leaves it),
+    prompt and empty negative
     each encoded (never zeroed), embeddings passed in, noise from torch.manual_seed(seed) (the global CPU RNG)."""
     from diffusers import DDPMScheduler
 
     ours = run(clean, negative="")
     sd = clean.pipe
     kept = sd.scheduler
-    sd.scheduler = DDPMScheduler(**AITK_DDPM)
+    sd.scheduler = DDPMScheduler(**{**AITK_DDPM, "steps_offset": AITK_STEPS_OFFSET[model_id]})
     try:
         with torch.inference_mode():
             if model_id == "sdxl":

@@ -6,7 +6,9 @@ What ai-toolkit does here, and so do we:
   ``lumina2_config`` names a static shift of 6.0, but the scheduler ai-toolkit builds from it keeps a shift of 1.0
   (registry ``LUMINA2_FLOWMATCH`` says why);
 * real CFG with the negative prompt (an empty negative is encoded), with diffusers' Lumina2 defaults for CFG
-  normalization and truncation;
+  normalization and truncation. ai-toolkit encodes the negative with the same ``encode_prompt`` call as the prompt, so
+  the pipeline's system prompt is put in front of the negative too (the stock pipeline encodes negatives without it);
+  we pass the negative with that prefix already applied;
 * Gemma2 prompts are limited to 256 tokens;
 * width and height must be multiples of 16 (the pipeline's own check); ai-toolkit floors to 8 only, so any size it
   can sample is a multiple of 16 and is reproduced here.
@@ -25,4 +27,8 @@ class Lumina2FamilyPipeline(AITKPipeline):
     denoiser = "transformer"
 
     def pipeline_kwargs(self, params: GenerationParams) -> dict:
-        return self.prompt_call(params, max_sequence_length=GEMMA_MAX_LENGTH)
+        call = self.prompt_call(params, max_sequence_length=GEMMA_MAX_LENGTH)
+        # the prefix Lumina2Pipeline.encode_prompt gives prompts (and ai-toolkit's previews give negatives as well)
+        prefix = f"{self.pipe.system_prompt} <Prompt Start> "
+        call["negative_prompt"] = [prefix + negative for negative in call["negative_prompt"]]
+        return call

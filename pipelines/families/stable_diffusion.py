@@ -3,7 +3,9 @@
 What ai-toolkit does here (``toolkit/stable_diffusion_model.py`` generate_images), and so do we:
 
 * the scheduler is its ``ddpm`` sampler: ``DDPMScheduler`` with the SD betas, ``leading`` spacing and
-  ``steps_offset 0`` (the registry's ``SD_DDPM``), not the checkpoint's own scheduler. DDPM is stochastic: every step
+  ``steps_offset 0`` (the registry's ``SD_DDPM``), not the checkpoint's own scheduler; SD 1.x uses ``steps_offset 1``
+  (``SD15_DDPM``), because ``StableDiffusionPipeline.__init__``, which ai-toolkit hands that scheduler to, rewrites
+  it. DDPM is stochastic: every step
   draws noise from the generator, which is the seeded CPU generator the base class passes, as ai-toolkit's
   ``torch.manual_seed(seed)`` global generator;
 * real classifier-free guidance with the negative prompt, which is ENCODED even when empty. SDXL's stock pipeline

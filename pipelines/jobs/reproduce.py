@@ -51,7 +51,8 @@ class ImageDifference:
 
 @dataclass(frozen=True)
 class ReproducedSample:
-    """One re-rendered preview: where it went, the effective parameters, and the comparison with ai-toolkit's."""
+    """One re-rendered preview: where it went, the effective parameters, and the comparison with ai-toolkit's
+    (``compare`` over the whole image or video; ``frame_compare`` one entry per frame)."""
 
     file: str
     index: int
@@ -64,6 +65,7 @@ class ReproducedSample:
     network_multiplier: float
     preview: str | None = None
     compare: ImageDifference | None = None
+    frame_compare: tuple[ImageDifference, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,15 @@ def compare_images(ours, theirs) -> ImageDifference:
     mse = float(np.mean(diff.astype(np.float64) ** 2))
     return ImageDifference(max_abs=int(diff.max()), mean_abs=float(diff.mean()),
                            psnr=math.inf if mse == 0.0 else 10.0 * math.log10(255.0 ** 2 / mse))
+
+
+def read_frames(path: str) -> list:
+    """Every frame of an image or animated WEBP file as uint8 RGB arrays (one for a still image)."""
+    import numpy as np
+    from PIL import Image, ImageSequence
+
+    with Image.open(path) as im:
+        return [np.asarray(frame.convert("RGB")) for frame in ImageSequence.Iterator(im)]
 
 
 def write_sheet(rows: list[tuple[str, object, object]], path: str) -> str:
@@ -144,7 +155,6 @@ def reproduce_job(
         and index where the job has one, and the side-by-side sheet (or None).
     """
     import numpy as np
-    from PIL import Image
 
     from .. import load_pipeline
     from ..lora.stack import LoraRequest
@@ -214,21 +224,24 @@ def reproduce_job(
         else:
             write_image(frames[0], path, metadata)
         p = result.params
-        preview, difference = previews.get((step, sample.index)), None
+        preview, difference, per_frame = previews.get((step, sample.index)), None, ()
         if preview is not None:
-            ours = np.asarray(frames[0].convert("RGB"))
-            with Image.open(preview) as im:
-                theirs = np.asarray(im.convert("RGB"))
+            # a video is compared as written: both animated WEBPs decoded, frame by frame
+            ours = np.stack(read_frames(path) if result.is_video else [np.asarray(frames[0].convert("RGB"))])
+            theirs = np.stack(read_frames(preview))
             if theirs.shape != ours.shape:
-                logger.warning("Sample %d: ai-toolkit's preview is %dx%d, ours %dx%d; not compared.", sample.index,
-                               theirs.shape[1], theirs.shape[0], ours.shape[1], ours.shape[0])
+                logger.warning("Sample %d: ai-toolkit's preview is %d frame(s) of %dx%d, ours %d of %dx%d; not "
+                               "compared.", sample.index, theirs.shape[0], theirs.shape[2], theirs.shape[1],
+                               ours.shape[0], ours.shape[2], ours.shape[1])
             else:
                 difference = compare_images(ours, theirs)
-                sheet_rows.append((f"#{sample.index} step {step} seed {p.seed}", ours, theirs))
+                if result.is_video:
+                    per_frame = tuple(compare_images(a, b) for a, b in zip(ours, theirs))
+                sheet_rows.append((f"#{sample.index} step {step} seed {p.seed}", ours[0], theirs[0]))
         rows.append(ReproducedSample(file=path, index=sample.index, prompt=p.prompt, width=p.width, height=p.height,
                                      seed=p.seed, steps=p.steps, guidance=p.guidance,
                                      network_multiplier=sample.network_multiplier, preview=preview,
-                                     compare=difference))
+                                     compare=difference, frame_compare=per_frame))
 
     sheet = write_sheet(sheet_rows, os.path.join(out_dir, f"{prefix}__{step:09d}_sheet.png")) if sheet_rows else None
     return ReproduceReport(config=training.config_path, model=spec.model_id, base=source, lora=lora_path, step=step,

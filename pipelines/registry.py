@@ -83,6 +83,10 @@ ERNIE_IMAGE_FLOWMATCH = {**FLUX_FLOWMATCH, "shift": 3.0, "use_dynamic_shifting":
 # ai-toolkit's Nucleus-Image scheduler (extensions_built_in/diffusion_models/nucleus_image/nucleus_image_model.py
 # scheduler_config): static shift 1.0 without dynamic shifting, so the pipeline's linspace(1, 1/N, N) sigmas are kept.
 NUCLEUS_FLOWMATCH = {**FLUX_FLOWMATCH, "shift": 1.0, "use_dynamic_shifting": False}
+# ai-toolkit's MiniMax-H3 flow shifts (extensions_built_in/diffusion_models/minimax_h3/src/packing.py): exponential,
+# 12.0 for the video rows and 3.0 for the audio rows (MiniMaxH3Scheduler(shift=...), one scheduler per stream).
+MINIMAX_H3_VIDEO_SHIFT = 12.0
+MINIMAX_H3_AUDIO_SHIFT = 3.0
 
 # FLUX.2 / FLUX.2-klein: ai-toolkit samples with BFL's own schedule (pipelines/families/flux2.py bfl_schedule), not with a
 # scheduler's shifting. The family passes the finished sigmas; shift 1.0 without dynamic shifting keeps them as given.
@@ -438,6 +442,9 @@ NUCLEUS_NAMES = LoraSignature("Nucleus-Image",
                               r"transformer_blocks\.\d+\.(encoder_proj|img_mlp\.(gate|shared_expert|experts))",
                               refines=QWEN_NAMES)
 PRX_NAMES = LoraSignature("PRXPixel", r"(^|\.)blocks\.\d+\.attention\.(img_qkv_proj|txt_kv_proj)")
+# MiniMax-H3: original names (fused attn.qkv_proj, adaln_proj in every block, the text token refiner) or diffusers'.
+MINIMAX_H3_NAMES = LoraSignature("MiniMax-H3", r"(^|\.)(blocks\.\d+\.(attn\.qkv_proj|adaln_proj\.linear)|"
+                                 r"token_refiner\.(blocks|refiner_blocks)\.\d+\.|transformer_blocks\.\d+\.adaln_proj\.)")
 
 
 def lora_signatures() -> list[LoraSignature]:
@@ -723,6 +730,22 @@ REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
             "Euler step. Initial noise randn * 2.0 in float32. FlowMatch Euler, static shift 3.0. Qwen3-VL prompts "
             "padded to 256 tokens, not cleaned; no aspect-ratio binning. Defaults are ai-toolkit's PRXPixel example "
             "(28 steps, guidance 5.0). LoRAs: diffusion_model. + diffusers names (PEFT or LoKr).",
+        ),
+        ModelSpec(
+            model_id="minimax_h3", family="minimax_h3:MiniMaxH3FamilyPipeline",
+            pipeline_class="MiniMaxH3ModularPipeline", base="MiniMaxAI/MiniMax-H3", steps=28, guidance=1.0,
+            width=768, height=768, divisor=32, guidance_kind="distilled", control_images=(0, 1),
+            video=VideoSpec(num_frames=107, fps=24, frame_step=1), tiny="minimax_h3:build_minimax_h3",
+            aitk_archs=(AitkArch("minimax_h3"),), lora_signatures=(MINIMAX_H3_NAMES,),
+            notes="Video with stereo 32 kHz audio, one guidance-distilled forward per step (guidance and the "
+            "negative prompt have no effect). ai-toolkit's own sampler reproduced over diffusers' MiniMax-H3 classes: "
+            "steps model evaluations on linspace(1, 0, steps + 1) shifted by 12.0 (video), the audio sigmas remapped "
+            "onto shift 3.0; noise drawn keyframe, video (1, 24, t, h, w), audio (1, 2, 32, a); raw Qwen3-VL prompt "
+            "(hidden state 50, 512 caption tokens). An optional control image is the first frame: stretched onto "
+            "the canvas, encoded with the released fixed-seed (42) posterior sample, held at t = 0.999, and shown "
+            "to the conditioner as <Picture 1>. Frames floored to 17n+5 (at least 22), 24 fps only, divisor 32. "
+            "Defaults are ai-toolkit's UI preset (28 steps, guidance 1, 107 frames at 24 fps, 768x768). LoRAs: "
+            "diffusion_model. + original names (fused QKV split, SwiGLU halves swapped) or diffusers names.",
         ),
     ]
 )

@@ -13,6 +13,8 @@ from ..pipelines.atomic import atomic_path
 
 #: bump when a builder changes, so cached tiny models are rebuilt
 KIT_VERSION = "1"
+#: what marks a saved pipeline folder: a classic pipeline's index, or a modular pipeline's (Anima)
+PIPELINE_INDEX_FILES = ("model_index.json", "modular_model_index.json")
 
 
 def default_cache_dir() -> str:
@@ -48,6 +50,6 @@ def save_tiny_pipeline(model_id: str, out_dir: str) -> str:
 def tiny_model_dir(model_id: str, cache_dir: str | None = None) -> str:
     """The cached tiny pipeline folder of ``model_id``, built on first use."""
     folder = os.path.join(cache_dir or default_cache_dir(), f"v{KIT_VERSION}", model_id)
-    if not os.path.isfile(os.path.join(folder, "model_index.json")):
+    if not any(os.path.isfile(os.path.join(folder, index)) for index in PIPELINE_INDEX_FILES):
         save_tiny_pipeline(model_id, folder)
     return folder

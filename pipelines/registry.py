@@ -153,11 +153,17 @@ class SchedulerSpec:
 
 @dataclass(frozen=True)
 class VideoSpec:
-    """Video defaults. ``frame_step`` k means frame counts are snapped to k*n+1 (4 for Wan, 8 for LTX-2)."""
+    """Video defaults. Frame counts are floored to ``frame_step * n + frame_offset``: 4n+1 for Wan, 8n+1 for LTX-2,
+    17n+5 for MiniMax-H3."""
 
     num_frames: int
     fps: int
     frame_step: int
+    frame_offset: int = 1
+
+    def frames(self, steps: int) -> int:
+        """The frame count ``steps`` frame steps long (``frames(1)`` is the shortest multi-step video)."""
+        return steps * self.frame_step + self.frame_offset
 
 
 _EXPERT_IN_NAME = re.compile(r"(?P<lead>^|[_.\-])(?P<side>high|low)(?P<gap>[_\-]?)noise(?=[_.\-]|$)", re.IGNORECASE)
@@ -735,7 +741,7 @@ REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
             model_id="minimax_h3", family="minimax_h3:MiniMaxH3FamilyPipeline",
             pipeline_class="MiniMaxH3ModularPipeline", base="MiniMaxAI/MiniMax-H3", steps=28, guidance=1.0,
             width=768, height=768, divisor=32, guidance_kind="distilled", control_images=(0, 1),
-            video=VideoSpec(num_frames=107, fps=24, frame_step=1), tiny="minimax_h3:build_minimax_h3",
+            video=VideoSpec(num_frames=107, fps=24, frame_step=17, frame_offset=5), tiny="minimax_h3:build_minimax_h3",
             aitk_archs=(AitkArch("minimax_h3"),), lora_signatures=(MINIMAX_H3_NAMES,),
             notes="Video with stereo 32 kHz audio, one guidance-distilled forward per step (guidance and the "
             "negative prompt have no effect). ai-toolkit's own sampler reproduced over diffusers' MiniMax-H3 classes: "

@@ -44,7 +44,6 @@ Progress: ``progress(step, total)`` after every denoising step (raising from it 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import re
@@ -106,11 +105,6 @@ def disable_progress_bars(blocks) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------- geometry
-def floor_to_frame_grid(num_frames: int) -> int:
-    """The largest 17n+5 not above ``num_frames`` (ai-toolkit's ``align_num_frames_down``)."""
-    return num_frames - (num_frames - 5) % FRAMES_PER_CHUNK
-
-
 def latent_frames(num_frames: int) -> int:
     return (num_frames - 5) // FRAMES_PER_CHUNK * 5 + 2
 
@@ -476,13 +470,11 @@ class MiniMaxH3FamilyPipeline(AITKPipeline):
         if params.fps != FPS:
             raise ValueError(f"{self.spec.model_id} generates at {FPS} fps only (its audio and rotary clocks are tied "
                              f"to it), got fps={params.fps}.")
-        num_frames = floor_to_frame_grid(params.num_frames) if params.num_frames >= 5 else params.num_frames
-        if num_frames < MIN_FRAMES:
-            raise ValueError(f"{self.spec.model_id} needs num_frames of the form 17n+5 with n >= 1 (22, 39, 56, ... "
-                             f"107): diffusers' video VAE decodes whole 17-frame chunks; got {params.num_frames}.")
-        if num_frames != params.num_frames:
-            logger.warning("num_frames %d floored to %d (17n+5, as ai-toolkit samples).", params.num_frames, num_frames)
-        return dataclasses.replace(params, num_frames=num_frames)
+        if params.num_frames < MIN_FRAMES:
+            raise ValueError(f"{self.spec.model_id} needs at least {MIN_FRAMES} frames (17n+5 with n >= 1: 22, 39, "
+                             f"56, ... 107): diffusers' video VAE decodes whole 17-frame chunks; got "
+                             f"{params.num_frames}.")
+        return params
 
     def pipeline_kwargs(self, params: GenerationParams) -> dict:
         from PIL import Image

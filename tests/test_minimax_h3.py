@@ -1,0 +1,202 @@
+"""MiniMax-H3 against ai-toolkit's own MiniMax-H3 code (goldens in tests/goldens/minimax_h3; see its MANIFEST section).
+
+The goldens hold a tiny transformer of ai-toolkit's own class (``src/transformer.py``, original checkpoint names), its
+forward on a packed sequence, ai-toolkit's schedules and frame arithmetic (``src/packing.py``), and two whole runs of
+ai-toolkit's sampler (``src/pipeline.py``: text only, and with a first-frame keyframe) with what its transformer was
+fed and the latents it handed to the decoders. Here the same weights, converted by diffusers' own checkpoint converter,
+run in diffusers' ``MiniMaxH3Transformer3DModel`` through our blocks.
+"""
+
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import GOLDENS_DIR
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ROOT = os.path.join(GOLDENS_DIR, "minimax_h3")
+ATOL = 1e-5  # float32
+TEXT_ROWS = 9
+
+
+def golden(name="minimax_h3_goldens.safetensors"):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(ROOT, name))
+
+
+@pytest.fixture(scope="module")
+def facts():
+    with open(os.path.join(ROOT, "minimax_h3_schedules.json")) as f:
+        return json.load(f)
+
+
+def golden_transformer():
+    """The golden ai-toolkit weights in diffusers' class. ai-toolkit's (unpruned) block AdaLN projection has no bias;
+    diffusers' has one, which is zero for those weights."""
+    from diffusers.loaders.single_file_utils import convert_minimax_h3_transformer_checkpoint_to_diffusers
+
+    from aitk_inference.tiny.minimax_h3 import minimax_h3_transformer
+
+    model = minimax_h3_transformer().eval()
+    state = convert_minimax_h3_transformer_checkpoint_to_diffusers(golden("transformer_aitk.safetensors"), model.config)
+    for name, module in model.named_modules():
+        if name.endswith("adaln_proj.linear") and f"{name}.bias" not in state:
+            state[f"{name}.bias"] = torch.zeros_like(module.bias)
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def rows_of(tags, tag):
+    return (tags == tag).nonzero()[:, 0]
+
+
+def test_schedules_match_aitk(facts):
+    """``steps`` evaluations on linspace(1, 0, steps + 1) shifted by 12, audio remapped onto shift 3."""
+    from diffusers import MiniMaxH3Scheduler
+
+    from aitk_inference.pipelines.families.minimax_h3 import remap_sigmas
+    from aitk_inference.pipelines.registry import MINIMAX_H3_AUDIO_SHIFT, MINIMAX_H3_VIDEO_SHIFT
+
+    for steps, expected in facts["schedules"].items():
+        video = MiniMaxH3Scheduler(shift=MINIMAX_H3_VIDEO_SHIFT)
+        video.set_timesteps(int(steps) + 1)
+        assert video.num_inference_steps == int(steps)
+        torch.testing.assert_close(video.sigmas, torch.tensor(expected["video_sigmas"]), rtol=0, atol=0)
+        audio = remap_sigmas(video.sigmas, MINIMAX_H3_VIDEO_SHIFT, MINIMAX_H3_AUDIO_SHIFT)
+        torch.testing.assert_close(audio, torch.tensor(expected["audio_sigmas"]), rtol=0, atol=0)
+        # the same position of the base grid as a plain shift-3 schedule, up to float32 rounding
+        plain = MiniMaxH3Scheduler(shift=MINIMAX_H3_AUDIO_SHIFT)
+        plain.set_timesteps(int(steps) + 1)
+        torch.testing.assert_close(audio, plain.sigmas, rtol=0, atol=1e-6)
+
+
+def test_frame_grid_matches_aitk(facts):
+    from aitk_inference.pipelines.base import snap_frames
+    from aitk_inference.pipelines.families.minimax_h3 import audio_latent_frames, latent_frames
+    from aitk_inference.pipelines.registry import get_spec
+
+    video = get_spec("minimax_h3").video
+    for requested, expected in facts["frames"].items():
+        frames = snap_frames(int(requested), video.frame_step, video.frame_offset)
+        assert frames == expected["aligned_down"]
+        assert latent_frames(frames) == expected["latent_frames"]
+        assert audio_latent_frames(frames) == expected["audio_latents"]
+
+
+def test_transformer_forward_matches_aitk():
+    """diffusers' transformer on ai-toolkit's weights and packed inputs (the keyframe run's first step)."""
+    g = golden()
+    tags, row_t = g["fl2va_token_tags"], g["fl2va_row_timesteps_0"]
+    timesteps, indices = torch.unique(row_t, sorted=True, return_inverse=True)
+    media = tags[TEXT_ROWS:]
+    with torch.no_grad():
+        video, audio = golden_transformer()(
+            hidden_states=g["fl2va_initial_video_rows"][None], audio_hidden_states=g["fl2va_initial_audio_rows"][None],
+            encoder_hidden_states=g["embeds"][None], timestep=timesteps, timestep_indices=indices, token_tags=tags,
+            position_ids=g["fl2va_position_ids"], video_indices=rows_of(media, 0) + TEXT_ROWS,
+            audio_indices=rows_of(media, 2) + TEXT_ROWS, text_indices=torch.arange(TEXT_ROWS), return_dict=False)
+    torch.testing.assert_close(video[0], g["forward_video_out"], rtol=0, atol=ATOL)
+    torch.testing.assert_close(audio[0], g["forward_audio_out"], rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("case", ["t2va", "fl2va"])
+def test_sampling_loop_matches_aitk(case, monkeypatch):
+    """Our blocks after the text encoder, on ai-toolkit's prompt embeddings: the seed-42 noise (keyframe, video,
+    audio in that order), the packed layout, every step's row timesteps and the final latents of both streams.
+    ai-toolkit's keyframe encoder is its own VAE; both runs get the same keyframe latents here (the VAE is not
+    part of this comparison)."""
+    from diffusers.modular_pipelines import SequentialPipelineBlocks
+    from PIL import Image
+
+    from aitk_inference.pipelines.families import minimax_h3 as family
+    from aitk_inference.tiny.minimax_h3 import minimax_h3_components
+
+    class LoopOnly(SequentialPipelineBlocks):
+        model_name = "minimax-h3"
+        block_classes = family.MiniMaxH3AitkBlocks.block_classes[1:-1]
+        block_names = family.MiniMaxH3AitkBlocks.block_names[1:-1]
+
+    g = golden()
+    monkeypatch.setattr(family, "encode_vae_condition", lambda *args: g["keyframe_latents"].clone())
+    transformer, calls = golden_transformer(), []
+    transformer.register_forward_pre_hook(  # clones: the loop updates the latent rows in place
+        lambda module, args, kwargs: calls.append({k: v.clone() if torch.is_tensor(v) else v for k, v in kwargs.items()}),
+        with_kwargs=True)
+    pipe = LoopOnly().init_pipeline()
+    pipe.update_components(**{**minimax_h3_components(), "transformer": transformer})
+    keyframe = Image.new("RGB", (64, 64)) if case == "fl2va" else None
+    state = pipe(prompt_embeds=g["embeds"][None], text_token_tags=g[f"tags_{case}"], height=64, width=64,
+                 num_frames=22, num_inference_steps=2, generator=torch.Generator("cpu").manual_seed(42),
+                 keyframe=keyframe)
+    first = calls[0]
+    torch.testing.assert_close(first["hidden_states"][0], g[f"{case}_initial_video_rows"], rtol=0, atol=0)
+    torch.testing.assert_close(first["audio_hidden_states"][0], g[f"{case}_initial_audio_rows"], rtol=0, atol=0)
+    torch.testing.assert_close(first["position_ids"], g[f"{case}_position_ids"], rtol=0, atol=0)
+    torch.testing.assert_close(first["token_tags"], g[f"{case}_token_tags"], rtol=0, atol=0)
+    assert len(calls) == 2
+    for i, call in enumerate(calls):
+        row_timesteps = call["timestep"][call["timestep_indices"]]
+        torch.testing.assert_close(row_timesteps, g[f"{case}_row_timesteps_{i}"], rtol=0, atol=0)
+    torch.testing.assert_close(state.get("latents"), g[f"{case}_final_video_latents"], rtol=0, atol=ATOL)
+    torch.testing.assert_close(state.get("audio_latents"), g[f"{case}_final_audio_latents"], rtol=0, atol=ATOL)
+
+
+def test_frames_and_fps_rules(pipes):
+    pipe = pipes("minimax_h3")
+    fast = dict(width=64, height=64, steps=1)
+    with pytest.raises(ValueError, match="24 fps only"):
+        pipe.generate("x", num_frames=22, fps=25, **fast)
+    with pytest.raises(ValueError, match="at least 22 frames"):
+        pipe.generate("x", num_frames=21, **fast)
+    result = pipe.generate("x", num_frames=38, **fast)
+    assert result.params.num_frames == 22 and result.images.shape == (1, 22, 64, 64, 3)
+    assert result.audio.shape == (1, 2, 37 * 800) and result.sample_rate == 32000
+
+
+def test_original_name_lora_matches_every_module():
+    """A LoRA under the original checkpoint names (what ai-toolkit saves): every module lands, and the merged weights
+    equal the original-name merge converted by diffusers' checkpoint converter (fused QKV split, SwiGLU halves
+    swapped)."""
+    from diffusers.loaders.single_file_utils import convert_minimax_h3_transformer_checkpoint_to_diffusers
+
+    from aitk_inference.pipelines.families.minimax_h3 import minimax_h3_original_to_diffusers
+    from aitk_inference.pipelines.lora.stack import LoraRequest, LoraStack
+
+    original = golden("transformer_aitk.safetensors")
+    targets = sorted(k[: -len(".weight")] for k, v in original.items() if k.endswith(".weight") and v.dim() == 2
+                     and "norm" not in k)
+    gen = torch.Generator().manual_seed(3)
+    lora, merged = {}, dict(original)
+    for name in targets:
+        out_features, in_features = original[f"{name}.weight"].shape
+        down, up = torch.randn(4, in_features, generator=gen) * 0.1, torch.randn(out_features, 4, generator=gen) * 0.1
+        lora[f"diffusion_model.{name}.lora_A.weight"], lora[f"diffusion_model.{name}.lora_B.weight"] = down, up
+        merged[f"{name}.weight"] = original[f"{name}.weight"] + up @ down
+    model = golden_transformer()
+    expected = convert_minimax_h3_transformer_checkpoint_to_diffusers(merged, model.config)
+    stack = LoraStack({"transformer": model}, "fused", "transformer", "minimax_h3",
+                      name_mapper=minimax_h3_original_to_diffusers)
+    qkv = sum(name.endswith("attn.qkv_proj") for name in targets)
+    assert stack.set([LoraRequest(state_dict=lora, name="original")])[0]["modules"] == len(targets) + 2 * qkv
+    for name, weight in expected.items():
+        torch.testing.assert_close(model.get_parameter(name), weight, rtol=0, atol=1e-6, msg=name)
+
+
+def test_lora_of_another_family_is_refused_with_its_family_named(pipes):
+    from aitk_inference.pipelines.lora.convert import LoraFormatError
+    from aitk_inference.pipelines.lora.stack import LoraRequest
+
+    flux_keys = {"transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 32),
+                 "transformer.single_transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(32, 4)}
+    pipe = pipes("minimax_h3")
+    with pytest.raises(LoraFormatError, match="none of its 1 modules exist in model 'minimax_h3'.*FLUX.1"):
+        pipe.set_loras([LoraRequest(state_dict=flux_keys, name="flux")])
+    minimax_keys = {"diffusion_model.blocks.0.attn.qkv_proj.lora_A.weight": torch.zeros(4, 32),
+                    "diffusion_model.blocks.0.attn.qkv_proj.lora_B.weight": torch.zeros(96, 4)}
+    with pytest.raises(LoraFormatError, match="MiniMax-H3"):
+        pipes("flux").set_loras([LoraRequest(state_dict=minimax_keys, name="minimax")])
+    assert pipe.loras.describe() == []

@@ -200,3 +200,61 @@ def test_lora_of_another_family_is_refused_with_its_family_named(pipes):
     with pytest.raises(LoraFormatError, match="MiniMax-H3"):
         pipes("flux").set_loras([LoraRequest(state_dict=minimax_keys, name="minimax")])
     assert pipe.loras.describe() == []
+
+
+@pytest.fixture(scope="module")
+def lora_report():
+    with open(os.path.join(ROOT, "lora_report.json")) as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "fused"])
+@pytest.mark.parametrize("variant", ["lora_r4_a2", "lokr_default"])
+def test_aitk_saved_lora_matches_aitk(variant, mode, lora_report):
+    """The LoRA and LoKr files ai-toolkit's network saved for this arch (original names under ``diffusion_model.``):
+    every module matched (a fused QKV becomes three), and ai-toolkit's outputs at strength 1 and 0.5, live and
+    merged, with the merged weights."""
+    from safetensors.torch import load_file
+
+    from aitk_inference.pipelines.families.minimax_h3 import minimax_h3_original_to_diffusers
+    from aitk_inference.pipelines.lora.stack import LoraRequest, LoraStack
+
+    path = os.path.join(ROOT, variant, f"tiny_minimax_h3_{variant}.safetensors")
+    outputs = golden(os.path.join(variant, "outputs.safetensors"))
+    inputs = golden("lora_inputs.safetensors")
+    file_modules = {key.rsplit(".", 2)[0] if key.endswith("weight") else key.rsplit(".", 1)[0] for key in load_file(path)}
+    assert len(file_modules) == lora_report[variant]["n_modules"] == 9
+    fused_qkv = sum(name.endswith("attn.qkv_proj") for name in file_modules)
+    row_t = inputs["row_timesteps"][0]
+    timesteps, indices = torch.unique(row_t, sorted=True, return_inverse=True)
+    model = golden_transformer()
+
+    def forward():
+        with torch.no_grad():
+            video, audio = model(
+                hidden_states=inputs["hidden_states"], audio_hidden_states=inputs["audio_hidden_states"],
+                encoder_hidden_states=inputs["encoder_hidden_states"], timestep=timesteps, timestep_indices=indices,
+                token_tags=inputs["token_tags"][0], position_ids=inputs["position_ids"][0],
+                video_indices=inputs["video_indices"], audio_indices=inputs["audio_indices"],
+                text_indices=inputs["text_indices"], return_dict=False)
+        return torch.cat([video[0].flatten(), audio[0].flatten()])
+
+    torch.testing.assert_close(forward(), outputs["base_output"], rtol=0, atol=ATOL)
+    stack = LoraStack({"transformer": model}, mode, "transformer", "minimax_h3",
+                      name_mapper=minimax_h3_original_to_diffusers)
+    assert stack.set([LoraRequest(path=path, strength=1.0)])[0]["modules"] == len(file_modules) + 2 * fused_qkv
+    torch.testing.assert_close(forward(), outputs["lora_live_m1.0"], rtol=0, atol=ATOL)
+    torch.testing.assert_close(forward(), outputs["lora_merged_m1.0"], rtol=0, atol=ATOL)
+    if mode == "fused":
+        effective = golden(os.path.join(variant, "effective_weights_m1.0.safetensors"))
+        block = model.transformer_blocks[0]
+        qkv = torch.cat([block.attn.to_q.weight, block.attn.to_k.weight, block.attn.to_v.weight])
+        torch.testing.assert_close(qkv, effective["blocks.0.attn.qkv_proj.weight"], rtol=0, atol=1e-6)
+        value, gate = block.ff.net[0].proj.weight.chunk(2)
+        torch.testing.assert_close(torch.cat([gate, value]), effective["blocks.0.mlp.fc1.weight"], rtol=0, atol=1e-6)
+        torch.testing.assert_close(block.adaln_proj.linear.weight, effective["blocks.0.adaln_proj.linear.weight"],
+                                   rtol=0, atol=1e-6)
+    stack.set([LoraRequest(path=path, strength=0.5)])
+    torch.testing.assert_close(forward(), outputs["lora_live_m0.5"], rtol=0, atol=ATOL)
+    stack.clear()
+    torch.testing.assert_close(forward(), outputs["base_output"], rtol=0, atol=ATOL)

@@ -258,3 +258,32 @@ def test_aitk_saved_lora_matches_aitk(variant, mode, lora_report):
     torch.testing.assert_close(forward(), outputs["lora_live_m0.5"], rtol=0, atol=ATOL)
     stack.clear()
     torch.testing.assert_close(forward(), outputs["base_output"], rtol=0, atol=ATOL)
+
+
+def test_keyframe_posterior_matches_aitk():
+    """The first-frame condition: ai-toolkit's ``encode_keyframe_latents`` (posterior sample under its own generator
+    seeded 42, float16 rounding, normalization) on its tiny VAE, against diffusers' VAE with the same encoder weights
+    through the encoder our prepare step calls. ai-toolkit's encoder names differ from diffusers' in two places."""
+    import re
+
+    from diffusers import AutoencoderKLMiniMaxH3
+
+    from aitk_inference.pipelines.families.minimax_h3 import MiniMaxH3AitkBlocks, encode_vae_condition
+    from aitk_inference.tiny.minimax_h3 import minimax_h3_video_vae
+
+    expected = golden("keyframe_posterior.safetensors")
+    config = {k: v for k, v in minimax_h3_video_vae().config.items() if not k.startswith("_")}
+    config.update(latents_mean=expected["latents_mean"].tolist(), latents_std=expected["latents_std"].tolist())
+    vae = AutoencoderKLMiniMaxH3(**config).eval()
+    renamed = {}
+    for name, weight in golden("keyframe_vae_encoder_aitk.safetensors").items():
+        name = re.sub(r"^encoder\.down\.(\d+)\.block\.(\d+)\.", r"encoder.down_blocks.\1.resnets.\2.", name)
+        renamed[re.sub(r"^encoder\.down\.(\d+)\.downsample\.", r"encoder.down_blocks.\1.downsamplers.0.", name)] = weight
+    missing, unexpected = vae.load_state_dict(renamed, strict=False)
+    assert not unexpected and not [k for k in missing if k.startswith(("encoder.", "quant_conv."))]
+    components = MiniMaxH3AitkBlocks().init_pipeline()
+    pixels = expected["pixels"].permute(2, 0, 1)[None, :, None]
+    with torch.no_grad():
+        latents = encode_vae_condition(vae, pixels, components.pixel_mean, components.pixel_std,
+                                       components.keyframe_encode_seed)
+    torch.testing.assert_close(latents, expected["latents"], rtol=0, atol=ATOL)

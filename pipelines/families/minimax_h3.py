@@ -62,6 +62,7 @@ from diffusers.modular_pipelines.modular_pipeline_utils import ComponentSpec, In
 from ..base import AITKPipeline, GenerationParams
 from ..lora.convert import ConvertedLora, LoraFormatError, join_patch_rows, split_patch_rows
 from ..registry import MINIMAX_H3_AUDIO_SHIFT, MINIMAX_H3_VIDEO_SHIFT
+from .nucleus_image import Qwen3VLTextProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -450,8 +451,10 @@ class MiniMaxH3FamilyPipeline(AITKPipeline):
                                     f"modular_model_index.json). Give a snapshot of {spec.base}, or the hub repo id.")
         pipe = MiniMaxH3AitkBlocks().init_pipeline(source)
         local = {"pretrained_model_name_or_path": source} if os.path.isdir(source) else {}
-        pipe.load_components(names=["transformer", "vae", "audio_vae", "text_encoder", "tokenizer", "processor"],
-                             dtype=torch_dtype, **local)
+        pipe.load_components(names=["transformer", "vae", "audio_vae", "text_encoder", "tokenizer"], dtype=torch_dtype,
+                             **local)
+        # the checkpoint's processor folder, without the video processor (which needs torchvision)
+        pipe.update_components(processor=Qwen3VLTextProcessor.from_pretrained(source, subfolder="processor"))
         missing = [name for name in ("transformer", "vae", "audio_vae", "text_encoder", "tokenizer", "processor")
                    if getattr(pipe, name, None) is None]
         if missing:

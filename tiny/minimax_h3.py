@@ -95,3 +95,39 @@ def build_minimax_h3():
     pipe = MiniMaxH3AitkBlocks().init_pipeline()
     pipe.update_components(**minimax_h3_components())
     return pipe
+
+
+def original_named_state_dict(pipe, seed: int = 0, rank: int = 4, std: float = 0.3) -> dict:
+    """Random PEFT LoRA tensors under the names ai-toolkit saves for MiniMax-H3: ``diffusion_model.`` + the original
+    checkpoint's module names of every block Linear (main stack and text token refiner), the QKV fused."""
+    import torch
+
+    from ..pipelines.families.minimax_h3 import MINIMAX_H3_BLOCK_NAMES
+
+    transformer = pipe.transformer
+    targets = []
+    for original_parent, stack in (("blocks", transformer.transformer_blocks),
+                                   ("token_refiner.blocks", transformer.token_refiner.refiner_blocks)):
+        for index, block in enumerate(stack):
+            for original, diffusers_names in MINIMAX_H3_BLOCK_NAMES.items():
+                names = diffusers_names if isinstance(diffusers_names, tuple) else (diffusers_names,)
+                modules = [block.get_submodule(name) for name in names if hasattr(block, name.split(".")[0])]
+                if modules:
+                    rows = sum(m.out_features for m in modules)
+                    targets.append((f"{original_parent}.{index}.{original}", modules[0].in_features, rows))
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for key, in_features, out_features in targets:
+        sd[f"diffusion_model.{key}.lora_A.weight"] = torch.randn(rank, in_features, generator=g) * std
+        sd[f"diffusion_model.{key}.lora_B.weight"] = torch.randn(out_features, rank, generator=g) * std
+    return sd
+
+
+def write_native_loras(pipe, out_dir: str, seed: int = 0) -> dict[str, str]:
+    """The layout ai-toolkit saves for MiniMax-H3: original checkpoint names, fused QKV."""
+    import os
+
+    from .loras import save_lora
+
+    path = os.path.join(out_dir, "tiny_aitk_minimax_h3.safetensors")
+    return {"ai-toolkit (original MiniMax-H3 names)": save_lora(path, original_named_state_dict(pipe, seed))}

@@ -554,6 +554,20 @@ LTX2 = Preset(family="ltx2:LTX2FamilyPipeline", pipeline_class="LTX2Pipeline", s
               scheduler=_flow(LTX2_FLOWMATCH), guidance_kind="true_cfg", control_images=(0, 1),
               video=VideoSpec(num_frames=41, fps=24, frame_step=8), lora_signatures=(LTX2_NAMES,))
 
+_MINIMAX_H3_NOTES = (
+    "Video with stereo 32 kHz audio, one guidance-distilled forward per step (guidance and the negative prompt have no "
+    "effect). ai-toolkit's own sampler reproduced over diffusers' MiniMax-H3 classes: steps model evaluations on "
+    "linspace(1, 0, steps + 1) shifted by 12.0 (video), the audio sigmas remapped onto shift 3.0; noise drawn "
+    "condition, video (1, 24, t, h, w), audio (1, 2, 32, a); raw Qwen3-VL prompt (hidden state 50, 512 caption "
+    "tokens). Frames floored to 17n+5 (at least 22), 24 fps only, divisor 32. Defaults are ai-toolkit's UI preset "
+    "(28 steps, guidance 1, 107 frames at 24 fps, 768x768). LoRAs: diffusion_model. + original names (fused QKV split, "
+    "SwiGLU halves swapped) or diffusers names."
+)
+MINIMAX_H3 = Preset(family="minimax_h3:MiniMaxH3FamilyPipeline", pipeline_class="MiniMaxH3ModularPipeline",
+                    base="MiniMaxAI/MiniMax-H3", steps=28, guidance=1.0, width=768, height=768, divisor=32,
+                    guidance_kind="distilled", video=VideoSpec(num_frames=107, fps=24, frame_step=17, frame_offset=5),
+                    lora_signatures=(MINIMAX_H3_NAMES,))
+
 HIDREAM = Preset(family="hidream:HiDreamFamilyPipeline", pipeline_class="HiDreamImagePipeline", guidance=5.0,
                  divisor=16, lora_signatures=(HIDREAM_NAMES,),
                  options=HiDreamOptions(llama="unsloth/Meta-Llama-3.1-8B-Instruct"))
@@ -737,21 +751,22 @@ REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
             "padded to 256 tokens, not cleaned; no aspect-ratio binning. Defaults are ai-toolkit's PRXPixel example "
             "(28 steps, guidance 5.0). LoRAs: diffusion_model. + diffusers names (PEFT or LoKr).",
         ),
-        ModelSpec(
-            model_id="minimax_h3", family="minimax_h3:MiniMaxH3FamilyPipeline",
-            pipeline_class="MiniMaxH3ModularPipeline", base="MiniMaxAI/MiniMax-H3", steps=28, guidance=1.0,
-            width=768, height=768, divisor=32, guidance_kind="distilled", control_images=(0, 1),
-            video=VideoSpec(num_frames=107, fps=24, frame_step=17, frame_offset=5), tiny="minimax_h3:build_minimax_h3",
-            aitk_archs=(AitkArch("minimax_h3"),), lora_signatures=(MINIMAX_H3_NAMES,),
-            notes="Video with stereo 32 kHz audio, one guidance-distilled forward per step (guidance and the "
-            "negative prompt have no effect). ai-toolkit's own sampler reproduced over diffusers' MiniMax-H3 classes: "
-            "steps model evaluations on linspace(1, 0, steps + 1) shifted by 12.0 (video), the audio sigmas remapped "
-            "onto shift 3.0; noise drawn keyframe, video (1, 24, t, h, w), audio (1, 2, 32, a); raw Qwen3-VL prompt "
-            "(hidden state 50, 512 caption tokens). An optional control image is the first frame: stretched onto "
-            "the canvas, encoded with the released fixed-seed (42) posterior sample, held at t = 0.999, and shown "
-            "to the conditioner as <Picture 1>. Frames floored to 17n+5 (at least 22), 24 fps only, divisor 32. "
-            "Defaults are ai-toolkit's UI preset (28 steps, guidance 1, 107 frames at 24 fps, 768x768). LoRAs: "
-            "diffusion_model. + original names (fused QKV split, SwiGLU halves swapped) or diffusers names.",
+        MINIMAX_H3(
+            "minimax_h3", control_images=(0, 1), tiny="minimax_h3:build_minimax_h3",
+            aitk_archs=(AitkArch("minimax_h3"),),
+            notes=_MINIMAX_H3_NOTES + " An optional control image is the first frame (fl2va): stretched onto the "
+            "canvas, encoded with the released fixed-seed (42) posterior sample, held at t = 0.999, and shown to the "
+            "conditioner as <Picture 1>.",
+        ),
+        MINIMAX_H3(
+            "minimax_h3_ref2va", family="minimax_h3:MiniMaxH3Ref2VAFamilyPipeline", control_images=(0, 4),
+            lora_components=("transformer_ref",), tiny="minimax_h3:build_minimax_h3_ref2va",
+            aitk_archs=(AitkArch("minimax_h3_ref2va"),),
+            notes=_MINIMAX_H3_NOTES + " The ref2va partition (transformer_ref): up to 4 control images are "
+            "references, never a first frame: each keeps its aspect, is scaled down (never up) to the target's "
+            "pixel area on the /32 grid (LANCZOS), encoded with the fixed-seed posterior, noised to t = 0.999, "
+            "packed as its own block on its own rotary grid, and shown to the conditioner as <Picture i> at its own "
+            "size. Reference videos and image_refs_as_video are not supported.",
         ),
     ]
 )

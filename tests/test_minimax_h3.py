@@ -287,3 +287,66 @@ def test_keyframe_posterior_matches_aitk():
         latents = encode_vae_condition(vae, pixels, components.pixel_mean, components.pixel_std,
                                        components.keyframe_encode_seed)
     torch.testing.assert_close(latents, expected["latents"], rtol=0, atol=ATOL)
+
+
+def test_reference_sizes_match_aitk():
+    from aitk_inference.pipelines.families.minimax_h3 import reference_pixel_size
+
+    with open(os.path.join(ROOT, "minimax_h3_ref2va_sizes.json")) as f:
+        sizes = json.load(f)["reference_pixel_size"]
+    for key, expected in sizes.items():
+        size, _, target = key.partition("_to_")
+        width, height = map(int, size.split("x"))
+        target_width, target_height = map(int, target.split("x")) if target else (64, 64)
+        assert list(reference_pixel_size(width, height, target_height, target_width)) == expected, key
+
+
+def test_ref2va_sampling_loop_matches_aitk(monkeypatch):
+    """ai-toolkit's ref2va sampler with two image references (its sizing and LANCZOS resize, one noise draw per
+    reference before the video and audio noise, each reference on its own rotary grid advancing the clock by one):
+    the pixels each reference is encoded from, the noise rows, layout, per-row timesteps and final latents. Both
+    sides get latents drawn from a generator seeded by the reference's size in place of the VAE."""
+    from diffusers.modular_pipelines import SequentialPipelineBlocks
+    from PIL import Image
+
+    from aitk_inference.pipelines.families import minimax_h3 as family
+    from aitk_inference.tiny.minimax_h3 import minimax_h3_components
+
+    class LoopOnly(SequentialPipelineBlocks):
+        model_name = "minimax-h3"
+        block_classes = family.MiniMaxH3AitkRef2VABlocks.block_classes[1:-1]
+        block_names = family.MiniMaxH3AitkRef2VABlocks.block_names[1:-1]
+
+    g = golden("minimax_h3_ref2va_goldens.safetensors")
+    encoded = []
+
+    def encode(vae, pixels, *args):
+        encoded.append(pixels[0, :, 0])
+        h, w = pixels.shape[-2] // 16, pixels.shape[-1] // 16
+        return torch.randn(1, 24, 1, h, w, generator=torch.Generator().manual_seed(1000 + 100 * h + w))
+
+    monkeypatch.setattr(family, "encode_vae_condition", encode)
+    transformer, calls = golden_transformer(), []
+    transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append({k: v.clone() if torch.is_tensor(v) else v for k, v in kwargs.items()}),
+        with_kwargs=True)
+    pipe = LoopOnly().init_pipeline()
+    components = minimax_h3_components()
+    del components["transformer"]
+    pipe.update_components(**components, transformer_ref=transformer)
+    references = [family.fit_reference(Image.fromarray(g[f"raw_ref_{i}"].numpy()), 64, 64) for i in range(2)]
+    state = pipe(prompt_embeds=g["embeds"][None], text_token_tags=g["tags"], height=64, width=64, num_frames=22,
+                 num_inference_steps=2, generator=torch.Generator("cpu").manual_seed(42), references=references)
+    assert len(encoded) == 2
+    for i, pixels in enumerate(encoded):
+        torch.testing.assert_close(pixels, g[f"ref_pixels_{i}"], rtol=0, atol=0)
+    first = calls[0]
+    for name in ("video_indices", "audio_indices", "position_ids", "token_tags"):
+        torch.testing.assert_close(first[name], g[name], rtol=0, atol=0, msg=name)
+    torch.testing.assert_close(first["hidden_states"][0], g["initial_video_rows"], rtol=0, atol=0)
+    torch.testing.assert_close(first["audio_hidden_states"][0], g["initial_audio_rows"], rtol=0, atol=0)
+    assert len(calls) == 2
+    for i, call in enumerate(calls):
+        torch.testing.assert_close(call["timestep"][call["timestep_indices"]], g[f"row_timesteps_{i}"], rtol=0, atol=0)
+    torch.testing.assert_close(state.get("latents"), g["final_video_latents"], rtol=0, atol=ATOL)
+    torch.testing.assert_close(state.get("audio_latents"), g["final_audio_latents"], rtol=0, atol=ATOL)

@@ -104,7 +104,7 @@ def original_named_state_dict(pipe, seed: int = 0, rank: int = 4, std: float = 0
 
     from ..pipelines.families.minimax_h3 import MINIMAX_H3_BLOCK_NAMES
 
-    transformer = pipe.transformer
+    transformer = getattr(pipe, "transformer", None) or pipe.transformer_ref
     targets = []
     for original_parent, stack in (("blocks", transformer.transformer_blocks),
                                    ("token_refiner.blocks", transformer.token_refiner.refiner_blocks)):
@@ -131,3 +131,14 @@ def write_native_loras(pipe, out_dir: str, seed: int = 0) -> dict[str, str]:
 
     path = os.path.join(out_dir, "tiny_aitk_minimax_h3.safetensors")
     return {"ai-toolkit (original MiniMax-H3 names)": save_lora(path, original_named_state_dict(pipe, seed))}
+
+
+def build_minimax_h3_ref2va():
+    """The same tiny components, the transformer as the ref2va partition (``transformer_ref``)."""
+    from ..pipelines.families.minimax_h3 import MiniMaxH3AitkRef2VABlocks
+
+    components = minimax_h3_components()
+    components["transformer_ref"] = components.pop("transformer")
+    pipe = MiniMaxH3AitkRef2VABlocks().init_pipeline()
+    pipe.update_components(**components)
+    return pipe

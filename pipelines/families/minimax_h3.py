@@ -45,17 +45,20 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import re
+from types import SimpleNamespace
 
 from diffusers.modular_pipelines import ModularPipelineBlocks, SequentialPipelineBlocks
 from diffusers.modular_pipelines.minimax_h3.before_denoise import (
     MiniMaxH3PrepareLayoutStep,
+    MiniMaxH3Ref2VAPrepareLayoutStep,
     MiniMaxH3SetTimestepsStep,
     patchify_video_latents,
 )
 from diffusers.modular_pipelines.minimax_h3.decoders import MiniMaxH3AfterDenoiseStep
-from diffusers.modular_pipelines.minimax_h3.denoise import MiniMaxH3DenoiseStep
+from diffusers.modular_pipelines.minimax_h3.denoise import MiniMaxH3DenoiseStep, MiniMaxH3Ref2VADenoiseStep
 from diffusers.modular_pipelines.minimax_h3.encoders import encode_vae_condition, get_qwen3vl_prompt_embeds
 from diffusers.modular_pipelines.modular_pipeline_utils import ComponentSpec, InputParam, OutputParam
 
@@ -73,6 +76,7 @@ MIN_FRAMES = 22  # diffusers' video VAE decodes whole chunks: 5 frames (2 latent
 AUDIO_LATENTS_PER_SECOND = 40
 AUDIO_CHANNELS = 2
 KEYFRAME_NOISE_AUG = 0.999
+CANVAS_MULTIPLE = 32
 
 
 # ---------------------------------------------------------------------------------------------------------------- modular
@@ -112,6 +116,21 @@ def latent_frames(num_frames: int) -> int:
 
 def audio_latent_frames(num_frames: int) -> int:
     return int(round(num_frames / FPS * AUDIO_LATENTS_PER_SECOND))
+
+
+def reference_pixel_size(width: int, height: int, target_height: int, target_width: int) -> tuple[int, int]:
+    """ai-toolkit's ref2va reference size (ComfyUI's "match"): the reference's own aspect, scaled down (never up) to
+    the target's pixel area, each side rounded to a multiple of 32 (at least 32). Returns (height, width)."""
+    scale = min(1.0, math.sqrt(target_height * target_width / (width * height)))
+    return (max(CANVAS_MULTIPLE, round(height * scale / CANVAS_MULTIPLE) * CANVAS_MULTIPLE),
+            max(CANVAS_MULTIPLE, round(width * scale / CANVAS_MULTIPLE) * CANVAS_MULTIPLE))
+
+
+def fit_reference(image, target_height: int, target_width: int):
+    from PIL import Image
+
+    height, width = reference_pixel_size(image.width, image.height, target_height, target_width)
+    return image if image.size == (width, height) else image.resize((width, height), Image.LANCZOS)
 
 
 def shift_sigmas(sigmas, shift: float):
@@ -217,7 +236,7 @@ class MiniMaxH3AitkPrepareStep(ModularPipelineBlocks):
     def inputs(self) -> list[InputParam]:
         return [InputParam(name, required=True) for name in
                 ("text_token_tags", "height", "width", "num_frames", "num_inference_steps")] + [
-            InputParam("keyframe"), InputParam("generator")]
+            InputParam("keyframe"), InputParam("references"), InputParam("generator")]
 
     @property
     def intermediate_outputs(self) -> list[OutputParam]:
@@ -238,23 +257,30 @@ class MiniMaxH3AitkPrepareStep(ModularPipelineBlocks):
         s.num_latent_frames = latent_frames(s.num_frames)
         s.latent_height, s.latent_width = s.height // ratio, s.width // ratio
         s.num_audio_latents = audio_latent_frames(s.num_frames)
-        anchors = ("first",) if s.keyframe is not None else ()
-        layout = MiniMaxH3PrepareLayoutStep.build_packed_sequence(
-            s.text_token_tags, s.num_latent_frames, s.latent_height, s.latent_width, s.num_audio_latents, patch,
-            components.audio_channels, components.audio_tag, components.video_tag, anchors)
+        # the conditions in packed order, each with its own noise draw before it is encoded (ai-toolkit's order)
+        conditions = [s.keyframe] if s.keyframe is not None else list(s.references or [])
+        rows, condition_latents = [], []
+        for image in conditions:
+            noise = randn_tensor((1, channels, 1, image.height // ratio, image.width // ratio), generator=s.generator,
+                                 dtype=torch.float32).to(device)
+            pixels = torch.from_numpy(np.array(image)).to(device).permute(2, 0, 1)[None, :, None]
+            clean = encode_vae_condition(components.vae, pixels, components.pixel_mean, components.pixel_std,
+                                         components.keyframe_encode_seed).to(device)
+            condition_latents.append(KEYFRAME_NOISE_AUG * clean + (1.0 - KEYFRAME_NOISE_AUG) * noise)
+            rows.append(patchify_video_latents(condition_latents[-1], patch))
+        geometry = (s.num_latent_frames, s.latent_height, s.latent_width, s.num_audio_latents, patch,
+                    components.audio_channels, components.audio_tag, components.video_tag)
+        if s.references:
+            layout = MiniMaxH3Ref2VAPrepareLayoutStep.build_ref2va_packed_sequence(
+                s.text_token_tags, [SimpleNamespace(kind="image")] * len(conditions), condition_latents, [],
+                *geometry)
+        else:
+            anchors = ("first",) if s.keyframe is not None else ()
+            layout = MiniMaxH3PrepareLayoutStep.build_packed_sequence(s.text_token_tags, *geometry, anchors)
         *fields, s.num_condition_video_rows, s.num_condition_audio_rows = layout
         for name, value in zip(LAYOUT_FIELDS, fields):
             setattr(s, name, value.to(device))
 
-        rows = []
-        if s.keyframe is not None:
-            noise = randn_tensor((1, channels, 1, s.latent_height, s.latent_width), generator=s.generator,
-                                 dtype=torch.float32).to(device)
-            pixels = torch.from_numpy(np.array(s.keyframe)).to(device).permute(2, 0, 1)[None, :, None]
-            clean = encode_vae_condition(components.vae, pixels, components.pixel_mean, components.pixel_std,
-                                         components.keyframe_encode_seed).to(device)
-            noised = KEYFRAME_NOISE_AUG * clean + (1.0 - KEYFRAME_NOISE_AUG) * noise
-            rows.append(patchify_video_latents(noised, patch))
         video = randn_tensor((1, channels, s.num_latent_frames, s.latent_height, s.latent_width),
                              generator=s.generator, dtype=torch.float32).to(device)
         rows.append(patchify_video_latents(video, patch))
@@ -362,6 +388,22 @@ class MiniMaxH3AitkBlocks(SequentialPipelineBlocks):
         return "MiniMax-H3 text/first-frame to video + audio, as ai-toolkit samples it."
 
 
+class MiniMaxH3AitkRef2VADenoiseStep(MiniMaxH3Ref2VADenoiseStep):
+    block_classes = [*MiniMaxH3Ref2VADenoiseStep.block_classes, MiniMaxH3StepEnd]
+    block_names = [*MiniMaxH3Ref2VADenoiseStep.block_names, "step_end"]
+
+
+class MiniMaxH3AitkRef2VABlocks(MiniMaxH3AitkBlocks):
+    """The same path against the ref2va partition (``transformer_ref``), with references instead of a keyframe."""
+
+    block_classes = [MiniMaxH3AitkRef2VADenoiseStep if block is MiniMaxH3AitkDenoiseStep else block
+                     for block in MiniMaxH3AitkBlocks.block_classes]
+
+    @property
+    def description(self) -> str:
+        return "MiniMax-H3 references to video + audio (ref2va), as ai-toolkit samples it."
+
+
 # ---------------------------------------------------------------------------------------------------------------- LoRA names
 # The original checkpoint's module names (what ai-toolkit saves under `diffusion_model.`) -> diffusers' names.
 MINIMAX_H3_TOP_NAMES = {
@@ -430,6 +472,9 @@ class MiniMaxH3FamilyPipeline(AITKPipeline):
     """``minimax_h3`` (text or first frame to video with audio)."""
 
     denoiser = "transformer"
+    blocks = MiniMaxH3AitkBlocks
+    #: control images are ref2va references (their own aspect, the target's area), not a first frame
+    references = False
 
     @classmethod
     def from_spec(cls, spec, options=None):
@@ -449,14 +494,13 @@ class MiniMaxH3FamilyPipeline(AITKPipeline):
         if os.path.exists(source) and not os.path.isfile(os.path.join(source, "modular_model_index.json")):
             raise FileNotFoundError(f"{source!r} is not a MiniMax-H3 modular pipeline folder (no "
                                     f"modular_model_index.json). Give a snapshot of {spec.base}, or the hub repo id.")
-        pipe = MiniMaxH3AitkBlocks().init_pipeline(source)
+        pipe = cls.blocks().init_pipeline(source)
         local = {"pretrained_model_name_or_path": source} if os.path.isdir(source) else {}
-        pipe.load_components(names=["transformer", "vae", "audio_vae", "text_encoder", "tokenizer"], dtype=torch_dtype,
-                             **local)
+        names = [cls.denoiser, "vae", "audio_vae", "text_encoder", "tokenizer"]
+        pipe.load_components(names=names, dtype=torch_dtype, **local)
         # the checkpoint's processor folder, without the video processor (which needs torchvision)
         pipe.update_components(processor=Qwen3VLTextProcessor.from_pretrained(source, subfolder="processor"))
-        missing = [name for name in ("transformer", "vae", "audio_vae", "text_encoder", "tokenizer", "processor")
-                   if getattr(pipe, name, None) is None]
+        missing = [name for name in [*names, "processor"] if getattr(pipe, name, None) is None]
         if missing:
             raise ValueError(f"{source!r}: the MiniMax-H3 components {missing} could not be loaded (see the log above).")
         pipe.audio_vae.to(torch.float32)
@@ -483,11 +527,15 @@ class MiniMaxH3FamilyPipeline(AITKPipeline):
         from PIL import Image
 
         call = {"prompt": params.prompt, "height": params.height, "width": params.width,
-                "num_frames": params.num_frames, "dtype": self.pipe.transformer.dtype}
-        if params.control_images:
-            image = params.control_images[0]
-            call["conditioner_images"] = [dtype_round_trip(image, self.dtype)]
-            call["keyframe"] = image.resize((params.width, params.height), Image.LANCZOS)
+                "num_frames": params.num_frames, "dtype": getattr(self.pipe, self.denoiser).dtype}
+        images = params.control_images
+        if images:
+            # the conditioner sees each control image at its own size, the VAE the canvas-fitted one
+            call["conditioner_images"] = [dtype_round_trip(image, self.dtype) for image in images]
+            if self.references:
+                call["references"] = [fit_reference(image, params.height, params.width) for image in images]
+            else:
+                call["keyframe"] = images[0].resize((params.width, params.height), Image.LANCZOS)
         return call
 
     def call_pipeline(self, call: dict):
@@ -507,3 +555,11 @@ class MiniMaxH3FamilyPipeline(AITKPipeline):
         videos, audios = output
         return {"images": np.stack(videos).astype(np.float32), "audio": np.stack(audios).astype(np.float32),
                 "sample_rate": int(self.pipe.audio_vae.config.sampling_rate)}
+
+
+class MiniMaxH3Ref2VAFamilyPipeline(MiniMaxH3FamilyPipeline):
+    """``minimax_h3_ref2va`` (reference images to video with audio), on the ``transformer_ref`` partition."""
+
+    denoiser = "transformer_ref"
+    blocks = MiniMaxH3AitkRef2VABlocks
+    references = True

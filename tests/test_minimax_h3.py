@@ -10,6 +10,7 @@ run in diffusers' ``MiniMaxH3Transformer3DModel`` through our blocks.
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -350,3 +351,36 @@ def test_ref2va_sampling_loop_matches_aitk(monkeypatch):
         torch.testing.assert_close(call["timestep"][call["timestep_indices"]], g[f"row_timesteps_{i}"], rtol=0, atol=0)
     torch.testing.assert_close(state.get("latents"), g["final_video_latents"], rtol=0, atol=ATOL)
     torch.testing.assert_close(state.get("audio_latents"), g["final_audio_latents"], rtol=0, atol=ATOL)
+
+
+def test_prompt_conditioning_matches_aitk():
+    """ai-toolkit's ``encode_minimax_h3_prompt`` (prompt stripped, caption capped at 512 tokens, ``<Picture i>: `` +
+    a vision block per image, an empty prompt as one pad token, ``hidden_states[50]``) against our text-encoder block on
+    the same tiny conditioner: without images, with a first frame, with two references, empty, and over the cap."""
+    from diffusers.modular_pipelines import SequentialPipelineBlocks
+    from PIL import Image
+
+    from aitk_inference.pipelines.families.minimax_h3 import MiniMaxH3AitkTextEncoderStep
+    from aitk_inference.tiny.minimax_h3 import minimax_h3_components
+
+    class TextOnly(SequentialPipelineBlocks):
+        model_name = "minimax-h3"
+        block_classes = [MiniMaxH3AitkTextEncoderStep]
+        block_names = ["text_encoder"]
+
+    with open(os.path.join(ROOT, "minimax_h3_prompts.json")) as f:
+        report = json.load(f)
+    expected = golden("minimax_h3_prompts.safetensors")
+    components = minimax_h3_components()
+    checksum = float(sum(p.detach().double().sum() for p in components["text_encoder"].parameters()))
+    assert checksum == pytest.approx(report["te_param_checksum"], rel=0, abs=1e-9)
+    pipe = TextOnly().init_pipeline()
+    pipe.update_components(**{k: components[k] for k in ("text_encoder", "tokenizer", "processor")})
+    images = [Image.fromarray((np.random.RandomState(i).rand(h, w, 3) * 255).astype("uint8"))
+              for i, (h, w) in enumerate(report["image_sizes_hw"])]
+    for case in ("text", "keyframe", "references", "empty", "long"):
+        state = pipe(prompt=report[case]["prompt"], conditioner_images=[images[i] for i in report[case]["images"]],
+                     dtype=torch.float32)
+        torch.testing.assert_close(state.get("text_token_tags"), expected[f"{case}_tags"], rtol=0, atol=0, msg=case)
+        torch.testing.assert_close(state.get("prompt_embeds")[0], expected[f"{case}_embeds"], rtol=0, atol=ATOL,
+                                   msg=case)

@@ -24,12 +24,18 @@ What ai-toolkit's previews do, and so do we:
   duplicates collapsed (``MiniMaxH3Scheduler.set_timesteps(steps + 1)``; diffusers' blocks count the terminal 0 as a
   step); the audio sigmas are the video sigmas remapped onto shift 3.0 (the same position of the base grid);
 * the Euler update ``x + (1 - r) * sigma * v`` of ``MiniMaxH3Scheduler`` for both streams (diffusers' loop blocks);
-* frames are floored to the VAE's 17n+5 grid, at 24 fps only; width and height to multiples of 32.
+* frames are floored to the VAE's 17n+5 grid, at 24 fps only; width and height to multiples of 32;
+* ``minimax_h3_ref2va`` (``MinimaxH3Ref2VAModel``, the ``transformer_ref`` partition): every control image is a
+  reference, never a first frame. Each keeps its aspect, is scaled down (never up) to the target's pixel area on the
+  /32 grid (LANCZOS), gets its own noise draw and the keyframe recipe, and is packed as its own block on its own
+  rotary grid (diffusers' ``build_ref2va_packed_sequence``: each image advances the clock by one); the conditioner
+  sees ``<Picture i>: `` per reference, at its own size.
 
 Where we differ on purpose: diffusers' video VAE decodes whole 17-frame chunks, so fewer than 22 frames (ai-toolkit's
 5-frame clips and single images) are refused; the frames come back as float32 without ai-toolkit's rounding to
 8 bits. diffusers' blocks also refuse videos shorter than 5 s (120 frames) and round frame counts up; ai-toolkit's
-107-frame default needs neither, so our blocks do not.
+107-frame default needs neither, so our blocks do not. ai-toolkit's ref2va reference videos and its
+``image_refs_as_video`` option are not reproduced (image references only, ai-toolkit's default).
 
 Batches: the packed sequence holds one request, as in ai-toolkit (one sample per call); image i of a batch is the
 single video of seed + i.
@@ -497,13 +503,12 @@ class MiniMaxH3FamilyPipeline(AITKPipeline):
         pipe = cls.blocks().init_pipeline(source)
         local = {"pretrained_model_name_or_path": source} if os.path.isdir(source) else {}
         names = [cls.denoiser, "vae", "audio_vae", "text_encoder", "tokenizer"]
-        pipe.load_components(names=names, dtype=torch_dtype, **local)
+        pipe.load_components(names=names, dtype={"audio_vae": torch.float32, "default": torch_dtype}, **local)
         # the checkpoint's processor folder, without the video processor (which needs torchvision)
         pipe.update_components(processor=Qwen3VLTextProcessor.from_pretrained(source, subfolder="processor"))
         missing = [name for name in [*names, "processor"] if getattr(pipe, name, None) is None]
         if missing:
             raise ValueError(f"{source!r}: the MiniMax-H3 components {missing} could not be loaded (see the log above).")
-        pipe.audio_vae.to(torch.float32)
         pipe.update_components(scheduler=MiniMaxH3Scheduler(shift=MINIMAX_H3_VIDEO_SHIFT),
                                audio_scheduler=MiniMaxH3Scheduler(shift=MINIMAX_H3_AUDIO_SHIFT))
         disable_progress_bars(pipe._blocks)

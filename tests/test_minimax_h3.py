@@ -384,3 +384,11 @@ def test_prompt_conditioning_matches_aitk():
         torch.testing.assert_close(state.get("text_token_tags"), expected[f"{case}_tags"], rtol=0, atol=0, msg=case)
         torch.testing.assert_close(state.get("prompt_embeds")[0], expected[f"{case}_embeds"], rtol=0, atol=ATOL,
                                    msg=case)
+
+
+def test_vae_tiling_stays_on(pipes):
+    """The released frames are the tiled ones: the option must not leave the VAE untiled after the call."""
+    pipe = pipes("minimax_h3")
+    assert pipe.pipe.vae.use_tiling
+    pipe.generate("x", width=64, height=64, steps=1, num_frames=22, vae_tiling=True)
+    assert pipe.pipe.vae.use_tiling

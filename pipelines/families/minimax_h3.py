@@ -517,6 +517,12 @@ class MiniMaxH3FamilyPipeline(AITKPipeline):
     def lora_name_mapper(self):
         return minimax_h3_original_to_diffusers
 
+    @contextlib.contextmanager
+    def _vae_tiling(self, enabled: bool):
+        """MiniMax-H3's video VAE tiles by default, and the released frames are the tiled ones: ``vae_tiling`` has
+        nothing to switch on, and switching it off afterwards (as the base class does) would change later videos."""
+        yield
+
     def resolve_params(self, prompt: str, **kwargs) -> GenerationParams:
         params = super().resolve_params(prompt, **kwargs)
         if params.fps != FPS:

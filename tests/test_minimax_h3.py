@@ -76,16 +76,20 @@ def test_schedules_match_aitk(facts):
 
 
 def test_frame_grid_matches_aitk(facts):
-    from aitk_inference.pipelines.base import snap_frames
-    from aitk_inference.pipelines.families.minimax_h3 import audio_latent_frames, latent_frames
-    from aitk_inference.pipelines.registry import get_spec
+    """ai-toolkit floors to 17n+5; the latent counts our prepare step takes from diffusers with the tiny VAE's
+    geometry (the released one) and the registry's fps."""
+    from diffusers.modular_pipelines.minimax_h3.modular_pipeline import audio_latent_num_frames, video_latent_num_frames
 
-    video = get_spec("minimax_h3").video
+    from aitk_inference.pipelines.base import snap_frames
+    from aitk_inference.pipelines.registry import get_spec
+    from aitk_inference.tiny.minimax_h3 import minimax_h3_video_vae
+
+    video, vae = get_spec("minimax_h3").video, minimax_h3_video_vae()
     for requested, expected in facts["frames"].items():
         frames = snap_frames(int(requested), video.frame_step, video.frame_offset)
         assert frames == expected["aligned_down"]
-        assert latent_frames(frames) == expected["latent_frames"]
-        assert audio_latent_frames(frames) == expected["audio_latents"]
+        assert video_latent_num_frames(frames, vae.config.clip_length, vae.tokens_chunk_size) == expected["latent_frames"]
+        assert audio_latent_num_frames(frames, video.fps) == expected["audio_latents"]
 
 
 def test_transformer_forward_matches_aitk():

@@ -66,6 +66,7 @@ from diffusers.modular_pipelines.minimax_h3.before_denoise import (
 from diffusers.modular_pipelines.minimax_h3.decoders import MiniMaxH3AfterDenoiseStep
 from diffusers.modular_pipelines.minimax_h3.denoise import MiniMaxH3DenoiseStep, MiniMaxH3Ref2VADenoiseStep
 from diffusers.modular_pipelines.minimax_h3.encoders import encode_vae_condition, get_qwen3vl_prompt_embeds
+from diffusers.modular_pipelines.minimax_h3.modular_pipeline import audio_latent_num_frames, video_latent_num_frames
 from diffusers.modular_pipelines.modular_pipeline_utils import ComponentSpec, InputParam, OutputParam
 
 from ..base import AITKPipeline, GenerationParams
@@ -76,12 +77,6 @@ from .nucleus_image import Qwen3VLTextProcessor
 logger = logging.getLogger(__name__)
 
 MAX_CAPTION_TOKENS = 512  # ai-toolkit's model_kwargs.max_text_length default
-FPS = 24
-FRAMES_PER_CHUNK = 17  # the video VAE's clip: 17n+5 pixel frames <-> 5n+2 latent frames
-MIN_FRAMES = 22  # diffusers' video VAE decodes whole chunks: 5 frames (2 latents) give none
-AUDIO_LATENTS_PER_SECOND = 40
-AUDIO_CHANNELS = 2
-KEYFRAME_NOISE_AUG = 0.999
 CANVAS_MULTIPLE = 32
 
 
@@ -116,14 +111,6 @@ def disable_progress_bars(blocks) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------- geometry
-def latent_frames(num_frames: int) -> int:
-    return (num_frames - 5) // FRAMES_PER_CHUNK * 5 + 2
-
-
-def audio_latent_frames(num_frames: int) -> int:
-    return int(round(num_frames / FPS * AUDIO_LATENTS_PER_SECOND))
-
-
 def reference_pixel_size(width: int, height: int, target_height: int, target_width: int) -> tuple[int, int]:
     """ai-toolkit's ref2va reference size (ComfyUI's "match"): the reference's own aspect, scaled down (never up) to
     the target's pixel area, each side rounded to a multiple of 32 (at least 32). Returns (height, width)."""
@@ -260,9 +247,11 @@ class MiniMaxH3AitkPrepareStep(ModularPipelineBlocks):
         s = self.get_block_state(state)
         device, patch = components._execution_device, components.patch_size
         ratio, channels = components.vae_spatial_compression_ratio, components.vae_latent_channels
-        s.num_latent_frames = latent_frames(s.num_frames)
+        s.num_latent_frames = video_latent_num_frames(s.num_frames, components.vae_frames_per_chunk,
+                                                      components.vae_latents_per_chunk)
         s.latent_height, s.latent_width = s.height // ratio, s.width // ratio
-        s.num_audio_latents = audio_latent_frames(s.num_frames)
+        s.num_audio_latents = audio_latent_num_frames(s.num_frames, components.fps)
+        noise_aug = components.keyframe_noise_aug
         # the conditions in packed order, each with its own noise draw before it is encoded (ai-toolkit's order)
         conditions = [s.keyframe] if s.keyframe is not None else list(s.references or [])
         rows, condition_latents = [], []
@@ -272,7 +261,7 @@ class MiniMaxH3AitkPrepareStep(ModularPipelineBlocks):
             pixels = torch.from_numpy(np.array(image)).to(device).permute(2, 0, 1)[None, :, None]
             clean = encode_vae_condition(components.vae, pixels, components.pixel_mean, components.pixel_std,
                                          components.keyframe_encode_seed).to(device)
-            condition_latents.append(KEYFRAME_NOISE_AUG * clean + (1.0 - KEYFRAME_NOISE_AUG) * noise)
+            condition_latents.append(noise_aug * clean + (1.0 - noise_aug) * noise)
             rows.append(patchify_video_latents(condition_latents[-1], patch))
         geometry = (s.num_latent_frames, s.latent_height, s.latent_width, s.num_audio_latents, patch,
                     components.audio_channels, components.audio_tag, components.video_tag)
@@ -303,7 +292,7 @@ class MiniMaxH3AitkPrepareStep(ModularPipelineBlocks):
         s.row_timestep_plan = [
             tuple(t.to(device) for t in MiniMaxH3SetTimestepsStep.build_row_timesteps(
                 s.video_indices.cpu(), s.audio_indices.cpu(), s.num_condition_video_rows, s.num_condition_audio_rows,
-                s.text_indices.numel(), float(t), float(t_audio), max(float(t), KEYFRAME_NOISE_AUG), 1.0))
+                s.text_indices.numel(), float(t), float(t_audio), max(float(t), noise_aug), 1.0))
             for t, t_audio in zip(s.timesteps, s.audio_timesteps)]
         self.set_block_state(state, s)
         return components, state
@@ -525,13 +514,16 @@ class MiniMaxH3FamilyPipeline(AITKPipeline):
 
     def resolve_params(self, prompt: str, **kwargs) -> GenerationParams:
         params = super().resolve_params(prompt, **kwargs)
-        if params.fps != FPS:
-            raise ValueError(f"{self.spec.model_id} generates at {FPS} fps only (its audio and rotary clocks are tied "
-                             f"to it), got fps={params.fps}.")
-        if params.num_frames < MIN_FRAMES:
-            raise ValueError(f"{self.spec.model_id} needs at least {MIN_FRAMES} frames (17n+5 with n >= 1: 22, 39, "
-                             f"56, ... 107): diffusers' video VAE decodes whole 17-frame chunks; got "
-                             f"{params.num_frames}.")
+        video = self.spec.video
+        if params.fps != video.fps:
+            raise ValueError(f"{self.spec.model_id} generates at {video.fps} fps only (its audio and rotary clocks are "
+                             f"tied to it), got fps={params.fps}.")
+        # diffusers' video VAE decodes whole chunks: the shortest video is one frame step long
+        if params.num_frames < video.frames(1):
+            raise ValueError(f"{self.spec.model_id} needs at least {video.frames(1)} frames ({video.frame_step}n+"
+                             f"{video.frame_offset} with n >= 1: {video.frames(1)}, {video.frames(2)}, ... "
+                             f"{video.num_frames}): diffusers' video VAE decodes whole {video.frame_step}-frame chunks; "
+                             f"got {params.num_frames}.")
         return params
 
     def pipeline_kwargs(self, params: GenerationParams) -> dict:

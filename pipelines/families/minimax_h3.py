@@ -149,13 +149,13 @@ def dtype_round_trip(image, dtype):
 
 # ---------------------------------------------------------------------------------------------------------------- blocks
 class MiniMaxH3AitkTextEncoderStep(ModularPipelineBlocks):
-    """ai-toolkit's presentation of a prompt and its keyframes (``encode_minimax_h3_prompt``)."""
+    """ai-toolkit's presentation of a prompt and its pictures (``encode_minimax_h3_prompt``)."""
 
     model_name = "minimax-h3"
 
     @property
     def description(self) -> str:
-        return "Encode a MiniMax-H3 prompt (and first-frame keyframe) as ai-toolkit does."
+        return "Encode a MiniMax-H3 prompt and its pictures (a first frame or references) as ai-toolkit does."
 
     @property
     def expected_components(self) -> list[ComponentSpec]:
@@ -355,17 +355,19 @@ class MiniMaxH3AitkDecodeStep(ModularPipelineBlocks):
         vae, audio_vae = components.vae, components.audio_vae
         device = s.latents.device
 
-        def stats(module, name, shape):
-            return torch.tensor(getattr(module.config, name), device=device).view(*shape)
+        def denormalized(latents, module):
+            shape = (1, -1) + (1,) * (latents.dim() - 2)
+            std, mean = (torch.tensor(getattr(module.config, name), device=device).view(shape)
+                         for name in ("latents_std", "latents_mean"))
+            return (latents * std + mean).to(module.dtype)
 
         with torch.no_grad():
-            latents = s.latents * stats(vae, "latents_std", (1, -1, 1, 1, 1)) + stats(vae, "latents_mean", (1, -1, 1, 1, 1))
-            video = vae.decode(latents.to(vae.dtype), return_dict=False)[0].float()
+            video = vae.decode(denormalized(s.latents, vae), return_dict=False)[0].float()
             mean = torch.tensor(components.pixel_mean, device=device).view(1, -1, 1, 1, 1)
             std = torch.tensor(components.pixel_std, device=device).view(1, -1, 1, 1, 1)
             s.video = (video * std + mean).clamp(0, 1)[0].permute(1, 2, 3, 0).cpu().numpy()
-            audio = s.audio_latents * stats(audio_vae, "latents_std", (1, -1, 1)) + stats(audio_vae, "latents_mean", (1, -1, 1))
-            s.audio = audio_vae.decode(audio.to(audio_vae.dtype), return_dict=False)[0][:, 0].float().cpu().numpy()
+            audio = audio_vae.decode(denormalized(s.audio_latents, audio_vae), return_dict=False)[0]
+            s.audio = audio[:, 0].float().cpu().numpy()
         self.set_block_state(state, s)
         return components, state
 

@@ -257,8 +257,6 @@ def test_aitk_saved_lora_matches_aitk(variant, mode, lora_report):
         torch.testing.assert_close(qkv, effective["blocks.0.attn.qkv_proj.weight"], rtol=0, atol=1e-6)
         value, gate = block.ff.net[0].proj.weight.chunk(2)
         torch.testing.assert_close(torch.cat([gate, value]), effective["blocks.0.mlp.fc1.weight"], rtol=0, atol=1e-6)
-        torch.testing.assert_close(block.adaln_proj.linear.weight, effective["blocks.0.adaln_proj.linear.weight"],
-                                   rtol=0, atol=1e-6)
     stack.set([LoraRequest(path=path, strength=0.5)])
     torch.testing.assert_close(forward(), outputs["lora_live_m0.5"], rtol=0, atol=ATOL)
     stack.clear()

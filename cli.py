@@ -143,7 +143,7 @@ def cmd_demo(args) -> int:
     args.trigger = "sks"
     args.ctrl_img = [_demo_control_image()] * spec.control_images[0]
     if spec.video is not None:
-        args.num_frames, args.fps = 2 * spec.video.frame_step + 1, None
+        args.num_frames, args.fps = spec.video.frames(2), None
         if args.out.lower().endswith(".png"):
             args.out = args.out[:-4] + ".mp4"
     run_generate(pipeline, args, args.out)

@@ -55,9 +55,10 @@ def snap_size(value: int, divisor: int) -> int:
     return value - value % divisor
 
 
-def snap_frames(num_frames: int, step: int) -> int:
-    """Floor a frame count to ``step * k + 1`` (4k+1 for Wan, 8k+1 for LTX-2), at least 1."""
-    return max(1, ((num_frames - 1) // step) * step + 1)
+def snap_frames(num_frames: int, step: int, offset: int = 1) -> int:
+    """Floor a frame count to ``step * k + offset`` (4k+1 for Wan, 8k+1 for LTX-2, 17k+5 for MiniMax-H3), at least
+    ``offset``."""
+    return max(offset, ((num_frames - offset) // step) * step + offset)
 
 
 def apply_trigger(prompt: str, trigger_word: str | None) -> str:
@@ -485,9 +486,10 @@ class AITKPipeline:
             num_frames = spec.video.num_frames if num_frames is None else num_frames
             if isinstance(num_frames, bool) or not isinstance(num_frames, int) or not 1 <= num_frames <= 1001:
                 raise ValueError(f"`num_frames` must be an integer in 1..1001, got {num_frames!r}.")
-            snapped = snap_frames(num_frames, spec.video.frame_step)
+            snapped = snap_frames(num_frames, spec.video.frame_step, spec.video.frame_offset)
             if snapped != num_frames:
-                logger.warning("num_frames %d floored to %d (%dk+1).", num_frames, snapped, spec.video.frame_step)
+                logger.warning("num_frames %d floored to %d (%dk+%d).", num_frames, snapped, spec.video.frame_step,
+                               spec.video.frame_offset)
             num_frames = snapped
             fps = spec.video.fps if fps is None else fps
             if isinstance(fps, bool) or not isinstance(fps, int) or not 1 <= fps <= 120:

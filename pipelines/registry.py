@@ -87,6 +87,10 @@ ERNIE_IMAGE_FLOWMATCH = {**FLUX_FLOWMATCH, "shift": 3.0, "use_dynamic_shifting":
 # ai-toolkit's Nucleus-Image scheduler (extensions_built_in/diffusion_models/nucleus_image/nucleus_image_model.py
 # scheduler_config): static shift 1.0 without dynamic shifting, so the pipeline's linspace(1, 1/N, N) sigmas are kept.
 NUCLEUS_FLOWMATCH = {**FLUX_FLOWMATCH, "shift": 1.0, "use_dynamic_shifting": False}
+# ai-toolkit's MiniMax-H3 flow shifts (extensions_built_in/diffusion_models/minimax_h3/src/packing.py): exponential,
+# 12.0 for the video rows and 3.0 for the audio rows (MiniMaxH3Scheduler(shift=...), one scheduler per stream).
+MINIMAX_H3_VIDEO_SHIFT = 12.0
+MINIMAX_H3_AUDIO_SHIFT = 3.0
 
 # ai-toolkit's Anima scheduler (extensions_built_in/diffusion_models/anima/anima.py scheduler_config): static shift 3.0;
 # the modular pipeline hands it sigmas linspace(1, 1/N, N), which the scheduler shifts.
@@ -172,11 +176,17 @@ class SchedulerSpec:
 
 @dataclass(frozen=True)
 class VideoSpec:
-    """Video defaults. ``frame_step`` k means frame counts are snapped to k*n+1 (4 for Wan, 8 for LTX-2)."""
+    """Video defaults. Frame counts are floored to ``frame_step * n + frame_offset``: 4n+1 for Wan, 8n+1 for LTX-2,
+    17n+5 for MiniMax-H3."""
 
     num_frames: int
     fps: int
     frame_step: int
+    frame_offset: int = 1
+
+    def frames(self, steps: int) -> int:
+        """The frame count ``steps`` frame steps long (``frames(1)`` is the shortest multi-step video)."""
+        return steps * self.frame_step + self.frame_offset
 
 
 _EXPERT_IN_NAME = re.compile(r"(?P<lead>^|[_.\-])(?P<side>high|low)(?P<gap>[_\-]?)noise(?=[_.\-]|$)", re.IGNORECASE)
@@ -522,6 +532,9 @@ KREA2_NAMES = LoraSignature("Krea 2", r"(^|\.)(blocks\.\d+\.attn\.wq|txtfusion\.
 # `adaLN_modulation`) mark them.
 IDEOGRAM4_NAMES = LoraSignature("Ideogram 4", r"(^|\.)layers\.\d+\.(attention\.qkv|adaln_modulation)\.|(^|\.)llm_cond_proj\.",
                                 refines=ZIMAGE_NAMES)
+# MiniMax-H3: original names (fused attn.qkv_proj, adaln_proj in every block, the text token refiner) or diffusers'.
+MINIMAX_H3_NAMES = LoraSignature("MiniMax-H3", r"(^|\.)(blocks\.\d+\.(attn\.qkv_proj|adaln_proj\.linear)|"
+                                 r"token_refiner\.(blocks|refiner_blocks)\.\d+\.|transformer_blocks\.\d+\.adaln_proj\.)")
 
 
 def lora_signatures() -> list[LoraSignature]:
@@ -625,6 +638,20 @@ _LTX2_NOTES = (
 LTX2 = Preset(family="ltx2:LTX2FamilyPipeline", pipeline_class="LTX2Pipeline", steps=25, guidance=4.0, divisor=32,
               scheduler=_flow(LTX2_PREVIEW_FLOWMATCH), guidance_kind="true_cfg", control_images=(0, 1),
               video=VideoSpec(num_frames=41, fps=24, frame_step=8), lora_signatures=(LTX2_NAMES,))
+
+_MINIMAX_H3_NOTES = (
+    "Video with stereo 32 kHz audio, one guidance-distilled forward per step (guidance and the negative prompt have no "
+    "effect). ai-toolkit's own sampler reproduced over diffusers' MiniMax-H3 classes: steps model evaluations on "
+    "linspace(1, 0, steps + 1) shifted by 12.0 (video), the audio sigmas remapped onto shift 3.0; noise drawn "
+    "condition, video (1, 24, t, h, w), audio (1, 2, 32, a); raw Qwen3-VL prompt (hidden state 50, 512 caption "
+    "tokens). Frames floored to 17n+5 (at least 22), 24 fps only, divisor 32. Defaults are ai-toolkit's UI preset "
+    "(28 steps, guidance 1, 107 frames at 24 fps, 768x768). LoRAs: diffusion_model. + original names (fused QKV split, "
+    "SwiGLU halves swapped) or diffusers names."
+)
+MINIMAX_H3 = Preset(family="minimax_h3:MiniMaxH3FamilyPipeline", pipeline_class="MiniMaxH3ModularPipeline",
+                    base="MiniMaxAI/MiniMax-H3", steps=28, guidance=1.0, width=768, height=768, divisor=32,
+                    guidance_kind="distilled", video=VideoSpec(num_frames=107, fps=24, frame_step=17, frame_offset=5),
+                    lora_signatures=(MINIMAX_H3_NAMES,))
 
 HIDREAM = Preset(family="hidream:HiDreamFamilyPipeline", pipeline_class="HiDreamImagePipeline", guidance=5.0,
                  divisor=16, lora_signatures=(HIDREAM_NAMES,),
@@ -881,6 +908,23 @@ REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
             "Qwen3-VL-8B-Instruct, or a diffusers folder without its unconditional transformer. Defaults are "
             "ai-toolkit's UI defaults (30 steps, guidance 4, 1024x1024). LoRAs: diffusion_model. + Ideogram's names "
             "(fused attention.qkv split onto to_q/to_k/to_v).",
+        ),
+        MINIMAX_H3(
+            "minimax_h3", control_images=(0, 1), tiny="minimax_h3:build_minimax_h3",
+            aitk_archs=(AitkArch("minimax_h3"),),
+            notes=_MINIMAX_H3_NOTES + " An optional control image is the first frame (fl2va): stretched onto the "
+            "canvas, encoded with the released fixed-seed (42) posterior sample, held at t = 0.999, and shown to the "
+            "conditioner as <Picture 1>.",
+        ),
+        MINIMAX_H3(
+            "minimax_h3_ref2va", family="minimax_h3:MiniMaxH3Ref2VAFamilyPipeline", control_images=(0, 4),
+            lora_components=("transformer_ref",), tiny="minimax_h3:build_minimax_h3_ref2va",
+            aitk_archs=(AitkArch("minimax_h3_ref2va"),),
+            notes=_MINIMAX_H3_NOTES + " The ref2va partition (transformer_ref): up to 4 control images are "
+            "references, never a first frame: each keeps its aspect, is scaled down (never up) to the target's "
+            "pixel area on the /32 grid (LANCZOS), encoded with the fixed-seed posterior, noised to t = 0.999, "
+            "packed as its own block on its own rotary grid, and shown to the conditioner as <Picture i> at its own "
+            "size. Reference videos and image_refs_as_video are not supported.",
         ),
     ]
 )

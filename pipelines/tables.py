@@ -43,7 +43,7 @@ def _control(spec: ModelSpec) -> str:
 def _video(spec: ModelSpec) -> str:
     if spec.video is None:
         return "—"
-    return f"{spec.video.num_frames} frames @ {spec.video.fps} fps ({spec.video.frame_step}k+1)"
+    return f"{spec.video.num_frames} frames @ {spec.video.fps} fps ({spec.video.frame_step}k+{spec.video.frame_offset})"
 
 
 def _row(cells) -> str:

@@ -23,6 +23,7 @@ def test_demo_runs_for_every_model(model_id, tiny_cache, tmp_path, capsys):
     ("wan21_1b", ["tiny_aitk_wan.safetensors"]),
     ("flux2_klein_4b", ["tiny_aitk_bfl.safetensors"]),
     ("chroma", ["tiny_aitk_bfl.safetensors"]),
+    ("minimax_h3", ["tiny_aitk_minimax_h3.safetensors"]),
 ])
 def test_make_tiny_writes_the_layout_ai_toolkit_saves(model_id, native, tiny_cache, tmp_path):
     """Besides the generic layouts, make-tiny writes the family's own ai-toolkit layout (original Wan names with a
@@ -37,4 +38,4 @@ def test_make_tiny_writes_the_layout_ai_toolkit_saves(model_id, native, tiny_cac
     summaries = pipeline.set_loras([str(folder / "loras" / name) for name in native])
     assert all(s["modules"] > 0 for s in summaries)
     assert pipeline.generate(prompt="x", width=64, height=64, steps=1, **(
-        {"num_frames": 5} if pipeline.spec.is_video else {})).images.size
+        {"num_frames": pipeline.spec.video.frames(1)} if pipeline.spec.is_video else {})).images.size

@@ -109,7 +109,7 @@ def family(request, tiny_dir, tmp_path_factory):
     inputs = dict(prompt="a red fox", negative="", width=64, height=64, steps=2, seed=3,
                   control_images=[_control_image()] * spec.control_images[0])
     if spec.video is not None:
-        inputs["num_frames"] = spec.video.frame_step + 1
+        inputs["num_frames"] = spec.video.frames(1)
     loras = write_family_loras(pipeline, tmp_path_factory.mktemp(f"loras_{model_id}"))
     yield Family(model_id, pipeline, options, loras, inputs)
     pipeline.set_loras([])

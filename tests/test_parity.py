@@ -62,6 +62,11 @@ NO_SCHEDULER_GOLDEN = {
     "ideogram4": "ai-toolkit samples Ideogram 4 with its own logit-normal sigmas, no scheduler: they are in "
                  "goldens/ideogram4/schedules.json, compared (and the times the transformer receives) in "
                  "test_ideogram4.py",
+    "minimax_h3": "two schedules (video shift 12, audio remapped onto shift 3) on MiniMaxH3Scheduler, not a FlowMatch "
+                  "config; ai-toolkit's sigmas are in goldens/minimax_h3/minimax_h3_schedules.json and every step's "
+                  "per-row timesteps in its sampling goldens, compared in test_minimax_h3.py",
+    "minimax_h3_ref2va": "as minimax_h3 (the same schedules); the ref2va sampling golden's per-row timesteps are "
+                         "compared in test_minimax_h3.py",
 }
 # Where ai-toolkit's scheduler object samples with another shift than its recorded config states: id -> golden file
 # with that object's state (MANIFEST §6).
@@ -105,6 +110,12 @@ NO_NOISE_GOLDEN.update(dict.fromkeys(
 ))
 NO_NOISE_GOLDEN["ideogram4"] = ("ai-toolkit's seed-42 Ideogram 4 draw ((1, 128, h/16, w/16) times the first sigma) is "
                                 "in goldens/ideogram4/sampling.safetensors, compared in test_ideogram4.py")
+NO_NOISE_GOLDEN["minimax_h3"] = (
+    "a packed video (1, 24, t, h, w) + audio (1, 2, 32, a) draw after the keyframe noise, a layout "
+    "initial_noise.safetensors does not hold; test_minimax_h3.py compares the seed-42 rows with ai-toolkit's own sampler"
+NO_NOISE_GOLDEN["minimax_h3_ref2va"] = (
+    "as minimax_h3, with one noise draw per reference first; test_minimax_h3.py compares the seed-42 rows with "
+    "ai-toolkit's own ref2va sampler"
 NOISE_SIZES = [(64, 64), (512, 768)]  # (W, H) as in the golden keys
 
 # ai-toolkit's size floor per family (ai-toolkit.md §2.2; 8 = only GenerateImageConfig's floor).
@@ -115,6 +126,7 @@ AITK_DIVISOR = {
     "ltx2": 32, "ltx2.3": 32, "ltx2.5": 32, "wan22_5b": 32, "wan21_14b": 16, "wan21_1b": 16, "wan21_i2v_14b": 16,
     "wan21_i2v_14b480p": 16, "wan22_14b_t2v": 16, "wan22_14b_i2v": 16, "sd15": 8, "sdxl": 8, "hidream": 16,
     "omnigen2": 16, "ernie_image": 32, "nucleus_image": 32, "prx_pixel": 16, "anima": 32, "ideogram4": 16,
+    "minimax_h3": 32, "minimax_h3_ref2va": 32,
     # Krea2Model.get_bucket_divisibility (VAE 8 x patch 2); generate_single_image floors the sample size to it
     "krea2": 16, "krea2_turbo": 16, "krea2_o_edit": 16, "krea2_o_edit_turbo": 16,
 }

@@ -26,8 +26,6 @@ adapter modules as ``diffusion_model.llm_adapter.*``; :func:`anima_original_to_d
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
 import re
 
@@ -39,6 +37,7 @@ from diffusers.modular_pipelines.modular_pipeline_utils import ComponentSpec, In
 
 from ..base import AITKPipeline, GenerationParams
 from ..lora.convert import ConvertedLora
+from .modular import block_errors_not_echoed, disable_progress_bars
 
 MAX_SEQUENCE_LENGTH = 512  # ai-toolkit's model_kwargs default for both tokenizers
 QWEN_PAD_TOKEN_ID = 151643  # Qwen3's <|endoftext|>, ai-toolkit's pad id when the tokenizer names none
@@ -176,35 +175,6 @@ class AnimaAitkBlocks(SequentialPipelineBlocks):
     model_name = "anima"
     block_classes = [AnimaAitkTextEncoderStep, AnimaAitkCoreDenoiseStep, AnimaDecodeStep]
     block_names = ["text_encoder", "denoise", "decode"]
-
-
-class _BlockErrorEcho(logging.Filter):
-    """Drops diffusers' ``Error in block`` records: each level of nested blocks logs the exception again, with its
-    traceback, before re-raising it to the caller anyway (and an interrupt from the progress callback is no error)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().lstrip().startswith("Error in block:")
-
-
-@contextlib.contextmanager
-def block_errors_not_echoed():
-    block_logger = logging.getLogger("diffusers.modular_pipelines.modular_pipeline")
-    echo_filter = _BlockErrorEcho()
-    block_logger.addFilter(echo_filter)
-    try:
-        yield
-    finally:
-        block_logger.removeFilter(echo_filter)
-
-
-def disable_progress_bars(blocks) -> None:
-    """Every block's tqdm bar off (``ModularPipeline.set_progress_bar_config`` reaches one level only; the denoising
-    loop is two levels down)."""
-    for block in blocks.sub_blocks.values():
-        if hasattr(block, "set_progress_bar_config"):
-            block.set_progress_bar_config(disable=True)
-        if getattr(block, "sub_blocks", None):
-            disable_progress_bars(block)
 
 
 # ---------------------------------------------------------------------------------------------------------------- LoRA names

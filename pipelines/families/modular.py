@@ -1,0 +1,35 @@
+"""What the families that drive diffusers' modular pipelines (Anima, MiniMax-H3) share."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+
+class _BlockErrorEcho(logging.Filter):
+    """Drops diffusers' ``Error in block`` records: each level of nested blocks logs the exception again, with its
+    traceback, before re-raising it to the caller anyway (and an interrupt from the progress callback is no error)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().lstrip().startswith("Error in block:")
+
+
+@contextlib.contextmanager
+def block_errors_not_echoed():
+    block_logger = logging.getLogger("diffusers.modular_pipelines.modular_pipeline")
+    echo_filter = _BlockErrorEcho()
+    block_logger.addFilter(echo_filter)
+    try:
+        yield
+    finally:
+        block_logger.removeFilter(echo_filter)
+
+
+def disable_progress_bars(blocks) -> None:
+    """Every block's tqdm bar off (``ModularPipeline.set_progress_bar_config`` reaches one level only; the denoising
+    loop is two levels down)."""
+    for block in blocks.sub_blocks.values():
+        if hasattr(block, "set_progress_bar_config"):
+            block.set_progress_bar_config(disable=True)
+        if getattr(block, "sub_blocks", None):
+            disable_progress_bars(block)

@@ -113,9 +113,11 @@ NO_NOISE_GOLDEN["ideogram4"] = ("ai-toolkit's seed-42 Ideogram 4 draw ((1, 128, 
 NO_NOISE_GOLDEN["minimax_h3"] = (
     "a packed video (1, 24, t, h, w) + audio (1, 2, 32, a) draw after the keyframe noise, a layout "
     "initial_noise.safetensors does not hold; test_minimax_h3.py compares the seed-42 rows with ai-toolkit's own sampler"
+)
 NO_NOISE_GOLDEN["minimax_h3_ref2va"] = (
     "as minimax_h3, with one noise draw per reference first; test_minimax_h3.py compares the seed-42 rows with "
     "ai-toolkit's own ref2va sampler"
+)
 NOISE_SIZES = [(64, 64), (512, 768)]  # (W, H) as in the golden keys
 
 # ai-toolkit's size floor per family (ai-toolkit.md §2.2; 8 = only GenerateImageConfig's floor).

@@ -117,6 +117,10 @@ def _folder_bytes(folder: str) -> int:
 _HUB_SIZES: dict[str, tuple[int | None, bool | None]] = {}
 
 
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
 def hub_download_size(repo_id: str) -> tuple[int | None, bool | None]:
     """(bytes a diffusers load downloads, gated) for a hub repo, asked once from the hub; (None, None) offline.
 
@@ -124,7 +128,7 @@ def hub_download_size(repo_id: str) -> tuple[int | None, bool | None]:
     repo's root-level single-file checkpoints are skipped)."""
     if repo_id not in _HUB_SIZES:
         size, gated = None, None
-        if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("1", "true", "yes"):
+        if not hub_offline():
             try:
                 from huggingface_hub import HfApi
 
@@ -138,7 +142,8 @@ def hub_download_size(repo_id: str) -> tuple[int | None, bool | None]:
 
 
 def base_source(model: str, base: str = "") -> dict:
-    """Where the Load node's base comes from, for the front end: ``{"kind", "source", "bytes", "cached", "gated"}``.
+    """Where the Load node's base comes from, for the front end: ``{"kind", "source", "bytes", "cached", "gated"}``
+    (plus ``offline`` for a repo not yet downloaded).
 
     ``kind`` is ``local`` (a path or a folder under models/diffusers), ``hub`` (a repo id: empty base = the model's
     default repo) or ``error`` (``source`` is then the message). ``bytes`` is the size on disk when local or already in
@@ -156,7 +161,8 @@ def base_source(model: str, base: str = "") -> dict:
     if os.path.isdir(os.path.join(cached, "snapshots")):
         return {"kind": "hub", "source": resolved, "bytes": _folder_bytes(cached), "cached": True, "gated": None}
     size, gated = hub_download_size(resolved)
-    return {"kind": "hub", "source": resolved, "bytes": size, "cached": False, "gated": gated}
+    return {"kind": "hub", "source": resolved, "bytes": size, "cached": False, "gated": gated,
+            "offline": hub_offline()}
 
 
 def resolve_lora(lora: str) -> str:

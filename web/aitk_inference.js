@@ -148,11 +148,24 @@ function sampleStatusText(node, model) {
 }
 
 // Hide what the connected model does not use: video widgets on image models, control inputs it does not take.
-function showApplicable(node, model) {
-  for (const name of VIDEO_WIDGETS) {
-    const w = widget(node, name);
-    if (w) w.hidden = !model.is_video_model;
+// LiteGraph still lays out a hidden widget at its full height; a height of 0 (-4 plus the 4 it adds) removes the gap.
+const collapsedSize = () => [0, -4];
+
+function setHidden(w, hidden) {
+  if (!w || !!w.hidden === hidden) return;
+  w.hidden = hidden;
+  if (hidden) {
+    w.aitkComputeSize = w.computeSize;
+    w.computeSize = collapsedSize;
+  } else if (w.aitkComputeSize) {
+    w.computeSize = w.aitkComputeSize;
+  } else {
+    delete w.computeSize;
   }
+}
+
+function showApplicable(node, model) {
+  for (const name of VIDEO_WIDGETS) setHidden(widget(node, name), !model.is_video_model);
   const maxControls = model.control_images?.[1] ?? 0;
   CONTROL_INPUTS.forEach((name, i) => {
     const slot = node.findInputSlot(name);
@@ -179,7 +192,8 @@ function baseStatusText(info) {
   if (info.kind === "local") return [`base: ${info.source}${size ? ` (${size} on disk)` : ""}`, "#8a8"];
   if (info.cached) return [`base: ${info.source}, Hugging Face hub, already downloaded${size ? ` (${size})` : ""}`, "#8a8"];
   const gated = info.gated ? "; gated: accept its licence on the hub and run huggingface-cli login first" : "";
-  const download = size ? `downloads ${size}` : "downloads the repo (size unknown: the hub did not answer)";
+  const unknown = info.offline ? "size unknown: HF_HUB_OFFLINE is set" : "size unknown: the hub did not answer";
+  const download = size ? `downloads ${size}` : `downloads the repo (${unknown})`;
   return [`base: ${info.source} from the Hugging Face hub; the first run ${download} into the hub cache${gated}. ` +
           "Or put a diffusers folder under models/diffusers and name it in base.", "#cb8"];
 }

@@ -67,7 +67,7 @@ const snap = (value, divisor) => {
   return floored - (floored % divisor);
 };
 
-const gigabytes = (bytes) => `${(bytes / 1e9).toFixed(bytes < 1e10 ? 2 : 1)} GB`;
+const byteSize = (bytes) => (bytes >= 1e9 ? `${(bytes / 1e9).toFixed(1)} GB` : `${Math.max(1, Math.round(bytes / 1e6))} MB`);
 
 // ------------------------------------------------------------------------------------------------ status line widget
 const STATUS_FONT = "11px sans-serif";
@@ -187,7 +187,7 @@ function refreshSample(node) {
 
 // ------------------------------------------------------------------------------------------------ Load AITK Pipeline
 function baseStatusText(info) {
-  const size = info.bytes ? gigabytes(info.bytes) : null;
+  const size = info.bytes ? byteSize(info.bytes) : null;
   if (info.kind === "error") return [info.source, "#d88"];
   if (info.kind === "local") return [`base: ${info.source}${size ? ` (${size} on disk)` : ""}`, "#8a8"];
   if (info.cached) return [`base: ${info.source}, Hugging Face hub, already downloaded${size ? ` (${size})` : ""}`, "#8a8"];

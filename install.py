@@ -18,8 +18,8 @@ REQUIREMENTS = os.path.join(HERE, "requirements.txt")
 PYPROJECT = os.path.join(HERE, "pyproject.toml")
 PINNED = ("torch", "torchvision", "torchaudio")
 REQUIREMENTS_HEADER = (
-    "# Written by `python install.py --write-requirements` from pyproject.toml's [project].dependencies (the one list:\n"
-    "# edit it there). torch is NOT listed on purpose: ComfyUI (or you) own the torch build.\n"
+    "# Written by `python install.py --write-requirements` from pyproject.toml's [project].dependencies\n"
+    "# (the one list: edit it there). torch is NOT listed on purpose: ComfyUI (or you) own the torch build.\n"
 )
 
 

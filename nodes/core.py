@@ -133,7 +133,8 @@ def hub_download_size(repo_id: str) -> tuple[int | None, bool | None]:
                 from huggingface_hub import HfApi
 
                 info = HfApi().model_info(repo_id, files_metadata=True, timeout=10)
-                size = sum(s.size or 0 for s in info.siblings if "/" in s.rfilename or s.rfilename == "model_index.json")
+                size = sum(file.size or 0 for file in info.siblings
+                           if "/" in file.rfilename or file.rfilename == "model_index.json")
                 gated = bool(info.gated)
             except Exception as e:  # offline, unknown repo, rate limit: the size is simply not known
                 logger.info("AITK Inference: no download size for %s (%s)", repo_id, e)

@@ -75,11 +75,25 @@ const STATUS_LINE_HEIGHT = 14;
 const STATUS_MARGIN = 12;
 const measureContext = document.createElement("canvas").getContext("2d");
 
+// Long words (paths) are cut where they reach the width.
+function splitLongWord(word, width) {
+  const pieces = [];
+  let piece = "";
+  for (const char of word) {
+    if (piece && measureContext.measureText(piece + char).width > width) {
+      pieces.push(piece);
+      piece = "";
+    }
+    piece += char;
+  }
+  return [...pieces, piece];
+}
+
 function wrapText(text, width) {
   measureContext.font = STATUS_FONT;
   const lines = [];
   let line = "";
-  for (const word of text.split(" ")) {
+  for (const word of text.split(" ").flatMap((w) => splitLongWord(w, width))) {
     const candidate = line ? `${line} ${word}` : word;
     if (line && measureContext.measureText(candidate).width > width) {
       lines.push(line);

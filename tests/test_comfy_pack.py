@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import tomllib
+import types
 
 import pytest
 
@@ -92,3 +93,26 @@ def test_base_source_bad_base_is_an_error():
     info = core.base_source("flux", "not a path or repo")
     assert info["kind"] == "error" and "Hugging Face repo id" in info["source"]
     assert core.base_source("no_such_model")["kind"] == "error"
+
+
+def test_base_source_asks_the_hub_once_for_the_download_size(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    asked = []
+
+    def model_info(self, repo_id, **kwargs):
+        asked.append((repo_id, kwargs["files_metadata"]))
+        files = {"model_index.json": 1_000, "transformer/diffusion.safetensors": 20_000_000_000,
+                 "vae/diffusion.safetensors": 300_000_000, "flux1-dev.safetensors": 23_000_000_000}
+        return types.SimpleNamespace(gated="manual", siblings=[types.SimpleNamespace(rfilename=name, size=size)
+                                                               for name, size in files.items()])
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
+    monkeypatch.setattr(core, "_HUB_SIZES", {})
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for _ in range(2):
+        info = core.base_source("flux", "")
+        # the root single-file checkpoint is not part of a diffusers load
+        assert (info["bytes"], info["gated"], info["cached"]) == (20_300_001_000, True, False)
+    assert asked == [("black-forest-labs/FLUX.1-dev", True)]

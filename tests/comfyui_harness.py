@@ -60,14 +60,13 @@ def make_base_dir(base, tiny_dir, with_video: bool = True, pack_folder: str | No
     """A ComfyUI base directory: this pack under custom_nodes (a symlink, or a copy named ``pack_folder``), the tiny
     FLUX (and LTX-2) model under models/diffusers and a FLUX LoRA under models/loras."""
     import diffusers
+    from PIL import Image
 
     from aitk_inference.tiny.loras import lora_targets, write_lora
 
     for folder in ("custom_nodes", "models/diffusers", "models/loras", "user", "input"):
         (base / folder).mkdir(parents=True, exist_ok=True)
     # ComfyUI ships input/example.png (the edit examples' Load Image names it); a fresh base folder lacks it
-    from PIL import Image
-
     Image.new("RGB", (64, 64), (200, 120, 40)).save(base / "input" / "example.png")
     if pack_folder:
         install_pack(str(base / "custom_nodes"), pack_folder)

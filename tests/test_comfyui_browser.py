@@ -266,7 +266,7 @@ def test_example_workflow_loads(browser, example):
 
 
 def test_run_button_renders_with_progress(browser):
-    steps = 8
+    steps = 12
     _load_example(browser, "flux")
     _set_widgets(browser, "AITKLoadPipeline", {"base": "tiny-flux"})
     _set_widgets(browser, "AITKApplyLoRA", {"lora": "tiny_flux.safetensors"})

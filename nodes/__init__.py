@@ -43,11 +43,11 @@ def _register_routes() -> None:
         return web.json_response({model_id: spec.describe() for model_id, spec in REGISTRY.items()})
 
     @prompt_server.routes.get("/aitk_inference/base")
-    async def base(request):
+    async def base_line(request):
         from .core import base_source
 
-        model, base = request.query.get("model", ""), request.query.get("base", "")
-        return web.json_response(await asyncio.to_thread(base_source, model, base))
+        query = request.query
+        return web.json_response(await asyncio.to_thread(base_source, query.get("model", ""), query.get("base", "")))
 
 
 _register_routes()

@@ -24,7 +24,11 @@ torch.cuda.synchronize()
 def timed(fn, reps=5):
     out = []
     for _ in range(reps):
-        torch.cuda.synchronize(); t = time.perf_counter(); fn(); torch.cuda.synchronize(); out.append(time.perf_counter() - t)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        out.append(time.perf_counter() - start)
     return sorted(out)[len(out) // 2]
 
 strengths = iter([0.5, 0.8, 0.3, 0.9, 0.6, 0.7] * 4)

@@ -10,6 +10,7 @@ One implementation (``core``) and one declaration of the inputs (``schema``), wi
 Importing this package imports neither torch nor diffusers.
 """
 
+import asyncio
 import os
 import sys
 
@@ -27,7 +28,8 @@ def _has_v3_api() -> bool:
 
 
 def _register_routes() -> None:
-    """``GET /aitk_inference/models``: every model id's defaults, read by ``web/aitk_inference.js``."""
+    """Routes read by ``web/aitk_inference.js``: ``GET /aitk_inference/models`` (every model id's defaults) and
+    ``GET /aitk_inference/base?model=&base=`` (where the Load node's base comes from, and its size)."""
     server = sys.modules.get("server")  # ComfyUI's server module, imported by main.py before custom nodes load
     prompt_server = getattr(getattr(server, "PromptServer", None), "instance", None)
     if prompt_server is None:
@@ -39,6 +41,13 @@ def _register_routes() -> None:
     @prompt_server.routes.get("/aitk_inference/models")
     async def models(request):
         return web.json_response({model_id: spec.describe() for model_id, spec in REGISTRY.items()})
+
+    @prompt_server.routes.get("/aitk_inference/base")
+    async def base_line(request):
+        from .core import base_source
+
+        query = request.query
+        return web.json_response(await asyncio.to_thread(base_source, query.get("model", ""), query.get("base", "")))
 
 
 _register_routes()

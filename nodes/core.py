@@ -95,6 +95,77 @@ def resolve_base(base: str) -> str | None:
     )
 
 
+def hub_cache_dir() -> str:
+    """The Hugging Face hub cache the library downloads into (``HF_HUB_CACHE``, else ``HF_HOME/hub``)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return os.path.join(os.path.expanduser(home), "hub")
+
+
+def _folder_bytes(folder: str) -> int:
+    """Bytes under ``folder``, counting each blob once (snapshots are links to blobs)."""
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                total += os.path.getsize(path)
+    return total
+
+
+_HUB_SIZES: dict[str, tuple[int | None, bool | None]] = {}
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def hub_download_size(repo_id: str) -> tuple[int | None, bool | None]:
+    """(bytes a diffusers load downloads, gated) for a hub repo, asked once from the hub; (None, None) offline.
+
+    The size counts ``model_index.json`` and the component folders, which is what a diffusers load fetches (a
+    repo's root-level single-file checkpoints are skipped)."""
+    if repo_id not in _HUB_SIZES:
+        size, gated = None, None
+        if not hub_offline():
+            try:
+                from huggingface_hub import HfApi
+
+                info = HfApi().model_info(repo_id, files_metadata=True, timeout=10)
+                size = sum(file.size or 0 for file in info.siblings
+                           if "/" in file.rfilename or file.rfilename == "model_index.json")
+                gated = bool(info.gated)
+            except Exception as e:  # offline, unknown repo, rate limit: the size is simply not known
+                logger.info("AITK Inference: no download size for %s (%s)", repo_id, e)
+        _HUB_SIZES[repo_id] = (size, gated)
+    return _HUB_SIZES[repo_id]
+
+
+def base_source(model: str, base: str = "") -> dict:
+    """Where the Load node's base comes from, for the front end: ``{"kind", "source", "bytes", "cached", "gated"}``
+    (plus ``offline`` for a repo not yet downloaded).
+
+    ``kind`` is ``local`` (a path or a folder under models/diffusers), ``hub`` (a repo id: empty base = the model's
+    default repo) or ``error`` (``source`` is then the message). ``bytes`` is the size on disk when local or already in
+    the hub cache, else the download size when the hub answers, else None. Asks the hub only for a repo not yet in
+    the cache, once per repo."""
+    try:
+        spec = get_spec(model)
+        resolved = resolve_base(base) or spec.base
+    except ValueError as e:
+        return {"kind": "error", "source": str(e), "bytes": None, "cached": False, "gated": None}
+    if os.path.exists(resolved):
+        size = _folder_bytes(resolved) if os.path.isdir(resolved) else os.path.getsize(resolved)
+        return {"kind": "local", "source": resolved, "bytes": size, "cached": True, "gated": None}
+    cached = os.path.join(hub_cache_dir(), "models--" + resolved.replace("/", "--"))
+    if os.path.isdir(os.path.join(cached, "snapshots")):
+        return {"kind": "hub", "source": resolved, "bytes": _folder_bytes(cached), "cached": True, "gated": None}
+    size, gated = hub_download_size(resolved)
+    return {"kind": "hub", "source": resolved, "bytes": size, "cached": False, "gated": gated,
+            "offline": hub_offline()}
+
+
 def resolve_lora(lora: str) -> str:
     """The full path of the Apply node's ``lora``: a name from ComfyUI's ``loras`` folders or a file path."""
     lora = (lora or "").strip()

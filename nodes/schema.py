@@ -113,12 +113,14 @@ LOAD = NodeSpec(
     node_id="AITKLoadPipeline",
     display_name="Load AITK Pipeline",
     description="Load a model the way ai-toolkit samples it (cached: re-running the graph or changing sampling "
-    "widgets or LoRA strengths reloads nothing).",
+    "widgets or LoRA strengths reloads nothing). With base empty, the model's default Hugging Face repo is used: the "
+    "first run downloads it into the hub cache (the line under the widgets names the repo and its size).",
     inputs=(
         Field("model", "COMBO", "The ai-toolkit model id (architecture) the LoRA was trained on.",
               default=_FIRST.model_id, options=_model_ids),
-        Field("base", "STRING", "Base checkpoint override: empty for the model's default Hugging Face repo, a folder "
-              "under ComfyUI/models/diffusers, a local diffusers folder or .safetensors file, or a repo id.",
+        Field("base", "STRING", "Base checkpoint override: empty for the model's default Hugging Face repo "
+              "(downloaded on the first run into the hub cache, HF_HOME; gated repos need `huggingface-cli login`), "
+              "a folder under ComfyUI/models/diffusers, a local diffusers folder or .safetensors file, or a repo id.",
               default=""),
         Field("dtype", "COMBO", "auto: fp32 on CPU, bf16 on GPUs that support it (else fp16).",
               default="auto", options=lambda: list(DTYPES)),

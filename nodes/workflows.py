@@ -1,6 +1,7 @@
 """UI-format ComfyUI workflows: one example per model id, and "reproduce the training previews" of an ai-toolkit job.
 
-``python -m aitk_inference.nodes.workflows`` rewrites ``example_workflows/``;
+``python -m aitk_inference.nodes.workflows`` rewrites ``example_workflows/`` (each workflow with its ``.jpg`` card for
+ComfyUI's Browse Templates);
 ``python -m aitk_inference.nodes.workflows --job <job folder or config.yaml> --out previews.json`` writes a workflow
 that renders that job's sample previews (one AITK Sample per preview, with its seed, size, steps, guidance and LoRA
 multiplier resolved by ai-toolkit's rules in ``reproduce.build_samples``). Widget values follow ``schema.py``.
@@ -200,6 +201,75 @@ def all_workflows() -> dict[str, dict]:
     return out
 
 
+THUMBNAIL_SIZE = 320
+_AITK_NODE_IDS = {APPLY.node_id, LOAD.node_id, SAMPLE.node_id}
+
+
+def workflow_kind(model_id: str) -> str:
+    """What an example makes, in a few words (its thumbnail's subtitle)."""
+    spec = get_spec(model_id)
+    if spec.video is not None:
+        return "image to video" if spec.requires_control_image else "text to video"
+    if spec.requires_control_image:
+        return "image edit"
+    return "text to image" + (" or edit" if spec.control_images[1] else "")
+
+
+def thumbnail(workflow: dict, title: str, lines: list[str]):
+    """A template card for Browse Templates: the title, a few lines, and the workflow's graph in miniature."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    size = THUMBNAIL_SIZE
+    image = Image.new("RGB", (size, size), (30, 31, 36))
+    draw = ImageDraw.Draw(image)
+    for points in (30, 26, 22, 18):
+        font = ImageFont.load_default(size=points)
+        if draw.textlength(title, font=font) <= size - 36:
+            break
+    draw.text((18, 18), title, fill=(235, 235, 235), font=font)
+    small = ImageFont.load_default(size=15)
+    for i, line in enumerate(lines):
+        draw.text((18, 62 + 22 * i), line, fill=(150, 200, 150) if i == 0 else (170, 170, 170), font=small)
+    # The graph, scaled into the lower part of the card
+    nodes = workflow["nodes"]
+    left = min(n["pos"][0] for n in nodes)
+    top = min(n["pos"][1] for n in nodes)
+    right = max(n["pos"][0] + n["size"][0] for n in nodes)
+    bottom = max(n["pos"][1] + n["size"][1] for n in nodes)
+    box = (18, 62 + 22 * len(lines) + 14, size - 18, size - 18)
+    scale = min((box[2] - box[0]) / (right - left), (box[3] - box[1]) / (bottom - top))
+
+    def at(x, y):
+        return box[0] + (x - left) * scale, box[1] + (y - top) * scale
+
+    by_id = {n["id"]: n for n in nodes}
+    for _, src, _, dst, _, _ in workflow["links"]:
+        a, b = by_id[src], by_id[dst]
+        draw.line([at(a["pos"][0] + a["size"][0], a["pos"][1] + 20), at(b["pos"][0], b["pos"][1] + 20)],
+                  fill=(120, 160, 200), width=2)
+    for n in nodes:
+        x0, y0 = at(*n["pos"])
+        x1, y1 = at(n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
+        aitk = n["type"] in _AITK_NODE_IDS
+        draw.rounded_rectangle([x0, y0, x1, y1], radius=4, fill=(53, 53, 58), outline=(90, 90, 96))
+        draw.rounded_rectangle([x0, y0, x1, y0 + max(4.0, 30 * scale)], radius=4,
+                               fill=(70, 130, 80) if aitk else (80, 80, 88))
+    return image
+
+
+def thumbnails() -> dict[str, object]:
+    """The Browse Templates card of every bundled example, by file name (``<example>.jpg``)."""
+    out = {}
+    for name, workflow in all_workflows().items():
+        stem = name[:-len(".json")]
+        if name == PREVIEWS_NAME:
+            lines = ["reproduce training previews", "from an ai-toolkit job config", get_spec("flux").base]
+        else:
+            lines = [workflow_kind(stem), get_spec(stem).base]
+        out[f"{stem}.jpg"] = thumbnail(workflow, stem, lines)
+    return out
+
+
 def write_json(workflow: dict, path: str) -> str:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(workflow, f, indent=1)
@@ -222,12 +292,15 @@ def main(argv=None) -> int:
         return 0
     os.makedirs(EXAMPLES_DIR, exist_ok=True)
     expected = all_workflows()
+    cards = thumbnails()
     for name in os.listdir(EXAMPLES_DIR):
-        if name.endswith(".json") and name not in expected:
+        if (name.endswith(".json") and name not in expected) or (name.endswith(".jpg") and name not in cards):
             os.remove(os.path.join(EXAMPLES_DIR, name))
     for name, workflow in expected.items():
         write_json(workflow, os.path.join(EXAMPLES_DIR, name))
-    print(f"wrote {len(expected)} workflows to {EXAMPLES_DIR}")
+    for name, image in cards.items():
+        image.save(os.path.join(EXAMPLES_DIR, name), quality=85)
+    print(f"wrote {len(expected)} workflows and their thumbnails to {EXAMPLES_DIR}")
     return 0
 
 

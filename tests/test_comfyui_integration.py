@@ -1,127 +1,25 @@
 """The pack inside a real ComfyUI: headless on the CPU, on loopback, driven through its HTTP API.
 
-Runs only where ``COMFYUI_DIR`` names a ComfyUI checkout; ``COMFYUI_PYTHON`` names the interpreter of its
-environment (default: ``$COMFYUI_DIR/.venv/bin/python`` or ``venv/bin/python`` if present, else this one). That
-environment needs ComfyUI's requirements plus this pack's ``requirements.txt``. Everything ComfyUI writes goes to a
-temporary ``--base-directory`` holding only this pack (symlinked), the tiny FLUX model and a LoRA. See ComfyUI.md.
+Runs only where ``COMFYUI_DIR`` names a ComfyUI source tree (``tests/comfyui_harness.py`` says how). Everything
+ComfyUI writes goes to a temporary ``--base-directory`` holding only this pack (symlinked), the tiny FLUX and LTX-2
+models and a LoRA. See ComfyUI.md.
 The API runs twice: with the V3 schema nodes and with the classic fallback (``AITK_COMFY_NODE_API=classic``).
 """
 
 import json
 import os
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 
 import pytest
+from comfyui_harness import ROOT, ComfyServer, make_base_dir, needs_comfyui
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
-
-pytestmark = [
-    pytest.mark.comfyui,
-    pytest.mark.skipif(not COMFYUI_DIR or not os.path.isfile(os.path.join(COMFYUI_DIR or "", "main.py")),
-                       reason="needs a real ComfyUI: set COMFYUI_DIR to a ComfyUI checkout (and COMFYUI_PYTHON to its "
-                              "python); see ComfyUI.md, 'Testing in a real ComfyUI'"),
-]
-
-
-def comfy_python() -> str:
-    if os.environ.get("COMFYUI_PYTHON"):
-        return os.environ["COMFYUI_PYTHON"]
-    for venv in (".venv", "venv"):
-        candidate = os.path.join(COMFYUI_DIR, venv, "bin", "python")
-        if os.path.isfile(candidate):
-            return candidate
-    return sys.executable
-
-
-class ComfyServer:
-    def __init__(self, base_dir: str, env_extra: dict):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = os.path.join(base_dir, f"server_{self.port}.log")
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **env_extra}
-        env.pop("PYTHONPATH", None)
-        self.log = open(self.log_path, "w")
-        self.process = subprocess.Popen(
-            [comfy_python(), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-             "--disable-auto-launch", "--base-directory", base_dir],
-            cwd=COMFYUI_DIR, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"ComfyUI exited with {self.process.returncode} while starting:\n{self.log_tail()}")
-            try:
-                self.get("/system_stats")
-                return
-            except OSError:
-                time.sleep(0.5)
-        self.stop()
-        pytest.fail(f"ComfyUI did not answer within 180 s:\n{self.log_tail()}")
-
-    def log_tail(self, chars: int = 4000) -> str:
-        self.log.flush()
-        with open(self.log_path) as f:
-            return f.read()[-chars:]
-
-    def get(self, path: str):
-        with urllib.request.urlopen(self.url + path, timeout=10) as r:
-            return json.load(r)
-
-    def post(self, path: str, payload: dict) -> tuple[int, dict]:
-        request = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
-                                         headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=30) as r:
-                body = r.read()
-                return r.status, json.loads(body) if body else {}
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
-
-    def run(self, workflow: dict, timeout: float = 180) -> dict:
-        status, reply = self.post("/prompt", {"prompt": workflow, "client_id": "aitk-test"})
-        assert status == 200, reply
-        prompt_id = reply["prompt_id"]
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            history = self.get(f"/history/{prompt_id}")
-            if prompt_id in history and history[prompt_id]["status"].get("completed") is not None:
-                return history[prompt_id]
-            time.sleep(0.25)
-        pytest.fail(f"prompt {prompt_id} did not finish within {timeout} s:\n{self.log_tail()}")
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-        self.log.close()
+pytestmark = [pytest.mark.comfyui, needs_comfyui]
 
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory, tiny_dir):
-    """A ComfyUI base directory: this pack, the tiny FLUX model under models/diffusers and a LoRA under loras."""
-    import diffusers
-
-    from aitk_inference.tiny.loras import lora_targets, write_lora
-
-    base = tmp_path_factory.mktemp("comfy_base")
-    for folder in ("custom_nodes", "models/diffusers", "models/loras", "user"):
-        (base / folder).mkdir(parents=True)
-    os.symlink(ROOT, base / "custom_nodes" / "aitk_inference")
-    os.symlink(tiny_dir("flux"), base / "models" / "diffusers" / "tiny-flux")
-    os.symlink(tiny_dir("ltx2"), base / "models" / "diffusers" / "tiny-ltx2")
-    transformer = diffusers.FluxTransformer2DModel.from_pretrained(tiny_dir("flux"), subfolder="transformer")
-    write_lora(str(base / "models" / "loras" / "tiny_flux.safetensors"), "peft", lora_targets(transformer, limit=8))
-    return base
+    """A ComfyUI base directory: this pack, the tiny FLUX and LTX-2 models under models/diffusers, a LoRA."""
+    return make_base_dir(tmp_path_factory.mktemp("comfy_base"), tiny_dir)
 
 
 def _workflow(**sample_inputs) -> dict:

@@ -9,6 +9,7 @@ import types
 
 import numpy as np
 import pytest
+from PIL import Image
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
@@ -262,7 +263,12 @@ def test_example_workflows_match_schema(pack):
     folder = os.path.join(ROOT, "example_workflows")
     expected = workflows.all_workflows()
     assert set(expected) >= {f"{model_id}.json" for model_id in REGISTRY}
-    assert sorted(os.listdir(folder)) == sorted(expected), "regenerate: python -m aitk_inference.nodes.workflows"
+    cards = {name[:-len(".json")] + ".jpg" for name in expected}  # each example's Browse Templates thumbnail
+    assert sorted(os.listdir(folder)) == sorted([*expected, *cards]), \
+        "regenerate: python -m aitk_inference.nodes.workflows"
+    for name in cards:
+        with Image.open(os.path.join(folder, name)) as card:
+            assert card.format == "JPEG" and card.size == (workflows.THUMBNAIL_SIZE,) * 2
     widget_counts = {spec.node_id: len(spec.widget_names()) for spec in schema.NODES}
     widget_counts.update(workflows.CORE_WIDGET_COUNTS)
     for name, workflow in expected.items():

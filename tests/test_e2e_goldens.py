@@ -63,7 +63,8 @@ NO_E2E_GOLDEN_YET = {
                      "needs a video processor and with it torchvision (its sample path is covered by "
                      "goldens/nucleus_image)",
     **dict.fromkeys(
-        ("anima", "krea2", "krea2_turbo", "krea2_o_edit", "krea2_o_edit_turbo", "ltx2.5", "ideogram4"),
+        ("anima", "krea2", "krea2_turbo", "krea2_o_edit", "krea2_o_edit_turbo", "ltx2.5", "ideogram4", "minimax_h3",
+         "minimax_h3_ref2va"),
         "not made yet: the family was added alongside the end-to-end jobs; its own goldens run ai-toolkit's "
         "generate_single_image on the same tiny weights (whole previews as latents/frames, tests/test_<family>.py), "
         "but no job folder went through BaseSDTrainProcess.sample and reproduce yet"),

@@ -193,10 +193,18 @@ def test_node_search_shows_the_nodes_with_widgets_and_tooltips(browser):
         return [rect.left + (node.pos[0] + node.size[0] / 2 + ds.offset[0]) * ds.scale,
                 rect.top + (node.pos[1] + seed.y + 10 + ds.offset[1]) * ds.scale];
     }""")
-    page.mouse.move(x - 40, y)
-    page.mouse.move(x, y, steps=4)
+    from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
+
     tooltip = page.locator(".node-tooltip")
-    tooltip.wait_for(timeout=10_000)
+    for attempt in range(3):  # the frontend shows it after a hover delay; a busy machine can miss the first hover
+        page.mouse.move(x - 40, y + 200)
+        page.mouse.move(x, y, steps=8)
+        try:
+            tooltip.wait_for(timeout=10_000)
+            break
+        except PlaywrightTimeoutError:
+            if attempt == 2:
+                raise
     assert "walk_seed" in tooltip.inner_text()
     browser.shot("02_sample_from_search")
 

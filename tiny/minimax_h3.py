@@ -8,6 +8,7 @@ size. The conditioner has 51 text layers: MiniMax-H3 reads ``hidden_states[50]``
 
 from __future__ import annotations
 
+from .nucleus_image import qwen3_vl_text_encoder
 from .tokenizers import qwen_tokenizer
 
 VIDEO_LATENT_CHANNELS = 24
@@ -52,25 +53,6 @@ def minimax_h3_audio_vae():
     )
 
 
-def minimax_h3_text_encoder(tokenizer):
-    import torch
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
-
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in
-           ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")}
-    config = Qwen3VLConfig(
-        text_config=dict(hidden_size=TEXT_WIDTH, intermediate_size=16, num_hidden_layers=TEXT_LAYERS,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=8, vocab_size=len(tokenizer),
-                         rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "mrope_interleaved": True}),
-        vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=TEXT_WIDTH,
-                           deepstack_visual_indexes=[0], num_position_embeddings=16, patch_size=16),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-    )
-    torch.manual_seed(0)
-    return Qwen3VLForConditionalGeneration(config).eval()
-
-
 def minimax_h3_components() -> dict:
     from diffusers import MiniMaxH3Scheduler
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -83,7 +65,8 @@ def minimax_h3_components() -> dict:
                                      chat_template=tokenizer.chat_template)
     return {
         "transformer": minimax_h3_transformer(), "vae": minimax_h3_video_vae(), "audio_vae": minimax_h3_audio_vae(),
-        "text_encoder": minimax_h3_text_encoder(tokenizer), "tokenizer": tokenizer, "processor": processor,
+        "text_encoder": qwen3_vl_text_encoder(tokenizer, TEXT_WIDTH, TEXT_LAYERS), "tokenizer": tokenizer,
+        "processor": processor,
         "scheduler": MiniMaxH3Scheduler(shift=MINIMAX_H3_VIDEO_SHIFT),
         "audio_scheduler": MiniMaxH3Scheduler(shift=MINIMAX_H3_AUDIO_SHIFT),
     }

@@ -31,18 +31,19 @@ def nucleus_transformer():
     return transformer
 
 
-def qwen3_vl_text_encoder(tokenizer):
-    """Eight text layers, so that the pipeline's hidden state 8 layers from the top exists."""
+def qwen3_vl_text_encoder(tokenizer, width: int = TEXT_WIDTH, layers: int = 8):
+    """A Qwen3-VL conditioner with one vision block; eight text layers by default, so that Nucleus' hidden state 8
+    layers from the top exists."""
     import torch
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in
            ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")}
     config = Qwen3VLConfig(
-        text_config=dict(hidden_size=TEXT_WIDTH, intermediate_size=16, num_hidden_layers=8, num_attention_heads=2,
+        text_config=dict(hidden_size=width, intermediate_size=16, num_hidden_layers=layers, num_attention_heads=2,
                          num_key_value_heads=1, head_dim=8, vocab_size=len(tokenizer),
                          rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "mrope_interleaved": True}),
-        vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=TEXT_WIDTH,
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=width,
                            deepstack_visual_indexes=[0], num_position_embeddings=16, patch_size=16),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],

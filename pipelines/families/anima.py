@@ -37,7 +37,7 @@ from diffusers.modular_pipelines.modular_pipeline_utils import ComponentSpec, In
 
 from ..base import AITKPipeline, GenerationParams
 from ..lora.convert import ConvertedLora
-from .modular import block_errors_not_echoed, disable_progress_bars
+from .modular import StepEndBlock, block_errors_not_echoed, disable_progress_bars
 
 MAX_SEQUENCE_LENGTH = 512  # ai-toolkit's model_kwargs default for both tokenizers
 QWEN_PAD_TOKEN_ID = 151643  # Qwen3's <|endoftext|>, ai-toolkit's pad id when the tokenizer names none
@@ -138,24 +138,8 @@ def provide_padding_mask_resize() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------- blocks
-class AnimaStepEnd(ModularPipelineBlocks):
-    """The last block of each denoising step: call ``callback_on_step_end(pipe, step, timestep, {})``, as diffusers'
-    classic pipelines do (progress reports; raising from it interrupts)."""
-
+class AnimaStepEnd(StepEndBlock):
     model_name = "anima"
-
-    @property
-    def description(self) -> str:
-        return "Call the step-end callback after each Anima denoising step."
-
-    @property
-    def inputs(self) -> list[InputParam]:
-        return [InputParam("callback_on_step_end")]
-
-    def __call__(self, components, block_state, i, t):
-        if block_state.callback_on_step_end is not None:
-            block_state.callback_on_step_end(components, i, t, {})
-        return components, block_state
 
 
 class AnimaAitkDenoiseStep(AnimaDenoiseStep):

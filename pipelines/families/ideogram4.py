@@ -38,7 +38,7 @@ import math
 import os
 
 from ..base import AITKPipeline, GenerationParams
-from ..lora.convert import ConvertedLora, LoraFormatError, ModulePatch, split_patch_rows
+from ..lora.convert import ConvertedLora, ModulePatch, rename_patches, split_patch_rows
 from ..registry import UNCONDITIONAL_LORA_SIDE as UNCONDITIONAL
 from ..registry import Ideogram4Options
 
@@ -160,30 +160,17 @@ def ideogram4_original_to_diffusers(converted: ConvertedLora) -> ConvertedLora:
     """Rename a LoRA saved by ai-toolkit for Ideogram 4 (``diffusion_model.`` + Ideogram's names) onto diffusers'
     modules: ``attention.qkv`` is split by output rows onto ``to_q/to_k/to_v`` (a LoRA keeps its down factor), and
     ``attention.o`` is ``attention.to_out.0``. Diffusers names pass through."""
-    patches: dict[tuple[str, str], ModulePatch] = {}
-    renamed = 0
-    for (component, path), patch in converted.patches.items():
+    def rename(path: str, patch: ModulePatch):
         target = _diffusers_path(path)
         if target is None:
-            parts = {path: patch}
-        else:
-            parent, names = target
-            renamed += 1
-            if isinstance(names, str):
-                parts = {f"{parent}.{names}": patch}
-            else:
-                rows = patch.delta_shape()[0]
-                parts = dict(zip((f"{parent}.{n}" for n in names),
-                                 split_patch_rows(patch, [rows // len(names)] * len(names))))
-        for new_path, part in parts.items():
-            if (component, new_path) in patches:
-                raise LoraFormatError(
-                    f"Module {new_path!r} of {component} appears twice in the LoRA file (Ideogram and diffusers names).")
-            patches[(component, new_path)] = part
-    notes = list(converted.notes)
-    if renamed:
-        notes.append(f"{renamed} module(s) renamed from Ideogram's names")
-    return ConvertedLora(patches=patches, layout=converted.layout, notes=notes)
+            return None
+        parent, names = target
+        if isinstance(names, str):
+            return [(f"{parent}.{names}", patch)]
+        rows = patch.delta_shape()[0]
+        return list(zip((f"{parent}.{n}" for n in names), split_patch_rows(patch, [rows // len(names)] * len(names))))
+
+    return rename_patches(converted, rename, "Ideogram 4")
 
 
 def route_unconditional(converted: ConvertedLora, side: str | None) -> ConvertedLora:

@@ -70,9 +70,9 @@ from diffusers.modular_pipelines.minimax_h3.modular_pipeline import audio_latent
 from diffusers.modular_pipelines.modular_pipeline_utils import ComponentSpec, InputParam, OutputParam
 
 from ..base import AITKPipeline, GenerationParams
-from ..lora.convert import ConvertedLora, LoraFormatError, join_patch_rows, split_patch_rows
+from ..lora.convert import ConvertedLora, ModulePatch, join_patch_rows, rename_patches, split_patch_rows
 from ..registry import MINIMAX_H3_AUDIO_SHIFT, MINIMAX_H3_VIDEO_SHIFT
-from .modular import block_errors_not_echoed, disable_progress_bars
+from .modular import StepEndBlock, block_errors_not_echoed, disable_progress_bars
 from .nucleus_image import Qwen3VLTextProcessor
 
 logger = logging.getLogger(__name__)
@@ -270,24 +270,8 @@ class MiniMaxH3AitkPrepareStep(ModularPipelineBlocks):
         return components, state
 
 
-class MiniMaxH3StepEnd(ModularPipelineBlocks):
-    """The last block of each denoising step: ``callback_on_step_end(pipe, step, timestep, {})`` (progress; raising
-    from it interrupts)."""
-
+class MiniMaxH3StepEnd(StepEndBlock):
     model_name = "minimax-h3"
-
-    @property
-    def description(self) -> str:
-        return "Call the step-end callback after each MiniMax-H3 denoising step."
-
-    @property
-    def inputs(self) -> list[InputParam]:
-        return [InputParam("callback_on_step_end")]
-
-    def __call__(self, components, block_state, i, t):
-        if block_state.callback_on_step_end is not None:
-            block_state.callback_on_step_end(components, i, t, {})
-        return components, block_state
 
 
 class MiniMaxH3AitkDenoiseStep(MiniMaxH3DenoiseStep):
@@ -400,40 +384,23 @@ def minimax_h3_original_to_diffusers(converted: ConvertedLora) -> ConvertedLora:
     """Place a MiniMax-H3 LoRA saved under the original module names on ``MiniMaxH3Transformer3DModel``: the fused
     QKV splits into ``to_q``/``to_k``/``to_v`` (equal thirds), the SwiGLU input projection swaps its two halves, the
     rest is renamed. diffusers names pass through."""
-    patches = {}
-    renamed = 0
-
-    def put(component, path, patch):
-        if (component, path) in patches:
-            raise LoraFormatError(f"Module {path!r} of {component} appears twice in the LoRA file (original and "
-                                  "diffusers names).")
-        patches[(component, path)] = patch
-
-    for (component, path), patch in converted.patches.items():
+    def rename(path: str, patch: ModulePatch):
         block = _MINIMAX_H3_BLOCK.match(path)
         if block and block.group(3) in MINIMAX_H3_BLOCK_NAMES:
             parent = f"{_BLOCK_PARENTS[block.group(1)]}.{block.group(2)}."
             target = MINIMAX_H3_BLOCK_NAMES[block.group(3)]
-            renamed += 1
+            rows = patch.delta_shape()[0]
             if isinstance(target, tuple):
-                rows = patch.delta_shape()[0]
-                for name, part in zip(target, split_patch_rows(patch, [rows // 3] * 3)):
-                    put(component, parent + name, part)
-                continue
+                return [(parent + name, part) for name, part in zip(target, split_patch_rows(patch, [rows // 3] * 3))]
             if block.group(3) == "mlp.fc1":
-                rows = patch.delta_shape()[0]
                 gate, value = split_patch_rows(patch, [rows // 2, rows - rows // 2])
                 patch = join_patch_rows([value, gate])
-            put(component, parent + target, patch)
-        elif path in MINIMAX_H3_TOP_NAMES:
-            renamed += 1
-            put(component, MINIMAX_H3_TOP_NAMES[path], patch)
-        else:
-            put(component, path, patch)
-    notes = list(converted.notes)
-    if renamed:
-        notes.append(f"{renamed} module(s) renamed from original MiniMax-H3 names")
-    return ConvertedLora(patches=patches, layout=converted.layout + ("+minimax_names" if renamed else ""), notes=notes)
+            return [(parent + target, patch)]
+        if path in MINIMAX_H3_TOP_NAMES:
+            return [(MINIMAX_H3_TOP_NAMES[path], patch)]
+        return None
+
+    return rename_patches(converted, rename, "MiniMax-H3", "+minimax_names")
 
 
 # ---------------------------------------------------------------------------------------------------------------- family

@@ -5,6 +5,9 @@ from __future__ import annotations
 import contextlib
 import logging
 
+from diffusers.modular_pipelines import ModularPipelineBlocks
+from diffusers.modular_pipelines.modular_pipeline_utils import InputParam
+
 
 class _BlockErrorEcho(logging.Filter):
     """Drops diffusers' ``Error in block`` records: each level of nested blocks logs the exception again, with its
@@ -33,3 +36,22 @@ def disable_progress_bars(blocks) -> None:
             block.set_progress_bar_config(disable=True)
         if getattr(block, "sub_blocks", None):
             disable_progress_bars(block)
+
+
+class StepEndBlock(ModularPipelineBlocks):
+    """The last block of each denoising step: call ``callback_on_step_end(pipe, step, timestep, {})``, as diffusers'
+    classic pipelines do (progress reports; raising from it interrupts). A family subclasses it with its
+    ``model_name``."""
+
+    @property
+    def description(self) -> str:
+        return f"Call the step-end callback after each {self.model_name} denoising step."
+
+    @property
+    def inputs(self) -> list[InputParam]:
+        return [InputParam("callback_on_step_end")]
+
+    def __call__(self, components, block_state, i, t):
+        if block_state.callback_on_step_end is not None:
+            block_state.callback_on_step_end(components, i, t, {})
+        return components, block_state

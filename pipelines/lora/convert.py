@@ -648,6 +648,31 @@ _LTX2_TOP_RENAMES = {
 }
 
 
+def rename_patches(converted: ConvertedLora, rename, names: str, layout_tag: str = "") -> ConvertedLora:
+    """Move every patch of ``converted`` to the module(s) ``rename(path, patch)`` gives: ``None`` keeps it where it is
+    (diffusers names pass through), else a list of ``(path, patch)`` (several for a fused projection split by rows).
+    A module reached twice (original and diffusers names for the same module) is refused; the renamed count becomes
+    a note ("renamed from original ``names`` names") and, when any was renamed, ``layout_tag`` is appended to the
+    layout."""
+    patches: dict[tuple[str, str], ModulePatch] = {}
+    renamed = 0
+    for (component, path), patch in converted.patches.items():
+        targets = rename(path, patch)
+        if targets is None:
+            targets = [(path, patch)]
+        else:
+            renamed += 1
+        for target, part in targets:
+            if (component, target) in patches:
+                raise LoraFormatError(
+                    f"Module {target!r} of {component} appears twice in the LoRA file ({names} and diffusers names).")
+            patches[(component, target)] = part
+    notes = list(converted.notes)
+    if renamed:
+        notes.append(f"{renamed} module(s) renamed from original {names} names")
+    return ConvertedLora(patches=patches, layout=converted.layout + (layout_tag if renamed else ""), notes=notes)
+
+
 def ltx2_original_to_diffusers(converted: ConvertedLora) -> ConvertedLora:
     """Rename an LTX-2 / LTX-2.3 LoRA from original LTX names onto ``LTX2VideoTransformer3DModel``.
 
@@ -655,20 +680,11 @@ def ltx2_original_to_diffusers(converted: ConvertedLora) -> ConvertedLora:
     ``av_cross_attn_*`` and (2.3) ``prompt_adaln_single`` -> ``prompt_adaln``, with their ``audio_`` twins; block
     modules keep their names. Diffusers names pass through.
     """
-    patches: dict[tuple[str, str], ModulePatch] = {}
-    renamed = 0
-    for (component, path), patch in converted.patches.items():
+    def rename(path: str, patch: ModulePatch):
         head, dot, rest = path.partition(".")
-        if head in _LTX2_TOP_RENAMES:
-            path = _LTX2_TOP_RENAMES[head] + dot + rest
-            renamed += 1
-        if (component, path) in patches:
-            raise LoraFormatError(f"Module {path!r} of {component} appears twice in the LoRA file (LTX and diffusers names).")
-        patches[(component, path)] = patch
-    notes = list(converted.notes)
-    if renamed:
-        notes.append(f"{renamed} module(s) renamed from original LTX names")
-    return ConvertedLora(patches=patches, layout=converted.layout + ("+ltx_names" if renamed else ""), notes=notes)
+        return [(_LTX2_TOP_RENAMES[head] + dot + rest, patch)] if head in _LTX2_TOP_RENAMES else None
+
+    return rename_patches(converted, rename, "LTX", "+ltx_names")
 
 
 # Original Krea 2 module names (ai-toolkit's SingleStreamDiT) -> Krea2Transformer2DModel. Within a block or a
@@ -704,17 +720,8 @@ def _krea2_path(path: str) -> str | None:
 def krea2_original_to_diffusers(converted: ConvertedLora) -> ConvertedLora:
     """Rename a Krea 2 LoRA (or LoKr) from original Krea names (``blocks.N.attn.wq``, ``txtfusion...``, ``first``,
     ``tmlp.0``...), as ai-toolkit saves it, onto ``Krea2Transformer2DModel``. Diffusers names pass through."""
-    patches: dict[tuple[str, str], ModulePatch] = {}
-    renamed = 0
-    for (component, path), patch in converted.patches.items():
+    def rename(path: str, patch: ModulePatch):
         target = _krea2_path(path)
-        if target is not None:
-            path = target
-            renamed += 1
-        if (component, path) in patches:
-            raise LoraFormatError(f"Module {path!r} of {component} appears twice in the LoRA file (Krea and diffusers names).")
-        patches[(component, path)] = patch
-    notes = list(converted.notes)
-    if renamed:
-        notes.append(f"{renamed} module(s) renamed from original Krea 2 names")
-    return ConvertedLora(patches=patches, layout=converted.layout + ("+krea2_names" if renamed else ""), notes=notes)
+        return None if target is None else [(target, patch)]
+
+    return rename_patches(converted, rename, "Krea 2", "+krea2_names")

@@ -36,6 +36,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..base import AITKPipeline, GenerationParams
 from ..registry import ModelSpec
+from .pixel_space import velocity_from_x0
 
 #: text tokens ai-toolkit pads and truncates every prompt to (``PROMPT_MAX_TOKENS``)
 PROMPT_MAX_TOKENS = 256
@@ -112,7 +113,7 @@ class PRXPixelAITKPipeline(PRXPixelPipeline):
             if cfg:
                 x0_uncond, x0_cond = x0.chunk(2)
                 x0 = x0_uncond + guidance_scale * (x0_cond - x0_uncond)
-            velocity = (latents - x0) / flow_time[:batch_size].clamp(min=X0_MIN_TIME).view(-1, 1, 1, 1)
+            velocity = velocity_from_x0(latents, x0, flow_time[:batch_size], min_time=X0_MIN_TIME)
             latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
             if callback_on_step_end is not None:
                 callback_on_step_end(self, i, t, {})

@@ -25,6 +25,17 @@ def _lora_arg(text: str):
     return text, 1.0
 
 
+def _option_arg(text: str):
+    """``NAME=VALUE`` of ``--option``; VALUE is read as JSON (numbers, true/false, null), else kept as text."""
+    name, separator, value = text.partition("=")
+    if not separator or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE (e.g. schedule_mu=0.8 or kv_cache=false), got {text!r}")
+    try:
+        return name.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return name.strip(), value
+
+
 def _progress_bar(desc: str):
     from tqdm import tqdm
 
@@ -87,7 +98,7 @@ def run_generate(pipeline, args, out: str) -> list[str]:
         guidance=args.guidance, seed=args.seed, batch_size=args.batch_size, trigger_word=args.trigger,
         control_images=args.ctrl_img or None, progress=None if args.quiet else _progress_bar(pipeline.spec.model_id),
         num_frames=getattr(args, "num_frames", None), fps=getattr(args, "fps", None),
-        vae_tiling=getattr(args, "vae_tiling", False),
+        vae_tiling=getattr(args, "vae_tiling", False), **dict(getattr(args, "option", None) or []),
     )
     if result.is_video:
         paths = save_videos(result, out)
@@ -259,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctrl-img", action="append", metavar="FILE", help="control image (repeatable)")
     p.add_argument("--num-frames", type=int, help="video models: frame count (snapped to the model's k*n+1)")
     p.add_argument("--fps", type=int, help="video models: frames per second of the written video")
+    p.add_argument("--option", action="append", type=_option_arg, metavar="NAME=VALUE",
+                   help="a model-specific generation option (repeatable; its docs page lists them), e.g. "
+                   "--option kv_cache=false")
     p.add_argument("--out", required=True, help="output file (.png carries the parameters; videos: .mp4 or .webp)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)

@@ -7,6 +7,7 @@ optional, so this module also runs (and is tested) outside ComfyUI. torch is imp
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from ..pipelines.runtime import cache
 from ..pipelines.runtime.options import LoadOptions
 from .comfy import comfy_module as _comfy
 from .schema import (ATTENTION_KERNELS, COMPILE_MODES, DEVICES, DTYPES, LORA_MODES, OFFLOAD_MODES, QUANTIZE_MODES,
-                     TRANSFORMER_SIDES)
+                     SAMPLE, TRANSFORMER_SIDES)
 
 logger = logging.getLogger(__name__)
 
@@ -323,6 +324,7 @@ def sample(
     num_frames: int = 0,
     fps: int = 0,
     vae_tiling: bool = False,
+    options: str = "",
     progress: Callable[[int, int], None] | None = None,
 ) -> SampleOutput:
     """AITK Sample: set the handle's LoRAs on the cached pipeline and generate.
@@ -331,6 +333,7 @@ def sample(
         control_image, control_image_2, control_image_3 (torch.Tensor, *optional*): ComfyUI IMAGEs ``[1,H,W,C]``.
         num_frames, fps (int, defaults to 0): 0 = the model's default (video models).
         vae_tiling (bool, defaults to False): decode in tiles (less memory).
+        options (str, defaults to ""): the model's generation options as a JSON object (see :func:`parse_options`).
         progress (callable, *optional*): ``progress(step, total)``; defaults to ComfyUI's progress bar + interrupt.
 
     Returns:
@@ -343,6 +346,7 @@ def sample(
     if not isinstance(pipeline, PipelineHandle):
         raise ValueError(f"pipeline must come from Load AITK Pipeline, got {type(pipeline).__name__}.")
     controls = [image for image in (control_image, control_image_2, control_image_3) if image is not None]
+    extra = parse_options(options)
     # 2. Get pipeline from cache
     loaded = pipeline.get_pipeline()
     with loaded.lock:
@@ -353,7 +357,7 @@ def sample(
             prompt=prompt, negative=negative, width=width, height=height, steps=steps, guidance=guidance,
             seed=seed, batch_size=batch_size, control_images=controls, trigger_word=trigger_word or None,
             num_frames=num_frames or None, fps=fps or None, vae_tiling=bool(vae_tiling),
-            progress=progress if progress is not None else comfy_progress(steps),
+            progress=progress if progress is not None else comfy_progress(steps), **extra,
         )
     # 5. Post-process: ComfyUI IMAGE layout, video frames flattened into the batch
     images = torch.from_numpy(result.images).float()
@@ -362,6 +366,27 @@ def sample(
     fps = float(result.params.fps or 0)
     return SampleOutput(images=images.contiguous(), width=result.width, height=result.height, seed=result.seed,
                         fps=fps, audio=comfy_audio(result, frames=images.shape[0]))
+
+
+def parse_options(text: str) -> dict:
+    """The Sample node's ``options`` text: empty, or a JSON object of generation options (the model checks names and
+    values, and its error lists the ones it takes)."""
+    if not text or not text.strip():
+        return {}
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"options must be a JSON object such as {{\"kv_cache\": false}}; {error.msg} at character "
+                         f"{error.pos} of {text!r}.") from None
+    if not isinstance(options, dict):
+        raise ValueError(f"options must be a JSON object of name: value pairs, got {type(options).__name__} {text!r}.")
+    from ..pipelines.base import GENERATE_ARGUMENTS
+
+    node_inputs = sorted(set(options) & (GENERATE_ARGUMENTS | {field.name for field in SAMPLE.inputs}))
+    if node_inputs:
+        raise ValueError(f"options must not repeat the node's own inputs ({', '.join(node_inputs)}): set them on the "
+                         "node.")
+    return options
 
 
 SILENCE_RATE = 16000

@@ -207,6 +207,9 @@ SAMPLE = NodeSpec(
         Field("vae_tiling", "BOOLEAN", "Decode in tiles: less memory for large videos and images, somewhat slower "
               "(Wan 2.1 14B at 720p x 81 frames on an H100: 45.6 instead of 47.7 GiB peak).", default=False,
               optional=True),
+        Field("options", "STRING", "Model-specific generation options as a JSON object, e.g. "
+              '{"kv_cache": false, "schedule_mu": 0.8} for Krea 2 edit ids; each model\'s docs page lists the ones '
+              "it takes and their defaults (ai-toolkit's). Empty: the defaults.", default="", optional=True),
     ),
     outputs=(
         Output("IMAGE", "image", "[B,H,W,C] float32 in 0..1; video frames come as an image batch."),

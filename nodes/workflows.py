@@ -104,7 +104,7 @@ def _sample_values(spec, prompt: str, negative: str, trigger_word: str = "", **o
               "height": spec.height, "steps": spec.steps, "guidance": spec.guidance, "seed": spec.seed,
               "control_after_generate": "fixed", "batch_size": 1,
               "num_frames": video.num_frames if video else 0, "fps": video.fps if video else 0,
-              "vae_tiling": False}
+              "vae_tiling": False, "options": ""}
     values.update(overrides)
     return values
 

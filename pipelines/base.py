@@ -9,6 +9,7 @@ interruption, and a typed result.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
 import numbers
@@ -189,6 +190,8 @@ class GenerationResult:
         }
         if p.num_frames is not None:
             out.update(num_frames=p.num_frames, fps=p.fps)
+        if p.extra:
+            out["options"] = dict(p.extra)
         return out
 
 
@@ -512,7 +515,8 @@ class AITKPipeline:
     def check_inputs(self, params: GenerationParams) -> None:
         """Family-specific validation (raise ValueError); the base checks are already done."""
         if params.extra:
-            raise ValueError(f"Unknown generation option(s) for {self.spec.model_id}: {sorted(params.extra)}.")
+            raise ValueError(f"Unknown generation option(s) for {self.spec.model_id}: {sorted(params.extra)}; it takes "
+                             "none (its docs page lists the options of the models that take some).")
 
     def job_options(self, model_config: dict) -> dict:
         """``generate`` keyword arguments that an ai-toolkit job's ``model`` section sets for its previews (family
@@ -610,6 +614,15 @@ class AITKPipeline:
         return (f"{type(self).__name__}({self.spec.model_id!r}, source={self.source!r}, device={self.device!r}, "
                 f"dtype={self.dtype}, lora_mode={self.lora_mode!r}, attention={self.attention!r}, "
                 f"quantize={self.quantize!r})")
+
+
+def _named_arguments(function) -> set[str]:
+    return {name for name, parameter in inspect.signature(function).parameters.items()
+            if name != "self" and parameter.kind is not inspect.Parameter.VAR_KEYWORD}
+
+
+#: the arguments :meth:`AITKPipeline.generate` names itself; every other keyword is a family's generation option
+GENERATE_ARGUMENTS = frozenset(_named_arguments(AITKPipeline.generate) | _named_arguments(AITKPipeline.resolve_params))
 
 
 def load_pipeline(

@@ -137,10 +137,24 @@ def generate_kwargs(item: PromptItem, body: InferenceInput, spec: ModelSpec) -> 
     }
     if spec.is_video or item.num_frames is not None:
         kwargs.update(num_frames=item.num_frames, fps=item.fps)
+    kwargs.update(body.options or {})
     for name in ("kv_cache", "match_target_res"):
         if getattr(body, name) is not None:
             kwargs[name] = getattr(body, name)
     return kwargs
+
+
+def _check_options(body: InferenceInput) -> None:
+    """``options`` may not set what generate() names itself (prompt, size, steps, ...) or a field of the request."""
+    from ..pipelines.base import GENERATE_ARGUMENTS
+
+    clashes = sorted(set(body.options or {}) & GENERATE_ARGUMENTS)
+    both = sorted(name for name in ("kv_cache", "match_target_res")
+                  if getattr(body, name) is not None and name in (body.options or {}))
+    if clashes or both:
+        fields = ", ".join(clashes + both)
+        raise APIError(400, "INVALID_OPTIONS", f"options must not set {fields}: use the request's own field(s) instead.",
+                       {"fields": clashes + both})
 
 
 def _check_lora_layout(model: str, spec: ModelSpec, body: InferenceInput, max_loras: int) -> None:
@@ -234,6 +248,7 @@ def build_job(task_id: str, body: InferenceInput, settings: Settings) -> Job:
         raise APIError(400, "MODEL_NOT_FOUND", f"Model '{body.model}' is not supported",
                        {"supported_models": list(REGISTRY)})
     _check_lora_layout(body.model, spec, body, settings.max_loras)
+    _check_options(body)
     loras = _lora_sources(body, spec, settings)
     controls = _controls(body.model, spec, body, settings)
     prompts = [generate_kwargs(item, body, spec) for item in body.prompts]

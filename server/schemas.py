@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from ..pipelines.lora import STRENGTH_RANGE
 
@@ -13,6 +13,8 @@ from ..pipelines.lora import STRENGTH_RANGE
 MAX_PROMPT_CHARS = 10_000
 MAX_NAME_CHARS = 1_000
 MAX_URL_CHARS = 4_096
+#: most generation options one request may set (no model takes more than a few)
+MAX_OPTIONS = 16
 
 TaskStatus = Literal["in_queue", "in_progress", "succeeded", "failed", "canceled"]
 FINISHED = ("succeeded", "failed", "canceled")
@@ -62,6 +64,10 @@ class InferenceInput(RequestModel):
     prompts: list[PromptItem] = Field(..., min_length=1, max_length=64)
     kv_cache: Optional[bool] = Field(None, description="Passed to families that take it.")
     match_target_res: Optional[bool] = Field(None, description="Passed to families that take it.")
+    options: Optional[dict[str, Union[StrictBool, StrictInt, float, str, None]]] = Field(
+        None, max_length=MAX_OPTIONS, description="This server's extension: the model's own generation options (its "
+        "docs page lists them; the CLI's --option), e.g. {\"schedule_mu\": 0.8}; a name the model does not take fails "
+        "the request with the ones it takes.")
     output_format: Literal["png", "jpeg", "webp"] = Field(
         "png", description="Image format; PNG carries the generation parameters in a 'parameters' text chunk. Video "
         "models write MP4 (H.264, with the audio track when the model makes one), or animated WEBP for 'webp'.")

@@ -281,6 +281,17 @@ def test_cli_generate_writes_png_with_parameters(tiny_dir, flux_loras, tmp_path)
     assert bad.returncode == 2 and "Unknown model id 'nope'" in bad.stderr
 
 
+def test_cli_option_flags_become_generation_options(tmp_path):
+    from aitk_inference.cli import build_parser
+
+    base = ["generate", "--model", "krea2_o_edit", "--prompt", "x", "--out", str(tmp_path / "x.png")]
+    args = build_parser().parse_args(base + ["--option", "kv_cache=false", "--option", "schedule_mu=0.8",
+                                             "--option", " label = a b"])
+    assert args.option == [("kv_cache", False), ("schedule_mu", 0.8), ("label", " a b")]
+    bad = _cli(*base, "--option", "kv_cache")
+    assert bad.returncode == 2 and "expected NAME=VALUE" in bad.stderr
+
+
 def test_cli_demo_and_make_tiny(tmp_path):
     demo = _cli("demo", "--out", str(tmp_path / "demo.png"), "--quiet")
     assert demo.returncode == 0, demo.stderr

@@ -136,7 +136,7 @@ def test_schemas(pack):
         "AITKApplyLoRA": (["pipeline", "lora", "strength", "transformer"], [], ("AITK_PIPELINE",)),
         "AITKSample": (["pipeline", "prompt", "negative", "trigger_word", "width", "height", "steps", "guidance", "seed",
                         "batch_size"], ["control_image", "control_image_2", "control_image_3", "num_frames", "fps",
-                                       "vae_tiling"],
+                                       "vae_tiling", "options"],
                        ("IMAGE", "INT", "INT", "INT", "FLOAT", "AUDIO")),
     }
     for node_id, (required, optional, returns) in expected.items():
@@ -252,6 +252,27 @@ def test_bad_inputs_say_what_to_fix(core, tiny_dir, loras):
     with pytest.raises(ValueError, match="num_frames"):
         core.sample(handle, "x", width=64, height=64, steps=1, num_frames=9, progress=None)
     assert core.lora_fingerprint("missing_lora.safetensors") == ""
+
+
+def test_sample_options_reach_the_model_and_bad_ones_are_named(core, tiny_dir):
+    handle, default = run_graph(core, tiny_dir, model="krea2", steps=2)
+    _, pinned = run_graph(core, tiny_dir, model="krea2", steps=2, options='{"schedule_mu": 1.15}')
+    _, again = run_graph(core, tiny_dir, model="krea2", steps=2, options=' {"schedule_mu": 1.15} ')
+    library = handle.get_pipeline().generate("a photo of sks", width=64, height=64, steps=2, guidance=4.0, seed=7,
+                                             schedule_mu=1.15)
+    assert not default.images.equal(pinned.images)
+    assert pinned.images.equal(again.images)
+    assert np.array_equal(pinned.images.numpy(), library.images)
+    assert library.metadata()["options"] == {"schedule_mu": 1.15}
+    for text, message in (("{schedule_mu: 1}", "options must be a JSON object"),
+                          ("[1, 2]", "JSON object of name: value pairs, got list"),
+                          ('{"width": 128}', "must not repeat the node's own inputs \\(width\\)"),
+                          ('{"kv_cache": true}', "Unknown generation option.*krea2.*takes schedule_mu"),
+                          ('{"schedule_mu": "high"}', "schedule_mu` must be a number")):
+        with pytest.raises(ValueError, match=message):
+            run_graph(core, tiny_dir, model="krea2", options=text)
+    with pytest.raises(ValueError, match="flux.*it takes none"):
+        run_graph(core, tiny_dir, options='{"schedule_mu": 1.0}')
 
 
 # ------------------------------------------------------------------------------------------------ example workflows

@@ -315,6 +315,37 @@ def test_reference_400_codes_and_path_escapes(server, dirs, monkeypatch):
                      ).headers.get("access-control-allow-origin") is None
 
 
+def test_generation_options_reach_the_model_or_fail_naming_what_it_takes(server):
+    c = server.client
+    unknown = submit(c, options={"schedule_mu": 0.8})
+    failed = wait_for(c, unknown["request_id"])
+    assert failed["status"] == "failed" and "schedule_mu" in failed["error"] and "it takes none" in failed["error"]
+
+    def post(**extra):
+        return c.post("/v1/inference", json={"model": "flux", "loras": [{"path": "style_a.safetensors"}],
+                                             "prompts": [{"prompt": "p"}], **extra})
+
+    clash = post(options={"width": 128, "steps": 3})
+    assert clash.status_code == 400 and error_code(clash) == "INVALID_OPTIONS"
+    assert clash.json()["detail"]["error"]["details"]["fields"] == ["steps", "width"]
+    twice = post(kv_cache=True, options={"kv_cache": False})
+    assert error_code(twice) == "INVALID_OPTIONS" and "kv_cache" in twice.text
+    assert post(options={"a": [1, 2]}).status_code == 422
+    assert post(options={f"o{i}": 1 for i in range(17)}).status_code == 422
+
+
+def test_options_map_onto_generate_keywords():
+    from aitk_inference.pipelines.registry import get_spec
+    from aitk_inference.server.mapping import generate_kwargs
+    from aitk_inference.server.schemas import InferenceInput
+
+    body = InferenceInput(model="krea2_o_edit", loras=[{"path": "a.safetensors"}], prompts=[{"prompt": "p"}],
+                          match_target_res=False, options={"schedule_mu": 0.8, "kv_cache": False})
+    kwargs = generate_kwargs(body.prompts[0], body, get_spec("krea2_o_edit"))
+    assert (kwargs["schedule_mu"], kwargs["kv_cache"], kwargs["match_target_res"]) == (0.8, False, False)
+    assert isinstance(InferenceInput(model="x", loras=[], prompts=[{"prompt": "p"}], options={"n": 1}).options["n"], int)
+
+
 def test_url_loras_from_loopback(server, lora_site, dirs):
     site, seen = lora_site
     c = server.client

@@ -3,6 +3,7 @@
     python -m aitk_inference.benchmarks.run --models flux                 # FLUX.1-dev pipeline, full size, on CUDA
     python -m aitk_inference.benchmarks.run --models flux --forward-only zimage_turbo qwen_image wan21_14b
     python -m aitk_inference.benchmarks.run --size tiny --device cpu --dtype fp32 --variants dynamic fused
+    python -m aitk_inference.benchmarks.run --models --forward-only flux --comfyui ~/ComfyUI   # + ComfyUI's own path
 
 ``--models`` are timed through the whole pipeline (``load_pipeline`` on a local folder materialised with random
 weights); ``--forward-only`` models are timed as one denoiser forward. BENCHMARKS.md describes every metric.
@@ -42,9 +43,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     parser.add_argument("--drop-page-cache", action="store_true",
                         help="drop the OS page cache before the cold-load timings (needs root; slows the whole machine)")
+    parser.add_argument("--comfyui", nargs="?", const=os.environ.get("COMFYUI_DIR", ""), default=None, metavar="DIR",
+                        help="also time ComfyUI's own FLUX path from this ComfyUI checkout (default: $COMFYUI_DIR), "
+                        "after --forward-only flux in the same run")
     parser.add_argument("--time-budget", type=float, default=float("inf"),
                         help="seconds; variants that would start too close to it are skipped")
     args = parser.parse_args(argv)
+    if args.comfyui is not None and "flux" not in args.forward_only:
+        parser.error("--comfyui compares with our FLUX forward: add --forward-only flux")
     for name in ("steps", "image_size", "reps", "e2e_reps"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
@@ -70,6 +76,10 @@ def main(argv=None) -> str:
     rec = new_recorder(args.out, args.device, command, args.size)
     for model_id in args.forward_only:
         bench_transformer(model_id, opts, rec)
+        if model_id == "flux" and args.comfyui is not None:
+            from .comfyui_reference import bench_comfyui_flux
+
+            bench_comfyui_flux(opts, rec, args.comfyui)
     for model_id in args.models:
         bench_flux_pipeline(opts, rec)
     print(f"[bench] wrote {rec.path}", flush=True)

@@ -35,6 +35,26 @@ def test_tiny_flux_benchmark_writes_valid_results(tiny_dir, tmp_path):
     assert {r["variant"] for r in records} == {"dynamic", "fused", "load_pipeline", "read()"}
 
 
+def test_comfyui_reference_is_skipped_with_a_reason_without_comfyui(tiny_dir, tmp_path, monkeypatch, capsys):
+    import pytest
+
+    from aitk_inference.benchmarks.run import main
+
+    monkeypatch.delenv("COMFYUI_DIR", raising=False)
+    tiny_dir("flux")
+    path = main(["--size", "tiny", "--device", "cpu", "--dtype", "fp32", "--models", "--forward-only", "flux",
+                 "--variants", "fused", "--reps", "1", "--comfyui", str(tmp_path / "no-comfy"),
+                 "--out", str(tmp_path / "results"), "--workdir", str(tmp_path / "work")])
+    with open(path) as f:
+        payload = json.load(f)
+    [why] = payload["skipped"]
+    assert "is not a ComfyUI checkout" in why and "skipped" in capsys.readouterr().out
+    assert {r["variant"] for r in payload["records"]} == {"dynamic", "fused"}
+    with pytest.raises(SystemExit):
+        main(["--size", "tiny", "--device", "cpu", "--comfyui", str(tmp_path)])
+    assert "add --forward-only flux" in capsys.readouterr().err
+
+
 def test_tiny_flux_compile_variant_times_a_second_process(tiny_dir, tmp_path):
     """The compiled variant, and its probe in a new process that reads the same on-disk compile cache."""
     from aitk_inference.benchmarks.run import main

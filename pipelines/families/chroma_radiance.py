@@ -146,7 +146,8 @@ class ChromaRadiancePipeline(DiffusionPipeline):
         with init_empty_weights():
             transformer = ChromaRadianceTransformer2DModel(**config)
         if dtype is not None:
-            state = {key: value.to(dtype) for key, value in state.items()}
+            kept = tuple(f"{name}." for name in ChromaRadianceTransformer2DModel._keep_in_fp32_modules)
+            state = {key: value.to(torch.float32 if key.startswith(kept) else dtype) for key, value in state.items()}
         transformer.load_state_dict(state, strict=True, assign=True)
         del state
         encoder_options = {"dtype": dtype} if dtype is not None else {}

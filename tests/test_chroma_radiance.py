@@ -257,3 +257,20 @@ def test_checkpoints_ai_toolkit_cannot_load_are_refused():
         config_from_state_dict(state)
     with pytest.raises(ValueError, match="Not a Chroma Radiance checkpoint"):
         config_from_state_dict({k: v for k, v in state.items() if not k.startswith("img_in_patch")})
+
+
+def test_bf16_model_keeps_the_pixel_embedder_in_float32(load_tiny):
+    """ai-toolkit's NeRF embedder converts itself to float32 on first use; ours stays float32 from loading (a saved
+    folder or an original-name file), and a bf16 model samples."""
+    from aitk_inference.pipelines.families.chroma_radiance import ChromaRadiancePipeline
+    from aitk_inference.pipelines.registry import ChromaRadianceOptions
+
+    pipeline = load_tiny("chroma_radiance", dtype="bf16")
+    options = ChromaRadianceOptions(text_encoder=os.path.join(ROOT, "checkpoint"), text_encoder_subfolder="text_encoder",
+                                    tokenizer_subfolder="tokenizer")
+    from_file = ChromaRadiancePipeline.from_checkpoint(CHECKPOINT, options, dtype=torch.bfloat16, axes_dim=(4, 6, 6))
+    for transformer in (pipeline.pipe.transformer, from_file.transformer):
+        assert transformer.nerf_image_embedder.embedder[0].weight.dtype == torch.float32
+        assert transformer.txt_in.weight.dtype == torch.bfloat16
+    images = pipeline.generate("a photo", width=64, height=64, steps=1).images
+    assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()

@@ -274,3 +274,10 @@ def test_bf16_model_keeps_the_pixel_embedder_in_float32(load_tiny):
         assert transformer.txt_in.weight.dtype == torch.bfloat16
     images = pipeline.generate("a photo", width=64, height=64, steps=1).images
     assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()
+
+
+def test_a_folder_that_is_no_checkpoint_is_refused_with_what_to_give(tmp_path):
+    from aitk_inference.pipelines import load_pipeline
+
+    with pytest.raises(FileNotFoundError, match="neither a Chroma Radiance checkpoint file nor a saved pipeline"):
+        load_pipeline("chroma_radiance", base=str(tmp_path), device="cpu", dtype="fp32")

@@ -124,7 +124,7 @@ class ChromaRadiancePipeline(DiffusionPipeline):
     @classmethod
     def from_checkpoint(cls, checkpoint: str, options: ChromaRadianceOptions, dtype=None, revision: str | None = None,
                         axes_dim=None) -> "ChromaRadiancePipeline":
-        """Load a Radiance checkpoint in original names (a ``.safetensors`` file, or a hub repo's
+        """Load a Radiance checkpoint in original names (a ``.safetensors`` / ``.pth`` file, or a hub repo's
         ``<repo name>.safetensors``) and the T5 that ai-toolkit pairs with it (``options``).
 
         Args:
@@ -141,7 +141,10 @@ class ChromaRadiancePipeline(DiffusionPipeline):
 
         from ..registry import FLUX_FLOWMATCH
 
-        state = load_file(_checkpoint_file(checkpoint, revision))
+        path = _checkpoint_file(checkpoint, revision)
+        # ai-toolkit reads .pth / .pt checkpoints with torch.load, anything else as safetensors
+        state = torch.load(path, map_location="cpu", weights_only=True) if path.endswith((".pth", ".pt")) \
+            else load_file(path)
         config = config_from_state_dict(state, **({} if axes_dim is None else {"axes_dim": axes_dim}))
         with init_empty_weights():
             transformer = ChromaRadianceTransformer2DModel(**config)

@@ -340,6 +340,17 @@ UNCONDITIONAL_LORA_SIDE = "uncond"
 
 
 @dataclass(frozen=True)
+class ChromaRadianceOptions:
+    """Where the T5-XXL text encoder and tokenizer of a Chroma Radiance checkpoint come from (the checkpoint files
+    hold the transformer only): ai-toolkit's ``chroma_radiance`` loads ``ostris/Flex.1-alpha``'s ``text_encoder_2``
+    and ``tokenizer_2``."""
+
+    text_encoder: str = "ostris/Flex.1-alpha"
+    text_encoder_subfolder: str = "text_encoder_2"
+    tokenizer_subfolder: str = "tokenizer_2"
+
+
+@dataclass(frozen=True)
 class Ideogram4Options:
     """ai-toolkit's Ideogram 4 sampling constants (``src/pipeline.py``, ``ideogram4.py``): the logit-normal schedule's
     base mean and std (its ``ideogram_schedule_mu``/``_std`` model kwargs, default 0 and 1.75), the prompt token cap,
@@ -527,6 +538,9 @@ NUCLEUS_NAMES = LoraSignature("Nucleus-Image",
                               r"transformer_blocks\.\d+\.(encoder_proj|img_mlp\.(gate|shared_expert|experts))",
                               refines=QWEN_NAMES)
 PRX_NAMES = LoraSignature("PRXPixel", r"(^|\.)blocks\.\d+\.attention\.(img_qkv_proj|txt_kv_proj)")
+# Chroma Radiance: Chroma's original BFL names plus its pixel head (a whole-model LoRA adapts nerf_* too)
+RADIANCE_NAMES = LoraSignature("Chroma Radiance (original names, NeRF pixel head)",
+                               r"(^|\.)(nerf_blocks\.\d+\.|nerf_image_embedder\.|nerf_final_layer)", refines=BFL_NAMES)
 KREA2_NAMES = LoraSignature("Krea 2", r"(^|\.)(blocks\.\d+\.attn\.wq|txtfusion\.|transformer_blocks\.\d+\.attn\.to_gate)")
 # Ideogram 4 files share Z-Image's `layers.N.feed_forward.w1`; its fused `attention.qkv` and `adaln_modulation` (Z-Image:
 # `adaLN_modulation`) mark them.
@@ -870,6 +884,23 @@ REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
             "Euler step. Initial noise randn * 2.0 in float32. FlowMatch Euler, static shift 3.0. Qwen3-VL prompts "
             "padded to 256 tokens, not cleaned; no aspect-ratio binning. Defaults are ai-toolkit's PRXPixel example "
             "(28 steps, guidance 5.0). LoRAs: diffusion_model. + diffusers names (PEFT or LoKr).",
+        ),
+        ModelSpec(
+            model_id="chroma_radiance", family="chroma_radiance:ChromaRadianceFamilyPipeline",
+            pipeline_class="ChromaRadiancePipeline", base="lodestones/Chroma1-Radiance", steps=25, guidance=4.0,
+            divisor=16, scheduler=_flow(FLUX_FLOWMATCH), guidance_kind="true_cfg",
+            tiny="chroma_radiance:build_chroma_radiance", aitk_archs=(AitkArch("chroma_radiance"),),
+            lora_signatures=(BFL_NAMES, RADIANCE_NAMES), options=ChromaRadianceOptions(),
+            notes="Pixel-space Chroma (no VAE): our own pipeline and transformer (diffusers has none; checkpoint "
+            "names kept, so the original-name LoRAs ai-toolkit saves load as they are). Sampled as ai-toolkit's "
+            "chroma_radiance samples it: real CFG above guidance 1 with the negative prompt (an empty one is "
+            "encoded) and the guidance input fixed at 0; T5 prompts padded to 512 tokens, encoded without their mask, "
+            "attending to the prompt plus one padding token; noise randn(B, 3, H, W); FlowMatch Euler with Chroma's "
+            "dynamic shift, whose mu ai-toolkit computes from the channel count (3), so 0.457 at every size. Loads "
+            "a checkpoint file or lodestones/Chroma1-<name> (its <name>.safetensors, as ai-toolkit does) with T5 "
+            "from ostris/Flex.1-alpha; x0-prediction Radiance files, which ai-toolkit cannot load, are refused. "
+            "Defaults from ai-toolkit's Chroma example config (25 steps, guidance 4, 1024x1024): the arch is not in "
+            "its UI. Divisor 16, the patch size (ai-toolkit's pipeline floors to 2 only).",
         ),
         ModelSpec(
             model_id="anima", family="anima:AnimaFamilyPipeline", pipeline_class="AnimaModularPipeline",

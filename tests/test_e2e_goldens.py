@@ -53,6 +53,11 @@ NO_E2E_GOLDEN_YET = {
     "chroma": "not made: ai-toolkit's ChromaModel loads its own transformer from a single original-format .safetensors "
               "file and the text encoder and VAE from the hub repo ostris/Flex.1-alpha, not from a diffusers folder "
               "like our tiny model",
+    "chroma_radiance": "not made: ai-toolkit's ChromaRadianceModel loads its transformer from a single original-format "
+                       ".safetensors file and T5 from the hub repo ostris/Flex.1-alpha (no local path), so no job can "
+                       "name our tiny folder; its preview path (BaseModel.generate_images on the same tiny weights: "
+                       "noise, schedule, CFG with the negative, final pixels and PNG) is compared in "
+                       "tests/test_chroma_radiance.py",
     "ltx2": LTX2_REASON,
     "ltx2.3": LTX2_REASON,
     "hidream": "not made: ai-toolkit's HiDream pipeline renders every preview at the area (128 * vae_scale_factor)^2, "

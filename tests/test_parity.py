@@ -67,6 +67,11 @@ NO_SCHEDULER_GOLDEN = {
                   "per-row timesteps in its sampling goldens, compared in test_minimax_h3.py",
     "minimax_h3_ref2va": "as minimax_h3 (the same schedules); the ref2va sampling golden's per-row timesteps are "
                          "compared in test_minimax_h3.py",
+    "chroma_radiance": "schedulers.json's chroma entry takes mu from packed latent tokens; ai-toolkit's Radiance "
+                       "pipeline takes it from the pixel channel count (3). Its own runs (sigmas passed, mu, the "
+                       "scheduler's state; 5 sizes and step counts, tests/goldens/chroma_radiance/report.json) are "
+                       "compared in test_chroma_radiance.py test_schedule_matches_ai_toolkit, and the flow times the "
+                       "transformer gets in its whole generations",
 }
 # Where ai-toolkit's scheduler object samples with another shift than its recorded config states: id -> golden file
 # with that object's state (MANIFEST §6).
@@ -99,6 +104,11 @@ NO_NOISE_GOLDEN["prx_pixel"] = (
     "pixel space: ai-toolkit's draw is randn(1, 3, H, W) * 2.0 in float32, a layout initial_noise.safetensors does not "
     "hold; test_prx_pixel.py compares it with ai-toolkit's own generations (goldens/prx_pixel, seed 42, fp32 and bf16)"
 )
+NO_NOISE_GOLDEN["chroma_radiance"] = (
+    "pixel space: ai-toolkit's draw is randn(1, 3, H, W) in the embeddings' dtype, a layout initial_noise.safetensors "
+    "does not hold; test_chroma_radiance.py compares it bit for bit with the first transformer input of ai-toolkit's "
+    "own seed-42 generation (goldens/chroma_radiance)"
+)
 NO_NOISE_GOLDEN["anima"] = (
     "Anima draws a 5-D (B, 16, 1, H/8, W/8) latent; tests/test_anima.py compares it bit for bit with ai-toolkit's own "
     "draw (goldens/anima) and with FLUX.1's unpacked float32 draw here, which holds the same numbers"
@@ -128,6 +138,9 @@ AITK_DIVISOR = {
     "ltx2": 32, "ltx2.3": 32, "ltx2.5": 32, "wan22_5b": 32, "wan21_14b": 16, "wan21_1b": 16, "wan21_i2v_14b": 16,
     "wan21_i2v_14b480p": 16, "wan22_14b_t2v": 16, "wan22_14b_i2v": 16, "sd15": 8, "sdxl": 8, "hidream": 16,
     "omnigen2": 16, "ernie_image": 32, "nucleus_image": 32, "prx_pixel": 16, "anima": 32, "ideogram4": 16,
+    # the 16-pixel patch: ai-toolkit's Radiance pipeline floors to 2 only, and off the 16 grid its model leaves the
+    # last partial patch out of the patch tokens
+    "chroma_radiance": 16,
     "minimax_h3": 32, "minimax_h3_ref2va": 32,
     # Krea2Model.get_bucket_divisibility (VAE 8 x patch 2); generate_single_image floors the sample size to it
     "krea2": 16, "krea2_turbo": 16, "krea2_o_edit": 16, "krea2_o_edit_turbo": 16,

@@ -29,7 +29,7 @@ def test_dct_position_code_values():
     assert math.isclose(code[0, 7, 1].item(), math.cos(math.pi), abs_tol=1e-7)  # (fx, fy) = (0, 1)
 
 
-def test_dct_embedder_runs_in_float32_and_returns_the_input_dtype():
+def test_dct_embedder_goes_through_its_linear_and_returns_the_input_dtype():
     torch.manual_seed(0)
     embedder = DctPatchEmbedder(in_channels=3, hidden_size=8, max_freqs=4)
     pixels = torch.randn(2, 16, 3)
@@ -37,8 +37,11 @@ def test_dct_embedder_runs_in_float32_and_returns_the_input_dtype():
     expected = expected + embedder.embedder[0].bias
     assert torch.allclose(embedder(pixels), expected, atol=1e-6)
     assert set(embedder.state_dict()) == {"embedder.0.weight", "embedder.0.bias"}
-    half = embedder.to(torch.bfloat16)(pixels.bfloat16())
-    assert half.dtype == torch.bfloat16
+    assert embedder(pixels.bfloat16()).dtype == torch.bfloat16  # a float32 embedder in a bf16 model
+    seen = []
+    embedder.embedder[0].register_forward_hook(lambda module, args, out: seen.append(args[0].dtype))
+    embedder(pixels)
+    assert seen == [torch.float32]  # hooks (and LoRA layers) on the Linear see the call
 
 
 def test_velocity_from_x0_with_a_time_floor():

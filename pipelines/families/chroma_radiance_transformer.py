@@ -19,7 +19,7 @@ How a forward runs, for an image ``x`` ``[B, 3, H, W]`` in ``[-1, 1]`` at flow t
    the token mask (text mask, image tokens always on): masked text tokens neither attend nor are attended to.
 4. **NeRF head.** Each patch token's final hidden state generates the weights of a small gated MLP (``nerf_blocks``:
    ``param_generator`` -> gate, value and output matrices, each column L2-normalised) that runs on the patch's pixels,
-   embedded by :class:`NerfEmbedder` (pixel values + DCT position code, one Linear, float32). The pixel features
+   embedded by :class:`~.pixel_space.DctPatchEmbedder` (pixel values + DCT position code, one Linear, float32). The pixel features
    are RMS-normalised, put back on the image grid and projected to RGB by a 3x3 convolution
    (``nerf_final_layer_conv``).
 
@@ -37,7 +37,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from .pixel_space import DctPatchEmbedder, dct_position_code, patchify_pixels, unpatchify_pixels
+from .pixel_space import DctPatchEmbedder, patchify_pixels, unpatchify_pixels
 
 #: the sinusoidal embeddings' scale: time, guidance and modulation index are multiplied by it before embedding
 EMBEDDING_TIME_FACTOR = 1000.0
@@ -238,18 +238,6 @@ class NerfGLUBlock(nn.Module):
         return torch.bmm(F.silu(torch.bmm(x, gate)) * torch.bmm(x, value), out) + pixels
 
 
-class NerfEmbedder(DctPatchEmbedder):
-    """:class:`~.pixel_space.DctPatchEmbedder` run through its Linear module, so that a LoRA on ``embedder.0`` (a
-    whole-model LoRA has one) applies; in float32, the dtype the model keeps this module in
-    (``_keep_in_fp32_modules``), as ai-toolkit's embedder converts itself to float32 when it first runs."""
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        batch, pixels_per_patch, _ = pixels.shape
-        code = dct_position_code(math.isqrt(pixels_per_patch), self.max_freqs, pixels.device).expand(batch, -1, -1)
-        features = torch.cat([pixels.float(), code], dim=-1)
-        return self.embedder(features.to(self.embedder[0].weight.dtype)).to(pixels.dtype)
-
-
 class NerfFinalLayerConv(nn.Module):
     """RMS norm of the pixel features, then a 3x3 convolution to RGB on the image grid."""
 
@@ -325,7 +313,7 @@ class ChromaRadianceTransformer2DModel(ModelMixin, ConfigMixin):
             [DoubleStreamBlock(hidden_size, num_heads, mlp_ratio, qkv_bias) for _ in range(depth)])
         self.single_blocks = nn.ModuleList(
             [SingleStreamBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth_single_blocks)])
-        self.nerf_image_embedder = NerfEmbedder(in_channels, nerf_hidden_size, nerf_max_freqs)
+        self.nerf_image_embedder = DctPatchEmbedder(in_channels, nerf_hidden_size, nerf_max_freqs)
         self.nerf_blocks = nn.ModuleList(
             [NerfGLUBlock(hidden_size, nerf_hidden_size, nerf_mlp_ratio) for _ in range(nerf_depth)])
         self.nerf_final_layer_conv = NerfFinalLayerConv(nerf_hidden_size, in_channels)

@@ -46,8 +46,11 @@ def dct_position_code(patch_size: int, max_freqs: int, device=None) -> torch.Ten
 
 
 class DctPatchEmbedder(nn.Module):
-    """Embeds the pixels of each patch, ``[B', p*p, C]`` -> ``[B', p*p, hidden]``; computed in float32 whatever the
-    module's dtype, the result cast back to the input's dtype."""
+    """Embeds the pixels of each patch, ``[B', p*p, C]`` -> ``[B', p*p, hidden]``, through its Linear module (so a
+    LoRA on ``embedder.0`` applies) in that module's dtype, the result cast back to the input's dtype.
+
+    ai-toolkit runs this embedder in float32 whatever the model's dtype: a model using it lists it in
+    ``_keep_in_fp32_modules``."""
 
     def __init__(self, in_channels: int, hidden_size: int, max_freqs: int):
         super().__init__()
@@ -59,9 +62,7 @@ class DctPatchEmbedder(nn.Module):
         patch_size = math.isqrt(pixels_per_patch)
         code = dct_position_code(patch_size, self.max_freqs, pixels.device).expand(batch, -1, -1)
         features = torch.cat([pixels.float(), code], dim=-1)
-        linear = self.embedder[0]
-        bias = None if linear.bias is None else linear.bias.float()
-        return nn.functional.linear(features, linear.weight.float(), bias).to(pixels.dtype)
+        return self.embedder(features.to(self.embedder[0].weight.dtype)).to(pixels.dtype)
 
 
 def velocity_from_x0(noisy: torch.Tensor, x0: torch.Tensor, flow_time: torch.Tensor, min_time: float = 0.0):

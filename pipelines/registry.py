@@ -785,10 +785,10 @@ REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
         FLUX2_KLEIN("flux2_klein_9b", base="black-forest-labs/FLUX.2-klein-base-9B",
                     aitk_archs=(AitkArch("flux2_klein_9b"),)),
         FLUX1("chroma", family="chroma:ChromaFamilyPipeline", pipeline_class="ChromaPipeline",
-              base="lodestones/Chroma1-Base", guidance_kind="true_cfg", unconditional_is_negative=False,
+              base="lodestones/Chroma1-Base", guidance_kind="true_cfg",
               tiny="chroma:build_chroma", aitk_archs=(AitkArch("chroma"),), lora_signatures=(BFL_NAMES,),
-              notes="Real CFG above guidance 1 with the guidance input fixed at 0. The unconditional prompt is EMPTY, "
-              "as in ai-toolkit's previews: the negative prompt is ignored unless you pass `use_negative=True`. T5 "
+              notes="Real CFG above guidance 1 with the guidance input fixed at 0, the unconditional pass encoding the "
+              "negative prompt (empty by default), as ai-toolkit's previews do. T5 "
               "runs without its attention mask (ai-toolkit); the transformer masks padding except one token. "
               "FlowMatch Euler, dynamic shift (0.5..1.15), sigmas linspace(1, 1/N, N). LoRAs with original BFL names "
               "load (fused qkv and linear1 are split). Divisor 16 (the reference uses 32)."),

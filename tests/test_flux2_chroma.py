@@ -176,19 +176,15 @@ def test_klein_cfg_is_off_at_guidance_one(pipes):
     assert not np.array_equal(no_cfg, default)
 
 
-def test_chroma_uses_an_empty_unconditional_unless_asked(pipes, caplog):
+def test_chroma_encodes_the_negative_prompt_as_ai_toolkit_does(pipes):
     pipe = pipes("chroma")
     default = pipe.generate("a red fox", **FAST).images
-    with caplog.at_level(logging.WARNING):
-        ignored = pipe.generate("a red fox", negative="blurry", **FAST)
-    assert "ignores the negative prompt" in caplog.text and ignored.params.negative == "blurry"
-    used = pipe.generate("a red fox", negative="blurry", use_negative=True, **FAST).images
-    assert not np.array_equal(used, default)
-    assert np.array_equal(pipe.generate("a red fox", negative="", use_negative=True, **FAST).images, default)
-    with pytest.raises(ValueError, match="use_negative"):
-        pipe.generate("a red fox", use_negative="yes", **FAST)
+    assert np.array_equal(pipe.generate("a red fox", negative="", **FAST).images, default)
+    assert not np.array_equal(pipe.generate("a red fox", negative="blurry", **FAST).images, default)
+    no_cfg = pipe.generate("a red fox", guidance=1.0, **FAST).images
+    assert np.array_equal(pipe.generate("a red fox", guidance=1.0, negative="blurry", **FAST).images, no_cfg)
     with pytest.raises(ValueError, match="Unknown generation option"):
-        pipe.generate("a red fox", true_cfg=2.0, **FAST)
+        pipe.generate("a red fox", use_negative=True, **FAST)
 
 
 def test_chroma_encodes_t5_without_its_mask_and_masks_all_but_one_padding_token(pipes):

@@ -6,9 +6,9 @@ and encodes the prompts itself. Where that differs from stock diffusers, we foll
 * **Prompt encoding.** T5 with ``max_length=512`` (padded) is run WITHOUT its attention mask (diffusers passes it);
   the transformer then masks the padding except for the first padding token (both do that part the same way). We
   encode here and pass ``prompt_embeds`` / ``prompt_attention_mask`` to the pipeline.
-* **Negative prompt.** ai-toolkit's Chroma previews always use an EMPTY unconditional prompt. That is our default:
-  ``negative`` is ignored (with a warning). Pass ``use_negative=True`` to ``generate`` to encode your negative prompt
-  as the unconditional instead (a deliberate departure from the previews).
+* **Negative prompt.** The unconditional pass encodes the sample's negative prompt (empty by default), as ai-toolkit's
+  ``generate_images`` and its trainer's sample-prompt cache do (ai-toolkit's Chroma Radiance runs the same
+  ``generate_single_image``, and its golden run shows the negative's tokens in the unconditional pass).
 * **Guidance.** Real CFG ``u + g(c - u)`` when ``guidance > 1.00001`` (ai-toolkit's threshold), one forward otherwise;
   the transformer's guidance input is fixed at 0.
 * **Scheduler.** FlowMatch Euler with dynamic shifting (base 0.5, max 1.15, 256..4096 tokens) on
@@ -20,8 +20,6 @@ in ai-toolkit. LoRAs use original BFL module names (``lora.convert.convert_bfl_t
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 from ..base import AITKPipeline, GenerationParams
 
@@ -39,20 +37,6 @@ class ChromaFamilyPipeline(AITKPipeline):
         from ..lora.convert import convert_bfl_to_diffusers_chroma
 
         return convert_bfl_to_diffusers_chroma
-
-    def resolve_params(self, prompt: str, use_negative: bool = False, **kwargs) -> GenerationParams:
-        """The base rules plus ``use_negative`` (bool, defaults to False): encode ``negative`` as the unconditional
-        prompt instead of ai-toolkit's empty one."""
-        if not isinstance(use_negative, bool):
-            raise ValueError(f"`use_negative` must be True or False, got {use_negative!r}.")
-        if not use_negative:
-            return super().resolve_params(prompt, **kwargs)
-        negative = kwargs.pop("negative", None)
-        negative = self.spec.negative if negative is None else negative
-        if not isinstance(negative, str):
-            raise ValueError(f"`negative` must be a string, got {type(negative).__name__}.")
-        params = super().resolve_params(prompt, **kwargs)
-        return dataclasses.replace(params, negative=negative, extra={**params.extra, "use_negative": True})
 
     def encode(self, prompts: list[str]):
         """ai-toolkit's Chroma prompt encoding: ``(embeds, mask)``, T5 run without a mask, mask = tokens + 1 pad."""
@@ -84,13 +68,6 @@ class ChromaFamilyPipeline(AITKPipeline):
             "output_type": "np",
         }
         if cfg:
-            unconditional = params.negative if params.extra.get("use_negative") else ""
-            negative_embeds, negative_mask = self.encode([unconditional] * batch)
+            negative_embeds, negative_mask = self.encode([params.negative] * batch)
             kwargs.update(negative_prompt_embeds=negative_embeds, negative_prompt_attention_mask=negative_mask)
         return kwargs
-
-    def check_inputs(self, params: GenerationParams) -> None:
-        unknown = set(params.extra) - {"use_negative"}
-        if unknown:
-            raise ValueError(f"Unknown generation option(s) for {self.spec.model_id}: {sorted(unknown)}; "
-                             "Chroma takes `use_negative`.")

@@ -102,8 +102,11 @@ def bench_comfyui_flux(opts, rec, comfy_dir: str | None) -> None:
     sigma = inputs["timestep"]
     expected = (latents.float() - sigma.float() * unpatchify_pixels(velocity, height, width, 2).float())
     stack.set([])
-    weights = {name: tensor for name, tensor in model.state_dict().items()}
+    # kept in host memory: ComfyUI builds each of its models from them while ours is gone from the card
+    weights = {name: tensor.to("cpu") for name, tensor in model.state_dict().items()}
     del model, stack, velocity
+    if opts.device.startswith("cuda"):
+        torch.cuda.empty_cache()
     comfy_inputs = dict(x=latents, t=sigma, c_crossattn=inputs["encoder_hidden_states"], y=inputs["pooled_projections"],
                         guidance=inputs["guidance"])
     note = f"ComfyUI's FLUX via its model detection; {workload.label}; LoRA rank {opts.rank} patched into the weights"

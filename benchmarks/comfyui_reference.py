@@ -149,7 +149,7 @@ def bench_comfyui_flux(opts, rec, comfy_dir: str | None) -> None:
         rec.add("flux", "strength_change_s", variant, time.perf_counter() - started, "s",
                 notes="new strength -> weights re-patched -> first forward done")
 
-        if weight_dtype != "fp8_e4m3fn" and opts.time_left() > 240:
+        if weight_dtype != "fp8_e4m3fn" and opts.time_left() > 150:
             compiled = rescaled.clone()
             set_torch_compile_wrapper(model=compiled, backend=opts.compile_backend)
             sync(opts.device)

@@ -318,3 +318,38 @@ def test_jobs_map_to_the_ids_and_pass_match_target_res(pipes):
     model = {"arch": "boogu_image_edit", "model_kwargs": {"match_target_res": True, "vlm_max_pixels": 1}}
     assert pipes("boogu_image_edit").job_options(model) == {"match_target_res": True}
     assert pipes("boogu_image").job_options({"arch": "boogu_image", "model_kwargs": {"match_target_res": True}}) == {}
+
+
+def test_server_request_with_reference_images_runs_the_edit_id(pipes, tmp_path):
+    """A /v1 request for the edit id: ``ctrl_img_1..2`` (base64) and request-level ``match_target_res``, with an
+    ai-toolkit LoRA; mapped to the library and generated on the tiny model."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from aitk_inference.server.mapping import build_job
+    from aitk_inference.server.schemas import InferenceInput
+    from aitk_inference.server.settings import Settings
+
+    (tmp_path / "b.safetensors").write_bytes(open(os.path.join(GOLDEN_DIR, "boogu_image_lora_r4.safetensors"), "rb").read())
+
+    def encoded(color):
+        buffer = io.BytesIO()
+        Image.new("RGB", (40, 24), color).save(buffer, "PNG")
+        return base64.b64encode(buffer.getvalue()).decode()
+
+    body = InferenceInput(model="boogu_image_edit", loras=[{"path": "b.safetensors"}], match_target_res=True,
+                          prompts=[{"prompt": "make it blue", "width": 64, "height": 64, "sample_steps": 1, "seed": 1,
+                                    "ctrl_img_1": encoded("red"), "ctrl_img_2": encoded("green")}])
+    job = build_job("t", body, Settings.from_env({"WORKFLOWS_BASE_PATH": str(tmp_path)}))
+    kwargs = job.prompts[0]
+    assert kwargs["match_target_res"] is True and len(job.controls[0]) == 2
+    pipeline = pipes("boogu_image_edit")
+    summary = pipeline.set_loras([(job.loras[0].path, job.loras[0].strength)])
+    try:
+        assert summary[0]["modules"] == 32
+        result = pipeline.generate(control_images=job.controls[0], **kwargs)
+    finally:
+        pipeline.set_loras([])
+    assert result.images.shape == (1, 64, 64, 3)

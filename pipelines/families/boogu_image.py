@@ -98,11 +98,16 @@ def vlm_size(height: int, width: int, max_pixels: int = VLM_MAX_PIXELS, max_side
 
 
 def vlm_image(image: torch.Tensor, max_pixels: int = VLM_MAX_PIXELS, max_side: int = VLM_MAX_SIDE) -> torch.Tensor:
-    """A ``(3, H, W)`` 0..1 reference image resized for the Qwen3-VL prompt (bicubic, antialias, clamped)."""
+    """A ``(3, H, W)`` 0..1 reference image resized for the Qwen3-VL prompt (bicubic, antialias, clamped).
+
+    ai-toolkit resizes at the model dtype; we resize in float32 (antialiased bicubic has no bfloat16 kernel on CPU, and
+    GPU kernels accumulate in float32 too) and round the result to ``image``'s dtype, so the values are the ones
+    ai-toolkit holds. They are returned as float32, which every image processor takes."""
     size = vlm_size(image.shape[1], image.shape[2], max_pixels, max_side)
     if size == tuple(image.shape[1:]):
-        return image
-    return F.interpolate(image[None], size=size, mode="bicubic", antialias=True)[0].clamp(0, 1)
+        return image.float()
+    resized = F.interpolate(image[None].float(), size=size, mode="bicubic", antialias=True)[0]
+    return resized.clamp(0, 1).to(image.dtype).float()
 
 
 class BooguImagePipeline(DiffusionPipeline):

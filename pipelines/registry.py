@@ -334,6 +334,24 @@ class Krea2Options:
         return {name: getattr(self, name) for name in self.generation_options}
 
 
+@dataclass(frozen=True)
+class BooguImageOptions:
+    """``edit``: the id takes reference images (Boogu-Image Edit). ``match_target_res``: its reference latents take
+    the target's area instead of ai-toolkit's 1 MP cap (ai-toolkit's ``model_kwargs.match_target_res``, default off);
+    the edit id's only generation option."""
+
+    edit: bool = False
+    match_target_res: bool = False
+
+    @property
+    def generation_options(self) -> tuple[str, ...]:
+        """The ``generate()`` options this id takes."""
+        return ("match_target_res",) if self.edit else ()
+
+    def defaults(self) -> dict:
+        return {name: getattr(self, name) for name in self.generation_options}
+
+
 #: the LoRA side of a LoRA that acts in the unconditional CFG pass only (Ideogram 4's, ai-toolkit's
 #: ``unconditional_lora_path``; ``lora.stack`` "pass sides")
 UNCONDITIONAL_LORA_SIDE = "uncond"
@@ -542,6 +560,9 @@ PRX_NAMES = LoraSignature("PRXPixel", r"(^|\.)blocks\.\d+\.attention\.(img_qkv_p
 RADIANCE_NAMES = LoraSignature("Chroma Radiance (original names, NeRF pixel head)",
                                r"(^|\.)(nerf_blocks\.\d+\.|nerf_image_embedder\.|nerf_final_layer)", refines=BFL_NAMES)
 KREA2_NAMES = LoraSignature("Krea 2", r"(^|\.)(blocks\.\d+\.attn\.wq|txtfusion\.|transformer_blocks\.\d+\.attn\.to_gate)")
+# Boogu-Image shares OmniGen2's refiners and block internals (and so Lumina2's); its stream stacks are its own.
+BOOGU_IMAGE_NAMES = LoraSignature("Boogu-Image", r"(^|\.)(double_stream_layers|single_stream_layers)\.\d+\.",
+                                  refines=OMNIGEN2_NAMES)
 # Ideogram 4 files share Z-Image's `layers.N.feed_forward.w1`; its fused `attention.qkv` and `adaln_modulation` (Z-Image:
 # `adaLN_modulation`) mark them.
 IDEOGRAM4_NAMES = LoraSignature("Ideogram 4", r"(^|\.)layers\.\d+\.(attention\.qkv|adaln_modulation)\.|(^|\.)llm_cond_proj\.",
@@ -695,6 +716,24 @@ KREA2_EDIT = KREA2.derive(control_images=(1, 3), tiny="krea2:build_krea2_edit",
                           options=Krea2Options(edit=True, vision_processor="Qwen/Qwen3-VL-4B-Instruct", kv_cache=True,
                                                match_target_res=True),
                           notes=_KREA2_NOTES + _KREA2_EDIT_NOTES)
+
+_BOOGU_NOTES = (
+    "Our own Boogu-Image pipeline and transformer (diffusers has none; checkpoint weight names kept), sampling as "
+    "ai-toolkit's own sampler does: Euler on t = i/N (0 = noise) time-shifted with mu linear in patch tokens (256 -> "
+    "0.5, 4096 -> 1.15); real CFG u + g(c - u) with the encoded negative prompt above guidance 1; Qwen3-VL prompts "
+    "(last hidden state, Boogu's system prompt, chat template) at natural length up to 1024 tokens; float32 noise "
+    "and latents. Divisor 16. Defaults are ai-toolkit's UI default sample settings (25 steps, guidance 4, 1024x1024). "
+    "LoRAs and LoKr: diffusion_model. + the checkpoint's module names."
+)
+_BOOGU_EDIT_NOTES = (
+    " Edit: 1 to 3 reference images (required), each given to Qwen3-VL (prompt and negative, with the edit system "
+    "prompt) as a copy within 384x384 pixels of area and 768 a side (/16, bicubic, antialias) and to the transformer "
+    "as VAE latents at most 1 MP (`match_target_res`: the target's area), /16, bilinear, a posterior sample."
+)
+# Defaults: ai-toolkit's UI default job sample settings (25 steps, guidance 4, 1024x1024); the snapshot of ai-toolkit we
+# read has no UI presets for Boogu (its ui/ folder is not part of it) and the model classes set no sample values.
+BOOGU_IMAGE = Preset(family="boogu_image:BooguImageFamilyPipeline", pipeline_class="BooguImagePipeline", steps=25,
+                     guidance=4.0, divisor=16, lora_signatures=(BOOGU_IMAGE_NAMES,))
 
 # ------------------------------------------------------------------------------------------------------ registry
 REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
@@ -924,6 +963,11 @@ REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
         KREA2_EDIT("krea2_o_edit", aitk_archs=(AitkArch("krea2:o_edit"),)),
         KREA2_EDIT("krea2_o_edit_turbo", base="krea/Krea-2-Turbo", steps=8, guidance=1.0,
                    tiny="krea2:build_krea2_edit_turbo", aitk_archs=(AitkArch("krea2:o_edit_turbo"),)),
+        BOOGU_IMAGE("boogu_image", base="Boogu/Boogu-Image-0.1-Base", tiny="boogu_image:build_boogu_image",
+                    aitk_archs=(AitkArch("boogu_image"),), options=BooguImageOptions(), notes=_BOOGU_NOTES),
+        BOOGU_IMAGE("boogu_image_edit", base="Boogu/Boogu-Image-0.1-Edit", control_images=(1, 3),
+                    tiny="boogu_image:build_boogu_image_edit", aitk_archs=(AitkArch("boogu_image_edit"),),
+                    options=BooguImageOptions(edit=True), notes=_BOOGU_NOTES + _BOOGU_EDIT_NOTES),
         ModelSpec(
             model_id="ideogram4", family="ideogram4:Ideogram4FamilyPipeline", pipeline_class="Ideogram4Pipeline",
             base="ideogram-ai/ideogram-4-fp8", steps=30, guidance=4.0, divisor=16,

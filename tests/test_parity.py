@@ -59,6 +59,11 @@ NO_SCHEDULER_GOLDEN = {
         ("krea2", "krea2_turbo", "krea2_o_edit", "krea2_o_edit_turbo"),
         "ai-toolkit samples Krea 2 with its own Euler loop, no scheduler: test_krea2.py compares our schedule with "
         "tests/goldens/krea2 (ai-toolkit's pipeline.timesteps) and spies on the times the transformer receives"),
+    **dict.fromkeys(
+        ("boogu_image", "boogu_image_edit"),
+        "ai-toolkit samples Boogu-Image with its own Euler loop, no scheduler: test_boogu_image.py compares our "
+        "schedule with tests/goldens/boogu_image (ai-toolkit's boogu_time_schedule, 4 step counts and sizes) and spies "
+        "on the times the transformer receives"),
     "ideogram4": "ai-toolkit samples Ideogram 4 with its own logit-normal sigmas, no scheduler: they are in "
                  "goldens/ideogram4/schedules.json, compared (and the times the transformer receives) in "
                  "test_ideogram4.py",
@@ -118,6 +123,11 @@ NO_NOISE_GOLDEN.update(dict.fromkeys(
     "Krea 2's own loop calls no scheduler step to spy on; test_krea2.py compares the latents the first transformer call "
     "receives with the draw of ai-toolkit's Krea2Pipeline (tests/goldens/krea2)",
 ))
+NO_NOISE_GOLDEN.update(dict.fromkeys(
+    ("boogu_image", "boogu_image_edit"),
+    "Boogu-Image's own loop calls no scheduler step to spy on; test_boogu_image.py compares the latents the first "
+    "transformer call receives with the seed-42 draw of ai-toolkit's BooguImagePipeline (tests/goldens/boogu_image)",
+))
 NO_NOISE_GOLDEN["ideogram4"] = ("ai-toolkit's seed-42 Ideogram 4 draw ((1, 128, h/16, w/16) times the first sigma) is "
                                 "in goldens/ideogram4/sampling.safetensors, compared in test_ideogram4.py")
 NO_NOISE_GOLDEN["minimax_h3"] = (
@@ -144,6 +154,8 @@ AITK_DIVISOR = {
     "minimax_h3": 32, "minimax_h3_ref2va": 32,
     # Krea2Model.get_bucket_divisibility (VAE 8 x patch 2); generate_single_image floors the sample size to it
     "krea2": 16, "krea2_turbo": 16, "krea2_o_edit": 16, "krea2_o_edit_turbo": 16,
+    # BooguImageModel.get_bucket_divisibility (VAE 8 x patch 2); generate_single_image floors the sample size to it
+    "boogu_image": 16, "boogu_image_edit": 16,
 }
 NO_DIVISOR_GOLDEN = {
     "lumina2": "ai-toolkit.md §2.2 gives Lumina2's floor as the pipeline default, unverified",

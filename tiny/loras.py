@@ -11,7 +11,7 @@ import os
 import re
 
 # Module-name filter ai-toolkit applies with transformer_only: only modules inside the repeated blocks.
-BLOCK_PATTERN = re.compile(r"(^|\.)(transformer_blocks|single_transformer_blocks|blocks|layers|double_blocks|single_blocks|double_stream_blocks|single_stream_blocks)\.\d+\.")
+BLOCK_PATTERN = re.compile(r"(^|\.)(transformer_blocks|single_transformer_blocks|blocks|layers|double_blocks|single_blocks|double_stream_blocks|single_stream_blocks|double_stream_layers|single_stream_layers)\.\d+\.")
 
 TRANSFORMER_LAYOUTS = ("peft", "peft_diffusion_model", "down_up_alpha", "kohya", "lokr", "lokr_factored", "full")
 

@@ -323,12 +323,17 @@ def convert_ai_toolkit_lora(
 
 def guess_architecture(keys: Iterable[str]) -> str | None:
     """The family a LoRA's keys were written for (a registry ``LoraSignature`` label), or None. Of the signatures
-    that match, one that another matching signature refines gives way to it (SDXL over SD 1.5)."""
+    that match, one that another matching signature refines, directly or through others, gives way to it (SDXL over
+    SD 1.5; Boogu-Image over OmniGen2 and Lumina2)."""
     from ..registry import lora_signatures
 
     keys = list(keys)
     matches = [s for s in lora_signatures() if any(re.search(s.pattern, k) for k in keys)]
-    refined = {s.refines for s in matches}
+    refined = set()
+    for signature in matches:
+        while signature.refines is not None:
+            signature = signature.refines
+            refined.add(signature)
     return next((s.label for s in matches if s not in refined), None)
 
 

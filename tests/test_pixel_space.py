@@ -6,7 +6,8 @@ import math
 import torch
 
 from aitk_inference.pipelines.families.pixel_space import (
-    DctPatchEmbedder, dct_position_code, patchify_pixels, unpatchify_pixels, velocity_from_x0,
+    DctPatchEmbedder, dct_position_code, patchify_pixels, patchify_pixels_channels_last, unpatchify_pixels,
+    unpatchify_pixels_channels_last, velocity_from_x0,
 )
 
 
@@ -17,6 +18,15 @@ def test_patchify_order_and_round_trip():
     # second patch of the first row: columns 2-3 of rows 0-1, channel by channel
     assert tokens[0, 1].tolist() == [images[0, c, y, x].item() for c in range(3) for y in (0, 1) for x in (2, 3)]
     assert torch.equal(unpatchify_pixels(tokens, 4, 6, 2), images)
+
+
+def test_channels_last_patchify_order_and_round_trip():
+    images = torch.arange(2 * 3 * 4 * 6, dtype=torch.float32).reshape(2, 3, 4, 6)
+    tokens = patchify_pixels_channels_last(images, 2)
+    assert tokens.shape == (2, 6, 12)
+    # second patch of the first row: pixel by pixel (rows 0-1, columns 2-3), the three channels of each together
+    assert tokens[0, 1].tolist() == [images[0, c, y, x].item() for y in (0, 1) for x in (2, 3) for c in range(3)]
+    assert torch.equal(unpatchify_pixels_channels_last(tokens, 4, 6, 2), images)
 
 
 def test_dct_position_code_values():

@@ -2,6 +2,8 @@
 
 * :func:`patchify_pixels` / :func:`unpatchify_pixels`: images ``[B, C, H, W]`` to patch tokens ``[B, N, C*p*p]`` and
   back, channels outermost inside a patch (the ``b c (h ph) (w pw) -> b (h w) (c ph pw)`` order BFL-style models use).
+* :func:`patchify_pixels_channels_last` / :func:`unpatchify_pixels_channels_last`: the same with channels innermost
+  (``b c (h ph) (w pw) -> b (h w) (ph pw c)``, the Z-Image-style order Zeta-Chroma uses).
 * :class:`DctPatchEmbedder`: the per-pixel embedder of the "NeRF" pixel heads (Chroma Radiance, Zeta-Chroma): each
   pixel of a patch gets its channels plus a 2D cosine (DCT-like) code of its position inside the patch, projected by
   one Linear. Its parameter names (``embedder.0.weight``) are the published checkpoints'.
@@ -31,6 +33,23 @@ def unpatchify_pixels(tokens: torch.Tensor, height: int, width: int, patch_size:
     channels = features // (patch_size * patch_size)
     patches = tokens.reshape(batch, rows, cols, channels, patch_size, patch_size)
     return patches.permute(0, 3, 1, 4, 2, 5).reshape(batch, channels, height, width)
+
+
+def patchify_pixels_channels_last(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """``[B, C, H, W]`` -> ``[B, (H/p)*(W/p), p*p*C]``, patches in row-major order, channels fastest inside a patch."""
+    batch, channels, height, width = images.shape
+    rows, cols = height // patch_size, width // patch_size
+    patches = images.reshape(batch, channels, rows, patch_size, cols, patch_size)
+    return patches.permute(0, 2, 4, 3, 5, 1).reshape(batch, rows * cols, patch_size * patch_size * channels)
+
+
+def unpatchify_pixels_channels_last(tokens: torch.Tensor, height: int, width: int, patch_size: int) -> torch.Tensor:
+    """Inverse of :func:`patchify_pixels_channels_last` for an image of ``height`` x ``width`` pixels."""
+    batch, _, features = tokens.shape
+    rows, cols = height // patch_size, width // patch_size
+    channels = features // (patch_size * patch_size)
+    patches = tokens.reshape(batch, rows, cols, patch_size, patch_size, channels)
+    return patches.permute(0, 5, 1, 3, 2, 4).reshape(batch, channels, height, width)
 
 
 def dct_position_code(patch_size: int, max_freqs: int, device=None) -> torch.Tensor:

@@ -6,7 +6,7 @@ import math
 import torch
 
 from aitk_inference.pipelines.families.pixel_space import (
-    DctPatchEmbedder, dct_position_code, patchify_pixels, patchify_pixels_channels_last, unpatchify_pixels,
+    DctPatchEmbedder, dct_features, dct_position_code, patchify_pixels, patchify_pixels_channels_last, unpatchify_pixels,
     unpatchify_pixels_channels_last, velocity_from_x0,
 )
 
@@ -56,3 +56,12 @@ def test_velocity_from_x0_with_a_time_floor():
     velocity = velocity_from_x0(noisy, x0, torch.tensor([0.5, 0.01]), min_time=0.05)
     assert torch.allclose(velocity[0], torch.full((1, 2, 2), 4.0))
     assert torch.allclose(velocity[1], torch.full((1, 2, 2), 40.0))
+
+
+def test_dct_features_feed_the_embedder_linear():
+    embedder = DctPatchEmbedder(3, 8, 4)
+    pixels = torch.randn(2, 16, 3).to(torch.bfloat16)
+    features = dct_features(pixels, 4)
+    assert features.dtype == torch.float32 and features.shape == (2, 16, 3 + 16)
+    expected = embedder(pixels)
+    assert torch.equal(embedder.embedder(features).to(torch.bfloat16), expected)

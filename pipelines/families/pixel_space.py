@@ -7,6 +7,7 @@
 * :class:`DctPatchEmbedder`: the per-pixel embedder of the "NeRF" pixel heads (Chroma Radiance, Zeta-Chroma): each
   pixel of a patch gets its channels plus a 2D cosine (DCT-like) code of its position inside the patch, projected by
   one Linear. Its parameter names (``embedder.0.weight``) are the published checkpoints'.
+* :func:`dct_features`: the float32 input of that Linear, for a caller that runs the Linear as a module (LoRA adapters).
 * :func:`velocity_from_x0`: turns a clean-image (x0) prediction into the flow velocity an Euler step takes.
 """
 
@@ -62,6 +63,14 @@ def dct_position_code(patch_size: int, max_freqs: int, device=None) -> torch.Ten
     freqs_x, freqs_y = freqs.view(1, -1, 1), freqs.view(1, 1, -1)
     code = torch.cos(x * freqs_x * math.pi) * torch.cos(y * freqs_y * math.pi) * (1 + freqs_x * freqs_y) ** -1
     return code.reshape(1, patch_size * patch_size, max_freqs * max_freqs)
+
+
+def dct_features(pixels: torch.Tensor, max_freqs: int) -> torch.Tensor:
+    """What :class:`DctPatchEmbedder`'s Linear reads: ``[B', p*p, C]`` pixels in float32 followed by their
+    :func:`dct_position_code`, ``[B', p*p, C + max_freqs**2]`` (for callers that run the Linear as a module)."""
+    batch, pixels_per_patch, _ = pixels.shape
+    code = dct_position_code(math.isqrt(pixels_per_patch), max_freqs, pixels.device).expand(batch, -1, -1)
+    return torch.cat([pixels.float(), code], dim=-1)
 
 
 class DctPatchEmbedder(nn.Module):

@@ -256,6 +256,7 @@ def load_transformer_file(path: str, torch_dtype, architecture: dict | None = No
         transformer = ZetaChromaTransformer2DModel(**{**(architecture or {}), "use_x0": X0_MARKER in state})
     state = {name: tensor.to(torch_dtype) for name, tensor in state.items()}
     transformer.load_state_dict(state, strict=True, assign=True)
+    transformer.dec_net.input_embedder.float()  # the model's float32 module (_keep_in_fp32_modules)
     return transformer.eval()
 
 

@@ -178,6 +178,43 @@ def test_single_file_checkpoint_loads_with_x0_detection(tmp_path):
             torch.testing.assert_close(model(**inputs), data[expected], rtol=0, atol=ATOL, msg=name)
 
 
+def test_hub_file_path_as_ai_toolkit_accepts_it(monkeypatch):
+    """``owner/repo/file.safetensors`` (ai-toolkit's UI default) downloads that file; a repo id, the default file."""
+    import huggingface_hub
+
+    from aitk_inference.pipelines.families.zeta_chroma import resolve_transformer_file
+
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                        lambda repo_id, filename: asked.append((repo_id, filename)) or "/cache/file")
+    assert resolve_transformer_file("lodestones/Zeta-Chroma/other.safetensors", "default.safetensors") == "/cache/file"
+    resolve_transformer_file("lodestones/Zeta-Chroma", "default.safetensors")
+    assert asked == [("lodestones/Zeta-Chroma", "other.safetensors"), ("lodestones/Zeta-Chroma", "default.safetensors")]
+
+
+def test_bfloat16_draws_the_noise_in_the_model_dtype(load_tiny):
+    """ai-toolkit draws the noise in the transformer's dtype and keeps the latents there; the DCT embedder's Linear
+    stays float32 (as ai-toolkit's embedder leaves itself)."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    pipeline = load_tiny("zeta_chroma", dtype="bf16")
+    model = pipeline.pipe.transformer
+    assert model.dec_net.input_embedder.embedder[0].weight.dtype == torch.float32
+    assert model.x_embedder.weight.dtype == torch.bfloat16
+    seen = []
+    original = model.forward
+
+    def spy(**kwargs):
+        seen.append(kwargs["img"].clone())
+        return original(**kwargs)
+
+    model.forward = spy
+    result = pipeline.generate("a photo", width=64, height=64, steps=2, guidance=1.0, seed=42)
+    expected = randn_tensor((1, 4, 3072), generator=torch.Generator().manual_seed(42), dtype=torch.bfloat16)
+    assert seen[0].dtype == torch.bfloat16 and torch.equal(seen[0], expected)
+    assert np.isfinite(result.images).all()
+
+
 @pytest.mark.parametrize("mode", ["dynamic", "fused"])
 @pytest.mark.parametrize("variant", ["lora_r4_a2", "lokr_default", "lora_all_r4_a4"])
 def test_ai_toolkit_lora_file_matches_every_module_and_its_outputs(variant, mode, report):

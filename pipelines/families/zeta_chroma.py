@@ -16,8 +16,8 @@ what ai-toolkit's loop does:
 * **The text mask is a bias, not a mask.** ai-toolkit's sampler casts the prompt's 0/1 mask to the model dtype
   before the pipeline sees it, and the transformer adds a floating-point mask to the attention logits instead of
   masking: real tokens (text and image) get +1, padding +0, so the padded text tokens are attended with a relative
-  bias of -1. The transformer's output depends on the padding, and we reproduce it (the model was trained with
-  masking, a boolean mask; our transformer takes both kinds).
+  bias of -1. The transformer's output depends on the padding, and we reproduce it (our transformer takes a boolean
+  mask too, which masks the padding out).
 * **Initial noise.** ``randn(B, N, 3072)`` in the transformer's dtype from the seeded CPU generator, drawn in patch
   layout; the latents stay in that dtype.
 * **Schedule** (no scheduler object): ``N + 1`` times from ``linspace(1, 0, N + 1)`` (float32), shifted by

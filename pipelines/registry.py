@@ -380,6 +380,16 @@ class Ideogram4Options:
     text_encoder: str = "Qwen/Qwen3-VL-8B-Instruct"
 
 
+@dataclass(frozen=True)
+class ZetaChromaOptions:
+    """Where ai-toolkit's ``zeta_chroma`` finds its parts: ``transformer_file``, the checkpoint file it loads from the
+    base repo or folder when the base names no file; ``text_encoder``, the hub repo whose ``text_encoder/`` (Qwen3) and
+    ``tokenizer/`` it uses (its ``extras_name_or_path``, Z-Image-Turbo in its UI preset)."""
+
+    transformer_file: str = "zeta-chroma-base-x0-pixel-dino-distance.safetensors"
+    text_encoder: str = "Tongyi-MAI/Z-Image-Turbo"
+
+
 # ---------------------------------------------------------------------------------------------------------- the spec
 GUIDANCE_KINDS = ("distilled", "cfg", "true_cfg")
 #: how LoRAs are applied: live PEFT adapters or merged into the weights (see ``lora.stack``)
@@ -567,6 +577,9 @@ BOOGU_IMAGE_NAMES = LoraSignature("Boogu-Image", r"(^|\.)(double_stream_layers|s
 # `adaLN_modulation`) mark them.
 IDEOGRAM4_NAMES = LoraSignature("Ideogram 4", r"(^|\.)layers\.\d+\.(attention\.qkv|adaln_modulation)\.|(^|\.)llm_cond_proj\.",
                                 refines=ZIMAGE_NAMES)
+# Zeta-Chroma's transformer blocks have Z-Image's names (and, in the real models, shapes): a file of `layers.N` modules
+# only (ai-toolkit's default) cannot be told apart; its DCT pixel head (`dec_net.`) marks a whole-model file.
+ZETA_CHROMA_NAMES = LoraSignature("Zeta-Chroma", r"(^|\.)dec_net\.", refines=ZIMAGE_NAMES)
 # MiniMax-H3: original names (fused attn.qkv_proj, adaln_proj in every block, the text token refiner) or diffusers'.
 MINIMAX_H3_NAMES = LoraSignature("MiniMax-H3", r"(^|\.)(blocks\.\d+\.(attn\.qkv_proj|adaln_proj\.linear)|"
                                  r"token_refiner\.(blocks|refiner_blocks)\.\d+\.|transformer_blocks\.\d+\.adaln_proj\.)")
@@ -940,6 +953,21 @@ REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
             "from ostris/Flex.1-alpha; x0-prediction Radiance files, which ai-toolkit cannot load, are refused. "
             "Defaults from ai-toolkit's Chroma example config (25 steps, guidance 4, 1024x1024): the arch is not in "
             "its UI. Divisor 16, the patch size (ai-toolkit's pipeline floors to 2 only).",
+        ),
+        ModelSpec(
+            model_id="zeta_chroma", family="zeta_chroma:ZetaChromaFamilyPipeline", pipeline_class="ZetaChromaPipeline",
+            base="lodestones/Zeta-Chroma", steps=30, guidance=4.0, divisor=32, tiny="zeta_chroma:build_zeta_chroma",
+            aitk_archs=(AitkArch("zeta_chroma"),), lora_signatures=(ZETA_CHROMA_NAMES,), options=ZetaChromaOptions(),
+            notes="Pixel space (no VAE, 32x32 patches as tokens), our own transformer (the checkpoint's names) in "
+            "ai-toolkit's own preview loop: x0 prediction turned into a velocity, Euler steps on flow times "
+            "linspace(1, 0, N+1) shifted with mu linear in the patch count (0.5 at 256, 1.15 at 4096), unshifted "
+            "when steps <= 8 and guidance <= 1; CFG n + g(p - n) above guidance 1 with the negative prompt (an empty "
+            "one is encoded). Qwen3 chat-template prompts padded to 512 tokens, second-to-last hidden state; the "
+            "image's rope positions start after the longer of prompt and negative. Initial noise randn in the model "
+            "dtype, drawn in patch layout. Base: the single file zeta-chroma-base-x0-pixel-dino-distance.safetensors "
+            "of lodestones/Zeta-Chroma (or a local file or folder), text encoder and tokenizer from "
+            "Tongyi-MAI/Z-Image-Turbo. Steps 30 and guidance 4 are ai-toolkit's UI sample defaults (its Zeta Chroma "
+            "preset sets none). LoRAs: diffusion_model. + the checkpoint's names (PEFT or LoKr).",
         ),
         ModelSpec(
             model_id="anima", family="anima:AnimaFamilyPipeline", pipeline_class="AnimaModularPipeline",

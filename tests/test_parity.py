@@ -77,6 +77,10 @@ NO_SCHEDULER_GOLDEN = {
                        "scheduler's state; 5 sizes and step counts, tests/goldens/chroma_radiance/report.json) are "
                        "compared in test_chroma_radiance.py test_schedule_matches_ai_toolkit, and the flow times the "
                        "transformer gets in its whole generations",
+    "zeta_chroma": "ai-toolkit samples Zeta-Chroma with its own loop and its own two schedules (shifted by the patch "
+                   "count, or unshifted at <= 8 steps and guidance <= 1), no scheduler: they are in "
+                   "goldens/zeta_chroma/report.json, compared (and the times the transformer receives) in "
+                   "test_zeta_chroma.py",
 }
 # Where ai-toolkit's scheduler object samples with another shift than its recorded config states: id -> golden file
 # with that object's state (MANIFEST §6).
@@ -138,6 +142,11 @@ NO_NOISE_GOLDEN["minimax_h3_ref2va"] = (
     "as minimax_h3, with one noise draw per reference first; test_minimax_h3.py compares the seed-42 rows with "
     "ai-toolkit's own ref2va sampler"
 )
+NO_NOISE_GOLDEN["zeta_chroma"] = (
+    "pixel space: ai-toolkit draws randn(B, patches, 3072) in the model dtype, in patch layout, which "
+    "initial_noise.safetensors does not hold; test_zeta_chroma.py compares the seed-42 draw with ai-toolkit's own "
+    "generation (goldens/zeta_chroma)"
+)
 NOISE_SIZES = [(64, 64), (512, 768)]  # (W, H) as in the golden keys
 
 # ai-toolkit's size floor per family (ai-toolkit.md §2.2; 8 = only GenerateImageConfig's floor).
@@ -152,6 +161,7 @@ AITK_DIVISOR = {
     # last partial patch out of the patch tokens
     "chroma_radiance": 16,
     "minimax_h3": 32, "minimax_h3_ref2va": 32,
+    "zeta_chroma": 32,  # ZetaChromaModel.get_bucket_divisibility (patch 32); generate_single_image floors to it
     # Krea2Model.get_bucket_divisibility (VAE 8 x patch 2); generate_single_image floors the sample size to it
     "krea2": 16, "krea2_turbo": 16, "krea2_o_edit": 16, "krea2_o_edit_turbo": 16,
     # BooguImageModel.get_bucket_divisibility (VAE 8 x patch 2); generate_single_image floors the sample size to it

@@ -6,7 +6,8 @@ import math
 import torch
 
 from aitk_inference.pipelines.families.pixel_space import (
-    DctPatchEmbedder, dct_position_code, patchify_pixels, unpatchify_pixels, velocity_from_x0,
+    DctPatchEmbedder, dct_features, dct_position_code, patchify_pixels, patchify_pixels_channels_last, unpatchify_pixels,
+    unpatchify_pixels_channels_last, velocity_from_x0,
 )
 
 
@@ -17,6 +18,15 @@ def test_patchify_order_and_round_trip():
     # second patch of the first row: columns 2-3 of rows 0-1, channel by channel
     assert tokens[0, 1].tolist() == [images[0, c, y, x].item() for c in range(3) for y in (0, 1) for x in (2, 3)]
     assert torch.equal(unpatchify_pixels(tokens, 4, 6, 2), images)
+
+
+def test_channels_last_patchify_order_and_round_trip():
+    images = torch.arange(2 * 3 * 4 * 6, dtype=torch.float32).reshape(2, 3, 4, 6)
+    tokens = patchify_pixels_channels_last(images, 2)
+    assert tokens.shape == (2, 6, 12)
+    # second patch of the first row: pixel by pixel (rows 0-1, columns 2-3), the three channels of each together
+    assert tokens[0, 1].tolist() == [images[0, c, y, x].item() for y in (0, 1) for x in (2, 3) for c in range(3)]
+    assert torch.equal(unpatchify_pixels_channels_last(tokens, 4, 6, 2), images)
 
 
 def test_dct_position_code_values():
@@ -49,3 +59,12 @@ def test_velocity_from_x0_with_a_time_floor():
     velocity = velocity_from_x0(noisy, x0, torch.tensor([0.5, 0.01]), min_time=0.05)
     assert torch.allclose(velocity[0], torch.full((1, 2, 2), 4.0))
     assert torch.allclose(velocity[1], torch.full((1, 2, 2), 40.0))
+
+
+def test_dct_features_feed_the_embedder_linear():
+    embedder = DctPatchEmbedder(3, 8, 4)
+    pixels = torch.randn(2, 16, 3).to(torch.bfloat16)
+    features = dct_features(pixels, 4)
+    assert features.dtype == torch.float32 and features.shape == (2, 16, 3 + 16)
+    expected = embedder(pixels)
+    assert torch.equal(embedder.embedder(features).to(torch.bfloat16), expected)

@@ -30,23 +30,28 @@ def zimage_transformer(seed: int = 0):
     return transformer
 
 
-def zimage_components(transformer=None) -> dict:
+def zimage_text_encoder(tokenizer):
+    """Z-Image's tiny Qwen3 text model (2 layers, width 16), ``torch.manual_seed(0)`` init; Zeta-Chroma uses it too."""
     import torch
-    from diffusers import FlowMatchEulerDiscreteScheduler
     from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(0)
+    return Qwen3Model(Qwen3Config(
+        hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+        vocab_size=len(tokenizer), max_position_embeddings=512, bos_token_id=None, eos_token_id=None,
+    )).eval()
+
+
+def zimage_components(transformer=None) -> dict:
+    from diffusers import FlowMatchEulerDiscreteScheduler
 
     from ..pipelines.registry import ZIMAGE_FLOWMATCH
 
     tokenizer = qwen_tokenizer()
-    torch.manual_seed(0)
-    text_encoder = Qwen3Model(Qwen3Config(
-        hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-        vocab_size=len(tokenizer), max_position_embeddings=512, bos_token_id=None, eos_token_id=None,
-    )).eval()
     return {
         "scheduler": FlowMatchEulerDiscreteScheduler.from_config(ZIMAGE_FLOWMATCH),
         "vae": flux_vae(),
-        "text_encoder": text_encoder,
+        "text_encoder": zimage_text_encoder(tokenizer),
         "tokenizer": tokenizer,
         "transformer": transformer if transformer is not None else zimage_transformer(),
     }

@@ -2,9 +2,12 @@
 
 * :func:`patchify_pixels` / :func:`unpatchify_pixels`: images ``[B, C, H, W]`` to patch tokens ``[B, N, C*p*p]`` and
   back, channels outermost inside a patch (the ``b c (h ph) (w pw) -> b (h w) (c ph pw)`` order BFL-style models use).
+* :func:`patchify_pixels_channels_last` / :func:`unpatchify_pixels_channels_last`: the same with channels innermost
+  (``b c (h ph) (w pw) -> b (h w) (ph pw c)``, the Z-Image-style order Zeta-Chroma uses).
 * :class:`DctPatchEmbedder`: the per-pixel embedder of the "NeRF" pixel heads (Chroma Radiance, Zeta-Chroma): each
   pixel of a patch gets its channels plus a 2D cosine (DCT-like) code of its position inside the patch, projected by
   one Linear. Its parameter names (``embedder.0.weight``) are the published checkpoints'.
+* :func:`dct_features`: the float32 input of that Linear, for a caller that runs the Linear as a module (LoRA adapters).
 * :func:`velocity_from_x0`: turns a clean-image (x0) prediction into the flow velocity an Euler step takes.
 """
 
@@ -33,6 +36,23 @@ def unpatchify_pixels(tokens: torch.Tensor, height: int, width: int, patch_size:
     return patches.permute(0, 3, 1, 4, 2, 5).reshape(batch, channels, height, width)
 
 
+def patchify_pixels_channels_last(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """``[B, C, H, W]`` -> ``[B, (H/p)*(W/p), p*p*C]``, patches in row-major order, channels fastest inside a patch."""
+    batch, channels, height, width = images.shape
+    rows, cols = height // patch_size, width // patch_size
+    patches = images.reshape(batch, channels, rows, patch_size, cols, patch_size)
+    return patches.permute(0, 2, 4, 3, 5, 1).reshape(batch, rows * cols, patch_size * patch_size * channels)
+
+
+def unpatchify_pixels_channels_last(tokens: torch.Tensor, height: int, width: int, patch_size: int) -> torch.Tensor:
+    """Inverse of :func:`patchify_pixels_channels_last` for an image of ``height`` x ``width`` pixels."""
+    batch, _, features = tokens.shape
+    rows, cols = height // patch_size, width // patch_size
+    channels = features // (patch_size * patch_size)
+    patches = tokens.reshape(batch, rows, cols, patch_size, patch_size, channels)
+    return patches.permute(0, 5, 1, 3, 2, 4).reshape(batch, channels, height, width)
+
+
 def dct_position_code(patch_size: int, max_freqs: int, device=None) -> torch.Tensor:
     """``[1, p*p, max_freqs**2]`` float32: ``cos(pi fx x) cos(pi fy y) / (1 + fx fy)`` for x, y in ``[0, 1]`` on the
     patch's pixel grid (row-major) and frequencies ``0 .. max_freqs - 1``."""
@@ -43,6 +63,14 @@ def dct_position_code(patch_size: int, max_freqs: int, device=None) -> torch.Ten
     freqs_x, freqs_y = freqs.view(1, -1, 1), freqs.view(1, 1, -1)
     code = torch.cos(x * freqs_x * math.pi) * torch.cos(y * freqs_y * math.pi) * (1 + freqs_x * freqs_y) ** -1
     return code.reshape(1, patch_size * patch_size, max_freqs * max_freqs)
+
+
+def dct_features(pixels: torch.Tensor, max_freqs: int) -> torch.Tensor:
+    """What :class:`DctPatchEmbedder`'s Linear reads: ``[B', p*p, C]`` pixels in float32 followed by their
+    :func:`dct_position_code`, ``[B', p*p, C + max_freqs**2]`` (for callers that run the Linear as a module)."""
+    batch, pixels_per_patch, _ = pixels.shape
+    code = dct_position_code(math.isqrt(pixels_per_patch), max_freqs, pixels.device).expand(batch, -1, -1)
+    return torch.cat([pixels.float(), code], dim=-1)
 
 
 class DctPatchEmbedder(nn.Module):

@@ -271,6 +271,15 @@ class ZImageOptions:
 
 
 @dataclass(frozen=True)
+class ZImageL2POptions:
+    """``extras``: hub repo or folder of the text encoder, tokenizer and scheduler that go with the single-file L2P
+    checkpoint; ``checkpoint_file``: that file's name in the base repo."""
+
+    extras: str
+    checkpoint_file: str
+
+
+@dataclass(frozen=True)
 class Flux2Options:
     """``text_encoder_out_layers``: the text encoder's hidden-state layers stacked into the prompt embedding."""
 
@@ -736,6 +745,16 @@ REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
                options=ZImageOptions(transformer="ostris/Z-Image-De-Turbo"),
                notes="Text encoder, tokenizer and VAE come from `base` (Z-Image-Turbo); the transformer from "
                "ostris/Z-Image-De-Turbo, or from `<base>/de_turbo_transformer` when a local base folder has one. "
+               + _ZIMAGE_NOTES),
+        ZIMAGE("zimage_l2p", family="zimage_l2p:ZImageL2PFamilyPipeline", pipeline_class="ZImageL2PPipeline",
+               base="zhen-nan/L2P", tiny="zimage_l2p:build_zimage_l2p", aitk_archs=(AitkArch("zimage_l2p"),),
+               options=ZImageL2POptions(extras="Tongyi-MAI/Z-Image-Turbo", checkpoint_file="model-1k-merge.safetensors"),
+               notes="Pixel space (no VAE): Z-Image's transformer embeds 16x16 RGB patches and a small U-Net "
+               "(local_decoder) turns its image tokens and the noisy image into the prediction; the loop is "
+               "ZImagePipeline's on [-1, 1] pixels, initial noise randn(1, 3, H, W) in float32. The transformer comes "
+               "from the base's single file model-1k-merge.safetensors, the text encoder and tokenizer from "
+               "Tongyi-MAI/Z-Image-Turbo, as ai-toolkit loads them. Defaults are Z-Image's (ai-toolkit has no L2P "
+               "preset). LoRAs: diffusion_model. + Z-Image names (the main layers only), so Z-Image LoRAs fit too. "
                + _ZIMAGE_NOTES),
         ModelSpec(
             model_id="lumina2", family="lumina2:Lumina2FamilyPipeline", pipeline_class="Lumina2Pipeline",

@@ -25,7 +25,7 @@ SCHEDULER_GOLDEN = {
     "lumina2": "lumina2",
     "qwen_image": "qwen_image", "qwen_image_2512": "qwen_image", "qwen_image_edit": "qwen_image",
     "qwen_image_edit_plus": "qwen_image", "qwen_image_edit_plus_2511": "qwen_image",
-    "zimage": "zimage", "zimage_turbo": "zimage", "zimage_deturbo": "zimage",
+    "zimage": "zimage", "zimage_turbo": "zimage", "zimage_deturbo": "zimage", "zimage_l2p": "zimage",
     "wan21_14b": "wan21", "wan21_1b": "wan21", "wan21_i2v_14b": "wan21", "wan21_i2v_14b480p": "wan21",
     "flux2": "flux2", "flux2_diffusers": "flux2", "flux2_klein_4b": "flux2", "flux2_klein_9b": "flux2",
     "cogview4": "cogview4",
@@ -99,6 +99,11 @@ NO_NOISE_GOLDEN["prx_pixel"] = (
     "pixel space: ai-toolkit's draw is randn(1, 3, H, W) * 2.0 in float32, a layout initial_noise.safetensors does not "
     "hold; test_prx_pixel.py compares it with ai-toolkit's own generations (goldens/prx_pixel, seed 42, fp32 and bf16)"
 )
+NO_NOISE_GOLDEN["zimage_l2p"] = (
+    "pixel space: ai-toolkit's draw is ZImagePipeline's randn(1, 3, H, W) in float32, a layout "
+    "initial_noise.safetensors does not hold; test_zimage_l2p.py compares it with the first transformer input of "
+    "ai-toolkit's own previews (goldens/zimage_l2p, seed 42, 64x64 and 96x64)"
+)
 NO_NOISE_GOLDEN["anima"] = (
     "Anima draws a 5-D (B, 16, 1, H/8, W/8) latent; tests/test_anima.py compares it bit for bit with ai-toolkit's own "
     "draw (goldens/anima) and with FLUX.1's unpacked float32 draw here, which holds the same numbers"
@@ -123,7 +128,7 @@ NOISE_SIZES = [(64, 64), (512, 768)]  # (W, H) as in the golden keys
 # ai-toolkit's size floor per family (ai-toolkit.md §2.2; 8 = only GenerateImageConfig's floor).
 AITK_DIVISOR = {
     "flux": 16, "flex1": 16, "flux_kontext": 16, "flex2": 16, "chroma": 16, "flux2": 16, "flux2_diffusers": 16,
-    "flux2_klein_4b": 16, "flux2_klein_9b": 16, "zimage": 16, "zimage_turbo": 16, "zimage_deturbo": 16, "qwen_image": 32,
+    "flux2_klein_4b": 16, "flux2_klein_9b": 16, "zimage": 16, "zimage_turbo": 16, "zimage_deturbo": 16, "zimage_l2p": 16, "qwen_image": 32,
     "qwen_image_2512": 32, "qwen_image_edit": 32, "qwen_image_edit_plus": 32, "qwen_image_edit_plus_2511": 32,
     "ltx2": 32, "ltx2.3": 32, "ltx2.5": 32, "wan22_5b": 32, "wan21_14b": 16, "wan21_1b": 16, "wan21_i2v_14b": 16,
     "wan21_i2v_14b480p": 16, "wan22_14b_t2v": 16, "wan22_14b_i2v": 16, "sd15": 8, "sdxl": 8, "hidream": 16,

@@ -20,9 +20,14 @@ def zimage_l2p_transformer(seed: int = 0, **config):
 
     torch.manual_seed(seed)
     transformer = ZImageL2PTransformer2DModel(**{**TRANSFORMER_CONFIG, **config})
-    with torch.no_grad():  # the pad tokens are torch.empty-initialised: make them finite and deterministic
-        transformer.x_pad_token.fill_(1.0)
-        transformer.cap_pad_token.fill_(1.0)
+    # redrawn so the trunk (where LoRAs act) visibly moves the decoder's output; the stock init leaves it nearly mute,
+    # and the pad tokens are torch.empty-initialised
+    with torch.no_grad():
+        for name, parameter in transformer.named_parameters():
+            if parameter.dim() >= 2:
+                parameter.normal_(0.0, parameter[0].numel() ** -0.5)
+            else:
+                parameter.normal_(1.0 if "norm" in name else 0.0, 0.1)
     return transformer
 
 

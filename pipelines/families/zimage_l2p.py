@@ -205,8 +205,8 @@ def load_l2p_transformer(path: str, torch_dtype) -> ZImageL2PTransformer2DModel:
     in_channels = state["local_decoder.enc1.0.weight"].shape[1]
     with init_empty_weights():
         transformer = ZImageL2PTransformer2DModel(in_channels=in_channels)
-    transformer.load_state_dict(state, strict=True, assign=True)
-    return transformer.to(torch_dtype)
+    transformer.load_state_dict(state, strict=True, assign=True)  # no buffers: every tensor comes from the file
+    return transformer
 
 
 class ZImageL2PFamilyPipeline(ZImageFamilyPipeline):

@@ -535,6 +535,7 @@ ERNIE_IMAGE_NAMES = LoraSignature("ERNIE-Image", r"(^|\.)layers\.\d+\.(self_atte
 NUCLEUS_NAMES = LoraSignature("Nucleus-Image",
                               r"transformer_blocks\.\d+\.(encoder_proj|img_mlp\.(gate|shared_expert|experts))",
                               refines=QWEN_NAMES)
+F_LITE_NAMES = LoraSignature("F-Lite", r"(^|\.)blocks\.\d+\.(self_attn\.qkv|cross_attn\.context_kv)")
 PRX_NAMES = LoraSignature("PRXPixel", r"(^|\.)blocks\.\d+\.attention\.(img_qkv_proj|txt_kv_proj)")
 KREA2_NAMES = LoraSignature("Krea 2", r"(^|\.)(blocks\.\d+\.attn\.wq|txtfusion\.|transformer_blocks\.\d+\.attn\.to_gate)")
 # Ideogram 4 files share Z-Image's `layers.N.feed_forward.w1`; its fused `attention.qkv` and `adaln_modulation` (Z-Image:
@@ -889,6 +890,19 @@ REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
             "Euler step. Initial noise randn * 2.0 in float32. FlowMatch Euler, static shift 3.0. Qwen3-VL prompts "
             "padded to 256 tokens, not cleaned; no aspect-ratio binning. Defaults are ai-toolkit's PRXPixel example "
             "(28 steps, guidance 5.0). LoRAs: diffusion_model. + diffusers names (PEFT or LoKr).",
+        ),
+        ModelSpec(
+            model_id="f_lite", family="f_lite:FLiteFamilyPipeline", pipeline_class="FLitePipeline",
+            base="Freepik/F-Lite", steps=30, guidance=6.0, divisor=16, scheduler=None, tiny="f_lite:build_f_lite",
+            aitk_archs=(AitkArch("f-lite"),), lora_signatures=(F_LITE_NAMES,), lora_components=("dit_model",),
+            notes="fal's own DiT (no diffusers class; ours, with the checkpoint's names) sampled with F-Lite's own "
+            "loop as ai-toolkit does: t = i/N warped by a t / (1 + (a - 1) t), a = 2 sqrt(latent area / 4096), Euler "
+            "steps accumulated in the model dtype; CFG u + g(c - u) in one batched pass whenever guidance >= 1 "
+            "(only the conditional pass below 1), the negative prompt encoded (an empty one too). ai-toolkit's "
+            "FlowMatch scheduler with dynamic shifting is its training scheduler, unused by previews. T5 hidden state "
+            "-8 through the final layer norm, 512 tokens, no mask. Noise randn(1, 16, H/8, W/8) in the model dtype. "
+            "Defaults are F-Lite's pipeline defaults (30 steps, guidance 6.0; ai-toolkit has no F-Lite preset). "
+            "LoRAs: diffusion_model. + the DiT's names (every Linear).",
         ),
         ModelSpec(
             model_id="anima", family="anima:AnimaFamilyPipeline", pipeline_class="AnimaModularPipeline",

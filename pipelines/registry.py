@@ -535,7 +535,9 @@ ERNIE_IMAGE_NAMES = LoraSignature("ERNIE-Image", r"(^|\.)layers\.\d+\.(self_atte
 NUCLEUS_NAMES = LoraSignature("Nucleus-Image",
                               r"transformer_blocks\.\d+\.(encoder_proj|img_mlp\.(gate|shared_expert|experts))",
                               refines=QWEN_NAMES)
-F_LITE_NAMES = LoraSignature("F-Lite", r"(^|\.)blocks\.\d+\.(self_attn\.qkv|cross_attn\.context_kv)")
+# F-Lite's `blocks.N.self_attn.` / `cross_attn.` match the original Wan names too; its fused qkv and context_kv mark it.
+F_LITE_NAMES = LoraSignature("F-Lite", r"(^|\.)blocks\.\d+\.(self_attn\.qkv|cross_attn\.context_kv)",
+                             refines=WAN_ORIGINAL)
 PRX_NAMES = LoraSignature("PRXPixel", r"(^|\.)blocks\.\d+\.attention\.(img_qkv_proj|txt_kv_proj)")
 KREA2_NAMES = LoraSignature("Krea 2", r"(^|\.)(blocks\.\d+\.attn\.wq|txtfusion\.|transformer_blocks\.\d+\.attn\.to_gate)")
 # Ideogram 4 files share Z-Image's `layers.N.feed_forward.w1`; its fused `attention.qkv` and `adaln_modulation` (Z-Image:

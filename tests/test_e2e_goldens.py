@@ -72,6 +72,9 @@ NO_E2E_GOLDEN_YET = {
                   "drops a saved config and builds the released 3840-wide model, and its single-file path builds that "
                   "size too: a tiny job cannot load. test_zimage_l2p.py compares three whole seed-42 previews of "
                   "ai-toolkit's generate_images (pixels and 8-bit PNG) on components set as its load_model sets them",
+    "f_lite": "not made yet: ai-toolkit's FLiteModel loads the tiny f_lite folder as it is (test_f_lite.py runs its "
+              "generate_images on it: four whole seed-42 previews, 8-bit PNG compared), but no job folder went through "
+              "BaseSDTrainProcess.sample and reproduce yet",
 }
 
 

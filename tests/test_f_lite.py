@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = os.path.join(GOLDENS_DIR, "f_lite")
 ATOL = 1e-5  # float32
-LORA_ATOL = 2e-6  # ai-toolkit's own live and merged outputs differ by up to 1.4e-6 (outputs up to about 5)
+LORA_ATOL = 5e-6  # float32 rounding on outputs up to about 4 (ai-toolkit's own live and merged outputs differ by 1.4e-6)
 
 
 def golden(name="generation.safetensors"):

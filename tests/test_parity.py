@@ -62,6 +62,9 @@ NO_SCHEDULER_GOLDEN = {
     "ideogram4": "ai-toolkit samples Ideogram 4 with its own logit-normal sigmas, no scheduler: they are in "
                  "goldens/ideogram4/schedules.json, compared (and the times the transformer receives) in "
                  "test_ideogram4.py",
+    "f_lite": "ai-toolkit samples F-Lite with its pipeline's own loop, no scheduler (t = i/N warped by a t / (1 + (a - 1) "
+              "t)): test_f_lite.py compares the times the DiT receives at every step with ai-toolkit's own previews "
+              "(goldens/f_lite: 2 steps at 64x64, 3 steps at 96x64)",
     "minimax_h3": "two schedules (video shift 12, audio remapped onto shift 3) on MiniMaxH3Scheduler, not a FlowMatch "
                   "config; ai-toolkit's sigmas are in goldens/minimax_h3/minimax_h3_schedules.json and every step's "
                   "per-row timesteps in its sampling goldens, compared in test_minimax_h3.py",
@@ -104,6 +107,11 @@ NO_NOISE_GOLDEN["zimage_l2p"] = (
     "initial_noise.safetensors does not hold; test_zimage_l2p.py compares it with the first transformer input of "
     "ai-toolkit's own previews (goldens/zimage_l2p, seed 42, 64x64 and 96x64)"
 )
+NO_NOISE_GOLDEN["f_lite"] = (
+    "F-Lite's loop calls no scheduler step to spy on and draws randn(1, 16, H/8, W/8) in the model dtype; "
+    "test_f_lite.py compares the first DiT input with ai-toolkit's own previews (goldens/f_lite, seed 42, 64x64 and "
+    "96x64)"
+)
 NO_NOISE_GOLDEN["anima"] = (
     "Anima draws a 5-D (B, 16, 1, H/8, W/8) latent; tests/test_anima.py compares it bit for bit with ai-toolkit's own "
     "draw (goldens/anima) and with FLUX.1's unpacked float32 draw here, which holds the same numbers"
@@ -132,7 +140,7 @@ AITK_DIVISOR = {
     "qwen_image_2512": 32, "qwen_image_edit": 32, "qwen_image_edit_plus": 32, "qwen_image_edit_plus_2511": 32,
     "ltx2": 32, "ltx2.3": 32, "ltx2.5": 32, "wan22_5b": 32, "wan21_14b": 16, "wan21_1b": 16, "wan21_i2v_14b": 16,
     "wan21_i2v_14b480p": 16, "wan22_14b_t2v": 16, "wan22_14b_i2v": 16, "sd15": 8, "sdxl": 8, "hidream": 16,
-    "omnigen2": 16, "ernie_image": 32, "nucleus_image": 32, "prx_pixel": 16, "anima": 32, "ideogram4": 16,
+    "omnigen2": 16, "ernie_image": 32, "nucleus_image": 32, "prx_pixel": 16, "f_lite": 16, "anima": 32, "ideogram4": 16,
     "minimax_h3": 32, "minimax_h3_ref2va": 32,
     # Krea2Model.get_bucket_divisibility (VAE 8 x patch 2); generate_single_image floors the sample size to it
     "krea2": 16, "krea2_turbo": 16, "krea2_o_edit": 16, "krea2_o_edit_turbo": 16,

@@ -198,3 +198,27 @@ def test_a_latent_zimage_checkpoint_is_refused(tmp_path):
     save_file({k: v.contiguous() for k, v in zimage_transformer().state_dict().items()}, path)
     with pytest.raises(ValueError, match="not a Z-Image L2P checkpoint"):
         load_l2p_transformer(path, torch.float32)
+
+
+def test_checkpoint_file_is_found_where_ai_toolkit_jobs_name_it(tmp_path, monkeypatch):
+    """A file, a folder holding the options' file name, the base hub repo, or an ai-toolkit hub path
+    ``owner/repo/file.safetensors``."""
+    import huggingface_hub
+
+    from aitk_inference.pipelines.families.zimage_l2p import ZImageL2PFamilyPipeline
+    from aitk_inference.pipelines.registry import REGISTRY
+
+    spec = REGISTRY["zimage_l2p"]
+    downloads = []
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, name: downloads.append((repo, name)) or name)
+    (tmp_path / spec.options.checkpoint_file).write_bytes(b"")
+    find = ZImageL2PFamilyPipeline.checkpoint_file
+    assert find(spec, str(tmp_path)) == str(tmp_path / spec.options.checkpoint_file)
+    assert find(spec, str(tmp_path / spec.options.checkpoint_file)) == str(tmp_path / spec.options.checkpoint_file)
+    find(spec, "zhen-nan/L2P")
+    find(spec, "zhen-nan/L2P/other.safetensors")
+    assert downloads == [("zhen-nan/L2P", "model-1k-merge.safetensors"), ("zhen-nan/L2P", "other.safetensors")]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="model-1k-merge.safetensors"):
+        find(spec, str(empty))

@@ -242,6 +242,8 @@ class ZImageL2PFamilyPipeline(ZImageFamilyPipeline):
 
     @staticmethod
     def checkpoint_file(spec: ModelSpec, source: str) -> str:
+        """The L2P file: ``source`` itself, the options' file name in the folder or hub repo ``source``, or a hub
+        path ``owner/repo/file.safetensors`` (how ai-toolkit jobs name it)."""
         if os.path.isfile(source):
             return source
         if os.path.isdir(source):
@@ -252,4 +254,7 @@ class ZImageL2PFamilyPipeline(ZImageFamilyPipeline):
             return path
         from huggingface_hub import hf_hub_download
 
+        if source.endswith(".safetensors") and source.count("/") >= 2:
+            repo, filename = source.rsplit("/", 1)
+            return hf_hub_download(repo, filename)
         return hf_hub_download(source, spec.options.checkpoint_file)

@@ -25,7 +25,8 @@ What ai-toolkit's previews do, and so do we:
   FlowMatch scheduler with dynamic shifting, but it is its training scheduler: the preview loop never calls it.
 * **Guidance**: ``u + g (c - u)`` in one batched pass of ``[negative, prompt]`` whenever ``g >= 1`` (at exactly 1 too,
   which equals the conditional output up to rounding); below 1 only the conditional pass runs.
-* **Decode**: ``latents / scaling_factor + shift_factor`` through the VAE, ``(x / 2 + 0.5)`` clamped to ``[0, 1]``.
+* **Decode**: ``latents / scaling_factor + shift_factor`` through the VAE (in channels-last memory format, as
+  F-Lite's pipeline puts it), ``(x / 2 + 0.5)`` clamped to ``[0, 1]``.
 * **Size**: floored to a multiple of 16 (``get_bucket_divisibility``).
 """
 
@@ -280,6 +281,8 @@ class FLitePipeline(DiffusionPipeline):
     def __init__(self, dit_model: FLiteDiT, vae: AutoencoderKL, text_encoder, tokenizer):
         super().__init__()
         self.register_modules(dit_model=dit_model, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
+        # as F-Lite's own pipeline does: its convolutions round differently in this layout (one 8-bit level)
+        self.vae.to(memory_format=torch.channels_last)
         self.image_processor = VaeImageProcessor(vae_scale_factor=VAE_SCALE_FACTOR)
 
     def encode_prompt(self, prompts: list[str], dtype) -> torch.Tensor:

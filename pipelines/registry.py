@@ -272,8 +272,8 @@ class ZImageOptions:
 
 @dataclass(frozen=True)
 class ZImageL2POptions:
-    """``extras``: hub repo or folder of the text encoder, tokenizer and scheduler that go with the single-file L2P
-    checkpoint; ``checkpoint_file``: that file's name in the base repo."""
+    """``extras``: hub repo or folder of the text encoder and tokenizer that go with the single-file L2P checkpoint;
+    ``checkpoint_file``: that file's name in the base repo."""
 
     extras: str
     checkpoint_file: str
@@ -751,7 +751,8 @@ REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
                + _ZIMAGE_NOTES),
         ZIMAGE("zimage_l2p", family="zimage_l2p:ZImageL2PFamilyPipeline", pipeline_class="ZImageL2PPipeline",
                base="zhen-nan/L2P", tiny="zimage_l2p:build_zimage_l2p", aitk_archs=(AitkArch("zimage_l2p"),),
-               options=ZImageL2POptions(extras="Tongyi-MAI/Z-Image-Turbo", checkpoint_file="model-1k-merge.safetensors"),
+               options=ZImageL2POptions(extras="Tongyi-MAI/Z-Image-Turbo",
+                                        checkpoint_file="model-1k-merge.safetensors"),
                notes="Pixel space (no VAE): Z-Image's transformer embeds 16x16 RGB patches and a small U-Net "
                "(local_decoder) turns its image tokens and the noisy image into the prediction; the loop is "
                "ZImagePipeline's on [-1, 1] pixels, initial noise randn(1, 3, H, W) in float32. The transformer comes "
@@ -904,7 +905,7 @@ REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
             "FlowMatch scheduler with dynamic shifting is its training scheduler, unused by previews. T5 hidden state "
             "-8 through the final layer norm, 512 tokens, no mask. Noise randn(1, 16, H/8, W/8) in the model dtype. "
             "Defaults are F-Lite's pipeline defaults (30 steps, guidance 6.0; ai-toolkit has no F-Lite preset). "
-            "LoRAs: diffusion_model. + the DiT's names (every Linear).",
+            "LoRAs: diffusion_model. + the DiT's names (ai-toolkit adapts the Linears of the blocks).",
         ),
         ModelSpec(
             model_id="anima", family="anima:AnimaFamilyPipeline", pipeline_class="AnimaModularPipeline",

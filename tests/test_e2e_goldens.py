@@ -68,10 +68,11 @@ NO_E2E_GOLDEN_YET = {
         "not made yet: the family was added alongside the end-to-end jobs; its own goldens run ai-toolkit's "
         "generate_single_image on the same tiny weights (whole previews as latents/frames, tests/test_<family>.py), "
         "but no job folder went through BaseSDTrainProcess.sample and reproduce yet"),
-    "zimage_l2p": "not made: ai-toolkit's L2P transformer class takes __init__(*args, **kwargs), so its from_pretrained "
-                  "drops a saved config and builds the released 3840-wide model, and its single-file path builds that "
-                  "size too: a tiny job cannot load. test_zimage_l2p.py compares three whole seed-42 previews of "
-                  "ai-toolkit's generate_images (pixels and 8-bit PNG) on components set as its load_model sets them",
+    "zimage_l2p": "not made: ai-toolkit's L2P transformer class takes __init__(*args, **kwargs), so its "
+                  "from_pretrained drops a saved config and builds the released 3840-wide model, and its single-file "
+                  "path builds that size too: a tiny job cannot load. test_zimage_l2p.py compares three whole seed-42 "
+                  "previews of ai-toolkit's generate_images (pixels and 8-bit PNG) on components set as its "
+                  "load_model sets them",
 }
 
 

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = os.path.join(GOLDENS_DIR, "f_lite")
 ATOL = 1e-5  # float32
-LORA_ATOL = 5e-6  # float32 rounding on outputs up to about 4 (ai-toolkit's own live and merged outputs differ by 1.4e-6)
+LORA_ATOL = 5e-6  # float32 rounding on outputs up to about 4 (ai-toolkit's own live and merged differ by 1.4e-6)
 
 
 def golden(name="generation.safetensors"):
@@ -123,7 +123,8 @@ def test_ai_toolkit_lora_file_matches_every_module_and_its_outputs(variant, mode
 
     path = os.path.join(ROOT, variant, f"tiny_flite_{variant}.safetensors")
     outputs, inputs = golden(os.path.join(variant, "outputs.safetensors")), golden("lora_inputs.safetensors")
-    file_modules = {key.rsplit(".", 2)[0] if key.endswith("weight") else key.rsplit(".", 1)[0] for key in load_file(path)}
+    file_modules = {key.rsplit(".", 2)[0] if key.endswith("weight") else key.rsplit(".", 1)[0]
+                    for key in load_file(path)}
     assert len(file_modules) == report["lora"][variant]["n_modules"] == 16
     model = FLiteDiT.from_pretrained(tiny_dir("f_lite"), subfolder="dit_model").eval()
 

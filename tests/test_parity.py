@@ -62,9 +62,9 @@ NO_SCHEDULER_GOLDEN = {
     "ideogram4": "ai-toolkit samples Ideogram 4 with its own logit-normal sigmas, no scheduler: they are in "
                  "goldens/ideogram4/schedules.json, compared (and the times the transformer receives) in "
                  "test_ideogram4.py",
-    "f_lite": "ai-toolkit samples F-Lite with its pipeline's own loop, no scheduler (t = i/N warped by a t / (1 + (a - 1) "
-              "t)): test_f_lite.py compares the times the DiT receives at every step with ai-toolkit's own previews "
-              "(goldens/f_lite: 2 steps at 64x64, 3 steps at 96x64)",
+    "f_lite": "ai-toolkit samples F-Lite with its pipeline's own loop, no scheduler (t = i/N warped by "
+              "a t / (1 + (a - 1) t)): test_f_lite.py compares the times the DiT receives at every step with "
+              "ai-toolkit's own previews (goldens/f_lite: 2 steps at 64x64, 3 steps at 96x64)",
     "minimax_h3": "two schedules (video shift 12, audio remapped onto shift 3) on MiniMaxH3Scheduler, not a FlowMatch "
                   "config; ai-toolkit's sigmas are in goldens/minimax_h3/minimax_h3_schedules.json and every step's "
                   "per-row timesteps in its sampling goldens, compared in test_minimax_h3.py",

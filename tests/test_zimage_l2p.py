@@ -152,7 +152,8 @@ def test_ai_toolkit_lora_file_matches_every_module_and_its_outputs(variant, mode
 
     path = os.path.join(ROOT, variant, f"tiny_l2p_{variant}.safetensors")
     outputs, inputs = golden(os.path.join(variant, "outputs.safetensors")), golden("lora_inputs.safetensors")
-    file_modules = {key.rsplit(".", 2)[0] if key.endswith("weight") else key.rsplit(".", 1)[0] for key in load_file(path)}
+    file_modules = {key.rsplit(".", 2)[0] if key.endswith("weight") else key.rsplit(".", 1)[0]
+                    for key in load_file(path)}
     assert len(file_modules) == report["lora"][variant]["n_modules"] == 16
     model = transformer
 

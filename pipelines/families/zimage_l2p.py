@@ -225,8 +225,8 @@ class ZImageL2PFamilyPipeline(ZImageFamilyPipeline):
         encoder and tokenizer come from ``spec.options.extras`` (Z-Image-Turbo), as ai-toolkit loads them."""
         device_map = overrides.get("device_map")
         if os.path.isfile(os.path.join(source, "model_index.json")):
-            transformer = ZImageL2PTransformer2DModel.from_pretrained(source, subfolder="transformer", dtype=torch_dtype,
-                                                                      device_map=device_map)
+            transformer = ZImageL2PTransformer2DModel.from_pretrained(
+                source, subfolder="transformer", dtype=torch_dtype, device_map=device_map)
             extras = source
         else:
             transformer = load_l2p_transformer(cls.checkpoint_file(spec, source), torch_dtype)

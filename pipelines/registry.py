@@ -271,6 +271,15 @@ class ZImageOptions:
 
 
 @dataclass(frozen=True)
+class ZImageL2POptions:
+    """``extras``: hub repo or folder of the text encoder and tokenizer that go with the single-file L2P checkpoint;
+    ``checkpoint_file``: that file's name in the base repo."""
+
+    extras: str
+    checkpoint_file: str
+
+
+@dataclass(frozen=True)
 class Flux2Options:
     """``text_encoder_out_layers``: the text encoder's hidden-state layers stacked into the prompt embedding."""
 
@@ -565,6 +574,9 @@ ERNIE_IMAGE_NAMES = LoraSignature("ERNIE-Image", r"(^|\.)layers\.\d+\.(self_atte
 NUCLEUS_NAMES = LoraSignature("Nucleus-Image",
                               r"transformer_blocks\.\d+\.(encoder_proj|img_mlp\.(gate|shared_expert|experts))",
                               refines=QWEN_NAMES)
+# F-Lite's `blocks.N.self_attn.` / `cross_attn.` match the original Wan names too; its fused qkv and context_kv mark it.
+F_LITE_NAMES = LoraSignature("F-Lite", r"(^|\.)blocks\.\d+\.(self_attn\.qkv|cross_attn\.context_kv)",
+                             refines=WAN_ORIGINAL)
 PRX_NAMES = LoraSignature("PRXPixel", r"(^|\.)blocks\.\d+\.attention\.(img_qkv_proj|txt_kv_proj)")
 # Chroma Radiance: Chroma's original BFL names plus its pixel head (a whole-model LoRA adapts nerf_* too)
 RADIANCE_NAMES = LoraSignature("Chroma Radiance (original names, NeRF pixel head)",
@@ -803,6 +815,17 @@ REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
                notes="Text encoder, tokenizer and VAE come from `base` (Z-Image-Turbo); the transformer from "
                "ostris/Z-Image-De-Turbo, or from `<base>/de_turbo_transformer` when a local base folder has one. "
                + _ZIMAGE_NOTES),
+        ZIMAGE("zimage_l2p", family="zimage_l2p:ZImageL2PFamilyPipeline", pipeline_class="ZImageL2PPipeline",
+               base="zhen-nan/L2P", tiny="zimage_l2p:build_zimage_l2p", aitk_archs=(AitkArch("zimage_l2p"),),
+               options=ZImageL2POptions(extras="Tongyi-MAI/Z-Image-Turbo",
+                                        checkpoint_file="model-1k-merge.safetensors"),
+               notes="Pixel space (no VAE): Z-Image's transformer embeds 16x16 RGB patches and a small U-Net "
+               "(local_decoder) turns its image tokens and the noisy image into the prediction; the loop is "
+               "ZImagePipeline's on [-1, 1] pixels, initial noise randn(1, 3, H, W) in float32. The transformer comes "
+               "from the base's single file model-1k-merge.safetensors, the text encoder and tokenizer from "
+               "Tongyi-MAI/Z-Image-Turbo, as ai-toolkit loads them. Defaults are Z-Image's (ai-toolkit has no L2P "
+               "preset). LoRAs: diffusion_model. + Z-Image names (the main layers only), so Z-Image LoRAs fit too. "
+               + _ZIMAGE_NOTES),
         ModelSpec(
             model_id="lumina2", family="lumina2:Lumina2FamilyPipeline", pipeline_class="Lumina2Pipeline",
             base="Alpha-VLLM/Lumina-Image-2.0", steps=25, guidance=4.0, divisor=16,
@@ -968,6 +991,19 @@ REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
             "of lodestones/Zeta-Chroma (or a local file or folder), text encoder and tokenizer from "
             "Tongyi-MAI/Z-Image-Turbo. Steps 30 and guidance 4 are ai-toolkit's UI sample defaults (its Zeta Chroma "
             "preset sets none). LoRAs: diffusion_model. + the checkpoint's names (PEFT or LoKr).",
+        ),
+        ModelSpec(
+            model_id="f_lite", family="f_lite:FLiteFamilyPipeline", pipeline_class="FLitePipeline",
+            base="Freepik/F-Lite", steps=30, guidance=6.0, divisor=16, scheduler=None, tiny="f_lite:build_f_lite",
+            aitk_archs=(AitkArch("f-lite"),), lora_signatures=(F_LITE_NAMES,), lora_components=("dit_model",),
+            notes="fal's own DiT (no diffusers class; ours, with the checkpoint's names) sampled with F-Lite's own "
+            "loop as ai-toolkit does: t = i/N warped by a t / (1 + (a - 1) t), a = 2 sqrt(latent area / 4096), Euler "
+            "steps accumulated in the model dtype; CFG u + g(c - u) in one batched pass whenever guidance >= 1 "
+            "(only the conditional pass below 1), the negative prompt encoded (an empty one too). ai-toolkit's "
+            "FlowMatch scheduler with dynamic shifting is its training scheduler, unused by previews. T5 hidden state "
+            "-8 through the final layer norm, 512 tokens, no mask. Noise randn(1, 16, H/8, W/8) in the model dtype. "
+            "Defaults are F-Lite's pipeline defaults (30 steps, guidance 6.0; ai-toolkit has no F-Lite preset). "
+            "LoRAs: diffusion_model. + the DiT's names (ai-toolkit adapts the Linears of the blocks).",
         ),
         ModelSpec(
             model_id="anima", family="anima:AnimaFamilyPipeline", pipeline_class="AnimaModularPipeline",

@@ -31,7 +31,7 @@ WEBP_LEVELS = 4
 E2E_GOLDEN = {model_id: model_id for model_id in (
     "flux", "flex1", "flux_kontext", "flex2", "sd15", "sdxl", "qwen_image", "qwen_image_2512", "zimage",
     "zimage_turbo", "zimage_deturbo", "lumina2", "wan21_1b", "wan21_14b", "wan21_i2v_14b", "wan21_i2v_14b480p",
-    "wan22_14b_t2v", "wan22_14b_i2v", "wan22_5b", "cogview4", "ernie_image", "prx_pixel")}
+    "wan22_14b_t2v", "wan22_14b_i2v", "wan22_5b", "cogview4", "ernie_image", "prx_pixel", "f_lite")}
 
 FLUX2_REASON = ("not made: ai-toolkit builds its own BFL-layout Flux2 transformer at the released sizes "
                 "(get_flux2_params) and loads a single BFL-format file, so a tiny diffusers folder cannot stand in")
@@ -83,6 +83,11 @@ NO_E2E_GOLDEN_YET = {
                    "(3840 wide, 30 layers), so a job cannot load a tiny checkpoint without patching its code; "
                    "tests/test_zeta_chroma.py compares five whole previews of its BaseModel.generate_images (pixels "
                    "and PNG) on tiny weights instead",
+    "zimage_l2p": "not made: ai-toolkit's L2P transformer class takes __init__(*args, **kwargs), so its "
+                  "from_pretrained drops a saved config and builds the released 3840-wide model, and its single-file "
+                  "path builds that size too: a tiny job cannot load. test_zimage_l2p.py compares three whole seed-42 "
+                  "previews of ai-toolkit's generate_images (pixels and 8-bit PNG) on components set as its "
+                  "load_model sets them",
 }
 
 

@@ -25,7 +25,7 @@ SCHEDULER_GOLDEN = {
     "lumina2": "lumina2",
     "qwen_image": "qwen_image", "qwen_image_2512": "qwen_image", "qwen_image_edit": "qwen_image",
     "qwen_image_edit_plus": "qwen_image", "qwen_image_edit_plus_2511": "qwen_image",
-    "zimage": "zimage", "zimage_turbo": "zimage", "zimage_deturbo": "zimage",
+    "zimage": "zimage", "zimage_turbo": "zimage", "zimage_deturbo": "zimage", "zimage_l2p": "zimage",
     "wan21_14b": "wan21", "wan21_1b": "wan21", "wan21_i2v_14b": "wan21", "wan21_i2v_14b480p": "wan21",
     "flux2": "flux2", "flux2_diffusers": "flux2", "flux2_klein_4b": "flux2", "flux2_klein_9b": "flux2",
     "cogview4": "cogview4",
@@ -67,6 +67,9 @@ NO_SCHEDULER_GOLDEN = {
     "ideogram4": "ai-toolkit samples Ideogram 4 with its own logit-normal sigmas, no scheduler: they are in "
                  "goldens/ideogram4/schedules.json, compared (and the times the transformer receives) in "
                  "test_ideogram4.py",
+    "f_lite": "ai-toolkit samples F-Lite with its pipeline's own loop, no scheduler (t = i/N warped by "
+              "a t / (1 + (a - 1) t)): test_f_lite.py compares the times the DiT receives at every step with "
+              "ai-toolkit's own previews (goldens/f_lite: 2 steps at 64x64, 3 steps at 96x64)",
     "minimax_h3": "two schedules (video shift 12, audio remapped onto shift 3) on MiniMaxH3Scheduler, not a FlowMatch "
                   "config; ai-toolkit's sigmas are in goldens/minimax_h3/minimax_h3_schedules.json and every step's "
                   "per-row timesteps in its sampling goldens, compared in test_minimax_h3.py",
@@ -117,6 +120,15 @@ NO_NOISE_GOLDEN["chroma_radiance"] = (
     "pixel space: ai-toolkit's draw is randn(1, 3, H, W) in the embeddings' dtype, a layout initial_noise.safetensors "
     "does not hold; test_chroma_radiance.py compares it bit for bit with the first transformer input of ai-toolkit's "
     "own seed-42 generation (goldens/chroma_radiance)"
+NO_NOISE_GOLDEN["zimage_l2p"] = (
+    "pixel space: ai-toolkit's draw is ZImagePipeline's randn(1, 3, H, W) in float32, a layout "
+    "initial_noise.safetensors does not hold; test_zimage_l2p.py compares it with the first transformer input of "
+    "ai-toolkit's own previews (goldens/zimage_l2p, seed 42, 64x64 and 96x64)"
+)
+NO_NOISE_GOLDEN["f_lite"] = (
+    "F-Lite's loop calls no scheduler step to spy on and draws randn(1, 16, H/8, W/8) in the model dtype; "
+    "test_f_lite.py compares the first DiT input with ai-toolkit's own previews (goldens/f_lite, seed 42, 64x64 and "
+    "96x64)"
 )
 NO_NOISE_GOLDEN["anima"] = (
     "Anima draws a 5-D (B, 16, 1, H/8, W/8) latent; tests/test_anima.py compares it bit for bit with ai-toolkit's own "
@@ -152,7 +164,7 @@ NOISE_SIZES = [(64, 64), (512, 768)]  # (W, H) as in the golden keys
 # ai-toolkit's size floor per family (ai-toolkit.md §2.2; 8 = only GenerateImageConfig's floor).
 AITK_DIVISOR = {
     "flux": 16, "flex1": 16, "flux_kontext": 16, "flex2": 16, "chroma": 16, "flux2": 16, "flux2_diffusers": 16,
-    "flux2_klein_4b": 16, "flux2_klein_9b": 16, "zimage": 16, "zimage_turbo": 16, "zimage_deturbo": 16, "qwen_image": 32,
+    "flux2_klein_4b": 16, "flux2_klein_9b": 16, "zimage": 16, "zimage_turbo": 16, "zimage_deturbo": 16, "zimage_l2p": 16, "qwen_image": 32,
     "qwen_image_2512": 32, "qwen_image_edit": 32, "qwen_image_edit_plus": 32, "qwen_image_edit_plus_2511": 32,
     "ltx2": 32, "ltx2.3": 32, "ltx2.5": 32, "wan22_5b": 32, "wan21_14b": 16, "wan21_1b": 16, "wan21_i2v_14b": 16,
     "wan21_i2v_14b480p": 16, "wan22_14b_t2v": 16, "wan22_14b_i2v": 16, "sd15": 8, "sdxl": 8, "hidream": 16,
@@ -160,6 +172,7 @@ AITK_DIVISOR = {
     # the 16-pixel patch: ai-toolkit's Radiance pipeline floors to 2 only, and off the 16 grid its model leaves the
     # last partial patch out of the patch tokens
     "chroma_radiance": 16,
+    "omnigen2": 16, "ernie_image": 32, "nucleus_image": 32, "prx_pixel": 16, "f_lite": 16, "anima": 32, "ideogram4": 16,
     "minimax_h3": 32, "minimax_h3_ref2va": 32,
     "zeta_chroma": 32,  # ZetaChromaModel.get_bucket_divisibility (patch 32); generate_single_image floors to it
     # Krea2Model.get_bucket_divisibility (VAE 8 x patch 2); generate_single_image floors the sample size to it

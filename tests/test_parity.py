@@ -62,6 +62,9 @@ NO_SCHEDULER_GOLDEN = {
     "ideogram4": "ai-toolkit samples Ideogram 4 with its own logit-normal sigmas, no scheduler: they are in "
                  "goldens/ideogram4/schedules.json, compared (and the times the transformer receives) in "
                  "test_ideogram4.py",
+    "hidream_o1": "ai-toolkit's HiDream-O1 scheduler (get_train_scheduler with the pipeline's set_shift(3.0), 1, 2, 3 "
+                  "and 30 steps) is in goldens/hidream_o1/report.json, compared with ours, and with the progress the "
+                  "model receives at every step of three previews, in test_hidream_o1.py",
     "minimax_h3": "two schedules (video shift 12, audio remapped onto shift 3) on MiniMaxH3Scheduler, not a FlowMatch "
                   "config; ai-toolkit's sigmas are in goldens/minimax_h3/minimax_h3_schedules.json and every step's "
                   "per-row timesteps in its sampling goldens, compared in test_minimax_h3.py",
@@ -99,6 +102,11 @@ NO_NOISE_GOLDEN["prx_pixel"] = (
     "pixel space: ai-toolkit's draw is randn(1, 3, H, W) * 2.0 in float32, a layout initial_noise.safetensors does not "
     "hold; test_prx_pixel.py compares it with ai-toolkit's own generations (goldens/prx_pixel, seed 42, fp32 and bf16)"
 )
+NO_NOISE_GOLDEN["hidream_o1"] = (
+    "pixel space: ai-toolkit's draw is 8.0 * randn(1, 3, H, W) cast to bfloat16 and patchified, a layout "
+    "initial_noise.safetensors does not hold; test_hidream_o1.py compares the first model input with ai-toolkit's own "
+    "generations (goldens/hidream_o1, seed 42)"
+)
 NO_NOISE_GOLDEN["anima"] = (
     "Anima draws a 5-D (B, 16, 1, H/8, W/8) latent; tests/test_anima.py compares it bit for bit with ai-toolkit's own "
     "draw (goldens/anima) and with FLUX.1's unpacked float32 draw here, which holds the same numbers"
@@ -129,6 +137,7 @@ AITK_DIVISOR = {
     "wan21_i2v_14b480p": 16, "wan22_14b_t2v": 16, "wan22_14b_i2v": 16, "sd15": 8, "sdxl": 8, "hidream": 16,
     "omnigen2": 16, "ernie_image": 32, "nucleus_image": 32, "prx_pixel": 16, "anima": 32, "ideogram4": 16,
     "minimax_h3": 32, "minimax_h3_ref2va": 32,
+    "hidream_o1": 32,  # HidreamO1Model.get_bucket_divisibility (the 32-pixel patch)
     # Krea2Model.get_bucket_divisibility (VAE 8 x patch 2); generate_single_image floors the sample size to it
     "krea2": 16, "krea2_turbo": 16, "krea2_o_edit": 16, "krea2_o_edit_turbo": 16,
 }

@@ -239,3 +239,29 @@ def test_noise_and_latents_stay_bfloat16_for_a_float32_model(o1):
         del o1.pipe.transformer.forward
     for patches in seen:
         assert torch.equal(patches, patches.to(torch.bfloat16).float())
+
+
+def test_noise_scale_option_and_job_kwargs(o1):
+    """ai-toolkit's model_kwargs.noise_scale_inference (else noise_scale) scales the initial noise; ours is the
+    noise_scale generation option (a power of two scales bfloat16 exactly)."""
+    seen = []
+    original = o1.pipe.transformer.forward
+
+    def spy(input_ids, pixel_patches, *args, **kwargs):
+        seen.append(pixel_patches)
+        return original(input_ids, pixel_patches, *args, **kwargs)
+
+    o1.pipe.transformer.forward = spy
+    try:
+        for options in ({}, {"noise_scale": 4.0}):
+            o1.generate("a photo", width=64, height=32, steps=1, guidance=1.0, seed=1, **options)
+    finally:
+        del o1.pipe.transformer.forward
+    assert torch.equal(seen[1], seen[0] / 2)
+    assert o1.job_options({"model_kwargs": {"noise_scale": 6, "noise_scale_inference": 4}}) == {"noise_scale": 4.0}
+    assert o1.job_options({"model_kwargs": {"noise_scale": 6}}) == {"noise_scale": 6.0}
+    assert o1.job_options({"arch": "hidream_o1"}) == {}
+    with pytest.raises(ValueError, match="noise_scale"):
+        o1.generate("a photo", width=64, height=32, steps=1, noise_scale=0)
+    with pytest.raises(ValueError, match="Unknown generation option"):
+        o1.generate("a photo", width=64, height=32, steps=1, shift=2.0)

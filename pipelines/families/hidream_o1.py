@@ -23,7 +23,8 @@ What ai-toolkit's previews do, and so do we:
 * **Prediction.** The model predicts the clean image; the velocity is ``(x_t - x0) / max(t / 1000, 0.001)``, and
   with guidance above 1 the two velocities combine as ``u + g (c - u)`` (one pass per prompt, the negative pass
   second).
-* **Noise.** ``8.0 * randn(1, 3, H, W)`` from the seeded CPU generator (ai-toolkit's ``noise_scale``); the latents
+* **Noise.** ``8.0 * randn(1, 3, H, W)`` from the seeded CPU generator (ai-toolkit's ``noise_scale``; a job's
+  ``model_kwargs.noise_scale_inference`` or ``noise_scale`` is our ``noise_scale`` generation option); the latents
   are patchified (``b c (h 32) (w 32) -> b (h w) (c 32 32)``) and kept in bfloat16 between steps, as ai-toolkit's
   pipeline keeps them whatever the model dtype; each Euler step runs in float32.
 * **Schedule.** FlowMatch Euler with a static shift of 3.0 (``HIDREAM_O1_FLOWMATCH``; ai-toolkit's
@@ -118,6 +119,8 @@ class HiDreamO1Transformer(Qwen3VLModel):
     Loads the published checkpoint (a ``Qwen3VLForConditionalGeneration`` folder: the ``model.`` prefix is dropped,
     the unused ``lm_head`` is skipped) or a folder it saved itself.
     """
+
+    _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]
 
     def __init__(self, config: Qwen3VLConfig):
         super().__init__(config)
@@ -256,6 +259,7 @@ class HiDreamO1Pipeline(DiffusionPipeline):
         height: int,
         num_inference_steps: int = 30,
         guidance_scale: float = 4.0,
+        noise_scale: float = NOISE_SCALE,
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "np",
         callback_on_step_end: Callable | None = None,
@@ -269,6 +273,7 @@ class HiDreamO1Pipeline(DiffusionPipeline):
             width, height (int): the output size, multiples of 32.
             num_inference_steps (int, defaults to 30): Euler steps.
             guidance_scale (float, defaults to 4.0): CFG on the velocities above 1; one pass per step otherwise.
+            noise_scale (float, defaults to 8.0): the initial noise's standard deviation.
             generator (torch.Generator or list, *optional*): CPU generator(s) of the initial noise, one per image.
             output_type (str, defaults to "np"): ``np`` (``[B, H, W, 3]`` in ``[0, 1]``), ``pt`` or ``latent``
                 (the ``[-1, 1]`` pixels, ``[B, 3, H, W]``).
@@ -283,7 +288,7 @@ class HiDreamO1Pipeline(DiffusionPipeline):
         for index, (text, negative, item_generator) in enumerate(zip(prompt, negative_prompt, generators)):
             last = index == len(prompt) - 1
             images.append(self._sample_one(text, negative, rows, columns, num_inference_steps, guidance_scale,
-                                           item_generator, callback_on_step_end if last else None))
+                                           noise_scale, item_generator, callback_on_step_end if last else None))
         pixels = torch.cat(images)
         self.maybe_free_model_hooks()
         if output_type == "latent":
@@ -295,12 +300,12 @@ class HiDreamO1Pipeline(DiffusionPipeline):
             raise ValueError(f"output_type must be 'np', 'pt' or 'latent', got {output_type!r}.")
         return ImagePipelineOutput(images=pixels) if return_dict else (pixels,)
 
-    def _sample_one(self, prompt, negative, rows, columns, steps, guidance, generator, callback):
+    def _sample_one(self, prompt, negative, rows, columns, steps, guidance, noise_scale, generator, callback):
         device = self._execution_device
         cfg = guidance > 1.0
         prompt_ids = self.encode_prompt(prompt)
         negative_ids = self.encode_prompt(negative) if cfg else None
-        noise = NOISE_SCALE * torch.randn((1, PIXEL_CHANNELS, rows * PATCH_SIZE, columns * PATCH_SIZE),
+        noise = noise_scale * torch.randn((1, PIXEL_CHANNELS, rows * PATCH_SIZE, columns * PATCH_SIZE),
                                           generator=generator)
         latents = patchify_pixels(noise.to(device, LATENT_DTYPE), PATCH_SIZE)
         self.scheduler.set_timesteps(steps, device=device)
@@ -343,5 +348,26 @@ class HiDreamO1FamilyPipeline(AITKPipeline):
     def lora_name_mapper(self):
         return drop_lm_head
 
+    def check_inputs(self, params: GenerationParams) -> None:
+        """Generation option ``noise_scale`` (a number in 0.01..100): the initial noise's standard deviation
+        (ai-toolkit's ``model_kwargs.noise_scale_inference``, which defaults to its ``noise_scale``, 8.0)."""
+        unknown = set(params.extra) - {"noise_scale"}
+        if unknown:
+            raise ValueError(f"Unknown generation option(s) for {self.spec.model_id}: {sorted(unknown)}; it takes "
+                             "noise_scale.")
+        value = params.extra.get("noise_scale")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not 0.01 <= value <= 100):
+            raise ValueError(f"`noise_scale` must be a number in 0.01..100 (ai-toolkit's model_kwargs."
+                             f"noise_scale_inference), got {value!r}.")
+
+    def job_options(self, model_config: dict) -> dict:
+        """A job's ``model_kwargs.noise_scale_inference`` (else its ``noise_scale``) as our ``noise_scale``."""
+        model_kwargs = model_config.get("model_kwargs") or {}
+        for key in ("noise_scale_inference", "noise_scale"):
+            if key in model_kwargs:
+                return {"noise_scale": float(model_kwargs[key])}
+        return {}
+
     def pipeline_kwargs(self, params: GenerationParams) -> dict:
-        return self.prompt_call(params)
+        return self.prompt_call(params, noise_scale=float(params.extra.get("noise_scale", NOISE_SCALE)))

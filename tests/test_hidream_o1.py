@@ -17,7 +17,7 @@ from conftest import GOLDENS_DIR
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = os.path.join(GOLDENS_DIR, "hidream_o1")
-ATOL = 1e-5  # float32; ai-toolkit's sampling attention runs as two passes, ours as one masked pass
+ATOL = 1e-5  # float32
 LORA_ATOL = 1e-6
 BF16_PIXEL_STEP = 2**-8  # one bfloat16 step of a latent in [0, 1), after the decode (x + 1) / 2  # ai-toolkit's own live and merged outputs differ by up to 1.8e-7
 
@@ -56,22 +56,30 @@ def test_prompt_tokens_match_ai_toolkit(o1, report):
 
 def test_positions_and_attention_pattern():
     """Text at 0..L-1 on every axis, the image at 4096 + (0, row, column) (ai-toolkit's t2i rope index); the text
-    before the timestep token is causal, the timestep token and the image see everything."""
-    from aitk_inference.pipelines.families.hidream_o1 import generation_attention_mask, rotary_positions
+    before the timestep token attends causally, the timestep token and the image attend to everything (the golden's
+    token types), which our two-pass attention function computes."""
+    from types import SimpleNamespace
+
+    from aitk_inference.pipelines.families.hidream_o1 import generation_attention, rotary_positions
 
     data = golden()
     text_length = data["prompt_input_ids"].shape[1]
     assert torch.equal(rotary_positions(text_length, 1, 2), data["forward_position_ids"])
     generated = data["forward_token_types"][0].bool()
     assert generated.sum() == 3 and generated[text_length - 1:].all()  # the timestep token and the 2 patches
-    allowed = generation_attention_mask(text_length + 2, text_length - 1, torch.float32, "cpu")[0, 0] == 0
-    expected = torch.ones(text_length + 2, text_length + 2).tril().bool() | generated[:, None]
-    assert torch.equal(allowed, expected)
+    length = text_length + 2
+    allowed = torch.ones(length, length).tril().bool() | generated[:, None]
+    g = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(1, 2, length, 8, generator=g) for _ in range(3))
+    output, _ = generation_attention(SimpleNamespace(), query, key, value, None, causal_length=text_length - 1,
+                                     scaling=8**-0.5, dropout=0.0)
+    expected = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=allowed).transpose(1, 2)
+    torch.testing.assert_close(output, expected, rtol=0, atol=1e-6)
 
 
 def test_forward_matches_ai_toolkit(o1):
-    """Our Qwen3VLModel subclass on the same weights gives the vendored class's sampling forward (two-pass
-    attention, timestep token, pixel patch embed and head)."""
+    """Our Qwen3VLModel subclass on the same weights gives the vendored class's sampling forward (attention
+    pattern, timestep token, pixel patch embed and head)."""
     from aitk_inference.pipelines.families.hidream_o1 import rotary_positions
 
     data = golden()
@@ -146,7 +154,7 @@ def test_whole_preview_matches_ai_toolkit(key, o1, report):
 
     final = unpatchify_pixels(data[f"{key}_final_latents"], height, width, PATCH_SIZE)
     expected_image = ((final + 1) / 2).float().clamp(0, 1).permute(0, 2, 3, 1).numpy()
-    # The latents are bfloat16 between steps, so the float32 rounding of our one-pass attention can flip a bfloat16
+    # The latents are bfloat16 between steps, so a float32 rounding difference of the forward can flip the bfloat16
     # rounding of a few latents: those pixels differ by one bfloat16 step of x + 1 (2**-7), halved by the decode.
     difference = np.abs(result.images - expected_image)
     assert difference.max() <= BF16_PIXEL_STEP + ATOL

@@ -34,11 +34,12 @@ What ai-toolkit's previews do, and so do we:
 
 ai-toolkit samples one image per call; a batch here runs the images one after another, each from its own seed.
 
+The attention pattern is a transformers attention function of ours (:func:`generation_attention`, registered as
+``hidream_o1_generation`` and set on the text model): two unmasked SDPA passes, the order ai-toolkit's sampler uses.
+
 Where we differ, and why: ai-toolkit runs the forward under ``torch.autocast(bfloat16)``; we run it in the loaded
-dtype (bfloat16 by default on a GPU, which gives the same matmuls; float32 stays float32). Its sampling attention
-runs as two passes (causal over the text, full over everything, text rows taken from the first); we run one pass
-with the equivalent mask. A single ComfyUI-style ``.safetensors`` (ai-toolkit's ``is_comfy_weight``) is not loaded
-here: give the published folder.
+dtype (bfloat16 by default on a GPU, which gives the same matmuls; float32 stays float32). A single ComfyUI-style
+``.safetensors`` (ai-toolkit's ``is_comfy_weight``) is not loaded here: give the published folder.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.models.embeddings import get_timestep_embedding
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from torch import nn
-from transformers import AutoTokenizer, Qwen3VLConfig, Qwen3VLModel
+from transformers import AttentionInterface, AutoTokenizer, Qwen3VLConfig, Qwen3VLModel
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..base import AITKPipeline, GenerationParams
 from ..lora.convert import ConvertedLora
@@ -72,6 +74,8 @@ TIMESTEP_TOKEN_ID = 151673
 IMAGE_START = "<|boi_token|>"
 TIMESTEP_TOKEN = "<|tms_token|>"
 TIMESTEP_FREQUENCY_DIM = 256
+#: the name our attention pattern is registered under in transformers' AttentionInterface
+GENERATION_ATTENTION = "hidream_o1_generation"
 
 
 # ---------------------------------------------------------------------------------------------------- modules
@@ -113,6 +117,24 @@ class PixelHead(nn.Module):
         return self.linear(hidden_states)
 
 
+def generation_attention(module, query, key, value, attention_mask, causal_length: int, **kwargs):
+    """HiDream-O1's attention pattern as two unmasked SDPA passes (``[B, H, S, D]`` in, ``[B, S, H, D]`` out): every
+    token attends to the whole sequence, then the first ``causal_length`` tokens (the text before the timestep token)
+    are recomputed attending causally among themselves. Unmasked passes keep the fast kernels, and this is the order
+    of operations ai-toolkit's sampler uses, so bfloat16 results round alike."""
+    if attention_mask is not None:
+        raise ValueError("HiDream-O1's generation attention builds its own pattern; pass no attention_mask.")
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    output, _ = sdpa(module, query, key, value, None, is_causal=False, **kwargs)
+    text = slice(None, causal_length)
+    causal, _ = sdpa(module, query[:, :, text].contiguous(), key[:, :, text].contiguous(),
+                     value[:, :, text].contiguous(), None, is_causal=True, **kwargs)
+    return torch.cat([causal, output[:, causal_length:]], dim=1), None
+
+
+AttentionInterface.register(GENERATION_ATTENTION, generation_attention)
+
+
 class HiDreamO1Transformer(Qwen3VLModel):
     """transformers' ``Qwen3VLModel`` with HiDream-O1's image-generation modules (see the module docstring).
 
@@ -130,6 +152,7 @@ class HiDreamO1Transformer(Qwen3VLModel):
         self.x_embedder = PixelPatchEmbed(patch_features, hidden // 4, hidden)
         self.final_layer2 = PixelHead(hidden, patch_features)
         self.post_init()
+        self.language_model.config._attn_implementation = GENERATION_ATTENTION
 
     @property
     def timestep_token_id(self) -> int:
@@ -150,25 +173,19 @@ class HiDreamO1Transformer(Qwen3VLModel):
             torch.Tensor: ``[B, N, 3*32*32]`` the predicted clean patches.
         """
         text = self.language_model
+        if text.config._attn_implementation != GENERATION_ATTENTION:
+            raise ValueError(f"The text model's attention is {text.config._attn_implementation!r}; HiDream-O1 needs "
+                             f"{GENERATION_ATTENTION!r} (its causal-text / full-image pattern).")
         embeds = text.embed_tokens(input_ids)
         timestep = self.t_embedder1(progress)
         embeds = torch.where((input_ids == self.timestep_token_id)[..., None], timestep[:, None, :], embeds)
         image = self.x_embedder(pixel_patches.to(embeds.dtype)).to(embeds.dtype)
         hidden = torch.cat([embeds, image], dim=1)
-        mask = generation_attention_mask(hidden.shape[1], text_attends_causally, hidden.dtype, hidden.device)
         rotary = text.rotary_emb(hidden, position_ids)
         for layer in text.layers:
-            hidden = layer(hidden, position_embeddings=rotary, attention_mask=mask)
+            hidden = layer(hidden, position_embeddings=rotary, attention_mask=None, causal_length=text_attends_causally)
         hidden = text.norm(hidden)
         return self.final_layer2(hidden[:, input_ids.shape[1]:])
-
-
-def generation_attention_mask(length: int, causal: int, dtype, device) -> torch.Tensor:
-    """``[1, 1, S, S]`` additive mask: the first ``causal`` rows see only themselves and earlier tokens, the other
-    rows see the whole sequence."""
-    blocked = torch.ones(length, length, dtype=torch.bool, device=device).triu(1)
-    blocked[causal:] = False
-    return torch.zeros(length, length, dtype=dtype, device=device).masked_fill(blocked, torch.finfo(dtype).min)[None, None]
 
 
 def rotary_positions(text_length: int, rows: int, columns: int, device=None) -> torch.Tensor:
@@ -277,18 +294,17 @@ class HiDreamO1Pipeline(DiffusionPipeline):
             generator (torch.Generator or list, *optional*): CPU generator(s) of the initial noise, one per image.
             output_type (str, defaults to "np"): ``np`` (``[B, H, W, 3]`` in ``[0, 1]``), ``pt`` or ``latent``
                 (the ``[-1, 1]`` pixels, ``[B, 3, H, W]``).
-            callback_on_step_end (callable, *optional*): ``f(pipe, step, timestep, {})`` after every step of the
-                last image.
+            callback_on_step_end (callable, *optional*): ``f(pipe, step, timestep, {})`` after every step of every
+                image (the step count restarts with each image); raising from it stops sampling.
         """
         if width % PATCH_SIZE or height % PATCH_SIZE:
             raise ValueError(f"HiDream-O1 needs width and height in multiples of {PATCH_SIZE}, got {width}x{height}.")
         generators = generator if isinstance(generator, list) else [generator] * len(prompt)
         rows, columns = height // PATCH_SIZE, width // PATCH_SIZE
         images = []
-        for index, (text, negative, item_generator) in enumerate(zip(prompt, negative_prompt, generators)):
-            last = index == len(prompt) - 1
+        for text, negative, item_generator in zip(prompt, negative_prompt, generators, strict=True):
             images.append(self._sample_one(text, negative, rows, columns, num_inference_steps, guidance_scale,
-                                           noise_scale, item_generator, callback_on_step_end if last else None))
+                                           noise_scale, item_generator, callback_on_step_end))
         pixels = torch.cat(images)
         self.maybe_free_model_hooks()
         if output_type == "latent":

@@ -91,11 +91,12 @@ def test_forward_matches_ai_toolkit(o1):
 
 
 def test_published_layout_loads(tmp_path, o1):
-    """A Qwen3VLForConditionalGeneration folder (``model.`` prefix, an ``lm_head``, tokenizer at the top) loads into
-    our class with every generation weight, the lm_head left out."""
+    """A Qwen3VLForConditionalGeneration folder (``model.`` prefix, an ``lm_head``, tokenizer at the top, no
+    model_index.json) loads through load_pipeline with every generation weight, the lm_head left out; a single file or
+    another folder is refused with the reason."""
     from safetensors.torch import save_file
 
-    from aitk_inference.pipelines.families.hidream_o1 import HiDreamO1Pipeline
+    from aitk_inference.pipelines import load_pipeline
 
     ours = o1.pipe.transformer
     state = {"model." + k: v.contiguous() for k, v in ours.state_dict().items()}
@@ -104,10 +105,15 @@ def test_published_layout_loads(tmp_path, o1):
     ours.config.save_pretrained(tmp_path)
     save_file(state, os.path.join(tmp_path, "model.safetensors"), metadata={"format": "pt"})
     o1.pipe.tokenizer.save_pretrained(tmp_path)
-    loaded = HiDreamO1Pipeline.from_pretrained(str(tmp_path)).transformer
+    loaded = load_pipeline("hidream_o1", base=str(tmp_path), device="cpu", dtype="fp32").pipe.transformer
     assert not hasattr(loaded, "lm_head")
     for name, tensor in ours.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
+    with pytest.raises(ValueError, match="not the single file"):
+        load_pipeline("hidream_o1", base=os.path.join(tmp_path, "model.safetensors"), device="cpu")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="not a HiDream-O1 folder"):
+        load_pipeline("hidream_o1", base=str(tmp_path / "empty"), device="cpu")
 
 
 def test_schedule_matches_ai_toolkit(o1, report):

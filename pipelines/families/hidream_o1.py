@@ -236,7 +236,7 @@ class HiDreamO1Pipeline(DiffusionPipeline):
             from huggingface_hub import snapshot_download
 
             folder = snapshot_download(folder, revision=revision,
-                                       allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"])
+                                       allow_patterns=["*.json", "model*.safetensors", "*.jinja", "*.txt"])
         saved = os.path.isfile(os.path.join(folder, "model_index.json"))
         model_dir = os.path.join(folder, "transformer") if saved else folder
         tokenizer_dir = os.path.join(folder, "tokenizer") if saved else folder
@@ -360,6 +360,14 @@ class HiDreamO1FamilyPipeline(AITKPipeline):
     @classmethod
     def diffusers_pipeline_class(cls, spec):
         return HiDreamO1Pipeline
+
+    @classmethod
+    def load_diffusers_pipeline(cls, spec, source, torch_dtype, **overrides):
+        """The published folder (no ``model_index.json``: one Qwen3-VL folder) or one saved by this pipeline."""
+        if os.path.isfile(source):
+            raise ValueError(f"{spec.model_id} loads a folder or hub repo ({spec.base} layout), not the single file "
+                             f"{source!r} (ai-toolkit's ComfyUI-format checkpoint is not supported here).")
+        return HiDreamO1Pipeline.from_pretrained(source, dtype=torch_dtype, **overrides)
 
     def lora_name_mapper(self):
         return drop_lm_head

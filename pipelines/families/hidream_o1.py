@@ -120,8 +120,8 @@ class PixelHead(nn.Module):
 def generation_attention(module, query, key, value, attention_mask, causal_length: int, **kwargs):
     """HiDream-O1's attention pattern as two unmasked SDPA passes (``[B, H, S, D]`` in, ``[B, S, H, D]`` out): every
     token attends to the whole sequence, then the first ``causal_length`` tokens (the text before the timestep token)
-    are recomputed attending causally among themselves. Unmasked passes keep the fast kernels, and this is the order
-    of operations ai-toolkit's sampler uses, so bfloat16 results round alike."""
+    are recomputed attending causally among themselves. Unmasked passes keep the fast kernels (no sequence-squared
+    mask), in the order of operations ai-toolkit's sampler uses."""
     if attention_mask is not None:
         raise ValueError("HiDream-O1's generation attention builds its own pattern; pass no attention_mask.")
     sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
@@ -179,7 +179,7 @@ class HiDreamO1Transformer(Qwen3VLModel):
         embeds = text.embed_tokens(input_ids)
         timestep = self.t_embedder1(progress)
         embeds = torch.where((input_ids == self.timestep_token_id)[..., None], timestep[:, None, :], embeds)
-        image = self.x_embedder(pixel_patches.to(embeds.dtype)).to(embeds.dtype)
+        image = self.x_embedder(pixel_patches.to(embeds.dtype))
         hidden = torch.cat([embeds, image], dim=1)
         rotary = text.rotary_emb(hidden, position_ids)
         for layer in text.layers:

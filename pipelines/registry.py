@@ -72,6 +72,10 @@ ZIMAGE_FLOWMATCH = {**FLUX_FLOWMATCH, "shift": 3.0, "use_dynamic_shifting": Fals
 # released checkpoint's): static shift 3.0.
 PRX_FLOWMATCH = {**FLUX_FLOWMATCH, "shift": 3.0, "use_dynamic_shifting": False}
 
+# ai-toolkit's HiDream-O1 scheduler (extensions_built_in/diffusion_models/hidream/hidream_o1_model.py scheduler_config;
+# its pipeline calls set_shift(3.0) again before sampling): static shift 3.0, no dynamic shifting.
+HIDREAM_O1_FLOWMATCH = {**FLUX_FLOWMATCH, "shift": 3.0, "use_dynamic_shifting": False}
+
 # ai-toolkit's Lumina2 scheduler as it really samples: no shift at all. Its lumina2_config says static shift 6.0, but
 # get_sampler builds the scheduler with from_config on a subclass whose __init__ takes only *args/**kwargs, so no value
 # reaches __init__: the values read through .config hold, while the shift attribute keeps its default of 1.0.
@@ -577,6 +581,8 @@ NUCLEUS_NAMES = LoraSignature("Nucleus-Image",
 # F-Lite's `blocks.N.self_attn.` / `cross_attn.` match the original Wan names too; its fused qkv and context_kv mark it.
 F_LITE_NAMES = LoraSignature("F-Lite", r"(^|\.)blocks\.\d+\.(self_attn\.qkv|cross_attn\.context_kv)",
                              refines=WAN_ORIGINAL)
+HIDREAM_O1_NAMES = LoraSignature("HiDream-O1", r"diffusion_model\.language_model\.layers\.\d+\.|"
+                                 r"(^|\.)(t_embedder1|x_embedder\.proj1|final_layer2)\.")
 PRX_NAMES = LoraSignature("PRXPixel", r"(^|\.)blocks\.\d+\.attention\.(img_qkv_proj|txt_kv_proj)")
 # Chroma Radiance: Chroma's original BFL names plus its pixel head (a whole-model LoRA adapts nerf_* too)
 RADIANCE_NAMES = LoraSignature("Chroma Radiance (original names, NeRF pixel head)",
@@ -1004,6 +1010,19 @@ REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
             "-8 through the final layer norm, 512 tokens, no mask. Noise randn(1, 16, H/8, W/8) in the model dtype. "
             "Defaults are F-Lite's pipeline defaults (30 steps, guidance 6.0; ai-toolkit has no F-Lite preset). "
             "LoRAs: diffusion_model. + the DiT's names (ai-toolkit adapts the Linears of the blocks).",
+        ),
+        ModelSpec(
+            model_id="hidream_o1", family="hidream_o1:HiDreamO1FamilyPipeline", pipeline_class="HiDreamO1Pipeline",
+            base="HiDream-ai/HiDream-O1-Image", steps=30, guidance=4.0, width=2048, height=2048, divisor=32,
+            scheduler=_flow(HIDREAM_O1_FLOWMATCH), tiny="hidream_o1:build_hidream_o1",
+            aitk_archs=(AitkArch("hidream_o1"),), lora_signatures=(HIDREAM_O1_NAMES,),
+            notes="Pixel space (no VAE, 32x32 patches), one Qwen3-VL model for text and image, sampled with "
+            "ai-toolkit's own preview loop: the chat-templated prompt + <|boi_token|><|tms_token|>, then the image "
+            "patches; the model predicts the clean image, turned into a velocity (x - x0) / max(t, 0.001); CFG on the "
+            "velocities when guidance > 1 with the negative prompt (an empty one is encoded). Initial noise "
+            "8.0 * randn, latents kept in bfloat16 between steps as ai-toolkit keeps them. FlowMatch Euler, static "
+            "shift 3.0. Size 2048x2048 from ai-toolkit's HiDream-O1 UI preset; steps 30 and guidance 4 are its UI "
+            "sample defaults. LoRAs: diffusion_model. + the Qwen3-VL module names without .model. (PEFT or LoKr).",
         ),
         ModelSpec(
             model_id="anima", family="anima:AnimaFamilyPipeline", pipeline_class="AnimaModularPipeline",

@@ -29,6 +29,9 @@ CHANGED = 1e-3
 #: fused (weights merged in float32) vs dynamic (PEFT adapters) on the fp32 tiny models: the same maths in another
 #: order of float32 operations; the largest difference seen over the registry is 9e-6 (sdxl), most are about 1e-6
 FUSED_VS_DYNAMIC_ATOL = 1e-4
+#: ids whose latents are bfloat16 between steps whatever the model dtype (as ai-toolkit keeps them): a float32 rounding
+#: difference can flip the bfloat16 rounding of a latent, one bfloat16 step of x + 1 after the decode (x + 1) / 2
+FUSED_VS_DYNAMIC_ATOL_BY_ID = {"hidream_o1": 2**-8}
 #: image i of a batch vs the single image of seed + i: batched kernels round differently
 BATCH_ATOL = 1e-5
 
@@ -169,7 +172,8 @@ def test_fused_is_close_to_dynamic(family, load_tiny):
         family.set_strength(1.0)
         ours = family.run()
     other.set_loras([(path, 1.0) for path in family.loras])
-    assert max_difference(output(other.generate(**family.inputs)), ours) <= FUSED_VS_DYNAMIC_ATOL
+    atol = FUSED_VS_DYNAMIC_ATOL_BY_ID.get(family.model_id, FUSED_VS_DYNAMIC_ATOL)
+    assert max_difference(output(other.generate(**family.inputs)), ours) <= atol
 
 
 def test_same_seed_same_output(family):

@@ -70,6 +70,9 @@ NO_SCHEDULER_GOLDEN = {
     "f_lite": "ai-toolkit samples F-Lite with its pipeline's own loop, no scheduler (t = i/N warped by "
               "a t / (1 + (a - 1) t)): test_f_lite.py compares the times the DiT receives at every step with "
               "ai-toolkit's own previews (goldens/f_lite: 2 steps at 64x64, 3 steps at 96x64)",
+    "hidream_o1": "ai-toolkit's HiDream-O1 scheduler (get_train_scheduler with the pipeline's set_shift(3.0), 1, 2, 3 "
+                  "and 30 steps) is in goldens/hidream_o1/report.json, compared with ours, and with the progress the "
+                  "model receives at every step of three previews, in test_hidream_o1.py",
     "minimax_h3": "two schedules (video shift 12, audio remapped onto shift 3) on MiniMaxH3Scheduler, not a FlowMatch "
                   "config; ai-toolkit's sigmas are in goldens/minimax_h3/minimax_h3_schedules.json and every step's "
                   "per-row timesteps in its sampling goldens, compared in test_minimax_h3.py",
@@ -129,6 +132,10 @@ NO_NOISE_GOLDEN["f_lite"] = (
     "F-Lite's loop calls no scheduler step to spy on and draws randn(1, 16, H/8, W/8) in the model dtype; "
     "test_f_lite.py compares the first DiT input with ai-toolkit's own previews (goldens/f_lite, seed 42, 64x64 and "
     "96x64)"
+NO_NOISE_GOLDEN["hidream_o1"] = (
+    "pixel space: ai-toolkit's draw is 8.0 * randn(1, 3, H, W) cast to bfloat16 and patchified, a layout "
+    "initial_noise.safetensors does not hold; test_hidream_o1.py compares the first model input with ai-toolkit's own "
+    "generations (goldens/hidream_o1, seed 42)"
 )
 NO_NOISE_GOLDEN["anima"] = (
     "Anima draws a 5-D (B, 16, 1, H/8, W/8) latent; tests/test_anima.py compares it bit for bit with ai-toolkit's own "
@@ -175,6 +182,7 @@ AITK_DIVISOR = {
     "omnigen2": 16, "ernie_image": 32, "nucleus_image": 32, "prx_pixel": 16, "f_lite": 16, "anima": 32, "ideogram4": 16,
     "minimax_h3": 32, "minimax_h3_ref2va": 32,
     "zeta_chroma": 32,  # ZetaChromaModel.get_bucket_divisibility (patch 32); generate_single_image floors to it
+    "hidream_o1": 32,  # HidreamO1Model.get_bucket_divisibility (the 32-pixel patch)
     # Krea2Model.get_bucket_divisibility (VAE 8 x patch 2); generate_single_image floors the sample size to it
     "krea2": 16, "krea2_turbo": 16, "krea2_o_edit": 16, "krea2_o_edit_turbo": 16,
     # BooguImageModel.get_bucket_divisibility (VAE 8 x patch 2); generate_single_image floors the sample size to it

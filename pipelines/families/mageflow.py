@@ -81,6 +81,12 @@ def mageflow_sigmas(num_steps: int, shift: float) -> list[float]:
     return torch.cat([shifted, shifted.new_zeros(1)]).float().tolist()
 
 
+def initial_noise(channels: int, height: int, width: int, generator, device) -> torch.Tensor:
+    """ai-toolkit's starting latents for a ``height x width`` image: a float32 ``(1, channels, H/16, W/16)`` draw."""
+    return randn_tensor((1, channels, height // 16, width // 16), generator=generator, device=device,
+                        dtype=torch.float32)
+
+
 def guided_velocity(cond: torch.Tensor, uncond: torch.Tensor, scale: float, renormalize: bool) -> torch.Tensor:
     """``u + g (c - u)``; with ``renormalize`` rescaled per latent pixel to the conditional velocity's norm over the
     channels (dim 1)."""
@@ -274,8 +280,7 @@ class MageFlowPipeline(DiffusionPipeline):
         negatives = [self.encode_prompt(n, edit, prompt_images) for n in negative_prompt] if cfg else None
 
         channels = self.transformer.config.in_channels
-        latents = [randn_tensor((1, channels, height // 16, width // 16), generator=g, device=device,
-                                dtype=torch.float32) for g in generators]
+        latents = [initial_noise(channels, height, width, g, device) for g in generators]
         references = [[] for _ in range(batch_size)]
         if tensors:
             for i, seed in enumerate(reference_seeds or [0] * batch_size):

@@ -68,6 +68,12 @@ NO_E2E_GOLDEN_YET = {
         "not made yet: the family was added alongside the end-to-end jobs; its own goldens run ai-toolkit's "
         "generate_single_image on the same tiny weights (whole previews as latents/frames, tests/test_<family>.py), "
         "but no job folder went through BaseSDTrainProcess.sample and reproduce yet"),
+    **dict.fromkeys(
+        ("mageflow", "mageflow_edit"),
+        "not made: ai-toolkit's MageFlowModel subclasses BaseModel, which imports torchvision (absent on the CPU "
+        "machine the goldens are made on), so BaseSDTrainProcess.sample cannot run it; tests/test_mageflow.py runs its "
+        "generate_single_image and MageFlowPipeline (whole 2-step previews: decoded latents and 8-bit pixels, t2i, "
+        "renorm and edit with two references) on the same tiny weights instead"),
 }
 
 

@@ -67,6 +67,11 @@ NO_SCHEDULER_GOLDEN = {
                   "per-row timesteps in its sampling goldens, compared in test_minimax_h3.py",
     "minimax_h3_ref2va": "as minimax_h3 (the same schedules); the ref2va sampling golden's per-row timesteps are "
                          "compared in test_minimax_h3.py",
+    **dict.fromkeys(
+        ("mageflow", "mageflow_edit"),
+        "ai-toolkit samples Mage-Flow with its own Euler loop, no scheduler: test_mageflow.py compares our sigmas with "
+        "its build_shifted_sigmas (tests/goldens/mageflow, 2, 3 and 25 steps) and spies on the times the transformer "
+        "receives"),
 }
 # Where ai-toolkit's scheduler object samples with another shift than its recorded config states: id -> golden file
 # with that object's state (MANIFEST §6).
@@ -118,6 +123,12 @@ NO_NOISE_GOLDEN["minimax_h3_ref2va"] = (
     "as minimax_h3, with one noise draw per reference first; test_minimax_h3.py compares the seed-42 rows with "
     "ai-toolkit's own ref2va sampler"
 )
+NO_NOISE_GOLDEN.update(dict.fromkeys(
+    ("mageflow", "mageflow_edit"),
+    "Mage-Flow's own loop calls no scheduler step to spy on and draws a (1, 128, H/16, W/16) latent, a layout "
+    "initial_noise.safetensors does not hold; test_mageflow.py compares the seed-42 draw with ai-toolkit's "
+    "(tests/goldens/mageflow) and with the latents the first transformer call receives",
+))
 NOISE_SIZES = [(64, 64), (512, 768)]  # (W, H) as in the golden keys
 
 # ai-toolkit's size floor per family (ai-toolkit.md §2.2; 8 = only GenerateImageConfig's floor).
@@ -131,6 +142,8 @@ AITK_DIVISOR = {
     "minimax_h3": 32, "minimax_h3_ref2va": 32,
     # Krea2Model.get_bucket_divisibility (VAE 8 x patch 2); generate_single_image floors the sample size to it
     "krea2": 16, "krea2_turbo": 16, "krea2_o_edit": 16, "krea2_o_edit_turbo": 16,
+    # MageFlowModel.get_bucket_divisibility (VAE 16 x patch 1); generate_single_image floors the sample size to it
+    "mageflow": 16, "mageflow_edit": 16,
 }
 NO_DIVISOR_GOLDEN = {
     "lumina2": "ai-toolkit.md §2.2 gives Lumina2's floor as the pipeline default, unverified",

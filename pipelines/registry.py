@@ -703,7 +703,7 @@ _MAGEFLOW_NOTES = (
     "linspace(1, 1/N, N) with static shift 6.0 (option `static_shift`) and a final 0; real CFG u + g(c - u) with the "
     "encoded negative above guidance 1, optionally renormalised to the conditional velocity's norm (option "
     "`cfg_renormalization`, ai-toolkit's model_kwargs, off by default); Qwen3-VL prompts at natural length in "
-    "Mage-Flow's system template, system tokens dropped; float32 latents; pixels rounded to 8 bits. Defaults are "
+    "Mage-Flow's system template, system tokens dropped; float32 latents. Defaults are "
     "ai-toolkit's UI defaults (25 steps, guidance 4, 1024x1024), divisor 16. LoRAs and LoKr: diffusion_model. + the "
     "transformer's names, which are Qwen-Image's block names (a Mage-Flow LoRA also fits Qwen-Image's first 12 "
     "blocks, so a foreign-LoRA message names Qwen-Image)."

@@ -14,7 +14,7 @@ ai-toolkit's previews do:
   every latent pixel is rescaled to the norm, over channels, of the conditional one.
 * **Latents.** The initial noise is a float32 draw of ``(1, 128, H/16, W/16)`` per image from its seeded generator;
   latents stay float32 through the Euler updates; the transformer gets them, the sigma and the text in its dtype.
-  Decoded pixels are rounded to 8 bits as ai-toolkit saves them.
+  Decoded pixels pass through the model's dtype and are clamped, as ai-toolkit's ``decode_latents`` returns them.
 * **Prompts.** Qwen3-VL's last hidden state over the prompt in Mage-Flow's system template (the edit id has its own
   template), each prompt alone at its natural length (at most 2048 prompt tokens), with positions ``0..L-1`` on every
   rotary axis; the first 34 (edit: 64) tokens, the system prompt, are dropped.
@@ -263,7 +263,7 @@ class MageFlowPipeline(DiffusionPipeline):
                 that samples its reference latents.
             cfg_renormalization (bool): rescale the guided velocity to the conditional one's norm.
             shift (float): the static sigma shift.
-            output_type (str): ``np`` (float32 ``[B, H, W, 3]`` in 0..1, 8-bit values) or ``latent``.
+            output_type (str): ``np`` (float32 ``[B, H, W, 3]`` in 0..1) or ``latent``.
         """
         if width % 16 or height % 16:
             raise ValueError(f"width and height must be multiples of 16, got {width}x{height}.")
@@ -303,7 +303,8 @@ class MageFlowPipeline(DiffusionPipeline):
         if output_type == "latent":
             return ImagePipelineOutput(images=latents)
         decoded = self.vae.decode(latents.to(self.vae.dtype)).to(self.transformer.dtype).float().clamp(-1, 1)
-        pixels = ((decoded + 1) * 127.5).round() / 255
+        # ai-toolkit saves round((x + 1) * 127.5); left unrounded here, rounded the same way when written as 8 bits
+        pixels = (decoded + 1) * 127.5 / 255
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=pixels.permute(0, 2, 3, 1).cpu().numpy().astype(np.float32))
 

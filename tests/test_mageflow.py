@@ -282,3 +282,36 @@ def test_jobs_map_to_the_ids_and_pass_their_model_kwargs(pipes):
                                                   "vae_sample_posterior": True}}
     assert pipes("mageflow").job_options(model) == {"cfg_renormalization": True, "static_shift": 5.0}
     assert pipes("mageflow").job_options({"arch": "mageflow"}) == {}
+
+
+def test_server_request_with_reference_images_runs_the_edit_id(pipes, tmp_path):
+    """A /v1 request for the edit id with ``ctrl_img_1``, ``ctrl_img_2`` (base64) and an ai-toolkit LoRA: mapped to the
+    library and generated on the tiny model with both references."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from aitk_inference.server.mapping import build_job
+    from aitk_inference.server.schemas import InferenceInput
+    from aitk_inference.server.settings import Settings
+
+    (tmp_path / "m.safetensors").write_bytes(open(os.path.join(GOLDEN_DIR, "mageflow_lora_r4.safetensors"), "rb").read())
+
+    def encoded(name):
+        buffer = io.BytesIO()
+        control(name).save(buffer, "PNG")
+        return base64.b64encode(buffer.getvalue()).decode()
+
+    body = InferenceInput(model="mageflow_edit", loras=[{"path": "m.safetensors"}],
+                          prompts=[{"prompt": "make it blue", "width": 64, "height": 64, "sample_steps": 1, "seed": 1,
+                                    "ctrl_img_1": encoded("ctrl_a.png"), "ctrl_img_2": encoded("ctrl_b.png")}])
+    job = build_job("t", body, Settings.from_env({"WORKFLOWS_BASE_PATH": str(tmp_path)}))
+    assert len(job.controls[0]) == 2
+    pipeline = pipes("mageflow_edit")
+    pipeline.set_loras([(job.loras[0].path, job.loras[0].strength)])
+    try:
+        result = pipeline.generate(control_images=job.controls[0], **job.prompts[0])
+    finally:
+        pipeline.set_loras([])
+    assert result.images.shape == (1, 64, 64, 3) and result.loras[0]["modules"] == 28

@@ -56,13 +56,19 @@ from .mageflow_vae import MageVAE
 
 #: Mage-Flow's prompt templates and the number of leading (system prompt) tokens dropped from the encoder output
 PROMPT_TEMPLATES = {
-    False: ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
-            "spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
-            "<|im_start|>assistant\n", 34),
-    True: ("<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, objects, "
-           "background), then explain how the user's text instruction should alter or modify the image. Generate a "
-           "new image that meets the user's requirements while maintaining consistency with the original input where "
-           "appropriate.<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n", 64),
+    False: (
+        "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
+        "spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
+        "<|im_start|>assistant\n",
+        34,
+    ),
+    True: (
+        "<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, objects, "
+        "background), then explain how the user's text instruction should alter or modify the image. Generate a new "
+        "image that meets the user's requirements while maintaining consistency with the original input where "
+        "appropriate.<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n",
+        64,
+    ),
 }
 IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 #: prompt tokens kept (ai-toolkit's model_kwargs.max_text_length), not counting the dropped system prompt
@@ -102,7 +108,7 @@ def reference_size(height: int, width: int, target_area: int, multiple: int = 16
     ratio = height / width
     new_h = math.sqrt(target_area * ratio)
     new_w = new_h / ratio
-    return max(multiple, int(round(new_h / multiple)) * multiple), max(multiple, int(round(new_w / multiple)) * multiple)
+    return max(multiple, round(new_h / multiple) * multiple), max(multiple, round(new_w / multiple) * multiple)
 
 
 def vlm_image(image: torch.Tensor, dtype: torch.dtype, long_edge: int = VLM_LONG_EDGE) -> Image.Image:

@@ -98,10 +98,18 @@ class ConvBlock(nn.Module):
         return x + (gate2[..., None, None] * h if self.modulated else h)
 
 
+def _float32_linear(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    return F.linear(x, linear.weight.float(), linear.bias.float())
+
+
 def zero_time_modulations(blocks: nn.ModuleList, t_embedder: TimeEmbedding, batch: int, device) -> list[torch.Tensor]:
-    """Each modulated block's adaLN output at ``t = 0`` (computed once for one sample, shared by the batch)."""
-    c = t_embedder(torch.zeros(1, device=device, dtype=t_embedder.mlp[0].weight.dtype))
-    return [block.adaLN_modulation(c).expand(batch, -1) for block in blocks]
+    """Each modulated block's adaLN output at ``t = 0``, shared by the batch. Computed in float32 and then cast to the
+    blocks' dtype: ai-toolkit folds these constants once at load time, before casting the codec to its dtype."""
+    mlp = t_embedder.mlp
+    code = torch.cat([torch.ones(1, t_embedder.channels // 2), torch.zeros(1, t_embedder.channels // 2)], dim=-1)
+    c = _float32_linear(F.silu(_float32_linear(code.to(device), mlp[0])), mlp[2])
+    dtype = mlp[0].weight.dtype
+    return [_float32_linear(F.silu(c), block.adaLN_modulation[1]).to(dtype).expand(batch, -1) for block in blocks]
 
 
 class MageVAEEncoder(nn.Module):

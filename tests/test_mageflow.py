@@ -315,3 +315,25 @@ def test_server_request_with_reference_images_runs_the_edit_id(pipes, tmp_path):
     finally:
         pipeline.set_loras([])
     assert result.images.shape == (1, 64, 64, 3) and result.loras[0]["modules"] == 28
+
+
+def test_vae_loads_the_repos_bare_checkpoint_layout(pipes, golden, tmp_path):
+    """The Mage-Flow repos ship ``vae/diffusion_pytorch_model.safetensors`` alone, with the decoder's training-time
+    teacher encoder in it: ``from_checkpoint`` drops those tensors and refuses a file that lacks any of ours."""
+    from safetensors.torch import save_file
+
+    from aitk_inference.pipelines.families.mageflow_vae import MageVAE
+    from aitk_inference.tiny.mageflow import VAE_CONFIG
+
+    _, tensors = golden
+    state = {k: v.contiguous() for k, v in pipes("mageflow").pipe.vae.state_dict().items()}
+    teacher = {"pipeline.y_embedder.encoder.conv_in.weight": torch.zeros(2, 3, 1, 1),
+               "pipeline.y_embedder.bottleneck.proj.weight": torch.zeros(2, 2)}
+    save_file({**state, **teacher}, str(tmp_path / "vae.safetensors"))
+    vae = MageVAE.from_checkpoint(str(tmp_path / "vae.safetensors"), **VAE_CONFIG)
+    with torch.inference_mode():
+        check(vae.decode(tensors["vae_mean"]), tensors["vae_decoded"], VAE_ATOL)
+    del state["pipeline.final_layer.linear.weight"]
+    save_file(state, str(tmp_path / "partial.safetensors"))
+    with pytest.raises(ValueError, match="lacks 1 tensors"):
+        MageVAE.from_checkpoint(str(tmp_path / "partial.safetensors"), **VAE_CONFIG)

@@ -146,7 +146,8 @@ class MageFlowPipeline(DiffusionPipeline):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, edit: bool = False, **kwargs) -> "MageFlowPipeline":
         """Load a Mage-Flow repo (``transformer/``, ``vae/``, ``text_encoder/`` with its tokenizer and processor) or a
-        folder this class saved; the hub id is downloaded. ``edit`` loads the processor too.
+        folder this class saved; the hub id is downloaded. ``edit`` loads the processor too; without it the text
+        encoder's vision tower is dropped.
 
         Args:
             dtype (torch.dtype, *optional*): dtype of the weighted components (``torch_dtype`` is accepted too).
@@ -172,11 +173,14 @@ class MageFlowPipeline(DiffusionPipeline):
         def own_or_text_encoder(sub):
             return os.path.join(folder, sub) if os.path.isdir(os.path.join(folder, sub)) else os.path.join(folder, "text_encoder")
 
+        text_encoder = Qwen3VLForConditionalGeneration.from_pretrained(os.path.join(folder, "text_encoder"),
+                                                                       **options).eval()
+        if not edit:  # text only: the vision tower is dead weight, dropped as ai-toolkit does
+            text_encoder.model.visual = None
         return cls(
             transformer=MageFlowTransformer2DModel.from_pretrained(folder, subfolder="transformer", **options),
             vae=_load_vae(os.path.join(folder, "vae"), options),
-            text_encoder=Qwen3VLForConditionalGeneration.from_pretrained(os.path.join(folder, "text_encoder"),
-                                                                         **options).eval(),
+            text_encoder=text_encoder,
             tokenizer=AutoTokenizer.from_pretrained(own_or_text_encoder("tokenizer")),
             processor=Qwen3VLImageProcessor.from_pretrained(own_or_text_encoder("processor")) if edit else None,
         )

@@ -360,6 +360,15 @@ class BooguImageOptions:
     def generation_options(self) -> tuple[str, ...]:
         """The ``generate()`` options this id takes."""
         return ("match_target_res",) if self.edit else ()
+class MageFlowOptions:
+    """ai-toolkit's Mage-Flow ``model_kwargs`` that change sampling, as this id's defaults (each can be passed per
+    call): ``cfg_renormalization`` (rescale the guided velocity to the conditional one's norm, off by default) and
+    ``static_shift`` (the sigma shift, 6.0). ``edit`` ids take reference images and use the edit prompt template."""
+
+    cfg_renormalization: bool = False
+    static_shift: float = 6.0
+
+    generation_options: ClassVar[tuple[str, ...]] = ("cfg_renormalization", "static_shift")
 
     def defaults(self) -> dict:
         return {name: getattr(self, name) for name in self.generation_options}
@@ -765,6 +774,25 @@ _BOOGU_EDIT_NOTES = (
 # read has no UI presets for Boogu (its ui/ folder is not part of it) and the model classes set no sample values.
 BOOGU_IMAGE = Preset(family="boogu_image:BooguImageFamilyPipeline", pipeline_class="BooguImagePipeline", steps=25,
                      guidance=4.0, divisor=16, lora_signatures=(BOOGU_IMAGE_NAMES,))
+_MAGEFLOW_NOTES = (
+    "ai-toolkit's own Mage-Flow sampler on our implementation of its transformer and MageVAE: Euler on sigmas "
+    "linspace(1, 1/N, N) with static shift 6.0 (option `static_shift`) and a final 0; real CFG u + g(c - u) with the "
+    "encoded negative above guidance 1, optionally renormalised to the conditional velocity's norm (option "
+    "`cfg_renormalization`, ai-toolkit's model_kwargs, off by default); Qwen3-VL prompts at natural length in "
+    "Mage-Flow's system template, system tokens dropped; float32 latents. Defaults are "
+    "ai-toolkit's UI defaults (25 steps, guidance 4, 1024x1024), divisor 16. LoRAs and LoKr: diffusion_model. + the "
+    "transformer's names, which are Qwen-Image's block names (a Mage-Flow LoRA also fits Qwen-Image's first 12 "
+    "blocks, so a foreign-LoRA message names Qwen-Image)."
+)
+_MAGEFLOW_EDIT_NOTES = (
+    " 1 to 3 reference images: a copy with a long edge of at most 384 (bicubic) goes into the Qwen3-VL prompt (edit "
+    "template; the negative is encoded with the same images), and VAE latents at the target's area (own aspect, /16, "
+    "bicubic with antialias, posterior sample seeded with the image's seed on the model's device) follow the target "
+    "tokens in both CFG passes."
+)
+MAGEFLOW = Preset(family="mageflow:MageFlowFamilyPipeline", pipeline_class="MageFlowPipeline",
+                  base="microsoft/Mage-Flow-Base", steps=25, guidance=4.0, divisor=16, tiny="mageflow:build_mageflow",
+                  lora_signatures=(QWEN_NAMES,), options=MageFlowOptions(), notes=_MAGEFLOW_NOTES)
 
 # ------------------------------------------------------------------------------------------------------ registry
 REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
@@ -1051,6 +1079,10 @@ REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
         BOOGU_IMAGE("boogu_image_edit", base="Boogu/Boogu-Image-0.1-Edit", control_images=(1, 3),
                     tiny="boogu_image:build_boogu_image_edit", aitk_archs=(AitkArch("boogu_image_edit"),),
                     options=BooguImageOptions(edit=True), notes=_BOOGU_NOTES + _BOOGU_EDIT_NOTES),
+        MAGEFLOW("mageflow", aitk_archs=(AitkArch("mageflow"),)),
+        MAGEFLOW("mageflow_edit", base="microsoft/Mage-Flow-Edit-Base", control_images=(1, 3),
+                 tiny="mageflow:build_mageflow_edit", aitk_archs=(AitkArch("mageflow_edit"),),
+                 options=MageFlowOptions(edit=True), notes=_MAGEFLOW_NOTES + _MAGEFLOW_EDIT_NOTES),
         ModelSpec(
             model_id="ideogram4", family="ideogram4:Ideogram4FamilyPipeline", pipeline_class="Ideogram4Pipeline",
             base="ideogram-ai/ideogram-4-fp8", steps=30, guidance=4.0, divisor=16,

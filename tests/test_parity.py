@@ -87,6 +87,11 @@ NO_SCHEDULER_GOLDEN = {
                    "count, or unshifted at <= 8 steps and guidance <= 1), no scheduler: they are in "
                    "goldens/zeta_chroma/report.json, compared (and the times the transformer receives) in "
                    "test_zeta_chroma.py",
+    **dict.fromkeys(
+        ("mageflow", "mageflow_edit"),
+        "ai-toolkit samples Mage-Flow with its own Euler loop, no scheduler: test_mageflow.py compares our sigmas with "
+        "its build_shifted_sigmas (tests/goldens/mageflow, 2, 3 and 25 steps) and spies on the times the transformer "
+        "receives"),
 }
 # Where ai-toolkit's scheduler object samples with another shift than its recorded config states: id -> golden file
 # with that object's state (MANIFEST §6).
@@ -166,6 +171,12 @@ NO_NOISE_GOLDEN["zeta_chroma"] = (
     "initial_noise.safetensors does not hold; test_zeta_chroma.py compares the seed-42 draw with ai-toolkit's own "
     "generation (goldens/zeta_chroma)"
 )
+NO_NOISE_GOLDEN.update(dict.fromkeys(
+    ("mageflow", "mageflow_edit"),
+    "Mage-Flow's own loop calls no scheduler step to spy on and draws a (1, 128, H/16, W/16) latent, a layout "
+    "initial_noise.safetensors does not hold; test_mageflow.py compares the seed-42 draw with ai-toolkit's "
+    "(tests/goldens/mageflow) and with the latents the first transformer call receives",
+))
 NOISE_SIZES = [(64, 64), (512, 768)]  # (W, H) as in the golden keys
 
 # ai-toolkit's size floor per family (ai-toolkit.md §2.2; 8 = only GenerateImageConfig's floor).
@@ -187,6 +198,8 @@ AITK_DIVISOR = {
     "krea2": 16, "krea2_turbo": 16, "krea2_o_edit": 16, "krea2_o_edit_turbo": 16,
     # BooguImageModel.get_bucket_divisibility (VAE 8 x patch 2); generate_single_image floors the sample size to it
     "boogu_image": 16, "boogu_image_edit": 16,
+    # MageFlowModel.get_bucket_divisibility (VAE 16 x patch 1); generate_single_image floors the sample size to it
+    "mageflow": 16, "mageflow_edit": 16,
 }
 NO_DIVISOR_GOLDEN = {
     "lumina2": "ai-toolkit.md §2.2 gives Lumina2's floor as the pipeline default, unverified",

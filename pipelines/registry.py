@@ -351,6 +351,16 @@ class Ideogram4Options:
     text_encoder: str = "Qwen/Qwen3-VL-8B-Instruct"
 
 
+@dataclass(frozen=True)
+class AceStepOptions:
+    """ACE-Step 1.5's base repo holds ComfyUI all-in-one files only: ``aio_file`` is this id's file in it (DiT,
+    condition encoder, Qwen3 text encoder and VAE); ``tokenizer`` the hub repo of the tokenizer ai-toolkit loads
+    (the file has none)."""
+
+    aio_file: str
+    tokenizer: str = "Qwen/Qwen3-Embedding-0.6B"
+
+
 # ---------------------------------------------------------------------------------------------------------- the spec
 GUIDANCE_KINDS = ("distilled", "cfg", "true_cfg")
 #: how LoRAs are applied: live PEFT adapters or merged into the weights (see ``lora.stack``)
@@ -530,6 +540,7 @@ PRX_NAMES = LoraSignature("PRXPixel", r"(^|\.)blocks\.\d+\.attention\.(img_qkv_p
 KREA2_NAMES = LoraSignature("Krea 2", r"(^|\.)(blocks\.\d+\.attn\.wq|txtfusion\.|transformer_blocks\.\d+\.attn\.to_gate)")
 # Ideogram 4 files share Z-Image's `layers.N.feed_forward.w1`; its fused `attention.qkv` and `adaln_modulation` (Z-Image:
 # `adaLN_modulation`) mark them.
+ACE_STEP_NAMES = LoraSignature("ACE-Step 1.5", r"(^|\.)decoder\.layers\.\d+\.(self_attn|cross_attn)\.[qkvo]_proj\.")
 IDEOGRAM4_NAMES = LoraSignature("Ideogram 4", r"(^|\.)layers\.\d+\.(attention\.qkv|adaln_modulation)\.|(^|\.)llm_cond_proj\.",
                                 refines=ZIMAGE_NAMES)
 # MiniMax-H3: original names (fused attn.qkv_proj, adaln_proj in every block, the text token refiner) or diffusers'.
@@ -681,6 +692,22 @@ KREA2_EDIT = KREA2.derive(control_images=(1, 3), tiny="krea2:build_krea2_edit",
                           options=Krea2Options(edit=True, vision_processor="Qwen/Qwen3-VL-4B-Instruct", kv_cache=True,
                                                match_target_res=True),
                           notes=_KREA2_NOTES + _KREA2_EDIT_NOTES)
+
+# ACE-Step 1.5 (audio only): ai-toolkit's audio UI preset (defaultAudioSampleConfig: 30 steps, guidance 4, seed 42; its
+# width/height are unused) and its own sampling loop (families/ace_step.py). Both ids load the publisher's ComfyUI
+# all-in-one file ai-toolkit's UI names (ostris/ace_step_1.5_ComfyUI_files).
+ACE_STEP = Preset(
+    family="ace_step:AceStepFamilyPipeline", pipeline_class="AceStepPipeline", base="ostris/ace_step_1.5_ComfyUI_files",
+    steps=30, guidance=4.0, divisor=16, tiny="ace_step:build_ace_step", lora_signatures=(ACE_STEP_NAMES,),
+    unconditional_is_negative=False,
+    notes="Audio only (48 kHz stereo; no image). ai-toolkit's own loop around diffusers' ACE-Step classes: the prompt "
+    "is ai-toolkit's tagged sample prompt (<CAPTION>, <LYRICS>, <BPM>, <DURATION>, <LANGUAGE>; a prompt without tags "
+    "is the caption; the metas always say key C and time signature 4/4 as ai-toolkit's sampler writes them), "
+    "sigmas linspace(1, 0, N+1)[:-1] shifted by 3.0, plain CFG u + g(c - u) above guidance 1 with the learned null "
+    "condition (the negative prompt has no effect), int(25 * duration) latent frames with ai-toolkit's fixed silence "
+    "latent as context, no loudness normalisation. Loads the ComfyUI all-in-one file. LoRAs: diffusion_model.decoder. "
+    "+ ComfyUI names (PEFT or LoKr) on the DiT's attention and MLP Linears.",
+)
 
 # ------------------------------------------------------------------------------------------------------ registry
 REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
@@ -887,6 +914,10 @@ REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
             "ComfyUI / original Cosmos names, the LLM adapter's (`llm_adapter.`) included. Steps 30 and guidance 4 "
             "are ai-toolkit's UI sample defaults (its Anima preset sets none).",
         ),
+        ACE_STEP("ace_step_15", options=AceStepOptions(aio_file="ace_step_1.5_base_aio.safetensors"),
+                 aitk_archs=(AitkArch("ace_step_15"),)),
+        ACE_STEP("ace_step_15_xl", options=AceStepOptions(aio_file="ace_step_1.5_xl_base_aio.safetensors"),
+                 aitk_archs=(AitkArch("ace_step_15_xl"),)),
         KREA2("krea2", aitk_archs=(AitkArch("krea2"),)),
         KREA2("krea2_turbo", base="krea/Krea-2-Turbo", steps=9, guidance=1.0, tiny="krea2:build_krea2_turbo",
               aitk_archs=(AitkArch("krea2", "turbo"),)),

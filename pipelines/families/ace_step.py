@@ -39,7 +39,7 @@ LoRAs: ai-toolkit adapts the DiT's block Linears (attention ``q/k/v/o_proj`` and
 
 from __future__ import annotations
 
-import math
+import logging
 import os
 import re
 from dataclasses import dataclass, fields, replace
@@ -51,6 +51,8 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..base import AITKPipeline, GenerationParams
 from ..registry import AceStepOptions, ModelSpec
+
+logger = logging.getLogger(__name__)
 
 #: ai-toolkit's flow shift (``src/pipeline.py`` computes the schedule with 3.0, whatever the scheduler config says)
 SHIFT = 3.0
@@ -359,11 +361,11 @@ TEXT_ENCODER_PREFIX = "text_encoders.qwen3_06b.transformer.model."
 UNUSED_DIT_PARTS = ("tokenizer.", "detokenizer.")
 _ATTENTION_NAMES = {"q_proj": "to_q", "k_proj": "to_k", "v_proj": "to_v", "o_proj": "to_out.0", "q_norm": "norm_q",
                     "k_norm": "norm_k"}
-_ATTENTION = re.compile(r"\.(self_attn|cross_attn)\.(q_proj|k_proj|v_proj|o_proj|q_norm|k_norm)\.")
+_ATTENTION = re.compile(r"\.(self_attn|cross_attn)\.(q_proj|k_proj|v_proj|o_proj|q_norm|k_norm)(?=\.|$)")
 
 
 def _attention_to_diffusers(key: str) -> str:
-    return _ATTENTION.sub(lambda m: f".{m.group(1)}.{_ATTENTION_NAMES[m.group(2)]}.", key)
+    return _ATTENTION.sub(lambda m: f".{m.group(1)}.{_ATTENTION_NAMES[m.group(2)]}", key)
 
 
 def ace_step_original_to_diffusers(key: str) -> str:
@@ -381,7 +383,9 @@ def ace_step_lora_to_diffusers(converted):
     from ..lora.convert import rename_patches
 
     def rename(path: str, patch):
-        return [(ace_step_original_to_diffusers(path), patch)] if path.startswith("decoder.") else None
+        # the generic parsing may already have dropped the DiT's "decoder." part
+        target = ace_step_original_to_diffusers(path if path.startswith("decoder.") else f"decoder.{path}")
+        return None if target == path else [(target, patch)]
 
     return rename_patches(converted, rename, "ACE-Step (ComfyUI)", "+ace_step_names")
 
@@ -495,13 +499,20 @@ def _build(cls, config: dict, state_dict: dict, dtype, name: str):
 
     with init_empty_weights():
         module = cls(**config)
-    expected = set(module.state_dict())
-    missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
+    expected = module.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state_dict)), sorted(set(state_dict) - set(expected))
     if name == "condition encoder":
         missing = [k for k in missing if k != "silence_latent"]
     if missing or unexpected:
         raise ValueError(f"ACE-Step 1.5 {name}: the all-in-one file does not match the model (missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}).")
+    if name == "VAE" and any(state_dict[k].shape != expected[k].shape for k in state_dict if k.startswith("encoder.")):
+        # diffusers sizes the encoder's last conv by its width, ai-toolkit's by twice the latent channels: equal in
+        # the published files (128), not in toy ones. Text to music never encodes audio.
+        logger.warning("ACE-Step 1.5: the VAE encoder does not fit AutoencoderOobleck (width != 2 x latent "
+                       "channels); it is left zeroed (text to music never encodes audio).")
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("encoder.")}
+        state_dict.update({k: torch.zeros(v.shape) for k, v in expected.items() if k.startswith("encoder.")})
     module.load_state_dict({k: v.to(dtype) for k, v in state_dict.items()}, strict=False, assign=True)
     for buffer_name, buffer in list(module.named_buffers()):
         if buffer.is_meta:  # the condition encoder's silence_latent: unused (ai-toolkit's fixed one is)

@@ -57,6 +57,18 @@ def save_videos(result, out: str) -> list[str]:
     return paths
 
 
+def save_audio(result, out: str) -> list[str]:
+    """One lossless audio file per batch item: ``.wav`` writes WAV, anything else FLAC."""
+    from .pipelines.media import write_audio
+
+    if not out.lower().endswith((".flac", ".wav")):
+        out = os.path.splitext(out)[0] + ".flac"
+    paths = [_numbered(out, i, len(result.audio)) for i in range(len(result.audio))]
+    for audio, path in zip(result.audio, paths):
+        write_audio(audio, path, result.sample_rate)
+    return paths
+
+
 def _numbered(path: str, index: int, count: int) -> str:
     if count == 1:
         return path
@@ -89,7 +101,9 @@ def run_generate(pipeline, args, out: str) -> list[str]:
         num_frames=getattr(args, "num_frames", None), fps=getattr(args, "fps", None),
         vae_tiling=getattr(args, "vae_tiling", False),
     )
-    if result.is_video:
+    if result.is_audio:
+        paths = save_audio(result, out)
+    elif result.is_video:
         paths = save_videos(result, out)
     else:
         images = result.to_pil()

@@ -698,7 +698,7 @@ KREA2_EDIT = KREA2.derive(control_images=(1, 3), tiny="krea2:build_krea2_edit",
 # all-in-one file ai-toolkit's UI names (ostris/ace_step_1.5_ComfyUI_files).
 ACE_STEP = Preset(
     family="ace_step:AceStepFamilyPipeline", pipeline_class="AceStepPipeline", base="ostris/ace_step_1.5_ComfyUI_files",
-    steps=30, guidance=4.0, divisor=16, tiny="ace_step:build_ace_step", lora_signatures=(ACE_STEP_NAMES,),
+    steps=30, guidance=4.0, divisor=8, tiny="ace_step:build_ace_step", lora_signatures=(ACE_STEP_NAMES,),
     unconditional_is_negative=False,
     notes="Audio only (48 kHz stereo; no image). ai-toolkit's own loop around diffusers' ACE-Step classes: the prompt "
     "is ai-toolkit's tagged sample prompt (<CAPTION>, <LYRICS>, <BPM>, <DURATION>, <LANGUAGE>; a prompt without tags "

@@ -111,7 +111,9 @@ def run_generate(pipeline, args, out: str) -> list[str]:
         for i, (image, path) in enumerate(zip(images, paths)):
             write_image(image, path, result.metadata(i))
     p = result.params
-    print(f"wrote {', '.join(paths)}  size {p.width}x{p.height}  seed {p.seed}  steps {p.steps}  "
+    size = (f"{result.audio.shape[-1] / result.sample_rate:g} s at {result.sample_rate} Hz" if result.is_audio
+            else f"{p.width}x{p.height}")
+    print(f"wrote {', '.join(paths)}  size {size}  seed {p.seed}  steps {p.steps}  "
           f"guidance {p.guidance}  total {result.timings['total']:.2f}s")
     for lora in result.loras:
         print(f"  LoRA {lora['name']}: {lora['modules']} modules ({lora['layout']}), strength {lora['strength']}")

@@ -392,6 +392,8 @@ class ModelSpec:
             the family does; otherwise only above 1.
         control_images (tuple[int, int]): (min, max) number of control images.
         video (VideoSpec, *optional*): video defaults; None for image models.
+        audio_only (bool): the model makes audio and no image (``GenerationResult.images`` is None); width and height
+            are then unused.
         experts (Experts, *optional*): the two experts of a two-expert denoiser; None for one denoiser.
         lora_pass_sides (tuple[str, ...]): LoRA sides whose LoRAs act in one denoiser pass only
             (:data:`UNCONDITIONAL_LORA_SIDE`); empty for most models.
@@ -417,6 +419,7 @@ class ModelSpec:
     cfg_unless_one: bool = False
     control_images: tuple[int, int] = (0, 0)
     video: VideoSpec | None = None
+    audio_only: bool = False
     experts: Experts | None = None
     lora_pass_sides: tuple[str, ...] = ()
     options: Any = None
@@ -488,6 +491,7 @@ class ModelSpec:
             "requires_control_image": self.requires_control_image,
             "control_images": list(self.control_images),
             "is_video_model": self.is_video,
+            "is_audio_model": self.audio_only,
             "scheduler": None if self.scheduler is None else {"class": self.scheduler.class_name, **self.scheduler.config},
             "notes": self.notes,
         }
@@ -699,7 +703,7 @@ KREA2_EDIT = KREA2.derive(control_images=(1, 3), tiny="krea2:build_krea2_edit",
 ACE_STEP = Preset(
     family="ace_step:AceStepFamilyPipeline", pipeline_class="AceStepPipeline", base="ostris/ace_step_1.5_ComfyUI_files",
     steps=30, guidance=4.0, divisor=8, tiny="ace_step:build_ace_step", lora_signatures=(ACE_STEP_NAMES,),
-    unconditional_is_negative=False,
+    unconditional_is_negative=False, audio_only=True,
     notes="Audio only (48 kHz stereo; no image). ai-toolkit's own loop around diffusers' ACE-Step classes: the prompt "
     "is ai-toolkit's tagged sample prompt (<CAPTION>, <LYRICS>, <BPM>, <DURATION>, <LANGUAGE>; a prompt without tags "
     "is the caption; the metas always say key C and time signature 4/4 as ai-toolkit's sampler writes them), "

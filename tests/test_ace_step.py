@@ -220,6 +220,39 @@ def test_lora_of_another_family_is_refused_with_its_family_named(golden_pipeline
     assert golden_pipeline.loras.describe() == []
 
 
+@pytest.mark.parametrize("extension,codec", [(".flac", "flac"), (".wav", "pcm_s16le")])
+def test_write_audio_is_lossless_16_bit(extension, codec, tmp_path):
+    import av
+
+    from aitk_inference.pipelines.media import write_audio
+
+    wave = np.stack([np.sin(np.linspace(0, 60, 960)), -np.cos(np.linspace(0, 30, 960))]).astype(np.float32) * 0.8
+    path = write_audio(wave, str(tmp_path / f"a{extension}"), 48000)
+    with av.open(path) as container:
+        stream = container.streams.audio[0]
+        decoded = np.concatenate([f.to_ndarray() for f in container.decode(stream)], axis=-1)
+        assert (stream.codec_context.name, stream.rate) == (codec, 48000)
+    decoded = decoded.reshape(-1, 2).T if decoded.shape[0] == 1 else decoded  # packed: channels interleaved
+    np.testing.assert_allclose(decoded / 32767.0, wave, rtol=0, atol=1 / 32767)
+    with pytest.raises(ValueError, match="use .flac or .wav"):
+        write_audio(wave, str(tmp_path / "a.mp3"), 48000)
+    with pytest.raises(ValueError, match=r"\[channels \(1 or 2\), samples\]"):
+        write_audio(np.zeros((3, 10)), str(tmp_path / "b.flac"), 48000)
+
+
+def test_cli_writes_one_flac_per_item(golden_pipeline, tmp_path, monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from aitk_inference import cli
+
+    args = SimpleNamespace(prompt="<CAPTION>ambient</CAPTION><DURATION>1</DURATION>", neg="", width=None, height=None,
+                           steps=2, guidance=None, seed=5, batch_size=2, trigger=None, ctrl_img=None, quiet=True,
+                           lora=None)
+    paths = cli.run_generate(golden_pipeline, args, str(tmp_path / "song.png"))
+    assert paths == [str(tmp_path / "song_0.flac"), str(tmp_path / "song_1.flac")]
+    assert " at 48000 Hz" in capsys.readouterr().out  # the toy VAE makes 100 samples a second
+
+
 def test_negative_prompt_has_no_effect_and_options_are_checked(golden_pipeline):
     fast = dict(steps=2, guidance=4.0, seed=3)
     plain = golden_pipeline.generate("<CAPTION>jazz</CAPTION>", negative="", **fast).audio

@@ -396,12 +396,20 @@ def test_video_request_writes_mp4_with_audio(server, dirs, tiny_dir):
         assert sum(1 for _ in container.decode(video=0)) == 9 and len(container.streams.audio) == 1
 
 
-def test_audio_request_writes_flac(server, dirs):
+def test_audio_request_writes_flac(server, dirs, tiny_dir):
     import av
+    from diffusers import AceStepTransformer1DModel
 
+    from aitk_inference.tiny.ace_step import original_targets
+    from aitk_inference.tiny.loras import make_state_dict, save_lora
+
+    transformer = AceStepTransformer1DModel.from_pretrained(tiny_dir("ace_step_15"), subfolder="transformer")
+    save_lora(os.path.join(dirs["workflows"], "ace_style.safetensors"),
+              make_state_dict("peft_diffusion_model", original_targets(transformer)))
     c = server.client
-    reply = c.post("/v1/inference", json={"model": "ace_step_15", "prompts": [
-        {"prompt": "<CAPTION>lofi piano</CAPTION><DURATION>2</DURATION>", "sample_steps": 2}]})
+    reply = c.post("/v1/inference", json={"model": "ace_step_15", "loras": [{"path": "ace_style.safetensors"}],
+                                          "prompts": [{"prompt": "<CAPTION>lofi piano</CAPTION><DURATION>2</DURATION>",
+                                                       "sample_steps": 2}]})
     assert reply.status_code == 200, reply.text
     request_id = reply.json()["request_id"]
     assert wait_for(c, request_id)["status"] == "succeeded"

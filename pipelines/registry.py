@@ -544,7 +544,8 @@ PRX_NAMES = LoraSignature("PRXPixel", r"(^|\.)blocks\.\d+\.attention\.(img_qkv_p
 KREA2_NAMES = LoraSignature("Krea 2", r"(^|\.)(blocks\.\d+\.attn\.wq|txtfusion\.|transformer_blocks\.\d+\.attn\.to_gate)")
 # Ideogram 4 files share Z-Image's `layers.N.feed_forward.w1`; its fused `attention.qkv` and `adaln_modulation` (Z-Image:
 # `adaLN_modulation`) mark them.
-ACE_STEP_NAMES = LoraSignature("ACE-Step 1.5", r"(^|\.)decoder\.layers\.\d+\.(self_attn|cross_attn)\.[qkvo]_proj\.")
+ACE_STEP_NAMES = LoraSignature("ACE-Step 1.5", r"(^|\.)decoder\.layers\.\d+\.(self_attn|cross_attn)\.[qkvo]_proj\.",
+                                refines=ANIMA_NAMES)
 IDEOGRAM4_NAMES = LoraSignature("Ideogram 4", r"(^|\.)layers\.\d+\.(attention\.qkv|adaln_modulation)\.|(^|\.)llm_cond_proj\.",
                                 refines=ZIMAGE_NAMES)
 # MiniMax-H3: original names (fused attn.qkv_proj, adaln_proj in every block, the text token refiner) or diffusers'.

@@ -121,8 +121,9 @@ def silence_latent(frames: int, device, dtype) -> torch.Tensor:
 
 
 def flow_schedule(steps: int, shift: float = SHIFT) -> list[float]:
-    """ai-toolkit's sampling times: ``linspace(1, 0, steps + 1)`` without the final 0, shifted (float64)."""
-    times = [1.0 - i / steps for i in range(steps)]
+    """ai-toolkit's sampling times: ``linspace(1, 0, steps + 1)`` without the final 0, shifted (float64, numpy's
+    ``linspace`` arithmetic)."""
+    times = [i * (-1.0 / steps) + 1.0 for i in range(steps)]
     return [shift * t / (1 + (shift - 1) * t) for t in times]
 
 
@@ -283,13 +284,13 @@ class AceStepAITKPipeline(AceStepPipeline):
         generators = generator if isinstance(generator, list) else [generator] * len(prompt)
         dtype = self.transformer.dtype
         outputs = []
+
+        def on_step(step):
+            if callback_on_step_end is not None:
+                callback_on_step_end(self, step, None, {})
+
         for item, item_generator in zip(prompt, generators):
             encoded, _ = self.encode_structured(item, dtype)
-
-            def on_step(step):
-                if callback_on_step_end is not None:
-                    callback_on_step_end(self, step, None, {})
-
             latents = self.denoise(encoded, item, num_inference_steps, guidance_scale, item_generator, on_step)
             if output_type == "latent":
                 outputs.append(latents)

@@ -68,6 +68,18 @@ def save_videos(result, out: str) -> list[str]:
     return paths
 
 
+def save_audio(result, out: str) -> list[str]:
+    """One lossless audio file per batch item: ``.wav`` writes WAV, anything else FLAC."""
+    from .pipelines.media import write_audio
+
+    if not out.lower().endswith((".flac", ".wav")):
+        out = os.path.splitext(out)[0] + ".flac"
+    paths = [_numbered(out, i, len(result.audio)) for i in range(len(result.audio))]
+    for audio, path in zip(result.audio, paths):
+        write_audio(audio, path, result.sample_rate)
+    return paths
+
+
 def _numbered(path: str, index: int, count: int) -> str:
     if count == 1:
         return path
@@ -100,7 +112,9 @@ def run_generate(pipeline, args, out: str) -> list[str]:
         num_frames=getattr(args, "num_frames", None), fps=getattr(args, "fps", None),
         vae_tiling=getattr(args, "vae_tiling", False), **dict(getattr(args, "option", None) or []),
     )
-    if result.is_video:
+    if result.is_audio:
+        paths = save_audio(result, out)
+    elif result.is_video:
         paths = save_videos(result, out)
     else:
         images = result.to_pil()
@@ -108,7 +122,9 @@ def run_generate(pipeline, args, out: str) -> list[str]:
         for i, (image, path) in enumerate(zip(images, paths)):
             write_image(image, path, result.metadata(i))
     p = result.params
-    print(f"wrote {', '.join(paths)}  size {p.width}x{p.height}  seed {p.seed}  steps {p.steps}  "
+    size = (f"{result.audio.shape[-1] / result.sample_rate:g} s at {result.sample_rate} Hz" if result.is_audio
+            else f"{p.width}x{p.height}")
+    print(f"wrote {', '.join(paths)}  size {size}  seed {p.seed}  steps {p.steps}  "
           f"guidance {p.guidance}  total {result.timings['total']:.2f}s")
     for lora in result.loras:
         print(f"  LoRA {lora['name']}: {lora['modules']} modules ({lora['layout']}), strength {lora['strength']}")

@@ -359,8 +359,9 @@ def sample(
             num_frames=num_frames or None, fps=fps or None, vae_tiling=bool(vae_tiling),
             progress=progress if progress is not None else comfy_progress(steps), **extra,
         )
-    # 5. Post-process: ComfyUI IMAGE layout, video frames flattened into the batch
-    images = torch.from_numpy(result.images).float()
+    # 5. Post-process: ComfyUI IMAGE layout, video frames flattened into the batch; an audio-only model gives one
+    # black placeholder image per item
+    images = torch.from_numpy(result.images if not result.is_audio else audio_placeholder(len(result.audio))).float()
     if images.ndim == 5:
         images = images.reshape(-1, *images.shape[2:])
     fps = float(result.params.fps or 0)
@@ -390,6 +391,14 @@ def parse_options(text: str) -> dict:
 
 
 SILENCE_RATE = 16000
+#: side of the black IMAGE an audio-only model's Sample node returns (the sound is on its AUDIO output)
+AUDIO_PLACEHOLDER_SIDE = 64
+
+
+def audio_placeholder(batch_size: int):
+    import numpy as np
+
+    return np.zeros((batch_size, AUDIO_PLACEHOLDER_SIDE, AUDIO_PLACEHOLDER_SIDE, 3), dtype=np.float32)
 
 
 def comfy_audio(result, frames: int) -> dict:

@@ -217,8 +217,9 @@ SAMPLE = NodeSpec(
         Output("INT", "height", "The height that really ran (after flooring)."),
         Output("INT", "seed", "The seed that really ran."),
         Output("FLOAT", "fps", "Video models: the frame rate that ran (connect to Create Video); 0 for images."),
-        Output("AUDIO", "audio", "Audio-video models (LTX-2): the generated soundtrack; silence for other models, "
-               "so Create Video -> Save Video works for every video model."),
+        Output("AUDIO", "audio", "Audio-video models (LTX-2): the generated soundtrack; audio-only models (ACE-Step): "
+               "the music (their images output is a black 64x64 placeholder); silence for other models, so Create "
+               "Video -> Save Video works for every video model."),
     ),
 )
 

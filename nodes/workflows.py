@@ -20,7 +20,11 @@ EXAMPLES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 PREVIEWS_NAME = "reproduce_training_previews_flux.json"
 
 #: widget counts of the ComfyUI core nodes the workflows use (SaveImage: prefix; LoadImage: file + upload button)
-CORE_WIDGET_COUNTS = {"SaveImage": 1, "LoadImage": 2, "Note": 1, "CreateVideo": 1, "SaveVideo": 3}
+CORE_WIDGET_COUNTS = {"SaveImage": 1, "LoadImage": 2, "Note": 1, "CreateVideo": 1, "SaveVideo": 3, "SaveAudio": 1}
+#: the example prompt of audio-only models: ai-toolkit's tagged sample prompt (its audio UI preset's tags)
+AUDIO_EXAMPLE_PROMPT = ("<CAPTION>[trigger] style song, upbeat synth pop, bright female vocal</CAPTION>\n"
+                        "<LYRICS>\n[Verse]\nCity lights are calling\n[Chorus]\nWe keep on dancing\n</LYRICS>\n"
+                        "<BPM>112</BPM>\n<DURATION>30</DURATION>\n<LANGUAGE>en</LANGUAGE>")
 
 #: an ai-toolkit FLUX job (the shape of its config.yaml), from which the bundled previews workflow is built
 EXAMPLE_JOB = {
@@ -110,8 +114,8 @@ def _sample_values(spec, prompt: str, negative: str, trigger_word: str = "", **o
 
 
 def model_workflow(model_id: str) -> dict:
-    """Load -> Apply LoRA (one per expert for MoE models) -> Sample -> Save Image (videos: Create Video -> Save Video),
-    with the registry defaults."""
+    """Load -> Apply LoRA (one per expert for MoE models) -> Sample -> Save Image (videos: Create Video -> Save Video;
+    audio-only models: Save Audio), with the registry defaults."""
     spec = get_spec(model_id)
     graph = _Graph()
     load = graph.add_aitk(LOAD, (40, 120), _load_values(model_id), size=(320, 270))
@@ -124,10 +128,14 @@ def model_workflow(model_id: str) -> dict:
                                size=(320, 130))
         graph.link(previous, 0, apply, "pipeline")
         previous = apply
-    sample = graph.add_aitk(SAMPLE, (760, 120), _sample_values(spec, "a photo of [trigger]", spec.negative,
-                                                               trigger_word="p3r5on"), size=(400, 520))
+    prompt = AUDIO_EXAMPLE_PROMPT if spec.audio_only else "a photo of [trigger]"
+    sample = graph.add_aitk(SAMPLE, (760, 120), _sample_values(spec, prompt, spec.negative, trigger_word="p3r5on"),
+                            size=(400, 520))
     graph.link(previous, 0, sample, "pipeline")
-    if spec.video is None:
+    if spec.audio_only:
+        save = graph.add("SaveAudio", (1200, 120), [f"aitk/{model_id}"], inputs=[("audio", "AUDIO")], size=(400, 160))
+        graph.link(sample, 5, save, "audio")
+    elif spec.video is None:
         save = graph.add("SaveImage", (1200, 120), [f"aitk/{model_id}"], inputs=[("images", "IMAGE")], size=(400, 420))
         graph.link(sample, 0, save, "images")
     else:
@@ -208,6 +216,8 @@ _AITK_NODE_IDS = {APPLY.node_id, LOAD.node_id, SAMPLE.node_id}
 def workflow_kind(model_id: str) -> str:
     """What an example makes, in a few words (its thumbnail's subtitle)."""
     spec = get_spec(model_id)
+    if spec.audio_only:
+        return "text to music"
     if spec.video is not None:
         return "image to video" if spec.requires_control_image else "text to video"
     if spec.requires_control_image:

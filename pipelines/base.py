@@ -137,12 +137,13 @@ class GenerationResult:
     """What :meth:`AITKPipeline.generate` returns.
 
     Attributes:
-        images (np.ndarray): float32 in 0..1, ``[B, H, W, C]`` for images or ``[B, T, H, W, C]`` for videos.
+        images (np.ndarray or None): float32 in 0..1, ``[B, H, W, C]`` for images or ``[B, T, H, W, C]`` for videos;
+            None for audio-only models.
         params (GenerationParams): the effective parameters (snapped size, drawn seed, prompt after trigger words).
         model_id (str): the registry id.
         loras (list[dict]): the applied LoRAs with their strength and matched module counts.
         timings (dict): seconds, e.g. ``total``, ``denoise``, ``steps``.
-        audio (np.ndarray, *optional*): ``[B, channels, samples]`` float32 for audio-video models.
+        audio (np.ndarray, *optional*): ``[B, channels, samples]`` float32 for audio-video and audio-only models.
         sample_rate (int, *optional*): the audio sample rate.
     """
 
@@ -168,7 +169,12 @@ class GenerationResult:
 
     @property
     def is_video(self) -> bool:
-        return self.images.ndim == 5
+        return self.images is not None and self.images.ndim == 5
+
+    @property
+    def is_audio(self) -> bool:
+        """An audio-only result: no images, ``audio`` holds the waveforms."""
+        return self.images is None
 
     def to_pil(self) -> list:
         """One PIL image per batch item (for videos: the frames of the first item)."""

@@ -13,6 +13,8 @@ from fractions import Fraction
 from .atomic import atomic_path
 
 VIDEO_EXTENSIONS = (".mp4", ".webp")
+#: lossless audio containers and the PyAV codec each is written with (16-bit samples)
+AUDIO_CODECS = {".flac": "flac", ".wav": "pcm_s16le"}
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 IMAGE_QUALITY = 95  # JPEG/WEBP stills
 MP4_CRF = 18  # visually lossless for previews; libx264's default is 23
@@ -109,6 +111,41 @@ def write_video(frames, path: str, fps: int, audio=None, sample_rate: int | None
             raise ValueError(f"{path!r}: animated WEBP cannot carry the audio track; write .mp4 to keep it.")
         return write_webp(frames, path, fps)
     raise ValueError(f"Unsupported video file extension {ext!r} for {path!r}; use .mp4 (H.264) or .webp.")
+
+
+def write_audio(audio, path: str, sample_rate: int) -> str:
+    """Write a waveform as 16-bit FLAC or WAV (by ``path``'s extension) through PyAV.
+
+    Args:
+        audio (array): ``[channels (1 or 2), samples]`` (or ``[samples]``) float in -1..1; louder samples are clipped.
+        path (str): the ``.flac`` or ``.wav`` file to write.
+        sample_rate (int): samples per second.
+
+    Returns:
+        str: ``path``.
+    """
+    import av
+    import numpy as np
+
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in AUDIO_CODECS:
+        raise ValueError(f"Unsupported audio file extension {ext!r} for {path!r}; use .flac or .wav.")
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) or sample_rate <= 0:
+        raise ValueError(f"`sample_rate` must be a positive integer, got {sample_rate!r}.")
+    audio = np.asarray(audio, dtype=np.float32)
+    audio = audio[None] if audio.ndim == 1 else audio
+    if audio.ndim != 2 or audio.shape[0] not in (1, 2) or audio.shape[1] == 0:
+        raise ValueError(f"`audio` must be [channels (1 or 2), samples], got shape {tuple(audio.shape)}.")
+    layout = "stereo" if audio.shape[0] == 2 else "mono"
+    # packed 16-bit: the channels interleaved in one row
+    samples = np.round(np.clip(audio, -1.0, 1.0) * 32767.0).astype(np.int16).T.reshape(1, -1)
+    with atomic_path(path) as tmp, av.open(tmp, mode="w", format=ext[1:]) as container:
+        stream = container.add_stream(AUDIO_CODECS[ext], rate=sample_rate, layout=layout, format="s16")
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples), format="s16", layout=layout)
+        frame.sample_rate = sample_rate
+        container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return path
 
 
 def write_image(image, path: str, metadata: dict | None = None) -> str:

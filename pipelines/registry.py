@@ -410,6 +410,13 @@ class ZetaChromaOptions:
 
     transformer_file: str = "zeta-chroma-base-x0-pixel-dino-distance.safetensors"
     text_encoder: str = "Tongyi-MAI/Z-Image-Turbo"
+class AceStepOptions:
+    """ACE-Step 1.5's base repo holds ComfyUI all-in-one files only: ``aio_file`` is this id's file in it (DiT,
+    condition encoder, Qwen3 text encoder and VAE); ``tokenizer`` the hub repo of the tokenizer ai-toolkit loads
+    (the file has none)."""
+
+    aio_file: str
+    tokenizer: str = "Qwen/Qwen3-Embedding-0.6B"
 
 
 # ---------------------------------------------------------------------------------------------------------- the spec
@@ -443,6 +450,8 @@ class ModelSpec:
             the family does; otherwise only above 1.
         control_images (tuple[int, int]): (min, max) number of control images.
         video (VideoSpec, *optional*): video defaults; None for image models.
+        audio_only (bool): the model makes audio and no image (``GenerationResult.images`` is None); width and height
+            are then unused.
         experts (Experts, *optional*): the two experts of a two-expert denoiser; None for one denoiser.
         lora_pass_sides (tuple[str, ...]): LoRA sides whose LoRAs act in one denoiser pass only
             (:data:`UNCONDITIONAL_LORA_SIDE`); empty for most models.
@@ -468,6 +477,7 @@ class ModelSpec:
     cfg_unless_one: bool = False
     control_images: tuple[int, int] = (0, 0)
     video: VideoSpec | None = None
+    audio_only: bool = False
     experts: Experts | None = None
     lora_pass_sides: tuple[str, ...] = ()
     options: Any = None
@@ -539,6 +549,7 @@ class ModelSpec:
             "requires_control_image": self.requires_control_image,
             "control_images": list(self.control_images),
             "is_video_model": self.is_video,
+            "is_audio_model": self.audio_only,
             "scheduler": None if self.scheduler is None else {"class": self.scheduler.class_name, **self.scheduler.config},
             "notes": self.notes,
         }
@@ -602,6 +613,8 @@ BOOGU_IMAGE_NAMES = LoraSignature("Boogu-Image", r"(^|\.)(double_stream_layers|s
                                   refines=OMNIGEN2_NAMES)
 # Ideogram 4 files share Z-Image's `layers.N.feed_forward.w1`; its fused `attention.qkv` and `adaln_modulation` (Z-Image:
 # `adaLN_modulation`) mark them.
+ACE_STEP_NAMES = LoraSignature("ACE-Step 1.5", r"(^|\.)decoder\.layers\.\d+\.(self_attn|cross_attn)\.[qkvo]_proj\.",
+                                refines=ANIMA_NAMES)
 IDEOGRAM4_NAMES = LoraSignature("Ideogram 4", r"(^|\.)layers\.\d+\.(attention\.qkv|adaln_modulation)\.|(^|\.)llm_cond_proj\.",
                                 refines=ZIMAGE_NAMES)
 # Zeta-Chroma's transformer blocks have Z-Image's names (and, in the real models, shapes): a file of `layers.N` modules
@@ -793,6 +806,21 @@ _MAGEFLOW_EDIT_NOTES = (
 MAGEFLOW = Preset(family="mageflow:MageFlowFamilyPipeline", pipeline_class="MageFlowPipeline",
                   base="microsoft/Mage-Flow-Base", steps=25, guidance=4.0, divisor=16, tiny="mageflow:build_mageflow",
                   lora_signatures=(QWEN_NAMES,), options=MageFlowOptions(), notes=_MAGEFLOW_NOTES)
+# ACE-Step 1.5 (audio only): ai-toolkit's audio UI preset (defaultAudioSampleConfig: 30 steps, guidance 4, seed 42; its
+# width/height are unused) and its own sampling loop (families/ace_step.py). Both ids load the publisher's ComfyUI
+# all-in-one file ai-toolkit's UI names (ostris/ace_step_1.5_ComfyUI_files).
+ACE_STEP = Preset(
+    family="ace_step:AceStepFamilyPipeline", pipeline_class="AceStepPipeline", base="ostris/ace_step_1.5_ComfyUI_files",
+    steps=30, guidance=4.0, divisor=8, tiny="ace_step:build_ace_step", lora_signatures=(ACE_STEP_NAMES,),
+    unconditional_is_negative=False, audio_only=True,
+    notes="Audio only (48 kHz stereo; no image). ai-toolkit's own loop around diffusers' ACE-Step classes: the prompt "
+    "is ai-toolkit's tagged sample prompt (<CAPTION>, <LYRICS>, <BPM>, <DURATION>, <LANGUAGE>; a prompt without tags "
+    "is the caption; the metas always say key C and time signature 4/4 as ai-toolkit's sampler writes them), "
+    "sigmas linspace(1, 0, N+1)[:-1] shifted by 3.0, plain CFG u + g(c - u) above guidance 1 with the learned null "
+    "condition (the negative prompt has no effect), int(25 * duration) latent frames with ai-toolkit's fixed silence "
+    "latent as context, no loudness normalisation. Loads the ComfyUI all-in-one file. LoRAs: diffusion_model.decoder. "
+    "+ ComfyUI names (PEFT or LoKr) on the DiT's attention and MLP Linears.",
+)
 
 # ------------------------------------------------------------------------------------------------------ registry
 REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
@@ -1068,6 +1096,10 @@ REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
             "ComfyUI / original Cosmos names, the LLM adapter's (`llm_adapter.`) included. Steps 30 and guidance 4 "
             "are ai-toolkit's UI sample defaults (its Anima preset sets none).",
         ),
+        ACE_STEP("ace_step_15", options=AceStepOptions(aio_file="ace_step_1.5_base_aio.safetensors"),
+                 aitk_archs=(AitkArch("ace_step_15"),)),
+        ACE_STEP("ace_step_15_xl", options=AceStepOptions(aio_file="ace_step_1.5_xl_base_aio.safetensors"),
+                 aitk_archs=(AitkArch("ace_step_15_xl"),)),
         KREA2("krea2", aitk_archs=(AitkArch("krea2"),)),
         KREA2("krea2_turbo", base="krea/Krea-2-Turbo", steps=9, guidance=1.0, tiny="krea2:build_krea2_turbo",
               aitk_archs=(AitkArch("krea2", "turbo"),)),

@@ -6,7 +6,10 @@ from __future__ import annotations
 import os
 
 EXTENSIONS = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
-MEDIA_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".webp": "image/webp", ".mp4": "video/mp4"}
+MEDIA_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".webp": "image/webp", ".mp4": "video/mp4",
+               ".flac": "audio/flac"}
+#: the kinds of entries of a task's ``outputs``
+OUTPUT_KINDS = ("images", "videos", "audios")
 
 
 def save_image(image, base: str, output_format: str, metadata: dict) -> str:
@@ -28,9 +31,16 @@ def save_video(result, base: str, output_format: str) -> tuple[str, str]:
     return path, video_format
 
 
+def save_audio(result, base: str) -> str:
+    """Write the first waveform of an audio-only ``result`` as 16-bit FLAC."""
+    from ..pipelines.media import write_audio
+
+    return write_audio(result.audio[0], f"{base}.flac", result.sample_rate)
+
+
 def output_files(task: dict) -> list[str]:
     outputs = task.get("outputs") or {}
-    return [entry["file_path"] for kind in ("images", "videos") for entry in outputs.get(kind, [])]
+    return [entry["file_path"] for kind in OUTPUT_KINDS for entry in outputs.get(kind, [])]
 
 
 def sweep_outputs(store, max_age: float, max_bytes: int, now: float | None = None) -> int:

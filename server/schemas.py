@@ -126,9 +126,19 @@ class VideoOutput(ImageOutput):
     fps: int
 
 
+class AudioOutput(BaseModel):
+    index: int
+    format: str
+    file_path: str
+    url: str
+    seed: int
+    sample_rate: int
+
+
 class Outputs(BaseModel):
     images: list[ImageOutput] = []
     videos: list[VideoOutput] = []
+    audios: list[AudioOutput] = Field([], description="Audio-only models (ACE-Step): one 16-bit FLAC per output.")
 
 
 class InferenceResultResponse(BaseModel):

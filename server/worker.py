@@ -20,7 +20,7 @@ from ..pipelines.runtime import cache
 from ..pipelines.base import GenerationInterrupted
 from .downloads import DownloadError, fetch_image, fetch_lora
 from .mapping import Job, inputs_prefix
-from .outputs import output_files, save_image, save_video, sweep_outputs
+from .outputs import OUTPUT_KINDS, output_files, save_audio, save_image, save_video, sweep_outputs
 from .settings import Settings
 from .store import TaskStore, utc_now
 
@@ -221,7 +221,7 @@ class Worker:
             self._check(job, deadline)
 
             # 4. Run the prompts
-            outputs = {"images": [], "videos": []}
+            outputs = {kind: [] for kind in OUTPUT_KINDS}
             generations = []
             done = 0
             t_inference = time.perf_counter()
@@ -238,7 +238,7 @@ class Worker:
                 job.step = done
                 # 5. Save (temporary name, then rename)
                 t = time.perf_counter()
-                index = len(outputs["images"]) + len(outputs["videos"])
+                index = sum(len(entries) for entries in outputs.values())
                 self._save(job, index, result, outputs)
                 generations.append(result.metadata())
                 timings["prompts"].append({"load_control_images": round(control_times[i], 4), "generate": round(t_generate, 4),
@@ -262,6 +262,10 @@ class Worker:
         base = os.path.join(self.settings.output_base_path, f"{job.id}_output_{index}")
         url = f"{self.settings.public_url}/v1/requests/{job.id}/outputs/{index}"
         common = {"width": result.width, "height": result.height, "seed": result.seed}
+        if result.is_audio:
+            outputs["audios"].append({"index": index, "format": "flac", "file_path": save_audio(result, base),
+                                      "url": url, "seed": result.seed, "sample_rate": result.sample_rate})
+            return
         if result.is_video:
             path, video_format = save_video(result, base, job.output_format)
             outputs["videos"].append({"index": index, "format": video_format, "file_path": path, "url": url,

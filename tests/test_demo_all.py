@@ -15,7 +15,8 @@ def test_demo_runs_for_every_model(model_id, tiny_cache, tmp_path, capsys):
     out = capsys.readouterr().out
     written = [name for name in os.listdir(tmp_path)]
     assert "demo done" in out and "modules" in out
-    assert written == ["demo.mp4"] if REGISTRY[model_id].is_video else written == ["demo.png"]
+    spec = REGISTRY[model_id]
+    assert written == ["demo.flac" if spec.audio_only else "demo.mp4" if spec.is_video else "demo.png"]
 
 
 @pytest.mark.parametrize("model_id,native", [
@@ -24,6 +25,7 @@ def test_demo_runs_for_every_model(model_id, tiny_cache, tmp_path, capsys):
     ("flux2_klein_4b", ["tiny_aitk_bfl.safetensors"]),
     ("chroma", ["tiny_aitk_bfl.safetensors"]),
     ("minimax_h3", ["tiny_aitk_minimax_h3.safetensors"]),
+    ("ace_step_15", ["tiny_aitk_ace_step.safetensors", "tiny_aitk_ace_step_lokr.safetensors"]),
 ])
 def test_make_tiny_writes_the_layout_ai_toolkit_saves(model_id, native, tiny_cache, tmp_path):
     """Besides the generic layouts, make-tiny writes the family's own ai-toolkit layout (original Wan names with a
@@ -37,5 +39,6 @@ def test_make_tiny_writes_the_layout_ai_toolkit_saves(model_id, native, tiny_cac
     pipeline = load_pipeline(model_id, base=str(folder), device="cpu", dtype="fp32")
     summaries = pipeline.set_loras([str(folder / "loras" / name) for name in native])
     assert all(s["modules"] > 0 for s in summaries)
-    assert pipeline.generate(prompt="x", width=64, height=64, steps=1, **(
-        {"num_frames": pipeline.spec.video.frames(1)} if pipeline.spec.is_video else {})).images.size
+    result = pipeline.generate(prompt="x", width=64, height=64, steps=1, **(
+        {"num_frames": pipeline.spec.video.frames(1)} if pipeline.spec.is_video else {}))
+    assert (result.audio if result.is_audio else result.images).size

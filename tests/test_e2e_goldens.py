@@ -41,6 +41,11 @@ QWEN_EDIT_REASON = ("not made: ai-toolkit's QwenImageModel loads a Qwen2VLProces
                     "transformers 5 needs a video processor and with it torchvision: the CPU machine the goldens are "
                     "made on has none (the only wheels at hand are CUDA builds that do not load with CPU torch)")
 NO_E2E_GOLDEN_YET = {
+    **dict.fromkeys(
+        ("ace_step_15", "ace_step_15_xl"),
+        "not made: ai-toolkit writes an audio preview with torchaudio.save (its first channel only), which is not "
+        "installed here, and reproduce compares images; tests/test_ace_step.py compares three whole previews of "
+        "ai-toolkit's get_prompt_embeds + generate_single_audio (final latents and waveform) on the same tiny weights"),
     "qwen_image_edit": QWEN_EDIT_REASON,
     "qwen_image_edit_plus": QWEN_EDIT_REASON,
     "qwen_image_edit_plus_2511": QWEN_EDIT_REASON,

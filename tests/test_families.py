@@ -74,8 +74,8 @@ class Family:
 
 
 def output(result) -> tuple:
-    """What a generation produced: the images, plus the audio for audio-video models."""
-    return (result.images,) if result.audio is None else (result.images, result.audio)
+    """What a generation produced: the images, the audio of audio-video models, or the audio alone."""
+    return tuple(field for field in (result.images, result.audio) if field is not None)
 
 
 def max_difference(a: tuple, b: tuple) -> float:

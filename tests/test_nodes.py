@@ -321,6 +321,15 @@ def test_video_models_give_frames_fps_and_audio(core, tiny_dir):
     assert audio["waveform"].shape == (1, 1, round(5 / 10 * core.SILENCE_RATE)) and not audio["waveform"].any()
 
 
+def test_audio_only_models_give_their_audio_and_a_placeholder_image(core, tiny_dir):
+    _, ace = run_graph(core, tiny_dir, model="ace_step_15", prompt="<CAPTION>lofi</CAPTION><DURATION>2</DURATION>",
+                       steps=2, batch_size=2)
+    images, _, _, _, fps, audio = ace.result()
+    assert images.shape == (2, core.AUDIO_PLACEHOLDER_SIDE, core.AUDIO_PLACEHOLDER_SIDE, 3) and not images.any()
+    assert audio["sample_rate"] == 48000 and audio["waveform"].shape[:2] == (2, 2) and fps == 0.0
+    assert audio["waveform"].isfinite().all() and audio["waveform"].abs().sum() > 0
+
+
 def test_load_options_select_lora_mode_and_compile(core, tiny_dir):
     fused = core.load("flux", tiny_dir("flux"), "fp32", "none", "cpu", lora_mode="fused")
     default = core.load("flux", tiny_dir("flux"), "fp32", "none", "cpu")

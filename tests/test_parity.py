@@ -34,6 +34,10 @@ SCHEDULER_GOLDEN = {
     "anima": "anima",
 }
 NO_SCHEDULER_GOLDEN = {
+    **dict.fromkeys(
+        ("ace_step_15", "ace_step_15_xl"),
+        "ai-toolkit samples ACE-Step with its own loop on linspace(1, 0, N+1)[:-1] shifted by 3.0, no scheduler: "
+        "test_ace_step.py compares our schedule with ai-toolkit's compute_timesteps and spies on the transformer"),
     "sd15": "schedulers.json records the flow-matching families only; SD's DDPM config and timesteps are checked in "
             "test_stable_diffusion.py",
     "sdxl": "schedulers.json records the flow-matching families only; SDXL's DDPM config and timesteps are checked in "
@@ -177,6 +181,9 @@ NO_NOISE_GOLDEN.update(dict.fromkeys(
     "initial_noise.safetensors does not hold; test_mageflow.py compares the seed-42 draw with ai-toolkit's "
     "(tests/goldens/mageflow) and with the latents the first transformer call receives",
 ))
+    ("ace_step_15", "ace_step_15_xl"),
+    "audio: a (1, 25 * duration, 64) draw in the model dtype, a layout initial_noise.safetensors does not hold; "
+    "test_ace_step.py compares the seed-42 draw with the first transformer input of ai-toolkit's own preview"))
 NOISE_SIZES = [(64, 64), (512, 768)]  # (W, H) as in the golden keys
 
 # ai-toolkit's size floor per family (ai-toolkit.md §2.2; 8 = only GenerateImageConfig's floor).
@@ -200,6 +207,8 @@ AITK_DIVISOR = {
     "boogu_image": 16, "boogu_image_edit": 16,
     # MageFlowModel.get_bucket_divisibility (VAE 16 x patch 1); generate_single_image floors the sample size to it
     "mageflow": 16, "mageflow_edit": 16,
+    # audio only: ai-toolkit's sampler never reads the sample size (GenerateImageConfig's floor is all that applies)
+    "ace_step_15": 8, "ace_step_15_xl": 8,
 }
 NO_DIVISOR_GOLDEN = {
     "lumina2": "ai-toolkit.md §2.2 gives Lumina2's floor as the pipeline default, unverified",

@@ -258,3 +258,51 @@ def test_reproduce_sdxl_second_encoder_negative(tmp_path, tiny_dir, load_tiny):
     with_first_negative_for_both = pipeline.generate(**{**call, "negative_2": None}, **expected[0]).to_pil()[0]
     with Image.open(_rows(report)[0].file) as im:
         assert not np.array_equal(np.asarray(im.convert("RGB")), np.asarray(with_first_negative_for_both))
+
+
+def test_reproduce_audio_job_writes_flac(tmp_path, tiny_dir):
+    """An ACE-Step job: its tagged sample prompts render as FLAC, named like ai-toolkit's previews (its MP3s of the
+    first channel are not compared)."""
+    import av
+    import torch
+
+    from aitk_inference.pipelines.jobs.reproduce import reproduce_job
+    from aitk_inference.tiny.ace_step import original_targets
+    from aitk_inference.tiny.loras import make_state_dict, save_lora
+    from diffusers import AceStepTransformer1DModel
+
+    job = tmp_path / "song"
+    job.mkdir()
+    config = textwrap.dedent(f"""\
+        job: extension
+        config:
+          name: song
+          process:
+            - type: sd_trainer
+              network: {{type: lora, linear: 4, linear_alpha: 4}}
+              model: {{name_or_path: {tiny_dir("ace_step_15")}, arch: ace_step_15}}
+              sample:
+                seed: 42
+                walk_seed: true
+                guidance_scale: 4
+                sample_steps: 2
+                samples:
+                  - prompt: "<CAPTION>my style song</CAPTION><BPM>112</BPM><DURATION>2</DURATION><LANGUAGE>en</LANGUAGE>"
+                  - prompt: "<CAPTION>my style song</CAPTION><DURATION>1</DURATION>"
+        """)
+    (job / "config.yaml").write_text(config)
+    transformer = AceStepTransformer1DModel.from_pretrained(tiny_dir("ace_step_15"), subfolder="transformer")
+    with torch.no_grad():
+        state_dict = make_state_dict("peft_diffusion_model", original_targets(transformer))
+    save_lora(str(job / "song.safetensors"), state_dict, {"training_info": '{"step": 100, "epoch": 1}'})
+    report = reproduce_job(str(job), out_dir=str(tmp_path / "out"), device="cpu", dtype="fp32")
+    rows = _rows(report)
+    assert report.model == "ace_step_15" and sorted(rows) == [0, 1] and report.sheet is None
+    for index, seconds in ((0, 2), (1, 1)):
+        row = rows[index]
+        assert os.path.basename(row.file) == f"song__000000100_{index}.flac" and row.seed == 42 + index
+        assert row.compare is None and row.preview is None
+        with av.open(row.file) as container:
+            stream = container.streams.audio[0]
+            assert (stream.rate, stream.channels) == (48000, 2)
+            assert sum(f.samples for f in container.decode(stream)) == seconds * 25 * 4  # the toy VAE: 4x

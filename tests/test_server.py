@@ -135,7 +135,8 @@ def server_env(dirs):
 
 @pytest.fixture(scope="module")
 def server(server_env, tiny_flux, tiny_dir):
-    running = RunningServer(server_env, [f"flux={tiny_flux[0]}", f"ltx2={tiny_dir('ltx2')}"])
+    running = RunningServer(server_env, [f"flux={tiny_flux[0]}", f"ltx2={tiny_dir('ltx2')}",
+                                         f"ace_step_15={tiny_dir('ace_step_15')}"])
     yield running
     running.stop()
 
@@ -424,6 +425,38 @@ def test_video_request_writes_mp4_with_audio(server, dirs, tiny_dir):
         f.write(download.content)
     with av.open(path) as container:
         assert sum(1 for _ in container.decode(video=0)) == 9 and len(container.streams.audio) == 1
+
+
+def test_audio_request_writes_flac(server, dirs, tiny_dir):
+    import av
+    from diffusers import AceStepTransformer1DModel
+
+    from aitk_inference.tiny.ace_step import original_targets
+    from aitk_inference.tiny.loras import make_state_dict, save_lora
+
+    transformer = AceStepTransformer1DModel.from_pretrained(tiny_dir("ace_step_15"), subfolder="transformer")
+    save_lora(os.path.join(dirs["workflows"], "ace_style.safetensors"),
+              make_state_dict("peft_diffusion_model", original_targets(transformer)))
+    c = server.client
+    reply = c.post("/v1/inference", json={"model": "ace_step_15", "loras": [{"path": "ace_style.safetensors"}],
+                                          "prompts": [{"prompt": "<CAPTION>lofi piano</CAPTION><DURATION>2</DURATION>",
+                                                       "sample_steps": 2}]})
+    assert reply.status_code == 200, reply.text
+    request_id = reply.json()["request_id"]
+    assert wait_for(c, request_id)["status"] == "succeeded"
+    outputs = c.get(f"/v1/requests/{request_id}/result").json()["outputs"]
+    assert outputs["images"] == [] and outputs["videos"] == []
+    audio = outputs["audios"][0]
+    assert (audio["index"], audio["format"], audio["sample_rate"]) == (0, "flac", 48000)
+    download = c.get(audio["url"].replace(server.settings.public_url, ""))
+    assert download.headers["content-type"] == "audio/flac"
+    path = os.path.join(dirs["root"], "downloaded.flac")
+    with open(path, "wb") as f:
+        f.write(download.content)
+    with av.open(path) as container:
+        stream = container.streams.audio[0]
+        samples = sum(frame.samples for frame in container.decode(stream))
+        assert (stream.codec_context.name, stream.rate, stream.channels, samples) == ("flac", 48000, 2, 200)
 
 
 def test_restart_keeps_results_and_requeues_unfinished(server, server_env, tiny_flux):

@@ -158,7 +158,7 @@ def reproduce_job(
 
     from .. import load_pipeline
     from ..lora.stack import LoraRequest
-    from ..media import write_image, write_webp
+    from ..media import write_audio, write_image, write_webp
     from ..registry import get_spec
 
     # 1. Validate and read the job
@@ -214,7 +214,16 @@ def reproduce_job(
         result = pipeline.generate(prompt=sample.prompt, negative=sample.negative, width=sample.width,
                                    height=sample.height, steps=sample.steps, guidance=sample.guidance,
                                    seed=sample.seed, **kwargs)
-        # 6. Save and compare
+        # 6. Save and compare (ai-toolkit's audio previews are MP3s of the first channel: lossy, so written, not
+        # compared)
+        p = result.params
+        if result.is_audio:
+            path = write_audio(result.audio[0], os.path.join(out_dir, f"{prefix}__{step:09d}_{sample.index}.flac"),
+                               result.sample_rate)
+            rows.append(ReproducedSample(file=path, index=sample.index, prompt=p.prompt, width=p.width,
+                                         height=p.height, seed=p.seed, steps=p.steps, guidance=p.guidance,
+                                         network_multiplier=sample.network_multiplier, preview=None, compare=None))
+            continue
         frames = result.to_pil()
         filename = f"{prefix}__{step:09d}_{sample.index}" + (".webp" if result.is_video else ".png")
         path = os.path.join(out_dir, filename)
@@ -223,7 +232,6 @@ def reproduce_job(
             write_webp(result.images[0], path, result.params.fps)  # ai-toolkit's video previews are animated WEBP
         else:
             write_image(frames[0], path, metadata)
-        p = result.params
         preview, difference, per_frame = previews.get((step, sample.index)), None, ()
         if preview is not None:
             # a video is compared as written: both animated WEBPs decoded, frame by frame

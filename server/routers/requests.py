@@ -8,7 +8,7 @@ from fastapi.responses import FileResponse
 
 from ..dependencies import get_settings, get_store, get_worker
 from ..errors import APIError, responses
-from ..outputs import MEDIA_TYPES
+from ..outputs import MEDIA_TYPES, OUTPUT_KINDS
 from ..schemas import FINISHED, InferenceResultResponse, InferenceStatusResponse, RequestList, TaskStatus
 from ..settings import Settings
 from ..store import TaskStore
@@ -78,9 +78,9 @@ def cancel(request_id: str, store: TaskStore = Depends(get_store),
 @router.get("/{request_id}/outputs/{index}", response_class=FileResponse, responses=responses(404))
 def download(request_id: str, index: int = Path(..., ge=0, le=10_000), store: TaskStore = Depends(get_store),
              settings: Settings = Depends(get_settings)) -> FileResponse:
-    """Download output ``index`` (the ``index`` field of an entry of ``outputs.images``/``outputs.videos``)."""
+    """Download output ``index`` (the ``index`` field of an entry of ``outputs.images``/``videos``/``audios``)."""
     task = _task(store, request_id)
-    entries = [] if not task["outputs"] else task["outputs"]["images"] + task["outputs"]["videos"]
+    entries = [e for kind in OUTPUT_KINDS for e in (task["outputs"] or {}).get(kind, [])]
     entry = next((e for e in entries if e["index"] == index), None)
     root = os.path.realpath(settings.output_base_path)
     if entry is not None and task["outputs_deleted_at"]:

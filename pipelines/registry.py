@@ -360,11 +360,18 @@ class BooguImageOptions:
     def generation_options(self) -> tuple[str, ...]:
         """The ``generate()`` options this id takes."""
         return ("match_target_res",) if self.edit else ()
+
+    def defaults(self) -> dict:
+        return {name: getattr(self, name) for name in self.generation_options}
+
+
+@dataclass(frozen=True)
 class MageFlowOptions:
     """ai-toolkit's Mage-Flow ``model_kwargs`` that change sampling, as this id's defaults (each can be passed per
     call): ``cfg_renormalization`` (rescale the guided velocity to the conditional one's norm, off by default) and
     ``static_shift`` (the sigma shift, 6.0). ``edit`` ids take reference images and use the edit prompt template."""
 
+    edit: bool = False
     cfg_renormalization: bool = False
     static_shift: float = 6.0
 
@@ -410,6 +417,9 @@ class ZetaChromaOptions:
 
     transformer_file: str = "zeta-chroma-base-x0-pixel-dino-distance.safetensors"
     text_encoder: str = "Tongyi-MAI/Z-Image-Turbo"
+
+
+@dataclass(frozen=True)
 class AceStepOptions:
     """ACE-Step 1.5's base repo holds ComfyUI all-in-one files only: ``aio_file`` is this id's file in it (DiT,
     condition encoder, Qwen3 text encoder and VAE); ``tokenizer`` the hub repo of the tokenizer ai-toolkit loads

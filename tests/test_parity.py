@@ -132,6 +132,7 @@ NO_NOISE_GOLDEN["chroma_radiance"] = (
     "pixel space: ai-toolkit's draw is randn(1, 3, H, W) in the embeddings' dtype, a layout initial_noise.safetensors "
     "does not hold; test_chroma_radiance.py compares it bit for bit with the first transformer input of ai-toolkit's "
     "own seed-42 generation (goldens/chroma_radiance)"
+)
 NO_NOISE_GOLDEN["zimage_l2p"] = (
     "pixel space: ai-toolkit's draw is ZImagePipeline's randn(1, 3, H, W) in float32, a layout "
     "initial_noise.safetensors does not hold; test_zimage_l2p.py compares it with the first transformer input of "
@@ -141,6 +142,7 @@ NO_NOISE_GOLDEN["f_lite"] = (
     "F-Lite's loop calls no scheduler step to spy on and draws randn(1, 16, H/8, W/8) in the model dtype; "
     "test_f_lite.py compares the first DiT input with ai-toolkit's own previews (goldens/f_lite, seed 42, 64x64 and "
     "96x64)"
+)
 NO_NOISE_GOLDEN["hidream_o1"] = (
     "pixel space: ai-toolkit's draw is 8.0 * randn(1, 3, H, W) cast to bfloat16 and patchified, a layout "
     "initial_noise.safetensors does not hold; test_hidream_o1.py compares the first model input with ai-toolkit's own "
@@ -181,6 +183,7 @@ NO_NOISE_GOLDEN.update(dict.fromkeys(
     "initial_noise.safetensors does not hold; test_mageflow.py compares the seed-42 draw with ai-toolkit's "
     "(tests/goldens/mageflow) and with the latents the first transformer call receives",
 ))
+NO_NOISE_GOLDEN.update(dict.fromkeys(
     ("ace_step_15", "ace_step_15_xl"),
     "audio: a (1, 25 * duration, 64) draw in the model dtype, a layout initial_noise.safetensors does not hold; "
     "test_ace_step.py compares the seed-42 draw with the first transformer input of ai-toolkit's own preview"))
@@ -189,7 +192,8 @@ NOISE_SIZES = [(64, 64), (512, 768)]  # (W, H) as in the golden keys
 # ai-toolkit's size floor per family (ai-toolkit.md §2.2; 8 = only GenerateImageConfig's floor).
 AITK_DIVISOR = {
     "flux": 16, "flex1": 16, "flux_kontext": 16, "flex2": 16, "chroma": 16, "flux2": 16, "flux2_diffusers": 16,
-    "flux2_klein_4b": 16, "flux2_klein_9b": 16, "zimage": 16, "zimage_turbo": 16, "zimage_deturbo": 16, "zimage_l2p": 16, "qwen_image": 32,
+    "flux2_klein_4b": 16, "flux2_klein_9b": 16, "zimage": 16, "zimage_turbo": 16, "zimage_deturbo": 16, "zimage_l2p": 16,
+    "qwen_image": 32,
     "qwen_image_2512": 32, "qwen_image_edit": 32, "qwen_image_edit_plus": 32, "qwen_image_edit_plus_2511": 32,
     "ltx2": 32, "ltx2.3": 32, "ltx2.5": 32, "wan22_5b": 32, "wan21_14b": 16, "wan21_1b": 16, "wan21_i2v_14b": 16,
     "wan21_i2v_14b480p": 16, "wan22_14b_t2v": 16, "wan22_14b_i2v": 16, "sd15": 8, "sdxl": 8, "hidream": 16,
@@ -197,7 +201,7 @@ AITK_DIVISOR = {
     # the 16-pixel patch: ai-toolkit's Radiance pipeline floors to 2 only, and off the 16 grid its model leaves the
     # last partial patch out of the patch tokens
     "chroma_radiance": 16,
-    "omnigen2": 16, "ernie_image": 32, "nucleus_image": 32, "prx_pixel": 16, "f_lite": 16, "anima": 32, "ideogram4": 16,
+    "f_lite": 16,
     "minimax_h3": 32, "minimax_h3_ref2va": 32,
     "zeta_chroma": 32,  # ZetaChromaModel.get_bucket_divisibility (patch 32); generate_single_image floors to it
     "hidream_o1": 32,  # HidreamO1Model.get_bucket_divisibility (the 32-pixel patch)

@@ -7,7 +7,7 @@
 * :class:`DctPatchEmbedder`: the per-pixel embedder of the "NeRF" pixel heads (Chroma Radiance, Zeta-Chroma): each
   pixel of a patch gets its channels plus a 2D cosine (DCT-like) code of its position inside the patch, projected by
   one Linear. Its parameter names (``embedder.0.weight``) are the published checkpoints'.
-* :func:`dct_features`: the float32 input of that Linear, for a caller that runs the Linear as a module (LoRA adapters).
+* :func:`dct_features`: the float32 input of that Linear (pixels and their position code).
 * :func:`velocity_from_x0`: turns a clean-image (x0) prediction into the flow velocity an Euler step takes.
 """
 
@@ -67,7 +67,7 @@ def dct_position_code(patch_size: int, max_freqs: int, device=None) -> torch.Ten
 
 def dct_features(pixels: torch.Tensor, max_freqs: int) -> torch.Tensor:
     """What :class:`DctPatchEmbedder`'s Linear reads: ``[B', p*p, C]`` pixels in float32 followed by their
-    :func:`dct_position_code`, ``[B', p*p, C + max_freqs**2]`` (for callers that run the Linear as a module)."""
+    :func:`dct_position_code`, ``[B', p*p, C + max_freqs**2]``."""
     batch, pixels_per_patch, _ = pixels.shape
     code = dct_position_code(math.isqrt(pixels_per_patch), max_freqs, pixels.device).expand(batch, -1, -1)
     return torch.cat([pixels.float(), code], dim=-1)
@@ -86,10 +86,7 @@ class DctPatchEmbedder(nn.Module):
         self.embedder = nn.Sequential(nn.Linear(in_channels + max_freqs**2, hidden_size))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        batch, pixels_per_patch, _ = pixels.shape
-        patch_size = math.isqrt(pixels_per_patch)
-        code = dct_position_code(patch_size, self.max_freqs, pixels.device).expand(batch, -1, -1)
-        features = torch.cat([pixels.float(), code], dim=-1)
+        features = dct_features(pixels, self.max_freqs)
         return self.embedder(features.to(self.embedder[0].weight.dtype)).to(pixels.dtype)
 
 

@@ -41,7 +41,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from .pixel_space import DctPatchEmbedder, dct_features, velocity_from_x0
+from .pixel_space import DctPatchEmbedder, velocity_from_x0
 
 #: channels of the sinusoidal timestep embedding and width of the timestep MLP's hidden layer (fixed by the model)
 TIME_FREQUENCY_CHANNELS = 256
@@ -192,10 +192,7 @@ class DctDecoder(nn.Module):
         self.final_layer = FinalLayer(hidden, in_channels)
 
     def forward(self, pixels: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        # the embedder's Linear runs as a module (so that LoRA adapters on it take part), in float32: the model keeps
-        # it there, as ai-toolkit's embedder leaves itself after its first call
-        features = dct_features(pixels, self.input_embedder.max_freqs)
-        x = self.input_embedder.embedder(features).to(pixels.dtype)
+        x = self.input_embedder(pixels)  # in float32: the model keeps it there (_keep_in_fp32_modules)
         condition = self.cond_embed(condition).reshape(condition.shape[0], self.pixels_per_token, -1)
         for block in self.res_blocks:
             x = block(x, condition)

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from . import single_file
 from .runtime import accelerate
 from .runtime.options import LoadOptions
 from .runtime.readahead import start_readahead
@@ -245,7 +246,11 @@ class AITKPipeline:
         source, device, torch_dtype, offload = options.base, options.device, options.dtype, options.offload
         started = time.perf_counter()
         start_readahead(source)
-        pipe = cls.load_diffusers_pipeline(spec, source, torch_dtype, **accelerate.direct_load_options(device, offload))
+        overrides = accelerate.direct_load_options(device, offload)
+        if single_file.is_single_file_source(source):
+            pipe = single_file.load_single_file_pipeline(cls, spec, source, options.components, torch_dtype, overrides)
+        else:
+            pipe = cls.load_diffusers_pipeline(spec, source, torch_dtype, **overrides)
         if spec.scheduler is not None:
             pipe.scheduler = cls.make_scheduler(spec)
         pipe.set_progress_bar_config(disable=True)
@@ -641,13 +646,15 @@ def load_pipeline(
     compile: str | None = None,
     attention: str | None = None,
     quantize: str | None = None,
+    components: str | None = None,
 ) -> AITKPipeline:
     """Load the pipeline of a registered model id (not cached; see ``pipelines.runtime.cache`` for the shared cache).
 
     Args:
         model_id (str): a registry id (``python -m aitk_inference models`` lists them).
-        base (str, *optional*): HF repo id, local diffusers folder or single ``.safetensors`` file; defaults to the
-            model's base checkpoint.
+        base (str, *optional*): HF repo id, local diffusers folder, or single ``.safetensors`` file(s) as ComfyUI
+            keeps them (see ``pipelines.single_file``: a transformer/UNet file, an all-in-one checkpoint, or the two
+            expert files of Wan 2.2 A14B as ``high|low``); defaults to the model's base checkpoint.
         device (str, *optional*): defaults to CUDA when available, else CPU.
         dtype (str | torch.dtype, *optional*): ``auto`` (fp32 on CPU, bf16 on GPU), ``fp32``, ``bf16`` or ``fp16``.
         offload (str, *optional*): ``none`` (default), or CPU offload: ``model``, ``sequential`` or ``group``.
@@ -662,10 +669,13 @@ def load_pipeline(
             CUDA GPU with compute capability 8.9+; less exact, see BENCHMARKS.md; use with ``compile="regional"``).
             With ``lora_mode="fused"`` LoRAs are merged before quantizing (the fast mode; keeps a bf16 host copy of
             the quantized weights); with ``dynamic`` they run as adapters (about half the transformer's GPU memory).
+            FP8 weights of a single-file base are upcast on load and re-quantized here.
+        components (str, *optional*): for a single-file ``base``, where the components the file lacks come from: a
+            diffusers folder or a hub repo id; defaults to the model's base repo (from the hub cache).
     """
     spec = get_spec(model_id)
     options = LoadOptions(base=base, device=device, dtype=dtype, offload=offload, lora_mode=lora_mode, compile=compile,
-                          attention=attention, quantize=quantize)
+                          attention=attention, quantize=quantize, components=components)
     return spec.family_class().from_spec(spec, options)
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..registry import LORA_MODES, ModelSpec, get_spec
+from ..single_file import is_single_file_source
 from .quantize import fp8_option_conflict, fp8_unavailable
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
@@ -107,6 +108,8 @@ class LoadOptions:
         attention (str, defaults to "sdpa"): a key of ``ATTENTION_KERNELS``; all but ``sdpa`` and ``sdpa_math``
             need CUDA.
         quantize (str, defaults to "none"): one of ``QUANTIZE_MODES``; ``fp8`` needs an FP8 GPU and no offload.
+        components (str, *optional*): when ``base`` is a single file, the diffusers folder or hub repo id the
+            components it lacks come from; defaults to the model's base repo.
     """
 
     base: str | None = None
@@ -117,6 +120,7 @@ class LoadOptions:
     compile: str = "none"
     attention: str = "sdpa"
     quantize: str = "none"
+    components: str | None = None
 
     def __post_init__(self):
         for option in dataclasses.fields(self):
@@ -149,7 +153,13 @@ class LoadOptions:
         problem = fp8_unavailable(device) if self.quantize == "fp8" else None
         if problem:
             raise LoadOptionError(problem + ".", {"quantize": self.quantize, "device": device})
+        if self.components is not None and not (self.base and is_single_file_source(self.base)):
+            raise LoadOptionError("components applies only to a single-file base (a .safetensors file); a diffusers "
+                                  "folder or repo holds every component itself.",
+                                  {"components": self.components, "base": self.base})
+        components = os.path.expanduser(self.components) if self.components else None
         return dataclasses.replace(self, base=os.path.expanduser(self.base) if self.base else spec.base, device=device,
+                                   components=components,
                                    dtype=resolve_dtype(self.dtype, device), lora_mode=self.lora_mode or spec.lora_mode)
 
     def cache_key(self, model_id: str) -> tuple:
@@ -158,5 +168,7 @@ class LoadOptions:
         mode and the model's)."""
         resolved = self.resolve(get_spec(model_id))
         source = os.path.realpath(resolved.base) if self.base and os.path.exists(resolved.base) else resolved.base
-        return (model_id, source, resolved.device, str(resolved.dtype), resolved.offload, resolved.lora_mode,
-                resolved.compile, resolved.attention, resolved.quantize)
+        key = (model_id, source, resolved.device, str(resolved.dtype), resolved.offload, resolved.lora_mode,
+               resolved.compile, resolved.attention, resolved.quantize)
+        return key if resolved.components is None else (*key, os.path.realpath(resolved.components)
+                                                         if os.path.exists(resolved.components) else resolved.components)

@@ -1,0 +1,258 @@
+"""Single-file bases as ComfyUI users keep them (``pipelines/single_file.py``): tiny models written in the original
+single-file key layouts (from the published module names), loaded back, compared weight for weight and run."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from aitk_inference.pipelines import load_pipeline
+from aitk_inference.pipelines.single_file import (ComponentsUnavailableError, convert_flux1_transformer,
+                                                  is_single_file_source)
+
+FP8 = torch.float8_e4m3fn
+
+
+# ------------------------------------------------------------------------------------- writers of original layouts
+# FLUX.1 as BFL's reference code names it (flux/model.py, flux/modules/layers.py of black-forest-labs/flux).
+def flux_bfl_state_dict(transformer) -> dict:
+    sd = transformer.state_dict()
+    out = {}
+    top = {"x_embedder": "img_in", "context_embedder": "txt_in",
+           "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+           "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+           "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+           "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+           "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+           "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer", "proj_out": "final_layer.linear"}
+    for name, bfl in top.items():
+        for p in ("weight", "bias"):
+            out[f"{bfl}.{p}"] = sd[f"{name}.{p}"]
+    for p in ("weight", "bias"):
+        scale, shift = sd[f"norm_out.linear.{p}"].chunk(2)
+        out[f"final_layer.adaLN_modulation.1.{p}"] = torch.cat([shift, scale])
+    for i in range(transformer.config.num_layers):
+        d = f"transformer_blocks.{i}."
+        b = f"double_blocks.{i}."
+        for p in ("weight", "bias"):
+            out[f"{b}img_attn.qkv.{p}"] = torch.cat([sd[f"{d}attn.to_{x}.{p}"] for x in "qkv"])
+            out[f"{b}txt_attn.qkv.{p}"] = torch.cat([sd[f"{d}attn.add_{x}_proj.{p}"] for x in "qkv"])
+            for ours, bfl in (("attn.to_out.0", "img_attn.proj"), ("attn.to_add_out", "txt_attn.proj"),
+                              ("ff.net.0.proj", "img_mlp.0"), ("ff.net.2", "img_mlp.2"),
+                              ("ff_context.net.0.proj", "txt_mlp.0"), ("ff_context.net.2", "txt_mlp.2"),
+                              ("norm1.linear", "img_mod.lin"), ("norm1_context.linear", "txt_mod.lin")):
+                out[f"{b}{bfl}.{p}"] = sd[f"{d}{ours}.{p}"]
+        for ours, bfl in (("norm_q", "img_attn.norm.query_norm"), ("norm_k", "img_attn.norm.key_norm"),
+                          ("norm_added_q", "txt_attn.norm.query_norm"), ("norm_added_k", "txt_attn.norm.key_norm")):
+            out[f"{b}{bfl}.scale"] = sd[f"{d}attn.{ours}.weight"]
+    for i in range(transformer.config.num_single_layers):
+        d = f"single_transformer_blocks.{i}."
+        b = f"single_blocks.{i}."
+        for p in ("weight", "bias"):
+            out[f"{b}linear1.{p}"] = torch.cat([sd[f"{d}attn.to_{x}.{p}"] for x in "qkv"] + [sd[f"{d}proj_mlp.{p}"]])
+            out[f"{b}linear2.{p}"] = sd[f"{d}proj_out.{p}"]
+            out[f"{b}modulation.lin.{p}"] = sd[f"{d}norm.linear.{p}"]
+        out[f"{b}norm.query_norm.scale"] = sd[f"{d}attn.norm_q.weight"]
+        out[f"{b}norm.key_norm.scale"] = sd[f"{d}attn.norm_k.weight"]
+    return out
+
+
+# Wan 2.x as Wan-Video's reference code names it (wan/modules/model.py).
+WAN_RENAMES = [("condition_embedder.text_embedder.linear_1", "text_embedding.0"),
+               ("condition_embedder.text_embedder.linear_2", "text_embedding.2"),
+               ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
+               ("condition_embedder.time_embedder.linear_2", "time_embedding.2"),
+               ("condition_embedder.time_proj", "time_projection.1"), ("proj_out", "head.head"),
+               (".attn1.", ".self_attn."), (".attn2.", ".cross_attn."), (".to_out.0.", ".o."), (".to_q.", ".q."),
+               (".to_k.", ".k."), (".to_v.", ".v."), ("ffn.net.0.proj", "ffn.0"), ("ffn.net.2", "ffn.2")]
+
+
+def wan_original_state_dict(transformer) -> dict:
+    out = {}
+    for key, value in transformer.state_dict().items():
+        if key == "scale_shift_table":
+            out["model.diffusion_model.head.modulation"] = value
+            continue
+        key = re.sub(r"^(blocks\.\d+\.)scale_shift_table$", r"\1modulation", key)
+        key = re.sub(r"^(blocks\.\d+\.)norm2\.", r"\1norm3.", key)  # Wan's norm3 is the cross-attention norm
+        for ours, original in WAN_RENAMES:
+            key = key.replace(ours, original)
+        out["model.diffusion_model." + key] = value
+    return out
+
+
+def to_fp8(state_dict: dict) -> dict:
+    """Every floating weight as float8_e4m3fn (what flux1-dev-fp8 / *_fp8_e4m3fn files hold)."""
+    return {k: v.to(FP8) if v.is_floating_point() and v.ndim >= 2 else v for k, v in state_dict.items()}
+
+
+def assert_same_weights(loaded, source):
+    got, want = loaded.state_dict(), source.state_dict()
+    assert set(got) == set(want)
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, rtol=0, atol=0, msg=key)
+
+
+def fp8_rounded(module) -> torch.nn.Module:
+    import copy
+
+    rounded = copy.deepcopy(module)
+    with torch.no_grad():
+        for p in rounded.parameters():
+            if p.ndim >= 2:
+                p.copy_(p.to(FP8).to(p.dtype))
+    return rounded
+
+
+@pytest.fixture(scope="module")
+def flux_source(tiny_dir):
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel.from_pretrained(tiny_dir("flux"), subfolder="transformer")
+
+
+def fake_hub_cache(root, repo: str, folder: str) -> str:
+    """A hub cache holding ``folder`` as the snapshot of ``repo`` (what a download of it leaves)."""
+    commit = "0" * 40
+    repo_dir = os.path.join(root, "models--" + repo.replace("/", "--"))
+    os.makedirs(os.path.join(repo_dir, "refs"))
+    with open(os.path.join(repo_dir, "refs", "main"), "w") as f:
+        f.write(commit)
+    shutil.copytree(folder, os.path.join(repo_dir, "snapshots", commit), ignore=shutil.ignore_patterns("loras"))
+    return root
+
+
+@pytest.fixture
+def offline_hub(monkeypatch, tmp_path):
+    """An empty hub cache and no network: ``huggingface_hub`` answers from the cache only."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return str(cache)
+
+
+# ------------------------------------------------------------------------------------------------------------ tests
+def test_flux_fp8_transformer_file_from_hub_cache(tmp_path, tiny_dir, flux_source, offline_hub):
+    """flux1-dev-fp8 style transformer-only file (BFL names, float8_e4m3fn, no prefix): the other components come from
+    the hub cache of the registry's base repo; the weights are the FP8 values upcast, and a generation runs."""
+    path = str(tmp_path / "flux1-dev-fp8.safetensors")
+    save_file(to_fp8(flux_bfl_state_dict(flux_source)), path)
+    fake_hub_cache(offline_hub, "black-forest-labs/FLUX.1-dev", tiny_dir("flux"))
+    pipeline = load_pipeline("flux", base=path, device="cpu", dtype="fp32")
+    assert_same_weights(pipeline.pipe.transformer, fp8_rounded(flux_source))
+    result = pipeline.generate("a cat", width=64, height=64, steps=1, seed=1)
+    assert result.images.shape == (1, 64, 64, 3)
+
+
+def test_flux_comfy_scaled_fp8_and_all_in_one(tmp_path, tiny_dir, flux_source):
+    """A ComfyUI all-in-one FLUX checkpoint (``model.diffusion_model.`` + ``vae.`` + ``text_encoders.``) with scaled
+    FP8 layers (``scale_weight``, ``scaled_fp8``): its denoiser is ``fp8 * scale``; components from a folder."""
+    original = flux_bfl_state_dict(flux_source)
+    scale = torch.tensor(0.5)
+    checkpoint = {"model.diffusion_model.scaled_fp8": torch.zeros(0, dtype=FP8)}
+    for key, value in original.items():
+        if key.endswith(".weight") and value.ndim == 2:
+            checkpoint["model.diffusion_model." + key] = (value / scale).to(FP8)
+            checkpoint["model.diffusion_model." + key[:-len("weight")] + "scale_weight"] = scale.clone()
+        else:
+            checkpoint["model.diffusion_model." + key] = value
+    checkpoint["vae.decoder.conv_in.weight"] = torch.zeros(1)
+    checkpoint["text_encoders.clip_l.logit_scale"] = torch.zeros(1)
+    path = str(tmp_path / "flux1-dev-fp8-aio.safetensors")
+    save_file(checkpoint, path)
+    pipeline = load_pipeline("flux", base=path, components=tiny_dir("flux"), device="cpu", dtype="fp32")
+    got = pipeline.pipe.transformer.state_dict()
+    block = "transformer_blocks.0.ff.net.2.weight"
+    torch.testing.assert_close(got[block], (flux_source.state_dict()[block] / scale).to(FP8).float() * scale,
+                               rtol=0, atol=0)
+    torch.testing.assert_close(got["norm_out.linear.bias"], flux_source.state_dict()["norm_out.linear.bias"],
+                               rtol=0, atol=0)
+
+
+def test_flux_conversion_matches_diffusers_at_full_size():
+    """At FLUX.1-dev's real sizes (meta tensors; diffusers' converter only works there), ours gives the same names
+    and shapes as diffusers' ``convert_flux_transformer_checkpoint_to_diffusers``."""
+    from diffusers import FluxTransformer2DModel
+    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+
+    config = {"num_attention_heads": 24, "attention_head_dim": 128, "num_layers": 1, "num_single_layers": 1,
+              "in_channels": 64, "joint_attention_dim": 4096, "pooled_projection_dim": 768, "guidance_embeds": True,
+              "axes_dims_rope": (16, 56, 56)}
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(**config)
+    bfl = {k: torch.empty(v.shape, device="meta") for k, v in flux_bfl_state_dict(model).items()}
+    ours = convert_flux1_transformer(dict(bfl), config)
+    theirs = convert_flux_transformer_checkpoint_to_diffusers(dict(bfl))
+    assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in theirs.items()}
+
+
+def test_wan22_expert_pair(tmp_path, tiny_dir):
+    """Wan 2.2 A14B as ComfyUI's two files (original Wan names, ``model.diffusion_model.`` prefix, FP8): naming the
+    high-noise file finds the low-noise one beside it; each expert gets its own weights; a generation runs."""
+    from diffusers import WanTransformer3DModel
+
+    folder = tiny_dir("wan22_14b_t2v")
+    sources = {c: WanTransformer3DModel.from_pretrained(folder, subfolder=c) for c in ("transformer", "transformer_2")}
+    for component, side in (("transformer", "high"), ("transformer_2", "low")):
+        save_file(to_fp8(wan_original_state_dict(sources[component])),
+                  str(tmp_path / f"wan2.2_t2v_{side}_noise_14B_fp8_e4m3fn.safetensors"))
+    high = str(tmp_path / "wan2.2_t2v_high_noise_14B_fp8_e4m3fn.safetensors")
+    pipeline = load_pipeline("wan22_14b_t2v", base=high, components=folder, device="cpu", dtype="fp32")
+    for component, source in sources.items():
+        assert_same_weights(getattr(pipeline.pipe, component), fp8_rounded(source))
+    result = pipeline.generate("a cat", width=64, height=64, num_frames=5, steps=2, seed=1)
+    assert result.images.shape == (1, 5, 64, 64, 3)
+
+
+def test_wan22_needs_both_experts(tmp_path, tiny_dir):
+    lone = tmp_path / "wan2.2_t2v_high_noise_14B.safetensors"
+    save_file({"x": torch.zeros(1)}, str(lone))
+    with pytest.raises(FileNotFoundError, match="low_noise_14B.safetensors.*other expert"):
+        load_pipeline("wan22_14b_t2v", base=str(lone), components=tiny_dir("wan22_14b_t2v"), device="cpu")
+    with pytest.raises(ValueError, match="two experts"):
+        load_pipeline("wan22_14b_t2v", base=str(tmp_path / "wan_t2v.safetensors"), device="cpu")
+
+
+def test_missing_components_offline_names_what_to_fetch(tmp_path, flux_source, offline_hub):
+    path = str(tmp_path / "flux1-dev.safetensors")
+    save_file(flux_bfl_state_dict(flux_source), path)
+    with pytest.raises(ComponentsUnavailableError) as error:
+        load_pipeline("flux", base=path, device="cpu", dtype="fp32")
+    message = str(error.value)
+    assert "black-forest-labs/FLUX.1-dev" in message
+    assert "huggingface-cli download black-forest-labs/FLUX.1-dev --include model_index.json" in message
+    assert "'text_encoder/*'" in message and "'vae/*'" in message and "transformer/config.json" in message
+    assert "'transformer/*'" not in message  # the file replaces the transformer weights: never fetched
+
+
+def test_components_folder_errors(tmp_path, flux_source, tiny_dir):
+    path = str(tmp_path / "flux1-dev.safetensors")
+    save_file(flux_bfl_state_dict(flux_source), path)
+    with pytest.raises(ComponentsUnavailableError, match="not a diffusers folder"):
+        load_pipeline("flux", base=path, components=str(tmp_path), device="cpu")
+    partial = tmp_path / "partial"
+    shutil.copytree(tiny_dir("flux"), partial, ignore=shutil.ignore_patterns("vae"))
+    with pytest.raises(ComponentsUnavailableError, match=r"lacks \['vae'\]"):
+        load_pipeline("flux", base=path, components=str(partial), device="cpu")
+    wrong = str(tmp_path / "not_flux.safetensors")
+    save_file({"blocks.0.self_attn.q.weight": torch.zeros(2, 2)}, wrong)
+    with pytest.raises(ValueError, match="Not a FLUX.1 transformer file"):
+        load_pipeline("flux", base=wrong, components=tiny_dir("flux"), device="cpu")
+    with pytest.raises(ValueError, match="components applies only to a single-file base"):
+        load_pipeline("flux", base=tiny_dir("flux"), components=tiny_dir("flux"), device="cpu")
+
+
+def test_single_file_source_spelling():
+    assert is_single_file_source("/m/flux1-dev.safetensors")
+    assert is_single_file_source("/m/a_high_noise.safetensors|/m/a_low_noise.safetensors")
+    assert not is_single_file_source("black-forest-labs/FLUX.1-dev")
+    assert not is_single_file_source("/models/diffusers/flux")

@@ -29,7 +29,7 @@ def _has_v3_api() -> bool:
 
 def _register_routes() -> None:
     """Routes read by ``web/aitk_inference.js``: ``GET /aitk_inference/models`` (every model id's defaults) and
-    ``GET /aitk_inference/base?model=&base=`` (where the Load node's base comes from, and its size)."""
+    ``GET /aitk_inference/base?model=&base=&base_file=`` (where the Load node's base comes from, and its size)."""
     server = sys.modules.get("server")  # ComfyUI's server module, imported by main.py before custom nodes load
     prompt_server = getattr(getattr(server, "PromptServer", None), "instance", None)
     if prompt_server is None:
@@ -47,7 +47,8 @@ def _register_routes() -> None:
         from .core import base_source
 
         query = request.query
-        return web.json_response(await asyncio.to_thread(base_source, query.get("model", ""), query.get("base", "")))
+        return web.json_response(await asyncio.to_thread(base_source, query.get("model", ""), query.get("base", ""),
+                                                       query.get("base_file", "")))
 
 
 _register_routes()

@@ -40,6 +40,10 @@ class _ClassicNode:
 class AITKLoadPipeline(_ClassicNode):
     SPEC = LOAD
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, base_file=None):
+        return core.base_file_input_problem(base_file)
+
     def run(self, **inputs):
         return (core.load(**inputs),)
 

@@ -16,6 +16,8 @@ from typing import Any, Callable
 from ..pipelines.registry import get_spec
 from ..pipelines.runtime import cache
 from ..pipelines.runtime.options import LoadOptions
+from ..pipelines.single_file import EXPERT_FILE_SEPARATOR
+from .comfy import BASE_FILE_FOLDERS, NO_BASE_FILE
 from .comfy import comfy_module as _comfy
 from .schema import (ATTENTION_KERNELS, COMPILE_MODES, DEVICES, DTYPES, LORA_MODES, OFFLOAD_MODES, QUANTIZE_MODES,
                      SAMPLE, TRANSFORMER_SIDES)
@@ -77,9 +79,9 @@ def resolve_base(base: str) -> str | None:
     base = (base or "").strip()
     if not base:
         return None
-    expanded = os.path.expanduser(base)
-    if os.path.exists(expanded):
-        return os.path.abspath(expanded)
+    expanded = [os.path.expanduser(part.strip()) for part in base.split(EXPERT_FILE_SEPARATOR)]
+    if all(os.path.exists(path) for path in expanded):
+        return EXPERT_FILE_SEPARATOR.join(os.path.abspath(path) for path in expanded)
     folder_paths = _comfy("folder_paths")
     roots = list(folder_paths.get_folder_paths("diffusers")) if folder_paths else []
     for root in roots:
@@ -94,6 +96,48 @@ def resolve_base(base: str) -> str | None:
         f"base {base!r} is not an existing path{where}, nor a Hugging Face repo id like 'owner/name'. Put the "
         "diffusers folder under ComfyUI/models/diffusers and give its name, or leave base empty for the default."
     )
+
+
+def resolve_base_file(base_file: str) -> str | None:
+    """The path of the Load node's ``base_file``: ``none`` -> None; ``<folder>/<file>`` from ComfyUI's
+    ``diffusion_models``/``unet``/``checkpoints`` folders, or a full path (API-format workflows)."""
+    base_file = (base_file or NO_BASE_FILE).strip()
+    if base_file == NO_BASE_FILE:
+        return None
+    expanded = os.path.expanduser(base_file)
+    if os.path.isfile(expanded):
+        return os.path.abspath(expanded)
+    folder, _, name = base_file.partition("/")
+    folder_paths = _comfy("folder_paths")
+    found = folder_paths.get_full_path(folder, name) if folder_paths and folder in BASE_FILE_FOLDERS else None
+    if found:
+        return found
+    raise ValueError(
+        f"base_file {base_file!r} not found. Put the .safetensors file into ComfyUI/models/diffusion_models (a "
+        "transformer/UNet file) or ComfyUI/models/checkpoints (an all-in-one checkpoint) and refresh, or give its "
+        "full path.")
+
+
+def base_file_input_problem(base_file: str | None) -> bool | str:
+    """ComfyUI's input validation for the Load node's ``base_file``: True, or the message saying what to fix (lets an
+    API-format workflow give a full path, or a ``high|low`` pair, instead of a name from the list)."""
+    try:
+        resolve_base_files("", base_file or NO_BASE_FILE)
+    except ValueError as e:
+        return str(e)
+    return True
+
+
+def resolve_base_files(base: str, base_file: str) -> tuple[str | None, str | None]:
+    """(base, components) for the library from the Load node's ``base`` and ``base_file``: with a ``base_file``, the
+    file is the base and ``base`` (a diffusers folder or repo id, or empty for the model's repo) the source of the
+    components it lacks. A two-expert model's other file is found beside it by name, or named after ``|``."""
+    files = [resolve_base_file(part) for part in (base_file or NO_BASE_FILE).split(EXPERT_FILE_SEPARATOR)]
+    if files == [None]:
+        return resolve_base(base), None
+    if None in files:
+        raise ValueError(f"base_file {base_file!r}: name each file of the pair (high|low), not 'none'.")
+    return EXPERT_FILE_SEPARATOR.join(files), resolve_base(base)
 
 
 def hub_cache_dir() -> str:
@@ -143,9 +187,25 @@ def hub_download_size(repo_id: str) -> tuple[int | None, bool | None]:
     return _HUB_SIZES[repo_id]
 
 
-def base_source(model: str, base: str = "") -> dict:
+def base_source(model: str, base: str = "", base_file: str = "") -> dict:
     """Where the Load node's base comes from, for the front end: ``{"kind", "source", "bytes", "cached", "gated"}``
-    (plus ``offline`` for a repo not yet downloaded).
+    (plus ``offline`` for a repo not yet downloaded). With a ``base_file``, ``source`` and ``bytes`` are the file's
+    and ``components`` is where the rest comes from (the same dict for ``base``)."""
+    if base_file and base_file != NO_BASE_FILE:
+        try:
+            files, _ = resolve_base_files("", base_file)
+        except ValueError as e:
+            return {"kind": "error", "source": str(e), "bytes": None, "cached": False, "gated": None}
+        paths = files.split(EXPERT_FILE_SEPARATOR)
+        components = base_source(model, base)
+        return {"kind": "local", "source": " + ".join(paths), "bytes": sum(os.path.getsize(p) for p in paths
+                                                                           if os.path.isfile(p)),
+                "cached": True, "gated": None, "components": components}
+    return _base_source(model, base)
+
+
+def _base_source(model: str, base: str) -> dict:
+    """:func:`base_source` of ``base`` alone.
 
     ``kind`` is ``local`` (a path or a folder under models/diffusers), ``hub`` (a repo id: empty base = the model's
     default repo) or ``error`` (``source`` is then the message). ``bytes`` is the size on disk when local or already in
@@ -269,7 +329,7 @@ def install_memory_hook() -> bool:
 # ---------------------------------------------------------------------------------------------------------------- nodes
 def load(model: str, base: str = "", dtype: str = "auto", offload: str = "none", device: str = "auto",
          lora_mode: str = "model default", compile: str = "none", attention: str = "sdpa",
-         quantize: str = "none") -> PipelineHandle:
+         quantize: str = "none", base_file: str = NO_BASE_FILE) -> PipelineHandle:
     """Load AITK Pipeline: validate, load (or reuse) the cached pipeline, return its handle."""
     # 1. Validate
     get_spec(model)
@@ -279,7 +339,8 @@ def load(model: str, base: str = "", dtype: str = "auto", offload: str = "none",
     _choice("compile", compile, COMPILE_MODES)
     _choice("attention", attention, ATTENTION_KERNELS)
     _choice("quantize", quantize, QUANTIZE_MODES)
-    options = LoadOptions(base=resolve_base(base), device=resolve_device(device), dtype=dtype, offload=offload,
+    base, components = resolve_base_files(base, base_file)
+    options = LoadOptions(base=base, components=components, device=resolve_device(device), dtype=dtype, offload=offload,
                           lora_mode=None if lora_mode == "model default" else lora_mode, compile=compile,
                           attention=attention, quantize=quantize)
     handle = PipelineHandle(model=model, options=options)

@@ -14,7 +14,7 @@ from ..pipelines.lora import STRENGTH_RANGE
 from ..pipelines.registry import REGISTRY, UNCONDITIONAL_LORA_SIDE, Experts
 from ..pipelines.runtime import options as load_options
 from ..pipelines.runtime.options import ATTENTION_KERNELS, DTYPES, OFFLOAD_MODES, QUANTIZE_MODES
-from .comfy import lora_choices
+from .comfy import NO_BASE_FILE, base_file_choices, lora_choices
 
 CATEGORY = "AITK Inference"
 PIPELINE_TYPE = "AITK_PIPELINE"
@@ -148,6 +148,13 @@ LOAD = NodeSpec(
               "adapters on an H200; keeps a bf16 copy in host RAM). With dynamic: LoRAs as adapters, about half the "
               "transformer's GPU memory.",
               default="none", options=lambda: list(QUANTIZE_MODES), optional=True),
+        Field("base_file", "COMBO", "A single-file base as ComfyUI keeps it: a transformer/UNet file from "
+              "models/diffusion_models (e.g. flux1-dev-fp8, qwen_image_fp8_e4m3fn; for Wan 2.2 A14B pick the "
+              "high_noise file, its low_noise file is found beside it) or an all-in-one checkpoint from "
+              "models/checkpoints (SD 1.5, SDXL; for other models only its transformer is read). FP8 weights are "
+              "upcast to dtype. The components the file lacks (text encoders, VAE...) come from base: a diffusers "
+              "folder, or empty for the model's default repo from the hub cache (only those folders are "
+              "downloaded). none: base alone.", default=NO_BASE_FILE, options=base_file_choices, optional=True),
     ),
     outputs=(Output(PIPELINE_TYPE, "pipeline", "The loaded pipeline handle (no LoRA yet)."),),
 )

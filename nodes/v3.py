@@ -41,6 +41,10 @@ class AITKLoadPipeline(io.ComfyNode):
         return _schema(LOAD)
 
     @classmethod
+    def validate_inputs(cls, base_file=None) -> bool | str:
+        return core.base_file_input_problem(base_file)
+
+    @classmethod
     def execute(cls, **inputs) -> io.NodeOutput:
         return io.NodeOutput(core.load(**inputs))
 

@@ -130,9 +130,9 @@ def test_schemas(pack):
     assert names == {"AITKLoadPipeline": "Load AITK Pipeline", "AITKApplyLoRA": "Apply AITK LoRA",
                      "AITKSample": "AITK Sample"}
     expected = {
-        # attention and quantize came later: optional, so that older saved workflows still load
+        # attention, quantize and base_file came later: optional, so that older saved workflows still load
         "AITKLoadPipeline": (["model", "base", "dtype", "offload", "device", "lora_mode", "compile"],
-                             ["attention", "quantize"], ("AITK_PIPELINE",)),
+                             ["attention", "quantize", "base_file"], ("AITK_PIPELINE",)),
         "AITKApplyLoRA": (["pipeline", "lora", "strength", "transformer"], [], ("AITK_PIPELINE",)),
         "AITKSample": (["pipeline", "prompt", "negative", "trigger_word", "width", "height", "steps", "guidance", "seed",
                         "batch_size"], ["control_image", "control_image_2", "control_image_3", "num_frames", "fps",

@@ -256,3 +256,51 @@ def test_single_file_source_spelling():
     assert is_single_file_source("/m/a_high_noise.safetensors|/m/a_low_noise.safetensors")
     assert not is_single_file_source("black-forest-labs/FLUX.1-dev")
     assert not is_single_file_source("/models/diffusers/flux")
+
+
+# ------------------------------------------------------------------------------------------------------- the node
+@pytest.fixture
+def comfy_folders(monkeypatch, tmp_path):
+    """A stand-in for ComfyUI's ``folder_paths`` with models/diffusion_models and models/checkpoints (``unet`` is
+    mapped onto diffusion_models, as ComfyUI does, so it is no key of its own)."""
+    import sys
+    import types
+
+    roots = {name: tmp_path / "models" / name for name in ("diffusion_models", "checkpoints", "loras", "diffusers")}
+    for root in roots.values():
+        root.mkdir(parents=True)
+    module = types.ModuleType("folder_paths")
+    module.folder_names_and_paths = {name: ([str(root)], {".safetensors"}) for name, root in roots.items()}
+    module.get_folder_paths = lambda name: [str(roots[name])]
+    module.get_filename_list = lambda name: sorted(os.listdir(roots[name]))
+    module.get_full_path = lambda name, file: (str(roots[name] / file) if name in roots
+                                               and (roots[name] / file).is_file() else None)
+    monkeypatch.setitem(sys.modules, "folder_paths", module)
+    return roots
+
+
+def test_load_node_base_file(comfy_folders, tiny_dir, flux_source):
+    from aitk_inference.nodes import core
+    from aitk_inference.nodes.comfy import base_file_choices
+    from aitk_inference.pipelines.runtime import cache
+
+    save_file(to_fp8(flux_bfl_state_dict(flux_source)), str(comfy_folders["diffusion_models"] / "flux1-dev-fp8.safetensors"))
+    save_file({"x": torch.zeros(1)}, str(comfy_folders["checkpoints"] / "sd_xl_base_1.0.safetensors"))
+    (comfy_folders["checkpoints"] / "notes.txt").write_text("not a model")
+    assert base_file_choices() == ["none", "diffusion_models/flux1-dev-fp8.safetensors",
+                                   "checkpoints/sd_xl_base_1.0.safetensors"]
+
+    handle = core.load("flux", base=tiny_dir("flux"), dtype="fp32", device="cpu",
+                       base_file="diffusion_models/flux1-dev-fp8.safetensors")
+    assert handle.options.base == str(comfy_folders["diffusion_models"] / "flux1-dev-fp8.safetensors")
+    assert handle.options.components == tiny_dir("flux")
+    assert_same_weights(handle.get_pipeline().pipe.transformer, fp8_rounded(flux_source))
+    cache.evict()
+
+    info = core.base_source("flux", tiny_dir("flux"), "diffusion_models/flux1-dev-fp8.safetensors")
+    assert info["kind"] == "local" and info["source"].endswith("flux1-dev-fp8.safetensors") and info["bytes"] > 0
+    assert info["components"]["source"] == tiny_dir("flux")
+    assert core.base_file_input_problem("none") is True
+    assert core.base_file_input_problem(str(comfy_folders["checkpoints"] / "sd_xl_base_1.0.safetensors")) is True
+    problem = core.base_file_input_problem("diffusion_models/missing.safetensors")
+    assert "not found" in problem and "models/diffusion_models" in problem

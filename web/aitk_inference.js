@@ -203,6 +203,11 @@ function refreshSample(node) {
 function baseStatusText(info) {
   const size = info.bytes ? byteSize(info.bytes) : null;
   if (info.kind === "error") return [info.source, "#d88"];
+  if (info.components) {
+    const [rest, color] = baseStatusText(info.components);
+    return [`file: ${info.source}${size ? ` (${size})` : ""}; the other components: ${rest.replace(/^base: /, "")}`,
+            info.components.kind === "error" ? "#d88" : color];
+  }
   if (info.kind === "local") return [`base: ${info.source}${size ? ` (${size} on disk)` : ""}`, "#8a8"];
   if (info.cached) return [`base: ${info.source}, Hugging Face hub, already downloaded${size ? ` (${size})` : ""}`, "#8a8"];
   const gated = info.gated ? "; gated: accept its licence on the hub and run huggingface-cli login first" : "";
@@ -215,11 +220,13 @@ function baseStatusText(info) {
 async function refreshLoad(node) {
   const model = widget(node, "model")?.value;
   const base = widget(node, "base")?.value ?? "";
-  const key = `${model}\n${base}`;
+  const baseFile = widget(node, "base_file")?.value ?? "";
+  const key = `${model}\n${base}\n${baseFile}`;
   if (node.aitkBaseKey === key) return;
   node.aitkBaseKey = key;
   try {
-    const response = await api.fetchApi(`/aitk_inference/base?model=${encodeURIComponent(model)}&base=${encodeURIComponent(base)}`);
+    const response = await api.fetchApi(`/aitk_inference/base?model=${encodeURIComponent(model)}&base=${encodeURIComponent(base)}` +
+                                        `&base_file=${encodeURIComponent(baseFile)}`);
     if (!response.ok || node.aitkBaseKey !== key) return;
     const [text, color] = baseStatusText(await response.json());
     setStatus(node, node.aitkStatus, text, color);

@@ -87,6 +87,109 @@ def wan_original_state_dict(transformer) -> dict:
     return out
 
 
+# SDXL as Stability's generative-models code names an all-in-one checkpoint (sgm UNetModel, ldm AutoencoderKL,
+# conditioner.embedders.0 = CLIP-L in transformers names, .1 = OpenCLIP bigG); diffusers' own tables where it
+# exposes them (DIFFUSERS_TO_LDM_MAPPING).
+LDM_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
+              "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+LDM_VAE_RESNET = {"conv_shortcut": "nin_shortcut"}
+LDM_VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def _put(out, prefix, sd, source, renames=None):
+    """Copy ``source.*`` of ``sd`` to ``prefix.*`` in ``out``, renaming the first segment(s) by ``renames``."""
+    for key, value in sd.items():
+        if key.startswith(source + "."):
+            rest = key[len(source) + 1:]
+            for ours, theirs in (renames or {}).items():
+                if rest.startswith(ours + "."):
+                    rest = theirs + rest[len(ours):]
+            out[f"{prefix}.{rest}"] = value
+
+
+def sdxl_unet_ldm(unet) -> dict:
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    sd, out = unet.state_dict(), {}
+    tables = DIFFUSERS_TO_LDM_MAPPING["unet"]
+    for ours, theirs in {**tables["layers"], **tables["addition_embed_type"]}.items():
+        out[theirs] = sd[ours]
+    per_block = unet.config.layers_per_block
+    for i, block in enumerate(unet.down_blocks):
+        for j in range(per_block):
+            n = 1 + i * (per_block + 1) + j
+            _put(out, f"input_blocks.{n}.0", sd, f"down_blocks.{i}.resnets.{j}", LDM_RESNET)
+            if getattr(block, "attentions", None):
+                _put(out, f"input_blocks.{n}.1", sd, f"down_blocks.{i}.attentions.{j}")
+        if block.downsamplers:
+            _put(out, f"input_blocks.{1 + i * (per_block + 1) + per_block}.0.op", sd, f"down_blocks.{i}.downsamplers.0.conv")
+    _put(out, "middle_block.0", sd, "mid_block.resnets.0", LDM_RESNET)
+    _put(out, "middle_block.1", sd, "mid_block.attentions.0")
+    _put(out, "middle_block.2", sd, "mid_block.resnets.1", LDM_RESNET)
+    for i, block in enumerate(unet.up_blocks):
+        has_attention = bool(getattr(block, "attentions", None))
+        for j in range(per_block + 1):
+            n = i * (per_block + 1) + j
+            _put(out, f"output_blocks.{n}.0", sd, f"up_blocks.{i}.resnets.{j}", LDM_RESNET)
+            if has_attention:
+                _put(out, f"output_blocks.{n}.1", sd, f"up_blocks.{i}.attentions.{j}")
+        if block.upsamplers:
+            _put(out, f"output_blocks.{i * (per_block + 1) + per_block}.{2 if has_attention else 1}.conv", sd,
+                 f"up_blocks.{i}.upsamplers.0.conv")
+    return {"model.diffusion_model." + k: v for k, v in out.items()}
+
+
+def sdxl_vae_ldm(vae) -> dict:
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    sd, out = vae.state_dict(), {}
+    for ours, theirs in DIFFUSERS_TO_LDM_MAPPING["vae"].items():
+        out[theirs] = sd[ours]
+    count = len(vae.encoder.down_blocks)
+    for side, blocks, kind in (("encoder", vae.encoder.down_blocks, "down"), ("decoder", vae.decoder.up_blocks, "up")):
+        for i, block in enumerate(blocks):
+            index = i if kind == "down" else count - 1 - i
+            for j in range(len(block.resnets)):
+                _put(out, f"{side}.{kind}.{index}.block.{j}", sd, f"{side}.{kind}_blocks.{i}.resnets.{j}",
+                     LDM_VAE_RESNET)
+            resampler = "downsamplers" if kind == "down" else "upsamplers"
+            if getattr(block, resampler, None):
+                _put(out, f"{side}.{kind}.{index}.{kind}sample.conv", sd, f"{side}.{kind}_blocks.{i}.{resampler}.0.conv")
+        _put(out, f"{side}.mid.block_1", sd, f"{side}.mid_block.resnets.0", LDM_VAE_RESNET)
+        _put(out, f"{side}.mid.block_2", sd, f"{side}.mid_block.resnets.1", LDM_VAE_RESNET)
+        for ours, theirs in LDM_VAE_ATTENTION.items():
+            for p in ("weight", "bias"):
+                value = sd[f"{side}.mid_block.attentions.0.{ours}.{p}"]
+                out[f"{side}.mid.attn_1.{theirs}.{p}"] = value[..., None, None] if value.ndim == 2 else value
+    return {"first_stage_model." + k: v for k, v in out.items()}
+
+
+def sdxl_open_clip(text_encoder) -> dict:
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    sd, out = text_encoder.state_dict(), {}
+    tables = DIFFUSERS_TO_LDM_MAPPING["openclip"]
+    for ours, theirs in tables["layers"].items():
+        out[theirs] = sd[ours].T.contiguous() if theirs == "text_projection" else sd[ours]
+    for i in range(text_encoder.config.num_hidden_layers):
+        layer = f"text_model.encoder.layers.{i}."
+        for p in ("weight", "bias"):
+            out[f"transformer.resblocks.{i}.attn.in_proj_{p}"] = torch.cat(
+                [sd[f"{layer}self_attn.{x}_proj.{p}"] for x in "qkv"])
+        for key, value in sd.items():
+            if key.startswith(layer) and ".self_attn.q_proj" not in key and ".self_attn.k_proj" not in key \
+                    and ".self_attn.v_proj" not in key:
+                for ours, theirs in tables["transformer"].items():
+                    key = key.replace(ours, theirs)
+                out["transformer." + key] = value
+    return {"conditioner.embedders.1.model." + k: v for k, v in out.items()}
+
+
+def sdxl_checkpoint(pipe) -> dict:
+    return {**sdxl_unet_ldm(pipe.unet), **sdxl_vae_ldm(pipe.vae), **sdxl_open_clip(pipe.text_encoder_2),
+            **{"conditioner.embedders.0.transformer." + k: v for k, v in pipe.text_encoder.state_dict().items()}}
+
+
 def to_fp8(state_dict: dict) -> dict:
     """Every floating weight as float8_e4m3fn (what flux1-dev-fp8 / *_fp8_e4m3fn files hold)."""
     return {k: v.to(FP8) if v.is_floating_point() and v.ndim >= 2 else v for k, v in state_dict.items()}
@@ -209,8 +312,21 @@ def test_wan22_expert_pair(tmp_path, tiny_dir):
     pipeline = load_pipeline("wan22_14b_t2v", base=high, components=folder, device="cpu", dtype="fp32")
     for component, source in sources.items():
         assert_same_weights(getattr(pipeline.pipe, component), fp8_rounded(source))
-    result = pipeline.generate("a cat", width=64, height=64, num_frames=5, steps=2, seed=1)
-    assert result.images.shape == (1, 5, 64, 64, 3)
+    result = pipeline.generate("a cat", width=64, height=64, num_frames=1, steps=2, seed=1)  # both experts run
+    assert result.images.shape == (1, 1, 64, 64, 3)
+
+
+def test_qwen_image_fp8_file(tmp_path, tiny_dir):
+    """qwen_image_fp8_e4m3fn style file: diffusers' own names under ComfyUI's prefix, FP8; a generation runs."""
+    from diffusers import QwenImageTransformer2DModel
+
+    folder = tiny_dir("qwen_image")
+    source = QwenImageTransformer2DModel.from_pretrained(folder, subfolder="transformer")
+    path = str(tmp_path / "qwen_image_fp8_e4m3fn.safetensors")
+    save_file({"model.diffusion_model." + k: v for k, v in to_fp8(source.state_dict()).items()}, path)
+    pipeline = load_pipeline("qwen_image", base=path, components=folder, device="cpu", dtype="fp32")
+    assert_same_weights(pipeline.pipe.transformer, fp8_rounded(source))
+    assert pipeline.generate("a cat", width=64, height=64, steps=2, seed=1).images.shape == (1, 64, 64, 3)
 
 
 def test_wan22_needs_both_experts(tmp_path, tiny_dir):
@@ -256,6 +372,22 @@ def test_single_file_source_spelling():
     assert is_single_file_source("/m/a_high_noise.safetensors|/m/a_low_noise.safetensors")
     assert not is_single_file_source("black-forest-labs/FLUX.1-dev")
     assert not is_single_file_source("/models/diffusers/flux")
+
+
+def test_sdxl_all_in_one_checkpoint(tmp_path, tiny_dir):
+    """An SDXL all-in-one checkpoint (models/checkpoints): diffusers' from_single_file reads the UNet, VAE and both
+    text encoders from it; only tokenizers, scheduler and configs come from beside; every weight equals the source."""
+    from diffusers import StableDiffusionXLPipeline
+
+    folder = tiny_dir("sdxl")
+    source = StableDiffusionXLPipeline.from_pretrained(folder)
+    path = str(tmp_path / "sd_xl_base_1.0.safetensors")
+    save_file(sdxl_checkpoint(source), path)
+    pipeline = load_pipeline("sdxl", base=path, components=folder, device="cpu", dtype="fp32")
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        assert_same_weights(getattr(pipeline.pipe, name), getattr(source, name))
+    result = pipeline.generate("a cat", width=64, height=64, steps=1, seed=1)
+    assert result.images.shape == (1, 64, 64, 3)
 
 
 # ------------------------------------------------------------------------------------------------------- the node

@@ -137,7 +137,7 @@ def cmd_generate(args) -> int:
     started = time.perf_counter()
     pipeline = load_pipeline(args.model, base=args.base, device=args.device, dtype=args.dtype, offload=args.offload,
                              lora_mode=args.lora_mode, compile=args.compile, attention=args.attention,
-                             quantize=args.quantize)
+                             quantize=args.quantize, components=args.components)
     print(f"loaded {args.model} from {pipeline.source} in {time.perf_counter() - started:.2f}s")
     run_generate(pipeline, args, args.out)
     return 0
@@ -259,7 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate images with LoRAs")
     p.add_argument("--model", required=True, help="model id (see `models`)")
-    add_load_flags(p, "HF repo id, diffusers folder or single .safetensors file (default: the model's base)")
+    add_load_flags(p, "HF repo id, diffusers folder, or single .safetensors file(s) as ComfyUI keeps them (a "
+                      "transformer/UNet file, an all-in-one checkpoint, Wan 2.2 A14B's high|low expert files) "
+                      "(default: the model's base)")
+    p.add_argument("--components", help="with a single-file --base: the diffusers folder or HF repo id the other "
+                                        "components come from (default: the model's base repo, from the hub cache)")
     p.add_argument("--offload", choices=OFFLOAD_MODES, default="none",
                    help="CPU offload: model (whole components), sequential or group (layer by layer; least memory)")
     p.add_argument("--lora-mode", choices=LORA_MODES, help="default: the model's")

@@ -234,12 +234,16 @@ def fetch_command(repo: str, folders: list[str], configs: list[str]) -> str:
     return f"huggingface-cli download {repo} --include model_index.json {patterns}"
 
 
-def _unavailable(spec: ModelSpec, components: str, problem: str, command: str) -> ComponentsUnavailableError:
+#: where each front end takes the components source
+COMPONENTS_OPTION = "the components source (Load node: base, next to base_file; CLI: --components; library: components=)"
+
+
+def _unavailable(spec: ModelSpec, components: str, holds: str, problem: str, command: str) -> ComponentsUnavailableError:
     return ComponentsUnavailableError(
-        f"{spec.model_id}: the single file holds the denoiser only; the other components come from the hub repo "
-        f"{components}, but {problem}. With a network, fetch just what is needed (no denoiser weights) once: "
-        f"{command} (gated repos need `huggingface-cli login` first); or give a local diffusers folder of "
-        f"{spec.base} as the components source.")
+        f"{spec.model_id}: the single file holds {holds}; the rest comes from the hub repo {components}, but "
+        f"{problem}. With a network, fetch just what is needed (no weights the file holds) once: {command} (gated "
+        f"repos need `huggingface-cli login` first); or give a local diffusers folder of {spec.base} as "
+        f"{COMPONENTS_OPTION}.")
 
 
 def components_folder(spec: ModelSpec, components: str, in_file: list[str], whole_checkpoint: bool = False) -> str:
@@ -256,7 +260,17 @@ def components_folder(spec: ModelSpec, components: str, in_file: list[str], whol
     if not local and (os.path.exists(components) or components.count("/") != 1):
         raise ComponentsUnavailableError(f"{spec.model_id}: components source {components!r} is neither a diffusers "
                                          f"folder nor a Hugging Face repo id like {spec.base!r}.")
-    guess = [c for c in pipeline_components(spec.family_class().diffusers_pipeline_class(spec)) if c not in in_file]
+    holds = "every model but not the tokenizers and scheduler" if whole_checkpoint else "the denoiser only"
+
+    def split(names: list[str]) -> tuple[list[str], list[str]]:
+        """(folders fetched whole, components whose config alone is fetched)."""
+        if whole_checkpoint:
+            folders = [c for c in names if c.startswith(NOT_IN_CHECKPOINTS)]
+            return folders, [c for c in names if c not in folders]
+        return [c for c in names if c not in in_file], list(in_file)
+
+    # what the pipeline class requires: the fetch list when the repo's own index cannot be read
+    required = pipeline_components(spec.family_class().diffusers_pipeline_class(spec)) + list(in_file)
     try:
         if local:
             index_path = os.path.join(components, "model_index.json")
@@ -271,15 +285,10 @@ def components_folder(spec: ModelSpec, components: str, in_file: list[str], whol
             raise ComponentsUnavailableError(
                 f"{spec.model_id}: {components!r} is not a diffusers folder (no model_index.json); the single file's "
                 f"missing components come from a diffusers folder of {spec.base}.") from None
-        raise _unavailable(spec, components, f"it is not in the hub cache and could not be downloaded "
-                           f"({type(e).__name__})", fetch_command(components, guess, in_file)) from None
-    present = [name for name, value in index.items()
-               if not name.startswith("_") and isinstance(value, list) and value[0] is not None]
-    if whole_checkpoint:
-        folders = [c for c in present if c.startswith(NOT_IN_CHECKPOINTS)]
-        configs = [c for c in present if c not in folders]
-    else:
-        folders, configs = [c for c in present if c not in in_file], list(in_file)
+        raise _unavailable(spec, components, holds, f"it is not in the hub cache and could not be downloaded "
+                           f"({type(e).__name__})", fetch_command(components, *split(required))) from None
+    folders, configs = split([name for name, value in index.items()
+                              if not name.startswith("_") and isinstance(value, list) and value[0] is not None])
     wanted = ["model_index.json", *folders, *(f"{c}/config.json" for c in configs)]
     command = fetch_command(components, folders, configs)
     folder = components
@@ -290,15 +299,16 @@ def components_folder(spec: ModelSpec, components: str, in_file: list[str], whol
             folder = snapshot_download(components, allow_patterns=[*wanted[:1], *(f"{c}/*" for c in folders),
                                                                    *wanted[1 + len(folders):]])
         except unreachable as e:
-            raise _unavailable(spec, components, f"its files are not all in the hub cache and could not be "
+            raise _unavailable(spec, components, holds, f"its files are not all in the hub cache and could not be "
                                f"downloaded ({type(e).__name__})", command) from None
     lacking = [path for path in wanted if not os.path.exists(os.path.join(folder, path))]
     if lacking:
         if local:
             raise ComponentsUnavailableError(
                 f"{spec.model_id}: the single file does not hold {', '.join(folders)}; they come from the diffusers "
-                f"folder {components!r}, which lacks {lacking}. Give a full diffusers folder of {spec.base}.")
-        raise _unavailable(spec, components, f"its hub cache lacks {lacking}", command)
+                f"folder {components!r}, which lacks {lacking}. Give a full diffusers folder of {spec.base} as "
+                f"{COMPONENTS_OPTION}.")
+        raise _unavailable(spec, components, holds, f"its hub cache lacks {lacking}", command)
     return folder
 
 

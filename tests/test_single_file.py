@@ -350,6 +350,18 @@ def test_missing_components_offline_names_what_to_fetch(tmp_path, flux_source, o
     assert "'transformer/*'" not in message  # the file replaces the transformer weights: never fetched
 
 
+def test_cli_offline_error_has_no_traceback(tmp_path, flux_source, offline_hub, capsys):
+    from aitk_inference.cli import main
+
+    path = str(tmp_path / "flux1-dev.safetensors")
+    save_file(flux_bfl_state_dict(flux_source), path)
+    assert main(["generate", "--model", "flux", "--base", path, "--device", "cpu", "--prompt", "x",
+                 "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: flux: the single file holds the denoiser only") and "Traceback" not in err
+    assert "huggingface-cli download black-forest-labs/FLUX.1-dev" in err
+
+
 def test_components_folder_errors(tmp_path, flux_source, tiny_dir):
     path = str(tmp_path / "flux1-dev.safetensors")
     save_file(flux_bfl_state_dict(flux_source), path)

@@ -328,11 +328,16 @@ def load_denoiser(model_cls, state_dict: dict, folder: str, component: str, dtyp
     if not set(state_dict) <= expected:
         # original names: diffusers' converters take them as ComfyUI writes them, under its prefix
         state_dict = {COMFY_DENOISER_PREFIX + k: v for k, v in state_dict.items()}
-    model = model_cls.from_single_file(state_dict, config=folder, subfolder=component, torch_dtype=dtype)
-    missing = [name for name, tensor in model.state_dict().items() if tensor.is_meta]
-    if missing:
-        raise ValueError(f"{what} does not hold every weight of the model ({len(missing)} missing, e.g. "
-                         f"{missing[:3]}): is it a file of this model?")
+    incomplete = ValueError(f"{what} does not hold every weight of {model_cls.__name__} (diffusers' conversion left "
+                            "some unset): is it a file of this model?")
+    try:
+        model = model_cls.from_single_file(state_dict, config=folder, subfolder=component, torch_dtype=dtype)
+    except NotImplementedError:  # moving a model with weights still on the meta device
+        raise incomplete from None
+    except ValueError as e:  # e.g. a weight of another shape: a file of another model or size
+        raise ValueError(f"{what} does not fit {model_cls.__name__} configured by {folder!r}: {e}") from None
+    if any(tensor.is_meta for tensor in model.state_dict().values()):
+        raise incomplete
     return model
 
 

@@ -375,6 +375,13 @@ def test_components_folder_errors(tmp_path, flux_source, tiny_dir):
     save_file({"blocks.0.self_attn.q.weight": torch.zeros(2, 2)}, wrong)
     with pytest.raises(ValueError, match="Not a FLUX.1 transformer file"):
         load_pipeline("flux", base=wrong, components=tiny_dir("flux"), device="cpu")
+    wan_part = str(tmp_path / "wan2.1_t2v_1.3B.safetensors")
+    save_file({"model.diffusion_model.blocks.0.self_attn.q.weight": torch.zeros(24, 24)}, wan_part)
+    with pytest.raises(ValueError, match="does not hold every weight of WanTransformer3DModel"):
+        load_pipeline("wan21_1b", base=wan_part, components=tiny_dir("wan21_1b"), device="cpu")
+    save_file({"model.diffusion_model.blocks.0.self_attn.q.weight": torch.zeros(2, 2)}, wan_part)
+    with pytest.raises(ValueError, match="does not fit WanTransformer3DModel"):
+        load_pipeline("wan21_1b", base=wan_part, components=tiny_dir("wan21_1b"), device="cpu")
     with pytest.raises(ValueError, match="components applies only to a single-file base"):
         load_pipeline("flux", base=tiny_dir("flux"), components=tiny_dir("flux"), device="cpu")
 

@@ -112,7 +112,8 @@ def sdxl_unet_ldm(unet) -> dict:
 
     sd, out = unet.state_dict(), {}
     tables = DIFFUSERS_TO_LDM_MAPPING["unet"]
-    for ours, theirs in {**tables["layers"], **tables["addition_embed_type"]}.items():
+    extra = tables["addition_embed_type"] if unet.config.addition_embed_type else {}
+    for ours, theirs in {**tables["layers"], **extra}.items():
         out[theirs] = sd[ours]
     per_block = unet.config.layers_per_block
     for i, block in enumerate(unet.down_blocks):
@@ -185,9 +186,19 @@ def sdxl_open_clip(text_encoder) -> dict:
     return {"conditioner.embedders.1.model." + k: v for k, v in out.items()}
 
 
-def sdxl_checkpoint(pipe) -> dict:
+def clip_l_ldm(text_encoder, prefix: str) -> dict:
+    """CLIP-L under ``prefix`` in the transformers names the checkpoints were saved with (``text_model.`` first)."""
+    return {prefix + (k if k.startswith(("text_model.", "text_projection")) else "text_model." + k): v
+            for k, v in text_encoder.state_dict().items()}
+
+
+def ldm_checkpoint(pipe) -> dict:
+    """SDXL (sgm: ``conditioner.embedders``) or SD 1.5 (ldm: ``cond_stage_model.transformer``) all-in-one layout."""
+    if getattr(pipe, "text_encoder_2", None) is None:
+        return {**sdxl_unet_ldm(pipe.unet), **sdxl_vae_ldm(pipe.vae),
+                **clip_l_ldm(pipe.text_encoder, "cond_stage_model.transformer.")}
     return {**sdxl_unet_ldm(pipe.unet), **sdxl_vae_ldm(pipe.vae), **sdxl_open_clip(pipe.text_encoder_2),
-            **{"conditioner.embedders.0.transformer." + k: v for k, v in pipe.text_encoder.state_dict().items()}}
+            **clip_l_ldm(pipe.text_encoder, "conditioner.embedders.0.transformer.")}
 
 
 def to_fp8(state_dict: dict) -> dict:
@@ -393,17 +404,47 @@ def test_single_file_source_spelling():
     assert not is_single_file_source("/models/diffusers/flux")
 
 
-def test_sdxl_all_in_one_checkpoint(tmp_path, tiny_dir):
-    """An SDXL all-in-one checkpoint (models/checkpoints): diffusers' from_single_file reads the UNet, VAE and both
-    text encoders from it; only tokenizers, scheduler and configs come from beside; every weight equals the source."""
-    from diffusers import StableDiffusionXLPipeline
+def sdxl_with_distinct_encoders(folder: str) -> str:
+    """The tiny SDXL with its two text encoders of different widths (32 and 48), saved to ``folder``: diffusers tells
+    an all-in-one file's CLIP-L from its OpenCLIP bigG by their widths (768 and 1280 in SDXL), so equal tiny widths
+    would be ambiguous."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
-    folder = tiny_dir("sdxl")
-    source = StableDiffusionXLPipeline.from_pretrained(folder)
-    path = str(tmp_path / "sd_xl_base_1.0.safetensors")
-    save_file(sdxl_checkpoint(source), path)
-    pipeline = load_pipeline("sdxl", base=path, components=folder, device="cpu", dtype="fp32")
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+    from aitk_inference.tiny.flux import clip_text_encoder
+    from aitk_inference.tiny.stable_diffusion import ddpm_scheduler, sd_vae
+    from aitk_inference.tiny.tokenizers import clip_tokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, block_out_channels=(32, 64), layers_per_block=2, down_block_types=("DownBlock2D",
+        "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+        use_linear_projection=True, transformer_layers_per_block=(1, 2), addition_embed_type="text_time",
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32, cross_attention_dim=32 + 48,
+        norm_num_groups=8)
+    tokenizer, tokenizer_2 = clip_tokenizer(), clip_tokenizer()
+    torch.manual_seed(1)
+    text_encoder_2 = clip_text_encoder(tokenizer_2, with_projection=True, hidden=48, projection=32)
+    StableDiffusionXLPipeline(vae=sd_vae(scaling_factor=0.13025), text_encoder=clip_text_encoder(tokenizer, hidden=32),
+                              text_encoder_2=text_encoder_2, tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet,
+                              scheduler=ddpm_scheduler()).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("model_id", ["sdxl", "sd15"])
+def test_ldm_all_in_one_checkpoint(tmp_path, tiny_dir, model_id):
+    """SDXL / SD 1.5 all-in-one checkpoints (models/checkpoints): diffusers' from_single_file reads the UNet, VAE and
+    text encoders from the file; only tokenizers, scheduler and configs come from beside; every weight equals the
+    source, and a generation runs."""
+    from diffusers import DiffusionPipeline
+
+    folder = sdxl_with_distinct_encoders(str(tmp_path / "sdxl")) if model_id == "sdxl" else tiny_dir(model_id)
+    source = DiffusionPipeline.from_pretrained(folder)
+    path = str(tmp_path / f"{model_id}.safetensors")
+    save_file(ldm_checkpoint(source), path)
+    pipeline = load_pipeline(model_id, base=path, components=folder, device="cpu", dtype="fp32")
+    names = ("unet", "vae", "text_encoder", "text_encoder_2") if model_id == "sdxl" else ("unet", "vae", "text_encoder")
+    for name in names:
         assert_same_weights(getattr(pipeline.pipe, name), getattr(source, name))
     result = pipeline.generate("a cat", width=64, height=64, steps=1, seed=1)
     assert result.images.shape == (1, 64, 64, 3)

@@ -341,11 +341,16 @@ def load_denoiser(model_cls, state_dict: dict, folder: str, component: str, dtyp
     return model
 
 
-def component_class(folder: str, component: str):
+def component_class(spec: ModelSpec, folder: str, component: str):
+    """The diffusers class of ``component`` in ``folder``'s ``model_index.json``; a ValueError when it is none (the
+    pack's own transformers, e.g. Chroma Radiance's, have no single-file layout)."""
     import diffusers
 
     with open(os.path.join(folder, "model_index.json")) as f:
-        library, class_name = json.load(f)[component]
+        library, class_name = json.load(f).get(component, (None, None))
+    if library != "diffusers" or not hasattr(diffusers, class_name):
+        raise ValueError(f"{spec.model_id}: its {component} ({class_name}) cannot be loaded from a single file; give "
+                         f"a diffusers folder of {spec.base} as base.")
     return getattr(diffusers, class_name)
 
 
@@ -365,7 +370,7 @@ def load_single_file_pipeline(family_cls, spec: ModelSpec, source: str, componen
         folder = components_folder(spec, components, [], whole_checkpoint=True)
         return family_cls.load_diffusers_pipeline(spec, first, torch_dtype, config=folder, **overrides)
     folder = components_folder(spec, components, list(files))
-    denoisers = {component: load_denoiser(component_class(folder, component),
+    denoisers = {component: load_denoiser(component_class(spec, folder, component),
                                           read_denoiser_state_dict(path, torch_dtype), folder, component, torch_dtype,
                                           f"{spec.model_id} {component} file {path!r}")
                  for component, path in files.items()}

@@ -108,7 +108,8 @@ def test_uses_negative_follows_the_guidance():
     assert turbo.guidance == 1.0 and not turbo.uses_negative
     assert turbo.negative_has_effect(4.0)
     assert not get_spec("flux").negative_has_effect(4.0)  # guidance-distilled
-    assert not get_spec("chroma").negative_has_effect(4.0)  # its unconditional prompt is empty
+    assert get_spec("chroma").negative_has_effect(4.0) and not get_spec("chroma").negative_has_effect(1.0)
+    assert not get_spec("ideogram4").negative_has_effect(4.0)  # its unconditional pass is an empty prompt
     assert get_spec("sdxl").uses_negative and not get_spec("sdxl").negative_has_effect(1.0)
 
 

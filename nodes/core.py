@@ -104,11 +104,20 @@ def hub_cache_dir() -> str:
     return os.path.join(os.path.expanduser(home), "hub")
 
 
-def _folder_bytes(folder: str) -> int:
-    """Bytes under ``folder``, counting each blob once (snapshots are links to blobs)."""
-    total = 0
+#: files :func:`_folder_bytes` counts at most: a model folder or hub snapshot holds a few hundred, so a base such as
+#: ``/`` (which the front end's request may name) ends the walk early instead of reading the whole disk
+MAX_COUNTED_FILES = 5000
+
+
+def _folder_bytes(folder: str) -> int | None:
+    """Bytes under ``folder``, counting each blob once (snapshots are links to blobs); None past
+    :data:`MAX_COUNTED_FILES` files (not a model folder)."""
+    total, seen = 0, 0
     for root, _, files in os.walk(folder):
         for name in files:
+            seen += 1
+            if seen > MAX_COUNTED_FILES:
+                return None
             path = os.path.join(root, name)
             if not os.path.islink(path):
                 total += os.path.getsize(path)

@@ -32,12 +32,17 @@ SCHEDULER_GOLDEN = {
     "nucleus_image": "nucleus_image",
     "prx_pixel": "prx_pixel",
     "anima": "anima",
+    "sd3": "sd3", "auraflow": "auraflow",
 }
 NO_SCHEDULER_GOLDEN = {
     "sd15": "schedulers.json records the flow-matching families only; SD's DDPM config and timesteps are checked in "
             "test_stable_diffusion.py",
     "sdxl": "schedulers.json records the flow-matching families only; SDXL's DDPM config and timesteps are checked in "
             "test_stable_diffusion.py",
+    **dict.fromkeys(
+        ("sd2", "ssd", "vega", "pixart", "pixart_sigma"),
+        "schedulers.json records the flow-matching families only; the DDPM config and timesteps of ai-toolkit's sample "
+        "path (goldens/legacy/schedules.json) are compared in test_legacy.py"),
     "omnigen2": "no OmniGen2 entry in schedulers.json; its own Euler with the resolution-dependent shift is checked "
                 "against the formula in test_omnigen2.py",
     "wan22_14b_t2v": "schedulers.json's wan21 entry has shift 3.0, Wan 2.2 samples with shift 5.0; checked against "
@@ -70,7 +75,9 @@ NO_SCHEDULER_GOLDEN = {
 }
 # Where ai-toolkit's scheduler object samples with another shift than its recorded config states: id -> golden file
 # with that object's state (MANIFEST §6).
-SCHEDULER_STATE_GOLDEN = {"lumina2": "lumina2_scheduler_state.json"}
+SCHEDULER_STATE_GOLDEN = {"lumina2": "lumina2_scheduler_state.json",
+                          "sd3": "legacy/flowmatch_scheduler_state.json",
+                          "auraflow": "legacy/flowmatch_scheduler_state.json"}
 # Z-Image's pipeline builds its sigmas with a float32 torch.linspace; allow one float32 rounding there.
 FLOAT32_LINSPACE_ATOL = {"zimage": 1e-6}
 
@@ -79,6 +86,7 @@ NOISE_GOLDEN = {
     "flux": "flux1", "flex1": "flux1", "flux_kontext": "flux1", "flex2": "flux1", "chroma": "flux1",
     "flux2": "flux2", "flux2_diffusers": "flux2", "flux2_klein_4b": "flux2", "flux2_klein_9b": "flux2",
     "cogview4": "flux1",  # ai-toolkit's CogView4 draw is FLUX.1's unpacked float32 draw (MANIFEST §4)
+    "sd3": "flux1",  # SD3's (1, 16, H/8, W/8) draw is FLUX.1's unpacked float32 draw (MANIFEST "legacy")
 }
 NO_NOISE_GOLDEN = dict.fromkeys(
     ("sd15", "sdxl", "qwen_image", "qwen_image_2512", "qwen_image_edit", "qwen_image_edit_plus",
@@ -118,6 +126,11 @@ NO_NOISE_GOLDEN["minimax_h3_ref2va"] = (
     "as minimax_h3, with one noise draw per reference first; test_minimax_h3.py compares the seed-42 rows with "
     "ai-toolkit's own ref2va sampler"
 )
+NO_NOISE_GOLDEN.update(dict.fromkeys(
+    ("sd2", "ssd", "vega", "auraflow", "pixart", "pixart_sigma"),
+    "4-channel SD-VAE latents (PixArt's at its aspect-ratio bin), a layout initial_noise.safetensors does not hold; "
+    "ai-toolkit's seed-42 draws (goldens/legacy/initial_noise.safetensors) are compared in test_legacy.py",
+))
 NOISE_SIZES = [(64, 64), (512, 768)]  # (W, H) as in the golden keys
 
 # ai-toolkit's size floor per family (ai-toolkit.md §2.2; 8 = only GenerateImageConfig's floor).
@@ -131,8 +144,13 @@ AITK_DIVISOR = {
     "minimax_h3": 32, "minimax_h3_ref2va": 32,
     # Krea2Model.get_bucket_divisibility (VAE 8 x patch 2); generate_single_image floors the sample size to it
     "krea2": 16, "krea2_turbo": 16, "krea2_o_edit": 16, "krea2_o_edit_turbo": 16,
+    # the legacy StableDiffusion class floors sample sizes to 8 only (GenerateImageConfig)
+    "sd2": 8, "ssd": 8, "vega": 8, "pixart": 8, "pixart_sigma": 8,
 }
 NO_DIVISOR_GOLDEN = {
+    **dict.fromkeys(("sd3", "auraflow"), "ai-toolkit floors to 8 only and the pipeline rejects sizes that are not "
+                    "multiples of 16, so there is no floor of ai-toolkit's to compare; divisor 16 keeps every size it "
+                    "can sample"),
     "lumina2": "ai-toolkit.md §2.2 gives Lumina2's floor as the pipeline default, unverified",
     "hidream_e1": "ai-toolkit.md §2.2 has no HiDream-E1 row",
     "cogview4": "ai-toolkit floors to 8 only and CogView4Pipeline rejects sizes that are not multiples of 16, so there "

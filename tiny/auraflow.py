@@ -19,7 +19,7 @@ def build_auraflow():
     transformer = AuraFlowTransformer2DModel(
         sample_size=32, patch_size=2, in_channels=4, num_mmdit_layers=1, num_single_dit_layers=1,
         attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=UMT5_HIDDEN,
-        out_channels=4, pos_embed_max_size=256,
+        out_channels=4, pos_embed_max_size=2304,  # a 48x48 patch grid: 768-pixel sides
     )
     tokenizer = t5_tokenizer()
     torch.manual_seed(0)

@@ -21,6 +21,10 @@ def build_auraflow():
         attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=UMT5_HIDDEN,
         out_channels=4, pos_embed_max_size=2304,  # a 48x48 patch grid: 768-pixel sides
     )
+    # At default init the timestep embedding, and with it every block's AdaLN gate, is near zero, so the text barely
+    # reaches the image (the negative moves a 2-step image by 3e-4); scaled so that prompts move it clearly
+    with torch.no_grad():
+        transformer.time_step_proj.linear_2.weight.mul_(8.0)
     tokenizer = t5_tokenizer()
     torch.manual_seed(0)
     text_encoder = UMT5EncoderModel(UMT5Config(

@@ -70,9 +70,9 @@ NO_E2E_GOLDEN_YET = {
         "but no job folder went through BaseSDTrainProcess.sample and reproduce yet"),
     **dict.fromkeys(
         ("sd2", "sd3", "pixart_sigma", "auraflow"),
-        "not made yet: added with the legacy archs, whose goldens (tests/test_legacy.py) cover the schedule and noise "
-        "ai-toolkit's generate_images path sets inside the pipeline it builds, its prompt encoding and its LoRA "
-        "files, but no job folder went through BaseSDTrainProcess.sample and reproduce yet"),
+        "not made yet: tests/test_legacy.py compares a whole 2-step preview of ai-toolkit's generate_images path (its "
+        "pipeline, scheduler and prompt encodings on the tiny weights) and its schedules, noise and LoRA files, but "
+        "no job folder went through BaseSDTrainProcess.sample and reproduce yet"),
     **dict.fromkeys(
         ("ssd", "vega"),
         "not made yet: ai-toolkit 0.12.26 samples SSD-1B / Segmind-Vega only when the job's flags resolve to arch sdxl "

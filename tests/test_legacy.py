@@ -42,24 +42,27 @@ SCHEDULES = _golden_schedules()
 
 
 def _first_step(pipeline, width, height, steps, seed=42, **extra):
-    """What set_timesteps leaves on the scheduler and the latents its first step() receives, from a real generate()."""
-    scheduler, seen = pipeline.pipe.scheduler, {}
-    set_timesteps, step = scheduler.set_timesteps, scheduler.step
+    """What set_timesteps leaves on the scheduler and the initial latents, from a real generate() stopped before the
+    first denoiser call. The pipelines set the timesteps before they draw the latents, and DDPM's and flow matching's
+    initial noise sigma is 1, so these latents are what ai-toolkit's first scheduler step received."""
+    scheduler, pipe, seen = pipeline.pipe.scheduler, pipeline.pipe, {}
+    set_timesteps, prepare_latents = scheduler.set_timesteps, pipe.prepare_latents
 
     def spy_set(*args, **kwargs):
         set_timesteps(*args, **kwargs)
         seen["timesteps"] = scheduler.timesteps.clone().float()
 
-    def spy_step(model_output, timestep, sample, *args, **kwargs):
-        seen["latents"] = sample.detach().clone()
+    def spy_latents(*args, **kwargs):
+        seen["latents"] = prepare_latents(*args, **kwargs).detach().clone()
         raise _Captured
 
-    scheduler.set_timesteps, scheduler.step = spy_set, spy_step
+    scheduler.set_timesteps, pipe.prepare_latents = spy_set, spy_latents
     try:
         with pytest.raises(_Captured):
             pipeline.generate(prompt="a photo", width=width, height=height, steps=steps, seed=seed, **extra)
     finally:
-        del scheduler.set_timesteps, scheduler.step
+        del scheduler.set_timesteps, pipe.prepare_latents
+    assert getattr(pipe.scheduler, "init_noise_sigma", 1.0) == 1.0  # FlowMatch Euler has none: it scales nothing
     return seen
 
 
@@ -229,3 +232,25 @@ def test_a_lora_of_another_family_is_refused_with_its_family_named(case, target)
 def test_jobs_map_to_the_legacy_ids(model_cfg, model_id):
     """ai-toolkit's arch, or its legacy is_* flags in ModelConfig's order."""
     assert model_id_for_job({"name_or_path": "x", **model_cfg}) == model_id
+
+
+# ---------------------------------------------------------------------------------------------------------------- previews
+PREVIEW_ATOL = 1e-5  # fp32; the same classes at another diffusers version may sum in another order
+# PixArt's DDPM starts at t = 999, where x0 = (x - sqrt(1 - ab) eps) / sqrt(ab) multiplies eps's float32 rounding by
+# 1 / sqrt(ab_999) = 150 (the same effect as test_families.py's BATCH_ATOL_BY_ID); the largest difference seen is 3e-5
+PREVIEW_ATOL_BY_ID = {"pixart": 1e-4, "pixart_sigma": 1e-4}
+
+
+@pytest.mark.parametrize("model_id", LEGACY_IDS)
+def test_two_step_preview_matches_ai_toolkit(model_id, load_tiny):
+    """A whole 2-step preview (CFG with a negative, seed 42, 64x64; PixArt binned to 256 and resized back) as
+    ai-toolkit's sample path renders it on the same tiny weights: its pipeline, scheduler and prompt encodings."""
+    with open(os.path.join(ROOT, "previews.json")) as f:
+        settings = json.load(f)[model_id]
+    golden = load_file(os.path.join(ROOT, "previews.safetensors"))[model_id]
+    extra = {"v_prediction": settings["v_prediction"]} if REGISTRY[model_id].options is not None else {}
+    result = load_tiny(model_id).generate(
+        prompt=settings["prompt"], negative=settings["negative"], width=settings["width"], height=settings["height"],
+        steps=settings["steps"], guidance=settings["guidance"], seed=settings["seed"], **extra)
+    ours = torch.from_numpy(result.images[0])
+    torch.testing.assert_close(ours, golden, rtol=0, atol=PREVIEW_ATOL_BY_ID.get(model_id, PREVIEW_ATOL))

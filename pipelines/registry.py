@@ -1026,11 +1026,12 @@ REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
                ),
         PIXART("pixart_sigma", pipeline_class="PixArtSigmaPipeline", base="PixArt-alpha/PixArt-Sigma-XL-2-1024-MS",
                tiny="pixart:build_pixart_sigma",
-               aitk_archs=(AitkArch("pixart_sigma"), AitkArch("pixart", "sigma")),
+               aitk_archs=(AitkArch("pixart_sigma"),),
                notes="As `pixart`, through PixArtSigmaPipeline with T5 prompts padded to 300 tokens, as ai-toolkit "
                "samples it. In ai-toolkit 0.12.26 a job with `arch: pixart_sigma` fails to load (that arch falls "
                "through to its SD 1.x loader); the working form is `arch: pixart` (or `is_pixart: true`) with "
-               "`is_pixart_sigma: true`, which `reproduce` maps here." + _LEGACY_DEFAULTS_NOTE,
+               "`is_pixart_sigma: true`, which `reproduce` maps here (without that flag ai-toolkit samples a Sigma "
+               "checkpoint as `pixart`, with 120-token prompts, and so does `reproduce`)." + _LEGACY_DEFAULTS_NOTE,
                ),
         ModelSpec(
             model_id="auraflow", family="auraflow:AuraFlowFamilyPipeline", pipeline_class="AuraFlowPipeline",

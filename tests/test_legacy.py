@@ -224,6 +224,7 @@ def test_a_lora_of_another_family_is_refused_with_its_family_named(case, target)
     ({"arch": "pixart"}, "pixart"), ({"is_pixart": True}, "pixart"),
     ({"arch": "pixart", "is_pixart_sigma": True}, "pixart_sigma"),
     ({"is_pixart": True, "is_pixart_sigma": True}, "pixart_sigma"), ({"arch": "pixart_sigma"}, "pixart_sigma"),
+    ({"arch": "pixart", "name_or_path": "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS"}, "pixart"),  # no flag: 120 tokens
     ({"arch": "auraflow"}, "auraflow"), ({"is_auraflow": True}, "auraflow"),
     ({"is_xl": True, "is_ssd": True, "name_or_path": "segmind/SSD-1B"}, "ssd"), ({"arch": "ssd"}, "ssd"),
     ({"is_xl": True, "is_vega": True, "name_or_path": "segmind/Segmind-Vega"}, "vega"), ({"is_vega": True}, "vega"),

@@ -32,6 +32,9 @@ E2E_GOLDEN = {model_id: model_id for model_id in (
     "flux", "flex1", "flux_kontext", "flex2", "sd15", "sdxl", "qwen_image", "qwen_image_2512", "zimage",
     "zimage_turbo", "zimage_deturbo", "lumina2", "wan21_1b", "wan21_14b", "wan21_i2v_14b", "wan21_i2v_14b480p",
     "wan22_14b_t2v", "wan22_14b_i2v", "wan22_5b", "cogview4", "ernie_image", "prx_pixel")}
+# the legacy archs: ssd / vega jobs use the legacy flags that work in ai-toolkit (is_xl with is_ssd / is_vega: arch
+# sdxl), pixart_sigma arch pixart with is_pixart_sigma (arch pixart_sigma fails to load there)
+E2E_GOLDEN.update({model_id: model_id for model_id in ("sd2", "ssd", "vega", "pixart", "pixart_sigma", "sd3", "auraflow")})
 
 FLUX2_REASON = ("not made: ai-toolkit builds its own BFL-layout Flux2 transformer at the released sizes "
                 "(get_flux2_params) and loads a single BFL-format file, so a tiny diffusers folder cannot stand in")
@@ -68,19 +71,6 @@ NO_E2E_GOLDEN_YET = {
         "not made yet: the family was added alongside the end-to-end jobs; its own goldens run ai-toolkit's "
         "generate_single_image on the same tiny weights (whole previews as latents/frames, tests/test_<family>.py), "
         "but no job folder went through BaseSDTrainProcess.sample and reproduce yet"),
-    **dict.fromkeys(
-        ("sd2", "sd3", "pixart_sigma", "auraflow"),
-        "not made yet: tests/test_legacy.py compares a whole 2-step preview of ai-toolkit's generate_images path (its "
-        "pipeline, scheduler and prompt encodings on the tiny weights) and its schedules, noise and LoRA files, but "
-        "no job folder went through BaseSDTrainProcess.sample and reproduce yet"),
-    **dict.fromkeys(
-        ("ssd", "vega"),
-        "not made yet: ai-toolkit 0.12.26 samples SSD-1B / Segmind-Vega only when the job's flags resolve to arch sdxl "
-        "(is_xl with is_ssd / is_vega), i.e. through the sdxl job's path (goldens/e2e/sdxl) with another UNet; no job "
-        "with the distilled tiny UNet was made"),
-    "pixart": "none possible: ai-toolkit samples every PixArt through PixArtSigmaPipeline, which fails on "
-              "PixArt-XL-2-1024-MS (no resolution/aspect micro-conditions; shown by goldens/legacy/schedules.json, "
-              "test_legacy.py), so it makes no previews to reproduce",
 }
 
 

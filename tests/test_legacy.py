@@ -26,6 +26,9 @@ LEGACY_IDS = ("sd2", "ssd", "vega", "pixart", "pixart_sigma", "sd3", "auraflow")
 DDPM_IDS = ("sd2", "ssd", "vega", "pixart", "pixart_sigma")  # sd3/auraflow: test_parity.py SCHEDULER_GOLDEN
 NOISE_KEY = {"sd2": "sd", "ssd": "sd", "vega": "sd", "auraflow": "sd", "pixart": "pixart", "pixart_sigma": "pixart"}
 LORA_CASES = {"sd2": "sd2", "ssd": "ssd", "vega": "vega", "sd3": "sd3", "pixart": "pixart", "auraflow": "auraflow"}
+# (id, kind): ai-toolkit's LoRA for every case, its default LoKr for the UNet kohya, PEFT and lora_transformer_ layouts
+LORA_FILES = [(model_id, "lora") for model_id in LORA_CASES] + [
+    (model_id, "lokr") for model_id in ("sd2", "sd3", "pixart", "auraflow")]
 LORA_ATOL = 1e-6  # ai-toolkit's own live and merged outputs differ by up to 1.2e-7
 
 
@@ -138,18 +141,18 @@ def test_pixart_prompt_is_encoded_as_ai_toolkit_encodes_it(model_id, load_tiny):
 
 
 # ---------------------------------------------------------------------------------------------------------------- LoRA
-def _case_model(case):
+def _case_model(case, kind="lora"):
     """The golden denoiser: its config, every parameter randn * 0.05 from seed 1234 in sorted-name order."""
     import diffusers
 
-    with open(os.path.join(ROOT, f"lora_{case}", "config.json")) as f:
+    with open(os.path.join(ROOT, f"{kind}_{case}", "config.json")) as f:
         config = json.load(f)
     model = getattr(diffusers, config.pop("_class_name")).from_config(config)
     g = torch.Generator().manual_seed(1234)
     with torch.no_grad():
         for _, p in sorted(model.named_parameters()):
             p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    inputs = load_file(os.path.join(ROOT, f"lora_{case}", "inputs.safetensors"))
+    inputs = load_file(os.path.join(ROOT, f"{kind}_{case}", "inputs.safetensors"))
 
     def forward():
         with torch.no_grad():
@@ -166,8 +169,9 @@ def _case_model(case):
     return model.eval(), forward
 
 
-def _lora_path(case):
-    return os.path.join(ROOT, f"lora_{case}", f"tiny_{case}_lora_r4_a2_fp16.safetensors")
+def _lora_path(case, kind="lora"):
+    name = f"tiny_{case}_lokr.safetensors" if kind == "lokr" else f"tiny_{case}_lora_r4_a2_fp16.safetensors"
+    return os.path.join(ROOT, f"{kind}_{case}", name)
 
 
 def _file_modules(path):
@@ -175,29 +179,30 @@ def _file_modules(path):
 
 
 @pytest.mark.parametrize("mode", ["dynamic", "fused"])
-@pytest.mark.parametrize("model_id", list(LORA_CASES))
-def test_lora_file_reproduces_ai_toolkit_outputs(model_id, mode):
+@pytest.mark.parametrize("model_id,kind", LORA_FILES)
+def test_lora_file_reproduces_ai_toolkit_outputs(model_id, kind, mode):
     """ai-toolkit's saved file: every module matched; its live (dynamic) or merged (fused) outputs at 1.0 and 0.5, the
-    merged weights; removal restores the base."""
+    merged weights; removal restores the base (exactly for live PEFT adapters; LoKr is merged in every mode)."""
     case = LORA_CASES[model_id]
-    golden = load_file(os.path.join(ROOT, f"lora_{case}", "outputs.safetensors"))
+    folder, path = os.path.join(ROOT, f"{kind}_{case}"), _lora_path(case, kind)
+    golden = load_file(os.path.join(folder, "outputs.safetensors"))
     flavour = "live" if mode == "dynamic" else "merged"
-    model, forward = _case_model(case)
+    model, forward = _case_model(case, kind)
     base = forward()
     torch.testing.assert_close(base, golden["base_output"], rtol=0, atol=LORA_ATOL)
     component = REGISTRY[model_id].family_class().denoiser
     stack = LoraStack({component: model}, mode, component, model_id)
-    summary = stack.set([LoraRequest(path=_lora_path(case), strength=1.0)])
-    assert summary[0]["modules"] == len(_file_modules(_lora_path(case)))
+    summary = stack.set([LoraRequest(path=path, strength=1.0)])
+    assert summary[0]["modules"] == len(_file_modules(path))
     torch.testing.assert_close(forward(), golden[f"lora_{flavour}_m1.0"], rtol=0, atol=LORA_ATOL)
     if mode == "fused":
-        effective = load_file(os.path.join(ROOT, f"lora_{case}", "effective_weights_m1.0.safetensors"))
-        for name, weight in effective.items():
+        for name, weight in load_file(os.path.join(folder, "effective_weights_m1.0.safetensors")).items():
             torch.testing.assert_close(model.get_parameter(name), weight, rtol=0, atol=LORA_ATOL, msg=name)
-    stack.set([LoraRequest(path=_lora_path(case), strength=0.5)])
+    stack.set([LoraRequest(path=path, strength=0.5)])
     torch.testing.assert_close(forward(), golden[f"lora_{flavour}_m0.5"], rtol=0, atol=LORA_ATOL)
     stack.clear()
-    torch.testing.assert_close(forward(), base, rtol=0, atol=0 if mode == "dynamic" else LORA_ATOL)
+    exact = mode == "dynamic" and kind == "lora"
+    torch.testing.assert_close(forward(), base, rtol=0, atol=0 if exact else LORA_ATOL)
 
 
 # The tiny SSD-1B / Vega UNets have two blocks, so their files carry only names an SD 1.5 file has too; the SDXL

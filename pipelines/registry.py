@@ -1018,7 +1018,7 @@ REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
                tiny="pixart:build_pixart", aitk_archs=(AitkArch("pixart"),),
                notes="ai-toolkit's `ddpm` sampler for PixArt (DDPM from its pixart_config: linear betas, linspace "
                "spacing, clip_sample on; stochastic), real CFG with the encoded negative, T5 prompts padded to 120 "
-               "tokens, captions not cleaned, the pipeline's aspect-ratio binning. ai-toolkit samples every PixArt "
+               "tokens, the text neither lowercased nor cleaned, the pipeline's aspect-ratio binning. ai-toolkit samples every PixArt "
                "through PixArtSigmaPipeline, which gives this checkpoint no resolution/aspect micro-conditions and "
                "fails on it; we use PixArtAlphaPipeline, which feeds them. Its `flowmatch` sampler falls back to "
                "FLUX.1's dynamic config, which PixArt's pipelines cannot run (no mu). LoRAs: kohya-style "

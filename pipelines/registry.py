@@ -609,7 +609,7 @@ _LEGACY_DEFAULTS_NOTE = (
 _SEGMIND_NOTES = (
     "A distilled SDXL UNet, sampled exactly as `sdxl` (ai-toolkit loads it through its SDXL branch). In ai-toolkit "
     "0.12.26 only a job with the legacy flags `is_xl: true` plus `is_{}: true` samples (its arch then resolves to sdxl); "
-    "`arch: {}` alone is not treated as SDXL when sampling. Kohya LoRAs with diffusers module names, as ai-toolkit "
+    "`arch: {}` alone fails at its first preview (ai-toolkit builds an SD 1.x pipeline with both text encoders). Kohya LoRAs with diffusers module names, as ai-toolkit "
     "writes them when its keymap files are missing; with toolkit/keymaps present it writes original (LDM) names, "
     "which do not load here." + _LEGACY_DEFAULTS_NOTE
 )

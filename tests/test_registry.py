@@ -98,8 +98,8 @@ def test_every_arch_has_one_default_and_unknown_archs_are_refused():
     for arch in aitk_arch_names():
         defaults = [s.model_id for s in REGISTRY.values() for a in s.aitk_archs if a == AitkArch(arch)]
         assert len(defaults) == 1, (arch, defaults)
-    with pytest.raises(ValueError, match="model.arch 'sd3' has no aitk-inference model; known archs: .*flux"):
-        model_id_for_arch("sd3")
+    with pytest.raises(ValueError, match="model.arch 'no_such_arch' has no aitk-inference model; known archs: .*flux"):
+        model_id_for_arch("no_such_arch")
 
 
 def test_uses_negative_follows_the_guidance():

@@ -158,6 +158,12 @@ def training_process(data: dict, path: str) -> dict:
     raise ValueError(f"{path!r}: no process has a `sample` section, so the job made no previews to reproduce.")
 
 
+# ai-toolkit's ModelConfig: the arch a job without `arch` gets from its legacy flags, the first set flag in this order.
+_LEGACY_ARCH_FLAGS = (("is_v2", "sd2"), ("is_v3", "sd3"), ("is_xl", "sdxl"), ("is_pixart", "pixart"),
+                      ("is_pixart_sigma", "pixart_sigma"), ("is_auraflow", "auraflow"), ("is_lumina2", "lumina2"),
+                      ("is_vega", "vega"), ("is_ssd", "ssd"))
+
+
 def model_id_for_job(model_cfg: dict) -> str:
     """Map a job's ``model`` section (``arch``, legacy ``is_flux``/``is_xl`` flags, ``name_or_path``) to a model id."""
     arch = model_cfg.get("arch")
@@ -168,12 +174,11 @@ def model_id_for_job(model_cfg: dict) -> str:
             arch = arch.split(":")[0]
     elif model_cfg.get("is_flux"):
         arch = "flux"
-    elif model_cfg.get("is_xl"):
-        arch = "sdxl"
-    elif model_cfg.get("is_v2") or model_cfg.get("is_v3") or model_cfg.get("is_pixart") or model_cfg.get("is_auraflow"):
-        raise ValueError("This job's model (SD2/SD3/PixArt/AuraFlow) is not a family aitk-inference runs.")
     else:
-        arch = "sd1"
+        arch = next((arch for flag, arch in _LEGACY_ARCH_FLAGS if model_cfg.get(flag)), "sd1")
+    if arch == "pixart" and model_cfg.get("is_pixart_sigma"):
+        # ai-toolkit samples PixArt-Sigma only as arch pixart with is_pixart_sigma (arch pixart_sigma fails to load)
+        return "pixart_sigma"
     return model_id_for_arch(arch, str(model_cfg.get("name_or_path") or ""))
 
 

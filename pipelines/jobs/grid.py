@@ -28,6 +28,8 @@ from .reproduce import (ImageDifference, checkpoint_loras, compare_images, job_b
 _LAST_N = re.compile(r"^last\s+(\d+)$", re.IGNORECASE)
 #: white space between cells, and between our image and ai-toolkit's
 CELL_PADDING, PAIR_GAP = 8, 4
+#: space between a cell's images and its label
+LABEL_GAP = 2
 
 
 def _numbers(text: str, what: str, convert: Callable[[str], Any], example: str) -> list:
@@ -167,10 +169,18 @@ def render_job_grid(
 GRID_LORA_MODE = "dynamic"
 
 
-def job_grid(pipeline, training: TrainingJob, checkpoints: str = "all", strengths: str = "", prompts: str = "",
-             progress: Callable[[int, int], None] | None = None) -> JobGrid:
-    """:func:`render_job_grid` with the selections given as text (the node's and the CLI's inputs)."""
-    chosen = select_checkpoints(job_checkpoints(training.folder, training.name, training.process), checkpoints)
+def grid_cell_count(training: TrainingJob, available: list[JobCheckpoint], checkpoints: str = "all",
+                    strengths: str = "", prompts: str = "") -> int:
+    """How many cells the selections give; checking them, so that a bad one fails before any model loads."""
+    return (len(select_checkpoints(available, checkpoints)) * max(1, len(parse_strengths(strengths)))
+            * len(select_samples(training.samples(), prompts)))
+
+
+def job_grid(pipeline, training: TrainingJob, available: list[JobCheckpoint], checkpoints: str = "all",
+             strengths: str = "", prompts: str = "", progress: Callable[[int, int], None] | None = None) -> JobGrid:
+    """:func:`render_job_grid` with the selections given as text (the node's and the CLI's inputs), out of the
+    ``available`` checkpoints (:func:`~.config.job_checkpoints`)."""
+    chosen = select_checkpoints(available, checkpoints)
     return render_job_grid(pipeline, training, chosen, parse_strengths(strengths),
                            select_samples(training.samples(), prompts), job_side_loras(training, pipeline.spec),
                            progress=progress)
@@ -192,9 +202,11 @@ def reproduce_grid(job: str, base: str | None = None, checkpoints: str = "all", 
     training = read_job(job)
     spec = get_spec(model or training.model_id)
     check_image_model(spec)
+    available = job_checkpoints(training.folder, training.name, training.process)
+    grid_cell_count(training, available, checkpoints, strengths, prompts)
     pipeline = load_pipeline(spec.model_id, base=job_base(training, base), device=device, dtype=dtype,
                              lora_mode=GRID_LORA_MODE)
-    return job_grid(pipeline, training, checkpoints, strengths, prompts)
+    return job_grid(pipeline, training, available, checkpoints, strengths, prompts)
 
 
 def _font(size: int):
@@ -245,12 +257,12 @@ def draw_grid(training: TrainingJob, rows: list, samples: list[SampleSpec], rend
             height = max(height, cell.theirs.shape[0])
         return width, height
 
-    label_lines = 2
+    label_lines = max(len(_cell_lines(cell, by_index[cell.index])) for cell in rendered)
     col_w = [max(max(pair_size(row[j])[0], *(measure.textlength(t, font=font)
                                               for t in _cell_lines(row[j], samples[j]))) for row in grid_cells)
              for j in range(columns)]
     col_w = [int(w) + 1 for w in col_w]
-    row_h = [max(pair_size(cell)[1] for cell in row) + label_lines * line for row in grid_cells]
+    row_h = [max(pair_size(cell)[1] for cell in row) + LABEL_GAP + label_lines * line for row in grid_cells]
 
     def row_label(step, strength):
         return [f"step {step}", "job's strength" if strength is None else f"strength {strength:g}"]
@@ -284,7 +296,7 @@ def draw_grid(training: TrainingJob, rows: list, samples: list[SampleSpec], rend
                 left = ours_box[2] + PAIR_GAP
                 theirs_box = (left, y, left + cell.theirs.shape[1], y + cell.theirs.shape[0])
                 image.paste(Image.fromarray(cell.theirs), theirs_box[:2])
-            text_y = y + pair_size(cell)[1] + 2
+            text_y = y + pair_size(cell)[1] + LABEL_GAP
             for k, text in enumerate(_cell_lines(cell, by_index[cell.index])):
                 draw.text((x, text_y + k * line), text, fill=black if cell.compare else grey, font=font)
             placed.append(dataclasses.replace(cell, ours_box=ours_box, theirs_box=theirs_box))

@@ -25,6 +25,8 @@ from .config import JobCheckpoint, SampleSpec, TrainingJob, find_previews, job_c
 from .reproduce import (ImageDifference, checkpoint_loras, compare_images, job_base, job_side_loras, read_frames,
                         render_sample)
 
+#: the LoRA mode the grid loads its pipeline with (see the module docstring)
+GRID_LORA_MODE = "dynamic"
 _LAST_N = re.compile(r"^last\s+(\d+)$", re.IGNORECASE)
 #: white space between cells, and between our image and ai-toolkit's
 CELL_PADDING, PAIR_GAP = 8, 4
@@ -161,12 +163,8 @@ def render_job_grid(
                                      compare=compare))
             if progress is not None:
                 progress(len(rendered), total)
-    image, cells = draw_grid(training, rows, samples, rendered)
+    image, cells = draw_grid(rows, samples, rendered)
     return JobGrid(image=image, rows=rows, columns=[s.index for s in samples], cells=cells)
-
-
-#: the LoRA mode the grid loads its pipeline with (see the module docstring)
-GRID_LORA_MODE = "dynamic"
 
 
 def grid_cell_count(training: TrainingJob, available: list[JobCheckpoint], checkpoints: str = "all",
@@ -234,7 +232,7 @@ def _cell_lines(cell: GridCell, sample: SampleSpec) -> list[str]:
     return difference_lines(cell.compare)
 
 
-def draw_grid(training: TrainingJob, rows: list, samples: list[SampleSpec], rendered: list[GridCell]):
+def draw_grid(rows: list, samples: list[SampleSpec], rendered: list[GridCell]):
     """Lay the rendered cells out (row labels left, prompt headers on top, each cell's distance under its images) and
     return the PIL image and the cells with their boxes."""
     import dataclasses

@@ -220,6 +220,44 @@ def newest_lora(job_dir: str, name: str | None) -> str:
     return os.path.join(job_dir, max(files, key=rank))
 
 
+@dataclass(frozen=True)
+class JobCheckpoint:
+    """One LoRA save of a job: its training step and its file(s) (a two-expert save has a high- and a low-noise file)."""
+
+    step: int
+    files: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return ", ".join(os.path.basename(path) for path in self.files)
+
+
+def job_checkpoints(job_dir: str, name: str | None, process: dict) -> list[JobCheckpoint]:
+    """Every LoRA save of a job folder, by step (oldest first); the files chosen as :func:`newest_lora` chooses them.
+
+    A save's step is its name's ``_%09d`` suffix, else (the final, suffix-less file) :func:`lora_step`. When the final
+    file and a step save fall on the same step, the final file is kept (ai-toolkit writes both at the last step).
+    """
+    files = sorted(f for f in os.listdir(job_dir) if f.endswith(".safetensors"))
+    if name:
+        pattern = re.compile(rf"^{re.escape(name)}(_\d{{9}})?$")
+        files = [f for f in files if pattern.match(Experts.without_side(os.path.splitext(f)[0]))] or files
+    if not files:
+        raise FileNotFoundError(f"No LoRA (.safetensors) in job folder {job_dir!r}: ai-toolkit saves the job's "
+                                "checkpoints there as <name>_<step>.safetensors.")
+    by_step: dict[int, JobCheckpoint] = {}
+    for filename in files:
+        path = os.path.join(job_dir, filename)
+        group = tuple(with_expert_sibling(path))
+        if group[0] != path:
+            continue  # the high-noise file of a pair stands for both
+        final = lora_step_from_name(path) is None
+        step = lora_step(path, process)
+        if step not in by_step or final:
+            by_step[step] = JobCheckpoint(step=step, files=group)
+    return [by_step[step] for step in sorted(by_step)]
+
+
 def with_expert_sibling(path: str) -> list[str]:
     """A two-expert split save comes as ``*_high_noise`` + ``*_low_noise``: return both files (ai-toolkit loads the
     sibling too); any other LoRA is returned alone."""

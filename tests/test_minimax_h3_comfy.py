@@ -243,8 +243,11 @@ def test_missing_files_and_unknown_keys_are_refused(tmp_path, text_encoder_file)
 
 
 def test_report_counts():
-    """ai-toolkit attached every quantized layer the files hold (the goldens are not from unquantized files)."""
+    """ai-toolkit attached every quantized layer the files hold (the goldens are not from unquantized files), and its
+    audio VAE weight-norm folding equals torch's."""
     with open(os.path.join(ROOT, "comfy_report.json")) as f:
         report = json.load(f)
     assert report["transformer_full"]["quantized_layers"] == report["transformer_pruned"]["quantized_layers"] == 8
     assert report["text_encoder"] == {"quantized_layers": 351, "layers": 50}
+    # the audio VAE file the generation test writes (torch's weight-norm folding) is ai-toolkit's fold
+    assert report["audio_vae_fold"]["max_abs_difference_vs_torch_remove_weight_norm"] < 1e-6

@@ -17,6 +17,10 @@ G (Kronecker powers of the 4x4 regular Hadamard, scaled to be orthonormal; it is
 quantized per row. Without ``convrot`` (and for embeddings) the rows are plain per-row int8. We dequantize to the model
 dtype: ``rotate(int8 * scale)``. ai-toolkit's GPU sampling instead keeps the int8 codes and also quantizes the
 activations per token (W8A8, ``toolkit/util/convrot_quant.py``); that rounding is not reproduced.
+
+The dequantizer and :func:`build_module` are shared with MiniMax-H3's ComfyUI files (``minimax_h3_comfy``), whose
+text encoder also uses ComfyUI's ``nvfp4`` format (:func:`dequantize_nvfp4`); each family names the formats its
+publisher ships, and any other is refused.
 """
 
 from __future__ import annotations

@@ -44,6 +44,10 @@ LoRAs: ai-toolkit saves ``diffusion_model.`` + the original checkpoint's module 
 ``mlp.fc1`` as ``[gate; value]``...). :func:`minimax_h3_original_to_diffusers` renames them onto diffusers' modules,
 splitting the fused QKV and swapping the SwiGLU halves; diffusers names pass through.
 
+Weights: the bf16 originals (``MiniMaxAI/MiniMax-H3``, diffusers' modular layout), or the ComfyUI repack ai-toolkit
+loads by default (``Comfy-Org/MiniMax-H3``: int8 ConvRot transformer, full or pruned; nvfp4-AWQ 50-layer text stack;
+VAEs under other names), read and dequantized by ``minimax_h3_comfy``.
+
 Progress: ``progress(step, total)`` after every denoising step (raising from it interrupts).
 """
 

@@ -119,6 +119,8 @@ def prune_time_embedding(transformer, table_rows: int, dtype):
     return transformer
 
 
+#: in the files (ai-toolkit's strict load wants it), computed from the config by diffusers' rotary module: checked
+ROTARY_FREQUENCIES = "rope.inv_freq"
 #: the pruned files' AdaLN projections (fp16 in the file), kept float32: ai-toolkit multiplies them in float32
 PRUNED_FP32 = ("adaln_proj.linear", "norm_out.linear")
 _BLOCK_ADALN_BIAS = re.compile(r"^transformer_blocks\.\d+\.adaln_proj\.linear\.bias$")
@@ -134,6 +136,7 @@ def load_transformer(path: str, config: Mapping, dtype):
 
     original = dequantize_comfy_layers(load_file(path), embeddings=(), formats=(INT8_FORMAT,))
     table = original.pop("adaln_t_table", None)
+    stored_frequencies = original.pop(ROTARY_FREQUENCIES, None)
     config = dict(config)
     if table is not None:
         config["time_embed_dim"] = table.shape[1]
@@ -152,7 +155,13 @@ def load_transformer(path: str, config: Mapping, dtype):
             if _BLOCK_ADALN_BIAS.match(name) and name not in state_dict:
                 state_dict[name] = torch.zeros(value.shape)
     keep_in_fp32 = tuple(MiniMaxH3Transformer3DModel._keep_in_fp32_modules) + (() if table is None else PRUNED_FP32)
-    return build_module(build, config, state_dict, dtype, "transformer", **COMFY, keep_in_fp32=keep_in_fp32)
+    transformer = build_module(build, config, state_dict, dtype, "transformer", **COMFY, keep_in_fp32=keep_in_fp32)
+    computed = transformer.rope.inv_freq
+    if stored_frequencies is not None and not torch.allclose(stored_frequencies.float(), computed, rtol=1e-5, atol=0):
+        raise ValueError(f"MiniMax-H3 transformer: the file's {ROTARY_FREQUENCIES} differs from the one the config "
+                         f"(rope_freq_dim {config.get('rope_freq_dim')}, rope_theta {config.get('rope_theta')}) "
+                         "gives; is the transformer config the one of MiniMaxAI/MiniMax-H3?")
+    return transformer
 
 
 # --------------------------------------------------------------------------------------------------------- text encoder

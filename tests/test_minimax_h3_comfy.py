@@ -227,7 +227,8 @@ def test_generation_from_comfy_files(model_id, tmp_path_factory, text_encoder_fi
 
 
 def test_missing_files_and_unknown_keys_are_refused(tmp_path, text_encoder_file):
-    """A folder without the files names them and the repo; a file with a tensor the model lacks is refused."""
+    """A folder without the files names them and the repo; a file with a tensor the model lacks, or rotary
+    frequencies its config does not give, is refused."""
     from safetensors.torch import load_file, save_file
 
     from aitk_inference.pipelines.families.minimax_h3_comfy import load_comfy_components, load_transformer
@@ -239,6 +240,11 @@ def test_missing_files_and_unknown_keys_are_refused(tmp_path, text_encoder_file)
     state["blocks.0.extra.weight"] = torch.zeros(2)
     save_file(state, tmp_path / "dit.safetensors")
     with pytest.raises(ValueError, match="unexpected"):
+        load_transformer(str(tmp_path / "dit.safetensors"), minimax_h3_transformer().config, torch.float32)
+    del state["blocks.0.extra.weight"]
+    state["rope.inv_freq"] = state["rope.inv_freq"] * 2
+    save_file(state, tmp_path / "dit.safetensors")
+    with pytest.raises(ValueError, match="rope.inv_freq"):
         load_transformer(str(tmp_path / "dit.safetensors"), minimax_h3_transformer().config, torch.float32)
 
 

@@ -802,7 +802,9 @@ _MINIMAX_H3_NOTES = (
     "condition, video (1, 24, t, h, w), audio (1, 2, 32, a); raw Qwen3-VL prompt (hidden state 50, 512 caption "
     "tokens). Frames floored to 17n+5 (at least 22), 24 fps only, divisor 32. Defaults are ai-toolkit's UI preset "
     "(28 steps, guidance 1, 107 frames at 24 fps, 768x768). LoRAs: diffusion_model. + original names (fused QKV split, "
-    "SwiGLU halves swapped) or diffusers names."
+    "SwiGLU halves swapped) or diffusers names. Loads the bf16 originals (MiniMaxAI/MiniMax-H3) or, with "
+    "base=Comfy-Org/MiniMax-H3 or a folder of its files, the ComfyUI repack ai-toolkit loads by default (int8 "
+    "ConvRot transformer, pruned or full; nvfp4-AWQ 50-layer text encoder; renamed VAEs), dequantized at load."
 )
 MINIMAX_H3 = Preset(family="minimax_h3:MiniMaxH3FamilyPipeline", pipeline_class="MiniMaxH3ModularPipeline",
                     base="MiniMaxAI/MiniMax-H3", steps=28, guidance=1.0, width=768, height=768, divisor=32,

@@ -203,19 +203,48 @@ def cmd_make_tiny(args) -> int:
 
 
 def cmd_reproduce(args) -> int:
+    from .pipelines.jobs.grid import difference_lines
     from .pipelines.jobs.reproduce import reproduce_job
 
+    if args.grid:
+        return reproduce_grid(args)
+    if args.steps or args.strengths or args.prompts:
+        raise ValueError("--steps, --strengths and --prompts choose the cells of --grid; add --grid.")
     report = reproduce_job(args.job, base=args.base, lora=args.lora, out_dir=args.out, device=args.device,
-                           dtype=args.dtype, model=args.model)
+                           dtype=args.dtype, model=args.model, lora_mode=args.lora_mode)
     print(f"{report.model} from {report.base}; LoRA {report.lora} (step {report.step}, {report.lora_mode})")
     for row in report.samples:
         line = f"{row.file}: {row.width}x{row.height} seed {row.seed} steps {row.steps} guidance {row.guidance}"
         if row.compare:
-            c = row.compare
-            line += f"  vs preview: max {c.max_abs} mean {c.mean_abs:.3f} levels, PSNR {c.psnr:.2f} dB"
+            line += "  vs preview: " + ", ".join(difference_lines(row.compare))
         print(line)
     if report.sheet:
         print(f"side-by-side sheet: {report.sheet}")
+    return 0
+
+
+def reproduce_grid(args) -> int:
+    from .pipelines.jobs.grid import difference_lines, reproduce_grid as render_grid
+
+    if args.lora or args.lora_mode:
+        raise ValueError("--grid takes its checkpoints from --steps (all, 'last N' or steps) and runs LoRAs live; "
+                         "leave out --lora and --lora-mode.")
+    if not args.out or not args.out.lower().endswith((".png", ".jpg", ".jpeg", ".webp")):
+        raise ValueError("--grid writes one image: give --out FILE.png.")
+    grid = render_grid(args.job, base=args.base, checkpoints=args.steps or "all", strengths=args.strengths or "",
+                       prompts=args.prompts or "", device=args.device, dtype=args.dtype, model=args.model)
+    folder = os.path.dirname(os.path.abspath(args.out))
+    os.makedirs(folder, exist_ok=True)
+    grid.image.save(args.out)
+    for cell in grid.cells:
+        line = f"step {cell.step} strength {cell.strength:g} sample {cell.index}: "
+        if cell.compare:
+            line += "vs preview: " + ", ".join(difference_lines(cell.compare))
+        else:
+            line += "no comparable ai-toolkit sample"
+        print(line)
+    print(f"wrote {args.out} ({grid.image.width}x{grid.image.height}: {len(grid.rows)} rows x {len(grid.columns)} "
+          "prompts)")
     return 0
 
 
@@ -302,7 +331,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_load_flags(p, "override model.name_or_path")
     p.add_argument("--lora", help="LoRA file (default: the job's newest by name)")
     p.add_argument("--model", help="model id (default: derived from the job's model.arch)")
-    p.add_argument("--out", help="output folder (default: <job>/aitk_inference_samples)")
+    p.add_argument("--lora-mode", choices=LORA_MODES, help="default: fused when every sample has the same "
+                   "network_multiplier, else dynamic (ai-toolkit's choice)")
+    p.add_argument("--out", help="output folder (default: <job>/aitk_inference_samples); with --grid, the grid image")
+    p.add_argument("--grid", action="store_true", help="one labelled grid image instead: rows = checkpoints (x "
+                   "strengths), columns = sample prompts, ai-toolkit's sample beside ours with the distance")
+    p.add_argument("--steps", help="--grid: checkpoints: all (default), 'last N' or steps such as 500,1000")
+    p.add_argument("--strengths", help="--grid: LoRA strengths such as 0.8,1.0 (default: each sample's "
+                   "network_multiplier)")
+    p.add_argument("--prompts", help="--grid: sample indices such as 0,2 (default: all)")
     p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("demo", help="tiny random-weight pipeline + tiny LoRA, one image, no download")

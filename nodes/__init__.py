@@ -1,4 +1,4 @@
-"""ComfyUI nodes: Load AITK Pipeline, Apply AITK LoRA, AITK Sample.
+"""ComfyUI nodes: Load AITK Pipeline, Apply AITK LoRA, AITK Sample, AITK Training Job, AITK Job Previews.
 
 One implementation (``core``) and one declaration of the inputs (``schema``), with two thin front ends:
 

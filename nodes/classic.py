@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from . import core
-from .schema import APPLY, CATEGORY, LOAD, SAMPLE, Field, NodeSpec
+from .schema import APPLY, CATEGORY, JOB_PREVIEWS, LOAD, SAMPLE, TRAINING_JOB, Field, NodeSpec
 
 
 def _input(field: Field) -> tuple:
@@ -71,5 +71,24 @@ class AITKSample(_ClassicNode):
         return {"ui": out.ui(), "result": out.result()}
 
 
-NODE_CLASS_MAPPINGS = {cls.SPEC.node_id: cls for cls in (AITKLoadPipeline, AITKApplyLoRA, AITKSample)}
+class AITKTrainingJob(_ClassicNode):
+    SPEC = TRAINING_JOB
+
+    @classmethod
+    def IS_CHANGED(cls, job_folder, **kwargs):
+        return core.job_fingerprint(job_folder)
+
+    def run(self, **inputs):
+        return core.training_job(**inputs)
+
+
+class AITKJobPreviews(_ClassicNode):
+    SPEC = JOB_PREVIEWS
+
+    def run(self, job, **inputs):
+        return (core.job_previews(job, **inputs),)
+
+
+NODE_CLASS_MAPPINGS = {cls.SPEC.node_id: cls for cls in (AITKLoadPipeline, AITKApplyLoRA, AITKSample,
+                                                         AITKTrainingJob, AITKJobPreviews)}
 NODE_DISPLAY_NAME_MAPPINGS = {cls.SPEC.node_id: cls.SPEC.display_name for cls in NODE_CLASS_MAPPINGS.values()}

@@ -1,7 +1,8 @@
-"""What the three nodes do, as plain functions over the library; the V3 and classic front ends only call these.
+"""What the nodes do, as plain functions over the library; the V3 and classic front ends only call these.
 
 ComfyUI's own modules (``folder_paths``, ``comfy.utils``, ``comfy.model_management``) are imported lazily and are
-optional, so this module also runs (and is tested) outside ComfyUI. torch is imported only inside :func:`sample`.
+optional, so this module also runs (and is tested) outside ComfyUI. torch is imported only inside :func:`sample` and
+:func:`job_previews`.
 """
 
 from __future__ import annotations
@@ -52,6 +53,30 @@ class PipelineHandle:
         from ..pipelines.lora.stack import LoraRequest
 
         return [LoraRequest(path=path, strength=strength, side=side) for path, strength, side in self.loras]
+
+
+@dataclass(frozen=True)
+class JobHandle:
+    """What flows along an ``AITK_JOB`` link: the job's config, its model and load options, and its checkpoints as
+    they were when the Training Job node read the folder (a new checkpoint makes a new handle).
+
+    Args:
+        config (str): the job's ``config.yaml``.
+        model (str): the registry model id the job's ``model`` section maps to.
+        options (LoadOptions): how its pipeline loads (LoRAs live: see ``pipelines.jobs.grid``).
+        checkpoints (tuple[JobCheckpoint, ...]): the LoRA saves, oldest first.
+    """
+
+    config: str
+    model: str
+    options: LoadOptions
+    checkpoints: tuple
+
+    def get_pipeline(self):
+        return cache.get_pipeline(self.model, self.options)
+
+    def checkpoint_lines(self) -> str:
+        return "\n".join(f"step {c.step}: {c.name}" for c in self.checkpoints)
 
 
 @dataclass(frozen=True)
@@ -148,11 +173,20 @@ def hub_cache_dir() -> str:
     return os.path.join(os.path.expanduser(home), "hub")
 
 
-def _folder_bytes(folder: str) -> int:
-    """Bytes under ``folder``, counting each blob once (snapshots are links to blobs)."""
-    total = 0
+#: files :func:`_folder_bytes` counts at most: a model folder or hub snapshot holds a few hundred, so a base such as
+#: ``/`` (which the front end's request may name) ends the walk early instead of reading the whole disk
+MAX_COUNTED_FILES = 5000
+
+
+def _folder_bytes(folder: str) -> int | None:
+    """Bytes under ``folder``, counting each blob once (snapshots are links to blobs); None past
+    :data:`MAX_COUNTED_FILES` files (not a model folder)."""
+    total, seen = 0, 0
     for root, _, files in os.walk(folder):
         for name in files:
+            seen += 1
+            if seen > MAX_COUNTED_FILES:
+                return None
             path = os.path.join(root, name)
             if not os.path.islink(path):
                 total += os.path.getsize(path)
@@ -470,3 +504,83 @@ def comfy_audio(result, frames: int) -> dict:
         return {"waveform": torch.from_numpy(result.audio).float().cpu(), "sample_rate": int(result.sample_rate)}
     seconds = frames / result.params.fps if result.params.fps else 0.0
     return {"waveform": torch.zeros(1, 1, max(1, round(seconds * SILENCE_RATE))), "sample_rate": SILENCE_RATE}
+
+
+def training_job(job_folder: str, base: str = "", dtype: str = "auto", device: str = "auto") -> tuple[JobHandle, str]:
+    """AITK Training Job: read the job folder and list its checkpoints; returns (handle, one line per checkpoint)."""
+    from ..pipelines.jobs.config import job_checkpoints, read_job
+    from ..pipelines.jobs.grid import GRID_LORA_MODE
+    from ..pipelines.jobs.reproduce import job_base
+
+    # 1. Validate
+    if not (job_folder or "").strip():
+        raise ValueError("job_folder is empty: give the ai-toolkit job folder (<training_folder>/<name>/, with its "
+                         "config.yaml).")
+    _choice("dtype", dtype, DTYPES)
+    # 2. Read the job and its checkpoints
+    training = read_job(job_folder.strip())
+    model = training.model_id
+    checkpoints = tuple(job_checkpoints(training.folder, training.name, training.process))
+    # 3. Resolve where its base comes from (nothing is loaded until the previews are rendered)
+    if (base or "").strip():
+        source = resolve_base(base)
+    else:
+        source = job_base(training)
+        try:
+            source = resolve_base(source)
+        except ValueError:
+            raise ValueError(f"The job's model.name_or_path {source!r} is neither a path on this machine nor a Hugging "
+                             "Face repo id: set base to the base model's diffusers folder.") from None
+    options = LoadOptions(base=source, device=resolve_device(device), dtype=dtype, lora_mode=GRID_LORA_MODE)
+    handle = JobHandle(config=training.config_path, model=model, options=options, checkpoints=checkpoints)
+    return handle, handle.checkpoint_lines()
+
+
+def job_fingerprint(job_folder: str) -> str:
+    """Changes when a checkpoint or sample is added to (or rewritten in) the job folder, so ComfyUI re-runs the Training
+    Job node instead of reusing its cached listing."""
+    from ..pipelines.jobs.config import find_job_config
+
+    try:
+        folder = os.path.dirname(os.path.abspath(find_job_config((job_folder or "").strip())))
+    except (FileNotFoundError, OSError):
+        return ""
+    entries = []
+    for sub in (folder, os.path.join(folder, "samples")):
+        if os.path.isdir(sub):
+            for entry in sorted(os.scandir(sub), key=lambda e: e.name):
+                if entry.is_file():
+                    stat = entry.stat()
+                    entries.append(f"{entry.name}|{stat.st_size}|{stat.st_mtime_ns}")
+    return "\n".join(entries)
+
+
+def job_previews(job: JobHandle, checkpoints: str = "all", strengths: str = "", prompts: str = "",
+                 progress: Callable[[int, int], None] | None = None):
+    """AITK Job Previews: the job's previews grid (``pipelines.jobs.grid``) as a ComfyUI IMAGE ``[1,H,W,3]``.
+
+    Args:
+        progress (callable, *optional*): ``progress(cells_done, cells_total)``; defaults to ComfyUI's progress bar
+            (one tick per cell) + interrupt.
+    """
+    import numpy as np
+    import torch
+
+    from ..pipelines.jobs.config import read_job
+    from ..pipelines.jobs.grid import check_image_model, grid_cell_count, job_grid
+
+    # 1. Validate (before anything loads)
+    if not isinstance(job, JobHandle):
+        raise ValueError(f"job must come from AITK Training Job, got {type(job).__name__}.")
+    training = read_job(job.config)
+    check_image_model(get_spec(job.model))
+    cells = grid_cell_count(training, list(job.checkpoints), checkpoints, strengths, prompts)
+    # 2. Get pipeline from cache
+    loaded = job.get_pipeline()
+    with loaded.lock:
+        # 3. Render: one LoRA switch per checkpoint and strength
+        grid = job_grid(loaded, training, list(job.checkpoints), checkpoints, strengths, prompts,
+                        progress=progress if progress is not None else comfy_progress(cells))
+    # 4. Post-process: ComfyUI IMAGE layout
+    pixels = np.asarray(grid.image, dtype=np.float32) / 255.0
+    return torch.from_numpy(pixels)[None].contiguous()

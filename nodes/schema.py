@@ -1,4 +1,4 @@
-"""The three nodes' inputs and outputs, declared once as data.
+"""The nodes' inputs and outputs, declared once as data.
 
 Both front ends (``v3.py`` for ComfyUI's ``comfy_api`` schema API, ``classic.py`` for ``NODE_CLASS_MAPPINGS``) and the
 example-workflow writer build from these tables, so a widget added here appears everywhere in the same order.
@@ -18,6 +18,7 @@ from .comfy import NO_BASE_FILE, base_file_choices, lora_choices
 
 CATEGORY = "AITK Inference"
 PIPELINE_TYPE = "AITK_PIPELINE"
+JOB_TYPE = "AITK_JOB"
 WIDGET_TYPES = ("COMBO", "STRING", "INT", "FLOAT", "BOOLEAN")
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 
@@ -35,7 +36,8 @@ class Field:
 
     Args:
         name (str): the input name (saved workflows refer to it; never rename).
-        type (str): ``COMBO``, ``STRING``, ``INT``, ``FLOAT``, ``BOOLEAN``, ``IMAGE`` or ``AITK_PIPELINE``.
+        type (str): ``COMBO``, ``STRING``, ``INT``, ``FLOAT``, ``BOOLEAN``, ``IMAGE``, ``AITK_PIPELINE`` or
+            ``AITK_JOB``.
         tooltip (str): shown on hover in ComfyUI.
         default (Any, *optional*): the widget default.
         options (Callable[[], list[str]], *optional*): for ``COMBO``, returns the choices (called when ComfyUI asks
@@ -230,4 +232,45 @@ SAMPLE = NodeSpec(
     ),
 )
 
-NODES = (LOAD, APPLY, SAMPLE)
+TRAINING_JOB = NodeSpec(
+    node_id="AITKTrainingJob",
+    display_name="AITK Training Job",
+    description="Point at an ai-toolkit output folder (<training_folder>/<name>/ with its config.yaml, LoRA "
+    "checkpoints and samples/): lists the saved checkpoints by step, for AITK Job Previews. Re-reads the folder when "
+    "a new checkpoint or sample lands.",
+    inputs=(
+        Field("job_folder", "STRING", "The ai-toolkit job folder (or its config.yaml): the folder holding "
+              "config.yaml, <name>_<step>.safetensors and samples/.", default=""),
+        Field("base", "STRING", "Base checkpoint override: empty for the job's model.name_or_path, else as on Load "
+              "AITK Pipeline (a folder under ComfyUI/models/diffusers, a local path or a repo id).", default=""),
+        Field("dtype", "COMBO", "auto: fp32 on CPU, bf16 on GPUs that support it (else fp16).", default="auto",
+              options=lambda: list(DTYPES)),
+        Field("device", "COMBO", "auto: the device ComfyUI uses (CPU under --cpu).", default="auto",
+              options=lambda: list(DEVICES)),
+    ),
+    outputs=(
+        Output(JOB_TYPE, "job", "The job handle (folder, model, checkpoints; no weights loaded yet)."),
+        Output("STRING", "checkpoints", "The checkpoints found, one line per step: 'step 500: name_000000500"
+               ".safetensors'."),
+    ),
+)
+
+JOB_PREVIEWS = NodeSpec(
+    node_id="AITKJobPreviews",
+    display_name="AITK Job Previews",
+    description="Render the job's sample prompts for the chosen checkpoints and strengths as one labelled grid: rows "
+    "= checkpoints (x strengths), columns = prompts, ai-toolkit's own sample for that step beside ours with the "
+    "distance reproduce reports. One cached pipeline: checkpoints switch as live LoRAs, the base never reloads.",
+    inputs=(
+        Field("job", JOB_TYPE, "The job handle from AITK Training Job."),
+        Field("checkpoints", "STRING", "all, 'last N', or steps such as '500, 1000' (the Training Job node lists "
+              "them).", default="all"),
+        Field("strengths", "STRING", "LoRA strengths such as '0.8, 1.0' (one row each per checkpoint); empty: each "
+              "sample's network_multiplier from the job, the strength ai-toolkit's samples were made at.", default=""),
+        Field("prompts", "STRING", "Indices of the job's sample prompts such as '0, 2' (in the job's order, from 0); "
+              "empty: all.", default="", optional=True),
+    ),
+    outputs=(Output("IMAGE", "grid", "The labelled grid, one image [1,H,W,C]."),),
+)
+
+NODES = (LOAD, APPLY, SAMPLE, TRAINING_JOB, JOB_PREVIEWS)

@@ -8,13 +8,15 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from . import core
-from .schema import APPLY, CATEGORY, LOAD, PIPELINE_TYPE, SAMPLE, Field, NodeSpec
+from .schema import (APPLY, CATEGORY, JOB_PREVIEWS, JOB_TYPE, LOAD, PIPELINE_TYPE, SAMPLE, TRAINING_JOB, Field,
+                     NodeSpec)
 
 PipelineType = io.Custom(PIPELINE_TYPE)
+JobType = io.Custom(JOB_TYPE)
 
 _IO_TYPES = {"COMBO": io.Combo, "STRING": io.String, "INT": io.Int, "FLOAT": io.Float, "BOOLEAN": io.Boolean,
              "IMAGE": io.Image, "AUDIO": io.Audio,
-             PIPELINE_TYPE: PipelineType}
+             PIPELINE_TYPE: PipelineType, JOB_TYPE: JobType}
 
 
 def _input(field: Field):
@@ -78,9 +80,33 @@ class AITKSample(io.ComfyNode):
         return io.NodeOutput(*out.result(), ui=out.ui())
 
 
+class AITKTrainingJob(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return _schema(TRAINING_JOB)
+
+    @classmethod
+    def fingerprint_inputs(cls, job_folder, **kwargs) -> str:
+        return core.job_fingerprint(job_folder)
+
+    @classmethod
+    def execute(cls, **inputs) -> io.NodeOutput:
+        return io.NodeOutput(*core.training_job(**inputs))
+
+
+class AITKJobPreviews(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return _schema(JOB_PREVIEWS)
+
+    @classmethod
+    def execute(cls, job, **inputs) -> io.NodeOutput:
+        return io.NodeOutput(core.job_previews(job, **inputs))
+
+
 class AITKExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [AITKLoadPipeline, AITKApplyLoRA, AITKSample]
+        return [AITKLoadPipeline, AITKApplyLoRA, AITKSample, AITKTrainingJob, AITKJobPreviews]
 
 
 async def comfy_entrypoint() -> AITKExtension:

@@ -1,4 +1,5 @@
-"""UI-format ComfyUI workflows: one example per model id, and "reproduce the training previews" of an ai-toolkit job.
+"""UI-format ComfyUI workflows: one example per model id, "reproduce the training previews" of an ai-toolkit job, and
+the training job's checkpoints x prompts grid.
 
 ``python -m aitk_inference.nodes.workflows`` rewrites ``example_workflows/`` (each workflow with its ``.jpg`` card for
 ComfyUI's Browse Templates);
@@ -14,13 +15,15 @@ import json
 import os
 
 from ..pipelines.registry import REGISTRY, get_spec
-from .schema import APPLY, LOAD, SAMPLE, NodeSpec
+from .schema import APPLY, JOB_PREVIEWS, LOAD, SAMPLE, TRAINING_JOB, NodeSpec
 
 EXAMPLES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "example_workflows")
 PREVIEWS_NAME = "reproduce_training_previews_flux.json"
+JOB_GRID_NAME = "training_job_checkpoint_grid.json"
 
 #: widget counts of the ComfyUI core nodes the workflows use (SaveImage: prefix; LoadImage: file + upload button)
-CORE_WIDGET_COUNTS = {"SaveImage": 1, "LoadImage": 2, "Note": 1, "CreateVideo": 1, "SaveVideo": 3, "SaveAudio": 1}
+CORE_WIDGET_COUNTS = {"SaveImage": 1, "LoadImage": 2, "Note": 1, "CreateVideo": 1, "SaveVideo": 3, "SaveAudio": 1,
+                      "PreviewAny": 0}
 #: the example prompt of audio-only models: ai-toolkit's tagged sample prompt (its audio UI preset's tags)
 AUDIO_EXAMPLE_PROMPT = ("<CAPTION>[trigger] style song, upbeat synth pop, bright female vocal</CAPTION>\n"
                         "<LYRICS>\n[Verse]\nCity lights are calling\n[Chorus]\nWe keep on dancing\n</LYRICS>\n"
@@ -202,15 +205,34 @@ def previews_workflow(job: dict, lora_name: str | None = None) -> dict:
     return graph.to_json()
 
 
+def job_grid_workflow() -> dict:
+    """AITK Training Job -> AITK Job Previews -> Save Image, with the checkpoint list shown by Preview Any."""
+    graph = _Graph()
+    job = graph.add_aitk(TRAINING_JOB, (40, 120), {"job_folder": "output/my_flux_lora", "base": "", "dtype": "auto",
+                                                   "device": "auto"}, size=(340, 200))
+    listing = graph.add("PreviewAny", (40, 380), [], inputs=[("source", "*")], size=(340, 200))
+    graph.link(job, 1, listing, "source")
+    grid = graph.add_aitk(JOB_PREVIEWS, (420, 120), {"checkpoints": "last 3", "strengths": "", "prompts": ""},
+                          size=(340, 180))
+    graph.link(job, 0, grid, "job")
+    save = graph.add("SaveImage", (800, 120), ["aitk/job_grid"], inputs=[("images", "IMAGE")], size=(520, 520))
+    graph.link(grid, 0, save, "images")
+    return graph.to_json()
+
+
 def all_workflows() -> dict[str, dict]:
     """Every bundled example, by file name."""
     out = {f"{model_id}.json": model_workflow(model_id) for model_id in REGISTRY}
     out[PREVIEWS_NAME] = previews_workflow(EXAMPLE_JOB)
+    out[JOB_GRID_NAME] = job_grid_workflow()
     return out
 
 
 THUMBNAIL_SIZE = 320
-_AITK_NODE_IDS = {APPLY.node_id, LOAD.node_id, SAMPLE.node_id}
+_AITK_NODE_IDS = {APPLY.node_id, LOAD.node_id, SAMPLE.node_id, TRAINING_JOB.node_id, JOB_PREVIEWS.node_id}
+#: the card lines of the examples that are not one model id's
+JOB_CARDS = {PREVIEWS_NAME: ["reproduce training previews", "from an ai-toolkit job config", get_spec("flux").base],
+             JOB_GRID_NAME: ["checkpoints x prompts grid", "from an ai-toolkit job folder", "its samples beside ours"]}
 
 
 def workflow_kind(model_id: str) -> str:
@@ -272,10 +294,7 @@ def thumbnails() -> dict[str, object]:
     out = {}
     for name, workflow in all_workflows().items():
         stem = name[:-len(".json")]
-        if name == PREVIEWS_NAME:
-            lines = ["reproduce training previews", "from an ai-toolkit job config", get_spec("flux").base]
-        else:
-            lines = [workflow_kind(stem), get_spec(stem).base]
+        lines = JOB_CARDS.get(name) or [workflow_kind(stem), get_spec(stem).base]
         out[f"{stem}.jpg"] = thumbnail(workflow, stem, lines)
     return out
 

@@ -55,6 +55,32 @@ SD_DDPM = {
 SD15_DDPM = {**SD_DDPM, "steps_offset": 1}
 
 
+# ai-toolkit's PixArt sampler `ddpm` (toolkit/sampler.py get_sampler with arch "pixart"): DDPMScheduler.from_config of its
+# pixart_config, a DPM-Solver config, so the DDPM defaults it does not name hold: clip_sample true, no variance_type (the
+# raw posterior variance), linear betas 1e-4..0.02, linspace spacing (2 steps: 999/0).
+PIXART_DDPM = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "trained_betas": None,
+    "variance_type": None,
+    "clip_sample": True,
+    "prediction_type": "epsilon",
+    "thresholding": False,
+    "dynamic_thresholding_ratio": 0.995,
+    "clip_sample_range": 1.0,
+    "sample_max_value": 1.0,
+    "timestep_spacing": "linspace",
+    "steps_offset": 0,
+    "rescale_betas_zero_snr": False,
+}
+
+# ai-toolkit's `flowmatch` sampler for SD3 and AuraFlow (get_sampler's sd_flow_config) as it really samples: no shift.
+# The config says static shift 3.0, but CustomFlowMatchEulerDiscreteScheduler's __init__ takes only *args/**kwargs,
+# so from_config reaches no argument: .config reads 3.0 while the shift used is the default 1.0 (as with Lumina2).
+SD_FLOWMATCH = {**FLUX_FLOWMATCH, "shift": 1.0, "use_dynamic_shifting": False}
+
 # ai-toolkit's Qwen-Image scheduler (extensions_built_in/diffusion_models/qwen_image/qwen_image.py scheduler_config,
 # the stock Qwen-Image config): dynamic exponential shift with mu from 256..8192 tokens, stretched to end at 0.02.
 QWEN_FLOWMATCH = {
@@ -281,6 +307,15 @@ class ZImageL2POptions:
 
     extras: str
     checkpoint_file: str
+
+
+@dataclass(frozen=True)
+class StableDiffusionOptions:
+    """``v_prediction``: the UNet predicts v, not the noise (the 768-pixel SD 2.x checkpoints). ai-toolkit reads it
+    from the job's ``model.is_v_pred`` only (default false; it never looks at the checkpoint), so ``reproduce`` passes
+    that flag and a plain ``generate`` uses this default, the base checkpoint's own."""
+
+    v_prediction: bool = False
 
 
 @dataclass(frozen=True)
@@ -586,6 +621,12 @@ BFL_NAMES = LoraSignature("FLUX.2 / FLUX.2-klein / Chroma (original BFL names)",
 KOHYA_SD15 = LoraSignature("SD 1.5 (kohya)", r"lora_unet_|lora_te_")
 KOHYA_SDXL = LoraSignature("SDXL (kohya)", r"lora_te2_|lora_unet_.*add_embedding|lora_unet_down_blocks_2_attentions",
                            refines=KOHYA_SD15)
+# ai-toolkit saves PixArt and AuraFlow LoRAs kohya-style under `lora_transformer_` (not PEFT), SD3's as PEFT
+# `transformer.` + diffusers names. SD3's block names are FLUX.1's double blocks' (and Qwen-Image's), so a FLUX.1 or
+# Qwen-Image file matches it too and keeps its own, earlier, label; AuraFlow's single blocks are named as FLUX.1's.
+PIXART_NAMES = LoraSignature("PixArt (alpha / Sigma)", r"lora_transformer_transformer_blocks_\d+_attn2_to_")
+SD3_NAMES = LoraSignature("Stable Diffusion 3", r"(^|\.)transformer_blocks\.\d+\.attn\.add_q_proj")
+AURAFLOW_NAMES = LoraSignature("AuraFlow", r"joint_transformer_blocks[._]\d+[._]", refines=FLUX1_NAMES)
 QWEN_NAMES = LoraSignature("Qwen-Image", r"transformer_blocks\.\d+\.img_mlp|transformer_blocks\.\d+\.txt_mlp")
 ZIMAGE_NAMES = LoraSignature("Z-Image", r"layers\.\d+\.attention\.to_q|layers\.\d+\.feed_forward\.w1")
 LUMINA2_NAMES = LoraSignature("Lumina2 or OmniGen2 (they share block names)",
@@ -655,6 +696,23 @@ FLUX1 = Preset(family="flux:FluxFamilyPipeline", pipeline_class="FluxPipeline", 
 
 SD = Preset(family="stable_diffusion:StableDiffusionFamilyPipeline", steps=30, guidance=6.0, divisor=8,
             scheduler=SchedulerSpec("DDPMScheduler", SD_DDPM), guidance_kind="cfg")
+
+# ai-toolkit's legacy archs without a UI preset or example config sample with SampleConfig's defaults
+# (toolkit/config_modules.py): 20 steps, guidance 7, 512x512, sampler `ddpm`.
+SAMPLE_CONFIG_DEFAULTS = {"steps": 20, "guidance": 7.0, "width": 512, "height": 512}
+_LEGACY_DEFAULTS_NOTE = (
+    " Defaults are ai-toolkit's SampleConfig defaults (20 steps, guidance 7, 512x512): it has no UI preset or example "
+    "config for this arch."
+)
+_SEGMIND_NOTES = (
+    "A distilled SDXL UNet, sampled exactly as `sdxl` (ai-toolkit loads it through its SDXL branch). In ai-toolkit "
+    "0.12.26 only a job with the legacy flags `is_xl: true` plus `is_{}: true` samples (its arch then resolves to sdxl); "
+    "`arch: {}` alone fails at its first preview (ai-toolkit builds an SD 1.x pipeline with both text encoders). Kohya LoRAs with diffusers module names, as ai-toolkit "
+    "writes them when its keymap files are missing; with toolkit/keymaps present it writes original (LDM) names, "
+    "which do not load here." + _LEGACY_DEFAULTS_NOTE
+)
+PIXART = Preset(family="pixart:PixArtFamilyPipeline", scheduler=SchedulerSpec("DDPMScheduler", PIXART_DDPM), divisor=8,
+                lora_signatures=(PIXART_NAMES,), **SAMPLE_CONFIG_DEFAULTS)
 
 _QWEN_NOTES = (
     "Guidance is true CFG (`true_cfg_scale`) with the negative prompt; an empty negative is encoded, as ai-toolkit does. "
@@ -744,7 +802,9 @@ _MINIMAX_H3_NOTES = (
     "condition, video (1, 24, t, h, w), audio (1, 2, 32, a); raw Qwen3-VL prompt (hidden state 50, 512 caption "
     "tokens). Frames floored to 17n+5 (at least 22), 24 fps only, divisor 32. Defaults are ai-toolkit's UI preset "
     "(28 steps, guidance 1, 107 frames at 24 fps, 768x768). LoRAs: diffusion_model. + original names (fused QKV split, "
-    "SwiGLU halves swapped) or diffusers names."
+    "SwiGLU halves swapped) or diffusers names. Loads the bf16 originals (MiniMaxAI/MiniMax-H3) or, with "
+    "base=Comfy-Org/MiniMax-H3 or a folder of its files, the ComfyUI repack ai-toolkit loads by default (int8 "
+    "ConvRot transformer, pruned or full; nvfp4-AWQ 50-layer text encoder; renamed VAEs), dequantized at load."
 )
 MINIMAX_H3 = Preset(family="minimax_h3:MiniMaxH3FamilyPipeline", pipeline_class="MiniMaxH3ModularPipeline",
                     base="MiniMaxAI/MiniMax-H3", steps=28, guidance=1.0, width=768, height=768, divisor=32,
@@ -858,6 +918,16 @@ REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
            "Defaults are ai-toolkit's SD 1.5 "
            "preset (512x512, 30 steps, guidance 6). Kohya LoRAs (lora_unet_*, lora_te_*, LoCon convs) load with "
            "scale alpha/rank."),
+        SD("sd2", pipeline_class="StableDiffusionPipeline", base="stabilityai/stable-diffusion-2-1",
+           lora_components=("unet", "text_encoder"), tiny="stable_diffusion:build_sd2",
+           aitk_archs=(AitkArch("sd2"),), lora_signatures=(KOHYA_SD15,),
+           scheduler=SchedulerSpec("DDPMScheduler", SD15_DDPM), options=StableDiffusionOptions(v_prediction=True),
+           **SAMPLE_CONFIG_DEFAULTS,
+           notes="Sampled as SD 1.5: ai-toolkit's DDPM (steps_offset 1, stochastic), real CFG with the negative "
+           "prompt, safety checker off. v-prediction (the 768-pixel 2.x checkpoints) comes from the job's "
+           "model.is_v_pred only (ai-toolkit's default: false, epsilon); here the option `v_prediction`, default on "
+           "for stabilityai/stable-diffusion-2-1, and `reproduce` passes the job's flag. Kohya LoRAs (lora_unet_*, "
+           "lora_te_*) load with scale alpha/rank." + _LEGACY_DEFAULTS_NOTE),
         SD("sdxl", pipeline_class="StableDiffusionXLPipeline", base="stabilityai/stable-diffusion-xl-base-1.0",
            lora_components=("unet", "text_encoder", "text_encoder_2"), tiny="stable_diffusion:build_sdxl",
            aitk_archs=(AitkArch("sdxl"),), lora_signatures=(KOHYA_SDXL,),
@@ -865,6 +935,14 @@ REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
            "watermark off. An empty negative prompt is ENCODED as ai-toolkit does (diffusers' zeroed empty negative "
            "is switched off). Defaults are ai-toolkit's SDXL preset (1024x1024, 30 steps, guidance 6). Kohya LoRAs "
            "(lora_unet_*, lora_te1_*/lora_te2_*, LoCon convs) load with scale alpha/rank."),
+        SD("ssd", pipeline_class="StableDiffusionXLPipeline", base="segmind/SSD-1B",
+           lora_components=("unet", "text_encoder", "text_encoder_2"), tiny="stable_diffusion:build_ssd",
+           aitk_archs=(AitkArch("ssd"), AitkArch("sdxl", "ssd-1b")), lora_signatures=(KOHYA_SDXL,),
+           **SAMPLE_CONFIG_DEFAULTS, notes=_SEGMIND_NOTES.format("ssd", "ssd")),
+        SD("vega", pipeline_class="StableDiffusionXLPipeline", base="segmind/Segmind-Vega",
+           lora_components=("unet", "text_encoder", "text_encoder_2"), tiny="stable_diffusion:build_vega",
+           aitk_archs=(AitkArch("vega"), AitkArch("sdxl", "vega")), lora_signatures=(KOHYA_SDXL,),
+           **SAMPLE_CONFIG_DEFAULTS, notes=_SEGMIND_NOTES.format("vega", "vega")),
         QWEN("qwen_image", base="Qwen/Qwen-Image"),
         QWEN("qwen_image_2512", base="Qwen/Qwen-Image-2512", lora_mode="fused",
              aitk_archs=(AitkArch("qwen_image", "2512"),)),
@@ -1157,6 +1235,46 @@ REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
             "pixel area on the /32 grid (LANCZOS), encoded with the fixed-seed posterior, noised to t = 0.999, "
             "packed as its own block on its own rotary grid, and shown to the conditioner as <Picture i> at its own "
             "size. Reference videos and image_refs_as_video are not supported.",
+        ),
+        ModelSpec(
+            model_id="sd3", family="sd3:SD3FamilyPipeline", pipeline_class="StableDiffusion3Pipeline",
+            base="stabilityai/stable-diffusion-3.5-large", steps=25, guidance=4.0, divisor=16,
+            scheduler=_flow(SD_FLOWMATCH), tiny="sd3:build_sd3", aitk_archs=(AitkArch("sd3"),),
+            lora_signatures=(SD3_NAMES,),
+            notes="ai-toolkit's `flowmatch` sampler, as its SD 3.5 example samples: FlowMatch Euler on the pipeline's "
+            "linspace grid with NO shift (its sd_flow_config says 3.0, which its scheduler construction drops), real "
+            "CFG with the encoded negative (CLIP-L, CLIP-G, T5 up to 256 tokens, as the stock pipeline encodes them). "
+            "Divisor 16 (the pipeline rejects other sizes; ai-toolkit floors to 8 only). Defaults are ai-toolkit's "
+            "train_lora_sd35_large_24gb example (25 steps, guidance 4, 1024x1024). LoRAs: transformer. + diffusers "
+            "names (PEFT, no alpha: scale 1).",
+        ),
+        PIXART("pixart", pipeline_class="PixArtAlphaPipeline", base="PixArt-alpha/PixArt-XL-2-1024-MS",
+               tiny="pixart:build_pixart", aitk_archs=(AitkArch("pixart"),),
+               notes="ai-toolkit's `ddpm` sampler for PixArt (DDPM from its pixart_config: linear betas, linspace "
+               "spacing, clip_sample on; stochastic), real CFG with the encoded negative, T5 prompts padded to 120 "
+               "tokens, the text neither lowercased nor cleaned, the pipeline's aspect-ratio binning. ai-toolkit samples every PixArt "
+               "through PixArtSigmaPipeline, which gives this checkpoint no resolution/aspect micro-conditions and "
+               "fails on it; we use PixArtAlphaPipeline, which feeds them. Its `flowmatch` sampler falls back to "
+               "FLUX.1's dynamic config, which PixArt's pipelines cannot run (no mu). LoRAs: kohya-style "
+               "lora_transformer_* with alpha." + _LEGACY_DEFAULTS_NOTE,
+               ),
+        PIXART("pixart_sigma", pipeline_class="PixArtSigmaPipeline", base="PixArt-alpha/PixArt-Sigma-XL-2-1024-MS",
+               tiny="pixart:build_pixart_sigma",
+               aitk_archs=(AitkArch("pixart_sigma"),),
+               notes="As `pixart`, through PixArtSigmaPipeline with T5 prompts padded to 300 tokens, as ai-toolkit "
+               "samples it. In ai-toolkit 0.12.26 a job with `arch: pixart_sigma` fails to load (that arch falls "
+               "through to its SD 1.x loader); the working form is `arch: pixart` (or `is_pixart: true`) with "
+               "`is_pixart_sigma: true`, which `reproduce` maps here (without that flag ai-toolkit samples a Sigma "
+               "checkpoint as `pixart`, with 120-token prompts, and so does `reproduce`)." + _LEGACY_DEFAULTS_NOTE,
+               ),
+        ModelSpec(
+            model_id="auraflow", family="auraflow:AuraFlowFamilyPipeline", pipeline_class="AuraFlowPipeline",
+            base="fal/AuraFlow", divisor=16, scheduler=_flow(SD_FLOWMATCH), tiny="auraflow:build_auraflow",
+            aitk_archs=(AitkArch("auraflow"),), lora_signatures=(AURAFLOW_NAMES,), **SAMPLE_CONFIG_DEFAULTS,
+            notes="ai-toolkit's `flowmatch` sampler (the only one AuraFlow's pipeline can run): FlowMatch Euler on "
+            "the scheduler's linspace grid with NO shift (sd_flow_config's 3.0 is dropped, as for SD3), real CFG "
+            "with the encoded negative, UMT5 prompts padded to 256 tokens with padding zeroed. Divisor 16 (the "
+            "pipeline rejects other sizes). LoRAs: kohya-style lora_transformer_* with alpha." + _LEGACY_DEFAULTS_NOTE,
         ),
     ]
 )

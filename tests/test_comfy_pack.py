@@ -70,6 +70,15 @@ def test_base_source_local_folder(tiny_dir):
     assert info["kind"] == "local" and info["cached"] and info["bytes"] > 0
 
 
+def test_base_source_stops_counting_a_folder_that_is_no_model(monkeypatch, tmp_path):
+    for i in range(4):
+        (tmp_path / f"f{i}.bin").write_bytes(b"x" * 10)
+    assert core.base_source("flux", str(tmp_path))["bytes"] == 40
+    monkeypatch.setattr(core, "MAX_COUNTED_FILES", 3)
+    info = core.base_source("flux", str(tmp_path))
+    assert info["kind"] == "local" and info["bytes"] is None
+
+
 def test_base_source_hub_repo_not_downloaded_offline(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

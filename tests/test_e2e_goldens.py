@@ -32,6 +32,9 @@ E2E_GOLDEN = {model_id: model_id for model_id in (
     "flux", "flex1", "flux_kontext", "flex2", "sd15", "sdxl", "qwen_image", "qwen_image_2512", "zimage",
     "zimage_turbo", "zimage_deturbo", "lumina2", "wan21_1b", "wan21_14b", "wan21_i2v_14b", "wan21_i2v_14b480p",
     "wan22_14b_t2v", "wan22_14b_i2v", "wan22_5b", "cogview4", "ernie_image", "prx_pixel", "f_lite")}
+# the legacy archs: ssd / vega jobs use the legacy flags that work in ai-toolkit (is_xl with is_ssd / is_vega: arch
+# sdxl), pixart_sigma arch pixart with is_pixart_sigma (arch pixart_sigma fails to load there)
+E2E_GOLDEN.update({model_id: model_id for model_id in ("sd2", "ssd", "vega", "pixart", "pixart_sigma", "sd3", "auraflow")})
 
 FLUX2_REASON = ("not made: ai-toolkit builds its own BFL-layout Flux2 transformer at the released sizes "
                 "(get_flux2_params) and loads a single BFL-format file, so a tiny diffusers folder cannot stand in")

@@ -34,6 +34,9 @@ FUSED_VS_DYNAMIC_ATOL = 1e-4
 FUSED_VS_DYNAMIC_ATOL_BY_ID = {"hidream_o1": 2**-8}
 #: image i of a batch vs the single image of seed + i: batched kernels round differently
 BATCH_ATOL = 1e-5
+#: ai-toolkit's PixArt DDPM starts at t = 999, where x0 = (x - sqrt(1 - ab) eps) / sqrt(ab) multiplies the batched
+#: kernels' rounding of eps (5e-7) by 1 / sqrt(ab_999) = 150; the largest difference seen is 4e-5
+BATCH_ATOL_BY_ID = {"pixart": 1e-4, "pixart_sigma": 1e-4}
 
 
 def _control_image(size=80):
@@ -193,7 +196,8 @@ def test_each_image_of_a_batch_is_the_single_image_of_its_seed(family):
             singles = [family.run(seed=seed + i, **inputs) for i in range(3)]
         assert all(len(part) == 3 for part in batch)
         for i, single in enumerate(singles):
-            assert max_difference(tuple(part[i:i + 1] for part in batch), single) <= BATCH_ATOL, (count, i)
+            atol = BATCH_ATOL_BY_ID.get(family.model_id, BATCH_ATOL)
+            assert max_difference(tuple(part[i:i + 1] for part in batch), single) <= atol, (count, i)
         assert max_difference(tuple(part[1:2] for part in batch), singles[0]) > CHANGED
 
 

@@ -120,7 +120,7 @@ def test_import_is_light_and_classic_without_comfy_api():
         " [k for k in ('torch', 'diffusers', 'transformers') if k in sys.modules])\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-    assert out == "['AITKApplyLoRA', 'AITKLoadPipeline', 'AITKSample'] False []"
+    assert out == "['AITKApplyLoRA', 'AITKJobPreviews', 'AITKLoadPipeline', 'AITKSample', 'AITKTrainingJob'] False []"
 
 
 def test_schemas(pack):
@@ -128,7 +128,8 @@ def test_schemas(pack):
 
     mappings, names = pack.NODE_CLASS_MAPPINGS, pack.NODE_DISPLAY_NAME_MAPPINGS
     assert names == {"AITKLoadPipeline": "Load AITK Pipeline", "AITKApplyLoRA": "Apply AITK LoRA",
-                     "AITKSample": "AITK Sample"}
+                     "AITKSample": "AITK Sample", "AITKTrainingJob": "AITK Training Job",
+                     "AITKJobPreviews": "AITK Job Previews"}
     expected = {
         # attention, quantize and base_file came later: optional, so that older saved workflows still load
         "AITKLoadPipeline": (["model", "base", "dtype", "offload", "device", "lora_mode", "compile"],
@@ -138,6 +139,8 @@ def test_schemas(pack):
                         "batch_size"], ["control_image", "control_image_2", "control_image_3", "num_frames", "fps",
                                        "vae_tiling", "options"],
                        ("IMAGE", "INT", "INT", "INT", "FLOAT", "AUDIO")),
+        "AITKTrainingJob": (["job_folder", "base", "dtype", "device"], [], ("AITK_JOB", "STRING")),
+        "AITKJobPreviews": (["job", "checkpoints", "strengths"], ["prompts"], ("IMAGE",)),
     }
     for node_id, (required, optional, returns) in expected.items():
         cls = mappings[node_id]
@@ -303,7 +306,10 @@ def test_example_workflows_match_schema(pack):
             assert nodes[src]["outputs"][src_slot]["type"] == kind and link_id in nodes[src]["outputs"][src_slot]["links"]
             assert nodes[dst]["inputs"][dst_slot]["link"] == link_id
         types_ = [node["type"] for node in on_disk["nodes"]]
-        assert {"AITKLoadPipeline", "AITKApplyLoRA", "AITKSample"} <= set(types_)
+        if name == workflows.JOB_GRID_NAME:
+            assert {"AITKTrainingJob", "AITKJobPreviews", "SaveImage"} <= set(types_)
+        else:
+            assert {"AITKLoadPipeline", "AITKApplyLoRA", "AITKSample"} <= set(types_)
 
 
 def test_video_models_give_frames_fps_and_audio(core, tiny_dir):

@@ -32,6 +32,7 @@ SCHEDULER_GOLDEN = {
     "nucleus_image": "nucleus_image",
     "prx_pixel": "prx_pixel",
     "anima": "anima",
+    "sd3": "sd3", "auraflow": "auraflow",
 }
 NO_SCHEDULER_GOLDEN = {
     **dict.fromkeys(
@@ -42,6 +43,10 @@ NO_SCHEDULER_GOLDEN = {
             "test_stable_diffusion.py",
     "sdxl": "schedulers.json records the flow-matching families only; SDXL's DDPM config and timesteps are checked in "
             "test_stable_diffusion.py",
+    **dict.fromkeys(
+        ("sd2", "ssd", "vega", "pixart", "pixart_sigma"),
+        "schedulers.json records the flow-matching families only; the DDPM config and timesteps of ai-toolkit's sample "
+        "path (goldens/legacy/schedules.json) are compared in test_legacy.py"),
     "omnigen2": "no OmniGen2 entry in schedulers.json; its own Euler with the resolution-dependent shift is checked "
                 "against the formula in test_omnigen2.py",
     "wan22_14b_t2v": "schedulers.json's wan21 entry has shift 3.0, Wan 2.2 samples with shift 5.0; checked against "
@@ -99,7 +104,9 @@ NO_SCHEDULER_GOLDEN = {
 }
 # Where ai-toolkit's scheduler object samples with another shift than its recorded config states: id -> golden file
 # with that object's state (MANIFEST §6).
-SCHEDULER_STATE_GOLDEN = {"lumina2": "lumina2_scheduler_state.json"}
+SCHEDULER_STATE_GOLDEN = {"lumina2": "lumina2_scheduler_state.json",
+                          "sd3": "legacy/flowmatch_scheduler_state.json",
+                          "auraflow": "legacy/flowmatch_scheduler_state.json"}
 # Z-Image's pipeline builds its sigmas with a float32 torch.linspace; allow one float32 rounding there.
 FLOAT32_LINSPACE_ATOL = {"zimage": 1e-6}
 
@@ -108,6 +115,7 @@ NOISE_GOLDEN = {
     "flux": "flux1", "flex1": "flux1", "flux_kontext": "flux1", "flex2": "flux1", "chroma": "flux1",
     "flux2": "flux2", "flux2_diffusers": "flux2", "flux2_klein_4b": "flux2", "flux2_klein_9b": "flux2",
     "cogview4": "flux1",  # ai-toolkit's CogView4 draw is FLUX.1's unpacked float32 draw (MANIFEST §4)
+    "sd3": "flux1",  # SD3's (1, 16, H/8, W/8) draw is FLUX.1's unpacked float32 draw (MANIFEST "legacy")
 }
 NO_NOISE_GOLDEN = dict.fromkeys(
     ("sd15", "sdxl", "qwen_image", "qwen_image_2512", "qwen_image_edit", "qwen_image_edit_plus",
@@ -187,6 +195,11 @@ NO_NOISE_GOLDEN.update(dict.fromkeys(
     ("ace_step_15", "ace_step_15_xl"),
     "audio: a (1, 25 * duration, 64) draw in the model dtype, a layout initial_noise.safetensors does not hold; "
     "test_ace_step.py compares the seed-42 draw with the first transformer input of ai-toolkit's own preview"))
+NO_NOISE_GOLDEN.update(dict.fromkeys(
+    ("sd2", "ssd", "vega", "auraflow", "pixart", "pixart_sigma"),
+    "4-channel SD-VAE latents (PixArt's at its aspect-ratio bin), a layout initial_noise.safetensors does not hold; "
+    "ai-toolkit's seed-42 draws (goldens/legacy/initial_noise.safetensors) are compared in test_legacy.py",
+))
 NOISE_SIZES = [(64, 64), (512, 768)]  # (W, H) as in the golden keys
 
 # ai-toolkit's size floor per family (ai-toolkit.md §2.2; 8 = only GenerateImageConfig's floor).
@@ -213,8 +226,13 @@ AITK_DIVISOR = {
     "mageflow": 16, "mageflow_edit": 16,
     # audio only: ai-toolkit's sampler never reads the sample size (GenerateImageConfig's floor is all that applies)
     "ace_step_15": 8, "ace_step_15_xl": 8,
+    # the legacy StableDiffusion class floors sample sizes to 8 only (GenerateImageConfig)
+    "sd2": 8, "ssd": 8, "vega": 8, "pixart": 8, "pixart_sigma": 8,
 }
 NO_DIVISOR_GOLDEN = {
+    **dict.fromkeys(("sd3", "auraflow"), "ai-toolkit floors to 8 only and the pipeline rejects sizes that are not "
+                    "multiples of 16, so there is no floor of ai-toolkit's to compare; divisor 16 keeps every size it "
+                    "can sample"),
     "lumina2": "ai-toolkit.md §2.2 gives Lumina2's floor as the pipeline default, unverified",
     "hidream_e1": "ai-toolkit.md §2.2 has no HiDream-E1 row",
     "cogview4": "ai-toolkit floors to 8 only and CogView4Pipeline rejects sizes that are not multiples of 16, so there "

@@ -98,8 +98,8 @@ def test_every_arch_has_one_default_and_unknown_archs_are_refused():
     for arch in aitk_arch_names():
         defaults = [s.model_id for s in REGISTRY.values() for a in s.aitk_archs if a == AitkArch(arch)]
         assert len(defaults) == 1, (arch, defaults)
-    with pytest.raises(ValueError, match="model.arch 'sd3' has no aitk-inference model; known archs: .*flux"):
-        model_id_for_arch("sd3")
+    with pytest.raises(ValueError, match="model.arch 'no_such_arch' has no aitk-inference model; known archs: .*flux"):
+        model_id_for_arch("no_such_arch")
 
 
 def test_uses_negative_follows_the_guidance():
@@ -108,7 +108,8 @@ def test_uses_negative_follows_the_guidance():
     assert turbo.guidance == 1.0 and not turbo.uses_negative
     assert turbo.negative_has_effect(4.0)
     assert not get_spec("flux").negative_has_effect(4.0)  # guidance-distilled
-    assert not get_spec("chroma").negative_has_effect(4.0)  # its unconditional prompt is empty
+    assert get_spec("chroma").negative_has_effect(4.0) and not get_spec("chroma").negative_has_effect(1.0)
+    assert not get_spec("ideogram4").negative_has_effect(4.0)  # its unconditional pass is an empty prompt
     assert get_spec("sdxl").uses_negative and not get_spec("sdxl").negative_has_effect(1.0)
 
 

@@ -173,8 +173,8 @@ def test_job_parsing_rules(tmp_path):
     assert model_id_for_job({"arch": "flux:bf16", "name_or_path": "ostris/Flex.1-alpha"}) == "flex1"
     assert model_id_for_job({"is_flux": True}) == "flux"
     assert model_id_for_job({"arch": "zimage", "name_or_path": "Tongyi-MAI/Z-Image-Turbo"}) == "zimage_turbo"
-    with pytest.raises(ValueError, match="model.arch 'pixart'"):
-        model_id_for_job({"arch": "pixart"})
+    with pytest.raises(ValueError, match="model.arch 'no_such_arch'"):
+        model_id_for_job({"arch": "no_such_arch"})
 
     (tmp_path / "models" / "base").mkdir(parents=True)
     assert resolve_job_path("models/base", str(tmp_path)) == str(tmp_path / "models" / "base")

@@ -17,6 +17,10 @@ G (Kronecker powers of the 4x4 regular Hadamard, scaled to be orthonormal; it is
 quantized per row. Without ``convrot`` (and for embeddings) the rows are plain per-row int8. We dequantize to the model
 dtype: ``rotate(int8 * scale)``. ai-toolkit's GPU sampling instead keeps the int8 codes and also quantizes the
 activations per token (W8A8, ``toolkit/util/convrot_quant.py``); that rounding is not reproduced.
+
+The dequantizer and :func:`build_module` are shared with MiniMax-H3's ComfyUI files (``minimax_h3_comfy``), whose
+text encoder also uses ComfyUI's ``nvfp4`` format (:func:`dequantize_nvfp4`); each family names the formats its
+publisher ships, and any other is refused.
 """
 
 from __future__ import annotations
@@ -27,8 +31,9 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-#: ComfyUI quantization formats we can dequantize
+#: ComfyUI quantization formats we can dequantize (LTX-2.5 ships int8 only; MiniMax-H3 also nvfp4)
 INT8_FORMAT = "int8_tensorwise"
+NVFP4_FORMAT = "nvfp4"
 
 # ----------------------------------------------------------------------------------------- full-size configs (2.5)
 # The numbers of ai-toolkit's convert_ltx2_to_diffusers.py for version "2.5" (the 2.3 configs; the transformer has no
@@ -203,40 +208,94 @@ def dequantize_int8_rows(codes, scales, rotation: int):
     return weight.to(torch.float32)
 
 
-def dequantize_comfy_layers(state_dict: dict, embeddings: tuple[str, ...]) -> dict:
+#: the values of the 16 fp4 (e2m1) codes: bit 3 is the sign, bits 0-2 index the magnitudes
+E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+NVFP4_BLOCK = 16
+
+
+def unswizzle_block_scales(scales, rows: int, blocks: int):
+    """nvfp4 block scales stored in cuBLAS' swizzled tile layout -> a row-major ``(rows, blocks)`` matrix. The
+    stored matrix is padded to 128-row x 4-column tiles; within a tile, row ``32 a + b`` and column ``c`` lie at
+    ``16 b + 4 a + c``, tiles in row-major order."""
+    row_tiles, column_tiles = -(-rows // 128), -(-blocks // 4)
+    tiles = scales.reshape(row_tiles, column_tiles, 32, 4, 4)  # [tile row, tile column, b, a, c]
+    return tiles.permute(0, 3, 2, 1, 4).reshape(row_tiles * 128, column_tiles * 4)[:rows, :blocks]
+
+
+def dequantize_nvfp4(packed, block_scales, tensor_scale, in_features: int, input_scale=None):
+    """ComfyUI's ``nvfp4`` weight -> float32: fp4 (e2m1) codes packed two per byte, the first of each pair in the
+    high nibble; one e4m3 scale per 16 inputs (swizzled, :func:`unswizzle_block_scales`) times the float32
+    per-tensor ``weight_scale_2``. An AWQ ``pre_quant_scale`` (multiplying the input) is folded into the columns."""
+    import torch
+
+    rows = packed.shape[0]
+    codes = torch.stack([packed >> 4, packed & 15], dim=-1).reshape(rows, in_features).long()
+    magnitudes = torch.tensor(E2M1_MAGNITUDES, dtype=torch.float32)[codes & 7]
+    values = torch.where(codes >= 8, -magnitudes, magnitudes)
+    if block_scales.dtype != torch.float8_e4m3fn:
+        block_scales = block_scales.view(torch.float8_e4m3fn)
+    scales = unswizzle_block_scales(block_scales.flatten(), rows, in_features // NVFP4_BLOCK).float()
+    weight = values.reshape(rows, -1, NVFP4_BLOCK) * (scales * tensor_scale.float().reshape(())).unsqueeze(-1)
+    weight = weight.reshape(rows, in_features)
+    return weight if input_scale is None else weight * input_scale.float().reshape(1, -1)
+
+
+def _dequantize_int8(layer: str, config: dict, state_dict: dict, embeddings: tuple[str, ...]):
+    rotation = int(config.get("convrot_groupsize", 256)) if config.get("convrot") and layer not in embeddings else 1
+    return dequantize_int8_rows(state_dict[f"{layer}.weight"], state_dict.pop(f"{layer}.weight_scale"), rotation)
+
+
+def _dequantize_nvfp4(layer: str, config: dict, state_dict: dict, embeddings: tuple[str, ...]):
+    packed = state_dict[f"{layer}.weight"]
+    return dequantize_nvfp4(packed, state_dict.pop(f"{layer}.weight_scale"), state_dict.pop(f"{layer}.weight_scale_2"),
+                            packed.shape[1] * 2, state_dict.pop(f"{layer}.pre_quant_scale", None))
+
+
+#: ComfyUI quantization formats -> how a layer of that format is dequantized
+DEQUANTIZERS = {INT8_FORMAT: _dequantize_int8, NVFP4_FORMAT: _dequantize_nvfp4}
+
+
+def dequantize_comfy_layers(state_dict: dict, embeddings: tuple[str, ...], formats: tuple[str, ...] = (INT8_FORMAT,)
+                            ) -> dict:
     """Replace every ComfyUI-quantized layer of ``state_dict`` by its float32 weight (bias and other keys kept).
-    ``embeddings``: layer names that are embedding tables (per-row int8, never rotated)."""
+    ``embeddings``: layer names that are embedding tables (per-row int8, never rotated); ``formats``: the formats the
+    caller's publisher ships (others are refused)."""
     state_dict = dict(state_dict)
     for marker in [k for k in state_dict if k.endswith(".comfy_quant")]:
         layer = marker[: -len(".comfy_quant")]
         config = json.loads(bytes(state_dict.pop(marker).tolist()).decode("utf-8"))
-        if config.get("format") != INT8_FORMAT:
+        if config.get("format") not in formats:
             raise ValueError(f"{layer}: ComfyUI quantization {config.get('format')!r} is not supported (only "
-                             f"{INT8_FORMAT}, with or without ConvRot); use the int8 ConvRot or the bf16 file.")
-        rotation = int(config.get("convrot_groupsize", 256)) if config.get("convrot") and layer not in embeddings else 1
-        state_dict[f"{layer}.weight"] = dequantize_int8_rows(
-            state_dict[f"{layer}.weight"], state_dict.pop(f"{layer}.weight_scale"), rotation)
-        state_dict.pop(f"{layer}.input_scale", None)  # activation calibration, unused without W8A8
+                             f"{', '.join(formats)}); use the publisher's quantized files or the bf16 ones.")
+        state_dict[f"{layer}.weight"] = DEQUANTIZERS[config["format"]](layer, config, state_dict, embeddings)
+        state_dict.pop(f"{layer}.input_scale", None)  # activation calibration, unused without quantized activations
     return state_dict
 
 
 # ------------------------------------------------------------------------------------------------------- loading
-def _build(cls, config: Mapping[str, Any], state_dict: dict, dtype, name: str):
+def build_module(cls, config: Mapping[str, Any], state_dict: dict, dtype, name: str,
+                 formats: tuple[str, ...] = (INT8_FORMAT,), family: str = "LTX-2.5", repo: str = "Lightricks/LTX-2.5",
+                 keep_in_fp32: tuple[str, ...] = (), keep_stored_dtype: tuple[str, ...] = ()):
     """``cls`` from ``config`` on the meta device, then every parameter from ``state_dict`` (ComfyUI-quantized layers
-    dequantized; strict)."""
+    of ``formats`` dequantized; strict: a missing or an unknown key is an error naming ``repo``). Floating tensors
+    load in ``dtype``, those whose name contains one of ``keep_in_fp32`` in float32, those whose name starts with one of
+    ``keep_stored_dtype`` (and were not quantized) in the file's own dtype."""
     import torch
     from accelerate import init_empty_weights
 
     with init_empty_weights():
         module = cls.from_config(dict(config)) if hasattr(cls, "from_config") else cls(config)
     embeddings = tuple(n for n, m in module.named_modules() if isinstance(m, torch.nn.Embedding))
-    state_dict = dequantize_comfy_layers(state_dict, embeddings)
+    stored = {k for k, v in state_dict.items() if k.startswith(keep_stored_dtype) and v.is_floating_point()}
+    state_dict = dequantize_comfy_layers(state_dict, embeddings, formats)
     expected = set(module.state_dict())
     missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
     if missing or unexpected:
-        raise ValueError(f"LTX-2.5 {name}: the file does not match the model (missing {missing[:5]}, unexpected "
-                         f"{unexpected[:5]}); is it the {name} file of Lightricks/LTX-2.5?")
-    state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+        raise ValueError(f"{family} {name}: the file does not match the model (missing {missing[:5]}, unexpected "
+                         f"{unexpected[:5]}); is it the {name} file of {repo}?")
+    state_dict = {k: v if k in stored or not v.is_floating_point() else
+                  v.to(torch.float32 if any(name in k for name in keep_in_fp32) else dtype)
+                  for k, v in state_dict.items()}
     module.load_state_dict(state_dict, strict=True, assign=True)
     return module.eval().requires_grad_(False)
 
@@ -260,8 +319,8 @@ def load_transformer_and_connectors(transformer_file: str, text_encoder_file: st
             connectors_sd[connector_key(key)] = value
         elif not key.startswith(TRANSFORMER_UNUSED):
             transformer_sd[transformer_key(key)] = value
-    transformer = _build(LTX2VideoTransformer3DModel, transformer_config, transformer_sd, dtype, "transformer")
-    connectors = _build(LTX2TextConnectors, connectors_config, connectors_sd, dtype, "connectors")
+    transformer = build_module(LTX2VideoTransformer3DModel, transformer_config, transformer_sd, dtype, "transformer")
+    connectors = build_module(LTX2TextConnectors, connectors_config, connectors_sd, dtype, "connectors")
     return transformer, connectors
 
 
@@ -279,7 +338,7 @@ def load_gemma4_text_encoder(text_encoder_file: str, dtype):
         raise ValueError(f"{text_encoder_file}: no 'gemma_config' in the file's metadata; give the Gemma-4 text "
                          "encoder file of Lightricks/LTX-2.5 (text_encoders/gemma4-12b-with-proj-...).")
     text_config = {k: v for k, v in json.loads(metadata["gemma_config"])["text_config"].items() if k != "dtype"}
-    return _build(lambda config: Gemma4TextModel(Gemma4TextConfig(**config)), text_config,
+    return build_module(lambda config: Gemma4TextModel(Gemma4TextConfig(**config)), text_config,
                   _strip(load_file(text_encoder_file), "model."), dtype, "text encoder")
 
 
@@ -316,7 +375,7 @@ def load_video_vae(path: str, dtype, config):
     original = _strip(original, "vae.") or original
     levels = len(config["block_out_channels"])
     state_dict = {video_vae_key(k, levels): v for k, v in original.items() if not k.startswith(VAE_UNUSED)}
-    return _build(AutoencoderKLLTX2Video, config, state_dict, dtype, "video VAE")
+    return build_module(AutoencoderKLLTX2Video, config, state_dict, dtype, "video VAE")
 
 
 def load_audio_vae_and_vocoder(path: str, dtype, audio_vae_config, vocoder_config):
@@ -325,9 +384,9 @@ def load_audio_vae_and_vocoder(path: str, dtype, audio_vae_config, vocoder_confi
     from safetensors.torch import load_file
 
     original = load_file(path)
-    audio_vae = _build(AutoencoderKLLTX2Audio, audio_vae_config,
+    audio_vae = build_module(AutoencoderKLLTX2Audio, audio_vae_config,
                        {audio_vae_key(k): v for k, v in _strip(original, "audio_vae.").items()}, dtype, "audio VAE")
-    vocoder = _build(LTX2VocoderWithBWE, vocoder_config,
+    vocoder = build_module(LTX2VocoderWithBWE, vocoder_config,
                      {vocoder_key(k): v for k, v in _strip(original, "vocoder.").items()}, dtype, "vocoder")
     return audio_vae, vocoder
 
@@ -341,7 +400,8 @@ def is_comfy_source(source: str, base: str) -> bool:
     return not os.path.exists(source) and source == base
 
 
-def locate_files(source: str, files: Mapping[str, str]) -> dict:
+def locate_files(source: str, files: Mapping[str, str], family: str = "LTX-2.5", repo: str = "Lightricks/LTX-2.5"
+                 ) -> dict:
     """Each file of ``files`` (component -> path in the repo): from the hub repo ``source``, or in the folder
     ``source`` at that path, at its bare name, or anywhere below (a ComfyUI ``models`` folder works)."""
     if not os.path.isdir(source):
@@ -357,8 +417,8 @@ def locate_files(source: str, files: Mapping[str, str]) -> dict:
         if found[component] is None:
             missing.append(path)
     if missing:
-        raise FileNotFoundError(f"{source!r} lacks the LTX-2.5 ComfyUI file(s) {missing}; download them from "
-                                "Lightricks/LTX-2.5 into it, or give a diffusers folder.")
+        raise FileNotFoundError(f"{source!r} lacks the {family} ComfyUI file(s) {missing}; download them from "
+                                f"{repo} into it, or give a diffusers folder.")
     return found
 
 

@@ -44,6 +44,10 @@ LoRAs: ai-toolkit saves ``diffusion_model.`` + the original checkpoint's module 
 ``mlp.fc1`` as ``[gate; value]``...). :func:`minimax_h3_original_to_diffusers` renames them onto diffusers' modules,
 splitting the fused QKV and swapping the SwiGLU halves; diffusers names pass through.
 
+Weights: the bf16 originals (``MiniMaxAI/MiniMax-H3``, diffusers' modular layout), or the ComfyUI repack ai-toolkit
+loads by default (``Comfy-Org/MiniMax-H3``: int8 ConvRot transformer, full or pruned; nvfp4-AWQ 50-layer text stack;
+VAEs under other names), read and dequantized by ``minimax_h3_comfy``.
+
 Progress: ``progress(step, total)`` after every denoising step (raising from it interrupts).
 """
 
@@ -72,6 +76,7 @@ from diffusers.modular_pipelines.modular_pipeline_utils import ComponentSpec, In
 from ..base import AITKPipeline, GenerationParams
 from ..lora.convert import ConvertedLora, ModulePatch, join_patch_rows, rename_patches, split_patch_rows
 from ..registry import MINIMAX_H3_AUDIO_SHIFT, MINIMAX_H3_VIDEO_SHIFT
+from .minimax_h3_comfy import is_comfy_source, is_truncated_text_encoder, load_comfy_components
 from .modular import StepEndBlock, block_errors_not_echoed, disable_progress_bars
 from .nucleus_image import Qwen3VLTextProcessor
 
@@ -167,11 +172,12 @@ class MiniMaxH3AitkTextEncoderStep(ModularPipelineBlocks):
         token_tags += [components.text_tag] * len(caption)
         if not token_ids:
             token_ids, token_tags = [tokenizer.pad_token_id or 0], [components.text_tag]
+        # the ComfyUI text stack stops at that layer, without the final norm: its last hidden state is the one
+        layer = -1 if is_truncated_text_encoder(components.text_encoder) else components.text_encoder_layer
         with torch.no_grad():
             block_state.prompt_embeds = get_qwen3vl_prompt_embeds(
-                components.text_encoder, processor, token_ids, vision_inputs,
-                text_encoder_layer=components.text_encoder_layer, device=components._execution_device,
-                dtype=block_state.dtype)
+                components.text_encoder, processor, token_ids, vision_inputs, text_encoder_layer=layer,
+                device=components._execution_device, dtype=block_state.dtype)
         block_state.text_token_tags = torch.tensor(token_tags, dtype=torch.long)
         self.set_block_state(state, block_state)
         return components, state
@@ -421,22 +427,24 @@ class MiniMaxH3FamilyPipeline(AITKPipeline):
 
     @classmethod
     def load_diffusers_pipeline(cls, spec, source, torch_dtype, **overrides):
-        """The modular pipeline of :class:`MiniMaxH3AitkBlocks` with the checkpoint's components, and the two
+        """The modular pipeline of :class:`MiniMaxH3AitkBlocks` with the checkpoint's components (the bf16 repo's
+        modular layout, or the ComfyUI files of ``Comfy-Org/MiniMax-H3``: ``minimax_h3_comfy``), and the two
         schedulers ai-toolkit samples with (video shift 12, audio shift 3). The audio VAE stays float32, as
         ai-toolkit keeps it."""
         import torch
         from diffusers import MiniMaxH3Scheduler
 
-        if os.path.exists(source) and not os.path.isfile(os.path.join(source, "modular_model_index.json")):
-            raise FileNotFoundError(f"{source!r} is not a MiniMax-H3 modular pipeline folder (no "
-                                    f"modular_model_index.json). Give a snapshot of {spec.base}, or the hub repo id.")
-        pipe = cls.blocks().init_pipeline(source)
-        local = {"pretrained_model_name_or_path": source} if os.path.isdir(source) else {}
-        names = [cls.denoiser, "vae", "audio_vae", "text_encoder", "tokenizer"]
-        pipe.load_components(names=names, dtype={"audio_vae": torch.float32, "default": torch_dtype}, **local)
-        # the checkpoint's processor folder, without the video processor (which needs torchvision)
-        pipe.update_components(processor=Qwen3VLTextProcessor.from_pretrained(source, subfolder="processor"))
-        missing = [name for name in [*names, "processor"] if getattr(pipe, name, None) is None]
+        pipe = cls.blocks().init_pipeline(None if is_comfy_source(source) else source)
+        if is_comfy_source(source):
+            pipe.update_components(**load_comfy_components(source, spec.base, cls.denoiser, torch_dtype))
+        else:
+            local = {"pretrained_model_name_or_path": source} if os.path.isdir(source) else {}
+            names = [cls.denoiser, "vae", "audio_vae", "text_encoder", "tokenizer"]
+            pipe.load_components(names=names, dtype={"audio_vae": torch.float32, "default": torch_dtype}, **local)
+            # the checkpoint's processor folder, without the video processor (which needs torchvision)
+            pipe.update_components(processor=Qwen3VLTextProcessor.from_pretrained(source, subfolder="processor"))
+        missing = [name for name in [cls.denoiser, "vae", "audio_vae", "text_encoder", "tokenizer", "processor"]
+                   if getattr(pipe, name, None) is None]
         if missing:
             raise ValueError(f"{source!r}: the MiniMax-H3 components {missing} could not be loaded (see the log above).")
         pipe.update_components(scheduler=MiniMaxH3Scheduler(shift=MINIMAX_H3_VIDEO_SHIFT),

@@ -1,4 +1,5 @@
-"""SD 1.5 and SDXL: diffusers ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` as ai-toolkit samples them.
+"""SD 1.5, SD 2 and SDXL (with its distilled SSD-1B and Segmind-Vega): diffusers ``StableDiffusionPipeline`` /
+``StableDiffusionXLPipeline`` as ai-toolkit samples them.
 
 What ai-toolkit does here (``toolkit/stable_diffusion_model.py`` generate_images), and so do we:
 
@@ -16,7 +17,12 @@ What ai-toolkit does here (``toolkit/stable_diffusion_model.py`` generate_images
   second keeps the job's ``neg`` (``reproduce`` passes it as ``negative_2``), often ``""``; the stock pipeline cannot
   give an empty negative to the second encoder only, so we encode the two halves ourselves;
 * SDXL: ``guidance_rescale`` from the job's ``sample.guidance_rescale`` or ``--gr`` (default 0), no invisible
-  watermark; SD 1.5: no safety checker, and neither option.
+  watermark; SD 1.5 / 2: no safety checker, and neither option;
+* SD 2: the scheduler's prediction type is v (``v_prediction``) exactly when the job says ``model.is_v_pred: true``;
+  ai-toolkit never reads it from the checkpoint (default epsilon), so the option ``v_prediction`` (the registry's
+  default: the base checkpoint's own) is what a job's flag sets in ``reproduce``;
+* SSD-1B and Segmind-Vega are sampled as SDXL (ai-toolkit loads them through its SDXL branch; in 0.12.26 only jobs
+  whose flags resolve to arch ``sdxl`` sample them, see the registry notes).
 
 LoRAs are kohya files (``lora_unet_*``, ``lora_te_*`` / ``lora_te1_*`` / ``lora_te2_*``, ``.alpha``); the generic
 converter resolves their flattened names against the UNet's and text encoders' module names.
@@ -27,16 +33,18 @@ from __future__ import annotations
 import math
 
 from ..base import AITKPipeline, GenerationParams
-from ..registry import ModelSpec
+from ..registry import ModelSpec, StableDiffusionOptions
 
 SDXL_GUIDANCE_RESCALE = 0.0  # ai-toolkit's sample.guidance_rescale default
 SDXL_SAMPLE_OPTIONS = ("negative_2", "guidance_rescale")
+V_PREDICTION_OPTION = "v_prediction"
 
 
 class StableDiffusionFamilyPipeline(AITKPipeline):
-    """``sd15`` and ``sdxl``."""
+    """``sd15``, ``sd2``, ``sdxl``, ``ssd`` and ``vega``."""
 
     denoiser = "unet"
+    options_type = StableDiffusionOptions
 
     @property
     def is_xl(self) -> bool:
@@ -45,6 +53,16 @@ class StableDiffusionFamilyPipeline(AITKPipeline):
     @property
     def sample_options(self) -> tuple[str, ...]:
         return SDXL_SAMPLE_OPTIONS if self.is_xl else ()
+
+    @property
+    def generation_options(self) -> tuple[str, ...]:
+        """The ``generate()`` options: the sample options, and ``v_prediction`` for an id with that option."""
+        return self.sample_options + ((V_PREDICTION_OPTION,) if self.spec.options is not None else ())
+
+    def job_options(self, model_config: dict) -> dict:
+        if self.spec.options is None:
+            return {}
+        return {V_PREDICTION_OPTION: bool(model_config.get("is_v_pred", False))}
 
     @classmethod
     def load_diffusers_pipeline(cls, spec: ModelSpec, source: str, torch_dtype, **overrides):
@@ -57,10 +75,12 @@ class StableDiffusionFamilyPipeline(AITKPipeline):
         )
 
     def check_inputs(self, params: GenerationParams) -> None:
-        unknown = sorted(set(params.extra) - set(self.sample_options))
+        unknown = sorted(set(params.extra) - set(self.generation_options))
         if unknown:
-            takes = f"it takes {list(self.sample_options)}" if self.sample_options else "it takes none"
+            takes = f"it takes {list(self.generation_options)}" if self.generation_options else "it takes none"
             raise ValueError(f"Unknown generation option(s) for {self.spec.model_id}: {unknown}; {takes}.")
+        if not isinstance(params.extra.get(V_PREDICTION_OPTION, False), bool):
+            raise ValueError(f"`v_prediction` must be true or false, got {params.extra[V_PREDICTION_OPTION]!r}.")
         negative_2 = params.extra.get("negative_2")
         if negative_2 is not None and not isinstance(negative_2, str):
             raise ValueError(f"`negative_2` must be a string, got {type(negative_2).__name__}.")
@@ -70,6 +90,9 @@ class StableDiffusionFamilyPipeline(AITKPipeline):
             raise ValueError(f"`guidance_rescale` must be a number in 0..1, got {rescale!r}.")
 
     def pipeline_kwargs(self, params: GenerationParams) -> dict:
+        if self.spec.options is not None:
+            v_prediction = params.extra.get(V_PREDICTION_OPTION, self.spec.options.v_prediction)
+            self.pipe.scheduler.register_to_config(prediction_type="v_prediction" if v_prediction else "epsilon")
         kwargs = self.prompt_call(params)
         if self.is_xl:
             negative_2 = params.extra.get("negative_2")

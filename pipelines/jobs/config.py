@@ -158,6 +158,12 @@ def training_process(data: dict, path: str) -> dict:
     raise ValueError(f"{path!r}: no process has a `sample` section, so the job made no previews to reproduce.")
 
 
+# ai-toolkit's ModelConfig: the arch a job without `arch` gets from its legacy flags, the first set flag in this order.
+_LEGACY_ARCH_FLAGS = (("is_v2", "sd2"), ("is_v3", "sd3"), ("is_xl", "sdxl"), ("is_pixart", "pixart"),
+                      ("is_pixart_sigma", "pixart_sigma"), ("is_auraflow", "auraflow"), ("is_lumina2", "lumina2"),
+                      ("is_vega", "vega"), ("is_ssd", "ssd"))
+
+
 def model_id_for_job(model_cfg: dict) -> str:
     """Map a job's ``model`` section (``arch``, legacy ``is_flux``/``is_xl`` flags, ``name_or_path``) to a model id."""
     arch = model_cfg.get("arch")
@@ -168,12 +174,11 @@ def model_id_for_job(model_cfg: dict) -> str:
             arch = arch.split(":")[0]
     elif model_cfg.get("is_flux"):
         arch = "flux"
-    elif model_cfg.get("is_xl"):
-        arch = "sdxl"
-    elif model_cfg.get("is_v2") or model_cfg.get("is_v3") or model_cfg.get("is_pixart") or model_cfg.get("is_auraflow"):
-        raise ValueError("This job's model (SD2/SD3/PixArt/AuraFlow) is not a family aitk-inference runs.")
     else:
-        arch = "sd1"
+        arch = next((arch for flag, arch in _LEGACY_ARCH_FLAGS if model_cfg.get(flag)), "sd1")
+    if arch == "pixart" and model_cfg.get("is_pixart_sigma"):
+        # ai-toolkit samples PixArt-Sigma only as arch pixart with is_pixart_sigma (arch pixart_sigma fails to load)
+        return "pixart_sigma"
     return model_id_for_arch(arch, str(model_cfg.get("name_or_path") or ""))
 
 
@@ -213,6 +218,44 @@ def newest_lora(job_dir: str, name: str | None) -> str:
         return (1, 0) if step is None else (0, step)
 
     return os.path.join(job_dir, max(files, key=rank))
+
+
+@dataclass(frozen=True)
+class JobCheckpoint:
+    """One LoRA save of a job: its training step and its file(s) (a two-expert save has a high- and a low-noise file)."""
+
+    step: int
+    files: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return ", ".join(os.path.basename(path) for path in self.files)
+
+
+def job_checkpoints(job_dir: str, name: str | None, process: dict) -> list[JobCheckpoint]:
+    """Every LoRA save of a job folder, by step (oldest first); the files chosen as :func:`newest_lora` chooses them.
+
+    A save's step is its name's ``_%09d`` suffix, else (the final, suffix-less file) :func:`lora_step`. When the final
+    file and a step save fall on the same step, the final file is kept (ai-toolkit writes both at the last step).
+    """
+    files = sorted(f for f in os.listdir(job_dir) if f.endswith(".safetensors"))
+    if name:
+        pattern = re.compile(rf"^{re.escape(name)}(_\d{{9}})?$")
+        files = [f for f in files if pattern.match(Experts.without_side(os.path.splitext(f)[0]))] or files
+    if not files:
+        raise FileNotFoundError(f"No LoRA (.safetensors) in job folder {job_dir!r}: ai-toolkit saves the job's "
+                                "checkpoints there as <name>_<step>.safetensors.")
+    by_step: dict[int, JobCheckpoint] = {}
+    for filename in files:
+        path = os.path.join(job_dir, filename)
+        group = tuple(with_expert_sibling(path))
+        if group[0] != path:
+            continue  # the high-noise file of a pair stands for both
+        final = lora_step_from_name(path) is None
+        step = lora_step(path, process)
+        if step not in by_step or final:
+            by_step[step] = JobCheckpoint(step=step, files=group)
+    return [by_step[step] for step in sorted(by_step)]
 
 
 def with_expert_sibling(path: str) -> list[str]:

@@ -130,6 +130,52 @@ def write_sheet(rows: list[tuple[str, object, object]], path: str) -> str:
     return path
 
 
+def job_base(training, base: str | None = None) -> str:
+    """The base to load: ``base`` when given (a relative path resolves against the job folder), else the job's
+    ``model.name_or_path``."""
+    source = resolve_job_path(base, training.folder) if base else training.base
+    if not source:
+        raise ValueError(f"{training.config_path!r} has no model.name_or_path; pass --base PATH_OR_REPO.")
+    return source
+
+
+def job_lora_mode(samples) -> str:
+    """ai-toolkit merges the LoRA when every sample shares one multiplier, and runs it live otherwise."""
+    return "fused" if len({s.network_multiplier for s in samples}) == 1 else "dynamic"
+
+
+def checkpoint_loras(files, strength: float, extra_loras=()) -> list:
+    """The LoRA set of one job checkpoint (both files of a two-expert save) at ``strength``, plus the job's side LoRAs."""
+    from ..lora.stack import LoraRequest
+
+    return [LoraRequest(path=path, strength=strength) for path in files] + list(extra_loras)
+
+
+def render_sample(pipeline, training, sample):
+    """Render one of the job's previews with the pipeline's current LoRAs: its control images, its resolved
+    values, the job's model options. Returns the :class:`GenerationResult`."""
+    spec = pipeline.spec
+    controls = []
+    if spec.control_images[1] == 1 and sample.ctrl_img:
+        controls = [resolve_job_path(sample.ctrl_img, training.folder)]
+    elif spec.control_images[1] > 1 and sample.ctrl_imgs:
+        controls = [resolve_job_path(p, training.folder) for p in sample.ctrl_imgs]
+    for path in controls:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"Sample {sample.index}: control image {path!r} does not exist.")
+    kwargs = pipeline.control_inputs(controls) if controls else {}
+    kwargs.update({name: getattr(sample, name) for name in pipeline.sample_options})
+    if sample.guidance_rescale and "guidance_rescale" not in pipeline.sample_options:
+        logger.warning("Sample %d: guidance_rescale %s has no effect for %s (ai-toolkit's previews use it for "
+                       "SDXL only).", sample.index, sample.guidance_rescale, spec.model_id)
+    kwargs.update(pipeline.job_options(training.process["model"]))
+    if spec.is_video:
+        kwargs.update(num_frames=sample.num_frames, fps=sample.fps)
+    return pipeline.generate(prompt=sample.prompt, negative=sample.negative, width=sample.width,
+                             height=sample.height, steps=sample.steps, guidance=sample.guidance,
+                             seed=sample.seed, **kwargs)
+
+
 def reproduce_job(
     job: str,
     base: str | None = None,
@@ -138,6 +184,7 @@ def reproduce_job(
     device: str | None = None,
     dtype=None,
     model: str | None = None,
+    lora_mode: str | None = None,
 ) -> ReproduceReport:
     """Re-render an ai-toolkit job's sample previews and compare them with the job's own.
 
@@ -149,6 +196,8 @@ def reproduce_job(
         out_dir (str, *optional*): where our images go; defaults to ``<job>/aitk_inference_samples``.
         device (str, *optional*), dtype (str, *optional*): as for ``load_pipeline``.
         model (str, *optional*): model id; defaults to the one matching ``model.arch``.
+        lora_mode (str, *optional*): ``fused`` or ``dynamic``; defaults to ai-toolkit's choice for the job
+            (:func:`job_lora_mode`).
 
     Returns:
         ReproduceReport: one :class:`ReproducedSample` per preview, compared with ai-toolkit's image for the same step
@@ -157,16 +206,13 @@ def reproduce_job(
     import numpy as np
 
     from .. import load_pipeline
-    from ..lora.stack import LoraRequest
     from ..media import write_audio, write_image, write_webp
     from ..registry import get_spec
 
     # 1. Validate and read the job
     training = read_job(job)
     spec = get_spec(model or training.model_id)
-    source = resolve_job_path(base, training.folder) if base else training.base
-    if not source:
-        raise ValueError(f"{training.config_path!r} has no model.name_or_path; pass --base PATH_OR_REPO.")
+    source = job_base(training, base)
     lora_path = os.path.abspath(os.path.expanduser(lora)) if lora else newest_lora(training.folder, training.name)
     if not os.path.isfile(lora_path):
         raise FileNotFoundError(f"LoRA file {lora_path!r} does not exist.")
@@ -178,8 +224,7 @@ def reproduce_job(
         if sample.unused_flags:
             logger.warning("Sample %d: prompt flags %s have no effect for %s.", sample.index,
                            sorted(sample.unused_flags), spec.model_id)
-    # ai-toolkit merges the LoRA when every sample shares one multiplier, and runs it live otherwise.
-    lora_mode = "fused" if len({s.network_multiplier for s in samples}) == 1 else "dynamic"
+    lora_mode = lora_mode or job_lora_mode(samples)
 
     # 3. Load the pipeline
     pipeline = load_pipeline(spec.model_id, base=source, device=device, dtype=dtype, lora_mode=lora_mode)
@@ -191,29 +236,9 @@ def reproduce_job(
     extra_loras = job_side_loras(training, spec)
     rows, sheet_rows = [], []
     for sample in samples:
-        # 4. Apply the LoRA at this sample's multiplier (an in-place change after the first)
-        pipeline.set_loras([LoraRequest(path=path, strength=sample.network_multiplier)
-                            for path in with_expert_sibling(lora_path)] + extra_loras)
-        # 5. Run
-        controls = []
-        if spec.control_images[1] == 1 and sample.ctrl_img:
-            controls = [resolve_job_path(sample.ctrl_img, training.folder)]
-        elif spec.control_images[1] > 1 and sample.ctrl_imgs:
-            controls = [resolve_job_path(p, training.folder) for p in sample.ctrl_imgs]
-        for path in controls:
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"Sample {sample.index}: control image {path!r} does not exist.")
-        kwargs = pipeline.control_inputs(controls) if controls else {}
-        kwargs.update({name: getattr(sample, name) for name in pipeline.sample_options})
-        if sample.guidance_rescale and "guidance_rescale" not in pipeline.sample_options:
-            logger.warning("Sample %d: guidance_rescale %s has no effect for %s (ai-toolkit's previews use it for "
-                           "SDXL only).", sample.index, sample.guidance_rescale, spec.model_id)
-        kwargs.update(pipeline.job_options(training.process["model"]))
-        if spec.is_video:
-            kwargs.update(num_frames=sample.num_frames, fps=sample.fps)
-        result = pipeline.generate(prompt=sample.prompt, negative=sample.negative, width=sample.width,
-                                   height=sample.height, steps=sample.steps, guidance=sample.guidance,
-                                   seed=sample.seed, **kwargs)
+        # 4. Apply the LoRA at this sample's multiplier (an in-place change after the first) and 5. run
+        pipeline.set_loras(checkpoint_loras(with_expert_sibling(lora_path), sample.network_multiplier, extra_loras))
+        result = render_sample(pipeline, training, sample)
         # 6. Save and compare (ai-toolkit's audio previews are MP3s of the first channel: lossy, so written, not
         # compared)
         p = result.params

@@ -231,10 +231,13 @@ def base_source(model: str, base: str = "", base_file: str = "") -> dict:
         except ValueError as e:
             return {"kind": "error", "source": str(e), "bytes": None, "cached": False, "gated": None}
         paths = files.split(EXPERT_FILE_SEPARATOR)
-        components = base_source(model, base)
-        return {"kind": "local", "source": " + ".join(paths), "bytes": sum(os.path.getsize(p) for p in paths
-                                                                           if os.path.isfile(p)),
-                "cached": True, "gated": None, "components": components}
+        components = _base_source(model, base)
+        if components["kind"] == "hub" and not components["cached"]:
+            # only the folders the file lacks are fetched, not the whole repo the hub's size counts
+            components.update(bytes=None, partial=True)
+        size = sum(os.path.getsize(path) for path in paths if os.path.isfile(path))
+        return {"kind": "local", "source": " + ".join(paths), "bytes": size, "cached": True, "gated": None,
+                "components": components}
     return _base_source(model, base)
 
 

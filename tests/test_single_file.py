@@ -471,7 +471,7 @@ def comfy_folders(monkeypatch, tmp_path):
     return roots
 
 
-def test_load_node_base_file(comfy_folders, tiny_dir, flux_source):
+def test_load_node_base_file(comfy_folders, tiny_dir, flux_source, monkeypatch):
     from aitk_inference.nodes import core
     from aitk_inference.nodes.comfy import base_file_choices
     from aitk_inference.pipelines.runtime import cache
@@ -492,6 +492,9 @@ def test_load_node_base_file(comfy_folders, tiny_dir, flux_source):
     info = core.base_source("flux", tiny_dir("flux"), "diffusion_models/flux1-dev-fp8.safetensors")
     assert info["kind"] == "local" and info["source"].endswith("flux1-dev-fp8.safetensors") and info["bytes"] > 0
     assert info["components"]["source"] == tiny_dir("flux")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the status line asks the hub for sizes only when online
+    hub = core.base_source("flux", "", "diffusion_models/flux1-dev-fp8.safetensors")["components"]
+    assert hub["source"] == "black-forest-labs/FLUX.1-dev" and (hub["cached"] or hub["partial"])
     assert core.base_file_input_problem("none") is True
     assert core.base_file_input_problem(str(comfy_folders["checkpoints"] / "sd_xl_base_1.0.safetensors")) is True
     problem = core.base_file_input_problem("diffusion_models/missing.safetensors")

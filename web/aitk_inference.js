@@ -212,7 +212,8 @@ function baseStatusText(info) {
   if (info.cached) return [`base: ${info.source}, Hugging Face hub, already downloaded${size ? ` (${size})` : ""}`, "#8a8"];
   const gated = info.gated ? "; gated: accept its licence on the hub and run huggingface-cli login first" : "";
   const unknown = info.offline ? "size unknown: HF_HUB_OFFLINE is set" : "size unknown: the hub did not answer";
-  const download = size ? `downloads ${size}` : `downloads the repo (${unknown})`;
+  const download = info.partial ? "fetches the components the file lacks (not its transformer)"
+    : size ? `downloads ${size}` : `downloads the repo (${unknown})`;
   return [`base: ${info.source} from the Hugging Face hub; the first run ${download} into the hub cache${gated}. ` +
           "Or put a diffusers folder under models/diffusers and name it in base.", "#cb8"];
 }

@@ -51,7 +51,7 @@ class ComponentsUnavailableError(ValueError):
     not a diffusers folder)."""
 
 
-# ---------------------------------------------------------------------------------------------------- what the source is
+# ------------------------------------------------------------------------------------------------ what the source is
 def is_single_file_source(source: str) -> bool:
     """Whether ``source`` names single file(s): a ``.safetensors``/``.sft`` file, or two joined by ``|``."""
     return all(part.strip().endswith(SINGLE_FILE_SUFFIXES) for part in source.split(EXPERT_FILE_SEPARATOR))
@@ -197,7 +197,8 @@ def convert_flux1_transformer(state_dict: dict, config: dict) -> dict:
             value = torch.cat([scale, shift], dim=0)
         converted[f"{prefix}{target}.{parameter}"] = value
     if unknown:
-        raise ValueError(f"Not a FLUX.1 transformer file: {len(unknown)} key(s) with no FLUX.1 name, e.g. {unknown[:3]}.")
+        raise ValueError(f"Not a FLUX.1 transformer file: {len(unknown)} key(s) with no FLUX.1 name, e.g. "
+                         f"{unknown[:3]}.")
     return converted
 
 
@@ -235,10 +236,12 @@ def fetch_command(repo: str, folders: list[str], configs: list[str]) -> str:
 
 
 #: where each front end takes the components source
-COMPONENTS_OPTION = "the components source (Load node: base, next to base_file; CLI: --components; library: components=)"
+COMPONENTS_OPTION = ("the components source (Load node: base, next to base_file; CLI: --components; library: "
+                     "components=)")
 
 
-def _unavailable(spec: ModelSpec, components: str, holds: str, problem: str, command: str) -> ComponentsUnavailableError:
+def _unavailable(spec: ModelSpec, components: str, holds: str, problem: str,
+                 command: str) -> ComponentsUnavailableError:
     return ComponentsUnavailableError(
         f"{spec.model_id}: the single file holds {holds}; the rest comes from the hub repo {components}, but "
         f"{problem}. With a network, fetch just what is needed (no weights the file holds) once: {command} (gated "

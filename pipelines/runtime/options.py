@@ -170,5 +170,7 @@ class LoadOptions:
         source = os.path.realpath(resolved.base) if self.base and os.path.exists(resolved.base) else resolved.base
         key = (model_id, source, resolved.device, str(resolved.dtype), resolved.offload, resolved.lora_mode,
                resolved.compile, resolved.attention, resolved.quantize)
-        return key if resolved.components is None else (*key, os.path.realpath(resolved.components)
-                                                         if os.path.exists(resolved.components) else resolved.components)
+        if resolved.components is None:
+            return key
+        components = resolved.components
+        return (*key, os.path.realpath(components) if os.path.exists(components) else components)

@@ -397,6 +397,21 @@ def test_components_folder_errors(tmp_path, flux_source, tiny_dir):
         load_pipeline("flux", base=tiny_dir("flux"), components=tiny_dir("flux"), device="cpu")
 
 
+def test_expert_files_explicit_pair_and_by_name(tmp_path):
+    from aitk_inference.pipelines.registry import get_spec
+    from aitk_inference.pipelines.single_file import expert_files
+
+    spec = get_spec("wan22_14b_t2v")
+    first, second = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    high, low = tmp_path / "wan_high_noise.safetensors", tmp_path / "wan_low_noise.safetensors"
+    for path in (first, second, high, low):
+        path.write_bytes(b"")
+    assert expert_files(spec, f"{first}|{second}") == {"transformer": str(first), "transformer_2": str(second)}
+    assert expert_files(spec, str(low)) == {"transformer_2": str(low), "transformer": str(high)}
+    with pytest.raises(ValueError, match="one denoiser: give one file, not 2"):
+        expert_files(get_spec("flux"), f"{first}|{second}")
+
+
 def test_single_file_source_spelling():
     assert is_single_file_source("/m/flux1-dev.safetensors")
     assert is_single_file_source("/m/a_high_noise.safetensors|/m/a_low_noise.safetensors")

@@ -185,7 +185,7 @@ def test_node_search_shows_the_nodes_with_widgets_and_tooltips(browser):
                                 "control_after_generate"]
     assert _widget(sample, "control_after_generate")["value"] == "fixed"  # not ComfyUI's default "randomize"
     saved = browser.js("app.graph.nodes.find((n) => n.type === 'AITKSample').serialize().widgets_values")
-    assert len(saved) == 13  # the status line is never saved into the workflow
+    assert len(saved) == 14  # the status line is never saved into the workflow
 
     # Hovering a widget shows its tooltip from the schema
     x, y = browser.js("""() => {

@@ -93,14 +93,13 @@ def make_previewer(model_id: str) -> Previewer | None:
         decode = taesd_decoder(space)
         if decode is not None:
             return lambda latents: ("JPEG", to_image(decode(shrink(first_image(latents), size))), size)
-    factors = latent_rgb_factors()[space]
-    project = functools.partial(latent_to_rgb, factors=factors["factors"], bias=factors["bias"])
+    channels = len(latent_rgb_factors()[space]["factors"])
 
     def latent2rgb(latents):
-        if latents.shape[1] != len(factors["factors"]):
+        if latents.shape[1] != channels:
             _warn_once(model_id, space, latents.shape[1])
             return None
-        return "JPEG", to_image(project(shrink(first_image(latents), size))), size
+        return "JPEG", to_image(latent_to_rgb(shrink(first_image(latents), size), space)), size
 
     return latent2rgb
 
@@ -131,19 +130,22 @@ def shrink(image, size: int):
     return image if factor <= 1 else torch.nn.functional.avg_pool2d(image[None], factor, ceil_mode=True)[0]
 
 
-def latent_to_rgb(image, factors: list, bias: list | None):
-    """``[C, H, W]`` latent -> ``[H, W, 3]`` in about [-1, 1] by the latent space's linear factors."""
+def latent_to_rgb(image, space: str):
+    """``[C, H, W]`` latent -> ``[H, W, 3]`` in about [-1, 1] by the linear factors of latent space ``space``."""
     import torch
 
-    weight = _factors_on(tuple(map(tuple, factors)), None if bias is None else tuple(bias), image.device)
-    return torch.nn.functional.linear(image.float().movedim(0, -1), *weight)
+    weight, bias = _factors_on(space, image.device)
+    return torch.nn.functional.linear(image.float().movedim(0, -1), weight, bias)
 
 
 @functools.lru_cache(maxsize=16)
-def _factors_on(factors: tuple, bias: tuple | None, device):
+def _factors_on(space: str, device):
+    """The factors of ``space`` as ``F.linear``'s weight and bias on ``device`` (made once per device)."""
     import torch
 
-    return torch.tensor(factors, device=device).T.contiguous(), None if bias is None else torch.tensor(bias, device=device)
+    table = latent_rgb_factors()[space]
+    bias = None if table["bias"] is None else torch.tensor(table["bias"], device=device)
+    return torch.tensor(table["factors"], device=device).T.contiguous(), bias
 
 
 def to_image(rgb):

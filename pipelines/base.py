@@ -717,5 +717,6 @@ def load_pipeline(
     return spec.family_class().from_spec(spec, options)
 
 
-__all__ = ["AITKPipeline", "GenerationInterrupted", "GenerationParams", "GenerationResult", "LatentLayout", "NonFiniteOutputError",
+__all__ = ["AITKPipeline", "GenerationInterrupted", "GenerationParams", "GenerationResult", "LatentLayout",
+           "NonFiniteOutputError",
            "load_pipeline", "snap_size", "snap_frames", "apply_trigger"]

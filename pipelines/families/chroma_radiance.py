@@ -190,7 +190,8 @@ class ChromaRadiancePipeline(DiffusionPipeline):
             guidance_scale (float, defaults to 4.0): CFG above 1.00001, one pass per step otherwise.
             generator (torch.Generator or list, *optional*): draws the initial noise (one per image for a list).
             output_type (str, defaults to "np"): ``np``, ``pil``, ``pt`` or ``latent`` (the ``[-1, 1]`` pixels).
-            callback_on_step_end (callable, *optional*): ``f(pipe, step, timestep, {"latents": latents})`` after every step.
+            callback_on_step_end (callable, *optional*): ``f(pipe, step, timestep, {"latents": latents})`` after
+                every step.
         """
         device = self._execution_device
         patch = self.transformer.config.patch_size

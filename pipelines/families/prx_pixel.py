@@ -82,7 +82,8 @@ class PRXPixelAITKPipeline(PRXPixelPipeline):
             guidance_scale (float, defaults to 5.0): guidance on the x0 prediction; 1 runs one pass per step.
             generator (torch.Generator or list, *optional*): draws the initial noise (one per image for a list).
             output_type (str, defaults to "np"): ``np``, ``pil``, ``pt`` or ``latent`` (the ``[-1, 1]`` pixels).
-            callback_on_step_end (callable, *optional*): ``f(pipe, step, timestep, {"latents": latents})`` after every step.
+            callback_on_step_end (callable, *optional*): ``f(pipe, step, timestep, {"latents": latents})`` after
+                every step.
         """
         device = self._execution_device
         dtype = self.transformer.dtype

@@ -303,10 +303,10 @@ def test_run_button_renders_with_progress(browser):
     ticks = [p["value"] for p in browser.js("window.aitkSeen.progress") if p["node"] == sample_id]
     assert ticks[-1] == steps and len(ticks) >= steps // 2, ticks  # the node's progress bar advanced per step
     # Live step previews came over the websocket (ComfyUI runs with --preview-method latent2rgb): JPEGs of the
-    # FLUX latent of the 64x64 image, 8x8
+    # square image's latent, which ComfyUI's server scales to fit --preview-size (512), as for KSampler
     browser.page.wait_for_function(f"window.aitkSeen.previews.length >= {steps // 2}", timeout=10_000)
     previews = browser.js("window.aitkSeen.previews")
-    assert {(p["type"], p["width"], p["height"]) for p in previews} == {("image/jpeg", 8, 8)}, previews
+    assert {(p["type"], p["width"], p["height"]) for p in previews} == {("image/jpeg", 512, 512)}, previews
     assert set(browser.js("window.aitkSeen.previewNodes")) <= {sample_id}  # shown on the Sample node
     titles = browser.js("window.aitkSeen.titles")
     assert any(re.search(r"\[\d+%\]", title) for title in titles), titles  # and the tab title showed it

@@ -47,13 +47,13 @@ MODEL_LATENT_SPACES: dict[str, str | None] = {
                      "krea2_o_edit_turbo", "anima"), "wan21"),
     "wan22_5b": "wan22",  # Wan 2.2's 48-channel VAE
     # FLUX.2's 32-channel VAE (latents 2x2-patchified to 128 channels; the family unpatches them)
-    **dict.fromkeys(("flux2", "flux2_diffusers", "flux2_klein_4b", "flux2_klein_9b", "ernie_image", "ideogram4"),
-                    "flux2"),
+    **dict.fromkeys(("flux2", "flux2_diffusers", "flux2_klein_4b", "flux2_klein_9b", "ernie_image"), "flux2"),
     **dict.fromkeys(("ltx2", "ltx2.3", "ltx2.5"), "ltxv"),  # the 128-channel LTX video latent
     **dict.fromkeys(("prx_pixel", "chroma_radiance", "zeta_chroma", "zimage_l2p", "hidream_o1"), "rgb"),
-    # own VAEs with no known factors (CogView4, Mage-Flow, MiniMax-H3), or audio only (ACE-Step)
-    **dict.fromkeys(("cogview4", "mageflow", "mageflow_edit", "minimax_h3", "minimax_h3_ref2va", "ace_step_15",
-                     "ace_step_15_xl"), None),
+    # no known factors: own VAEs (CogView4, Mage-Flow, MiniMax-H3), FLUX.2's VAE under Ideogram 4's own latent
+    # normalisation; or audio only (ACE-Step)
+    **dict.fromkeys(("cogview4", "mageflow", "mageflow_edit", "minimax_h3", "minimax_h3_ref2va", "ideogram4",
+                     "ace_step_15", "ace_step_15_xl"), None),
 }
 
 Previewer = Callable[[Any], tuple]
@@ -88,20 +88,16 @@ def make_previewer(model_id: str) -> Previewer | None:
     method, space = preview_method(), MODEL_LATENT_SPACES.get(model_id)
     if method == "none" or space is None:
         return None
-    size = preview_size()
-    if method == "taesd":
-        decode = taesd_decoder(space)
-        if decode is not None:
-            return lambda latents: ("JPEG", to_image(decode(shrink(first_image(latents), size))), size)
-    channels = len(latent_rgb_factors()[space]["factors"])
+    size, channels = preview_size(), len(latent_rgb_factors()[space]["factors"])
+    to_rgb = (taesd_decoder(space) if method == "taesd" else None) or functools.partial(latent_to_rgb, space=space)
 
-    def latent2rgb(latents):
+    def previewer(latents):
         if latents.shape[1] != channels:
             _warn_once(model_id, space, latents.shape[1])
             return None
-        return "JPEG", to_image(latent_to_rgb(shrink(first_image(latents), size), space)), size
+        return "JPEG", to_image(to_rgb(shrink(first_image(latents), size))), size
 
-    return latent2rgb
+    return previewer
 
 
 @functools.cache

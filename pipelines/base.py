@@ -211,13 +211,16 @@ class LatentLayout:
         tokens (bool, defaults to False): a ``[B, N, D]`` token sequence over (latent frames,) rows and columns, row by
             row; False: ``[B, C, H, W]`` or ``[B, C, T, H, W]`` already.
         patch (int, defaults to 1): each token (or each group of ``patch**2`` channels) packs a ``patch x patch``
-            block of every latent channel, channel-major (FLUX-style 2x2 packing: 2).
+            block of every latent channel (FLUX-style 2x2 packing: 2).
+        channels_last (bool, defaults to False): the packed values run (patch row, patch column, channel) with the
+            channel fastest; False: (channel, patch row, patch column).
         temporal_ratio (str, *optional*): for video tokens, the pipeline attribute holding the VAE's temporal
             compression (the latent frame count follows from ``num_frames``).
     """
 
     tokens: bool = False
     patch: int = 1
+    channels_last: bool = False
     temporal_ratio: str | None = None
 
 
@@ -597,8 +600,10 @@ class AITKPipeline:
         if layout.patch > 1:
             p = layout.patch
             batch, packed, *grid, rows, columns = latents.shape
-            latents = latents.reshape(batch, packed // (p * p), p, p, *grid, rows, columns)
-            latents = latents.movedim((2, 3), (-3, -1)).reshape(batch, packed // (p * p), *grid, rows * p, columns * p)
+            channels = packed // (p * p)
+            blocks, patch_dims = ((p, p, channels), (1, 2)) if layout.channels_last else ((channels, p, p), (2, 3))
+            latents = latents.reshape(batch, *blocks, *grid, rows, columns).movedim(patch_dims, (-3, -1))
+            latents = latents.reshape(batch, channels, *grid, rows * p, columns * p)
         return latents
 
     def generate(self, prompt: str, progress: ProgressCallback | None = None, vae_tiling: bool = False,

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from aitk_inference.nodes import core, previews
+from aitk_inference.pipelines.families.pixel_space import unpatchify_pixels_channels_last
 from aitk_inference.pipelines.registry import get_spec, model_ids
 
 
@@ -118,6 +119,8 @@ UNPACKED_BY_DIFFUSERS = {
     "qwen_image": lambda pipe, packed: pipe._unpack_latents(packed, 64, 96, pipe.vae_scale_factor)[:, :, 0],
     "flux2": _flux2_reference,
     "ltx2": _ltx2_reference,
+    "krea2": lambda pipe, packed: pipe._unpack_latents(packed, 64, 96)[:, :, 0],
+    "zeta_chroma": lambda pipe, packed: unpatchify_pixels_channels_last(packed, 64, 96, 32),
 }
 
 

@@ -38,8 +38,10 @@ MODEL_LATENT_SPACES: dict[str, str | None] = {
     **dict.fromkeys(("flux", "flex1", "flux_kontext", "flex2", "chroma", "zimage", "zimage_turbo", "zimage_deturbo",
                      "lumina2", "omnigen2", "hidream", "hidream_e1", "boogu_image", "boogu_image_edit", "f_lite"),
                     "flux1"),
-    "sd15": "sd15",
-    "sdxl": "sdxl",
+    # SD 1.x's 4-channel VAE (also SD 2 and PixArt-alpha, which ship it)
+    **dict.fromkeys(("sd15", "sd2", "pixart"), "sd15"),
+    # SDXL's 4-channel VAE (also the distilled SDXL UNets, PixArt-Sigma and AuraFlow, which ship it)
+    **dict.fromkeys(("sdxl", "ssd", "vega", "pixart_sigma", "auraflow"), "sdxl"),
     # Wan 2.1's 16-channel video VAE, which Qwen-Image's VAE (and so Nucleus-Image, Krea 2 and Anima) shares
     **dict.fromkeys(("wan21_1b", "wan21_14b", "wan21_i2v_14b", "wan21_i2v_14b480p", "wan22_14b_t2v", "wan22_14b_i2v",
                      "qwen_image", "qwen_image_2512", "qwen_image_edit", "qwen_image_edit_plus",
@@ -50,10 +52,10 @@ MODEL_LATENT_SPACES: dict[str, str | None] = {
     **dict.fromkeys(("flux2", "flux2_diffusers", "flux2_klein_4b", "flux2_klein_9b", "ernie_image"), "flux2"),
     **dict.fromkeys(("ltx2", "ltx2.3", "ltx2.5"), "ltxv"),  # the 128-channel LTX video latent
     **dict.fromkeys(("prx_pixel", "chroma_radiance", "zeta_chroma", "zimage_l2p", "hidream_o1"), "rgb"),
-    # no known factors: own VAEs (CogView4, Mage-Flow, MiniMax-H3), FLUX.2's VAE under Ideogram 4's own latent
+    # no known factors: own VAEs (CogView4, Mage-Flow, MiniMax-H3, SD 3.5's 16 channels), FLUX.2's VAE under Ideogram 4's own latent
     # normalisation; or audio only (ACE-Step)
     **dict.fromkeys(("cogview4", "mageflow", "mageflow_edit", "minimax_h3", "minimax_h3_ref2va", "ideogram4",
-                     "ace_step_15", "ace_step_15_xl"), None),
+                     "sd3", "ace_step_15", "ace_step_15_xl"), None),
 }
 
 Previewer = Callable[[Any], tuple]

@@ -20,6 +20,7 @@ from ..pipelines.runtime.options import LoadOptions
 from ..pipelines.single_file import EXPERT_FILE_SEPARATOR
 from .comfy import BASE_FILE_FOLDERS, NO_BASE_FILE
 from .comfy import comfy_module as _comfy
+from .previews import make_previewer
 from .schema import (ATTENTION_KERNELS, COMPILE_MODES, DEVICES, DTYPES, LORA_MODES, OFFLOAD_MODES, QUANTIZE_MODES,
                      SAMPLE, TRANSFORMER_SIDES)
 
@@ -319,19 +320,26 @@ def resolve_device(device: str) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------------------------- ComfyUI hooks
-def comfy_progress(total: int) -> Callable[[int, int], None] | None:
-    """A progress callback that ticks ComfyUI's progress bar and raises on ComfyUI's interrupt; None outside it."""
+def comfy_progress(total: int, model_id: str) -> tuple[Callable[[int, int], None] | None, Callable | None]:
+    """``(progress, on_latents)`` for ``generate``: ``progress`` ticks ComfyUI's progress bar (with the step's
+    preview, when ``on_latents`` made one) and raises on ComfyUI's interrupt; ``on_latents`` is None when ComfyUI's
+    preview method makes no preview for ``model_id`` (see ``previews``). (None, None) outside ComfyUI."""
     utils = _comfy("comfy.utils")
     model_management = _comfy("comfy.model_management")
     if utils is None or model_management is None:
-        return None
+        return None, None
     bar = utils.ProgressBar(total)
+    previewer = make_previewer(model_id)
+    pending = []
+
+    def on_latents(step: int, steps: int, latents) -> None:
+        pending[:] = [previewer(latents)]
 
     def progress(step: int, steps: int) -> None:
-        bar.update_absolute(step, steps)
+        bar.update_absolute(step, steps, pending.pop() if pending else None)
         model_management.throw_exception_if_processing_interrupted()
 
-    return progress
+    return progress, (on_latents if previewer is not None else None)
 
 
 def install_memory_hook() -> bool:
@@ -432,7 +440,8 @@ def sample(
         num_frames, fps (int, defaults to 0): 0 = the model's default (video models).
         vae_tiling (bool, defaults to False): decode in tiles (less memory).
         options (str, defaults to ""): the model's generation options as a JSON object (see :func:`parse_options`).
-        progress (callable, *optional*): ``progress(step, total)``; defaults to ComfyUI's progress bar + interrupt.
+        progress (callable, *optional*): ``progress(step, total)``; defaults to ComfyUI's progress bar + interrupt,
+            with live step previews as ComfyUI's preview method says (see ``previews``).
 
     Returns:
         SampleOutput: images as a CPU float32 tensor ``[B,H,W,C]`` (video: ``[B*frames,H,W,C]``), and the
@@ -447,6 +456,9 @@ def sample(
     extra = parse_options(options)
     # 2. Get pipeline from cache
     loaded = pipeline.get_pipeline()
+    on_latents = None
+    if progress is None:
+        progress, on_latents = comfy_progress(steps, pipeline.model)
     with loaded.lock:
         # 3. Apply LoRAs (unchanged entries stay as they are; strength-only changes rescale in place)
         loaded.set_loras(pipeline.lora_requests())
@@ -455,7 +467,7 @@ def sample(
             prompt=prompt, negative=negative, width=width, height=height, steps=steps, guidance=guidance,
             seed=seed, batch_size=batch_size, control_images=controls, trigger_word=trigger_word or None,
             num_frames=num_frames or None, fps=fps or None, vae_tiling=bool(vae_tiling),
-            progress=progress if progress is not None else comfy_progress(steps), **extra,
+            progress=progress, on_latents=on_latents, **extra,
         )
     # 5. Post-process: ComfyUI IMAGE layout, video frames flattened into the batch; an audio-only model gives one
     # black placeholder image per item

@@ -35,6 +35,8 @@ MAX_SEED = 2**64 - 1
 RANDOM_SEED_MAX = 2**32 - 1  # ai-toolkit draws random seeds in [0, 2^32 - 1]
 
 ProgressCallback = Callable[[int, int], None]
+#: ``on_latents(step, total, latents)``: the step's latents, image-shaped (see :meth:`AITKPipeline.preview_latents`)
+LatentsCallback = Callable[[int, int, Any], None]
 
 
 class GenerationInterrupted(RuntimeError):
@@ -202,6 +204,27 @@ class GenerationResult:
         return out
 
 
+@dataclass(frozen=True)
+class LatentLayout:
+    """How a family's sampling loop holds its latents between steps, so that a preview can see them as an image.
+
+    Args:
+        tokens (bool, defaults to False): a ``[B, N, D]`` token sequence over (latent frames,) rows and columns, row by
+            row; False: ``[B, C, H, W]`` or ``[B, C, T, H, W]`` already.
+        patch (int, defaults to 1): each token (or each group of ``patch**2`` channels) packs a ``patch x patch``
+            block of every latent channel (FLUX-style 2x2 packing: 2).
+        channels_last (bool, defaults to False): the packed values run (patch row, patch column, channel) with the
+            channel fastest; False: (channel, patch row, patch column).
+        temporal_ratio (str, *optional*): for video tokens, the pipeline attribute holding the VAE's temporal
+            compression (the latent frame count follows from ``num_frames``).
+    """
+
+    tokens: bool = False
+    patch: int = 1
+    channels_last: bool = False
+    temporal_ratio: str | None = None
+
+
 # ---------------------------------------------------------------------------------------------------------------- base
 class AITKPipeline:
     """A loaded model id: the diffusers pipeline, its LoRA stack and ai-toolkit's sampling behaviour.
@@ -217,6 +240,8 @@ class AITKPipeline:
     #: the fields of a job's :class:`~.jobs.config.SampleSpec`, beyond the common ones, that this family's ai-toolkit
     #: previews use; ``reproduce`` passes them to :meth:`generate` as generation options
     sample_options: tuple[str, ...] = ()
+    #: how the latents ``callback_on_step_end`` sees are laid out (for :meth:`preview_latents`)
+    latent_layout: LatentLayout = LatentLayout()
 
     def __init__(self, spec: ModelSpec, pipe, device: str, dtype, offload: str, lora_mode: str, source: str):
         from .lora.stack import LoraStack
@@ -563,8 +588,31 @@ class AITKPipeline:
 
         return {"images": np.asarray(output.images, dtype=np.float32)}
 
+    def preview_latents(self, latents, params: GenerationParams):
+        """The latents of a step as an image-shaped ``[B, C, H, W]`` (video ``[B, C, T, H, W]``) tensor, unpacked as
+        :attr:`latent_layout` says; never modified in place, so previews cannot change the result."""
+        layout = self.latent_layout
+        if layout.tokens:
+            batch, count, width = latents.shape
+            frames = 1
+            if layout.temporal_ratio is not None:
+                frames = (params.num_frames - 1) // getattr(self.pipe, layout.temporal_ratio) + 1
+            rows = round(math.sqrt(count // frames * params.height / params.width))
+            columns = count // frames // rows
+            latents = latents.reshape(batch, frames, rows, columns, width).movedim(-1, 1)
+            if layout.temporal_ratio is None:
+                latents = latents[:, :, 0]
+        if layout.patch > 1:
+            p = layout.patch
+            batch, packed, *grid, rows, columns = latents.shape
+            channels = packed // (p * p)
+            blocks, patch_dims = ((p, p, channels), (1, 2)) if layout.channels_last else ((channels, p, p), (2, 3))
+            latents = latents.reshape(batch, *blocks, *grid, rows, columns).movedim(patch_dims, (-3, -1))
+            latents = latents.reshape(batch, channels, *grid, rows * p, columns * p)
+        return latents
+
     def generate(self, prompt: str, progress: ProgressCallback | None = None, vae_tiling: bool = False,
-                 **kwargs) -> GenerationResult:
+                 on_latents: LatentsCallback | None = None, **kwargs) -> GenerationResult:
         """Generate images (or video frames) as ai-toolkit's sample previews are generated.
 
         Args:
@@ -582,6 +630,9 @@ class AITKPipeline:
                 :class:`GenerationInterrupted` (or any exception) stops sampling within one step.
             vae_tiling (bool, defaults to False): decode in overlapping tiles (the VAE's ``enable_tiling``), for this
                 call only: much less memory for large videos and images, at the cost of some speed.
+            on_latents (callable, *optional*): ``on_latents(step, total, latents)`` after every denoising step (before
+                ``progress``) with the step's latents from :meth:`preview_latents` (for live previews; read-only).
+                Families whose loop hands out no latents do not call it.
 
         Returns:
             GenerationResult: images/frames plus the effective parameters, the applied LoRAs and timings.
@@ -601,6 +652,8 @@ class AITKPipeline:
 
             def on_step_end(pipe, step, timestep, callback_kwargs):
                 step_times.append(time.perf_counter())
+                if on_latents is not None and callback_kwargs.get("latents") is not None:
+                    on_latents(step + 1, params.steps, self.preview_latents(callback_kwargs["latents"], params))
                 if progress is not None:
                     progress(step + 1, params.steps)
                 return callback_kwargs
@@ -679,5 +732,6 @@ def load_pipeline(
     return spec.family_class().from_spec(spec, options)
 
 
-__all__ = ["AITKPipeline", "GenerationInterrupted", "GenerationParams", "GenerationResult", "NonFiniteOutputError",
+__all__ = ["AITKPipeline", "GenerationInterrupted", "GenerationParams", "GenerationResult", "LatentLayout",
+           "NonFiniteOutputError",
            "load_pipeline", "snap_size", "snap_frames", "apply_trigger"]

@@ -75,7 +75,7 @@ def comfy(tmp_path_factory, tiny_dir):
     installed = subprocess.run([comfy_python(), "install.py"], cwd=base / "custom_nodes" / PACK_FOLDER,
                                capture_output=True, text=True, timeout=300)
     assert installed.returncode == 0 and installed.stdout + installed.stderr == "", installed
-    server = ComfyServer(str(base), {})
+    server = ComfyServer(str(base), {}, extra_args=("--preview-method", "latent2rgb"))  # live step previews on
     yield server
     server.stop()
 
@@ -97,9 +97,14 @@ def browser(comfy):
         page.wait_for_timeout(1000)  # the first frames settle the graph and the dialogs of a first visit
         page.keyboard.press("Escape")
         watched.js("""() => {
-            window.aitkSeen = {progress: [], titles: [], done: 0};
+            window.aitkSeen = {progress: [], titles: [], done: 0, previews: [], previewNodes: []};
             const api = window.comfyAPI.api.api;
             api.addEventListener("progress", (e) => window.aitkSeen.progress.push(e.detail));
+            const preview = (blob) => createImageBitmap(blob).then((bitmap) => window.aitkSeen.previews.push(
+                {type: blob.type, width: bitmap.width, height: bitmap.height}));
+            api.addEventListener("b_preview", (e) => preview(e.detail));
+            api.addEventListener("b_preview_with_metadata", (e) => window.aitkSeen.previewNodes.push(
+                String(e.detail.displayNodeId)));
             api.addEventListener("execution_success", () => window.aitkSeen.done++);
             setInterval(() => { if (/\\d+%/.test(document.title)) window.aitkSeen.titles.push(document.title); }, 10);
         }""")
@@ -185,7 +190,7 @@ def test_node_search_shows_the_nodes_with_widgets_and_tooltips(browser):
                                 "control_after_generate"]
     assert _widget(sample, "control_after_generate")["value"] == "fixed"  # not ComfyUI's default "randomize"
     saved = browser.js("app.graph.nodes.find((n) => n.type === 'AITKSample').serialize().widgets_values")
-    assert len(saved) == 13  # the status line is never saved into the workflow
+    assert len(saved) == 14  # the status line is never saved into the workflow
 
     # Hovering a widget shows its tooltip from the schema
     x, y = browser.js("""() => {
@@ -290,12 +295,19 @@ def test_run_button_renders_with_progress(browser):
                                    ".widgets.at(-1).value.includes('tiny-flux')")
     assert re.fullmatch(r"base: /\S+/models/diffusers/tiny-flux \(\d+ MB on disk\)",
                         _node(browser, "AITKLoadPipeline")["status"])
-    browser.js("window.aitkSeen.progress = []; window.aitkSeen.titles = []")
+    browser.js("window.aitkSeen.progress = []; window.aitkSeen.titles = []; window.aitkSeen.previews = []; "
+               "window.aitkSeen.previewNodes = []")
     _run(browser)
 
     sample_id = str(_node(browser, "AITKSample")["id"])
     ticks = [p["value"] for p in browser.js("window.aitkSeen.progress") if p["node"] == sample_id]
     assert ticks[-1] == steps and len(ticks) >= steps // 2, ticks  # the node's progress bar advanced per step
+    # Live step previews came over the websocket (ComfyUI runs with --preview-method latent2rgb): JPEGs of the
+    # square image's latent, which ComfyUI's server scales to fit --preview-size (512), as for KSampler
+    browser.page.wait_for_function(f"window.aitkSeen.previews.length >= {steps // 2}", timeout=10_000)
+    previews = browser.js("window.aitkSeen.previews")
+    assert {(p["type"], p["width"], p["height"]) for p in previews} == {("image/jpeg", 512, 512)}, previews
+    assert set(browser.js("window.aitkSeen.previewNodes")) <= {sample_id}  # shown on the Sample node
     titles = browser.js("window.aitkSeen.titles")
     assert any(re.search(r"\[\d+%\]", title) for title in titles), titles  # and the tab title showed it
     # The saved image shows on the Save Image node (loaded from /view once the node is drawn)

@@ -282,7 +282,7 @@ class BooguImagePipeline(DiffusionPipeline):
                 v = v_uncond + guidance_scale * (v - v_uncond)
             latents = latents + v.to(torch.float32) * (t_next - t)
             if callback_on_step_end is not None:
-                callback_on_step_end(self, i, t, {})
+                callback_on_step_end(self, i, t, {"latents": latents})
 
         if output_type == "latent":
             images = latents

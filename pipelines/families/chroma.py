@@ -21,7 +21,7 @@ in ai-toolkit. LoRAs use original BFL module names (``lora.convert.convert_bfl_t
 
 from __future__ import annotations
 
-from ..base import AITKPipeline, GenerationParams
+from ..base import AITKPipeline, GenerationParams, LatentLayout
 
 T5_MAX_LENGTH = 512
 CFG_THRESHOLD = 1.00001  # ai-toolkit's ChromaPipeline: CFG only when guidance_scale > 1.00001
@@ -30,6 +30,8 @@ PADDING_TOKENS_ATTENDED = 1
 
 class ChromaFamilyPipeline(AITKPipeline):
     """``chroma`` (Chroma1-Base)."""
+
+    latent_layout = LatentLayout(tokens=True, patch=2)
 
     denoiser = "transformer"
 

@@ -190,7 +190,8 @@ class ChromaRadiancePipeline(DiffusionPipeline):
             guidance_scale (float, defaults to 4.0): CFG above 1.00001, one pass per step otherwise.
             generator (torch.Generator or list, *optional*): draws the initial noise (one per image for a list).
             output_type (str, defaults to "np"): ``np``, ``pil``, ``pt`` or ``latent`` (the ``[-1, 1]`` pixels).
-            callback_on_step_end (callable, *optional*): ``f(pipe, step, timestep, {})`` after every step.
+            callback_on_step_end (callable, *optional*): ``f(pipe, step, timestep, {"latents": latents})`` after
+                every step.
         """
         device = self._execution_device
         patch = self.transformer.config.patch_size
@@ -230,7 +231,7 @@ class ChromaRadiancePipeline(DiffusionPipeline):
                 velocity = uncond + guidance_scale * (cond - uncond)
             latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
             if callback_on_step_end is not None:
-                callback_on_step_end(self, i, t, {})
+                callback_on_step_end(self, i, t, {"latents": latents})
 
         images = latents if output_type == "latent" else self.image_processor.postprocess(latents, output_type=output_type)
         self.maybe_free_model_hooks()

@@ -23,11 +23,13 @@ module names and maths); ``tests/test_ernie_image.py`` shows diffusers' class gi
 
 from __future__ import annotations
 
-from ..base import AITKPipeline, GenerationParams
+from ..base import AITKPipeline, GenerationParams, LatentLayout
 
 
 class ErnieImageFamilyPipeline(AITKPipeline):
     """``ernie_image``."""
+
+    latent_layout = LatentLayout(patch=2)
 
     denoiser = "transformer"
 

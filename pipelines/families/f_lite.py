@@ -307,7 +307,7 @@ class FLitePipeline(DiffusionPipeline):
             guidance_scale (float, defaults to 6.0): CFG scale; below 1 only the conditional pass runs.
             generator (torch.Generator or list, *optional*): draws the initial noise (one per image for a list).
             output_type (str, defaults to "np"): ``np``, ``pil``, ``pt`` or ``latent``.
-            callback_on_step_end (callable, *optional*): ``f(pipe, step, t, {})`` after every step.
+            callback_on_step_end (callable, *optional*): ``f(pipe, step, t, {"latents": latents})`` after every step.
         """
         device = self._execution_device
         dtype = self.dit_model.dtype
@@ -333,7 +333,7 @@ class FLitePipeline(DiffusionPipeline):
                 velocity = uncond + guidance_scale * (cond - uncond)
             latents = latents + (t - t_next) * velocity
             if callback_on_step_end is not None:
-                callback_on_step_end(self, step, t, {})
+                callback_on_step_end(self, step, t, {"latents": latents})
 
         if output_type == "latent":
             images = latents

@@ -45,7 +45,7 @@ from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-from ..base import AITKPipeline, GenerationParams
+from ..base import AITKPipeline, GenerationParams, LatentLayout
 
 T5_MAX_LENGTH = 512
 CONTROL_STRENGTH_RANGE = (0.0, 10.0)
@@ -408,6 +408,8 @@ class Flex2FamilyPipeline(AITKPipeline):
     ``inpaint_mask``), ``inpaint_mask`` (white = paint), ``control_strength`` (default 1.0) and ``control_stop``
     (default 1.0). ai-toolkit's sample previews use the defaults.
     """
+
+    latent_layout = LatentLayout(tokens=True, patch=2)
 
     denoiser = "transformer"
     extra_options = ("control_strength", "control_stop", "inpaint_image", "inpaint_mask")

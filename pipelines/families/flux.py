@@ -13,13 +13,15 @@ What ai-toolkit does here, and so do we:
 
 from __future__ import annotations
 
-from ..base import AITKPipeline, GenerationParams
+from ..base import AITKPipeline, GenerationParams, LatentLayout
 
 T5_MAX_LENGTH = 512
 
 
 class FluxFamilyPipeline(AITKPipeline):
     """``flux``, ``flex1`` and ``flux_kontext``."""
+
+    latent_layout = LatentLayout(tokens=True, patch=2)
 
     denoiser = "transformer"
 

@@ -34,7 +34,7 @@ import functools
 import logging
 import math
 
-from ..base import AITKPipeline, GenerationParams
+from ..base import AITKPipeline, GenerationParams, LatentLayout
 from ..registry import Flux2Options
 
 logger = logging.getLogger(__name__)
@@ -95,6 +95,8 @@ def prepare_reference_image(image):
 
 class Flux2FamilyPipeline(AITKPipeline):
     """``flux2`` (FLUX.2-dev, guidance-distilled) and ``flux2_klein_4b`` / ``flux2_klein_9b`` (real CFG)."""
+
+    latent_layout = LatentLayout(tokens=True, patch=2)
 
     denoiser = "transformer"
     options_type = Flux2Options

@@ -124,7 +124,8 @@ class HiDreamAITKPipeline(HiDreamImagePipeline):
             generator (torch.Generator, *optional*): draws the initial noise.
             max_sequence_length (int, defaults to 128): tokens per text encoder.
             output_type (str, defaults to "np"): ``np``, ``pil``, ``pt`` or ``latent``.
-            callback_on_step_end (callable, *optional*): ``f(pipe, step, timestep, {})`` after every step.
+            callback_on_step_end (callable, *optional*): ``f(pipe, step, timestep, {"latents": latents})`` after
+                every step.
         """
         device = self._execution_device
         batch_size = len(prompt)
@@ -180,7 +181,7 @@ class HiDreamAITKPipeline(HiDreamImagePipeline):
                 velocity = no_image + image_guidance_scale * (text_guided * ratio.clamp(0.0, 1.0) - no_image)
             latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
             if callback_on_step_end is not None:
-                callback_on_step_end(self, i, t, {})
+                callback_on_step_end(self, i, t, {"latents": latents})
 
         # 5. Decode
         if output_type == "latent":

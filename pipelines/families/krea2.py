@@ -52,7 +52,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from transformers import Qwen3VLProcessor
 
-from ..base import AITKPipeline, GenerationParams
+from ..base import AITKPipeline, GenerationParams, LatentLayout
 from ..registry import Krea2Options
 
 #: prompt tokens ai-toolkit keeps (model_kwargs.max_text_length), not counting the assistant suffix
@@ -306,7 +306,7 @@ class Krea2AITKPipeline(Krea2Pipeline):
                 v = v + guidance_scale * (v - v_uncond)
             latents = latents + (t_next - t_now) * v.to(torch.float32)
             if callback_on_step_end is not None:
-                callback_on_step_end(self, i, t_now, {})
+                callback_on_step_end(self, i, t_now, {"latents": latents})
 
         if output_type == "latent":
             images = latents
@@ -419,6 +419,8 @@ def _gate(x, split, live, clean, index):
 
 class Krea2FamilyPipeline(AITKPipeline):
     """``krea2``, ``krea2_turbo``, ``krea2_o_edit`` and ``krea2_o_edit_turbo``."""
+
+    latent_layout = LatentLayout(tokens=True, patch=2)
 
     denoiser = "transformer"
     options_type = Krea2Options

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import time
 
-from ..base import AITKPipeline, GenerationParams, GenerationResult
+from ..base import AITKPipeline, GenerationParams, GenerationResult, LatentLayout
 from ..lora.convert import ltx2_original_to_diffusers
 from ..registry import LTX2Options
 from .ltx2_comfy import is_comfy_source, load_comfy_pipeline
@@ -51,6 +51,8 @@ GEMMA_MAX_LENGTH = 1024
 
 class LTX2FamilyPipeline(AITKPipeline):
     """``ltx2``, ``ltx2.3`` and ``ltx2.5``."""
+
+    latent_layout = LatentLayout(tokens=True, temporal_ratio="vae_temporal_compression_ratio")
 
     denoiser = "transformer"
     options_type = LTX2Options

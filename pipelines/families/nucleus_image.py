@@ -32,7 +32,7 @@ import os
 
 from transformers import Qwen3VLProcessor
 
-from ..base import AITKPipeline, GenerationParams
+from ..base import AITKPipeline, GenerationParams, LatentLayout
 from ..lora.convert import ConvertedLora, LoraFormatError
 from ..registry import ModelSpec
 
@@ -69,6 +69,8 @@ def refuse_expert_keys(converted: ConvertedLora) -> ConvertedLora:
 
 class NucleusImageFamilyPipeline(AITKPipeline):
     """``nucleus_image``."""
+
+    latent_layout = LatentLayout(tokens=True, patch=2)
 
     denoiser = "transformer"
 

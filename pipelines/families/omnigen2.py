@@ -275,7 +275,7 @@ class OmniGen2Pipeline(DiffusionPipeline):
                 v = bare + text_guidance_scale * (v - bare)
             latents = self.scheduler.step(v, latents).to(self.vae.dtype)
             if callback_on_step_end is not None:
-                callback_on_step_end(self, i, t, {})
+                callback_on_step_end(self, i, t, {"latents": latents})
 
         latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
         image = self.vae.decode(latents, return_dict=False)[0]

@@ -82,7 +82,8 @@ class PRXPixelAITKPipeline(PRXPixelPipeline):
             guidance_scale (float, defaults to 5.0): guidance on the x0 prediction; 1 runs one pass per step.
             generator (torch.Generator or list, *optional*): draws the initial noise (one per image for a list).
             output_type (str, defaults to "np"): ``np``, ``pil``, ``pt`` or ``latent`` (the ``[-1, 1]`` pixels).
-            callback_on_step_end (callable, *optional*): ``f(pipe, step, timestep, {})`` after every step.
+            callback_on_step_end (callable, *optional*): ``f(pipe, step, timestep, {"latents": latents})`` after
+                every step.
         """
         device = self._execution_device
         dtype = self.transformer.dtype
@@ -116,7 +117,7 @@ class PRXPixelAITKPipeline(PRXPixelPipeline):
             velocity = velocity_from_x0(latents, x0, flow_time[:batch_size], min_time=X0_MIN_TIME)
             latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
             if callback_on_step_end is not None:
-                callback_on_step_end(self, i, t, {})
+                callback_on_step_end(self, i, t, {"latents": latents})
 
         # 4. The latents are the image in [-1, 1]
         images = self.image_processor.postprocess(latents, output_type=output_type)

@@ -34,12 +34,14 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import Qwen2VLProcessor
 
-from ..base import AITKPipeline, GenerationParams
+from ..base import AITKPipeline, GenerationParams, LatentLayout
 from ..registry import ModelSpec
 
 
 class QwenImageFamilyPipeline(AITKPipeline):
     """``qwen_image`` and ``qwen_image_2512``."""
+
+    latent_layout = LatentLayout(tokens=True, patch=2)
 
     denoiser = "transformer"
 

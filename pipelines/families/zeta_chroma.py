@@ -48,7 +48,7 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import AutoTokenizer, Qwen3Model
 
-from ..base import AITKPipeline, GenerationParams
+from ..base import AITKPipeline, GenerationParams, LatentLayout
 from ..registry import ModelSpec, ZetaChromaOptions
 from .pixel_space import unpatchify_pixels_channels_last
 from .zeta_chroma_transformer import X0_MARKER, ZetaChromaTransformer2DModel
@@ -171,7 +171,8 @@ class ZetaChromaPipeline(DiffusionPipeline):
             guidance_scale (float, defaults to 4.0): CFG ``n + g (p - n)`` above 1; one pass per step otherwise.
             generator (torch.Generator or list, *optional*): draws the initial noise (one per image for a list).
             output_type (str, defaults to "np"): ``np``, ``pil``, ``pt`` or ``latent`` (the ``[-1, 1]`` pixels).
-            callback_on_step_end (callable, *optional*): ``f(pipe, step, timestep, {})`` after every step.
+            callback_on_step_end (callable, *optional*): ``f(pipe, step, timestep, {"latents": latents})`` after
+                every step.
         """
         if width % PATCH_SIZE or height % PATCH_SIZE:
             raise ValueError(f"Zeta-Chroma needs a width and height that are multiples of {PATCH_SIZE}, got "
@@ -211,7 +212,7 @@ class ZetaChromaPipeline(DiffusionPipeline):
                 velocity = negative + guidance_scale * (positive - negative)
             latents = latents + (next_time - time) * velocity
             if callback_on_step_end is not None:
-                callback_on_step_end(self, i, time, {})
+                callback_on_step_end(self, i, time, {"latents": latents})
 
         # 4. The latents are the image in [-1, 1]
         pixels = unpatchify_pixels_channels_last(latents.float(), height, width, PATCH_SIZE)
@@ -262,6 +263,8 @@ def load_transformer_file(path: str, torch_dtype, architecture: dict | None = No
 
 class ZetaChromaFamilyPipeline(AITKPipeline):
     """``zeta_chroma``."""
+
+    latent_layout = LatentLayout(tokens=True, patch=PATCH_SIZE, channels_last=True)
 
     denoiser = "transformer"
     options_type = ZetaChromaOptions

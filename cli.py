@@ -206,7 +206,8 @@ def cmd_reproduce(args) -> int:
     from .pipelines.jobs.reproduce import reproduce_job
 
     report = reproduce_job(args.job, base=args.base, lora=args.lora, out_dir=args.out, device=args.device,
-                           dtype=args.dtype, model=args.model)
+                           dtype=args.dtype, model=args.model, **({} if args.max_batch is None else
+                                                                  {"max_batch": args.max_batch}))
     print(f"{report.model} from {report.base}; LoRA {report.lora} (step {report.step}, {report.lora_mode})")
     for row in report.samples:
         line = f"{row.file}: {row.width}x{row.height} seed {row.seed} steps {row.steps} guidance {row.guidance}"
@@ -216,6 +217,8 @@ def cmd_reproduce(args) -> int:
         print(line)
     if report.sheet:
         print(f"side-by-side sheet: {report.sheet}")
+    print(f"{len(report.samples)} previews in {report.calls} call(s) (at most {report.max_batch} per call): "
+          f"{report.render_seconds:.2f}s, {report.images_per_minute:.1f} images/min")
     return 0
 
 
@@ -299,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", help="LoRA file (default: the job's newest by name)")
     p.add_argument("--model", help="model id (default: derived from the job's model.arch)")
     p.add_argument("--out", help="output folder (default: <job>/aitk_inference_samples)")
+    p.add_argument("--max-batch", type=int, help="previews that share their size and settings are rendered together, "
+                   "at most this many per call (default 4; more is faster on a large GPU but needs more memory; 1 "
+                   "renders one by one)")
     p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("demo", help="tiny random-weight pipeline + tiny LoRA, one image, no download")

@@ -30,6 +30,7 @@ class ErnieImageFamilyPipeline(AITKPipeline):
     """``ernie_image``."""
 
     denoiser = "transformer"
+    batches_distinct_prompts = True
 
     @classmethod
     def load_diffusers_pipeline(cls, spec, source, torch_dtype, **overrides):

@@ -22,6 +22,7 @@ class FluxFamilyPipeline(AITKPipeline):
     """``flux``, ``flex1`` and ``flux_kontext``."""
 
     denoiser = "transformer"
+    batches_distinct_prompts = True
 
     def pipeline_kwargs(self, params: GenerationParams) -> dict:
         kwargs = self.prompt_call(params, negative=False, max_sequence_length=T5_MAX_LENGTH)

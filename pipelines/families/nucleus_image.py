@@ -71,6 +71,7 @@ class NucleusImageFamilyPipeline(AITKPipeline):
     """``nucleus_image``."""
 
     denoiser = "transformer"
+    batches_distinct_prompts = True
 
     @classmethod
     def load_diffusers_pipeline(cls, spec: ModelSpec, source: str, torch_dtype, **overrides):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass, field
 
 from .config import find_previews, lora_step, newest_lora, read_job, resolve_job_path, with_expert_sibling
@@ -81,6 +82,14 @@ class ReproduceReport:
     out_dir: str
     samples: list[ReproducedSample] = field(default_factory=list)
     sheet: str | None = None
+    max_batch: int = 1
+    calls: int = 0
+    render_seconds: float = 0.0
+
+    @property
+    def images_per_minute(self) -> float:
+        """Previews rendered per minute (``generate`` calls only: the model load and the file writing excluded)."""
+        return 60.0 * len(self.samples) / self.render_seconds if self.render_seconds else 0.0
 
 
 def compare_images(ours, theirs) -> ImageDifference:
@@ -130,6 +139,54 @@ def write_sheet(rows: list[tuple[str, object, object]], path: str) -> str:
     return path
 
 
+#: previews rendered in one pipeline call at most: each image of a batch adds its latents, activations and decode
+#: to the memory a call needs, so the default stays small (``--max-batch``; 1 renders one by one)
+DEFAULT_MAX_BATCH = 4
+
+
+@dataclass(frozen=True)
+class PreviewBatch:
+    """Previews that share every setting but their prompt, negative and seed, rendered in one ``generate`` call."""
+
+    samples: tuple
+    network_multiplier: float
+    options: dict  # the shared ``generate`` keyword arguments (size, steps, guidance, controls, family options...)
+
+
+def _frozen(value):
+    """A hashable stand-in for a ``generate`` keyword value (lists, tuples and dicts nested)."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(item) for item in value)
+    if isinstance(value, dict):
+        return tuple(sorted((key, _frozen(item)) for key, item in value.items()))
+    return value
+
+
+def batch_previews(pipeline, samples, options: list[dict], controls: list[tuple], max_batch: int) -> list[PreviewBatch]:
+    """Group the previews that one call can render: the same LoRA multiplier, control images and ``generate`` options
+    (``controls[i]``: sample i's control image paths; ``options[i]``: its other keyword arguments), in the job's
+    order, at most ``max_batch`` per call. A family without ``batches_distinct_prompts`` batches only previews that
+    share their prompt and negative as well (in practice: one by one)."""
+    texts = (lambda sample: ()) if pipeline.batches_distinct_prompts else (
+        lambda sample: (sample.prompt, sample.negative))
+    groups: dict = {}
+    for sample, kwargs, paths in zip(samples, options, controls):
+        key = (sample.network_multiplier, paths, _frozen({k: v for k, v in kwargs.items()
+                                                          if k not in _CONTROL_KEYS}), texts(sample))
+        groups.setdefault(key, []).append((sample, kwargs))
+    batches = []
+    for members in groups.values():
+        for start in range(0, len(members), max_batch):
+            chunk = members[start:start + max_batch]
+            batches.append(PreviewBatch(samples=tuple(sample for sample, _ in chunk),
+                                        network_multiplier=chunk[0][0].network_multiplier, options=chunk[0][1]))
+    return batches
+
+
+#: ``generate`` keywords that carry control-image data (grouped by their paths instead)
+_CONTROL_KEYS = frozenset({"control_images", "inpaint_image"})
+
+
 def reproduce_job(
     job: str,
     base: str | None = None,
@@ -138,8 +195,13 @@ def reproduce_job(
     device: str | None = None,
     dtype=None,
     model: str | None = None,
+    max_batch: int = DEFAULT_MAX_BATCH,
 ) -> ReproduceReport:
     """Re-render an ai-toolkit job's sample previews and compare them with the job's own.
+
+    Previews that share their size and every other setting but the prompt, negative and seed are rendered together,
+    up to ``max_batch`` per call, each with its own seed and prompt (equal to its one-by-one render within the
+    family's batch tolerance, see BENCHMARKS.md "Previews in bulk").
 
     Args:
         job (str): the job folder or its ``config.yaml``.
@@ -149,19 +211,23 @@ def reproduce_job(
         out_dir (str, *optional*): where our images go; defaults to ``<job>/aitk_inference_samples``.
         device (str, *optional*), dtype (str, *optional*): as for ``load_pipeline``.
         model (str, *optional*): model id; defaults to the one matching ``model.arch``.
+        max_batch (int, defaults to 4): previews per pipeline call at most (a memory cap); 1 renders one by one.
 
     Returns:
-        ReproduceReport: one :class:`ReproducedSample` per preview, compared with ai-toolkit's image for the same step
-        and index where the job has one, and the side-by-side sheet (or None).
+        ReproduceReport: one :class:`ReproducedSample` per preview (in the job's order), compared with ai-toolkit's
+        image for the same step and index where the job has one, and the side-by-side sheet (or None).
     """
     import numpy as np
 
     from .. import load_pipeline
+    from ..base import MAX_BATCH
     from ..lora.stack import LoraRequest
     from ..media import write_audio, write_image, write_webp
     from ..registry import get_spec
 
     # 1. Validate and read the job
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= MAX_BATCH:
+        raise ValueError(f"`max_batch` must be an integer in 1..{MAX_BATCH}, got {max_batch!r}.")
     training = read_job(job)
     spec = get_spec(model or training.model_id)
     source = resolve_job_path(base, training.folder) if base else training.base
@@ -187,23 +253,20 @@ def reproduce_job(
     os.makedirs(out_dir, exist_ok=True)
     previews = find_previews(training.folder)
     prefix = training.name or "sample"
-
     extra_loras = job_side_loras(training, spec)
-    rows, sheet_rows = [], []
+
+    # 4. Each sample's generate options, then the batches of samples that share them
+    options, controls = [], []
     for sample in samples:
-        # 4. Apply the LoRA at this sample's multiplier (an in-place change after the first)
-        pipeline.set_loras([LoraRequest(path=path, strength=sample.network_multiplier)
-                            for path in with_expert_sibling(lora_path)] + extra_loras)
-        # 5. Run
-        controls = []
+        paths = []
         if spec.control_images[1] == 1 and sample.ctrl_img:
-            controls = [resolve_job_path(sample.ctrl_img, training.folder)]
+            paths = [resolve_job_path(sample.ctrl_img, training.folder)]
         elif spec.control_images[1] > 1 and sample.ctrl_imgs:
-            controls = [resolve_job_path(p, training.folder) for p in sample.ctrl_imgs]
-        for path in controls:
+            paths = [resolve_job_path(p, training.folder) for p in sample.ctrl_imgs]
+        for path in paths:
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"Sample {sample.index}: control image {path!r} does not exist.")
-        kwargs = pipeline.control_inputs(controls) if controls else {}
+        kwargs = pipeline.control_inputs(paths) if paths else {}
         kwargs.update({name: getattr(sample, name) for name in pipeline.sample_options})
         if sample.guidance_rescale and "guidance_rescale" not in pipeline.sample_options:
             logger.warning("Sample %d: guidance_rescale %s has no effect for %s (ai-toolkit's previews use it for "
@@ -211,46 +274,70 @@ def reproduce_job(
         kwargs.update(pipeline.job_options(training.process["model"]))
         if spec.is_video:
             kwargs.update(num_frames=sample.num_frames, fps=sample.fps)
-        result = pipeline.generate(prompt=sample.prompt, negative=sample.negative, width=sample.width,
-                                   height=sample.height, steps=sample.steps, guidance=sample.guidance,
-                                   seed=sample.seed, **kwargs)
-        # 6. Save and compare (ai-toolkit's audio previews are MP3s of the first channel: lossy, so written, not
-        # compared)
-        p = result.params
-        if result.is_audio:
-            path = write_audio(result.audio[0], os.path.join(out_dir, f"{prefix}__{step:09d}_{sample.index}.flac"),
-                               result.sample_rate)
-            rows.append(ReproducedSample(file=path, index=sample.index, prompt=p.prompt, width=p.width,
-                                         height=p.height, seed=p.seed, steps=p.steps, guidance=p.guidance,
-                                         network_multiplier=sample.network_multiplier, preview=None, compare=None))
-            continue
-        frames = result.to_pil()
-        filename = f"{prefix}__{step:09d}_{sample.index}" + (".webp" if result.is_video else ".png")
-        path = os.path.join(out_dir, filename)
-        metadata = {**result.metadata(), "ai_toolkit_step": step, "ai_toolkit_index": sample.index}
-        if result.is_video:
-            write_webp(result.images[0], path, result.params.fps)  # ai-toolkit's video previews are animated WEBP
-        else:
-            write_image(frames[0], path, metadata)
-        preview, difference, per_frame = previews.get((step, sample.index)), None, ()
-        if preview is not None:
-            # a video is compared as written: both animated WEBPs decoded, frame by frame
-            ours = np.stack(read_frames(path) if result.is_video else [np.asarray(frames[0].convert("RGB"))])
-            theirs = np.stack(read_frames(preview))
-            if theirs.shape != ours.shape:
-                logger.warning("Sample %d: ai-toolkit's preview is %d frame(s) of %dx%d, ours %d of %dx%d; not "
-                               "compared.", sample.index, theirs.shape[0], theirs.shape[2], theirs.shape[1],
-                               ours.shape[0], ours.shape[2], ours.shape[1])
-            else:
-                difference = compare_images(ours, theirs)
-                if result.is_video:
-                    per_frame = tuple(compare_images(a, b) for a, b in zip(ours, theirs))
-                sheet_rows.append((f"#{sample.index} step {step} seed {p.seed}", ours[0], theirs[0]))
-        rows.append(ReproducedSample(file=path, index=sample.index, prompt=p.prompt, width=p.width, height=p.height,
-                                     seed=p.seed, steps=p.steps, guidance=p.guidance,
-                                     network_multiplier=sample.network_multiplier, preview=preview,
-                                     compare=difference, frame_compare=per_frame))
+        kwargs.update(width=sample.width, height=sample.height, steps=sample.steps, guidance=sample.guidance)
+        options.append(kwargs)
+        controls.append(tuple(paths))
+    batches = batch_previews(pipeline, samples, options, controls, max_batch)
 
+    rows, sheet_rows, render_seconds = {}, {}, 0.0
+    for batch in batches:
+        # 5. Apply the LoRA at this batch's multiplier (an in-place change after the first)
+        pipeline.set_loras([LoraRequest(path=path, strength=batch.network_multiplier)
+                            for path in with_expert_sibling(lora_path)] + extra_loras)
+        # 6. Run: one image per sample, each with its own prompt, negative and seed
+        members = batch.samples
+        texts = ({"prompt": members[0].prompt, "negative": members[0].negative, "seed": members[0].seed}
+                 if len(members) == 1 else
+                 {"prompt": [s.prompt for s in members], "negative": [s.negative for s in members],
+                  "seed": [s.seed for s in members]})
+        started = time.perf_counter()
+        result = pipeline.generate(**texts, **batch.options)
+        render_seconds += time.perf_counter() - started
+        if len(members) > 1:
+            logger.info("Samples %s rendered in one call (%.2fs).", [s.index for s in members],
+                        result.timings["total"])
+        p = result.params
+        for i, sample in enumerate(members):
+            # 7. Save and compare (ai-toolkit's audio previews are MP3s of the first channel: lossy, so written, not
+            # compared)
+            if result.is_audio:
+                path = write_audio(result.audio[i],
+                                   os.path.join(out_dir, f"{prefix}__{step:09d}_{sample.index}.flac"),
+                                   result.sample_rate)
+                rows[sample.index] = ReproducedSample(
+                    file=path, index=sample.index, prompt=p.prompts[i], width=p.width, height=p.height,
+                    seed=p.seeds[i], steps=p.steps, guidance=p.guidance, network_multiplier=sample.network_multiplier,
+                    preview=None, compare=None)
+                continue
+            filename = f"{prefix}__{step:09d}_{sample.index}" + (".webp" if result.is_video else ".png")
+            path = os.path.join(out_dir, filename)
+            metadata = {**result.metadata(i), "ai_toolkit_step": step, "ai_toolkit_index": sample.index}
+            if result.is_video:
+                write_webp(result.images[i], path, p.fps)  # ai-toolkit's video previews are animated WEBP
+            else:
+                write_image(result.to_pil()[i], path, metadata)
+            preview, difference, per_frame = previews.get((step, sample.index)), None, ()
+            if preview is not None:
+                # a video is compared as written: both animated WEBPs decoded, frame by frame
+                ours = np.stack(read_frames(path))
+                theirs = np.stack(read_frames(preview))
+                if theirs.shape != ours.shape:
+                    logger.warning("Sample %d: ai-toolkit's preview is %d frame(s) of %dx%d, ours %d of %dx%d; not "
+                                   "compared.", sample.index, theirs.shape[0], theirs.shape[2], theirs.shape[1],
+                                   ours.shape[0], ours.shape[2], ours.shape[1])
+                else:
+                    difference = compare_images(ours, theirs)
+                    if result.is_video:
+                        per_frame = tuple(compare_images(a, b) for a, b in zip(ours, theirs))
+                    sheet_rows[sample.index] = (f"#{sample.index} step {step} seed {p.seeds[i]}", ours[0], theirs[0])
+            rows[sample.index] = ReproducedSample(
+                file=path, index=sample.index, prompt=p.prompts[i], width=p.width, height=p.height, seed=p.seeds[i],
+                steps=p.steps, guidance=p.guidance, network_multiplier=sample.network_multiplier, preview=preview,
+                compare=difference, frame_compare=per_frame)
+
+    order = [sample.index for sample in samples]
+    sheet_rows = [sheet_rows[index] for index in order if index in sheet_rows]
     sheet = write_sheet(sheet_rows, os.path.join(out_dir, f"{prefix}__{step:09d}_sheet.png")) if sheet_rows else None
     return ReproduceReport(config=training.config_path, model=spec.model_id, base=source, lora=lora_path, step=step,
-                           lora_mode=lora_mode, out_dir=out_dir, samples=rows, sheet=sheet)
+                           lora_mode=lora_mode, out_dir=out_dir, samples=[rows[index] for index in order],
+                           sheet=sheet, max_batch=max_batch, calls=len(batches), render_seconds=render_seconds)

@@ -239,7 +239,7 @@ class AITKPipeline:
     #: previews use; ``reproduce`` passes them to :meth:`generate` as generation options
     sample_options: tuple[str, ...] = ()
     #: whether one call may give the images of a batch different prompts and negatives (``generate(prompt=[...])``),
-    #: each image then matching its one-by-one render (measured per family in tests/test_batch_prompts.py); families
+    #: each image then matching its one-by-one render (measured per id by benchmarks/batch_parity.py); families
     #: without it render a batch of one prompt only, and ``reproduce`` renders their distinct previews one by one
     batches_distinct_prompts: bool = False
 
@@ -470,11 +470,11 @@ class AITKPipeline:
         batch_size = 1 if batch_size is None else batch_size
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= MAX_BATCH:
             raise ValueError(f"`batch_size` must be an integer in 1..{MAX_BATCH}, got {batch_size!r}.")
-        prompts = prompts or [prompt] * batch_size
-        negatives = _per_item("negative", spec.negative if negative is None else negative, str, "a string",
-                              batch_size)
-        negatives = negatives or [spec.negative if negative is None else negative] * batch_size
-        if not self.batches_distinct_prompts and (len(set(prompts)) > 1 or len(set(negatives)) > 1):
+        prompts = [apply_trigger(text, trigger_word) for text in prompts or [prompt] * batch_size]
+        negative = spec.negative if negative is None else negative
+        negatives = _per_item("negative", negative, str, "a string", batch_size) or [negative] * batch_size
+        distinct = len(set(prompts)) > 1 or len(set(negatives)) > 1
+        if distinct and not self.batches_distinct_prompts:
             raise ValueError(f"{spec.model_id} renders one prompt (and negative) per call; call generate once per "
                              "prompt.")
 
@@ -550,11 +550,9 @@ class AITKPipeline:
         else:
             num_frames, fps = None, None
 
-        prompts = [apply_trigger(text, trigger_word) for text in prompts]
         if any(negatives) and not spec.negative_has_effect(guidance):
             logger.warning("%s ignores the negative prompt at guidance %s (%s guidance); it has no effect.",
                            spec.model_id, guidance, spec.guidance_kind)
-        distinct = len(set(prompts)) > 1 or len(set(negatives)) > 1
         params = GenerationParams(prompt=prompts[0], negative=negatives[0], width=sizes["width"],
                                   height=sizes["height"], steps=steps, guidance=guidance, seed=seed,
                                   batch_size=batch_size, control_images=images, num_frames=num_frames, fps=fps,
@@ -677,7 +675,8 @@ def _per_item(name: str, value, item_type: type, what: str, count: int | None = 
     ``count``, the batch size; None when it is one value for the whole batch (checked here too)."""
     if not isinstance(value, (list, tuple)):
         if item_type is str and not isinstance(value, str):
-            raise ValueError(f"`{name}` must be {what} or a list of them, got {type(value).__name__}.")
+            raise ValueError(f"`{name}` must be {what}, got {type(value).__name__} (or a list of them, one per "
+                             "image).")
         return None
     if not value:
         raise ValueError(f"`{name}` is an empty list; give one {name} per image.")
@@ -685,7 +684,8 @@ def _per_item(name: str, value, item_type: type, what: str, count: int | None = 
     if bad:
         raise ValueError(f"Every item of `{name}` must be {what}, got {bad[0]!r}.")
     if count is not None and len(value) != count:
-        raise ValueError(f"`{name}` has {len(value)} items for a batch of {count}: give one per image.")
+        raise ValueError(f"`{name}` has {len(value)} items for a batch of {count}: give one per image (a list of "
+                         "prompts or `batch_size` sets the batch).")
     return list(value)
 
 

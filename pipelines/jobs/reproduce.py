@@ -4,7 +4,8 @@
 shares one multiplier, as ai-toolkit's ``merge_in`` does, live otherwise), renders each preview with
 :func:`~aitk_inference.pipelines.load_pipeline`, ``set_loras`` and ``generate``, saves it under ai-toolkit's name
 (``<job name>__<step:09d>_<i>.png``) and, where the job has its own preview for the same (step, index), reports the
-difference in 8-bit levels and PSNR and writes a side-by-side sheet.
+difference in 8-bit levels and PSNR and writes a side-by-side sheet. Previews that share every setting but their
+prompt, negative and seed are rendered together (:func:`batch_previews`, at most ``max_batch`` per call).
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ class ReproducedSample:
 
 @dataclass(frozen=True)
 class ReproduceReport:
-    """What :func:`reproduce_job` did: the model, base, LoRA file and step, the LoRA mode, and one row per preview."""
+    """What :func:`reproduce_job` did: the model, base, LoRA file and step, the LoRA mode, one row per preview, and
+    how the previews were rendered (at most ``max_batch`` per call, ``calls`` calls, ``render_seconds`` in them)."""
 
     config: str
     model: str
@@ -150,7 +152,8 @@ class PreviewBatch:
 
     samples: tuple
     network_multiplier: float
-    options: dict  # the shared ``generate`` keyword arguments (size, steps, guidance, controls, family options...)
+    controls: tuple  # the control image paths
+    options: dict  # the other shared ``generate`` keyword arguments (size, steps, guidance, family options...)
 
 
 def _frozen(value):
@@ -163,28 +166,19 @@ def _frozen(value):
 
 
 def batch_previews(pipeline, samples, options: list[dict], controls: list[tuple], max_batch: int) -> list[PreviewBatch]:
-    """Group the previews that one call can render: the same LoRA multiplier, control images and ``generate`` options
-    (``controls[i]``: sample i's control image paths; ``options[i]``: its other keyword arguments), in the job's
-    order, at most ``max_batch`` per call. A family without ``batches_distinct_prompts`` batches only previews that
-    share their prompt and negative as well (in practice: one by one)."""
-    texts = (lambda sample: ()) if pipeline.batches_distinct_prompts else (
-        lambda sample: (sample.prompt, sample.negative))
-    groups: dict = {}
-    for sample, kwargs, paths in zip(samples, options, controls):
-        key = (sample.network_multiplier, paths, _frozen({k: v for k, v in kwargs.items()
-                                                          if k not in _CONTROL_KEYS}), texts(sample))
-        groups.setdefault(key, []).append((sample, kwargs))
-    batches = []
-    for members in groups.values():
-        for start in range(0, len(members), max_batch):
-            chunk = members[start:start + max_batch]
-            batches.append(PreviewBatch(samples=tuple(sample for sample, _ in chunk),
-                                        network_multiplier=chunk[0][0].network_multiplier, options=chunk[0][1]))
-    return batches
-
-
-#: ``generate`` keywords that carry control-image data (grouped by their paths instead)
-_CONTROL_KEYS = frozenset({"control_images", "inpaint_image"})
+    """Group the previews that one call can render: the same LoRA multiplier, control images (``controls[i]``: sample
+    i's paths) and other ``generate`` options (``options[i]``), in the job's order, at most ``max_batch`` per call. A
+    family without ``batches_distinct_prompts`` groups only previews that share their prompt and negative as well
+    (in practice: one by one)."""
+    groups: dict = {}  # key -> (the shared options, the samples)
+    for sample, kwargs, paths in zip(samples, options, controls, strict=True):
+        key = (sample.network_multiplier, paths, _frozen(kwargs))
+        if not pipeline.batches_distinct_prompts:
+            key += (sample.prompt, sample.negative)
+        groups.setdefault(key, (kwargs, []))[1].append(sample)
+    return [PreviewBatch(samples=tuple(members[start:start + max_batch]), network_multiplier=key[0], controls=key[1],
+                         options=kwargs)
+            for key, (kwargs, members) in groups.items() for start in range(0, len(members), max_batch)]
 
 
 def reproduce_job(
@@ -266,8 +260,7 @@ def reproduce_job(
         for path in paths:
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"Sample {sample.index}: control image {path!r} does not exist.")
-        kwargs = pipeline.control_inputs(paths) if paths else {}
-        kwargs.update({name: getattr(sample, name) for name in pipeline.sample_options})
+        kwargs = {name: getattr(sample, name) for name in pipeline.sample_options}
         if sample.guidance_rescale and "guidance_rescale" not in pipeline.sample_options:
             logger.warning("Sample %d: guidance_rescale %s has no effect for %s (ai-toolkit's previews use it for "
                            "SDXL only).", sample.index, sample.guidance_rescale, spec.model_id)
@@ -291,7 +284,8 @@ def reproduce_job(
                  {"prompt": [s.prompt for s in members], "negative": [s.negative for s in members],
                   "seed": [s.seed for s in members]})
         started = time.perf_counter()
-        result = pipeline.generate(**texts, **batch.options)
+        controls = pipeline.control_inputs(list(batch.controls)) if batch.controls else {}
+        result = pipeline.generate(**texts, **controls, **batch.options)
         render_seconds += time.perf_counter() - started
         if len(members) > 1:
             logger.info("Samples %s rendered in one call (%.2fs).", [s.index for s in members],

@@ -1,4 +1,4 @@
-"""``--reproduce-batch``: ``reproduce`` of an ai-toolkit job whose 8 previews share their size and settings (not their
+"""``--reproduce-batch``: ``reproduce`` of an ai-toolkit job whose 8 previews (``--reproduce-previews``) share their size and settings (not their
 prompts or seeds), one by one and in batches of ``--reproduce-max-batch``, in the same run.
 
 The job is written as ai-toolkit leaves one (``config.yaml`` with ``walk_seed``, a rank-16 PEFT LoRA named after the
@@ -45,8 +45,9 @@ def denoiser_targets(folder: str, component: str) -> list:
     return lora_targets(module)
 
 
-def write_job(model_id: str, base: str, workdir: str, size: int, steps: int, rank: int) -> str:
-    """An ai-toolkit job folder of ``model_id`` with :data:`PROMPTS` at ``size``, ``steps`` and one LoRA."""
+def write_job(model_id: str, base: str, workdir: str, size: int, steps: int, rank: int, previews: int) -> str:
+    """An ai-toolkit job folder of ``model_id`` with the first ``previews`` of :data:`PROMPTS` at ``size``, ``steps``
+    and one LoRA."""
     import yaml
 
     from ..pipelines.registry import get_spec
@@ -58,7 +59,7 @@ def write_job(model_id: str, base: str, workdir: str, size: int, steps: int, ran
     write_lora(os.path.join(job, f"bench_{0:09d}.safetensors"), "peft",
                denoiser_targets(base, spec.family_class().denoiser), rank=rank, seed=1, std=0.01)
     sample = {"width": size, "height": size, "seed": 42, "walk_seed": True, "guidance_scale": 4.0,
-              "sample_steps": steps, "neg": "", "samples": [{"prompt": p} for p in PROMPTS]}
+              "sample_steps": steps, "neg": "", "samples": [{"prompt": p} for p in PROMPTS[:previews]]}
     if spec.video is not None:
         sample.update(num_frames=spec.video.frames(1), fps=spec.video.fps)
     config = {"job": "extension", "config": {"name": "bench", "process": [{
@@ -83,9 +84,9 @@ def max_levels(one, bulk) -> int:
     return worst
 
 
-def bench_reproduce_batch(model_id: str, opts, rec, max_batch: int) -> None:
-    """One-by-one (reference) and batched ``reproduce`` of the same job; a first one-by-one pass warms up the device
-    (kernels, allocator) and is not recorded."""
+def bench_reproduce_batch(model_id: str, opts, rec, max_batch: int, previews: int = len(PROMPTS)) -> None:
+    """One-by-one (reference) and batched ``reproduce`` of the same job of ``previews`` previews; a first one-by-one
+    pass warms up the process and the device (imports, kernels, allocator) and is not recorded."""
     from ..pipelines.jobs.reproduce import reproduce_job
     from .harness import materialize_flux, peak_memory_gib, reset_peak
 
@@ -98,7 +99,9 @@ def bench_reproduce_batch(model_id: str, opts, rec, max_batch: int) -> None:
         from ..tiny import tiny_model_dir
 
         base = tiny_model_dir(model_id)
-    job = write_job(model_id, base, opts.workdir, opts.image_size, opts.steps, opts.rank)
+    if not 1 <= previews <= len(PROMPTS):
+        raise SystemExit(f"--reproduce-previews must be in 1..{len(PROMPTS)}, got {previews}.")
+    job = write_job(model_id, base, opts.workdir, opts.image_size, opts.steps, opts.rank, previews)
     out = os.path.join(opts.workdir, f"reproduce_batch_{model_id}_out")
     reports, peaks = {}, {}
     for name, batch in (("warm-up", 1), ("one_by_one", 1), ("batched", max_batch)):
@@ -109,7 +112,7 @@ def bench_reproduce_batch(model_id: str, opts, rec, max_batch: int) -> None:
         peak = peak_memory_gib(opts.device)
         peaks[name] = "n/a (CPU)" if peak is None else f"{peak:.2f} GiB"
     one, bulk = reports["one_by_one"], reports["batched"]
-    what = f"{len(PROMPTS)} previews {opts.image_size}px, {opts.steps} steps"
+    what = f"{previews} previews {opts.image_size}px, {opts.steps} steps"
     rec.add(model_id, "reproduce_images_per_min", "one_by_one", one.images_per_minute, "img/min",
             notes=f"{what}; {one.calls} calls; peak {peaks['one_by_one']}")
     rec.add(model_id, "reproduce_images_per_min", f"batch_{max_batch}", bulk.images_per_minute, "img/min",

@@ -52,6 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "tiny: flux sdxl qwen_image zimage wan21_1b)")
     parser.add_argument("--reproduce-max-batch", type=int, default=4,
                         help="previews per call in the batched --reproduce-batch pass")
+    parser.add_argument("--reproduce-previews", type=int, default=8, help="previews in the --reproduce-batch job (1..8)")
     parser.add_argument("--time-budget", type=float, default=float("inf"),
                         help="seconds; variants that would start too close to it are skipped")
     args = parser.parse_args(argv)
@@ -96,7 +97,7 @@ def main(argv=None) -> str:
     for model_id in args.reproduce_batch:
         from .reproduce_batch import bench_reproduce_batch
 
-        bench_reproduce_batch(model_id, opts, rec, args.reproduce_max_batch)
+        bench_reproduce_batch(model_id, opts, rec, args.reproduce_max_batch, args.reproduce_previews)
     print(f"[bench] wrote {rec.path}", flush=True)
     print_table(rec)
     return rec.path

@@ -114,8 +114,8 @@ def bench_reproduce_batch(model_id: str, opts, rec, max_batch: int, previews: in
     one, bulk = reports["one_by_one"], reports["batched"]
     what = f"{previews} previews {opts.image_size}px, {opts.steps} steps"
     rec.add(model_id, "reproduce_images_per_min", "one_by_one", one.images_per_minute, "img/min",
-            notes=f"{what}; {one.calls} calls; peak {peaks['one_by_one']}")
+            notes=f"{what}; {one.calls} call(s); peak {peaks['one_by_one']}")
     rec.add(model_id, "reproduce_images_per_min", f"batch_{max_batch}", bulk.images_per_minute, "img/min",
-            one.images_per_minute, notes=f"{what}; {bulk.calls} calls; peak {peaks['batched']}; ratio = speed-up")
+            one.images_per_minute, notes=f"{what}; {bulk.calls} call(s); peak {peaks['batched']}; ratio = speed-up")
     rec.add(model_id, "reproduce_batch_vs_one_by_one", f"batch_{max_batch}", max_levels(one, bulk), "levels",
             notes="largest 8-bit difference of a batched preview from its one-by-one render, as written")

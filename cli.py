@@ -211,7 +211,8 @@ def cmd_reproduce(args) -> int:
     if args.steps or args.strengths or args.prompts:
         raise ValueError("--steps, --strengths and --prompts choose the cells of --grid; add --grid.")
     report = reproduce_job(args.job, base=args.base, lora=args.lora, out_dir=args.out, device=args.device,
-                           dtype=args.dtype, model=args.model, lora_mode=args.lora_mode)
+                           dtype=args.dtype, model=args.model, lora_mode=args.lora_mode,
+                           **({} if args.max_batch is None else {"max_batch": args.max_batch}))
     print(f"{report.model} from {report.base}; LoRA {report.lora} (step {report.step}, {report.lora_mode})")
     for row in report.samples:
         line = f"{row.file}: {row.width}x{row.height} seed {row.seed} steps {row.steps} guidance {row.guidance}"
@@ -220,6 +221,8 @@ def cmd_reproduce(args) -> int:
         print(line)
     if report.sheet:
         print(f"side-by-side sheet: {report.sheet}")
+    print(f"{len(report.samples)} previews in {report.calls} call(s) (at most {report.max_batch} per call): "
+          f"{report.render_seconds:.2f}s, {report.images_per_minute:.1f} images/min")
     return 0
 
 
@@ -340,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strengths", help="--grid: LoRA strengths such as 0.8,1.0 (default: each sample's "
                    "network_multiplier)")
     p.add_argument("--prompts", help="--grid: sample indices such as 0,2 (default: all)")
+    p.add_argument("--max-batch", type=int, help="previews that share their size and settings are rendered together, "
+                   "at most this many per call (default 4; more is faster on a large GPU but needs more memory; 1 "
+                   "renders one by one)")
     p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("demo", help="tiny random-weight pipeline + tiny LoRA, one image, no download")

@@ -4,6 +4,7 @@
     python -m aitk_inference.benchmarks.run --models flux --forward-only zimage_turbo qwen_image wan21_14b
     python -m aitk_inference.benchmarks.run --size tiny --device cpu --dtype fp32 --variants dynamic fused
     python -m aitk_inference.benchmarks.run --models --forward-only flux --comfyui ~/ComfyUI   # + ComfyUI's own path
+    python -m aitk_inference.benchmarks.run --models --reproduce-batch flux   # 8 previews: one by one vs batches of 4
 
 ``--models`` are timed through the whole pipeline (``load_pipeline`` on a local folder materialised with random
 weights); ``--forward-only`` models are timed as one denoiser forward. BENCHMARKS.md describes every metric.
@@ -46,12 +47,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--comfyui", nargs="?", const=os.environ.get("COMFYUI_DIR", ""), default=None, metavar="DIR",
                         help="also time ComfyUI's own FLUX path from this ComfyUI checkout (default: $COMFYUI_DIR), "
                         "after --forward-only flux in the same run")
+    parser.add_argument("--reproduce-batch", nargs="*", default=[], metavar="MODEL",
+                        help="time reproduce of an 8-preview job one by one and batched, per model (full size: flux; "
+                        "tiny: flux sdxl qwen_image zimage wan21_1b)")
+    parser.add_argument("--reproduce-max-batch", type=int, default=4,
+                        help="previews per call in the batched --reproduce-batch pass")
+    parser.add_argument("--reproduce-previews", type=int, default=8, help="previews in the --reproduce-batch job (1..8)")
     parser.add_argument("--time-budget", type=float, default=float("inf"),
                         help="seconds; variants that would start too close to it are skipped")
     args = parser.parse_args(argv)
+    from .reproduce_batch import MODELS as REPRODUCE_MODELS
+
+    unknown = sorted(set(args.reproduce_batch) - set(REPRODUCE_MODELS))
+    if unknown:
+        parser.error(f"--reproduce-batch: {unknown} not among {list(REPRODUCE_MODELS)}")
     if args.comfyui is not None and "flux" not in args.forward_only:
         parser.error("--comfyui compares with our FLUX forward: add --forward-only flux")
-    for name in ("steps", "image_size", "reps", "e2e_reps"):
+    for name in ("steps", "image_size", "reps", "e2e_reps", "reproduce_max_batch"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
     return args
@@ -82,6 +94,10 @@ def main(argv=None) -> str:
             bench_comfyui_flux(opts, rec, args.comfyui)
     for model_id in args.models:
         bench_flux_pipeline(opts, rec)
+    for model_id in args.reproduce_batch:
+        from .reproduce_batch import bench_reproduce_batch
+
+        bench_reproduce_batch(model_id, opts, rec, args.reproduce_max_batch, args.reproduce_previews)
     print(f"[bench] wrote {rec.path}", flush=True)
     print_table(rec)
     return rec.path

@@ -128,11 +128,32 @@ class GenerationParams:
     num_frames: int | None = None
     fps: int | None = None
     extra: dict = field(default_factory=dict)
+    #: per-image prompts, negatives and seeds of a batch given as lists (``generate(prompt=[...], seed=[...])``);
+    #: empty when every image shares ``prompt``/``negative`` and image i uses ``seed + i``
+    item_prompts: tuple[str, ...] = ()
+    item_negatives: tuple[str, ...] = ()
+    item_seeds: tuple[int, ...] = ()
+
+    @property
+    def prompts(self) -> list[str]:
+        """The prompt of each image of the batch."""
+        return list(self.item_prompts or (self.prompt,) * self.batch_size)
+
+    @property
+    def negatives(self) -> list[str]:
+        """The negative prompt of each image of the batch."""
+        return list(self.item_negatives or (self.negative,) * self.batch_size)
 
     @property
     def seeds(self) -> list[int]:
-        """The seed of each image of the batch: ``seed + i`` for image i, as ai-toolkit's ``walk_seed`` previews."""
-        return [self.seed + i for i in range(self.batch_size)]
+        """The seed of each image of the batch: the given per-image seeds, else ``seed + i`` for image i, as
+        ai-toolkit's ``walk_seed`` previews."""
+        return list(self.item_seeds or (self.seed + i for i in range(self.batch_size)))
+
+    @property
+    def distinct_texts(self) -> bool:
+        """Whether the images of the batch have different prompts or negatives."""
+        return len(set(self.prompts)) > 1 or len(set(self.negatives)) > 1
 
 
 @dataclass
@@ -192,7 +213,8 @@ class GenerationResult:
         own seed, which makes it again alone."""
         p = self.params
         out = {
-            "model": self.model_id, "prompt": p.prompt, "negative": p.negative, "width": p.width, "height": p.height,
+            "model": self.model_id, "prompt": p.prompts[index], "negative": p.negatives[index], "width": p.width,
+            "height": p.height,
             "steps": p.steps, "guidance": p.guidance, "seed": p.seeds[index],
             "loras": [{"name": l["name"], "strength": l["strength"]} for l in self.loras],
             "software": "aitk-inference",
@@ -242,6 +264,10 @@ class AITKPipeline:
     sample_options: tuple[str, ...] = ()
     #: how the latents ``callback_on_step_end`` sees are laid out (for :meth:`preview_latents`)
     latent_layout: LatentLayout = LatentLayout()
+    #: whether one call may give the images of a batch different prompts and negatives (``generate(prompt=[...])``),
+    #: each image then matching its one-by-one render (measured per id by benchmarks/batch_parity.py); families
+    #: without it render a batch of one prompt only, and ``reproduce`` renders their distinct previews one by one
+    batches_distinct_prompts: bool = False
 
     def __init__(self, spec: ModelSpec, pipe, device: str, dtype, offload: str, lora_mode: str, source: str):
         from .lora.stack import LoraStack
@@ -449,14 +475,14 @@ class AITKPipeline:
     # ------------------------------------------------------------------------------------------------ generation
     def resolve_params(
         self,
-        prompt: str,
-        negative: str | None = None,
+        prompt: str | Sequence[str],
+        negative: str | Sequence[str] | None = None,
         width: int | None = None,
         height: int | None = None,
         steps: int | None = None,
         guidance: float | None = None,
-        seed: int | None = None,
-        batch_size: int = 1,
+        seed: int | Sequence[int] | None = None,
+        batch_size: int | None = None,
         control_images: Sequence | None = None,
         trigger_word: str | None = None,
         num_frames: int | None = None,
@@ -465,11 +491,22 @@ class AITKPipeline:
     ) -> GenerationParams:
         """Validate the inputs and apply the defaults and ai-toolkit's rules; raise ValueError naming any bad value."""
         spec = self.spec
-        if not isinstance(prompt, str):
-            raise ValueError(f"`prompt` must be a string, got {type(prompt).__name__}.")
+        prompts = _per_item("prompt", prompt, str, "a string")
+        if prompts is not None:
+            if batch_size not in (None, len(prompts)):
+                raise ValueError(f"`batch_size`={batch_size!r} disagrees with the {len(prompts)} prompts given as a "
+                                 "list (one image per prompt); leave `batch_size` out.")
+            batch_size = len(prompts)
+        batch_size = 1 if batch_size is None else batch_size
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= MAX_BATCH:
+            raise ValueError(f"`batch_size` must be an integer in 1..{MAX_BATCH}, got {batch_size!r}.")
+        prompts = [apply_trigger(text, trigger_word) for text in prompts or [prompt] * batch_size]
         negative = spec.negative if negative is None else negative
-        if not isinstance(negative, str):
-            raise ValueError(f"`negative` must be a string, got {type(negative).__name__}.")
+        negatives = _per_item("negative", negative, str, "a string", batch_size) or [negative] * batch_size
+        distinct = len(set(prompts)) > 1 or len(set(negatives)) > 1
+        if distinct and not self.batches_distinct_prompts:
+            raise ValueError(f"{spec.model_id} renders one prompt (and negative) per call; call generate once per "
+                             "prompt.")
 
         sizes = {}
         for name, value, default in (("width", width, spec.width), ("height", height, spec.height)):
@@ -498,15 +535,20 @@ class AITKPipeline:
                 or not 0.0 <= guidance <= 100.0:
             raise ValueError(f"`guidance` must be a number in 0..100, got {guidance!r}.")
         guidance = float(guidance)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= MAX_BATCH:
-            raise ValueError(f"`batch_size` must be an integer in 1..{MAX_BATCH}, got {batch_size!r}.")
 
         seed = spec.seed if seed is None else seed
-        if isinstance(seed, bool) or not isinstance(seed, int) or not -1 <= seed <= MAX_SEED:
-            raise ValueError(f"`seed` must be an integer in -1..{MAX_SEED} (-1 draws a random seed), got {seed!r}.")
-        if seed == -1:
+        item_seeds = _per_item("seed", seed, int, "an integer", batch_size) or ()
+        for value in item_seeds or [seed]:
+            if isinstance(value, bool) or not isinstance(value, int) or not -1 <= value <= MAX_SEED:
+                raise ValueError(f"`seed` must be an integer in -1..{MAX_SEED} (-1 draws a random seed), got "
+                                 f"{value!r}.")
+        item_seeds = tuple(random.SystemRandom().randint(0, RANDOM_SEED_MAX) if value == -1 else value
+                           for value in item_seeds)
+        if item_seeds:
+            seed = item_seeds[0]
+        elif seed == -1:
             seed = random.SystemRandom().randint(0, RANDOM_SEED_MAX)
-        if seed + batch_size - 1 > MAX_SEED:
+        if not item_seeds and seed + batch_size - 1 > MAX_SEED:
             raise ValueError(f"Image i of a batch uses seed + i: with batch_size {batch_size}, `seed` must be at most "
                              f"{MAX_SEED - batch_size + 1}, got {seed}.")
 
@@ -538,13 +580,14 @@ class AITKPipeline:
         else:
             num_frames, fps = None, None
 
-        prompt = apply_trigger(prompt, trigger_word)
-        if negative and not spec.negative_has_effect(guidance):
+        if any(negatives) and not spec.negative_has_effect(guidance):
             logger.warning("%s ignores the negative prompt at guidance %s (%s guidance); it has no effect.",
                            spec.model_id, guidance, spec.guidance_kind)
-        params = GenerationParams(prompt=prompt, negative=negative, width=sizes["width"], height=sizes["height"],
-                                  steps=steps, guidance=guidance, seed=seed, batch_size=batch_size,
-                                  control_images=images, num_frames=num_frames, fps=fps, extra=dict(extra))
+        params = GenerationParams(prompt=prompts[0], negative=negatives[0], width=sizes["width"],
+                                  height=sizes["height"], steps=steps, guidance=guidance, seed=seed,
+                                  batch_size=batch_size, control_images=images, num_frames=num_frames, fps=fps,
+                                  extra=dict(extra), item_prompts=tuple(prompts) if distinct else (),
+                                  item_negatives=tuple(negatives) if distinct else (), item_seeds=item_seeds)
         self.check_inputs(params)
         return params
 
@@ -571,10 +614,10 @@ class AITKPipeline:
     def prompt_call(self, params: GenerationParams, negative: bool = True, **family) -> dict:
         """The ``pipeline_kwargs`` most families start from: the prompt (and the negative, with ``negative``) once per
         batch item, the size, ``guidance_scale`` and ``output_type="np"``; ``family`` adds or overrides arguments."""
-        call = {"prompt": [params.prompt] * params.batch_size, "width": params.width, "height": params.height,
+        call = {"prompt": params.prompts, "width": params.width, "height": params.height,
                 "guidance_scale": params.guidance, "output_type": "np"}
         if negative:
-            call["negative_prompt"] = [params.negative] * params.batch_size
+            call["negative_prompt"] = params.negatives
         return {**call, **family}
 
     def call_pipeline(self, call: dict):
@@ -611,18 +654,23 @@ class AITKPipeline:
             latents = latents.reshape(batch, channels, *grid, rows * p, columns * p)
         return latents
 
-    def generate(self, prompt: str, progress: ProgressCallback | None = None, vae_tiling: bool = False,
+    def generate(self, prompt: str | Sequence[str], progress: ProgressCallback | None = None, vae_tiling: bool = False,
                  on_latents: LatentsCallback | None = None, **kwargs) -> GenerationResult:
         """Generate images (or video frames) as ai-toolkit's sample previews are generated.
 
         Args:
-            prompt (str): the prompt; ``[trigger]``/``[name]`` are replaced when ``trigger_word`` is set.
-            negative (str, defaults to the model's): negative prompt, used by families with real CFG only.
+            prompt (str or list[str]): the prompt; ``[trigger]``/``[name]`` are replaced when ``trigger_word`` is set.
+                A list gives one image per prompt in one call (families with ``batches_distinct_prompts``; others
+                take a list of one repeated prompt).
+            negative (str or list[str], defaults to the model's): negative prompt, used by families with real CFG
+                only; a list gives one per image.
             width, height (int, defaults to 1024): floored to 8 (min 64) then to the family's divisor.
             steps (int), guidance (float): defaults from the registry.
-            seed (int, defaults to 42): -1 draws a random seed; the effective seed is in the result.
-            batch_size (int, defaults to 1): images per call; image i uses seed + i and equals the single image of
-                that seed (ai-toolkit's ``walk_seed`` previews).
+            seed (int or list[int], defaults to 42): -1 draws a random seed; the effective seed is in the result.
+                A list gives each image of the batch its own seed.
+            batch_size (int, defaults to 1, or the length of a ``prompt`` list): images per call; image i uses
+                seed + i (or its own seed from a list) and equals the single image of that seed and prompt
+                (ai-toolkit's ``walk_seed`` previews).
             control_images (Sequence, *optional*): control/reference images for families that take them.
             trigger_word (str, *optional*): replaces ``[trigger]``/``[name]``.
             num_frames, fps (int, *optional*): video families only.
@@ -678,6 +726,25 @@ class AITKPipeline:
         return (f"{type(self).__name__}({self.spec.model_id!r}, source={self.source!r}, device={self.device!r}, "
                 f"dtype={self.dtype}, lora_mode={self.lora_mode!r}, attention={self.attention!r}, "
                 f"quantize={self.quantize!r})")
+
+
+def _per_item(name: str, value, item_type: type, what: str, count: int | None = None) -> list | None:
+    """``value`` as a list when it is given per image (a list or tuple), checked against ``item_type`` and, with
+    ``count``, the batch size; None when it is one value for the whole batch (checked here too)."""
+    if not isinstance(value, (list, tuple)):
+        if item_type is str and not isinstance(value, str):
+            raise ValueError(f"`{name}` must be {what}, got {type(value).__name__} (or a list of them, one per "
+                             "image).")
+        return None
+    if not value:
+        raise ValueError(f"`{name}` is an empty list; give one {name} per image.")
+    bad = [item for item in value if isinstance(item, bool) or not isinstance(item, item_type)]
+    if bad:
+        raise ValueError(f"Every item of `{name}` must be {what}, got {bad[0]!r}.")
+    if count is not None and len(value) != count:
+        raise ValueError(f"`{name}` has {len(value)} items for a batch of {count}: give one per image (a list of "
+                         "prompts or `batch_size` sets the batch).")
+    return list(value)
 
 
 def _named_arguments(function) -> set[str]:

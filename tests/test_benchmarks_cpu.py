@@ -110,3 +110,21 @@ def test_tiny_lora_soak_keeps_caches_bounded_and_dynamic_exact(tiny_dir, tmp_pat
         assert math.isfinite(run["rss_growth_mib"])
     assert payload["modes"]["dynamic"]["weights_changed_after_removal"] == 0
     assert payload["modes"]["fused"]["largest_relative_drift"] < 1e-5
+
+
+def test_reproduce_batch_times_one_by_one_and_batched_in_one_run(tiny_dir, tmp_path):
+    """``--reproduce-batch``: the job one by one (the reference) and in batches, same run (2 previews: 2 calls, then 1)."""
+    from aitk_inference.benchmarks.run import main
+
+    tiny_dir("flux")
+    path = main(["--size", "tiny", "--device", "cpu", "--dtype", "fp32", "--models", "--reproduce-batch", "flux",
+                 "--reproduce-previews", "2", "--reproduce-max-batch", "2", "--image-size", "64", "--steps", "1",
+                 "--out", str(tmp_path / "results"),
+                 "--workdir", str(tmp_path / "work")])
+    with open(path) as f:
+        records = {(r["metric"], r["variant"]): r for r in json.load(f)["records"]}
+    one = records[("reproduce_images_per_min", "one_by_one")]
+    batched = records[("reproduce_images_per_min", "batch_2")]
+    assert one["value"] > 0 and batched["reference_value"] == one["value"]
+    assert "2 call(s)" in one["notes"] and "1 call(s)" in batched["notes"]
+    assert records[("reproduce_batch_vs_one_by_one", "batch_2")]["value"] <= 1  # 8-bit levels

@@ -222,6 +222,9 @@ class AnimaFamilyPipeline(AITKPipeline):
     """``anima``."""
 
     denoiser = "transformer"
+    # not batched: the text step pads the prompts to the longest of the batch and the denoiser sees the
+    # padding, so a shorter prompt's image changes (measured 0.024 on the tiny model, BENCHMARKS.md "Previews in bulk")
+    batches_distinct_prompts = False
 
     @classmethod
     def from_spec(cls, spec, options=None):

@@ -299,6 +299,7 @@ class BooguImageFamilyPipeline(AITKPipeline):
 
     denoiser = "transformer"
     options_type = BooguImageOptions
+    batches_distinct_prompts = True
 
     @classmethod
     def diffusers_pipeline_class(cls, spec):

@@ -27,6 +27,9 @@ class CogView4FamilyPipeline(AITKPipeline):
     """``cogview4``."""
 
     denoiser = "transformer"
+    # not batched: GLM's prompts are padded to the longest of the batch without an attention mask, so a
+    # shorter prompt's image changes (measured 0.08 on the tiny model, BENCHMARKS.md "Previews in bulk")
+    batches_distinct_prompts = False
 
     def pipeline_kwargs(self, params: GenerationParams) -> dict:
         return self.prompt_call(params, max_sequence_length=GLM_MAX_LENGTH)

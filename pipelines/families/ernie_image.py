@@ -32,6 +32,7 @@ class ErnieImageFamilyPipeline(AITKPipeline):
     latent_layout = LatentLayout(patch=2)
 
     denoiser = "transformer"
+    batches_distinct_prompts = True
 
     @classmethod
     def load_diffusers_pipeline(cls, spec, source, torch_dtype, **overrides):

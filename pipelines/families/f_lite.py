@@ -349,6 +349,7 @@ class FLiteFamilyPipeline(AITKPipeline):
     """``f_lite``."""
 
     denoiser = "dit_model"
+    batches_distinct_prompts = True
 
     @classmethod
     def diffusers_pipeline_class(cls, spec: ModelSpec):

@@ -413,6 +413,7 @@ class Flex2FamilyPipeline(AITKPipeline):
 
     denoiser = "transformer"
     extra_options = ("control_strength", "control_stop", "inpaint_image", "inpaint_mask")
+    batches_distinct_prompts = True
 
     @classmethod
     def diffusers_pipeline_class(cls, spec):

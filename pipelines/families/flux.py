@@ -24,6 +24,7 @@ class FluxFamilyPipeline(AITKPipeline):
     latent_layout = LatentLayout(tokens=True, patch=2)
 
     denoiser = "transformer"
+    batches_distinct_prompts = True
 
     def pipeline_kwargs(self, params: GenerationParams) -> dict:
         kwargs = self.prompt_call(params, negative=False, max_sequence_length=T5_MAX_LENGTH)

@@ -100,6 +100,7 @@ class Flux2FamilyPipeline(AITKPipeline):
 
     denoiser = "transformer"
     options_type = Flux2Options
+    batches_distinct_prompts = True
 
     @property
     def is_klein(self) -> bool:
@@ -146,7 +147,7 @@ class Flux2FamilyPipeline(AITKPipeline):
 
         with torch.inference_mode():
             embeds, _ = self.pipe.encode_prompt(
-                prompt=[params.negative] * params.batch_size,
+                prompt=params.negatives,
                 device=self.pipe._execution_device,
                 max_sequence_length=MAX_SEQUENCE_LENGTH,
                 text_encoder_out_layers=self.text_encoder_out_layers,

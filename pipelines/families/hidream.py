@@ -199,6 +199,7 @@ class HiDreamFamilyPipeline(AITKPipeline):
 
     denoiser = "transformer"
     options_type = HiDreamOptions
+    batches_distinct_prompts = True
 
     @classmethod
     def diffusers_pipeline_class(cls, spec: ModelSpec):

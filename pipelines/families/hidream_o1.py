@@ -356,6 +356,7 @@ class HiDreamO1FamilyPipeline(AITKPipeline):
     """``hidream_o1``."""
 
     denoiser = "transformer"
+    batches_distinct_prompts = True
 
     @classmethod
     def diffusers_pipeline_class(cls, spec):

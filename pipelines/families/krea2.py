@@ -424,6 +424,7 @@ class Krea2FamilyPipeline(AITKPipeline):
 
     denoiser = "transformer"
     options_type = Krea2Options
+    batches_distinct_prompts = True
 
     @classmethod
     def diffusers_pipeline_class(cls, spec):

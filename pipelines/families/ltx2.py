@@ -56,6 +56,7 @@ class LTX2FamilyPipeline(AITKPipeline):
 
     denoiser = "transformer"
     options_type = LTX2Options
+    batches_distinct_prompts = True
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

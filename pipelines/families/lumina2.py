@@ -25,6 +25,7 @@ class Lumina2FamilyPipeline(AITKPipeline):
     """``lumina2``."""
 
     denoiser = "transformer"
+    batches_distinct_prompts = True
 
     def pipeline_kwargs(self, params: GenerationParams) -> dict:
         call = self.prompt_call(params, max_sequence_length=GEMMA_MAX_LENGTH)

@@ -334,6 +334,7 @@ class MageFlowFamilyPipeline(AITKPipeline):
 
     denoiser = "transformer"
     options_type = MageFlowOptions
+    batches_distinct_prompts = True
 
     @classmethod
     def diffusers_pipeline_class(cls, spec):

@@ -73,6 +73,7 @@ class NucleusImageFamilyPipeline(AITKPipeline):
     latent_layout = LatentLayout(tokens=True, patch=2)
 
     denoiser = "transformer"
+    batches_distinct_prompts = True
 
     @classmethod
     def load_diffusers_pipeline(cls, spec: ModelSpec, source: str, torch_dtype, **overrides):

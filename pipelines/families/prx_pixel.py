@@ -129,6 +129,7 @@ class PRXPixelFamilyPipeline(AITKPipeline):
     """``prx_pixel``."""
 
     denoiser = "transformer"
+    batches_distinct_prompts = True
 
     @classmethod
     def diffusers_pipeline_class(cls, spec: ModelSpec):

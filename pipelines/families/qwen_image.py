@@ -44,13 +44,16 @@ class QwenImageFamilyPipeline(AITKPipeline):
     latent_layout = LatentLayout(tokens=True, patch=2)
 
     denoiser = "transformer"
+    batches_distinct_prompts = True
 
     def pipeline_kwargs(self, params: GenerationParams) -> dict:
         # One prompt with num_images_per_prompt: the text is encoded once and repeated, as for a batch of one.
+        # Distinct prompts are encoded together, padded to the longest and masked.
+        texts = ({"prompt": params.prompts, "negative_prompt": params.negatives, "num_images_per_prompt": 1}
+                 if params.distinct_texts else
+                 {"prompt": params.prompt, "negative_prompt": params.negative, "num_images_per_prompt": params.batch_size})
         return {
-            "prompt": params.prompt,
-            "negative_prompt": params.negative,
-            "num_images_per_prompt": params.batch_size,
+            **texts,
             "width": params.width,
             "height": params.height,
             "true_cfg_scale": params.guidance,
@@ -109,6 +112,8 @@ class QwenImageEditFamilyPipeline(QwenImageFamilyPipeline):
 
     #: pixel area of the control image the text encoder sees (ai-toolkit qwen_image_edit.py get_prompt_embeds)
     condition_area = 1024 * 1024
+    # not batched: the prompt is encoded once together with the control image (``encoded_prompts``)
+    batches_distinct_prompts = False
 
     @classmethod
     def load_diffusers_pipeline(cls, spec: ModelSpec, source: str, torch_dtype, **overrides):

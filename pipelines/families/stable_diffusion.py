@@ -45,6 +45,7 @@ class StableDiffusionFamilyPipeline(AITKPipeline):
 
     denoiser = "unet"
     options_type = StableDiffusionOptions
+    batches_distinct_prompts = True
 
     @property
     def is_xl(self) -> bool:
@@ -96,26 +97,29 @@ class StableDiffusionFamilyPipeline(AITKPipeline):
         kwargs = self.prompt_call(params)
         if self.is_xl:
             negative_2 = params.extra.get("negative_2")
-            if negative_2 is not None and negative_2 != params.negative:
+            if negative_2 is not None and any(negative != negative_2 for negative in params.negatives):
                 del kwargs["negative_prompt"]
-                kwargs.update(self.encode_split_negative(params.negative, negative_2, params.batch_size))
+                kwargs.update(self.encode_split_negative(params.negatives, negative_2))
             kwargs["guidance_rescale"] = float(params.extra.get("guidance_rescale", SDXL_GUIDANCE_RESCALE))
         return kwargs
 
-    def encode_split_negative(self, negative: str, negative_2: str, batch_size: int) -> dict:
-        """SDXL's unconditional embeddings with one negative per text encoder: the first encoder's hidden states of
-        ``negative``, the second's of ``negative_2`` and its pooled output. Encoded one at a time because the stock
-        pipeline replaces an empty ``negative_prompt_2`` by ``negative_prompt``."""
+    def encode_split_negative(self, negatives: list[str], negative_2: str) -> dict:
+        """SDXL's unconditional embeddings with one negative per text encoder, one row per image: the first
+        encoder's hidden states of that image's negative, the second's of ``negative_2`` and its pooled output.
+        Encoded one text at a time because the stock pipeline replaces an empty ``negative_prompt_2`` by
+        ``negative_prompt``."""
         import torch
 
         first_width = self.pipe.text_encoder.config.hidden_size
         encoded = {}
         with torch.inference_mode():
-            for text in {negative, negative_2}:
+            for text in {*negatives, negative_2}:
                 embeds, _, pooled, _ = self.pipe.encode_prompt(
                     prompt=text, device=self.pipe._execution_device, do_classifier_free_guidance=False,
                 )
                 encoded[text] = (embeds, pooled)
-        embeds = torch.cat([encoded[negative][0][..., :first_width], encoded[negative_2][0][..., first_width:]], dim=-1)
-        return {"negative_prompt_embeds": embeds.repeat(batch_size, 1, 1),
-                "negative_pooled_prompt_embeds": encoded[negative_2][1].repeat(batch_size, 1)}
+        second = encoded[negative_2][0][..., first_width:]
+        embeds = torch.cat([torch.cat([encoded[negative][0][..., :first_width], second], dim=-1)
+                            for negative in negatives])
+        return {"negative_prompt_embeds": embeds,
+                "negative_pooled_prompt_embeds": encoded[negative_2][1].repeat(len(negatives), 1)}

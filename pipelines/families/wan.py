@@ -94,6 +94,7 @@ class WanFamilyPipeline(AITKPipeline):
 
     denoiser = "transformer"
     options_type = WanOptions
+    batches_distinct_prompts = True
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -268,6 +268,7 @@ class ZetaChromaFamilyPipeline(AITKPipeline):
 
     denoiser = "transformer"
     options_type = ZetaChromaOptions
+    batches_distinct_prompts = True
 
     @classmethod
     def diffusers_pipeline_class(cls, spec: ModelSpec):

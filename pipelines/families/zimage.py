@@ -31,6 +31,7 @@ class ZImageFamilyPipeline(AITKPipeline):
 
     denoiser = "transformer"
     options_type = ZImageOptions
+    batches_distinct_prompts = True
 
     @classmethod
     def load_diffusers_pipeline(cls, spec: ModelSpec, source: str, torch_dtype, **overrides):

@@ -4,7 +4,8 @@
 shares one multiplier, as ai-toolkit's ``merge_in`` does, live otherwise), renders each preview with
 :func:`~aitk_inference.pipelines.load_pipeline`, ``set_loras`` and ``generate``, saves it under ai-toolkit's name
 (``<job name>__<step:09d>_<i>.png``) and, where the job has its own preview for the same (step, index), reports the
-difference in 8-bit levels and PSNR and writes a side-by-side sheet.
+difference in 8-bit levels and PSNR and writes a side-by-side sheet. Previews that share every setting but their
+prompt, negative and seed are rendered together (:func:`batch_previews`, at most ``max_batch`` per call).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass, field
 
 from .config import find_previews, lora_step, newest_lora, read_job, resolve_job_path, with_expert_sibling
@@ -70,7 +72,8 @@ class ReproducedSample:
 
 @dataclass(frozen=True)
 class ReproduceReport:
-    """What :func:`reproduce_job` did: the model, base, LoRA file and step, the LoRA mode, and one row per preview."""
+    """What :func:`reproduce_job` did: the model, base, LoRA file and step, the LoRA mode, one row per preview, and
+    how the previews were rendered (at most ``max_batch`` per call, ``calls`` calls, ``render_seconds`` in them)."""
 
     config: str
     model: str
@@ -81,6 +84,14 @@ class ReproduceReport:
     out_dir: str
     samples: list[ReproducedSample] = field(default_factory=list)
     sheet: str | None = None
+    max_batch: int = 1
+    calls: int = 0
+    render_seconds: float = 0.0
+
+    @property
+    def images_per_minute(self) -> float:
+        """Previews rendered per minute (``generate`` calls only: the model load and the file writing excluded)."""
+        return 60.0 * len(self.samples) / self.render_seconds if self.render_seconds else 0.0
 
 
 def compare_images(ours, theirs) -> ImageDifference:
@@ -151,29 +162,76 @@ def checkpoint_loras(files, strength: float, extra_loras=()) -> list:
     return [LoraRequest(path=path, strength=strength) for path in files] + list(extra_loras)
 
 
-def render_sample(pipeline, training, sample):
-    """Render one of the job's previews with the pipeline's current LoRAs: its control images, its resolved
-    values, the job's model options. Returns the :class:`GenerationResult`."""
+def sample_inputs(pipeline, training, sample) -> tuple[dict, tuple]:
+    """One preview's ``generate`` keyword arguments besides its prompt, negative, seed and control images (its
+    resolved size, steps and guidance, the family's sample fields, the job's model options, frames), and its control
+    image paths."""
     spec = pipeline.spec
-    controls = []
+    paths = []
     if spec.control_images[1] == 1 and sample.ctrl_img:
-        controls = [resolve_job_path(sample.ctrl_img, training.folder)]
+        paths = [resolve_job_path(sample.ctrl_img, training.folder)]
     elif spec.control_images[1] > 1 and sample.ctrl_imgs:
-        controls = [resolve_job_path(p, training.folder) for p in sample.ctrl_imgs]
-    for path in controls:
+        paths = [resolve_job_path(p, training.folder) for p in sample.ctrl_imgs]
+    for path in paths:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"Sample {sample.index}: control image {path!r} does not exist.")
-    kwargs = pipeline.control_inputs(controls) if controls else {}
-    kwargs.update({name: getattr(sample, name) for name in pipeline.sample_options})
+    kwargs = {name: getattr(sample, name) for name in pipeline.sample_options}
     if sample.guidance_rescale and "guidance_rescale" not in pipeline.sample_options:
         logger.warning("Sample %d: guidance_rescale %s has no effect for %s (ai-toolkit's previews use it for "
                        "SDXL only).", sample.index, sample.guidance_rescale, spec.model_id)
     kwargs.update(pipeline.job_options(training.process["model"]))
     if spec.is_video:
         kwargs.update(num_frames=sample.num_frames, fps=sample.fps)
-    return pipeline.generate(prompt=sample.prompt, negative=sample.negative, width=sample.width,
-                             height=sample.height, steps=sample.steps, guidance=sample.guidance,
-                             seed=sample.seed, **kwargs)
+    kwargs.update(width=sample.width, height=sample.height, steps=sample.steps, guidance=sample.guidance)
+    return kwargs, tuple(paths)
+
+
+def render_sample(pipeline, training, sample):
+    """Render one of the job's previews with the pipeline's current LoRAs: its control images, its resolved
+    values, the job's model options. Returns the :class:`GenerationResult`."""
+    kwargs, paths = sample_inputs(pipeline, training, sample)
+    controls = pipeline.control_inputs(list(paths)) if paths else {}
+    return pipeline.generate(prompt=sample.prompt, negative=sample.negative, seed=sample.seed, **controls, **kwargs)
+
+
+#: previews rendered in one pipeline call at most: each image of a batch adds its latents, activations and decode
+#: to the memory a call needs, so the default stays small (``--max-batch``; 1 renders one by one)
+DEFAULT_MAX_BATCH = 4
+
+
+@dataclass(frozen=True)
+class PreviewBatch:
+    """Previews that share every setting but their prompt, negative and seed, rendered in one ``generate`` call."""
+
+    samples: tuple
+    network_multiplier: float
+    controls: tuple  # the control image paths
+    options: dict  # the other shared ``generate`` keyword arguments (size, steps, guidance, family options...)
+
+
+def _frozen(value):
+    """A hashable stand-in for a ``generate`` keyword value (lists, tuples and dicts nested)."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(item) for item in value)
+    if isinstance(value, dict):
+        return tuple(sorted((key, _frozen(item)) for key, item in value.items()))
+    return value
+
+
+def batch_previews(pipeline, samples, options: list[dict], controls: list[tuple], max_batch: int) -> list[PreviewBatch]:
+    """Group the previews that one call can render: the same LoRA multiplier, control images (``controls[i]``: sample
+    i's paths) and other ``generate`` options (``options[i]``), in the job's order, at most ``max_batch`` per call. A
+    family without ``batches_distinct_prompts`` groups only previews that share their prompt and negative as well
+    (in practice: one by one)."""
+    groups: dict = {}  # key -> (the shared options, the samples)
+    for sample, kwargs, paths in zip(samples, options, controls, strict=True):
+        key = (sample.network_multiplier, paths, _frozen(kwargs))
+        if not pipeline.batches_distinct_prompts:
+            key += (sample.prompt, sample.negative)
+        groups.setdefault(key, (kwargs, []))[1].append(sample)
+    return [PreviewBatch(samples=tuple(members[start:start + max_batch]), network_multiplier=key[0], controls=key[1],
+                         options=kwargs)
+            for key, (kwargs, members) in groups.items() for start in range(0, len(members), max_batch)]
 
 
 def reproduce_job(
@@ -185,8 +243,13 @@ def reproduce_job(
     dtype=None,
     model: str | None = None,
     lora_mode: str | None = None,
+    max_batch: int = DEFAULT_MAX_BATCH,
 ) -> ReproduceReport:
     """Re-render an ai-toolkit job's sample previews and compare them with the job's own.
+
+    Previews that share their size and every other setting but the prompt, negative and seed are rendered together,
+    up to ``max_batch`` per call, each with its own seed and prompt (equal to its one-by-one render within the
+    family's batch tolerance, see BENCHMARKS.md "Previews in bulk").
 
     Args:
         job (str): the job folder or its ``config.yaml``.
@@ -198,18 +261,22 @@ def reproduce_job(
         model (str, *optional*): model id; defaults to the one matching ``model.arch``.
         lora_mode (str, *optional*): ``fused`` or ``dynamic``; defaults to ai-toolkit's choice for the job
             (:func:`job_lora_mode`).
+        max_batch (int, defaults to 4): previews per pipeline call at most (a memory cap); 1 renders one by one.
 
     Returns:
-        ReproduceReport: one :class:`ReproducedSample` per preview, compared with ai-toolkit's image for the same step
-        and index where the job has one, and the side-by-side sheet (or None).
+        ReproduceReport: one :class:`ReproducedSample` per preview (in the job's order), compared with ai-toolkit's
+        image for the same step and index where the job has one, and the side-by-side sheet (or None).
     """
     import numpy as np
 
     from .. import load_pipeline
+    from ..base import MAX_BATCH
     from ..media import write_audio, write_image, write_webp
     from ..registry import get_spec
 
     # 1. Validate and read the job
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= MAX_BATCH:
+        raise ValueError(f"`max_batch` must be an integer in 1..{MAX_BATCH}, got {max_batch!r}.")
     training = read_job(job)
     spec = get_spec(model or training.model_id)
     source = job_base(training, base)
@@ -232,50 +299,75 @@ def reproduce_job(
     os.makedirs(out_dir, exist_ok=True)
     previews = find_previews(training.folder)
     prefix = training.name or "sample"
-
     extra_loras = job_side_loras(training, spec)
-    rows, sheet_rows = [], []
-    for sample in samples:
-        # 4. Apply the LoRA at this sample's multiplier (an in-place change after the first) and 5. run
-        pipeline.set_loras(checkpoint_loras(with_expert_sibling(lora_path), sample.network_multiplier, extra_loras))
-        result = render_sample(pipeline, training, sample)
-        # 6. Save and compare (ai-toolkit's audio previews are MP3s of the first channel: lossy, so written, not
-        # compared)
-        p = result.params
-        if result.is_audio:
-            path = write_audio(result.audio[0], os.path.join(out_dir, f"{prefix}__{step:09d}_{sample.index}.flac"),
-                               result.sample_rate)
-            rows.append(ReproducedSample(file=path, index=sample.index, prompt=p.prompt, width=p.width,
-                                         height=p.height, seed=p.seed, steps=p.steps, guidance=p.guidance,
-                                         network_multiplier=sample.network_multiplier, preview=None, compare=None))
-            continue
-        frames = result.to_pil()
-        filename = f"{prefix}__{step:09d}_{sample.index}" + (".webp" if result.is_video else ".png")
-        path = os.path.join(out_dir, filename)
-        metadata = {**result.metadata(), "ai_toolkit_step": step, "ai_toolkit_index": sample.index}
-        if result.is_video:
-            write_webp(result.images[0], path, result.params.fps)  # ai-toolkit's video previews are animated WEBP
-        else:
-            write_image(frames[0], path, metadata)
-        preview, difference, per_frame = previews.get((step, sample.index)), None, ()
-        if preview is not None:
-            # a video is compared as written: both animated WEBPs decoded, frame by frame
-            ours = np.stack(read_frames(path) if result.is_video else [np.asarray(frames[0].convert("RGB"))])
-            theirs = np.stack(read_frames(preview))
-            if theirs.shape != ours.shape:
-                logger.warning("Sample %d: ai-toolkit's preview is %d frame(s) of %dx%d, ours %d of %dx%d; not "
-                               "compared.", sample.index, theirs.shape[0], theirs.shape[2], theirs.shape[1],
-                               ours.shape[0], ours.shape[2], ours.shape[1])
-            else:
-                difference = compare_images(ours, theirs)
-                if result.is_video:
-                    per_frame = tuple(compare_images(a, b) for a, b in zip(ours, theirs))
-                sheet_rows.append((f"#{sample.index} step {step} seed {p.seed}", ours[0], theirs[0]))
-        rows.append(ReproducedSample(file=path, index=sample.index, prompt=p.prompt, width=p.width, height=p.height,
-                                     seed=p.seed, steps=p.steps, guidance=p.guidance,
-                                     network_multiplier=sample.network_multiplier, preview=preview,
-                                     compare=difference, frame_compare=per_frame))
 
+    # 4. Each sample's generate options, then the batches of samples that share them
+    options, controls = [], []
+    for sample in samples:
+        kwargs, paths = sample_inputs(pipeline, training, sample)
+        options.append(kwargs)
+        controls.append(paths)
+    batches = batch_previews(pipeline, samples, options, controls, max_batch)
+
+    rows, sheet_rows, render_seconds = {}, {}, 0.0
+    for batch in batches:
+        # 5. Apply the LoRA at this batch's multiplier (an in-place change after the first)
+        pipeline.set_loras(checkpoint_loras(with_expert_sibling(lora_path), batch.network_multiplier, extra_loras))
+        # 6. Run: one image per sample, each with its own prompt, negative and seed
+        members = batch.samples
+        texts = ({"prompt": members[0].prompt, "negative": members[0].negative, "seed": members[0].seed}
+                 if len(members) == 1 else
+                 {"prompt": [s.prompt for s in members], "negative": [s.negative for s in members],
+                  "seed": [s.seed for s in members]})
+        started = time.perf_counter()
+        controls = pipeline.control_inputs(list(batch.controls)) if batch.controls else {}
+        result = pipeline.generate(**texts, **controls, **batch.options)
+        render_seconds += time.perf_counter() - started
+        if len(members) > 1:
+            logger.info("Samples %s rendered in one call (%.2fs).", [s.index for s in members],
+                        result.timings["total"])
+        p = result.params
+        for i, sample in enumerate(members):
+            # 7. Save and compare (ai-toolkit's audio previews are MP3s of the first channel: lossy, so written, not
+            # compared)
+            if result.is_audio:
+                path = write_audio(result.audio[i],
+                                   os.path.join(out_dir, f"{prefix}__{step:09d}_{sample.index}.flac"),
+                                   result.sample_rate)
+                rows[sample.index] = ReproducedSample(
+                    file=path, index=sample.index, prompt=p.prompts[i], width=p.width, height=p.height,
+                    seed=p.seeds[i], steps=p.steps, guidance=p.guidance, network_multiplier=sample.network_multiplier,
+                    preview=None, compare=None)
+                continue
+            filename = f"{prefix}__{step:09d}_{sample.index}" + (".webp" if result.is_video else ".png")
+            path = os.path.join(out_dir, filename)
+            metadata = {**result.metadata(i), "ai_toolkit_step": step, "ai_toolkit_index": sample.index}
+            if result.is_video:
+                write_webp(result.images[i], path, p.fps)  # ai-toolkit's video previews are animated WEBP
+            else:
+                write_image(result.to_pil()[i], path, metadata)
+            preview, difference, per_frame = previews.get((step, sample.index)), None, ()
+            if preview is not None:
+                # a video is compared as written: both animated WEBPs decoded, frame by frame
+                ours = np.stack(read_frames(path))
+                theirs = np.stack(read_frames(preview))
+                if theirs.shape != ours.shape:
+                    logger.warning("Sample %d: ai-toolkit's preview is %d frame(s) of %dx%d, ours %d of %dx%d; not "
+                                   "compared.", sample.index, theirs.shape[0], theirs.shape[2], theirs.shape[1],
+                                   ours.shape[0], ours.shape[2], ours.shape[1])
+                else:
+                    difference = compare_images(ours, theirs)
+                    if result.is_video:
+                        per_frame = tuple(compare_images(a, b) for a, b in zip(ours, theirs))
+                    sheet_rows[sample.index] = (f"#{sample.index} step {step} seed {p.seeds[i]}", ours[0], theirs[0])
+            rows[sample.index] = ReproducedSample(
+                file=path, index=sample.index, prompt=p.prompts[i], width=p.width, height=p.height, seed=p.seeds[i],
+                steps=p.steps, guidance=p.guidance, network_multiplier=sample.network_multiplier, preview=preview,
+                compare=difference, frame_compare=per_frame)
+
+    order = [sample.index for sample in samples]
+    sheet_rows = [sheet_rows[index] for index in order if index in sheet_rows]
     sheet = write_sheet(sheet_rows, os.path.join(out_dir, f"{prefix}__{step:09d}_sheet.png")) if sheet_rows else None
     return ReproduceReport(config=training.config_path, model=spec.model_id, base=source, lora=lora_path, step=step,
-                           lora_mode=lora_mode, out_dir=out_dir, samples=rows, sheet=sheet)
+                           lora_mode=lora_mode, out_dir=out_dir, samples=[rows[index] for index in order],
+                           sheet=sheet, max_batch=max_batch, calls=len(batches), render_seconds=render_seconds)

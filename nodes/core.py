@@ -593,9 +593,9 @@ def job_previews(job: JobHandle, checkpoints: str = "all", strengths: str = "", 
     # 2. Get pipeline from cache
     loaded = job.get_pipeline()
     with loaded.lock:
-        # 3. Render: one LoRA switch per checkpoint and strength
-        grid = job_grid(loaded, training, list(job.checkpoints), checkpoints, strengths, prompts,
-                        progress=progress if progress is not None else comfy_progress(cells))
+        # 3. Render: one LoRA switch per checkpoint and strength; the bar ticks per cell (no step previews)
+        progress = progress if progress is not None else comfy_progress(cells, job.model)[0]
+        grid = job_grid(loaded, training, list(job.checkpoints), checkpoints, strengths, prompts, progress=progress)
     # 4. Post-process: ComfyUI IMAGE layout
     pixels = np.asarray(grid.image, dtype=np.float32) / 255.0
     return torch.from_numpy(pixels)[None].contiguous()

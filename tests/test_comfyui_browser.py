@@ -231,7 +231,8 @@ def test_templates_browser_lists_every_example_with_its_thumbnail(browser):
     assert cards.count() == len(EXAMPLES)
     titles = [title.strip() for title in page.locator(".template-card h3").all_inner_texts()]
     models = list(comfy_models(browser))
-    assert titles == ["reproduce_training_previews_flux"] + [m for m in models if m in EXAMPLES]
+    assert titles == ["reproduce_training_previews_flux", "training_job_checkpoint_grid"] + [
+        m for m in models if m in EXAMPLES]
     # Every card's thumbnail loads (scrolled into view, since the cards load their images lazily)
     for i in range(cards.count()):
         cards.nth(i).scroll_into_view_if_needed()

@@ -7,8 +7,8 @@
 //    num_frames/fps for image models, the control image inputs beyond what the model takes.
 // 3. "Load AITK Pipeline" says in a status line where its base comes from (local folder or Hugging Face repo) and
 //    how large it is, so that the first run's download is no surprise.
-// 4. The pack's example workflows are listed in Browse Templates in registry order (the server lists files in
-//    directory order).
+// 4. The pack's example workflows are listed in Browse Templates: the training-job ones first, then the models' in
+//    registry order (the server lists files in directory order).
 // The model facts come from GET /aitk_inference/models (the Python registry); without it nothing changes.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
@@ -17,7 +17,8 @@ let MODELS = {};
 const PACK_FOLDER = decodeURIComponent(new URL(import.meta.url).pathname.split("/").at(-2));
 const VIDEO_WIDGETS = ["num_frames", "fps"];
 const CONTROL_INPUTS = ["control_image", "control_image_2", "control_image_3"];
-const PREVIEWS_TEMPLATE = "reproduce_training_previews_flux";
+// the training-job workflows come first, in this order, then one per model id
+const JOB_TEMPLATES = ["reproduce_training_previews_flux", "training_job_checkpoint_grid"];
 
 const widget = (node, name) => node.widgets?.find((w) => w.name === name);
 
@@ -239,7 +240,7 @@ async function refreshLoad(node) {
 // ------------------------------------------------------------------------------------------------ templates
 function templateOrder(names) {
   const rank = (name) => {
-    if (name === PREVIEWS_TEMPLATE) return -1;
+    if (JOB_TEMPLATES.includes(name)) return JOB_TEMPLATES.indexOf(name) - JOB_TEMPLATES.length;
     const index = Object.keys(MODELS).indexOf(name);
     return index < 0 ? Infinity : index;
   };

@@ -344,8 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "network_multiplier)")
     p.add_argument("--prompts", help="--grid: sample indices such as 0,2 (default: all)")
     p.add_argument("--max-batch", type=int, help="previews that share their size and settings are rendered together, "
-                   "at most this many per call (default 4; more is faster on a large GPU but needs more memory; 1 "
-                   "renders one by one)")
+                   "at most this many per call (default 1: one by one; batching helps small sizes and fast models, "
+                   "needs more memory, and in bf16 moves images by a few levels)")
     p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("demo", help="tiny random-weight pipeline + tiny LoRA, one image, no download")

@@ -151,7 +151,7 @@ def test_batched_reproduce_equals_one_by_one(model_id, tiny_dir, tmp_path, monke
     job = _shared_settings_job(model_id, tmp_path)
     base = tiny_dir(model_id)
     one = reproduce_job(job, base=base, out_dir=str(tmp_path / "one"), device="cpu", dtype="fp32", max_batch=1)
-    bulk = reproduce_job(job, base=base, out_dir=str(tmp_path / "bulk"), device="cpu", dtype="fp32")
+    bulk = reproduce_job(job, base=base, out_dir=str(tmp_path / "bulk"), device="cpu", dtype="fp32", max_batch=4)
     assert (one.calls, bulk.calls, bulk.max_batch) == (3, 1, 4)
     for a, b in zip(one.samples, bulk.samples, strict=True):
         assert (a.index, a.prompt, a.seed, a.width, a.height) == (b.index, b.prompt, b.seed, b.width, b.height)

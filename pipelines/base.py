@@ -262,6 +262,10 @@ class AITKPipeline:
     #: the fields of a job's :class:`~.jobs.config.SampleSpec`, beyond the common ones, that this family's ai-toolkit
     #: previews use; ``reproduce`` passes them to :meth:`generate` as generation options
     sample_options: tuple[str, ...] = ()
+    #: whether a single-file base (ComfyUI's ``diffusion_models``/``checkpoints`` files) goes through
+    #: ``pipelines/single_file.py``: the denoiser(s) from the file, the rest from ``components``. Families that read
+    #: their own checkpoint files, or refuse them, leave it off and see the file in :meth:`load_diffusers_pipeline`
+    single_file_denoisers: bool = False
     #: how the latents ``callback_on_step_end`` sees are laid out (for :meth:`preview_latents`)
     latent_layout: LatentLayout = LatentLayout()
     #: whether one call may give the images of a batch different prompts and negatives (``generate(prompt=[...])``),
@@ -298,7 +302,10 @@ class AITKPipeline:
         started = time.perf_counter()
         start_readahead(source)
         overrides = accelerate.direct_load_options(device, offload)
-        if single_file.is_single_file_source(source):
+        if options.components is not None and not cls.single_file_denoisers:
+            raise ValueError(f"{spec.model_id} does not take `components`: its family loads a single file as a whole "
+                             "(or not at all); give the file or folder as `base` alone.")
+        if cls.single_file_denoisers and single_file.is_single_file_source(source):
             pipe = single_file.load_single_file_pipeline(cls, spec, source, options.components, torch_dtype, overrides)
         else:
             pipe = cls.load_diffusers_pipeline(spec, source, torch_dtype, **overrides)

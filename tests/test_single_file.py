@@ -395,6 +395,9 @@ def test_components_folder_errors(tmp_path, flux_source, tiny_dir):
         load_pipeline("wan21_1b", base=wan_part, components=tiny_dir("wan21_1b"), device="cpu")
     with pytest.raises(ValueError, match="components applies only to a single-file base"):
         load_pipeline("flux", base=tiny_dir("flux"), components=tiny_dir("flux"), device="cpu")
+    # families that read their own checkpoint files (or refuse them) keep their own path
+    with pytest.raises(ValueError, match="zeta_chroma does not take `components`"):
+        load_pipeline("zeta_chroma", base=wan_part, components=tiny_dir("flux"), device="cpu")
 
 
 def test_expert_files_explicit_pair_and_by_name(tmp_path):

@@ -21,6 +21,8 @@ T5_MAX_LENGTH = 512
 class FluxFamilyPipeline(AITKPipeline):
     """``flux``, ``flex1`` and ``flux_kontext``."""
 
+    single_file_denoisers = True
+
     latent_layout = LatentLayout(tokens=True, patch=2)
 
     denoiser = "transformer"

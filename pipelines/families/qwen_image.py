@@ -41,6 +41,8 @@ from ..registry import ModelSpec
 class QwenImageFamilyPipeline(AITKPipeline):
     """``qwen_image`` and ``qwen_image_2512``."""
 
+    single_file_denoisers = True
+
     latent_layout = LatentLayout(tokens=True, patch=2)
 
     denoiser = "transformer"

@@ -43,6 +43,8 @@ V_PREDICTION_OPTION = "v_prediction"
 class StableDiffusionFamilyPipeline(AITKPipeline):
     """``sd15``, ``sd2``, ``sdxl``, ``ssd`` and ``vega``."""
 
+    single_file_denoisers = True
+
     denoiser = "unet"
     options_type = StableDiffusionOptions
     batches_distinct_prompts = True

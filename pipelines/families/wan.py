@@ -92,6 +92,8 @@ class WanFamilyPipeline(AITKPipeline):
     """``wan21_1b``, ``wan21_14b``, ``wan21_i2v_14b``, ``wan21_i2v_14b480p``, ``wan22_14b_t2v``, ``wan22_14b_i2v``,
     ``wan22_5b``."""
 
+    single_file_denoisers = True
+
     denoiser = "transformer"
     options_type = WanOptions
     batches_distinct_prompts = True

@@ -13,6 +13,39 @@ import pytest  # noqa: E402
 GOLDENS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "goldens")
 
 
+def lora_file_modules(path: str) -> set[str]:
+    """The module names of a LoRA file ai-toolkit saved (``<module>.lora_A.weight``, ``<module>.alpha``, ...)."""
+    from safetensors.torch import load_file
+
+    return {key.rsplit(".", 2)[0] if key.endswith("weight") else key.rsplit(".", 1)[0] for key in load_file(path)}
+
+
+def assert_lora_file_reproduces_ai_toolkit(model, forward, mode: str, model_id: str, path: str, outputs: dict,
+                                           effective_weights, atol: float, lora_atol: float, component="transformer",
+                                           name_mapper=None, parameter_name=lambda name: name) -> None:
+    """ai-toolkit's LoRA golden sequence on ``model`` (``model_id``'s ``component``), through our ``LoraStack`` in
+    ``mode``: the base output; the file at strength 1.0 with every module matched, equal to ai-toolkit's live and merged
+    outputs (and in fused mode each merged weight of ``effective_weights()``, named as ai-toolkit names them:
+    ``parameter_name`` maps the name onto ours); at 0.5; then removed, the base output again."""
+    import torch
+
+    from aitk_inference.pipelines.lora.stack import LoraRequest, LoraStack
+
+    torch.testing.assert_close(forward(), outputs["base_output"], rtol=0, atol=atol)
+    stack = LoraStack({component: model}, mode, component, model_id, name_mapper=name_mapper)
+    assert stack.set([LoraRequest(path=path, strength=1.0)])[0]["modules"] == len(lora_file_modules(path))
+    torch.testing.assert_close(forward(), outputs["lora_live_m1.0"], rtol=0, atol=lora_atol)
+    torch.testing.assert_close(forward(), outputs["lora_merged_m1.0"], rtol=0, atol=lora_atol)
+    if mode == "fused":
+        for name, weight in effective_weights().items():
+            torch.testing.assert_close(model.get_parameter(parameter_name(name)), weight, rtol=0, atol=lora_atol,
+                                       msg=name)
+    stack.set([LoraRequest(path=path, strength=0.5)])
+    torch.testing.assert_close(forward(), outputs["lora_live_m0.5"], rtol=0, atol=lora_atol)
+    stack.clear()
+    torch.testing.assert_close(forward(), outputs["base_output"], rtol=0, atol=atol)
+
+
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory) -> str:
     """Folder holding the tiny pipelines; AITK_TINY_CACHE keeps them between runs."""

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import GOLDENS_DIR
+from conftest import GOLDENS_DIR, assert_lora_file_reproduces_ai_toolkit, lora_file_modules
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -178,15 +178,12 @@ def test_aio_split_names_and_tensors_match_ai_toolkit(golden_pipeline, report):
 def test_ai_toolkit_lora_file_matches_every_module_and_its_outputs(variant, mode, golden_pipeline, report):
     """The file ai-toolkit's network saved for this arch loads with every module matched; at 1.0 and 0.5 it gives
     ai-toolkit's outputs, fused weights equal its merge, and removing it restores the base."""
-    from safetensors.torch import load_file
 
     from aitk_inference.pipelines.families.ace_step import ace_step_lora_to_diffusers, ace_step_original_to_diffusers
-    from aitk_inference.pipelines.lora.stack import LoraRequest, LoraStack
 
     path = os.path.join(ROOT, variant, f"tiny_ace_{variant}.safetensors")
     outputs, inputs = golden(os.path.join(variant, "outputs.safetensors")), golden("lora_inputs.safetensors")
-    file_modules = {key.rsplit(".", 2)[0] if key.endswith("weight") else key.rsplit(".", 1)[0] for key in load_file(path)}
-    assert len(file_modules) == report["loras"][variant]["n_modules"] == 22
+    assert len(lora_file_modules(path)) == report["loras"][variant]["n_modules"] == 22
     model = golden_pipeline.pipe.transformer
 
     def forward():
@@ -194,19 +191,11 @@ def test_ai_toolkit_lora_file_matches_every_module_and_its_outputs(variant, mode
             return model(hidden_states=inputs["x"], timestep=inputs["t"], timestep_r=inputs["t"],
                          encoder_hidden_states=inputs["enc_h"], context_latents=inputs["context"], return_dict=False)[0]
 
-    torch.testing.assert_close(forward(), outputs["base_output"], rtol=0, atol=ATOL)
-    stack = LoraStack({"transformer": model}, mode, "transformer", "ace_step_15", name_mapper=ace_step_lora_to_diffusers)
-    assert stack.set([LoraRequest(path=path, strength=1.0)])[0]["modules"] == len(file_modules)
-    torch.testing.assert_close(forward(), outputs["lora_live_m1.0"], rtol=0, atol=LORA_ATOL)
-    torch.testing.assert_close(forward(), outputs["lora_merged_m1.0"], rtol=0, atol=LORA_ATOL)
-    if mode == "fused":
-        for name, weight in golden(os.path.join(variant, "effective_weights_m1.0.safetensors")).items():
-            ours = ace_step_original_to_diffusers(name.rsplit(".", 1)[0]) + ".weight"
-            torch.testing.assert_close(model.get_parameter(ours), weight, rtol=0, atol=LORA_ATOL, msg=name)
-    stack.set([LoraRequest(path=path, strength=0.5)])
-    torch.testing.assert_close(forward(), outputs["lora_live_m0.5"], rtol=0, atol=LORA_ATOL)
-    stack.clear()
-    torch.testing.assert_close(forward(), outputs["base_output"], rtol=0, atol=ATOL)
+    assert_lora_file_reproduces_ai_toolkit(
+        model, forward, mode, "ace_step_15", path, outputs,
+        lambda: golden(os.path.join(variant, "effective_weights_m1.0.safetensors")), ATOL, LORA_ATOL,
+        name_mapper=ace_step_lora_to_diffusers,
+        parameter_name=lambda name: ace_step_original_to_diffusers(name.rsplit(".", 1)[0]) + ".weight")
 
 
 def test_lora_of_another_family_is_refused_with_its_family_named(golden_pipeline, pipes):

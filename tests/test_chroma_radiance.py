@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import GOLDENS_DIR
+from conftest import GOLDENS_DIR, assert_lora_file_reproduces_ai_toolkit, lora_file_modules
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -197,15 +197,12 @@ def test_ai_toolkit_lora_file_matches_every_module_and_its_outputs(variant, modu
     """The file ai-toolkit's network saved for this arch (blocks only, its default; or every Linear with
     ``transformer_only: false``) loads with every module matched; at 1.0 and 0.5 it gives ai-toolkit's outputs, fused
     weights equal its merge, and removing it restores the base."""
-    from safetensors.torch import load_file
 
-    from aitk_inference.pipelines.lora.stack import LoraRequest, LoraStack
 
     folder = os.path.join(ROOT, variant)
     path = os.path.join(folder, f"tiny_radiance_{variant}.safetensors")
     outputs, inputs = golden(os.path.join(variant, "outputs.safetensors")), golden("lora_inputs.safetensors")
-    file_modules = {key.rsplit(".", 2)[0] if key.endswith("weight") else key.rsplit(".", 1)[0] for key in load_file(path)}
-    assert len(file_modules) == report["lora"][variant]["n_modules"] == modules
+    assert len(lora_file_modules(path)) == report["lora"][variant]["n_modules"] == modules
     model = golden_transformer()
 
     def forward():
@@ -213,18 +210,9 @@ def test_ai_toolkit_lora_file_matches_every_module_and_its_outputs(variant, modu
             return model(inputs["img"], inputs["txt"], inputs["timesteps"], attended(inputs["txt_mask"]),
                          return_dict=False)[0]
 
-    torch.testing.assert_close(forward(), outputs["base_output"], rtol=0, atol=ATOL)
-    stack = LoraStack({"transformer": model}, mode, "transformer", "chroma_radiance")
-    assert stack.set([LoraRequest(path=path, strength=1.0)])[0]["modules"] == len(file_modules)
-    torch.testing.assert_close(forward(), outputs["lora_live_m1.0"], rtol=0, atol=LORA_ATOL)
-    torch.testing.assert_close(forward(), outputs["lora_merged_m1.0"], rtol=0, atol=LORA_ATOL)
-    if mode == "fused":
-        for name, weight in golden(os.path.join(variant, "effective_weights_m1.0.safetensors")).items():
-            torch.testing.assert_close(model.get_parameter(name), weight, rtol=0, atol=LORA_ATOL, msg=name)
-    stack.set([LoraRequest(path=path, strength=0.5)])
-    torch.testing.assert_close(forward(), outputs["lora_live_m0.5"], rtol=0, atol=LORA_ATOL)
-    stack.clear()
-    torch.testing.assert_close(forward(), outputs["base_output"], rtol=0, atol=ATOL)
+    assert_lora_file_reproduces_ai_toolkit(
+        model, forward, mode, "chroma_radiance", path, outputs,
+        lambda: golden(os.path.join(variant, "effective_weights_m1.0.safetensors")), ATOL, LORA_ATOL)
 
 
 def test_lora_of_another_family_is_refused_with_its_family_named(pipes):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import GOLDENS_DIR
+from conftest import GOLDENS_DIR, assert_lora_file_reproduces_ai_toolkit, lora_file_modules
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -116,34 +116,22 @@ def test_whole_preview_matches_ai_toolkit(key, pipeline, report):
 def test_ai_toolkit_lora_file_matches_every_module_and_its_outputs(variant, mode, report, tiny_dir):
     """The file ai-toolkit's network saved for this arch (the Linears of the blocks) loads with every module matched;
     at 1.0 and 0.5 it gives ai-toolkit's outputs, fused weights equal its merge, removing it restores the base."""
-    from safetensors.torch import load_file
 
     from aitk_inference.pipelines.families.f_lite import FLiteDiT
-    from aitk_inference.pipelines.lora.stack import LoraRequest, LoraStack
 
     path = os.path.join(ROOT, variant, f"tiny_flite_{variant}.safetensors")
     outputs, inputs = golden(os.path.join(variant, "outputs.safetensors")), golden("lora_inputs.safetensors")
-    file_modules = {key.rsplit(".", 2)[0] if key.endswith("weight") else key.rsplit(".", 1)[0]
-                    for key in load_file(path)}
-    assert len(file_modules) == report["lora"][variant]["n_modules"] == 16
+    assert len(lora_file_modules(path)) == report["lora"][variant]["n_modules"] == 16
     model = FLiteDiT.from_pretrained(tiny_dir("f_lite"), subfolder="dit_model").eval()
 
     def forward():
         with torch.no_grad():
             return model(**inputs)
 
-    torch.testing.assert_close(forward(), outputs["base_output"], rtol=0, atol=ATOL)
-    stack = LoraStack({"dit_model": model}, mode, "dit_model", "f_lite")
-    assert stack.set([LoraRequest(path=path, strength=1.0)])[0]["modules"] == len(file_modules)
-    torch.testing.assert_close(forward(), outputs["lora_live_m1.0"], rtol=0, atol=LORA_ATOL)
-    torch.testing.assert_close(forward(), outputs["lora_merged_m1.0"], rtol=0, atol=LORA_ATOL)
-    if mode == "fused":
-        for name, weight in golden(os.path.join(variant, "effective_weights_m1.0.safetensors")).items():
-            torch.testing.assert_close(model.get_parameter(name), weight, rtol=0, atol=LORA_ATOL, msg=name)
-    stack.set([LoraRequest(path=path, strength=0.5)])
-    torch.testing.assert_close(forward(), outputs["lora_live_m0.5"], rtol=0, atol=LORA_ATOL)
-    stack.clear()
-    torch.testing.assert_close(forward(), outputs["base_output"], rtol=0, atol=ATOL)
+    assert_lora_file_reproduces_ai_toolkit(
+        model, forward, mode, "f_lite", path, outputs,
+        lambda: golden(os.path.join(variant, "effective_weights_m1.0.safetensors")), ATOL, LORA_ATOL,
+        component="dit_model")
 
 
 def test_lora_of_another_family_is_refused_with_its_family_named(pipes):

@@ -63,15 +63,7 @@ def original_targets(transformer) -> list[tuple[str, object]]:
 
 def write_native_loras(pipe, out_dir: str, seed: int = 0) -> dict[str, str]:
     """The layouts ai-toolkit saves for ACE-Step: ``diffusion_model.decoder.`` + ComfyUI names, as LoRA and LoKr."""
-    import os
+    from .loras import write_original_name_loras
 
-    from .loras import make_state_dict, save_lora
-
-    targets = original_targets(pipe.transformer)
-    return {
-        "ai-toolkit (ComfyUI names)": save_lora(os.path.join(out_dir, "tiny_aitk_ace_step.safetensors"),
-                                                make_state_dict("peft_diffusion_model", targets, seed=seed)),
-        "ai-toolkit LoKr (ComfyUI names)": save_lora(os.path.join(out_dir, "tiny_aitk_ace_step_lokr.safetensors"),
-                                                     make_state_dict("lokr", targets, seed=seed,
-                                                                     prefix="diffusion_model")),
-    }
+    return write_original_name_loras(original_targets(pipe.transformer), out_dir, "tiny_aitk_ace_step", "ComfyUI names",
+                                     seed)

@@ -121,15 +121,6 @@ def original_targets(transformer) -> list[tuple[str, object]]:
 
 def write_native_loras(pipe, out_dir: str, seed: int = 0) -> dict[str, str]:
     """The layouts ai-toolkit saves for Krea 2: ``diffusion_model.`` + original Krea names, as LoRA and as LoKr."""
-    import os
+    from .loras import write_original_name_loras
 
-    from .loras import make_state_dict, save_lora
-
-    targets = original_targets(pipe.transformer)
-    return {
-        "ai-toolkit (Krea names)": save_lora(os.path.join(out_dir, "tiny_aitk_krea2.safetensors"),
-                                             make_state_dict("peft_diffusion_model", targets, seed=seed)),
-        "ai-toolkit LoKr (Krea names)": save_lora(os.path.join(out_dir, "tiny_aitk_krea2_lokr.safetensors"),
-                                                  make_state_dict("lokr", targets, seed=seed,
-                                                                  prefix="diffusion_model")),
-    }
+    return write_original_name_loras(original_targets(pipe.transformer), out_dir, "tiny_aitk_krea2", "Krea names", seed)

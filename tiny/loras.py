@@ -112,6 +112,18 @@ def write_bfl_native_lora(bfl_state_dict: dict, out_dir: str) -> dict[str, str]:
     return {"ai-toolkit (BFL names)": save_lora(os.path.join(out_dir, "tiny_aitk_bfl.safetensors"), bfl_state_dict)}
 
 
+def write_original_name_loras(targets, out_dir: str, stem: str, names: str, seed: int = 0) -> dict[str, str]:
+    """A family's ``write_native_loras`` result for ai-toolkit's ``diffusion_model.`` + original module names
+    (``targets``: ``(original name, module)`` pairs), as a LoRA (``<stem>.safetensors``) and a LoKr
+    (``<stem>_lokr.safetensors``); ``names`` says whose names they are (``"Krea names"``)."""
+    return {
+        f"ai-toolkit ({names})": save_lora(os.path.join(out_dir, f"{stem}.safetensors"),
+                                           make_state_dict("peft_diffusion_model", targets, seed=seed)),
+        f"ai-toolkit LoKr ({names})": save_lora(os.path.join(out_dir, f"{stem}_lokr.safetensors"),
+                                                make_state_dict("lokr", targets, seed=seed, prefix="diffusion_model")),
+    }
+
+
 def write_lora(path: str, layout: str, targets, metadata: dict | None = None, **kwargs) -> str:
     return save_lora(path, make_state_dict(layout, targets, **kwargs), metadata)
 

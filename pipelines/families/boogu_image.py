@@ -50,7 +50,7 @@ from transformers import Qwen3VLModel
 from ..base import AITKPipeline, GenerationParams
 from ..registry import BooguImageOptions
 from .boogu_image_transformer import BooguImageTransformer2DModel
-from .krea2 import Qwen3VLImageProcessor, reference_size, to_unit_tensor
+from .krea2 import Qwen3VLImageProcessor, reference_pixels, to_unit_tensor
 
 MAX_TEXT_TOKENS = 1024
 #: (patch tokens, mu) at both ends of ai-toolkit's linear time-shift rule
@@ -204,10 +204,8 @@ class BooguImagePipeline(DiffusionPipeline):
         budget = target_pixels if match_target_res else REFERENCE_MAX_PIXELS
         latents = []
         for image in images:
-            size = reference_size(image.shape[1], image.shape[2], budget, match_target_res, multiple)
-            pixels = image[None].to(self._execution_device, self.transformer.dtype)
-            if size != tuple(image.shape[1:]):
-                pixels = F.interpolate(pixels, size=size, mode="bilinear")
+            pixels = reference_pixels(image, budget, match_target_res, multiple, self._execution_device,
+                                      self.transformer.dtype)
             latent = self.vae.encode((pixels * 2 - 1).to(self.vae.dtype)).latent_dist.sample(generator)
             latent = (latent - (self.vae.config.shift_factor or 0)) * self.vae.config.scaling_factor
             latents.append(latent[0].to(self.transformer.dtype))

@@ -91,6 +91,14 @@ def reference_size(height: int, width: int, budget: int, match_area: bool, multi
     return max(multiple, int(round(new_h / multiple)) * multiple), max(multiple, int(round(new_w / multiple)) * multiple)
 
 
+def reference_pixels(image: torch.Tensor, budget: int, match_area: bool, multiple: int, device, dtype) -> torch.Tensor:
+    """A ``(3, H, W)`` 0..1 reference image as ``(1, 3, h, w)`` on ``device`` in ``dtype`` at its
+    :func:`reference_size`, resized bilinearly without antialias (ai-toolkit's reference latents' input)."""
+    size = reference_size(image.shape[1], image.shape[2], budget, match_area, multiple)
+    pixels = image[None].to(device, dtype)
+    return pixels if size == tuple(image.shape[1:]) else F.interpolate(pixels, size=size, mode="bilinear")
+
+
 def vlm_size(height: int, width: int, budget: int = VLM_MAX_PIXELS) -> tuple[int, int]:
     """The (height, width) of a reference image's Qwen3-VL copy: downscaled to ``budget`` pixels of area, never up."""
     scale = min(1.0, math.sqrt(budget / (height * width)))
@@ -187,10 +195,7 @@ class Krea2AITKPipeline(Krea2Pipeline):
         budget = target_pixels if match_target_res else REFERENCE_MAX_PIXELS
         latents = []
         for image in images:
-            size = reference_size(image.shape[1], image.shape[2], budget, match_target_res, multiple)
-            pixels = image[None].to(self._execution_device, self.vae.dtype)
-            if size != tuple(image.shape[1:]):
-                pixels = F.interpolate(pixels, size=size, mode="bilinear")
+            pixels = reference_pixels(image, budget, match_target_res, multiple, self._execution_device, self.vae.dtype)
             latent = self.vae.encode((pixels * 2 - 1)[:, :, None]).latent_dist.sample(generator)
             mean = torch.tensor(self.vae.config.latents_mean).view(1, -1, 1, 1, 1).to(latent)
             std = torch.tensor(self.vae.config.latents_std).view(1, -1, 1, 1, 1).to(latent)

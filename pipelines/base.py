@@ -378,7 +378,7 @@ class AITKPipeline:
 
     def quantize_fp8(self) -> None:
         """Give the denoiser's block Linears FP8 weights (see ``pipelines.runtime.quantize``). In ``fused`` LoRA mode LoRAs
-        are merged before quantizing (a host copy of the weights is kept for that); in ``dynamic`` mode they run as
+        are merged before quantizing (the original weights are kept for that, on the GPU where they fit); in ``dynamic`` mode they run as
         adapters next to the FP8 layers."""
         if self.loras.active:
             raise ValueError("Quantize before applying LoRAs: remove them with set_loras([]) and apply them again "

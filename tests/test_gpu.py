@@ -104,6 +104,52 @@ def test_attention_kernels_agree_with_the_default(load_tiny, kernel):
     assert np.abs(chosen.generate(**gen).images - default).max() < 0.03
 
 
+def test_flash_attention_3_agrees_with_the_default_or_says_how_to_install_it(load_tiny):
+    from aitk_inference.pipelines.runtime.accelerate import use_fa3_fwd_if_needed
+
+    gen = dict(prompt="x", width=64, height=64, steps=2)
+    if not use_fa3_fwd_if_needed():
+        with pytest.raises(ValueError, match="pip install fa3-fwd"):
+            load_tiny("flux", device="cuda", dtype="bf16", attention="flash_attn_3")
+        pytest.skip("FlashAttention-3 (flash_attn_interface or fa3-fwd) is not installed: only its error was checked")
+    default = load_tiny("flux", device="cuda", dtype="bf16").generate(**gen).images
+    chosen = load_tiny("flux", device="cuda", dtype="bf16", attention="flash_attn_3")
+    assert np.abs(chosen.generate(**gen).images - default).max() < 0.03
+
+
+def test_fp8_master_on_the_gpu_gives_the_weights_of_the_host_master(load_tiny, tmp_path):
+    """Fused FP8 mode re-quantizes from the kept original weights: kept on the GPU (no copy) or in pinned host memory,
+    every strength change and removal must give the same FP8 values bit for bit."""
+
+    from aitk_inference.pipelines.lora.stack import LoraRequest, LoraStack
+    from aitk_inference.pipelines.runtime.quantize import (block_linear_names, fp8_unavailable, master_weight,
+                                                           quantize_denoiser_fp8)
+
+    if fp8_unavailable("cuda"):
+        pytest.skip(fp8_unavailable("cuda"))
+    stacks = {}
+    for place in ("gpu", "host"):
+        denoiser = load_tiny("flux", device="cuda", dtype="bf16").pipe.transformer
+        quantize_denoiser_fp8(denoiser, keep_master=True, master=place)
+        names = block_linear_names(denoiser)
+        assert {master_weight(denoiser.get_submodule(n)).device.type for n in names} == {
+            "cuda" if place == "gpu" else "cpu"}
+        stacks[place] = (denoiser, names, LoraStack({"transformer": denoiser}, "fused", "transformer", "flux"))
+    lora = write_lora(str(tmp_path / "lora.safetensors"), "peft", lora_targets(stacks["gpu"][0]))
+
+    def fp8_values(place):
+        denoiser, names, _ = stacks[place]
+        return [denoiser.get_submodule(n).weight.qdata.clone() for n in names]
+
+    before = fp8_values("gpu")
+    for strengths in ([1.0], [0.4], []):
+        for place in stacks:
+            stacks[place][2].set([LoraRequest(path=lora, strength=s) for s in strengths])
+        gpu, host = fp8_values("gpu"), fp8_values("host")
+        assert all(torch.equal(a, b) for a, b in zip(gpu, host))
+        assert any(not torch.equal(a, b) for a, b in zip(gpu, before)) == bool(strengths)
+
+
 @pytest.mark.parametrize("lora_mode", ["dynamic", "fused"])
 @pytest.mark.parametrize("model_id", list(REGISTRY))
 def test_every_id_runs_on_cuda_in_bf16_with_a_lora(model_id, lora_mode, load_tiny, tmp_path):

@@ -5,6 +5,7 @@ order; each works on the denoiser module(s) it is given (MoE families pass all t
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 
@@ -126,6 +127,9 @@ def set_attention_kernel(denoisers: list, kernel: str, device: str, model_id: st
     problem = attention_device_problem(kernel, device)
     if problem:
         raise ValueError(problem + ".")
+    if kernel == "flash_attn_3" and not use_fa3_fwd_if_needed():
+        raise ValueError("attention='flash_attn_3' needs FlashAttention-3 for Hopper GPUs: pip install fa3-fwd (its "
+                         "forward kernels as a wheel) or build FlashAttention's hopper/ folder; or use attention='sdpa'.")
     # Set even for the default: diffusers keeps one process-wide active backend, which another pipeline may
     # have changed; naming it on every attention layer makes this model independent of that.
     quiet = diffusers.utils.logging.get_logger("diffusers.models.modeling_utils")
@@ -140,10 +144,31 @@ def set_attention_kernel(denoisers: list, kernel: str, device: str, model_id: st
         quiet.setLevel(level)
 
 
+def use_fa3_fwd_if_needed() -> bool:
+    """Whether diffusers' FlashAttention-3 backend can run, handing it the ``fa3-fwd`` wheel's kernels if needed.
+
+    diffusers imports FlashAttention-3 as ``flash_attn_interface``, the module a source build of FlashAttention's
+    hopper/ folder installs. The ``fa3-fwd`` wheel ships the same forward kernels with the same functions under the
+    module name ``fa3_fwd_interface``; when only that one is installed, diffusers' backend is pointed at it (forward
+    only, which is all inference needs)."""
+    from diffusers.models import attention_dispatch
+
+    if attention_dispatch._CAN_USE_FLASH_ATTN_3:
+        return True
+    if importlib.util.find_spec("fa3_fwd_interface") is None:
+        return False
+    import fa3_fwd_interface
+
+    attention_dispatch.flash_attn_3_func = fa3_fwd_interface.flash_attn_func
+    attention_dispatch.flash_attn_3_varlen_func = fa3_fwd_interface.flash_attn_varlen_func
+    attention_dispatch._CAN_USE_FLASH_ATTN_3 = True
+    return True
+
+
 # ---------------------------------------------------------------------------------------------------------------- FP8
 def quantize_fp8(denoisers: list, device: str, offload: str, keep_master: bool) -> int:
     """Give the block Linears of ``denoisers`` FP8 weights (see ``runtime.quantize``); ``keep_master`` keeps the
-    host copy that fused LoRA mode re-quantizes from. Returns how many layers were quantized."""
+    original weights that fused LoRA mode re-quantizes from. Returns how many layers were quantized."""
     from .quantize import fp8_option_conflict, fp8_unavailable, quantize_denoiser_fp8
 
     problem = fp8_unavailable(device) or fp8_option_conflict(offload)

@@ -6,9 +6,11 @@ their inputs are quantized on the fly (torchao's ``Float8DynamicActivationFloat8
 norms and the output projection stay in the model dtype. LoRAs go with FP8 weights in one of two ways:
 
 * ``lora_mode="fused"`` (the fast mode): every LoRA is merged into the model-dtype weights first, exactly as in bf16
-  fused mode, and the merged weight is then quantized; a host copy of each quantized layer's original weights (its
-  *master*) is kept so that a strength change or a LoRA switch re-quantizes ``master + sum(strength * delta)``
-  into the same FP8 tensors in place (no recompile). Costs host memory the size of those weights in bf16.
+  fused mode, and the merged weight is then quantized; each quantized layer's original weights (its *master*)
+  are kept so that a strength change or a LoRA switch re-quantizes ``master + sum(strength * delta)`` into the same
+  FP8 tensors in place (no recompile). The master stays on the GPU where it is (no copy) when the card keeps
+  ``GPU_MASTER_FREE_FRACTION`` of its memory free beside it, which makes a strength change a GPU-only rebuild;
+  otherwise it is copied to pinned host memory, and each change streams it back over PCIe.
 * ``lora_mode="dynamic"`` (the lean mode): LoRAs run next to the FP8 layers as live PEFT adapters in the model dtype,
   with no host copy. Merging a small delta into weights that are already FP8 would round most of it away, so LoKr
   and full-layer patches, which must be merged, are refused in this mode.
@@ -24,6 +26,10 @@ import sys
 
 #: float8 matmuls need both dimensions of a weight to be multiples of 16
 _FP8_ALIGNMENT = 16
+#: the share of the card's memory that must stay free, beside the FP8 weights and the master, for activations, the
+#: VAE decode and the other components, before fused mode keeps its master weights on the GPU
+GPU_MASTER_FREE_FRACTION = 0.25
+MASTER_PLACES = ("auto", "gpu", "host")
 
 
 def fp8_unavailable(device: str) -> str | None:
@@ -73,27 +79,47 @@ def fp8_config():
     return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
 
 
-def quantize_denoiser_fp8(denoiser, keep_master: bool = False) -> int:
+def quantize_denoiser_fp8(denoiser, keep_master: bool = False, master: str = "auto") -> int:
     """Give the block Linears of ``denoiser`` float8 weights in place; returns how many layers were quantized.
 
-    ``keep_master`` keeps a host copy of each layer's current weight (see :func:`master_weight`), which fused LoRA
-    mode re-quantizes from."""
-    return quantize_block_linears(denoiser, fp8_config(), keep_master)
+    ``keep_master`` keeps each layer's current weight (see :func:`master_weight`), which fused LoRA mode re-quantizes
+    from; ``master`` says where: ``gpu`` (the weight itself, no copy), ``host`` (pinned memory) or ``auto`` (see
+    :func:`master_place`)."""
+    return quantize_block_linears(denoiser, fp8_config(), keep_master, master)
 
 
-def quantize_block_linears(denoiser, config, keep_master: bool = False) -> int:
-    """Quantize the block Linears of ``denoiser`` with the torchao ``config``, one layer at a time (so the host
-    copies of ``keep_master`` never need a second full copy of the model)."""
+def quantize_block_linears(denoiser, config, keep_master: bool = False, master: str = "auto") -> int:
+    """Quantize the block Linears of ``denoiser`` with the torchao ``config``, one layer at a time (so host masters
+    never need a second full copy of the model)."""
     from torchao.quantization import quantize_
 
     names = block_linear_names(denoiser)
+    if keep_master:
+        master = master_place(denoiser, names) if master == "auto" else master
+        if master not in ("gpu", "host"):
+            raise ValueError(f"Unknown master place {master!r}; use one of {', '.join(MASTER_PLACES)}.")
     for name in names:
         module = denoiser.get_submodule(name)
         if keep_master:
-            setattr(module, _MASTER, _host_copy(module.weight.detach()))
+            weight = module.weight.detach()
+            setattr(module, _MASTER, weight if master == "gpu" else _host_copy(weight))
         quantize_(module, config)
         setattr(module, _CONFIG, config)
     return len(names)
+
+
+def master_place(denoiser, names: list[str]) -> str:
+    """``gpu`` when the card keeps ``GPU_MASTER_FREE_FRACTION`` of its memory free after the FP8 copies of the
+    ``names`` layers are made beside their kept weights, else ``host``."""
+    import torch
+
+    weights = [denoiser.get_submodule(name).weight for name in names]
+    device = weights[0].device if weights else torch.device("cpu")
+    if device.type != "cuda":
+        return "host"
+    free, total = torch.cuda.mem_get_info(device)
+    fp8_bytes = sum(w.numel() + 4 * w.shape[0] for w in weights)  # one byte a value, one float32 scale a row
+    return "gpu" if free - fp8_bytes >= GPU_MASTER_FREE_FRACTION * total else "host"
 
 
 #: attributes a quantized Linear carries: its master weight (fused LoRA mode) and the torchao config it was made with
@@ -101,7 +127,7 @@ _MASTER, _CONFIG = "aitk_master_weight", "aitk_quantize_config"
 
 
 def master_weight(module):
-    """The host copy of a quantized layer's weight kept for re-quantizing, or None."""
+    """The copy of a quantized layer's original weight kept for re-quantizing (on the GPU or the host), or None."""
     return getattr(module, _MASTER, None)
 
 

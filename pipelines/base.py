@@ -266,6 +266,9 @@ class AITKPipeline:
     #: ``pipelines/single_file.py``: the denoiser(s) from the file, the rest from ``components``. Families that read
     #: their own checkpoint files, or refuse them, leave it off and see the file in :meth:`load_diffusers_pipeline`
     single_file_denoisers: bool = False
+    #: why this family cannot offload to the CPU (the end of a sentence that starts with the model id), or None when
+    #: it can; such a family takes ``offload="none"``, and ``"auto"`` becomes ``none``
+    offload_refusal: str | None = None
     #: how the latents ``callback_on_step_end`` sees are laid out (for :meth:`preview_latents`)
     latent_layout: LatentLayout = LatentLayout()
     #: whether one call may give the images of a batch different prompts and negatives (``generate(prompt=[...])``),
@@ -299,9 +302,11 @@ class AITKPipeline:
         best device); every option is checked before any weights load."""
         options = (options or LoadOptions()).resolve(spec)
         source, device, torch_dtype, offload = options.base, options.device, options.dtype, options.offload
+        if cls.offload_refusal and offload not in ("none", "auto"):
+            raise ValueError(f"{spec.model_id} {cls.offload_refusal}")
         started = time.perf_counter()
         start_readahead(source)
-        overrides = accelerate.direct_load_options(device, offload)
+        overrides = accelerate.direct_load_options(device, "model" if offload == "auto" else offload)
         if options.components is not None and not cls.single_file_denoisers:
             raise ValueError(f"{spec.model_id} does not take `components`: its family loads a single file as a whole "
                              "(or not at all); give the file or folder as `base` alone.")
@@ -312,6 +317,8 @@ class AITKPipeline:
         if spec.scheduler is not None:
             pipe.scheduler = cls.make_scheduler(spec)
         pipe.set_progress_bar_config(disable=True)
+        if offload == "auto":
+            offload = cls.choose_offload(spec, pipe, device, options.quantize)
         accelerate.place(pipe, device, offload)
         logger.info("Loaded %s from %s in %.2fs (%s, %s, offload=%s)", spec.model_id, source,
                     time.perf_counter() - started, device, torch_dtype, offload)
@@ -322,6 +329,25 @@ class AITKPipeline:
         if options.compile != "none":
             pipeline.compile_denoiser(options.compile)
         return pipeline
+
+    @classmethod
+    def choose_offload(cls, spec: ModelSpec, pipe, device: str, quantize: str) -> str:
+        """What ``offload="auto"`` becomes for ``pipe`` (loaded on the CPU) on ``device``: the fastest placement that
+        fits the GPU memory this process may use (``accelerate.choose_offload``), keeping room for a video's or an
+        image's activations. FP8 weights cannot be offloaded, so with ``quantize="fp8"`` it is always ``none``, as
+        it is for a family that cannot offload (``offload_refusal``)."""
+        if cls.offload_refusal:
+            return "none"
+        sizes = accelerate.component_bytes(pipe)
+        budget = accelerate.gpu_memory_budget(device)
+        reserve = int(accelerate.AUTO_OFFLOAD_RESERVE_GIB["video" if spec.video else "image"] * 2**30)
+        offload = "none" if quantize == "fp8" else accelerate.choose_offload(sizes, budget, reserve)
+        if budget is not None:
+            logger.info("%s: offload='auto' -> %r (weights %.1f GiB, largest component %.1f GiB, %.1f GiB kept for "
+                        "activations, %.1f GiB of GPU memory usable)", spec.model_id, offload,
+                        sum(sizes.values()) / 2**30, max(sizes.values(), default=0) / 2**30, reserve / 2**30,
+                        budget / 2**30)
+        return offload
 
     @classmethod
     def load_diffusers_pipeline(cls, spec: ModelSpec, source: str, torch_dtype, **overrides):
@@ -784,7 +810,8 @@ def load_pipeline(
             expert files of Wan 2.2 A14B as ``high|low``); defaults to the model's base checkpoint.
         device (str, *optional*): defaults to CUDA when available, else CPU.
         dtype (str | torch.dtype, *optional*): ``auto`` (fp32 on CPU, bf16 on GPU), ``fp32``, ``bf16`` or ``fp16``.
-        offload (str, *optional*): ``none`` (default), or CPU offload: ``model``, ``sequential`` or ``group``.
+        offload (str, *optional*): ``none`` (default), or CPU offload: ``model``, ``sequential`` or ``group``; ``auto``
+            picks the fastest that fits the GPU memory left (:meth:`AITKPipeline.choose_offload`).
         lora_mode (str, *optional*): ``dynamic`` or ``fused``; defaults to the model's registry setting.
         compile (str, *optional*): ``none`` (default), ``regional`` or ``full`` torch.compile of the denoiser (see
             :meth:`AITKPipeline.compile_denoiser`; use with ``lora_mode="fused"`` to avoid recompiles). Compiled

@@ -104,6 +104,19 @@ def test_attention_kernels_agree_with_the_default(load_tiny, kernel):
     assert np.abs(chosen.generate(**gen).images - default).max() < 0.03
 
 
+def test_auto_offload_follows_the_memory_it_may_use(load_tiny, monkeypatch):
+    gen = {"prompt": "x", "width": 64, "height": 64, "steps": 2, "seed": 5}
+    roomy = load_tiny("flux", device="cuda", dtype="bf16", offload="auto")
+    assert roomy.offload == "none"
+    monkeypatch.setenv("AITK_MAX_GPU_MEMORY_GIB", "0.5")  # less than the room kept for activations
+    tight = load_tiny("flux", device="cuda", dtype="bf16", offload="auto")
+    assert tight.offload == "group"
+    assert np.abs(tight.generate(**gen).images - roomy.generate(**gen).images).max() < 0.03
+    monkeypatch.setenv("AITK_MAX_GPU_MEMORY_GIB", "lots")
+    with pytest.raises(ValueError, match="AITK_MAX_GPU_MEMORY_GIB='lots' is not a number of GiB"):
+        load_tiny("flux", device="cuda", dtype="bf16", offload="auto")
+
+
 def test_flash_attention_3_agrees_with_the_default_or_says_how_to_install_it(load_tiny):
     from aitk_inference.pipelines.runtime.accelerate import use_fa3_fwd_if_needed
 

@@ -154,7 +154,7 @@ def test_schemas(pack):
             assert options.get("tooltip"), f"{node_id}.{name} has no tooltip"
     load = mappings["AITKLoadPipeline"].INPUT_TYPES()["required"]
     assert load["model"][0] == list(REGISTRY) and load["base"][0] == "STRING"
-    assert load["offload"][0] == ["none", "model", "sequential", "group"] and load["dtype"][0][0] == "auto"
+    assert load["offload"][0] == ["none", "model", "sequential", "group", "auto"] and load["dtype"][0][0] == "auto"
     apply = mappings["AITKApplyLoRA"].INPUT_TYPES()["required"]
     assert apply["pipeline"][0] == "AITK_PIPELINE" and isinstance(apply["lora"][0], list)
     assert (apply["strength"][1]["min"], apply["strength"][1]["max"]) == (-2.0, 2.0)

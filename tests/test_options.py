@@ -18,7 +18,7 @@ from aitk_inference.pipelines.runtime.options import LoadOptionError, LoadOption
 @pytest.mark.parametrize("option,value,message", [
     ("dtype", "int8", "Unknown dtype 'int8'; use one of auto, fp32, bf16, fp16."),
     ("dtype", "AUTO", "Unknown dtype 'AUTO'; use one of auto, fp32, bf16, fp16."),  # "auto" is spelled in lower case
-    ("offload", "disk", "Unknown offload mode 'disk'; use one of none, model, sequential, group."),
+    ("offload", "disk", "Unknown offload mode 'disk'; use one of none, model, sequential, group, auto."),
     ("lora_mode", "merged", "Unknown LoRA mode 'merged'; use one of dynamic, fused."),
     ("compile", "max", "Unknown compile mode 'max'; use one of none, regional, full."),
     ("attention", "fast", "Unknown attention kernel 'fast'; use one of sdpa, sdpa_cudnn, sdpa_flash, sdpa_efficient, "
@@ -144,3 +144,36 @@ def test_server_settings_take_every_choice_and_name_the_variable():
     settings = Settings.from_env({"DEVICE": "cpu", "AITK_BASES": "flux=/models/flux"})
     assert settings.load_options("flux") == LoadOptions(base="/models/flux", device="cpu")
     assert settings.load_options("flex1") == LoadOptions(device="cpu")
+
+
+def test_auto_offload_picks_the_fastest_placement_that_fits():
+    from aitk_inference.pipelines.runtime.accelerate import choose_offload
+
+    gib = 2**30
+    sizes = {"transformer": 24 * gib, "text_encoder_2": 9 * gib, "vae": gib // 4}
+    reserve = 3 * gib
+    assert choose_offload(sizes, budget=None, reserve=reserve) == "none"  # not a CUDA device
+    assert choose_offload(sizes, budget=80 * gib, reserve=reserve) == "none"
+    assert choose_offload(sizes, budget=30 * gib, reserve=reserve) == "model"  # 27 GiB fits, 36.25 does not
+    assert choose_offload(sizes, budget=24 * gib, reserve=reserve) == "group"  # the transformer alone does not fit
+    assert choose_offload(sizes, budget=0, reserve=reserve) == "group"
+
+
+def test_auto_offload_on_the_cpu_keeps_everything_in_place_and_fp8_accepts_it(load_tiny):
+    import numpy as np
+
+    assert opts.fp8_option_conflict("auto") is None
+    auto = load_tiny("flux", offload="auto")
+    assert auto.offload == "none"
+    gen = {"prompt": "x", "width": 64, "height": 64, "steps": 2, "seed": 3}
+    assert np.array_equal(auto.generate(**gen).images, load_tiny("flux").generate(**gen).images)
+
+
+def test_a_family_that_cannot_offload_takes_auto_and_refuses_the_rest():
+    from aitk_inference.pipelines import load_pipeline
+    from aitk_inference.pipelines.base import AITKPipeline
+
+    assert AITKPipeline.offload_refusal is None
+    assert get_spec("anima").family_class().choose_offload(get_spec("anima"), None, "cuda", "none") == "none"
+    with pytest.raises(ValueError, match="anima runs on diffusers' modular pipeline, which has no CPU offloading"):
+        load_pipeline("anima", base="unused", device="cpu", offload="group")

@@ -226,12 +226,8 @@ class AnimaFamilyPipeline(AITKPipeline):
     # padding, so a shorter prompt's image changes (measured 0.024 on the tiny model, BENCHMARKS.md "Previews in bulk")
     batches_distinct_prompts = False
 
-    @classmethod
-    def from_spec(cls, spec, options=None):
-        if options is not None and options.offload not in (None, "none"):
-            raise ValueError(f"{spec.model_id} runs on diffusers' modular pipeline, which has no CPU offloading: use "
-                             "offload='none' (Anima's transformer and text encoder are small, about 2B and 0.6B).")
-        return super().from_spec(spec, options)
+    offload_refusal = ("runs on diffusers' modular pipeline, which has no CPU offloading: use offload='none' (Anima's "
+                       "transformer and text encoder are small, about 2B and 0.6B).")
 
     @classmethod
     def load_diffusers_pipeline(cls, spec, source, torch_dtype, **overrides):

@@ -418,12 +418,7 @@ class MiniMaxH3FamilyPipeline(AITKPipeline):
     #: control images are ref2va references (their own aspect, the target's area), not a first frame
     references = False
 
-    @classmethod
-    def from_spec(cls, spec, options=None):
-        if options is not None and options.offload not in (None, "none"):
-            raise ValueError(f"{spec.model_id} runs on diffusers' modular pipeline, which has no CPU offloading in "
-                             "this package: use offload='none'.")
-        return super().from_spec(spec, options)
+    offload_refusal = "runs on diffusers' modular pipeline, which has no CPU offloading in this package: use offload='none'."
 
     @classmethod
     def load_diffusers_pipeline(cls, spec, source, torch_dtype, **overrides):

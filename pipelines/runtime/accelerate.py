@@ -54,6 +54,52 @@ def direct_load_options(device: str, offload: str) -> dict:
     return {"device_map": device} if offload == "none" and device in (get_device(), "cpu") else {}
 
 
+#: GPU memory ``offload="auto"`` leaves free for activations, the VAE decode and the CUDA context, by kind of output
+AUTO_OFFLOAD_RESERVE_GIB = {"image": 3.0, "video": 12.0}
+#: caps the GPU memory ``offload="auto"`` plans for (GiB), e.g. to leave room for another program on the card
+MAX_GPU_MEMORY_ENV = "AITK_MAX_GPU_MEMORY_GIB"
+
+
+def gpu_memory_budget(device: str) -> int | None:
+    """The bytes this process may still fill on ``device``: the card's free memory, capped by torch's per-process
+    fraction and by ``AITK_MAX_GPU_MEMORY_GIB``; None off CUDA."""
+    import torch
+
+    if not str(device).startswith("cuda") or not torch.cuda.is_available():
+        return None
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    free, total = torch.cuda.mem_get_info(index)
+    held = torch.cuda.memory_reserved(index)
+    caps = [free, int(torch.cuda.get_per_process_memory_fraction(index) * total) - held]
+    if os.environ.get(MAX_GPU_MEMORY_ENV):
+        try:
+            caps.append(int(float(os.environ[MAX_GPU_MEMORY_ENV]) * 2**30) - held)
+        except ValueError:
+            raise ValueError(f"{MAX_GPU_MEMORY_ENV}={os.environ[MAX_GPU_MEMORY_ENV]!r} is not a number of GiB; "
+                             "set it like 12 or 23.5, or unset it.") from None
+    return max(min(caps), 0)
+
+
+def component_bytes(pipe) -> dict[str, int]:
+    """The bytes of each model component of ``pipe`` (parameters and buffers, at their loaded dtype)."""
+    import torch
+
+    return {name: sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+            for name, module in pipe.components.items() if isinstance(module, torch.nn.Module)}
+
+
+def choose_offload(sizes: dict[str, int], budget: int | None, reserve: int) -> str:
+    """The fastest placement whose GPU-resident weights plus ``reserve`` fit ``budget`` bytes: ``none`` (all on the
+    GPU), ``model`` (one component at a time, whole), else ``group`` (layer by layer, transfers overlapped). No
+    budget (not a CUDA device) means ``none``."""
+    if budget is None or sum(sizes.values()) + reserve <= budget:
+        return "none"
+    if max(sizes.values(), default=0) + reserve <= budget:
+        return "model"
+    return "group"
+
+
 def place(pipe, device: str, offload: str) -> None:
     """Move the pipeline to ``device`` or set up CPU offloading: ``model`` (whole components move in and out),
     ``sequential`` (accelerate, layer by layer: least memory, slowest) or ``group`` (diffusers group offloading,

@@ -23,7 +23,7 @@ TORCH_DTYPE_NAMES = {
     "bf16": "bfloat16", "bfloat16": "bfloat16",
     "fp16": "float16", "float16": "float16", "half": "float16",
 }
-OFFLOAD_MODES = ("none", "model", "sequential", "group")
+OFFLOAD_MODES = ("none", "model", "sequential", "group", "auto")
 COMPILE_MODES = ("none", "regional", "full")
 #: attention kernel choices -> diffusers attention backends (``ModelMixin.set_attention_backend``). ``sdpa`` is
 #: diffusers' default (torch's scaled_dot_product_attention picks its kernel); the ``sdpa_*`` names force one of

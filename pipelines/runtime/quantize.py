@@ -49,9 +49,9 @@ def fp8_unavailable(device: str) -> str | None:
 
 def fp8_option_conflict(offload: str) -> str | None:
     """Why FP8 weights cannot go with these load options, or None."""
-    if offload != "none":
+    if offload not in ("none", "auto"):
         return (f"FP8 weights stay on the GPU, so quantize='fp8' cannot be combined with offload={offload!r}; "
-                "use offload='none'")
+                "use offload='none' (or 'auto', which then keeps everything on the GPU)")
     return None
 
 

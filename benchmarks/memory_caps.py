@@ -1,0 +1,74 @@
+"""FLUX.1-dev through ``load_pipeline(offload="auto")`` on a card whose memory this process may use is capped
+(``torch.cuda.set_per_process_memory_fraction``), against the uncapped run in the same process: which placement auto
+chose, the time of a 1024x1024 image with a fused rank-16 LoRA, its peak memory. Full-size random weights (the
+benchmark's FLUX folder, written once). GPU only:
+
+    python3 -m aitk_inference.benchmarks.memory_caps --caps 0 24 12 --steps 4 --out DIR     # 0 = uncapped
+"""
+
+import argparse
+import gc
+import json
+import os
+import time
+
+
+def main(argv=None) -> int:
+    import torch
+
+    from ..pipelines import load_pipeline
+    from ..pipelines.lora.stack import LoraRequest
+    from .harness import Options, lora_state_dict, materialize_flux
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--caps", nargs="+", type=float, default=[0, 24, 12], help="GiB; 0 = the whole card")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--images", type=int, default=2, help="timed images per cap, after one warm-up")
+    parser.add_argument("--out", default=".")
+    args = parser.parse_args(argv)
+    folder = materialize_flux(Options())
+    total = torch.cuda.get_device_properties(0).total_memory
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "steps": args.steps,
+              "size": 1024, "runs": []}
+    for cap in args.caps:
+        torch.cuda.set_per_process_memory_fraction(1.0 if cap == 0 else cap * 2**30 / total)
+        torch.cuda.reset_peak_memory_stats()
+        run = {"cap_gib": cap or round(total / 2**30, 1)}
+        try:
+            started = time.perf_counter()
+            pipeline = load_pipeline("flux", base=folder, device="cuda", dtype="bf16", offload="auto",
+                                     lora_mode="fused")
+            run["load_s"] = round(time.perf_counter() - started, 1)
+            run["offload_chosen"] = pipeline.offload
+            lora = lora_state_dict(pipeline.pipe.transformer, rank=16, seed=0, std=0.01)
+            pipeline.set_loras([LoraRequest(state_dict=lora, strength=1.0, name="r16")])
+            gen = dict(prompt="a photo of a cat", width=1024, height=1024, steps=args.steps, seed=1)
+            pipeline.generate(**gen)  # warm-up
+            times = []
+            for _ in range(args.images):
+                torch.cuda.synchronize()
+                started = time.perf_counter()
+                pipeline.generate(**gen)
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - started)
+            run["image_s"] = round(sorted(times)[len(times) // 2], 2)
+            run["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        except torch.OutOfMemoryError as error:
+            run["error"] = f"out of memory: {str(error)[:200]}"
+        print(run, flush=True)
+        result["runs"].append(run)
+        pipeline = None
+        gc.collect()
+        torch.cuda.empty_cache()
+    base = result["runs"][0].get("image_s")
+    for run in result["runs"]:
+        if base and run.get("image_s"):
+            run["ratio_vs_first"] = round(run["image_s"] / base, 3)
+    with open(os.path.join(args.out, "memory_caps.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

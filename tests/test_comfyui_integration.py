@@ -13,7 +13,7 @@ import time
 
 import pytest
 from comfyui_harness import ROOT, ComfyServer, make_base_dir, needs_comfyui
-from test_job_grid import job  # noqa: F401 (the fixture: a copy of the tiny FLUX e2e job with two checkpoints)
+from test_job_grid import copy_job_with_two_checkpoints
 
 pytestmark = [pytest.mark.comfyui, needs_comfyui]
 
@@ -133,7 +133,7 @@ def _api_prompt(workflow: dict, object_info: dict) -> dict:
     return prompt
 
 
-def test_training_job_example_runs_in_real_comfyui(base_dir, job, tiny_dir):
+def test_training_job_example_runs_in_real_comfyui(base_dir, tiny_dir, tmp_path):
     """The Training Job example workflow, pointed at a copy of the tiny FLUX end-to-end job (two checkpoints) and the
     tiny FLUX base, queued on /prompt: the saved grid has the library's size and every cell is the library's render."""
     import numpy as np
@@ -141,6 +141,7 @@ def test_training_job_example_runs_in_real_comfyui(base_dir, job, tiny_dir):
 
     from aitk_inference.pipelines.jobs.grid import reproduce_grid
 
+    job = copy_job_with_two_checkpoints(tmp_path / "flux")
     with open(os.path.join(ROOT, "example_workflows", "training_job_checkpoint_grid.json")) as f:
         workflow = json.load(f)
     server = ComfyServer(str(base_dir), {})

@@ -29,7 +29,7 @@ STRIP_FRAMES = 4
 DEFAULT_PREVIEW_SIZE = 512
 
 #: the file-name prefix of ComfyUI's TAESD decoder (``models/vae_approx``) per latent space that has one
-TAESD_DECODERS = {"sd15": "taesd_decoder", "sdxl": "taesdxl_decoder", "flux1": "taef1_decoder"}
+TAESD_DECODERS = {"sd15": "taesd_decoder", "sdxl": "taesdxl_decoder", "sd3": "taesd3_decoder", "flux1": "taef1_decoder"}
 
 #: the latent space of each model id's VAE (a key of ``latent_rgb.json``); ``rgb``: pixel space, the latent is the
 #: image in [-1, 1]; None: no preview (no known factors for that VAE, or no image at all)
@@ -48,14 +48,18 @@ MODEL_LATENT_SPACES: dict[str, str | None] = {
                      "qwen_image_edit_plus_2511", "nucleus_image", "krea2", "krea2_turbo", "krea2_o_edit",
                      "krea2_o_edit_turbo", "anima"), "wan21"),
     "wan22_5b": "wan22",  # Wan 2.2's 48-channel VAE
-    # FLUX.2's 32-channel VAE (latents 2x2-patchified to 128 channels; the family unpatches them)
-    **dict.fromkeys(("flux2", "flux2_diffusers", "flux2_klein_4b", "flux2_klein_9b", "ernie_image"), "flux2"),
+    "sd3": "sd3",  # SD 3.5's own 16-channel VAE (scaling 1.5305, shift 0.0609)
+    # FLUX.2's 32-channel VAE (latents 2x2-patchified to 128 channels; the family unpatches them). Ideogram 4 decodes
+    # with it too (ComfyUI's Comfy-Org/Ideogram-4 ships vae/flux2-vae.safetensors); its preview_latents swaps its own
+    # latent normalisation for FLUX.2's first
+    **dict.fromkeys(("flux2", "flux2_diffusers", "flux2_klein_4b", "flux2_klein_9b", "ernie_image", "ideogram4"),
+                    "flux2"),
     **dict.fromkeys(("ltx2", "ltx2.3", "ltx2.5"), "ltxv"),  # the 128-channel LTX video latent
     **dict.fromkeys(("prx_pixel", "chroma_radiance", "zeta_chroma", "zimage_l2p", "hidream_o1"), "rgb"),
-    # no known factors: own VAEs (CogView4, Mage-Flow, MiniMax-H3, SD 3.5's 16 channels), FLUX.2's VAE under Ideogram 4's own latent
-    # normalisation; or audio only (ACE-Step)
-    **dict.fromkeys(("cogview4", "mageflow", "mageflow_edit", "minimax_h3", "minimax_h3_ref2va", "ideogram4",
-                     "sd3", "ace_step_15", "ace_step_15_xl"), None),
+    # no known factors: own VAEs that ComfyUI has no latent format for (CogView4's 16 channels, Mage-Flow's
+    # 128-channel codec, MiniMax-H3's video VAE); or audio only (ACE-Step: a waveform's latent, no image)
+    **dict.fromkeys(("cogview4", "mageflow", "mageflow_edit", "minimax_h3", "minimax_h3_ref2va", "ace_step_15",
+                     "ace_step_15_xl"), None),
 }
 
 Previewer = Callable[[Any], tuple]

@@ -2,6 +2,7 @@
 the Load node's base-source line (no ComfyUI needed)."""
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -56,6 +57,18 @@ def test_pyproject_is_ready_for_the_registry(pyproject):
     assert project["urls"]["Repository"].startswith("https://github.com/")
     assert os.path.isfile(os.path.join(ROOT, "icon.png"))
     assert os.path.isfile(os.path.join(ROOT, ".github", "workflows", "publish.yml"))
+
+
+def test_templates_category_is_titled_by_the_display_name():
+    """ComfyUI's Browse Templates lists a pack's examples under its folder name unless the pack's locales translate
+    ``templateWorkflows.category.<folder>``: the registry's folder (the project name) and the package's name, both
+    titled with the pack's DisplayName."""
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        pyproject = tomllib.load(f)
+    with open(os.path.join(ROOT, "locales", "en", "main.json"), encoding="utf-8") as f:
+        categories = json.load(f)["templateWorkflows"]["category"]
+    folders = {pyproject["project"]["name"], "aitk_inference"}
+    assert categories == dict.fromkeys(folders, pyproject["tool"]["comfy"]["DisplayName"])
 
 
 def test_published_pack_leaves_out_tests_benchmarks_and_ci():

@@ -3,7 +3,8 @@
 Runs only where ``COMFYUI_DIR`` names a ComfyUI source tree (``tests/comfyui_harness.py`` says how). Everything
 ComfyUI writes goes to a temporary ``--base-directory`` holding only this pack (symlinked), the tiny FLUX and LTX-2
 models and a LoRA. See ComfyUI.md.
-The API runs twice: with the V3 schema nodes and with the classic fallback (``AITK_COMFY_NODE_API=classic``).
+The API runs twice: with the V3 schema nodes and with the classic fallback (``AITK_COMFY_NODE_API=classic``). The
+training-job example workflow runs once, on a copy of the tiny FLUX end-to-end job (``tests/test_job_grid.py``'s).
 """
 
 import json
@@ -12,6 +13,7 @@ import time
 
 import pytest
 from comfyui_harness import ROOT, ComfyServer, make_base_dir, needs_comfyui
+from test_job_grid import copy_job_with_two_checkpoints
 
 pytestmark = [pytest.mark.comfyui, needs_comfyui]
 
@@ -109,3 +111,64 @@ def test_pack_in_real_comfyui(base_dir, api):
         assert "evicting 1 cached AITK pipeline" in server.log_tail(200000)
     finally:
         server.stop()
+
+
+# ------------------------------------------------------------------------------------------------ the training-job nodes
+def _api_prompt(workflow: dict, object_info: dict) -> dict:
+    """A saved (UI) workflow as the API prompt ComfyUI's frontend would queue: each node's links by the workflow's
+    link table, its widget values by the node's input order (the job workflow's nodes have no seed controls)."""
+    sources = {link[0]: (str(link[1]), link[2]) for link in workflow["links"]}
+    prompt = {}
+    for node in workflow["nodes"]:
+        info = object_info[node["type"]]
+        linked = {slot["name"]: list(sources[slot["link"]]) for slot in node.get("inputs", []) if slot.get("link")}
+        declared = {**info["input"]["required"], **info["input"].get("optional", {})}
+        names = [name for group in ("required", "optional") for name in info["input_order"].get(group, [])]
+        widgets = [name for name in names if name not in linked and
+                   (isinstance(declared[name][0], list) or declared[name][0] in ("STRING", "INT", "FLOAT", "BOOLEAN",
+                                                                                  "COMBO"))]
+        assert len(widgets) == len(node["widgets_values"]), (node["type"], widgets, node["widgets_values"])
+        prompt[str(node["id"])] = {"class_type": node["type"],
+                                   "inputs": {**dict(zip(widgets, node["widgets_values"])), **linked}}
+    return prompt
+
+
+def test_training_job_example_runs_in_real_comfyui(base_dir, tiny_dir, tmp_path):
+    """The Training Job example workflow, pointed at a copy of the tiny FLUX end-to-end job (two checkpoints) and the
+    tiny FLUX base, queued on /prompt: the saved grid has the library's size and every cell is the library's render."""
+    import numpy as np
+    from PIL import Image
+
+    from aitk_inference.pipelines.jobs.grid import reproduce_grid
+
+    job = copy_job_with_two_checkpoints(tmp_path / "flux")
+    with open(os.path.join(ROOT, "example_workflows", "training_job_checkpoint_grid.json")) as f:
+        workflow = json.load(f)
+    server = ComfyServer(str(base_dir), {})
+    try:
+        types = sorted({node["type"] for node in workflow["nodes"]})
+        prompt = _api_prompt(workflow, {name: server.get(f"/object_info/{name}")[name] for name in types})
+        job_node, previews_node, save_node = (next(key for key, node in prompt.items() if node["class_type"] == kind)
+                                              for kind in ("AITKTrainingJob", "AITKJobPreviews", "SaveImage"))
+        prompt[job_node]["inputs"].update(job_folder=job, base="tiny-flux")
+        selection = {name: prompt[previews_node]["inputs"][name] for name in ("checkpoints", "strengths", "prompts")}
+        assert selection == {"checkpoints": "last 3", "strengths": "", "prompts": ""}  # the example's defaults
+
+        result = server.run(prompt)
+        assert result["status"]["status_str"] == "success", _messages(result, "execution_error") or server.log_tail()
+        listing = next(output for output in result["outputs"].values() if "text" in output)["text"]
+        assert listing == ["step 5: flux_000000005.safetensors\nstep 10: flux_000000010.safetensors"]
+        (saved,) = result["outputs"][save_node]["images"]
+        with Image.open(base_dir / "output" / saved["subfolder"] / saved["filename"]) as image:
+            grid_image = image.convert("RGB")
+    finally:
+        server.stop()
+
+    library = reproduce_grid(job, base=tiny_dir("flux"), device="cpu", dtype="fp32", **selection)
+    assert grid_image.size == library.image.size
+    assert [(cell.step, cell.strength, cell.index) for cell in library.cells] == \
+        [(step, 1.0, index) for step in (5, 10) for index in range(3)]
+    for cell in library.cells:
+        assert np.array_equal(np.asarray(grid_image.crop(cell.ours_box)), cell.ours), (cell.step, cell.index)
+        if cell.theirs_box is not None:  # ai-toolkit's own sample beside ours, as the library placed it
+            assert np.array_equal(np.asarray(grid_image.crop(cell.theirs_box)), cell.theirs)

@@ -21,16 +21,20 @@ E2E_FLUX = os.path.join(GOLDENS_DIR, "e2e", "flux")
 STRENGTHS = "1.0, 0.5"
 
 
-@pytest.fixture(scope="module")
-def job(tmp_path_factory):
-    """The e2e FLUX job plus ``flux_000000005.safetensors`` (its LoRA at half the weights): two checkpoints."""
+def copy_job_with_two_checkpoints(folder) -> str:
+    """The e2e FLUX job copied to ``folder`` plus ``flux_000000005.safetensors`` (its LoRA at half the weights)."""
     from safetensors.torch import load_file, save_file
 
-    folder = tmp_path_factory.mktemp("output") / "flux"
     shutil.copytree(E2E_FLUX, folder)
     state = load_file(str(folder / "flux_000000010.safetensors"))
     save_file({key: value * 0.5 for key, value in state.items()}, str(folder / "flux_000000005.safetensors"))
     return str(folder)
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    """The e2e FLUX job with two checkpoints."""
+    return copy_job_with_two_checkpoints(tmp_path_factory.mktemp("output") / "flux")
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from aitk_inference.nodes import core, previews
-from aitk_inference.pipelines.families.pixel_space import unpatchify_pixels_channels_last
+from aitk_inference.pipelines.families.pixel_space import unpatchify_pixels, unpatchify_pixels_channels_last
 from aitk_inference.pipelines.registry import get_spec, model_ids
 
 
@@ -83,13 +83,14 @@ def test_every_model_states_its_latent_space():
     for space, table in factors.items():
         assert all(len(row) == 3 for row in table["factors"]) and (table["bias"] is None or len(table["bias"]) == 3)
     assert {space: len(table["factors"]) for space, table in factors.items()} == \
-        {"sd15": 4, "sdxl": 4, "flux1": 16, "flux2": 32, "wan21": 16, "wan22": 48, "ltxv": 128, "rgb": 3}
+        {"sd15": 4, "sdxl": 4, "sd3": 16, "flux1": 16, "flux2": 32, "wan21": 16, "wan22": 48, "ltxv": 128, "rgb": 3}
 
 
 # model id -> the preview's (width, height) at 96x64: latent size (VAE /8), the pixels (pixel space), or a strip of the
 # video's latent frames side by side
-PREVIEW_SIZES = {"flux": (12, 8), "sdxl": (12, 8), "flux2": (12, 8), "ernie_image": (12, 8),
-                 "wan21_1b": (3 * 12, 8), "prx_pixel": (96, 64)}
+PREVIEW_SIZES = {"flux": (12, 8), "sdxl": (12, 8), "sd3": (12, 8), "flux2": (12, 8), "ernie_image": (12, 8),
+                 "ideogram4": (12, 8), "anima": (12, 8), "wan21_1b": (3 * 12, 8), "prx_pixel": (96, 64),
+                 "hidream_o1": (96, 64)}
 
 
 @pytest.mark.parametrize("model", list(PREVIEW_SIZES))
@@ -118,6 +119,7 @@ UNPACKED_BY_DIFFUSERS = {
     "flux2": _flux2_reference,
     "ltx2": _ltx2_reference,
     "zeta_chroma": lambda pipe, packed: unpatchify_pixels_channels_last(packed, 64, 96, 32),
+    "hidream_o1": lambda pipe, packed: unpatchify_pixels(packed, 64, 96, 32),  # its loop's own unpacking
 }
 
 
@@ -135,6 +137,29 @@ def test_previews_see_the_latent_the_vae_decodes(tiny_dir, model, monkeypatch):
     assert torch.equal(seen[-1], UNPACKED_BY_DIFFUSERS[model](pipeline.pipe, packed[-1]))
 
 
+def test_ideogram4_previews_are_in_flux2_latent_space(load_tiny, monkeypatch):
+    """Ideogram 4 normalises FLUX.2's VAE latent its own way: its previews are a step's latents in FLUX.2's space, so
+    that FLUX.2's own denormalisation (diffusers' Flux2Pipeline: batch-norm statistics, then the 2x2 unpatching) of the
+    last step's preview gives exactly the latent Ideogram's decode hands the VAE. Non-trivial statistics, so that a
+    channel-order mistake shows."""
+    from diffusers import Flux2Pipeline
+
+    pipeline = load_tiny("ideogram4")
+    bn = pipeline.pipe.vae.bn
+    generator = torch.Generator().manual_seed(0)
+    bn.running_mean.copy_(torch.randn(bn.num_features, generator=generator))
+    bn.running_var.copy_(torch.rand(bn.num_features, generator=generator) + 0.5)
+    decoded, seen = [], []
+    vae_decode = pipeline.pipe.vae.decode
+    monkeypatch.setattr(pipeline.pipe.vae, "decode", lambda z, **kwargs: decoded.append(z) or vae_decode(z, **kwargs))
+    pipeline.generate("a red fox", width=96, height=64, steps=2, seed=7,
+                      on_latents=lambda step, total, latents: seen.append(latents))
+    assert seen[-1].shape == (1, 32, 8, 12)
+    std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + pipeline.pipe.vae.config.batch_norm_eps)
+    patched = Flux2Pipeline._patchify_latents(seen[-1]) * std + bn.running_mean.view(1, -1, 1, 1)
+    assert torch.allclose(Flux2Pipeline._unpatchify_latents(patched), decoded[-1], atol=1e-5)
+
+
 def test_latent2rgb_is_the_factors_projection():
     table = previews.latent_rgb_factors()["flux1"]
     latent = torch.randn(16, 8, 12)
@@ -150,12 +175,13 @@ def test_none_makes_no_preview_and_asks_for_no_latents(comfy, tiny_dir, monkeypa
     assert comfy.updates == [(1, 2, None), (2, 2, None)]
 
 
-def test_previews_never_change_the_result(comfy, tiny_dir):
+@pytest.mark.parametrize("model", ["flux", "anima", "hidream_o1", "ideogram4"])  # FLUX; loops that hand out latents
+def test_previews_never_change_the_result(comfy, tiny_dir, model):
     comfy.set_method("latent2rgb")
-    with_previews = sample(tiny_dir, "flux").images
+    with_previews = sample(tiny_dir, model).images
     assert all(preview is not None for _, _, preview in comfy.updates)
     comfy.set_method("none")
-    assert torch.equal(sample(tiny_dir, "flux").images, with_previews)
+    assert torch.equal(sample(tiny_dir, model).images, with_previews)
 
 
 def test_taesd_uses_comfyuis_decoder_file_else_latent2rgb(comfy, caplog):

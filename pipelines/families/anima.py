@@ -19,7 +19,8 @@ What ai-toolkit's previews do, and so do we:
   with a zero padding mask, Euler steps and the VAE decode with the latent mean/std;
 * width and height are floored to multiples of 32 (``get_bucket_divisibility``).
 
-Our only addition to the denoising loop is a step-end block that reports progress (and so can interrupt). LoRAs:
+Our only addition to the denoising loop is a step-end block that reports progress (and so can interrupt) and hands
+the step's latents to the callback (live previews). LoRAs:
 ai-toolkit saves them in ComfyUI / original Cosmos names (``diffusion_model.blocks.N.self_attn.q_proj``...), its LLM
 adapter modules as ``diffusion_model.llm_adapter.*``; :func:`anima_original_to_diffusers` maps both.
 """
@@ -140,6 +141,7 @@ def provide_padding_mask_resize() -> None:
 # ---------------------------------------------------------------------------------------------------------------- blocks
 class AnimaStepEnd(StepEndBlock):
     model_name = "anima"
+    step_outputs = ("latents",)  # (B, 16, 1, H/8, W/8), normalised as the decode step's latent mean/std say
 
 
 class AnimaAitkDenoiseStep(AnimaDenoiseStep):

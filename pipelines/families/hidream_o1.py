@@ -55,7 +55,7 @@ from torch import nn
 from transformers import AttentionInterface, AutoTokenizer, Qwen3VLConfig, Qwen3VLModel
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from ..base import AITKPipeline, GenerationParams
+from ..base import AITKPipeline, GenerationParams, LatentLayout
 from ..lora.convert import ConvertedLora
 from .pixel_space import patchify_pixels, unpatchify_pixels, velocity_from_x0
 
@@ -294,8 +294,9 @@ class HiDreamO1Pipeline(DiffusionPipeline):
             generator (torch.Generator or list, *optional*): CPU generator(s) of the initial noise, one per image.
             output_type (str, defaults to "np"): ``np`` (``[B, H, W, 3]`` in ``[0, 1]``), ``pt`` or ``latent``
                 (the ``[-1, 1]`` pixels, ``[B, 3, H, W]``).
-            callback_on_step_end (callable, *optional*): ``f(pipe, step, timestep, {})`` after every step of every
-                image (the step count restarts with each image); raising from it stops sampling.
+            callback_on_step_end (callable, *optional*): ``f(pipe, step, timestep, {"latents": latents})`` after
+                every step of every image (the step count restarts with each image; ``latents``: that image's
+                patch tokens ``[1, N, 3 * 32 * 32]``); raising from it stops sampling.
         """
         if width % PATCH_SIZE or height % PATCH_SIZE:
             raise ValueError(f"HiDream-O1 needs width and height in multiples of {PATCH_SIZE}, got {width}x{height}.")
@@ -336,7 +337,7 @@ class HiDreamO1Pipeline(DiffusionPipeline):
                 velocity = negative_velocity + guidance * (velocity - negative_velocity)
             latents = self.scheduler.step(velocity, t, latents.float(), return_dict=False)[0].to(LATENT_DTYPE)
             if callback is not None:
-                callback(self, step, t, {})
+                callback(self, step, t, {"latents": latents})
         return unpatchify_pixels(latents, rows * PATCH_SIZE, columns * PATCH_SIZE, PATCH_SIZE)
 
 
@@ -357,6 +358,7 @@ class HiDreamO1FamilyPipeline(AITKPipeline):
 
     denoiser = "transformer"
     batches_distinct_prompts = True
+    latent_layout = LatentLayout(tokens=True, patch=PATCH_SIZE)  # patchify_pixels' 32x32 RGB patches
 
     @classmethod
     def diffusers_pipeline_class(cls, spec):

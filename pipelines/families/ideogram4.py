@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 import os
 
-from ..base import AITKPipeline, GenerationParams
+from ..base import AITKPipeline, GenerationParams, LatentLayout
 from ..lora.convert import ConvertedLora, ModulePatch, rename_patches, split_patch_rows
 from ..registry import UNCONDITIONAL_LORA_SIDE as UNCONDITIONAL
 from ..registry import Ideogram4Options
@@ -187,6 +187,8 @@ class Ideogram4FamilyPipeline(AITKPipeline):
 
     denoiser = "transformer"
     options_type = Ideogram4Options
+    # the loop's token latents (B, tokens, 128): 2x2 patches with the VAE channel fastest (LATENT_SHIFT's order)
+    latent_layout = LatentLayout(tokens=True, patch=PATCH_SIZE, channels_last=True)
 
     # ------------------------------------------------------------------------------------------------ loading
     @classmethod
@@ -362,8 +364,26 @@ class Ideogram4FamilyPipeline(AITKPipeline):
                 velocity = unconditional + guidance * (velocity - unconditional)
             latents = latents + velocity * (sigma_next - sigma)
             if callback_on_step_end is not None:
-                callback_on_step_end(self.pipe, i, sigma, {})
+                callback_on_step_end(self.pipe, i, sigma, {"latents": latents})
         return self.decode(latents, grid)
+
+    def preview_latents(self, latents, params: GenerationParams):
+        """A step's latents in FLUX.2's latent space (this VAE's; the one preview factors are known for): ai-toolkit's
+        denormalisation back to the VAE's patched channels (as :meth:`decode` does), FLUX.2's normalisation by the
+        VAE's batch-norm statistics (indexed VAE channel slowest, so reordered to this layout), then unpacked."""
+        import torch
+
+        vae = self.pipe.vae
+
+        def per_token_channel(values):  # (128,) as (VAE channel, patch row, patch column) -> this layout's order
+            values = values.to(latents.device, torch.float32)
+            return values.view(-1, PATCH_SIZE, PATCH_SIZE).permute(1, 2, 0).reshape(-1)
+
+        shift = torch.tensor(LATENT_SHIFT, device=latents.device)
+        scale = torch.tensor(LATENT_SCALE, device=latents.device)
+        mean = per_token_channel(vae.bn.running_mean)
+        std = torch.sqrt(per_token_channel(vae.bn.running_var) + vae.config.batch_norm_eps)
+        return super().preview_latents((latents.float() * scale + shift - mean) / std, params)
 
     def decode(self, latents, grid):
         """Token latents ``(B, tokens, 128)`` to images in 0..1 ``[B, H, W, 3]``: ai-toolkit's denormalisation,

@@ -39,9 +39,12 @@ def disable_progress_bars(blocks) -> None:
 
 
 class StepEndBlock(ModularPipelineBlocks):
-    """The last block of each denoising step: call ``callback_on_step_end(pipe, step, timestep, {})``, as diffusers'
+    """The last block of each denoising step: call ``callback_on_step_end(pipe, step, timestep, kwargs)``, as diffusers'
     classic pipelines do (progress reports; raising from it interrupts). A family subclasses it with its
-    ``model_name``."""
+    ``model_name`` and, in ``step_outputs``, the loop state it hands out in ``kwargs`` (``latents`` when they are
+    image-shaped, for previews)."""
+
+    step_outputs: tuple[str, ...] = ()
 
     @property
     def description(self) -> str:
@@ -53,5 +56,6 @@ class StepEndBlock(ModularPipelineBlocks):
 
     def __call__(self, components, block_state, i, t):
         if block_state.callback_on_step_end is not None:
-            block_state.callback_on_step_end(components, i, t, {})
+            block_state.callback_on_step_end(components, i, t,
+                                             {name: getattr(block_state, name) for name in self.step_outputs})
         return components, block_state

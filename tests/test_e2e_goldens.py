@@ -37,7 +37,7 @@ E2E_GOLDEN = {model_id: model_id for model_id in (
 E2E_GOLDEN.update({model_id: model_id for model_id in ("sd2", "ssd", "vega", "pixart", "pixart_sigma", "sd3", "auraflow")})
 # the families added alongside the end-to-end jobs
 E2E_GOLDEN.update({model_id: model_id for model_id in (
-    "anima", "krea2", "krea2_turbo", "krea2_o_edit", "krea2_o_edit_turbo")})
+    "anima", "krea2", "krea2_turbo", "krea2_o_edit", "krea2_o_edit_turbo", "ideogram4")})
 
 FLUX2_REASON = ("not made: ai-toolkit builds its own BFL-layout Flux2 transformer at the released sizes "
                 "(get_flux2_params) and loads a single BFL-format file, so a tiny diffusers folder cannot stand in")
@@ -89,7 +89,7 @@ NO_E2E_GOLDEN_YET = {
         "on), and the edit model imports torchvision itself; its preview loop (BooguImagePipeline.__call__, whole "
         "previews as latents and uint8 images) runs on the same tiny weights in tests/test_boogu_image.py"),
     **dict.fromkeys(
-        ("ltx2.5", "ideogram4", "minimax_h3", "minimax_h3_ref2va"),
+        ("ltx2.5", "minimax_h3", "minimax_h3_ref2va"),
         "not made yet: the family was added alongside the end-to-end jobs; its own goldens run ai-toolkit's "
         "generate_single_image on the same tiny weights (whole previews as latents/frames, tests/test_<family>.py), "
         "but no job folder went through BaseSDTrainProcess.sample and reproduce yet"),

@@ -346,6 +346,9 @@ def test_reproduce_passes_the_jobs_model_kwargs(pipes):
     assert pipes("krea2_o_edit").job_options(model) == {"kv_cache": False, "match_target_res": True, "schedule_mu": 1.0}
     assert pipes("krea2").job_options({"arch": "krea2", "model_kwargs": {"schedule_mu": 1.15}}) == {"schedule_mu": 1.15}
     assert pipes("krea2_turbo").job_options({"arch": "krea2:turbo"}) == {}
+    # a job without them ran with ai-toolkit's model-class defaults, not the o_edit preset's (the end-to-end job)
+    assert pipes("krea2_o_edit").job_options({"arch": "krea2:o_edit", "model_kwargs": {"edit": True}}) == {
+        "kv_cache": False, "match_target_res": False}
     with pytest.raises(ValueError, match="--model krea2_o_edit"):
         pipes("krea2").job_options({"arch": "krea2", "model_kwargs": {"edit": True}})
 

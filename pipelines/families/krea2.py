@@ -63,6 +63,9 @@ MU_ENDPOINTS = ((256, 0.5), (6400, 1.15))
 REFERENCE_MAX_PIXELS = 1024 * 1024
 VLM_MAX_PIXELS = 384 * 384
 VLM_MIN_SIDE = 28
+#: what ai-toolkit's Krea2Model reads when a job's model_kwargs leaves these out: false (the o_edit UI presets, our
+#: edit ids' defaults, write true for both into the job; a job without them ran with false)
+AITK_EDIT_KWARG_DEFAULTS = {"kv_cache": False, "match_target_res": False}
 
 
 def krea2_mu(image_seq_len: int) -> float:
@@ -473,7 +476,8 @@ class Krea2FamilyPipeline(AITKPipeline):
         if model_kwargs.get("edit") and not self.spec.options.edit:
             raise ValueError(f"This job trains Krea 2 with reference images (model_kwargs.edit), which {self.spec.model_id} "
                              "does not take: pass --model krea2_o_edit (or krea2_o_edit_turbo for a Turbo base).")
-        return {name: model_kwargs[name] for name in self.spec.options.generation_options if name in model_kwargs}
+        options = {name: model_kwargs[name] for name in self.spec.options.generation_options if name in model_kwargs}
+        return {**AITK_EDIT_KWARG_DEFAULTS, **options} if self.spec.options.edit else options
 
     def pipeline_kwargs(self, params: GenerationParams) -> dict:
         options = {**self.spec.options.defaults(), **params.extra}

@@ -271,7 +271,7 @@ def reproduce_job(
     import numpy as np
 
     from .. import load_pipeline
-    from ..base import MAX_BATCH
+    from ..base import MAX_BATCH, to_pil_rgb
     from ..media import write_audio, write_image, write_webp
     from ..registry import get_spec
 
@@ -340,13 +340,16 @@ def reproduce_job(
                     seed=p.seeds[i], steps=p.steps, guidance=p.guidance, network_multiplier=sample.network_multiplier,
                     preview=None, compare=None)
                 continue
-            filename = f"{prefix}__{step:09d}_{sample.index}" + (".webp" if result.is_video else ".png")
+            # ai-toolkit's video models return a one-frame sample as a still image, saved as an image preview
+            is_video = result.is_video and result.images.shape[1] > 1
+            filename = f"{prefix}__{step:09d}_{sample.index}" + (".webp" if is_video else ".png")
             path = os.path.join(out_dir, filename)
             metadata = {**result.metadata(i), "ai_toolkit_step": step, "ai_toolkit_index": sample.index}
-            if result.is_video:
+            if is_video:
                 write_webp(result.images[i], path, p.fps)  # ai-toolkit's video previews are animated WEBP
             else:
-                write_image(result.to_pil()[i], path, metadata)
+                write_image(to_pil_rgb(result.images[i][0]) if result.is_video else result.to_pil()[i], path,
+                            metadata)
             preview, difference, per_frame = previews.get((step, sample.index)), None, ()
             if preview is not None:
                 # a video is compared as written: both animated WEBPs decoded, frame by frame
@@ -358,7 +361,7 @@ def reproduce_job(
                                    ours.shape[0], ours.shape[2], ours.shape[1])
                 else:
                     difference = compare_images(ours, theirs)
-                    if result.is_video:
+                    if is_video:
                         per_frame = tuple(compare_images(a, b) for a, b in zip(ours, theirs))
                     sheet_rows[sample.index] = (f"#{sample.index} step {step} seed {p.seeds[i]}", ours[0], theirs[0])
             rows[sample.index] = ReproducedSample(

@@ -289,6 +289,8 @@ class AITKPipeline:
         self.compiled: str | None = None
         self.attention = "sdpa"
         self.quantize = "none"
+        #: with ``offload="group"`` chosen by ``auto``: denoiser component -> bytes of its blocks kept on the GPU
+        self.resident: dict[str, int] | None = None
         self.lock = threading.RLock()
         self.loras = LoraStack(
             self.lora_components(), lora_mode, self.denoiser, spec.model_id,
@@ -317,12 +319,14 @@ class AITKPipeline:
         if spec.scheduler is not None:
             pipe.scheduler = cls.make_scheduler(spec)
         pipe.set_progress_bar_config(disable=True)
+        resident = None
         if offload == "auto":
-            offload = cls.choose_offload(spec, pipe, device, options.quantize)
-        accelerate.place(pipe, device, offload)
+            offload, resident = cls.choose_offload(spec, pipe, device, options.quantize)
+        accelerate.place(pipe, device, offload, resident)
         logger.info("Loaded %s from %s in %.2fs (%s, %s, offload=%s)", spec.model_id, source,
                     time.perf_counter() - started, device, torch_dtype, offload)
         pipeline = cls(spec, pipe, device, torch_dtype, offload, options.lora_mode, source)
+        pipeline.resident = resident
         pipeline.set_attention_kernel(options.attention)
         if options.quantize == "fp8":
             pipeline.quantize_fp8()
@@ -331,23 +335,28 @@ class AITKPipeline:
         return pipeline
 
     @classmethod
-    def choose_offload(cls, spec: ModelSpec, pipe, device: str, quantize: str) -> str:
+    def choose_offload(cls, spec: ModelSpec, pipe, device: str, quantize: str) -> tuple[str, dict | None]:
         """What ``offload="auto"`` becomes for ``pipe`` (loaded on the CPU) on ``device``: the fastest placement that
         fits the GPU memory this process may use (``accelerate.choose_offload``), keeping room for a video's or an
-        image's activations. FP8 weights cannot be offloaded, so with ``quantize="fp8"`` it is always ``none``, as
-        it is for a family that cannot offload (``offload_refusal``)."""
-        if cls.offload_refusal:
-            return "none"
+        image's activations, and, when that is ``group``, how many bytes of each denoiser's blocks stay on the GPU
+        (``accelerate.resident_block_budget``; the rest stream through). FP8 weights cannot be offloaded, so with
+        ``quantize="fp8"`` it is always ``none``, as it is for a family that cannot offload (``offload_refusal``)."""
+        if cls.offload_refusal or quantize == "fp8":
+            return "none", None
         sizes = accelerate.component_bytes(pipe)
         budget = accelerate.gpu_memory_budget(device)
         reserve = int(accelerate.AUTO_OFFLOAD_RESERVE_GIB["video" if spec.video else "image"] * 2**30)
-        offload = "none" if quantize == "fp8" else accelerate.choose_offload(sizes, budget, reserve)
+        offload = accelerate.choose_offload(sizes, budget, reserve)
+        resident = None
+        if offload == "group":
+            names = spec.experts.components if spec.experts else (cls.denoiser,)
+            resident = accelerate.resident_block_budget({name: getattr(pipe, name) for name in names}, budget, reserve)
         if budget is not None:
             logger.info("%s: offload='auto' -> %r (weights %.1f GiB, largest component %.1f GiB, %.1f GiB kept for "
-                        "activations, %.1f GiB of GPU memory usable)", spec.model_id, offload,
+                        "activations, %.1f GiB of GPU memory usable%s)", spec.model_id, offload,
                         sum(sizes.values()) / 2**30, max(sizes.values(), default=0) / 2**30, reserve / 2**30,
-                        budget / 2**30)
-        return offload
+                        budget / 2**30, f"; denoiser blocks kept on the GPU: {resident}" if resident else "")
+        return offload, resident
 
     @classmethod
     def load_diffusers_pipeline(cls, spec: ModelSpec, source: str, torch_dtype, **overrides):
@@ -478,8 +487,12 @@ class AITKPipeline:
         try:
             yield
         finally:
-            for component in self.lora_components().values():
-                _maybe_remove_and_reapply_group_offloading(component)
+            for name, component in self.lora_components().items():
+                if self.resident and name in self.resident:
+                    accelerate.remove_group_offloading(component)
+                    accelerate.offload_blocks_keeping_resident(component, self.device, self.resident[name])
+                else:
+                    _maybe_remove_and_reapply_group_offloading(component)
 
     @contextlib.contextmanager
     def _vae_tiling(self, enabled: bool):
@@ -503,7 +516,7 @@ class AITKPipeline:
         try:
             yield
         finally:
-            self.place(self.pipe, self.device, self.offload)
+            self.place(self.pipe, self.device, self.offload, self.resident)
 
     # ------------------------------------------------------------------------------------------------ generation
     def resolve_params(

@@ -249,9 +249,11 @@ def _unavailable(spec: ModelSpec, components: str, holds: str, problem: str,
         f"{COMPONENTS_OPTION}.")
 
 
-def components_folder(spec: ModelSpec, components: str, in_file: list[str], whole_checkpoint: bool = False) -> str:
+def components_folder(spec: ModelSpec, components: str, in_file: list[str], whole_checkpoint: bool = False,
+                      holds: str = "the denoiser only") -> str:
     """The local diffusers folder of ``components`` with ``model_index.json``, every component the file lacks
-    (folders in full) and the ``config.json`` of those it holds (``in_file``; a whole checkpoint: every model):
+    (folders in full) and the ``config.json`` of those it holds (``in_file``, described by ``holds`` in messages; a
+    whole checkpoint: every model):
     ``components`` itself when it is a folder, else its hub snapshot of just those files (downloaded when missing
     and online; never the weights the file replaces).
 
@@ -263,7 +265,7 @@ def components_folder(spec: ModelSpec, components: str, in_file: list[str], whol
     if not local and (os.path.exists(components) or components.count("/") != 1):
         raise ComponentsUnavailableError(f"{spec.model_id}: components source {components!r} is neither a diffusers "
                                          f"folder nor a Hugging Face repo id like {spec.base!r}.")
-    holds = "every model but not the tokenizers and scheduler" if whole_checkpoint else "the denoiser only"
+    holds = "every model but not the tokenizers and scheduler" if whole_checkpoint else holds
 
     def split(names: list[str]) -> tuple[list[str], list[str]]:
         """(folders fetched whole, components whose config alone is fetched)."""
@@ -345,36 +347,51 @@ def load_denoiser(model_cls, state_dict: dict, folder: str, component: str, dtyp
 
 
 def component_class(spec: ModelSpec, folder: str, component: str):
-    """The diffusers class of ``component`` in ``folder``'s ``model_index.json``; a ValueError when it is none (the
-    pack's own transformers, e.g. Chroma Radiance's, have no single-file layout)."""
-    import diffusers
+    """The class of ``component`` in ``folder``'s ``model_index.json`` (a diffusers or transformers class); a
+    ValueError when it is none (the pack's own transformers, e.g. Chroma Radiance's, have no single-file layout)."""
+    import importlib
 
     with open(os.path.join(folder, "model_index.json")) as f:
         library, class_name = json.load(f).get(component, (None, None))
-    if library != "diffusers" or not hasattr(diffusers, class_name):
+    module = importlib.import_module(library) if library in ("diffusers", "transformers") else None
+    if module is None or not hasattr(module, class_name):
         raise ValueError(f"{spec.model_id}: its {component} ({class_name}) cannot be loaded from a single file; give "
                          f"a diffusers folder of {spec.base} as base.")
-    return getattr(diffusers, class_name)
+    return getattr(module, class_name)
 
 
 def load_single_file_pipeline(family_cls, spec: ModelSpec, source: str, components: str | None, torch_dtype,
-                              overrides: dict[str, Any]):
-    """The family's diffusers pipeline with its denoiser(s) from the single file(s) ``source`` and the rest from
-    ``components`` (default: the model's base repo); ``overrides`` as for ``load_diffusers_pipeline``."""
+                              overrides: dict[str, Any], component_files: dict[str, str] | None = None):
+    """The family's diffusers pipeline with its denoiser(s) from the single file(s) ``source`` (or from ``source``
+    itself when it is a diffusers folder or repo), the components in ``component_files`` (component -> file, see
+    ``component_files.py``) from their files and the rest from ``components`` (default: the model's base repo);
+    ``overrides`` as for ``load_diffusers_pipeline``."""
     from safetensors import safe_open
 
-    components = components or spec.base
-    files = expert_files(spec, source)
-    first = next(iter(files.values()))
-    with safe_open(first, framework="pt") as f:
-        layout = checkpoint_layout(f.keys())
+    from .component_files import load_component_file
+
+    component_files = component_files or {}
+    files = expert_files(spec, source) if is_single_file_source(source) else {}
+    components = components or (spec.base if files else source)
+    layout = "denoiser"
+    if files:
+        with safe_open(next(iter(files.values())), framework="pt") as f:
+            layout = checkpoint_layout(f.keys())
     overrides = {k: v for k, v in overrides.items() if k != "device_map"}  # place() moves the modules afterwards
-    if layout == "checkpoint" and spec.pipeline_class in WHOLE_CHECKPOINT_PIPELINES:
-        folder = components_folder(spec, components, [], whole_checkpoint=True)
-        return family_cls.load_diffusers_pipeline(spec, first, torch_dtype, config=folder, **overrides)
-    folder = components_folder(spec, components, list(files))
-    denoisers = {component: load_denoiser(component_class(spec, folder, component),
-                                          read_denoiser_state_dict(path, torch_dtype), folder, component, torch_dtype,
-                                          f"{spec.model_id} {component} file {path!r}")
-                 for component, path in files.items()}
-    return family_cls.load_diffusers_pipeline(spec, folder, torch_dtype, **denoisers, **overrides)
+    whole_checkpoint = layout == "checkpoint" and spec.pipeline_class in WHOLE_CHECKPOINT_PIPELINES
+    in_file = [*files, *component_files]
+    holds = "the denoiser only" if not component_files else f"the {', '.join(in_file)}"
+    folder = components_folder(spec, components, [] if whole_checkpoint else in_file,
+                               whole_checkpoint=whole_checkpoint, holds=holds)
+    layouts = family_cls.component_files
+    modules = {component: load_component_file(spec, component, layouts[component], path, folder,
+                                              component_class(spec, folder, component), torch_dtype)
+               for component, path in component_files.items()}
+    if whole_checkpoint:
+        return family_cls.load_diffusers_pipeline(spec, next(iter(files.values())), torch_dtype, config=folder,
+                                                  **modules, **overrides)
+    modules.update({component: load_denoiser(component_class(spec, folder, component),
+                                             read_denoiser_state_dict(path, torch_dtype), folder, component,
+                                             torch_dtype, f"{spec.model_id} {component} file {path!r}")
+                    for component, path in files.items()})
+    return family_cls.load_diffusers_pipeline(spec, folder, torch_dtype, **modules, **overrides)

@@ -145,7 +145,8 @@ def sdxl_vae_ldm(vae) -> dict:
 
     sd, out = vae.state_dict(), {}
     for ours, theirs in DIFFUSERS_TO_LDM_MAPPING["vae"].items():
-        out[theirs] = sd[ours]
+        if ours in sd:  # FLUX's VAE has no quant convs
+            out[theirs] = sd[ours]
     count = len(vae.encoder.down_blocks)
     for side, blocks, kind in (("encoder", vae.encoder.down_blocks, "down"), ("decoder", vae.decoder.up_blocks, "up")):
         for i, block in enumerate(blocks):

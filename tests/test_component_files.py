@@ -1,0 +1,295 @@
+"""Text encoders and VAEs as ComfyUI users keep them (``pipelines/component_files.py``): tiny components written in
+the published single-file layouts (ComfyUI's ``models/text_encoders`` and ``models/vae`` files), loaded back,
+compared weight for weight, and generations compared with the diffusers folder's."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from test_single_file import FP8, assert_same_weights, fp8_rounded, sdxl_vae_ldm
+
+from aitk_inference.pipelines import load_pipeline
+
+
+# ------------------------------------------------------------------------------------- writers of published layouts
+def clip_file(text_encoder) -> dict:
+    """clip_l / clip_g: transformers' original names (``text_model.`` first, which transformers 5's CLIPTextModel
+    leaves out); ComfyUI's CLIP-L also carries the projection and logit scale."""
+    state_dict = {k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k: v
+                  for k, v in text_encoder.state_dict().items()}
+    width = text_encoder.config.hidden_size
+    state_dict.setdefault("text_projection.weight", torch.randn(width, width))
+    state_dict["logit_scale"] = torch.tensor(4.6)
+    return state_dict
+
+
+def t5_file(text_encoder) -> dict:
+    """t5xxl / umt5_xxl: transformers' names with the token embedding once, as ``shared``."""
+    return {k: v for k, v in text_encoder.state_dict().items() if k != "encoder.embed_tokens.weight"}
+
+
+def qwen25_vl_file(text_encoder) -> dict:
+    """qwen_2.5_vl_7b: the original ``model.`` (language model) and ``visual.`` names, no LM head."""
+    out = {}
+    for key, value in text_encoder.state_dict().items():
+        for ours, original in (("model.language_model.", "model."), ("model.visual.", "visual.")):
+            if key.startswith(ours):
+                out[original + key[len(ours):]] = value
+    return out
+
+
+def ldm_vae_file(vae) -> dict:
+    """ae.safetensors / sdxl_vae.safetensors: LDM names, no prefix (FLUX's has no quant convs)."""
+    return {k[len("first_stage_model."):]: v for k, v in sdxl_vae_ldm(vae).items()}
+
+
+# Wan 2.1's VAE as Wan-Video's reference code names it (wan/modules/vae.py): flat encoder ``downsamples`` and decoder
+# ``upsamples`` Sequentials, residual blocks as ``residual.<i>`` Sequentials, ``middle``/``head`` Sequentials.
+WAN_RESIDUAL_NAMES = (("norm1.", "residual.0."), ("conv1.", "residual.2."), ("norm2.", "residual.3."),
+                      ("conv2.", "residual.6."), ("conv_shortcut.", "shortcut."))
+
+
+def _wan_residual_name(rest: str) -> str:
+    for ours, original in WAN_RESIDUAL_NAMES:
+        if rest.startswith(ours):
+            return original + rest[len(ours):]
+    return rest
+
+
+def wan_vae_file(vae) -> dict:
+    out = {}
+    decoder_index = {}  # (level, slot) -> flat upsamples index, in module order
+    for level, block in enumerate(vae.decoder.up_blocks):
+        for j in range(len(block.resnets)):
+            decoder_index[(level, f"resnets.{j}")] = len(decoder_index)
+        if block.upsamplers is not None:
+            decoder_index[(level, "upsamplers.0")] = len(decoder_index)
+    for key, value in vae.state_dict().items():
+        side, _, rest = key.partition(".")
+        if key.startswith(("quant_conv.", "post_quant_conv.")):
+            name = ("conv1." if key.startswith("quant_conv.") else "conv2.") + rest
+        elif rest.startswith(("conv_in.", "conv_out.", "norm_out.")):
+            part, _, tail = rest.partition(".")
+            name = f"{side}.{ {'conv_in': 'conv1', 'conv_out': 'head.2', 'norm_out': 'head.0'}[part]}.{tail}"
+        elif rest.startswith("mid_block."):
+            match = re.match(r"mid_block\.(resnets|attentions)\.(\d)\.(.+)", rest)
+            kind, index, tail = match.groups()
+            name = (f"{side}.middle.{2 * int(index)}.{_wan_residual_name(tail)}" if kind == "resnets"
+                    else f"{side}.middle.1.{tail}")
+        elif rest.startswith("down_blocks."):
+            _, index, tail = rest.split(".", 2)
+            name = f"{side}.downsamples.{index}.{_wan_residual_name(tail)}"
+        else:
+            match = re.match(r"up_blocks\.(\d+)\.(resnets\.\d+|upsamplers\.0)\.(.+)", rest)
+            level, slot, tail = match.groups()
+            tail = _wan_residual_name(tail) if slot.startswith("resnets") else tail
+            name = f"{side}.upsamples.{decoder_index[(int(level), slot)]}.{tail}"
+        out[name] = value
+    return out
+
+
+def scaled_fp8(state_dict: dict, scale: float = 0.5) -> dict:
+    """ComfyUI's ``*_fp8_e4m3fn_scaled``: each matrix as float8 codes of ``weight / scale`` and its ``scale_weight``,
+    plus the ``scaled_fp8`` marker."""
+    out = {"scaled_fp8": torch.zeros(0, dtype=FP8)}
+    for key, value in state_dict.items():
+        if key.endswith(".weight") and value.ndim == 2:
+            out[key] = (value / scale).to(FP8)
+            out[key[: -len("weight")] + "scale_weight"] = torch.tensor(scale)
+        else:
+            out[key] = value
+    return out
+
+
+def scaled_fp8_rounded(module, scale: float = 0.5):
+    import copy
+
+    rounded = copy.deepcopy(module)
+    with torch.no_grad():
+        for name, p in rounded.named_parameters():
+            if p.ndim == 2 and name.endswith(".weight"):
+                p.copy_((p / scale).to(FP8).float() * scale)
+    return rounded
+
+
+def save(tmp_path, name: str, state_dict: dict) -> str:
+    path = str(tmp_path / name)
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, path)
+    return path
+
+
+def same_images(a, b):
+    """Equal up to the CPU matmul's rounding: the file's tensors map the file where they lie (no copy), so they are
+    not 64-byte aligned as the folder's are, and the BLAS kernels round a few products differently (~1e-7)."""
+    torch.testing.assert_close(torch.as_tensor(a.images), torch.as_tensor(b.images), rtol=0, atol=2e-6)
+
+
+# ------------------------------------------------------------------------------------------------------------ tests
+@pytest.fixture(scope="module")
+def flux_folder_pipeline(tiny_dir):
+    return load_pipeline("flux", base=tiny_dir("flux"), device="cpu", dtype="fp32")
+
+
+def test_flux_clip_t5_and_ae_files(tmp_path, tiny_dir, flux_folder_pipeline):
+    """FLUX.1 with clip_l, t5xxl_fp16 and ae.safetensors: every weight is the file's, and the image is the folder's."""
+    source = flux_folder_pipeline.pipe
+    files = {"text_encoder_file": save(tmp_path, "clip_l.safetensors", clip_file(source.text_encoder)),
+             "text_encoder_2_file": save(tmp_path, "t5xxl_fp16.safetensors", t5_file(source.text_encoder_2)),
+             "vae_file": save(tmp_path, "ae.safetensors", ldm_vae_file(source.vae))}
+    pipeline = load_pipeline("flux", base=tiny_dir("flux"), device="cpu", dtype="fp32", **files)
+    for name in ("text_encoder", "text_encoder_2", "vae", "transformer"):
+        assert_same_weights(getattr(pipeline.pipe, name), getattr(source, name))
+    assert pipeline.pipe.text_encoder_2.encoder.embed_tokens.weight is pipeline.pipe.text_encoder_2.shared.weight
+    kwargs = dict(prompt="a cat", width=64, height=64, steps=1, seed=3)
+    same_images(pipeline.generate(**kwargs), flux_folder_pipeline.generate(**kwargs))
+
+
+def test_flux_scaled_fp8_t5_with_a_transformer_file(tmp_path, tiny_dir, flux_folder_pipeline):
+    """t5xxl_fp8_e4m3fn_scaled next to a transformer file (base_file): the T5 is ``fp8 * scale``; a plain
+    float8_e4m3fn T5 is upcast; the rest comes from the components folder."""
+    from test_single_file import flux_bfl_state_dict, to_fp8
+
+    source = flux_folder_pipeline.pipe
+    transformer = save(tmp_path, "flux1-dev.safetensors", flux_bfl_state_dict(source.transformer))
+    t5 = save(tmp_path, "t5xxl_fp8_e4m3fn_scaled.safetensors", scaled_fp8(t5_file(source.text_encoder_2)))
+    pipeline = load_pipeline("flux", base=transformer, components=tiny_dir("flux"), text_encoder_2_file=t5,
+                             device="cpu", dtype="fp32")
+    assert_same_weights(pipeline.pipe.text_encoder_2, scaled_fp8_rounded(source.text_encoder_2))
+    assert_same_weights(pipeline.pipe.transformer, source.transformer)
+    plain = save(tmp_path, "t5xxl_fp8_e4m3fn.safetensors", to_fp8(t5_file(source.text_encoder_2)))
+    pipeline = load_pipeline("flux", base=tiny_dir("flux"), text_encoder_2_file=plain, device="cpu", dtype="fp32")
+    assert_same_weights(pipeline.pipe.text_encoder_2, fp8_rounded(source.text_encoder_2))
+
+
+def test_wan_umt5_and_vae_files(tmp_path, tiny_dir):
+    """Wan 2.1: umt5_xxl and wan_2.1_vae (Wan's original VAE names); the video is the folder's."""
+    folder = tiny_dir("wan21_1b")
+    source = load_pipeline("wan21_1b", base=folder, device="cpu", dtype="fp32")
+    files = {"text_encoder_file": save(tmp_path, "umt5_xxl_fp16.safetensors", t5_file(source.pipe.text_encoder)),
+             "vae_file": save(tmp_path, "wan_2.1_vae.safetensors", wan_vae_file(source.pipe.vae))}
+    pipeline = load_pipeline("wan21_1b", base=folder, device="cpu", dtype="fp32", **files)
+    for name in ("text_encoder", "vae"):
+        assert_same_weights(getattr(pipeline.pipe, name), getattr(source.pipe, name))
+    kwargs = dict(prompt="a cat", width=64, height=64, num_frames=1, steps=1, seed=3)
+    same_images(pipeline.generate(**kwargs), source.generate(**kwargs))
+
+
+def test_wan_vae_conversion_matches_diffusers_at_full_size():
+    """At Wan 2.1's real VAE sizes (meta tensors; diffusers' converter assumes them), ours gives the same names and
+    shapes as diffusers' ``convert_wan_vae_to_diffusers``."""
+    from diffusers import AutoencoderKLWan
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
+    from aitk_inference.pipelines.component_files import convert_wan_vae
+
+    with torch.device("meta"):
+        vae = AutoencoderKLWan()
+    original = wan_vae_file(vae)
+    ours = convert_wan_vae(dict(original), vae.config)
+    theirs = convert_wan_vae_to_diffusers(dict(original))
+    assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in theirs.items()}
+    assert set(ours) == set(vae.state_dict())
+
+
+def test_qwen_image_text_encoder_and_vae_files(tmp_path, tiny_dir):
+    """Qwen-Image: qwen_2.5_vl_7b_fp8_scaled (ComfyUI's ``model.``/``visual.`` names, no LM head) and
+    qwen_image_vae (Wan's VAE names): weights equal, and with the unquantized file the image is the folder's."""
+    folder = tiny_dir("qwen_image")
+    source = load_pipeline("qwen_image", base=folder, device="cpu", dtype="fp32")
+    text_encoder = qwen25_vl_file(source.pipe.text_encoder)
+    assert "lm_head.weight" not in text_encoder and any(k.startswith("visual.") for k in text_encoder)
+    vae = save(tmp_path, "qwen_image_vae.safetensors", wan_vae_file(source.pipe.vae))
+    pipeline = load_pipeline("qwen_image", base=folder, device="cpu", dtype="fp32", vae_file=vae,
+                             text_encoder_file=save(tmp_path, "qwen_2.5_vl_7b.safetensors", text_encoder))
+    assert_same_weights(pipeline.pipe.vae, source.pipe.vae)
+    loaded = {k: v for k, v in pipeline.pipe.text_encoder.state_dict().items() if k != "lm_head.weight"}
+    for key, value in source.pipe.text_encoder.state_dict().items():
+        if key != "lm_head.weight":
+            torch.testing.assert_close(loaded.pop(key), value, rtol=0, atol=0, msg=key)
+    assert not loaded
+    kwargs = dict(prompt="a cat", width=64, height=64, steps=2, seed=3)
+    same_images(pipeline.generate(**kwargs), source.generate(**kwargs))
+    scaled = save(tmp_path, "qwen_2.5_vl_7b_fp8_scaled.safetensors", scaled_fp8(text_encoder))
+    pipeline = load_pipeline("qwen_image", base=folder, device="cpu", dtype="fp32", text_encoder_file=scaled)
+    want = scaled_fp8_rounded(source.pipe.text_encoder).state_dict()
+    for key, value in pipeline.pipe.text_encoder.state_dict().items():
+        if key != "lm_head.weight":
+            torch.testing.assert_close(value, want[key], rtol=0, atol=0, msg=key)
+
+
+def test_sdxl_clip_l_clip_g_and_vae_files(tmp_path):
+    """SDXL: clip_l, clip_g (transformers names, CLIPTextModelWithProjection) and sdxl_vae (LDM names), the
+    encoders of different widths so that a swapped pair is told apart."""
+    from test_single_file import sdxl_with_distinct_encoders
+
+    folder = sdxl_with_distinct_encoders(str(tmp_path / "sdxl"))
+    source = load_pipeline("sdxl", base=folder, device="cpu", dtype="fp32")
+    files = {"text_encoder_file": save(tmp_path, "clip_l.safetensors", clip_file(source.pipe.text_encoder)),
+             "text_encoder_2_file": save(tmp_path, "clip_g.safetensors", clip_file(source.pipe.text_encoder_2)),
+             "vae_file": save(tmp_path, "sdxl_vae.safetensors", ldm_vae_file(source.pipe.vae))}
+    pipeline = load_pipeline("sdxl", base=folder, device="cpu", dtype="fp32", **files)
+    for name in ("text_encoder", "text_encoder_2", "vae"):
+        assert_same_weights(getattr(pipeline.pipe, name), getattr(source.pipe, name))
+    kwargs = dict(prompt="a cat", width=64, height=64, steps=1, seed=3)
+    same_images(pipeline.generate(**kwargs), source.generate(**kwargs))
+    swapped = {"text_encoder_file": files["text_encoder_2_file"], "text_encoder_2_file": files["text_encoder_file"]}
+    with pytest.raises(ValueError, match=r"clip_g.safetensors' holds a CLIP text encoder \(width 48\), which does "
+                                         r"not fit sdxl's text_encoder .*CLIP-L"):
+        load_pipeline("sdxl", base=folder, device="cpu", dtype="fp32", **swapped)
+
+
+def test_wrong_files_get_one_clear_error(tmp_path, tiny_dir, flux_folder_pipeline):
+    """A CLIP-L given as the T5, a SDXL VAE for FLUX, a truncated file, a transformer given as a VAE, a component
+    the model has no slot for, a missing file: each one ValueError naming the file, what it holds, what is expected."""
+    source = flux_folder_pipeline.pipe
+    folder = tiny_dir("flux")
+    clip = save(tmp_path, "clip_l.safetensors", clip_file(source.text_encoder))
+    with pytest.raises(ValueError, match=r"text_encoder_2 file .*clip_l.safetensors' holds a CLIP text encoder "
+                                         r"\(width 32\); expected flux's text_encoder_2: T5-XXL \(a T5 encoder, e.g. "
+                                         r"t5xxl_fp16.safetensors"):
+        load_pipeline("flux", base=folder, text_encoder_2_file=clip, device="cpu")
+    from aitk_inference.tiny.stable_diffusion import sd_vae
+
+    sdxl_vae = save(tmp_path, "sdxl_vae.safetensors", ldm_vae_file(sd_vae(scaling_factor=0.13025)))
+    with pytest.raises(ValueError, match=r"sdxl_vae.safetensors' holds an SD/FLUX VAE \(LDM layout\) \(latent "
+                                         r"channels 4\) whose weights do not match flux's vae"):
+        load_pipeline("flux", base=folder, vae_file=sdxl_vae, device="cpu")
+    truncated = tmp_path / "t5xxl_fp16.safetensors"
+    truncated.write_bytes(open(save(tmp_path, "t5.safetensors", t5_file(source.text_encoder_2)), "rb").read()[:300])
+    with pytest.raises(ValueError, match=r"t5xxl_fp16.safetensors' cannot be read as a .safetensors file"):
+        load_pipeline("flux", base=folder, text_encoder_2_file=str(truncated), device="cpu")
+    from test_single_file import flux_bfl_state_dict
+
+    transformer = save(tmp_path, "flux1-dev.safetensors", {"model.diffusion_model." + k: v for k, v in
+                                                           flux_bfl_state_dict(source.transformer).items()})
+    with pytest.raises(ValueError, match=r"holds a diffusion model \(a base_file, not a component\); expected "
+                                         r"flux's vae: the FLUX.1 VAE"):
+        load_pipeline("flux", base=folder, vae_file=transformer, device="cpu")
+    extra = save(tmp_path, "clip_l_plus.safetensors", {**clip_file(source.text_encoder), "x.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match=r"holds a CLIP text encoder \(width 32\) whose weights do not match flux's "
+                                         r"text_encoder .*0 missing .*1 left over \(e.g. \['x.weight'\]\)"):
+        load_pipeline("flux", base=folder, text_encoder_file=extra, device="cpu")
+    with pytest.raises(ValueError, match=r"sd15 does not take a text_encoder_2 file; it takes text_encoder"):
+        load_pipeline("sd15", base=tiny_dir("sd15"), text_encoder_2_file=clip, device="cpu")
+    with pytest.raises(ValueError, match=r"flux2 does not take a vae file"):
+        load_pipeline("flux2", base=folder, vae_file=sdxl_vae, device="cpu")
+    with pytest.raises(ValueError, match=r"vae_file '.*missing.safetensors' is not an existing .safetensors file"):
+        load_pipeline("flux", base=folder, vae_file=str(tmp_path / "missing.safetensors"), device="cpu")
+
+
+def test_cache_key_follows_the_files(tmp_path, tiny_dir, flux_folder_pipeline):
+    """The same file is the same pipeline; another file, or the file rewritten, is a reload."""
+    import os
+
+    from aitk_inference.pipelines.runtime.options import LoadOptions
+
+    path = save(tmp_path, "ae.safetensors", ldm_vae_file(flux_folder_pipeline.pipe.vae))
+    key = LoadOptions(base=tiny_dir("flux"), vae_file=path, device="cpu").cache_key("flux")
+    assert key == LoadOptions(base=tiny_dir("flux"), vae_file=path, device="cpu", dtype="fp32").cache_key("flux")
+    assert key != LoadOptions(base=tiny_dir("flux"), device="cpu").cache_key("flux")
+    stat = os.stat(path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert key != LoadOptions(base=tiny_dir("flux"), vae_file=path, device="cpu").cache_key("flux")

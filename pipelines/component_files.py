@@ -22,8 +22,13 @@ import os
 import re
 from dataclasses import dataclass, field
 
-#: the components a file can replace, in the order the front ends list them (option ``<component>_file``)
-FILE_COMPONENTS = ("text_encoder", "text_encoder_2", "vae")
+#: the components a file can replace (option ``<component>_file``), in the order the front ends list them -> the
+#: ComfyUI folders such files lie in (``clip`` is the older name of ``text_encoders``) and what goes there, for help
+FILE_COMPONENTS = {
+    "text_encoder": (("text_encoders", "clip"), "FLUX.1, SD, SDXL: clip_l; Wan: umt5_xxl; Qwen-Image: qwen_2.5_vl_7b"),
+    "text_encoder_2": (("text_encoders", "clip"), "FLUX.1: t5xxl (fp16, fp8_e4m3fn, fp8_e4m3fn_scaled); SDXL: clip_g"),
+    "vae": (("vae",), "FLUX.1: ae; SD, SDXL: their VAE; Wan 2.1 / 2.2 A14B: wan_2.1_vae; Qwen-Image: qwen_image_vae"),
+}
 
 
 @dataclass(frozen=True)

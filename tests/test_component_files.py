@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 from safetensors.torch import save_file
-from test_single_file import FP8, assert_same_weights, fp8_rounded, sdxl_vae_ldm
+from test_single_file import FP8, assert_same_weights, comfy_folders, fp8_rounded, sdxl_vae_ldm  # noqa: F401
 
 from aitk_inference.pipelines import load_pipeline
 
@@ -293,3 +293,43 @@ def test_cache_key_follows_the_files(tmp_path, tiny_dir, flux_folder_pipeline):
     stat = os.stat(path)
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     assert key != LoadOptions(base=tiny_dir("flux"), vae_file=path, device="cpu").cache_key("flux")
+
+
+# ------------------------------------------------------------------------------------------------------- the node
+def test_load_node_component_files(comfy_folders, tiny_dir, flux_folder_pipeline, monkeypatch):
+    """The Load node lists models/text_encoders and models/vae, resolves its picks, validates full paths and loads
+    the files; the handle's cache key names them."""
+    from aitk_inference.nodes import classic, core
+    from aitk_inference.nodes.comfy import component_file_choices
+    from aitk_inference.pipelines.runtime import cache
+
+    source = flux_folder_pipeline.pipe
+    save_file(clip_file(source.text_encoder), str(comfy_folders["text_encoders"] / "clip_l.safetensors"))
+    save_file(scaled_fp8(t5_file(source.text_encoder_2)),
+              str(comfy_folders["text_encoders"] / "t5xxl_fp8_e4m3fn_scaled.safetensors"))
+    save_file(ldm_vae_file(source.vae), str(comfy_folders["vae"] / "ae.safetensors"))
+    (comfy_folders["vae"] / "readme.txt").write_text("not a model")
+    texts = ["none", "text_encoders/clip_l.safetensors", "text_encoders/t5xxl_fp8_e4m3fn_scaled.safetensors"]
+    assert component_file_choices("text_encoder") == component_file_choices("text_encoder_2") == texts
+    assert component_file_choices("vae") == ["none", "vae/ae.safetensors"]
+    inputs = classic.AITKLoadPipeline.INPUT_TYPES()["optional"]
+    assert inputs["vae_file"][0] == ["none", "vae/ae.safetensors"] and inputs["vae_file"][1]["default"] == "none"
+
+    handle = core.load("flux", base=tiny_dir("flux"), dtype="fp32", device="cpu",
+                       text_encoder_file="text_encoders/clip_l.safetensors",
+                       text_encoder_2_file="text_encoders/t5xxl_fp8_e4m3fn_scaled.safetensors",
+                       vae_file="vae/ae.safetensors")
+    assert handle.options.vae_file == str(comfy_folders["vae"] / "ae.safetensors")
+    pipe = handle.get_pipeline().pipe
+    assert_same_weights(pipe.text_encoder_2, scaled_fp8_rounded(source.text_encoder_2))
+    assert_same_weights(pipe.vae, source.vae)
+    assert str(comfy_folders["vae"] / "ae.safetensors") in str(handle.options.cache_key("flux"))
+    cache.evict()
+
+    validate = classic.AITKLoadPipeline.VALIDATE_INPUTS
+    assert validate(base_file="none", text_encoder_file="none", text_encoder_2_file="none", vae_file="none") is True
+    assert validate(vae_file=str(comfy_folders["vae"] / "ae.safetensors")) is True
+    problem = validate(vae_file="vae/missing.safetensors")
+    assert "vae_file 'vae/missing.safetensors' not found" in problem and "models/vae" in problem
+    problem = validate(text_encoder_2_file="vae/ae.safetensors")  # a file from another component's folder
+    assert "text_encoder_2_file 'vae/ae.safetensors' not found" in problem and "models/text_encoders" in problem

@@ -243,14 +243,14 @@ COMPONENTS_OPTION = ("the components source (Load node: base, next to base_file;
 def _unavailable(spec: ModelSpec, components: str, holds: str, problem: str,
                  command: str) -> ComponentsUnavailableError:
     return ComponentsUnavailableError(
-        f"{spec.model_id}: the single file holds {holds}; the rest comes from the hub repo {components}, but "
-        f"{problem}. With a network, fetch just what is needed (no weights the file holds) once: {command} (gated "
+        f"{spec.model_id}: {holds}; the rest comes from the hub repo {components}, but "
+        f"{problem}. With a network, fetch just what is needed (no weights the files hold) once: {command} (gated "
         f"repos need `huggingface-cli login` first); or give a local diffusers folder of {spec.base} as "
         f"{COMPONENTS_OPTION}.")
 
 
 def components_folder(spec: ModelSpec, components: str, in_file: list[str], whole_checkpoint: bool = False,
-                      holds: str = "the denoiser only") -> str:
+                      holds: str = "the single file holds the denoiser only") -> str:
     """The local diffusers folder of ``components`` with ``model_index.json``, every component the file lacks
     (folders in full) and the ``config.json`` of those it holds (``in_file``, described by ``holds`` in messages; a
     whole checkpoint: every model):
@@ -265,7 +265,7 @@ def components_folder(spec: ModelSpec, components: str, in_file: list[str], whol
     if not local and (os.path.exists(components) or components.count("/") != 1):
         raise ComponentsUnavailableError(f"{spec.model_id}: components source {components!r} is neither a diffusers "
                                          f"folder nor a Hugging Face repo id like {spec.base!r}.")
-    holds = "every model but not the tokenizers and scheduler" if whole_checkpoint else holds
+    holds = "the single file holds every model but not the tokenizers and scheduler" if whole_checkpoint else holds
 
     def split(names: list[str]) -> tuple[list[str], list[str]]:
         """(folders fetched whole, components whose config alone is fetched)."""
@@ -380,7 +380,8 @@ def load_single_file_pipeline(family_cls, spec: ModelSpec, source: str, componen
     overrides = {k: v for k, v in overrides.items() if k != "device_map"}  # place() moves the modules afterwards
     whole_checkpoint = layout == "checkpoint" and spec.pipeline_class in WHOLE_CHECKPOINT_PIPELINES
     in_file = [*files, *component_files]
-    holds = "the denoiser only" if not component_files else f"the {', '.join(in_file)}"
+    holds = ("the single file holds the denoiser only" if not component_files
+             else f"the single files hold the {', '.join(in_file)}")
     folder = components_folder(spec, components, [] if whole_checkpoint else in_file,
                                whole_checkpoint=whole_checkpoint, holds=holds)
     layouts = family_cls.component_files

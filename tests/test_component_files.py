@@ -9,7 +9,8 @@ import re
 import pytest
 import torch
 from safetensors.torch import save_file
-from test_single_file import FP8, assert_same_weights, comfy_folders, fp8_rounded, sdxl_vae_ldm  # noqa: F401
+from test_single_file import (FP8, assert_same_weights, comfy_folders, fp8_rounded, offline_hub,  # noqa: F401
+                              sdxl_vae_ldm)
 
 from aitk_inference.pipelines import load_pipeline
 
@@ -241,6 +242,26 @@ def test_sdxl_clip_l_clip_g_and_vae_files(tmp_path):
         load_pipeline("sdxl", base=folder, device="cpu", dtype="fp32", **swapped)
 
 
+def test_sd15_all_in_one_checkpoint_with_a_vae_file(tmp_path, tiny_dir):
+    """An SD 1.5 all-in-one checkpoint (loaded whole by diffusers) with another VAE from models/vae: the VAE is the
+    file's, the UNet the checkpoint's."""
+    import copy
+
+    from test_single_file import ldm_checkpoint
+
+    folder = tiny_dir("sd15")
+    source = load_pipeline("sd15", base=folder, device="cpu", dtype="fp32").pipe
+    other_vae = copy.deepcopy(source.vae)
+    with torch.no_grad():
+        for parameter in other_vae.parameters():
+            parameter.add_(0.01)
+    pipeline = load_pipeline("sd15", base=save(tmp_path, "sd15.safetensors", ldm_checkpoint(source)), components=folder,
+                             vae_file=save(tmp_path, "vae-ft-mse.safetensors", ldm_vae_file(other_vae)),
+                             device="cpu", dtype="fp32")
+    assert_same_weights(pipeline.pipe.vae, other_vae)
+    assert_same_weights(pipeline.pipe.unet, source.unet)
+
+
 def test_wrong_files_get_one_clear_error(tmp_path, tiny_dir, flux_folder_pipeline):
     """A CLIP-L given as the T5, a SDXL VAE for FLUX, a truncated file, a transformer given as a VAE, a component
     the model has no slot for, a missing file: each one ValueError naming the file, what it holds, what is expected."""
@@ -333,3 +354,17 @@ def test_load_node_component_files(comfy_folders, tiny_dir, flux_folder_pipeline
     assert "vae_file 'vae/missing.safetensors' not found" in problem and "models/vae" in problem
     problem = validate(text_encoder_2_file="vae/ae.safetensors")  # a file from another component's folder
     assert "text_encoder_2_file 'vae/ae.safetensors' not found" in problem and "models/text_encoders" in problem
+
+
+def test_component_files_with_a_hub_base_offline_name_what_to_fetch(tmp_path, flux_folder_pipeline, offline_hub):
+    """With base the model's repo (not cached, offline), the error lists the fetch of everything but the weights the
+    files replace: their folders' config.json only."""
+    from aitk_inference.pipelines.single_file import ComponentsUnavailableError
+
+    vae = save(tmp_path, "ae.safetensors", ldm_vae_file(flux_folder_pipeline.pipe.vae))
+    with pytest.raises(ComponentsUnavailableError) as error:
+        load_pipeline("flux", vae_file=vae, device="cpu", dtype="fp32")
+    message = str(error.value)
+    assert message.startswith("flux: the single files hold the vae; the rest comes from the hub repo "
+                              "black-forest-labs/FLUX.1-dev")
+    assert "'transformer/*'" in message and "vae/config.json" in message and "'vae/*'" not in message

@@ -1,5 +1,6 @@
 """ComfyUI's own modules when the pack runs inside ComfyUI, and the files in its model folders; shared by ``schema``
-(the LoRA, base-file and component-file lists) and ``core``. Outside ComfyUI every ComfyUI module is None and every folder is empty."""
+(the LoRA, base-file and component-file lists) and ``core``. Outside ComfyUI every ComfyUI module is None and every
+folder is empty."""
 
 from __future__ import annotations
 

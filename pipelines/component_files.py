@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
+from typing import Callable
 
 #: the components a file can replace (option ``<component>_file``), in the order the front ends list them -> the
 #: ComfyUI folders such files lie in (``clip`` is the older name of ``text_encoders``) and what goes there, for help
@@ -29,6 +30,69 @@ FILE_COMPONENTS = {
     "text_encoder_2": (("text_encoders", "clip"), "FLUX.1: t5xxl (fp16, fp8_e4m3fn, fp8_e4m3fn_scaled); SDXL: clip_g"),
     "vae": (("vae",), "FLUX.1: ae; SD, SDXL: their VAE; Wan 2.1 / 2.2 A14B: wan_2.1_vae; Qwen-Image: qwen_image_vae"),
 }
+
+
+# ------------------------------------------------------------------------------------------------------ converting
+def convert_ldm_vae(state_dict: dict, config: dict) -> dict:
+    """An LDM-named VAE (BFL's ae, the SD VAEs) -> ``AutoencoderKL`` names, by diffusers' own conversion."""
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    return convert_ldm_vae_checkpoint(state_dict, config)
+
+
+#: Wan's residual block (``residual`` is a Sequential: norm, act, conv, norm, act, dropout, conv) -> diffusers' names
+WAN_RESIDUAL = {"residual.0.": "norm1.", "residual.2.": "conv1.", "residual.3.": "norm2.", "residual.6.": "conv2.",
+                "shortcut.": "conv_shortcut."}
+WAN_TOP = {"conv1.": "quant_conv.", "conv2.": "post_quant_conv.", "encoder.conv1.": "encoder.conv_in.",
+           "decoder.conv1.": "decoder.conv_in.", "encoder.head.0.": "encoder.norm_out.",
+           "encoder.head.2.": "encoder.conv_out.", "decoder.head.0.": "decoder.norm_out.",
+           "decoder.head.2.": "decoder.conv_out."}
+#: the middle Sequential: resnet, attention, resnet
+WAN_MIDDLE = {"0": "mid_block.resnets.0.", "1": "mid_block.attentions.0.", "2": "mid_block.resnets.1."}
+_WAN_KEY = re.compile(r"^(encoder|decoder)\.(downsamples|upsamples|middle)\.(\d+)\.(.+)$")
+
+
+def _wan_residual(rest: str) -> str:
+    for original, ours in WAN_RESIDUAL.items():
+        if rest.startswith(original):
+            return ours + rest[len(original):]
+    return rest
+
+
+def convert_wan_vae(state_dict: dict, config: dict) -> dict:
+    """A VAE in Wan 2.1's original names (``wan_2.1_vae``, ``qwen_image_vae``) -> ``AutoencoderKLWan`` /
+    ``AutoencoderKLQwenImage`` names, sized by ``config``: the encoder's flat ``downsamples`` keep their indices; the
+    decoder's flat ``upsamples`` hold, per level, ``num_res_blocks + 1`` residual blocks and (but the last level) an
+    upsampler, which diffusers nests as ``up_blocks.<level>.resnets`` / ``.upsamplers.0``. (Diffusers' own converter
+    assumes the released model's block count.)"""
+    per_level = config["num_res_blocks"] + 1
+    levels = len(config["dim_mult"])
+    up_slots = []
+    for level in range(levels):
+        up_slots += [(level, f"resnets.{j}.") for j in range(per_level)]
+        if level < levels - 1:
+            up_slots.append((level, "upsamplers.0."))
+    converted = {}
+    for key, value in state_dict.items():
+        match = _WAN_KEY.match(key)
+        if match is None:
+            top = next((k for k in WAN_TOP if key.startswith(k)), None)
+            converted[WAN_TOP[top] + key[len(top):] if top else key] = value
+            continue
+        side, part, index, rest = match.groups()
+        if part == "middle":
+            target = WAN_MIDDLE.get(index, f"middle.{index}.")
+            rest = _wan_residual(rest) if target.startswith("mid_block.resnets") else rest
+            converted[f"{side}.{target}{rest}"] = value
+        elif part == "downsamples":
+            converted[f"{side}.down_blocks.{index}.{_wan_residual(rest)}"] = value
+        elif int(index) < len(up_slots):
+            level, slot = up_slots[int(index)]
+            rest = _wan_residual(rest) if slot.startswith("resnets") else rest
+            converted[f"{side}.up_blocks.{level}.{slot}{rest}"] = value
+        else:
+            converted[key] = value  # no such block in this config: reported as unexpected
+    return converted
 
 
 @dataclass(frozen=True)
@@ -44,8 +108,8 @@ class FileKind:
         extras (tuple): regexes of weights the published files carry and the model class has none of.
         optional_prefix (str, *optional*): a prefix of the file's names that some model classes leave out of theirs
             (transformers 5's ``CLIPTextModel`` has no ``text_model.``, ``CLIPTextModelWithProjection`` has it).
-        converter (str, *optional*): a function of this module mapping the names when renames do not suffice
-            (``(state_dict, config) -> state_dict``).
+        converter (callable, *optional*): maps the names when renames do not suffice (``(state_dict, config of
+            the model class) -> state_dict``).
     """
 
     name: str
@@ -55,7 +119,7 @@ class FileKind:
     fills: dict = field(default_factory=dict)
     extras: tuple[str, ...] = ()
     optional_prefix: str | None = None
-    converter: str | None = None
+    converter: Callable[[dict, dict], dict] | None = None
 
     def describe(self, state_dict: dict) -> str:
         key, axis, what = self.size
@@ -69,7 +133,9 @@ CLIP = FileKind("a CLIP text encoder", "text_model.encoder.layers.0.self_attn.q_
                 extras=(r"text_projection\.weight", r"logit_scale", r"(text_model\.)?embeddings\.position_ids"),
                 optional_prefix="text_model.")
 T5 = FileKind("a T5 encoder", "encoder.block.0.layer.0.SelfAttention.q.weight", ("shared.weight", 1, "width"),
-              fills={"encoder.embed_tokens.weight": "shared.weight"})
+              fills={"encoder.embed_tokens.weight": "shared.weight"},
+              # ComfyUI's UMT5 files may carry their SentencePiece tokenizer; the tokenizer comes from the components
+              extras=(r"spiece_model",))
 QWEN25_VL = FileKind("a Qwen2.5-VL language model", "model.layers.0.self_attn.k_proj.bias",
                      ("model.embed_tokens.weight", 1, "width"),
                      renames=((r"^model\.", "model.language_model."), (r"^visual\.", "model.visual.")),
@@ -77,9 +143,9 @@ QWEN25_VL = FileKind("a Qwen2.5-VL language model", "model.layers.0.self_attn.k_
                      # head shares the token embedding instead of being drawn at random
                      fills={"lm_head.weight": "model.language_model.embed_tokens.weight"})
 LDM_VAE = FileKind("an SD/FLUX VAE (LDM layout)", "decoder.mid.block_1.conv1.weight",
-                   ("decoder.conv_in.weight", 1, "latent channels"), converter="convert_ldm_vae")
+                   ("decoder.conv_in.weight", 1, "latent channels"), converter=convert_ldm_vae)
 WAN_VAE = FileKind("a Wan 2.1 VAE (Wan layout)", "decoder.middle.0.residual.0.gamma",
-                   ("conv2.weight", 0, "latent channels"), converter="convert_wan_vae")
+                   ("conv2.weight", 0, "latent channels"), converter=convert_wan_vae)
 #: recognised only to say what a file given in the wrong place holds
 DENOISERS = tuple(FileKind("a diffusion model (a base_file, not a component)", marker, ("", 0, ""))
                   for marker in ("double_blocks.0.img_attn.qkv.weight", "blocks.0.self_attn.q.weight",
@@ -156,68 +222,6 @@ def check_component_files(family_cls, spec, files: dict[str, str]) -> None:
                                                                      "folder or repo)."))
 
 
-# ------------------------------------------------------------------------------------------------------ converting
-def convert_ldm_vae(state_dict: dict, config: dict) -> dict:
-    """An LDM-named VAE (BFL's ae, the SD VAEs) -> ``AutoencoderKL`` names, by diffusers' own conversion."""
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-
-    return convert_ldm_vae_checkpoint(state_dict, config)
-
-
-#: Wan's residual block (``residual`` is a Sequential: norm, act, conv, norm, act, dropout, conv) -> diffusers' names
-WAN_RESIDUAL = {"residual.0.": "norm1.", "residual.2.": "conv1.", "residual.3.": "norm2.", "residual.6.": "conv2.",
-                "shortcut.": "conv_shortcut."}
-WAN_TOP = {"conv1.": "quant_conv.", "conv2.": "post_quant_conv.", "encoder.conv1.": "encoder.conv_in.",
-           "decoder.conv1.": "decoder.conv_in.", "encoder.head.0.": "encoder.norm_out.",
-           "encoder.head.2.": "encoder.conv_out.", "decoder.head.0.": "decoder.norm_out.",
-           "decoder.head.2.": "decoder.conv_out."}
-#: the middle Sequential: resnet, attention, resnet
-WAN_MIDDLE = {"0": "mid_block.resnets.0.", "1": "mid_block.attentions.0.", "2": "mid_block.resnets.1."}
-_WAN_KEY = re.compile(r"^(encoder|decoder)\.(downsamples|upsamples|middle)\.(\d+)\.(.+)$")
-
-
-def _wan_residual(rest: str) -> str:
-    for original, ours in WAN_RESIDUAL.items():
-        if rest.startswith(original):
-            return ours + rest[len(original):]
-    return rest
-
-
-def convert_wan_vae(state_dict: dict, config: dict) -> dict:
-    """A VAE in Wan 2.1's original names (``wan_2.1_vae``, ``qwen_image_vae``) -> ``AutoencoderKLWan`` /
-    ``AutoencoderKLQwenImage`` names, sized by ``config``: the encoder's flat ``downsamples`` keep their indices; the
-    decoder's flat ``upsamples`` hold, per level, ``num_res_blocks + 1`` residual blocks and (but the last level) an
-    upsampler, which diffusers nests as ``up_blocks.<level>.resnets`` / ``.upsamplers.0``. (Diffusers' own converter
-    assumes the released model's block count.)"""
-    per_level = config["num_res_blocks"] + 1
-    levels = len(config["dim_mult"])
-    up_slots = []
-    for level in range(levels):
-        up_slots += [(level, f"resnets.{j}.") for j in range(per_level)]
-        if level < levels - 1:
-            up_slots.append((level, "upsamplers.0."))
-    converted = {}
-    for key, value in state_dict.items():
-        match = _WAN_KEY.match(key)
-        if match is None:
-            top = next((k for k in WAN_TOP if key.startswith(k)), None)
-            converted[WAN_TOP[top] + key[len(top):] if top else key] = value
-            continue
-        side, part, index, rest = match.groups()
-        if part == "middle":
-            target = WAN_MIDDLE.get(index, f"middle.{index}.")
-            converted[f"{side}.{target}{_wan_residual(rest) if target.startswith('mid_block.resnets') else rest}"] = value
-        elif part == "downsamples":
-            converted[f"{side}.down_blocks.{index}.{_wan_residual(rest)}"] = value
-        elif int(index) < len(up_slots):
-            level, slot = up_slots[int(index)]
-            converted[f"{side}.up_blocks.{level}.{slot}{_wan_residual(rest) if slot.startswith('resnets') else rest}"] \
-                = value
-        else:
-            converted[key] = value  # no such block in this config: reported as unexpected
-    return converted
-
-
 # --------------------------------------------------------------------------------------------------------- loading
 def _state_dict_for(layout: ComponentFileLayout, state_dict: dict, what: str, expected: str) -> tuple[dict, str]:
     """(the file's weights under the names of its kind (prefix stripped, renamed, FP8 dequantized), what it holds);
@@ -278,13 +282,14 @@ def load_component_file(spec, component: str, layout: ComponentFileLayout, path:
     if transformers_model:
         config = model_cls.config_class.from_pretrained(config_dir)
         with init_empty_weights():
-            expected = model_cls._from_config(config).state_dict()
+            skeleton = model_cls._from_config(config)
     else:
         config = model_cls.load_config(config_dir)
         with init_empty_weights():
-            expected = model_cls.from_config(config).state_dict()
+            skeleton = model_cls.from_config(config)
+    expected = skeleton.state_dict()
     if layout.kind.converter:
-        state_dict = globals()[layout.kind.converter](state_dict, config)
+        state_dict = layout.kind.converter(state_dict, config)
     prefix = layout.kind.optional_prefix
     if prefix and not any(k.startswith(prefix) for k in expected):
         state_dict = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
@@ -300,9 +305,8 @@ def load_component_file(spec, component: str, layout: ComponentFileLayout, path:
         # transformers' own loader: its tied weights, kept-in-fp32 modules and attention choice, as from a folder
         model = model_cls.from_pretrained(None, config=config, state_dict=state_dict, torch_dtype=dtype)
     else:
-        with init_empty_weights():
-            model = model_cls.from_config(config)
-        model.load_state_dict(state_dict, strict=True, assign=True)
+        skeleton.load_state_dict(state_dict, strict=True, assign=True)
+        model = skeleton
     if any(t.is_meta for t in model.state_dict().values()):
         raise ValueError(f"{what}: some weights of {model_cls.__name__} were left unset.")
     return model.eval().requires_grad_(False)

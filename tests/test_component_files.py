@@ -9,8 +9,8 @@ import re
 import pytest
 import torch
 from safetensors.torch import save_file
-from test_single_file import (FP8, assert_same_weights, comfy_folders, fp8_rounded, offline_hub,  # noqa: F401
-                              sdxl_vae_ldm)
+from test_single_file import FP8, assert_same_weights, fp8_rounded, sdxl_vae_ldm
+from test_single_file import comfy_folders, offline_hub  # noqa: F401 (fixtures)
 
 from aitk_inference.pipelines import load_pipeline
 
@@ -169,7 +169,8 @@ def test_wan_umt5_and_vae_files(tmp_path, tiny_dir):
     """Wan 2.1: umt5_xxl and wan_2.1_vae (Wan's original VAE names); the video is the folder's."""
     folder = tiny_dir("wan21_1b")
     source = load_pipeline("wan21_1b", base=folder, device="cpu", dtype="fp32")
-    files = {"text_encoder_file": save(tmp_path, "umt5_xxl_fp16.safetensors", t5_file(source.pipe.text_encoder)),
+    umt5 = {**t5_file(source.pipe.text_encoder), "spiece_model": torch.zeros(16, dtype=torch.uint8)}  # its tokenizer
+    files = {"text_encoder_file": save(tmp_path, "umt5_xxl_fp16.safetensors", umt5),
              "vae_file": save(tmp_path, "wan_2.1_vae.safetensors", wan_vae_file(source.pipe.vae))}
     pipeline = load_pipeline("wan21_1b", base=folder, device="cpu", dtype="fp32", **files)
     for name in ("text_encoder", "vae"):
@@ -317,7 +318,7 @@ def test_cache_key_follows_the_files(tmp_path, tiny_dir, flux_folder_pipeline):
 
 
 # ------------------------------------------------------------------------------------------------------- the node
-def test_load_node_component_files(comfy_folders, tiny_dir, flux_folder_pipeline, monkeypatch):
+def test_load_node_component_files(comfy_folders, tiny_dir, flux_folder_pipeline):  # noqa: F811
     """The Load node lists models/text_encoders and models/vae, resolves its picks, validates full paths and loads
     the files; the handle's cache key names them."""
     from aitk_inference.nodes import classic, core
@@ -356,7 +357,8 @@ def test_load_node_component_files(comfy_folders, tiny_dir, flux_folder_pipeline
     assert "text_encoder_2_file 'vae/ae.safetensors' not found" in problem and "models/text_encoders" in problem
 
 
-def test_component_files_with_a_hub_base_offline_name_what_to_fetch(tmp_path, flux_folder_pipeline, offline_hub):
+def test_component_files_with_a_hub_base_offline_name_what_to_fetch(tmp_path, flux_folder_pipeline,
+                                                                   offline_hub):  # noqa: F811
     """With base the model's repo (not cached, offline), the error lists the fetch of everything but the weights the
     files replace: their folders' config.json only."""
     from aitk_inference.pipelines.single_file import ComponentsUnavailableError

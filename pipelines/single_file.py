@@ -10,9 +10,11 @@ Two kinds of file are read:
   encoders. SD 1.5 / SDXL checkpoints load whole through diffusers' ``from_single_file`` on the pipeline; for the
   other families only the denoiser is read from the file.
 
-Everything the file does not hold (text encoders, tokenizers, VAE, scheduler, configs) comes from the
-*components* source: a diffusers folder or a hub repo id, by default the model's base repo, taken from the hub cache
-(only those folders are downloaded: never the denoiser weights the file replaces). Offline and not cached, the load
+The text encoders and the VAE may come from their own files (ComfyUI's ``models/text_encoders`` and ``models/vae``,
+read by ``component_files.py``, with a single-file base or a diffusers one). Everything else the files do not hold
+(tokenizers, scheduler, configs, and the components given no file) comes from the *components* source: a
+diffusers folder or a hub repo id, by default the model's base repo, taken from the hub cache (only those folders
+are downloaded: never the weights the files replace). Offline and not cached, the load
 stops with a message naming the repo, the folders to fetch and the command that fetches them.
 
 Denoiser weights go through diffusers' single-file conversion (``from_single_file`` on the model class) where

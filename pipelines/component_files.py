@@ -13,7 +13,8 @@ load with one error naming the file, what it holds and what the model expects.
 The published layouts: text encoders in transformers' own names (Qwen2.5-VL in its original ``model.``/``visual.``
 names, which transformers 5 nests under ``model.language_model.``/``model.visual.``), VAEs in their reference code's
 names (the LDM names of BFL's ``ae.safetensors`` and the SD VAEs, Wan's original names for ``wan_2.1_vae`` and
-``qwen_image_vae``, an architecture Qwen-Image shares). Scaled FP8 files are dequantized as the denoiser's are.
+``qwen_image_vae``, an architecture Qwen-Image shares), or a VAE in diffusers' own names. Scaled FP8 files are
+dequantized as the denoiser's are.
 """
 
 from __future__ import annotations
@@ -146,21 +147,26 @@ LDM_VAE = FileKind("an SD/FLUX VAE (LDM layout)", "decoder.mid.block_1.conv1.wei
                    ("decoder.conv_in.weight", 1, "latent channels"), converter=convert_ldm_vae)
 WAN_VAE = FileKind("a Wan 2.1 VAE (Wan layout)", "decoder.middle.0.residual.0.gamma",
                    ("conv2.weight", 0, "latent channels"), converter=convert_wan_vae)
+#: a VAE saved by diffusers (ComfyUI's VAE loader takes these too): its names are already the model class's
+DIFFUSERS_VAE = FileKind("a VAE in diffusers' names", "decoder.mid_block.resnets.0.conv1.weight",
+                         ("decoder.conv_in.weight", 1, "latent channels"))
 #: recognised only to say what a file given in the wrong place holds
 DENOISERS = tuple(FileKind("a diffusion model (a base_file, not a component)", marker, ("", 0, ""))
                   for marker in ("double_blocks.0.img_attn.qkv.weight", "blocks.0.self_attn.q.weight",
                                  "transformer_blocks.0.attn.to_q.weight", "input_blocks.0.0.weight"))
-FILE_KINDS = (CLIP, T5, QWEN25_VL, LDM_VAE, WAN_VAE, *DENOISERS)
+FILE_KINDS = (CLIP, T5, QWEN25_VL, LDM_VAE, WAN_VAE, DIFFUSERS_VAE, *DENOISERS)
 
 
 @dataclass(frozen=True)
 class ComponentFileLayout:
-    """What a family's component takes from a file: a kind of file, as ComfyUI users know it."""
+    """What a family's component takes from a file: the kind of file published for it (``kind``, as ComfyUI users
+    know it: ``examples`` in ``models/<folder>``), and the other kinds it also reads (``also``)."""
 
     label: str
     kind: FileKind
     folder: str
     examples: tuple[str, ...]
+    also: tuple[FileKind, ...] = ()
 
     def expected(self) -> str:
         return (f"{self.label} ({self.kind.name}, e.g. {' or '.join(self.examples)} from ComfyUI's "
@@ -176,11 +182,13 @@ UMT5_XXL = ComponentFileLayout("UMT5-XXL", T5, "text_encoders", ("umt5_xxl_fp16.
                                                                  "umt5_xxl_fp8_e4m3fn_scaled.safetensors"))
 QWEN25_VL_7B = ComponentFileLayout("Qwen2.5-VL 7B", QWEN25_VL, "text_encoders",
                                    ("qwen_2.5_vl_7b.safetensors", "qwen_2.5_vl_7b_fp8_scaled.safetensors"))
-FLUX_VAE = ComponentFileLayout("the FLUX.1 VAE", LDM_VAE, "vae", ("ae.safetensors",))
-SD_VAE = ComponentFileLayout("an SD 1.5/SDXL VAE", LDM_VAE, "vae", ("sdxl_vae.safetensors",
-                                                                   "vae-ft-mse-840000-ema-pruned.safetensors"))
-WAN21_VAE = ComponentFileLayout("the Wan 2.1 VAE", WAN_VAE, "vae", ("wan_2.1_vae.safetensors",))
-QWEN_IMAGE_VAE = ComponentFileLayout("the Qwen-Image VAE", WAN_VAE, "vae", ("qwen_image_vae.safetensors",))
+FLUX_VAE = ComponentFileLayout("the FLUX.1 VAE", LDM_VAE, "vae", ("ae.safetensors",), also=(DIFFUSERS_VAE,))
+SD_VAE = ComponentFileLayout("an SD 1.5/SDXL VAE", LDM_VAE, "vae",
+                             ("sdxl_vae.safetensors", "vae-ft-mse-840000-ema-pruned.safetensors"),
+                             also=(DIFFUSERS_VAE,))
+WAN21_VAE = ComponentFileLayout("the Wan 2.1 VAE", WAN_VAE, "vae", ("wan_2.1_vae.safetensors",), also=(DIFFUSERS_VAE,))
+QWEN_IMAGE_VAE = ComponentFileLayout("the Qwen-Image VAE", WAN_VAE, "vae", ("qwen_image_vae.safetensors",),
+                                     also=(DIFFUSERS_VAE,))
 
 
 # ------------------------------------------------------------------------------------------------------ recognising
@@ -223,9 +231,10 @@ def check_component_files(family_cls, spec, files: dict[str, str]) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------- loading
-def _state_dict_for(layout: ComponentFileLayout, state_dict: dict, what: str, expected: str) -> tuple[dict, str]:
-    """(the file's weights under the names of its kind (prefix stripped, renamed, FP8 dequantized), what it holds);
-    a ValueError when it is not the kind ``layout`` takes."""
+def _state_dict_for(layout: ComponentFileLayout, state_dict: dict, what: str,
+                    expected: str) -> tuple[dict, FileKind, str]:
+    """(the file's weights under the names of its kind (prefix stripped, renamed, FP8 dequantized), its kind, what it
+    holds); a ValueError when it is not a kind ``layout`` takes."""
     from .single_file import dequantize_scaled_fp8
 
     found = recognise(state_dict)
@@ -233,7 +242,7 @@ def _state_dict_for(layout: ComponentFileLayout, state_dict: dict, what: str, ex
         raise ValueError(f"{what} holds no text encoder or VAE layout known here (its first weights: "
                          f"{sorted(state_dict)[:3]}); expected {expected}.")
     kind, prefix = found
-    if kind is not layout.kind:
+    if kind not in (layout.kind, *layout.also):
         raise ValueError(f"{what} holds {kind.describe(_strip(state_dict, prefix))}; expected {expected}.")
     outside = [k for k in state_dict if not k.startswith(prefix)]
     if outside:
@@ -243,7 +252,7 @@ def _state_dict_for(layout: ComponentFileLayout, state_dict: dict, what: str, ex
     holds = kind.describe(state_dict)
     for pattern, replacement in kind.renames:
         state_dict = {re.sub(pattern, replacement, k): v for k, v in state_dict.items()}
-    return state_dict, holds
+    return state_dict, kind, holds
 
 
 def _strip(state_dict: dict, prefix: str) -> dict:
@@ -276,7 +285,7 @@ def load_component_file(spec, component: str, layout: ComponentFileLayout, path:
 
     what = f"{spec.model_id} {component} file {path!r}"
     expected_text = f"{spec.model_id}'s {component}: {layout.expected()}"
-    state_dict, holds = _state_dict_for(layout, read_file(path, what), what, expected_text)
+    state_dict, kind, holds = _state_dict_for(layout, read_file(path, what), what, expected_text)
     config_dir = os.path.join(folder, component)
     transformers_model = not hasattr(model_cls, "load_config")
     if transformers_model:
@@ -288,16 +297,16 @@ def load_component_file(spec, component: str, layout: ComponentFileLayout, path:
         with init_empty_weights():
             skeleton = model_cls.from_config(config)
     expected = skeleton.state_dict()
-    if layout.kind.converter:
-        state_dict = layout.kind.converter(state_dict, config)
-    prefix = layout.kind.optional_prefix
+    if kind.converter:
+        state_dict = kind.converter(state_dict, config)
+    prefix = kind.optional_prefix
     if prefix and not any(k.startswith(prefix) for k in expected):
         state_dict = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
-    for target, source in layout.kind.fills.items():
+    for target, source in kind.fills.items():
         if target in expected and target not in state_dict and source in state_dict:
             state_dict[target] = state_dict[source]
     state_dict = {k: v for k, v in state_dict.items()
-                  if k in expected or not any(re.fullmatch(p, k) for p in layout.kind.extras)}
+                  if k in expected or not any(re.fullmatch(p, k) for p in kind.extras)}
     check_weights(expected, state_dict, what, holds, f"{spec.model_id}'s {component} ({model_cls.__name__} "
                   f"configured by {config_dir!r}, {layout.label})")
     state_dict = {k: v.to(dtype) if v.is_floating_point() and v.dtype != dtype else v for k, v in state_dict.items()}

@@ -237,6 +237,9 @@ def test_sdxl_clip_l_clip_g_and_vae_files(tmp_path):
         assert_same_weights(getattr(pipeline.pipe, name), getattr(source.pipe, name))
     kwargs = dict(prompt="a cat", width=64, height=64, steps=1, seed=3)
     same_images(pipeline.generate(**kwargs), source.generate(**kwargs))
+    diffusers_vae = save(tmp_path, "sdxl_vae_diffusers.safetensors", source.pipe.vae.state_dict())  # also read
+    assert_same_weights(load_pipeline("sdxl", base=folder, vae_file=diffusers_vae, device="cpu").pipe.vae,
+                        source.pipe.vae)
     swapped = {"text_encoder_file": files["text_encoder_2_file"], "text_encoder_2_file": files["text_encoder_file"]}
     with pytest.raises(ValueError, match=r"clip_g.safetensors' holds a CLIP text encoder \(width 48\), which does "
                                          r"not fit sdxl's text_encoder .*CLIP-L"):

@@ -41,6 +41,25 @@ def convert_ldm_vae(state_dict: dict, config: dict) -> dict:
     return convert_ldm_vae_checkpoint(state_dict, config)
 
 
+def convert_clip(state_dict: dict, config) -> dict:
+    """A CLIP text encoder in transformers' names; files of ComfyUI's older CLIPSave keep the projection as a
+    transposed ``text_projection`` tensor."""
+    if "text_projection" in state_dict:
+        state_dict = dict(state_dict)
+        state_dict["text_projection.weight"] = state_dict.pop("text_projection").T.contiguous()
+    return state_dict
+
+
+def convert_open_clip(state_dict: dict, config) -> dict:
+    """An OpenCLIP text tower in open_clip's names (``transformer.resblocks``...) -> transformers' CLIP names, by
+    diffusers' own conversion (it reads the width from the projection, else from the config)."""
+    from types import SimpleNamespace
+
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+
+    return convert_open_clip_checkpoint(SimpleNamespace(config=config), state_dict, prefix="")
+
+
 #: Wan's residual block (``residual`` is a Sequential: norm, act, conv, norm, act, dropout, conv) -> diffusers' names
 WAN_RESIDUAL = {"residual.0.": "norm1.", "residual.2.": "conv1.", "residual.3.": "norm2.", "residual.6.": "conv2.",
                 "shortcut.": "conv_shortcut."}
@@ -132,7 +151,9 @@ CLIP = FileKind("a CLIP text encoder", "text_model.encoder.layers.0.self_attn.q_
                 ("text_model.final_layer_norm.weight", 0, "width"),
                 # ComfyUI's CLIP-L files keep the projection and logit scale of the full CLIP model
                 extras=(r"text_projection\.weight", r"logit_scale", r"(text_model\.)?embeddings\.position_ids"),
-                optional_prefix="text_model.")
+                optional_prefix="text_model.", converter=convert_clip)
+OPEN_CLIP = FileKind("an OpenCLIP text encoder (open_clip layout)", "transformer.resblocks.0.attn.in_proj_weight",
+                     ("ln_final.weight", 0, "width"), optional_prefix="text_model.", converter=convert_open_clip)
 T5 = FileKind("a T5 encoder", "encoder.block.0.layer.0.SelfAttention.q.weight", ("shared.weight", 1, "width"),
               fills={"encoder.embed_tokens.weight": "shared.weight"},
               # ComfyUI's UMT5 files may carry their SentencePiece tokenizer; the tokenizer comes from the components
@@ -154,7 +175,7 @@ DIFFUSERS_VAE = FileKind("a VAE in diffusers' names", "decoder.mid_block.resnets
 DENOISERS = tuple(FileKind("a diffusion model (a base_file, not a component)", marker, ("", 0, ""))
                   for marker in ("double_blocks.0.img_attn.qkv.weight", "blocks.0.self_attn.q.weight",
                                  "transformer_blocks.0.attn.to_q.weight", "input_blocks.0.0.weight"))
-FILE_KINDS = (CLIP, T5, QWEN25_VL, LDM_VAE, WAN_VAE, DIFFUSERS_VAE, *DENOISERS)
+FILE_KINDS = (CLIP, OPEN_CLIP, T5, QWEN25_VL, LDM_VAE, WAN_VAE, DIFFUSERS_VAE, *DENOISERS)
 
 
 @dataclass(frozen=True)
@@ -175,7 +196,7 @@ class ComponentFileLayout:
 
 CLIP_L = ComponentFileLayout("CLIP-L", CLIP, "text_encoders", ("clip_l.safetensors",))
 SD_CLIP = ComponentFileLayout("CLIP-L (SD 2.x: OpenCLIP-H)", CLIP, "text_encoders", ("clip_l.safetensors",))
-CLIP_G = ComponentFileLayout("CLIP-G", CLIP, "text_encoders", ("clip_g.safetensors",))
+CLIP_G = ComponentFileLayout("CLIP-G", CLIP, "text_encoders", ("clip_g.safetensors",), also=(OPEN_CLIP,))
 T5_XXL = ComponentFileLayout("T5-XXL", T5, "text_encoders", ("t5xxl_fp16.safetensors",
                                                              "t5xxl_fp8_e4m3fn_scaled.safetensors"))
 UMT5_XXL = ComponentFileLayout("UMT5-XXL", T5, "text_encoders", ("umt5_xxl_fp16.safetensors",

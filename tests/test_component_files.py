@@ -225,7 +225,7 @@ def test_qwen_image_text_encoder_and_vae_files(tmp_path, tiny_dir):
 def test_sdxl_clip_l_clip_g_and_vae_files(tmp_path):
     """SDXL: clip_l, clip_g (transformers names, CLIPTextModelWithProjection) and sdxl_vae (LDM names), the
     encoders of different widths so that a swapped pair is told apart."""
-    from test_single_file import sdxl_with_distinct_encoders
+    from test_single_file import sdxl_open_clip, sdxl_with_distinct_encoders
 
     folder = sdxl_with_distinct_encoders(str(tmp_path / "sdxl"))
     source = load_pipeline("sdxl", base=folder, device="cpu", dtype="fp32")
@@ -237,6 +237,14 @@ def test_sdxl_clip_l_clip_g_and_vae_files(tmp_path):
         assert_same_weights(getattr(pipeline.pipe, name), getattr(source.pipe, name))
     kwargs = dict(prompt="a cat", width=64, height=64, steps=1, seed=3)
     same_images(pipeline.generate(**kwargs), source.generate(**kwargs))
+    legacy = clip_file(source.pipe.text_encoder_2)  # ComfyUI's older CLIPSave: a transposed "text_projection"
+    legacy["text_projection"] = legacy.pop("text_projection.weight").T
+    assert_same_weights(load_pipeline("sdxl", base=folder, device="cpu", text_encoder_2_file=save(
+        tmp_path, "clip_g_legacy.safetensors", legacy)).pipe.text_encoder_2, source.pipe.text_encoder_2)
+    prefix = len("conditioner.embedders.1.model.")  # clip_g in open_clip's own names
+    open_clip = {k[prefix:]: v for k, v in sdxl_open_clip(source.pipe.text_encoder_2).items()}
+    assert_same_weights(load_pipeline("sdxl", base=folder, device="cpu", text_encoder_2_file=save(
+        tmp_path, "clip_g_open_clip.safetensors", open_clip)).pipe.text_encoder_2, source.pipe.text_encoder_2)
     diffusers_vae = save(tmp_path, "sdxl_vae_diffusers.safetensors", source.pipe.vae.state_dict())  # also read
     assert_same_weights(load_pipeline("sdxl", base=folder, vae_file=diffusers_vae, device="cpu").pipe.vae,
                         source.pipe.vae)

@@ -190,9 +190,6 @@ class LoadOptions:
         if resolved.components is not None:
             components = resolved.components
             key = (*key, os.path.realpath(components) if os.path.exists(components) else components)
-        files = resolved.component_files()
-        if not files:
-            return key
-        # a file replaced under the same name reloads too
-        return (*key, *((component, os.path.realpath(path), os.stat(path).st_size, os.stat(path).st_mtime_ns)
-                        for component, path in files.items()))
+        # each component file by its identity: a file replaced under the same name reloads too
+        return (*key, *((component, os.path.realpath(path), (stat := os.stat(path)).st_size, stat.st_mtime_ns)
+                        for component, path in resolved.component_files().items()))

@@ -252,10 +252,10 @@ def check_component_files(family_cls, spec, files: dict[str, str]) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------- loading
-def _state_dict_for(layout: ComponentFileLayout, state_dict: dict, what: str,
+def _state_dict_for(layout: ComponentFileLayout, state_dict: dict, dtype, what: str,
                     expected: str) -> tuple[dict, FileKind, str]:
-    """(the file's weights under the names of its kind (prefix stripped, renamed, FP8 dequantized), its kind, what it
-    holds); a ValueError when it is not a kind ``layout`` takes."""
+    """(the file's weights as ``dtype`` under the names of its kind (prefix stripped, renamed, FP8 dequantized), its
+    kind, what it holds); a ValueError when it is not a kind ``layout`` takes."""
     from .single_file import dequantize_scaled_fp8
 
     found = recognise(state_dict)
@@ -269,7 +269,10 @@ def _state_dict_for(layout: ComponentFileLayout, state_dict: dict, what: str,
     if outside:
         raise ValueError(f"{what} holds more than {kind.name}: {len(outside)} weight(s) outside its prefix "
                          f"{prefix!r}, e.g. {outside[:3]}; expected {expected} alone.")
-    state_dict = dequantize_scaled_fp8(_strip(state_dict, prefix))
+    state_dict = dequantize_scaled_fp8(_strip(state_dict, prefix), dtype)
+    for key, value in state_dict.items():  # in place: each original is freed once cast
+        if value.is_floating_point() and value.dtype != dtype:
+            state_dict[key] = value.to(dtype)
     holds = kind.describe(state_dict)
     for pattern, replacement in kind.renames:
         state_dict = {re.sub(pattern, replacement, k): v for k, v in state_dict.items()}
@@ -306,7 +309,7 @@ def load_component_file(spec, component: str, layout: ComponentFileLayout, path:
 
     what = f"{spec.model_id} {component} file {path!r}"
     expected_text = f"{spec.model_id}'s {component}: {layout.expected()}"
-    state_dict, kind, holds = _state_dict_for(layout, read_file(path, what), what, expected_text)
+    state_dict, kind, holds = _state_dict_for(layout, read_file(path, what), dtype, what, expected_text)
     config_dir = os.path.join(folder, component)
     transformers_model = not hasattr(model_cls, "load_config")
     if transformers_model:
@@ -330,13 +333,12 @@ def load_component_file(spec, component: str, layout: ComponentFileLayout, path:
                   if k in expected or not any(re.fullmatch(p, k) for p in kind.extras)}
     check_weights(expected, state_dict, what, holds, f"{spec.model_id}'s {component} ({model_cls.__name__} "
                   f"configured by {config_dir!r}, {layout.label})")
-    state_dict = {k: v.to(dtype) if v.is_floating_point() and v.dtype != dtype else v for k, v in state_dict.items()}
     if transformers_model:
         # transformers' own loader: its tied weights, kept-in-fp32 modules and attention choice, as from a folder
         model = model_cls.from_pretrained(None, config=config, state_dict=state_dict, torch_dtype=dtype)
     else:
         skeleton.load_state_dict(state_dict, strict=True, assign=True)
-        model = skeleton
+        model = skeleton.to(dtype)  # its float buffers, as from_pretrained(torch_dtype=) has them
     if any(t.is_meta for t in model.state_dict().values()):
         raise ValueError(f"{what}: some weights of {model_cls.__name__} were left unset.")
     return model.eval().requires_grad_(False)

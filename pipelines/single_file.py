@@ -98,8 +98,9 @@ def checkpoint_layout(keys) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------- weights
-def dequantize_scaled_fp8(state_dict: dict) -> dict:
-    """ComfyUI's scaled FP8 layers as float32 (``weight * scale_weight``); the markers and input scales dropped."""
+def dequantize_scaled_fp8(state_dict: dict, dtype=None) -> dict:
+    """ComfyUI's scaled FP8 layers as ``dtype`` (default float32): ``weight * scale_weight`` computed in float32, one
+    layer at a time (so that a whole model never lies in float32); the markers and input scales dropped."""
     import torch
 
     state_dict = dict(state_dict)
@@ -108,7 +109,8 @@ def dequantize_scaled_fp8(state_dict: dict) -> dict:
         weight_key = scale_key[: -len(SCALE_WEIGHT)] + ".weight"
         scale = state_dict.pop(scale_key).to(torch.float32)
         weight = state_dict[weight_key].to(torch.float32)
-        state_dict[weight_key] = weight * (scale if scale.numel() == 1 else scale.reshape(-1, *[1] * (weight.ndim - 1)))
+        weight = weight * (scale if scale.numel() == 1 else scale.reshape(-1, *[1] * (weight.ndim - 1)))
+        state_dict[weight_key] = weight.to(dtype or torch.float32)
     for input_key in [k for k in state_dict if k.endswith(SCALE_INPUT)]:
         del state_dict[input_key]
     return state_dict
@@ -123,7 +125,7 @@ def read_denoiser_state_dict(path: str, dtype) -> dict:
     if checkpoint_layout(state_dict) == "checkpoint" or any(k.startswith(COMFY_DENOISER_PREFIX) for k in state_dict):
         state_dict = {k[len(COMFY_DENOISER_PREFIX):]: v for k, v in state_dict.items()
                       if k.startswith(COMFY_DENOISER_PREFIX)}
-    state_dict = dequantize_scaled_fp8(state_dict)
+    state_dict = dequantize_scaled_fp8(state_dict, dtype)
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
 
 

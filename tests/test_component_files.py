@@ -160,6 +160,10 @@ def test_flux_scaled_fp8_t5_with_a_transformer_file(tmp_path, tiny_dir, flux_fol
                              device="cpu", dtype="fp32")
     assert_same_weights(pipeline.pipe.text_encoder_2, scaled_fp8_rounded(source.text_encoder_2))
     assert_same_weights(pipeline.pipe.transformer, source.transformer)
+    in_bf16 = load_pipeline("flux", base=tiny_dir("flux"), text_encoder_2_file=t5, device="cpu", dtype="bf16")
+    for name, value in scaled_fp8_rounded(source.text_encoder_2).state_dict().items():
+        torch.testing.assert_close(in_bf16.pipe.text_encoder_2.state_dict()[name], value.to(torch.bfloat16), rtol=0,
+                                   atol=0, msg=name)
     plain = save(tmp_path, "t5xxl_fp8_e4m3fn.safetensors", to_fp8(t5_file(source.text_encoder_2)))
     pipeline = load_pipeline("flux", base=tiny_dir("flux"), text_encoder_2_file=plain, device="cpu", dtype="fp32")
     assert_same_weights(pipeline.pipe.text_encoder_2, fp8_rounded(source.text_encoder_2))

@@ -10,11 +10,11 @@ component's class (configured by the components folder, so a file of another siz
 accounted for: a file of another kind or size, with weights missing or left over, or that cannot be read, stops the
 load with one error naming the file, what it holds and what the model expects.
 
-The published layouts: text encoders in transformers' own names (Qwen2.5-VL in its original ``model.``/``visual.``
-names, which transformers 5 nests under ``model.language_model.``/``model.visual.``), VAEs in their reference code's
-names (the LDM names of BFL's ``ae.safetensors`` and the SD VAEs, Wan's original names for ``wan_2.1_vae`` and
-``qwen_image_vae``, an architecture Qwen-Image shares), or a VAE in diffusers' own names. Scaled FP8 files are
-dequantized as the denoiser's are.
+The published layouts: text encoders in transformers' own names (``clip_g`` also in open_clip's; Qwen2.5-VL in its
+original ``model.``/``visual.`` names, which transformers 5 nests under ``model.language_model.``/``model.visual.``),
+VAEs in their reference code's names (the LDM names of BFL's ``ae.safetensors`` and the SD VAEs, Wan's original names
+for ``wan_2.1_vae`` and ``qwen_image_vae``, an architecture Qwen-Image shares), or a VAE in diffusers' own names. FP8
+files are upcast (scaled FP8 dequantized) to the load dtype as the denoiser's are.
 """
 
 from __future__ import annotations

@@ -133,11 +133,13 @@ def run_generate(pipeline, args, out: str) -> list[str]:
 
 def cmd_generate(args) -> int:
     from .pipelines import load_pipeline
+    from .pipelines.component_files import FILE_COMPONENTS
 
     started = time.perf_counter()
     pipeline = load_pipeline(args.model, base=args.base, device=args.device, dtype=args.dtype, offload=args.offload,
                              lora_mode=args.lora_mode, compile=args.compile, attention=args.attention,
-                             quantize=args.quantize, components=args.components)
+                             quantize=args.quantize, components=args.components,
+                             **{f"{c}_file": getattr(args, f"{c}_file") for c in FILE_COMPONENTS})
     print(f"loaded {args.model} from {pipeline.source} in {time.perf_counter() - started:.2f}s")
     run_generate(pipeline, args, args.out)
     return 0
@@ -273,6 +275,7 @@ def _quiet_libraries() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .pipelines.component_files import FILE_COMPONENTS
     from .pipelines.runtime.options import (ATTENTION_KERNELS, COMPILE_MODES, LORA_MODES, OFFLOAD_MODES,  # no torch
                                             QUANTIZE_MODES)
 
@@ -296,6 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
                       "(default: the model's base)")
     p.add_argument("--components", help="with a single-file --base: the diffusers folder or HF repo id the other "
                                         "components come from (default: the model's base repo, from the hub cache)")
+    for component, (folders, examples) in FILE_COMPONENTS.items():
+        p.add_argument(f"--{component.replace('_', '-')}-file", metavar="FILE",
+                       help=f"the {component} from a .safetensors file of ComfyUI's models/{folders[0]} ({examples}); "
+                            "the rest from --base")
     p.add_argument("--offload", choices=OFFLOAD_MODES, default="none",
                    help="CPU offload: model (whole components), sequential or group (layer by layer; least memory)")
     p.add_argument("--lora-mode", choices=LORA_MODES, help="default: the model's")

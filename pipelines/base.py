@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from . import single_file
+from .component_files import check_component_files
 from .runtime import accelerate
 from .runtime.options import LoadOptions
 from .runtime.readahead import start_readahead
@@ -269,6 +270,9 @@ class AITKPipeline:
     #: why this family cannot offload to the CPU (the end of a sentence that starts with the model id), or None when
     #: it can; such a family takes ``offload="none"``, and ``"auto"`` becomes ``none``
     offload_refusal: str | None = None
+    #: the components this family can take from ComfyUI's text-encoder and VAE files (``text_encoder_file``...):
+    #: component -> the layout its file has (``pipelines/component_files.py``)
+    component_files: dict = {}
     #: how the latents ``callback_on_step_end`` sees are laid out (for :meth:`preview_latents`)
     latent_layout: LatentLayout = LatentLayout()
     #: whether one call may give the images of a batch different prompts and negatives (``generate(prompt=[...])``),
@@ -312,8 +316,11 @@ class AITKPipeline:
         if options.components is not None and not cls.single_file_denoisers:
             raise ValueError(f"{spec.model_id} does not take `components`: its family loads a single file as a whole "
                              "(or not at all); give the file or folder as `base` alone.")
-        if cls.single_file_denoisers and single_file.is_single_file_source(source):
-            pipe = single_file.load_single_file_pipeline(cls, spec, source, options.components, torch_dtype, overrides)
+        files = options.component_files()
+        check_component_files(cls, spec, files)
+        if files or (cls.single_file_denoisers and single_file.is_single_file_source(source)):
+            pipe = single_file.load_single_file_pipeline(cls, spec, source, options.components, torch_dtype, overrides,
+                                                         files)
         else:
             pipe = cls.load_diffusers_pipeline(spec, source, torch_dtype, **overrides)
         if spec.scheduler is not None:
@@ -813,6 +820,9 @@ def load_pipeline(
     attention: str | None = None,
     quantize: str | None = None,
     components: str | None = None,
+    text_encoder_file: str | None = None,
+    text_encoder_2_file: str | None = None,
+    vae_file: str | None = None,
 ) -> AITKPipeline:
     """Load the pipeline of a registered model id (not cached; see ``pipelines.runtime.cache`` for the shared cache).
 
@@ -839,10 +849,16 @@ def load_pipeline(
             FP8 weights of a single-file base are upcast on load and re-quantized here.
         components (str, *optional*): for a single-file ``base``, where the components the file lacks come from: a
             diffusers folder or a hub repo id; defaults to the model's base repo (from the hub cache).
+        text_encoder_file, text_encoder_2_file, vae_file (str, *optional*): that component from a ``.safetensors``
+            file as ComfyUI keeps it in ``models/text_encoders`` or ``models/vae`` (FLUX: ``clip_l`` + ``t5xxl``;
+            SDXL: ``clip_l`` + ``clip_g``; Wan: ``umt5_xxl``; Qwen-Image: ``qwen_2.5_vl_7b``; FP8 files included),
+            with ``base`` a single file, a diffusers folder or a repo; see ``pipelines.component_files``.
     """
     spec = get_spec(model_id)
     options = LoadOptions(base=base, device=device, dtype=dtype, offload=offload, lora_mode=lora_mode, compile=compile,
-                          attention=attention, quantize=quantize, components=components)
+                          attention=attention, quantize=quantize, components=components,
+                          text_encoder_file=text_encoder_file, text_encoder_2_file=text_encoder_2_file,
+                          vae_file=vae_file)
     return spec.family_class().from_spec(spec, options)
 
 

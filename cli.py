@@ -209,11 +209,14 @@ def cmd_reproduce(args) -> int:
     from .pipelines.jobs.reproduce import reproduce_job
 
     if args.grid:
+        if (args.compile, args.quantize, args.attention) != ("none", "none", "sdpa"):
+            raise ValueError("--compile, --quantize and --attention apply to a plain reproduce, not to --grid.")
         return reproduce_grid(args)
     if args.steps or args.strengths or args.prompts:
         raise ValueError("--steps, --strengths and --prompts choose the cells of --grid; add --grid.")
     report = reproduce_job(args.job, base=args.base, lora=args.lora, out_dir=args.out, device=args.device,
-                           dtype=args.dtype, model=args.model, lora_mode=args.lora_mode,
+                           dtype=args.dtype, model=args.model, lora_mode=args.lora_mode, compile=args.compile,
+                           quantize=args.quantize, attention=args.attention,
                            **({} if args.max_batch is None else {"max_batch": args.max_batch}))
     print(f"{report.model} from {report.base}; LoRA {report.lora} (step {report.step}, {report.lora_mode})")
     for row in report.samples:
@@ -343,6 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model id (default: derived from the job's model.arch)")
     p.add_argument("--lora-mode", choices=LORA_MODES, help="default: fused when every sample has the same "
                    "network_multiplier, else dynamic (ai-toolkit's choice)")
+    p.add_argument("--compile", choices=COMPILE_MODES, default="none", help="the speed modes, as for generate: "
+                   "their images against ai-toolkit's are what the comparison then measures")
+    p.add_argument("--quantize", choices=QUANTIZE_MODES, default="none")
+    p.add_argument("--attention", choices=list(ATTENTION_KERNELS), default="sdpa")
     p.add_argument("--out", help="output folder (default: <job>/aitk_inference_samples); with --grid, the grid image")
     p.add_argument("--grid", action="store_true", help="one labelled grid image instead: rows = checkpoints (x "
                    "strengths), columns = sample prompts, ai-toolkit's sample beside ours with the distance")

@@ -131,7 +131,7 @@ def test_reproduce_cli_with_overrides(job_dir, tmp_path, tiny_dir):
     out = tmp_path / "cli"
     cmd = [sys.executable, "-m", "aitk_inference", "reproduce", str(job_dir), "--lora",
            str(job_dir / "job_000000100.safetensors"), "--base", tiny_dir("flux"), "--out", str(out),
-           "--device", "cpu", "--dtype", "fp32"]
+           "--device", "cpu", "--dtype", "fp32", "--attention", "sdpa_math"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -141,6 +141,8 @@ def test_reproduce_cli_with_overrides(job_dir, tmp_path, tiny_dir):
     assert any("job__000000100_1.png: 96x80 seed 7 steps 3" in line for line in lines), proc.stdout
     assert sorted(os.listdir(out)) == [f"job__000000100_{i}.png" for i in range(3)]
     assert not any("PSNR" in line for line in lines)  # ai-toolkit's samples (if any) are for other steps
+    grid = subprocess.run([*cmd[:5], "--grid", "--compile", "regional"], capture_output=True, text=True, timeout=300)
+    assert grid.returncode != 0 and "apply to a plain reproduce, not to --grid" in grid.stderr
 
 
 def test_job_parsing_rules(tmp_path):

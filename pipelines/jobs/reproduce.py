@@ -245,6 +245,9 @@ def reproduce_job(
     model: str | None = None,
     lora_mode: str | None = None,
     max_batch: int = DEFAULT_MAX_BATCH,
+    compile: str | None = None,
+    quantize: str | None = None,
+    attention: str | None = None,
 ) -> ReproduceReport:
     """Re-render an ai-toolkit job's sample previews and compare them with the job's own.
 
@@ -263,6 +266,8 @@ def reproduce_job(
         lora_mode (str, *optional*): ``fused`` or ``dynamic``; defaults to ai-toolkit's choice for the job
             (:func:`job_lora_mode`).
         max_batch (int, defaults to 1): previews per pipeline call at most; 1 renders one by one.
+        compile (str, *optional*), quantize (str, *optional*), attention (str, *optional*): the speed options of
+            ``load_pipeline`` (the defaults are the parity mode's: no compile, no FP8, ``sdpa``).
 
     Returns:
         ReproduceReport: one :class:`ReproducedSample` per preview (in the job's order), compared with ai-toolkit's
@@ -295,7 +300,8 @@ def reproduce_job(
     lora_mode = lora_mode or job_lora_mode(samples)
 
     # 3. Load the pipeline
-    pipeline = load_pipeline(spec.model_id, base=source, device=device, dtype=dtype, lora_mode=lora_mode)
+    pipeline = load_pipeline(spec.model_id, base=source, device=device, dtype=dtype, lora_mode=lora_mode,
+                             compile=compile, quantize=quantize, attention=attention)
     out_dir = os.path.abspath(out_dir or os.path.join(training.folder, "aitk_inference_samples"))
     os.makedirs(out_dir, exist_ok=True)
     previews = find_previews(training.folder)

@@ -35,6 +35,8 @@ E2E_GOLDEN = {model_id: model_id for model_id in (
 # the legacy archs: ssd / vega jobs use the legacy flags that work in ai-toolkit (is_xl with is_ssd / is_vega: arch
 # sdxl), pixart_sigma arch pixart with is_pixart_sigma (arch pixart_sigma fails to load there)
 E2E_GOLDEN.update({model_id: model_id for model_id in ("sd2", "ssd", "vega", "pixart", "pixart_sigma", "sd3", "auraflow")})
+# the VL processor models: made with real torchvision (and torchaudio) beside ai-toolkit (goldens/MANIFEST.md section 15)
+E2E_GOLDEN.update({model_id: model_id for model_id in ("qwen_image_edit", "qwen_image_edit_plus", "qwen_image_edit_plus_2511")})
 
 FLUX2_REASON = ("not made: ai-toolkit builds its own BFL-layout Flux2 transformer at the released sizes "
                 "(get_flux2_params) and loads a single BFL-format file, so a tiny diffusers folder cannot stand in")
@@ -49,9 +51,6 @@ NO_E2E_GOLDEN_YET = {
         "not made: ai-toolkit writes an audio preview with torchaudio.save (its first channel only), which is not "
         "installed here, and reproduce compares images; tests/test_ace_step.py compares three whole previews of "
         "ai-toolkit's get_prompt_embeds + generate_single_audio (final latents and waveform) on the same tiny weights"),
-    "qwen_image_edit": QWEN_EDIT_REASON,
-    "qwen_image_edit_plus": QWEN_EDIT_REASON,
-    "qwen_image_edit_plus_2511": QWEN_EDIT_REASON,
     "omnigen2": "not made: ai-toolkit's OmniGen2Model loads a CLIPProcessor (image processor and tokenizer) from "
                 "the checkpoint's processor/ folder, which our tiny OmniGen2 folder leaves empty",
     "flux2": FLUX2_REASON,

@@ -36,7 +36,7 @@ E2E_GOLDEN = {model_id: model_id for model_id in (
 # sdxl), pixart_sigma arch pixart with is_pixart_sigma (arch pixart_sigma fails to load there)
 E2E_GOLDEN.update({model_id: model_id for model_id in ("sd2", "ssd", "vega", "pixart", "pixart_sigma", "sd3", "auraflow")})
 # the VL processor models: made with real torchvision (and torchaudio) beside ai-toolkit (goldens/MANIFEST.md section 15)
-E2E_GOLDEN.update({model_id: model_id for model_id in ("qwen_image_edit", "qwen_image_edit_plus", "qwen_image_edit_plus_2511")})
+E2E_GOLDEN.update({model_id: model_id for model_id in ("qwen_image_edit", "qwen_image_edit_plus", "qwen_image_edit_plus_2511", "nucleus_image")})
 
 FLUX2_REASON = ("not made: ai-toolkit builds its own BFL-layout Flux2 transformer at the released sizes "
                 "(get_flux2_params) and loads a single BFL-format file, so a tiny diffusers folder cannot stand in")
@@ -71,9 +71,6 @@ NO_E2E_GOLDEN_YET = {
                "aspect ratio kept, which on the tiny model is 4056 image tokens, beyond the tiny transformer's max_seq "
                "(16); needs a tiny HiDream sized for it",
     "hidream_e1": "not made yet: HidreamE1Model shares the HiDream preview code (see hidream)",
-    "nucleus_image": "not made: ai-toolkit's NucleusImageModel loads a Qwen3-VL processor that under transformers 5 "
-                     "needs a video processor and with it torchvision (its sample path is covered by "
-                     "goldens/nucleus_image)",
     "hidream_o1": "not made: ai-toolkit's HidreamO1Model loads AutoProcessor from the checkpoint, a Qwen3VLProcessor "
                   "that under transformers 5 needs a video processor and with it torchvision (not installed where the "
                   "goldens are made); three whole previews of its generate_images (AutoTokenizer standing in for the "

@@ -50,7 +50,7 @@ E2E_GOLDEN.update({model_id: model_id for model_id in ("sd2", "ssd", "vega", "pi
 # the VL processor models: made with real torchvision (and torchaudio) beside ai-toolkit (goldens/MANIFEST.md section 15)
 E2E_GOLDEN.update({model_id: model_id for model_id in (
     "qwen_image_edit", "qwen_image_edit_plus", "qwen_image_edit_plus_2511", "nucleus_image", "boogu_image", "ltx2",
-    "ltx2.3")})
+    "ltx2.3", "hidream_o1")})
 
 FLUX2_REASON = ("not made: ai-toolkit builds its own BFL-layout Flux2 transformer at the released sizes "
                 "(get_flux2_params) and loads a single BFL-format file, so a tiny diffusers folder cannot stand in")
@@ -78,10 +78,6 @@ NO_E2E_GOLDEN_YET = {
                "aspect ratio kept, which on the tiny model is 4056 image tokens, beyond the tiny transformer's max_seq "
                "(16); needs a tiny HiDream sized for it",
     "hidream_e1": "not made yet: HidreamE1Model shares the HiDream preview code (see hidream)",
-    "hidream_o1": "not made: ai-toolkit's HidreamO1Model loads AutoProcessor from the checkpoint, a Qwen3VLProcessor "
-                  "that under transformers 5 needs a video processor and with it torchvision (not installed where the "
-                  "goldens are made); three whole previews of its generate_images (AutoTokenizer standing in for the "
-                  "text-only templating) are in goldens/hidream_o1, compared in test_hidream_o1.py",
     "boogu_image_edit": (
         "not made: a job made as goldens/MANIFEST.md section 15 says (real torchvision) cannot match on CPU by design: "
         "ai-toolkit samples the reference latents' VAE posterior from the global generator, and on CPU its noise "

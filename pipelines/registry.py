@@ -406,14 +406,20 @@ class BooguImageOptions:
 @dataclass(frozen=True)
 class MageFlowOptions:
     """ai-toolkit's Mage-Flow ``model_kwargs`` that change sampling, as this id's defaults (each can be passed per
-    call): ``cfg_renormalization`` (rescale the guided velocity to the conditional one's norm, off by default) and
-    ``static_shift`` (the sigma shift, 6.0). ``edit`` ids take reference images and use the edit prompt template."""
+    call): ``cfg_renormalization`` (rescale the guided velocity to the conditional one's norm, off by default),
+    ``static_shift`` (the sigma shift, 6.0) and, for the edit id, ``vae_sample_posterior`` (reference latents are a
+    draw from the VAE posterior, the default, or its mean). ``edit`` ids take reference images and use the edit prompt
+    template."""
 
     edit: bool = False
     cfg_renormalization: bool = False
     static_shift: float = 6.0
+    vae_sample_posterior: bool = True
 
-    generation_options: ClassVar[tuple[str, ...]] = ("cfg_renormalization", "static_shift")
+    @property
+    def generation_options(self) -> tuple[str, ...]:
+        """The ``generate()`` options this id takes."""
+        return ("cfg_renormalization", "static_shift") + (("vae_sample_posterior",) if self.edit else ())
 
     def defaults(self) -> dict:
         return {name: getattr(self, name) for name in self.generation_options}

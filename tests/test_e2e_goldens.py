@@ -50,7 +50,7 @@ E2E_GOLDEN.update({model_id: model_id for model_id in ("sd2", "ssd", "vega", "pi
 # the VL processor models: made with real torchvision (and torchaudio) beside ai-toolkit (goldens/MANIFEST.md section 15)
 E2E_GOLDEN.update({model_id: model_id for model_id in (
     "qwen_image_edit", "qwen_image_edit_plus", "qwen_image_edit_plus_2511", "nucleus_image", "boogu_image", "ltx2",
-    "ltx2.3", "hidream_o1")})
+    "ltx2.3", "hidream_o1", "mageflow", "mageflow_edit")})
 
 FLUX2_REASON = ("not made: ai-toolkit builds its own BFL-layout Flux2 transformer at the released sizes "
                 "(get_flux2_params) and loads a single BFL-format file, so a tiny diffusers folder cannot stand in")
@@ -100,12 +100,6 @@ NO_E2E_GOLDEN_YET = {
                   "path builds that size too: a tiny job cannot load. test_zimage_l2p.py compares three whole seed-42 "
                   "previews of ai-toolkit's generate_images (pixels and 8-bit PNG) on components set as its "
                   "load_model sets them",
-    **dict.fromkeys(
-        ("mageflow", "mageflow_edit"),
-        "not made: ai-toolkit's MageFlowModel subclasses BaseModel, which imports torchvision (absent on the CPU "
-        "machine the goldens are made on), so BaseSDTrainProcess.sample cannot run it; tests/test_mageflow.py runs its "
-        "generate_single_image and MageFlowPipeline (whole 2-step previews: decoded latents and 8-bit pixels, t2i, "
-        "renorm and edit with two references) on the same tiny weights instead"),
 }
 
 

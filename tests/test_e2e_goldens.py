@@ -28,15 +28,14 @@ LEVELS = 1
 #: one-level difference before encoding can come out larger after it (PARITY.md, "End-to-end jobs": measured 4)
 WEBP_LEVELS = 4
 #: LTX-2 writes its video previews itself, as H.264 MP4 at the encoder's default quality (CRF 23) with the audio
-#: track, and ours are encoded the same way: equal frames give equal files, but on the tiny models' noise-like frames a
-#: one-level difference before encoding changes the encoder's decisions and spreads through the following frames
-#: (measured up to 57 levels, 8.9 on average over a frame), so an MP4 preview is held to its frames and audio before
-#: encoding, and the decoded files only to their frame count and size
+#: track, and ours are encoded the same way; but libx264's threaded encoding is not deterministic: ai-toolkit's own
+#: frames of the ltx2.3 job's first sample, encoded again, decode to 0 to 68 levels from its file (8.9 on average over
+#: a frame), so an MP4 preview is held to its frames and audio before encoding, and the decoded files only to their
+#: frame count and size
 AUDIO_ATOL = 1e-5  # the audio track's samples before encoding (float in -1..1)
-#: id -> the released transformer depth its STG block list refers to: ai-toolkit passes LTX-2.3's [28] as is, which on
-#: the 2-block tiny transformer perturbs no block, while ours rescales the list to the loaded depth (families/ltx2.py,
-#: PARITY.md); the job is reproduced with the list as ai-toolkit passes it (the reference depth set to the tiny one), as
-#: test_ltx2.py does
+#: ids reproduced with their STG block list as ai-toolkit passes it: LTX-2.3's [28] perturbs no block of the 2-block
+#: tiny transformer in ai-toolkit, while ours rescales the list to the loaded depth (families/ltx2.py, PARITY.md); the
+#: reference depth is set to the tiny one here, as test_ltx2.py passes the list unmapped
 UNRESCALED_STG = ("ltx2.3",)
 
 #: id -> job folder under goldens/e2e
@@ -159,13 +158,13 @@ def test_reproduce_matches_ai_toolkit_previews(model_id, tiny_dir, tmp_path, mon
         return keep_frames
 
     monkeypatch.setattr(media, "write_webp", keeping_frames(media.write_webp))
+    monkeypatch.setattr(media, "write_mp4", keeping_frames(media.write_mp4))
     if model_id in UNRESCALED_STG:
         with open(os.path.join(base, "transformer", "config.json")) as f:
             depth = json.load(f)["num_layers"]
         spec = REGISTRY[model_id]
         monkeypatch.setitem(REGISTRY, model_id, dataclasses.replace(
             spec, options=dataclasses.replace(spec.options, stg_reference_depth=depth)))
-    monkeypatch.setattr(media, "write_mp4", keeping_frames(media.write_mp4))
     report = reproduce_job(job, base=base, out_dir=str(tmp_path), device="cpu", dtype="fp32")
     previews = find_previews(job)
     assert len(previews) == len(report.samples) >= 2

@@ -38,7 +38,8 @@ def _check_fps(fps) -> int:
     return fps
 
 
-def write_mp4(frames, path: str, fps: int, audio=None, sample_rate: int | None = None) -> str:
+def write_mp4(frames, path: str, fps: int, audio=None, sample_rate: int | None = None,
+              crf: int | None = MP4_CRF) -> str:
     """Write an H.264 (yuv420p) MP4.
 
     Args:
@@ -47,6 +48,8 @@ def write_mp4(frames, path: str, fps: int, audio=None, sample_rate: int | None =
         fps (int): frames per second, 1..120.
         audio (array, *optional*): ``[channels, samples]`` (or ``[samples]``) float in -1..1, muxed as AAC.
         sample_rate (int, *optional*): the audio sample rate; required with ``audio``.
+        crf (int, *optional*, defaults to 18): libx264's constant rate factor; None leaves the encoder's default (23),
+            as diffusers' ``encode_video`` does (ai-toolkit's LTX-2 previews).
 
     Returns:
         str: ``path``.
@@ -70,7 +73,8 @@ def write_mp4(frames, path: str, fps: int, audio=None, sample_rate: int | None =
     with atomic_path(path) as tmp, av.open(tmp, mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps, 1))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"crf": str(MP4_CRF)}
+        if crf is not None:
+            stream.options = {"crf": str(crf)}
         audio_stream = None
         if audio is not None:
             audio_stream = container.add_stream("aac", rate=int(sample_rate))

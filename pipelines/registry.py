@@ -207,12 +207,15 @@ class SchedulerSpec:
 @dataclass(frozen=True)
 class VideoSpec:
     """Video defaults. Frame counts are floored to ``frame_step * n + frame_offset``: 4n+1 for Wan, 8n+1 for LTX-2,
-    17n+5 for MiniMax-H3."""
+    17n+5 for MiniMax-H3. ``preview_format``: the file ai-toolkit writes this id's video previews as, ``webp`` (its
+    trainer's animated WEBP) or ``mp4`` (LTX-2 writes its own: H.264 at the encoder's default quality, with the audio
+    track, through diffusers' ``encode_video``); ``reproduce`` writes ours the same way."""
 
     num_frames: int
     fps: int
     frame_step: int
     frame_offset: int = 1
+    preview_format: str = "webp"
 
     def frames(self, steps: int) -> int:
         """The frame count ``steps`` frame steps long (``frames(1)`` is the shortest multi-step video)."""
@@ -403,14 +406,20 @@ class BooguImageOptions:
 @dataclass(frozen=True)
 class MageFlowOptions:
     """ai-toolkit's Mage-Flow ``model_kwargs`` that change sampling, as this id's defaults (each can be passed per
-    call): ``cfg_renormalization`` (rescale the guided velocity to the conditional one's norm, off by default) and
-    ``static_shift`` (the sigma shift, 6.0). ``edit`` ids take reference images and use the edit prompt template."""
+    call): ``cfg_renormalization`` (rescale the guided velocity to the conditional one's norm, off by default),
+    ``static_shift`` (the sigma shift, 6.0) and, for the edit id, ``vae_sample_posterior`` (reference latents are a
+    draw from the VAE posterior, the default, or its mean). ``edit`` ids take reference images and use the edit prompt
+    template."""
 
     edit: bool = False
     cfg_renormalization: bool = False
     static_shift: float = 6.0
+    vae_sample_posterior: bool = True
 
-    generation_options: ClassVar[tuple[str, ...]] = ("cfg_renormalization", "static_shift")
+    @property
+    def generation_options(self) -> tuple[str, ...]:
+        """The ``generate()`` options this id takes."""
+        return ("cfg_renormalization", "static_shift") + (("vae_sample_posterior",) if self.edit else ())
 
     def defaults(self) -> dict:
         return {name: getattr(self, name) for name in self.generation_options}
@@ -793,7 +802,7 @@ _LTX2_NOTES = (
 )
 LTX2 = Preset(family="ltx2:LTX2FamilyPipeline", pipeline_class="LTX2Pipeline", steps=25, guidance=4.0, divisor=32,
               scheduler=_flow(LTX2_PREVIEW_FLOWMATCH), guidance_kind="true_cfg", control_images=(0, 1),
-              video=VideoSpec(num_frames=41, fps=24, frame_step=8), lora_signatures=(LTX2_NAMES,))
+              video=VideoSpec(num_frames=41, fps=24, frame_step=8, preview_format="mp4"), lora_signatures=(LTX2_NAMES,))
 
 _MINIMAX_H3_NOTES = (
     "Video with stereo 32 kHz audio, one guidance-distilled forward per step (guidance and the negative prompt have no "
@@ -1041,7 +1050,7 @@ REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
              notes=_LTX2_NOTES + " LTX-2.3: ai-toolkit's guidance extras (STG at block 28, modality guidance 3.0, "
              "guidance rescale 0.7, audio guidance 7.0, cross-modality timesteps)."),
         LTX2("ltx2.5", base="Lightricks/LTX-2.5", tiny="ltx2:build_ltx25", aitk_archs=(AitkArch("ltx2.5"),),
-             width=768, height=768, video=VideoSpec(num_frames=121, fps=24, frame_step=8),
+             width=768, height=768, video=VideoSpec(num_frames=121, fps=24, frame_step=8, preview_format="mp4"),
              options=LTX2Options(guidance=LTX23_GUIDANCE, stg_reference_depth=48, comfy_files=LTX25_COMFY_FILES),
              notes=_LTX2_NOTES + " LTX-2.5: sampled exactly as LTX-2.3 (ai-toolkit shares the code path); the "
              "transformer has no video feed-forward biases and the text encoder is Gemma-4 12B; mu is 2.05 at every size and "

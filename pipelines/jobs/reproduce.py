@@ -105,10 +105,15 @@ def compare_images(ours, theirs) -> ImageDifference:
 
 
 def read_frames(path: str) -> list:
-    """Every frame of an image or animated WEBP file as uint8 RGB arrays (one for a still image)."""
+    """Every frame of an image, animated WEBP or MP4 file as uint8 RGB arrays (one for a still image)."""
     import numpy as np
     from PIL import Image, ImageSequence
 
+    if path.lower().endswith(".mp4"):
+        import av
+
+        with av.open(path) as container:
+            return [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
     with Image.open(path) as im:
         return [np.asarray(frame.convert("RGB")) for frame in ImageSequence.Iterator(im)]
 
@@ -277,7 +282,7 @@ def reproduce_job(
 
     from .. import load_pipeline
     from ..base import MAX_BATCH, to_pil_rgb
-    from ..media import write_audio, write_image, write_webp
+    from ..media import write_audio, write_image, write_mp4, write_webp
     from ..registry import get_spec
 
     # 1. Validate and read the job
@@ -348,17 +353,21 @@ def reproduce_job(
                 continue
             # ai-toolkit's video models return a one-frame sample as a still image, saved as an image preview
             is_video = result.is_video and result.images.shape[1] > 1
-            filename = f"{prefix}__{step:09d}_{sample.index}" + (".webp" if is_video else ".png")
+            video_format = spec.video.preview_format if is_video else None
+            filename = f"{prefix}__{step:09d}_{sample.index}." + (video_format or "png")
             path = os.path.join(out_dir, filename)
             metadata = {**result.metadata(i), "ai_toolkit_step": step, "ai_toolkit_index": sample.index}
-            if is_video:
-                write_webp(result.images[i], path, p.fps)  # ai-toolkit's video previews are animated WEBP
+            if video_format == "mp4":  # as LTX-2 writes them: the encoder's default quality, with the audio track
+                audio = result.audio[i] if result.audio is not None else None
+                write_mp4(result.images[i], path, p.fps, audio=audio, sample_rate=result.sample_rate, crf=None)
+            elif video_format == "webp":
+                write_webp(result.images[i], path, p.fps)  # ai-toolkit's trainer writes animated WEBP
             else:
                 write_image(to_pil_rgb(result.images[i][0]) if result.is_video else result.to_pil()[i], path,
                             metadata)
             preview, difference, per_frame = previews.get((step, sample.index)), None, ()
             if preview is not None:
-                # a video is compared as written: both animated WEBPs decoded, frame by frame
+                # a video is compared as written: both files decoded, frame by frame
                 ours = np.stack(read_frames(path))
                 theirs = np.stack(read_frames(preview))
                 if theirs.shape != ours.shape:

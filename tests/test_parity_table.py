@@ -2,7 +2,8 @@
 
 For each registry id: which ai-toolkit golden checks its schedule, its seed-42 noise and its size floor (the shared
 goldens of ``test_parity.py``, or the family's own test file that a "no golden" reason points to), the family's own
-golden test file, and its end-to-end job (``test_e2e_goldens.py``). ``python tests/test_parity_table.py`` rewrites the
+golden test file, its end-to-end job (``test_e2e_goldens.py``) and the largest difference that test measured
+between each of our previews and ai-toolkit's (``goldens/e2e/largest_differences.json``, which the test enforces). ``python tests/test_parity_table.py`` rewrites the
 table between the markers in PARITY.md; the test below fails when the committed table is out of date.
 """
 
@@ -39,7 +40,9 @@ def family_test_file(model_id: str) -> str:
 
 
 def coverage_table() -> str:
-    rows = ["| id | schedule | seed-42 noise | size floor | family test file | end-to-end job |", "|---|---|---|---|---|---|"]
+    rows = ["| id | schedule | seed-42 noise | size floor | family test file | end-to-end job | largest difference per "
+            "preview (levels) |", "|---|---|---|---|---|---|---|"]
+    differences = test_e2e_goldens.recorded_differences()
     for model_id in REGISTRY:
         schedule = _cell(model_id, test_parity.SCHEDULER_GOLDEN, test_parity.NO_SCHEDULER_GOLDEN,
                          lambda key: f"`schedulers.json` {key}")
@@ -48,7 +51,8 @@ def coverage_table() -> str:
         floor = _cell(model_id, test_parity.AITK_DIVISOR, test_parity.NO_DIVISOR_GOLDEN, lambda divisor: str(divisor))
         e2e = ("`e2e/" + test_e2e_goldens.E2E_GOLDEN[model_id] + "`" if model_id in test_e2e_goldens.E2E_GOLDEN
                else "not yet (reason in `test_e2e_goldens.py`)")
-        rows.append(f"| `{model_id}` | {schedule} | {noise} | {floor} | {family_test_file(model_id)} | {e2e} |")
+        largest = ", ".join(map(str, differences[model_id])) if model_id in test_e2e_goldens.E2E_GOLDEN else NONE
+        rows.append(f"| `{model_id}` | {schedule} | {noise} | {floor} | {family_test_file(model_id)} | {e2e} | {largest} |")
     return "\n".join(rows)
 
 

@@ -218,6 +218,9 @@ def cmd_reproduce(args) -> int:
         line = f"{row.file}: {row.width}x{row.height} seed {row.seed} steps {row.steps} guidance {row.guidance}"
         if row.compare:
             line += "  vs preview: " + ", ".join(difference_lines(row.compare))
+        if row.audio_compare:
+            line += (f"; audio max {row.audio_compare.max_abs:.2e} mean {row.audio_compare.mean_abs:.2e}, "
+                     f"SNR {row.audio_compare.snr:.1f} dB")
         print(line)
     if report.sheet:
         print(f"side-by-side sheet: {report.sheet}")

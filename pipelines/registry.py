@@ -204,15 +204,25 @@ class SchedulerSpec:
     config: Mapping[str, Any]
 
 
+VIDEO_PREVIEW_FORMATS = ("webp", "mp4")
+
+
 @dataclass(frozen=True)
 class VideoSpec:
     """Video defaults. Frame counts are floored to ``frame_step * n + frame_offset``: 4n+1 for Wan, 8n+1 for LTX-2,
-    17n+5 for MiniMax-H3."""
+    17n+5 for MiniMax-H3. ``preview_format`` is the file ai-toolkit writes a multi-frame preview as: ``"webp"``
+    (animated, its ``GenerateImageConfig.save_image``) or ``"mp4"`` (H.264 with the audio track: the audio-video
+    families' own save function)."""
 
     num_frames: int
     fps: int
     frame_step: int
     frame_offset: int = 1
+    preview_format: str = "webp"
+
+    def __post_init__(self):
+        if self.preview_format not in VIDEO_PREVIEW_FORMATS:
+            raise ValueError(f"VideoSpec.preview_format {self.preview_format!r} is not one of {VIDEO_PREVIEW_FORMATS}.")
 
     def frames(self, steps: int) -> int:
         """The frame count ``steps`` frame steps long (``frames(1)`` is the shortest multi-step video)."""
@@ -793,7 +803,8 @@ _LTX2_NOTES = (
 )
 LTX2 = Preset(family="ltx2:LTX2FamilyPipeline", pipeline_class="LTX2Pipeline", steps=25, guidance=4.0, divisor=32,
               scheduler=_flow(LTX2_PREVIEW_FLOWMATCH), guidance_kind="true_cfg", control_images=(0, 1),
-              video=VideoSpec(num_frames=41, fps=24, frame_step=8), lora_signatures=(LTX2_NAMES,))
+              video=VideoSpec(num_frames=41, fps=24, frame_step=8, preview_format="mp4"),
+              lora_signatures=(LTX2_NAMES,))
 
 _MINIMAX_H3_NOTES = (
     "Video with stereo 32 kHz audio, one guidance-distilled forward per step (guidance and the negative prompt have no "
@@ -808,7 +819,8 @@ _MINIMAX_H3_NOTES = (
 )
 MINIMAX_H3 = Preset(family="minimax_h3:MiniMaxH3FamilyPipeline", pipeline_class="MiniMaxH3ModularPipeline",
                     base="MiniMaxAI/MiniMax-H3", steps=28, guidance=1.0, width=768, height=768, divisor=32,
-                    guidance_kind="distilled", video=VideoSpec(num_frames=107, fps=24, frame_step=17, frame_offset=5),
+                    guidance_kind="distilled",
+                    video=VideoSpec(num_frames=107, fps=24, frame_step=17, frame_offset=5, preview_format="mp4"),
                     lora_signatures=(MINIMAX_H3_NAMES,))
 
 HIDREAM = Preset(family="hidream:HiDreamFamilyPipeline", pipeline_class="HiDreamImagePipeline", guidance=5.0,
@@ -1041,7 +1053,7 @@ REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
              notes=_LTX2_NOTES + " LTX-2.3: ai-toolkit's guidance extras (STG at block 28, modality guidance 3.0, "
              "guidance rescale 0.7, audio guidance 7.0, cross-modality timesteps)."),
         LTX2("ltx2.5", base="Lightricks/LTX-2.5", tiny="ltx2:build_ltx25", aitk_archs=(AitkArch("ltx2.5"),),
-             width=768, height=768, video=VideoSpec(num_frames=121, fps=24, frame_step=8),
+             width=768, height=768, video=VideoSpec(num_frames=121, fps=24, frame_step=8, preview_format="mp4"),
              options=LTX2Options(guidance=LTX23_GUIDANCE, stg_reference_depth=48, comfy_files=LTX25_COMFY_FILES),
              notes=_LTX2_NOTES + " LTX-2.5: sampled exactly as LTX-2.3 (ai-toolkit shares the code path); the "
              "transformer has no video feed-forward biases and the text encoder is Gemma-4 12B; mu is 2.05 at every size and "

@@ -183,11 +183,66 @@ def test_job_parsing_rules(tmp_path):
     samples = tmp_path / "samples"
     samples.mkdir()
     for name in ("1700__000000100_0.jpg", "1800__000000100_0.jpg", "1700__000000100_12.webp", "notes.txt",
-                 "1700_000000100_0.jpg"):
+                 "1700_000000100_0.jpg", "1700__000000100_3.mp4"):
         (samples / name).write_bytes(b"")
     found = find_previews(str(tmp_path))
-    assert sorted(found) == [(100, 0), (100, 12)]
+    assert sorted(found) == [(100, 0), (100, 3), (100, 12)]
     assert found[(100, 0)].endswith("1800__000000100_0.jpg")
+    assert found[(100, 3)].endswith("1700__000000100_3.mp4")  # LTX-2.x / MiniMax-H3 video previews
+
+
+def mp4_layout(path: str) -> dict:
+    """What an MP4's streams are made with: libx264's own record of its settings (the options string it writes into
+    the stream), the video and audio stream parameters, and the AAC packets."""
+    import re
+
+    import av
+
+    with open(path, "rb") as f:
+        x264_options = re.search(rb"options: ([ -~]+)", f.read()).group(1).decode()
+    with av.open(path) as container:
+        video, audio = container.streams.video[0], container.streams.audio[0]
+        layout = {"x264": x264_options, "video": (video.codec_context.name, video.format.name, video.width,
+                                                    video.height, video.average_rate, video.frames),
+                  "audio": (audio.codec_context.name, audio.sample_rate, audio.layout.name, audio.frames)}
+        layout["aac_packets"] = [(p.pts, bytes(p)) for p in container.demux(audio) if p.size]
+    return layout
+
+
+def test_ai_toolkit_mp4_writer_writes_ai_toolkits_file(tmp_path):
+    """ai-toolkit's MP4 previews (LTX-2.x, MiniMax-H3) come from diffusers' encode_video: libx264 at its default CRF
+    23, AAC from 16-bit samples. Our copy for the comparison, given the same frames and waveform, writes the file
+    encode_video writes (goldens/MANIFEST.md section 15: encode_video.mp4, its file of these inputs): the same
+    libx264 settings, streams and AAC packets, and video that decodes alike (not byte for byte: libx264's output
+    varies with the CPU load, even on one thread, as measured in PARITY.md "End-to-end jobs")."""
+    from conftest import GOLDENS_DIR
+
+    from aitk_inference.pipelines.jobs.reproduce import compare_audio, compare_images, read_audio_track, read_frames
+    from aitk_inference.pipelines.media import write_ai_toolkit_mp4, write_mp4
+
+    rng = np.random.default_rng(3)
+    ramp = np.linspace(0, 200, 48)[None, None, :, None] + np.linspace(0, 40, 32)[None, :, None, None]
+    frames = np.clip(ramp + rng.normal(0, 12, (9, 32, 48, 3)) + np.arange(9)[:, None, None, None] * 4, 0,
+                     255).astype(np.uint8)
+    seconds = np.arange(2400) / 24000
+    audio = (np.stack([0.4 * np.sin(2 * np.pi * 440 * seconds), 0.3 * np.sin(2 * np.pi * 660 * seconds)])
+             + rng.standard_normal((2, 2400)) * 0.01).astype(np.float32)
+    theirs = os.path.join(GOLDENS_DIR, "mp4_preview", "encode_video.mp4")
+    ours = write_ai_toolkit_mp4(frames, str(tmp_path / "ours.mp4"), 24, audio, 24000)
+    assert mp4_layout(ours) == mp4_layout(theirs), "not ai-toolkit's MP4 (or PyAV's encoders changed: regenerate)"
+    assert "crf=23.0" in mp4_layout(ours)["x264"]
+    decoded = np.stack(read_frames(ours))
+    assert compare_images(decoded, np.stack(read_frames(theirs))).psnr > 30
+    assert decoded.shape == frames.shape and np.abs(decoded.astype(int) - frames).mean() < 12  # lossy, but these frames
+    # AAC decodes whole 1024-sample frames: the track is padded to 3 of them, and starts with the first sample
+    track = read_audio_track(ours)
+    assert track.shape == (2, 3072) and compare_audio(track[:, 1024:2400], audio[:, 1024:2400]).snr > 15
+    # the users' writer: CRF 18 (closer to the frames than ai-toolkit's 23), the audio starting with the video as well
+    users = write_mp4(frames, str(tmp_path / "users.mp4"), 24, audio=audio, sample_rate=24000)
+    assert np.abs(np.stack(read_frames(users)).astype(int) - frames).mean() < np.abs(decoded.astype(int) - frames).mean()
+    assert compare_audio(read_audio_track(users)[:, 1024:2400], audio[:, 1024:2400]).snr > 15
+    with pytest.raises(ValueError, match="crf"):
+        write_mp4(frames, str(tmp_path / "bad.mp4"), 24, crf=60)
 
 
 def test_bad_job_folders(tmp_path):

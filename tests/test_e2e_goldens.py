@@ -102,14 +102,15 @@ NO_E2E_GOLDEN_YET = {
         "previews as latents and uint8 images) runs on the same tiny weights in tests/test_boogu_image.py"),
     **dict.fromkeys(
         ("minimax_h3", "minimax_h3_ref2va"),
-        "not made: ai-toolkit's MiniMax-H3 video previews are MP4 with an audio track (its new_save_image_function, "
-        "diffusers' encode_video), which reproduce neither reads nor writes (it compares PNG/JPEG/WEBP previews), and "
-        "a one-frame sample (a still image in ai-toolkit) is refused by our family (diffusers' video VAE decodes whole "
-        "17-frame chunks: 22 frames at least). Loading would also need MiniMaxH3TransformerParams() and "
-        "MiniMaxH3VideoVAE() answered with the tiny sizes, a tiny MiniMaxH3AudioVAE (its class takes no sizes) and "
-        "its tokenizer and processor, which it reads from the hub repo MiniMaxAI/MiniMax-H3 only "
-        "(goldens/minimax_h3_comfy ran those loaders with such stand-ins); tests/test_minimax_h3.py compares its "
-        "MiniMaxH3Pipeline runs (t2va, fl2va, ref2va: final video and audio latents) on tiny weights"),
+        "not made yet: reproduce now reads, writes and compares its MP4 + audio previews (as the ltx2.5 job), but "
+        "ai-toolkit's MinimaxH3Model cannot load a tiny model as it is: it builds MiniMaxH3TransformerParams() and "
+        "MiniMaxH3VideoVAE() at the released sizes, MiniMaxH3AudioVAE() hard-codes them (DacEncoder d_model 64 / "
+        "d_latent 2048, AttnProjection(2048, 32), BigVGANDecoder()) and loads one original-named, weight-norm-folded "
+        "file, and its tokenizer and processor come from the hub repo MiniMaxAI/MiniMax-H3 only. A job needs those "
+        "constructors answered with the tiny sizes and the tiny diffusers transformer, VAEs and Qwen3-VL renamed to "
+        "ai-toolkit's names (goldens/minimax_h3_comfy did so for all but the audio VAE, on weights of its own); "
+        "tests/test_minimax_h3.py compares its MiniMaxH3Pipeline runs (t2va, fl2va, ref2va: final video and audio "
+        "latents) on tiny weights"),
     "zeta_chroma": "not made: ai-toolkit's ZetaChromaModel.load_model always builds ZImageDCT at the released widths "
                    "(3840 wide, 30 layers), so a job cannot load a tiny checkpoint without patching its code; "
                    "tests/test_zeta_chroma.py compares five whole previews of its BaseModel.generate_images (pixels "

@@ -6,8 +6,8 @@ shares one multiplier, as ai-toolkit's ``merge_in`` does, live otherwise), rende
 (``<job name>__<step:09d>_<i>.png``; a video as ai-toolkit writes the family's: animated WEBP, or MP4 with the audio
 track, encoded with ai-toolkit's settings) and, where the job has its own preview for the same (step, index), reports
 the difference of the decoded frames in 8-bit levels and PSNR (and of the decoded audio tracks) and writes a
-side-by-side sheet. Previews that share every setting but their
-prompt, negative and seed are rendered together (:func:`batch_previews`, at most ``max_batch`` per call).
+side-by-side sheet. Previews that share every setting but their prompt, negative and seed are rendered together
+(:func:`batch_previews`, at most ``max_batch`` per call).
 """
 
 from __future__ import annotations

@@ -245,6 +245,16 @@ def test_ai_toolkit_mp4_writer_writes_ai_toolkits_file(tmp_path):
         write_mp4(frames, str(tmp_path / "bad.mp4"), 24, crf=60)
 
 
+def test_video_preview_formats():
+    """The families whose ai-toolkit previews are MP4 with audio (their own save function); the rest animated WEBP."""
+    from aitk_inference.pipelines.registry import REGISTRY, VideoSpec
+
+    mp4 = {m for m, spec in REGISTRY.items() if spec.video and spec.video.preview_format == "mp4"}
+    assert mp4 == {"ltx2", "ltx2.3", "ltx2.5", "minimax_h3", "minimax_h3_ref2va"}
+    with pytest.raises(ValueError, match="preview_format 'gif'"):
+        VideoSpec(num_frames=9, fps=24, frame_step=8, preview_format="gif")
+
+
 def test_bad_job_folders(tmp_path):
     from aitk_inference.pipelines.jobs.reproduce import reproduce_job
 

@@ -133,11 +133,13 @@ def run_generate(pipeline, args, out: str) -> list[str]:
 
 def cmd_generate(args) -> int:
     from .pipelines import load_pipeline
+    from .pipelines.component_files import FILE_COMPONENTS
 
     started = time.perf_counter()
     pipeline = load_pipeline(args.model, base=args.base, device=args.device, dtype=args.dtype, offload=args.offload,
                              lora_mode=args.lora_mode, compile=args.compile, attention=args.attention,
-                             quantize=args.quantize, components=args.components)
+                             quantize=args.quantize, components=args.components,
+                             **{f"{c}_file": getattr(args, f"{c}_file") for c in FILE_COMPONENTS})
     print(f"loaded {args.model} from {pipeline.source} in {time.perf_counter() - started:.2f}s")
     run_generate(pipeline, args, args.out)
     return 0
@@ -207,20 +209,20 @@ def cmd_reproduce(args) -> int:
     from .pipelines.jobs.reproduce import reproduce_job
 
     if args.grid:
+        if (args.compile, args.quantize, args.attention) != ("none", "none", "sdpa"):
+            raise ValueError("--compile, --quantize and --attention apply to a plain reproduce, not to --grid.")
         return reproduce_grid(args)
     if args.steps or args.strengths or args.prompts:
         raise ValueError("--steps, --strengths and --prompts choose the cells of --grid; add --grid.")
     report = reproduce_job(args.job, base=args.base, lora=args.lora, out_dir=args.out, device=args.device,
-                           dtype=args.dtype, model=args.model, lora_mode=args.lora_mode,
+                           dtype=args.dtype, model=args.model, lora_mode=args.lora_mode, compile=args.compile,
+                           quantize=args.quantize, attention=args.attention,
                            **({} if args.max_batch is None else {"max_batch": args.max_batch}))
     print(f"{report.model} from {report.base}; LoRA {report.lora} (step {report.step}, {report.lora_mode})")
     for row in report.samples:
         line = f"{row.file}: {row.width}x{row.height} seed {row.seed} steps {row.steps} guidance {row.guidance}"
         if row.compare:
             line += "  vs preview: " + ", ".join(difference_lines(row.compare))
-        if row.audio_compare:
-            line += (f"; audio max {row.audio_compare.max_abs:.2e} mean {row.audio_compare.mean_abs:.2e}, "
-                     f"SNR {row.audio_compare.snr:.1f} dB")
         print(line)
     if report.sheet:
         print(f"side-by-side sheet: {report.sheet}")
@@ -276,6 +278,7 @@ def _quiet_libraries() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .pipelines.component_files import FILE_COMPONENTS
     from .pipelines.runtime.options import (ATTENTION_KERNELS, COMPILE_MODES, LORA_MODES, OFFLOAD_MODES,  # no torch
                                             QUANTIZE_MODES)
 
@@ -299,6 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
                       "(default: the model's base)")
     p.add_argument("--components", help="with a single-file --base: the diffusers folder or HF repo id the other "
                                         "components come from (default: the model's base repo, from the hub cache)")
+    for component, (folders, examples) in FILE_COMPONENTS.items():
+        p.add_argument(f"--{component.replace('_', '-')}-file", metavar="FILE",
+                       help=f"the {component} from a .safetensors file of ComfyUI's models/{folders[0]} ({examples}); "
+                            "the rest from --base")
     p.add_argument("--offload", choices=OFFLOAD_MODES, default="none",
                    help="CPU offload: model (whole components), sequential or group (layer by layer; least memory)")
     p.add_argument("--lora-mode", choices=LORA_MODES, help="default: the model's")
@@ -339,6 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model id (default: derived from the job's model.arch)")
     p.add_argument("--lora-mode", choices=LORA_MODES, help="default: fused when every sample has the same "
                    "network_multiplier, else dynamic (ai-toolkit's choice)")
+    p.add_argument("--compile", choices=COMPILE_MODES, default="none", help="the speed modes, as for generate: "
+                   "their images against ai-toolkit's are what the comparison then measures")
+    p.add_argument("--quantize", choices=QUANTIZE_MODES, default="none")
+    p.add_argument("--attention", choices=list(ATTENTION_KERNELS), default="sdpa")
     p.add_argument("--out", help="output folder (default: <job>/aitk_inference_samples); with --grid, the grid image")
     p.add_argument("--grid", action="store_true", help="one labelled grid image instead: rows = checkpoints (x "
                    "strengths), columns = sample prompts, ai-toolkit's sample beside ours with the distance")

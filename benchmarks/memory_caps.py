@@ -1,6 +1,6 @@
 """FLUX.1-dev through ``load_pipeline(offload="auto")`` on a card whose memory this process may use is capped
 (``torch.cuda.set_per_process_memory_fraction``), against the uncapped run in the same process: which placement auto
-chose, the time of a 1024x1024 image with a fused rank-16 LoRA, its peak memory. Full-size random weights (the
+chose (and how much of the transformer's blocks it kept on the GPU), the time of a 1024x1024 image with a fused rank-16 LoRA, its peak memory. Full-size random weights (the
 benchmark's FLUX folder, written once). GPU only:
 
     python3 -m aitk_inference.benchmarks.memory_caps --caps 0 24 12 --steps 4 --out DIR     # 0 = uncapped
@@ -40,6 +40,8 @@ def main(argv=None) -> int:
                                      lora_mode="fused")
             run["load_s"] = round(time.perf_counter() - started, 1)
             run["offload_chosen"] = pipeline.offload
+            if pipeline.resident:
+                run["resident_gib"] = {k: round(v / 2**30, 2) for k, v in pipeline.resident.items()}
             lora = lora_state_dict(pipeline.pipe.transformer, rank=16, seed=0, std=0.01)
             pipeline.set_loras([LoraRequest(state_dict=lora, strength=1.0, name="r16")])
             gen = dict(prompt="a photo of a cat", width=1024, height=1024, steps=args.steps, seed=1)

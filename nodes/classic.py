@@ -41,8 +41,9 @@ class AITKLoadPipeline(_ClassicNode):
     SPEC = LOAD
 
     @classmethod
-    def VALIDATE_INPUTS(cls, base_file=None):
-        return core.base_file_input_problem(base_file)
+    def VALIDATE_INPUTS(cls, base_file=None, text_encoder_file=None, text_encoder_2_file=None, vae_file=None):
+        return core.load_input_problem(base_file, text_encoder_file=text_encoder_file,
+                                       text_encoder_2_file=text_encoder_2_file, vae_file=vae_file)
 
     def run(self, **inputs):
         return (core.load(**inputs),)

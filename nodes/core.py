@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from ..pipelines.component_files import FILE_COMPONENTS
 from ..pipelines.registry import get_spec
 from ..pipelines.runtime import cache
 from ..pipelines.runtime.options import LoadOptions
@@ -149,6 +150,39 @@ def base_file_input_problem(base_file: str | None) -> bool | str:
     API-format workflow give a full path, or a ``high|low`` pair, instead of a name from the list)."""
     try:
         resolve_base_files("", base_file or NO_BASE_FILE)
+    except ValueError as e:
+        return str(e)
+    return True
+
+
+def resolve_component_file(component: str, value: str | None) -> str | None:
+    """The path of the Load node's ``<component>_file``: ``none`` -> None; ``<folder>/<file>`` from ComfyUI's
+    folders of that component (``text_encoders``/``clip``, ``vae``), or a full path (API-format workflows)."""
+    value = (value or NO_BASE_FILE).strip()
+    if value == NO_BASE_FILE:
+        return None
+    expanded = os.path.expanduser(value)
+    if os.path.isfile(expanded):
+        return os.path.abspath(expanded)
+    folders, examples = FILE_COMPONENTS[component]
+    folder, _, name = value.partition("/")
+    folder_paths = _comfy("folder_paths")
+    found = folder_paths.get_full_path(folder, name) if folder_paths and folder in folders else None
+    if found:
+        return found
+    raise ValueError(f"{component}_file {value!r} not found. Put the .safetensors file into ComfyUI/models/"
+                     f"{folders[0]} ({examples}) and refresh, or give its full path.")
+
+
+def load_input_problem(base_file: str | None = None, **component_files: str | None) -> bool | str:
+    """ComfyUI's input validation for the Load node's file inputs (``base_file`` and ``<component>_file``): True, or
+    the message saying what to fix (lets an API-format workflow give full paths instead of names from the lists)."""
+    problem = base_file_input_problem(base_file)
+    if problem is not True:
+        return problem
+    try:
+        for component in FILE_COMPONENTS:
+            resolve_component_file(component, component_files.get(f"{component}_file"))
     except ValueError as e:
         return str(e)
     return True
@@ -374,7 +408,8 @@ def install_memory_hook() -> bool:
 # ---------------------------------------------------------------------------------------------------------------- nodes
 def load(model: str, base: str = "", dtype: str = "auto", offload: str = "none", device: str = "auto",
          lora_mode: str = "model default", compile: str = "none", attention: str = "sdpa",
-         quantize: str = "none", base_file: str = NO_BASE_FILE) -> PipelineHandle:
+         quantize: str = "none", base_file: str = NO_BASE_FILE, text_encoder_file: str = NO_BASE_FILE,
+         text_encoder_2_file: str = NO_BASE_FILE, vae_file: str = NO_BASE_FILE) -> PipelineHandle:
     """Load AITK Pipeline: validate, load (or reuse) the cached pipeline, return its handle."""
     # 1. Validate
     get_spec(model)
@@ -385,9 +420,11 @@ def load(model: str, base: str = "", dtype: str = "auto", offload: str = "none",
     _choice("attention", attention, ATTENTION_KERNELS)
     _choice("quantize", quantize, QUANTIZE_MODES)
     base, components = resolve_base_files(base, base_file)
+    given = {"text_encoder": text_encoder_file, "text_encoder_2": text_encoder_2_file, "vae": vae_file}
+    files = {f"{component}_file": resolve_component_file(component, given[component]) for component in FILE_COMPONENTS}
     options = LoadOptions(base=base, components=components, device=resolve_device(device), dtype=dtype, offload=offload,
                           lora_mode=None if lora_mode == "model default" else lora_mode, compile=compile,
-                          attention=attention, quantize=quantize)
+                          attention=attention, quantize=quantize, **files)
     handle = PipelineHandle(model=model, options=options)
     # 2. Get pipeline from cache (loads it on a miss, so load errors show on this node)
     install_memory_hook()

@@ -8,13 +8,15 @@ Nothing here imports torch, diffusers or ComfyUI.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable
 
+from ..pipelines.component_files import FILE_COMPONENTS
 from ..pipelines.lora import STRENGTH_RANGE
 from ..pipelines.registry import REGISTRY, UNCONDITIONAL_LORA_SIDE, Experts
 from ..pipelines.runtime import options as load_options
 from ..pipelines.runtime.options import ATTENTION_KERNELS, DTYPES, OFFLOAD_MODES, QUANTIZE_MODES
-from .comfy import NO_BASE_FILE, base_file_choices, lora_choices
+from .comfy import NO_BASE_FILE, base_file_choices, component_file_choices, lora_choices
 
 CATEGORY = "AITK Inference"
 PIPELINE_TYPE = "AITK_PIPELINE"
@@ -157,6 +159,10 @@ LOAD = NodeSpec(
               "upcast to dtype. The components the file lacks (text encoders, VAE...) come from base: a diffusers "
               "folder, or empty for the model's default repo from the hub cache (only those folders are "
               "downloaded). none: base alone.", default=NO_BASE_FILE, options=base_file_choices, optional=True),
+        *(Field(f"{component}_file", "COMBO", f"The {component} as a single file from ComfyUI's models/{folders[0]} "
+                f"({examples}); FP8 files are upcast to dtype. none: from base (or the model's default repo).",
+                default=NO_BASE_FILE, options=partial(component_file_choices, component), optional=True)
+          for component, (folders, examples) in FILE_COMPONENTS.items()),
     ),
     outputs=(Output(PIPELINE_TYPE, "pipeline", "The loaded pipeline handle (no LoRA yet)."),),
 )

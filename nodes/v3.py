@@ -43,8 +43,10 @@ class AITKLoadPipeline(io.ComfyNode):
         return _schema(LOAD)
 
     @classmethod
-    def validate_inputs(cls, base_file=None) -> bool | str:
-        return core.base_file_input_problem(base_file)
+    def validate_inputs(cls, base_file=None, text_encoder_file=None, text_encoder_2_file=None,
+                        vae_file=None) -> bool | str:
+        return core.load_input_problem(base_file, text_encoder_file=text_encoder_file,
+                                       text_encoder_2_file=text_encoder_2_file, vae_file=vae_file)
 
     @classmethod
     def execute(cls, **inputs) -> io.NodeOutput:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from . import single_file
+from .component_files import check_component_files
 from .runtime import accelerate
 from .runtime.options import LoadOptions
 from .runtime.readahead import start_readahead
@@ -269,6 +270,9 @@ class AITKPipeline:
     #: why this family cannot offload to the CPU (the end of a sentence that starts with the model id), or None when
     #: it can; such a family takes ``offload="none"``, and ``"auto"`` becomes ``none``
     offload_refusal: str | None = None
+    #: the components this family can take from ComfyUI's text-encoder and VAE files (``text_encoder_file``...):
+    #: component -> the layout its file has (``pipelines/component_files.py``)
+    component_files: dict = {}
     #: how the latents ``callback_on_step_end`` sees are laid out (for :meth:`preview_latents`)
     latent_layout: LatentLayout = LatentLayout()
     #: whether one call may give the images of a batch different prompts and negatives (``generate(prompt=[...])``),
@@ -289,6 +293,8 @@ class AITKPipeline:
         self.compiled: str | None = None
         self.attention = "sdpa"
         self.quantize = "none"
+        #: with ``offload="group"`` chosen by ``auto``: denoiser component -> bytes of its blocks kept on the GPU
+        self.resident: dict[str, int] | None = None
         self.lock = threading.RLock()
         self.loras = LoraStack(
             self.lora_components(), lora_mode, self.denoiser, spec.model_id,
@@ -310,19 +316,24 @@ class AITKPipeline:
         if options.components is not None and not cls.single_file_denoisers:
             raise ValueError(f"{spec.model_id} does not take `components`: its family loads a single file as a whole "
                              "(or not at all); give the file or folder as `base` alone.")
-        if cls.single_file_denoisers and single_file.is_single_file_source(source):
-            pipe = single_file.load_single_file_pipeline(cls, spec, source, options.components, torch_dtype, overrides)
+        files = options.component_files()
+        check_component_files(cls, spec, files)
+        if files or (cls.single_file_denoisers and single_file.is_single_file_source(source)):
+            pipe = single_file.load_single_file_pipeline(cls, spec, source, options.components, torch_dtype, overrides,
+                                                         files)
         else:
             pipe = cls.load_diffusers_pipeline(spec, source, torch_dtype, **overrides)
         if spec.scheduler is not None:
             pipe.scheduler = cls.make_scheduler(spec)
         pipe.set_progress_bar_config(disable=True)
+        resident = None
         if offload == "auto":
-            offload = cls.choose_offload(spec, pipe, device, options.quantize)
-        accelerate.place(pipe, device, offload)
+            offload, resident = cls.choose_offload(spec, pipe, device, options.quantize)
+        accelerate.place(pipe, device, offload, resident)
         logger.info("Loaded %s from %s in %.2fs (%s, %s, offload=%s)", spec.model_id, source,
                     time.perf_counter() - started, device, torch_dtype, offload)
         pipeline = cls(spec, pipe, device, torch_dtype, offload, options.lora_mode, source)
+        pipeline.resident = resident
         pipeline.set_attention_kernel(options.attention)
         if options.quantize == "fp8":
             pipeline.quantize_fp8()
@@ -331,23 +342,28 @@ class AITKPipeline:
         return pipeline
 
     @classmethod
-    def choose_offload(cls, spec: ModelSpec, pipe, device: str, quantize: str) -> str:
+    def choose_offload(cls, spec: ModelSpec, pipe, device: str, quantize: str) -> tuple[str, dict | None]:
         """What ``offload="auto"`` becomes for ``pipe`` (loaded on the CPU) on ``device``: the fastest placement that
         fits the GPU memory this process may use (``accelerate.choose_offload``), keeping room for a video's or an
-        image's activations. FP8 weights cannot be offloaded, so with ``quantize="fp8"`` it is always ``none``, as
-        it is for a family that cannot offload (``offload_refusal``)."""
-        if cls.offload_refusal:
-            return "none"
+        image's activations, and, when that is ``group``, how many bytes of each denoiser's blocks stay on the GPU
+        (``accelerate.resident_block_budget``; the rest stream through). FP8 weights cannot be offloaded, so with
+        ``quantize="fp8"`` it is always ``none``, as it is for a family that cannot offload (``offload_refusal``)."""
+        if cls.offload_refusal or quantize == "fp8":
+            return "none", None
         sizes = accelerate.component_bytes(pipe)
         budget = accelerate.gpu_memory_budget(device)
         reserve = int(accelerate.AUTO_OFFLOAD_RESERVE_GIB["video" if spec.video else "image"] * 2**30)
-        offload = "none" if quantize == "fp8" else accelerate.choose_offload(sizes, budget, reserve)
+        offload = accelerate.choose_offload(sizes, budget, reserve)
+        resident = None
+        if offload == "group":
+            names = spec.experts.components if spec.experts else (cls.denoiser,)
+            resident = accelerate.resident_block_budget({name: getattr(pipe, name) for name in names}, budget, reserve)
         if budget is not None:
             logger.info("%s: offload='auto' -> %r (weights %.1f GiB, largest component %.1f GiB, %.1f GiB kept for "
-                        "activations, %.1f GiB of GPU memory usable)", spec.model_id, offload,
+                        "activations, %.1f GiB of GPU memory usable%s)", spec.model_id, offload,
                         sum(sizes.values()) / 2**30, max(sizes.values(), default=0) / 2**30, reserve / 2**30,
-                        budget / 2**30)
-        return offload
+                        budget / 2**30, f"; denoiser blocks kept on the GPU: {resident}" if resident else "")
+        return offload, resident
 
     @classmethod
     def load_diffusers_pipeline(cls, spec: ModelSpec, source: str, torch_dtype, **overrides):
@@ -478,8 +494,12 @@ class AITKPipeline:
         try:
             yield
         finally:
-            for component in self.lora_components().values():
-                _maybe_remove_and_reapply_group_offloading(component)
+            for name, component in self.lora_components().items():
+                if self.resident and name in self.resident:
+                    accelerate.remove_group_offloading(component)
+                    accelerate.offload_blocks_keeping_resident(component, self.device, self.resident[name])
+                else:
+                    _maybe_remove_and_reapply_group_offloading(component)
 
     @contextlib.contextmanager
     def _vae_tiling(self, enabled: bool):
@@ -503,7 +523,7 @@ class AITKPipeline:
         try:
             yield
         finally:
-            self.place(self.pipe, self.device, self.offload)
+            self.place(self.pipe, self.device, self.offload, self.resident)
 
     # ------------------------------------------------------------------------------------------------ generation
     def resolve_params(
@@ -800,6 +820,9 @@ def load_pipeline(
     attention: str | None = None,
     quantize: str | None = None,
     components: str | None = None,
+    text_encoder_file: str | None = None,
+    text_encoder_2_file: str | None = None,
+    vae_file: str | None = None,
 ) -> AITKPipeline:
     """Load the pipeline of a registered model id (not cached; see ``pipelines.runtime.cache`` for the shared cache).
 
@@ -826,10 +849,16 @@ def load_pipeline(
             FP8 weights of a single-file base are upcast on load and re-quantized here.
         components (str, *optional*): for a single-file ``base``, where the components the file lacks come from: a
             diffusers folder or a hub repo id; defaults to the model's base repo (from the hub cache).
+        text_encoder_file, text_encoder_2_file, vae_file (str, *optional*): that component from a ``.safetensors``
+            file as ComfyUI keeps it in ``models/text_encoders`` or ``models/vae`` (FLUX: ``clip_l`` + ``t5xxl``;
+            SDXL: ``clip_l`` + ``clip_g``; Wan: ``umt5_xxl``; Qwen-Image: ``qwen_2.5_vl_7b``; FP8 files included),
+            with ``base`` a single file, a diffusers folder or a repo; see ``pipelines.component_files``.
     """
     spec = get_spec(model_id)
     options = LoadOptions(base=base, device=device, dtype=dtype, offload=offload, lora_mode=lora_mode, compile=compile,
-                          attention=attention, quantize=quantize, components=components)
+                          attention=attention, quantize=quantize, components=components,
+                          text_encoder_file=text_encoder_file, text_encoder_2_file=text_encoder_2_file,
+                          vae_file=vae_file)
     return spec.family_class().from_spec(spec, options)
 
 

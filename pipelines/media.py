@@ -18,8 +18,6 @@ AUDIO_CODECS = {".flac": "flac", ".wav": "pcm_s16le"}
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 IMAGE_QUALITY = 95  # JPEG/WEBP stills
 MP4_CRF = 18  # visually lossless for previews; libx264's default is 23
-#: the CRF of ai-toolkit's MP4 previews (LTX-2.x, MiniMax-H3: diffusers' ``encode_video`` sets none, so libx264's default)
-AI_TOOLKIT_MP4_CRF = 23
 WEBP_QUALITY = 80  # what ai-toolkit writes its animated WEBP previews with
 
 
@@ -40,8 +38,8 @@ def _check_fps(fps) -> int:
     return fps
 
 
-def write_mp4(frames, path: str, fps: int, audio=None, sample_rate: int | None = None, crf: int = MP4_CRF,
-              threads: int = 0) -> str:
+def write_mp4(frames, path: str, fps: int, audio=None, sample_rate: int | None = None,
+              crf: int | None = MP4_CRF) -> str:
     """Write an H.264 (yuv420p) MP4.
 
     Args:
@@ -50,9 +48,8 @@ def write_mp4(frames, path: str, fps: int, audio=None, sample_rate: int | None =
         fps (int): frames per second, 1..120.
         audio (array, *optional*): ``[channels, samples]`` (or ``[samples]``) float in -1..1, muxed as AAC.
         sample_rate (int, *optional*): the audio sample rate; required with ``audio``.
-        crf (int, defaults to 18): libx264's constant rate factor, 0..51 (lower is closer to the frames).
-        threads (int, defaults to 0): libx264's threads; 0 lets it choose (faster; its frame threads make the file
-            depend on the CPU load), 1 runs it on one.
+        crf (int, *optional*, defaults to 18): libx264's constant rate factor; None leaves the encoder's default (23),
+            as diffusers' ``encode_video`` does (ai-toolkit's LTX-2 previews).
 
     Returns:
         str: ``path``.
@@ -60,10 +57,6 @@ def write_mp4(frames, path: str, fps: int, audio=None, sample_rate: int | None =
     import av
     import numpy as np
 
-    if isinstance(crf, bool) or not isinstance(crf, int) or not 0 <= crf <= 51:
-        raise ValueError(f"`crf` must be an integer in 0..51 (libx264's range), got {crf!r}.")
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
-        raise ValueError(f"`threads` must be an integer >= 0 (0: libx264 chooses), got {threads!r}.")
     video = _frames_uint8(frames)
     fps = _check_fps(fps)
     height, width = video.shape[1:3]
@@ -80,8 +73,8 @@ def write_mp4(frames, path: str, fps: int, audio=None, sample_rate: int | None =
     with atomic_path(path) as tmp, av.open(tmp, mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps, 1))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"crf": str(crf)}
-        stream.codec_context.thread_count = threads
+        if crf is not None:
+            stream.options = {"crf": str(crf)}
         audio_stream = None
         if audio is not None:
             audio_stream = container.add_stream("aac", rate=int(sample_rate))
@@ -98,20 +91,6 @@ def write_mp4(frames, path: str, fps: int, audio=None, sample_rate: int | None =
             container.mux(audio_stream.encode(frame))
             container.mux(audio_stream.encode())
     return path
-
-
-def write_ai_toolkit_mp4(frames, path: str, fps: int, audio=None, sample_rate: int | None = None) -> str:
-    """Write an MP4 the way ai-toolkit writes its LTX-2.x and MiniMax-H3 video previews (diffusers' ``encode_video``):
-    libx264 at its default CRF 23, yuv420p, and the audio turned into 16-bit samples as it turns them (clipped,
-    scaled by 32767, truncated toward zero) before the AAC encoder. libx264 runs on one thread: with encode_video's
-    automatic threads the file varies with the CPU load (one thread varies less, not never), so two files of the same
-    frames are compared decoded, within a tolerance. Arguments as :func:`write_mp4`."""
-    import numpy as np
-
-    if audio is not None:
-        # the encoder gets 16-bit sample s as s / 32768 (float planar), so these are the values it sees from ai-toolkit
-        audio = np.trunc(np.clip(np.asarray(audio, dtype=np.float32), -1.0, 1.0) * 32767.0) / 32768.0
-    return write_mp4(frames, path, fps, audio=audio, sample_rate=sample_rate, crf=AI_TOOLKIT_MP4_CRF, threads=1)
 
 
 def write_webp(frames, path: str, fps: int) -> str:

@@ -210,9 +210,9 @@ VIDEO_PREVIEW_FORMATS = ("webp", "mp4")
 @dataclass(frozen=True)
 class VideoSpec:
     """Video defaults. Frame counts are floored to ``frame_step * n + frame_offset``: 4n+1 for Wan, 8n+1 for LTX-2,
-    17n+5 for MiniMax-H3. ``preview_format`` is the file ai-toolkit writes a multi-frame preview as: ``"webp"``
-    (animated, its ``GenerateImageConfig.save_image``) or ``"mp4"`` (H.264 with the audio track: the audio-video
-    families' own save function)."""
+    17n+5 for MiniMax-H3. ``preview_format``: the file ai-toolkit writes this id's video previews as, ``webp`` (its
+    trainer's animated WEBP) or ``mp4`` (LTX-2 and MiniMax-H3 write their own: H.264 at the encoder's default quality,
+    with the audio track, through diffusers' ``encode_video``); ``reproduce`` writes ours the same way."""
 
     num_frames: int
     fps: int
@@ -413,14 +413,20 @@ class BooguImageOptions:
 @dataclass(frozen=True)
 class MageFlowOptions:
     """ai-toolkit's Mage-Flow ``model_kwargs`` that change sampling, as this id's defaults (each can be passed per
-    call): ``cfg_renormalization`` (rescale the guided velocity to the conditional one's norm, off by default) and
-    ``static_shift`` (the sigma shift, 6.0). ``edit`` ids take reference images and use the edit prompt template."""
+    call): ``cfg_renormalization`` (rescale the guided velocity to the conditional one's norm, off by default),
+    ``static_shift`` (the sigma shift, 6.0) and, for the edit id, ``vae_sample_posterior`` (reference latents are a
+    draw from the VAE posterior, the default, or its mean). ``edit`` ids take reference images and use the edit prompt
+    template."""
 
     edit: bool = False
     cfg_renormalization: bool = False
     static_shift: float = 6.0
+    vae_sample_posterior: bool = True
 
-    generation_options: ClassVar[tuple[str, ...]] = ("cfg_renormalization", "static_shift")
+    @property
+    def generation_options(self) -> tuple[str, ...]:
+        """The ``generate()`` options this id takes."""
+        return ("cfg_renormalization", "static_shift") + (("vae_sample_posterior",) if self.edit else ())
 
     def defaults(self) -> dict:
         return {name: getattr(self, name) for name in self.generation_options}
@@ -803,8 +809,7 @@ _LTX2_NOTES = (
 )
 LTX2 = Preset(family="ltx2:LTX2FamilyPipeline", pipeline_class="LTX2Pipeline", steps=25, guidance=4.0, divisor=32,
               scheduler=_flow(LTX2_PREVIEW_FLOWMATCH), guidance_kind="true_cfg", control_images=(0, 1),
-              video=VideoSpec(num_frames=41, fps=24, frame_step=8, preview_format="mp4"),
-              lora_signatures=(LTX2_NAMES,))
+              video=VideoSpec(num_frames=41, fps=24, frame_step=8, preview_format="mp4"), lora_signatures=(LTX2_NAMES,))
 
 _MINIMAX_H3_NOTES = (
     "Video with stereo 32 kHz audio, one guidance-distilled forward per step (guidance and the negative prompt have no "

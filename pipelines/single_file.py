@@ -10,9 +10,11 @@ Two kinds of file are read:
   encoders. SD 1.5 / SDXL checkpoints load whole through diffusers' ``from_single_file`` on the pipeline; for the
   other families only the denoiser is read from the file.
 
-Everything the file does not hold (text encoders, tokenizers, VAE, scheduler, configs) comes from the
-*components* source: a diffusers folder or a hub repo id, by default the model's base repo, taken from the hub cache
-(only those folders are downloaded: never the denoiser weights the file replaces). Offline and not cached, the load
+The text encoders and the VAE may come from their own files (ComfyUI's ``models/text_encoders`` and ``models/vae``,
+read by ``component_files.py``, with a single-file base or a diffusers one). Everything else the files do not hold
+(tokenizers, scheduler, configs, and the components given no file) comes from the *components* source: a
+diffusers folder or a hub repo id, by default the model's base repo, taken from the hub cache (only those folders
+are downloaded: never the weights the files replace). Offline and not cached, the load
 stops with a message naming the repo, the folders to fetch and the command that fetches them.
 
 Denoiser weights go through diffusers' single-file conversion (``from_single_file`` on the model class) where
@@ -96,8 +98,9 @@ def checkpoint_layout(keys) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------- weights
-def dequantize_scaled_fp8(state_dict: dict) -> dict:
-    """ComfyUI's scaled FP8 layers as float32 (``weight * scale_weight``); the markers and input scales dropped."""
+def dequantize_scaled_fp8(state_dict: dict, dtype=None) -> dict:
+    """ComfyUI's scaled FP8 layers as ``dtype`` (default float32): ``weight * scale_weight`` computed in float32, one
+    layer at a time (so that a whole model never lies in float32); the markers and input scales dropped."""
     import torch
 
     state_dict = dict(state_dict)
@@ -106,7 +109,8 @@ def dequantize_scaled_fp8(state_dict: dict) -> dict:
         weight_key = scale_key[: -len(SCALE_WEIGHT)] + ".weight"
         scale = state_dict.pop(scale_key).to(torch.float32)
         weight = state_dict[weight_key].to(torch.float32)
-        state_dict[weight_key] = weight * (scale if scale.numel() == 1 else scale.reshape(-1, *[1] * (weight.ndim - 1)))
+        weight = weight * (scale if scale.numel() == 1 else scale.reshape(-1, *[1] * (weight.ndim - 1)))
+        state_dict[weight_key] = weight.to(dtype or torch.float32)
     for input_key in [k for k in state_dict if k.endswith(SCALE_INPUT)]:
         del state_dict[input_key]
     return state_dict
@@ -121,7 +125,7 @@ def read_denoiser_state_dict(path: str, dtype) -> dict:
     if checkpoint_layout(state_dict) == "checkpoint" or any(k.startswith(COMFY_DENOISER_PREFIX) for k in state_dict):
         state_dict = {k[len(COMFY_DENOISER_PREFIX):]: v for k, v in state_dict.items()
                       if k.startswith(COMFY_DENOISER_PREFIX)}
-    state_dict = dequantize_scaled_fp8(state_dict)
+    state_dict = dequantize_scaled_fp8(state_dict, dtype)
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
 
 
@@ -243,15 +247,17 @@ COMPONENTS_OPTION = ("the components source (Load node: base, next to base_file;
 def _unavailable(spec: ModelSpec, components: str, holds: str, problem: str,
                  command: str) -> ComponentsUnavailableError:
     return ComponentsUnavailableError(
-        f"{spec.model_id}: the single file holds {holds}; the rest comes from the hub repo {components}, but "
-        f"{problem}. With a network, fetch just what is needed (no weights the file holds) once: {command} (gated "
+        f"{spec.model_id}: {holds}; the rest comes from the hub repo {components}, but "
+        f"{problem}. With a network, fetch just what is needed (no weights the files hold) once: {command} (gated "
         f"repos need `huggingface-cli login` first); or give a local diffusers folder of {spec.base} as "
         f"{COMPONENTS_OPTION}.")
 
 
-def components_folder(spec: ModelSpec, components: str, in_file: list[str], whole_checkpoint: bool = False) -> str:
+def components_folder(spec: ModelSpec, components: str, in_file: list[str], whole_checkpoint: bool = False,
+                      holds: str = "the single file holds the denoiser only") -> str:
     """The local diffusers folder of ``components`` with ``model_index.json``, every component the file lacks
-    (folders in full) and the ``config.json`` of those it holds (``in_file``; a whole checkpoint: every model):
+    (folders in full) and the ``config.json`` of those it holds (``in_file``, described by ``holds`` in messages; a
+    whole checkpoint: every model):
     ``components`` itself when it is a folder, else its hub snapshot of just those files (downloaded when missing
     and online; never the weights the file replaces).
 
@@ -263,7 +269,7 @@ def components_folder(spec: ModelSpec, components: str, in_file: list[str], whol
     if not local and (os.path.exists(components) or components.count("/") != 1):
         raise ComponentsUnavailableError(f"{spec.model_id}: components source {components!r} is neither a diffusers "
                                          f"folder nor a Hugging Face repo id like {spec.base!r}.")
-    holds = "every model but not the tokenizers and scheduler" if whole_checkpoint else "the denoiser only"
+    holds = "the single file holds every model but not the tokenizers and scheduler" if whole_checkpoint else holds
 
     def split(names: list[str]) -> tuple[list[str], list[str]]:
         """(folders fetched whole, components whose config alone is fetched)."""
@@ -345,36 +351,52 @@ def load_denoiser(model_cls, state_dict: dict, folder: str, component: str, dtyp
 
 
 def component_class(spec: ModelSpec, folder: str, component: str):
-    """The diffusers class of ``component`` in ``folder``'s ``model_index.json``; a ValueError when it is none (the
-    pack's own transformers, e.g. Chroma Radiance's, have no single-file layout)."""
-    import diffusers
+    """The class of ``component`` in ``folder``'s ``model_index.json`` (a diffusers or transformers class); a
+    ValueError when it is none (the pack's own transformers, e.g. Chroma Radiance's, have no single-file layout)."""
+    import importlib
 
     with open(os.path.join(folder, "model_index.json")) as f:
         library, class_name = json.load(f).get(component, (None, None))
-    if library != "diffusers" or not hasattr(diffusers, class_name):
+    module = importlib.import_module(library) if library in ("diffusers", "transformers") else None
+    if module is None or not hasattr(module, class_name):
         raise ValueError(f"{spec.model_id}: its {component} ({class_name}) cannot be loaded from a single file; give "
                          f"a diffusers folder of {spec.base} as base.")
-    return getattr(diffusers, class_name)
+    return getattr(module, class_name)
 
 
 def load_single_file_pipeline(family_cls, spec: ModelSpec, source: str, components: str | None, torch_dtype,
-                              overrides: dict[str, Any]):
-    """The family's diffusers pipeline with its denoiser(s) from the single file(s) ``source`` and the rest from
-    ``components`` (default: the model's base repo); ``overrides`` as for ``load_diffusers_pipeline``."""
+                              overrides: dict[str, Any], component_files: dict[str, str] | None = None):
+    """The family's diffusers pipeline with its denoiser(s) from the single file(s) ``source`` (or from ``source``
+    itself when it is a diffusers folder or repo), the components in ``component_files`` (component -> file, see
+    ``component_files.py``) from their files and the rest from ``components`` (default: the model's base repo);
+    ``overrides`` as for ``load_diffusers_pipeline``."""
     from safetensors import safe_open
 
-    components = components or spec.base
-    files = expert_files(spec, source)
-    first = next(iter(files.values()))
-    with safe_open(first, framework="pt") as f:
-        layout = checkpoint_layout(f.keys())
+    from .component_files import load_component_file
+
+    component_files = component_files or {}
+    files = expert_files(spec, source) if is_single_file_source(source) else {}
+    components = components or (spec.base if files else source)
+    layout = "denoiser"
+    if files:
+        with safe_open(next(iter(files.values())), framework="pt") as f:
+            layout = checkpoint_layout(f.keys())
     overrides = {k: v for k, v in overrides.items() if k != "device_map"}  # place() moves the modules afterwards
-    if layout == "checkpoint" and spec.pipeline_class in WHOLE_CHECKPOINT_PIPELINES:
-        folder = components_folder(spec, components, [], whole_checkpoint=True)
-        return family_cls.load_diffusers_pipeline(spec, first, torch_dtype, config=folder, **overrides)
-    folder = components_folder(spec, components, list(files))
-    denoisers = {component: load_denoiser(component_class(spec, folder, component),
-                                          read_denoiser_state_dict(path, torch_dtype), folder, component, torch_dtype,
-                                          f"{spec.model_id} {component} file {path!r}")
-                 for component, path in files.items()}
-    return family_cls.load_diffusers_pipeline(spec, folder, torch_dtype, **denoisers, **overrides)
+    whole_checkpoint = layout == "checkpoint" and spec.pipeline_class in WHOLE_CHECKPOINT_PIPELINES
+    in_file = [*files, *component_files]
+    holds = ("the single file holds the denoiser only" if not component_files
+             else f"the single files hold the {', '.join(in_file)}")
+    folder = components_folder(spec, components, [] if whole_checkpoint else in_file,
+                               whole_checkpoint=whole_checkpoint, holds=holds)
+    layouts = family_cls.component_files
+    modules = {component: load_component_file(spec, component, layouts[component], path, folder,
+                                              component_class(spec, folder, component), torch_dtype)
+               for component, path in component_files.items()}
+    if whole_checkpoint:
+        return family_cls.load_diffusers_pipeline(spec, next(iter(files.values())), torch_dtype, config=folder,
+                                                  **modules, **overrides)
+    modules.update({component: load_denoiser(component_class(spec, folder, component),
+                                             read_denoiser_state_dict(path, torch_dtype), folder, component,
+                                             torch_dtype, f"{spec.model_id} {component} file {path!r}")
+                    for component, path in files.items()})
+    return family_cls.load_diffusers_pipeline(spec, folder, torch_dtype, **modules, **overrides)

@@ -117,6 +117,39 @@ def test_auto_offload_follows_the_memory_it_may_use(load_tiny, monkeypatch):
         load_tiny("flux", device="cuda", dtype="bf16", offload="auto")
 
 
+@pytest.mark.parametrize("lora_mode", ["fused", "dynamic"])
+def test_auto_offload_streams_only_the_blocks_that_do_not_fit(load_tiny, monkeypatch, tmp_path, lora_mode):
+    """Between "everything fits" and "nothing fits", auto keeps the denoiser's first blocks on the GPU and streams the
+    rest; images match the all-on-GPU run, with a LoRA too, and a LoRA change keeps the same blocks resident."""
+    from aitk_inference.pipelines.runtime import accelerate
+
+    gen = {"prompt": "x", "width": 64, "height": 64, "steps": 2, "seed": 5}
+    roomy = load_tiny("flux", device="cuda", dtype="bf16", lora_mode=lora_mode)
+    transformer = roomy.pipe.transformer
+    blocks = [accelerate.module_bytes(block) for _, block in accelerate.blocks_in_order(transformer)]
+    overhead = accelerate.module_bytes(transformer) - sum(blocks) + 2 * max(blocks)
+    monkeypatch.setitem(accelerate.AUTO_OFFLOAD_RESERVE_GIB, "image", 0.0)
+    # the tiny transformer is not the largest component (whole-component offload would fit): ask for streaming,
+    # which the CPU tests of choose_offload cover; the budget then decides how many blocks stay
+    monkeypatch.setattr(accelerate, "choose_offload", lambda sizes, budget, reserve: "group")
+    budget = overhead + sum(blocks[: len(blocks) // 2])
+    monkeypatch.setenv("AITK_MAX_GPU_MEMORY_GIB", str((torch.cuda.memory_reserved() + budget) / 2**30))
+    partial = load_tiny("flux", device="cuda", dtype="bf16", offload="auto", lora_mode=lora_mode)
+    assert partial.offload == "group" and 0 < partial.resident["transformer"] < sum(blocks)
+
+    def devices():
+        return [next(block.parameters()).device.type for _, block in accelerate.blocks_in_order(partial.pipe.transformer)]
+
+    placed = devices()
+    assert placed[0] == "cuda" and placed[-1] == "cpu" and placed == sorted(placed, reverse=True)
+    assert np.abs(partial.generate(**gen).images - roomy.generate(**gen).images).max() < 0.03
+    lora = write_lora(str(tmp_path / "l.safetensors"), "peft", lora_targets(transformer))
+    for pipeline in (roomy, partial):
+        pipeline.set_loras([(lora, 0.8)])
+    assert devices() == placed
+    assert np.abs(partial.generate(**gen).images - roomy.generate(**gen).images).max() < 0.03
+
+
 def test_flash_attention_3_agrees_with_the_default_or_says_how_to_install_it(load_tiny):
     from aitk_inference.pipelines.runtime.accelerate import use_fa3_fwd_if_needed
 

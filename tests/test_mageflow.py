@@ -264,6 +264,11 @@ def test_options_are_checked_and_the_edit_id_needs_a_reference(pipes):
         pipeline.generate("x", width=64, height=64, steps=1, control_images=[np.zeros((16, 16, 3))])
     with pytest.raises(ValueError, match="needs 1 control image"):
         pipes("mageflow_edit").generate("x", width=64, height=64, steps=1)
+    with pytest.raises(ValueError, match="vae_sample_posterior"):
+        pipes("mageflow_edit").generate("x", width=64, height=64, steps=1, control_images=[np.zeros((16, 16, 3))],
+                                        vae_sample_posterior="no")
+    with pytest.raises(ValueError, match="Unknown generation option"):  # no references, no posterior to sample
+        pipeline.generate("x", width=64, height=64, steps=1, vae_sample_posterior=False)
 
 
 def test_static_shift_option_changes_the_image(pipes):
@@ -281,6 +286,8 @@ def test_jobs_map_to_the_ids_and_pass_their_model_kwargs(pipes):
     model = {"arch": "mageflow", "model_kwargs": {"cfg_renormalization": True, "static_shift": 5.0,
                                                   "vae_sample_posterior": True}}
     assert pipes("mageflow").job_options(model) == {"cfg_renormalization": True, "static_shift": 5.0}
+    assert pipes("mageflow_edit").job_options({**model, "arch": "mageflow_edit"}) == {
+        "cfg_renormalization": True, "static_shift": 5.0, "vae_sample_posterior": True}
     assert pipes("mageflow").job_options({"arch": "mageflow"}) == {}
 
 

@@ -131,9 +131,10 @@ def test_schemas(pack):
                      "AITKSample": "AITK Sample", "AITKTrainingJob": "AITK Training Job",
                      "AITKJobPreviews": "AITK Job Previews"}
     expected = {
-        # attention, quantize and base_file came later: optional, so that older saved workflows still load
+        # attention, quantize and the file inputs came later: optional, so that older saved workflows still load
         "AITKLoadPipeline": (["model", "base", "dtype", "offload", "device", "lora_mode", "compile"],
-                             ["attention", "quantize", "base_file"], ("AITK_PIPELINE",)),
+                             ["attention", "quantize", "base_file", "text_encoder_file", "text_encoder_2_file",
+                              "vae_file"], ("AITK_PIPELINE",)),
         "AITKApplyLoRA": (["pipeline", "lora", "strength", "transformer"], [], ("AITK_PIPELINE",)),
         "AITKSample": (["pipeline", "prompt", "negative", "trigger_word", "width", "height", "steps", "guidance", "seed",
                         "batch_size"], ["control_image", "control_image_2", "control_image_3", "num_frames", "fps",

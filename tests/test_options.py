@@ -174,6 +174,23 @@ def test_a_family_that_cannot_offload_takes_auto_and_refuses_the_rest():
     from aitk_inference.pipelines.base import AITKPipeline
 
     assert AITKPipeline.offload_refusal is None
-    assert get_spec("anima").family_class().choose_offload(get_spec("anima"), None, "cuda", "none") == "none"
+    assert get_spec("anima").family_class().choose_offload(get_spec("anima"), None, "cuda", "none") == ("none", None)
     with pytest.raises(ValueError, match="anima runs on diffusers' modular pipeline, which has no CPU offloading"):
         load_pipeline("anima", base="unused", device="cpu", offload="group")
+
+
+def test_auto_offload_keeps_the_first_denoiser_blocks_that_fit(load_tiny):
+    from aitk_inference.pipelines.runtime.accelerate import blocks_in_order, module_bytes, resident_block_budget
+
+    transformer = load_tiny("flux").pipe.transformer
+    blocks = blocks_in_order(transformer)
+    assert [name for name, _ in blocks] == [f"transformer_blocks.{i}" for i in range(len(transformer.transformer_blocks))] + [
+        f"single_transformer_blocks.{i}" for i in range(len(transformer.single_transformer_blocks))]
+    sizes = [module_bytes(block) for _, block in blocks]
+    rest = module_bytes(transformer) - sum(sizes)
+    overhead = rest + 2 * max(sizes)
+    assert resident_block_budget({"transformer": transformer}, budget=overhead + 1000 + 500, reserve=500) == {
+        "transformer": 1000}
+    assert resident_block_budget({"transformer": transformer}, budget=overhead, reserve=500) == {"transformer": 0}
+    experts = {"transformer": transformer, "transformer_2": transformer}
+    assert resident_block_budget(experts, budget=2 * overhead + 4000, reserve=0) == dict.fromkeys(experts, 2000)

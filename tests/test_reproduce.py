@@ -131,7 +131,7 @@ def test_reproduce_cli_with_overrides(job_dir, tmp_path, tiny_dir):
     out = tmp_path / "cli"
     cmd = [sys.executable, "-m", "aitk_inference", "reproduce", str(job_dir), "--lora",
            str(job_dir / "job_000000100.safetensors"), "--base", tiny_dir("flux"), "--out", str(out),
-           "--device", "cpu", "--dtype", "fp32"]
+           "--device", "cpu", "--dtype", "fp32", "--attention", "sdpa_math"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -141,6 +141,8 @@ def test_reproduce_cli_with_overrides(job_dir, tmp_path, tiny_dir):
     assert any("job__000000100_1.png: 96x80 seed 7 steps 3" in line for line in lines), proc.stdout
     assert sorted(os.listdir(out)) == [f"job__000000100_{i}.png" for i in range(3)]
     assert not any("PSNR" in line for line in lines)  # ai-toolkit's samples (if any) are for other steps
+    grid = subprocess.run([*cmd[:5], "--grid", "--compile", "regional"], capture_output=True, text=True, timeout=300)
+    assert grid.returncode != 0 and "apply to a plain reproduce, not to --grid" in grid.stderr
 
 
 def test_job_parsing_rules(tmp_path):
@@ -193,7 +195,7 @@ def test_job_parsing_rules(tmp_path):
 
 def mp4_layout(path: str) -> dict:
     """What an MP4's streams are made with: libx264's own record of its settings (the options string it writes into
-    the stream), the video and audio stream parameters, and the AAC packets."""
+    the stream) and the video and audio stream parameters."""
     import re
 
     import av
@@ -202,23 +204,33 @@ def mp4_layout(path: str) -> dict:
         x264_options = re.search(rb"options: ([ -~]+)", f.read()).group(1).decode()
     with av.open(path) as container:
         video, audio = container.streams.video[0], container.streams.audio[0]
-        layout = {"x264": x264_options, "video": (video.codec_context.name, video.format.name, video.width,
-                                                    video.height, video.average_rate, video.frames),
-                  "audio": (audio.codec_context.name, audio.sample_rate, audio.layout.name, audio.frames)}
-        layout["aac_packets"] = [(p.pts, bytes(p)) for p in container.demux(audio) if p.size]
-    return layout
+        return {"x264": x264_options, "video": (video.codec_context.name, video.format.name, video.width,
+                                                  video.height, video.average_rate, video.frames),
+                "audio": (audio.codec_context.name, audio.sample_rate, audio.layout.name, audio.frames)}
 
 
-def test_ai_toolkit_mp4_writer_writes_ai_toolkits_file(tmp_path):
-    """ai-toolkit's MP4 previews (LTX-2.x, MiniMax-H3) come from diffusers' encode_video: libx264 at its default CRF
-    23, AAC from 16-bit samples. Our copy for the comparison, given the same frames and waveform, writes the file
-    encode_video writes (goldens/MANIFEST.md section 15: encode_video.mp4, its file of these inputs): the same
-    libx264 settings, streams and AAC packets, and video that decodes alike (not byte for byte: libx264's output
-    varies with the CPU load, even on one thread, as measured in PARITY.md "End-to-end jobs")."""
+def decoded_audio(path: str):
+    """An MP4's audio track decoded to float32 ``[channels, samples]`` (whole 1024-sample AAC frames)."""
+    import av
+
+    with av.open(path) as container:
+        return np.concatenate([frame.to_ndarray() for frame in container.decode(audio=0)], axis=1)
+
+
+def snr_db(ours, theirs) -> float:
+    return float(10 * np.log10(np.mean(theirs.astype(np.float64) ** 2) / np.mean((ours - theirs) ** 2.0)))
+
+
+def test_mp4_preview_writer_as_ai_toolkits(tmp_path):
+    """ai-toolkit's MP4 previews (LTX-2.x, MiniMax-H3) come from diffusers' encode_video. reproduce's copy
+    (``write_mp4(..., crf=None)``) given the same frames and waveform writes encode_video's file
+    (goldens/MANIFEST.md section 15: mp4_preview/encode_video.mp4, its file of these inputs): the same libx264
+    settings (CRF 23) and streams, video that decodes alike (not byte for byte: libx264's output varies with the CPU
+    load, PARITY.md "End-to-end jobs"), and the audio track starting with the video, as encode_video's does."""
     from conftest import GOLDENS_DIR
 
-    from aitk_inference.pipelines.jobs.reproduce import compare_audio, compare_images, read_audio_track, read_frames
-    from aitk_inference.pipelines.media import write_ai_toolkit_mp4, write_mp4
+    from aitk_inference.pipelines.jobs.reproduce import compare_images, read_frames
+    from aitk_inference.pipelines.media import write_mp4
 
     rng = np.random.default_rng(3)
     ramp = np.linspace(0, 200, 48)[None, None, :, None] + np.linspace(0, 40, 32)[None, :, None, None]
@@ -228,21 +240,20 @@ def test_ai_toolkit_mp4_writer_writes_ai_toolkits_file(tmp_path):
     audio = (np.stack([0.4 * np.sin(2 * np.pi * 440 * seconds), 0.3 * np.sin(2 * np.pi * 660 * seconds)])
              + rng.standard_normal((2, 2400)) * 0.01).astype(np.float32)
     theirs = os.path.join(GOLDENS_DIR, "mp4_preview", "encode_video.mp4")
-    ours = write_ai_toolkit_mp4(frames, str(tmp_path / "ours.mp4"), 24, audio, 24000)
+    ours = write_mp4(frames, str(tmp_path / "ours.mp4"), 24, audio=audio, sample_rate=24000, crf=None)
     assert mp4_layout(ours) == mp4_layout(theirs), "not ai-toolkit's MP4 (or PyAV's encoders changed: regenerate)"
     assert "crf=23.0" in mp4_layout(ours)["x264"]
     decoded = np.stack(read_frames(ours))
     assert compare_images(decoded, np.stack(read_frames(theirs))).psnr > 30
-    assert decoded.shape == frames.shape and np.abs(decoded.astype(int) - frames).mean() < 12  # lossy, but these frames
-    # AAC decodes whole 1024-sample frames: the track is padded to 3 of them, and starts with the first sample
-    track = read_audio_track(ours)
-    assert track.shape == (2, 3072) and compare_audio(track[:, 1024:2400], audio[:, 1024:2400]).snr > 15
-    # the users' writer: CRF 18 (closer to the frames than ai-toolkit's 23), the audio starting with the video as well
-    users = write_mp4(frames, str(tmp_path / "users.mp4"), 24, audio=audio, sample_rate=24000)
-    assert np.abs(np.stack(read_frames(users)).astype(int) - frames).mean() < np.abs(decoded.astype(int) - frames).mean()
-    assert compare_audio(read_audio_track(users)[:, 1024:2400], audio[:, 1024:2400]).snr > 15
-    with pytest.raises(ValueError, match="crf"):
-        write_mp4(frames, str(tmp_path / "bad.mp4"), 24, crf=60)
+    # AAC decodes whole 1024-sample frames (3 here); encode_video feeds it 16-bit samples, we float: 40 dB apart at
+    # least, while a track 1024 samples late (the priming delay counted as sound) is about 0 dB from it
+    our_track, their_track = decoded_audio(ours), decoded_audio(theirs)
+    assert our_track.shape == their_track.shape == (2, 3072)
+    assert snr_db(our_track, their_track) > 40
+    assert snr_db(our_track[:, 1024:2400], audio[:, 1024:2400]) > 15
+    # the users' writer: CRF 18, closer to the frames than ai-toolkit's 23
+    users = np.stack(read_frames(write_mp4(frames, str(tmp_path / "users.mp4"), 24)))
+    assert np.abs(users.astype(int) - frames).mean() < np.abs(decoded.astype(int) - frames).mean()
 
 
 def test_video_preview_formats():

@@ -145,7 +145,8 @@ def sdxl_vae_ldm(vae) -> dict:
 
     sd, out = vae.state_dict(), {}
     for ours, theirs in DIFFUSERS_TO_LDM_MAPPING["vae"].items():
-        out[theirs] = sd[ours]
+        if ours in sd:  # FLUX's VAE has no quant convs
+            out[theirs] = sd[ours]
     count = len(vae.encoder.down_blocks)
     for side, blocks, kind in (("encoder", vae.encoder.down_blocks, "down"), ("decoder", vae.decoder.up_blocks, "up")):
         for i, block in enumerate(blocks):
@@ -471,12 +472,14 @@ def test_ldm_all_in_one_checkpoint(tmp_path, tiny_dir, model_id):
 # ------------------------------------------------------------------------------------------------------- the node
 @pytest.fixture
 def comfy_folders(monkeypatch, tmp_path):
-    """A stand-in for ComfyUI's ``folder_paths`` with models/diffusion_models and models/checkpoints (``unet`` is
-    mapped onto diffusion_models, as ComfyUI does, so it is no key of its own)."""
+    """A stand-in for ComfyUI's ``folder_paths`` with models/diffusion_models, checkpoints, text_encoders and vae
+    (``unet`` and ``clip`` are mapped onto diffusion_models and text_encoders, as ComfyUI does, so they are no keys of
+    their own)."""
     import sys
     import types
 
-    roots = {name: tmp_path / "models" / name for name in ("diffusion_models", "checkpoints", "loras", "diffusers")}
+    roots = {name: tmp_path / "models" / name for name in ("diffusion_models", "checkpoints", "loras", "diffusers",
+                                                           "text_encoders", "vae")}
     for root in roots.values():
         root.mkdir(parents=True)
     module = types.ModuleType("folder_paths")

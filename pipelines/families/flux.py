@@ -14,6 +14,7 @@ What ai-toolkit does here, and so do we:
 from __future__ import annotations
 
 from ..base import AITKPipeline, GenerationParams, LatentLayout
+from ..component_files import CLIP_L, FLUX_VAE, T5_XXL
 
 T5_MAX_LENGTH = 512
 
@@ -22,6 +23,7 @@ class FluxFamilyPipeline(AITKPipeline):
     """``flux``, ``flex1`` and ``flux_kontext``."""
 
     single_file_denoisers = True
+    component_files = {"text_encoder": CLIP_L, "text_encoder_2": T5_XXL, "vae": FLUX_VAE}
 
     latent_layout = LatentLayout(tokens=True, patch=2)
 

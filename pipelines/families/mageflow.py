@@ -24,7 +24,8 @@ ai-toolkit's previews do:
   negative prompt is encoded with the same images. (2) Reference latents: each image resized to the target's pixel
   area keeping its aspect ratio, sides rounded to multiples of 16 (bicubic with antialias, skipped when the size
   already fits), VAE-encoded with a posterior sample (drawn from a generator seeded with the image's seed on the
-  model's device: ai-toolkit's previews seed the device's global RNG with the sample seed just before) and appended
+  model's device: ai-toolkit's previews seed the device's global RNG with the sample seed just before; or the
+  posterior mean with ai-toolkit's ``model_kwargs.vae_sample_posterior: false``, the option of that name) and appended
   clean after the noisy target tokens in both CFG passes, modulated with the same time; each image segment takes its
   index as the rotary frame coordinate. Only the target tokens are integrated.
 
@@ -214,8 +215,9 @@ class MageFlowPipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------------------------------------------ references
     def encode_references(self, images: list[torch.Tensor], height: int, width: int,
-                          generator: torch.Generator | None) -> list[torch.Tensor]:
-        """Each ``(3, H, W)`` 0..1 image as a ``(C, h, w)`` latent at the target's area (posterior sample)."""
+                          generator: torch.Generator | None, sample: bool = True) -> list[torch.Tensor]:
+        """Each ``(3, H, W)`` 0..1 image as a ``(C, h, w)`` latent at the target's area (a posterior sample drawn with
+        ``generator``, or with ``sample`` False the posterior mean)."""
         device = self._execution_device
         latents = []
         for image in images:
@@ -223,7 +225,7 @@ class MageFlowPipeline(DiffusionPipeline):
             pixels = image[None].to(device, torch.float32)
             if size != tuple(image.shape[1:]):
                 pixels = F.interpolate(pixels, size=size, mode="bicubic", antialias=True).clamp(0, 1)
-            latent = self.vae.encode((pixels * 2 - 1).to(self.vae.dtype), generator=generator)
+            latent = self.vae.encode((pixels * 2 - 1).to(self.vae.dtype), generator=generator, sample=sample)
             latents.append(latent[0].to(self.transformer.dtype))
         return latents
 
@@ -254,6 +256,7 @@ class MageFlowPipeline(DiffusionPipeline):
         edit: bool = False,
         control_images: list[Image.Image] | None = None,
         reference_seeds: list[int] | None = None,
+        sample_references: bool = True,
         cfg_renormalization: bool = False,
         shift: float = 6.0,
         output_type: str = "np",
@@ -271,6 +274,8 @@ class MageFlowPipeline(DiffusionPipeline):
             control_images (list[PIL.Image], *optional*): up to 3 reference images (edit only).
             reference_seeds (list[int], *optional*): per image, the seed of the generator (on the execution device)
                 that samples its reference latents.
+            sample_references (bool): reference latents are a posterior sample (ai-toolkit's default) or, when
+                False, the posterior mean (its ``model_kwargs.vae_sample_posterior: false``).
             cfg_renormalization (bool): rescale the guided velocity to the conditional one's norm.
             shift (float): the static sigma shift.
             output_type (str): ``np`` (float32 ``[B, H, W, 3]`` in 0..1) or ``latent``.
@@ -295,7 +300,7 @@ class MageFlowPipeline(DiffusionPipeline):
         if tensors:
             for i, seed in enumerate(reference_seeds or [0] * batch_size):
                 references[i] = self.encode_references(tensors, height, width,
-                                                       torch.Generator(device).manual_seed(seed))
+                                                       torch.Generator(device).manual_seed(seed), sample_references)
 
         sigmas = mageflow_sigmas(num_inference_steps, shift)
         self._num_timesteps = num_inference_steps
@@ -354,18 +359,25 @@ class MageFlowFamilyPipeline(AITKPipeline):
         renorm = params.extra.get("cfg_renormalization")
         if renorm is not None and not isinstance(renorm, bool):
             raise ValueError(f"`cfg_renormalization` must be true or false, got {renorm!r}.")
+        sample_posterior = params.extra.get("vae_sample_posterior")
+        if sample_posterior is not None and not isinstance(sample_posterior, bool):
+            raise ValueError(f"`vae_sample_posterior` must be true or false, got {sample_posterior!r}.")
         shift = params.extra.get("static_shift")
         if shift is not None and (isinstance(shift, bool) or not isinstance(shift, (int, float)) or not 0 < shift <= 100):
             raise ValueError(f"`static_shift` must be a number in (0, 100] (ai-toolkit's model_kwargs.static_shift, "
                              f"default {self.spec.options.static_shift}), got {shift!r}.")
 
     def job_options(self, model_config: dict) -> dict:
-        """The job's ``model_kwargs`` among this id's options (``cfg_renormalization``, ``static_shift``)."""
+        """The job's ``model_kwargs`` among this id's options (``cfg_renormalization``, ``static_shift``, the edit id's
+        ``vae_sample_posterior``)."""
         model_kwargs = model_config.get("model_kwargs") or {}
         return {name: model_kwargs[name] for name in self.spec.options.generation_options if name in model_kwargs}
 
     def pipeline_kwargs(self, params: GenerationParams) -> dict:
         options = {**self.spec.options.defaults(), **params.extra}
-        return self.prompt_call(params, edit=self.spec.options.edit, control_images=list(params.control_images),
-                                reference_seeds=params.seeds, cfg_renormalization=options["cfg_renormalization"],
-                                shift=float(options["static_shift"]))
+        kwargs = self.prompt_call(params, edit=self.spec.options.edit, control_images=list(params.control_images),
+                                  reference_seeds=params.seeds, cfg_renormalization=options["cfg_renormalization"],
+                                  shift=float(options["static_shift"]))
+        if self.spec.options.edit:
+            kwargs["sample_references"] = options["vae_sample_posterior"]
+        return kwargs

@@ -35,6 +35,7 @@ from PIL import Image
 from transformers import Qwen2VLProcessor
 
 from ..base import AITKPipeline, GenerationParams, LatentLayout
+from ..component_files import QWEN25_VL_7B, QWEN_IMAGE_VAE
 from ..registry import ModelSpec
 
 
@@ -42,6 +43,7 @@ class QwenImageFamilyPipeline(AITKPipeline):
     """``qwen_image`` and ``qwen_image_2512``."""
 
     single_file_denoisers = True
+    component_files = {"text_encoder": QWEN25_VL_7B, "vae": QWEN_IMAGE_VAE}
 
     latent_layout = LatentLayout(tokens=True, patch=2)
 

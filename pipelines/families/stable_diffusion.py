@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 
 from ..base import AITKPipeline, GenerationParams
+from ..component_files import CLIP_G, SD_CLIP, SD_VAE
 from ..registry import ModelSpec, StableDiffusionOptions
 
 SDXL_GUIDANCE_RESCALE = 0.0  # ai-toolkit's sample.guidance_rescale default
@@ -44,6 +45,7 @@ class StableDiffusionFamilyPipeline(AITKPipeline):
     """``sd15``, ``sd2``, ``sdxl``, ``ssd`` and ``vega``."""
 
     single_file_denoisers = True
+    component_files = {"text_encoder": SD_CLIP, "text_encoder_2": CLIP_G, "vae": SD_VAE}
 
     denoiser = "unet"
     options_type = StableDiffusionOptions

@@ -39,6 +39,7 @@ from diffusers import WanImageToVideoPipeline
 from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
 
 from ..base import AITKPipeline, GenerationParams, GenerationResult
+from ..component_files import UMT5_XXL, WAN21_VAE
 from ..lora.convert import route_wan_experts, wan_original_to_diffusers
 from ..registry import ModelSpec, WanOptions
 
@@ -93,6 +94,7 @@ class WanFamilyPipeline(AITKPipeline):
     ``wan22_5b``."""
 
     single_file_denoisers = True
+    component_files = {"text_encoder": UMT5_XXL, "vae": WAN21_VAE}
 
     denoiser = "transformer"
     options_type = WanOptions

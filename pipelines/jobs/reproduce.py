@@ -3,11 +3,9 @@
 :func:`reproduce_job` reads the job (``jobs.config``), loads the model with the job's LoRA (merged when every sample
 shares one multiplier, as ai-toolkit's ``merge_in`` does, live otherwise), renders each preview with
 :func:`~aitk_inference.pipelines.load_pipeline`, ``set_loras`` and ``generate``, saves it under ai-toolkit's name
-(``<job name>__<step:09d>_<i>.png``; a video as ai-toolkit writes the family's: animated WEBP, or MP4 with the audio
-track, encoded with ai-toolkit's settings) and, where the job has its own preview for the same (step, index), reports
-the difference of the decoded frames in 8-bit levels and PSNR (and of the decoded audio tracks) and writes a
-side-by-side sheet. Previews that share every setting but their prompt, negative and seed are rendered together
-(:func:`batch_previews`, at most ``max_batch`` per call).
+(``<job name>__<step:09d>_<i>.png``) and, where the job has its own preview for the same (step, index), reports the
+difference in 8-bit levels and PSNR and writes a side-by-side sheet. Previews that share every setting but their
+prompt, negative and seed are rendered together (:func:`batch_previews`, at most ``max_batch`` per call).
 """
 
 from __future__ import annotations
@@ -54,20 +52,9 @@ class ImageDifference:
 
 
 @dataclass(frozen=True)
-class AudioDifference:
-    """Two waveforms (float, full scale 1) compared: max and mean absolute difference and the signal-to-noise ratio
-    of ai-toolkit's waveform to the difference (dB)."""
-
-    max_abs: float
-    mean_abs: float
-    snr: float
-
-
-@dataclass(frozen=True)
 class ReproducedSample:
     """One re-rendered preview: where it went, the effective parameters, and the comparison with ai-toolkit's
-    (``compare`` over the whole image or video; ``frame_compare`` one entry per frame; ``audio_compare`` the decoded
-    audio tracks of two MP4 previews)."""
+    (``compare`` over the whole image or video; ``frame_compare`` one entry per frame)."""
 
     file: str
     index: int
@@ -81,7 +68,6 @@ class ReproducedSample:
     preview: str | None = None
     compare: ImageDifference | None = None
     frame_compare: tuple[ImageDifference, ...] = ()
-    audio_compare: AudioDifference | None = None
 
 
 @dataclass(frozen=True)
@@ -118,56 +104,18 @@ def compare_images(ours, theirs) -> ImageDifference:
                            psnr=math.inf if mse == 0.0 else 10.0 * math.log10(255.0 ** 2 / mse))
 
 
-def compare_audio(ours, theirs) -> AudioDifference:
-    """Difference of two ``[channels, samples]`` waveforms of the same shape."""
-    import numpy as np
-
-    diff = np.abs(ours.astype(np.float64) - theirs.astype(np.float64))
-    noise, signal = float(np.mean(diff ** 2)), float(np.mean(theirs.astype(np.float64) ** 2))
-    return AudioDifference(max_abs=float(diff.max()), mean_abs=float(diff.mean()),
-                           snr=math.inf if noise == 0.0 else 10.0 * math.log10(max(signal, 1e-20) / noise))
-
-
 def read_frames(path: str) -> list:
     """Every frame of an image, animated WEBP or MP4 file as uint8 RGB arrays (one for a still image)."""
     import numpy as np
+    from PIL import Image, ImageSequence
 
     if path.lower().endswith(".mp4"):
         import av
 
         with av.open(path) as container:
             return [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
-    from PIL import Image, ImageSequence
-
     with Image.open(path) as im:
         return [np.asarray(frame.convert("RGB")) for frame in ImageSequence.Iterator(im)]
-
-
-def read_audio_track(path: str):
-    """The audio track of an MP4 file decoded to float32 ``[channels, samples]``, or None when it has none."""
-    import av
-    import numpy as np
-
-    with av.open(path) as container:
-        if not container.streams.audio:
-            return None
-        chunks = [frame.to_ndarray() for frame in container.decode(audio=0)]
-    return np.concatenate(chunks, axis=1).astype(np.float32)
-
-
-def compare_audio_tracks(index: int, ours: str, theirs: str) -> AudioDifference | None:
-    """The decoded audio tracks of two MP4 previews compared, or None when neither file is an MP4 with audio."""
-    if not (ours.lower().endswith(".mp4") and theirs.lower().endswith(".mp4")):
-        return None
-    ours_audio, theirs_audio = read_audio_track(ours), read_audio_track(theirs)
-    if ours_audio is None and theirs_audio is None:
-        return None
-    if ours_audio is None or theirs_audio is None or ours_audio.shape != theirs_audio.shape:
-        logger.warning("Sample %d: ai-toolkit's preview has audio of shape %s, ours %s; audio not compared.", index,
-                       None if theirs_audio is None else theirs_audio.shape,
-                       None if ours_audio is None else ours_audio.shape)
-        return None
-    return compare_audio(ours_audio, theirs_audio)
 
 
 def write_sheet(rows: list[tuple[str, object, object]], path: str) -> str:
@@ -302,6 +250,9 @@ def reproduce_job(
     model: str | None = None,
     lora_mode: str | None = None,
     max_batch: int = DEFAULT_MAX_BATCH,
+    compile: str | None = None,
+    quantize: str | None = None,
+    attention: str | None = None,
 ) -> ReproduceReport:
     """Re-render an ai-toolkit job's sample previews and compare them with the job's own.
 
@@ -320,6 +271,8 @@ def reproduce_job(
         lora_mode (str, *optional*): ``fused`` or ``dynamic``; defaults to ai-toolkit's choice for the job
             (:func:`job_lora_mode`).
         max_batch (int, defaults to 1): previews per pipeline call at most; 1 renders one by one.
+        compile (str, *optional*), quantize (str, *optional*), attention (str, *optional*): the speed options of
+            ``load_pipeline`` (the defaults are the parity mode's: no compile, no FP8, ``sdpa``).
 
     Returns:
         ReproduceReport: one :class:`ReproducedSample` per preview (in the job's order), compared with ai-toolkit's
@@ -329,7 +282,7 @@ def reproduce_job(
 
     from .. import load_pipeline
     from ..base import MAX_BATCH, to_pil_rgb
-    from ..media import write_ai_toolkit_mp4, write_audio, write_image, write_webp
+    from ..media import write_audio, write_image, write_mp4, write_webp
     from ..registry import get_spec
 
     # 1. Validate and read the job
@@ -352,7 +305,8 @@ def reproduce_job(
     lora_mode = lora_mode or job_lora_mode(samples)
 
     # 3. Load the pipeline
-    pipeline = load_pipeline(spec.model_id, base=source, device=device, dtype=dtype, lora_mode=lora_mode)
+    pipeline = load_pipeline(spec.model_id, base=source, device=device, dtype=dtype, lora_mode=lora_mode,
+                             compile=compile, quantize=quantize, attention=attention)
     out_dir = os.path.abspath(out_dir or os.path.join(training.folder, "aitk_inference_samples"))
     os.makedirs(out_dir, exist_ok=True)
     previews = find_previews(training.folder)
@@ -399,18 +353,19 @@ def reproduce_job(
                 continue
             # ai-toolkit's video models return a one-frame sample as a still image, saved as an image preview
             is_video = result.is_video and result.images.shape[1] > 1
-            extension = f".{spec.video.preview_format}" if is_video else ".png"
-            path = os.path.join(out_dir, f"{prefix}__{step:09d}_{sample.index}{extension}")
+            video_format = spec.video.preview_format if is_video else None
+            filename = f"{prefix}__{step:09d}_{sample.index}." + (video_format or "png")
+            path = os.path.join(out_dir, filename)
             metadata = {**result.metadata(i), "ai_toolkit_step": step, "ai_toolkit_index": sample.index}
-            if extension == ".mp4":
-                write_ai_toolkit_mp4(result.images[i], path, p.fps, None if result.audio is None else result.audio[i],
-                                     result.sample_rate)
-            elif is_video:
-                write_webp(result.images[i], path, p.fps)
+            if video_format == "mp4":  # as LTX-2 writes them: the encoder's default quality, with the audio track
+                audio = result.audio[i] if result.audio is not None else None
+                write_mp4(result.images[i], path, p.fps, audio=audio, sample_rate=result.sample_rate, crf=None)
+            elif video_format == "webp":
+                write_webp(result.images[i], path, p.fps)  # ai-toolkit's trainer writes animated WEBP
             else:
                 write_image(to_pil_rgb(result.images[i][0]) if result.is_video else result.to_pil()[i], path,
                             metadata)
-            preview, difference, per_frame, audio_difference = previews.get((step, sample.index)), None, (), None
+            preview, difference, per_frame = previews.get((step, sample.index)), None, ()
             if preview is not None:
                 # a video is compared as written: both files decoded, frame by frame
                 ours = np.stack(read_frames(path))
@@ -424,11 +379,10 @@ def reproduce_job(
                     if is_video:
                         per_frame = tuple(compare_images(a, b) for a, b in zip(ours, theirs))
                     sheet_rows[sample.index] = (f"#{sample.index} step {step} seed {p.seeds[i]}", ours[0], theirs[0])
-                audio_difference = compare_audio_tracks(sample.index, path, preview)
             rows[sample.index] = ReproducedSample(
                 file=path, index=sample.index, prompt=p.prompts[i], width=p.width, height=p.height, seed=p.seeds[i],
                 steps=p.steps, guidance=p.guidance, network_multiplier=sample.network_multiplier, preview=preview,
-                compare=difference, frame_compare=per_frame, audio_compare=audio_difference)
+                compare=difference, frame_compare=per_frame)
 
     order = [sample.index for sample in samples]
     sheet_rows = [sheet_rows[index] for index in order if index in sheet_rows]

@@ -81,12 +81,85 @@ def gpu_memory_budget(device: str) -> int | None:
     return max(min(caps), 0)
 
 
+def module_bytes(module) -> int:
+    """The bytes of ``module``'s parameters and buffers, at their current dtype."""
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
 def component_bytes(pipe) -> dict[str, int]:
-    """The bytes of each model component of ``pipe`` (parameters and buffers, at their loaded dtype)."""
+    """The bytes of each model component of ``pipe``."""
     import torch
 
-    return {name: sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
-            for name, module in pipe.components.items() if isinstance(module, torch.nn.Module)}
+    return {name: module_bytes(module) for name, module in pipe.components.items() if isinstance(module, torch.nn.Module)}
+
+
+def blocks_in_order(denoiser) -> list[tuple[str, object]]:
+    """The repeated blocks of ``denoiser`` (the members of its ModuleLists, which group offloading streams one by
+    one), named as in ``named_modules``, in the order they are declared (the order a forward runs them)."""
+    import torch
+
+    return [(f"{name}.{index}", block) for name, child in denoiser.named_children()
+            if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential)) for index, block in enumerate(child)]
+
+
+def resident_block_budget(denoisers: dict[str, object], budget: int, reserve: int) -> dict[str, int]:
+    """How many bytes of each denoiser's blocks ``offload="auto"`` keeps on the GPU when it has to stream the rest:
+    what the budget leaves after ``reserve``, the denoisers' other weights and two streamed blocks each (the one
+    running and the one being fetched), shared equally between the denoisers (the two experts of an MoE model)."""
+    left = budget - reserve
+    for denoiser in denoisers.values():
+        blocks = [module_bytes(block) for _, block in blocks_in_order(denoiser)]
+        left -= module_bytes(denoiser) - sum(blocks) + 2 * max(blocks, default=0)
+    share = max(left, 0) // max(len(denoisers), 1)
+    return dict.fromkeys(denoisers, share)
+
+
+def offload_blocks_keeping_resident(denoiser, device: str, resident_bytes: int) -> int:
+    """diffusers' group offloading of ``denoiser`` block by block, each block's weights fetched on a CUDA stream while
+    the block before it runs, except its first blocks (in the order a forward runs them), which stay on ``device``
+    for as long as they fit in ``resident_bytes``. Returns how many blocks stay.
+
+    diffusers streams every block or none; the kept blocks are taken out of its bookkeeping after it is applied
+    (their offloading hook and the execution tracer's entry), so that its prefetch chain runs through the streamed
+    blocks only: the first streamed block is fetched while the kept ones run."""
+    import torch
+    from diffusers.hooks import apply_group_offloading
+    from diffusers.hooks.group_offloading import (
+        _GROUP_OFFLOADING,
+        _LAYER_EXECUTION_TRACKER,
+        _LAZY_PREFETCH_GROUP_OFFLOADING,
+    )
+
+    apply_group_offloading(denoiser, onload_device=torch.device(device), offload_type="block_level",
+                           num_blocks_per_group=1, use_stream=True)
+    tracer = denoiser._diffusers_hook.get_hook(_LAZY_PREFETCH_GROUP_OFFLOADING)
+    kept = 0
+    for name, block in blocks_in_order(denoiser):
+        size = module_bytes(block)
+        if size > resident_bytes:
+            break
+        hooks = block._diffusers_hook
+        hooks.remove_hook(_GROUP_OFFLOADING, recurse=False)
+        hooks.remove_hook(_LAYER_EXECUTION_TRACKER, recurse=False)
+        tracer._layer_execution_tracker_module_names.discard(name)
+        block.to(device)
+        resident_bytes -= size
+        kept += 1
+    return kept
+
+
+def remove_group_offloading(module) -> None:
+    """Take diffusers' group offloading hooks off ``module`` and its submodules (their weights stay where they are)."""
+    from diffusers.hooks import HookRegistry
+    from diffusers.hooks.group_offloading import (
+        _GROUP_OFFLOADING,
+        _LAYER_EXECUTION_TRACKER,
+        _LAZY_PREFETCH_GROUP_OFFLOADING,
+    )
+
+    registry = HookRegistry.check_if_exists_or_initialize(module)
+    for name in (_GROUP_OFFLOADING, _LAYER_EXECUTION_TRACKER, _LAZY_PREFETCH_GROUP_OFFLOADING):
+        registry.remove_hook(name, recurse=True)
 
 
 def choose_offload(sizes: dict[str, int], budget: int | None, reserve: int) -> str:
@@ -100,11 +173,25 @@ def choose_offload(sizes: dict[str, int], budget: int | None, reserve: int) -> s
     return "group"
 
 
-def place(pipe, device: str, offload: str) -> None:
+def place(pipe, device: str, offload: str, resident: dict[str, int] | None = None) -> None:
     """Move the pipeline to ``device`` or set up CPU offloading: ``model`` (whole components move in and out),
     ``sequential`` (accelerate, layer by layer: least memory, slowest) or ``group`` (diffusers group offloading,
-    layer by layer with transfers overlapped on a CUDA stream)."""
+    layer by layer with transfers overlapped on a CUDA stream). With ``group``, ``resident`` maps denoiser component
+    names to the bytes of their blocks that stay on the GPU (:func:`offload_blocks_keeping_resident`)."""
     import torch
+
+    if offload == "group" and resident:
+        from diffusers.hooks import apply_group_offloading
+
+        leaf_level = {"onload_device": torch.device(device), "offload_type": "leaf_level", "use_stream": True}
+        for name, component in pipe.components.items():
+            if name in resident:
+                offload_blocks_keeping_resident(component, device, resident[name])
+            elif hasattr(component, "enable_group_offload"):  # as the pipeline's own enable_group_offload does
+                component.enable_group_offload(**leaf_level)
+            elif isinstance(component, torch.nn.Module):
+                apply_group_offloading(component, **leaf_level)
+        return
 
     if offload == "none":
         pipe.to(device)

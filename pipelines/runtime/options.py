@@ -12,8 +12,9 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from ..component_files import FILE_COMPONENTS
 from ..registry import LORA_MODES, ModelSpec, get_spec
-from ..single_file import is_single_file_source
+from ..single_file import SINGLE_FILE_SUFFIXES, is_single_file_source
 from .quantize import fp8_option_conflict, fp8_unavailable
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
@@ -110,6 +111,10 @@ class LoadOptions:
         quantize (str, defaults to "none"): one of ``QUANTIZE_MODES``; ``fp8`` needs an FP8 GPU and no offload.
         components (str, *optional*): when ``base`` is a single file, the diffusers folder or hub repo id the
             components it lacks come from; defaults to the model's base repo.
+        text_encoder_file, text_encoder_2_file, vae_file (str, *optional*): that component from a single
+            ``.safetensors`` file as ComfyUI keeps it in ``models/text_encoders`` (``clip``) or ``models/vae`` (see
+            ``pipelines/component_files.py``: e.g. FLUX's ``clip_l`` and ``t5xxl``, SDXL's ``clip_l`` and
+            ``clip_g``); the rest comes from ``base`` (or ``components``).
     """
 
     base: str | None = None
@@ -121,6 +126,13 @@ class LoadOptions:
     attention: str = "sdpa"
     quantize: str = "none"
     components: str | None = None
+    text_encoder_file: str | None = None
+    text_encoder_2_file: str | None = None
+    vae_file: str | None = None
+
+    def component_files(self) -> dict[str, str]:
+        """The components given as files: component -> path (``FILE_COMPONENTS`` order)."""
+        return {c: getattr(self, f"{c}_file") for c in FILE_COMPONENTS if getattr(self, f"{c}_file") is not None}
 
     def __post_init__(self):
         for option in dataclasses.fields(self):
@@ -158,8 +170,13 @@ class LoadOptions:
                                   "folder or repo holds every component itself.",
                                   {"components": self.components, "base": self.base})
         components = os.path.expanduser(self.components) if self.components else None
+        files = {f"{component}_file": os.path.abspath(os.path.expanduser(path))
+                 for component, path in self.component_files().items()}
+        for option, path in files.items():
+            if not os.path.isfile(path) or not path.endswith(SINGLE_FILE_SUFFIXES):
+                raise LoadOptionError(f"{option} {path!r} is not an existing .safetensors file.", {option: path})
         return dataclasses.replace(self, base=os.path.expanduser(self.base) if self.base else spec.base, device=device,
-                                   components=components,
+                                   components=components, **files,
                                    dtype=resolve_dtype(self.dtype, device), lora_mode=self.lora_mode or spec.lora_mode)
 
     def cache_key(self, model_id: str) -> tuple:
@@ -170,7 +187,9 @@ class LoadOptions:
         source = os.path.realpath(resolved.base) if self.base and os.path.exists(resolved.base) else resolved.base
         key = (model_id, source, resolved.device, str(resolved.dtype), resolved.offload, resolved.lora_mode,
                resolved.compile, resolved.attention, resolved.quantize)
-        if resolved.components is None:
-            return key
-        components = resolved.components
-        return (*key, os.path.realpath(components) if os.path.exists(components) else components)
+        if resolved.components is not None:
+            components = resolved.components
+            key = (*key, os.path.realpath(components) if os.path.exists(components) else components)
+        # each component file by its identity: a file replaced under the same name reloads too
+        return (*key, *((component, os.path.realpath(path), (stat := os.stat(path)).st_size, stat.st_mtime_ns)
+                        for component, path in resolved.component_files().items()))

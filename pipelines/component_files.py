@@ -227,10 +227,11 @@ def recognise(keys) -> tuple[FileKind, str] | None:
 def read_file(path: str, what: str) -> dict:
     """Every tensor of the safetensors file ``path``; a ValueError naming ``what`` when it cannot be read."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+
+    from .single_file import read_safetensors
 
     try:
-        return load_file(path)
+        return read_safetensors(path)
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{what} cannot be read as a .safetensors file (truncated, or another format?): {e}") from None
 

@@ -19,8 +19,9 @@ stops with a message naming the repo, the folders to fetch and the command that 
 
 Denoiser weights go through diffusers' single-file conversion (``from_single_file`` on the model class) where
 diffusers has one that works at every size; FLUX.1 uses the conversion here, because diffusers' assumes the 12B
-model's width (3072). FP8 weights (``float8_e4m3fn``/``e5m2``, and ComfyUI's "scaled" FP8 files, whose layers carry
-a ``scale_weight``) are upcast to the requested dtype; the ``fp8`` quantize option then re-quantizes the block
+model's width (3072). FP8 weights (``float8_e4m3fn``/``e5m2``, ComfyUI's "scaled" FP8 files, whose layers carry
+a ``scale_weight``, and its newer quantized files, whose layers carry a ``comfy_quant`` setting and a ``weight_scale``)
+are upcast to the requested dtype; the ``fp8`` quantize option then re-quantizes the block
 Linears from those upcast weights (torchao, one scale per row), so the file's own FP8 codes are not kept as they are.
 """
 
@@ -46,6 +47,14 @@ WHOLE_CHECKPOINT_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipel
 #: ComfyUI's scaled FP8: a ``scaled_fp8`` marker key, and per layer ``<layer>.scale_weight`` (weight = fp8 * scale)
 #: and ``<layer>.scale_input`` (activation calibration, unused when the weights are upcast)
 SCALED_FP8_MARKER, SCALE_WEIGHT, SCALE_INPUT = "scaled_fp8", ".scale_weight", ".scale_input"
+#: ComfyUI's newer quantized layers: per layer ``<layer>.comfy_quant`` (its settings as JSON in a uint8 tensor, e.g.
+#: ``{"format": "float8_e4m3fn"}``), ``<layer>.weight_scale`` and an optional ``<layer>.input_scale``; a file may instead
+#: name the settings of every layer in its header's ``_quantization_metadata`` (``{"layers": {layer: settings}}``)
+COMFY_QUANT, WEIGHT_SCALE, INPUT_SCALE = ".comfy_quant", ".weight_scale", ".input_scale"
+QUANTIZATION_METADATA = "_quantization_metadata"
+#: the ``comfy_quant`` formats read here (upcast as ``weight * weight_scale``); the others (int8, nvfp4, mxfp8, ...)
+#: are refused with their name
+COMFY_QUANT_FLOAT8_FORMATS = ("float8_e4m3fn", "float8_e5m2")
 
 
 class ComponentsUnavailableError(ValueError):
@@ -98,20 +107,52 @@ def checkpoint_layout(keys) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------- weights
-def dequantize_scaled_fp8(state_dict: dict, dtype=None) -> dict:
-    """ComfyUI's scaled FP8 layers as ``dtype`` (default float32): ``weight * scale_weight`` computed in float32, one
-    layer at a time (so that a whole model never lies in float32); the markers and input scales dropped."""
+def read_safetensors(path: str) -> dict:
+    """Every tensor of ``path``; a header's ``_quantization_metadata`` becomes the per-layer ``<layer>.comfy_quant``
+    entries it stands for (as ComfyUI reads such files), so that the rest sees one form."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    state_dict = load_file(path)
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata() or {}
+    if QUANTIZATION_METADATA in metadata:
+        layers = json.loads(metadata[QUANTIZATION_METADATA]).get("layers", {})
+        for layer, settings in layers.items():
+            state_dict.setdefault(layer + COMFY_QUANT, torch.tensor(list(json.dumps(settings).encode()), dtype=torch.uint8))
+    return state_dict
+
+
+def _upcast_scaled_(state_dict: dict, weight_key: str, scale, dtype) -> None:
     import torch
 
+    scale = scale.to(torch.float32)
+    weight = state_dict[weight_key].to(torch.float32)
+    weight = weight * (scale if scale.numel() == 1 else scale.reshape(-1, *[1] * (weight.ndim - 1)))
+    state_dict[weight_key] = weight.to(dtype or torch.float32)
+
+
+def dequantize_scaled_fp8(state_dict: dict, dtype=None) -> dict:
+    """ComfyUI's FP8 layers as ``dtype`` (default float32): ``weight * scale`` computed in float32, one layer at a time
+    (so that a whole model never lies in float32), for its scaled FP8 files (``scale_weight``) and its newer
+    ``comfy_quant`` layers of a float8 format (``weight_scale``); markers, settings and input scales dropped. A layer
+    quantized in another ``comfy_quant`` format raises a ValueError naming it."""
     state_dict = dict(state_dict)
     state_dict.pop(SCALED_FP8_MARKER, None)
     for scale_key in [k for k in state_dict if k.endswith(SCALE_WEIGHT)]:
-        weight_key = scale_key[: -len(SCALE_WEIGHT)] + ".weight"
-        scale = state_dict.pop(scale_key).to(torch.float32)
-        weight = state_dict[weight_key].to(torch.float32)
-        weight = weight * (scale if scale.numel() == 1 else scale.reshape(-1, *[1] * (weight.ndim - 1)))
-        state_dict[weight_key] = weight.to(dtype or torch.float32)
-    for input_key in [k for k in state_dict if k.endswith(SCALE_INPUT)]:
+        _upcast_scaled_(state_dict, scale_key[: -len(SCALE_WEIGHT)] + ".weight", state_dict.pop(scale_key), dtype)
+    for settings_key in [k for k in state_dict if k.endswith(COMFY_QUANT)]:
+        layer = settings_key[: -len(COMFY_QUANT)]
+        settings = json.loads(bytes(state_dict.pop(settings_key).tolist()))
+        if settings.get("format") not in COMFY_QUANT_FLOAT8_FORMATS:
+            raise ValueError(f"Layer {layer!r} is quantized in ComfyUI's {settings.get('format')!r} format, which "
+                             f"this package does not read (it reads {', '.join(COMFY_QUANT_FLOAT8_FORMATS)}, scaled "
+                             "FP8 and unquantized files); use an FP8, bf16 or fp16 file of the model.")
+        scale = state_dict.pop(layer + WEIGHT_SCALE, None)
+        if scale is not None:
+            _upcast_scaled_(state_dict, layer + ".weight", scale, dtype)
+    for input_key in [k for k in state_dict if k.endswith((SCALE_INPUT, INPUT_SCALE))]:
         del state_dict[input_key]
     return state_dict
 
@@ -119,9 +160,7 @@ def dequantize_scaled_fp8(state_dict: dict, dtype=None) -> dict:
 def read_denoiser_state_dict(path: str, dtype) -> dict:
     """The denoiser's weights of ``path`` in its original names (ComfyUI's prefix stripped; an all-in-one file's
     other components left out), FP8 upcast to ``dtype``."""
-    from safetensors.torch import load_file
-
-    state_dict = load_file(path)
+    state_dict = read_safetensors(path)
     if checkpoint_layout(state_dict) == "checkpoint" or any(k.startswith(COMFY_DENOISER_PREFIX) for k in state_dict):
         state_dict = {k[len(COMFY_DENOISER_PREFIX):]: v for k, v in state_dict.items()
                       if k.startswith(COMFY_DENOISER_PREFIX)}

@@ -120,7 +120,7 @@ def test_auto_offload_follows_the_memory_it_may_use(load_tiny, monkeypatch):
 @pytest.mark.parametrize("lora_mode", ["fused", "dynamic"])
 def test_auto_offload_streams_only_the_blocks_that_do_not_fit(load_tiny, monkeypatch, tmp_path, lora_mode):
     """Between "everything fits" and "nothing fits", auto keeps the denoiser's first blocks on the GPU and streams the
-    rest; images match the all-on-GPU run, with a LoRA too, and a LoRA change keeps the same blocks resident."""
+    rest; images match the all-on-GPU run, with a LoRA too, and a LoRA change keeps the first blocks resident."""
     from aitk_inference.pipelines.runtime import accelerate
 
     gen = {"prompt": "x", "width": 64, "height": 64, "steps": 2, "seed": 5}
@@ -146,7 +146,9 @@ def test_auto_offload_streams_only_the_blocks_that_do_not_fit(load_tiny, monkeyp
     lora = write_lora(str(tmp_path / "l.safetensors"), "peft", lora_targets(transformer))
     for pipeline in (roomy, partial):
         pipeline.set_loras([(lora, 0.8)])
-    assert devices() == placed
+    after = devices()  # live adapters add their weights to every block: one block fewer may fit the same bytes
+    assert after == sorted(after, reverse=True)
+    assert placed.count("cuda") - (lora_mode == "dynamic") <= after.count("cuda") <= placed.count("cuda")
     assert np.abs(partial.generate(**gen).images - roomy.generate(**gen).images).max() < 0.03
 
 

@@ -293,6 +293,47 @@ def test_flux_comfy_scaled_fp8_and_all_in_one(tmp_path, tiny_dir, flux_source):
                                rtol=0, atol=0)
 
 
+def _comfy_quant(settings: dict):
+    return torch.tensor(list(json.dumps(settings).encode()), dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("where", ["per_layer", "header"])
+def test_flux_comfy_quant_fp8_file(tmp_path, tiny_dir, flux_source, where):
+    """ComfyUI's newer quantized files: per layer a ``comfy_quant`` setting (a uint8 JSON tensor, or the header's
+    ``_quantization_metadata``), a ``weight_scale`` and an ``input_scale``; a float8 layer is ``fp8 * weight_scale``."""
+    original = flux_bfl_state_dict(flux_source)
+    scale = torch.tensor(0.25)
+    quantized, layers = {}, {}
+    for key, value in original.items():
+        if key.endswith(".weight") and value.ndim == 2:
+            layer = key[: -len(".weight")]
+            quantized[key] = (value / scale).to(FP8)
+            quantized[layer + ".weight_scale"] = scale.clone()
+            quantized[layer + ".input_scale"] = torch.tensor(1.0)
+            layers[layer] = {"format": "float8_e4m3fn"}
+            if where == "per_layer":
+                quantized[layer + ".comfy_quant"] = _comfy_quant(layers[layer])
+        else:
+            quantized[key] = value
+    path = str(tmp_path / f"flux1-dev-comfy-quant-{where}.safetensors")
+    header = {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": layers})}
+    save_file(quantized, path, metadata=header if where == "header" else None)
+    pipeline = load_pipeline("flux", base=path, components=tiny_dir("flux"), device="cpu", dtype="fp32")
+    block = "transformer_blocks.0.ff.net.2.weight"
+    torch.testing.assert_close(pipeline.pipe.transformer.state_dict()[block],
+                               (flux_source.state_dict()[block] / scale).to(FP8).float() * scale, rtol=0, atol=0)
+
+
+def test_a_comfy_quant_format_not_read_here_is_named(tmp_path, tiny_dir, flux_source):
+    original = flux_bfl_state_dict(flux_source)
+    layer = next(k for k, v in original.items() if k.endswith(".weight") and v.ndim == 2)[: -len(".weight")]
+    original[layer + ".comfy_quant"] = _comfy_quant({"format": "int8_tensorwise"})
+    path = str(tmp_path / "flux1-dev-int8.safetensors")
+    save_file(original, path)
+    with pytest.raises(ValueError, match=f"Layer '{layer}' is quantized in ComfyUI's 'int8_tensorwise' format"):
+        load_pipeline("flux", base=path, components=tiny_dir("flux"), device="cpu", dtype="fp32")
+
+
 def test_flux_conversion_matches_diffusers_at_full_size():
     """At FLUX.1-dev's real sizes (meta tensors; diffusers' converter only works there), ours gives the same names
     and shapes as diffusers' ``convert_flux_transformer_checkpoint_to_diffusers``."""

@@ -1,0 +1,115 @@
+"""ai-toolkit's own preview path on a FULL-SIZE random-weight FLUX.1-dev folder, on the GPU in bf16: a job folder
+(config.yaml, the LoRA saved by ai-toolkit's network, samples/*.png) that `reproduce` then renders with each of our
+modes. The same stand-in trainer and compiled sample() as the end-to-end goldens (tests/goldens/MANIFEST.md section 15).
+
+    AITK_DIR=... AITK_DIFFUSERS_SRC=... PYTHONPATH=$AITK_DIFFUSERS_SRC:$AITK_DIR:<optimum-quanto>:<site> \
+        python make_fullsize_job.py BASE_FOLDER JOB_DIR [cuda|cpu] [bf16|fp32] [SIZE] [STEPS] [LORA_STD]
+"""
+import ast
+import os
+import shutil
+import sys
+import time
+
+import aitk_shims
+
+aitk_shims.install()
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from toolkit.config_modules import GenerateImageConfig, ModelConfig, NetworkConfig, SampleConfig  # noqa: E402
+from toolkit.lora_special import LoRASpecialNetwork  # noqa: E402
+from toolkit.metadata import get_meta_for_safetensors  # noqa: E402
+from toolkit.stable_diffusion_model import StableDiffusion  # noqa: E402
+
+STEP = 10
+
+
+def compiled_sample():
+    path = os.path.join(os.environ["AITK_DIR"], "jobs/process/BaseSDTrainProcess.py")
+    cls = next(n for n in ast.parse(open(path).read()).body
+               if isinstance(n, ast.ClassDef) and n.name == "BaseSDTrainProcess")
+    method = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "sample")
+    from toolkit.print import print_acc
+
+    class _Never:
+        pass
+
+    namespace = dict(os=os, flush=lambda: None, GenerateImageConfig=GenerateImageConfig, print_acc=print_acc,
+                     ClipVisionAdapter=_Never, CustomAdapter=_Never)
+    exec(compile(ast.Module(body=[method], type_ignores=[]), path, "exec"), namespace)
+    return namespace["sample"]
+
+
+class Trainer:
+    class accelerator:
+        is_main_process = True
+
+    adapter_config = adapter = embedding = ema = logger = None
+
+    def __init__(self, sd, sample_config, trigger_word, save_root):
+        self.sd, self.sample_config, self.first_sample_config = sd, sample_config, sample_config
+        self.trigger_word, self.save_root = trigger_word, save_root
+
+    def post_process_generate_image_config_list(self, configs):
+        return configs
+
+
+def main(base, job_dir, device="cuda", dtype="bf16", size=1024, steps=8, lora_std=0.01):
+    size, steps, lora_std = int(size), int(steps), float(lora_std)
+    shutil.rmtree(job_dir, ignore_errors=True)
+    os.makedirs(job_dir)
+    sample = dict(sampler="flowmatch", width=size, height=size, seed=42, walk_seed=True, guidance_scale=3.5,
+                  sample_steps=steps, format="png", neg="", samples=[
+                      dict(prompt="[trigger] on a beach"),
+                      dict(prompt=f"a photo of [trigger] --w {size * 3 // 4} --h {size} --seed 7 --cfg 3"),
+                  ])
+    process = {"type": "sd_trainer", "training_folder": "output", "device": device, "trigger_word": "p3r5on",
+               "network": {"type": "lora", "linear": 16, "linear_alpha": 16},
+               "save": {"dtype": "bfloat16", "save_every": STEP},
+               "train": {"steps": STEP, "dtype": dtype, "train_unet": True, "train_text_encoder": False},
+               "model": {"arch": "flux", "name_or_path": "random/FLUX.1-dev", "quantize": False, "quantize_te": False},
+               "sample": sample}
+    with open(os.path.join(job_dir, "config.yaml"), "w") as f:
+        yaml.safe_dump({"job": "extension", "config": {"name": "flux_fullsize", "process": [process]},
+                        "meta": {"name": "[name]", "version": "1.0"}}, f, sort_keys=False)
+    started = time.perf_counter()
+    sd = StableDiffusion(device=device, model_config=ModelConfig(**{**process["model"], "name_or_path": base,
+                                                                   "dtype": dtype}), dtype=dtype)
+    sd.load_model()
+    print(f"[aitk] loaded in {time.perf_counter() - started:.1f}s", flush=True)
+    net_config = NetworkConfig(**process["network"])
+    mc = sd.model_config
+    network = LoRASpecialNetwork(
+        text_encoder=sd.text_encoder, unet=sd.get_model_to_train(), lora_dim=net_config.linear, multiplier=1.0,
+        alpha=net_config.linear_alpha, train_unet=True, train_text_encoder=False, conv_lora_dim=net_config.conv,
+        conv_alpha=net_config.conv_alpha, is_sdxl=False, is_v2=False, is_v3=False, is_pixart=False,
+        is_auraflow=False, is_flux=mc.is_flux, is_lumina2=False, is_ssd=False, is_vega=False,
+        dropout=net_config.dropout, use_text_encoder_1=mc.use_text_encoder_1, use_text_encoder_2=mc.use_text_encoder_2,
+        use_bias=False, is_lorm=False, network_config=net_config, network_type=net_config.type,
+        transformer_only=net_config.transformer_only, is_transformer=sd.is_transformer, base_model=sd,
+    )
+    network.force_to(sd.device_torch, dtype=torch.float32)
+    sd.network = network
+    network._update_torch_multiplier()
+    network.apply_to(sd.text_encoder, sd.unet, False, True)
+    g = torch.Generator().manual_seed(1234)
+    with torch.no_grad():  # "trained" weights, exact in the bf16 save dtype
+        for p in network.parameters():
+            p.copy_((torch.randn(p.shape, generator=g) * lora_std).to(torch.bfloat16).float())
+    save_path = os.path.join(job_dir, f"flux_fullsize_{STEP:09d}.safetensors")
+    meta = get_meta_for_safetensors({"name": "[name]", "version": "1.0", "training_info": {"step": STEP, "epoch": 0},
+                                     "ss_base_model_version": sd.get_base_model_version(),
+                                     "ss_output_name": "flux_fullsize"}, os.path.basename(save_path))
+    network.save_weights(save_path, dtype=torch.bfloat16, metadata=meta)
+    started = time.perf_counter()
+    compiled_sample()(Trainer(sd, SampleConfig(**sample), process["trigger_word"], job_dir), step=STEP)
+    print(f"[aitk] sampled in {time.perf_counter() - started:.1f}s", flush=True)
+    shutil.rmtree(os.path.join(job_dir, "samples", ".thumbs"), ignore_errors=True)
+    shutil.rmtree(os.path.join(job_dir, "samples", ".tmp"), ignore_errors=True)
+    print(sorted(os.listdir(os.path.join(job_dir, "samples"))))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -87,6 +87,7 @@ def write_mp4(frames, path: str, fps: int, audio=None, sample_rate: int | None =
             frame = av.AudioFrame.from_ndarray(np.clip(audio, -1.0, 1.0), format="fltp",
                                                layout=audio_stream.layout.name)
             frame.sample_rate = int(sample_rate)
+            frame.pts = 0  # the first sample starts with the first frame; the AAC priming delay goes before it
             container.mux(audio_stream.encode(frame))
             container.mux(audio_stream.encode())
     return path

@@ -204,18 +204,25 @@ class SchedulerSpec:
     config: Mapping[str, Any]
 
 
+VIDEO_PREVIEW_FORMATS = ("webp", "mp4")
+
+
 @dataclass(frozen=True)
 class VideoSpec:
     """Video defaults. Frame counts are floored to ``frame_step * n + frame_offset``: 4n+1 for Wan, 8n+1 for LTX-2,
     17n+5 for MiniMax-H3. ``preview_format``: the file ai-toolkit writes this id's video previews as, ``webp`` (its
-    trainer's animated WEBP) or ``mp4`` (LTX-2 writes its own: H.264 at the encoder's default quality, with the audio
-    track, through diffusers' ``encode_video``); ``reproduce`` writes ours the same way."""
+    trainer's animated WEBP) or ``mp4`` (LTX-2 and MiniMax-H3 write their own: H.264 at the encoder's default quality,
+    with the audio track, through diffusers' ``encode_video``); ``reproduce`` writes ours the same way."""
 
     num_frames: int
     fps: int
     frame_step: int
     frame_offset: int = 1
     preview_format: str = "webp"
+
+    def __post_init__(self):
+        if self.preview_format not in VIDEO_PREVIEW_FORMATS:
+            raise ValueError(f"VideoSpec.preview_format {self.preview_format!r} is not one of {VIDEO_PREVIEW_FORMATS}.")
 
     def frames(self, steps: int) -> int:
         """The frame count ``steps`` frame steps long (``frames(1)`` is the shortest multi-step video)."""
@@ -817,7 +824,8 @@ _MINIMAX_H3_NOTES = (
 )
 MINIMAX_H3 = Preset(family="minimax_h3:MiniMaxH3FamilyPipeline", pipeline_class="MiniMaxH3ModularPipeline",
                     base="MiniMaxAI/MiniMax-H3", steps=28, guidance=1.0, width=768, height=768, divisor=32,
-                    guidance_kind="distilled", video=VideoSpec(num_frames=107, fps=24, frame_step=17, frame_offset=5),
+                    guidance_kind="distilled",
+                    video=VideoSpec(num_frames=107, fps=24, frame_step=17, frame_offset=5, preview_format="mp4"),
                     lora_signatures=(MINIMAX_H3_NAMES,))
 
 HIDREAM = Preset(family="hidream:HiDreamFamilyPipeline", pipeline_class="HiDreamImagePipeline", guidance=5.0,

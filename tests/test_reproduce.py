@@ -185,11 +185,85 @@ def test_job_parsing_rules(tmp_path):
     samples = tmp_path / "samples"
     samples.mkdir()
     for name in ("1700__000000100_0.jpg", "1800__000000100_0.jpg", "1700__000000100_12.webp", "notes.txt",
-                 "1700_000000100_0.jpg"):
+                 "1700_000000100_0.jpg", "1700__000000100_3.mp4"):
         (samples / name).write_bytes(b"")
     found = find_previews(str(tmp_path))
-    assert sorted(found) == [(100, 0), (100, 12)]
+    assert sorted(found) == [(100, 0), (100, 3), (100, 12)]
     assert found[(100, 0)].endswith("1800__000000100_0.jpg")
+    assert found[(100, 3)].endswith("1700__000000100_3.mp4")  # LTX-2.x / MiniMax-H3 video previews
+
+
+def mp4_layout(path: str) -> dict:
+    """What an MP4's streams are made with: libx264's own record of its settings (the options string it writes into
+    the stream) and the video and audio stream parameters."""
+    import re
+
+    import av
+
+    with open(path, "rb") as f:
+        x264_options = re.search(rb"options: ([ -~]+)", f.read()).group(1).decode()
+    with av.open(path) as container:
+        video, audio = container.streams.video[0], container.streams.audio[0]
+        return {"x264": x264_options, "video": (video.codec_context.name, video.format.name, video.width,
+                                                  video.height, video.average_rate, video.frames),
+                "audio": (audio.codec_context.name, audio.sample_rate, audio.layout.name, audio.frames)}
+
+
+def decoded_audio(path: str):
+    """An MP4's audio track decoded to float32 ``[channels, samples]`` (whole 1024-sample AAC frames)."""
+    import av
+
+    with av.open(path) as container:
+        return np.concatenate([frame.to_ndarray() for frame in container.decode(audio=0)], axis=1)
+
+
+def snr_db(ours, theirs) -> float:
+    return float(10 * np.log10(np.mean(theirs.astype(np.float64) ** 2) / np.mean((ours - theirs) ** 2.0)))
+
+
+def test_mp4_preview_writer_as_ai_toolkits(tmp_path):
+    """ai-toolkit's MP4 previews (LTX-2.x, MiniMax-H3) come from diffusers' encode_video. reproduce's copy
+    (``write_mp4(..., crf=None)``) given the same frames and waveform writes encode_video's file
+    (goldens/MANIFEST.md section 15: mp4_preview/encode_video.mp4, its file of these inputs): the same libx264
+    settings (CRF 23) and streams, video that decodes alike (not byte for byte: libx264's output varies with the CPU
+    load, PARITY.md "End-to-end jobs"), and the audio track starting with the video, as encode_video's does."""
+    from conftest import GOLDENS_DIR
+
+    from aitk_inference.pipelines.jobs.reproduce import compare_images, read_frames
+    from aitk_inference.pipelines.media import write_mp4
+
+    rng = np.random.default_rng(3)
+    ramp = np.linspace(0, 200, 48)[None, None, :, None] + np.linspace(0, 40, 32)[None, :, None, None]
+    frames = np.clip(ramp + rng.normal(0, 12, (9, 32, 48, 3)) + np.arange(9)[:, None, None, None] * 4, 0,
+                     255).astype(np.uint8)
+    seconds = np.arange(2400) / 24000
+    audio = (np.stack([0.4 * np.sin(2 * np.pi * 440 * seconds), 0.3 * np.sin(2 * np.pi * 660 * seconds)])
+             + rng.standard_normal((2, 2400)) * 0.01).astype(np.float32)
+    theirs = os.path.join(GOLDENS_DIR, "mp4_preview", "encode_video.mp4")
+    ours = write_mp4(frames, str(tmp_path / "ours.mp4"), 24, audio=audio, sample_rate=24000, crf=None)
+    assert mp4_layout(ours) == mp4_layout(theirs), "not ai-toolkit's MP4 (or PyAV's encoders changed: regenerate)"
+    assert "crf=23.0" in mp4_layout(ours)["x264"]
+    decoded = np.stack(read_frames(ours))
+    assert compare_images(decoded, np.stack(read_frames(theirs))).psnr > 30
+    # AAC decodes whole 1024-sample frames (3 here); encode_video feeds it 16-bit samples, we float: 40 dB apart at
+    # least, while a track 1024 samples late (the priming delay counted as sound) is about 0 dB from it
+    our_track, their_track = decoded_audio(ours), decoded_audio(theirs)
+    assert our_track.shape == their_track.shape == (2, 3072)
+    assert snr_db(our_track, their_track) > 40
+    assert snr_db(our_track[:, 1024:2400], audio[:, 1024:2400]) > 15
+    # the users' writer: CRF 18, closer to the frames than ai-toolkit's 23
+    users = np.stack(read_frames(write_mp4(frames, str(tmp_path / "users.mp4"), 24)))
+    assert np.abs(users.astype(int) - frames).mean() < np.abs(decoded.astype(int) - frames).mean()
+
+
+def test_video_preview_formats():
+    """The families whose ai-toolkit previews are MP4 with audio (their own save function); the rest animated WEBP."""
+    from aitk_inference.pipelines.registry import REGISTRY, VideoSpec
+
+    mp4 = {m for m, spec in REGISTRY.items() if spec.video and spec.video.preview_format == "mp4"}
+    assert mp4 == {"ltx2", "ltx2.3", "ltx2.5", "minimax_h3", "minimax_h3_ref2va"}
+    with pytest.raises(ValueError, match="preview_format 'gif'"):
+        VideoSpec(num_frames=9, fps=24, frame_step=8, preview_format="gif")
 
 
 def test_bad_job_folders(tmp_path):

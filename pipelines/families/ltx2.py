@@ -89,8 +89,28 @@ class LTX2FamilyPipeline(AITKPipeline):
             extras["spatio_temporal_guidance_blocks"] = sorted({b * depth // reference for b in blocks})
         return extras
 
+    def check_inputs(self, params: GenerationParams) -> None:
+        allowed = set(self.spec.options.generation_options)
+        unknown = set(params.extra) - allowed
+        if unknown:
+            raise ValueError(f"Unknown generation option(s) for {self.spec.model_id}: {sorted(unknown)}; it takes "
+                             f"{', '.join(sorted(allowed))}.")
+        rate = params.extra.get("frame_rate")
+        if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 1 <= rate <= 120):
+            raise ValueError(f"`frame_rate` must be a number in 1..120 (frames per second), got {rate!r}; leave it "
+                             "unset to condition on the requested fps.")
+
+    def job_options(self, model_config: dict) -> dict:
+        """ai-toolkit's previews are conditioned on ``preview_frame_rate`` whatever the job's ``fps``."""
+        return {"frame_rate": self.spec.options.preview_frame_rate}
+
+    def conditioning_frame_rate(self, params: GenerationParams) -> float:
+        """The rate the model is conditioned on: the ``frame_rate`` option, else the requested fps."""
+        rate = {**self.spec.options.defaults(), **params.extra}["frame_rate"]
+        return float(params.fps if rate is None else rate)
+
     def pipeline_kwargs(self, params: GenerationParams) -> dict:
-        kwargs = self.prompt_call(params, num_frames=params.num_frames, frame_rate=float(params.fps),
+        kwargs = self.prompt_call(params, num_frames=params.num_frames, frame_rate=self.conditioning_frame_rate(params),
                                   max_sequence_length=GEMMA_MAX_LENGTH, **self.guidance_kwargs())
         if params.control_images:
             from PIL import Image

@@ -21,10 +21,14 @@ What ai-toolkit does here, and so do we:
   well (the same code path and pinned diffusers), so every LTX-2 id samples that way. Its base repo holds ComfyUI single files only (int8 ConvRot
   transformer and text encoder): ``ltx2_comfy`` loads them, dequantized.
 
-Where we differ on purpose: ``frame_rate`` is the requested ``fps`` (ai-toolkit leaves the pipeline's 24 and only
-writes the file at ``fps``); at the default 24 fps both are the same, at other rates ours keeps audio and video the
-same length. Audio is kept: ``GenerationResult.audio`` is ``[B, channels, samples]`` float32 at
-``GenerationResult.sample_rate`` (the vocoder's output rate).
+Frame rate: the pipeline's ``frame_rate`` (the rate the model is conditioned on; it also sets the audio's length) is
+the ``frame_rate`` generation option, by default the requested ``fps``, so that audio and video last as long.
+ai-toolkit passes none, so its previews are conditioned on the pipeline's default 24 whatever the job's ``fps`` (which
+only sets the MP4's rate): ``job_options`` gives ``reproduce`` that rate (``LTX2Options.preview_frame_rate``). At
+24 fps the two are the same.
+
+Audio is kept: ``GenerationResult.audio`` is ``[B, channels, samples]`` float32 at ``GenerationResult.sample_rate``
+(the vocoder's output rate).
 
 STG perturbs the transformer blocks listed in ``spatio_temporal_guidance_blocks`` (``[28]`` for the 48-block LTX-2.3).
 A model of another depth (the tiny test models) gets the block at the same relative depth,

@@ -352,12 +352,27 @@ class LTX2Options:
     H.264 CRF the control image is re-compressed at before image-to-video (0, the default: none, as in the diffusers
     ai-toolkit pins; None: diffusers 0.42's default);
     ``comfy_files``: where the base repo keeps its ComfyUI single files, by component, when it has no diffusers
-    folders (``families/ltx2_comfy.py`` loads them)."""
+    folders (``families/ltx2_comfy.py`` loads them).
+
+    ``frame_rate``, the one generation option: the frame rate the model is conditioned on (the video positions' time
+    scale and the audio's length); None, the default, takes the requested ``fps``. ``preview_frame_rate``: the rate
+    ai-toolkit's previews are conditioned on whatever the job's ``fps`` (it passes none, so the pipeline's default;
+    the ``fps`` only sets the MP4's rate); ``reproduce`` passes it as ``frame_rate``."""
 
     guidance: Mapping[str, Any]
     stg_reference_depth: int | None = None
     image_crf: int | None = 0
     comfy_files: Mapping[str, str] | None = None
+    frame_rate: float | None = None
+    preview_frame_rate: float = 24.0
+
+    @property
+    def generation_options(self) -> tuple[str, ...]:
+        """The ``generate()`` options this id takes."""
+        return ("frame_rate",)
+
+    def defaults(self) -> dict:
+        return {name: getattr(self, name) for name in self.generation_options}
 
 
 @dataclass(frozen=True)

@@ -169,6 +169,25 @@ def test_frame_and_size_snapping(pipes):
     assert result.images.shape == (1, 9, 64, 96, 3)
 
 
+def test_frame_rate_option(pipes):
+    """``frame_rate`` (the rate the model is conditioned on) defaults to the requested fps; set, the fps no longer
+    changes the frames or the audio (ai-toolkit's previews: 24 whatever the fps, which reproduce passes)."""
+    pipe = pipes("ltx2")
+    at_24 = pipe.generate("a fox", **{**FAST, "fps": 24})
+    at_12 = pipe.generate("a fox", **{**FAST, "fps": 12})
+    as_previews = pipe.generate("a fox", **{**FAST, "fps": 12, "frame_rate": 24})
+    assert at_12.audio.shape[2] > at_24.audio.shape[2], "by default the audio lasts num_frames / fps"
+    assert as_previews.params.fps == 12 and as_previews.metadata()["options"] == {"frame_rate": 24}
+    assert np.array_equal(as_previews.images, at_24.images) and np.array_equal(as_previews.audio, at_24.audio)
+    for model_id in ("ltx2", "ltx2.3", "ltx2.5"):
+        assert pipes(model_id).job_options({"arch": model_id}) == {"frame_rate": 24.0}
+    for bad in (0, 121, True, "24"):
+        with pytest.raises(ValueError, match="`frame_rate` must be a number in 1..120"):
+            pipe.generate("a fox", **{**FAST, "frame_rate": bad})
+    with pytest.raises(ValueError, match=r"Unknown generation option\(s\) for ltx2: \['motion'\]; it takes frame_rate"):
+        pipe.generate("a fox", **{**FAST, "motion": 1})
+
+
 def test_image_to_video(pipes):
     """A control image switches to LTX2ImageToVideoPipeline over the same modules; the result differs from T2V."""
     from PIL import Image

@@ -21,10 +21,14 @@ What ai-toolkit does here, and so do we:
   well (the same code path and pinned diffusers), so every LTX-2 id samples that way. Its base repo holds ComfyUI single files only (int8 ConvRot
   transformer and text encoder): ``ltx2_comfy`` loads them, dequantized.
 
-Where we differ on purpose: ``frame_rate`` is the requested ``fps`` (ai-toolkit leaves the pipeline's 24 and only
-writes the file at ``fps``); at the default 24 fps both are the same, at other rates ours keeps audio and video the
-same length. Audio is kept: ``GenerationResult.audio`` is ``[B, channels, samples]`` float32 at
-``GenerationResult.sample_rate`` (the vocoder's output rate).
+Frame rate: the pipeline's ``frame_rate`` (the rate the model is conditioned on; it also sets the audio's length) is
+the ``frame_rate`` generation option, by default the requested ``fps``, so that audio and video last as long.
+ai-toolkit passes none, so its previews are conditioned on the pipeline's default 24 whatever the job's ``fps`` (which
+only sets the MP4's rate): ``job_options`` gives ``reproduce`` that rate (``LTX2Options.preview_frame_rate``). At
+24 fps the two are the same.
+
+Audio is kept: ``GenerationResult.audio`` is ``[B, channels, samples]`` float32 at ``GenerationResult.sample_rate``
+(the vocoder's output rate).
 
 STG perturbs the transformer blocks listed in ``spatio_temporal_guidance_blocks`` (``[28]`` for the 48-block LTX-2.3).
 A model of another depth (the tiny test models) gets the block at the same relative depth,
@@ -89,8 +93,28 @@ class LTX2FamilyPipeline(AITKPipeline):
             extras["spatio_temporal_guidance_blocks"] = sorted({b * depth // reference for b in blocks})
         return extras
 
+    def check_inputs(self, params: GenerationParams) -> None:
+        allowed = set(self.spec.options.generation_options)
+        unknown = set(params.extra) - allowed
+        if unknown:
+            raise ValueError(f"Unknown generation option(s) for {self.spec.model_id}: {sorted(unknown)}; it takes "
+                             f"{', '.join(sorted(allowed))}.")
+        rate = params.extra.get("frame_rate")
+        if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 1 <= rate <= 120):
+            raise ValueError(f"`frame_rate` must be a number in 1..120 (frames per second), got {rate!r}; leave it "
+                             "unset to condition on the requested fps.")
+
+    def job_options(self, model_config: dict) -> dict:
+        """ai-toolkit's previews are conditioned on ``preview_frame_rate`` whatever the job's ``fps``."""
+        return {"frame_rate": self.spec.options.preview_frame_rate}
+
+    def conditioning_frame_rate(self, params: GenerationParams) -> float:
+        """The rate the model is conditioned on: the ``frame_rate`` option, else the requested fps."""
+        rate = {**self.spec.options.defaults(), **params.extra}["frame_rate"]
+        return float(params.fps if rate is None else rate)
+
     def pipeline_kwargs(self, params: GenerationParams) -> dict:
-        kwargs = self.prompt_call(params, num_frames=params.num_frames, frame_rate=float(params.fps),
+        kwargs = self.prompt_call(params, num_frames=params.num_frames, frame_rate=self.conditioning_frame_rate(params),
                                   max_sequence_length=GEMMA_MAX_LENGTH, **self.guidance_kwargs())
         if params.control_images:
             from PIL import Image

@@ -71,7 +71,8 @@ def gpu_memory_budget(device: str) -> int | None:
     index = torch.cuda.current_device() if index is None else index
     free, total = torch.cuda.mem_get_info(index)
     held = torch.cuda.memory_reserved(index)
-    caps = [free, int(torch.cuda.get_per_process_memory_fraction(index) * total) - held]
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # torch >= 2.8
+    caps = [free, int((fraction(index) if fraction else 1.0) * total) - held]
     if os.environ.get(MAX_GPU_MEMORY_ENV):
         try:
             caps.append(int(float(os.environ[MAX_GPU_MEMORY_ENV]) * 2**30) - held)

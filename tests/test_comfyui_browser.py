@@ -272,6 +272,14 @@ def _close_dialogs(page) -> None:
     expect(dialogs).to_have_count(0)
 
 
+def _frontend_own_deprecation(message: dict) -> bool:
+    """Frontend 1.5x warns once, from its litegraph bundle, that ``input.link`` is deprecated: its own node
+    configure and media scan read it on the first workflow loaded (the pack reads connectivity through
+    ``node.isInputConnected``)."""
+    return (message["kind"] == "warning" and message["text"].startswith("input.link is deprecated")
+            and "/assets/litegraph" in message["url"])
+
+
 def comfy_models(browser) -> dict:
     return browser.js("fetch('/aitk_inference/models').then((r) => r.json())")
 
@@ -301,7 +309,8 @@ def test_example_workflow_loads(browser, example):
     for node in loaded:  # every widget value arrives unchanged
         if node["type"].startswith("AITK"):
             assert node["values"] == saved[str(node["id"])], node["type"]
-    assert not [m for m in browser.messages[errors_before:] if m["kind"] in ("error", "pageerror", "warning", "http")]
+    assert not [m for m in browser.messages[errors_before:] if m["kind"] in ("error", "pageerror", "warning", "http")
+                and not _frontend_own_deprecation(m)]
 
     models = comfy_models(browser) if example in ("flux", "ltx2", "qwen_image_edit") else {}
     if example in models:

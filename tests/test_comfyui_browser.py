@@ -25,6 +25,13 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-background-networking", "--disable-component-update"]
 #: ComfyUI core nodes of the examples that ComfyUI registers only when torchaudio imports (comfy_extras/nodes_audio.py)
 TORCHAUDIO_CORE_NODES = {"SaveAudio"}
+#: the node search dialog, its result rows and its preview of the highlighted node: frontend 1.27's search box, or the
+#: one that replaced it (1.4x: a combobox input, ``result-item`` rows, a ``node-preview-card`` beside the list)
+NODE_SEARCH_INPUT = ".comfy-vue-node-search-box input, [role=dialog] input[role=combobox][aria-controls=results-list]"
+NODE_SEARCH_RESULTS = ".comfy-vue-node-search-box .option-container, [data-testid=result-item]"
+NODE_SEARCH_PREVIEW = "._sb_node_preview, [data-testid=node-preview-card]"
+#: the Browse Templates dialog's cards, in both frontends tagged ``template-workflow-<name>``
+TEMPLATE_CARDS = "[data-testid=template-workflows-content] [data-testid^=template-workflow-]"
 EXAMPLES = sorted(name[:-len(".json")] for name in os.listdir(os.path.join(ROOT, "example_workflows"))
                   if name.endswith(".json"))
 
@@ -160,7 +167,7 @@ def test_node_search_shows_the_nodes_with_widgets_and_tooltips(browser):
     page = browser.page
     browser.js("app.graph.clear()")
     box = page.locator("#graph-canvas").bounding_box()
-    search = page.locator(".comfy-vue-node-search-box input")
+    search = page.locator(NODE_SEARCH_INPUT).first
     for _ in range(5):  # a double click on the empty canvas opens the node search (once the canvas has settled)
         page.mouse.dblclick(box["x"] + 700, box["y"] + 400)
         try:
@@ -169,20 +176,25 @@ def test_node_search_shows_the_nodes_with_widgets_and_tooltips(browser):
         except Exception:
             page.keyboard.press("Escape")
     search.fill("AITK")
-    options = page.locator(".comfy-vue-node-search-box .option-container")
+    options = page.locator(NODE_SEARCH_RESULTS)
     options.first.wait_for()
     page.wait_for_timeout(500)
     assert {"Load AITK Pipeline", "Apply AITK LoRA", "AITK Sample"} <= {
         text.split("\n")[0].strip() for text in options.all_inner_texts()}
     search.fill("AITK Sample")
     page.wait_for_timeout(500)
-    preview = page.locator("._sb_node_preview").inner_text()
+    preview = page.locator(NODE_SEARCH_PREVIEW).first.inner_text()
     for name in ("pipeline", "prompt", "width", "seed", "num_frames", "vae_tiling", "image", "audio"):
         assert name in preview
     assert "ai-toolkit" in preview  # the description
     browser.shot("01_node_search")
     page.keyboard.press("Enter")
     page.wait_for_function("app.graph.nodes.some((n) => n.type === 'AITKSample')")
+    # Frontend 1.4x adds it as a ghost that follows the pointer until a click places it; 1.27 places it at once, and
+    # the click lands on empty canvas
+    page.wait_for_timeout(500)
+    page.mouse.click(box["x"] + 1300, box["y"] + 150)
+    page.wait_for_function("!app.graph.nodes.find((n) => n.type === 'AITKSample').flags?.ghost")
 
     sample = _node(browser, "AITKSample")
     widget_names = [w["name"] for w in sample["widgets"]]
@@ -192,11 +204,14 @@ def test_node_search_shows_the_nodes_with_widgets_and_tooltips(browser):
     saved = browser.js("app.graph.nodes.find((n) => n.type === 'AITKSample').serialize().widgets_values")
     assert len(saved) == 14  # the status line is never saved into the workflow
 
-    # Hovering a widget shows its tooltip from the schema
+    # Hovering a widget shows its tooltip from the schema (the node first moved to the top left of the view: where
+    # the search placed it, its lower widgets may be below the window)
     x, y = browser.js("""() => {
         const node = app.graph.nodes.find((n) => n.type === "AITKSample");
         const seed = node.widgets.find((w) => w.name === "seed");
         const rect = app.canvas.canvas.getBoundingClientRect(), ds = app.canvas.ds;
+        node.pos = [200 / ds.scale - ds.offset[0], 100 / ds.scale - ds.offset[1]];
+        app.canvas.draw(true, true);
         return [rect.left + (node.pos[0] + node.size[0] / 2 + ds.offset[0]) * ds.scale,
                 rect.top + (node.pos[1] + seed.y + 10 + ds.offset[1]) * ds.scale];
     }""")
@@ -220,8 +235,9 @@ def test_templates_browser_lists_every_example_with_its_thumbnail(browser):
     page = browser.page
     browser.js("app.extensionManager.command.execute('Comfy.BrowseTemplates')")
     # the side list titles the pack's category by locales/en/main.json, not by its folder name
-    page.get_by_role("option", name="AITK Inference", exact=True).click()
-    cards = page.locator(".template-card")
+    page.get_by_role("option", name="AITK Inference", exact=True).or_(
+        page.get_by_role("button", name="AITK Inference", exact=True)).first.click()
+    cards = page.locator(TEMPLATE_CARDS)
     cards.first.wait_for()
     for _ in range(len(EXAMPLES)):  # the dialog shows the cards a page at a time, as the list is scrolled
         shown = cards.count()
@@ -230,18 +246,38 @@ def test_templates_browser_lists_every_example_with_its_thumbnail(browser):
         if cards.count() == shown:
             break
     assert cards.count() == len(EXAMPLES)
-    titles = [title.strip() for title in page.locator(".template-card h3").all_inner_texts()]
+    titles = [title.strip() for title in page.locator(f"{TEMPLATE_CARDS} h3").all_inner_texts()]
     models = list(comfy_models(browser))
     assert titles == ["reproduce_training_previews_flux", "training_job_checkpoint_grid"] + [
         m for m in models if m in EXAMPLES]
     # Every card's thumbnail loads (scrolled into view, since the cards load their images lazily)
     for i in range(cards.count()):
         cards.nth(i).scroll_into_view_if_needed()
-        page.wait_for_function("(i) => document.querySelectorAll('.template-card')[i].querySelector('img')"
-                               "?.naturalWidth === 320", arg=i, timeout=10_000)
+        page.wait_for_function("([cards, i]) => document.querySelectorAll(cards)[i].querySelector('img')"
+                               "?.naturalWidth === 320", arg=[TEMPLATE_CARDS, i], timeout=10_000)
     cards.first.scroll_into_view_if_needed()
     browser.shot("03_templates")
+    _close_dialogs(page)
+
+
+def _close_dialogs(page) -> None:
+    """Escape, then the dialog's close button where Escape left it open (frontend 1.4x's templates dialog, at times)."""
+    from playwright.sync_api import expect
+
     page.keyboard.press("Escape")
+    dialogs = page.get_by_role("dialog")
+    page.wait_for_timeout(500)
+    if dialogs.count():
+        dialogs.get_by_role("button", name=re.compile(r"^Close")).first.click()
+    expect(dialogs).to_have_count(0)
+
+
+def _frontend_own_deprecation(message: dict) -> bool:
+    """Frontend 1.5x warns once, from its litegraph bundle, that ``input.link`` is deprecated: its own node
+    configure and media scan read it on the first workflow loaded (the pack reads connectivity through
+    ``node.isInputConnected``)."""
+    return (message["kind"] == "warning" and message["text"].startswith("input.link is deprecated")
+            and "/assets/litegraph" in message["url"])
 
 
 def comfy_models(browser) -> dict:
@@ -260,14 +296,21 @@ def test_example_workflow_loads(browser, example):
     _load_example(browser, example)
     loaded = browser.js("""() => app.graph.nodes.map((n) => ({
         id: n.id, type: n.type, known: n.type in LiteGraph.registered_node_types, errors: !!n.has_errors,
+        absent_file: (n.widgets ?? []).some((w) => Array.isArray(w.options?.values)
+            && String(w.value).endsWith(".safetensors") && !w.options.values.includes(w.value)),
         values: n.serialize().widgets_values ?? []}))""")
     assert [n["type"] for n in loaded] == [n["type"] for n in workflow["nodes"]]
-    assert all(n["known"] and not n["errors"] for n in loaded), loaded
-    saved = {n["id"]: n["widgets_values"] for n in workflow["nodes"]}
+    assert all(n["known"] for n in loaded), loaded
+    # Frontend 1.4x checks the model files a loaded workflow names and flags the nodes whose file is absent (here the
+    # Apply nodes' placeholder LoRA names, until the user picks a file); 1.27 flags none. No other node may be flagged.
+    flagged = {n["id"] for n in loaded if n["errors"]}
+    assert flagged in (set(), {n["id"] for n in loaded if n["absent_file"]}), loaded
+    saved = {str(n["id"]): n["widgets_values"] for n in workflow["nodes"]}  # frontend 1.4x's node ids are strings
     for node in loaded:  # every widget value arrives unchanged
         if node["type"].startswith("AITK"):
-            assert node["values"] == saved[node["id"]], node["type"]
-    assert not [m for m in browser.messages[errors_before:] if m["kind"] in ("error", "pageerror", "warning", "http")]
+            assert node["values"] == saved[str(node["id"])], node["type"]
+    assert not [m for m in browser.messages[errors_before:] if m["kind"] in ("error", "pageerror", "warning", "http")
+                and not _frontend_own_deprecation(m)]
 
     models = comfy_models(browser) if example in ("flux", "ltx2", "qwen_image_edit") else {}
     if example in models:

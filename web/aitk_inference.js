@@ -184,7 +184,7 @@ function showApplicable(node, model) {
   const maxControls = model.control_images?.[1] ?? 0;
   CONTROL_INPUTS.forEach((name, i) => {
     const slot = node.findInputSlot(name);
-    if (i >= maxControls && slot >= 0 && node.inputs[slot].link == null) node.removeInput(slot);
+    if (i >= maxControls && slot >= 0 && !node.isInputConnected(slot)) node.removeInput(slot);
     if (i < maxControls && slot < 0) node.addInput(name, "IMAGE", { shape: 7 });
   });
   fitHeight(node);

@@ -312,7 +312,7 @@ class AITKPipeline:
             raise ValueError(f"{spec.model_id} {cls.offload_refusal}")
         started = time.perf_counter()
         start_readahead(source)
-        overrides = accelerate.direct_load_options(device, "model" if offload == "auto" else offload)
+        overrides = accelerate.direct_load_options(device, offload)
         if options.components is not None and not cls.single_file_denoisers:
             raise ValueError(f"{spec.model_id} does not take `components`: its family loads a single file as a whole "
                              "(or not at all); give the file or folder as `base` alone.")
@@ -644,11 +644,20 @@ class AITKPipeline:
         self.check_inputs(params)
         return params
 
+    @property
+    def generation_options(self) -> tuple[str, ...]:
+        """The names of the model's own ``generate()`` options (``GenerationParams.extra``): those its registry
+        options declare, else none. Families whose options do not live in the registry override this."""
+        return tuple(getattr(self.spec.options, "generation_options", ()))
+
     def check_inputs(self, params: GenerationParams) -> None:
-        """Family-specific validation (raise ValueError); the base checks are already done."""
-        if params.extra:
-            raise ValueError(f"Unknown generation option(s) for {self.spec.model_id}: {sorted(params.extra)}; it takes "
-                             "none (its docs page lists the options of the models that take some).")
+        """Refuse options the model does not take (:attr:`generation_options`); families extend this to check the
+        values of the ones it takes."""
+        unknown = sorted(set(params.extra) - set(self.generation_options))
+        if unknown:
+            takes = (", ".join(self.generation_options) if self.generation_options
+                     else "none (its docs page lists the options of the models that take some)")
+            raise ValueError(f"Unknown generation option(s) for {self.spec.model_id}: {unknown}; it takes {takes}.")
 
     def job_options(self, model_config: dict) -> dict:
         """``generate`` keyword arguments that an ai-toolkit job's ``model`` section sets for its previews (family

@@ -336,11 +336,10 @@ class AceStepFamilyPipeline(AITKPipeline):
 
         return load_aio_pipeline(path, torch_dtype, AutoTokenizer.from_pretrained(spec.options.tokenizer))
 
+    generation_options = GENERATION_OPTIONS  # also written as <TAGS> in the prompt
+
     def check_inputs(self, params: GenerationParams) -> None:
-        unknown = sorted(set(params.extra) - set(GENERATION_OPTIONS))
-        if unknown:
-            raise ValueError(f"Unknown generation option(s) for {self.spec.model_id}: {unknown}; it takes "
-                             f"{list(GENERATION_OPTIONS)} (or the same as <TAGS> in the prompt).")
+        super().check_inputs(params)
         self.structured_prompt(params)
 
     def structured_prompt(self, params: GenerationParams) -> AceStepPrompt:

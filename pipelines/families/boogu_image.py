@@ -304,11 +304,7 @@ class BooguImageFamilyPipeline(AITKPipeline):
         return BooguImagePipeline
 
     def check_inputs(self, params: GenerationParams) -> None:
-        allowed = set(self.spec.options.generation_options)
-        unknown = set(params.extra) - allowed
-        if unknown:
-            takes = f"takes {', '.join(sorted(allowed))}" if allowed else "takes no extra options"
-            raise ValueError(f"Unknown generation option(s) for {self.spec.model_id}: {sorted(unknown)}; it {takes}.")
+        super().check_inputs(params)
         if "match_target_res" in params.extra and not isinstance(params.extra["match_target_res"], bool):
             raise ValueError(f"`match_target_res` must be true or false, got {params.extra['match_target_res']!r}.")
 

@@ -412,7 +412,7 @@ class Flex2FamilyPipeline(AITKPipeline):
     latent_layout = LatentLayout(tokens=True, patch=2)
 
     denoiser = "transformer"
-    extra_options = ("control_strength", "control_stop", "inpaint_image", "inpaint_mask")
+    generation_options = ("control_strength", "control_stop", "inpaint_image", "inpaint_mask")
     batches_distinct_prompts = True
 
     @classmethod
@@ -420,9 +420,7 @@ class Flex2FamilyPipeline(AITKPipeline):
         return Flex2Pipeline
 
     def check_inputs(self, params: GenerationParams) -> None:
-        unknown = sorted(set(params.extra) - set(self.extra_options))
-        if unknown:
-            raise ValueError(f"Unknown generation option(s) for flex2: {unknown}; known: {list(self.extra_options)}.")
+        super().check_inputs(params)
         inpaint_image = params.extra.get("inpaint_image")
         self.pipe.check_flex2_inputs(
             params.extra.get("control_strength", 1.0), params.extra.get("control_stop", 1.0),

@@ -239,12 +239,12 @@ class HiDreamFamilyPipeline(AITKPipeline):
                            self.spec.model_id, self.pipe.full_area(), params.width, params.height, width, height)
         return dataclasses.replace(params, width=width, height=height)
 
+    @property
+    def generation_options(self) -> tuple[str, ...]:
+        return ("image_guidance",) if self.is_editing else ()
+
     def check_inputs(self, params: GenerationParams) -> None:
-        allowed = {"image_guidance"} if self.is_editing else set()
-        unknown = set(params.extra) - allowed
-        if unknown:
-            takes = "takes `image_guidance`" if self.is_editing else "takes no extra options"
-            raise ValueError(f"Unknown generation option(s) for {self.spec.model_id}: {sorted(unknown)}; it {takes}.")
+        super().check_inputs(params)
         value = params.extra.get("image_guidance", E1_IMAGE_GUIDANCE)
         low, high = IMAGE_GUIDANCE_RANGE
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:

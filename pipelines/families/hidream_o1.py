@@ -375,13 +375,12 @@ class HiDreamO1FamilyPipeline(AITKPipeline):
     def lora_name_mapper(self):
         return drop_lm_head
 
+    generation_options = ("noise_scale",)
+
     def check_inputs(self, params: GenerationParams) -> None:
         """Generation option ``noise_scale`` (a number in 0.01..100): the initial noise's standard deviation
         (ai-toolkit's ``model_kwargs.noise_scale_inference``, which defaults to its ``noise_scale``, 8.0)."""
-        unknown = set(params.extra) - {"noise_scale"}
-        if unknown:
-            raise ValueError(f"Unknown generation option(s) for {self.spec.model_id}: {sorted(unknown)}; it takes "
-                             "noise_scale.")
+        super().check_inputs(params)
         value = params.extra.get("noise_scale")
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                   or not 0.01 <= value <= 100):

@@ -258,13 +258,12 @@ class Ideogram4FamilyPipeline(AITKPipeline):
         return route_unconditional
 
     # ------------------------------------------------------------------------------------------------ generation
+    generation_options = tuple(SCHEDULE_OPTIONS)
+
     def check_inputs(self, params: GenerationParams) -> None:
         """Generation options: ``schedule_mu`` (a number in -10..10) and ``schedule_std`` (in 0.01..10), the
         schedule's base mean and std (ai-toolkit's ``model_kwargs.ideogram_schedule_mu``/``_std``)."""
-        unknown = set(params.extra) - set(SCHEDULE_OPTIONS)
-        if unknown:
-            raise ValueError(f"Unknown generation option(s) for {self.spec.model_id}: {sorted(unknown)}; it takes "
-                             f"{', '.join(SCHEDULE_OPTIONS)}.")
+        super().check_inputs(params)
         for name, (low, high) in (("schedule_mu", (-10.0, 10.0)), ("schedule_std", (0.01, 10.0))):
             value = params.extra.get(name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))

@@ -457,11 +457,7 @@ class Krea2FamilyPipeline(AITKPipeline):
         return krea2_original_to_diffusers
 
     def check_inputs(self, params: GenerationParams) -> None:
-        allowed = set(self.spec.options.generation_options)
-        unknown = set(params.extra) - allowed
-        if unknown:
-            takes = f"takes {', '.join(sorted(allowed))}" if allowed else "takes no extra options"
-            raise ValueError(f"Unknown generation option(s) for {self.spec.model_id}: {sorted(unknown)}; it {takes}.")
+        super().check_inputs(params)
         for name in ("kv_cache", "match_target_res"):
             if name in params.extra and not isinstance(params.extra[name], bool):
                 raise ValueError(f"`{name}` must be true or false, got {params.extra[name]!r}.")

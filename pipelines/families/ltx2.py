@@ -94,11 +94,7 @@ class LTX2FamilyPipeline(AITKPipeline):
         return extras
 
     def check_inputs(self, params: GenerationParams) -> None:
-        allowed = set(self.spec.options.generation_options)
-        unknown = set(params.extra) - allowed
-        if unknown:
-            raise ValueError(f"Unknown generation option(s) for {self.spec.model_id}: {sorted(unknown)}; it takes "
-                             f"{', '.join(sorted(allowed))}.")
+        super().check_inputs(params)
         rate = params.extra.get("frame_rate")
         if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 1 <= rate <= 120):
             raise ValueError(f"`frame_rate` must be a number in 1..120 (frames per second), got {rate!r}; leave it "

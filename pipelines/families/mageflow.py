@@ -352,10 +352,7 @@ class MageFlowFamilyPipeline(AITKPipeline):
         return MageFlowPipeline.from_pretrained(source, edit=spec.options.edit, dtype=torch_dtype, **overrides)
 
     def check_inputs(self, params: GenerationParams) -> None:
-        unknown = set(params.extra) - set(self.spec.options.generation_options)
-        if unknown:
-            raise ValueError(f"Unknown generation option(s) for {self.spec.model_id}: {sorted(unknown)}; it takes "
-                             f"{', '.join(self.spec.options.generation_options)}.")
+        super().check_inputs(params)
         renorm = params.extra.get("cfg_renormalization")
         if renorm is not None and not isinstance(renorm, bool):
             raise ValueError(f"`cfg_renormalization` must be true or false, got {renorm!r}.")

@@ -80,10 +80,7 @@ class StableDiffusionFamilyPipeline(AITKPipeline):
         )
 
     def check_inputs(self, params: GenerationParams) -> None:
-        unknown = sorted(set(params.extra) - set(self.generation_options))
-        if unknown:
-            takes = f"it takes {list(self.generation_options)}" if self.generation_options else "it takes none"
-            raise ValueError(f"Unknown generation option(s) for {self.spec.model_id}: {unknown}; {takes}.")
+        super().check_inputs(params)
         if not isinstance(params.extra.get(V_PREDICTION_OPTION, False), bool):
             raise ValueError(f"`v_prediction` must be true or false, got {params.extra[V_PREDICTION_OPTION]!r}.")
         negative_2 = params.extra.get("negative_2")

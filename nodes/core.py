@@ -125,18 +125,24 @@ def resolve_base(base: str) -> str | None:
     )
 
 
+def find_model_file(value: str, folders) -> str | None:
+    """The path of a file widget's ``value``: a full path (API-format workflows), or ``<folder>/<file>`` from one of
+    ComfyUI's model ``folders`` (extra paths included); None when it is neither."""
+    expanded = os.path.expanduser(value)
+    if os.path.isfile(expanded):
+        return os.path.abspath(expanded)
+    folder, _, name = value.partition("/")
+    folder_paths = _comfy("folder_paths")
+    return folder_paths.get_full_path(folder, name) if folder_paths and folder in folders else None
+
+
 def resolve_base_file(base_file: str) -> str | None:
     """The path of the Load node's ``base_file``: ``none`` -> None; ``<folder>/<file>`` from ComfyUI's
     ``diffusion_models``/``unet``/``checkpoints`` folders, or a full path (API-format workflows)."""
     base_file = (base_file or NO_BASE_FILE).strip()
     if base_file == NO_BASE_FILE:
         return None
-    expanded = os.path.expanduser(base_file)
-    if os.path.isfile(expanded):
-        return os.path.abspath(expanded)
-    folder, _, name = base_file.partition("/")
-    folder_paths = _comfy("folder_paths")
-    found = folder_paths.get_full_path(folder, name) if folder_paths and folder in BASE_FILE_FOLDERS else None
+    found = find_model_file(base_file, BASE_FILE_FOLDERS)
     if found:
         return found
     raise ValueError(
@@ -161,13 +167,8 @@ def resolve_component_file(component: str, value: str | None) -> str | None:
     value = (value or NO_BASE_FILE).strip()
     if value == NO_BASE_FILE:
         return None
-    expanded = os.path.expanduser(value)
-    if os.path.isfile(expanded):
-        return os.path.abspath(expanded)
     folders, examples = FILE_COMPONENTS[component]
-    folder, _, name = value.partition("/")
-    folder_paths = _comfy("folder_paths")
-    found = folder_paths.get_full_path(folder, name) if folder_paths and folder in folders else None
+    found = find_model_file(value, folders)
     if found:
         return found
     raise ValueError(f"{component}_file {value!r} not found. Put the .safetensors file into ComfyUI/models/"

@@ -112,11 +112,10 @@ def read_safetensors(path: str) -> dict:
     entries it stands for (as ComfyUI reads such files), so that the rest sees one form."""
     import torch
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
-    state_dict = load_file(path)
     with safe_open(path, framework="pt") as f:
         metadata = f.metadata() or {}
+        state_dict = {key: f.get_tensor(key) for key in f.keys()}
     if QUANTIZATION_METADATA in metadata:
         layers = json.loads(metadata[QUANTIZATION_METADATA]).get("layers", {})
         for layer, settings in layers.items():

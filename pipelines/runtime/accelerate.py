@@ -48,7 +48,8 @@ def resolve_dtype(dtype, device: str):
 # ---------------------------------------------------------------------------------------------------------------- placement
 def direct_load_options(device: str, offload: str) -> dict:
     """``from_pretrained`` options that read the weights straight onto ``device`` (no CPU copy on the way), when
-    nothing is offloaded and diffusers' loader can place weights on that device; else none."""
+    nothing is offloaded and diffusers' loader can place weights on that device; else none (``auto`` too: it loads on
+    the CPU and measures the components before it places them)."""
     from diffusers.utils.torch_utils import get_device
 
     return {"device_map": device} if offload == "none" and device in (get_device(), "cpu") else {}

@@ -1,8 +1,9 @@
 """Fused strength change on full-size FLUX.1-dev (random bf16 weights, rank-16 LoRA on all 494 block Linears):
 the previous merge (factors copied host->device each time, separate matmul + add) vs the current one
 (factors kept on the device, one addmm), measured in the same run."""
-import json, os, time, torch
+import json, os, torch
 from diffusers import FluxTransformer2DModel
+from aitk_inference.benchmarks.harness import timed
 from aitk_inference.pipelines.lora.stack import LoraStack, LoraRequest
 from aitk_inference.tiny.loras import lora_targets, make_state_dict
 
@@ -21,18 +22,8 @@ stack = LoraStack({"transformer": model}, "fused", "transformer", "flux")
 stack.set([LoraRequest(state_dict=sd, strength=1.0, name="r16")])
 torch.cuda.synchronize()
 
-def timed(fn, reps=5):
-    out = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        out.append(time.perf_counter() - start)
-    return sorted(out)[len(out) // 2]
-
 strengths = iter([0.5, 0.8, 0.3, 0.9, 0.6, 0.7] * 4)
-new_s = timed(lambda: stack.set([LoraRequest(state_dict=sd, strength=next(strengths), name="r16")]))
+new_s = timed(lambda: stack.set([LoraRequest(state_dict=sd, strength=next(strengths), name="r16")]), "cuda", 0, 5)
 loaded = next(iter(stack.active.values())).loaded
 
 @torch.no_grad()
@@ -43,7 +34,7 @@ def previous_merge(c):
         w.copy_((w.float() + c * (t["up"] @ t["down"])).to(w.dtype))
 
 sign = iter([0.1, -0.1] * 10)
-old_s = timed(lambda: previous_merge(next(sign)), reps=6)
+old_s = timed(lambda: previous_merge(next(sign)), "cuda", 0, 6)
 # numerics: go to strength 0.5 via several in-place changes, compare with a fresh merge of W0 at 0.5
 stack.set([LoraRequest(state_dict=sd, strength=0.5, name="r16")])
 errs = {}

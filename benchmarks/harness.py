@@ -346,19 +346,50 @@ def materialize_flux(opts: Options) -> str:
         from ..tiny import tiny_model_dir
 
         return tiny_model_dir("flux")
+    from .models import build_flux_pipeline
+
+    return _materialize("flux1-dev-random", build_flux_pipeline, opts)
+
+
+def materialize_qwen_image(opts: Options) -> str:
+    """A local diffusers folder of Qwen-Image (full transformer and VAE, a two-layer text encoder of full width)."""
+    from .models import build_qwen_image_pipeline
+
+    return _materialize("qwen-image-random", build_qwen_image_pipeline, opts)
+
+
+def materialize_wan22_14b(opts: Options) -> str:
+    """A local diffusers folder of Wan 2.2 A14B T2V whose ``transformer_2`` folder is a link to ``transformer``
+    (both experts hold the same random weights; the LoRA still differs per expert), so it takes one expert's disk."""
+    from .models import build_wan22_14b_pipeline
+
+    def finish(folder):
+        os.symlink("transformer", os.path.join(folder, "transformer_2"))
+        index_path = os.path.join(folder, "model_index.json")
+        with open(index_path) as f:
+            index = json.load(f)
+        index["transformer_2"] = index["transformer"]
+        with open(index_path, "w") as f:
+            json.dump(index, f, indent=2)
+
+    return _materialize("wan22-a14b-t2v-random", build_wan22_14b_pipeline, opts, finish)
+
+
+def _materialize(name: str, build, opts: Options, finish=None) -> str:
     import torch
 
     from ..pipelines.runtime.accelerate import resolve_dtype
-    from .models import build_flux_pipeline
 
-    folder = os.path.join(opts.workdir, "flux1-dev-random")
+    folder = os.path.join(opts.workdir, name)
     if os.path.isfile(os.path.join(folder, "model_index.json")):
         return folder
     started = time.perf_counter()
-    pipe = build_flux_pipeline(opts.device, resolve_dtype(opts.dtype, opts.device))
+    pipe = build(opts.device, resolve_dtype(opts.dtype, opts.device))
     built = time.perf_counter() - started
     pipe.save_pretrained(folder)
-    print(f"[bench] flux: built in {built:.1f}s, saved to {folder} in {time.perf_counter() - started - built:.1f}s",
+    if finish is not None:
+        finish(folder)
+    print(f"[bench] {name}: built in {built:.1f}s, saved to {folder} in {time.perf_counter() - started - built:.1f}s",
           flush=True)
     del pipe
     torch.cuda.empty_cache()

@@ -184,3 +184,70 @@ def build_flux_pipeline(device: str, dtype, seed: int = 0):
     return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_config(FLUX_FLOWMATCH), text_encoder=clip.eval(),
                         tokenizer=clip_tok, text_encoder_2=t5.eval(), tokenizer_2=t5_tok, transformer=transformer,
                         vae=vae.eval())
+
+
+# ---------------------------------------------------------------------------- full Qwen-Image and Wan 2.2 A14B pipelines
+def _with_default(device: str, dtype, build):
+    """``build()`` with new tensors created on ``device`` in ``dtype``."""
+    import torch
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return build()
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_qwen_image_pipeline(device: str, dtype, seed: int = 0, text_layers: int = 2):
+    """QwenImagePipeline with the full 20B transformer and the full VAE, random weights; the Qwen2.5-VL text encoder
+    keeps its width (3584, what the transformer reads) but only ``text_layers`` layers and a stand-in vision tower, so
+    that the folder fits a GPU machine's disk (the parity of the denoiser and its LoRA is what is measured)."""
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from ..pipelines.registry import QWEN_FLOWMATCH
+    from ..tiny.tokenizers import qwen_tokenizer
+
+    tokenizer = qwen_tokenizer()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in
+           ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")}
+    config = Qwen2_5_VLConfig(
+        text_config=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=text_layers,
+                         num_attention_heads=28, num_key_value_heads=4, rope_theta=1e6, vocab_size=len(tokenizer),
+                         rms_norm_eps=1e-6, rope_scaling={"mrope_section": [16, 24, 24], "rope_type": "default",
+                                                          "type": "default"}),
+        vision_config=dict(depth=2, hidden_size=64, intermediate_size=64, num_heads=2, out_hidden_size=3584,
+                           fullatt_block_indexes=[1], window_size=112),
+        hidden_size=3584, vocab_size=len(tokenizer), bos_token_id=None, eos_token_id=None,
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"])
+    text_encoder = _with_default(device, dtype, lambda: Qwen2_5_VLForConditionalGeneration(config))
+    vae = _with_default(device, dtype, AutoencoderKLQwenImage)
+    randomize_(text_encoder, seed)
+    return QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_config(QWEN_FLOWMATCH), vae=vae.eval(),
+                             text_encoder=text_encoder.eval(), tokenizer=tokenizer,
+                             transformer=build_transformer("qwen_image", "full", device, dtype, seed))
+
+
+def build_wan22_14b_pipeline(device: str, dtype, seed: int = 0, text_layers: int = 2):
+    """WanPipeline of Wan 2.2 A14B T2V with ONE full 14B expert (the caller stores it as both ``transformer`` and
+    ``transformer_2``: two 28.6 GB experts do not fit a GPU machine's disk beside the rest), the full Wan 2.1 VAE,
+    and a UMT5 encoder of full width (4096) with ``text_layers`` layers; random weights. ``transformer_2`` is left
+    out here; see :func:`..harness.materialize_wan22_14b`."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from ..tiny.tokenizers import t5_tokenizer
+
+    tokenizer = t5_tokenizer()
+    config = UMT5Config(vocab_size=len(tokenizer), d_model=4096, d_kv=64, d_ff=10240, num_layers=text_layers,
+                        num_heads=64, relative_attention_num_buckets=32, feed_forward_proj="gated-gelu",
+                        dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    text_encoder = _with_default(device, dtype, lambda: UMT5EncoderModel(config))
+    vae = _with_default(device, dtype, AutoencoderKLWan)
+    randomize_(text_encoder, seed)
+    return WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder.eval(), vae=vae.eval(),
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=12.0),
+                       transformer=build_transformer("wan21_14b", "full", device, dtype, seed), boundary_ratio=0.875)

@@ -66,9 +66,13 @@ E2E_GOLDEN.update({model_id: model_id for model_id in (
 E2E_GOLDEN.update({model_id: model_id for model_id in (
     "qwen_image_edit", "qwen_image_edit_plus", "qwen_image_edit_plus_2511", "nucleus_image", "boogu_image", "ltx2",
     "ltx2.3", "hidream_o1", "mageflow", "mageflow_edit")})
+# FLUX.2: ai-toolkit's BFL-layout model on the tiny weights converted to BFL's single files (goldens/MANIFEST.md section 15)
+E2E_GOLDEN.update({model_id: model_id for model_id in ("flux2", "flux2_klein_4b", "flux2_klein_9b")})
+#: ids that no ai-toolkit arch names, so that no job maps to them: each runs the job of the id it samples as, told to
+#: use it by reproduce's `model` override (as a user of the diffusers-layout variant would)
+RUN_AS = {"flux2_diffusers": "flux2"}
+E2E_GOLDEN.update(RUN_AS)
 
-FLUX2_REASON = ("not made: ai-toolkit builds its own BFL-layout Flux2 transformer at the released sizes "
-                "(get_flux2_params) and loads a single BFL-format file, so a tiny diffusers folder cannot stand in")
 NO_E2E_GOLDEN_YET = {
     **dict.fromkeys(
         ("ace_step_15", "ace_step_15_xl"),
@@ -77,10 +81,6 @@ NO_E2E_GOLDEN_YET = {
         "ai-toolkit's get_prompt_embeds + generate_single_audio (final latents and waveform) on the same tiny weights"),
     "omnigen2": "not made: ai-toolkit's OmniGen2Model loads a CLIPProcessor (image processor and tokenizer) from "
                 "the checkpoint's processor/ folder, which our tiny OmniGen2 folder leaves empty",
-    "flux2": FLUX2_REASON,
-    "flux2_diffusers": "no ai-toolkit arch maps to it (our diffusers-layout variant of flux2), so no job can name it",
-    "flux2_klein_4b": FLUX2_REASON,
-    "flux2_klein_9b": FLUX2_REASON,
     "chroma": "not made: ai-toolkit's ChromaModel loads its own transformer from a single original-format .safetensors "
               "file and the text encoder and VAE from the hub repo ostris/Flex.1-alpha, not from a diffusers folder "
               "like our tiny model",
@@ -167,7 +167,7 @@ def test_reproduce_matches_ai_toolkit_previews(model_id, tiny_dir, tmp_path, mon
     assert weights_sha256(base) == recorded["weights_sha256"], (
         f"the tiny {recorded['tiny_model']} model is no longer the base ai-toolkit sampled; regenerate the job "
         "(goldens/MANIFEST.md)")
-    assert read_job(job).model_id == model_id  # the job's model section maps to this id
+    assert read_job(job).model_id == RUN_AS.get(model_id, model_id)  # the job's model section maps to this id
 
     import aitk_inference.pipelines.media as media
 
@@ -188,7 +188,9 @@ def test_reproduce_matches_ai_toolkit_previews(model_id, tiny_dir, tmp_path, mon
         spec = REGISTRY[model_id]
         monkeypatch.setitem(REGISTRY, model_id, dataclasses.replace(
             spec, options=dataclasses.replace(spec.options, stg_reference_depth=depth)))
-    report = reproduce_job(job, base=base, out_dir=str(tmp_path), device="cpu", dtype="fp32")
+    report = reproduce_job(job, base=base, out_dir=str(tmp_path), device="cpu", dtype="fp32",
+                           model=model_id if model_id in RUN_AS else None)
+    assert report.model == model_id
     previews = find_previews(job)
     assert len(previews) == len(report.samples) >= 2
     measured = []

@@ -62,6 +62,9 @@ E2E_GOLDEN.update({model_id: model_id for model_id in ("sd2", "ssd", "vega", "pi
 # the families added alongside the end-to-end jobs
 E2E_GOLDEN.update({model_id: model_id for model_id in (
     "anima", "krea2", "krea2_turbo", "krea2_o_edit", "krea2_o_edit_turbo", "ideogram4", "ltx2.5")})
+# the models whose ai-toolkit class loads one original-format file, hub repo ids or released sizes: made with
+# documented shims around its loader (goldens/MANIFEST.md section 15)
+E2E_GOLDEN.update({model_id: model_id for model_id in ("chroma", "chroma_radiance", "zeta_chroma", "zimage_l2p")})
 # the VL processor models: made with real torchvision (and torchaudio) beside ai-toolkit (goldens/MANIFEST.md section 15)
 E2E_GOLDEN.update({model_id: model_id for model_id in (
     "qwen_image_edit", "qwen_image_edit_plus", "qwen_image_edit_plus_2511", "nucleus_image", "boogu_image", "ltx2",
@@ -81,14 +84,6 @@ NO_E2E_GOLDEN_YET = {
         "ai-toolkit's get_prompt_embeds + generate_single_audio (final latents and waveform) on the same tiny weights"),
     "omnigen2": "not made: ai-toolkit's OmniGen2Model loads a CLIPProcessor (image processor and tokenizer) from "
                 "the checkpoint's processor/ folder, which our tiny OmniGen2 folder leaves empty",
-    "chroma": "not made: ai-toolkit's ChromaModel loads its own transformer from a single original-format .safetensors "
-              "file and the text encoder and VAE from the hub repo ostris/Flex.1-alpha, not from a diffusers folder "
-              "like our tiny model",
-    "chroma_radiance": "not made: ai-toolkit's ChromaRadianceModel loads its transformer from a single original-format "
-                       ".safetensors file and T5 from the hub repo ostris/Flex.1-alpha (no local path), so no job can "
-                       "name our tiny folder; its preview path (BaseModel.generate_images on the same tiny weights: "
-                       "noise, schedule, CFG with the negative, final pixels and PNG) is compared in "
-                       "tests/test_chroma_radiance.py",
     "hidream": "not made: ai-toolkit's HiDream pipeline renders every preview at the area (128 * vae_scale_factor)^2, "
                "aspect ratio kept, which on the tiny model is 4056 image tokens, beyond the tiny transformer's max_seq "
                "(16); needs a tiny HiDream sized for it",
@@ -113,15 +108,6 @@ NO_E2E_GOLDEN_YET = {
         "MiniMaxAI/MiniMax-H3 only (goldens/minimax_h3_comfy answered all but the audio VAE with tiny stand-ins, on "
         "weights of its own); tests/test_minimax_h3.py compares its MiniMaxH3Pipeline runs (t2va, fl2va, ref2va: "
         "final video and audio latents) on tiny weights"),
-    "zeta_chroma": "not made: ai-toolkit's ZetaChromaModel.load_model always builds ZImageDCT at the released widths "
-                   "(3840 wide, 30 layers), so a job cannot load a tiny checkpoint without patching its code; "
-                   "tests/test_zeta_chroma.py compares five whole previews of its BaseModel.generate_images (pixels "
-                   "and PNG) on tiny weights instead",
-    "zimage_l2p": "not made: ai-toolkit's L2P transformer class takes __init__(*args, **kwargs), so its "
-                  "from_pretrained drops a saved config and builds the released 3840-wide model, and its single-file "
-                  "path builds that size too: a tiny job cannot load. test_zimage_l2p.py compares three whole seed-42 "
-                  "previews of ai-toolkit's generate_images (pixels and 8-bit PNG) on components set as its "
-                  "load_model sets them",
 }
 
 

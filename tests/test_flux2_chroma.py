@@ -193,6 +193,7 @@ def test_chroma_encodes_t5_without_its_mask_and_masks_all_but_one_padding_token(
     tokens = pipe.pipe.tokenizer(["a red fox"], padding="max_length", max_length=512, return_tensors="pt")
     length = int(tokens.attention_mask.sum())
     assert mask.shape == (1, 512) and mask[0, : length + 1].eq(1).all() and mask[0, length + 1:].eq(0).all()
+    assert mask.dtype == torch.bool  # a float 0/1 mask would be added to the attention logits, masking nothing
     with torch.inference_mode():
         unmasked = pipe.pipe.text_encoder(tokens.input_ids)[0]
     assert torch.equal(embeds, unmasked)

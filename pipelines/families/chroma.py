@@ -5,7 +5,9 @@ and encodes the prompts itself. Where that differs from stock diffusers, we foll
 
 * **Prompt encoding.** T5 with ``max_length=512`` (padded) is run WITHOUT its attention mask (diffusers passes it);
   the transformer then masks the padding except for the first padding token (both do that part the same way). We
-  encode here and pass ``prompt_embeds`` / ``prompt_attention_mask`` to the pipeline.
+  encode here and pass ``prompt_embeds`` / ``prompt_attention_mask`` to the pipeline. The mask is boolean, as
+  ai-toolkit's transformer builds it: diffusers' Chroma attention hands a float 0/1 mask to SDPA as an additive bias,
+  which masks nothing (the end-to-end job's previews differed by up to 26 levels with one).
 * **Negative prompt.** The unconditional pass encodes the sample's negative prompt (empty by default), as ai-toolkit's
   ``generate_images`` and its trainer's sample-prompt cache do (ai-toolkit's Chroma Radiance runs the same
   ``generate_single_image``, and its golden run shows the negative's tokens in the unconditional pass).
@@ -41,7 +43,7 @@ class ChromaFamilyPipeline(AITKPipeline):
         return convert_bfl_to_diffusers_chroma
 
     def encode(self, prompts: list[str]):
-        """ai-toolkit's Chroma prompt encoding: ``(embeds, mask)``, T5 run without a mask, mask = tokens + 1 pad."""
+        """ai-toolkit's Chroma prompt encoding: ``(embeds, mask)``, T5 run without a mask, boolean mask = tokens + 1 pad."""
         import torch
 
         pipe = self.pipe
@@ -53,7 +55,7 @@ class ChromaFamilyPipeline(AITKPipeline):
         embeds = embeds.to(dtype=pipe.text_encoder.dtype, device=device)
         lengths = tokens.attention_mask.sum(dim=1, keepdim=True)
         positions = torch.arange(tokens.attention_mask.shape[1]).unsqueeze(0)
-        mask = (positions < lengths + PADDING_TOKENS_ATTENDED).to(device=device, dtype=embeds.dtype)
+        mask = (positions < lengths + PADDING_TOKENS_ATTENDED).to(device=device)
         return embeds, mask
 
     def pipeline_kwargs(self, params: GenerationParams) -> dict:

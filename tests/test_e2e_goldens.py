@@ -66,6 +66,8 @@ E2E_GOLDEN.update({model_id: model_id for model_id in (
 E2E_GOLDEN.update({model_id: model_id for model_id in (
     "qwen_image_edit", "qwen_image_edit_plus", "qwen_image_edit_plus_2511", "nucleus_image", "boogu_image", "ltx2",
     "ltx2.3", "hidream_o1", "mageflow", "mageflow_edit")})
+# OmniGen2: ai-toolkit read its CLIPProcessor from a processor/ folder given an image processor config
+E2E_GOLDEN.update({model_id: model_id for model_id in ("omnigen2",)})
 
 FLUX2_REASON = ("not made: ai-toolkit builds its own BFL-layout Flux2 transformer at the released sizes "
                 "(get_flux2_params) and loads a single BFL-format file, so a tiny diffusers folder cannot stand in")
@@ -75,8 +77,6 @@ NO_E2E_GOLDEN_YET = {
         "not made: ai-toolkit writes an audio preview with torchaudio.save (its first channel only), which is not "
         "installed here, and reproduce compares images; tests/test_ace_step.py compares three whole previews of "
         "ai-toolkit's get_prompt_embeds + generate_single_audio (final latents and waveform) on the same tiny weights"),
-    "omnigen2": "not made: ai-toolkit's OmniGen2Model loads a CLIPProcessor (image processor and tokenizer) from "
-                "the checkpoint's processor/ folder, which our tiny OmniGen2 folder leaves empty",
     "flux2": FLUX2_REASON,
     "flux2_diffusers": "no ai-toolkit arch maps to it (our diffusers-layout variant of flux2), so no job can name it",
     "flux2_klein_4b": FLUX2_REASON,

@@ -16,6 +16,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from .config import find_previews, lora_step, newest_lora, read_job, resolve_job_path, with_expert_sibling
 
@@ -47,6 +48,7 @@ def job_side_loras(training, spec) -> list:
 class ImageDifference:
     """Two uint8 RGB images compared in 8-bit levels."""
 
+    unit: ClassVar[str] = "levels"
     max_abs: int
     mean_abs: float
     psnr: float
@@ -57,6 +59,7 @@ class AudioDifference:
     """Two waveforms compared in 16-bit levels (1/32768 of full scale): max and mean absolute difference and PSNR
     (dB, full scale)."""
 
+    unit: ClassVar[str] = "16-bit levels"
     max_abs: int
     mean_abs: float
     psnr: float

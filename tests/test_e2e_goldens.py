@@ -36,6 +36,12 @@ WEBP_LEVELS = 4
 #: frames)
 AUDIO_ATOL = 1e-5  # the audio track's samples before encoding (float in -1..1)
 MP4_MIN_PSNR = 24.0
+#: audio previews (ACE-Step: ai-toolkit's torchaudio.save of the waveform's first channel; the jobs ask for WAV, 16-bit
+#: PCM): held to their samples before encoding (AUDIO_ATOL) and the decoded files to AUDIO_LEVELS 16-bit levels: FFmpeg
+#: (under torchaudio) writes a float sample as rint(32768 x), our writer round(32767 x), which alone can put the same
+#: sample one level apart; AUDIO_ATOL adds at most a third of a level
+AUDIO_LEVELS = 2
+AUDIO_PREVIEW_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg")
 #: per id, the largest difference seen between each of our previews and ai-toolkit's, in 8-bit levels (a video's: its
 #: frames before the codec), as the test last measured them; the test holds every preview to its recorded value and
 #: PARITY.md's coverage table shows them. ``AITK_RECORD_E2E_DIFFERENCES=1`` makes a run write what it measures instead
@@ -75,15 +81,12 @@ E2E_GOLDEN.update({model_id: model_id for model_id in ("flux2", "flux2_klein_4b"
 #: use it by reproduce's `model` override (as a user of the diffusers-layout variant would)
 RUN_AS = {"flux2_diffusers": "flux2"}
 E2E_GOLDEN.update(RUN_AS)
+# OmniGen2: ai-toolkit read its CLIPProcessor from a processor/ folder given an image processor config
+E2E_GOLDEN.update({model_id: model_id for model_id in ("omnigen2",)})
+# ACE-Step 1.5 (audio): ai-toolkit's AceStep15Model / AceStep15XLModel on the tiny model written as its all-in-one file
+E2E_GOLDEN.update({model_id: model_id for model_id in ("ace_step_15", "ace_step_15_xl")})
 
 NO_E2E_GOLDEN_YET = {
-    **dict.fromkeys(
-        ("ace_step_15", "ace_step_15_xl"),
-        "not made: ai-toolkit writes an audio preview with torchaudio.save (its first channel only), which is not "
-        "installed here, and reproduce compares images; tests/test_ace_step.py compares three whole previews of "
-        "ai-toolkit's get_prompt_embeds + generate_single_audio (final latents and waveform) on the same tiny weights"),
-    "omnigen2": "not made: ai-toolkit's OmniGen2Model loads a CLIPProcessor (image processor and tokenizer) from "
-                "the checkpoint's processor/ folder, which our tiny OmniGen2 folder leaves empty",
     "hidream": "not made: ai-toolkit's HiDream pipeline renders every preview at the area (128 * vae_scale_factor)^2, "
                "aspect ratio kept, which on the tiny model is 4056 image tokens, beyond the tiny transformer's max_seq "
                "(16); needs a tiny HiDream sized for it",
@@ -157,7 +160,7 @@ def test_reproduce_matches_ai_toolkit_previews(model_id, tiny_dir, tmp_path, mon
 
     import aitk_inference.pipelines.media as media
 
-    encoded = {}  # our video frames (and audio) as they go into the WEBP or MP4 encoder, by output file
+    encoded = {}  # our video frames (and audio) as they go into the WEBP, MP4 or audio encoder, by output file
 
     def keeping_frames(write):
         def keep_frames(frames, path, fps, **kwargs):
@@ -166,6 +169,11 @@ def test_reproduce_matches_ai_toolkit_previews(model_id, tiny_dir, tmp_path, mon
             return write(frames, path, fps, **kwargs)
         return keep_frames
 
+    def keep_audio(audio, path, sample_rate, write=media.write_audio):  # an audio preview, as it goes to the writer
+        encoded["audio " + os.path.basename(path)] = np.asarray(audio)
+        return write(audio, path, sample_rate)
+
+    monkeypatch.setattr(media, "write_audio", keep_audio)
     monkeypatch.setattr(media, "write_webp", keeping_frames(media.write_webp))
     monkeypatch.setattr(media, "write_mp4", keeping_frames(media.write_mp4))
     if model_id in UNRESCALED_STG:
@@ -185,6 +193,16 @@ def test_reproduce_matches_ai_toolkit_previews(model_id, tiny_dir, tmp_path, mon
         # a video preview (animated WEBP or MP4); a one-frame sample is a still image preview
         is_video = REGISTRY[model_id].is_video and row.file.endswith((".webp", ".mp4"))
         assert row.compare is not None, f"{where}: no preview of the same size to compare"
+        if row.file.endswith(AUDIO_PREVIEW_EXTENSIONS):  # in 16-bit levels, decoded, and before encoding
+            assert os.path.splitext(row.file)[1] == os.path.splitext(row.preview)[1], where
+            assert row.compare.max_abs <= AUDIO_LEVELS, f"{where}: {row.compare.max_abs} 16-bit levels off"
+            with np.load(os.path.join(job, "frames_before_webp.npz")) as theirs:
+                their_audio = theirs[f"audio_{row.index}"]
+            our_audio = encoded["audio " + os.path.basename(row.file)]
+            assert our_audio.shape == their_audio.shape, where
+            np.testing.assert_allclose(our_audio, their_audio, rtol=0, atol=AUDIO_ATOL, err_msg=where)
+            measured.append(row.compare.max_abs)
+            continue
         is_mp4 = row.file.endswith(".mp4")
         assert is_mp4 or row.compare.max_abs <= (WEBP_LEVELS if is_video else LEVELS), (
             f"{where}: {row.compare.max_abs} levels from ai-toolkit's preview")

@@ -185,10 +185,11 @@ def test_job_parsing_rules(tmp_path):
     samples = tmp_path / "samples"
     samples.mkdir()
     for name in ("1700__000000100_0.jpg", "1800__000000100_0.jpg", "1700__000000100_12.webp", "notes.txt",
-                 "1700_000000100_0.jpg", "1700__000000100_3.mp4"):
+                 "1700_000000100_0.jpg", "1700__000000100_3.mp4", "1700__000000100_5.wav"):
         (samples / name).write_bytes(b"")
     found = find_previews(str(tmp_path))
-    assert sorted(found) == [(100, 0), (100, 3), (100, 12)]
+    assert sorted(found) == [(100, 0), (100, 3), (100, 5), (100, 12)]
+    assert found[(100, 5)].endswith("1700__000000100_5.wav")  # an audio model's (ACE-Step) preview
     assert found[(100, 0)].endswith("1800__000000100_0.jpg")
     assert found[(100, 3)].endswith("1700__000000100_3.mp4")  # LTX-2.x / MiniMax-H3 video previews
 
@@ -337,8 +338,9 @@ def test_reproduce_sdxl_second_encoder_negative(tmp_path, tiny_dir, load_tiny):
 
 
 def test_reproduce_audio_job_writes_flac(tmp_path, tiny_dir):
-    """An ACE-Step job: its tagged sample prompts render as FLAC, named like ai-toolkit's previews (its MP3s of the
-    first channel are not compared)."""
+    """An ACE-Step job without previews of its own: its tagged sample prompts render as FLAC (our lossless stand-in for
+    ai-toolkit's default MP3) of the first channel, as ai-toolkit saves an audio preview, named like its previews.
+    (test_e2e_goldens.py compares a job's WAV previews.)"""
     import av
     import torch
 
@@ -380,5 +382,5 @@ def test_reproduce_audio_job_writes_flac(tmp_path, tiny_dir):
         assert row.compare is None and row.preview is None
         with av.open(row.file) as container:
             stream = container.streams.audio[0]
-            assert (stream.rate, stream.channels) == (48000, 2)
+            assert (stream.rate, stream.channels) == (48000, 1)
             assert sum(f.samples for f in container.decode(stream)) == seconds * 25 * 4  # the toy VAE: 4x

@@ -30,7 +30,8 @@ logger = logging.getLogger(__name__)
 
 _STEP_SUFFIX = re.compile(r"_(\d{9})$")
 # ai-toolkit's preview names: "[time]_" + "_%09d" + "_[count]" -> "<ms>__<step>_<index>.<ext>"
-_PREVIEW_NAME = re.compile(r"^(\d+)__(\d{9})_(\d+)\.(jpg|jpeg|png|webp|mp4)$", re.IGNORECASE)
+# (audio models' previews: wav, mp3, flac or ogg, written by ``GenerateImageConfig.save_image`` through torchaudio)
+_PREVIEW_NAME = re.compile(r"^(\d+)__(\d{9})_(\d+)\.(jpg|jpeg|png|webp|mp4|wav|mp3|flac|ogg)$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,8 @@ from typing import Any, Callable
 
 from ..lora import check_strength
 from .config import JobCheckpoint, SampleSpec, TrainingJob, find_previews, job_checkpoints, read_job
-from .reproduce import (ImageDifference, checkpoint_loras, compare_images, job_base, job_side_loras, read_frames,
-                        render_sample)
+from .reproduce import (AudioDifference, ImageDifference, checkpoint_loras, compare_images, job_base, job_side_loras,
+                        read_frames, render_sample)
 
 #: the LoRA mode the grid loads its pipeline with (see the module docstring)
 GRID_LORA_MODE = "dynamic"
@@ -87,9 +87,9 @@ def select_samples(samples: list[SampleSpec], text: str = "") -> list[SampleSpec
     return [samples[index] for index in dict.fromkeys(wanted)]
 
 
-def difference_lines(compare: ImageDifference) -> list[str]:
+def difference_lines(compare: ImageDifference | AudioDifference) -> list[str]:
     """The distance as ``reproduce`` prints it, in two lines (a grid cell is narrow)."""
-    return [f"max {compare.max_abs} mean {compare.mean_abs:.3f} levels", f"PSNR {compare.psnr:.2f} dB"]
+    return [f"max {compare.max_abs} mean {compare.mean_abs:.3f} {compare.unit}", f"PSNR {compare.psnr:.2f} dB"]
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@
 shares one multiplier, as ai-toolkit's ``merge_in`` does, live otherwise), renders each preview with
 :func:`~aitk_inference.pipelines.load_pipeline`, ``set_loras`` and ``generate``, saves it under ai-toolkit's name
 (``<job name>__<step:09d>_<i>.png``) and, where the job has its own preview for the same (step, index), reports the
-difference in 8-bit levels and PSNR and writes a side-by-side sheet. Previews that share every setting but their
+difference in 8-bit levels and PSNR and writes a side-by-side sheet (an audio preview: its first channel, as
+ai-toolkit saves it, compared in 16-bit levels). Previews that share every setting but their
 prompt, negative and seed are rendered together (:func:`batch_previews`, at most ``max_batch`` per call).
 """
 
@@ -15,6 +16,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from .config import find_previews, lora_step, newest_lora, read_job, resolve_job_path, with_expert_sibling
 
@@ -46,6 +48,18 @@ def job_side_loras(training, spec) -> list:
 class ImageDifference:
     """Two uint8 RGB images compared in 8-bit levels."""
 
+    unit: ClassVar[str] = "levels"
+    max_abs: int
+    mean_abs: float
+    psnr: float
+
+
+@dataclass(frozen=True)
+class AudioDifference:
+    """Two waveforms compared in 16-bit levels (1/32768 of full scale): max and mean absolute difference and PSNR
+    (dB, full scale)."""
+
+    unit: ClassVar[str] = "16-bit levels"
     max_abs: int
     mean_abs: float
     psnr: float
@@ -66,7 +80,7 @@ class ReproducedSample:
     guidance: float
     network_multiplier: float
     preview: str | None = None
-    compare: ImageDifference | None = None
+    compare: ImageDifference | AudioDifference | None = None
     frame_compare: tuple[ImageDifference, ...] = ()
 
 
@@ -116,6 +130,38 @@ def read_frames(path: str) -> list:
             return [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
     with Image.open(path) as im:
         return [np.asarray(frame.convert("RGB")) for frame in ImageSequence.Iterator(im)]
+
+
+def read_audio(path: str):
+    """An audio file's samples in 16-bit levels, ``[channels, samples]`` int32 (a float stream scaled by 32768)."""
+    import av
+    import numpy as np
+
+    with av.open(path) as container:
+        planar = av.AudioResampler(format="fltp")  # one row per channel, float in -1..1
+        chunks = [resampled.to_ndarray() for frame in container.decode(audio=0) for resampled in planar.resample(frame)]
+        chunks += [resampled.to_ndarray() for resampled in planar.resample(None)]
+    return np.rint(np.concatenate(chunks, axis=-1).astype(np.float64) * 32768.0).astype(np.int32)
+
+
+def compare_audio(ours, theirs) -> AudioDifference:
+    """Difference of two ``[channels, samples]`` waveforms in 16-bit levels (:func:`read_audio`)."""
+    import numpy as np
+
+    diff = np.abs(ours.astype(np.int64) - theirs.astype(np.int64))
+    mse = float(np.mean(diff.astype(np.float64) ** 2))
+    return AudioDifference(max_abs=int(diff.max()), mean_abs=float(diff.mean()),
+                           psnr=math.inf if mse == 0.0 else 10.0 * math.log10(32768.0 ** 2 / mse))
+
+
+def write_audio_preview(audio, path_stem: str, preview: str | None, sample_rate: int) -> str:
+    """Write an audio preview as ai-toolkit saves it: the first channel only (its ``save_image`` hands
+    ``torchaudio.save`` the waveform's first row), as WAV when its own preview is a WAV, else as lossless FLAC (our
+    writer has no MP3 encoder; ai-toolkit's default audio previews are MP3)."""
+    from ..media import AUDIO_CODECS, write_audio
+
+    ext = os.path.splitext(preview)[1].lower() if preview else ""
+    return write_audio(audio[:1], path_stem + (ext if ext in AUDIO_CODECS else ".flac"), sample_rate)
 
 
 def write_sheet(rows: list[tuple[str, object, object]], path: str) -> str:
@@ -282,7 +328,7 @@ def reproduce_job(
 
     from .. import load_pipeline
     from ..base import MAX_BATCH, to_pil_rgb
-    from ..media import write_audio, write_image, write_mp4, write_webp
+    from ..media import write_image, write_mp4, write_webp
     from ..registry import get_spec
 
     # 1. Validate and read the job
@@ -340,16 +386,22 @@ def reproduce_job(
                         result.timings["total"])
         p = result.params
         for i, sample in enumerate(members):
-            # 7. Save and compare (ai-toolkit's audio previews are MP3s of the first channel: lossy, so written, not
-            # compared)
+            # 7. Save and compare
             if result.is_audio:
-                path = write_audio(result.audio[i],
-                                   os.path.join(out_dir, f"{prefix}__{step:09d}_{sample.index}.flac"),
-                                   result.sample_rate)
+                preview, difference = previews.get((step, sample.index)), None
+                stem = os.path.join(out_dir, f"{prefix}__{step:09d}_{sample.index}")
+                path = write_audio_preview(result.audio[i], stem, preview, result.sample_rate)
+                if preview is not None:
+                    ours, theirs = read_audio(path), read_audio(preview)
+                    if ours.shape == theirs.shape:
+                        difference = compare_audio(ours, theirs)
+                    else:  # e.g. an MP3's encoder padding
+                        logger.warning("Sample %d: ai-toolkit's preview decodes to %s samples x channels, ours to %s; "
+                                       "not compared.", sample.index, theirs.shape[::-1], ours.shape[::-1])
                 rows[sample.index] = ReproducedSample(
                     file=path, index=sample.index, prompt=p.prompts[i], width=p.width, height=p.height,
                     seed=p.seeds[i], steps=p.steps, guidance=p.guidance, network_multiplier=sample.network_multiplier,
-                    preview=None, compare=None)
+                    preview=preview, compare=difference)
                 continue
             # ai-toolkit's video models return a one-frame sample as a still image, saved as an image preview
             is_video = result.is_video and result.images.shape[1] > 1

@@ -61,10 +61,9 @@ Progress counts stage 1's steps; the upscale and the refine happen in the ``"dec
 
 from __future__ import annotations
 
-import time
-
 import contextlib
 import os
+import time
 from typing import Sequence
 
 from ..base import AITKPipeline, GenerationParams, GenerationResult, LatentLayout
@@ -193,8 +192,10 @@ class LTX2FamilyPipeline(AITKPipeline):
 
     def pipeline_kwargs(self, params: GenerationParams) -> dict:
         """The one-stage call, or with ``resolution="high"`` stage 1's: half the size, the high mode's guidance,
-        latents out (which :meth:`call_pipeline` reads as the high mode's mark)."""
+        latents out (which :meth:`call_pipeline` reads as the high mode's mark). The high mode's upsampler and
+        distilled LoRA load here on first use (outside inference mode: the LoRA joins the stack)."""
         if self.is_high_resolution(params):
+            self._prepare_high_resolution()
             width, height = params.width // UPSCALE, params.height // UPSCALE
             kwargs = self.prompt_call(params, width=width, height=height, output_type="latent",
                                       **self._stage_kwargs(params), **self.spec.options.high.guidance)
@@ -332,8 +333,6 @@ class LTX2FamilyPipeline(AITKPipeline):
         """As :meth:`AITKPipeline.generate`, with ``num_frames`` (8k+1), ``fps`` and an optional control image
         (image-to-video); ``images`` is ``[B, T, H, W, C]``, ``audio`` ``[B, channels, samples]``."""
         with self.lock:
-            if kwargs.get("resolution") == HIGH and self.spec.options.high is not None:
-                self._prepare_high_resolution()
             self.stage = "denoise"
             self._decode_started = None
             try:

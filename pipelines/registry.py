@@ -175,7 +175,6 @@ LTX23_GUIDANCE = {
     "spatio_temporal_guidance_blocks": [28], "use_cross_timestep": True,
 }
 
-
 # ai-toolkit samples HiDream with its FlowUniPCMultistepScheduler(shift=3.0, use_dynamic_shifting=False): UniPC-bh2,
 # order 2, on flow sigmas. The family passes that scheduler's step grid as `sigmas` (pipelines/hidream.py); E1's
 # editing pipeline then shifts it by 3.0, I1's by exp(mu) with mu from the transformer's max_seq (dynamic, exponential).
@@ -345,6 +344,33 @@ class WanOptions:
     sample_first_frame: bool = False
 
 
+#: the ``lora_pass_sides`` side whose LoRAs act in the high resolution mode's refine stage only (``LTX2HighResolution``)
+LTX2_REFINE_LORA_SIDE = "refine"
+#: the ``resolution`` generation option's values; ``default`` is one stage at the requested size (ai-toolkit's previews)
+LTX2_RESOLUTION_MODES = ("default", "high")
+
+
+@dataclass(frozen=True)
+class LTX2HighResolution:
+    """The reference implementation's (runcomfy ai-toolkit-inference) ``resolution="High"`` mode of LTX-2.3: stage 1
+    at half the requested size, the latents upscaled 2x by a latent upsampler, then a short refine at the requested
+    size with a distilled LoRA added beside the user's.
+
+    ``upsampler``: hub repo (or local folder) whose ``latent_upsampler`` folder holds the ``LTX2LatentUpsamplerModel``;
+    ``distilled_lora``: hub repo, folder or ``.safetensors`` file of the distilled LoRA (diffusers names; a repo or
+    folder must hold exactly one ``.safetensors``), applied at ``distilled_lora_strength`` in the refine stage only;
+    ``refine_sigmas``: the refine stage's sigmas (its first is also the noise scale the upscaled latents are re-noised
+    with), sampled by FlowMatch Euler without dynamic or terminal shift at guidance 1; ``guidance``: the
+    ``LTX2Pipeline`` guidance arguments of both stages (the reference passes none, which in the diffusers it pins
+    meant plain CFG)."""
+
+    upsampler: str
+    distilled_lora: str
+    distilled_lora_strength: float
+    refine_sigmas: tuple[float, ...]
+    guidance: Mapping[str, Any]
+
+
 @dataclass(frozen=True)
 class LTX2Options:
     """``guidance``: LTX2Pipeline's guidance arguments; ``stg_reference_depth``: the transformer depth that the STG
@@ -354,8 +380,11 @@ class LTX2Options:
     ``comfy_files``: where the base repo keeps its ComfyUI single files, by component, when it has no diffusers
     folders (``families/ltx2_comfy.py`` loads them).
 
-    ``frame_rate``, the one generation option: the frame rate the model is conditioned on (the video positions' time
-    scale and the audio's length); None, the default, takes the requested ``fps``. ``preview_frame_rate``: the rate
+    ``high``: the id's high resolution mode (:class:`LTX2HighResolution`), None when it has none.
+
+    Generation options: ``frame_rate``, the frame rate the model is conditioned on (the video positions' time
+    scale and the audio's length); None, the default, takes the requested ``fps``. ``resolution`` (one of
+    :data:`LTX2_RESOLUTION_MODES`): ``high`` runs ``high``'s three stages. ``preview_frame_rate``: the rate
     ai-toolkit's previews are conditioned on whatever the job's ``fps`` (it passes none, so the pipeline's default;
     the ``fps`` only sets the MP4's rate); ``reproduce`` passes it as ``frame_rate``."""
 
@@ -363,16 +392,29 @@ class LTX2Options:
     stg_reference_depth: int | None = None
     image_crf: int | None = 0
     comfy_files: Mapping[str, str] | None = None
+    high: LTX2HighResolution | None = None
     frame_rate: float | None = None
+    resolution: str = "default"
     preview_frame_rate: float = 24.0
 
     @property
     def generation_options(self) -> tuple[str, ...]:
         """The ``generate()`` options this id takes."""
-        return ("frame_rate",)
+        return ("frame_rate", "resolution")
 
     def defaults(self) -> dict:
         return {name: getattr(self, name) for name in self.generation_options}
+
+
+# The reference implementation's LTX-2.3 High mode (its src/pipelines/ltx2.py LTX23Pipeline): the sigmas are diffusers'
+# STAGE_2_DISTILLED_SIGMA_VALUES; both stages get no guidance arguments, plain CFG in the diffusers it pins (072d15ee).
+LTX23_HIGH_RESOLUTION = LTX2HighResolution(
+    upsampler="dg845/LTX-2.3-Spatial-Upsampler-Diffusers",
+    distilled_lora="CalamitousFelicitousness/LTX-2.3-distilled-lora-384-Diffusers",
+    distilled_lora_strength=0.8,
+    refine_sigmas=(0.909375, 0.725, 0.421875),
+    guidance=LTX20_GUIDANCE,
+)
 
 
 @dataclass(frozen=True)
@@ -1069,9 +1111,14 @@ REGISTRY: "OrderedDict[str, ModelSpec]" = OrderedDict(
              options=LTX2Options(guidance=LTX20_GUIDANCE),
              notes=_LTX2_NOTES + " LTX-2.0: plain true CFG (no STG or modality guidance), as ai-toolkit samples it."),
         LTX2("ltx2.3", base="dg845/LTX-2.3-Diffusers", tiny="ltx2:build_ltx23", aitk_archs=(AitkArch("ltx2.3"),),
-             options=LTX2Options(guidance=LTX23_GUIDANCE, stg_reference_depth=48),
+             options=LTX2Options(guidance=LTX23_GUIDANCE, stg_reference_depth=48, high=LTX23_HIGH_RESOLUTION),
+             lora_pass_sides=(LTX2_REFINE_LORA_SIDE,),
              notes=_LTX2_NOTES + " LTX-2.3: ai-toolkit's guidance extras (STG at block 28, modality guidance 3.0, "
-             "guidance rescale 0.7, audio guidance 7.0, cross-modality timesteps)."),
+             "guidance rescale 0.7, audio guidance 7.0, cross-modality timesteps). Option resolution='high': the "
+             "reference implementation's High mode (stage 1 at half the size with plain CFG, 2x latent upsampler "
+             "dg845/LTX-2.3-Spatial-Upsampler-Diffusers, 3 refine steps at guidance 1 with the distilled LoRA "
+             "CalamitousFelicitousness/LTX-2.3-distilled-lora-384-Diffusers at 0.8 beside the user's); width and "
+             "height are the output size, multiples of 64."),
         LTX2("ltx2.5", base="Lightricks/LTX-2.5", tiny="ltx2:build_ltx25", aitk_archs=(AitkArch("ltx2.5"),),
              width=768, height=768, video=VideoSpec(num_frames=121, fps=24, frame_step=8, preview_format="mp4"),
              options=LTX2Options(guidance=LTX23_GUIDANCE, stg_reference_depth=48, comfy_files=LTX25_COMFY_FILES),

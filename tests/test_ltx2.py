@@ -1,5 +1,6 @@
 """LTX-2 / LTX-2.3 / LTX-2.5 (video + audio) on tiny random-weight pipelines of the real classes; LTX-2.5 also
-against ai-toolkit's own code (tests/goldens/ltx25, MANIFEST "ltx25")."""
+against ai-toolkit's own code (tests/goldens/ltx25, MANIFEST "ltx25"), LTX-2.3's high resolution mode against the
+reference implementation's own (tests/goldens/ltx23_high, MANIFEST "ltx23_high")."""
 
 import functools
 import inspect
@@ -627,3 +628,89 @@ def test_ltx25_comfyui_folder_missing_a_file_is_named(tmp_path):
     (tmp_path / LTX25_COMFY_FILES["transformer"]).write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="gemma4-12b-with-proj"):
         ltx2_comfy.locate_files(str(tmp_path), LTX25_COMFY_FILES)
+
+
+# ------------------------------------------------------------------ LTX-2.3 high resolution against the reference
+LTX23_HIGH_GOLDENS = os.path.join(GOLDENS_DIR, "ltx23_high")
+
+
+def _tensor_digest(tensors: dict) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        digest.update(key.encode())
+        digest.update(tensors[key].detach().float().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+@pytest.fixture(scope="module")
+def high_pipe(load_tiny, tmp_path_factory):
+    """A tiny ltx2.3 of its own (the high mode keeps its distilled LoRA in the stack) whose high mode reads the tiny
+    upsampler and distilled LoRA, plus the golden's user LoRA, checked against the digests the golden was made with."""
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    from aitk_inference.tiny.loras import lora_targets, make_state_dict, save_lora
+    from aitk_inference.tiny.ltx2 import write_ltx23_high_resolution
+
+    with open(os.path.join(LTX23_HIGH_GOLDENS, "meta.json")) as f:
+        meta = json.load(f)
+    folder = tmp_path_factory.mktemp("ltx23_high")
+    pipe = load_tiny("ltx2.3")
+    parts = write_ltx23_high_resolution(pipe.pipe, str(folder))
+    user_lora = save_lora(str(folder / "user_lora.safetensors"),
+                          make_state_dict("peft_diffusion_model", lora_targets(pipe.pipe.transformer), seed=1, std=0.1))
+    from diffusers.pipelines.ltx2 import LTX2LatentUpsamplerModel
+
+    upsampler = LTX2LatentUpsamplerModel.from_pretrained(parts["upsampler"], subfolder="latent_upsampler")
+    assert _tensor_digest(upsampler.state_dict()) == meta["upsampler_digest"], "the tiny upsampler changed"
+    assert _tensor_digest(load_file(parts["distilled_lora"])) == meta["distilled_lora_digest"]
+    assert _tensor_digest(load_file(user_lora)) == meta["user_lora_digest"]
+    options = pipe.spec.options
+    pipe.spec = dataclasses.replace(pipe.spec, options=dataclasses.replace(
+        options, high=dataclasses.replace(options.high, **parts)))
+    return pipe, user_lora, meta
+
+
+def test_ltx23_high_resolution_matches_the_reference(high_pipe):
+    """resolution='high' equals the reference implementation's own LTX23Pipeline High path (its code, under the
+    diffusers it pins) on the tiny model: stage 1 at half the size (text-to-video with a user LoRA, image-to-video
+    without), the 2x latent upsampler, the distilled-LoRA refine. Frames within 1 level of 255, audio to float32
+    rounding; the default mode is untouched by a high render."""
+    from PIL import Image
+
+    pipe, user_lora, meta = high_pipe
+    golden = np.load(os.path.join(LTX23_HIGH_GOLDENS, "high.npz"))
+    for name, case in meta["cases"].items():
+        pipe.set_loras([(user_lora, case["user_lora_strength"])] if case["user_lora_strength"] else [])
+        control = case["control_image"] and [Image.open(os.path.join(LTX23_HIGH_GOLDENS, case["control_image"]))]
+        render = functools.partial(pipe.generate, case["prompt"], negative=case["negative"], seed=case["seed"],
+                                   width=case["output_size"], height=case["output_size"], steps=case["steps"],
+                                   guidance=case["guidance"], num_frames=case["num_frames"], fps=case["fps"],
+                                   control_images=control or None)
+        default_before = render().images if name == "t2v_lora" else None
+        result = render(resolution="high")
+        frames = (result.images[0] * 255).round().astype(np.int16)
+        assert frames.shape == golden[f"{name}.frames"].shape
+        assert np.abs(frames - golden[f"{name}.frames"]).max() <= 1, name  # largest seen: 1 (t2v_lora), 0 (i2v)
+        np.testing.assert_allclose(result.audio, golden[f"{name}.audio"], rtol=0, atol=1e-5)
+        assert result.sample_rate == case["audio_sample_rate"]
+        if default_before is not None:
+            assert np.array_equal(render().images, default_before), "the distilled LoRA acts outside the refine"
+    assert [lora["side"] for lora in pipe.loras.describe()] == ["refine"]
+    pipe.set_loras([])
+
+
+def test_ltx23_high_resolution_inputs(high_pipe, pipes):
+    pipe, user_lora, _ = high_pipe
+    with pytest.raises(ValueError, match="ltx2 has no high resolution mode.*use model ltx2.3"):
+        pipes("ltx2").generate("a fox", resolution="high", **FAST)
+    with pytest.raises(ValueError, match="multiples of 64 \\(got 96x64\\)"):
+        pipe.generate("a fox", resolution="high", **{**FAST, "width": 96})
+    with pytest.raises(ValueError, match="`resolution` must be one of default, high, got 'High'"):
+        pipe.generate("a fox", resolution="High", **FAST)
+    assert pipe.check_lora((user_lora, 1.0, "refine")).request.side == "refine"
+    with pytest.raises(ValueError, match="side is empty .* or 'refine'"):
+        pipe.check_lora((user_lora, 1.0, "high"))

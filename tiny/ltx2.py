@@ -11,6 +11,9 @@ attention and cross-attention modulation in the transformer, per-modality text p
 caption projection in the transformer), STG-capable attention, and the vocoder with bandwidth extension (16 kHz ->
 48 kHz here, as in the real one).
 
+LTX-2.3's high resolution mode adds a latent upsampler (32 channels, one block per stage, the real model's rational
+2x resampler) and a distilled LoRA (diffusers names, every block Linear): ``write_ltx23_high_resolution``.
+
 LTX-2.5 is LTX-2.3 with the video feed-forward biases dropped (the audio feed-forward keeps them) and a Gemma-4 text
 model (``Gemma4TextModel``, the text stack ai-toolkit loads from the ComfyUI file) in place of Gemma-3.
 """
@@ -165,3 +168,25 @@ def build_ltx23():
 
 def build_ltx25():
     return _build(v23=True, v25=True)
+
+
+def ltx23_latent_upsampler():
+    import torch
+    from diffusers.pipelines.ltx2 import LTX2LatentUpsamplerModel
+
+    torch.manual_seed(0)
+    return LTX2LatentUpsamplerModel(in_channels=4, mid_channels=32, num_blocks_per_stage=1)
+
+
+def write_ltx23_high_resolution(pipe, out_dir: str, seed: int = 7) -> dict[str, str]:
+    """The high resolution mode's parts for tiny LTX-2.3 ``pipe``, as ``LTX2HighResolution`` takes them: ``upsampler``
+    (a folder with ``latent_upsampler/``) and ``distilled_lora`` (a ``.safetensors`` file in diffusers names)."""
+    import os
+
+    from .loras import lora_targets, make_state_dict, save_lora
+
+    upsampler = os.path.join(out_dir, "upsampler")
+    ltx23_latent_upsampler().save_pretrained(os.path.join(upsampler, "latent_upsampler"))
+    lora = save_lora(os.path.join(out_dir, "distilled_lora.safetensors"),
+                     make_state_dict("peft", lora_targets(pipe.transformer), seed=seed, std=0.1))
+    return {"upsampler": upsampler, "distilled_lora": lora}

@@ -220,3 +220,30 @@ def test_every_id_runs_on_cuda_in_bf16_with_a_lora(model_id, lora_mode, load_tin
     output = result.audio if result.is_audio else result.images
     assert denoiser.device.type == "cuda" and denoiser.dtype == torch.bfloat16
     assert np.isfinite(output).all() and np.std(output) > 0
+
+
+def test_fp8_fused_rebuild_gives_torchaos_bytes_on_the_gpu(load_tiny, tmp_path, monkeypatch):
+    """The FP8 fast mode's strength change rebuilds each layer with one compiled kernel (runtime.quantize.fp8_rows_);
+    every layer shape must pass its first-use byte comparison with torchao's quantize (else it would silently keep the
+    slower path), and later rebuilds must match torchao's bytes too."""
+    from aitk_inference.pipelines.runtime import quantize
+
+    if quantize.fp8_unavailable("cuda"):
+        pytest.skip(quantize.fp8_unavailable("cuda"))
+    monkeypatch.setattr(quantize, "_FUSED_CHECKED", {})
+    fused = load_tiny("flux", device="cuda", dtype="bf16", quantize="fp8", lora_mode="fused")
+    previous = load_tiny("flux", device="cuda", dtype="bf16", quantize="fp8", lora_mode="fused")
+    lora = write_lora(str(tmp_path / "l.safetensors"), "peft", lora_targets(fused.pipe.transformer))
+
+    def fp8_bytes(pipeline):
+        return [(m.weight.qdata.view(torch.uint8).clone(), m.weight.scale.view(torch.int32).clone())
+                for m in pipeline.pipe.transformer.modules() if hasattr(m, "weight") and quantize.is_quantized(m.weight)]
+
+    for strength in (1.0, 0.4, -0.7):
+        fused.set_loras([(lora, strength)])
+        with monkeypatch.context() as torchao_only:
+            torchao_only.setattr(quantize, "_is_row_fp8", lambda weight: False)
+            previous.set_loras([(lora, strength)])
+        assert all(torch.equal(a, b) for pair in zip(fp8_bytes(fused), fp8_bytes(previous)) for a, b in zip(*pair))
+    assert quantize._FUSED_CHECKED and all(quantize._FUSED_CHECKED.values()), quantize._FUSED_CHECKED
+    assert quantize._COMPILED.get("cuda") is not None, "the fused rebuild did not compile (is Triton installed?)"

@@ -529,7 +529,7 @@ class LoraStack:
                 patch = entry.loaded.patches.get(key)
                 if patch is not None:
                     _add_patch_(merged, patch, entry.strength)
-            requantize_(base, merged.to(master.dtype))
+            requantize_(base, merged, master.dtype)
             self._stale_quantized.discard(key)
             self.stats["requantized_layers"] += 1
 

@@ -22,7 +22,10 @@ bf16 on an H100); use ``compile="regional"`` with FP8.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import sys
+
+logger = logging.getLogger(__name__)
 
 #: float8 matmuls need both dimensions of a weight to be multiples of 16
 _FP8_ALIGNMENT = 16
@@ -140,16 +143,117 @@ def _host_copy(weight):
     return copy
 
 
-def requantize_(module, weight) -> None:
-    """Set the values of ``module``'s quantized weight to the quantization of ``weight`` (model dtype, same shape),
-    in place: the quantized tensors keep their storage, so compiled graphs that read them stay valid."""
+def requantize_(module, merged, dtype) -> None:
+    """Set the values of ``module``'s quantized weight to the quantization of ``merged`` (float32, same shape) rounded
+    to ``dtype`` (the model dtype), in place: the quantized tensors keep their storage, so compiled graphs that read
+    them stay valid. Per-row FP8 weights are rebuilt by :func:`fp8_rows_` (one fused kernel on CUDA), the rest through
+    torchao's own quantize with the layer's config."""
+    weight = module.weight
+    if _is_row_fp8(weight) and _fused_rebuild_(module, merged, dtype):
+        return
+    _copy_quantized_(weight, _torchao_quantized(module, merged.to(dtype)))
+
+
+def _torchao_quantized(module, weight):
+    """The quantized tensor torchao makes of ``weight`` with ``module``'s config (on a scratch layer)."""
     import torch
     from torchao.quantization import quantize_
 
     scratch = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
     scratch.weight = torch.nn.Parameter(weight, requires_grad=False)
     quantize_(scratch, getattr(module, _CONFIG))
-    _copy_quantized_(module.weight, scratch.weight)
+    return scratch.weight
+
+
+# ---------------------------------------------------------------------------------------------------------------- fused FP8 rebuild
+def fp8_rows_(merged, dtype, qdata, scale) -> None:
+    """Write the per-row float8 quantization of ``merged`` rounded to ``dtype`` into ``qdata`` (float8, same shape)
+    and ``scale`` (float32, one a row), in place.
+
+    The same operations, in the same dtypes, as torchao's per-row ``Float8Tensor.from_hp`` (its plain-torch kernel):
+    the row's largest magnitude in ``dtype`` divided by the float8 maximum gives the scale (rounded to ``dtype``, then
+    float32), and the values divided by it, clamped to the float8 range, are cast to float8. Eager, it runs those
+    operations as they are; compiled (:func:`_compiled_fp8_rows`) it is one fused pass over the weight."""
+    import torch
+
+    weight = merged.to(dtype)
+    quant_max = torch.finfo(qdata.dtype).max
+    row_scale = (weight.abs().amax(dim=1, keepdim=True) / quant_max).to(torch.float32)
+    qdata.copy_((weight.to(torch.float32) / row_scale).clamp(min=-quant_max, max=quant_max).to(qdata.dtype))
+    scale.copy_(row_scale)
+
+
+#: Inductor settings that keep eager PyTorch's rounding (each intermediate rounded to its dtype, IEEE division);
+#: the names present in the running torch are used
+_EAGER_NUMERICS = ("emulate_precision_casts", "eager_numerics.division_rounding", "emulate_divison_rounding")
+#: (device type, shape, float8 dtype, model dtype) -> whether the fused rebuild gave torchao's bytes on first use
+_FUSED_CHECKED: dict[tuple, bool] = {}
+_COMPILED: dict[str, object] = {}
+
+
+def _compiled_fp8_rows():
+    """:func:`fp8_rows_` compiled once per process for CUDA (dynamic shapes: one graph for every layer shape, kept
+    in the on-disk compile cache); None where it cannot compile (no Triton), which leaves it eager."""
+    if "cuda" not in _COMPILED:
+        import torch
+
+        compiled = None
+        if importlib.util.find_spec("triton") is not None:
+            from torch._inductor import config
+
+            from .accelerate import use_persistent_compile_cache
+
+            use_persistent_compile_cache()
+
+            known = config.get_config_copy()
+            options = {name: True for name in _EAGER_NUMERICS if name in known}
+            compiled = torch.compile(fp8_rows_, dynamic=True, fullgraph=True, options=options)
+        _COMPILED["cuda"] = compiled
+    return _COMPILED["cuda"]
+
+
+def _is_row_fp8(weight) -> bool:
+    import torch
+
+    quantized = getattr(weight, "qdata", None)
+    scale = getattr(weight, "scale", None)
+    return (type(weight).__name__ == "Float8Tensor" and quantized is not None and quantized.dim() == 2
+            and scale is not None and scale.dtype == torch.float32 and tuple(scale.shape) == (quantized.shape[0], 1)
+            and list(getattr(weight, "block_size", None) or ()) == [1, quantized.shape[1]])
+
+
+def _fused_rebuild_(module, merged, dtype) -> bool:
+    """Rebuild a per-row FP8 weight with :func:`fp8_rows_` (compiled on CUDA); False where it is not used. The first
+    time a layer shape is seen in this process the result is compared, byte for byte, with torchao's quantize of the
+    same weight; a shape where they differ (another torchao kernel, another rounding) keeps torchao's path."""
+    import torch
+
+    weight = module.weight
+    rebuild = (_compiled_fp8_rows() if merged.device.type == "cuda" else None) or fp8_rows_
+    key = (merged.device.type, tuple(merged.shape), weight.qdata.dtype, dtype)
+    if key not in _FUSED_CHECKED:
+        reference = _torchao_quantized(module, merged.to(dtype))
+        qdata, scale = torch.empty_like(weight.qdata), torch.empty_like(weight.scale)
+        try:
+            rebuild(merged, dtype, qdata, scale)
+        except Exception as error:  # a compile that fails here (a Triton or compiler problem) leaves it eager
+            logger.warning("FP8 rebuild: compiling the fused kernel failed (%s); it runs eager.", error)
+            _COMPILED[merged.device.type] = None
+            rebuild = fp8_rows_
+            rebuild(merged, dtype, qdata, scale)
+        same = (torch.equal(qdata.view(torch.uint8), reference.qdata.view(torch.uint8))
+                and torch.equal(scale.view(torch.int32), reference.scale.reshape(scale.shape).view(torch.int32)))
+        _FUSED_CHECKED[key] = same
+        if not same:
+            logger.warning("FP8 rebuild: the fused kernel does not give torchao's bytes for %s weights of shape %s on "
+                           "%s; that shape uses torchao's quantize (slower strength changes).", dtype,
+                           tuple(merged.shape), merged.device.type)
+        _copy_quantized_(weight, reference)
+        return True
+    if not _FUSED_CHECKED[key]:
+        return False
+    rebuild(merged, dtype, weight.qdata, weight.scale)
+    return True
 
 
 def _copy_quantized_(target, source) -> None:

@@ -247,3 +247,47 @@ def test_fp8_fused_rebuild_gives_torchaos_bytes_on_the_gpu(load_tiny, tmp_path, 
         assert all(torch.equal(a, b) for pair in zip(fp8_bytes(fused), fp8_bytes(previous)) for a, b in zip(*pair))
     assert quantize._FUSED_CHECKED and all(quantize._FUSED_CHECKED.values()), quantize._FUSED_CHECKED
     assert quantize._COMPILED.get("cuda") is not None, "the fused rebuild did not compile (is Triton installed?)"
+
+
+@pytest.mark.parametrize("lora_mode", ["fused", "dynamic"])
+def test_fp8_with_auto_offload_streams_fp8_blocks_and_matches_no_offload(load_tiny, monkeypatch, tmp_path, lora_mode):
+    """quantize="fp8" with offload="auto" under a memory cap: the weights are quantized on the host (each layer
+    computed on the GPU), the first FP8 blocks stay on the GPU and the rest stream (diffusers' group offloading moves
+    torchao's FP8 tensors, pinned host copies included). The FP8 values equal those of FP8 without offload byte for
+    byte, before and after LoRA changes (fused mode rebuilds the streamed layers on the GPU into their host copies),
+    and so do the images, within the tolerance of the bf16 offload test above."""
+    from aitk_inference.pipelines.runtime import accelerate, quantize
+
+    if quantize.fp8_unavailable("cuda"):
+        pytest.skip(quantize.fp8_unavailable("cuda"))
+    gen = {"prompt": "x", "width": 64, "height": 64, "steps": 2, "seed": 5}
+    roomy = load_tiny("flux", device="cuda", dtype="bf16", quantize="fp8", lora_mode=lora_mode)
+    transformer = roomy.pipe.transformer
+    blocks = [accelerate.module_bytes(block) for _, block in accelerate.blocks_in_order(transformer)]  # FP8 bytes
+    overhead = accelerate.module_bytes(transformer) - sum(blocks) + 2 * max(blocks)
+    monkeypatch.setitem(accelerate.AUTO_OFFLOAD_RESERVE_GIB, "image", 0.0)
+    # the tiny weights fit any card: ask for streaming (the CPU tests cover the choice), the cap sets what stays
+    monkeypatch.setattr(accelerate, "choose_offload", lambda sizes, budget, reserve, whole_components=True: "group")
+    budget = overhead + sum(blocks[: len(blocks) // 2])
+    monkeypatch.setenv("AITK_MAX_GPU_MEMORY_GIB", str((torch.cuda.memory_reserved() + budget) / 2**30))
+    capped = load_tiny("flux", device="cuda", dtype="bf16", quantize="fp8", offload="auto", lora_mode=lora_mode)
+    assert capped.offload == "group" and capped.quantize == "fp8"
+    assert 0 < capped.resident["transformer"] < sum(blocks)
+    placed = [next(block.parameters()).device.type for _, block in accelerate.blocks_in_order(capped.pipe.transformer)]
+    assert placed[0] == "cuda" and placed[-1] == "cpu" and placed == sorted(placed, reverse=True)
+
+    def fp8_bytes(pipeline):
+        return [(m.weight.qdata.view(torch.uint8).cpu(), m.weight.scale.cpu()) for m in pipeline.pipe.transformer.modules()
+                if hasattr(m, "weight") and quantize.is_quantized(m.weight)]
+
+    def same_fp8():
+        return all(torch.equal(a, b) for pair in zip(fp8_bytes(capped), fp8_bytes(roomy)) for a, b in zip(*pair))
+
+    assert same_fp8()
+    assert np.abs(capped.generate(**gen).images - roomy.generate(**gen).images).max() < 0.03
+    lora = write_lora(str(tmp_path / "l.safetensors"), "peft", lora_targets(transformer))
+    for strength in (1.0, 0.4):
+        for pipeline in (roomy, capped):
+            pipeline.set_loras([(lora, strength)])
+        assert same_fp8()
+        assert np.abs(capped.generate(**gen).images - roomy.generate(**gen).images).max() < 0.03

@@ -222,3 +222,67 @@ def test_a_fused_rebuild_that_differs_from_torchao_is_not_used(load_tiny, lora_f
     monkeypatch.setattr(quantize, "_FUSED_CHECKED", {})
     reference.set_loras([(lora_files["peft"], 0.7)])
     assert _same_bytes(_fp8_bytes(wrong.pipe.transformer), _fp8_bytes(reference.pipe.transformer))
+
+
+# ---------------------------------------------------------------------------------------------------------------- FP8 and offload="auto"
+def test_fp8_weights_count_their_fp8_bytes_in_the_offload_budget(monkeypatch):
+    from aitk_inference.pipelines.runtime.accelerate import module_bytes, tensor_bytes
+    from aitk_inference.pipelines.runtime.quantize import fp8_config, is_quantized
+    from torchao.quantization import quantize_
+
+    _fp8_on_the_cpu(monkeypatch)
+    layer = torch.nn.Linear(64, 32).to(torch.bfloat16)
+    assert module_bytes(layer) == (64 * 32 + 32) * 2
+    quantize_(layer, fp8_config())
+    assert is_quantized(layer.weight) and layer.weight.element_size() == 2  # a bfloat16 face over float8 values
+    assert tensor_bytes(layer.weight) == 64 * 32 + 32 * 4  # one byte a value, one float32 scale a row
+    assert module_bytes(layer) == 64 * 32 + 32 * 4 + 32 * 2
+
+
+@pytest.mark.parametrize("room", ["bf16 fits", "fp8 fits", "fp8 streams"])
+def test_auto_offload_with_fp8_measures_and_places_fp8_blocks(load_tiny, monkeypatch, room):
+    """offload="auto" with quantize="fp8": when the weights fit as they are, they are placed on the GPU and quantized
+    there (as with offload="none"); else they are quantized first, on the host (each layer computed on the GPU), and
+    auto plans with their FP8 bytes: all on the GPU if that fits, else block streaming with the first FP8 blocks
+    resident (never whole components). The budget is set here; a CPU stands in for the GPU."""
+    from aitk_inference.pipelines.runtime import accelerate, options
+    from aitk_inference.pipelines.runtime.quantize import block_linear_names, fp8_config, is_quantized, quantize_block_linears
+
+    quantize = _fp8_on_the_cpu(monkeypatch)
+    monkeypatch.setattr(options, "fp8_unavailable", lambda device: None)
+    monkeypatch.setattr(quantize, "fp8_unavailable", lambda device: None)
+    monkeypatch.setitem(accelerate.AUTO_OFFLOAD_RESERVE_GIB, "image", 0.0)
+    bf16 = load_tiny("flux", dtype="bf16").pipe
+    bf16_sizes = accelerate.component_bytes(bf16)
+    quantize_block_linears(bf16.transformer, fp8_config())
+    fp8_sizes = accelerate.component_bytes(bf16)
+    saved = bf16_sizes["transformer"] - fp8_sizes["transformer"]
+    assert saved == sum(bf16.transformer.get_submodule(n).weight.numel() - 4 * bf16.transformer.get_submodule(n).weight.shape[0]
+                        for n in block_linear_names(bf16.transformer))
+    largest = max(fp8_sizes.values())
+    budget = {"bf16 fits": sum(bf16_sizes.values()), "fp8 fits": sum(fp8_sizes.values()),
+              "fp8 streams": (largest + sum(fp8_sizes.values())) // 2}[room]
+    assert largest <= budget  # whole-component offloading would fit: FP8 must not take it
+    monkeypatch.setattr(accelerate, "gpu_memory_budget", lambda device: budget)
+    placed = {}
+
+    def place(pipe, device, offload, resident=None):
+        layer = pipe.transformer.transformer_blocks[0].attn.to_q
+        placed.update(offload=offload, resident=resident, quantized=is_quantized(layer.weight),
+                      sizes=accelerate.component_bytes(pipe))
+
+    monkeypatch.setattr(accelerate, "place", place)
+    pipeline = load_tiny("flux", dtype="bf16", quantize="fp8", offload="auto", lora_mode="fused")
+    assert pipeline.quantize == "fp8" and pipeline.offload == placed["offload"]
+    assert placed["quantized"] == (room != "bf16 fits")
+    assert placed["offload"] == ("group" if room == "fp8 streams" else "none")
+    if room == "fp8 streams":
+        assert placed["sizes"] == fp8_sizes
+        transformer = pipeline.pipe.transformer
+        blocks = [accelerate.module_bytes(block) for _, block in accelerate.blocks_in_order(transformer)]
+        kept = budget - (fp8_sizes["transformer"] - sum(blocks) + 2 * max(blocks))  # in FP8 bytes
+        assert pipeline.resident == placed["resident"] == {"transformer": kept} and 0 < kept
+    else:
+        assert placed["resident"] is None
+    layer = pipeline.pipe.transformer.transformer_blocks[0].attn.to_q
+    assert quantize.rebuild_device(layer).type == "cpu" and quantize.master_weight(layer).device.type == "cpu"

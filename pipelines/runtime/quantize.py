@@ -53,8 +53,8 @@ def fp8_unavailable(device: str) -> str | None:
 def fp8_option_conflict(offload: str) -> str | None:
     """Why FP8 weights cannot go with these load options, or None."""
     if offload not in ("none", "auto"):
-        return (f"FP8 weights stay on the GPU, so quantize='fp8' cannot be combined with offload={offload!r}; "
-                "use offload='none' (or 'auto', which then keeps everything on the GPU)")
+        return (f"quantize='fp8' cannot be combined with offload={offload!r}; use offload='none', or 'auto', which "
+                "streams the FP8 blocks that do not fit the GPU (keeping the first ones resident)")
     return None
 
 
@@ -82,18 +82,24 @@ def fp8_config():
     return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
 
 
-def quantize_denoiser_fp8(denoiser, keep_master: bool = False, master: str = "auto") -> int:
+def quantize_denoiser_fp8(denoiser, keep_master: bool = False, master: str = "auto", device=None) -> int:
     """Give the block Linears of ``denoiser`` float8 weights in place; returns how many layers were quantized.
 
     ``keep_master`` keeps each layer's current weight (see :func:`master_weight`), which fused LoRA mode re-quantizes
     from; ``master`` says where: ``gpu`` (the weight itself, no copy), ``host`` (pinned memory) or ``auto`` (see
-    :func:`master_place`)."""
-    return quantize_block_linears(denoiser, fp8_config(), keep_master, master)
+    :func:`master_place`). ``device``: see :func:`quantize_block_linears`."""
+    return quantize_block_linears(denoiser, fp8_config(), keep_master, master, device)
 
 
-def quantize_block_linears(denoiser, config, keep_master: bool = False, master: str = "auto") -> int:
+def quantize_block_linears(denoiser, config, keep_master: bool = False, master: str = "auto", device=None) -> int:
     """Quantize the block Linears of ``denoiser`` with the torchao ``config``, one layer at a time (so host masters
-    never need a second full copy of the model)."""
+    never need a second full copy of the model).
+
+    ``device`` is where the quantized values are computed, now and at every LoRA change (:func:`rebuild_device`); a
+    weight still on the host (a model quantized before it is offloaded) goes there for its quantization and its
+    quantized tensor comes back, so that its bytes are those a weight on ``device`` gets. Default: where each
+    weight is."""
+    import torch
     from torchao.quantization import quantize_
 
     names = block_linear_names(denoiser)
@@ -103,11 +109,18 @@ def quantize_block_linears(denoiser, config, keep_master: bool = False, master: 
             raise ValueError(f"Unknown master place {master!r}; use one of {', '.join(MASTER_PLACES)}.")
     for name in names:
         module = denoiser.get_submodule(name)
+        weight = module.weight.detach()
         if keep_master:
-            weight = module.weight.detach()
             setattr(module, _MASTER, weight if master == "gpu" else _host_copy(weight))
+        target = weight.device if device is None else torch.device(device)
+        from_host = weight.device.type == "cpu" and target.type != "cpu"
+        if from_host:
+            module.weight = torch.nn.Parameter(weight.to(target), requires_grad=False)
         quantize_(module, config)
+        if from_host:
+            module.weight = torch.nn.Parameter(module.weight.to(weight.device), requires_grad=False)
         setattr(module, _CONFIG, config)
+        setattr(module, _DEVICE, target)
     return len(names)
 
 
@@ -125,8 +138,9 @@ def master_place(denoiser, names: list[str]) -> str:
     return "gpu" if free - fp8_bytes >= GPU_MASTER_FREE_FRACTION * total else "host"
 
 
-#: attributes a quantized Linear carries: its master weight (fused LoRA mode) and the torchao config it was made with
-_MASTER, _CONFIG = "aitk_master_weight", "aitk_quantize_config"
+#: attributes a quantized Linear carries: its master weight (fused LoRA mode), the torchao config it was made with and
+#: the device its quantized values are computed on
+_MASTER, _CONFIG, _DEVICE = "aitk_master_weight", "aitk_quantize_config", "aitk_quantize_device"
 
 
 def master_weight(module):
@@ -134,11 +148,20 @@ def master_weight(module):
     return getattr(module, _MASTER, None)
 
 
+def rebuild_device(module):
+    """The device a quantized layer's values are (re)computed on: the one it was quantized on, which for a layer
+    whose weight is offloaded to the host is the GPU it runs on."""
+    return getattr(module, _DEVICE, None) or module.weight.device
+
+
 def _host_copy(weight):
+    """``weight`` in host memory, pinned where a GPU reads it back (the re-quantizing copies then run at full PCIe
+    speed); a weight already on the host is not copied again unless it must be pinned."""
     import torch
 
-    pin = weight.device.type == "cuda"  # pinned memory: the re-quantizing copies back run at full PCIe speed
-    copy = torch.empty(weight.shape, dtype=weight.dtype, device="cpu", pin_memory=pin)
+    if weight.device.type == "cpu":
+        return weight.pin_memory() if torch.cuda.is_available() else weight
+    copy = torch.empty(weight.shape, dtype=weight.dtype, device="cpu", pin_memory=True)
     copy.copy_(weight)
     return copy
 
@@ -233,7 +256,8 @@ def _fused_rebuild_(module, merged, dtype) -> bool:
     key = (merged.device.type, tuple(merged.shape), weight.qdata.dtype, dtype)
     if key not in _FUSED_CHECKED:
         reference = _torchao_quantized(module, merged.to(dtype))
-        qdata, scale = torch.empty_like(weight.qdata), torch.empty_like(weight.scale)
+        qdata, scale = (torch.empty_like(weight.qdata, device=merged.device),
+                        torch.empty_like(weight.scale, device=merged.device))
         try:
             rebuild(merged, dtype, qdata, scale)
         except Exception as error:  # a compile that fails here (a Triton or compiler problem) leaves it eager
@@ -252,7 +276,13 @@ def _fused_rebuild_(module, merged, dtype) -> bool:
         return True
     if not _FUSED_CHECKED[key]:
         return False
-    rebuild(merged, dtype, weight.qdata, weight.scale)
+    if weight.qdata.device == merged.device:
+        rebuild(merged, dtype, weight.qdata, weight.scale)
+    else:  # an offloaded layer: computed on the GPU, written into its host copy
+        qdata, scale = torch.empty_like(weight.qdata, device=merged.device), torch.empty_like(weight.scale, device=merged.device)
+        rebuild(merged, dtype, qdata, scale)
+        weight.qdata.copy_(qdata)
+        weight.scale.copy_(scale)
     return True
 
 

@@ -286,3 +286,21 @@ def test_auto_offload_with_fp8_measures_and_places_fp8_blocks(load_tiny, monkeyp
         assert placed["resident"] is None
     layer = pipeline.pipe.transformer.transformer_blocks[0].attn.to_q
     assert quantize.rebuild_device(layer).type == "cpu" and quantize.master_weight(layer).device.type == "cpu"
+
+
+def test_fp8_quantizing_leaves_the_process_settings_alone(monkeypatch):
+    """torchao's FP8 config would switch the whole process to TF32 float32 matmuls and to Inductor's coordinate-descent
+    tuning (minutes of compile); ours leaves both as they are, at quantize time and at every rebuild."""
+    from torch._inductor import config as inductor_config
+    from torchao.quantization import quantize_
+
+    from aitk_inference.pipelines.runtime.quantize import fp8_config, requantize_
+
+    _fp8_on_the_cpu(monkeypatch)
+    monkeypatch.setattr(inductor_config, "coordinate_descent_tuning", False)
+    precision = torch.get_float32_matmul_precision()
+    layer = torch.nn.Linear(64, 32, bias=False).to(torch.bfloat16)
+    quantize_(layer, fp8_config())
+    layer.aitk_quantize_config = fp8_config()
+    requantize_(layer, torch.randn(32, 64), torch.bfloat16)
+    assert torch.get_float32_matmul_precision() == precision and not inductor_config.coordinate_descent_tuning

@@ -76,10 +76,15 @@ def block_linear_names(denoiser) -> list[str]:
 
 
 def fp8_config():
-    """torchao's FP8 recipe used here: float8 weights with one scale per row, activations quantized per row."""
+    """torchao's FP8 recipe used here: float8 weights with one scale per row, activations quantized per row.
+
+    Without torchao's process-wide settings (``set_inductor_config``), which every quantize (each LoRA change's too)
+    would apply again: TF32 for every float32 matmul in the process (other pipelines' and the LoRA merges' included),
+    and Inductor's coordinate-descent tuning over every kernel of every later compile, which made the first compile
+    of the FP8 blocks take minutes."""
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
 
-    return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
 
 
 def quantize_denoiser_fp8(denoiser, keep_master: bool = False, master: str = "auto", device=None) -> int:

@@ -10,10 +10,17 @@ norms and the output projection stay in the model dtype. LoRAs go with FP8 weigh
   are kept so that a strength change or a LoRA switch re-quantizes ``master + sum(strength * delta)`` into the same
   FP8 tensors in place (no recompile). The master stays on the GPU where it is (no copy) when the card keeps
   ``GPU_MASTER_FREE_FRACTION`` of its memory free beside it, which makes a strength change a GPU-only rebuild;
-  otherwise it is copied to pinned host memory, and each change streams it back over PCIe.
+  otherwise it is copied to pinned host memory, and each change streams it back over PCIe. Each layer is rebuilt by
+  one fused kernel (:func:`fp8_rows_`, compiled on CUDA), which gives torchao's quantize's bytes; the first rebuild of
+  each layer shape in a process checks that against torchao, and a shape where they differ keeps torchao's quantize.
 * ``lora_mode="dynamic"`` (the lean mode): LoRAs run next to the FP8 layers as live PEFT adapters in the model dtype,
   with no host copy. Merging a small delta into weights that are already FP8 would round most of it away, so LoKr
   and full-layer patches, which must be merged, are refused in this mode.
+
+With ``offload="auto"``, weights that do not fit the GPU in the model dtype are quantized on the host first (each
+layer computed on the GPU) and placed as FP8 blocks: all on the GPU when they fit, else streamed block by block with
+the first ones resident (``runtime.accelerate``); fused LoRA changes rebuild a streamed layer on the GPU and write it
+into its pinned host copy.
 
 Eager, torchao's per-activation quantization kernels are slow (a FLUX forward with adapters was 2.26x slower than
 bf16 on an H100); use ``compile="regional"`` with FP8.

@@ -237,7 +237,8 @@ def test_fp8_fused_rebuild_gives_torchaos_bytes_on_the_gpu(load_tiny, tmp_path, 
 
     def fp8_bytes(pipeline):
         return [(m.weight.qdata.view(torch.uint8).clone(), m.weight.scale.view(torch.int32).clone())
-                for m in pipeline.pipe.transformer.modules() if hasattr(m, "weight") and quantize.is_quantized(m.weight)]
+                for m in pipeline.pipe.transformer.modules()
+                if hasattr(m, "weight") and quantize.is_quantized(m.weight)]
 
     for strength in (1.0, 0.4, -0.7):
         fused.set_loras([(lora, strength)])
@@ -277,8 +278,8 @@ def test_fp8_with_auto_offload_streams_fp8_blocks_and_matches_no_offload(load_ti
     assert placed[0] == "cuda" and placed[-1] == "cpu" and placed == sorted(placed, reverse=True)
 
     def fp8_bytes(pipeline):
-        return [(m.weight.qdata.view(torch.uint8).cpu(), m.weight.scale.cpu()) for m in pipeline.pipe.transformer.modules()
-                if hasattr(m, "weight") and quantize.is_quantized(m.weight)]
+        return [(m.weight.qdata.view(torch.uint8).cpu(), m.weight.scale.cpu())
+                for m in pipeline.pipe.transformer.modules() if hasattr(m, "weight") and quantize.is_quantized(m.weight)]
 
     def same_fp8():
         return all(torch.equal(a, b) for pair in zip(fp8_bytes(capped), fp8_bytes(roomy)) for a, b in zip(*pair))

@@ -133,6 +133,8 @@ def quantize_block_linears(denoiser, config, keep_master: bool = False, master: 
             module.weight = torch.nn.Parameter(module.weight.to(weight.device), requires_grad=False)
         setattr(module, _CONFIG, config)
         setattr(module, _DEVICE, target)
+    if device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the per-layer scratch: offload="auto" measures what this process holds after it
     return len(names)
 
 
@@ -291,7 +293,8 @@ def _fused_rebuild_(module, merged, dtype) -> bool:
     if weight.qdata.device == merged.device:
         rebuild(merged, dtype, weight.qdata, weight.scale)
     else:  # an offloaded layer: computed on the GPU, written into its host copy
-        qdata, scale = torch.empty_like(weight.qdata, device=merged.device), torch.empty_like(weight.scale, device=merged.device)
+        qdata = torch.empty_like(weight.qdata, device=merged.device)
+        scale = torch.empty_like(weight.scale, device=merged.device)
         rebuild(merged, dtype, qdata, scale)
         weight.qdata.copy_(qdata)
         weight.scale.copy_(scale)

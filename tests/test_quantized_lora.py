@@ -118,8 +118,8 @@ def test_quantized_weights_without_a_master_refuse_merged_patches(load_tiny, lor
 
 
 # ---------------------------------------------------------------------------------------------------------------- FP8 rebuild
-# torch casts to float8 on the CPU, so torchao's per-row FP8 weights can be made here (its hardware check refuses the
-# CPU only because float8 *matmuls* need an FP8 GPU; no forward runs in these tests).
+# torch casts to float8 on the CPU, so torchao's per-row FP8 weights can be made here (its hardware checks refuse the
+# CPU, or an older GPU beside it, only because float8 *matmuls* need an FP8 GPU; no forward runs in these tests).
 
 def _fp8_on_the_cpu(monkeypatch):
     from torchao.quantization import quant_api
@@ -127,6 +127,7 @@ def _fp8_on_the_cpu(monkeypatch):
     from aitk_inference.pipelines.runtime import quantize
 
     monkeypatch.setattr(quant_api, "_check_hardware_support", lambda granularity: None)
+    monkeypatch.setattr(quant_api, "is_sm_at_least_89", lambda: True)
     monkeypatch.setattr(quantize, "_FUSED_CHECKED", {})
     return quantize
 

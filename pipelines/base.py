@@ -861,7 +861,8 @@ def load_pipeline(
             CUDA GPU with compute capability 8.9+; less exact, see BENCHMARKS.md; use with ``compile="regional"``).
             With ``lora_mode="fused"`` LoRAs are merged before quantizing (the fast mode; keeps a bf16 host copy of
             the quantized weights); with ``dynamic`` they run as adapters (about half the transformer's GPU memory).
-            FP8 weights of a single-file base are upcast on load and re-quantized here.
+            FP8 weights of a single-file base are upcast on load and re-quantized here. Goes with ``offload`` none or
+            ``auto`` (which streams the FP8 blocks that do not fit).
         components (str, *optional*): for a single-file ``base``, where the components the file lacks come from: a
             diffusers folder or a hub repo id; defaults to the model's base repo (from the hub cache).
         text_encoder_file, text_encoder_2_file, vae_file (str, *optional*): that component from a ``.safetensors``

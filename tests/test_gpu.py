@@ -131,7 +131,7 @@ def test_auto_offload_streams_only_the_blocks_that_do_not_fit(load_tiny, monkeyp
     monkeypatch.setitem(accelerate.AUTO_OFFLOAD_RESERVE_GIB, "image", 0.0)
     # the tiny transformer is not the largest component (whole-component offload would fit): ask for streaming,
     # which the CPU tests of choose_offload cover; the budget then decides how many blocks stay
-    monkeypatch.setattr(accelerate, "choose_offload", lambda sizes, budget, reserve: "group")
+    monkeypatch.setattr(accelerate, "choose_offload", lambda sizes, budget, reserve, whole_components=True: "group")
     budget = overhead + sum(blocks[: len(blocks) // 2])
     monkeypatch.setenv("AITK_MAX_GPU_MEMORY_GIB", str((torch.cuda.memory_reserved() + budget) / 2**30))
     partial = load_tiny("flux", device="cuda", dtype="bf16", offload="auto", lora_mode=lora_mode)

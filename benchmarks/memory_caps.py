@@ -3,7 +3,8 @@
 chose (and how much of the transformer's blocks it kept on the GPU), the time of a 1024x1024 image with a fused rank-16 LoRA, its peak memory. Full-size random weights (the
 benchmark's FLUX folder, written once). ``--fp8-caps`` adds runs with ``quantize="fp8"`` (FP8 block weights,
 streamed with the first ones resident when they do not fit), timed against the first bf16 run and against the
-uncapped FP8 run; ``--compile regional`` compiles every run. GPU only:
+uncapped FP8 run; ``--compile regional`` compiles every run (a run that streams blocks then fails: see BENCHMARKS.md,
+"compile with streamed blocks"). GPU only:
 
     python3 -m aitk_inference.benchmarks.memory_caps --caps 0 24 12 --fp8-caps 0 24 12 --steps 4 --out DIR  # 0 = uncapped
 """

@@ -241,7 +241,6 @@ def _compiled_fp8_rows():
             from .accelerate import use_persistent_compile_cache
 
             use_persistent_compile_cache()
-
             known = config.get_config_copy()
             options = {name: True for name in _EAGER_NUMERICS if name in known}
             compiled = torch.compile(fp8_rows_, dynamic=True, fullgraph=True, options=options)

@@ -1,9 +1,12 @@
 """FLUX.1-dev through ``load_pipeline(offload="auto")`` on a card whose memory this process may use is capped
 (``torch.cuda.set_per_process_memory_fraction``), against the uncapped run in the same process: which placement auto
 chose (and how much of the transformer's blocks it kept on the GPU), the time of a 1024x1024 image with a fused rank-16 LoRA, its peak memory. Full-size random weights (the
-benchmark's FLUX folder, written once). GPU only:
+benchmark's FLUX folder, written once). ``--fp8-caps`` adds runs with ``quantize="fp8"`` (FP8 block weights,
+streamed with the first ones resident when they do not fit), timed against the first bf16 run and against the
+uncapped FP8 run; ``--compile regional`` compiles every run (a run that streams blocks then fails: see BENCHMARKS.md,
+"compile with streamed blocks"). GPU only:
 
-    python3 -m aitk_inference.benchmarks.memory_caps --caps 0 24 12 --steps 4 --out DIR     # 0 = uncapped
+    python3 -m aitk_inference.benchmarks.memory_caps --caps 0 24 12 --fp8-caps 0 24 12 --steps 4 --out DIR  # 0 = uncapped
 """
 
 import argparse
@@ -21,7 +24,9 @@ def main(argv=None) -> int:
     from .harness import Options, lora_state_dict, materialize_flux
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--caps", nargs="+", type=float, default=[0, 24, 12], help="GiB; 0 = the whole card")
+    parser.add_argument("--caps", nargs="*", type=float, default=[0, 24, 12], help="GiB; 0 = the whole card")
+    parser.add_argument("--fp8-caps", nargs="*", type=float, default=[], help="the same with quantize='fp8'")
+    parser.add_argument("--compile", default="none", choices=["none", "regional"])
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--images", type=int, default=2, help="timed images per cap, after one warm-up")
     parser.add_argument("--out", default=".")
@@ -29,15 +34,16 @@ def main(argv=None) -> int:
     folder = materialize_flux(Options())
     total = torch.cuda.get_device_properties(0).total_memory
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "steps": args.steps,
-              "size": 1024, "runs": []}
-    for cap in args.caps:
+              "size": 1024, "compile": args.compile, "runs": []}
+    for quantize, cap in [("none", cap) for cap in args.caps] + [("fp8", cap) for cap in args.fp8_caps]:
         torch.cuda.set_per_process_memory_fraction(1.0 if cap == 0 else cap * 2**30 / total)
         torch.cuda.reset_peak_memory_stats()
-        run = {"cap_gib": cap or round(total / 2**30, 1)}
+        run = {"quantize": quantize, "cap_gib": cap or round(total / 2**30, 1), "uncapped": cap == 0}
+        pipeline = None
         try:
             started = time.perf_counter()
             pipeline = load_pipeline("flux", base=folder, device="cuda", dtype="bf16", offload="auto",
-                                     lora_mode="fused")
+                                     lora_mode="fused", quantize=quantize, compile=args.compile)
             run["load_s"] = round(time.perf_counter() - started, 1)
             run["offload_chosen"] = pipeline.offload
             if pipeline.resident:
@@ -45,7 +51,9 @@ def main(argv=None) -> int:
             lora = lora_state_dict(pipeline.pipe.transformer, rank=16, seed=0, std=0.01)
             pipeline.set_loras([LoraRequest(state_dict=lora, strength=1.0, name="r16")])
             gen = dict(prompt="a photo of a cat", width=1024, height=1024, steps=args.steps, seed=1)
-            pipeline.generate(**gen)  # warm-up
+            started = time.perf_counter()
+            pipeline.generate(**gen)  # warm-up (and the compile, with --compile)
+            run["first_image_s"] = round(time.perf_counter() - started, 2)
             times = []
             for _ in range(args.images):
                 torch.cuda.synchronize()
@@ -57,15 +65,20 @@ def main(argv=None) -> int:
             run["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         except torch.OutOfMemoryError as error:
             run["error"] = f"out of memory: {str(error)[:200]}"
+        except Exception as error:  # a combination that fails (FP8 or compile with offloading) is a result too
+            run["error"] = f"{type(error).__name__}: {str(error)[:300]}"
         print(run, flush=True)
         result["runs"].append(run)
         pipeline = None
         gc.collect()
         torch.cuda.empty_cache()
     base = result["runs"][0].get("image_s")
+    fp8_base = next((r.get("image_s") for r in result["runs"] if r["quantize"] == "fp8" and r["uncapped"]), None)
     for run in result["runs"]:
         if base and run.get("image_s"):
             run["ratio_vs_first"] = round(run["image_s"] / base, 3)
+        if fp8_base and run["quantize"] == "fp8" and run.get("image_s"):
+            run["ratio_vs_uncapped_fp8"] = round(run["image_s"] / fp8_base, 3)
     with open(os.path.join(args.out, "memory_caps.json"), "w") as f:
         json.dump(result, f, indent=1)
     print(json.dumps(result, indent=1))

@@ -326,16 +326,20 @@ class AITKPipeline:
         if spec.scheduler is not None:
             pipe.scheduler = cls.make_scheduler(spec)
         pipe.set_progress_bar_config(disable=True)
-        resident = None
+        pipeline = cls(spec, pipe, device, torch_dtype, offload, options.lora_mode, source)
         if offload == "auto":
-            offload, resident = cls.choose_offload(spec, pipe, device, options.quantize)
-        accelerate.place(pipe, device, offload, resident)
+            offload, resident = cls.choose_offload(spec, pipe, device, "none")
+            if options.quantize == "fp8" and offload != "none":
+                # the weights do not all fit as they are: quantize them where they are (each layer computed on the
+                # GPU), so that auto measures and places FP8 blocks
+                pipeline.quantize_fp8()
+                offload, resident = cls.choose_offload(spec, pipe, device, "fp8")
+            pipeline.offload, pipeline.resident = offload, resident
+        accelerate.place(pipe, device, offload, pipeline.resident)
         logger.info("Loaded %s from %s in %.2fs (%s, %s, offload=%s)", spec.model_id, source,
                     time.perf_counter() - started, device, torch_dtype, offload)
-        pipeline = cls(spec, pipe, device, torch_dtype, offload, options.lora_mode, source)
-        pipeline.resident = resident
         pipeline.set_attention_kernel(options.attention)
-        if options.quantize == "fp8":
+        if options.quantize == "fp8" and pipeline.quantize != "fp8":
             pipeline.quantize_fp8()
         if options.compile != "none":
             pipeline.compile_denoiser(options.compile)
@@ -346,14 +350,16 @@ class AITKPipeline:
         """What ``offload="auto"`` becomes for ``pipe`` (loaded on the CPU) on ``device``: the fastest placement that
         fits the GPU memory this process may use (``accelerate.choose_offload``), keeping room for a video's or an
         image's activations, and, when that is ``group``, how many bytes of each denoiser's blocks stay on the GPU
-        (``accelerate.resident_block_budget``; the rest stream through). FP8 weights cannot be offloaded, so with
-        ``quantize="fp8"`` it is always ``none``, as it is for a family that cannot offload (``offload_refusal``)."""
-        if cls.offload_refusal or quantize == "fp8":
+        (``accelerate.resident_block_budget``; the rest stream through). ``none`` for a family that cannot offload
+        (``offload_refusal``). With ``quantize="fp8"`` (``pipe``'s denoiser blocks already quantized, so measured in
+        FP8 bytes) whole-component offloading is not used: streaming keeps the first FP8 blocks resident instead of
+        moving the whole transformer in and out."""
+        if cls.offload_refusal:
             return "none", None
         sizes = accelerate.component_bytes(pipe)
         budget = accelerate.gpu_memory_budget(device)
         reserve = int(accelerate.AUTO_OFFLOAD_RESERVE_GIB["video" if spec.video else "image"] * 2**30)
-        offload = accelerate.choose_offload(sizes, budget, reserve)
+        offload = accelerate.choose_offload(sizes, budget, reserve, whole_components=quantize != "fp8")
         resident = None
         if offload == "group":
             names = spec.experts.components if spec.experts else (cls.denoiser,)
@@ -855,7 +861,8 @@ def load_pipeline(
             CUDA GPU with compute capability 8.9+; less exact, see BENCHMARKS.md; use with ``compile="regional"``).
             With ``lora_mode="fused"`` LoRAs are merged before quantizing (the fast mode; keeps a bf16 host copy of
             the quantized weights); with ``dynamic`` they run as adapters (about half the transformer's GPU memory).
-            FP8 weights of a single-file base are upcast on load and re-quantized here.
+            FP8 weights of a single-file base are upcast on load and re-quantized here. Goes with ``offload`` none or
+            ``auto`` (which streams the FP8 blocks that do not fit).
         components (str, *optional*): for a single-file ``base``, where the components the file lacks come from: a
             diffusers folder or a hub repo id; defaults to the model's base repo (from the hub cache).
         text_encoder_file, text_encoder_2_file, vae_file (str, *optional*): that component from a ``.safetensors``

@@ -131,7 +131,7 @@ def test_auto_offload_streams_only_the_blocks_that_do_not_fit(load_tiny, monkeyp
     monkeypatch.setitem(accelerate.AUTO_OFFLOAD_RESERVE_GIB, "image", 0.0)
     # the tiny transformer is not the largest component (whole-component offload would fit): ask for streaming,
     # which the CPU tests of choose_offload cover; the budget then decides how many blocks stay
-    monkeypatch.setattr(accelerate, "choose_offload", lambda sizes, budget, reserve: "group")
+    monkeypatch.setattr(accelerate, "choose_offload", lambda sizes, budget, reserve, whole_components=True: "group")
     budget = overhead + sum(blocks[: len(blocks) // 2])
     monkeypatch.setenv("AITK_MAX_GPU_MEMORY_GIB", str((torch.cuda.memory_reserved() + budget) / 2**30))
     partial = load_tiny("flux", device="cuda", dtype="bf16", offload="auto", lora_mode=lora_mode)
@@ -220,3 +220,76 @@ def test_every_id_runs_on_cuda_in_bf16_with_a_lora(model_id, lora_mode, load_tin
     output = result.audio if result.is_audio else result.images
     assert denoiser.device.type == "cuda" and denoiser.dtype == torch.bfloat16
     assert np.isfinite(output).all() and np.std(output) > 0
+
+
+def test_fp8_fused_rebuild_gives_torchaos_bytes_on_the_gpu(load_tiny, tmp_path, monkeypatch):
+    """The FP8 fast mode's strength change rebuilds each layer with one compiled kernel (runtime.quantize.fp8_rows_);
+    every layer shape must pass its first-use byte comparison with torchao's quantize (else it would silently keep the
+    slower path), and later rebuilds must match torchao's bytes too."""
+    from aitk_inference.pipelines.runtime import quantize
+
+    if quantize.fp8_unavailable("cuda"):
+        pytest.skip(quantize.fp8_unavailable("cuda"))
+    monkeypatch.setattr(quantize, "_FUSED_CHECKED", {})
+    fused = load_tiny("flux", device="cuda", dtype="bf16", quantize="fp8", lora_mode="fused")
+    previous = load_tiny("flux", device="cuda", dtype="bf16", quantize="fp8", lora_mode="fused")
+    lora = write_lora(str(tmp_path / "l.safetensors"), "peft", lora_targets(fused.pipe.transformer))
+
+    def fp8_bytes(pipeline):
+        return [(m.weight.qdata.view(torch.uint8).clone(), m.weight.scale.view(torch.int32).clone())
+                for m in pipeline.pipe.transformer.modules()
+                if hasattr(m, "weight") and quantize.is_quantized(m.weight)]
+
+    for strength in (1.0, 0.4, -0.7):
+        fused.set_loras([(lora, strength)])
+        with monkeypatch.context() as torchao_only:
+            torchao_only.setattr(quantize, "_is_row_fp8", lambda weight: False)
+            previous.set_loras([(lora, strength)])
+        assert all(torch.equal(a, b) for pair in zip(fp8_bytes(fused), fp8_bytes(previous)) for a, b in zip(*pair))
+    assert quantize._FUSED_CHECKED and all(quantize._FUSED_CHECKED.values()), quantize._FUSED_CHECKED
+    assert quantize._COMPILED.get("cuda") is not None, "the fused rebuild did not compile (is Triton installed?)"
+
+
+@pytest.mark.parametrize("lora_mode", ["fused", "dynamic"])
+def test_fp8_with_auto_offload_streams_fp8_blocks_and_matches_no_offload(load_tiny, monkeypatch, tmp_path, lora_mode):
+    """quantize="fp8" with offload="auto" under a memory cap: the weights are quantized on the host (each layer
+    computed on the GPU), the first FP8 blocks stay on the GPU and the rest stream (diffusers' group offloading moves
+    torchao's FP8 tensors, pinned host copies included). The FP8 values equal those of FP8 without offload byte for
+    byte, before and after LoRA changes (fused mode rebuilds the streamed layers on the GPU into their host copies),
+    and so do the images, within the tolerance of the bf16 offload test above."""
+    from aitk_inference.pipelines.runtime import accelerate, quantize
+
+    if quantize.fp8_unavailable("cuda"):
+        pytest.skip(quantize.fp8_unavailable("cuda"))
+    gen = {"prompt": "x", "width": 64, "height": 64, "steps": 2, "seed": 5}
+    roomy = load_tiny("flux", device="cuda", dtype="bf16", quantize="fp8", lora_mode=lora_mode)
+    transformer = roomy.pipe.transformer
+    blocks = [accelerate.module_bytes(block) for _, block in accelerate.blocks_in_order(transformer)]  # FP8 bytes
+    overhead = accelerate.module_bytes(transformer) - sum(blocks) + 2 * max(blocks)
+    monkeypatch.setitem(accelerate.AUTO_OFFLOAD_RESERVE_GIB, "image", 0.0)
+    # the tiny weights fit any card: ask for streaming (the CPU tests cover the choice), the cap sets what stays
+    monkeypatch.setattr(accelerate, "choose_offload", lambda sizes, budget, reserve, whole_components=True: "group")
+    budget = overhead + sum(blocks[: len(blocks) // 2])
+    torch.cuda.empty_cache()  # as the host-side quantize does before auto measures what this process holds
+    monkeypatch.setenv("AITK_MAX_GPU_MEMORY_GIB", str((torch.cuda.memory_reserved() + budget) / 2**30))
+    capped = load_tiny("flux", device="cuda", dtype="bf16", quantize="fp8", offload="auto", lora_mode=lora_mode)
+    assert capped.offload == "group" and capped.quantize == "fp8"
+    assert 0 < capped.resident["transformer"] < sum(blocks)
+    placed = [next(block.parameters()).device.type for _, block in accelerate.blocks_in_order(capped.pipe.transformer)]
+    assert placed[0] == "cuda" and placed[-1] == "cpu" and placed == sorted(placed, reverse=True)
+
+    def fp8_bytes(pipeline):
+        return [(m.weight.qdata.view(torch.uint8).cpu(), m.weight.scale.cpu())
+                for m in pipeline.pipe.transformer.modules() if hasattr(m, "weight") and quantize.is_quantized(m.weight)]
+
+    def same_fp8():
+        return all(torch.equal(a, b) for pair in zip(fp8_bytes(capped), fp8_bytes(roomy)) for a, b in zip(*pair))
+
+    assert same_fp8()
+    assert np.abs(capped.generate(**gen).images - roomy.generate(**gen).images).max() < 0.03
+    lora = write_lora(str(tmp_path / "l.safetensors"), "peft", lora_targets(transformer))
+    for strength in (1.0, 0.4):
+        for pipeline in (roomy, capped):
+            pipeline.set_loras([(lora, strength)])
+        assert same_fp8()
+        assert np.abs(capped.generate(**gen).images - roomy.generate(**gen).images).max() < 0.03

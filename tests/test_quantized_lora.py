@@ -93,11 +93,11 @@ def test_a_failed_rebuild_puts_back_the_previous_set(load_tiny, lora_files, monk
     before, image = _weights(quantized.pipe.transformer), quantized.generate(**GEN).images
     real, calls = lora_module.requantize_, {"n": 0}
 
-    def fail_halfway(module, weight):
+    def fail_halfway(module, merged, dtype):
         calls["n"] += 1
         if calls["n"] == 7:
             raise RuntimeError("simulated failure while re-quantizing")
-        real(module, weight)
+        real(module, merged, dtype)
 
     monkeypatch.setattr(lora_module, "requantize_", fail_halfway)
     with pytest.raises(RuntimeError, match="simulated failure"):
@@ -115,3 +115,194 @@ def test_quantized_weights_without_a_master_refuse_merged_patches(load_tiny, lor
     with pytest.raises(LoraFormatError, match="lora_mode='fused'"):
         quantized.set_loras([(lora_files["peft"], 1.0)])
     assert quantized.loras.describe() == []
+
+
+# ---------------------------------------------------------------------------------------------------------------- FP8 rebuild
+# torch casts to float8 on the CPU, so torchao's per-row FP8 weights can be made here (its hardware checks refuse the
+# CPU, or an older GPU beside it, only because float8 *matmuls* need an FP8 GPU; no forward runs in these tests).
+
+def _fp8_on_the_cpu(monkeypatch):
+    from torchao.quantization import quant_api
+
+    from aitk_inference.pipelines.runtime import quantize
+
+    monkeypatch.setattr(quant_api, "_check_hardware_support", lambda granularity: None)
+    monkeypatch.setattr(quant_api, "is_sm_at_least_89", lambda: True)
+    monkeypatch.setattr(quantize, "_FUSED_CHECKED", {})
+    return quantize
+
+
+def _fp8_bytes(transformer) -> dict:
+    from aitk_inference.pipelines.runtime.quantize import is_quantized
+
+    return {name: (m.weight.qdata.view(torch.uint8).clone(), m.weight.scale.view(torch.int32).clone())
+            for name, m in transformer.named_modules() if hasattr(m, "weight") and is_quantized(m.weight)}
+
+
+def _same_bytes(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(x, y) for k in a for x, y in zip(a[k], b[k]))
+
+
+def test_fused_fp8_rows_give_torchaos_bytes(monkeypatch):
+    """fp8_rows_ against torchao's per-row Float8Tensor.from_hp, byte for byte: weights whose rows span many
+    magnitudes (tiny rows, rows with one outlier, values that round to float8 subnormals and ties) and a zero row."""
+    from torchao.quantization import Float8Tensor, PerRow
+
+    quantize = _fp8_on_the_cpu(monkeypatch)
+    generator = torch.Generator().manual_seed(0)
+    for rows, columns in ((32, 64), (48, 16), (16, 272)):
+        merged = torch.randn(rows, columns, generator=generator) * torch.logspace(-6, 3, rows)[:, None]
+        merged[1, 3] = 1e4  # one outlier: the row's other values land in float8's subnormal range
+        merged[2] = 0.0  # torchao's scale is 0 and its values NaN: the same bytes are asked for
+        merged[3] = torch.arange(columns) * (448.0 / 2**10)  # exact ties between float8 values
+        for float8 in (torch.float8_e4m3fn, torch.float8_e5m2):
+            want = Float8Tensor.from_hp(merged.to(torch.bfloat16), float8_dtype=float8, granularity=PerRow())
+            qdata, scale = torch.empty_like(want.qdata), torch.empty_like(want.scale)
+            quantize.fp8_rows_(merged, torch.bfloat16, qdata, scale)
+            assert torch.equal(qdata.view(torch.uint8), want.qdata.view(torch.uint8))
+            assert torch.equal(scale.view(torch.int32), want.scale.view(torch.int32))
+
+
+def test_fp8_strength_changes_rebuild_with_the_fused_kernel_as_torchao_would(load_tiny, lora_files, monkeypatch):
+    """The FP8 fast mode's LoRA changes on the tiny FLUX: the fused rebuild writes, into the same storage, the bytes
+    torchao's quantize of the merged weights gives (the previous path, forced through a second pipeline)."""
+    from aitk_inference.pipelines.runtime.quantize import fp8_config, quantize_block_linears
+
+    quantize = _fp8_on_the_cpu(monkeypatch)
+    pipelines = []
+    for _ in range(2):
+        pipeline = load_tiny("flux", lora_mode="fused", dtype="bf16")
+        quantize_block_linears(pipeline.pipe.transformer, fp8_config(), keep_master=True)
+        pipelines.append(pipeline)
+    fused, previous = pipelines
+    layer = fused.pipe.transformer.transformer_blocks[0].attn.to_q
+    storage = layer.weight.qdata.data_ptr(), layer.weight.scale.data_ptr()
+    base = _fp8_bytes(fused.pipe.transformer)
+    rebuilds = {"fused": 0}
+    real = quantize.fp8_rows_
+
+    def counted(*args):
+        rebuilds["fused"] += 1
+        real(*args)
+
+    monkeypatch.setattr(quantize, "fp8_rows_", counted)
+    for loras in ([(lora_files["peft"], 1.0)], [(lora_files["peft"], 0.3), (lora_files["lokr"], 0.5)], []):
+        fused.set_loras(loras)
+        with monkeypatch.context() as torchao_only:
+            torchao_only.setattr(quantize, "_is_row_fp8", lambda weight: False)
+            previous.set_loras(loras)
+        assert _same_bytes(_fp8_bytes(fused.pipe.transformer), _fp8_bytes(previous.pipe.transformer))
+    assert _same_bytes(_fp8_bytes(fused.pipe.transformer), base)
+    assert all(quantize._FUSED_CHECKED.values()) and len(quantize._FUSED_CHECKED) >= 2  # one check per layer shape
+    assert rebuilds["fused"] > len(quantize._FUSED_CHECKED)  # and the fused kernel wrote the rest
+    assert (layer.weight.qdata.data_ptr(), layer.weight.scale.data_ptr()) == storage
+
+
+def test_a_fused_rebuild_that_differs_from_torchao_is_not_used(load_tiny, lora_files, monkeypatch, caplog):
+    from aitk_inference.pipelines.runtime.quantize import fp8_config, quantize_block_linears
+
+    quantize = _fp8_on_the_cpu(monkeypatch)
+    pipelines = []
+    for _ in range(2):
+        pipeline = load_tiny("flux", lora_mode="fused", dtype="bf16")
+        quantize_block_linears(pipeline.pipe.transformer, fp8_config(), keep_master=True)
+        pipelines.append(pipeline)
+    wrong, reference = pipelines
+    real = quantize.fp8_rows_
+
+    def off_by_one_scale(merged, dtype, qdata, scale):  # a kernel that rounds one scale differently
+        real(merged, dtype, qdata, scale)
+        scale.view(torch.int32)[0] += 1
+
+    monkeypatch.setattr(quantize, "fp8_rows_", off_by_one_scale)
+    with caplog.at_level("WARNING", logger=quantize.__name__):
+        wrong.set_loras([(lora_files["peft"], 0.7)])
+    assert quantize._FUSED_CHECKED and not any(quantize._FUSED_CHECKED.values())
+    assert "does not give torchao's bytes" in caplog.text
+    monkeypatch.setattr(quantize, "fp8_rows_", real)
+    monkeypatch.setattr(quantize, "_FUSED_CHECKED", {})
+    reference.set_loras([(lora_files["peft"], 0.7)])
+    assert _same_bytes(_fp8_bytes(wrong.pipe.transformer), _fp8_bytes(reference.pipe.transformer))
+
+
+# ---------------------------------------------------------------------------------------------------------------- FP8 and offload="auto"
+def test_fp8_weights_count_their_fp8_bytes_in_the_offload_budget(monkeypatch):
+    from aitk_inference.pipelines.runtime.accelerate import module_bytes, tensor_bytes
+    from aitk_inference.pipelines.runtime.quantize import fp8_config, is_quantized
+    from torchao.quantization import quantize_
+
+    _fp8_on_the_cpu(monkeypatch)
+    layer = torch.nn.Linear(64, 32).to(torch.bfloat16)
+    assert module_bytes(layer) == (64 * 32 + 32) * 2
+    quantize_(layer, fp8_config())
+    assert is_quantized(layer.weight) and layer.weight.element_size() == 2  # a bfloat16 face over float8 values
+    assert tensor_bytes(layer.weight) == 64 * 32 + 32 * 4  # one byte a value, one float32 scale a row
+    assert module_bytes(layer) == 64 * 32 + 32 * 4 + 32 * 2
+
+
+@pytest.mark.parametrize("room", ["bf16 fits", "fp8 fits", "fp8 streams"])
+def test_auto_offload_with_fp8_measures_and_places_fp8_blocks(load_tiny, monkeypatch, room):
+    """offload="auto" with quantize="fp8": when the weights fit as they are, they are placed on the GPU and quantized
+    there (as with offload="none"); else they are quantized first, on the host (each layer computed on the GPU), and
+    auto plans with their FP8 bytes: all on the GPU if that fits, else block streaming with the first FP8 blocks
+    resident (never whole components). The budget is set here; a CPU stands in for the GPU."""
+    from aitk_inference.pipelines.runtime import accelerate, options
+    from aitk_inference.pipelines.runtime.quantize import (block_linear_names, fp8_config, is_quantized,
+                                                           quantize_block_linears)
+
+    quantize = _fp8_on_the_cpu(monkeypatch)
+    monkeypatch.setattr(options, "fp8_unavailable", lambda device: None)
+    monkeypatch.setattr(quantize, "fp8_unavailable", lambda device: None)
+    monkeypatch.setitem(accelerate.AUTO_OFFLOAD_RESERVE_GIB, "image", 0.0)
+    bf16 = load_tiny("flux", dtype="bf16").pipe
+    bf16_sizes = accelerate.component_bytes(bf16)
+    quantize_block_linears(bf16.transformer, fp8_config())
+    fp8_sizes = accelerate.component_bytes(bf16)
+    weights = [bf16.transformer.get_submodule(name).weight for name in block_linear_names(bf16.transformer)]
+    # two bytes a value became one, plus a float32 scale a row
+    assert bf16_sizes["transformer"] - fp8_sizes["transformer"] == sum(w.numel() - 4 * w.shape[0] for w in weights)
+    largest = max(fp8_sizes.values())
+    budget = {"bf16 fits": sum(bf16_sizes.values()), "fp8 fits": sum(fp8_sizes.values()),
+              "fp8 streams": (largest + sum(fp8_sizes.values())) // 2}[room]
+    assert largest <= budget  # whole-component offloading would fit: FP8 must not take it
+    monkeypatch.setattr(accelerate, "gpu_memory_budget", lambda device: budget)
+    placed = {}
+
+    def place(pipe, device, offload, resident=None):
+        layer = pipe.transformer.transformer_blocks[0].attn.to_q
+        placed.update(offload=offload, resident=resident, quantized=is_quantized(layer.weight),
+                      sizes=accelerate.component_bytes(pipe))
+
+    monkeypatch.setattr(accelerate, "place", place)
+    pipeline = load_tiny("flux", dtype="bf16", quantize="fp8", offload="auto", lora_mode="fused")
+    assert pipeline.quantize == "fp8" and pipeline.offload == placed["offload"]
+    assert placed["quantized"] == (room != "bf16 fits")
+    assert placed["offload"] == ("group" if room == "fp8 streams" else "none")
+    if room == "fp8 streams":
+        assert placed["sizes"] == fp8_sizes
+        transformer = pipeline.pipe.transformer
+        blocks = [accelerate.module_bytes(block) for _, block in accelerate.blocks_in_order(transformer)]
+        kept = budget - (fp8_sizes["transformer"] - sum(blocks) + 2 * max(blocks))  # in FP8 bytes
+        assert pipeline.resident == placed["resident"] == {"transformer": kept} and 0 < kept
+    else:
+        assert placed["resident"] is None
+    layer = pipeline.pipe.transformer.transformer_blocks[0].attn.to_q
+    assert quantize.rebuild_device(layer).type == "cpu" and quantize.master_weight(layer).device.type == "cpu"
+
+
+def test_fp8_quantizing_leaves_the_process_settings_alone(monkeypatch):
+    """torchao's FP8 config would switch the whole process to TF32 float32 matmuls and to Inductor's coordinate-descent
+    tuning (minutes of compile); ours leaves both as they are, at quantize time and at every rebuild."""
+    from torch._inductor import config as inductor_config
+    from torchao.quantization import quantize_
+
+    from aitk_inference.pipelines.runtime.quantize import fp8_config, requantize_
+
+    _fp8_on_the_cpu(monkeypatch)
+    monkeypatch.setattr(inductor_config, "coordinate_descent_tuning", False)
+    precision = torch.get_float32_matmul_precision()
+    layer = torch.nn.Linear(64, 32, bias=False).to(torch.bfloat16)
+    quantize_(layer, fp8_config())
+    layer.aitk_quantize_config = fp8_config()
+    requantize_(layer, torch.randn(32, 64), torch.bfloat16)
+    assert torch.get_float32_matmul_precision() == precision and not inductor_config.coordinate_descent_tuning

@@ -541,8 +541,8 @@ def test_settings_select_attention_and_quantize():
         Settings.from_env({"AITK_ATTENTION": "fast"})
     with pytest.raises(ValueError, match="AITK_QUANTIZE='int8' is not valid; use one of none, fp8"):
         Settings.from_env({"AITK_QUANTIZE": "int8"})
-    # FP8 weights stay on the GPU: said at start, not at the first request
-    with pytest.raises(ValueError, match="AITK_QUANTIZE='fp8' with OFFLOAD_MODE='model': FP8 weights stay on the GPU"):
+    # FP8 weights go with no offload or auto: said at start, not at the first request
+    with pytest.raises(ValueError, match="AITK_QUANTIZE='fp8' with OFFLOAD_MODE='model': quantize='fp8' cannot be combined"):
         Settings.from_env({"AITK_QUANTIZE": "fp8", "OFFLOAD_MODE": "model"})
     # both LoRA modes go with FP8: fused merges before quantizing (the fast mode), dynamic runs adapters
     assert Settings.from_env({"AITK_QUANTIZE": "fp8", "AITK_LORA_MODE": "fused"}).load.lora_mode == "fused"

@@ -44,7 +44,7 @@ import torch
 from . import check_strength
 from .convert import ConvertedLora, LoraFormatError, ModulePatch, convert_ai_toolkit_lora, guess_architecture
 from ..registry import LORA_MODES
-from ..runtime.quantize import is_quantized, master_weight, requantize_
+from ..runtime.quantize import is_quantized, master_weight, rebuild_device, requantize_
 
 logger = logging.getLogger(__name__)
 
@@ -523,13 +523,12 @@ class LoraStack:
             component, path = key
             base = _base_layer(self.components[component].get_submodule(path))
             master = master_weight(base)
-            device = base.weight.device
-            merged = master.to(device, non_blocking=True).float()
+            merged = master.to(rebuild_device(base), non_blocking=True).float()
             for entry in self.active.values():
                 patch = entry.loaded.patches.get(key)
                 if patch is not None:
                     _add_patch_(merged, patch, entry.strength)
-            requantize_(base, merged.to(master.dtype))
+            requantize_(base, merged, master.dtype)
             self._stale_quantized.discard(key)
             self.stats["requantized_layers"] += 1
 

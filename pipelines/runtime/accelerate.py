@@ -83,9 +83,20 @@ def gpu_memory_budget(device: str) -> int | None:
     return max(min(caps), 0)
 
 
+def tensor_bytes(tensor) -> int:
+    """The bytes ``tensor`` holds: for a tensor subclass that wraps others (torchao's FP8 weights: float8 values and
+    float32 scales, under a bfloat16 face), the sum of what it wraps."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if is_traceable_wrapper_subclass(tensor):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(tensor, name)) for name in names if getattr(tensor, name) is not None)
+    return tensor.numel() * tensor.element_size()
+
+
 def module_bytes(module) -> int:
-    """The bytes of ``module``'s parameters and buffers, at their current dtype."""
-    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+    """The bytes of ``module``'s parameters and buffers, at their current dtype (FP8 weights as their FP8 bytes)."""
+    return sum(tensor_bytes(t) for t in [*module.parameters(), *module.buffers()])
 
 
 def component_bytes(pipe) -> dict[str, int]:
@@ -164,13 +175,13 @@ def remove_group_offloading(module) -> None:
         registry.remove_hook(name, recurse=True)
 
 
-def choose_offload(sizes: dict[str, int], budget: int | None, reserve: int) -> str:
+def choose_offload(sizes: dict[str, int], budget: int | None, reserve: int, whole_components: bool = True) -> str:
     """The fastest placement whose GPU-resident weights plus ``reserve`` fit ``budget`` bytes: ``none`` (all on the
-    GPU), ``model`` (one component at a time, whole), else ``group`` (layer by layer, transfers overlapped). No
-    budget (not a CUDA device) means ``none``."""
+    GPU), ``model`` (one component at a time, whole; only with ``whole_components``), else ``group`` (layer by layer,
+    transfers overlapped). No budget (not a CUDA device) means ``none``."""
     if budget is None or sum(sizes.values()) + reserve <= budget:
         return "none"
-    if max(sizes.values(), default=0) + reserve <= budget:
+    if whole_components and max(sizes.values(), default=0) + reserve <= budget:
         return "model"
     return "group"
 
@@ -302,11 +313,12 @@ def use_fa3_fwd_if_needed() -> bool:
 
 # ---------------------------------------------------------------------------------------------------------------- FP8
 def quantize_fp8(denoisers: list, device: str, offload: str, keep_master: bool) -> int:
-    """Give the block Linears of ``denoisers`` FP8 weights (see ``runtime.quantize``); ``keep_master`` keeps the
-    original weights that fused LoRA mode re-quantizes from. Returns how many layers were quantized."""
+    """Give the block Linears of ``denoisers`` FP8 weights (see ``runtime.quantize``), computed on ``device`` (also
+    for weights still on the host, before an offloaded placement); ``keep_master`` keeps the original weights that
+    fused LoRA mode re-quantizes from. Returns how many layers were quantized."""
     from .quantize import fp8_option_conflict, fp8_unavailable, quantize_denoiser_fp8
 
     problem = fp8_unavailable(device) or fp8_option_conflict(offload)
     if problem:
         raise ValueError(problem + ".")
-    return sum(quantize_denoiser_fp8(denoiser, keep_master) for denoiser in denoisers)
+    return sum(quantize_denoiser_fp8(denoiser, keep_master, device=device) for denoiser in denoisers)

@@ -108,7 +108,8 @@ class LoadOptions:
         compile (str, defaults to "none"): one of ``COMPILE_MODES``.
         attention (str, defaults to "sdpa"): a key of ``ATTENTION_KERNELS``; all but ``sdpa`` and ``sdpa_math``
             need CUDA.
-        quantize (str, defaults to "none"): one of ``QUANTIZE_MODES``; ``fp8`` needs an FP8 GPU and no offload.
+        quantize (str, defaults to "none"): one of ``QUANTIZE_MODES``; ``fp8`` needs an FP8 GPU and offload
+            ``none`` or ``auto``.
         components (str, *optional*): when ``base`` is a single file, the diffusers folder or hub repo id the
             components it lacks come from; defaults to the model's base repo.
         text_encoder_file, text_encoder_2_file, vae_file (str, *optional*): that component from a single

@@ -10,10 +10,17 @@ norms and the output projection stay in the model dtype. LoRAs go with FP8 weigh
   are kept so that a strength change or a LoRA switch re-quantizes ``master + sum(strength * delta)`` into the same
   FP8 tensors in place (no recompile). The master stays on the GPU where it is (no copy) when the card keeps
   ``GPU_MASTER_FREE_FRACTION`` of its memory free beside it, which makes a strength change a GPU-only rebuild;
-  otherwise it is copied to pinned host memory, and each change streams it back over PCIe.
+  otherwise it is copied to pinned host memory, and each change streams it back over PCIe. Each layer is rebuilt by
+  one fused kernel (:func:`fp8_rows_`, compiled on CUDA), which gives torchao's quantize's bytes; the first rebuild of
+  each layer shape in a process checks that against torchao, and a shape where they differ keeps torchao's quantize.
 * ``lora_mode="dynamic"`` (the lean mode): LoRAs run next to the FP8 layers as live PEFT adapters in the model dtype,
   with no host copy. Merging a small delta into weights that are already FP8 would round most of it away, so LoKr
   and full-layer patches, which must be merged, are refused in this mode.
+
+With ``offload="auto"``, weights that do not fit the GPU in the model dtype are quantized on the host first (each
+layer computed on the GPU) and placed as FP8 blocks: all on the GPU when they fit, else streamed block by block with
+the first ones resident (``runtime.accelerate``); fused LoRA changes rebuild a streamed layer on the GPU and write it
+into its pinned host copy.
 
 Eager, torchao's per-activation quantization kernels are slow (a FLUX forward with adapters was 2.26x slower than
 bf16 on an H100); use ``compile="regional"`` with FP8.
@@ -22,7 +29,10 @@ bf16 on an H100); use ``compile="regional"`` with FP8.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import sys
+
+logger = logging.getLogger(__name__)
 
 #: float8 matmuls need both dimensions of a weight to be multiples of 16
 _FP8_ALIGNMENT = 16
@@ -50,8 +60,8 @@ def fp8_unavailable(device: str) -> str | None:
 def fp8_option_conflict(offload: str) -> str | None:
     """Why FP8 weights cannot go with these load options, or None."""
     if offload not in ("none", "auto"):
-        return (f"FP8 weights stay on the GPU, so quantize='fp8' cannot be combined with offload={offload!r}; "
-                "use offload='none' (or 'auto', which then keeps everything on the GPU)")
+        return (f"quantize='fp8' cannot be combined with offload={offload!r}; use offload='none', or 'auto', which "
+                "streams the FP8 blocks that do not fit the GPU (keeping the first ones resident)")
     return None
 
 
@@ -73,24 +83,35 @@ def block_linear_names(denoiser) -> list[str]:
 
 
 def fp8_config():
-    """torchao's FP8 recipe used here: float8 weights with one scale per row, activations quantized per row."""
+    """torchao's FP8 recipe used here: float8 weights with one scale per row, activations quantized per row.
+
+    Without torchao's process-wide settings (``set_inductor_config``), which every quantize (each LoRA change's too)
+    would apply again: TF32 for every float32 matmul in the process (other pipelines' and the LoRA merges' included),
+    and Inductor's coordinate-descent tuning over every kernel of every later compile, which made the first compile
+    of the FP8 blocks take minutes."""
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
 
-    return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
 
 
-def quantize_denoiser_fp8(denoiser, keep_master: bool = False, master: str = "auto") -> int:
+def quantize_denoiser_fp8(denoiser, keep_master: bool = False, master: str = "auto", device=None) -> int:
     """Give the block Linears of ``denoiser`` float8 weights in place; returns how many layers were quantized.
 
     ``keep_master`` keeps each layer's current weight (see :func:`master_weight`), which fused LoRA mode re-quantizes
     from; ``master`` says where: ``gpu`` (the weight itself, no copy), ``host`` (pinned memory) or ``auto`` (see
-    :func:`master_place`)."""
-    return quantize_block_linears(denoiser, fp8_config(), keep_master, master)
+    :func:`master_place`). ``device``: see :func:`quantize_block_linears`."""
+    return quantize_block_linears(denoiser, fp8_config(), keep_master, master, device)
 
 
-def quantize_block_linears(denoiser, config, keep_master: bool = False, master: str = "auto") -> int:
+def quantize_block_linears(denoiser, config, keep_master: bool = False, master: str = "auto", device=None) -> int:
     """Quantize the block Linears of ``denoiser`` with the torchao ``config``, one layer at a time (so host masters
-    never need a second full copy of the model)."""
+    never need a second full copy of the model).
+
+    ``device`` is where the quantized values are computed, now and at every LoRA change (:func:`rebuild_device`); a
+    weight still on the host (a model quantized before it is offloaded) goes there for its quantization and its
+    quantized tensor comes back, so that its bytes are those a weight on ``device`` gets. Default: where each
+    weight is."""
+    import torch
     from torchao.quantization import quantize_
 
     names = block_linear_names(denoiser)
@@ -100,11 +121,20 @@ def quantize_block_linears(denoiser, config, keep_master: bool = False, master: 
             raise ValueError(f"Unknown master place {master!r}; use one of {', '.join(MASTER_PLACES)}.")
     for name in names:
         module = denoiser.get_submodule(name)
+        weight = module.weight.detach()
         if keep_master:
-            weight = module.weight.detach()
             setattr(module, _MASTER, weight if master == "gpu" else _host_copy(weight))
+        target = weight.device if device is None else torch.device(device)
+        from_host = weight.device.type == "cpu" and target.type != "cpu"
+        if from_host:
+            module.weight = torch.nn.Parameter(weight.to(target), requires_grad=False)
         quantize_(module, config)
+        if from_host:
+            module.weight = torch.nn.Parameter(module.weight.to(weight.device), requires_grad=False)
         setattr(module, _CONFIG, config)
+        setattr(module, _DEVICE, target)
+    if device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the per-layer scratch: offload="auto" measures what this process holds after it
     return len(names)
 
 
@@ -122,8 +152,9 @@ def master_place(denoiser, names: list[str]) -> str:
     return "gpu" if free - fp8_bytes >= GPU_MASTER_FREE_FRACTION * total else "host"
 
 
-#: attributes a quantized Linear carries: its master weight (fused LoRA mode) and the torchao config it was made with
-_MASTER, _CONFIG = "aitk_master_weight", "aitk_quantize_config"
+#: attributes a quantized Linear carries: its master weight (fused LoRA mode), the torchao config it was made with and
+#: the device its quantized values are computed on
+_MASTER, _CONFIG, _DEVICE = "aitk_master_weight", "aitk_quantize_config", "aitk_quantize_device"
 
 
 def master_weight(module):
@@ -131,25 +162,142 @@ def master_weight(module):
     return getattr(module, _MASTER, None)
 
 
+def rebuild_device(module):
+    """The device a quantized layer's values are (re)computed on: the one it was quantized on, which for a layer
+    whose weight is offloaded to the host is the GPU it runs on."""
+    return getattr(module, _DEVICE, None) or module.weight.device
+
+
 def _host_copy(weight):
+    """``weight`` in host memory, pinned where a GPU reads it back (the re-quantizing copies then run at full PCIe
+    speed); a weight already on the host is not copied again unless it must be pinned."""
     import torch
 
-    pin = weight.device.type == "cuda"  # pinned memory: the re-quantizing copies back run at full PCIe speed
-    copy = torch.empty(weight.shape, dtype=weight.dtype, device="cpu", pin_memory=pin)
+    if weight.device.type == "cpu":
+        return weight.pin_memory() if torch.cuda.is_available() else weight
+    copy = torch.empty(weight.shape, dtype=weight.dtype, device="cpu", pin_memory=True)
     copy.copy_(weight)
     return copy
 
 
-def requantize_(module, weight) -> None:
-    """Set the values of ``module``'s quantized weight to the quantization of ``weight`` (model dtype, same shape),
-    in place: the quantized tensors keep their storage, so compiled graphs that read them stay valid."""
+def requantize_(module, merged, dtype) -> None:
+    """Set the values of ``module``'s quantized weight to the quantization of ``merged`` (float32, same shape) rounded
+    to ``dtype`` (the model dtype), in place: the quantized tensors keep their storage, so compiled graphs that read
+    them stay valid. Per-row FP8 weights are rebuilt by :func:`fp8_rows_` (one fused kernel on CUDA), the rest through
+    torchao's own quantize with the layer's config."""
+    weight = module.weight
+    if _is_row_fp8(weight) and _fused_rebuild_(module, merged, dtype):
+        return
+    _copy_quantized_(weight, _torchao_quantized(module, merged.to(dtype)))
+
+
+def _torchao_quantized(module, weight):
+    """The quantized tensor torchao makes of ``weight`` with ``module``'s config (on a scratch layer)."""
     import torch
     from torchao.quantization import quantize_
 
     scratch = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
     scratch.weight = torch.nn.Parameter(weight, requires_grad=False)
     quantize_(scratch, getattr(module, _CONFIG))
-    _copy_quantized_(module.weight, scratch.weight)
+    return scratch.weight
+
+
+# ---------------------------------------------------------------------------------------------------------------- fused FP8 rebuild
+def fp8_rows_(merged, dtype, qdata, scale) -> None:
+    """Write the per-row float8 quantization of ``merged`` rounded to ``dtype`` into ``qdata`` (float8, same shape)
+    and ``scale`` (float32, one a row), in place.
+
+    The same operations, in the same dtypes, as torchao's per-row ``Float8Tensor.from_hp`` (its plain-torch kernel):
+    the row's largest magnitude in ``dtype`` divided by the float8 maximum gives the scale (rounded to ``dtype``, then
+    float32), and the values divided by it, clamped to the float8 range, are cast to float8. Eager, it runs those
+    operations as they are; compiled (:func:`_compiled_fp8_rows`) it is one fused pass over the weight."""
+    import torch
+
+    weight = merged.to(dtype)
+    quant_max = torch.finfo(qdata.dtype).max
+    row_scale = (weight.abs().amax(dim=1, keepdim=True) / quant_max).to(torch.float32)
+    qdata.copy_((weight.to(torch.float32) / row_scale).clamp(min=-quant_max, max=quant_max).to(qdata.dtype))
+    scale.copy_(row_scale)
+
+
+#: Inductor settings that keep eager PyTorch's rounding (each intermediate rounded to its dtype, IEEE division);
+#: the names present in the running torch are used
+_EAGER_NUMERICS = ("emulate_precision_casts", "eager_numerics.division_rounding", "emulate_divison_rounding")
+#: (device type, shape, float8 dtype, model dtype) -> whether the fused rebuild gave torchao's bytes on first use
+_FUSED_CHECKED: dict[tuple, bool] = {}
+_COMPILED: dict[str, object] = {}
+
+
+def _compiled_fp8_rows():
+    """:func:`fp8_rows_` compiled once per process for CUDA (dynamic shapes: one graph for every layer shape, kept
+    in the on-disk compile cache); None where it cannot compile (no Triton), which leaves it eager."""
+    if "cuda" not in _COMPILED:
+        import torch
+
+        compiled = None
+        if importlib.util.find_spec("triton") is not None:
+            from torch._inductor import config
+
+            from .accelerate import use_persistent_compile_cache
+
+            use_persistent_compile_cache()
+            known = config.get_config_copy()
+            options = {name: True for name in _EAGER_NUMERICS if name in known}
+            compiled = torch.compile(fp8_rows_, dynamic=True, fullgraph=True, options=options)
+        _COMPILED["cuda"] = compiled
+    return _COMPILED["cuda"]
+
+
+def _is_row_fp8(weight) -> bool:
+    import torch
+
+    quantized = getattr(weight, "qdata", None)
+    scale = getattr(weight, "scale", None)
+    return (type(weight).__name__ == "Float8Tensor" and quantized is not None and quantized.dim() == 2
+            and scale is not None and scale.dtype == torch.float32 and tuple(scale.shape) == (quantized.shape[0], 1)
+            and list(getattr(weight, "block_size", None) or ()) == [1, quantized.shape[1]])
+
+
+def _fused_rebuild_(module, merged, dtype) -> bool:
+    """Rebuild a per-row FP8 weight with :func:`fp8_rows_` (compiled on CUDA); False where it is not used. The first
+    time a layer shape is seen in this process the result is compared, byte for byte, with torchao's quantize of the
+    same weight; a shape where they differ (another torchao kernel, another rounding) keeps torchao's path."""
+    import torch
+
+    weight = module.weight
+    rebuild = (_compiled_fp8_rows() if merged.device.type == "cuda" else None) or fp8_rows_
+    key = (merged.device.type, tuple(merged.shape), weight.qdata.dtype, dtype)
+    if key not in _FUSED_CHECKED:
+        reference = _torchao_quantized(module, merged.to(dtype))
+        qdata, scale = (torch.empty_like(weight.qdata, device=merged.device),
+                        torch.empty_like(weight.scale, device=merged.device))
+        try:
+            rebuild(merged, dtype, qdata, scale)
+        except Exception as error:  # a compile that fails here (a Triton or compiler problem) leaves it eager
+            logger.warning("FP8 rebuild: compiling the fused kernel failed (%s); it runs eager.", error)
+            _COMPILED[merged.device.type] = None
+            rebuild = fp8_rows_
+            rebuild(merged, dtype, qdata, scale)
+        same = (torch.equal(qdata.view(torch.uint8), reference.qdata.view(torch.uint8))
+                and torch.equal(scale.view(torch.int32), reference.scale.reshape(scale.shape).view(torch.int32)))
+        _FUSED_CHECKED[key] = same
+        if not same:
+            logger.warning("FP8 rebuild: the fused kernel does not give torchao's bytes for %s weights of shape %s on "
+                           "%s; that shape uses torchao's quantize (slower strength changes).", dtype,
+                           tuple(merged.shape), merged.device.type)
+        _copy_quantized_(weight, reference)
+        return True
+    if not _FUSED_CHECKED[key]:
+        return False
+    if weight.qdata.device == merged.device:
+        rebuild(merged, dtype, weight.qdata, weight.scale)
+    else:  # an offloaded layer: computed on the GPU, written into its host copy
+        qdata = torch.empty_like(weight.qdata, device=merged.device)
+        scale = torch.empty_like(weight.scale, device=merged.device)
+        rebuild(merged, dtype, qdata, scale)
+        weight.qdata.copy_(qdata)
+        weight.scale.copy_(scale)
+    return True
 
 
 def _copy_quantized_(target, source) -> None:

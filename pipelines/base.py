@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 from . import single_file
 from .component_files import check_component_files
 from .runtime import accelerate
-from .runtime.options import LoadOptions
+from .runtime.options import LoadOptionError, LoadOptions, compile_offload_conflict
 from .runtime.readahead import start_readahead
 from .registry import ModelSpec, get_spec
 
@@ -291,6 +291,8 @@ class AITKPipeline:
         self.lora_mode = lora_mode
         self.source = source
         self.compiled: str | None = None
+        #: the ``torch.compile`` settings of ``compiled``, for the blocks a later placement leaves resident
+        self.compile_kwargs: dict = {}
         self.attention = "sdpa"
         self.quantize = "none"
         #: with ``offload="group"`` chosen by ``auto``: denoiser component -> bytes of its blocks kept on the GPU
@@ -335,6 +337,11 @@ class AITKPipeline:
                 pipeline.quantize_fp8()
                 offload, resident = cls.choose_offload(spec, pipe, device, "fp8")
             pipeline.offload, pipeline.resident = offload, resident
+            conflict = compile_offload_conflict(options.compile, offload)
+            if conflict:
+                raise LoadOptionError(f"offload='auto' chose {offload!r} (the weights do not all fit the GPU memory "
+                                      f"this process may use), and {conflict}.",
+                                      {"compile": options.compile, "offload": "auto"})
         accelerate.place(pipe, device, offload, pipeline.resident)
         logger.info("Loaded %s from %s in %.2fs (%s, %s, offload=%s)", spec.model_id, source,
                     time.perf_counter() - started, device, torch_dtype, offload)
@@ -409,9 +416,21 @@ class AITKPipeline:
 
         In ``fused`` LoRA mode strength changes and LoRA switches edit the weights in place, so the compiled graphs
         are reused (no recompilation). In ``dynamic`` mode adding PEFT layers or changing a strength recompiles.
+        With offloading, ``regional`` compiles the blocks that stay on the device and leaves the streamed ones eager,
+        also after a LoRA change places them again (:meth:`_placed_again`); ``full`` refuses offloading.
         """
+        conflict = compile_offload_conflict(mode, self.offload)
+        if conflict:
+            raise LoadOptionError(conflict + ".", {"compile": mode, "offload": self.offload})
         accelerate.compile_denoiser(self.denoisers(), mode, **compile_kwargs)
-        self.compiled = mode
+        self.compiled, self.compile_kwargs = mode, compile_kwargs
+
+    def _placed_again(self) -> None:
+        """After offloading was applied again (LoRA changes): a regionally compiled denoiser compiles the blocks that
+        are resident now and runs the streamed ones eager (``accelerate.compile_resident_blocks``)."""
+        if self.compiled == "regional":
+            for denoiser in self.denoisers():
+                accelerate.compile_resident_blocks(denoiser, **self.compile_kwargs)
 
     def denoisers(self) -> list:
         """The denoiser module(s) that compile, attention and quantization settings apply to (MoE families: all
@@ -506,6 +525,7 @@ class AITKPipeline:
                     accelerate.offload_blocks_keeping_resident(component, self.device, self.resident[name])
                 else:
                     _maybe_remove_and_reapply_group_offloading(component)
+            self._placed_again()
 
     @contextlib.contextmanager
     def _vae_tiling(self, enabled: bool):
@@ -530,6 +550,7 @@ class AITKPipeline:
             yield
         finally:
             self.place(self.pipe, self.device, self.offload, self.resident)
+            self._placed_again()
 
     # ------------------------------------------------------------------------------------------------ generation
     def resolve_params(

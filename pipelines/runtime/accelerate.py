@@ -14,6 +14,8 @@ from .options import ATTENTION_KERNELS, TORCH_DTYPE_NAMES, attention_device_prob
 #: where torch.compile keeps its compiled kernels between processes (unless TORCHINDUCTOR_CACHE_DIR is set)
 COMPILE_CACHE_ENV = "AITK_COMPILE_CACHE"
 
+logger = logging.getLogger(__name__)
+
 
 # ---------------------------------------------------------------------------------------------------------------- device and dtype
 def resolve_device(device: str | None) -> str:
@@ -143,9 +145,10 @@ def offload_blocks_keeping_resident(denoiser, device: str, resident_bytes: int) 
         _LAZY_PREFETCH_GROUP_OFFLOADING,
     )
 
+    streams = str(device).startswith("cuda")  # elsewhere (the CPU tests) the blocks load in turn, unprefetched
     apply_group_offloading(denoiser, onload_device=torch.device(device), offload_type="block_level",
-                           num_blocks_per_group=1, use_stream=True)
-    tracer = denoiser._diffusers_hook.get_hook(_LAZY_PREFETCH_GROUP_OFFLOADING)
+                           num_blocks_per_group=1, use_stream=streams)
+    tracer = denoiser._diffusers_hook.get_hook(_LAZY_PREFETCH_GROUP_OFFLOADING) if streams else None
     kept = 0
     for name, block in blocks_in_order(denoiser):
         size = module_bytes(block)
@@ -154,7 +157,8 @@ def offload_blocks_keeping_resident(denoiser, device: str, resident_bytes: int) 
         hooks = block._diffusers_hook
         hooks.remove_hook(_GROUP_OFFLOADING, recurse=False)
         hooks.remove_hook(_LAYER_EXECUTION_TRACKER, recurse=False)
-        tracer._layer_execution_tracker_module_names.discard(name)
+        if tracer is not None:
+            tracer._layer_execution_tracker_module_names.discard(name)
         block.to(device)
         resident_bytes -= size
         kept += 1
@@ -196,7 +200,8 @@ def place(pipe, device: str, offload: str, resident: dict[str, int] | None = Non
     if offload == "group" and resident:
         from diffusers.hooks import apply_group_offloading
 
-        leaf_level = {"onload_device": torch.device(device), "offload_type": "leaf_level", "use_stream": True}
+        leaf_level = {"onload_device": torch.device(device), "offload_type": "leaf_level",
+                      "use_stream": str(device).startswith("cuda")}
         for name, component in pipe.components.items():
             if name in resident:
                 offload_blocks_keeping_resident(component, device, resident[name])
@@ -234,8 +239,10 @@ def compile_denoiser(denoisers: list, mode: str = "regional", **compile_kwargs) 
 
     Args:
         denoisers (list): the denoiser module(s).
-        mode (str, defaults to "regional"): ``regional`` compiles the repeated transformer block classes once each
-            (``compile_repeated_blocks(fullgraph=True)``, fast to compile); ``full`` compiles the whole denoiser.
+        mode (str, defaults to "regional"): ``regional`` compiles the repeated transformer blocks, each class once
+            (``fullgraph=True``, fast to compile), except those an offloading hook streams, which run eager
+            (:func:`compile_resident_blocks`); ``full`` compiles the whole denoiser, which must not be offloaded
+            (``options.compile_offload_conflict``).
         **compile_kwargs: passed on to ``torch.compile`` (``backend``, ``mode``...).
     """
     if mode not in ("regional", "full"):
@@ -244,12 +251,57 @@ def compile_denoiser(denoisers: list, mode: str = "regional", **compile_kwargs) 
     for denoiser in denoisers:
         if mode == "full":
             denoiser.compile(**compile_kwargs)
-        elif getattr(denoiser, "_repeated_blocks", None):
-            denoiser.compile_repeated_blocks(fullgraph=True, **compile_kwargs)
-        else:
-            raise ValueError(f"{type(denoiser).__name__} declares no repeated blocks to compile regionally; "
-                             "use compile='full'.")
+            continue
+        name = type(denoiser).__name__
+        blocks = repeated_blocks(denoiser)
+        if not blocks:
+            raise ValueError(f"{name} declares no repeated blocks to compile regionally (or none of the classes its "
+                             "`_repeated_blocks` names is in it); use compile='full'.")
+        for block in blocks:
+            block._compiled_call_impl = None  # compiled before: compile again with these settings
+        compiled, streamed = compile_resident_blocks(denoiser, **compile_kwargs)
+        if not compiled:
+            logger.warning("compile='regional' has nothing to compile in %s: all its %d repeated blocks stream their "
+                           "weights through offloading hooks, which torch.compile cannot trace, so they run eager. "
+                           "offload='auto' keeps the first blocks on the GPU (those compile); 'model' and 'none' "
+                           "compile every block.", name, streamed)
+        elif streamed:
+            logger.info("compile='regional': %d repeated blocks of %s compiled; the %d streamed ones run eager.",
+                        compiled, name, streamed)
 
+
+def repeated_blocks(denoiser) -> list:
+    """The modules of ``denoiser`` whose class its ``_repeated_blocks`` names (what regional compile compiles)."""
+    classes = set(getattr(denoiser, "_repeated_blocks", None) or ())
+    return [module for module in denoiser.modules() if type(module).__name__ in classes]
+
+
+def carries_offload_hook(module) -> bool:
+    """Whether an offloading hook moves weights of ``module`` in or out during its forward: diffusers' group
+    offloading on it or on any of its layers, or an accelerate hook on it or inside it (``sequential`` hooks every
+    layer, ``model`` the component itself). torch.compile cannot trace them into one graph (diffusers' are
+    ``torch.compiler.disable()``d)."""
+    from diffusers.hooks.group_offloading import _GROUP_OFFLOADING
+
+    return any(hasattr(m, "_hf_hook") or (hasattr(m, "_diffusers_hook") and m._diffusers_hook.get_hook(_GROUP_OFFLOADING))
+               for m in module.modules())
+
+
+def compile_resident_blocks(denoiser, **compile_kwargs) -> tuple[int, int]:
+    """Make the compiled blocks of ``denoiser`` follow its placement: each repeated block that carries no offloading
+    hook is compiled (``fullgraph=True``) unless it already is, and a compiled one that carries one now (offloading
+    applied again after a LoRA change may keep fewer blocks resident) runs eager again. Call it after every
+    placement of a regionally compiled denoiser. Returns how many blocks are compiled and how many stream."""
+    compiled = streamed = 0
+    for block in repeated_blocks(denoiser):
+        if carries_offload_hook(block):
+            block._compiled_call_impl = None  # what nn.Module.compile set: the block's own (hooked) forward runs
+            streamed += 1
+        else:
+            if block._compiled_call_impl is None:
+                block.compile(fullgraph=True, **compile_kwargs)
+            compiled += 1
+    return compiled, streamed
 
 # ---------------------------------------------------------------------------------------------------------------- attention
 def set_attention_kernel(denoisers: list, kernel: str, device: str, model_id: str) -> None:

@@ -82,6 +82,16 @@ def attention_device_problem(kernel: str, device: str) -> str | None:
     return None
 
 
+def compile_offload_conflict(compile: str, offload: str) -> str | None:
+    """Why ``compile`` cannot go with the CPU offloading ``offload`` (as chosen, not ``auto``), or None: a whole
+    compiled denoiser would have to trace the hooks that move its weights during the forward."""
+    if compile == "full" and offload not in ("none", "auto"):
+        return (f"compile='full' cannot be combined with offload={offload!r} (its hooks move the weights during the "
+                "forward, which one compiled graph cannot hold); use compile='regional', which compiles the blocks "
+                "that stay on the GPU, or offload='none'")
+    return None
+
+
 def _is_dtype(dtype) -> bool:
     torch = sys.modules.get("torch")  # a torch.dtype can only come from a process that imported torch
     if torch is not None and isinstance(dtype, torch.dtype):
@@ -105,7 +115,8 @@ class LoadOptions:
             ``auto``: fp32 on CPU, bf16 on GPUs that support it, else fp16.
         offload (str, defaults to "none"): one of ``OFFLOAD_MODES``.
         lora_mode (str, *optional*): ``dynamic`` or ``fused``; defaults to the model's registry setting.
-        compile (str, defaults to "none"): one of ``COMPILE_MODES``.
+        compile (str, defaults to "none"): one of ``COMPILE_MODES``; ``full`` needs offload ``none`` (or ``auto``
+            when it chooses ``none``); ``regional`` with offloading compiles the blocks that stay on the GPU.
         attention (str, defaults to "sdpa"): a key of ``ATTENTION_KERNELS``; all but ``sdpa`` and ``sdpa_math``
             need CUDA.
         quantize (str, defaults to "none"): one of ``QUANTIZE_MODES``; ``fp8`` needs an FP8 GPU and offload
@@ -148,6 +159,9 @@ class LoadOptions:
             conflict = fp8_option_conflict(self.offload)
             if conflict:
                 raise LoadOptionError(conflict + ".", {"quantize": self.quantize, "offload": self.offload})
+        conflict = compile_offload_conflict(self.compile, self.offload)
+        if conflict:
+            raise LoadOptionError(conflict + ".", {"compile": self.compile, "offload": self.offload})
         if self.lora_mode is not None and self.lora_mode not in LORA_MODES:
             raise unknown_option("lora_mode", self.lora_mode)
 

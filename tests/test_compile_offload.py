@@ -17,7 +17,7 @@ from aitk_inference.pipelines.runtime import accelerate
 from aitk_inference.pipelines.runtime.options import LoadOptionError, LoadOptions
 from aitk_inference.tiny.loras import lora_targets, write_lora
 
-GEN = dict(prompt="a cat", width=64, height=64, steps=1, seed=3)
+GEN = {"prompt": "a cat", "width": 64, "height": 64, "steps": 1, "seed": 3}
 
 
 def _compiled(pipeline) -> list[bool]:

@@ -152,6 +152,47 @@ def test_auto_offload_streams_only_the_blocks_that_do_not_fit(load_tiny, monkeyp
     assert np.abs(partial.generate(**gen).images - roomy.generate(**gen).images).max() < 0.03
 
 
+@pytest.mark.parametrize("lora_mode", ["fused", "dynamic"])
+def test_regional_compile_with_auto_offload_compiles_the_resident_blocks(load_tiny, monkeypatch, tmp_path, lora_mode):
+    """compile="regional" with offload="auto" streaming blocks under a memory cap: the first (resident) block
+    compiles with Inductor, the streamed one runs eager (its group-offloading hooks cannot be traced; compiling it
+    failed the first generate), and the images match the uncompiled capped run, also after a LoRA change places the
+    blocks again. Whole-component offload (``model``) compiles every block and matches too."""
+    from aitk_inference.pipelines.runtime import accelerate
+
+    gen = {"prompt": "x", "width": 64, "height": 64, "steps": 2, "seed": 5}
+    roomy = load_tiny("flux", device="cuda", dtype="bf16", lora_mode=lora_mode)
+    transformer = roomy.pipe.transformer
+    blocks = [accelerate.module_bytes(block) for _, block in accelerate.blocks_in_order(transformer)]
+    overhead = accelerate.module_bytes(transformer) - sum(blocks) + 2 * max(blocks)
+    monkeypatch.setitem(accelerate.AUTO_OFFLOAD_RESERVE_GIB, "image", 0.0)
+    monkeypatch.setattr(accelerate, "choose_offload", lambda sizes, budget, reserve, whole_components=True: "group")
+
+    def capped(**options):  # room for the first block only, on top of what this process holds by then
+        room = torch.cuda.memory_reserved() + overhead + blocks[0]
+        monkeypatch.setenv("AITK_MAX_GPU_MEMORY_GIB", str(room / 2**30))
+        return load_tiny("flux", device="cuda", dtype="bf16", offload="auto", lora_mode=lora_mode, **options)
+
+    eager, compiled = capped(), capped(compile="regional")
+    model = load_tiny("flux", device="cuda", dtype="bf16", offload="model", lora_mode=lora_mode, compile="regional")
+
+    def compiled_blocks(pipeline):
+        return [b._compiled_call_impl is not None for b in accelerate.repeated_blocks(pipeline.pipe.transformer)]
+
+    assert compiled.offload == eager.offload == "group" and compiled.resident == eager.resident
+    assert compiled_blocks(compiled) == [True, False] and compiled_blocks(model) == [True, True]
+    lora = write_lora(str(tmp_path / "l.safetensors"), "peft", lora_targets(transformer))
+    for strength in (None, 0.8):
+        if strength is not None:
+            for pipeline in (roomy, eager, compiled, model):
+                pipeline.set_loras([(lora, strength)])
+        want = eager.generate(**gen).images
+        assert np.abs(compiled.generate(**gen).images - want).max() < 0.03
+        assert np.abs(model.generate(**gen).images - roomy.generate(**gen).images).max() < 0.03
+    # live adapters add their weights to the first block, which then streams: compiled blocks follow the resident ones
+    assert compiled_blocks(compiled) == ([True, False] if lora_mode == "fused" else [False, False])
+
+
 def test_flash_attention_3_agrees_with_the_default_or_says_how_to_install_it(load_tiny):
     from aitk_inference.pipelines.runtime.accelerate import use_fa3_fwd_if_needed
 

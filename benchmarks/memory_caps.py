@@ -3,8 +3,8 @@
 chose (and how much of the transformer's blocks it kept on the GPU), the time of a 1024x1024 image with a fused rank-16 LoRA, its peak memory. Full-size random weights (the
 benchmark's FLUX folder, written once). ``--fp8-caps`` adds runs with ``quantize="fp8"`` (FP8 block weights,
 streamed with the first ones resident when they do not fit), timed against the first bf16 run and against the
-uncapped FP8 run; ``--compile regional`` compiles every run (a run that streams blocks then fails: see BENCHMARKS.md,
-"compile with streamed blocks"). GPU only:
+uncapped FP8 run; ``--compile regional`` compiles every run (the resident blocks; streamed ones run eager: see
+BENCHMARKS.md, "compile with streamed blocks"). GPU only:
 
     python3 -m aitk_inference.benchmarks.memory_caps --caps 0 24 12 --fp8-caps 0 24 12 --steps 4 --out DIR  # 0 = uncapped
 """
@@ -65,7 +65,7 @@ def main(argv=None) -> int:
             run["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         except torch.OutOfMemoryError as error:
             run["error"] = f"out of memory: {str(error)[:200]}"
-        except Exception as error:  # a combination that fails (FP8 or compile with offloading) is a result too
+        except Exception as error:  # a combination that fails is a result too
             run["error"] = f"{type(error).__name__}: {str(error)[:300]}"
         print(run, flush=True)
         result["runs"].append(run)

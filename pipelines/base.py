@@ -875,7 +875,8 @@ def load_pipeline(
         compile (str, *optional*): ``none`` (default), ``regional`` or ``full`` torch.compile of the denoiser (see
             :meth:`AITKPipeline.compile_denoiser`; use with ``lora_mode="fused"`` to avoid recompiles). Compiled
             kernels are kept on disk (see ``runtime.accelerate.use_persistent_compile_cache``), so a later process
-            compiles faster.
+            compiles faster. With CPU offload ``regional`` compiles the blocks that stay on the device (the streamed
+            ones run eager) and ``full`` is refused.
         attention (str, *optional*): the attention kernel, a key of ``runtime.options.ATTENTION_KERNELS``; ``sdpa``
             (default) is diffusers' default.
         quantize (str, *optional*): ``none`` (default) or ``fp8``: FP8 weights for the denoiser's blocks (torchao; a

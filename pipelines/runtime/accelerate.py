@@ -283,7 +283,8 @@ def carries_offload_hook(module) -> bool:
     ``torch.compiler.disable()``d)."""
     from diffusers.hooks.group_offloading import _GROUP_OFFLOADING
 
-    return any(hasattr(m, "_hf_hook") or (hasattr(m, "_diffusers_hook") and m._diffusers_hook.get_hook(_GROUP_OFFLOADING))
+    return any(hasattr(m, "_hf_hook") or (hasattr(m, "_diffusers_hook")
+                                           and m._diffusers_hook.get_hook(_GROUP_OFFLOADING) is not None)
                for m in module.modules())
 
 

@@ -249,6 +249,19 @@ class LatentLayout:
 
 
 # ---------------------------------------------------------------------------------------------------------------- base
+def fp8_does_not_fit(spec: ModelSpec, pipe, device: str) -> str:
+    """Why ``quantize="fp8"`` with ``offload="auto"`` cannot place ``pipe`` (its denoiser blocks already in FP8): the
+    FP8 weights and the activations' room exceed the GPU memory this process may use, and FP8 blocks are not streamed
+    (diffusers' group offloading cannot move torchao's FP8 tensors between host and GPU: measured on an H100)."""
+    weights = sum(accelerate.component_bytes(pipe).values()) / 2**30
+    reserve = accelerate.AUTO_OFFLOAD_RESERVE_GIB["video" if spec.video else "image"]
+    budget = (accelerate.gpu_memory_budget(device) or 0) / 2**30
+    return (f"quantize='fp8' with offload='auto': {spec.model_id}'s weights in FP8 ({weights:.1f} GiB) plus {reserve:.0f} "
+            f"GiB for activations do not fit the {budget:.1f} GiB of GPU memory this process may use, and FP8 weights "
+            "cannot be streamed from the CPU yet; use quantize='none' with offload='auto' (streams bf16 blocks), or free "
+            "GPU memory.")
+
+
 class AITKPipeline:
     """A loaded model id: the diffusers pipeline, its LoRA stack and ai-toolkit's sampling behaviour.
 
@@ -336,6 +349,8 @@ class AITKPipeline:
                 # GPU), so that auto measures and places FP8 blocks
                 pipeline.quantize_fp8()
                 offload, resident = cls.choose_offload(spec, pipe, device, "fp8")
+                if offload != "none":
+                    raise LoadOptionError(fp8_does_not_fit(spec, pipe, device), {"quantize": "fp8", "offload": "auto"})
             pipeline.offload, pipeline.resident = offload, resident
             conflict = compile_offload_conflict(options.compile, offload)
             if conflict:
@@ -359,8 +374,8 @@ class AITKPipeline:
         image's activations, and, when that is ``group``, how many bytes of each denoiser's blocks stay on the GPU
         (``accelerate.resident_block_budget``; the rest stream through). ``none`` for a family that cannot offload
         (``offload_refusal``). With ``quantize="fp8"`` (``pipe``'s denoiser blocks already quantized, so measured in
-        FP8 bytes) whole-component offloading is not used: streaming keeps the first FP8 blocks resident instead of
-        moving the whole transformer in and out."""
+        FP8 bytes) whole-component offloading is not used; anything but ``none`` is then refused by the caller
+        (:func:`fp8_does_not_fit`)."""
         if cls.offload_refusal:
             return "none", None
         sizes = accelerate.component_bytes(pipe)
@@ -884,7 +899,8 @@ def load_pipeline(
             With ``lora_mode="fused"`` LoRAs are merged before quantizing (the fast mode; keeps a bf16 host copy of
             the quantized weights); with ``dynamic`` they run as adapters (about half the transformer's GPU memory).
             FP8 weights of a single-file base are upcast on load and re-quantized here. Goes with ``offload`` none or
-            ``auto`` (which streams the FP8 blocks that do not fit).
+            ``auto`` (which places the FP8 weights when they fit, quantized on the host first when the bf16 weights
+            do not; FP8 blocks are not streamed).
         components (str, *optional*): for a single-file ``base``, where the components the file lacks come from: a
             diffusers folder or a hub repo id; defaults to the model's base repo (from the hub cache).
         text_encoder_file, text_encoder_2_file, vae_file (str, *optional*): that component from a ``.safetensors``

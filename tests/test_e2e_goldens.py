@@ -4,7 +4,8 @@
 
 Each job folder under ``goldens/e2e/<id>/`` is what ai-toolkit leaves: ``config.yaml``, the LoRA its network saved,
 ``samples/`` with its previews; plus ``base.json``, the hash of the tiny base ai-toolkit loaded. That base is the
-project's own tiny model of the id, rebuilt here by the tiny builder and checked against the hash.
+project's own tiny model of the id (or a variant of its builder that ``base.json`` names, sized for the job), rebuilt
+here by the tiny builder and checked against the hash.
 """
 
 import dataclasses
@@ -66,6 +67,8 @@ E2E_GOLDEN.update({model_id: model_id for model_id in (
 E2E_GOLDEN.update({model_id: model_id for model_id in (
     "qwen_image_edit", "qwen_image_edit_plus", "qwen_image_edit_plus_2511", "nucleus_image", "boogu_image", "ltx2",
     "ltx2.3", "hidream_o1", "mageflow", "mageflow_edit")})
+# on a variant of their tiny model sized for ai-toolkit's preview path (base.json's tiny_variant; MANIFEST section 15)
+E2E_GOLDEN.update({model_id: model_id for model_id in ("hidream",)})
 
 FLUX2_REASON = ("not made: ai-toolkit builds its own BFL-layout Flux2 transformer at the released sizes "
                 "(get_flux2_params) and loads a single BFL-format file, so a tiny diffusers folder cannot stand in")
@@ -89,9 +92,6 @@ NO_E2E_GOLDEN_YET = {
                        "name our tiny folder; its preview path (BaseModel.generate_images on the same tiny weights: "
                        "noise, schedule, CFG with the negative, final pixels and PNG) is compared in "
                        "tests/test_chroma_radiance.py",
-    "hidream": "not made: ai-toolkit's HiDream pipeline renders every preview at the area (128 * vae_scale_factor)^2, "
-               "aspect ratio kept, which on the tiny model is 4056 image tokens, beyond the tiny transformer's max_seq "
-               "(16); needs a tiny HiDream sized for it",
     "hidream_e1": "not made yet: HidreamE1Model shares the HiDream preview code (see hidream)",
     "boogu_image_edit": (
         "not made: a job made as goldens/MANIFEST.md section 15 says (real torchvision) cannot match on CPU by design: "
@@ -163,7 +163,7 @@ def test_reproduce_matches_ai_toolkit_previews(model_id, tiny_dir, tmp_path, mon
     job = os.path.join(E2E_DIR, E2E_GOLDEN[model_id])
     with open(os.path.join(job, "base.json")) as f:
         recorded = json.load(f)
-    base = tiny_dir(recorded["tiny_model"])
+    base = tiny_dir(recorded["tiny_model"], **recorded.get("tiny_variant", {}))
     assert weights_sha256(base) == recorded["weights_sha256"], (
         f"the tiny {recorded['tiny_model']} model is no longer the base ai-toolkit sampled; regenerate the job "
         "(goldens/MANIFEST.md)")

@@ -68,7 +68,7 @@ E2E_GOLDEN.update({model_id: model_id for model_id in (
     "qwen_image_edit", "qwen_image_edit_plus", "qwen_image_edit_plus_2511", "nucleus_image", "boogu_image", "ltx2",
     "ltx2.3", "hidream_o1", "mageflow", "mageflow_edit")})
 # on a variant of their tiny model sized for ai-toolkit's preview path (base.json's tiny_variant; MANIFEST section 15)
-E2E_GOLDEN.update({model_id: model_id for model_id in ("hidream",)})
+E2E_GOLDEN.update({model_id: model_id for model_id in ("hidream", "hidream_e1")})
 
 FLUX2_REASON = ("not made: ai-toolkit builds its own BFL-layout Flux2 transformer at the released sizes "
                 "(get_flux2_params) and loads a single BFL-format file, so a tiny diffusers folder cannot stand in")
@@ -92,7 +92,6 @@ NO_E2E_GOLDEN_YET = {
                        "name our tiny folder; its preview path (BaseModel.generate_images on the same tiny weights: "
                        "noise, schedule, CFG with the negative, final pixels and PNG) is compared in "
                        "tests/test_chroma_radiance.py",
-    "hidream_e1": "not made yet: HidreamE1Model shares the HiDream preview code (see hidream)",
     "boogu_image_edit": (
         "not made: a job made as goldens/MANIFEST.md section 15 says (real torchvision) cannot match on CPU by design: "
         "ai-toolkit samples the reference latents' VAE posterior from the global generator, and on CPU its noise "

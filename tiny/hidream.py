@@ -5,11 +5,12 @@ The transformer's ``max_resolution`` is 8x8 latents (16 tokens), so I1's full-ar
 because the control latent is appended along the width. The Llama tokenizer is a byte-level BPE (no merges) built
 in memory with Llama-3's begin/end-of-text specials.
 
-ai-toolkit's I1 pipeline renders every preview at the area ``(128 * vae_scale_factor) ** 2`` whatever the
-transformer's size, so the end-to-end job (goldens/e2e/hidream, its ``base.json``) samples a variant built by these
-builders' arguments: ``max_resolution`` 128x128 in 4x4 patches (1024 tokens fill that area) and a one-block VAE
-(scale factor 1: 128x128-pixel previews) without the self-attention over its 16384 latent pixels; its weights are
-rounded to bfloat16, as ai-toolkit loads every HiDream component in bfloat16 (lossless on the published weights).
+The end-to-end jobs (goldens/e2e/hidream and hidream_e1, their ``base.json``) sample variants built by these
+builders' arguments. ai-toolkit's I1 pipeline renders every preview at the area ``(128 * vae_scale_factor) ** 2``
+whatever the transformer's size, so I1's is ``max_resolution`` 128x128 in 4x4 patches (1024 tokens fill that area)
+with a one-block VAE (scale factor 1: 128x128-pixel previews) without the self-attention over its 16384 latent
+pixels; E1's is ``max_resolution`` 16x16 (the width-doubled latent of 96x64 and 64x80 too). Both round their weights
+to bfloat16, as ai-toolkit loads every HiDream component in bfloat16 (lossless on the published weights).
 """
 
 from __future__ import annotations

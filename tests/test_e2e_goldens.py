@@ -68,7 +68,7 @@ E2E_GOLDEN.update({model_id: model_id for model_id in (
     "qwen_image_edit", "qwen_image_edit_plus", "qwen_image_edit_plus_2511", "nucleus_image", "boogu_image", "ltx2",
     "ltx2.3", "hidream_o1", "mageflow", "mageflow_edit")})
 # on a variant of their tiny model sized for ai-toolkit's preview path (base.json's tiny_variant; MANIFEST section 15)
-E2E_GOLDEN.update({model_id: model_id for model_id in ("hidream", "hidream_e1")})
+E2E_GOLDEN.update({model_id: model_id for model_id in ("hidream", "hidream_e1", "minimax_h3")})
 
 FLUX2_REASON = ("not made: ai-toolkit builds its own BFL-layout Flux2 transformer at the released sizes "
                 "(get_flux2_params) and loads a single BFL-format file, so a tiny diffusers folder cannot stand in")
@@ -100,7 +100,7 @@ NO_E2E_GOLDEN_YET = {
         "ai-toolkit's GPU behaviour (PARITY.md, Boogu-Image row). The CPU job's previews differ by up to 255 levels; "
         "with ours drawing the references from the noise generator first, all three are within 1 level"),
     **dict.fromkeys(
-        ("minimax_h3", "minimax_h3_ref2va"),
+        ("minimax_h3_ref2va",),
         "not made: reproduce reads, writes and compares its MP4 + audio previews (as the ltx2 jobs), but ai-toolkit's "
         "transformer cannot hold the tiny model's weights: the tiny diffusers transformer's block AdaLN projection has "
         "a bias (up to 0.25), which ai-toolkit's original MiniMaxH3Transformer lacks (its strict=False load would drop "

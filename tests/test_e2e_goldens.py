@@ -68,7 +68,7 @@ E2E_GOLDEN.update({model_id: model_id for model_id in (
     "qwen_image_edit", "qwen_image_edit_plus", "qwen_image_edit_plus_2511", "nucleus_image", "boogu_image", "ltx2",
     "ltx2.3", "hidream_o1", "mageflow", "mageflow_edit")})
 # on a variant of their tiny model sized for ai-toolkit's preview path (base.json's tiny_variant; MANIFEST section 15)
-E2E_GOLDEN.update({model_id: model_id for model_id in ("hidream", "hidream_e1", "minimax_h3")})
+E2E_GOLDEN.update({model_id: model_id for model_id in ("hidream", "hidream_e1", "minimax_h3", "minimax_h3_ref2va")})
 
 FLUX2_REASON = ("not made: ai-toolkit builds its own BFL-layout Flux2 transformer at the released sizes "
                 "(get_flux2_params) and loads a single BFL-format file, so a tiny diffusers folder cannot stand in")
@@ -99,19 +99,6 @@ NO_E2E_GOLDEN_YET = {
         "comes after them; we draw the noise from a fresh seeded generator and the references from another, which is "
         "ai-toolkit's GPU behaviour (PARITY.md, Boogu-Image row). The CPU job's previews differ by up to 255 levels; "
         "with ours drawing the references from the noise generator first, all three are within 1 level"),
-    **dict.fromkeys(
-        ("minimax_h3_ref2va",),
-        "not made: reproduce reads, writes and compares its MP4 + audio previews (as the ltx2 jobs), but ai-toolkit's "
-        "transformer cannot hold the tiny model's weights: the tiny diffusers transformer's block AdaLN projection has "
-        "a bias (up to 0.25), which ai-toolkit's original MiniMaxH3Transformer lacks (its strict=False load would drop "
-        "it), and its pruned variant (which has one) replaces the timestep MLP by a lookup table; a job needs a tiny "
-        "model with that bias zero (a new tiny kit version). Besides, MinimaxH3Model builds "
-        "MiniMaxH3TransformerParams() and MiniMaxH3VideoVAE() at the released sizes, MiniMaxH3AudioVAE() hard-codes "
-        "them (DacEncoder d_model 64 / d_latent 2048, AttnProjection(2048, 32), BigVGANDecoder()) and loads one "
-        "original-named, weight-norm-folded file, and its tokenizer and processor come from the hub repo "
-        "MiniMaxAI/MiniMax-H3 only (goldens/minimax_h3_comfy answered all but the audio VAE with tiny stand-ins, on "
-        "weights of its own); tests/test_minimax_h3.py compares its MiniMaxH3Pipeline runs (t2va, fl2va, ref2va: "
-        "final video and audio latents) on tiny weights"),
     "zeta_chroma": "not made: ai-toolkit's ZetaChromaModel.load_model always builds ZImageDCT at the released widths "
                    "(3840 wide, 30 layers), so a job cannot load a tiny checkpoint without patching its code; "
                    "tests/test_zeta_chroma.py compares five whole previews of its BaseModel.generate_images (pixels "

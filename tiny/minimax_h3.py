@@ -4,7 +4,11 @@
 
 The latent widths are the released ones (24 video, 32 audio channels) and so are the VAEs' compression factors (16x
 spatial, 17 -> 5 frames, 800 audio samples per latent), so the packed-sequence geometry is the real one at a small
-size. The conditioner has 51 text layers: MiniMax-H3 reads ``hidden_states[50]``, which needs more than 50."""
+size. The conditioner has 51 text layers: MiniMax-H3 reads ``hidden_states[50]``, which needs more than 50.
+
+The end-to-end jobs (goldens/e2e/minimax_h3, minimax_h3_ref2va; their ``base.json``) sample a variant built with
+``block_adaln_bias=False``: ai-toolkit's own transformer class, like the released unpruned checkpoints, has no bias on
+the blocks' AdaLN projection."""
 
 from __future__ import annotations
 

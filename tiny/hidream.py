@@ -104,8 +104,8 @@ def hidream_components(max_resolution, patch_size: int = 2, vae_blocks: int = 4,
 
 
 def round_weights_to_bfloat16(components: dict) -> dict:
-    """Every model's parameters rounded to bfloat16 values (kept float32), as HiDream's published weights are: ai-toolkit
-    loads each component with ``torch_dtype=bfloat16`` before casting it to the training dtype."""
+    """Every model's parameters rounded to bfloat16 values (kept float32), as HiDream's published weights are:
+    ai-toolkit loads each component with ``torch_dtype=bfloat16`` before casting it to the training dtype."""
     import torch
 
     with torch.no_grad():
@@ -125,9 +125,6 @@ def build_hidream(max_resolution=(8, 8), patch_size: int = 2, vae_blocks: int = 
     return HiDreamImagePipeline(**(round_weights_to_bfloat16(components) if bfloat16_weights else components))
 
 
-def build_hidream_e1(max_resolution=(8, 16), patch_size: int = 2, vae_blocks: int = 4,
-                     vae_mid_attention: bool = True, bfloat16_weights: bool = False):
-    from diffusers import HiDreamImagePipeline
-
-    components = hidream_components(tuple(max_resolution), patch_size, vae_blocks, vae_mid_attention)
-    return HiDreamImagePipeline(**(round_weights_to_bfloat16(components) if bfloat16_weights else components))
+def build_hidream_e1(max_resolution=(8, 16), **variant):
+    """The tiny HiDream-E1: I1's components, with room for the control latent appended along the width."""
+    return build_hidream(max_resolution, **variant)

@@ -75,7 +75,8 @@ def minimax_h3_components(block_adaln_bias: bool = True) -> dict:
     processor = Qwen3VLTextProcessor(image_processor=Qwen2VLImageProcessorPil(patch_size=16), tokenizer=tokenizer,
                                      chat_template=tokenizer.chat_template)
     return {
-        "transformer": minimax_h3_transformer(block_adaln_bias), "vae": minimax_h3_video_vae(), "audio_vae": minimax_h3_audio_vae(),
+        "transformer": minimax_h3_transformer(block_adaln_bias), "vae": minimax_h3_video_vae(),
+        "audio_vae": minimax_h3_audio_vae(),
         "text_encoder": qwen3_vl_text_encoder(tokenizer, TEXT_WIDTH, TEXT_LAYERS), "tokenizer": tokenizer,
         "processor": processor,
         "scheduler": MiniMaxH3Scheduler(shift=MINIMAX_H3_VIDEO_SHIFT),

@@ -56,10 +56,11 @@ def tiny_cache(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_dir(tiny_cache):
-    """``tiny_dir(model_id)`` -> the saved tiny pipeline folder of that id (built on first use)."""
+    """``tiny_dir(model_id, **variant)`` -> the saved tiny pipeline folder of that id, or of a variant of its builder
+    (built on first use)."""
     from aitk_inference.tiny import tiny_model_dir
 
-    return lambda model_id: tiny_model_dir(model_id, tiny_cache)
+    return lambda model_id, **variant: tiny_model_dir(model_id, tiny_cache, **variant)
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,8 @@
 
 Each job folder under ``goldens/e2e/<id>/`` is what ai-toolkit leaves: ``config.yaml``, the LoRA its network saved,
 ``samples/`` with its previews; plus ``base.json``, the hash of the tiny base ai-toolkit loaded. That base is the
-project's own tiny model of the id, rebuilt here by the tiny builder and checked against the hash.
+project's own tiny model of the id (or a variant of its builder that ``base.json`` names, sized for the job), rebuilt
+here by the tiny builder and checked against the hash.
 """
 
 import dataclasses
@@ -85,12 +86,10 @@ E2E_GOLDEN.update(RUN_AS)
 E2E_GOLDEN.update({model_id: model_id for model_id in ("omnigen2",)})
 # ACE-Step 1.5 (audio): ai-toolkit's AceStep15Model / AceStep15XLModel on the tiny model written as its all-in-one file
 E2E_GOLDEN.update({model_id: model_id for model_id in ("ace_step_15", "ace_step_15_xl")})
+# on a variant of their tiny model sized for ai-toolkit's preview path (base.json's tiny_variant; MANIFEST section 15)
+E2E_GOLDEN.update({model_id: model_id for model_id in ("hidream", "hidream_e1", "minimax_h3", "minimax_h3_ref2va")})
 
 NO_E2E_GOLDEN_YET = {
-    "hidream": "not made: ai-toolkit's HiDream pipeline renders every preview at the area (128 * vae_scale_factor)^2, "
-               "aspect ratio kept, which on the tiny model is 4056 image tokens, beyond the tiny transformer's max_seq "
-               "(16); needs a tiny HiDream sized for it",
-    "hidream_e1": "not made yet: HidreamE1Model shares the HiDream preview code (see hidream)",
     "boogu_image_edit": (
         "not made: a job made as goldens/MANIFEST.md section 15 says (real torchvision) cannot match on CPU by design: "
         "ai-toolkit samples the reference latents' VAE posterior from the global generator, and on CPU its noise "
@@ -98,19 +97,6 @@ NO_E2E_GOLDEN_YET = {
         "comes after them; we draw the noise from a fresh seeded generator and the references from another, which is "
         "ai-toolkit's GPU behaviour (PARITY.md, Boogu-Image row). The CPU job's previews differ by up to 255 levels; "
         "with ours drawing the references from the noise generator first, all three are within 1 level"),
-    **dict.fromkeys(
-        ("minimax_h3", "minimax_h3_ref2va"),
-        "not made: reproduce reads, writes and compares its MP4 + audio previews (as the ltx2 jobs), but ai-toolkit's "
-        "transformer cannot hold the tiny model's weights: the tiny diffusers transformer's block AdaLN projection has "
-        "a bias (up to 0.25), which ai-toolkit's original MiniMaxH3Transformer lacks (its strict=False load would drop "
-        "it), and its pruned variant (which has one) replaces the timestep MLP by a lookup table; a job needs a tiny "
-        "model with that bias zero (a new tiny kit version). Besides, MinimaxH3Model builds "
-        "MiniMaxH3TransformerParams() and MiniMaxH3VideoVAE() at the released sizes, MiniMaxH3AudioVAE() hard-codes "
-        "them (DacEncoder d_model 64 / d_latent 2048, AttnProjection(2048, 32), BigVGANDecoder()) and loads one "
-        "original-named, weight-norm-folded file, and its tokenizer and processor come from the hub repo "
-        "MiniMaxAI/MiniMax-H3 only (goldens/minimax_h3_comfy answered all but the audio VAE with tiny stand-ins, on "
-        "weights of its own); tests/test_minimax_h3.py compares its MiniMaxH3Pipeline runs (t2va, fl2va, ref2va: "
-        "final video and audio latents) on tiny weights"),
 }
 
 
@@ -152,7 +138,7 @@ def test_reproduce_matches_ai_toolkit_previews(model_id, tiny_dir, tmp_path, mon
     job = os.path.join(E2E_DIR, E2E_GOLDEN[model_id])
     with open(os.path.join(job, "base.json")) as f:
         recorded = json.load(f)
-    base = tiny_dir(recorded["tiny_model"])
+    base = tiny_dir(recorded["tiny_model"], **recorded.get("tiny_variant", {}))
     assert weights_sha256(base) == recorded["weights_sha256"], (
         f"the tiny {recorded['tiny_model']} model is no longer the base ai-toolkit sampled; regenerate the job "
         "(goldens/MANIFEST.md)")

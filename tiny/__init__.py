@@ -21,13 +21,23 @@ def default_cache_dir() -> str:
     return os.environ.get("AITK_TINY_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "aitk_inference", "tiny")
 
 
-def build_tiny_pipeline(model_id: str):
-    """Build (in memory) the tiny diffusers pipeline of ``model_id``."""
+def build_tiny_pipeline(model_id: str, **variant):
+    """Build (in memory) the tiny diffusers pipeline of ``model_id``. ``variant``: keyword arguments of its builder,
+    for a model sized for one job (an end-to-end job's ``base.json`` names them); none gives the tiny model."""
     from ..pipelines.registry import get_spec
 
     module_name, _, function = get_spec(model_id).tiny.partition(":")
     module = importlib.import_module(f"{__name__}.{module_name}")
-    return getattr(module, function)()
+    return getattr(module, function)(**variant)
+
+
+def variant_folder_name(model_id: str, variant: dict) -> str:
+    """``hidream`` or, for a variant, ``hidream@max_resolution=128x128,patch_size=4`` (arguments sorted)."""
+    def text(value):
+        return "x".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+    arguments = ",".join(f"{name}={text(value)}" for name, value in sorted(variant.items()))
+    return f"{model_id}@{arguments}" if arguments else model_id
 
 
 def native_lora_writer(model_id: str):
@@ -39,17 +49,17 @@ def native_lora_writer(model_id: str):
     return getattr(importlib.import_module(f"{__name__}.{module_name}"), "write_native_loras", None)
 
 
-def save_tiny_pipeline(model_id: str, out_dir: str) -> str:
+def save_tiny_pipeline(model_id: str, out_dir: str, **variant) -> str:
     """Build the tiny pipeline of ``model_id`` and ``save_pretrained`` it to ``out_dir`` (written atomically)."""
-    pipe = build_tiny_pipeline(model_id)
+    pipe = build_tiny_pipeline(model_id, **variant)
     with atomic_path(out_dir, folder=True) as staging:
         pipe.save_pretrained(staging)
     return out_dir
 
 
-def tiny_model_dir(model_id: str, cache_dir: str | None = None) -> str:
-    """The cached tiny pipeline folder of ``model_id``, built on first use."""
-    folder = os.path.join(cache_dir or default_cache_dir(), f"v{KIT_VERSION}", model_id)
+def tiny_model_dir(model_id: str, cache_dir: str | None = None, **variant) -> str:
+    """The cached tiny pipeline folder of ``model_id`` (or of a builder ``variant``), built on first use."""
+    folder = os.path.join(cache_dir or default_cache_dir(), f"v{KIT_VERSION}", variant_folder_name(model_id, variant))
     if not any(os.path.isfile(os.path.join(folder, index)) for index in PIPELINE_INDEX_FILES):
-        save_tiny_pipeline(model_id, folder)
+        save_tiny_pipeline(model_id, folder, **variant)
     return folder

@@ -29,17 +29,19 @@ def t5_text_encoder(tokenizer, d_model: int = 32):
     return T5EncoderModel(config).eval()
 
 
-def flux_vae(latent_channels: int = 16):
-    """An AutoencoderKL with FLUX's 8x downsampling and 16 latent channels, 16 feature channels wide."""
+def flux_vae(latent_channels: int = 16, blocks: int = 4, mid_attention: bool = True):
+    """An AutoencoderKL with FLUX's 8x downsampling (``blocks`` 4; each block fewer halves it) and 16 latent channels,
+    16 feature channels wide; ``mid_attention`` False leaves out the middle blocks' self-attention over every latent
+    pixel (costly on large latents)."""
     import torch
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
     return AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=(16,) * 4, layers_per_block=1,
+        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * blocks,
+        up_block_types=["UpDecoderBlock2D"] * blocks, block_out_channels=(16,) * blocks, layers_per_block=1,
         latent_channels=latent_channels, norm_num_groups=8, sample_size=64, use_quant_conv=False,
-        use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611,
+        use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611, mid_block_add_attention=mid_attention,
     )
 
 

@@ -4,6 +4,13 @@ CLIPTextModelWithProjection, T5EncoderModel, LlamaForCausalLM, FLUX.1's 16-chann
 The transformer's ``max_resolution`` is 8x8 latents (16 tokens), so I1's full-area rule samples 64x64; E1's is 8x16
 because the control latent is appended along the width. The Llama tokenizer is a byte-level BPE (no merges) built
 in memory with Llama-3's begin/end-of-text specials.
+
+The end-to-end jobs (goldens/e2e/hidream and hidream_e1, their ``base.json``) sample variants built by these
+builders' arguments. ai-toolkit's I1 pipeline renders every preview at the area ``(128 * vae_scale_factor) ** 2``
+whatever the transformer's size, so I1's is ``max_resolution`` 128x128 in 4x4 patches (1024 tokens fill that area)
+with a one-block VAE (scale factor 1: 128x128-pixel previews) without the self-attention over its 16384 latent
+pixels; E1's is ``max_resolution`` 16x16 (the width-doubled latent of 96x64 and 64x80 too). Both round their weights
+to bfloat16, as ai-toolkit loads every HiDream component in bfloat16 (lossless on the published weights).
 """
 
 from __future__ import annotations
@@ -60,21 +67,22 @@ def llama_text_encoder(tokenizer):
     return LlamaForCausalLM(config).eval()
 
 
-def hidream_transformer(max_resolution=(8, 8)):
+def hidream_transformer(max_resolution=(8, 8), patch_size: int = 2):
     """1 double + 1 single block, 4 heads of 8, MoE with 2 routed experts (1 active), 16 latent channels."""
     import torch
     from diffusers import HiDreamImageTransformer2DModel
 
     torch.manual_seed(0)
     return HiDreamImageTransformer2DModel(
-        patch_size=2, in_channels=16, out_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        patch_size=patch_size, in_channels=16, out_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
         num_attention_heads=4, caption_channels=[T5_DIM, LLAMA_DIM], text_emb_dim=32, num_routed_experts=2,
         num_activated_experts=1, axes_dims_rope=(4, 2, 2), max_resolution=tuple(max_resolution),
         llama_layers=list(range(LLAMA_LAYERS)),
     ).eval()
 
 
-def hidream_components(max_resolution) -> dict:
+def hidream_components(max_resolution, patch_size: int = 2, vae_blocks: int = 4,
+                       vae_mid_attention: bool = True) -> dict:
     from diffusers import UniPCMultistepScheduler
 
     from ..pipelines.registry import HIDREAM_UNIPC
@@ -82,7 +90,7 @@ def hidream_components(max_resolution) -> dict:
     clip_l, clip_g, t5_tok, llama_tok = clip_tokenizer(248), clip_tokenizer(248), t5_tokenizer(), llama_tokenizer()
     return {
         "scheduler": UniPCMultistepScheduler.from_config(HIDREAM_UNIPC),
-        "vae": flux_vae(),
+        "vae": flux_vae(blocks=vae_blocks, mid_attention=vae_mid_attention),
         "text_encoder": long_clip_text_encoder(clip_l, projection=16),
         "tokenizer": clip_l,
         "text_encoder_2": long_clip_text_encoder(clip_g, projection=16),
@@ -91,17 +99,32 @@ def hidream_components(max_resolution) -> dict:
         "tokenizer_3": t5_tok,
         "text_encoder_4": llama_text_encoder(llama_tok),
         "tokenizer_4": llama_tok,
-        "transformer": hidream_transformer(max_resolution),
+        "transformer": hidream_transformer(max_resolution, patch_size),
     }
 
 
-def build_hidream():
+def round_weights_to_bfloat16(components: dict) -> dict:
+    """Every model's parameters rounded to bfloat16 values (kept float32), as HiDream's published weights are:
+    ai-toolkit loads each component with ``torch_dtype=bfloat16`` before casting it to the training dtype."""
+    import torch
+
+    with torch.no_grad():
+        for component in components.values():
+            if isinstance(component, torch.nn.Module):
+                for parameter in component.parameters():
+                    parameter.copy_(parameter.to(torch.bfloat16).float())
+    return components
+
+
+def build_hidream(max_resolution=(8, 8), patch_size: int = 2, vae_blocks: int = 4, vae_mid_attention: bool = True,
+                  bfloat16_weights: bool = False):
+    """The tiny HiDream-I1; the arguments make a variant (goldens/e2e/hidream: ai-toolkit's full-area previews)."""
     from diffusers import HiDreamImagePipeline
 
-    return HiDreamImagePipeline(**hidream_components((8, 8)))
+    components = hidream_components(tuple(max_resolution), patch_size, vae_blocks, vae_mid_attention)
+    return HiDreamImagePipeline(**(round_weights_to_bfloat16(components) if bfloat16_weights else components))
 
 
-def build_hidream_e1():
-    from diffusers import HiDreamImagePipeline
-
-    return HiDreamImagePipeline(**hidream_components((8, 16)))
+def build_hidream_e1(max_resolution=(8, 16), **variant):
+    """The tiny HiDream-E1: I1's components, with room for the control latent appended along the width."""
+    return build_hidream(max_resolution, **variant)

@@ -4,7 +4,11 @@
 
 The latent widths are the released ones (24 video, 32 audio channels) and so are the VAEs' compression factors (16x
 spatial, 17 -> 5 frames, 800 audio samples per latent), so the packed-sequence geometry is the real one at a small
-size. The conditioner has 51 text layers: MiniMax-H3 reads ``hidden_states[50]``, which needs more than 50."""
+size. The conditioner has 51 text layers: MiniMax-H3 reads ``hidden_states[50]``, which needs more than 50.
+
+The end-to-end jobs (goldens/e2e/minimax_h3, minimax_h3_ref2va; their ``base.json``) sample a variant built with
+``block_adaln_bias=False``: ai-toolkit's own transformer class, like the released unpruned checkpoints, has no bias on
+the blocks' AdaLN projection."""
 
 from __future__ import annotations
 
@@ -17,16 +21,23 @@ TEXT_WIDTH = 16
 TEXT_LAYERS = 51
 
 
-def minimax_h3_transformer():
+def minimax_h3_transformer(block_adaln_bias: bool = True):
+    """``block_adaln_bias`` False zeroes the blocks' AdaLN projection bias, which the released (unpruned) checkpoints
+    and ai-toolkit's own transformer class do not have (goldens/e2e/minimax_h3)."""
     import torch
     from diffusers import MiniMaxH3Transformer3DModel
 
     torch.manual_seed(0)
-    return MiniMaxH3Transformer3DModel(
+    transformer = MiniMaxH3Transformer3DModel(
         num_attention_heads=2, attention_head_dim=16, hidden_size=32, num_layers=1, num_refiner_layers=1, ffn_dim=64,
         in_channels=VIDEO_LATENT_CHANNELS, audio_in_channels=AUDIO_LATENT_CHANNELS, text_dim=TEXT_WIDTH, freq_dim=32,
         time_embed_hidden_dim=32, time_embed_dim=16, rope_freq_dim=2,
     )
+    if not block_adaln_bias:
+        with torch.no_grad():
+            for block in transformer.transformer_blocks:
+                block.adaln_proj.linear.bias.zero_()
+    return transformer
 
 
 def minimax_h3_video_vae():
@@ -53,7 +64,7 @@ def minimax_h3_audio_vae():
     )
 
 
-def minimax_h3_components() -> dict:
+def minimax_h3_components(block_adaln_bias: bool = True) -> dict:
     from diffusers import MiniMaxH3Scheduler
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -64,7 +75,8 @@ def minimax_h3_components() -> dict:
     processor = Qwen3VLTextProcessor(image_processor=Qwen2VLImageProcessorPil(patch_size=16), tokenizer=tokenizer,
                                      chat_template=tokenizer.chat_template)
     return {
-        "transformer": minimax_h3_transformer(), "vae": minimax_h3_video_vae(), "audio_vae": minimax_h3_audio_vae(),
+        "transformer": minimax_h3_transformer(block_adaln_bias), "vae": minimax_h3_video_vae(),
+        "audio_vae": minimax_h3_audio_vae(),
         "text_encoder": qwen3_vl_text_encoder(tokenizer, TEXT_WIDTH, TEXT_LAYERS), "tokenizer": tokenizer,
         "processor": processor,
         "scheduler": MiniMaxH3Scheduler(shift=MINIMAX_H3_VIDEO_SHIFT),
@@ -72,11 +84,11 @@ def minimax_h3_components() -> dict:
     }
 
 
-def build_minimax_h3():
+def build_minimax_h3(block_adaln_bias: bool = True):
     from ..pipelines.families.minimax_h3 import MiniMaxH3AitkBlocks
 
     pipe = MiniMaxH3AitkBlocks().init_pipeline()
-    pipe.update_components(**minimax_h3_components())
+    pipe.update_components(**minimax_h3_components(block_adaln_bias))
     return pipe
 
 
@@ -116,11 +128,11 @@ def write_native_loras(pipe, out_dir: str, seed: int = 0) -> dict[str, str]:
     return {"ai-toolkit (original MiniMax-H3 names)": save_lora(path, original_named_state_dict(pipe, seed))}
 
 
-def build_minimax_h3_ref2va():
+def build_minimax_h3_ref2va(block_adaln_bias: bool = True):
     """The same tiny components, the transformer as the ref2va partition (``transformer_ref``)."""
     from ..pipelines.families.minimax_h3 import MiniMaxH3AitkRef2VABlocks
 
-    components = minimax_h3_components()
+    components = minimax_h3_components(block_adaln_bias)
     components["transformer_ref"] = components.pop("transformer")
     pipe = MiniMaxH3AitkRef2VABlocks().init_pipeline()
     pipe.update_components(**components)

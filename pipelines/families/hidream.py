@@ -17,8 +17,8 @@ What ai-toolkit does, and so do we:
   dynamic shifting with that ``mu`` for I1, which is the same map): same sigmas, same integer timesteps, same
   UniPC-bh2 order-2 updates on ``x0 = x - sigma * v``.
 * **Size (I1).** The pipeline rescales any requested size to the transformer's full token budget (1024x1024 area for
-  HiDream-I1) keeping the aspect ratio, floored to 16: a 512x512 sample is generated at 1024x1024. The effective size
-  is in the result's parameters.
+  HiDream-I1) keeping the aspect ratio, floored to whole patches (16 pixels; ai-toolkit writes ``2 *
+  vae_scale_factor``): a 512x512 sample is generated at 1024x1024. The effective size is in the result's parameters.
 * **Guidance.** True CFG ``u + g (c - u)`` with the encoded negative prompt (an empty one is encoded too) when
   ``guidance > 1``; the transformer's output is negated (HiDream predicts ``x0 - noise``).
 * **E1.** The control image (required) is resized BILINEAR to the target size, VAE-encoded (distribution mode),
@@ -80,10 +80,13 @@ class HiDreamAITKPipeline(HiDreamImagePipeline):
     (the family applies I1's full-area rule first) and edits ``control_image`` when one is given.
     """
 
+    def patch_pixels(self) -> int:
+        """The side of one token's patch in pixels (16 for HiDream-I1: 2x2 latents of 8x8 pixels)."""
+        return self.transformer.config.patch_size * self.vae_scale_factor
+
     def full_area(self) -> int:
-        """The pixel area whose 2x2 patches fill the transformer's ``max_seq`` tokens (1024*1024 for HiDream-I1)."""
-        pixels_per_token = (self.transformer.config.patch_size * self.vae_scale_factor) ** 2
-        return self.transformer.max_seq * pixels_per_token
+        """The pixel area whose patches fill the transformer's ``max_seq`` tokens (1024*1024 for HiDream-I1)."""
+        return self.transformer.max_seq * self.patch_pixels() ** 2
 
     def encode_control_image(self, image: Image.Image, batch_size: int, dtype) -> torch.Tensor:
         """VAE latent (distribution mode), shifted and scaled like the sampling latents, repeated to ``batch_size``."""
@@ -233,7 +236,7 @@ class HiDreamFamilyPipeline(AITKPipeline):
         params = super().resolve_params(prompt, **kwargs)
         if self.is_editing:
             return params
-        width, height = full_area_size(params.width, params.height, self.pipe.full_area(), self.spec.divisor)
+        width, height = full_area_size(params.width, params.height, self.pipe.full_area(), self.pipe.patch_pixels())
         if (width, height) != (params.width, params.height):
             logger.warning("%s samples at the full %d-pixel area as ai-toolkit does: %dx%d becomes %dx%d.",
                            self.spec.model_id, self.pipe.full_area(), params.width, params.height, width, height)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import uuid
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable
@@ -103,7 +104,8 @@ class RayDispatcher(Worker):
             ``pipelines.runtime.cache``).
         replicas (int): how many replicas.
         replica_options (dict): Ray actor options of each replica, e.g. ``{"num_gpus": 1}``.
-        namespace_prefix (str, defaults to ``"aitk-replica"``): replica actor names are ``<prefix>-<slot>.<n>``.
+        name_prefix (str, defaults to ``"aitk-replica"``): replica actor names are ``<prefix>-<run>-<slot>.<n>``
+            (``run`` is new for each dispatcher: a restarted ingress never meets its predecessor's names).
     """
 
     def __init__(self, settings: Settings, store: TaskStore, get_pipeline: Callable, *, replicas: int,
@@ -112,7 +114,7 @@ class RayDispatcher(Worker):
             raise ValueError(f"replicas={replicas}: run at least one replica (one per GPU).")
         super().__init__(settings, store, get_pipeline)
         self.replica_options = replica_options
-        self.name_prefix = name_prefix
+        self.name_prefix = f"{name_prefix}-{uuid.uuid4().hex[:6]}"
         self._slots = [_Slot(i) for i in range(replicas)]
         self._died_once: dict[str, int] = {}  # task id -> the slot it died on (its one retry avoids it)
         self._watchers: list[threading.Thread] = []
@@ -252,6 +254,17 @@ def default_replicas(settings: Settings) -> int:
     return max(1, int(ray.cluster_resources().get("GPU", 0))) if "num_gpus" in options else 1
 
 
+def check_fits(replicas: int, options: dict) -> None:
+    """Refuse a replica count the cluster cannot hold: the extra replicas would wait for resources forever, and so
+    would every job routed to them."""
+    available = ray.cluster_resources()
+    for resource, option in (("GPU", "num_gpus"), ("CPU", "num_cpus")):
+        needed = replicas * options.get(option, 0)
+        if needed > available.get(resource, 0):
+            raise ValueError(f"{replicas} replicas need {needed:g} {resource}(s) ({option}={options[option]:g} each), "
+                             f"but the Ray cluster has {available.get(resource, 0):g}; lower --replicas or add nodes.")
+
+
 def build_app(settings: Settings, replicas: int | None = None, options: dict | None = None,
               name_prefix: str = "aitk-replica") -> "serve.Application":
     """The Serve application: the FastAPI app of ``server.main`` as the ingress (one process), its queue run by
@@ -261,6 +274,7 @@ def build_app(settings: Settings, replicas: int | None = None, options: dict | N
 
     replicas = default_replicas(settings) if replicas is None else replicas
     options = replica_options(settings) if options is None else options
+    check_fits(replicas, options)
     make_worker = partial(RayDispatcher, replicas=replicas, replica_options=options, name_prefix=name_prefix)
 
     def make_app():  # a function (not a partial): Serve builds the app in the ingress process

@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
@@ -54,9 +55,13 @@ def ray_dirs(tmp_path_factory, tiny_dir):
 
 
 @pytest.fixture(scope="module")
-def ray_server(ray_dirs, tiny_dir):
-    ray = pytest.importorskip("ray", reason="Ray is an optional extra (pip install 'aitk-inference[ray]'); "
-                                            "the Ray Serve tests need it")
+def ray():
+    return pytest.importorskip("ray", reason="Ray is an optional extra (pip install 'aitk-inference[ray]'); "
+                                             "the Ray Serve tests need it")
+
+
+@pytest.fixture(scope="module")
+def ray_server(ray, ray_dirs, tiny_dir):  # ``ray`` first: no tiny model is loaded where the tests skip
     from ray import serve
 
     from aitk_inference.server.ray_serve import build_app
@@ -155,17 +160,25 @@ def test_cancel_queued_job_and_queue_positions(ray_server):
         assert wait_for(client, request_id)["status"] == "canceled"
 
 
-def test_killed_replica_retries_once_then_fails_with_a_reason(ray_server):
-    import ray
+def wait_for_retry(client: httpx.Client, request_id: str, timeout=60.0) -> dict:
+    """The status once the request runs again (second attempt, at step 1 or later)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = client.get(f"/v1/requests/{request_id}/status").json()
+        if status["attempts"] == 2 and status["status"] == "in_progress" and (status["step"] or 0) >= 1:
+            return status
+        assert status["status"] not in FINISHED and time.monotonic() < deadline, status
+        time.sleep(0.02)
 
+
+def test_killed_replica_retries_once_then_fails_with_a_reason(ray_server, ray):
     client = ray_server
     request_id = submit(client, steps=LONG_STEPS)["request_id"]
     wait_for_step(client, request_id)
     first_name, first = running_replica(request_id)
     ray.kill(first, no_restart=True)
 
-    retried = wait_for_step(client, request_id)  # queued again, running on the other replica
-    assert retried["attempts"] == 2
+    wait_for_retry(client, request_id)  # queued again, running on the other replica
     second_name, second = running_replica(request_id)
     assert second_name.rsplit(".", 1)[0] != first_name.rsplit(".", 1)[0]
     ray.kill(second, no_restart=True)
@@ -176,3 +189,14 @@ def test_killed_replica_retries_once_then_fails_with_a_reason(ray_server):
     assert run_to_end(client)["status"] == "succeeded"
     assert all(status in FINISHED for status in
                (r["status"] for r in client.get("/v1/requests", params={"limit": 50}).json()["requests"]))
+
+
+def test_serve_config_builder_and_replica_count_are_checked(ray_server):
+    from aitk_inference.server.ray_serve import app_builder, check_fits
+
+    with pytest.raises(ValueError, match="only one is 'replicas'"):
+        app_builder({"num_replicas": 2})
+    with pytest.raises(ValueError, match="lower --replicas"):
+        check_fits(3, {"num_cpus": 1})  # the test cluster has 2 CPUs
+    with pytest.raises(ValueError, match="GPU"):
+        check_fits(1, {"num_gpus": 1})

@@ -301,17 +301,20 @@ def app_builder(args: dict) -> "serve.Application":
 
 
 def serve_ray(settings: Settings, replicas: int | None = None, address: str | None = None) -> int:
-    """``serve --ray``: connect to (or start) a Ray cluster, run the app on ``settings.host:port`` until
-    interrupted."""
-    import time
+    """``serve --ray``: connect to (or start) a Ray cluster and run the app on ``settings.host:port`` until SIGINT
+    or SIGTERM, then shut Serve down (the ingress stops its replicas; what they were running is queued again)."""
+    import signal
 
     ray.init(address=address)
-    serve.start(http_options={"host": settings.host, "port": settings.port})
-    serve.run(build_app(settings, replicas), name="aitk", route_prefix="/")
-    logger.warning("Serving on http://%s:%d with Ray Serve; Ctrl+C stops.", settings.host, settings.port)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own
+        signal.signal(signum, lambda *_: stop.set())
     try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        serve.shutdown()
+        serve.start(http_options={"host": settings.host, "port": settings.port})
+        serve.run(build_app(settings, replicas), name="aitk", route_prefix="/")
+        logger.warning("Serving on http://%s:%d with Ray Serve; Ctrl+C stops.", settings.host, settings.port)
+        stop.wait()
+        serve.delete("aitk")
+    finally:
+        ray.shutdown()
     return 0

@@ -19,6 +19,7 @@ import pytest
 from test_server import FINISHED, LONG_STEPS, submit, wait_for, wait_for_step
 
 REPLICA_PREFIX = "aitk-replica"
+LONG_PROMPTS = 20  # a tiny 150-step prompt can take under a second: long jobs (always canceled or killed) have many
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray")  # Ray's own pydantic v1-style fields
 
 
@@ -85,6 +86,11 @@ def ray_server(ray, ray_dirs, tiny_dir):  # ``ray`` first: no tiny model is load
         ray.shutdown()
 
 
+def submit_long(client: httpx.Client) -> str:
+    prompt = {"prompt": "a photo of [trigger]", "width": 64, "height": 64, "sample_steps": LONG_STEPS, "seed": 7}
+    return submit(client, prompts=[prompt] * LONG_PROMPTS)["request_id"]
+
+
 def replica_of(result: dict) -> str:
     return result["metadata"]["replica"]
 
@@ -130,9 +136,9 @@ def test_affinity_cancel_running_and_results(ray_server):
     assert listed["total"] == 4
 
     # flux's replica is busy: the next flux job goes to the other (free) replica, which loads it
-    long = submit(client, steps=LONG_STEPS)["request_id"]
+    long = submit_long(client)
     running = wait_for_step(client, long)
-    assert running["total_steps"] == LONG_STEPS and running["attempts"] == 1
+    assert running["total_steps"] == LONG_STEPS * LONG_PROMPTS and running["attempts"] == 1
     assert running_replica(long)[0] == replica_of(first_flux)
     other = run_to_end(client)
     assert replica_of(other) == replica_of(first_sd15)
@@ -147,7 +153,7 @@ def test_affinity_cancel_running_and_results(ray_server):
 
 def test_cancel_queued_job_and_queue_positions(ray_server):
     client = ray_server
-    busy = [submit(client, steps=LONG_STEPS)["request_id"] for _ in range(2)]
+    busy = [submit_long(client) for _ in range(2)]
     for request_id in busy:
         wait_for_step(client, request_id)
     queued = submit(client)
@@ -173,7 +179,7 @@ def wait_for_retry(client: httpx.Client, request_id: str, timeout=60.0) -> dict:
 
 def test_killed_replica_retries_once_then_fails_with_a_reason(ray_server, ray):
     client = ray_server
-    request_id = submit(client, steps=LONG_STEPS)["request_id"]
+    request_id = submit_long(client)
     wait_for_step(client, request_id)
     first_name, first = running_replica(request_id)
     ray.kill(first, no_restart=True)

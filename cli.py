@@ -382,7 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scale out on Ray Serve: one generator replica per GPU (needs the 'ray' extra; SERVER.md)")
     p.add_argument("--replicas", type=int, default=None, help="with --ray: how many replicas (default: one per GPU)")
     p.add_argument("--ray-address", default=None,
-                   help="with --ray: the cluster to join (default: $RAY_ADDRESS, else a local one is started)")
+                   help="with --ray: the cluster to join (default: Ray's: $RAY_ADDRESS, else one started with "
+                        "'ray start' on this machine, else a new local one)")
     p.set_defaults(func=cmd_serve)
     return parser
 

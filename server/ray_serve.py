@@ -50,7 +50,7 @@ class Replica:
         self.canceled: set[str] = set()  # cancels that arrived before their job
 
     def run(self, job: Job) -> dict:
-        """:func:`run_job`'s outcome, plus ``held``: the cache keys of the pipelines this replica now holds."""
+        """:func:`run_job`'s outcome, plus ``held``: the model ids of the pipelines this replica now holds."""
         job.cancel_requested = job.cancel_requested or job.id in self.canceled
         self.job = job
         try:
@@ -60,7 +60,7 @@ class Replica:
             self.canceled.discard(job.id)
         if outcome["status"] == "succeeded":
             outcome["metadata"]["replica"] = self.name
-        return {**outcome, "held": cache.cached_keys()}
+        return {**outcome, "held": [key[0] for key in cache.cached_keys()]}
 
     def progress(self, task_id: str) -> tuple[int, int] | None:
         job = self.job
@@ -87,8 +87,10 @@ class _Slot:
     name: str = ""
     spawned: int = 0  # how many actors this slot has had (a dead one is replaced)
     job: Job | None = None
-    held: list = field(default_factory=list)  # cache keys of the pipelines it holds
-    loras: dict = field(default_factory=dict)  # cache key -> the LoRAs last applied to that pipeline
+    # model ids of the pipelines it holds (all replicas load a model id with the same settings, and the ingress
+    # cannot resolve load options as a replica does: it has no GPU)
+    held: list = field(default_factory=list)
+    loras: dict = field(default_factory=dict)  # model id -> the LoRAs last applied to its pipeline
 
 
 def lora_key(job: Job) -> tuple:
@@ -171,13 +173,12 @@ class RayDispatcher(Worker):
 
     def _choose(self, job: Job) -> _Slot:
         """The free replica for ``job`` (call with a free one present, under the lock)."""
-        key = self.settings.load_options(job.model).cache_key(job.model)
         avoid = self._died_once.get(job.id)
 
         def rank(slot: _Slot) -> tuple:
-            holds = key in slot.held
-            return (slot.index != avoid, holds and slot.loras.get(key) == lora_key(job), holds, -len(slot.held),
-                    -slot.index)
+            holds = job.model in slot.held
+            return (slot.index != avoid, holds and slot.loras.get(job.model) == lora_key(job), holds,
+                    -len(slot.held), -slot.index)
 
         return max((slot for slot in self._slots if slot.job is None), key=rank)
 
@@ -195,7 +196,7 @@ class RayDispatcher(Worker):
                 watcher = threading.Thread(target=self._watch, args=(slot, job), name=f"aitk-watch-{job.id}",
                                            daemon=True)
                 self._watchers = [w for w in self._watchers if w.is_alive()] + [watcher]
-            watcher.start()
+                watcher.start()  # under the lock: stop() never joins a thread not yet started
 
     def _watch(self, slot: _Slot, job: Job) -> None:
         """Hand ``job`` to ``slot``'s replica and record how it ended."""
@@ -207,10 +208,9 @@ class RayDispatcher(Worker):
             return
         with self._cond:
             slot.held = outcome.pop("held")
-            key = self.settings.load_options(job.model).cache_key(job.model)
-            slot.loras = {k: v for k, v in slot.loras.items() if k in slot.held}
-            if key in slot.held:
-                slot.loras[key] = lora_key(job)
+            slot.loras = {model: loras for model, loras in slot.loras.items() if model in slot.held}
+            if job.model in slot.held:
+                slot.loras[job.model] = lora_key(job)
             self.record(job.id, outcome)
             self._died_once.pop(job.id, None)
             slot.job = None

@@ -74,7 +74,7 @@ def ray_server(ray, ray_dirs, tiny_dir):  # ``ray`` first: no tiny model is load
     env = {"WORKFLOWS_BASE_PATH": ray_dirs["workflows"], "OUTPUT_BASE_PATH": ray_dirs["outputs"], "DEVICE": "cpu"}
     settings = Settings.from_env(env, host="127.0.0.1", port=port,
                                  bases=[f"flux={tiny_dir('flux')}", f"sd15={tiny_dir('sd15')}"])
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a cluster found running
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(settings, replicas=2, options={"num_cpus": 1}, name_prefix=REPLICA_PREFIX),

@@ -40,18 +40,21 @@ def test_ray_only_options_need_ray():
 # ---------------------------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def ray_dirs(tmp_path_factory, tiny_dir):
-    from aitk_inference.pipelines import load_pipeline
-    from aitk_inference.tiny.loras import lora_targets, write_family_loras, write_lora
+    from types import SimpleNamespace
+
+    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
+
+    from aitk_inference.tiny.loras import kohya_targets, lora_targets, write_kohya_lora, write_lora
 
     root = tmp_path_factory.mktemp("ray_server")
     workflows, outputs = root / "workflows", root / "outputs"
     workflows.mkdir(), outputs.mkdir()
-    flux = load_pipeline("flux", base=tiny_dir("flux"), device="cpu", dtype="fp32")
-    targets = lora_targets(flux.pipe.transformer)
+    # the LoRAs need only the denoisers' module names and shapes (the pipelines are loaded by the replicas)
+    transformer = FluxTransformer2DModel.from_pretrained(tiny_dir("flux"), subfolder="transformer")
     for i, name in enumerate(("style_a", "style_b")):
-        write_lora(str(workflows / f"{name}.safetensors"), "peft", targets, seed=i)
-    sd15 = load_pipeline("sd15", base=tiny_dir("sd15"), device="cpu", dtype="fp32")
-    os.replace(write_family_loras(sd15.pipe, str(root), layouts=["kohya"])["kohya"], workflows / "sd15_a.safetensors")
+        write_lora(str(workflows / f"{name}.safetensors"), "peft", lora_targets(transformer), seed=i)
+    unet = UNet2DConditionModel.from_pretrained(tiny_dir("sd15"), subfolder="unet")
+    write_kohya_lora(str(workflows / "sd15_a.safetensors"), kohya_targets(SimpleNamespace(unet=unet)))
     return {"workflows": str(workflows), "outputs": str(outputs)}
 
 
@@ -206,3 +209,30 @@ def test_serve_config_builder_and_replica_count_are_checked(ray_server):
         check_fits(3, {"num_cpus": 1})  # the test cluster has 2 CPUs
     with pytest.raises(ValueError, match="GPU"):
         check_fits(1, {"num_gpus": 1})
+
+
+def test_routing_prefers_same_loras_then_model_then_fewest_pipelines(ray, tmp_path):
+    from aitk_inference.server.mapping import Job, LoraSource
+    from aitk_inference.server.ray_serve import RayDispatcher, lora_key
+    from aitk_inference.server.settings import Settings
+    from aitk_inference.server.store import TaskStore
+
+    def job(model: str, lora: str, task_id: str = "t") -> Job:
+        return Job(id=task_id, model=model, loras=[LoraSource(strength=1.0, side=None, path=lora)], prompts=[],
+                   controls=[], output_format="png", hf_token=None, total_steps=1)
+
+    settings = Settings.from_env({"OUTPUT_BASE_PATH": str(tmp_path)})
+    dispatcher = RayDispatcher(settings, TaskStore(settings.database_path), None, replicas=3, replica_options={})
+    empty, flux_a, flux_b = dispatcher._slots
+    flux_a.held, flux_a.loras = ["flux"], {"flux": lora_key(job("flux", "a"))}
+    flux_b.held, flux_b.loras = ["flux", "sd15"], {"flux": lora_key(job("flux", "b"))}
+    assert dispatcher._choose(job("flux", "b")) is flux_b  # same LoRAs applied
+    assert dispatcher._choose(job("flux", "c")) is flux_a  # holds the model; fewer pipelines than flux_b
+    assert dispatcher._choose(job("sd15", "a")) is flux_b
+    assert dispatcher._choose(job("sd3", "a")) is empty  # holds the fewest pipelines
+    dispatcher._died_once["again"] = flux_b.index  # a retry avoids the slot its replica died on
+    assert dispatcher._choose(job("flux", "b", task_id="again")) is flux_a
+    flux_a.job = empty.job = job("flux", "busy")  # ...unless it is the only free one
+    assert dispatcher._choose(job("flux", "b", task_id="again")) is flux_b
+    with pytest.raises(ValueError, match="at least one replica"):
+        RayDispatcher(settings, dispatcher.store, None, replicas=0, replica_options={})

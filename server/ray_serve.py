@@ -19,9 +19,9 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable
 
 import ray
 from ray import serve
@@ -266,7 +266,7 @@ def check_fits(replicas: int, options: dict) -> None:
 
 
 def build_app(settings: Settings, replicas: int | None = None, options: dict | None = None,
-              name_prefix: str = "aitk-replica") -> "serve.Application":
+              name_prefix: str = "aitk-replica") -> serve.Application:
     """The Serve application: the FastAPI app of ``server.main`` as the ingress (one process), its queue run by
     ``replicas`` replica actors (default: one per GPU) with Ray actor ``options`` (default:
     :func:`replica_options`). Call after ``ray.init``."""
@@ -289,7 +289,7 @@ def build_app(settings: Settings, replicas: int | None = None, options: dict | N
     return Ingress.bind()
 
 
-def app_builder(args: dict) -> "serve.Application":
+def app_builder(args: dict) -> serve.Application:
     """For a Serve config file (``import_path: aitk_inference.server.ray_serve:app_builder``): settings from the
     environment (``runtime_env.env_vars``), ``args: {replicas: N}`` optional."""
     unknown = set(args) - {"replicas"}

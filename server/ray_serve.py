@@ -48,16 +48,18 @@ class Replica:
         self.job: Job | None = None
         self.stopping = False
         self.canceled: set[str] = set()  # cancels that arrived before their job
+        self.lock = threading.Lock()  # between a job's arrival and its cancel
 
     def run(self, job: Job) -> dict:
         """:func:`run_job`'s outcome, plus ``held``: the model ids of the pipelines this replica now holds."""
-        job.cancel_requested = job.cancel_requested or job.id in self.canceled
-        self.job = job
+        with self.lock:
+            job.cancel_requested = job.cancel_requested or job.id in self.canceled
+            self.canceled.discard(job.id)
+            self.job = job
         try:
             outcome = run_job(job, self.settings, cache.get_pipeline, lambda: self.stopping)
         finally:
             self.job = None
-            self.canceled.discard(job.id)
         if outcome["status"] == "succeeded":
             outcome["metadata"]["replica"] = self.name
         return {**outcome, "held": [key[0] for key in cache.cached_keys()]}
@@ -67,11 +69,12 @@ class Replica:
         return (job.step, job.total_steps) if job is not None and job.id == task_id else None
 
     def cancel(self, task_id: str) -> None:
-        job = self.job
-        if job is not None and job.id == task_id:
-            job.cancel_requested = True
-        else:
-            self.canceled.add(task_id)
+        with self.lock:
+            job = self.job
+            if job is not None and job.id == task_id:
+                job.cancel_requested = True
+            else:
+                self.canceled.add(task_id)
 
     def stop(self) -> None:
         """Interrupt the running job at its next step; it is reported ``in_queue`` (runs after the next start)."""

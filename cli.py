@@ -259,7 +259,8 @@ def reproduce_grid(args) -> int:
 def cmd_serve(args) -> int:
     from .server.main import serve
 
-    return serve(host=args.host, port=args.port, bases=args.base)
+    return serve(host=args.host, port=args.port, bases=args.base, ray=args.ray, replicas=args.replicas,
+                 ray_address=args.ray_address)
 
 
 def _quiet_libraries() -> None:
@@ -377,6 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default=None, help="default: $HOST or 127.0.0.1")
     p.add_argument("--port", type=int, default=None, help="default: $PORT or 8000")
     p.add_argument("--base", action="append", metavar="ID=PATH", help="override a model's base checkpoint (repeatable)")
+    p.add_argument("--ray", action="store_true",
+                   help="scale out on Ray Serve: one generator replica per GPU (needs the 'ray' extra; SERVER.md)")
+    p.add_argument("--replicas", type=int, default=None, help="with --ray: how many replicas (default: one per GPU)")
+    p.add_argument("--ray-address", default=None,
+                   help="with --ray: the cluster to join (default: Ray's: $RAY_ADDRESS, else one started with "
+                        "'ray start' on this machine, else a new local one)")
     p.set_defaults(func=cmd_serve)
     return parser
 

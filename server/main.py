@@ -33,12 +33,15 @@ def remove_partial_files(*folders: str) -> None:
                     os.remove(os.path.join(folder, name))
 
 
-def create_app(settings: Settings | None = None, get_pipeline: Callable | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, get_pipeline: Callable | None = None,
+               make_worker: Callable[..., Worker] = Worker) -> FastAPI:
     """Build the app.
 
     Args:
         settings (Settings, *optional*): defaults to :meth:`Settings.from_env`.
         get_pipeline (callable, *optional*): the worker's pipeline source; defaults to ``pipelines.runtime.cache.get_pipeline``.
+        make_worker (callable, defaults to :class:`Worker`): ``(settings, store, get_pipeline) -> Worker``, what
+            runs the queue: the worker thread, or the Ray replicas (``server.ray_serve``).
     """
     settings = settings or Settings.from_env()
 
@@ -47,7 +50,7 @@ def create_app(settings: Settings | None = None, get_pipeline: Callable | None =
         os.makedirs(settings.inputs_path, exist_ok=True)
         remove_partial_files(settings.output_base_path, settings.inputs_path)
         store = TaskStore(settings.database_path)
-        worker = Worker(settings, store, get_pipeline or cache.get_pipeline)
+        worker = make_worker(settings, store, get_pipeline or cache.get_pipeline)
         requeued, failed = worker.recover()
         if requeued or failed:
             logger.warning("Unfinished requests from a previous run: %d queued again, %d failed.", requeued, failed)
@@ -78,10 +81,23 @@ def create_app(settings: Settings | None = None, get_pipeline: Callable | None =
     return app
 
 
-def serve(host: str | None = None, port: int | None = None, bases: Sequence[str] | None = None) -> int:
-    """Run the server with uvicorn until interrupted; CLI values override the environment (see ``Settings``)."""
+def serve(host: str | None = None, port: int | None = None, bases: Sequence[str] | None = None, ray: bool = False,
+          replicas: int | None = None, ray_address: str | None = None) -> int:
+    """Run the server until interrupted: uvicorn in this process, or with ``ray`` the same app on Ray Serve with
+    ``replicas`` generator replicas (default: one per GPU; see ``server.ray_serve``). CLI values override the
+    environment (see ``Settings``)."""
+    if not ray and (replicas is not None or ray_address is not None):
+        raise ValueError("--replicas and --ray-address configure the Ray Serve deployment; add --ray.")
+    if replicas is not None and replicas < 1:
+        raise ValueError(f"--replicas {replicas}: run at least one replica (one per GPU).")
+    settings = Settings.from_env(host=host, port=port, bases=bases)
+    if ray:
+        try:
+            from .ray_serve import serve_ray
+        except ImportError as e:
+            raise ValueError(f"serve --ray needs Ray Serve ({e}); install it with pip install 'aitk-inference[ray]'.") from e
+        return serve_ray(settings, replicas, ray_address)
     import uvicorn
 
-    settings = Settings.from_env(host=host, port=port, bases=bases)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
     return 0

@@ -167,112 +167,128 @@ class Worker:
         for path in glob.glob(glob.escape(inputs_prefix(self.settings.inputs_path, task_id)) + "*"):
             os.remove(path)
 
-    def _check(self, job: Job, deadline: float) -> None:
+    def record(self, task_id: str, outcome: dict) -> None:
+        """Write what :func:`run_job` returned: ``in_queue`` (stopped by a shutdown: runs after the next start) or
+        the end of the task."""
+        fields = {key: value for key, value in outcome.items() if key != "status"}
+        if outcome["status"] == "in_queue":
+            self.store.update(task_id, status="in_queue")
+        else:
+            self._finish(task_id, status=outcome["status"], **fields)
+
+    def _run(self, job: Job) -> None:
+        self.store.start(job.id)
+        self.record(job.id, run_job(job, self.settings, self.get_pipeline, lambda: self._stopping))
+
+
+def run_job(job: Job, settings: Settings, get_pipeline: Callable, stopping: Callable[[], bool]) -> dict:
+    """Run one job where the pipeline cache is (the worker thread, or a Ray replica) and report how it ended,
+    without touching the task store: ``{"status": "succeeded", "outputs": ..., "metadata": ...}``, or
+    ``{"status": "canceled" | "failed", "error": reason}``, or ``{"status": "in_queue"}`` when ``stopping()``
+    became true mid-run. ``job.step`` follows the progress; setting ``job.cancel_requested`` stops it at the next
+    step. Never raises: a failed job must never take its runner down."""
+    started = time.perf_counter()
+    deadline = time.monotonic() + settings.inference_timeout
+
+    def check() -> None:
         """Raise :class:`_Stop` if the job was canceled, timed out, or the server is stopping."""
         if job.cancel_requested:
             raise _Stop("canceled", None)
-        if self._stopping:
+        if stopping():
             raise _Stop("in_queue", None)  # run again after the next start
         if time.monotonic() > deadline:
-            raise _Stop("failed", f"Timed out after INFERENCE_TIMEOUT={self.settings.inference_timeout:g} s; "
+            raise _Stop("failed", f"Timed out after INFERENCE_TIMEOUT={settings.inference_timeout:g} s; "
                                   "the generation was stopped between two steps.")
 
-    def _run(self, job: Job) -> None:
-        started = time.perf_counter()
-        deadline = time.monotonic() + self.settings.inference_timeout
-        self.store.start(job.id)
-        timings: dict = {"pipeline_details": {}, "prompts": []}
-        try:
-            # 1. Resolve LoRA files (URL LoRAs are downloaded, checked and cached)
-            from ..pipelines.lora.stack import LoraRequest
+    timings: dict = {"pipeline_details": {}, "prompts": []}
+    try:
+        # 1. Resolve LoRA files (URL LoRAs are downloaded, checked and cached)
+        from ..pipelines.lora.stack import LoraRequest
+
+        t = time.perf_counter()
+        requests, downloads = [], []
+        for lora in job.loras:
+            path = lora.path
+            if lora.url is not None:
+                path, cached = fetch_lora(lora.url, settings.lora_download_cache_dir, settings.lora_max_bytes,
+                                          job.hf_token, settings.token_hosts, check, settings.fetch_policy)
+                downloads.append({"url": lora.url, "cached": cached})
+            requests.append(LoraRequest(path=path, strength=lora.strength, side=lora.side))
+        timings["pipeline_details"].update(download_loras=round(time.perf_counter() - t, 4), downloads=downloads)
+        check()
+        # ... and control images: every input is fetched and checked before the model is touched
+        control_images, control_times = [], []
+        for sources in job.controls:
+            t = time.perf_counter()
+            control_images.append([fetch_image(c, settings.control_image_max_bytes, settings.control_image_max_pixels,
+                                               settings.fetch_policy)
+                                   if isinstance(c, str) else c for c in sources])
+            control_times.append(time.perf_counter() - t)
+            check()
+
+        # 2. Get the pipeline from the shared cache
+        t = time.perf_counter()
+        options = settings.load_options(job.model)
+        hit = options.cache_key(job.model) in cache.cached_keys()
+        pipeline = get_pipeline(job.model, options)
+        timings["get_pipeline"] = round(time.perf_counter() - t, 4)
+        timings["pipeline_details"].update(cache_hit=hit, cache_action="reuse" if hit else "load")
+
+        # 3. Apply LoRAs (in place: no reload for a new LoRA set or strength)
+        applied = pipeline.set_loras(requests)
+        check()
+
+        # 4. Run the prompts
+        outputs = {kind: [] for kind in OUTPUT_KINDS}
+        generations = []
+        done = 0
+        t_inference = time.perf_counter()
+        for i, kwargs in enumerate(job.prompts):
+            def on_step(step: int, total: int, done=done) -> None:
+                job.step = done + step
+                check()
 
             t = time.perf_counter()
-            requests, downloads = [], []
-            for lora in job.loras:
-                path = lora.path
-                if lora.url is not None:
-                    path, cached = fetch_lora(lora.url, self.settings.lora_download_cache_dir, self.settings.lora_max_bytes,
-                                              job.hf_token, self.settings.token_hosts, lambda: self._check(job, deadline),
-                                              self.settings.fetch_policy)
-                    downloads.append({"url": lora.url, "cached": cached})
-                requests.append(LoraRequest(path=path, strength=lora.strength, side=lora.side))
-            timings["pipeline_details"].update(download_loras=round(time.perf_counter() - t, 4), downloads=downloads)
-            self._check(job, deadline)
-            # ... and control images: every input is fetched and checked before the model is touched
-            control_images, control_times = [], []
-            for sources in job.controls:
-                t = time.perf_counter()
-                control_images.append([fetch_image(c, self.settings.control_image_max_bytes,
-                                                   self.settings.control_image_max_pixels, self.settings.fetch_policy)
-                                       if isinstance(c, str) else c for c in sources])
-                control_times.append(time.perf_counter() - t)
-                self._check(job, deadline)
-
-            # 2. Get the pipeline from the shared cache
+            result = pipeline.generate(progress=on_step, control_images=control_images[i] or None,
+                                       vae_tiling=settings.vae_tiling, **kwargs)
+            t_generate = time.perf_counter() - t
+            done += result.params.steps
+            job.step = done
+            # 5. Save (temporary name, then rename)
             t = time.perf_counter()
-            options = self.settings.load_options(job.model)
-            hit = options.cache_key(job.model) in cache.cached_keys()
-            pipeline = self.get_pipeline(job.model, options)
-            timings["get_pipeline"] = round(time.perf_counter() - t, 4)
-            timings["pipeline_details"].update(cache_hit=hit, cache_action="reuse" if hit else "load")
+            index = sum(len(entries) for entries in outputs.values())
+            _save(job, index, result, outputs, settings)
+            generations.append(result.metadata())
+            timings["prompts"].append({"load_control_images": round(control_times[i], 4), "generate": round(t_generate, 4),
+                                       "save": round(time.perf_counter() - t, 4)})
+        timings["inference_total"] = round(time.perf_counter() - t_inference, 4)
+        metadata = {"model": job.model, "inference_time": round(time.perf_counter() - started, 4), "timings": timings,
+                    "loras": applied, "generations": generations}
+        incomplete = [p for p in output_files({"outputs": outputs}) if not os.path.getsize(p)]
+        if incomplete:
+            raise OSError(f"Output file(s) {incomplete} are empty after writing (disk full?).")
+        return {"status": "succeeded", "outputs": outputs, "metadata": metadata}
+    except _Stop as stop:
+        return {"status": "in_queue"} if stop.status == "in_queue" else {"status": stop.status, "error": stop.reason}
+    except Exception as e:  # a failed task must never take the runner down
+        return {"status": "failed", "error": _describe(e, job)}
 
-            # 3. Apply LoRAs (in place: no reload for a new LoRA set or strength)
-            applied = pipeline.set_loras(requests)
-            self._check(job, deadline)
 
-            # 4. Run the prompts
-            outputs = {kind: [] for kind in OUTPUT_KINDS}
-            generations = []
-            done = 0
-            t_inference = time.perf_counter()
-            for i, kwargs in enumerate(job.prompts):
-                def on_step(step: int, total: int, done=done) -> None:
-                    job.step = done + step
-                    self._check(job, deadline)
-
-                t = time.perf_counter()
-                result = pipeline.generate(progress=on_step, control_images=control_images[i] or None,
-                                           vae_tiling=self.settings.vae_tiling, **kwargs)
-                t_generate = time.perf_counter() - t
-                done += result.params.steps
-                job.step = done
-                # 5. Save (temporary name, then rename)
-                t = time.perf_counter()
-                index = sum(len(entries) for entries in outputs.values())
-                self._save(job, index, result, outputs)
-                generations.append(result.metadata())
-                timings["prompts"].append({"load_control_images": round(control_times[i], 4), "generate": round(t_generate, 4),
-                                           "save": round(time.perf_counter() - t, 4)})
-            timings["inference_total"] = round(time.perf_counter() - t_inference, 4)
-            metadata = {"model": job.model, "inference_time": round(time.perf_counter() - started, 4), "timings": timings,
-                        "loras": applied, "generations": generations}
-            incomplete = [p for p in output_files({"outputs": outputs}) if not os.path.getsize(p)]
-            if incomplete:
-                raise OSError(f"Output file(s) {incomplete} are empty after writing (disk full?).")
-            self._finish(job.id, status="succeeded", outputs=outputs, metadata=metadata)
-        except _Stop as stop:
-            if stop.status == "in_queue":
-                self.store.update(job.id, status="in_queue")
-            else:
-                self._finish(job.id, status=stop.status, error=stop.reason)
-        except Exception as e:  # a failed task must never take the worker down
-            self._finish(job.id, status="failed", error=_describe(e, job))
-
-    def _save(self, job: Job, index: int, result, outputs: dict) -> None:
-        base = os.path.join(self.settings.output_base_path, f"{job.id}_output_{index}")
-        url = f"{self.settings.public_url}/v1/requests/{job.id}/outputs/{index}"
-        common = {"width": result.width, "height": result.height, "seed": result.seed}
-        if result.is_audio:
-            outputs["audios"].append({"index": index, "format": "flac", "file_path": save_audio(result, base),
-                                      "url": url, "seed": result.seed, "sample_rate": result.sample_rate})
-            return
-        if result.is_video:
-            path, video_format = save_video(result, base, job.output_format)
-            outputs["videos"].append({"index": index, "format": video_format, "file_path": path, "url": url,
-                                      "num_frames": result.params.num_frames, "fps": result.params.fps, **common})
-            return
-        path = save_image(result.to_pil()[0], base, job.output_format, result.metadata())
-        outputs["images"].append({"index": index, "format": job.output_format, "file_path": path, "url": url, **common})
+def _save(job: Job, index: int, result, outputs: dict, settings: Settings) -> None:
+    base = os.path.join(settings.output_base_path, f"{job.id}_output_{index}")
+    url = f"{settings.public_url}/v1/requests/{job.id}/outputs/{index}"
+    common = {"width": result.width, "height": result.height, "seed": result.seed}
+    if result.is_audio:
+        outputs["audios"].append({"index": index, "format": "flac", "file_path": save_audio(result, base),
+                                  "url": url, "seed": result.seed, "sample_rate": result.sample_rate})
+        return
+    if result.is_video:
+        path, video_format = save_video(result, base, job.output_format)
+        outputs["videos"].append({"index": index, "format": video_format, "file_path": path, "url": url,
+                                  "num_frames": result.params.num_frames, "fps": result.params.fps, **common})
+        return
+    path = save_image(result.to_pil()[0], base, job.output_format, result.metadata())
+    outputs["images"].append({"index": index, "format": job.output_format, "file_path": path, "url": url, **common})
 
 
 def _describe(error: Exception, job: Job) -> str:

@@ -9,6 +9,7 @@ interruption, and a typed result.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 import math
@@ -22,7 +23,7 @@ from typing import Any, Callable, Sequence
 
 from . import single_file
 from .component_files import check_component_files
-from .runtime import accelerate
+from .runtime import accelerate, parallel
 from .runtime.options import LoadOptions
 from .runtime.readahead import start_readahead
 from .registry import ModelSpec, get_spec
@@ -293,6 +294,8 @@ class AITKPipeline:
         self.compiled: str | None = None
         self.attention = "sdpa"
         self.quantize = "none"
+        #: the ``parallel`` load option this pipeline's denoisers are sharded with (``none``: one process)
+        self.parallel = "none"
         #: with ``offload="group"`` chosen by ``auto``: denoiser component -> bytes of its blocks kept on the GPU
         self.resident: dict[str, int] | None = None
         self.lock = threading.RLock()
@@ -310,6 +313,8 @@ class AITKPipeline:
         source, device, torch_dtype, offload = options.base, options.device, options.dtype, options.offload
         if cls.offload_refusal and offload not in ("none", "auto"):
             raise ValueError(f"{spec.model_id} {cls.offload_refusal}")
+        if options.parallel != "none":
+            parallel.init_process_group(device)
         started = time.perf_counter()
         start_readahead(source)
         overrides = accelerate.direct_load_options(device, offload)
@@ -341,6 +346,9 @@ class AITKPipeline:
         pipeline.set_attention_kernel(options.attention)
         if options.quantize == "fp8" and pipeline.quantize != "fp8":
             pipeline.quantize_fp8()
+        if options.parallel != "none":
+            parallel.enable_context_parallel(pipeline.denoisers(), options.parallel, device)
+            pipeline.parallel = options.parallel
         if options.compile != "none":
             pipeline.compile_denoiser(options.compile)
         return pipeline
@@ -487,9 +495,12 @@ class AITKPipeline:
             list[dict]: per LoRA, its layout, the number of modules matched, and its strength.
         """
         hooks = {"sequential": self._weights_unhooked, "group": self._group_offload_refreshed}
+        before_change = hooks.get(self.offload)
+        if self.parallel != "none":  # parallel goes with offload "none" only
+            before_change = functools.partial(parallel.context_parallel_reapplied, self.denoisers())
         with self.lock:
             checked = [self.check_lora(item) for item in loras]
-            return self.loras.set_checked(checked, before_change=hooks.get(self.offload))
+            return self.loras.set_checked(checked, before_change=before_change)
 
     @contextlib.contextmanager
     def _group_offload_refreshed(self):
@@ -757,6 +768,8 @@ class AITKPipeline:
 
         # 1. Validate and resolve parameters
         params = self.resolve_params(prompt, **kwargs)
+        if self.parallel != "none":
+            params = parallel.same_on_every_rank(params)  # one drawn seed for all ranks
         with self.lock:
             # 2. Build the call: noise comes from a freshly seeded CPU generator in the latent dtype (ai-toolkit), one
             # per image of a batch, so that image i is the image of seed + i alone
@@ -834,6 +847,7 @@ def load_pipeline(
     compile: str | None = None,
     attention: str | None = None,
     quantize: str | None = None,
+    parallel: str | None = None,
     components: str | None = None,
     text_encoder_file: str | None = None,
     text_encoder_2_file: str | None = None,
@@ -863,6 +877,10 @@ def load_pipeline(
             the quantized weights); with ``dynamic`` they run as adapters (about half the transformer's GPU memory).
             FP8 weights of a single-file base are upcast on load and re-quantized here. Goes with ``offload`` none or
             ``auto`` (which streams the FP8 blocks that do not fit).
+        parallel (str, *optional*): ``none`` (default), or context parallelism of each generation over the processes
+            ``torchrun`` starts: ``ulysses=N``, ``ring=N`` or ``ulysses=N,ring=M`` (the product the world size; see
+            ``runtime.parallel``). Every process calls this and then ``generate`` with the same arguments; write
+            outputs on rank 0 only (``runtime.parallel.writes_outputs``).
         components (str, *optional*): for a single-file ``base``, where the components the file lacks come from: a
             diffusers folder or a hub repo id; defaults to the model's base repo (from the hub cache).
         text_encoder_file, text_encoder_2_file, vae_file (str, *optional*): that component from a ``.safetensors``
@@ -872,7 +890,7 @@ def load_pipeline(
     """
     spec = get_spec(model_id)
     options = LoadOptions(base=base, device=device, dtype=dtype, offload=offload, lora_mode=lora_mode, compile=compile,
-                          attention=attention, quantize=quantize, components=components,
+                          attention=attention, quantize=quantize, parallel=parallel, components=components,
                           text_encoder_file=text_encoder_file, text_encoder_2_file=text_encoder_2_file,
                           vae_file=vae_file)
     return spec.family_class().from_spec(spec, options)

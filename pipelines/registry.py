@@ -541,6 +541,9 @@ class AceStepOptions:
 GUIDANCE_KINDS = ("distilled", "cfg", "true_cfg")
 #: how LoRAs are applied: live PEFT adapters or merged into the weights (see ``lora.stack``)
 LORA_MODES = ("dynamic", "fused")
+#: the family modules (``pipelines/families/<module>.py``) whose denoisers (every expert of a two-expert model) carry a
+#: diffusers context-parallel plan (``_cp_plan``), so that ``parallel`` can shard their attention over processes
+CONTEXT_PARALLEL_FAMILIES = frozenset({"flux", "flex2", "flux2", "qwen_image", "wan", "ltx2"})
 
 
 @dataclass(frozen=True)
@@ -620,6 +623,11 @@ class ModelSpec:
     @property
     def is_video(self) -> bool:
         return self.video is not None
+
+    @property
+    def context_parallel(self) -> bool:
+        """Whether the ``parallel`` load option can shard this model's denoiser (``CONTEXT_PARALLEL_FAMILIES``)."""
+        return self.family.partition(":")[0] in CONTEXT_PARALLEL_FAMILIES
 
     def negative_has_effect(self, guidance: float) -> bool:
         """Whether the negative prompt changes the output at ``guidance``: only real CFG runs an unconditional pass,

@@ -1,0 +1,160 @@
+"""Context parallelism (the ``parallel`` load option): its checks, and one generation shared by two gloo processes on
+the CPU through diffusers' Ulysses attention, equal to the one-process generation, with LoRAs and strength changes.
+
+Ring attention cannot run here: diffusers' ring needs the softmax's log-sum-exp from the kernel, which its native
+(sdpa) backend does not return (``Native attention does not support return_lse=True``); the CUDA kernels that do are
+covered by tests/test_gpu.py.
+"""
+
+import json
+import os
+import socket
+
+import numpy as np
+import pytest
+
+from aitk_inference.pipelines.registry import REGISTRY, get_spec
+from aitk_inference.pipelines.runtime.options import LoadOptionError, LoadOptions, parse_parallel
+
+PROMPT = "a tiny photo of a cat"
+CALL = {"width": 64, "height": 64, "steps": 2, "seed": 7}
+#: float32 on one CPU: sharded attention changes only the summation order of the softmax's rows
+ATOL = 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------------------- checks
+def test_parse_parallel():
+    assert parse_parallel("none") == {}
+    assert parse_parallel("ulysses=2") == {"ulysses": 2}
+    assert parse_parallel("ring=2,ulysses=4") == {"ulysses": 4, "ring": 2}
+    assert parse_parallel("ulysses=2,ring=1") == {"ulysses": 2}
+    for bad in ("ulysses", "ulysses=two", "tensor=2", "ulysses=2,ulysses=2", "ulysses=1", "ring=0"):
+        with pytest.raises(LoadOptionError, match="parallel="):
+            parse_parallel(bad)
+
+
+def test_parallel_option_checks(monkeypatch):
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert LoadOptions(parallel="ring=2,ulysses=2", attention="sdpa_flash").parallel == "ulysses=2,ring=2"
+    with pytest.raises(LoadOptionError, match="cannot run ring .* use attention sdpa_cudnn, sdpa_flash, flash_attn, sage"):
+        LoadOptions(parallel="ring=2")
+    with pytest.raises(LoadOptionError, match="cannot run ulysses"):
+        LoadOptions(parallel="ulysses=2", attention="sdpa_math")
+    with pytest.raises(LoadOptionError, match="needs offload='none'"):
+        LoadOptions(parallel="ulysses=2", offload="group")
+    with pytest.raises(LoadOptionError, match="sdxl's denoiser has no context-parallel plan"):
+        LoadOptions(parallel="ulysses=2", device="cpu").resolve(get_spec("sdxl"))
+    with pytest.raises(LoadOptionError, match="has 1; start it with torchrun --nproc-per-node 2"):
+        LoadOptions(parallel="ulysses=2", device="cpu").resolve(get_spec("flux"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert LoadOptions(parallel="ulysses=2", device="cuda", dtype="fp32").resolve(get_spec("flux")).device == "cuda:1"
+    with pytest.raises(LoadOptionError, match="'cuda:0' is not this process's GPU"):
+        LoadOptions(parallel="ulysses=2", device="cuda:0", dtype="fp32").resolve(get_spec("flux"))
+    key = LoadOptions(parallel="ulysses=2", device="cpu").cache_key("flux")
+    assert key != LoadOptions(device="cpu").cache_key("flux")
+
+
+def test_context_parallel_ids_have_a_plan(tiny_dir):
+    """Every id the registry lets shard has denoisers (every expert) whose diffusers class carries a plan."""
+    import diffusers
+
+    ids = [model_id for model_id, spec in REGISTRY.items() if spec.context_parallel]
+    assert {"flux", "flux2", "qwen_image", "wan21_14b", "wan22_14b_t2v", "ltx2"} <= set(ids)
+    for model_id in ids:
+        spec = REGISTRY[model_id]
+        with open(os.path.join(tiny_dir(model_id), "model_index.json")) as f:
+            index = json.load(f)
+        for component in spec.experts.components if spec.experts else ("transformer",):
+            denoiser_class = getattr(diffusers, index[component][1])
+            assert denoiser_class._cp_plan, (model_id, component)
+
+
+# ---------------------------------------------------------------------------------------------------------------- two ranks
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _render(pipeline, lora: str) -> dict:
+    """The images of: the LoRA at 1.0, the same LoRA at 0.5 (a strength change), and no LoRA."""
+    images = {}
+    for strength in (1.0, 0.5):
+        pipeline.set_loras([(lora, strength)])
+        images[f"lora_{strength}"] = pipeline.generate(PROMPT, **CALL).images
+    pipeline.set_loras([])
+    images["no_lora"] = pipeline.generate(PROMPT, **CALL).images
+    return images
+
+
+def _rank_main(rank: int, world_size: int, port: int, folder: str, lora: str, out: str) -> None:
+    """One process of a two-process run, started as torchrun starts it (its environment)."""
+    import torch
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    from aitk_inference import cli
+    from aitk_inference.pipelines import load_pipeline
+
+    # the CLI: the process group is joined here; only rank 0 writes its file
+    assert cli.main(["generate", "--model", "flux", "--base", folder, "--device", "cpu", "--dtype", "fp32",
+                     "--parallel", "ulysses=2", "--lora", f"{lora}:0.8", "--prompt", PROMPT, "--width", "64",
+                     "--height", "64", "--steps", "2", "--seed", "-1", "--quiet",
+                     "--out", os.path.join(out, f"cli_rank{rank}.png")]) == 0
+    arrays = {}
+    for mode in ("dynamic", "fused"):
+        pipeline = load_pipeline("flux", base=folder, device="cpu", dtype="fp32", lora_mode=mode, parallel="ulysses=2")
+        arrays.update({f"{mode}_{name}": image for name, image in _render(pipeline, lora).items()})
+    arrays["drawn_seed"] = np.array(pipeline.generate(PROMPT, **{**CALL, "seed": -1, "steps": 1}).seed)
+    np.savez(os.path.join(out, f"rank{rank}.npz"), **arrays)
+    torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def flux_lora(tiny_dir, tmp_path_factory):
+    """A LoRA on every block Linear of the tiny FLUX and on ``proj_out``, the Linear whose output the
+    context-parallel plan gathers (PEFT wraps it in dynamic mode)."""
+    from aitk_inference.pipelines import load_pipeline
+    from aitk_inference.tiny.loras import lora_targets, write_lora
+
+    pipeline = load_pipeline("flux", base=tiny_dir("flux"), device="cpu", dtype="fp32")
+    denoiser = pipeline.pipe.transformer
+    path = str(tmp_path_factory.mktemp("cp_lora") / "lora.safetensors")
+    write_lora(path, "peft", lora_targets(denoiser) + [("proj_out", denoiser.proj_out)], seed=3)
+    return path
+
+
+def test_two_ranks_equal_one(tiny_dir, flux_lora, tmp_path):
+    import torch.multiprocessing as mp
+
+    from aitk_inference.pipelines import load_pipeline
+
+    folder = tiny_dir("flux")
+    context, port = mp.get_context("spawn"), _free_port()
+    ranks = [context.Process(target=_rank_main, args=(rank, 2, port, folder, flux_lora, str(tmp_path)))
+             for rank in range(2)]
+    for process in ranks:
+        process.start()
+    reference = {}  # one process, while the two ranks run
+    for mode in ("dynamic", "fused"):
+        pipeline = load_pipeline("flux", base=folder, device="cpu", dtype="fp32", lora_mode=mode)
+        reference.update({f"{mode}_{name}": image for name, image in _render(pipeline, flux_lora).items()})
+    for process in ranks:
+        process.join(timeout=240)
+        assert process.exitcode == 0, f"rank exited with {process.exitcode}"
+
+    assert sorted(os.listdir(tmp_path)) == ["cli_rank0.png", "rank0.npz", "rank1.npz"]  # rank 1 wrote no image
+    rank0, rank1 = np.load(tmp_path / "rank0.npz"), np.load(tmp_path / "rank1.npz")
+    assert int(rank0["drawn_seed"]) == int(rank1["drawn_seed"])
+    differences = {}
+    for name, image in reference.items():
+        np.testing.assert_array_equal(rank0[name], rank1[name])
+        differences[name] = float(np.abs(rank0[name] - image).max())
+    print("two ranks vs one, largest difference:", differences)
+    assert max(differences.values()) <= ATOL, differences
+    assert np.abs(reference["dynamic_lora_1.0"] - reference["dynamic_no_lora"]).max() > 0.01  # the LoRA acts
+    assert np.abs(reference["dynamic_lora_1.0"] - reference["dynamic_lora_0.5"]).max() > 0.01

@@ -146,6 +146,10 @@ def cmd_generate(args) -> int:
                              **{f"{c}_file": getattr(args, f"{c}_file") for c in FILE_COMPONENTS})
     print(f"loaded {args.model} from {pipeline.source} in {time.perf_counter() - started:.2f}s")
     run_generate(pipeline, args, args.out)
+    if pipeline.parallel != "none":
+        import torch.distributed
+
+        torch.distributed.destroy_process_group()
     return 0
 
 

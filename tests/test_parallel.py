@@ -20,6 +20,8 @@ PROMPT = "a tiny photo of a cat"
 CALL = {"width": 64, "height": 64, "steps": 2, "seed": 7}
 #: float32 on one CPU: sharded attention changes only the summation order of the softmax's rows
 ATOL = 1e-5
+#: bfloat16 on two GPUs (images in 0..1): a bound of about 5 levels of 255, not yet measured (no two-GPU machine lent)
+GPU_ATOL = 0.02
 
 
 # ---------------------------------------------------------------------------------------------------------------- checks
@@ -79,38 +81,51 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+#: the pipelines each rank renders: name -> load options (FP8 fused on FP8 GPUs only)
+MODES = {"dynamic": {"lora_mode": "dynamic"}, "fused": {"lora_mode": "fused"},
+         "fp8_fused": {"lora_mode": "fused", "quantize": "fp8"}}
+
+
 def _render(pipeline, lora: str) -> dict:
-    """The images of: the LoRA at 1.0, the same LoRA at 0.5 (a strength change), and no LoRA."""
+    """The images of: the LoRA at 1.0, the same LoRA at 0.5 (a strength change), and no LoRA; and the image tokens
+    the first block sees (half of them on each of two ranks)."""
+    tokens = []
+    block = pipeline.pipe.transformer.transformer_blocks[0]
+    handle = block.register_forward_pre_hook(lambda _, args, kwargs: tokens.append(kwargs["hidden_states"].shape[1]),
+                                             with_kwargs=True)
     images = {}
     for strength in (1.0, 0.5):
         pipeline.set_loras([(lora, strength)])
         images[f"lora_{strength}"] = pipeline.generate(PROMPT, **CALL).images
     pipeline.set_loras([])
     images["no_lora"] = pipeline.generate(PROMPT, **CALL).images
+    handle.remove()
+    images["block_tokens"] = np.array(sorted(set(tokens)))
     return images
 
 
-def _rank_main(rank: int, world_size: int, port: int, folder: str, lora: str, out: str) -> None:
+def _rank_main(rank: int, port: int, run: dict) -> None:
     """One process of a two-process run, started as torchrun starts it (its environment)."""
     import torch
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world_size))
+                      WORLD_SIZE="2")
     torch.set_num_threads(1)
     from aitk_inference import cli
     from aitk_inference.pipelines import load_pipeline
 
     arrays = {}
-    for mode in ("dynamic", "fused"):
-        pipeline = load_pipeline("flux", base=folder, device="cpu", dtype="fp32", lora_mode=mode, parallel="ulysses=2")
-        arrays.update({f"{mode}_{name}": image for name, image in _render(pipeline, lora).items()})
+    for mode in run["modes"]:
+        pipeline = load_pipeline("flux", base=run["folder"], device=run["device"], dtype=run["dtype"],
+                                 attention=run["attention"], parallel=run["parallel"], **MODES[mode])
+        arrays.update({f"{mode}_{name}": image for name, image in _render(pipeline, run["lora"]).items()})
     arrays["drawn_seed"] = np.array(pipeline.generate(PROMPT, **{**CALL, "seed": -1, "steps": 1}).seed)
-    np.savez(os.path.join(out, f"rank{rank}.npz"), **arrays)
+    np.savez(os.path.join(run["out"], f"rank{rank}.npz"), **arrays)
     # the CLI: only rank 0 writes its file; it leaves the process group
-    assert cli.main(["generate", "--model", "flux", "--base", folder, "--device", "cpu", "--dtype", "fp32",
-                     "--parallel", "ulysses=2", "--lora", f"{lora}:0.8", "--prompt", PROMPT, "--width", "64",
-                     "--height", "64", "--steps", "2", "--seed", "-1", "--quiet",
-                     "--out", os.path.join(out, f"cli_rank{rank}.png")]) == 0
+    assert cli.main(["generate", "--model", "flux", "--base", run["folder"], "--device", run["device"], "--dtype",
+                     run["dtype"], "--attention", run["attention"], "--parallel", run["parallel"], "--lora",
+                     f"{run['lora']}:0.8", "--prompt", PROMPT, "--width", "64", "--height", "64", "--steps", "2",
+                     "--seed", "-1", "--quiet", "--out", os.path.join(run["out"], f"cli_rank{rank}.png")]) == 0
     assert not torch.distributed.is_initialized()
 
 
@@ -128,33 +143,68 @@ def flux_lora(tiny_dir, tmp_path_factory):
     return path
 
 
-def test_two_ranks_equal_one(tiny_dir, flux_lora, tmp_path):
+def _two_ranks_against_one(run: dict, atol: float) -> dict:
+    """Run ``run`` on two ranks while this process renders the same on one; check that both ranks got the same
+    images, each within ``atol`` of the one-process images, that each rank's blocks saw half the image tokens, that
+    a drawn seed was drawn once and that only rank 0 wrote the CLI's image. Returns the largest differences."""
     import torch.multiprocessing as mp
 
     from aitk_inference.pipelines import load_pipeline
 
-    folder = tiny_dir("flux")
     context, port = mp.get_context("spawn"), _free_port()
-    ranks = [context.Process(target=_rank_main, args=(rank, 2, port, folder, flux_lora, str(tmp_path)))
-             for rank in range(2)]
+    ranks = [context.Process(target=_rank_main, args=(rank, port, run)) for rank in range(2)]
     for process in ranks:
         process.start()
     reference = {}  # one process, while the two ranks run
-    for mode in ("dynamic", "fused"):
-        pipeline = load_pipeline("flux", base=folder, device="cpu", dtype="fp32", lora_mode=mode)
-        reference.update({f"{mode}_{name}": image for name, image in _render(pipeline, flux_lora).items()})
+    for mode in run["modes"]:
+        device = "cuda:0" if run["device"] == "cuda" else run["device"]
+        pipeline = load_pipeline("flux", base=run["folder"], device=device, dtype=run["dtype"],
+                                 attention=run["attention"], **MODES[mode])
+        reference.update({f"{mode}_{name}": image for name, image in _render(pipeline, run["lora"]).items()})
     for process in ranks:
         process.join(timeout=240)
         assert process.exitcode == 0, f"rank exited with {process.exitcode}"
 
-    assert sorted(os.listdir(tmp_path)) == ["cli_rank0.png", "rank0.npz", "rank1.npz"]  # rank 1 wrote no image
-    rank0, rank1 = np.load(tmp_path / "rank0.npz"), np.load(tmp_path / "rank1.npz")
+    assert sorted(os.listdir(run["out"])) == ["cli_rank0.png", "rank0.npz", "rank1.npz"]  # rank 1 wrote no image
+    rank0, rank1 = np.load(os.path.join(run["out"], "rank0.npz")), np.load(os.path.join(run["out"], "rank1.npz"))
     assert int(rank0["drawn_seed"]) == int(rank1["drawn_seed"])
     differences = {}
     for name, image in reference.items():
+        if name.endswith("block_tokens"):
+            assert rank0[name].tolist() == rank1[name].tolist() == [image[0] // 2], (name, image, rank0[name])
+            continue
         np.testing.assert_array_equal(rank0[name], rank1[name])
         differences[name] = float(np.abs(rank0[name] - image).max())
-    print("two ranks vs one, largest difference:", differences)
-    assert max(differences.values()) <= ATOL, differences
-    assert np.abs(reference["dynamic_lora_1.0"] - reference["dynamic_no_lora"]).max() > 0.01  # the LoRA acts
-    assert np.abs(reference["dynamic_lora_1.0"] - reference["dynamic_lora_0.5"]).max() > 0.01
+    print(f"{run['parallel']} ({run['device']}, {run['dtype']}, {run['attention']}) vs one process, largest "
+          "difference:", differences)
+    assert max(differences.values()) <= atol, differences
+    for mode in run["modes"]:  # the LoRA and its strength change act
+        assert np.abs(reference[f"{mode}_lora_1.0"] - reference[f"{mode}_no_lora"]).max() > 0.01
+        assert np.abs(reference[f"{mode}_lora_1.0"] - reference[f"{mode}_lora_0.5"]).max() > 0.01
+    return differences
+
+
+def _cuda_device_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def test_two_ranks_equal_one(tiny_dir, flux_lora, tmp_path):
+    _two_ranks_against_one({"folder": tiny_dir("flux"), "lora": flux_lora, "out": str(tmp_path), "device": "cpu",
+                            "dtype": "fp32", "attention": "sdpa", "parallel": "ulysses=2",
+                            "modes": ("dynamic", "fused")}, ATOL)
+
+
+@pytest.mark.skipif(_cuda_device_count() < 2, reason="needs two CUDA GPUs (one process each)")
+@pytest.mark.parametrize("parallel,attention", [("ulysses=2", "sdpa"), ("ring=2", "sdpa_cudnn"),
+                                                ("ring=2", "sdpa_flash")])
+def test_two_gpus_equal_one(tiny_dir, flux_lora, tmp_path, parallel, attention):
+    """The same on two GPUs over NCCL in bfloat16, with Ulysses and with ring attention (which needs a kernel that
+    returns the log-sum-exp); with FP8 fused LoRAs where the GPU has FP8."""
+    from aitk_inference.pipelines.runtime.quantize import fp8_unavailable
+
+    modes = ("dynamic", "fused") + (() if fp8_unavailable("cuda") else ("fp8_fused",))
+    _two_ranks_against_one({"folder": tiny_dir("flux"), "lora": flux_lora, "out": str(tmp_path), "device": "cuda",
+                            "dtype": "bf16", "attention": attention, "parallel": parallel, "modes": modes},
+                           GPU_ATOL)

@@ -542,8 +542,11 @@ GUIDANCE_KINDS = ("distilled", "cfg", "true_cfg")
 #: how LoRAs are applied: live PEFT adapters or merged into the weights (see ``lora.stack``)
 LORA_MODES = ("dynamic", "fused")
 #: the family modules (``pipelines/families/<module>.py``) whose denoisers (every expert of a two-expert model) carry a
-#: diffusers context-parallel plan (``_cp_plan``), so that ``parallel`` can shard their attention over processes
-CONTEXT_PARALLEL_FAMILIES = frozenset({"flux", "flex2", "flux2", "qwen_image", "wan", "ltx2"})
+#: diffusers context-parallel plan (``_cp_plan``) that shards their generations as they run here (two ranks equal one,
+#: checked on the tiny models), so that ``parallel`` can shard their attention over processes. Not qwen_image (its
+#: plan splits the text tokens, whose count follows the prompt: "Tensor size along dimension to be sharded must be
+#: divisible by mesh size" for most prompts) nor ltx2 (the split rotary embedding mismatches the sharded tokens).
+CONTEXT_PARALLEL_FAMILIES = frozenset({"flux", "flex2", "flux2", "wan"})
 
 
 @dataclass(frozen=True)

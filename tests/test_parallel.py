@@ -64,7 +64,8 @@ def test_context_parallel_ids_have_a_plan(tiny_dir):
     import diffusers
 
     ids = [model_id for model_id, spec in REGISTRY.items() if spec.context_parallel]
-    assert {"flux", "flux2", "qwen_image", "wan21_14b", "wan22_14b_t2v", "ltx2"} <= set(ids)
+    assert {"flux", "flex2", "flux_kontext", "flux2", "wan21_14b", "wan22_14b_t2v"} <= set(ids)
+    assert not {"qwen_image", "ltx2", "sdxl"} & set(ids)
     for model_id in ids:
         spec = REGISTRY[model_id]
         with open(os.path.join(tiny_dir(model_id), "model_index.json")) as f:

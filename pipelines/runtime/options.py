@@ -246,7 +246,9 @@ class LoadOptions:
         resolved = self.resolve(get_spec(model_id))
         source = os.path.realpath(resolved.base) if self.base and os.path.exists(resolved.base) else resolved.base
         key = (model_id, source, resolved.device, str(resolved.dtype), resolved.offload, resolved.lora_mode,
-               resolved.compile, resolved.attention, resolved.quantize, resolved.parallel)
+               resolved.compile, resolved.attention, resolved.quantize)
+        if resolved.parallel != "none":
+            key = (*key, ("parallel", resolved.parallel))
         if resolved.components is not None:
             components = resolved.components
             key = (*key, os.path.realpath(components) if os.path.exists(components) else components)

@@ -541,12 +541,18 @@ class AceStepOptions:
 GUIDANCE_KINDS = ("distilled", "cfg", "true_cfg")
 #: how LoRAs are applied: live PEFT adapters or merged into the weights (see ``lora.stack``)
 LORA_MODES = ("dynamic", "fused")
-#: the family modules (``pipelines/families/<module>.py``) whose denoisers (every expert of a two-expert model) carry a
-#: diffusers context-parallel plan (``_cp_plan``) that shards their generations as they run here (two ranks equal one,
-#: checked on the tiny models), so that ``parallel`` can shard their attention over processes. Not qwen_image (its
-#: plan splits the text tokens, whose count follows the prompt: "Tensor size along dimension to be sharded must be
-#: divisible by mesh size" for most prompts) nor ltx2 (the split rotary embedding mismatches the sharded tokens).
-CONTEXT_PARALLEL_FAMILIES = frozenset({"flux", "flex2", "flux2", "wan"})
+#: family module (``pipelines/families/<module>.py``) -> the kinds of context parallelism (the ``parallel`` load option)
+#: that shard its denoisers (every expert of a two-expert model) with their diffusers plan (``_cp_plan``), two ranks
+#: giving the one-process image on the tiny models. Qwen-Image splits its text tokens too, whose count follows the
+#: prompt: Ulysses runs it with uneven shards, ring needs even ones. Not ltx2: diffusers' plan fails on its split
+#: rotary embedding ("The size of tensor a (2) must match the size of tensor b (4)").
+CONTEXT_PARALLEL_FAMILIES = {
+    "flux": ("ulysses", "ring"),
+    "flex2": ("ulysses", "ring"),
+    "flux2": ("ulysses", "ring"),
+    "wan": ("ulysses", "ring"),
+    "qwen_image": ("ulysses",),
+}
 
 
 @dataclass(frozen=True)
@@ -628,9 +634,10 @@ class ModelSpec:
         return self.video is not None
 
     @property
-    def context_parallel(self) -> bool:
-        """Whether the ``parallel`` load option can shard this model's denoiser (``CONTEXT_PARALLEL_FAMILIES``)."""
-        return self.family.partition(":")[0] in CONTEXT_PARALLEL_FAMILIES
+    def context_parallel(self) -> tuple[str, ...]:
+        """The kinds of the ``parallel`` load option that can shard this model's denoiser (``CONTEXT_PARALLEL_FAMILIES``);
+        empty when none can."""
+        return CONTEXT_PARALLEL_FAMILIES.get(self.family.partition(":")[0], ())
 
     def negative_has_effect(self, guidance: float) -> bool:
         """Whether the negative prompt changes the output at ``guidance``: only real CFG runs an unconditional pass,

@@ -45,8 +45,11 @@ def test_parallel_option_checks(monkeypatch):
         LoadOptions(parallel="ulysses=2", attention="sdpa_math")
     with pytest.raises(LoadOptionError, match="needs offload='none'"):
         LoadOptions(parallel="ulysses=2", offload="group")
-    with pytest.raises(LoadOptionError, match="sdxl's denoiser has no context-parallel plan"):
-        LoadOptions(parallel="ulysses=2", device="cpu").resolve(get_spec("sdxl"))
+    for model_id in ("sdxl", "ltx2"):
+        with pytest.raises(LoadOptionError, match=f"{model_id} cannot be sharded over processes"):
+            LoadOptions(parallel="ulysses=2", device="cpu").resolve(get_spec(model_id))
+    with pytest.raises(LoadOptionError, match="qwen_image shards with ulysses only, not ring"):
+        LoadOptions(parallel="ring=2", attention="sdpa_flash", device="cpu").resolve(get_spec("qwen_image"))
     with pytest.raises(LoadOptionError, match="has 1; start it with torchrun --nproc-per-node 2"):
         LoadOptions(parallel="ulysses=2", device="cpu").resolve(get_spec("flux"))
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -64,8 +67,8 @@ def test_context_parallel_ids_have_a_plan(tiny_dir):
     import diffusers
 
     ids = [model_id for model_id, spec in REGISTRY.items() if spec.context_parallel]
-    assert {"flux", "flex2", "flux_kontext", "flux2", "wan21_14b", "wan22_14b_t2v"} <= set(ids)
-    assert not {"qwen_image", "ltx2", "sdxl"} & set(ids)
+    assert {"flux", "flex2", "flux_kontext", "flux2", "qwen_image", "wan21_14b", "wan22_14b_t2v"} <= set(ids)
+    assert not {"ltx2", "sdxl"} & set(ids)
     for model_id in ids:
         spec = REGISTRY[model_id]
         with open(os.path.join(tiny_dir(model_id), "model_index.json")) as f:
@@ -105,6 +108,15 @@ def _render(pipeline, lora: str) -> dict:
     return images
 
 
+def _extra(model_id: str, call: dict, run: dict, **options):
+    from aitk_inference.pipelines import load_pipeline
+    from aitk_inference.tiny import tiny_model_dir
+
+    pipeline = load_pipeline(model_id, base=tiny_model_dir(model_id), device=options.pop("device", run["device"]),
+                             dtype=run["dtype"], attention=run["attention"], **options)
+    return pipeline.generate(PROMPT, **{**CALL, **call}).images
+
+
 def _rank_main(rank: int, port: int, run: dict) -> None:
     """One process of a two-process run, started as torchrun starts it (its environment)."""
     import torch
@@ -121,6 +133,8 @@ def _rank_main(rank: int, port: int, run: dict) -> None:
                                  attention=run["attention"], parallel=run["parallel"], **MODES[mode])
         arrays.update({f"{mode}_{name}": image for name, image in _render(pipeline, run["lora"]).items()})
     arrays["drawn_seed"] = np.array(pipeline.generate(PROMPT, **{**CALL, "seed": -1, "steps": 1}).seed)
+    for name, (model_id, call) in run["extra"].items():
+        arrays[name] = _extra(model_id, call, run, parallel=run["parallel"])
     np.savez(os.path.join(run["out"], f"rank{rank}.npz"), **arrays)
     # the CLI: only rank 0 writes its file; it leaves the process group
     assert cli.main(["generate", "--model", "flux", "--base", run["folder"], "--device", run["device"], "--dtype",
@@ -162,6 +176,8 @@ def _two_ranks_against_one(run: dict, atol: float) -> dict:
         pipeline = load_pipeline("flux", base=run["folder"], device=device, dtype=run["dtype"],
                                  attention=run["attention"], **MODES[mode])
         reference.update({f"{mode}_{name}": image for name, image in _render(pipeline, run["lora"]).items()})
+    for name, (model_id, call) in run["extra"].items():
+        reference[name] = _extra(model_id, call, run, device=device)
     for process in ranks:
         process.join(timeout=240)
         assert process.exitcode == 0, f"rank exited with {process.exitcode}"
@@ -192,9 +208,11 @@ def _cuda_device_count() -> int:
 
 
 def test_two_ranks_equal_one(tiny_dir, flux_lora, tmp_path):
+    """FLUX with LoRAs; Qwen-Image, whose text tokens (a count that follows the prompt) Ulysses shards unevenly."""
+    tiny_dir("qwen_image")
     _two_ranks_against_one({"folder": tiny_dir("flux"), "lora": flux_lora, "out": str(tmp_path), "device": "cpu",
                             "dtype": "fp32", "attention": "sdpa", "parallel": "ulysses=2",
-                            "modes": ("dynamic", "fused")}, ATOL)
+                            "modes": ("dynamic", "fused"), "extra": {"qwen_image": ("qwen_image", {})}}, ATOL)
 
 
 @pytest.mark.skipif(_cuda_device_count() < 2, reason="needs two CUDA GPUs (one process each)")
@@ -202,10 +220,12 @@ def test_two_ranks_equal_one(tiny_dir, flux_lora, tmp_path):
                                                 ("ring=2", "sdpa_flash")])
 def test_two_gpus_equal_one(tiny_dir, flux_lora, tmp_path, parallel, attention):
     """The same on two GPUs over NCCL in bfloat16, with Ulysses and with ring attention (which needs a kernel that
-    returns the log-sum-exp); with FP8 fused LoRAs where the GPU has FP8."""
+    returns the log-sum-exp); with FP8 fused LoRAs where the GPU has FP8; Ulysses also at a size whose 25 image tokens
+    shard unevenly (NCCL gathers uneven shards, gloo cannot)."""
     from aitk_inference.pipelines.runtime.quantize import fp8_unavailable
 
     modes = ("dynamic", "fused") + (() if fp8_unavailable("cuda") else ("fp8_fused",))
     _two_ranks_against_one({"folder": tiny_dir("flux"), "lora": flux_lora, "out": str(tmp_path), "device": "cuda",
-                            "dtype": "bf16", "attention": attention, "parallel": parallel, "modes": modes},
+                            "dtype": "bf16", "attention": attention, "parallel": parallel, "modes": modes,
+                            "extra": {"uneven": ("flux", {"width": 80, "height": 80})} if parallel == "ulysses=2" else {}},
                            GPU_ATOL)

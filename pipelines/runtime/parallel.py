@@ -26,15 +26,21 @@ def launch() -> tuple[int, int, int]:
     return rank, int(os.environ.get("LOCAL_RANK", rank)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def process_device(parallel: str, device: str, model_id: str, context_parallel: bool) -> str:
+def process_device(parallel: str, device: str, model_id: str, kinds: tuple[str, ...]) -> str:
     """The device of this process for ``parallel`` (a normalised ``LoadOptions.parallel``), after checking that the
-    model can be sharded and that the world size is the product of the degrees. ``device`` is the resolved device
-    option: ``cuda`` becomes ``cuda:LOCAL_RANK``; an explicit ``cuda:N`` must be that one."""
-    if not context_parallel:
-        raise LoadOptionError(f"{model_id}'s denoiser has no context-parallel plan in diffusers; leave parallel "
-                              "'none' (docs list the models that take it).", {"parallel": parallel})
-    _, local_rank, world_size = launch()
+    model's denoiser can be sharded so (``kinds``: ``ModelSpec.context_parallel``) and that the world size is the
+    product of the degrees. ``device`` is the resolved device option: ``cuda`` becomes ``cuda:LOCAL_RANK``; an
+    explicit ``cuda:N`` must be that one."""
     degrees = parse_parallel(parallel)
+    if not kinds:
+        raise LoadOptionError(f"{model_id} cannot be sharded over processes (its denoiser has no diffusers "
+                              "context-parallel plan that runs here); leave parallel 'none' (README lists the models "
+                              "that take it).", {"parallel": parallel})
+    missing = [kind for kind in degrees if kind not in kinds]
+    if missing:
+        raise LoadOptionError(f"{model_id} shards with {' and '.join(kinds)} only, not {' and '.join(missing)}; use "
+                              f"parallel='{kinds[0]}=N'.", {"parallel": parallel})
+    _, local_rank, world_size = launch()
     if parallel_world_size(degrees) != world_size:
         raise LoadOptionError(
             f"parallel={parallel!r} shards over {parallel_world_size(degrees)} processes but this run has "
@@ -80,14 +86,17 @@ def _cpu_counts_as_one_device(device: str):
 
 def enable_context_parallel(denoisers: list, parallel: str, device: str) -> None:
     """Shard the attention of each of ``denoisers`` (MoE families: every expert) as ``parallel`` says, with the
-    model's own context-parallel plan (``_cp_plan``)."""
+    model's own context-parallel plan (``_cp_plan``), one ``ContextParallelConfig`` (and device mesh) each."""
     from diffusers import ContextParallelConfig
 
     degrees = parse_parallel(parallel)
     for denoiser in denoisers:
         if not getattr(denoiser, "_cp_plan", None):
             raise ValueError(f"{type(denoiser).__name__} has no context-parallel plan; leave parallel 'none'.")
-        config = ContextParallelConfig(ulysses_degree=degrees.get("ulysses", 1), ring_degree=degrees.get("ring", 1))
+        # Ulysses alone shards unevenly ("anything"), so that any token count runs (odd latent sizes, Qwen-Image's
+        # prompt-length text tokens); ring, alone or with Ulysses, needs token counts that divide by its degree
+        config = ContextParallelConfig(ulysses_degree=degrees.get("ulysses", 1), ring_degree=degrees.get("ring", 1),
+                                       ulysses_anything="ring" not in degrees)
         with _cpu_counts_as_one_device(device):
             denoiser.enable_parallelism(config=config)
 

@@ -108,12 +108,13 @@ def _render(pipeline, lora: str) -> dict:
     return images
 
 
-def _extra(model_id: str, call: dict, run: dict, **options):
+def _extra(model_id: str, call: dict, run: dict, device: str, parallel: str = "none"):
+    """The image of ``model_id`` (its tiny pipeline, no LoRA) with ``call``'s differences from ``CALL``."""
     from aitk_inference.pipelines import load_pipeline
     from aitk_inference.tiny import tiny_model_dir
 
-    pipeline = load_pipeline(model_id, base=tiny_model_dir(model_id), device=options.pop("device", run["device"]),
-                             dtype=run["dtype"], attention=run["attention"], **options)
+    pipeline = load_pipeline(model_id, base=tiny_model_dir(model_id), device=device, dtype=run["dtype"],
+                             attention=run["attention"], parallel=parallel)
     return pipeline.generate(PROMPT, **{**CALL, **call}).images
 
 
@@ -134,7 +135,7 @@ def _rank_main(rank: int, port: int, run: dict) -> None:
         arrays.update({f"{mode}_{name}": image for name, image in _render(pipeline, run["lora"]).items()})
     arrays["drawn_seed"] = np.array(pipeline.generate(PROMPT, **{**CALL, "seed": -1, "steps": 1}).seed)
     for name, (model_id, call) in run["extra"].items():
-        arrays[name] = _extra(model_id, call, run, parallel=run["parallel"])
+        arrays[name] = _extra(model_id, call, run, run["device"], run["parallel"])
     np.savez(os.path.join(run["out"], f"rank{rank}.npz"), **arrays)
     # the CLI: only rank 0 writes its file; it leaves the process group
     assert cli.main(["generate", "--model", "flux", "--base", run["folder"], "--device", run["device"], "--dtype",
@@ -177,7 +178,7 @@ def _two_ranks_against_one(run: dict, atol: float) -> dict:
                                  attention=run["attention"], **MODES[mode])
         reference.update({f"{mode}_{name}": image for name, image in _render(pipeline, run["lora"]).items()})
     for name, (model_id, call) in run["extra"].items():
-        reference[name] = _extra(model_id, call, run, device=device)
+        reference[name] = _extra(model_id, call, run, device)
     for process in ranks:
         process.join(timeout=240)
         assert process.exitcode == 0, f"rank exited with {process.exitcode}"

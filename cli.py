@@ -103,15 +103,19 @@ def cmd_models(args) -> int:
 def run_generate(pipeline, args, out: str) -> list[str]:
     from .pipelines.lora.stack import LoraRequest
     from .pipelines.media import write_image
+    from .pipelines.runtime.parallel import writes_outputs
 
     pipeline.set_loras([LoraRequest(path=p, strength=s) for p, s in (args.lora or [])])
     result = pipeline.generate(
         prompt=args.prompt, negative=args.neg, width=args.width, height=args.height, steps=args.steps,
         guidance=args.guidance, seed=args.seed, batch_size=args.batch_size, trigger_word=args.trigger,
-        control_images=args.ctrl_img or None, progress=None if args.quiet else _progress_bar(pipeline.spec.model_id),
+        control_images=args.ctrl_img or None,
+        progress=None if args.quiet or not writes_outputs() else _progress_bar(pipeline.spec.model_id),
         num_frames=getattr(args, "num_frames", None), fps=getattr(args, "fps", None),
         vae_tiling=getattr(args, "vae_tiling", False), **dict(getattr(args, "option", None) or []),
     )
+    if pipeline.parallel != "none" and not writes_outputs():
+        return []  # every rank computed the same result; rank 0 writes it
     if result.is_audio:
         paths = save_audio(result, out)
     elif result.is_video:
@@ -138,10 +142,14 @@ def cmd_generate(args) -> int:
     started = time.perf_counter()
     pipeline = load_pipeline(args.model, base=args.base, device=args.device, dtype=args.dtype, offload=args.offload,
                              lora_mode=args.lora_mode, compile=args.compile, attention=args.attention,
-                             quantize=args.quantize, components=args.components,
+                             quantize=args.quantize, parallel=args.parallel, components=args.components,
                              **{f"{c}_file": getattr(args, f"{c}_file") for c in FILE_COMPONENTS})
     print(f"loaded {args.model} from {pipeline.source} in {time.perf_counter() - started:.2f}s")
     run_generate(pipeline, args, args.out)
+    if pipeline.parallel != "none":
+        import torch.distributed
+
+        torch.distributed.destroy_process_group()
     return 0
 
 
@@ -320,6 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fp8: FP8 denoiser weights (torchao; CUDA GPU with compute capability 8.9+), less exact; "
                         "with --lora-mode fused the fast mode (LoRAs merged before quantizing, bf16 copy kept in "
                         "host RAM), with dynamic LoRAs run as adapters (least GPU memory); use --compile regional")
+    p.add_argument("--parallel", default="none", metavar="KIND=N",
+                   help="context parallelism of one generation over the processes torchrun starts: ulysses=N, ring=N "
+                        "or ulysses=N,ring=M (product = --nproc-per-node), e.g. torchrun --nproc-per-node 2 -m "
+                        "aitk_inference generate ... --parallel ulysses=2; ring needs --attention sdpa_cudnn, "
+                        "sdpa_flash, flash_attn or sage; rank 0 writes the output")
     p.add_argument("--lora", action="append", type=_lora_arg, metavar="FILE[:STRENGTH]", help="repeatable")
     p.add_argument("--prompt", required=True)
     p.add_argument("--neg", help="negative prompt (only used by families with real CFG)")

@@ -47,7 +47,8 @@ class Workload:
 
 
 # Full: 1024x1024 images (128x128 latents) and Wan 480p x 33 frames (9 x 60 x 104 latents) or x 81 frames (21 latent
-# frames: 32,760 tokens, the size of issue 9's Wan target).
+# frames: 32,760 tokens, the size of issue 9's Wan target), and Wan 720p x 81 frames (21 x 90 x 160 latents: 75,600
+# tokens, the context-parallel target).
 WORKLOADS = {
     "full": {
         "flux": Workload("1024x1024, 512 text tokens", 128, 128, 512),
@@ -56,6 +57,8 @@ WORKLOADS = {
         "wan21_14b": Workload("832x480 x 33 frames, 512 text tokens, CFG", 60, 104, 512, frames=9, forwards_per_step=2),
         "wan21_14b_81f": Workload("832x480 x 81 frames, 512 text tokens, CFG", 60, 104, 512, frames=21,
                                   forwards_per_step=2, architecture="wan21_14b"),
+        "wan21_14b_720p_81f": Workload("1280x720 x 81 frames, 512 text tokens, CFG", 90, 160, 512, frames=21,
+                                       forwards_per_step=2, architecture="wan21_14b"),
     },
     "tiny": {
         "flux": Workload("tiny 8x8 latents", 8, 8, 8),
@@ -64,6 +67,8 @@ WORKLOADS = {
         "wan21_14b": Workload("tiny 2x8x8 latents", 8, 8, 8, frames=2, forwards_per_step=2),
         "wan21_14b_81f": Workload("tiny 3x8x8 latents", 8, 8, 8, frames=3, forwards_per_step=2,
                                   architecture="wan21_14b"),
+        "wan21_14b_720p_81f": Workload("tiny 3x8x8 latents", 8, 8, 8, frames=3, forwards_per_step=2,
+                                       architecture="wan21_14b"),
     },
 }
 

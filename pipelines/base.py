@@ -9,6 +9,7 @@ interruption, and a typed result.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 import math
@@ -22,7 +23,7 @@ from typing import Any, Callable, Sequence
 
 from . import single_file
 from .component_files import check_component_files
-from .runtime import accelerate
+from .runtime import accelerate, parallel
 from .runtime.options import LoadOptionError, LoadOptions, compile_offload_conflict
 from .runtime.readahead import start_readahead
 from .registry import ModelSpec, get_spec
@@ -308,6 +309,8 @@ class AITKPipeline:
         self.compile_kwargs: dict = {}
         self.attention = "sdpa"
         self.quantize = "none"
+        #: the ``parallel`` load option this pipeline's denoisers are sharded with (``none``: one process)
+        self.parallel = "none"
         #: with ``offload="group"`` chosen by ``auto``: denoiser component -> bytes of its blocks kept on the GPU
         self.resident: dict[str, int] | None = None
         self.lock = threading.RLock()
@@ -325,6 +328,8 @@ class AITKPipeline:
         source, device, torch_dtype, offload = options.base, options.device, options.dtype, options.offload
         if cls.offload_refusal and offload not in ("none", "auto"):
             raise ValueError(f"{spec.model_id} {cls.offload_refusal}")
+        if options.parallel != "none":
+            parallel.init_process_group(device)
         started = time.perf_counter()
         start_readahead(source)
         overrides = accelerate.direct_load_options(device, offload)
@@ -363,6 +368,9 @@ class AITKPipeline:
         pipeline.set_attention_kernel(options.attention)
         if options.quantize == "fp8" and pipeline.quantize != "fp8":
             pipeline.quantize_fp8()
+        if options.parallel != "none":
+            parallel.enable_context_parallel(pipeline.denoisers(), options.parallel, device)
+            pipeline.parallel = options.parallel
         if options.compile != "none":
             pipeline.compile_denoiser(options.compile)
         return pipeline
@@ -521,9 +529,12 @@ class AITKPipeline:
             list[dict]: per LoRA, its layout, the number of modules matched, and its strength.
         """
         hooks = {"sequential": self._weights_unhooked, "group": self._group_offload_refreshed}
+        before_change = hooks.get(self.offload)
+        if self.parallel != "none":  # parallel goes with offload "none" only
+            before_change = functools.partial(parallel.context_parallel_reapplied, self.denoisers())
         with self.lock:
             checked = [self.check_lora(item) for item in loras]
-            return self.loras.set_checked(checked, before_change=hooks.get(self.offload))
+            return self.loras.set_checked(checked, before_change=before_change)
 
     @contextlib.contextmanager
     def _group_offload_refreshed(self):
@@ -793,6 +804,8 @@ class AITKPipeline:
 
         # 1. Validate and resolve parameters
         params = self.resolve_params(prompt, **kwargs)
+        if self.parallel != "none":
+            params = parallel.same_on_every_rank(params)  # one drawn seed for all ranks
         with self.lock:
             # 2. Build the call: noise comes from a freshly seeded CPU generator in the latent dtype (ai-toolkit), one
             # per image of a batch, so that image i is the image of seed + i alone
@@ -870,6 +883,7 @@ def load_pipeline(
     compile: str | None = None,
     attention: str | None = None,
     quantize: str | None = None,
+    parallel: str | None = None,
     components: str | None = None,
     text_encoder_file: str | None = None,
     text_encoder_2_file: str | None = None,
@@ -901,6 +915,10 @@ def load_pipeline(
             FP8 weights of a single-file base are upcast on load and re-quantized here. Goes with ``offload`` none or
             ``auto`` (which places the FP8 weights when they fit, quantized on the host first when the bf16 weights
             do not; FP8 blocks are not streamed).
+        parallel (str, *optional*): ``none`` (default), or context parallelism of each generation over the processes
+            ``torchrun`` starts: ``ulysses=N``, ``ring=N`` or ``ulysses=N,ring=M`` (the product the world size; see
+            ``runtime.parallel``). Every process calls this and then ``generate`` with the same arguments; write
+            outputs on rank 0 only (``runtime.parallel.writes_outputs``).
         components (str, *optional*): for a single-file ``base``, where the components the file lacks come from: a
             diffusers folder or a hub repo id; defaults to the model's base repo (from the hub cache).
         text_encoder_file, text_encoder_2_file, vae_file (str, *optional*): that component from a ``.safetensors``
@@ -910,7 +928,7 @@ def load_pipeline(
     """
     spec = get_spec(model_id)
     options = LoadOptions(base=base, device=device, dtype=dtype, offload=offload, lora_mode=lora_mode, compile=compile,
-                          attention=attention, quantize=quantize, components=components,
+                          attention=attention, quantize=quantize, parallel=parallel, components=components,
                           text_encoder_file=text_encoder_file, text_encoder_2_file=text_encoder_2_file,
                           vae_file=vae_file)
     return spec.family_class().from_spec(spec, options)

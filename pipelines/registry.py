@@ -541,6 +541,18 @@ class AceStepOptions:
 GUIDANCE_KINDS = ("distilled", "cfg", "true_cfg")
 #: how LoRAs are applied: live PEFT adapters or merged into the weights (see ``lora.stack``)
 LORA_MODES = ("dynamic", "fused")
+#: family module (``pipelines/families/<module>.py``) -> the kinds of context parallelism (the ``parallel`` load option)
+#: that shard its denoisers (every expert of a two-expert model) with their diffusers plan (``_cp_plan``), two ranks
+#: giving the one-process image on the tiny models. Qwen-Image splits its text tokens too, whose count follows the
+#: prompt: Ulysses runs it with uneven shards, ring needs even ones. Not ltx2: diffusers' plan fails on its split
+#: rotary embedding ("The size of tensor a (2) must match the size of tensor b (4)").
+CONTEXT_PARALLEL_FAMILIES = {
+    "flux": ("ulysses", "ring"),
+    "flex2": ("ulysses", "ring"),
+    "flux2": ("ulysses", "ring"),
+    "wan": ("ulysses", "ring"),
+    "qwen_image": ("ulysses",),
+}
 
 
 @dataclass(frozen=True)
@@ -620,6 +632,12 @@ class ModelSpec:
     @property
     def is_video(self) -> bool:
         return self.video is not None
+
+    @property
+    def context_parallel(self) -> tuple[str, ...]:
+        """The kinds of the ``parallel`` load option that can shard this model's denoiser (``CONTEXT_PARALLEL_FAMILIES``);
+        empty when none can."""
+        return CONTEXT_PARALLEL_FAMILIES.get(self.family.partition(":")[0], ())
 
     def negative_has_effect(self, guidance: float) -> bool:
         """Whether the negative prompt changes the output at ``guidance``: only real CFG runs an unconditional pass,

@@ -7,6 +7,7 @@ The nodes, the CLI and the server read their choice lists from here, so this mod
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -43,6 +44,17 @@ ATTENTION_KERNELS = {
 #: the attention kernels that run on any device; every other one needs CUDA
 PORTABLE_ATTENTION_KERNELS = ("sdpa", "sdpa_math")
 QUANTIZE_MODES = ("none", "fp8")
+#: the ways diffusers' context parallelism shards one generation's attention over processes: Ulysses (all-to-all of
+#: the heads) and ring (key/value blocks passed around; needs a kernel that returns the softmax's log-sum-exp)
+PARALLEL_KINDS = ("ulysses", "ring")
+#: attention kernel -> the context-parallel kinds diffusers runs it with; kernels not listed cannot run sharded
+CONTEXT_PARALLEL_ATTENTION = {
+    "sdpa": ("ulysses",),
+    "sdpa_cudnn": ("ulysses", "ring"),
+    "sdpa_flash": ("ulysses", "ring"),
+    "flash_attn": ("ulysses", "ring"),
+    "sage": ("ulysses", "ring"),
+}
 
 #: option -> (what its error message calls it, its valid values)
 CHOICES = {
@@ -73,6 +85,30 @@ def unknown_option(option: str, value) -> LoadOptionError:
     """The error for ``value`` outside ``option``'s choices, naming the valid ones."""
     label, choices = CHOICES[option]
     return LoadOptionError(f"Unknown {label} {value!r}; use one of {', '.join(choices)}.", {option: value}, choices)
+
+
+def parse_parallel(text: str) -> dict[str, int]:
+    """``"ulysses=2"``, ``"ring=2"`` or ``"ulysses=2,ring=2"`` as kind -> degree (``PARALLEL_KINDS`` order, degrees
+    above 1 only); ``"none"`` as an empty dict. Raises a :class:`LoadOptionError` for anything else."""
+    if text == "none":
+        return {}
+    degrees = {}
+    for part in str(text).split(","):
+        kind, separator, degree = part.strip().partition("=")
+        if not separator or kind not in PARALLEL_KINDS or kind in degrees or not degree.strip().isdigit():
+            raise LoadOptionError(f"parallel={text!r} is not understood; write KIND=N with KIND one of "
+                                  f"{', '.join(PARALLEL_KINDS)} (e.g. 'ulysses=2', 'ring=2' or 'ulysses=2,ring=2'), "
+                                  "or 'none'.", {"parallel": text})
+        degrees[kind] = int(degree)
+    if any(degree < 1 for degree in degrees.values()) or all(degree == 1 for degree in degrees.values()):
+        raise LoadOptionError(f"parallel={text!r} shards nothing: give a degree of 2 or more (the number of processes "
+                              "torchrun starts), or 'none'.", {"parallel": text})
+    return {kind: degrees[kind] for kind in PARALLEL_KINDS if degrees.get(kind, 1) > 1}
+
+
+def parallel_world_size(degrees: dict[str, int]) -> int:
+    """The number of processes ``degrees`` (from :func:`parse_parallel`) shard over: the product of the degrees."""
+    return math.prod(degrees.values())
 
 
 def attention_device_problem(kernel: str, device: str) -> str | None:
@@ -121,6 +157,11 @@ class LoadOptions:
             need CUDA.
         quantize (str, defaults to "none"): one of ``QUANTIZE_MODES``; ``fp8`` needs an FP8 GPU and offload
             ``none`` or ``auto``.
+        parallel (str, defaults to "none"): context parallelism of one generation over the processes ``torchrun``
+            starts: ``ulysses=N``, ``ring=N`` or ``ulysses=N,ring=M`` (their product the world size). Each process
+            holds the whole pipeline and runs the same call; the denoiser's attention is sharded along the sequence
+            (diffusers' ``enable_parallelism``). Needs a model whose denoiser has a context-parallel plan
+            (``ModelSpec.context_parallel``), offload ``none`` and a kernel of ``CONTEXT_PARALLEL_ATTENTION``.
         components (str, *optional*): when ``base`` is a single file, the diffusers folder or hub repo id the
             components it lacks come from; defaults to the model's base repo.
         text_encoder_file, text_encoder_2_file, vae_file (str, *optional*): that component from a single
@@ -137,6 +178,7 @@ class LoadOptions:
     compile: str = "none"
     attention: str = "sdpa"
     quantize: str = "none"
+    parallel: str = "none"
     components: str | None = None
     text_encoder_file: str | None = None
     text_encoder_2_file: str | None = None
@@ -164,6 +206,19 @@ class LoadOptions:
             raise LoadOptionError(conflict + ".", {"compile": self.compile, "offload": self.offload})
         if self.lora_mode is not None and self.lora_mode not in LORA_MODES:
             raise unknown_option("lora_mode", self.lora_mode)
+        degrees = parse_parallel(self.parallel)
+        if degrees:
+            object.__setattr__(self, "parallel", ",".join(f"{kind}={degree}" for kind, degree in degrees.items()))
+            missing = [kind for kind in degrees if kind not in CONTEXT_PARALLEL_ATTENTION.get(self.attention, ())]
+            if missing:
+                kernels = [k for k, kinds in CONTEXT_PARALLEL_ATTENTION.items() if all(m in kinds for m in missing)]
+                raise LoadOptionError(f"parallel={self.parallel!r}: attention={self.attention!r} cannot run "
+                                      f"{' and '.join(missing)} context parallelism; use attention "
+                                      f"{', '.join(kernels)}.", {"parallel": self.parallel, "attention": self.attention})
+            if self.offload != "none":
+                raise LoadOptionError(f"parallel={self.parallel!r} needs offload='none': every process holds the "
+                                      "whole pipeline on its own GPU (context parallelism divides the activations, "
+                                      "not the weights).", {"parallel": self.parallel, "offload": self.offload})
 
     def resolve(self, spec: ModelSpec) -> "LoadOptions":
         """These options with every default decided for ``spec``: the device, the torch dtype, the checkpoint
@@ -174,6 +229,10 @@ class LoadOptions:
         from .accelerate import resolve_device, resolve_dtype  # accelerate imports this module
 
         device = resolve_device(self.device)
+        if self.parallel != "none":
+            from .parallel import process_device
+
+            device = process_device(self.parallel, device, spec.model_id, spec.context_parallel)
         problem = attention_device_problem(self.attention, device)
         if problem:
             raise LoadOptionError(problem + ".", {"attention": self.attention, "device": device})
@@ -202,6 +261,8 @@ class LoadOptions:
         source = os.path.realpath(resolved.base) if self.base and os.path.exists(resolved.base) else resolved.base
         key = (model_id, source, resolved.device, str(resolved.dtype), resolved.offload, resolved.lora_mode,
                resolved.compile, resolved.attention, resolved.quantize)
+        if resolved.parallel != "none":
+            key = (*key, ("parallel", resolved.parallel))
         if resolved.components is not None:
             components = resolved.components
             key = (*key, os.path.realpath(components) if os.path.exists(components) else components)

@@ -117,10 +117,9 @@ def test_auto_offload_follows_the_memory_it_may_use(load_tiny, monkeypatch):
         load_tiny("flux", device="cuda", dtype="bf16", offload="auto")
 
 
-@pytest.mark.parametrize("lora_mode", ["fused", "dynamic"])
-def test_auto_offload_streams_only_the_blocks_that_do_not_fit(load_tiny, monkeypatch, tmp_path, lora_mode):
-    """Between "everything fits" and "nothing fits", auto keeps the denoiser's first blocks on the GPU and streams the
-    rest; images match the all-on-GPU run, with a LoRA too, and a LoRA change keeps the first blocks resident."""
+def _streaming_setup(load_tiny, monkeypatch, lora_mode):
+    """The tiny FLUX all on the GPU, its blocks' bytes in forward order and what else its transformer needs on the GPU
+    while streaming (the rest and two blocks in flight), with no room kept for activations."""
     from aitk_inference.pipelines.runtime import accelerate
 
     gen = {"prompt": "x", "width": 64, "height": 64, "steps": 2, "seed": 5}
@@ -129,6 +128,17 @@ def test_auto_offload_streams_only_the_blocks_that_do_not_fit(load_tiny, monkeyp
     blocks = [accelerate.module_bytes(block) for _, block in accelerate.blocks_in_order(transformer)]
     overhead = accelerate.module_bytes(transformer) - sum(blocks) + 2 * max(blocks)
     monkeypatch.setitem(accelerate.AUTO_OFFLOAD_RESERVE_GIB, "image", 0.0)
+    return gen, roomy, blocks, overhead
+
+
+@pytest.mark.parametrize("lora_mode", ["fused", "dynamic"])
+def test_auto_offload_streams_only_the_blocks_that_do_not_fit(load_tiny, monkeypatch, tmp_path, lora_mode):
+    """Between "everything fits" and "nothing fits", auto keeps the denoiser's first blocks on the GPU and streams the
+    rest; images match the all-on-GPU run, with a LoRA too, and a LoRA change keeps the first blocks resident."""
+    from aitk_inference.pipelines.runtime import accelerate
+
+    gen, roomy, blocks, overhead = _streaming_setup(load_tiny, monkeypatch, lora_mode)
+    transformer = roomy.pipe.transformer
     # the tiny transformer is not the largest component (whole-component offload would fit): ask for streaming,
     # which the CPU tests of choose_offload cover; the budget then decides how many blocks stay
     monkeypatch.setattr(accelerate, "choose_offload", lambda sizes, budget, reserve, whole_components=True: "group")
@@ -160,12 +170,8 @@ def test_regional_compile_with_auto_offload_compiles_the_resident_blocks(load_ti
     blocks again. Whole-component offload (``model``) compiles every block and matches too."""
     from aitk_inference.pipelines.runtime import accelerate
 
-    gen = {"prompt": "x", "width": 64, "height": 64, "steps": 2, "seed": 5}
-    roomy = load_tiny("flux", device="cuda", dtype="bf16", lora_mode=lora_mode)
+    gen, roomy, blocks, overhead = _streaming_setup(load_tiny, monkeypatch, lora_mode)
     transformer = roomy.pipe.transformer
-    blocks = [accelerate.module_bytes(block) for _, block in accelerate.blocks_in_order(transformer)]
-    overhead = accelerate.module_bytes(transformer) - sum(blocks) + 2 * max(blocks)
-    monkeypatch.setitem(accelerate.AUTO_OFFLOAD_RESERVE_GIB, "image", 0.0)
     monkeypatch.setattr(accelerate, "choose_offload", lambda sizes, budget, reserve, whole_components=True: "group")
 
     def capped(**options):  # room for the first block only, on top of what this process holds by then

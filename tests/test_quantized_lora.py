@@ -163,18 +163,23 @@ def test_fused_fp8_rows_give_torchaos_bytes(monkeypatch):
             assert torch.equal(scale.view(torch.int32), want.scale.view(torch.int32))
 
 
-def test_fp8_strength_changes_rebuild_with_the_fused_kernel_as_torchao_would(load_tiny, lora_files, monkeypatch):
-    """The FP8 fast mode's LoRA changes on the tiny FLUX: the fused rebuild writes, into the same storage, the bytes
-    torchao's quantize of the merged weights gives (the previous path, forced through a second pipeline)."""
+def _two_fp8_fused_flux(load_tiny) -> list:
+    """Two tiny FLUX pipelines in fused mode with their block Linears in FP8 (masters kept)."""
     from aitk_inference.pipelines.runtime.quantize import fp8_config, quantize_block_linears
 
-    quantize = _fp8_on_the_cpu(monkeypatch)
     pipelines = []
     for _ in range(2):
         pipeline = load_tiny("flux", lora_mode="fused", dtype="bf16")
         quantize_block_linears(pipeline.pipe.transformer, fp8_config(), keep_master=True)
         pipelines.append(pipeline)
-    fused, previous = pipelines
+    return pipelines
+
+
+def test_fp8_strength_changes_rebuild_with_the_fused_kernel_as_torchao_would(load_tiny, lora_files, monkeypatch):
+    """The FP8 fast mode's LoRA changes on the tiny FLUX: the fused rebuild writes, into the same storage, the bytes
+    torchao's quantize of the merged weights gives (the previous path, forced through a second pipeline)."""
+    quantize = _fp8_on_the_cpu(monkeypatch)
+    fused, previous = _two_fp8_fused_flux(load_tiny)
     layer = fused.pipe.transformer.transformer_blocks[0].attn.to_q
     storage = layer.weight.qdata.data_ptr(), layer.weight.scale.data_ptr()
     base = _fp8_bytes(fused.pipe.transformer)
@@ -199,15 +204,8 @@ def test_fp8_strength_changes_rebuild_with_the_fused_kernel_as_torchao_would(loa
 
 
 def test_a_fused_rebuild_that_differs_from_torchao_is_not_used(load_tiny, lora_files, monkeypatch, caplog):
-    from aitk_inference.pipelines.runtime.quantize import fp8_config, quantize_block_linears
-
     quantize = _fp8_on_the_cpu(monkeypatch)
-    pipelines = []
-    for _ in range(2):
-        pipeline = load_tiny("flux", lora_mode="fused", dtype="bf16")
-        quantize_block_linears(pipeline.pipe.transformer, fp8_config(), keep_master=True)
-        pipelines.append(pipeline)
-    wrong, reference = pipelines
+    wrong, reference = _two_fp8_fused_flux(load_tiny)
     real = quantize.fp8_rows_
 
     def off_by_one_scale(merged, dtype, qdata, scale):  # a kernel that rounds one scale differently

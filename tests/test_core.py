@@ -18,6 +18,8 @@ from aitk_inference.pipelines.lora.stack import LoraRequest
 from aitk_inference.pipelines.lora.convert import LoraFormatError
 from aitk_inference.tiny.loras import TRANSFORMER_LAYOUTS, lora_targets, make_state_dict, reference_deltas, write_lora
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SMALL = dict(width=64, height=64, steps=2, prompt="a photo of a cat")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

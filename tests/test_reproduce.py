@@ -8,6 +8,8 @@ import textwrap
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CONFIG = """\
 job: extension
 config:

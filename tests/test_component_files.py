@@ -14,6 +14,8 @@ from test_single_file import comfy_folders, offline_hub  # noqa: F401 (fixtures)
 
 from aitk_inference.pipelines import load_pipeline
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 # ------------------------------------------------------------------------------------- writers of published layouts
 def clip_file(text_encoder) -> dict:

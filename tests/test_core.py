@@ -18,6 +18,8 @@ from aitk_inference.pipelines.lora.stack import LoraRequest
 from aitk_inference.pipelines.lora.convert import LoraFormatError
 from aitk_inference.tiny.loras import TRANSFORMER_LAYOUTS, lora_targets, make_state_dict, reference_deltas, write_lora
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SMALL = dict(width=64, height=64, steps=2, prompt="a photo of a cat")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -257,6 +259,21 @@ def _cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "aitk_inference", *args], capture_output=True, text=True, env=env, cwd=cwd)
 
 
+def _cli_in_this_process(capsys, *args):
+    """``python -m aitk_inference ARGS`` through the function the module runs (``raise SystemExit(main())``), for the
+    checks that need no process of their own: a new one pays about 4 s importing torch and diffusers before it starts.
+    Returns (exit status, stdout, stderr)."""
+    from aitk_inference.cli import main
+
+    capsys.readouterr()
+    try:
+        status = main(list(args))
+    except SystemExit as exit:  # argparse's refusals
+        status = exit.code
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
 def test_cli_models_json():
     out = _cli("models", "--json")
     assert out.returncode == 0, out.stderr
@@ -264,7 +281,7 @@ def test_cli_models_json():
     assert ids["flux"]["steps"] == 25 and ids["flux"]["resolution_divisor"] == 16 and ids["flux_kontext"]["requires_control_image"]
 
 
-def test_cli_generate_writes_png_with_parameters(tiny_dir, flux_loras, tmp_path):
+def test_cli_generate_writes_png_with_parameters(tiny_dir, flux_loras, tmp_path, capsys):
     from PIL import Image
 
     out_file = tmp_path / "out.png"
@@ -277,8 +294,9 @@ def test_cli_generate_writes_png_with_parameters(tiny_dir, flux_loras, tmp_path)
         params = json.loads(image.text["parameters"])
         assert image.size == (64, 64)
     assert params["prompt"] == "sks dog" and params["loras"] == [{"name": "a.safetensors", "strength": 0.5}]
-    bad = _cli("generate", "--model", "nope", "--prompt", "x", "--out", str(tmp_path / "x.png"))
-    assert bad.returncode == 2 and "Unknown model id 'nope'" in bad.stderr
+    status, _, err = _cli_in_this_process(capsys, "generate", "--model", "nope", "--prompt", "x", "--out",
+                                          str(tmp_path / "x.png"))
+    assert status == 2 and "Unknown model id 'nope'" in err
 
 
 def test_cli_option_flags_become_generation_options(tmp_path):
@@ -292,12 +310,10 @@ def test_cli_option_flags_become_generation_options(tmp_path):
     assert bad.returncode == 2 and "expected NAME=VALUE" in bad.stderr
 
 
-def test_cli_demo_and_make_tiny(tmp_path):
-    demo = _cli("demo", "--out", str(tmp_path / "demo.png"), "--quiet")
-    assert demo.returncode == 0, demo.stderr
-    assert (tmp_path / "demo.png").is_file() and "demo done" in demo.stdout
-    made = _cli("make-tiny", "--model", "flux", "--out", str(tmp_path / "tiny_flux"))
-    assert made.returncode == 0, made.stderr
+def test_cli_make_tiny(tmp_path, capsys):
+    """(``demo --quiet`` runs in-process for every id in test_demo_all, and in a process of its own below.)"""
+    status, _, err = _cli_in_this_process(capsys, "make-tiny", "--model", "flux", "--out", str(tmp_path / "tiny_flux"))
+    assert status == 0, err
     assert (tmp_path / "tiny_flux" / "model_index.json").is_file()
     assert sorted(os.listdir(tmp_path / "tiny_flux" / "loras")) == sorted(f"tiny_{l}.safetensors" for l in TRANSFORMER_LAYOUTS)
 
@@ -307,6 +323,7 @@ def test_cli_demo_prints_no_warnings(tiny_cache, tmp_path):
     torchao whenever it is installed, and torchao's import logs about its optional kernels)."""
     demo = _cli("demo", "--out", str(tmp_path / "demo.png"))
     assert demo.returncode == 0, demo.stderr
+    assert (tmp_path / "demo.png").is_file()
     progress = re.compile(r"flux:\s+\d+%\|")
     stray = [line for line in re.split(r"[\r\n]+", demo.stderr) if line.strip() and not progress.match(line)]
     assert not stray, f"unexpected output on stderr: {stray}"
@@ -314,17 +331,19 @@ def test_cli_demo_prints_no_warnings(tiny_cache, tmp_path):
     assert [line.startswith(report) for line in demo.stdout.splitlines()] == [True] * 4, demo.stdout
 
 
-def test_cli_generate_selects_attention_and_quantize(tiny_dir, tmp_path):
-    out = _cli("generate", "--model", "flux", "--base", tiny_dir("flux"), "--device", "cpu", "--attention", "sdpa_math",
-               "--prompt", "a dog", "--width", "64", "--height", "64", "--steps", "2", "--out", str(tmp_path / "m.png"),
-               "--quiet")
-    assert out.returncode == 0, out.stderr
-    assert (tmp_path / "m.png").is_file() and "size 64x64" in out.stdout
+def test_cli_generate_selects_attention_and_quantize(tiny_dir, tmp_path, capsys):
+    status, out, err = _cli_in_this_process(
+        capsys, "generate", "--model", "flux", "--base", tiny_dir("flux"), "--device", "cpu", "--attention",
+        "sdpa_math", "--prompt", "a dog", "--width", "64", "--height", "64", "--steps", "2", "--out",
+        str(tmp_path / "m.png"), "--quiet")
+    assert status == 0, err
+    assert (tmp_path / "m.png").is_file() and "size 64x64" in out
     bad = _cli("generate", "--model", "flux", "--attention", "fast", "--prompt", "x", "--out", str(tmp_path / "x.png"))
     assert bad.returncode == 2 and "invalid choice: 'fast'" in bad.stderr and "sdpa_math" in bad.stderr
-    fp8 = _cli("generate", "--model", "flux", "--base", tiny_dir("flux"), "--device", "cpu", "--quantize", "fp8",
-               "--prompt", "x", "--out", str(tmp_path / "y.png"), "--quiet")
-    assert fp8.returncode == 2 and "FP8 needs a CUDA GPU" in fp8.stderr
+    status, _, err = _cli_in_this_process(capsys, "generate", "--model", "flux", "--base", tiny_dir("flux"), "--device",
+                                          "cpu", "--quantize", "fp8", "--prompt", "x", "--out", str(tmp_path / "y.png"),
+                                          "--quiet")
+    assert status == 2 and "FP8 needs a CUDA GPU" in err
     assert not (tmp_path / "y.png").exists()
 
 

@@ -6,6 +6,8 @@ import pytest
 
 from aitk_inference.pipelines.registry import REGISTRY
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.mark.parametrize("model_id", list(REGISTRY))
 def test_demo_runs_for_every_model(model_id, tiny_cache, tmp_path, capsys):

@@ -19,6 +19,8 @@ from aitk_inference.pipelines.lora.stack import LoraRequest, LoraStack
 from aitk_inference.pipelines.registry import REGISTRY
 from conftest import GOLDENS_DIR
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = os.path.join(GOLDENS_DIR, "ernie_image")
 # fp32. The tiny model's predictions and latents reach about 8 in magnitude, so summation-order differences scale with
 # them: absolute 1e-5 plus relative 1e-5 (the largest differences seen are 1e-6 on the transformer outputs and 7e-6 on

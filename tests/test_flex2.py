@@ -10,6 +10,8 @@ import pytest
 
 from conftest import GOLDENS_DIR
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SIZE = dict(width=64, height=64, steps=2)
 
 

@@ -10,6 +10,8 @@ import torch
 
 from conftest import GOLDENS_DIR
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 IDS = ["flux2", "flux2_klein_4b", "flux2_klein_9b", "chroma"]
 FAST = dict(width=64, height=64, steps=2, seed=3)
 

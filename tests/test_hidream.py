@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 FAST = dict(width=64, height=64, steps=2, seed=3)
 
 

@@ -25,6 +25,8 @@ from aitk_inference.pipelines.registry import REGISTRY
 from aitk_inference.tiny.ideogram4 import TRANSFORMER_CONFIG
 from conftest import GOLDENS_DIR
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = os.path.join(GOLDENS_DIR, "ideogram4")
 # fp32. Predictions and latents reach about 10 in magnitude, so summation-order differences scale with them:
 # absolute 1e-5 plus relative 1e-5.

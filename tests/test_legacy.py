@@ -21,6 +21,8 @@ from aitk_inference.pipelines.lora.stack import LoraRequest, LoraStack
 from aitk_inference.pipelines.registry import REGISTRY
 from conftest import GOLDENS_DIR
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = os.path.join(GOLDENS_DIR, "legacy")
 LEGACY_IDS = ("sd2", "ssd", "vega", "pixart", "pixart_sigma", "sd3", "auraflow")
 DDPM_IDS = ("sd2", "ssd", "vega", "pixart", "pixart_sigma")  # sd3/auraflow: test_parity.py SCHEDULER_GOLDEN

@@ -15,6 +15,8 @@ from aitk_inference.pipelines.runtime.options import LoadOptions
 from aitk_inference.tiny.loras import lora_targets, make_state_dict, save_lora, write_lora
 from aitk_inference.tiny.wan import original_wan_state_dict
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 FLUX_RUN = dict(prompt="a photo of a cat", width=64, height=64, steps=2, seed=7)
 
 

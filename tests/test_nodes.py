@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
 

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 FAST = dict(width=64, height=64, steps=2, seed=5)
 
 # Parameter names of the published OmniGen2/OmniGen2 transformer (from VectorSpaceLab/OmniGen2's

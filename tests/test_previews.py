@@ -15,6 +15,8 @@ from aitk_inference.nodes import core, previews
 from aitk_inference.pipelines.families.pixel_space import unpatchify_pixels, unpatchify_pixels_channels_last
 from aitk_inference.pipelines.registry import get_spec, model_ids
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 class PreviewMethod(enum.Enum):  # the values of ComfyUI's LatentPreviewMethod
     none = "none"

@@ -12,6 +12,8 @@ import torch
 
 from aitk_inference.tiny.loras import lora_targets, write_lora
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 torchao = pytest.importorskip("torchao", reason="quantized-weight LoRA tests need torchao (in requirements-ci.txt; "
                                                  "pip install torchao)")
 

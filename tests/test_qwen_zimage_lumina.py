@@ -9,6 +9,8 @@ import torch
 
 from conftest import GOLDENS_DIR
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 FAST = dict(width=64, height=64, steps=2, seed=3)
 
 

@@ -36,6 +36,8 @@ from aitk_inference.pipelines.runtime.options import LoadOptions
 from aitk_inference.tiny.loras import lora_targets, make_state_dict, save_lora, write_lora
 from test_server import RunningServer, error_code, submit, wait_for
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 RUN = dict(prompt="a photo of a cat", width=64, height=64, steps=2, seed=7)
 
 

@@ -19,6 +19,8 @@ from datetime import datetime
 import httpx
 import pytest
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 FINISHED = ("succeeded", "failed", "canceled")
 LONG_STEPS = 150
 

@@ -16,6 +16,8 @@ from aitk_inference.pipelines import load_pipeline
 from aitk_inference.pipelines.single_file import (ComponentsUnavailableError, convert_flux1_transformer,
                                                   is_single_file_source)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 FP8 = torch.float8_e4m3fn
 
 

@@ -20,6 +20,8 @@ from aitk_inference.tiny.wan import original_wan_state_dict
 
 from conftest import GOLDENS_DIR
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SIZE, FRAMES, STEPS = 64, 5, 2
 WAN_IDS = ("wan21_1b", "wan21_14b", "wan21_i2v_14b", "wan21_i2v_14b480p", "wan22_14b_t2v", "wan22_14b_i2v", "wan22_5b")
 # ai-toolkit facts restated independently of the registry: (shift, divisor, frames, fps, control images)

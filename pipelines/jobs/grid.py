@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from ..lora import check_strength
 from .config import JobCheckpoint, SampleSpec, TrainingJob, find_previews, job_checkpoints, read_job
-from .reproduce import (AudioDifference, ImageDifference, checkpoint_loras, compare_images, job_base, job_side_loras,
+from .reproduce import (Difference, checkpoint_loras, compare_images, job_base, job_side_loras,
                         read_frames, render_sample)
 
 #: the LoRA mode the grid loads its pipeline with (see the module docstring)
@@ -87,7 +87,7 @@ def select_samples(samples: list[SampleSpec], text: str = "") -> list[SampleSpec
     return [samples[index] for index in dict.fromkeys(wanted)]
 
 
-def difference_lines(compare: ImageDifference | AudioDifference) -> list[str]:
+def difference_lines(compare: Difference) -> list[str]:
     """The distance as ``reproduce`` prints it, in two lines (a grid cell is narrow)."""
     return [f"max {compare.max_abs} mean {compare.mean_abs:.3f} {compare.unit}", f"PSNR {compare.psnr:.2f} dB"]
 
@@ -103,7 +103,7 @@ class GridCell:
     index: int
     ours: Any
     theirs: Any = None
-    compare: ImageDifference | None = None
+    compare: Difference | None = None
     ours_box: tuple[int, int, int, int] = (0, 0, 0, 0)
     theirs_box: tuple[int, int, int, int] | None = None
 

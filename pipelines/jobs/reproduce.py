@@ -16,7 +16,6 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 from .config import find_previews, lora_step, newest_lora, read_job, resolve_job_path, with_expert_sibling
 
@@ -45,24 +44,14 @@ def job_side_loras(training, spec) -> list:
 
 
 @dataclass(frozen=True)
-class ImageDifference:
-    """Two uint8 RGB images compared in 8-bit levels."""
+class Difference:
+    """Two images (8-bit levels) or waveforms (16-bit levels, 1/32768 of full scale) compared: max and mean absolute
+    difference in ``unit`` and PSNR (dB, full scale)."""
 
-    unit: ClassVar[str] = "levels"
     max_abs: int
     mean_abs: float
     psnr: float
-
-
-@dataclass(frozen=True)
-class AudioDifference:
-    """Two waveforms compared in 16-bit levels (1/32768 of full scale): max and mean absolute difference and PSNR
-    (dB, full scale)."""
-
-    unit: ClassVar[str] = "16-bit levels"
-    max_abs: int
-    mean_abs: float
-    psnr: float
+    unit: str = "levels"
 
 
 @dataclass(frozen=True)
@@ -80,8 +69,8 @@ class ReproducedSample:
     guidance: float
     network_multiplier: float
     preview: str | None = None
-    compare: ImageDifference | AudioDifference | None = None
-    frame_compare: tuple[ImageDifference, ...] = ()
+    compare: Difference | None = None
+    frame_compare: tuple[Difference, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -108,14 +97,18 @@ class ReproduceReport:
         return 60.0 * len(self.samples) / self.render_seconds if self.render_seconds else 0.0
 
 
-def compare_images(ours, theirs) -> ImageDifference:
-    """Difference of two uint8 RGB arrays in 8-bit levels: max and mean absolute difference and PSNR (dB)."""
+def _difference(ours, theirs, full_scale: float, unit: str) -> Difference:
     import numpy as np
 
-    diff = np.abs(ours.astype(np.int16) - theirs.astype(np.int16))
+    diff = np.abs(ours.astype(np.int64) - theirs.astype(np.int64))
     mse = float(np.mean(diff.astype(np.float64) ** 2))
-    return ImageDifference(max_abs=int(diff.max()), mean_abs=float(diff.mean()),
-                           psnr=math.inf if mse == 0.0 else 10.0 * math.log10(255.0 ** 2 / mse))
+    return Difference(max_abs=int(diff.max()), mean_abs=float(diff.mean()),
+                      psnr=math.inf if mse == 0.0 else 10.0 * math.log10(full_scale ** 2 / mse), unit=unit)
+
+
+def compare_images(ours, theirs) -> Difference:
+    """Difference of two uint8 RGB arrays in 8-bit levels: max and mean absolute difference and PSNR (dB)."""
+    return _difference(ours, theirs, 255.0, "levels")
 
 
 def read_frames(path: str) -> list:
@@ -144,14 +137,9 @@ def read_audio(path: str):
     return np.rint(np.concatenate(chunks, axis=-1).astype(np.float64) * 32768.0).astype(np.int32)
 
 
-def compare_audio(ours, theirs) -> AudioDifference:
+def compare_audio(ours, theirs) -> Difference:
     """Difference of two ``[channels, samples]`` waveforms in 16-bit levels (:func:`read_audio`)."""
-    import numpy as np
-
-    diff = np.abs(ours.astype(np.int64) - theirs.astype(np.int64))
-    mse = float(np.mean(diff.astype(np.float64) ** 2))
-    return AudioDifference(max_abs=int(diff.max()), mean_abs=float(diff.mean()),
-                           psnr=math.inf if mse == 0.0 else 10.0 * math.log10(32768.0 ** 2 / mse))
+    return _difference(ours, theirs, 32768.0, "16-bit levels")
 
 
 def write_audio_preview(audio, path_stem: str, preview: str | None, sample_rate: int) -> str:

@@ -348,14 +348,14 @@ class AITKPipeline:
         pipe.set_progress_bar_config(disable=True)
         pipeline = cls(spec, pipe, device, torch_dtype, offload, options.lora_mode, source)
         if offload == "auto":
-            offload, resident = cls.choose_offload(spec, pipe, device, "none")
+            offload, resident = cls.choose_offload(spec, pipe, device)
             if options.quantize == "fp8" and offload != "none":
                 # the weights do not all fit as they are: quantize them where they are (each layer computed on the
-                # GPU), so that auto measures and places FP8 blocks
+                # GPU), then measure the FP8 bytes; they are placed whole or not at all (FP8 blocks do not stream)
                 pipeline.quantize_fp8()
-                offload, resident = cls.choose_offload(spec, pipe, device, "fp8")
-                if offload != "none":
+                if cls.choose_offload(spec, pipe, device)[0] != "none":
                     raise LoadOptionError(fp8_does_not_fit(spec, pipe, device), {"quantize": "fp8", "offload": "auto"})
+                offload, resident = "none", None
             pipeline.offload, pipeline.resident = offload, resident
             conflict = compile_offload_conflict(options.compile, offload)
             if conflict:
@@ -376,20 +376,18 @@ class AITKPipeline:
         return pipeline
 
     @classmethod
-    def choose_offload(cls, spec: ModelSpec, pipe, device: str, quantize: str) -> tuple[str, dict | None]:
+    def choose_offload(cls, spec: ModelSpec, pipe, device: str) -> tuple[str, dict | None]:
         """What ``offload="auto"`` becomes for ``pipe`` (loaded on the CPU) on ``device``: the fastest placement that
         fits the GPU memory this process may use (``accelerate.choose_offload``), keeping room for a video's or an
         image's activations, and, when that is ``group``, how many bytes of each denoiser's blocks stay on the GPU
         (``accelerate.resident_block_budget``; the rest stream through). ``none`` for a family that cannot offload
-        (``offload_refusal``). With ``quantize="fp8"`` (``pipe``'s denoiser blocks already quantized, so measured in
-        FP8 bytes) whole-component offloading is not used; anything but ``none`` is then refused by the caller
-        (:func:`fp8_does_not_fit`)."""
+        (``offload_refusal``). Block Linears already in FP8 count their FP8 bytes."""
         if cls.offload_refusal:
             return "none", None
         sizes = accelerate.component_bytes(pipe)
         budget = accelerate.gpu_memory_budget(device)
         reserve = int(accelerate.AUTO_OFFLOAD_RESERVE_GIB["video" if spec.video else "image"] * 2**30)
-        offload = accelerate.choose_offload(sizes, budget, reserve, whole_components=quantize != "fp8")
+        offload = accelerate.choose_offload(sizes, budget, reserve)
         resident = None
         if offload == "group":
             names = spec.experts.components if spec.experts else (cls.denoiser,)

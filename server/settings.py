@@ -89,8 +89,8 @@ class Settings:
             ``pipelines.runtime.options.ATTENTION_KERNELS``; sdpa is diffusers' default, the others force one
             kernel) and ``AITK_QUANTIZE`` (none, fp8: FP8 denoiser weights on a CUDA GPU with compute capability
             8.9+, torchao; with ``AITK_LORA_MODE=fused`` LoRAs are merged before quantizing (the fast mode),
-            otherwise they run as live adapters; ``OFFLOAD_MODE`` none or auto, which streams the FP8 blocks that
-            do not fit). ``bases`` sets ``base`` per model.
+            otherwise they run as live adapters; ``OFFLOAD_MODE`` none or auto, which places the FP8 weights whole
+            when they fit and refuses a GPU they do not fit). ``bases`` sets ``base`` per model.
         vae_tiling (bool, defaults to False): ``AITK_VAE_TILING`` (1/true): decode in tiles, far less memory for large
             videos at some speed.
         workflows_base_path (str, defaults to /app/ai-toolkit/lora_weights): ``WORKFLOWS_BASE_PATH``; local

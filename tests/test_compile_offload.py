@@ -55,7 +55,7 @@ def test_regional_compile_follows_the_resident_blocks_through_lora_changes(load_
     transformer = pipes("flux").pipe.transformer
     first = accelerate.module_bytes(accelerate.blocks_in_order(transformer)[0][1])
     monkeypatch.setattr(accelerate, "gpu_memory_budget", lambda device: 2**30)
-    monkeypatch.setattr(accelerate, "choose_offload", lambda sizes, budget, reserve, whole_components=True: "group")
+    monkeypatch.setattr(accelerate, "choose_offload", lambda sizes, budget, reserve: "group")
     monkeypatch.setattr(accelerate, "resident_block_budget", lambda denoisers, budget, reserve: {"transformer": first})
     pipeline = load_tiny("flux", offload="auto", lora_mode="dynamic")
     assert pipeline.offload == "group" and pipeline.resident == {"transformer": first}
@@ -85,7 +85,7 @@ def test_full_compile_with_offload_is_refused_up_front(offload):
 
 def test_full_compile_refuses_what_auto_chose_before_placing(load_tiny, monkeypatch):
     monkeypatch.setattr(accelerate, "gpu_memory_budget", lambda device: 2**30)
-    monkeypatch.setattr(accelerate, "choose_offload", lambda sizes, budget, reserve, whole_components=True: "model")
+    monkeypatch.setattr(accelerate, "choose_offload", lambda sizes, budget, reserve: "model")
     monkeypatch.setattr(accelerate, "place", lambda *args: pytest.fail("placed before refusing"))
     with pytest.raises(LoadOptionError, match="offload='auto' chose 'model'.*use compile='regional'"):
         load_tiny("flux", offload="auto", compile="full")

@@ -141,7 +141,7 @@ def test_auto_offload_streams_only_the_blocks_that_do_not_fit(load_tiny, monkeyp
     transformer = roomy.pipe.transformer
     # the tiny transformer is not the largest component (whole-component offload would fit): ask for streaming,
     # which the CPU tests of choose_offload cover; the budget then decides how many blocks stay
-    monkeypatch.setattr(accelerate, "choose_offload", lambda sizes, budget, reserve, whole_components=True: "group")
+    monkeypatch.setattr(accelerate, "choose_offload", lambda sizes, budget, reserve: "group")
     budget = overhead + sum(blocks[: len(blocks) // 2])
     monkeypatch.setenv("AITK_MAX_GPU_MEMORY_GIB", str((torch.cuda.memory_reserved() + budget) / 2**30))
     partial = load_tiny("flux", device="cuda", dtype="bf16", offload="auto", lora_mode=lora_mode)
@@ -172,7 +172,7 @@ def test_regional_compile_with_auto_offload_compiles_the_resident_blocks(load_ti
 
     gen, roomy, blocks, overhead = _streaming_setup(load_tiny, monkeypatch, lora_mode)
     transformer = roomy.pipe.transformer
-    monkeypatch.setattr(accelerate, "choose_offload", lambda sizes, budget, reserve, whole_components=True: "group")
+    monkeypatch.setattr(accelerate, "choose_offload", lambda sizes, budget, reserve: "group")
 
     def capped(**options):  # room for the first block only, on top of what this process holds by then
         room = torch.cuda.memory_reserved() + overhead + blocks[0]

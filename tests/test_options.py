@@ -157,9 +157,6 @@ def test_auto_offload_picks_the_fastest_placement_that_fits():
     assert choose_offload(sizes, budget=30 * gib, reserve=reserve) == "model"  # 27 GiB fits, 36.25 does not
     assert choose_offload(sizes, budget=24 * gib, reserve=reserve) == "group"  # the transformer alone does not fit
     assert choose_offload(sizes, budget=0, reserve=reserve) == "group"
-    # FP8 weights are never moved whole: streaming keeps the first FP8 blocks resident instead
-    assert choose_offload(sizes, budget=30 * gib, reserve=reserve, whole_components=False) == "group"
-    assert choose_offload(sizes, budget=80 * gib, reserve=reserve, whole_components=False) == "none"
 
 
 def test_auto_offload_on_the_cpu_keeps_everything_in_place_and_fp8_accepts_it(load_tiny):
@@ -177,7 +174,7 @@ def test_a_family_that_cannot_offload_takes_auto_and_refuses_the_rest():
     from aitk_inference.pipelines.base import AITKPipeline
 
     assert AITKPipeline.offload_refusal is None
-    assert get_spec("anima").family_class().choose_offload(get_spec("anima"), None, "cuda", "none") == ("none", None)
+    assert get_spec("anima").family_class().choose_offload(get_spec("anima"), None, "cuda") == ("none", None)
     with pytest.raises(ValueError, match="anima runs on diffusers' modular pipeline, which has no CPU offloading"):
         load_pipeline("anima", base="unused", device="cpu", offload="group")
 

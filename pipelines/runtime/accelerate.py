@@ -179,13 +179,13 @@ def remove_group_offloading(module) -> None:
         registry.remove_hook(name, recurse=True)
 
 
-def choose_offload(sizes: dict[str, int], budget: int | None, reserve: int, whole_components: bool = True) -> str:
+def choose_offload(sizes: dict[str, int], budget: int | None, reserve: int) -> str:
     """The fastest placement whose GPU-resident weights plus ``reserve`` fit ``budget`` bytes: ``none`` (all on the
-    GPU), ``model`` (one component at a time, whole; only with ``whole_components``), else ``group`` (layer by layer,
-    transfers overlapped). No budget (not a CUDA device) means ``none``."""
+    GPU), ``model`` (one component at a time, whole), else ``group`` (layer by layer, transfers overlapped). No
+    budget (not a CUDA device) means ``none``."""
     if budget is None or sum(sizes.values()) + reserve <= budget:
         return "none"
-    if whole_components and max(sizes.values(), default=0) + reserve <= budget:
+    if max(sizes.values(), default=0) + reserve <= budget:
         return "model"
     return "group"
 
@@ -303,6 +303,7 @@ def compile_resident_blocks(denoiser, **compile_kwargs) -> tuple[int, int]:
                 block.compile(fullgraph=True, **compile_kwargs)
             compiled += 1
     return compiled, streamed
+
 
 # ---------------------------------------------------------------------------------------------------------------- attention
 def set_attention_kernel(denoisers: list, kernel: str, device: str, model_id: str) -> None:

@@ -18,9 +18,8 @@ norms and the output projection stay in the model dtype. LoRAs go with FP8 weigh
   and full-layer patches, which must be merged, are refused in this mode.
 
 With ``offload="auto"``, weights that do not fit the GPU in the model dtype are quantized on the host first (each
-layer computed on the GPU) and placed as FP8 blocks: all on the GPU when they fit, else streamed block by block with
-the first ones resident (``runtime.accelerate``); fused LoRA changes rebuild a streamed layer on the GPU and write it
-into its pinned host copy.
+layer computed on the GPU) and placed whole when their FP8 bytes fit; FP8 blocks are not streamed (diffusers' group
+offloading cannot move torchao's FP8 tensors), so a GPU they do not fit is refused (``base.fp8_does_not_fit``).
 
 Eager, torchao's per-activation quantization kernels are slow (a FLUX forward with adapters was 2.26x slower than
 bf16 on an H100); use ``compile="regional"`` with FP8.
@@ -61,7 +60,7 @@ def fp8_option_conflict(offload: str) -> str | None:
     """Why FP8 weights cannot go with these load options, or None."""
     if offload not in ("none", "auto"):
         return (f"quantize='fp8' cannot be combined with offload={offload!r}; use offload='none', or 'auto', which "
-                "streams the FP8 blocks that do not fit the GPU (keeping the first ones resident)")
+                "quantizes on the host when the bf16 weights do not fit the GPU and places the FP8 weights whole")
     return None
 
 
@@ -289,14 +288,7 @@ def _fused_rebuild_(module, merged, dtype) -> bool:
         return True
     if not _FUSED_CHECKED[key]:
         return False
-    if weight.qdata.device == merged.device:
-        rebuild(merged, dtype, weight.qdata, weight.scale)
-    else:  # an offloaded layer: computed on the GPU, written into its host copy
-        qdata = torch.empty_like(weight.qdata, device=merged.device)
-        scale = torch.empty_like(weight.scale, device=merged.device)
-        rebuild(merged, dtype, qdata, scale)
-        weight.qdata.copy_(qdata)
-        weight.scale.copy_(scale)
+    rebuild(merged, dtype, weight.qdata, weight.scale)
     return True
 
 

@@ -163,7 +163,7 @@ class LTX2FamilyPipeline(AITKPipeline):
         if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 1 <= rate <= 120):
             raise ValueError(f"`frame_rate` must be a number in 1..120 (frames per second), got {rate!r}; leave it "
                              "unset to condition on the requested fps.")
-        resolution = params.extra.get("resolution", self.spec.options.resolution)
+        resolution = self.resolution(params)
         if resolution not in LTX2_RESOLUTION_MODES:
             raise ValueError(f"`resolution` must be one of {', '.join(LTX2_RESOLUTION_MODES)}, got {resolution!r}.")
         if resolution != HIGH:
@@ -178,8 +178,12 @@ class LTX2FamilyPipeline(AITKPipeline):
                              f"{self.spec.divisor}: give width and height as multiples of {step} (got "
                              f"{params.width}x{params.height}).")
 
+    def resolution(self, params: GenerationParams) -> str:
+        """The ``resolution`` option of this call, else the id's default."""
+        return params.extra.get("resolution", self.spec.options.resolution)
+
     def is_high_resolution(self, params: GenerationParams) -> bool:
-        return params.extra.get("resolution", self.spec.options.resolution) == HIGH
+        return self.resolution(params) == HIGH
 
     def job_options(self, model_config: dict) -> dict:
         """ai-toolkit's previews are conditioned on ``preview_frame_rate`` whatever the job's ``fps``."""
@@ -187,7 +191,7 @@ class LTX2FamilyPipeline(AITKPipeline):
 
     def conditioning_frame_rate(self, params: GenerationParams) -> float:
         """The rate the model is conditioned on: the ``frame_rate`` option, else the requested fps."""
-        rate = {**self.spec.options.defaults(), **params.extra}["frame_rate"]
+        rate = params.extra.get("frame_rate", self.spec.options.frame_rate)
         return float(params.fps if rate is None else rate)
 
     def pipeline_kwargs(self, params: GenerationParams) -> dict:

@@ -511,12 +511,14 @@ def test_restart_keeps_results_and_requeues_unfinished(server, server_env, tiny_
 
 
 def test_timeout_stops_a_request_between_steps(tmp_path, server_env, tiny_flux):
-    """INFERENCE_TIMEOUT=1: a 150-step request is stopped between two steps, well before its end. (The SIGKILL
-    crash/restart test is in test_redteam.py.)"""
+    """INFERENCE_TIMEOUT=1: a request of 8 x 150 steps is stopped between two steps, well before its end (one
+    150-step prompt of the tiny model can finish within the second on a quiet machine). (The SIGKILL crash/restart
+    test is in test_redteam.py.)"""
     env = {**server_env, "OUTPUT_BASE_PATH": str(tmp_path / "out"), "INFERENCE_TIMEOUT": "1"}
     again = RunningServer(env, [f"flux={tiny_flux[0]}"])
+    prompt = {"prompt": "a photo of [trigger]", "width": 64, "height": 64, "sample_steps": LONG_STEPS, "seed": 7}
     try:
-        slow = submit(again.client, steps=LONG_STEPS)
+        slow = submit(again.client, prompts=[prompt] * 8)
         status = wait_for(again.client, slow["request_id"], timeout=30)
         assert status["status"] == "failed" and status["error"].startswith("Timed out after INFERENCE_TIMEOUT=1 s"), status
     finally:

@@ -2,8 +2,8 @@
 (``torch.cuda.set_per_process_memory_fraction``), against the uncapped run in the same process: which placement auto
 chose (and how much of the transformer's blocks it kept on the GPU), the time of a 1024x1024 image with a fused rank-16 LoRA, its peak memory. Full-size random weights (the
 benchmark's FLUX folder, written once). ``--fp8-caps`` adds runs with ``quantize="fp8"`` (FP8 block weights,
-quantized on the host when the bf16 weights do not fit; a cap the FP8 weights do not fit records the refusal as its error), timed against the first bf16 run and against the
-uncapped FP8 run; ``--compile regional`` compiles every run (the resident blocks; streamed ones run eager: see
+quantized on the host when the bf16 weights do not fit, their first blocks kept and the rest streamed when the FP8
+weights do not fit either), timed against the first bf16 run and against the uncapped FP8 run; ``--compile regional`` compiles every run (the resident blocks; streamed ones run eager: see
 BENCHMARKS.md, "compile with streamed blocks"). GPU only:
 
     python3 -m aitk_inference.benchmarks.memory_caps --caps 0 24 12 --fp8-caps 0 24 12 --steps 4 --out DIR  # 0 = uncapped

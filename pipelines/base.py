@@ -250,19 +250,6 @@ class LatentLayout:
 
 
 # ---------------------------------------------------------------------------------------------------------------- base
-def fp8_does_not_fit(spec: ModelSpec, pipe, device: str) -> str:
-    """Why ``quantize="fp8"`` with ``offload="auto"`` cannot place ``pipe`` (its denoiser blocks already in FP8): the
-    FP8 weights and the activations' room exceed the GPU memory this process may use, and FP8 blocks are not streamed
-    (diffusers' group offloading cannot move torchao's FP8 tensors between host and GPU: measured on an H100)."""
-    weights = sum(accelerate.component_bytes(pipe).values()) / 2**30
-    reserve = accelerate.AUTO_OFFLOAD_RESERVE_GIB["video" if spec.video else "image"]
-    budget = (accelerate.gpu_memory_budget(device) or 0) / 2**30
-    return (f"quantize='fp8' with offload='auto': {spec.model_id}'s weights in FP8 ({weights:.1f} GiB) plus {reserve:.0f} "
-            f"GiB for activations do not fit the {budget:.1f} GiB of GPU memory this process may use, and FP8 weights "
-            "cannot be streamed from the CPU yet; use quantize='none' with offload='auto' (streams bf16 blocks), or free "
-            "GPU memory.")
-
-
 class AITKPipeline:
     """A loaded model id: the diffusers pipeline, its LoRA stack and ai-toolkit's sampling behaviour.
 
@@ -351,11 +338,9 @@ class AITKPipeline:
             offload, resident = cls.choose_offload(spec, pipe, device)
             if options.quantize == "fp8" and offload != "none":
                 # the weights do not all fit as they are: quantize them where they are (each layer computed on the
-                # GPU), then measure the FP8 bytes; they are placed whole or not at all (FP8 blocks do not stream)
+                # GPU), then plan again with the FP8 bytes
                 pipeline.quantize_fp8()
-                if cls.choose_offload(spec, pipe, device)[0] != "none":
-                    raise LoadOptionError(fp8_does_not_fit(spec, pipe, device), {"quantize": "fp8", "offload": "auto"})
-                offload, resident = "none", None
+                offload, resident = cls.choose_offload(spec, pipe, device, whole_components=False)
             pipeline.offload, pipeline.resident = offload, resident
             conflict = compile_offload_conflict(options.compile, offload)
             if conflict:
@@ -376,18 +361,22 @@ class AITKPipeline:
         return pipeline
 
     @classmethod
-    def choose_offload(cls, spec: ModelSpec, pipe, device: str) -> tuple[str, dict | None]:
+    def choose_offload(cls, spec: ModelSpec, pipe, device: str,
+                       whole_components: bool = True) -> tuple[str, dict | None]:
         """What ``offload="auto"`` becomes for ``pipe`` (loaded on the CPU) on ``device``: the fastest placement that
         fits the GPU memory this process may use (``accelerate.choose_offload``), keeping room for a video's or an
         image's activations, and, when that is ``group``, how many bytes of each denoiser's blocks stay on the GPU
         (``accelerate.resident_block_budget``; the rest stream through). ``none`` for a family that cannot offload
-        (``offload_refusal``). Block Linears already in FP8 count their FP8 bytes."""
+        (``offload_refusal``). Block Linears already in FP8 count their FP8 bytes; ``whole_components=False`` (FP8
+        weights, which are streamed as plain tensors but were never measured moving whole) makes ``model`` ``group``."""
         if cls.offload_refusal:
             return "none", None
         sizes = accelerate.component_bytes(pipe)
         budget = accelerate.gpu_memory_budget(device)
         reserve = int(accelerate.AUTO_OFFLOAD_RESERVE_GIB["video" if spec.video else "image"] * 2**30)
         offload = accelerate.choose_offload(sizes, budget, reserve)
+        if offload == "model" and not whole_components:
+            offload = "group"
         resident = None
         if offload == "group":
             names = spec.experts.components if spec.experts else (cls.denoiser,)
@@ -911,8 +900,8 @@ def load_pipeline(
             With ``lora_mode="fused"`` LoRAs are merged before quantizing (the fast mode; keeps a bf16 host copy of
             the quantized weights); with ``dynamic`` they run as adapters (about half the transformer's GPU memory).
             FP8 weights of a single-file base are upcast on load and re-quantized here. Goes with ``offload`` none or
-            ``auto`` (which places the FP8 weights when they fit, quantized on the host first when the bf16 weights
-            do not; FP8 blocks are not streamed).
+            ``auto`` (when the bf16 weights do not fit, quantized on the host first, then placed whole when the FP8
+            weights fit, else the first blocks kept on the GPU and the rest streamed).
         parallel (str, *optional*): ``none`` (default), or context parallelism of each generation over the processes
             ``torchrun`` starts: ``ulysses=N``, ``ring=N`` or ``ulysses=N,ring=M`` (the product the world size; see
             ``runtime.parallel``). Every process calls this and then ``generate`` with the same arguments; write

@@ -298,13 +298,15 @@ def test_fp8_fused_rebuild_gives_torchaos_bytes_on_the_gpu(load_tiny, tmp_path, 
 
 
 @pytest.mark.parametrize("lora_mode", ["fused", "dynamic"])
-def test_fp8_with_auto_offload_places_fp8_weights_that_fit_and_refuses_streaming(load_tiny, monkeypatch, lora_mode):
+def test_fp8_with_auto_offload_places_fp8_weights_that_fit_and_streams_the_rest(load_tiny, monkeypatch, tmp_path,
+                                                                               lora_mode):
     """quantize="fp8" with offload="auto" under a cap that the bf16 weights do not fit but their FP8 copies do: the
     weights are quantized on the host (each layer computed on the GPU), then placed whole on the GPU, with the FP8
-    values and the image of FP8 without offload. Under a cap that the FP8 weights do not fit either, the load is
-    refused with a LoadOptionError (diffusers' group offloading cannot move torchao's FP8 tensors)."""
+    values and the image of FP8 without offload. Under a cap that the FP8 weights do not fit either, the first block
+    stays on the GPU and the other streams (its FP8 values and scales moved as plain tensors): the same FP8 values
+    and image, compiled (the resident block) or not, also after LoRA changes (fused mode rebuilds the streamed
+    block's host copy)."""
     from aitk_inference.pipelines.runtime import accelerate, quantize
-    from aitk_inference.pipelines.runtime.options import LoadOptionError
 
     if quantize.fp8_unavailable("cuda"):
         pytest.skip(quantize.fp8_unavailable("cuda"))
@@ -325,12 +327,33 @@ def test_fp8_with_auto_offload_places_fp8_weights_that_fit_and_refuses_streaming
     assert {p.device.type for p in capped.pipe.transformer.parameters()} == {"cuda"}
 
     def values(pipeline):
-        return [(m.weight.qdata.view(torch.uint8), m.weight.scale)
-                for m in pipeline.pipe.transformer.modules() if hasattr(m, "weight") and quantize.is_quantized(m.weight)]
+        return [(m.weight.qdata.view(torch.uint8).cpu(), m.weight.scale.cpu())
+                for m in pipeline.pipe.transformer.modules() if isinstance(m, torch.nn.Linear)
+                and quantize.is_quantized(m.weight)]
 
     assert all(torch.equal(a, b) for pair in zip(values(capped), values(roomy)) for a, b in zip(*pair))
     assert np.array_equal(capped.generate(**gen).images, roomy.generate(**gen).images)
-    cap(fp8_bytes // 2)
-    with pytest.raises(LoadOptionError, match="FP8 weights cannot be streamed"):
-        load_tiny("flux", device="cuda", dtype="bf16", quantize="fp8", offload="auto", lora_mode=lora_mode)
+    blocks = [accelerate.module_bytes(b) for _, b in accelerate.blocks_in_order(roomy.pipe.transformer)]
+    transformer_rest = accelerate.module_bytes(roomy.pipe.transformer) - sum(blocks)
+    monkeypatch.setattr(accelerate, "choose_offload", lambda sizes, budget, reserve: "group")
+    cap(transformer_rest + 2 * max(blocks) + blocks[0])
+    streamed = load_tiny("flux", device="cuda", dtype="bf16", quantize="fp8", offload="auto", lora_mode=lora_mode)
+    cap(transformer_rest + 2 * max(blocks) + blocks[0])
+    compiled = load_tiny("flux", device="cuda", dtype="bf16", quantize="fp8", offload="auto", lora_mode=lora_mode,
+                         compile="regional")
+    for pipeline in (streamed, compiled):
+        assert pipeline.offload == "group" and pipeline.quantize == "fp8"
+        order = [block for _, block in accelerate.blocks_in_order(pipeline.pipe.transformer)]
+        assert [accelerate.carries_offload_hook(b) for b in order] == [False] + [True] * (len(order) - 1)
+        assert next(order[0].parameters()).device.type == "cuda" and next(order[-1].parameters()).device.type == "cpu"
+        assert all(torch.equal(a, b) for pair in zip(values(pipeline), values(roomy)) for a, b in zip(*pair))
+    lora = write_lora(str(tmp_path / "l.safetensors"), "peft", lora_targets(roomy.pipe.transformer))
+    for strength in (None, 0.8, 0.3):
+        if strength is not None:
+            for pipeline in (roomy, streamed, compiled):
+                pipeline.set_loras([(lora, strength)])
+        want = roomy.generate(**gen).images
+        assert np.array_equal(streamed.generate(**gen).images, want)
+        assert np.abs(compiled.generate(**gen).images - want).max() < 0.03
+        assert all(torch.equal(a, b) for pair in zip(values(streamed), values(roomy)) for a, b in zip(*pair))
 

@@ -136,7 +136,10 @@ def offload_blocks_keeping_resident(denoiser, device: str, resident_bytes: int) 
 
     diffusers streams every block or none; the kept blocks are taken out of its bookkeeping after it is applied
     (their offloading hook and the execution tracer's entry), so that its prefetch chain runs through the streamed
-    blocks only: the first streamed block is fetched while the kept ones run."""
+    blocks only: the first streamed block is fetched while the kept ones run.
+
+    Quantized (FP8) block weights are moved as the plain tensors they wrap (``plain_quantized``); the kept blocks hold
+    their quantized tensors again once on ``device``."""
     import torch
     from diffusers.hooks import apply_group_offloading
     from diffusers.hooks.group_offloading import (
@@ -145,6 +148,9 @@ def offload_blocks_keeping_resident(denoiser, device: str, resident_bytes: int) 
         _LAZY_PREFETCH_GROUP_OFFLOADING,
     )
 
+    from .plain_quantized import hold_as_plain_tensors, hold_as_quantized_tensors
+
+    hold_as_plain_tensors(denoiser)  # FP8 weights only; nothing changes for others
     streams = str(device).startswith("cuda")  # elsewhere (the CPU tests) the blocks load in turn, unprefetched
     apply_group_offloading(denoiser, onload_device=torch.device(device), offload_type="block_level",
                            num_blocks_per_group=1, use_stream=streams)
@@ -160,6 +166,7 @@ def offload_blocks_keeping_resident(denoiser, device: str, resident_bytes: int) 
         if tracer is not None:
             tracer._layer_execution_tracker_module_names.discard(name)
         block.to(device)
+        hold_as_quantized_tensors(block)
         resident_bytes -= size
         kept += 1
     return kept

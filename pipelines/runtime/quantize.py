@@ -18,8 +18,9 @@ norms and the output projection stay in the model dtype. LoRAs go with FP8 weigh
   and full-layer patches, which must be merged, are refused in this mode.
 
 With ``offload="auto"``, weights that do not fit the GPU in the model dtype are quantized on the host first (each
-layer computed on the GPU) and placed whole when their FP8 bytes fit; FP8 blocks are not streamed (diffusers' group
-offloading cannot move torchao's FP8 tensors), so a GPU they do not fit is refused (``base.fp8_does_not_fit``).
+layer computed on the GPU), and auto plans with their FP8 bytes: placed whole when they fit, else the first blocks kept
+on the GPU and the rest streamed block by block, their FP8 values and scales moved as plain tensors
+(``plain_quantized``).
 
 Eager, torchao's per-activation quantization kernels are slow (a FLUX forward with adapters was 2.26x slower than
 bf16 on an H100); use ``compile="regional"`` with FP8.
@@ -288,7 +289,14 @@ def _fused_rebuild_(module, merged, dtype) -> bool:
         return True
     if not _FUSED_CHECKED[key]:
         return False
-    rebuild(merged, dtype, weight.qdata, weight.scale)
+    if weight.qdata.device == merged.device:
+        rebuild(merged, dtype, weight.qdata, weight.scale)
+    else:  # a streamed layer between forwards: its values are in host memory, the rebuild runs where merged is
+        qdata, scale = (torch.empty_like(weight.qdata, device=merged.device),
+                        torch.empty_like(weight.scale, device=merged.device))
+        rebuild(merged, dtype, qdata, scale)
+        weight.qdata.copy_(qdata)
+        weight.scale.copy_(scale)
     return True
 
 

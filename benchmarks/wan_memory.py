@@ -6,12 +6,22 @@ high-noise expert and the second on the low-noise one (ai-toolkit's boundary 0.8
 
     python -m aitk_inference.benchmarks.wan_memory --model wan21_14b --runs group+tiling,sequential+tiling --out DIR
     python -m aitk_inference.benchmarks.wan_memory --model wan22_14b_t2v --runs none+tiling,model+tiling --out DIR
+
+``auto`` runs ``offload="auto"`` as ``load_pipeline`` resolves it (the weights moved to the host first), with the
+process's GPU memory capped at ``--cap-gib`` and ``--quantize fp8`` quantizing on the host when needed; it must come
+last (group offloading and FP8 weights are not undone). ``--size 480p`` and ``--steps`` set the workload:
+
+    python -m aitk_inference.benchmarks.wan_memory --model wan22_14b_t2v --size 480p --steps 4 \
+        --runs none+tiling,auto+tiling --cap-gib 24 --quantize fp8 --out DIR
 """
 
 import argparse
 import json
 import os
 import time
+
+
+SIZES = {"720p": (1280, 720), "480p": (832, 480)}
 
 
 def main(argv=None) -> int:
@@ -27,13 +37,18 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=".")
     parser.add_argument("--model", choices=["wan21_14b", "wan22_14b_t2v"], default="wan21_14b")
     parser.add_argument("--runs", default="none+tiling,model+tiling,none")
+    parser.add_argument("--size", choices=sorted(SIZES), default="720p")
+    parser.add_argument("--steps", type=int, help="default: 2 with two experts (one step each), else 1")
+    parser.add_argument("--cap-gib", type=float, default=0, help="the GPU memory an auto run may use; 0: the card")
+    parser.add_argument("--quantize", choices=["none", "fp8"], default="none", help="for the auto run")
     args = parser.parse_args(argv)
-    if "group" in [run.partition("+")[0] for run in args.runs.split(",")[:-1]]:
-        parser.error("a group run must come last: diffusers cannot take group offloading off a pipeline again")
+    if {"group", "auto"} & {run.partition("+")[0] for run in args.runs.split(",")[:-1]}:
+        parser.error("a group or auto run must come last: group offloading and FP8 weights are not undone")
     dtype, device = torch.bfloat16, "cuda"
     spec = get_spec(args.model)
     two_experts = spec.experts is not None
-    steps = 2 if two_experts else 1
+    steps = args.steps or (2 if two_experts else 1)
+    width, height = SIZES[args.size]
     started = time.perf_counter()
     # Wan 2.2 A14B's experts have Wan 2.1 14B's architecture
     experts = {"transformer": build_transformer("wan21_14b", "full", device, dtype)}
@@ -53,20 +68,32 @@ def main(argv=None) -> int:
     records = []
     for run in args.runs.split(","):
         offload, _, tiling = run.partition("+")
+        record = {"offload": offload, "vae_tiling": bool(tiling), "model": args.model,
+                  "size": f"{width}x{height}x81", "steps": steps}
         if offload != pipeline.offload:
             pipe.remove_all_hooks()
             pipe.to("cpu")
             torch.cuda.empty_cache()
-            pipeline.place(pipe, device, offload)
-            pipeline.offload = offload
+            if offload == "auto":
+                total = torch.cuda.get_device_properties(0).total_memory
+                torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * 2**30 / total) or 1.0)
+                pipeline.offload = "auto"
+                t = time.perf_counter()
+                pipeline.resolve_auto_offload(args.quantize)
+                record.update(cap_gib=args.cap_gib or round(total / 2**30, 1), quantize=pipeline.quantize,
+                              auto_chose=pipeline.offload, plan_and_quantize_s=round(time.perf_counter() - t, 1),
+                              resident_gib={k: round(v / 2**30, 2) for k, v in (pipeline.resident or {}).items()})
+            else:
+                pipeline.offload = offload
+            t = time.perf_counter()
+            pipeline.place(pipe, device, pipeline.offload, pipeline.resident)
+            record["place_s"] = round(time.perf_counter() - t, 1)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
-        record = {"offload": offload, "vae_tiling": bool(tiling), "model": args.model, "size": "1280x720x81",
-                  "steps": steps}
         stages = []
         try:
-            result = pipeline.generate(prompt="a robot dancing", width=1280, height=720, num_frames=81, steps=steps,
+            result = pipeline.generate(prompt="a robot dancing", width=width, height=height, num_frames=81, steps=steps,
                                        vae_tiling=bool(tiling),
                                        progress=lambda step, total: stages.append(pipeline.stage))
             record.update(seconds=round(time.perf_counter() - t, 2), timings=result.timings,

@@ -335,21 +335,10 @@ class AITKPipeline:
         pipe.set_progress_bar_config(disable=True)
         pipeline = cls(spec, pipe, device, torch_dtype, offload, options.lora_mode, source)
         if offload == "auto":
-            offload, resident = cls.choose_offload(spec, pipe, device)
-            if options.quantize == "fp8" and offload != "none":
-                # the weights do not all fit as they are: quantize them where they are (each layer computed on the
-                # GPU), then plan again with the FP8 bytes
-                pipeline.quantize_fp8()
-                offload, resident = cls.choose_offload(spec, pipe, device, whole_components=False)
-            pipeline.offload, pipeline.resident = offload, resident
-            conflict = compile_offload_conflict(options.compile, offload)
-            if conflict:
-                raise LoadOptionError(f"offload='auto' chose {offload!r} (the weights do not all fit the GPU memory "
-                                      f"this process may use), and {conflict}.",
-                                      {"compile": options.compile, "offload": "auto"})
-        accelerate.place(pipe, device, offload, pipeline.resident)
+            pipeline.resolve_auto_offload(options.quantize, options.compile)
+        accelerate.place(pipe, device, pipeline.offload, pipeline.resident)
         logger.info("Loaded %s from %s in %.2fs (%s, %s, offload=%s)", spec.model_id, source,
-                    time.perf_counter() - started, device, torch_dtype, offload)
+                    time.perf_counter() - started, device, torch_dtype, pipeline.offload)
         pipeline.set_attention_kernel(options.attention)
         if options.quantize == "fp8" and pipeline.quantize != "fp8":
             pipeline.quantize_fp8()
@@ -359,6 +348,21 @@ class AITKPipeline:
         if options.compile != "none":
             pipeline.compile_denoiser(options.compile)
         return pipeline
+
+    def resolve_auto_offload(self, quantize: str = "none", compile: str = "none") -> None:
+        """Replace ``offload="auto"`` by the placement it becomes for this pipeline, whose weights are still on the
+        CPU (:meth:`choose_offload`; ``offload`` and ``resident`` are set, nothing is placed). With ``quantize="fp8"``
+        weights that do not all fit as they are get quantized here, where they are (each layer computed on the GPU),
+        and the plan is made again with their FP8 bytes. ``compile`` is checked against the choice."""
+        offload, resident = self.choose_offload(self.spec, self.pipe, self.device)
+        if quantize == "fp8" and offload != "none":
+            self.quantize_fp8()
+            offload, resident = self.choose_offload(self.spec, self.pipe, self.device, whole_components=False)
+        self.offload, self.resident = offload, resident
+        conflict = compile_offload_conflict(compile, offload)
+        if conflict:
+            raise LoadOptionError(f"offload='auto' chose {offload!r} (the weights do not all fit the GPU memory this "
+                                  f"process may use), and {conflict}.", {"compile": compile, "offload": "auto"})
 
     @classmethod
     def choose_offload(cls, spec: ModelSpec, pipe, device: str,

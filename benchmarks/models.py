@@ -73,8 +73,9 @@ WORKLOADS = {
 }
 
 
-def build_transformer(model_id: str, size: str, device: str, dtype, seed: int = 0):
-    """The denoiser of ``model_id``: full size with random weights, or the tiny kit's, on ``device`` in ``dtype``."""
+def build_transformer(model_id: str, size: str, device: str, dtype, seed: int = 0, config_changes: dict | None = None):
+    """The denoiser of ``model_id``: full size with random weights, or the tiny kit's, on ``device`` in ``dtype``.
+    ``config_changes`` change entries of the full config (a small model of the full one's shape, e.g. one head)."""
     import torch
 
     if size == "tiny":
@@ -88,7 +89,7 @@ def build_transformer(model_id: str, size: str, device: str, dtype, seed: int = 
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = getattr(diffusers, class_name)(**config)
+            model = getattr(diffusers, class_name)(**{**config, **(config_changes or {})})
     finally:
         torch.set_default_dtype(previous)
     randomize_(model, seed)

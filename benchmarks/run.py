@@ -4,6 +4,7 @@
     python -m aitk_inference.benchmarks.run --models flux --forward-only zimage_turbo qwen_image wan21_14b
     python -m aitk_inference.benchmarks.run --size tiny --device cpu --dtype fp32 --variants dynamic fused
     python -m aitk_inference.benchmarks.run --models --forward-only flux --comfyui ~/ComfyUI   # + ComfyUI's own path
+    python -m aitk_inference.benchmarks.run --models --forward-only wan21_14b --comfyui ~/ComfyUI   # (also for Wan)
     python -m aitk_inference.benchmarks.run --models --reproduce-batch flux   # 8 previews: one by one vs batches of 4
 
 ``--models`` are timed through the whole pipeline (``load_pipeline`` on a local folder materialised with random
@@ -45,8 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--drop-page-cache", action="store_true",
                         help="drop the OS page cache before the cold-load timings (needs root; slows the whole machine)")
     parser.add_argument("--comfyui", nargs="?", const=os.environ.get("COMFYUI_DIR", ""), default=None, metavar="DIR",
-                        help="also time ComfyUI's own FLUX path from this ComfyUI checkout (default: $COMFYUI_DIR), "
-                        "after --forward-only flux in the same run")
+                        help="also time ComfyUI's own FLUX / Wan 2.1 14B path from this ComfyUI checkout (default: "
+                        "$COMFYUI_DIR), after --forward-only flux / wan21_14b / wan21_14b_81f in the same run")
     parser.add_argument("--reproduce-batch", nargs="*", default=[], metavar="MODEL",
                         help="time reproduce of an 8-preview job one by one and batched, per model (full size: flux; "
                         "tiny: flux sdxl qwen_image zimage wan21_1b)")
@@ -61,8 +62,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = sorted(set(args.reproduce_batch) - set(REPRODUCE_MODELS))
     if unknown:
         parser.error(f"--reproduce-batch: {unknown} not among {list(REPRODUCE_MODELS)}")
-    if args.comfyui is not None and "flux" not in args.forward_only:
-        parser.error("--comfyui compares with our FLUX forward: add --forward-only flux")
+    from .comfyui_reference import has_comfyui_reference
+
+    if args.comfyui is not None and not any(has_comfyui_reference(m) for m in args.forward_only):
+        with_reference = [m for m in FORWARD_MODELS if has_comfyui_reference(m)]
+        parser.error(f"--comfyui compares with our forward of the same model: add --forward-only with one of "
+                     f"{', '.join(with_reference)}")
     for name in ("steps", "image_size", "reps", "e2e_reps", "reproduce_max_batch"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
@@ -73,6 +78,7 @@ def main(argv=None) -> str:
     """Run what ``argv`` asks for; returns the path of the results file."""
     import torch
 
+    from .comfyui_reference import bench_comfyui, has_comfyui_reference
     from .harness import Options, bench_flux_pipeline, bench_transformer, new_recorder
 
     args = parse_args(argv)
@@ -88,10 +94,8 @@ def main(argv=None) -> str:
     rec = new_recorder(args.out, args.device, command, args.size)
     for model_id in args.forward_only:
         bench_transformer(model_id, opts, rec)
-        if model_id == "flux" and args.comfyui is not None:
-            from .comfyui_reference import bench_comfyui_flux
-
-            bench_comfyui_flux(opts, rec, args.comfyui)
+        if args.comfyui is not None and has_comfyui_reference(model_id):
+            bench_comfyui(model_id, opts, rec, args.comfyui)
     for model_id in args.models:
         bench_flux_pipeline(opts, rec)
     for model_id in args.reproduce_batch:

@@ -3,7 +3,11 @@
 import json
 import math
 
+import pytest
+
 from aitk_inference.benchmarks.harness import RECORD_KEYS, SCHEMA_VERSION
+
+from comfyui_harness import COMFYUI_DIR, comfy_python, needs_comfyui
 
 
 def test_tiny_flux_benchmark_writes_valid_results(tiny_dir, tmp_path):
@@ -36,23 +40,52 @@ def test_tiny_flux_benchmark_writes_valid_results(tiny_dir, tmp_path):
 
 
 def test_comfyui_reference_is_skipped_with_a_reason_without_comfyui(tiny_dir, tmp_path, monkeypatch, capsys):
-    import pytest
-
     from aitk_inference.benchmarks.run import main
 
     monkeypatch.delenv("COMFYUI_DIR", raising=False)
     tiny_dir("flux")
-    path = main(["--size", "tiny", "--device", "cpu", "--dtype", "fp32", "--models", "--forward-only", "flux",
-                 "--variants", "fused", "--reps", "1", "--comfyui", str(tmp_path / "no-comfy"),
-                 "--out", str(tmp_path / "results"), "--workdir", str(tmp_path / "work")])
-    with open(path) as f:
-        payload = json.load(f)
-    [why] = payload["skipped"]
-    assert "is not a ComfyUI checkout" in why and "skipped" in capsys.readouterr().out
-    assert {r["variant"] for r in payload["records"]} == {"dynamic", "fused"}
+    fake_checkout = tmp_path / "fake-comfy"  # passes the checkout check: the tiny FLUX is refused before any import
+    (fake_checkout / "comfy").mkdir(parents=True)
+    (fake_checkout / "comfy" / "model_patcher.py").write_text("")
+    for model_id, comfy_dir, reason in (("flux", tmp_path / "no-comfy", "is not a ComfyUI checkout"),
+                                        ("wan21_14b", tmp_path / "no-comfy", "is not a ComfyUI checkout"),
+                                        ("flux", fake_checkout, "no tiny FLUX loads (full size only)")):
+        path = main(["--size", "tiny", "--device", "cpu", "--dtype", "fp32", "--models", "--forward-only", model_id,
+                     "--variants", "fused", "--reps", "1", "--comfyui", str(comfy_dir),
+                     "--out", str(tmp_path / model_id / comfy_dir.name), "--workdir", str(tmp_path / "work")])
+        with open(path) as f:
+            payload = json.load(f)
+        [why] = payload["skipped"]
+        assert reason in why and "skipped" in capsys.readouterr().out
+        assert {(r["model"], r["variant"]) for r in payload["records"]} == {(model_id, "dynamic"), (model_id, "fused")}
     with pytest.raises(SystemExit):
-        main(["--size", "tiny", "--device", "cpu", "--comfyui", str(tmp_path)])
-    assert "add --forward-only flux" in capsys.readouterr().err
+        main(["--size", "tiny", "--device", "cpu", "--forward-only", "qwen_image", "--comfyui", str(tmp_path)])
+    assert "add --forward-only with one of flux, wan21_14b, wan21_14b_81f" in capsys.readouterr().err
+
+
+@pytest.mark.comfyui
+@needs_comfyui
+def test_comfyui_wan_reference_runs_the_same_model_and_lora_as_ours(tiny_cache, tmp_path):
+    """ComfyUI's own Wan 2.1 path (in its environment) on a small Wan it can detect: every weight and LoRA key taken,
+    and its forward equal to our fused one in fp32. The time budget leaves out its compile (it needs 150 s left)."""
+    import re
+    import subprocess
+
+    command = [comfy_python(), "-m", "aitk_inference.benchmarks.run", "--size", "tiny", "--device", "cpu",
+               "--dtype", "fp32", "--models", "--forward-only", "wan21_14b", "--variants", "fused", "--reps", "1",
+               "--time-budget", "149", "--comfyui", COMFYUI_DIR, "--out", str(tmp_path / "results"),
+               "--workdir", str(tmp_path / "work")]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    [path] = (tmp_path / "results").iterdir()
+    by_key = {(r["metric"], r["variant"]): r for r in json.loads(path.read_text())["records"]}
+    check = by_key[("comfyui_relative_error", "comfyui")]
+    assert check["value"] < 1e-5
+    patched, modules = map(int, re.search(r"(\d+) weights patched from (\d+) LoRA modules", check["notes"]).groups())
+    assert patched == modules == 20  # 2 blocks x 10 Linear layers
+    assert "0 LoRA keys not loaded, 0 model weights missing, 0 model weights unexpected" in check["notes"]
+    assert by_key[("forward_ms", "comfyui")]["value"] > 0 and by_key[("strength_change_s", "comfyui")]["value"] > 0
+    assert not any(variant.endswith("+compile") for _, variant in by_key)
 
 
 def test_tiny_flux_compile_variant_times_a_second_process(tiny_dir, tmp_path):

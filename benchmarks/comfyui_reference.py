@@ -77,6 +77,7 @@ def original_wan_key(key: str) -> str:
 
 
 def wan_original_weights(state_dict: dict) -> dict:
+    """Our Wan transformer's state dict in the layout ComfyUI's model detection recognises (it converts no other)."""
     return {original_wan_key(key): tensor for key, tensor in state_dict.items()}
 
 
@@ -105,7 +106,8 @@ class ComfyReference:
     weights: Callable[[dict], dict]  # our state dict -> a layout ComfyUI's model detection recognises
     lora: Callable[[dict], dict]  # the benchmark's PEFT LoRA -> keys ComfyUI's LoRA loader maps
     inputs: Callable  # (our forward's inputs, workload) -> (apply_model's arguments, velocity -> denoised)
-    # FULL_CONFIGS changes giving a tiny model that ComfyUI's detection reads back (empty: none can be, say why)
+    # FULL_CONFIGS changes giving a tiny model that ComfyUI's detection reads back (empty: none can be, and
+    # no_tiny_model says why)
     tiny_config: dict = field(default_factory=dict)
     no_tiny_model: str = ""
 

@@ -4,9 +4,7 @@ import json
 import math
 
 import pytest
-
 from aitk_inference.benchmarks.harness import RECORD_KEYS, SCHEMA_VERSION
-
 from comfyui_harness import COMFYUI_DIR, comfy_python, needs_comfyui
 
 

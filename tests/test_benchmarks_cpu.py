@@ -2,10 +2,11 @@
 
 import json
 import math
+import os
 
 import pytest
 from aitk_inference.benchmarks.harness import RECORD_KEYS, SCHEMA_VERSION
-from comfyui_harness import COMFYUI_DIR, comfy_python, needs_comfyui
+from comfyui_harness import COMFYUI_DIR, ROOT, comfy_python, needs_comfyui
 
 
 def test_tiny_flux_benchmark_writes_valid_results(tiny_dir, tmp_path):
@@ -73,7 +74,11 @@ def test_comfyui_wan_reference_runs_the_same_model_and_lora_as_ours(tiny_cache, 
                "--dtype", "fp32", "--models", "--forward-only", "wan21_14b", "--variants", "fused", "--reps", "1",
                "--time-budget", "149", "--comfyui", COMFYUI_DIR, "--out", str(tmp_path / "results"),
                "--workdir", str(tmp_path / "work")]
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    importable = tmp_path / "importable"  # ComfyUI's environment has this pack's dependencies, not the pack itself
+    importable.mkdir()
+    (importable / "aitk_inference").symlink_to(ROOT, target_is_directory=True)
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "PYTHONPATH": str(importable)})
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
     [path] = (tmp_path / "results").iterdir()
     by_key = {(r["metric"], r["variant"]): r for r in json.loads(path.read_text())["records"]}

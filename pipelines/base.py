@@ -250,6 +250,41 @@ class LatentLayout:
 
 
 # ---------------------------------------------------------------------------------------------------------------- base
+@contextlib.contextmanager
+def tiles_when_out_of_memory(vae, model_id: str):
+    """Within the block, a ``vae.decode`` that runs out of GPU memory is run again in tiles (the VAE's
+    ``enable_tiling``), with a warning: an image slightly different from the untiled one rather than an error after
+    the whole denoising. A tiled decode that still does not fit raises as before."""
+    import torch
+
+    untiled = vae.decode
+    patched_before = "decode" in vae.__dict__
+
+    def decode(*args, **kwargs):
+        try:
+            return untiled(*args, **kwargs)
+        except torch.OutOfMemoryError:
+            pass  # out of the except block first, so that the failed attempt's tensors are released
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        logger.warning("%s: decoding ran out of GPU memory; decoding again in tiles, which changes the output slightly "
+                       "(vae_tiling=True tiles from the start).", model_id)
+        vae.enable_tiling()
+        try:
+            return untiled(*args, **kwargs)
+        finally:
+            vae.disable_tiling()
+
+    vae.decode = decode
+    try:
+        yield
+    finally:
+        if patched_before:
+            vae.decode = untiled
+        else:
+            del vae.decode
+
+
 class AITKPipeline:
     """A loaded model id: the diffusers pipeline, its LoRA stack and ai-toolkit's sampling behaviour.
 
@@ -547,16 +582,20 @@ class AITKPipeline:
     @contextlib.contextmanager
     def _vae_tiling(self, enabled: bool):
         vae = getattr(self.pipe, "vae", None)
-        if not enabled:
-            yield
-            return
-        if vae is None or not hasattr(vae, "enable_tiling"):
+        tiles = vae is not None and hasattr(vae, "enable_tiling")
+        if enabled and not tiles:
             raise ValueError(f"{self.spec.model_id}'s VAE cannot decode in tiles; leave vae_tiling off.")
-        vae.enable_tiling()
-        try:
+        if not tiles:
             yield
-        finally:
-            vae.disable_tiling()
+        elif not enabled:
+            with tiles_when_out_of_memory(vae, self.spec.model_id):
+                yield
+        else:
+            vae.enable_tiling()
+            try:
+                yield
+            finally:
+                vae.disable_tiling()
 
     @contextlib.contextmanager
     def _weights_unhooked(self):
@@ -783,7 +822,8 @@ class AITKPipeline:
             progress (callable, *optional*): ``progress(step, total)`` after every denoising step; raising
                 :class:`GenerationInterrupted` (or any exception) stops sampling within one step.
             vae_tiling (bool, defaults to False): decode in overlapping tiles (the VAE's ``enable_tiling``), for this
-                call only: much less memory for large videos and images, at the cost of some speed.
+                call only: much less memory for large videos and images, at the cost of some speed. Off, a decode
+                that runs out of GPU memory is run again in tiles, with a warning.
             on_latents (callable, *optional*): ``on_latents(step, total, latents)`` after every denoising step (before
                 ``progress``) with the step's latents from :meth:`preview_latents` (for live previews; read-only).
                 Families whose loop hands out no latents do not call it.

@@ -376,6 +376,35 @@ def test_vae_tiling_is_per_call(flux, load_tiny):
     np.testing.assert_allclose(wan.generate(**frames, vae_tiling=True).images, wan.generate(**frames).images, atol=1e-5)
 
 
+def test_a_decode_out_of_gpu_memory_is_run_again_in_tiles(load_tiny, monkeypatch, caplog):
+    """Without vae_tiling, a decode that runs out of GPU memory is retried in tiles (the image an explicit
+    vae_tiling=True gives), with a warning; tiling is off again afterwards, and a tiled decode that does not fit
+    either raises. The out-of-memory error is raised here by a VAE that fails untiled; small tiles make tiling real."""
+    flux = load_tiny("flux")
+    vae = flux.pipe.vae
+    monkeypatch.setattr(vae, "tile_sample_min_size", 32)
+    monkeypatch.setattr(vae, "tile_latent_min_size", 4)
+    untiled = flux.generate(**SMALL).images
+    tiled = flux.generate(**SMALL, vae_tiling=True).images
+    assert np.abs(tiled - untiled).max() > 1e-3
+    real_decode, fits_in_tiles = vae.decode, [True]
+
+    def decode(*args, **kwargs):
+        if not vae.use_tiling or not fits_in_tiles[0]:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_decode(*args, **kwargs)
+
+    monkeypatch.setattr(vae, "decode", decode)
+    with caplog.at_level("WARNING", logger="aitk_inference.pipelines.base"):
+        retried = flux.generate(**SMALL).images
+    np.testing.assert_array_equal(retried, tiled)
+    assert "decoding again in tiles" in caplog.text and not vae.use_tiling and vae.decode is decode
+    fits_in_tiles[0] = False
+    with pytest.raises(torch.OutOfMemoryError):
+        flux.generate(**SMALL)
+    assert not vae.use_tiling and vae.decode is decode
+
+
 @pytest.mark.parametrize("lora_mode", ["dynamic", "fused"])
 def test_group_offload_reapplies_after_lora_changes(load_tiny, flux_loras, lora_mode):
     """On the CPU group offloading moves nothing, but the LoRA path (hooks re-applied around every change) runs for

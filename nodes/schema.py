@@ -221,7 +221,8 @@ SAMPLE = NodeSpec(
         Field("fps", "INT", "Video models: frames per second; 0 = the model's default.", default=0, min=0, max=120,
               optional=True),
         Field("vae_tiling", "BOOLEAN", "Decode in tiles: less memory for large videos and images, somewhat slower "
-              "(Wan 2.1 14B at 720p x 81 frames on an H100: 45.6 instead of 47.7 GiB peak).", default=False,
+              "(Wan 2.1 14B at 720p x 81 frames on an H100: 45.6 instead of 47.7 GiB peak). Off, a decode that runs "
+              "out of GPU memory is retried in tiles.", default=False,
               optional=True),
         Field("options", "STRING", "Model-specific generation options as a JSON object, e.g. "
               '{"kv_cache": false, "schedule_mu": 0.8} for Krea 2 edit ids; each model\'s docs page lists the ones '

@@ -4,7 +4,6 @@ category (GEMM, attention, other) with the top kernels, same random weights and 
     python3 -m aitk_inference.benchmarks.comfyui_profile COMFYUI_DIR      # writes comfyui_profile.json to $OUT or .
 """
 
-import json
 import os
 import sys
 
@@ -14,7 +13,7 @@ def main(argv=None) -> int:
 
     from ..pipelines.families.pixel_space import unpatchify_pixels
     from .comfyui_reference import comfyui_missing, import_comfy
-    from .harness import timed
+    from .harness import timed, write_result
     from .models import WORKLOADS, build_transformer, forward_inputs
     from .step_profile import kernel_breakdown
 
@@ -52,9 +51,7 @@ def main(argv=None) -> int:
     result["comfyui_ms"] = round(timed(theirs, "cuda", 2, 10) * 1000, 2)
     result["comfyui"] = kernel_breakdown(theirs)
     result["ratio_ours_vs_comfyui"] = round(result["ours_ms"] / result["comfyui_ms"], 3)
-    with open(os.path.join(os.environ.get("OUT", "."), "comfyui_profile.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    print(json.dumps(result, indent=1))
+    write_result(os.environ.get("OUT", "."), "comfyui_profile", result)
     return 0
 
 

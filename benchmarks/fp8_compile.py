@@ -57,6 +57,8 @@ def child(settings: str) -> None:
 
 
 def main(argv=None) -> int:
+    from .harness import write_result
+
     parser = argparse.ArgumentParser(prog="python -m aitk_inference.benchmarks.fp8_compile")
     parser.add_argument("--out", default=".")
     parser.add_argument("--timeout", type=int, default=240, help="seconds per run (each is a new process)")
@@ -95,9 +97,7 @@ def main(argv=None) -> int:
         result["ratio_ours_vs_torchao_settings_compile"] = round(
             cold["compile_first_call_s"] / before["compile_first_call_s"], 3)
         result["ratio_ours_vs_torchao_settings_forward"] = round(cold["forward_ms"] / before["forward_ms"], 3)
-    with open(os.path.join(args.out, "fp8_compile.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    print(json.dumps(result, indent=1))
+    write_result(args.out, "fp8_compile", result)
     return 0
 
 

@@ -113,6 +113,15 @@ def new_recorder(out_dir: str, device: str, command: str, size: str) -> Recorder
 
 
 # ---------------------------------------------------------------------------------------------------------------- timing
+def write_result(folder: str, name: str, result) -> str:
+    """Write ``result`` as ``folder/name.json`` and print it (the GPU call's output shows it); returns the path."""
+    path = os.path.join(folder, f"{name}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(json.dumps(result, indent=1))
+    return path
+
+
 def sync(device: str) -> None:
     import torch
 

@@ -11,8 +11,6 @@ BENCHMARKS.md, "compile with streamed blocks"). GPU only:
 
 import argparse
 import gc
-import json
-import os
 import time
 
 
@@ -21,7 +19,7 @@ def main(argv=None) -> int:
 
     from ..pipelines import load_pipeline
     from ..pipelines.lora.stack import LoraRequest
-    from .harness import Options, lora_state_dict, materialize_flux
+    from .harness import Options, lora_state_dict, materialize_flux, write_result
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--caps", nargs="*", type=float, default=[0, 24, 12], help="GiB; 0 = the whole card")
@@ -79,9 +77,7 @@ def main(argv=None) -> int:
             run["ratio_vs_first"] = round(run["image_s"] / base, 3)
         if fp8_base and run["quantize"] == "fp8" and run.get("image_s"):
             run["ratio_vs_uncapped_fp8"] = round(run["image_s"] / fp8_base, 3)
-    with open(os.path.join(args.out, "memory_caps.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    print(json.dumps(result, indent=1))
+    write_result(args.out, "memory_caps", result)
     return 0
 
 

@@ -269,8 +269,7 @@ def _fused_rebuild_(module, merged, dtype) -> bool:
     key = (merged.device.type, tuple(merged.shape), weight.qdata.dtype, dtype)
     if key not in _FUSED_CHECKED:
         reference = _torchao_quantized(module, merged.to(dtype))
-        qdata, scale = (torch.empty_like(weight.qdata, device=merged.device),
-                        torch.empty_like(weight.scale, device=merged.device))
+        qdata, scale = _scratch_like(weight, merged.device)
         try:
             rebuild(merged, dtype, qdata, scale)
         except Exception as error:  # a compile that fails here (a Triton or compiler problem) leaves it eager
@@ -292,12 +291,18 @@ def _fused_rebuild_(module, merged, dtype) -> bool:
     if weight.qdata.device == merged.device:
         rebuild(merged, dtype, weight.qdata, weight.scale)
     else:  # a streamed layer between forwards: its values are in host memory, the rebuild runs where merged is
-        qdata, scale = (torch.empty_like(weight.qdata, device=merged.device),
-                        torch.empty_like(weight.scale, device=merged.device))
+        qdata, scale = _scratch_like(weight, merged.device)
         rebuild(merged, dtype, qdata, scale)
         weight.qdata.copy_(qdata)
         weight.scale.copy_(scale)
     return True
+
+
+def _scratch_like(weight, device) -> tuple:
+    """Empty float8 values and scales shaped as a per-row FP8 ``weight``'s, on ``device``."""
+    import torch
+
+    return torch.empty_like(weight.qdata, device=device), torch.empty_like(weight.scale, device=device)
 
 
 def _copy_quantized_(target, source) -> None:

@@ -17,6 +17,7 @@ reference is skipped with that message.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import re
@@ -212,6 +213,12 @@ def bench_comfyui(model_id: str, opts, rec, comfy_dir: str | None) -> None:
 
     comfy, set_torch_compile_wrapper = import_comfy(comfy_dir, opts.device)
     dtype = resolve_dtype(opts.dtype, opts.device)
+    # our compiled variants' graphs still hold the weights of our model: a 14B model and ComfyUI's two copies of it
+    # (patched and unpatched) do not fit an 80 GB card beside them
+    torch._dynamo.reset()
+    gc.collect()
+    if opts.device.startswith("cuda"):
+        torch.cuda.empty_cache()
     if opts.size == "tiny":
         model = build_transformer(architecture, "full", opts.device, dtype, config_changes=reference.tiny_config)
     else:

@@ -945,7 +945,7 @@ def load_pipeline(
             the quantized layers, on the GPU while a quarter of it stays free, else in host RAM); with ``dynamic`` they run as adapters (about half the transformer's GPU memory).
             FP8 weights of a single-file base are upcast on load and re-quantized here. Goes with ``offload`` none or
             ``auto`` (when the bf16 weights do not fit, quantized on the host first, then placed whole when the FP8
-            weights fit, else the first blocks kept on the GPU and the rest streamed).
+            weights fit, else as many blocks kept on the GPU as fit and the rest streamed).
         parallel (str, *optional*): ``none`` (default), or context parallelism of each generation over the processes
             ``torchrun`` starts: ``ulysses=N``, ``ring=N`` or ``ulysses=N,ring=M`` (the product the world size; see
             ``runtime.parallel``). Every process calls this and then ``generate`` with the same arguments; write

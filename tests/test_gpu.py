@@ -133,8 +133,9 @@ def _streaming_setup(load_tiny, monkeypatch, lora_mode):
 
 @pytest.mark.parametrize("lora_mode", ["fused", "dynamic"])
 def test_auto_offload_streams_only_the_blocks_that_do_not_fit(load_tiny, monkeypatch, tmp_path, lora_mode):
-    """Between "everything fits" and "nothing fits", auto keeps the denoiser's first blocks on the GPU and streams the
-    rest; images match the all-on-GPU run, with a LoRA too, and a LoRA change keeps the first blocks resident."""
+    """Between "everything fits" and "nothing fits", auto keeps as many of the denoiser's blocks on the GPU as fit
+    (the first among them) and streams the rest; images match the all-on-GPU run, with a LoRA too, and a LoRA change
+    keeps as many bytes resident."""
     from aitk_inference.pipelines.runtime import accelerate
 
     gen, roomy, blocks, overhead = _streaming_setup(load_tiny, monkeypatch, lora_mode)
@@ -151,13 +152,12 @@ def test_auto_offload_streams_only_the_blocks_that_do_not_fit(load_tiny, monkeyp
         return [next(block.parameters()).device.type for _, block in accelerate.blocks_in_order(partial.pipe.transformer)]
 
     placed = devices()
-    assert placed[0] == "cuda" and placed[-1] == "cpu" and placed == sorted(placed, reverse=True)
+    assert placed[0] == "cuda" and "cpu" in placed
     assert np.abs(partial.generate(**gen).images - roomy.generate(**gen).images).max() < 0.03
     lora = write_lora(str(tmp_path / "l.safetensors"), "peft", lora_targets(transformer))
     for pipeline in (roomy, partial):
         pipeline.set_loras([(lora, 0.8)])
     after = devices()  # live adapters add their weights to every block: one block fewer may fit the same bytes
-    assert after == sorted(after, reverse=True)
     assert placed.count("cuda") - (lora_mode == "dynamic") <= after.count("cuda") <= placed.count("cuda")
     assert np.abs(partial.generate(**gen).images - roomy.generate(**gen).images).max() < 0.03
 
@@ -195,8 +195,9 @@ def test_regional_compile_with_auto_offload_compiles_the_resident_blocks(load_ti
         want = eager.generate(**gen).images
         assert np.abs(compiled.generate(**gen).images - want).max() < 0.03
         assert np.abs(model.generate(**gen).images - roomy.generate(**gen).images).max() < 0.03
-    # live adapters add their weights to the first block, which then streams: compiled blocks follow the resident ones
-    assert compiled_blocks(compiled) == ([True, False] if lora_mode == "fused" else [False, False])
+    # live adapters add their weights to every block: the first no longer fits and streams, the smaller second one
+    # fits its bytes and stays; compiled blocks follow the resident ones
+    assert compiled_blocks(compiled) == ([True, False] if lora_mode == "fused" else [False, True])
 
 
 def test_flash_attention_3_agrees_with_the_default_or_says_how_to_install_it(load_tiny):

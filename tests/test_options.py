@@ -179,7 +179,7 @@ def test_a_family_that_cannot_offload_takes_auto_and_refuses_the_rest():
         load_pipeline("anima", base="unused", device="cpu", offload="group")
 
 
-def test_auto_offload_keeps_the_first_denoiser_blocks_that_fit(load_tiny):
+def test_auto_offload_budgets_the_denoiser_blocks_it_keeps(load_tiny):
     from aitk_inference.pipelines.runtime.accelerate import blocks_in_order, module_bytes, resident_block_budget
 
     transformer = load_tiny("flux").pipe.transformer
@@ -194,3 +194,22 @@ def test_auto_offload_keeps_the_first_denoiser_blocks_that_fit(load_tiny):
     assert resident_block_budget({"transformer": transformer}, budget=overhead, reserve=500) == {"transformer": 0}
     experts = {"transformer": transformer, "transformer_2": transformer}
     assert resident_block_budget(experts, budget=2 * overhead + 4000, reserve=0) == dict.fromkeys(experts, 2000)
+
+
+def test_kept_blocks_are_spread_between_the_streamed_ones():
+    """FLUX's shape: 19 double blocks twice the size of its 38 single ones. With room for three quarters of the bytes,
+    the first block stays, no two streamed blocks follow each other (each is fetched while kept ones run), the streamed
+    ones span the whole forward and the kept bytes fill the room but never exceed it."""
+    from aitk_inference.pipelines.runtime.accelerate import blocks_to_keep
+
+    sizes = [2] * 19 + [1] * 38
+    keep = blocks_to_keep(sizes, resident_bytes=57)
+    streamed = [index for index, kept in enumerate(keep) if not kept]
+    assert keep[0] and sum(s for s, kept in zip(sizes, keep) if kept) == 57
+    assert all(b - a > 1 for a, b in zip(streamed, streamed[1:]))
+    assert streamed[0] < 19 and streamed[-1] > 50
+    assert blocks_to_keep(sizes, resident_bytes=0) == [False] * 57
+    assert blocks_to_keep(sizes, resident_bytes=sum(sizes)) == [True] * 57
+    # room for the first block only (the tiny models' tests): the first stays; with more, the streamed one is between
+    assert blocks_to_keep([3, 2, 2], resident_bytes=3) == [True, False, False]
+    assert blocks_to_keep([3, 2, 2], resident_bytes=5) == [True, False, True]

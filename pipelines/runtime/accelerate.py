@@ -129,14 +129,32 @@ def resident_block_budget(denoisers: dict[str, object], budget: int, reserve: in
     return dict.fromkeys(denoisers, share)
 
 
+def blocks_to_keep(sizes: list[int], resident_bytes: int) -> list[bool]:
+    """Which blocks (their bytes, in the order a forward runs them) stay on the GPU within ``resident_bytes``, the
+    streamed ones spread among them: a block is kept while the bytes kept before it are at most the budget's share
+    of all the bytes before it (the first one always), so that each streamed block is fetched while kept blocks run
+    instead of waiting on the one fetched before it; then any streamed block that still fits is kept."""
+    share = min(resident_bytes / max(sum(sizes), 1), 1.0)
+    keep, kept, before = [], 0, 0
+    for size in sizes:
+        keep.append(kept <= share * before and kept + size <= resident_bytes)
+        kept += size if keep[-1] else 0
+        before += size
+    for index, size in enumerate(sizes):
+        if not keep[index] and kept + size <= resident_bytes:
+            keep[index] = True
+            kept += size
+    return keep
+
+
 def offload_blocks_keeping_resident(denoiser, device: str, resident_bytes: int) -> int:
-    """diffusers' group offloading of ``denoiser`` block by block, each block's weights fetched on a CUDA stream while
-    the block before it runs, except its first blocks (in the order a forward runs them), which stay on ``device``
-    for as long as they fit in ``resident_bytes``. Returns how many blocks stay.
+    """diffusers' group offloading of ``denoiser`` block by block, each streamed block's weights fetched on a CUDA
+    stream while the blocks before it run, except the blocks :func:`blocks_to_keep` keeps within ``resident_bytes``,
+    which stay on ``device``. Returns how many blocks stay.
 
     diffusers streams every block or none; the kept blocks are taken out of its bookkeeping after it is applied
     (their offloading hook and the execution tracer's entry), so that its prefetch chain runs through the streamed
-    blocks only: the first streamed block is fetched while the kept ones run.
+    blocks only: each one is fetched when the streamed one before it starts, while the kept ones between them run.
 
     Quantized (FP8) block weights are moved as the plain tensors they wrap (``plain_quantized``); the kept blocks hold
     their quantized tensors again once on ``device``."""
@@ -151,15 +169,15 @@ def offload_blocks_keeping_resident(denoiser, device: str, resident_bytes: int) 
     from .plain_quantized import hold_as_plain_tensors, hold_as_quantized_tensors
 
     hold_as_plain_tensors(denoiser)  # FP8 weights only; nothing changes for others
+    blocks = blocks_in_order(denoiser)
+    keep = blocks_to_keep([module_bytes(block) for _, block in blocks], resident_bytes)
     streams = str(device).startswith("cuda")  # elsewhere (the CPU tests) the blocks load in turn, unprefetched
     apply_group_offloading(denoiser, onload_device=torch.device(device), offload_type="block_level",
                            num_blocks_per_group=1, use_stream=streams)
     tracer = denoiser._diffusers_hook.get_hook(_LAZY_PREFETCH_GROUP_OFFLOADING) if streams else None
-    kept = 0
-    for name, block in blocks_in_order(denoiser):
-        size = module_bytes(block)
-        if size > resident_bytes:
-            break
+    for (name, block), kept in zip(blocks, keep):
+        if not kept:
+            continue
         hooks = block._diffusers_hook
         hooks.remove_hook(_GROUP_OFFLOADING, recurse=False)
         hooks.remove_hook(_LAYER_EXECUTION_TRACKER, recurse=False)
@@ -167,9 +185,7 @@ def offload_blocks_keeping_resident(denoiser, device: str, resident_bytes: int) 
             tracer._layer_execution_tracker_module_names.discard(name)
         block.to(device)
         hold_as_quantized_tensors(block)
-        resident_bytes -= size
-        kept += 1
-    return kept
+    return sum(keep)
 
 
 def remove_group_offloading(module) -> None:
@@ -270,7 +286,7 @@ def compile_denoiser(denoisers: list, mode: str = "regional", **compile_kwargs) 
         if not compiled:
             logger.warning("compile='regional' has nothing to compile in %s: all its %d repeated blocks stream their "
                            "weights through offloading hooks, which torch.compile cannot trace, so they run eager. "
-                           "offload='auto' keeps the first blocks on the GPU (those compile); 'model' and 'none' "
+                           "offload='auto' keeps as many blocks on the GPU as fit (those compile); 'model' and 'none' "
                            "compile every block.", name, streamed)
         elif streamed:
             logger.info("compile='regional': %d repeated blocks of %s compiled; the %d streamed ones run eager.",

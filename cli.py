@@ -413,6 +413,14 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        torch = sys.modules.get("torch")  # imported by whatever ran out of memory; never imported here for a check
+        if torch is None or not isinstance(e, torch.OutOfMemoryError):
+            raise
+        print(f"error: out of GPU memory ({str(e).splitlines()[0]}). Ask for less: --offload auto (keeps on the GPU what "
+              "fits and streams the rest), --quantize fp8, --vae-tiling, a smaller --width/--height, fewer --num-frames "
+              "or a smaller --batch-size.", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

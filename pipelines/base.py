@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from . import single_file
+from . import hub, single_file
 from .component_files import check_component_files
 from .runtime import accelerate, parallel
 from .runtime.options import LoadOptionError, LoadOptions, compile_offload_conflict
@@ -364,7 +364,13 @@ class AITKPipeline:
             pipe = single_file.load_single_file_pipeline(cls, spec, source, options.components, torch_dtype, overrides,
                                                          files)
         else:
-            pipe = cls.load_diffusers_pipeline(spec, source, torch_dtype, **overrides)
+            try:
+                pipe = cls.load_diffusers_pipeline(spec, source, torch_dtype, **overrides)
+            except Exception as error:
+                unavailable = hub.base_unavailable(spec, source, error) if hub.is_hub_repo_id(source) else None
+                if unavailable is None:
+                    raise
+                raise unavailable from error
         if spec.scheduler is not None:
             pipe.scheduler = cls.make_scheduler(spec)
         pipe.set_progress_bar_config(disable=True)

@@ -347,6 +347,75 @@ def test_cli_generate_selects_attention_and_quantize(tiny_dir, tmp_path, capsys)
     assert not (tmp_path / "y.png").exists()
 
 
+@pytest.fixture
+def hub_that_refuses():
+    """A local stand-in for the Hugging Face hub's API that answers as the real one does for a gated repo (401,
+    ``X-Error-Code: GatedRepo``) and for a repo that does not exist (404, ``RepoNotFound``): what huggingface_hub
+    turns into its GatedRepoError and RepositoryNotFoundError. Returns its address, for HF_ENDPOINT."""
+    import http.server
+    import threading
+
+    class Hub(http.server.BaseHTTPRequestHandler):
+        def answer(self):
+            status, code = (401, "GatedRepo") if "/gated/" in self.path else (404, "RepoNotFound")
+            self.send_response(status)
+            self.send_header("X-Error-Code", code)
+            self.send_header("X-Error-Message", code)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_HEAD = answer
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_cli_says_what_to_do_when_the_base_cannot_be_had_from_the_hub(tmp_path, monkeypatch, hub_that_refuses):
+    """A hub base that is not downloaded, with no network; a gated repo without a login; a repo that does not exist:
+    each ends in one line naming the repo and what to do, exit status 2, no traceback (diffusers raises an OSError
+    whose cause is the hub's error). The real loading code runs against an empty hub cache."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    args = ("generate", "--model", "flux", "--device", "cpu", "--prompt", "x", "--out", str(tmp_path / "x.png"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    offline = _cli(*args)
+    assert offline.returncode == 2 and "Traceback" not in offline.stderr, offline.stderr
+    assert offline.stderr.startswith("error: flux: black-forest-labs/FLUX.1-dev is not (fully) downloaded in the "
+                                     f"Hugging Face cache ({tmp_path / 'hf' / 'hub'})")
+    assert "(HF_HUB_OFFLINE is set)" in offline.stderr
+    assert "`huggingface-cli download black-forest-labs/FLUX.1-dev`" in offline.stderr
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_ENDPOINT", hub_that_refuses)
+    gated = _cli(*args, "--base", "gated/model")
+    assert gated.returncode == 2 and "Traceback" not in gated.stderr, gated.stderr
+    assert gated.stderr.startswith("error: flux: gated/model is a gated repo") and "huggingface.co/gated/model" in gated.stderr
+    missing = _cli(*args, "--base", "nobody/nothing")
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr, missing.stderr
+    assert missing.stderr.startswith("error: flux: the hub has no repo 'nobody/nothing'")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_cli_out_of_gpu_memory_says_what_to_lower(tiny_dir, tmp_path, monkeypatch, capsys):
+    """Attention running out of GPU memory (raised where torch raises it, as on a card too small for the size asked)
+    ends in one line that names the options that need less memory, exit status 2, no traceback and no image."""
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB.\nmore details")
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", out_of_memory)
+    status, _, err = _cli_in_this_process(capsys, "generate", "--model", "flux", "--base", tiny_dir("flux"), "--device",
+                                          "cpu", "--prompt", "x", "--width", "64", "--height", "64", "--steps", "2",
+                                          "--out", str(tmp_path / "x.png"), "--quiet")
+    assert status == 2 and "Traceback" not in err
+    assert err.startswith("error: out of GPU memory (CUDA out of memory. Tried to allocate 20.00 GiB.). Ask for less: "
+                          "--offload auto") and "--vae-tiling" in err and err.count("\n") == 1
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_before_change_hook_runs_only_when_weights_change(flux, flux_loras):
     """The pipeline takes sequential-offload hooks off around a LoRA change through this hook (checked on an H100:
     outputs under sequential offload equal offload none in both LoRA modes); an unchanged set must not pay for it."""

@@ -64,12 +64,12 @@ WAN_TIMESTEP_MULTIPLIER = 1000.0
 def original_wan_key(key: str) -> str:
     """``blocks.3.attn1.to_q.weight`` -> ``blocks.3.self_attn.q.weight``: a diffusers Wan module or parameter path in
     the original Wan names (our LoRA converter's table, inverted, plus the parameters it has no need for)."""
-    from ..pipelines.lora.convert import _WAN_BLOCK_RENAMES, _WAN_TOP_RENAMES
+    from ..pipelines.lora.convert import WAN_BLOCK_RENAMES, WAN_TOP_RENAMES
 
     block = WAN_BLOCK.match(key)
     prefix, rest = (block.group(1), block.group(2)) if block else ("", key)
     renames = {diffusers: original for original, diffusers in
-               (_WAN_BLOCK_RENAMES if block else _WAN_TOP_RENAMES).items()}
+               (WAN_BLOCK_RENAMES if block else WAN_TOP_RENAMES).items()}
     renames.update(WAN_BLOCK_PARAMETERS if block else WAN_TOP_PARAMETERS)
     if rest in renames:
         return prefix + renames[rest]

@@ -343,7 +343,7 @@ def guess_architecture(keys: Iterable[str]) -> str | None:
 # stripped the `diffusion_model.` prefix; these two stages rename to diffusers' WanTransformer3DModel names and, for
 # the two-expert Wan 2.2 14B, place each half on its expert.
 
-_WAN_BLOCK_RENAMES = {
+WAN_BLOCK_RENAMES = {
     "self_attn.q": "attn1.to_q",
     "self_attn.k": "attn1.to_k",
     "self_attn.v": "attn1.to_v",
@@ -358,8 +358,9 @@ _WAN_BLOCK_RENAMES = {
     "ffn.2": "ffn.net.2",
 }
 
-# Outside the blocks (only in LoRAs trained with transformer_only: false).
-_WAN_TOP_RENAMES = {
+# Outside the blocks (only in LoRAs trained with transformer_only: false). Both tables are public: the ComfyUI benchmark
+# inverts them to give ComfyUI the original names.
+WAN_TOP_RENAMES = {
     "text_embedding.0": "condition_embedder.text_embedder.linear_1",
     "text_embedding.2": "condition_embedder.text_embedder.linear_2",
     "time_embedding.0": "condition_embedder.time_embedder.linear_1",
@@ -399,11 +400,11 @@ def wan_original_to_diffusers(converted: ConvertedLora, image_attention: bool = 
     for (component, path), patch in converted.patches.items():
         infix, rest = _split_wan_expert(path)
         block = _WAN_BLOCK.match(rest)
-        if block and block.group(2) in _WAN_BLOCK_RENAMES:
-            rest = block.group(1) + _WAN_BLOCK_RENAMES[block.group(2)]
+        if block and block.group(2) in WAN_BLOCK_RENAMES:
+            rest = block.group(1) + WAN_BLOCK_RENAMES[block.group(2)]
             renamed += 1
-        elif rest in _WAN_TOP_RENAMES:
-            rest = _WAN_TOP_RENAMES[rest]
+        elif rest in WAN_TOP_RENAMES:
+            rest = WAN_TOP_RENAMES[rest]
             renamed += 1
         patches[(component, infix + rest)] = patch
     if not image_attention:

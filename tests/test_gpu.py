@@ -162,6 +162,41 @@ def test_auto_offload_streams_only_the_blocks_that_do_not_fit(load_tiny, monkeyp
     assert np.abs(partial.generate(**gen).images - roomy.generate(**gen).images).max() < 0.03
 
 
+def test_streamed_blocks_spread_between_kept_ones_give_the_all_on_gpu_output():
+    """A FLUX transformer with 8 blocks and room for about half their bytes: the streamed blocks sit between kept ones
+    (``blocks_to_keep``), and diffusers' prefetch chain, traced on the first forward, fetches each one on its CUDA stream
+    while the kept blocks before it run. Every forward, the traced one and the prefetched ones after it, equals the
+    forward with every weight on the GPU, bit for bit."""
+    import copy
+
+    from diffusers import FluxTransformer2DModel
+
+    from aitk_inference.pipelines.runtime import accelerate
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=6, attention_head_dim=16,
+                                   num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                                   axes_dims_rope=(4, 6, 6)).to(torch.bfloat16).eval()
+    streamed = copy.deepcopy(model)
+    model.to("cuda")
+    inputs = {"hidden_states": torch.randn(1, 64, 16), "encoder_hidden_states": torch.randn(1, 8, 32),
+              "pooled_projections": torch.randn(1, 32), "timestep": torch.tensor([0.5]),
+              "img_ids": torch.zeros(64, 3), "txt_ids": torch.zeros(8, 3)}
+    inputs = {k: v.to("cuda", torch.bfloat16 if v.is_floating_point() and k not in ("img_ids", "txt_ids") else v.dtype)
+              for k, v in inputs.items()}
+    with torch.inference_mode():
+        want = model(**inputs)[0]
+    sizes = [accelerate.module_bytes(block) for _, block in accelerate.blocks_in_order(streamed)]
+    kept = accelerate.offload_blocks_keeping_resident(streamed, "cuda", sum(sizes) // 2)
+    placed = [next(block.parameters()).device.type for _, block in accelerate.blocks_in_order(streamed)]
+    gaps = [i for i, device in enumerate(placed) if device == "cpu"]
+    assert placed[0] == "cuda" and 2 <= len(gaps) == len(placed) - kept
+    assert all(b - a > 1 for a, b in zip(gaps, gaps[1:]))  # no two streamed blocks in a row
+    for _ in range(3):
+        with torch.inference_mode():
+            assert torch.equal(streamed(**inputs)[0], want)
+
+
 @pytest.mark.parametrize("lora_mode", ["fused", "dynamic"])
 def test_regional_compile_with_auto_offload_compiles_the_resident_blocks(load_tiny, monkeypatch, tmp_path, lora_mode):
     """compile="regional" with offload="auto" streaming blocks under a memory cap: the first (resident) block

@@ -350,6 +350,18 @@ def test_load_options_select_lora_mode_and_compile(core, tiny_dir):
         core.load("flux", tiny_dir("flux"), "fp32", "none", "cpu", compile="max")
 
 
+def test_load_node_says_what_to_do_when_the_base_cannot_be_downloaded(core, monkeypatch, tmp_path):
+    """An empty base (the model's hub repo) that is not in the hub cache, with no network: the node raises one
+    ValueError (what ComfyUI shows in its error dialog) naming the repo and the download line."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError, match=r"flux: black-forest-labs/FLUX.1-dev is not \(fully\) downloaded .* "
+                                         r"`huggingface-cli download black-forest-labs/FLUX.1-dev`"):
+        core.load("flux", "", "fp32", "none", "cpu").get_pipeline()
+
+
 def test_load_options_select_attention_and_quantize(pack, core, tiny_dir):
     from aitk_inference.pipelines.runtime.options import ATTENTION_KERNELS
 

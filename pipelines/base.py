@@ -367,7 +367,7 @@ class AITKPipeline:
             try:
                 pipe = cls.load_diffusers_pipeline(spec, source, torch_dtype, **overrides)
             except Exception as error:
-                unavailable = hub.base_unavailable(spec, source, error) if hub.is_hub_repo_id(source) else None
+                unavailable = hub.base_unavailable(spec, source, error)
                 if unavailable is None:
                     raise
                 raise unavailable from error

@@ -6,6 +6,7 @@ turns it into one :class:`BaseUnavailableError` that names the repo and what to 
 from __future__ import annotations
 
 import os
+import re
 
 from .registry import ModelSpec
 
@@ -36,9 +37,31 @@ def _hub_cache() -> str:
     return constants.HF_HUB_CACHE
 
 
-def base_unavailable(spec: ModelSpec, repo: str, error: BaseException) -> BaseUnavailableError | None:
-    """The error to raise instead of ``error`` when loading ``spec``'s base ``repo`` failed at the hub, or None when
-    the failure was something else (which then propagates as it is)."""
+def _in_hub_cache(repo: str) -> bool:
+    return os.path.isdir(os.path.join(_hub_cache(), "models--" + repo.replace("/", "--"), "snapshots"))
+
+
+# the repo in a hub address of an error message (https://huggingface.co/api/models/owner/name, .../owner/name/resolve/)
+_REPO_IN_ADDRESS = re.compile(r"huggingface\.co/(?:api/models/)?(?!docs/|api/)([\w.-]+/[\w.-]*\w)")
+
+
+def failed_repo(error: BaseException, source: str) -> str | None:
+    """The hub repo a load failed on: the one the hub's error names, else the one in its address, else ``source``
+    when it is a hub repo id missing from the cache, else None (a family may load a second repo, a separate text
+    encoder or tokenizer, and transformers' offline errors name none)."""
+    for cause in _causes(error):
+        if getattr(cause, "repo_id", None):
+            return cause.repo_id
+        found = _REPO_IN_ADDRESS.search(str(cause))
+        if found:
+            return found.group(1)
+    return source if is_hub_repo_id(source) and not _in_hub_cache(source) else None
+
+
+def base_unavailable(spec: ModelSpec, source: str, error: BaseException) -> BaseUnavailableError | None:
+    """The error to raise instead of ``error`` when loading ``spec``'s pipeline from ``source`` failed at the hub
+    (the base repo, or another repo the family loads beside it), or None when the failure was something else (which
+    then propagates as it is)."""
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
@@ -47,28 +70,39 @@ def base_unavailable(spec: ModelSpec, repo: str, error: BaseException) -> BaseUn
         RepositoryNotFoundError,
     )
 
+    hub_error = next((cause for cause in _causes(error) if isinstance(cause, (
+        HfHubHTTPError, OfflineModeIsEnabled, LocalEntryNotFoundError, ConnectionError)) or type(cause).__name__ in (
+        "ConnectError", "ConnectTimeout", "NetworkError")), None)
+    if hub_error is None:
+        return None
+    repo = failed_repo(error, source)
     login = "`huggingface-cli login` (or set HF_TOKEN)"
-    download = (f"download it once where there is a network: `huggingface-cli download {repo}` (gated repos need "
-                f"{login} first), or give a local diffusers folder of it as {BASE_OPTION}")
-    for cause in _causes(error):
-        if isinstance(cause, GatedRepoError):
-            return BaseUnavailableError(
-                f"{spec.model_id}: {repo} is a gated repo and this machine is not allowed to download it: accept its "
-                f"licence at https://huggingface.co/{repo} with your account, log in here once with {login}, then "
-                "run again.")
-        if isinstance(cause, RepositoryNotFoundError):
-            return BaseUnavailableError(
-                f"{spec.model_id}: the hub has no repo {repo!r} that this machine can see (a typo, or a private repo: "
-                f"log in with {login}). Give a hub repo id (default {spec.base!r}) or a local diffusers folder as "
-                f"{BASE_OPTION}.")
-        if isinstance(cause, HfHubHTTPError) and cause.response is not None and cause.response.status_code in (401, 403):
-            return BaseUnavailableError(
-                f"{spec.model_id}: the hub refused to serve {repo} (HTTP {cause.response.status_code}): if it is gated "
-                f"or private, accept its licence at https://huggingface.co/{repo} and log in here with {login}.")
-        if isinstance(cause, (OfflineModeIsEnabled, LocalEntryNotFoundError, ConnectionError)) or (
-                type(cause).__name__ in ("ConnectError", "ConnectTimeout", "NetworkError")):
-            offline = " (HF_HUB_OFFLINE is set)" if isinstance(cause, OfflineModeIsEnabled) else ""
-            return BaseUnavailableError(
-                f"{spec.model_id}: {repo} is not (fully) downloaded in the Hugging Face cache ({_hub_cache()}) and "
-                f"the hub cannot be reached{offline}. To run it, {download}.")
-    return None
+    what = f"{repo} (a repo {spec.model_id} loads beside its base)" if repo and repo != source else repo
+    if isinstance(hub_error, GatedRepoError):
+        return BaseUnavailableError(
+            f"{spec.model_id}: {what} is a gated repo and this machine is not allowed to download it: accept its "
+            f"licence at https://huggingface.co/{repo} with your account, log in here once with {login}, then run "
+            "again.")
+    if isinstance(hub_error, RepositoryNotFoundError):
+        return BaseUnavailableError(
+            f"{spec.model_id}: the hub has no repo {repo!r} that this machine can see (a typo, or a private repo: log "
+            f"in with {login}). Give a hub repo id (default {spec.base!r}) or a local diffusers folder as "
+            f"{BASE_OPTION}.")
+    if isinstance(hub_error, HfHubHTTPError) and hub_error.response is not None \
+            and hub_error.response.status_code in (401, 403):
+        return BaseUnavailableError(
+            f"{spec.model_id}: the hub refused to serve {what or 'a file'} (HTTP {hub_error.response.status_code}): if "
+            f"it is gated or private, accept its licence on its hub page and log in here with {login}.")
+    if isinstance(hub_error, HfHubHTTPError):
+        return None  # a server error or a missing revision: the hub's own message says more than we could
+    offline = " (HF_HUB_OFFLINE is set)" if isinstance(hub_error, OfflineModeIsEnabled) else ""
+    if repo is None:
+        return BaseUnavailableError(
+            f"{spec.model_id}: a file it loads from the Hugging Face hub beside its base (a separate text encoder or "
+            f"tokenizer repo) is not in the cache ({_hub_cache()}) and the hub cannot be reached{offline}. Run it once "
+            f"where there is a network, so that the files are downloaded. ({str(error).splitlines()[0]})")
+    instead = f", or give a local diffusers folder of it as {BASE_OPTION}" if repo == source else ""
+    return BaseUnavailableError(
+        f"{spec.model_id}: {what} is not (fully) downloaded in the Hugging Face cache ({_hub_cache()}) and the hub "
+        f"cannot be reached{offline}. To run it, download it once where there is a network: `huggingface-cli "
+        f"download {repo}` (gated repos need {login} first){instead}.")

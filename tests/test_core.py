@@ -400,6 +400,26 @@ def test_cli_says_what_to_do_when_the_base_cannot_be_had_from_the_hub(tmp_path, 
     assert not (tmp_path / "x.png").exists()
 
 
+def test_a_second_repo_missing_offline_is_named_as_such(tiny_dir, tmp_path, monkeypatch):
+    """HiDream loads Llama-3.1 from its own repo when the base folder has no text_encoder_4: offline with an empty
+    cache, transformers' error names no repo, so the message says a repo beside the base is missing (not the local
+    base itself) and keeps the library's first line."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    from aitk_inference.pipelines import load_pipeline
+    from aitk_inference.pipelines.hub import BaseUnavailableError
+
+    base = tmp_path / "hidream"
+    shutil.copytree(tiny_dir("hidream"), base, ignore=shutil.ignore_patterns("text_encoder_4", "tokenizer_4", "loras"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(BaseUnavailableError, match=r"^hidream: a file it loads from the Hugging Face hub beside its "
+                                                    r"base .* is not in the cache .* \(We couldn't connect"):
+        load_pipeline("hidream", base=str(base), device="cpu", dtype="fp32")
+
+
 def test_cli_out_of_gpu_memory_says_what_to_lower(tiny_dir, tmp_path, monkeypatch, capsys):
     """Attention running out of GPU memory (raised where torch raises it, as on a card too small for the size asked)
     ends in one line that names the options that need less memory, exit status 2, no traceback and no image."""

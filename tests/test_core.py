@@ -380,7 +380,9 @@ def test_cli_says_what_to_do_when_the_base_cannot_be_had_from_the_hub(tmp_path, 
     each ends in one line naming the repo and what to do, exit status 2, no traceback (diffusers raises an OSError
     whose cause is the hub's error). The real loading code runs against an empty hub cache."""
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.delenv("HF_TOKEN", raising=False)
+    for variable in ("HF_TOKEN", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_ENDPOINT", "HTTP_PROXY", "HTTPS_PROXY",
+                     "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(variable, raising=False)
     args = ("generate", "--model", "flux", "--device", "cpu", "--prompt", "x", "--out", str(tmp_path / "x.png"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     offline = _cli(*args)

@@ -15,7 +15,8 @@ BASE_OPTION = "the base (CLI: --base; Load node: base; library: base=)"
 
 
 class BaseUnavailableError(ValueError):
-    """The base is a hub repo that cannot be loaded here; the message says why and what to do."""
+    """A hub repo the pipeline loads (its base, or one a family loads beside it) cannot be had here; the message says
+    why and what to do."""
 
 
 def is_hub_repo_id(source: str) -> bool:

@@ -299,7 +299,8 @@ def _describe(error: Exception, job: Job) -> str:
         if isinstance(error, torch.cuda.OutOfMemoryError):
             torch.cuda.empty_cache()
             return (f"CUDA out of memory while running {job.model}: lower width/height or the number of stacked LoRAs, "
-                    "or restart the server with OFFLOAD_MODE=model. The server and its cached pipeline are still usable.")
+                    "or restart the server with OFFLOAD_MODE=auto (keeps on the GPU what fits, streams the rest). "
+                    "The server and its cached pipeline are still usable.")
     except ImportError:  # pragma: no cover
         pass
     if isinstance(error, (ValueError, OSError, DownloadError)):

@@ -43,20 +43,19 @@ def _in_hub_cache(repo: str) -> bool:
 
 
 # the repo in a hub address of an error message (https://huggingface.co/api/models/owner/name, .../owner/name/resolve/)
-_REPO_IN_ADDRESS = re.compile(r"huggingface\.co/(?:api/models/)?(?!docs/|api/)([\w.-]+/[\w.-]*\w)")
+_REPO_IN_ADDRESS = re.compile(r"huggingface\.co/(?:api/models/)?(?!(?:docs|api|settings|login|join|spaces|datasets)/)"
+                              r"([\w.-]+/[\w.-]*\w)")
 
 
 def failed_repo(error: BaseException, source: str) -> str | None:
     """The hub repo a load failed on: the one the hub's error names, else the one in its address, else ``source``
     when it is a hub repo id missing from the cache, else None (a family may load a second repo, a separate text
     encoder or tokenizer, and transformers' offline errors name none)."""
-    for cause in _causes(error):
-        if getattr(cause, "repo_id", None):
-            return cause.repo_id
-        found = _REPO_IN_ADDRESS.search(str(cause))
-        if found:
-            return found.group(1)
-    return source if is_hub_repo_id(source) and not _in_hub_cache(source) else None
+    causes = list(_causes(error))
+    named = next((cause.repo_id for cause in causes if getattr(cause, "repo_id", None)), None)
+    in_address = next((match.group(1) for match in map(_REPO_IN_ADDRESS.search, map(str, causes)) if match), None)
+    missing_base = source if is_hub_repo_id(source) and not _in_hub_cache(source) else None
+    return named or in_address or missing_base
 
 
 def base_unavailable(spec: ModelSpec, source: str, error: BaseException) -> BaseUnavailableError | None:

@@ -417,9 +417,9 @@ def main(argv=None) -> int:
         torch = sys.modules.get("torch")  # imported by whatever ran out of memory; never imported here for a check
         if torch is None or not isinstance(e, torch.OutOfMemoryError):
             raise
-        print(f"error: out of GPU memory ({str(e).splitlines()[0]}). Ask for less: --offload auto (keeps on the GPU what "
-              "fits and streams the rest), --quantize fp8, --vae-tiling, a smaller --width/--height, fewer --num-frames "
-              "or a smaller --batch-size.", file=sys.stderr)
+        print(f"error: out of GPU memory ({str(e).splitlines()[0]}). Ask for less: --offload auto (keeps on the GPU "
+              "what fits and streams the rest), --quantize fp8, --vae-tiling, a smaller --width/--height, fewer "
+              "--num-frames or a smaller --batch-size.", file=sys.stderr)
         return 2
 
 

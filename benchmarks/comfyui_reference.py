@@ -17,6 +17,7 @@ reference is skipped with that message.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import logging
 import os
@@ -61,16 +62,22 @@ WAN_BLOCK = re.compile(r"^(blocks\.\d+\.)(.+)$")
 WAN_TIMESTEP_MULTIPLIER = 1000.0
 
 
+@functools.cache
+def _original_wan_names(in_block: bool) -> dict[str, str]:
+    """diffusers -> original Wan names, inside the blocks or outside them."""
+    from ..pipelines.lora.convert import WAN_BLOCK_RENAMES, WAN_TOP_RENAMES
+
+    renames = {diffusers: original for original, diffusers in
+               (WAN_BLOCK_RENAMES if in_block else WAN_TOP_RENAMES).items()}
+    return {**renames, **(WAN_BLOCK_PARAMETERS if in_block else WAN_TOP_PARAMETERS)}
+
+
 def original_wan_key(key: str) -> str:
     """``blocks.3.attn1.to_q.weight`` -> ``blocks.3.self_attn.q.weight``: a diffusers Wan module or parameter path in
     the original Wan names (our LoRA converter's table, inverted, plus the parameters it has no need for)."""
-    from ..pipelines.lora.convert import WAN_BLOCK_RENAMES, WAN_TOP_RENAMES
-
     block = WAN_BLOCK.match(key)
     prefix, rest = (block.group(1), block.group(2)) if block else ("", key)
-    renames = {diffusers: original for original, diffusers in
-               (WAN_BLOCK_RENAMES if block else WAN_TOP_RENAMES).items()}
-    renames.update(WAN_BLOCK_PARAMETERS if block else WAN_TOP_PARAMETERS)
+    renames = _original_wan_names(block is not None)
     if rest in renames:
         return prefix + renames[rest]
     module, _, leaf = rest.rpartition(".")
@@ -219,10 +226,8 @@ def bench_comfyui(model_id: str, opts, rec, comfy_dir: str | None) -> None:
     gc.collect()
     if opts.device.startswith("cuda"):
         torch.cuda.empty_cache()
-    if opts.size == "tiny":
-        model = build_transformer(architecture, "full", opts.device, dtype, config_changes=reference.tiny_config)
-    else:
-        model = build_transformer(architecture, "full", opts.device, dtype)
+    model = build_transformer(architecture, "full", opts.device, dtype,
+                              config_changes=reference.tiny_config if opts.size == "tiny" else None)
     inputs = forward_inputs(architecture, model, workload)
     lora = lora_state_dict(model, opts.rank, 0, 0.01 if opts.size == "full" else 0.3)
     comfy_inputs, denoised = reference.inputs(inputs, workload)

@@ -1,14 +1,15 @@
 """FLUX.1-dev through ``load_pipeline(offload="auto")`` on a card whose memory this process may use is capped
 (``torch.cuda.set_per_process_memory_fraction``), against the uncapped run in the same process: which placement auto
-chose (and how much of the transformer's blocks it kept on the GPU), the time of a 1024x1024 image with a fused rank-16 LoRA, its peak memory. Full-size random weights (the
-benchmark's FLUX folder, written once). ``--fp8-caps`` adds runs with ``quantize="fp8"`` (FP8 block weights,
-quantized on the host when the bf16 weights do not fit, as many blocks kept as fit and the rest streamed when the FP8
-weights do not fit either), timed against the first bf16 run and against the uncapped FP8 run; ``--compile regional`` compiles every run (the resident blocks; streamed ones run eager: see
-BENCHMARKS.md, "compile with streamed blocks"). ``--layouts spread first`` times each capped run twice: with the
-kept blocks spread between the streamed ones (``accelerate.blocks_to_keep``, the library's) and with the first blocks
-kept (the layout before it), for the ratio in one run. GPU only:
+chose (and how much of the transformer's blocks it kept on the GPU), the time of a 1024x1024 image with a fused
+rank-16 LoRA, its peak memory. Full-size random weights (the benchmark's FLUX folder, written once). ``--fp8-caps``
+adds runs with ``quantize="fp8"`` (FP8 block weights, quantized on the host when the bf16 weights do not fit, as many
+blocks kept as fit and the rest streamed when the FP8 weights do not fit either), timed against the first bf16 run
+and against the uncapped FP8 run; ``--compile regional`` compiles every run (the resident blocks; streamed ones run
+eager: see BENCHMARKS.md, "FP8 blocks that stream"). ``--layouts spread first`` times each capped run twice: with the
+kept blocks spread between the streamed ones (``accelerate.blocks_to_keep``, the library's) and with the first
+blocks kept (the layout before it), for the ratio in one run. GPU only:
 
-    python3 -m aitk_inference.benchmarks.memory_caps --caps 0 24 12 --fp8-caps 0 24 12 --steps 4 --out DIR  # 0 = uncapped
+    python3 -m aitk_inference.benchmarks.memory_caps --caps 0 24 12 --fp8-caps 0 24 12 --steps 4 --out DIR
 """
 
 import argparse
@@ -23,7 +24,6 @@ def keep_first_blocks(sizes: list[int], resident_bytes: int) -> list[bool]:
         keep.append(all(keep) and size <= resident_bytes)
         resident_bytes -= size if keep[-1] else 0
     return keep
-
 
 
 def main(argv=None) -> int:
@@ -93,6 +93,7 @@ def main(argv=None) -> int:
         pipeline = None
         gc.collect()
         torch.cuda.empty_cache()
+    accelerate.blocks_to_keep = spread
     base = result["runs"][0].get("image_s")
     fp8_base = next((r.get("image_s") for r in result["runs"] if r["quantize"] == "fp8" and r["uncapped"]), None)
     for run in result["runs"]:

@@ -73,7 +73,8 @@ WORKLOADS = {
 }
 
 
-def build_transformer(model_id: str, size: str, device: str, dtype, seed: int = 0, config_changes: dict | None = None):
+def build_transformer(model_id: str, size: str, device: str, dtype, seed: int = 0,
+                      config_changes: dict | None = None):
     """The denoiser of ``model_id``: full size with random weights, or the tiny kit's, on ``device`` in ``dtype``.
     ``config_changes`` change entries of the full config (a small model of the full one's shape, e.g. one head)."""
     import torch

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..pipelines.component_files import FILE_COMPONENTS
+from ..pipelines.hub import repo_cache_folder
 from ..pipelines.registry import get_spec
 from ..pipelines.runtime import cache
 from ..pipelines.runtime.options import LoadOptions
@@ -292,7 +293,7 @@ def _base_source(model: str, base: str) -> dict:
     if os.path.exists(resolved):
         size = _folder_bytes(resolved) if os.path.isdir(resolved) else os.path.getsize(resolved)
         return {"kind": "local", "source": resolved, "bytes": size, "cached": True, "gated": None}
-    cached = os.path.join(hub_cache_dir(), "models--" + resolved.replace("/", "--"))
+    cached = repo_cache_folder(hub_cache_dir(), resolved)
     if os.path.isdir(os.path.join(cached, "snapshots")):
         return {"kind": "hub", "source": resolved, "bytes": _folder_bytes(cached), "cached": True, "gated": None}
     size, gated = hub_download_size(resolved)

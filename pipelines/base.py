@@ -948,7 +948,8 @@ def load_pipeline(
         quantize (str, *optional*): ``none`` (default) or ``fp8``: FP8 weights for the denoiser's blocks (torchao; a
             CUDA GPU with compute capability 8.9+; less exact, see BENCHMARKS.md; use with ``compile="regional"``).
             With ``lora_mode="fused"`` LoRAs are merged before quantizing (the fast mode; keeps the bf16 weights of
-            the quantized layers, on the GPU while a quarter of it stays free, else in host RAM); with ``dynamic`` they run as adapters (about half the transformer's GPU memory).
+            the quantized layers, on the GPU while a quarter of it stays free, else in host RAM); with ``dynamic``
+            they run as adapters (about half the transformer's GPU memory).
             FP8 weights of a single-file base are upcast on load and re-quantized here. Goes with ``offload`` none or
             ``auto`` (when the bf16 weights do not fit, quantized on the host first, then placed whole when the FP8
             weights fit, else as many blocks kept on the GPU as fit and the rest streamed).

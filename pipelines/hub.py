@@ -38,8 +38,13 @@ def _hub_cache() -> str:
     return constants.HF_HUB_CACHE
 
 
+def repo_cache_folder(cache: str, repo: str) -> str:
+    """The folder of model repo ``repo`` in the hub cache ``cache`` (its snapshots are below it once downloaded)."""
+    return os.path.join(cache, "models--" + repo.replace("/", "--"))
+
+
 def _in_hub_cache(repo: str) -> bool:
-    return os.path.isdir(os.path.join(_hub_cache(), "models--" + repo.replace("/", "--"), "snapshots"))
+    return os.path.isdir(os.path.join(repo_cache_folder(_hub_cache(), repo), "snapshots"))
 
 
 # the repo in a hub address of an error message (https://huggingface.co/api/models/owner/name, .../owner/name/resolve/)

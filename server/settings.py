@@ -83,14 +83,15 @@ class Settings:
             ``http://{host}:{port}``.
         load (LoadOptions, defaults to ``LoadOptions()``): the load options of every model, from ``DEVICE`` (cuda,
             cuda:1, cpu, mps; defaults to CUDA when available), ``AITK_DTYPE`` (auto, fp32, bf16, fp16),
-            ``OFFLOAD_MODE`` (none, model, sequential, group, auto), ``AITK_LORA_MODE`` (dynamic, fused; defaults to each
-            model's registry setting), ``AITK_COMPILE`` (none, regional, full: torch.compile the denoiser once per
+            ``OFFLOAD_MODE`` (none, model, sequential, group, auto), ``AITK_LORA_MODE`` (dynamic, fused; defaults to
+            each model's registry setting), ``AITK_COMPILE`` (none, regional, full: torch.compile the denoiser once per
             loaded pipeline; strength changes and LoRA switches never recompile), ``AITK_ATTENTION`` (a key of
             ``pipelines.runtime.options.ATTENTION_KERNELS``; sdpa is diffusers' default, the others force one
             kernel) and ``AITK_QUANTIZE`` (none, fp8: FP8 denoiser weights on a CUDA GPU with compute capability
             8.9+, torchao; with ``AITK_LORA_MODE=fused`` LoRAs are merged before quantizing (the fast mode),
             otherwise they run as live adapters; ``OFFLOAD_MODE`` none or auto, which places the FP8 weights whole
-            when they fit, else keeps as many blocks on the GPU as fit and streams the rest). ``bases`` sets ``base`` per model.
+            when they fit, else keeps as many blocks on the GPU as fit and streams the rest). ``bases`` sets ``base``
+            per model.
         vae_tiling (bool, defaults to False): ``AITK_VAE_TILING`` (1/true): decode in tiles, far less memory for large
             videos at some speed.
         workflows_base_path (str, defaults to /app/ai-toolkit/lora_weights): ``WORKFLOWS_BASE_PATH``; local

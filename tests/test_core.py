@@ -395,7 +395,8 @@ def test_cli_says_what_to_do_when_the_base_cannot_be_had_from_the_hub(tmp_path, 
     monkeypatch.setenv("HF_ENDPOINT", hub_that_refuses)
     gated = _cli(*args, "--base", "gated/model")
     assert gated.returncode == 2 and "Traceback" not in gated.stderr, gated.stderr
-    assert gated.stderr.startswith("error: flux: gated/model is a gated repo") and "huggingface.co/gated/model" in gated.stderr
+    assert gated.stderr.startswith("error: flux: gated/model is a gated repo")
+    assert "huggingface.co/gated/model" in gated.stderr
     missing = _cli(*args, "--base", "nobody/nothing")
     assert missing.returncode == 2 and "Traceback" not in missing.stderr, missing.stderr
     assert missing.stderr.startswith("error: flux: the hub has no repo 'nobody/nothing'")

@@ -164,9 +164,9 @@ def test_auto_offload_streams_only_the_blocks_that_do_not_fit(load_tiny, monkeyp
 
 def test_streamed_blocks_spread_between_kept_ones_give_the_all_on_gpu_output():
     """A FLUX transformer with 8 blocks and room for about half their bytes: the streamed blocks sit between kept ones
-    (``blocks_to_keep``), and diffusers' prefetch chain, traced on the first forward, fetches each one on its CUDA stream
-    while the kept blocks before it run. Every forward, the traced one and the prefetched ones after it, equals the
-    forward with every weight on the GPU, bit for bit."""
+    (``blocks_to_keep``), and diffusers' prefetch chain, traced on the first forward, fetches each one on its CUDA
+    stream while the kept blocks before it run. Every forward, the traced one and the prefetched ones after it,
+    equals the forward with every weight on the GPU, bit for bit."""
     import copy
 
     from diffusers import FluxTransformer2DModel
@@ -174,9 +174,9 @@ def test_streamed_blocks_spread_between_kept_ones_give_the_all_on_gpu_output():
     from aitk_inference.pipelines.runtime import accelerate
 
     torch.manual_seed(0)
-    model = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=6, attention_head_dim=16,
-                                   num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
-                                   axes_dims_rope=(4, 6, 6)).to(torch.bfloat16).eval()
+    model = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=6,
+                                   attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                   pooled_projection_dim=32, axes_dims_rope=(4, 6, 6)).to(torch.bfloat16).eval()
     streamed = copy.deepcopy(model)
     model.to("cuda")
     inputs = {"hidden_states": torch.randn(1, 64, 16), "encoder_hidden_states": torch.randn(1, 8, 32),

@@ -5,9 +5,11 @@ rank-16 LoRA, its peak memory. Full-size random weights (the benchmark's FLUX fo
 adds runs with ``quantize="fp8"`` (FP8 block weights, quantized on the host when the bf16 weights do not fit, as many
 blocks kept as fit and the rest streamed when the FP8 weights do not fit either), timed against the first bf16 run
 and against the uncapped FP8 run; ``--compile regional`` compiles every run (the resident blocks; streamed ones run
-eager: see BENCHMARKS.md, "FP8 blocks that stream"). ``--layouts spread first`` times each capped run twice: with the
-kept blocks spread between the streamed ones (``accelerate.blocks_to_keep``, the library's) and with the first
-blocks kept (the layout before it), for the ratio in one run. GPU only:
+eager: see BENCHMARKS.md, "FP8 blocks that stream"). ``--streaming`` times each capped run with each way of streaming
+the blocks that do not fit, for the ratio in one run: ``library`` (``streaming.BlockStreamer``, kept blocks spread
+between the streamed ones by ``accelerate.blocks_to_keep``), ``diffusers-spread`` (diffusers' group offloading with
+the same kept blocks; what the library did before) and ``diffusers-first`` (the first blocks kept, before that);
+the diffusers ones stream bf16 weights only. GPU only:
 
     python3 -m aitk_inference.benchmarks.memory_caps --caps 0 24 12 --fp8-caps 0 24 12 --steps 4 --out DIR
 """
@@ -26,6 +28,56 @@ def keep_first_blocks(sizes: list[int], resident_bytes: int) -> list[bool]:
     return keep
 
 
+def diffusers_streaming(layout):
+    """``accelerate.offload_blocks_keeping_resident`` as it was before ``streaming``: diffusers' block-level group
+    offloading with a CUDA stream, the blocks ``layout`` keeps taken out of its hooks and its prefetch chain."""
+    import torch
+    from diffusers.hooks import HookRegistry, apply_group_offloading
+    from diffusers.hooks.group_offloading import (
+        _GROUP_OFFLOADING,
+        _LAYER_EXECUTION_TRACKER,
+        _LAZY_PREFETCH_GROUP_OFFLOADING,
+    )
+
+    from ..pipelines.runtime import accelerate
+
+    def offload(denoiser, device, resident_bytes):
+        registry = HookRegistry.check_if_exists_or_initialize(denoiser)
+        for name in (_GROUP_OFFLOADING, _LAYER_EXECUTION_TRACKER, _LAZY_PREFETCH_GROUP_OFFLOADING):
+            registry.remove_hook(name, recurse=True)
+        blocks = accelerate.blocks_in_order(denoiser)
+        if any(type(p) is not torch.nn.Parameter for _, block in blocks for p in block.parameters()):
+            raise ValueError("diffusers' group offloading streams bf16 weights only here")
+        keep = layout([accelerate.module_bytes(block) for _, block in blocks], resident_bytes)
+        apply_group_offloading(denoiser, onload_device=torch.device(device), offload_type="block_level",
+                               num_blocks_per_group=1, use_stream=True)
+        tracer = denoiser._diffusers_hook.get_hook(_LAZY_PREFETCH_GROUP_OFFLOADING)
+        for (name, block), kept in zip(blocks, keep):
+            if kept:
+                block._diffusers_hook.remove_hook(_GROUP_OFFLOADING, recurse=False)
+                block._diffusers_hook.remove_hook(_LAYER_EXECUTION_TRACKER, recurse=False)
+                tracer._layer_execution_tracker_module_names.discard(name)
+                block.to(device)
+        return sum(keep)
+
+    return offload
+
+
+def host_to_gpu_gbps(gib: int = 2) -> float:
+    """The card's copy rate from pinned host memory (GB/s, one ``gib`` copy after a warm-up): the floor of a step
+    whose streamed bytes are known."""
+    import torch
+
+    host = torch.empty(gib * 2**30, dtype=torch.uint8, pin_memory=True)
+    gpu = torch.empty_like(host, device="cuda")
+    gpu.copy_(host, non_blocking=True)
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    gpu.copy_(host, non_blocking=True)
+    torch.cuda.synchronize()
+    return round(host.numel() / (time.perf_counter() - started) / 1e9, 1)
+
+
 def main(argv=None) -> int:
     import torch
 
@@ -40,24 +92,28 @@ def main(argv=None) -> int:
     parser.add_argument("--compile", default="none", choices=["none", "regional"])
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--images", type=int, default=2, help="timed images per cap, after one warm-up")
-    parser.add_argument("--layouts", nargs="+", default=["spread"], choices=["spread", "first"],
-                        help="which blocks a capped run keeps on the GPU: spread (the library's) or the first ones")
+    parser.add_argument("--streaming", nargs="+", default=["library"],
+                        choices=["library", "diffusers-spread", "diffusers-first"],
+                        help="how a capped run streams the blocks that do not fit (see the module docstring)")
     parser.add_argument("--out", default=".")
     args = parser.parse_args(argv)
-    spread = accelerate.blocks_to_keep
+    library = accelerate.offload_blocks_keeping_resident
+    streamings = {"library": library, "diffusers-spread": diffusers_streaming(accelerate.blocks_to_keep),
+                  "diffusers-first": diffusers_streaming(keep_first_blocks)}
     folder = materialize_flux(Options())
     total = torch.cuda.get_device_properties(0).total_memory
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "steps": args.steps,
-              "size": 1024, "compile": args.compile, "runs": []}
-    runs = [(quantize, cap, layout) for quantize, caps in (("none", args.caps), ("fp8", args.fp8_caps))
-            for cap in caps for layout in (args.layouts[:1] if cap == 0 else args.layouts)]
-    for quantize, cap, layout in runs:
+              "size": 1024, "compile": args.compile, "host_to_gpu_gbps": host_to_gpu_gbps(), "runs": []}
+    runs = [(quantize, cap, streaming) for quantize, caps in (("none", args.caps), ("fp8", args.fp8_caps))
+            for cap in caps for streaming in (args.streaming[:1] if cap == 0 else args.streaming)
+            if quantize == "none" or streaming == "library"]
+    for quantize, cap, streaming in runs:
         torch.cuda.set_per_process_memory_fraction(1.0 if cap == 0 else cap * 2**30 / total)
         torch.cuda.reset_peak_memory_stats()
-        accelerate.blocks_to_keep = spread if layout == "spread" else keep_first_blocks
+        accelerate.offload_blocks_keeping_resident = streamings[streaming]
         run = {"quantize": quantize, "cap_gib": cap or round(total / 2**30, 1), "uncapped": cap == 0}
         if cap:
-            run["layout"] = layout
+            run["streaming"] = streaming
         pipeline = None
         try:
             started = time.perf_counter()
@@ -67,8 +123,11 @@ def main(argv=None) -> int:
             run["offload_chosen"] = pipeline.offload
             if pipeline.resident:
                 run["resident_gib"] = {k: round(v / 2**30, 2) for k, v in pipeline.resident.items()}
-                run["streamed_blocks"] = [index for index, (_, block) in enumerate(accelerate.blocks_in_order(
-                    pipeline.pipe.transformer)) if accelerate.carries_offload_hook(block)]
+                blocks = accelerate.blocks_in_order(pipeline.pipe.transformer)
+                run["streamed_blocks"] = [i for i, (_, block) in enumerate(blocks)
+                                          if accelerate.carries_offload_hook(block)]
+                run["streamed_gib_per_step"] = round(sum(accelerate.module_bytes(blocks[i][1])
+                                                         for i in run["streamed_blocks"]) / 2**30, 2)
             lora = lora_state_dict(pipeline.pipe.transformer, rank=16, seed=0, std=0.01)
             pipeline.set_loras([LoraRequest(state_dict=lora, strength=1.0, name="r16")])
             gen = dict(prompt="a photo of a cat", width=1024, height=1024, steps=args.steps, seed=1)
@@ -93,7 +152,7 @@ def main(argv=None) -> int:
         pipeline = None
         gc.collect()
         torch.cuda.empty_cache()
-    accelerate.blocks_to_keep = spread
+    accelerate.offload_blocks_keeping_resident = library
     base = result["runs"][0].get("image_s")
     fp8_base = next((r.get("image_s") for r in result["runs"] if r["quantize"] == "fp8" and r["uncapped"]), None)
     for run in result["runs"]:

@@ -139,7 +139,7 @@ LOAD = NodeSpec(
               options=lambda: list(LORA_MODES)),
         Field("compile", "COMBO", "regional: torch.compile the repeated transformer blocks once (the first run pays "
               "the compilation; strength changes and LoRA switches never recompile). Best with lora_mode fused. With "
-              "offload, only the blocks kept on the GPU compile (streamed ones run eager).",
+              "offload auto, resident and streamed blocks compile; with group or sequential they run eager.",
               default="none", options=lambda: list(COMPILE_MODES)),
         # Optional, so that saved workflows from before these two inputs still load (they get the defaults).
         Field("attention", "COMBO", "Attention kernel of the transformer. sdpa (default): torch picks the kernel, as "

@@ -471,8 +471,9 @@ class AITKPipeline:
 
         In ``fused`` LoRA mode strength changes and LoRA switches edit the weights in place, so the compiled graphs
         are reused (no recompilation). In ``dynamic`` mode adding PEFT layers or changing a strength recompiles.
-        With offloading, ``regional`` compiles the blocks that stay on the device and leaves the streamed ones eager,
-        also after a LoRA change places them again (:meth:`_placed_again`); ``full`` refuses offloading.
+        With ``offload="auto"``, ``regional`` compiles the blocks that stay on the device and those that stream, also
+        after a LoRA change places them again (:meth:`_placed_again`); with ``group`` or ``sequential`` (hooks on
+        every layer) the blocks run eager; ``full`` refuses offloading.
         """
         conflict = compile_offload_conflict(mode, self.offload)
         if conflict:
@@ -481,8 +482,8 @@ class AITKPipeline:
         self.compiled, self.compile_kwargs = mode, compile_kwargs
 
     def _placed_again(self) -> None:
-        """After offloading was applied again (LoRA changes): a regionally compiled denoiser compiles the blocks that
-        are resident now and runs the streamed ones eager (``accelerate.compile_resident_blocks``)."""
+        """After offloading was applied again (LoRA changes): a regionally compiled denoiser compiles its blocks as
+        they are placed now (``accelerate.compile_resident_blocks``)."""
         if self.compiled == "regional":
             for denoiser in self.denoisers():
                 accelerate.compile_resident_blocks(denoiser, **self.compile_kwargs)
@@ -570,8 +571,8 @@ class AITKPipeline:
 
     @contextlib.contextmanager
     def _group_offload_refreshed(self):
-        """Group offloading keeps its own references to the weights (and to new PEFT layers it has never seen):
-        re-apply it to the patched components, as diffusers' own LoRA loader does."""
+        """Group offloading and block streaming keep their own references to the weights (and miss new PEFT layers):
+        apply them again to the patched components, as diffusers' own LoRA loader does."""
         from diffusers.hooks.group_offloading import _maybe_remove_and_reapply_group_offloading
 
         try:
@@ -579,7 +580,6 @@ class AITKPipeline:
         finally:
             for name, component in self.lora_components().items():
                 if self.resident and name in self.resident:
-                    accelerate.remove_group_offloading(component)
                     accelerate.offload_blocks_keeping_resident(component, self.device, self.resident[name])
                 else:
                     _maybe_remove_and_reapply_group_offloading(component)
@@ -941,8 +941,8 @@ def load_pipeline(
         compile (str, *optional*): ``none`` (default), ``regional`` or ``full`` torch.compile of the denoiser (see
             :meth:`AITKPipeline.compile_denoiser`; use with ``lora_mode="fused"`` to avoid recompiles). Compiled
             kernels are kept on disk (see ``runtime.accelerate.use_persistent_compile_cache``), so a later process
-            compiles faster. With CPU offload ``regional`` compiles the blocks that stay on the device (the streamed
-            ones run eager) and ``full`` is refused.
+            compiles faster. With ``offload="auto"`` ``regional`` compiles every block, resident or streamed; with
+            ``group`` or ``sequential`` offload the blocks run eager; ``full`` refuses offloading.
         attention (str, *optional*): the attention kernel, a key of ``runtime.options.ATTENTION_KERNELS``; ``sdpa``
             (default) is diffusers' default.
         quantize (str, *optional*): ``none`` (default) or ``fp8``: FP8 weights for the denoiser's blocks (torchao; a

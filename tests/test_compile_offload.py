@@ -2,9 +2,10 @@
 same graphs as Inductor without generating kernels).
 
 Regional compile traces each repeated block whole (``fullgraph=True``); diffusers' group offloading puts its onload
-and offload, ``torch.compiler.disable()``d functions, inside each streamed block's forward, so compiling a streamed
-block failed at the first generate (``Unsupported: Skip inlining torch.compiler.disable()d function``). The streamed
-blocks now run eager and the resident ones compile, also after a LoRA change applies the offloading again. The
+and offload, ``torch.compiler.disable()``d functions, inside each block's forward, so compiling such a block failed
+at the first generate (``Unsupported: Skip inlining torch.compiler.disable()d function``): those blocks run eager.
+The blocks ``offload="auto"`` streams (``streaming``) compile their ``forward``, the swap of their weights running
+around the graph, and the resident ones compile whole, also after a LoRA change applies the offloading again. The
 real hooks run here with the CPU as their onload device; tests/test_gpu.py runs the same under a GPU memory cap.
 """
 
@@ -20,8 +21,10 @@ from aitk_inference.tiny.loras import lora_targets, write_lora
 GEN = {"prompt": "a cat", "width": 64, "height": 64, "steps": 1, "seed": 3}
 
 
-def _compiled(pipeline) -> list[bool]:
-    return [block._compiled_call_impl is not None for block in accelerate.repeated_blocks(pipeline.pipe.transformer)]
+def _compiled(pipeline) -> list:
+    """Per repeated block: compiled ``whole``, its ``forward`` only, or nothing (False)."""
+    return ["whole" if block._compiled_call_impl is not None else "forward" if "forward" in block.__dict__ else False
+            for block in accelerate.repeated_blocks(pipeline.pipe.transformer)]
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +33,7 @@ def eager_images(pipes):
 
 
 @pytest.mark.parametrize("offload, compiled", [("group", [False, False]), ("sequential", [False, False]),
-                                               ("model", [True, True])])
+                                               ("model", ["whole", "whole"])])
 def test_regional_compile_leaves_streamed_blocks_eager(load_tiny, eager_images, caplog, offload, compiled):
     """Every block streamed (group offloading at leaf level, accelerate's sequential hooks): nothing compiles, one
     warning says so, the images are the eager ones. Whole-component offload hooks the transformer, not its blocks:
@@ -49,10 +52,11 @@ def test_regional_compile_leaves_streamed_blocks_eager(load_tiny, eager_images, 
 def test_regional_compile_follows_the_resident_blocks_through_lora_changes(load_tiny, pipes, eager_images,
                                                                             monkeypatch, tmp_path):
     """offload="auto" streaming all but the first block (the budget is set here; the CPU stands in for the GPU): that
-    block compiles, the streamed one runs eager. A live LoRA adds adapter weights to every block, so the offloading
-    applied again no longer fits the first block in the same bytes but fits the second, smaller one: the compiled first
-    block must run eager (else its hooks fail the trace) and the second compiles; once the LoRA is removed the first is
-    resident and compiled again. Images match the uncompiled ones throughout."""
+    block compiles whole, the streamed one its forward (its hooks outside the graph). A live LoRA adds adapter weights
+    to every block, so the offloading applied again no longer fits the first block in the same bytes but fits the
+    second, smaller one: the first block streams now and compiles its forward only (its hooks would fail a whole
+    trace), the second compiles whole; once the LoRA is removed it is the other way again. Images match the
+    uncompiled ones throughout."""
     transformer = pipes("flux").pipe.transformer
     first = accelerate.module_bytes(accelerate.blocks_in_order(transformer)[0][1])
     monkeypatch.setattr(accelerate, "gpu_memory_budget", lambda device: 2**30)
@@ -63,17 +67,17 @@ def test_regional_compile_follows_the_resident_blocks_through_lora_changes(load_
     assert [accelerate.carries_offload_hook(block) for block in accelerate.repeated_blocks(pipeline.pipe.transformer)] \
         == [False, True]
     pipeline.compile_denoiser("regional", backend="eager")
-    assert _compiled(pipeline) == [True, False]
+    assert _compiled(pipeline) == ["whole", "forward"]
     assert np.abs(pipeline.generate(**GEN).images - eager_images).max() <= 1e-5
 
     lora = write_lora(str(tmp_path / "l.safetensors"), "peft", lora_targets(transformer))
     reference = load_tiny("flux", lora_mode="dynamic")
     for pipe in (pipeline, reference):
         pipe.set_loras([(lora, 0.8)])
-    assert _compiled(pipeline) == [False, True]
+    assert _compiled(pipeline) == ["forward", "whole"]
     assert np.abs(pipeline.generate(**GEN).images - reference.generate(**GEN).images).max() <= 1e-5
     pipeline.set_loras([])
-    assert _compiled(pipeline) == [True, False]
+    assert _compiled(pipeline) == ["whole", "forward"]
     assert np.abs(pipeline.generate(**GEN).images - eager_images).max() <= 1e-5
 
 

@@ -164,9 +164,9 @@ def test_auto_offload_streams_only_the_blocks_that_do_not_fit(load_tiny, monkeyp
 
 def test_streamed_blocks_spread_between_kept_ones_give_the_all_on_gpu_output():
     """A FLUX transformer with 8 blocks and room for about half their bytes: the streamed blocks sit between kept ones
-    (``blocks_to_keep``), and diffusers' prefetch chain, traced on the first forward, fetches each one on its CUDA
-    stream while the kept blocks before it run. Every forward, the traced one and the prefetched ones after it,
-    equals the forward with every weight on the GPU, bit for bit."""
+    (``blocks_to_keep``), each copied into a slot on the copy stream while the blocks before it run (the first one
+    fetched when it starts, the next ones prefetched, the first again after the last). Every forward equals the
+    forward with every weight on the GPU, bit for bit, and between forwards the streamed weights are on the host."""
     import copy
 
     from diffusers import FluxTransformer2DModel
@@ -195,6 +195,7 @@ def test_streamed_blocks_spread_between_kept_ones_give_the_all_on_gpu_output():
     for _ in range(3):
         with torch.inference_mode():
             assert torch.equal(streamed(**inputs)[0], want)
+        assert [next(block.parameters()).device.type for _, block in accelerate.blocks_in_order(streamed)] == placed
 
 
 @pytest.mark.parametrize("lora_mode", ["fused", "dynamic"])

@@ -148,58 +148,56 @@ def blocks_to_keep(sizes: list[int], resident_bytes: int) -> list[bool]:
 
 
 def offload_blocks_keeping_resident(denoiser, device: str, resident_bytes: int) -> int:
-    """diffusers' group offloading of ``denoiser`` block by block, each streamed block's weights fetched on a CUDA
-    stream while the blocks before it run, except the blocks :func:`blocks_to_keep` keeps within ``resident_bytes``,
-    which stay on ``device``. Returns how many blocks stay.
+    """Put ``denoiser`` on ``device`` except the blocks :func:`blocks_to_keep` does not keep within
+    ``resident_bytes``, which stream from pinned host memory, each copied while the blocks before it run
+    (``streaming.BlockStreamer``). Applying it again (after a LoRA change) first stops the streaming before, and
+    blocks whose weights did not change are not copied again. Returns how many blocks stay."""
+    from .streaming import BlockStreamer
 
-    diffusers streams every block or none; the kept blocks are taken out of its bookkeeping after it is applied
-    (their offloading hook and the execution tracer's entry), so that its prefetch chain runs through the streamed
-    blocks only: each one is fetched when the streamed one before it starts, while the kept ones between them run.
-
-    Quantized (FP8) block weights are moved as the plain tensors they wrap (``plain_quantized``); the kept blocks hold
-    their quantized tensors again once on ``device``."""
-    import torch
-    from diffusers.hooks import apply_group_offloading
-    from diffusers.hooks.group_offloading import (
-        _GROUP_OFFLOADING,
-        _LAYER_EXECUTION_TRACKER,
-        _LAZY_PREFETCH_GROUP_OFFLOADING,
-    )
-
-    from .plain_quantized import hold_as_plain_tensors, hold_as_quantized_tensors
-
-    hold_as_plain_tensors(denoiser)  # FP8 weights only; nothing changes for others
-    blocks = blocks_in_order(denoiser)
-    keep = blocks_to_keep([module_bytes(block) for _, block in blocks], resident_bytes)
-    streams = str(device).startswith("cuda")  # elsewhere (the CPU tests) the blocks load in turn, unprefetched
-    apply_group_offloading(denoiser, onload_device=torch.device(device), offload_type="block_level",
-                           num_blocks_per_group=1, use_stream=streams)
-    tracer = denoiser._diffusers_hook.get_hook(_LAZY_PREFETCH_GROUP_OFFLOADING) if streams else None
-    for (name, block), kept in zip(blocks, keep):
-        if not kept:
-            continue
-        hooks = block._diffusers_hook
-        hooks.remove_hook(_GROUP_OFFLOADING, recurse=False)
-        hooks.remove_hook(_LAYER_EXECUTION_TRACKER, recurse=False)
-        if tracer is not None:
-            tracer._layer_execution_tracker_module_names.discard(name)
-        block.to(device)
-        hold_as_quantized_tensors(block)
+    remove_block_streaming(denoiser)
+    blocks = [block for _, block in blocks_in_order(denoiser)]
+    keep = blocks_to_keep([module_bytes(block) for block in blocks], resident_bytes)
+    streamed = [block for block, kept in zip(blocks, keep) if not kept]
+    inside_streamed = {id(module) for block in streamed for module in block.modules()}
+    for module in denoiser.modules():
+        if id(module) not in inside_streamed:
+            move_own_tensors(module, device)
+    for block, kept in zip(blocks, keep):
+        if kept:
+            block.__dict__.pop("_aitk_stream_host", None)  # its pinned host copy, from a placement before
+    if streamed:
+        setattr(denoiser, _STREAMER, BlockStreamer(streamed, device))
     return sum(keep)
 
 
-def remove_group_offloading(module) -> None:
-    """Take diffusers' group offloading hooks off ``module`` and its submodules (their weights stay where they are)."""
-    from diffusers.hooks import HookRegistry
-    from diffusers.hooks.group_offloading import (
-        _GROUP_OFFLOADING,
-        _LAYER_EXECUTION_TRACKER,
-        _LAZY_PREFETCH_GROUP_OFFLOADING,
-    )
+#: the attribute of a denoiser whose blocks stream: its ``streaming.BlockStreamer``
+_STREAMER = "_aitk_block_streamer"
 
-    registry = HookRegistry.check_if_exists_or_initialize(module)
-    for name in (_GROUP_OFFLOADING, _LAYER_EXECUTION_TRACKER, _LAZY_PREFETCH_GROUP_OFFLOADING):
-        registry.remove_hook(name, recurse=True)
+
+def remove_block_streaming(denoiser) -> None:
+    """Stop the streaming :func:`offload_blocks_keeping_resident` set up (the streamed blocks keep their weights in
+    host memory); nothing where none was."""
+    streamer = denoiser.__dict__.pop(_STREAMER, None)
+    if streamer is not None:
+        streamer.remove()
+
+
+def move_own_tensors(module, device) -> None:
+    """Move the parameters and buffers ``module`` itself holds (not its children's) to ``device``; a quantized
+    (torchao) weight, which cannot change ``.data`` across devices, becomes a new ``Parameter``."""
+    import torch
+
+    device = torch.device(device)
+    for name, tensor in module._parameters.items():
+        if tensor is None or (tensor.device.type == device.type and device.index in (None, tensor.device.index)):
+            continue
+        if type(tensor) is torch.nn.Parameter:
+            tensor.data = tensor.data.to(device)
+        else:
+            module._parameters[name] = torch.nn.Parameter(tensor.to(device), requires_grad=False)
+    for name, tensor in module._buffers.items():
+        if tensor is not None:
+            module._buffers[name] = tensor.to(device)
 
 
 def choose_offload(sizes: dict[str, int], budget: int | None, reserve: int) -> str:
@@ -263,9 +261,9 @@ def compile_denoiser(denoisers: list, mode: str = "regional", **compile_kwargs) 
     Args:
         denoisers (list): the denoiser module(s).
         mode (str, defaults to "regional"): ``regional`` compiles the repeated transformer blocks, each class once
-            (``fullgraph=True``, fast to compile), except those an offloading hook streams, which run eager
-            (:func:`compile_resident_blocks`); ``full`` compiles the whole denoiser, which must not be offloaded
-            (``options.compile_offload_conflict``).
+            (``fullgraph=True``, fast to compile), streamed ones too, except those with diffusers' or accelerate's
+            offloading hooks in them, which run eager (:func:`compile_resident_blocks`); ``full`` compiles the whole
+            denoiser, which must not be offloaded (``options.compile_offload_conflict``).
         **compile_kwargs: passed on to ``torch.compile`` (``backend``, ``mode``...).
     """
     if mode not in ("regional", "full"):
@@ -280,17 +278,18 @@ def compile_denoiser(denoisers: list, mode: str = "regional", **compile_kwargs) 
         if not blocks:
             raise ValueError(f"{name} declares no repeated blocks to compile regionally (or none of the classes its "
                              "`_repeated_blocks` names is in it); use compile='full'.")
-        for block in blocks:
-            block._compiled_call_impl = None  # compiled before: compile again with these settings
-        compiled, streamed = compile_resident_blocks(denoiser, **compile_kwargs)
+        for block in blocks:  # compiled before: compile again with these settings
+            block._compiled_call_impl = None
+            block.__dict__.pop("forward", None)
+        compiled, eager = compile_resident_blocks(denoiser, **compile_kwargs)
         if not compiled:
             logger.warning("compile='regional' has nothing to compile in %s: all its %d repeated blocks stream their "
                            "weights through offloading hooks, which torch.compile cannot trace, so they run eager. "
-                           "offload='auto' keeps as many blocks on the GPU as fit (those compile); 'model' and 'none' "
-                           "compile every block.", name, streamed)
-        elif streamed:
-            logger.info("compile='regional': %d repeated blocks of %s compiled; the %d streamed ones run eager.",
-                        compiled, name, streamed)
+                           "offload='auto' streams blocks in a way that compiles; 'model' and 'none' compile every "
+                           "block.", name, eager)
+        elif eager:
+            logger.info("compile='regional': %d repeated blocks of %s compiled; the %d with offloading hooks in them "
+                        "run eager.", compiled, name, eager)
 
 
 def repeated_blocks(denoiser) -> list:
@@ -300,32 +299,47 @@ def repeated_blocks(denoiser) -> list:
 
 
 def carries_offload_hook(module) -> bool:
-    """Whether an offloading hook moves weights of ``module`` in or out during its forward: diffusers' group
-    offloading on it or on any of its layers, or an accelerate hook on it or inside it (``sequential`` hooks every
-    layer, ``model`` the component itself). torch.compile cannot trace them into one graph (diffusers' are
-    ``torch.compiler.disable()``d)."""
+    """Whether an offloading hook moves weights of ``module`` in or out during its forward: a streamed block's
+    (``streaming``), diffusers' group offloading on it or on any of its layers, or an accelerate hook on it or inside
+    it (``sequential`` hooks every layer, ``model`` the component itself). torch.compile cannot trace them into one
+    graph (diffusers' are ``torch.compiler.disable()``d)."""
     from diffusers.hooks.group_offloading import _GROUP_OFFLOADING
 
-    return any(hasattr(m, "_hf_hook") or (hasattr(m, "_diffusers_hook")
-                                           and m._diffusers_hook.get_hook(_GROUP_OFFLOADING) is not None)
-               for m in module.modules())
+    from .streaming import is_streamed
+
+    return any(hasattr(m, "_hf_hook") or is_streamed(m) or (
+        hasattr(m, "_diffusers_hook") and m._diffusers_hook.get_hook(_GROUP_OFFLOADING) is not None)
+        for m in module.modules())
 
 
 def compile_resident_blocks(denoiser, **compile_kwargs) -> tuple[int, int]:
-    """Make the compiled blocks of ``denoiser`` follow its placement: each repeated block that carries no offloading
-    hook is compiled (``fullgraph=True``) unless it already is, and a compiled one that carries one now (offloading
-    applied again after a LoRA change may keep fewer blocks resident) runs eager again. Call it after every
-    placement of a regionally compiled denoiser. Returns how many blocks are compiled and how many stream."""
-    compiled = streamed = 0
+    """Make the compiled blocks of ``denoiser`` follow its placement; call it after every placement of a regionally
+    compiled denoiser (offloading applied again after a LoRA change may stream other blocks). Each repeated block is
+    compiled (``fullgraph=True``) unless it already is: whole (``nn.Module.compile``) when it stays on the device,
+    its ``forward`` only when it streams (``streaming``: its hooks, which swap its weights in and out, run around the
+    graph). A block with diffusers' or accelerate's offloading hooks in it runs eager (they cannot be traced).
+    Returns how many blocks are compiled and how many run eager."""
+    import torch
+
+    from .streaming import is_streamed
+
+    compiled = eager = 0
     for block in repeated_blocks(denoiser):
-        if carries_offload_hook(block):
-            block._compiled_call_impl = None  # what nn.Module.compile set: the block's own (hooked) forward runs
-            streamed += 1
-        else:
-            if block._compiled_call_impl is None:
-                block.compile(fullgraph=True, **compile_kwargs)
-            compiled += 1
-    return compiled, streamed
+        streamed = is_streamed(block)
+        hooked = not streamed and carries_offload_hook(block)
+        if streamed or hooked:
+            block._compiled_call_impl = None  # what nn.Module.compile set: the block's own (hooked) call runs
+        if not streamed:
+            block.__dict__.pop("forward", None)  # a forward compiled while the block streamed
+        if hooked:
+            eager += 1
+            continue
+        if streamed and "forward" not in block.__dict__:
+            block.forward = torch.compile(block.forward, fullgraph=True, **compile_kwargs)
+        elif not streamed and block._compiled_call_impl is None:
+            block.compile(fullgraph=True, **compile_kwargs)
+        compiled += 1
+    return compiled, eager
 
 
 # ---------------------------------------------------------------------------------------------------------------- attention

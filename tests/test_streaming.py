@@ -1,0 +1,119 @@
+"""Block streaming (``runtime.streaming``) on the CPU: the CPU stands in for the GPU (the same slots, views and hooks;
+the copies are plain and in order). tests/test_gpu.py streams between host and GPU on a copy stream."""
+
+import pytest
+import torch
+
+from aitk_inference.pipelines.runtime.streaming import BlockStreamer, is_streamed
+
+
+class Block(torch.nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.up = torch.nn.Linear(width, 2 * width)
+        self.down = torch.nn.Linear(2 * width, width, bias=False)
+        self.register_buffer("shift", torch.randn(width))
+        self.down.weight.data = self.down.weight.data.t().contiguous().t()  # a transposed weight keeps its strides
+
+    def forward(self, x):
+        return x + self.down(torch.nn.functional.gelu(self.up(x))) + self.shift
+
+
+def _model(widths=(8, 8, 16, 8)):
+    torch.manual_seed(0)
+    blocks = torch.nn.ModuleList()
+    for width, following in zip(widths, widths[1:] + (widths[-1],)):
+        blocks.append(torch.nn.Sequential(Block(width), torch.nn.Linear(width, following)))
+    return blocks
+
+
+def _forward(blocks, x, order=None):
+    for index in order or range(len(blocks)):
+        x = blocks[index](x)
+    return x
+
+
+def _host_pointers(blocks) -> list:
+    return [t.data_ptr() for block in blocks for t in [*block.parameters(), *block.buffers()]]
+
+
+@pytest.mark.parametrize("streamed", [[1, 3], [0, 1, 2, 3], [2]])
+def test_streamed_blocks_give_the_same_output_and_hold_host_copies_between_forwards(streamed):
+    """Streamed blocks (one slot each in turn, the next one fetched when one starts, the first again after the last)
+    compute exactly what they computed before, forward after forward; between forwards each holds its host copy,
+    and while one runs its weights are views of a slot, not of the host buffer."""
+    blocks = _model()
+    x = torch.randn(3, 8)
+    want = _forward(blocks, x)
+    before = {name: tensor.clone() for name, tensor in blocks.state_dict().items()}
+    streamer = BlockStreamer([blocks[i] for i in streamed], "cpu")
+    assert [is_streamed(block) for block in blocks] == [i in streamed for i in range(len(blocks))]
+    host = _host_pointers(blocks)
+    seen = []
+    probe = blocks[streamed[0]][0].up
+    probe.register_forward_pre_hook(lambda module, args: seen.append(module.weight.data_ptr()))
+    for _ in range(3):
+        assert torch.equal(_forward(blocks, x), want)
+        assert _host_pointers(blocks) == host
+    slot_bytes = streamer.slots[0].numel()
+    assert seen and all(any(slot.data_ptr() <= ptr < slot.data_ptr() + slot_bytes for slot in streamer.slots)
+                        for ptr in seen)
+    assert all(torch.equal(tensor, before[name]) for name, tensor in blocks.state_dict().items())
+    assert blocks[3][0].down.weight.stride() == (1, 8)  # (8, 16), stored transposed
+
+
+def test_blocks_run_out_of_order_are_fetched_when_they_start():
+    """A forward that runs the streamed blocks in another order than they were given (or skips one) still runs each
+    with its own weights: a block not prefetched is fetched when it starts."""
+    blocks = _model(widths=(8, 8, 8, 8))
+    x = torch.randn(2, 8)
+    orders = [[3, 1, 2, 0], [0, 0, 2], [2, 3, 1]]
+    wants = [_forward(blocks, x, order) for order in orders]
+    BlockStreamer(list(blocks), "cpu")
+    for _ in range(2):
+        for order, want in zip(orders, wants):
+            assert torch.equal(_forward(blocks, x, order), want)
+
+
+def test_streaming_again_copies_only_the_blocks_whose_weights_changed():
+    """Stopping and starting again (what a LoRA change does) reuses a block's host buffer when its tensors are still
+    the views of it, with in-place edits made between (an FP8 rebuild writes into them); a block whose weight was
+    replaced (a fused LoRA sets ``.data``) gets a new host copy, and the forward computes with the new weight."""
+    blocks = _model()
+    x = torch.randn(3, 8)
+    streamer = BlockStreamer([blocks[1], blocks[2]], "cpu")
+    _forward(blocks, x)
+    buffers = [block._aitk_stream_host[0] for block in (blocks[1], blocks[2])]
+    with torch.no_grad():
+        blocks[1][0].up.weight.mul_(0.5)  # in place: the host copy itself
+        blocks[2][0].up.weight.data = blocks[2][0].up.weight.data * 0.5  # a new tensor
+    streamer.remove()
+    assert not any(is_streamed(block) for block in blocks)
+    want = _forward(blocks, x)
+    BlockStreamer([blocks[1], blocks[2]], "cpu")
+    assert blocks[1]._aitk_stream_host[0] is buffers[0] and blocks[2]._aitk_stream_host[0] is not buffers[1]
+    assert torch.equal(_forward(blocks, x), want) and torch.equal(_forward(blocks, x), want)
+
+
+def test_quantized_weights_stream_as_their_inner_tensors(monkeypatch):
+    """torchao FP8 weights (a tensor subclass around float8 values and float32 scales) stream as those inner tensors
+    and are rebuilt around the slot's views while their block runs: the same output, and between forwards a
+    quantized ``Parameter`` over the host copies."""
+    from torchao.quantization import quant_api, quantize_
+
+    from aitk_inference.pipelines.runtime.quantize import fp8_config, is_quantized
+
+    monkeypatch.setattr(quant_api, "_check_hardware_support", lambda granularity: None)
+    monkeypatch.setattr(quant_api, "is_sm_at_least_89", lambda: True)
+    blocks = _model(widths=(32, 32, 32)).to(torch.bfloat16)
+    for block in blocks:
+        quantize_(block[0], fp8_config())
+    x = torch.randn(4, 32, dtype=torch.bfloat16)
+    want = _forward(blocks, x)
+    BlockStreamer([blocks[0], blocks[2]], "cpu")
+    for _ in range(2):
+        assert torch.equal(_forward(blocks, x), want)
+    weight = blocks[2][0].up.weight
+    host = blocks[2]._aitk_stream_host[0]
+    assert is_quantized(weight) and isinstance(weight, torch.nn.Parameter)
+    assert host.data_ptr() <= weight.qdata.data_ptr() < host.data_ptr() + host.numel()

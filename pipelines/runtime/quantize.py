@@ -19,8 +19,8 @@ norms and the output projection stay in the model dtype. LoRAs go with FP8 weigh
 
 With ``offload="auto"``, weights that do not fit the GPU in the model dtype are quantized on the host first (each
 layer computed on the GPU), and auto plans with their FP8 bytes: placed whole when they fit, else as many blocks kept
-on the GPU as fit and the rest streamed block by block, their FP8 values and scales moved as plain tensors
-(``plain_quantized``).
+on the GPU as fit and the rest streamed block by block, their FP8 values and scales copied as they are
+(``streaming``).
 
 Eager, torchao's per-activation quantization kernels are slow (a FLUX forward with adapters was 2.26x slower than
 bf16 on an H100); use ``compile="regional"`` with FP8.

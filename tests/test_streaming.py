@@ -62,6 +62,24 @@ def test_streamed_blocks_give_the_same_output_and_hold_host_copies_between_forwa
     assert blocks[3][0].down.weight.stride() == (1, 8)  # (8, 16), stored transposed
 
 
+def test_each_block_is_fetched_when_the_streamed_block_two_before_it_ends():
+    """The schedule: the first forward fetches the first two blocks when the first starts; from then on, when block k
+    ends, block k + 2 (the first ones again after the last) goes into the slot k leaves, so each copy overlaps the
+    block before it and everything kept between them. No block is fetched twice in a forward."""
+    blocks = _model(widths=(8,) * 5)
+    streamer = BlockStreamer(list(blocks), "cpu")
+    log, fetch = [], streamer._fetch
+    streamer._fetch = lambda index, slot: (log.append(index), fetch(index, slot))
+    for index, block in enumerate(blocks):
+        block.register_forward_pre_hook(lambda module, args, index=index: log.append(f"run {index}"))
+    x = torch.randn(2, 8)
+    _forward(blocks, x)
+    assert log == [0, 1, "run 0", 2, "run 1", 3, "run 2", 4, "run 3", 0, "run 4", 1]
+    log.clear()
+    _forward(blocks, x)
+    assert log == ["run 0", 2, "run 1", 3, "run 2", 4, "run 3", 0, "run 4", 1]
+
+
 def test_blocks_run_out_of_order_are_fetched_when_they_start():
     """A forward that runs the streamed blocks in another order than they were given (or skips one) still runs each
     with its own weights: a block not prefetched is fetched when it starts."""

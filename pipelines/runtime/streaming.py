@@ -1,11 +1,11 @@
 """Denoiser blocks that stream from pinned host memory through two GPU slots.
 
 Each streamed block keeps its weights in one pinned host buffer and is copied to the GPU in one transfer, on a copy
-stream, into one of two preallocated slots. While block ``k`` runs in one slot, the next streamed block (in the order
-the forward runs them, the first one again after the last) is copied into the other, so that the copy overlaps
-block ``k`` and every kept block between the two. A copy waits only for the compute queued before it (an event, not
-a host synchronisation), and the copy stream writes only into the slots, which are never freed while in use, so no
-allocation crosses streams.
+stream, into one of two preallocated slots. When streamed block ``k`` ends, the streamed block after the next one
+(in the order the forward runs them, the first ones again after the last) is copied into the slot ``k`` leaves, so
+that the copy of each block overlaps the two streamed blocks before it and every kept block since the first of them.
+A copy waits only for the compute queued before it (an event, not a host synchronisation), and the copy stream writes
+only into the slots, which are never freed while in use, so no allocation crosses streams.
 
 This replaced diffusers' group offloading for the denoiser's blocks: under a 12 GiB cap on an H100 its FLUX image
 took 2.13x the uncapped time where the transfers alone would have allowed much less (BENCHMARKS.md, "The GPUs users
@@ -207,6 +207,13 @@ class BlockStreamer:
 
     def _leave(self, index: int) -> None:
         self.blocks[index].hold(None)
+        if index not in self.holding:
+            return
+        slot = self.holding.index(index)
+        waiting = self.holding[1 - slot]  # normally the next streamed block, fetched when this one started
+        upcoming = ((index if waiting is None else waiting) + 1) % len(self.blocks)
+        if upcoming not in self.holding:  # the slot is free once this block's queued kernels have run
+            self._fetch(upcoming, slot)
 
     def remove(self) -> None:
         """Stop streaming: the hooks come off and the slots are freed. The blocks keep what they hold between

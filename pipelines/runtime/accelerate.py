@@ -109,7 +109,7 @@ def component_bytes(pipe) -> dict[str, int]:
 
 
 def blocks_in_order(denoiser) -> list[tuple[str, object]]:
-    """The repeated blocks of ``denoiser`` (the members of its ModuleLists, which group offloading streams one by
+    """The repeated blocks of ``denoiser`` (the members of its ModuleLists, which ``offload="auto"`` streams one by
     one), named as in ``named_modules``, in the order they are declared (the order a forward runs them)."""
     import torch
 

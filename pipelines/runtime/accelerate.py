@@ -152,7 +152,7 @@ def offload_blocks_keeping_resident(denoiser, device: str, resident_bytes: int) 
     ``resident_bytes``, which stream from pinned host memory, each copied while the blocks before it run
     (``streaming.BlockStreamer``). Applying it again (after a LoRA change) first stops the streaming before, and
     blocks whose weights did not change are not copied again. Returns how many blocks stay."""
-    from .streaming import BlockStreamer
+    from .streaming import HOST_COPY, BlockStreamer
 
     remove_block_streaming(denoiser)
     blocks = [block for _, block in blocks_in_order(denoiser)]
@@ -164,7 +164,7 @@ def offload_blocks_keeping_resident(denoiser, device: str, resident_bytes: int) 
             move_own_tensors(module, device)
     for block, kept in zip(blocks, keep):
         if kept:
-            block.__dict__.pop("_aitk_stream_host", None)  # its pinned host copy, from a placement before
+            block.__dict__.pop(HOST_COPY, None)  # its pinned host copy, from a placement before
     if streamed:
         setattr(denoiser, _STREAMER, BlockStreamer(streamed, device))
     return sum(keep)

@@ -30,10 +30,13 @@ import torch
 _ALIGNMENT = 512
 #: the attribute a streamed block carries (its forward hooks' handles)
 STREAM_HOOKS = "_aitk_stream_hooks"
+#: the attribute a block that streamed keeps: its host buffer and where its tensors were in it (reused by the next
+#: streaming of the block when they still are)
+HOST_COPY = "_aitk_stream_host"
 
 
 @dataclasses.dataclass
-class _Slot:
+class _TableEntry:
     """What a module holds under one name: ``host`` between forwards, ``views[slot]`` while its block runs there."""
 
     owner: torch.nn.Module
@@ -47,7 +50,7 @@ class _Slot:
 
 
 @dataclasses.dataclass
-class _Data:
+class _ParameterData:
     """A plain weight: the same ``Parameter`` object, its ``.data`` the host copy or the slot's view."""
 
     tensor: torch.Tensor
@@ -82,7 +85,6 @@ class _BlockLayout:
     and for each the plain tensors it is made of (itself, or a quantized tensor's inner tensors) with their offsets."""
 
     def __init__(self, block: torch.nn.Module):
-        self.block = block
         self.entries = []  # (owner, table, name, tensor, [(plain tensor, offset)])
         seen, offset = set(), 0
         for module in block.modules():
@@ -131,7 +133,7 @@ class _StreamedBlock:
 
     def __init__(self, block: torch.nn.Module, slots: list[torch.Tensor], pin: bool):
         layout = _BlockLayout(block)
-        previous = getattr(block, "_aitk_stream_host", None)
+        previous = getattr(block, HOST_COPY, None)
         if previous is not None and previous[1] == layout.signature():
             self.host = previous[0]  # the tensors are still views of the buffer made before: no copy
         else:
@@ -146,11 +148,11 @@ class _StreamedBlock:
             host = layout.rebuilt(tensor, placed, self.host)
             views = [layout.rebuilt(tensor, placed, slot) for slot in slots]
             if _is_wrapper(tensor) or table == "_buffers":
-                self.holders.append(_Slot(owner, table, name, host, views))
+                self.holders.append(_TableEntry(owner, table, name, host, views))
             else:
-                self.holders.append(_Data(tensor, host, views))
+                self.holders.append(_ParameterData(tensor, host, views))
         self.hold(None)
-        block._aitk_stream_host = (self.host, _BlockLayout(block).signature())
+        setattr(block, HOST_COPY, (self.host, _BlockLayout(block).signature()))
 
     def hold(self, slot: int | None) -> None:
         for holder in self.holders:

@@ -150,7 +150,7 @@ def blocks_to_keep(sizes: list[int], resident_bytes: int) -> list[bool]:
 def offload_blocks_keeping_resident(denoiser, device: str, resident_bytes: int) -> int:
     """Put ``denoiser`` on ``device`` except the blocks :func:`blocks_to_keep` does not keep within
     ``resident_bytes``, which stream from pinned host memory, each copied while the blocks before it run
-    (``streaming.BlockStreamer``). Applying it again (after a LoRA change) first stops the streaming before, and
+    (``streaming.BlockStreamer``). Applied again (after a LoRA change), it first stops the streaming set up before;
     blocks whose weights did not change are not copied again. Returns how many blocks stay."""
     from .streaming import HOST_COPY, BlockStreamer
 

@@ -4,12 +4,13 @@ chose (and how much of the transformer's blocks it kept on the GPU), the time of
 rank-16 LoRA, its peak memory. Full-size random weights (the benchmark's FLUX folder, written once). ``--fp8-caps``
 adds runs with ``quantize="fp8"`` (FP8 block weights, quantized on the host when the bf16 weights do not fit, as many
 blocks kept as fit and the rest streamed when the FP8 weights do not fit either), timed against the first bf16 run
-and against the uncapped FP8 run; ``--compile regional`` compiles every run (the resident blocks; streamed ones run
-eager: see BENCHMARKS.md, "FP8 blocks that stream"). ``--streaming`` times each capped run with each way of streaming
-the blocks that do not fit, for the ratio in one run: ``library`` (``streaming.BlockStreamer``, kept blocks spread
-between the streamed ones by ``accelerate.blocks_to_keep``), ``diffusers-spread`` (diffusers' group offloading with
-the same kept blocks; what the library did before) and ``diffusers-first`` (the first blocks kept, before that);
-the diffusers ones stream bf16 weights only. GPU only:
+and against the uncapped FP8 run; ``--compile regional`` compiles every run (with ``library`` streaming every
+block, resident or streamed; with the diffusers ones the resident blocks, the streamed ones running eager).
+``--streaming`` times each capped run with each way of streaming the blocks that do not fit, for the ratio in one
+run: ``library`` (``streaming.BlockStreamer``, kept blocks spread between the streamed ones by
+``accelerate.blocks_to_keep``), ``diffusers-spread`` (diffusers' group offloading with the same kept blocks; what the
+library did before) and ``diffusers-first`` (the first blocks kept, before that); the diffusers ones stream bf16
+weights only. GPU only:
 
     python3 -m aitk_inference.benchmarks.memory_caps --caps 0 24 12 --fp8-caps 0 24 12 --steps 4 --out DIR
 """

@@ -101,7 +101,7 @@ def test_streaming_again_copies_only_the_blocks_whose_weights_changed():
     x = torch.randn(3, 8)
     streamer = BlockStreamer([blocks[1], blocks[2]], "cpu")
     _forward(blocks, x)
-    buffers = [getattr(block, HOST_COPY)[0] for block in (blocks[1], blocks[2])]
+    buffers = [getattr(block, HOST_COPY) for block in (blocks[1], blocks[2])]
     with torch.no_grad():
         blocks[1][0].up.weight.mul_(0.5)  # in place: the host copy itself
         blocks[2][0].up.weight.data = blocks[2][0].up.weight.data * 0.5  # a new tensor
@@ -109,7 +109,7 @@ def test_streaming_again_copies_only_the_blocks_whose_weights_changed():
     assert not any(is_streamed(block) for block in blocks)
     want = _forward(blocks, x)
     BlockStreamer([blocks[1], blocks[2]], "cpu")
-    assert getattr(blocks[1], HOST_COPY)[0] is buffers[0] and getattr(blocks[2], HOST_COPY)[0] is not buffers[1]
+    assert getattr(blocks[1], HOST_COPY) is buffers[0] and getattr(blocks[2], HOST_COPY) is not buffers[1]
     assert torch.equal(_forward(blocks, x), want) and torch.equal(_forward(blocks, x), want)
 
 
@@ -132,6 +132,6 @@ def test_quantized_weights_stream_as_their_inner_tensors(monkeypatch):
     for _ in range(2):
         assert torch.equal(_forward(blocks, x), want)
     weight = blocks[2][0].up.weight
-    host = getattr(blocks[2], HOST_COPY)[0]
+    host = getattr(blocks[2], HOST_COPY)
     assert is_quantized(weight) and isinstance(weight, torch.nn.Parameter)
     assert host.data_ptr() <= weight.qdata.data_ptr() < host.data_ptr() + host.numel()

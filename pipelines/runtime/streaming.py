@@ -30,8 +30,8 @@ import torch
 _ALIGNMENT = 512
 #: the attribute a streamed block carries (its forward hooks' handles)
 STREAM_HOOKS = "_aitk_stream_hooks"
-#: the attribute a block that streamed keeps: its host buffer and where its tensors were in it (reused by the next
-#: streaming of the block when they still are)
+#: the attribute a block that streamed keeps: its host buffer (reused by the next streaming of the block when its
+#: tensors are still the views of it)
 HOST_COPY = "_aitk_stream_host"
 
 
@@ -104,10 +104,12 @@ class _BlockLayout:
                     self.entries.append((module, table, name, tensor, placed))
         self.nbytes = offset
 
-    def signature(self) -> list:
-        """The memory each plain tensor is: equal signatures mean the tensors are where they were."""
-        return [(p.data_ptr(), p.dtype, tuple(p.shape), p.stride()) if p is not None else None
-                for *_, placed in self.entries for p, _ in placed]
+    def signature(self, buffer: torch.Tensor | None = None) -> list:
+        """Where each plain tensor's memory starts, with its dtype, shape and strides: as it is now, or as its view
+        in ``buffer`` would be. Equal signatures mean the tensors are those views."""
+        return [None if p is None or _span(p) == 0 else
+                (p.data_ptr() if buffer is None else buffer.data_ptr() + offset, p.dtype, tuple(p.shape), p.stride())
+                for *_, placed in self.entries for p, offset in placed]
 
     def view(self, buffer: torch.Tensor, plain: torch.Tensor, offset: int) -> torch.Tensor:
         """``plain``'s dtype, shape and strides over ``buffer`` (uint8) at ``offset``."""
@@ -131,11 +133,10 @@ class _BlockLayout:
 class _StreamedBlock:
     """One streamed block: its host buffer and what each of its modules holds between forwards and in each slot."""
 
-    def __init__(self, block: torch.nn.Module, slots: list[torch.Tensor], pin: bool):
-        layout = _BlockLayout(block)
+    def __init__(self, block: torch.nn.Module, layout: _BlockLayout, slots: list[torch.Tensor], pin: bool):
         previous = getattr(block, HOST_COPY, None)
-        if previous is not None and previous[1] == layout.signature():
-            self.host = previous[0]  # the tensors are still views of the buffer made before: no copy
+        if previous is not None and layout.signature() == layout.signature(previous):
+            self.host = previous  # the tensors are still views of the buffer made before: no copy
         else:
             self.host = torch.empty(layout.nbytes, dtype=torch.uint8, pin_memory=pin)
             for *_, placed in layout.entries:
@@ -152,7 +153,7 @@ class _StreamedBlock:
             else:
                 self.holders.append(_ParameterData(tensor, host, views))
         self.hold(None)
-        setattr(block, HOST_COPY, (self.host, _BlockLayout(block).signature()))
+        setattr(block, HOST_COPY, self.host)
 
     def hold(self, slot: int | None) -> None:
         for holder in self.holders:
@@ -167,9 +168,11 @@ class BlockStreamer:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.modules = list(blocks)
-        sizes = [_BlockLayout(block).nbytes for block in blocks]
-        self.slots = [torch.empty(max(sizes, default=0), dtype=torch.uint8, device=self.device) for _ in range(2)]
-        self.blocks = [_StreamedBlock(block, self.slots, pin=self.cuda) for block in blocks]
+        layouts = [_BlockLayout(block) for block in blocks]
+        slot_bytes = max((layout.nbytes for layout in layouts), default=0)
+        self.slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(2)]
+        self.blocks = [_StreamedBlock(block, layout, self.slots, pin=self.cuda)
+                       for block, layout in zip(blocks, layouts)]
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.holding: list[int | None] = [None, None]  # the block each slot holds (or is being copied into it)
         self.ready: list = [None, None]  # per slot, the copy stream's event after its last copy

@@ -148,11 +148,12 @@ def main(argv=None) -> int:
             run["error"] = f"out of memory: {str(error)[:200]}"
         except Exception as error:  # a combination that fails is a result too
             run["error"] = f"{type(error).__name__}: {str(error)[:300]}"
-        print(run, flush=True)
         result["runs"].append(run)
         pipeline = None
         gc.collect()
         torch.cuda.empty_cache()
+        run["left_allocated_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)  # what the dropped run kept
+        print(run, flush=True)
     accelerate.offload_blocks_keeping_resident = library
     base = result["runs"][0].get("image_s")
     fp8_base = next((r.get("image_s") for r in result["runs"] if r["quantize"] == "fp8" and r["uncapped"]), None)

@@ -397,3 +397,57 @@ def test_fp8_with_auto_offload_places_fp8_weights_that_fit_and_streams_the_rest(
         assert np.abs(compiled.generate(**gen).images - want).max() < 0.06
         assert all(torch.equal(a, b) for pair in zip(values(streamed), values(roomy)) for a, b in zip(*pair))
 
+
+
+def _path_to_a_root(obj, depth: int = 14) -> str:
+    """What keeps ``obj`` alive: the chain of referrers up to a module's globals or a class, for a failure message."""
+    import gc
+    import types
+    from collections import deque
+
+    queue, seen = deque([(obj, [])]), {id(obj)}
+    while queue:
+        held, path = queue.popleft()
+        for referrer in gc.get_referrers(held):
+            if id(referrer) in seen or isinstance(referrer, types.FrameType) or referrer is path:
+                continue
+            seen.add(id(referrer))
+            described = type(referrer).__name__ + " " + (str(list(referrer)[:6]) if isinstance(referrer, dict)
+                                                         else repr(referrer)[:100].replace("\n", " "))
+            if isinstance(referrer, type) or (isinstance(referrer, dict) and "__builtins__" in referrer):
+                return " <- ".join([described, *reversed(path)])
+            if len(path) < depth:
+                queue.append((referrer, [*path, described]))
+    return "no referrer chain to a module or class found"
+
+
+@pytest.mark.parametrize("compile", ["none", "regional"])
+def test_a_dropped_pipeline_that_streams_blocks_gives_its_gpu_memory_back(load_tiny, monkeypatch, tmp_path, compile):
+    """A pipeline whose blocks stream (compiled or not, through a LoRA change) is freed when its last reference goes,
+    and with it every byte it held on the GPU: a memory-capped process (or ComfyUI's cache) loads the next one in
+    the same room."""
+    import gc
+    import weakref
+
+    from aitk_inference.pipelines.runtime import accelerate
+
+    gen, roomy, blocks, overhead = _streaming_setup(load_tiny, monkeypatch, "fused")
+    roomy.generate(**gen)  # the libraries' one-off GPU allocations (workspaces) come before the baseline
+    lora = write_lora(str(tmp_path / "l.safetensors"), "peft", lora_targets(roomy.pipe.transformer))
+    del roomy
+    gc.collect()
+    torch.cuda.empty_cache()
+    baseline = torch.cuda.memory_allocated()
+    monkeypatch.setattr(accelerate, "choose_offload", lambda sizes, budget, reserve: "group")
+    budget = overhead + sum(blocks[: len(blocks) // 2])
+    monkeypatch.setenv("AITK_MAX_GPU_MEMORY_GIB", str((torch.cuda.memory_reserved() + budget) / 2**30))
+    pipeline = load_tiny("flux", device="cuda", dtype="bf16", offload="auto", compile=compile, lora_mode="fused")
+    assert 0 < pipeline.resident["transformer"] < sum(blocks)
+    pipeline.generate(**gen)
+    pipeline.set_loras([(lora, 0.8)])
+    pipeline.generate(**gen)
+    transformer = weakref.ref(pipeline.pipe.transformer)
+    del pipeline
+    gc.collect()
+    assert transformer() is None, _path_to_a_root(transformer())
+    assert torch.cuda.memory_allocated() == baseline

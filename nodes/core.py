@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..pipelines.component_files import FILE_COMPONENTS
-from ..pipelines.hub import repo_cache_folder
+from ..pipelines.hub import hub_cache, hub_offline, repo_cache_folder
 from ..pipelines.registry import get_spec
 from ..pipelines.runtime import cache
 from ..pipelines.runtime.options import LoadOptions
@@ -202,14 +202,6 @@ def resolve_base_files(base: str, base_file: str) -> tuple[str | None, str | Non
     return EXPERT_FILE_SEPARATOR.join(files), resolve_base(base)
 
 
-def hub_cache_dir() -> str:
-    """The Hugging Face hub cache the library downloads into (``HF_HUB_CACHE``, else ``HF_HOME/hub``)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return os.environ["HF_HUB_CACHE"]
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
-    return os.path.join(os.path.expanduser(home), "hub")
-
-
 #: files :func:`_folder_bytes` counts at most: a model folder or hub snapshot holds a few hundred, so a base such as
 #: ``/`` (which the front end's request may name) ends the walk early instead of reading the whole disk
 MAX_COUNTED_FILES = 5000
@@ -231,10 +223,6 @@ def _folder_bytes(folder: str) -> int | None:
 
 
 _HUB_SIZES: dict[str, tuple[int | None, bool | None]] = {}
-
-
-def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
 def hub_download_size(repo_id: str) -> tuple[int | None, bool | None]:
@@ -293,7 +281,7 @@ def _base_source(model: str, base: str) -> dict:
     if os.path.exists(resolved):
         size = _folder_bytes(resolved) if os.path.isdir(resolved) else os.path.getsize(resolved)
         return {"kind": "local", "source": resolved, "bytes": size, "cached": True, "gated": None}
-    cached = repo_cache_folder(hub_cache_dir(), resolved)
+    cached = repo_cache_folder(hub_cache(), resolved)
     if os.path.isdir(os.path.join(cached, "snapshots")):
         return {"kind": "hub", "source": resolved, "bytes": _folder_bytes(cached), "cached": True, "gated": None}
     size, gated = hub_download_size(resolved)

@@ -32,10 +32,19 @@ def _causes(error: BaseException):
         error = error.__cause__ or error.__context__
 
 
-def _hub_cache() -> str:
+def hub_cache() -> str:
+    """The Hugging Face cache that downloads go to and loads read: huggingface_hub's own setting (``HF_HUB_CACHE``,
+    else ``HF_HOME/hub``, as the environment was when it was imported)."""
     from huggingface_hub import constants
 
     return constants.HF_HUB_CACHE
+
+
+def hub_offline() -> bool:
+    """Whether huggingface_hub is set never to reach the hub (``HF_HUB_OFFLINE``, read when it was imported)."""
+    from huggingface_hub import is_offline_mode
+
+    return is_offline_mode()
 
 
 def repo_cache_folder(cache: str, repo: str) -> str:
@@ -44,7 +53,7 @@ def repo_cache_folder(cache: str, repo: str) -> str:
 
 
 def _in_hub_cache(repo: str) -> bool:
-    return os.path.isdir(os.path.join(repo_cache_folder(_hub_cache(), repo), "snapshots"))
+    return os.path.isdir(os.path.join(repo_cache_folder(hub_cache(), repo), "snapshots"))
 
 
 # the repo in a hub address of an error message (https://huggingface.co/api/models/owner/name, .../owner/name/resolve/)
@@ -104,10 +113,10 @@ def base_unavailable(spec: ModelSpec, source: str, error: BaseException) -> Base
     if repo is None:
         return BaseUnavailableError(
             f"{spec.model_id}: a file it loads from the Hugging Face hub beside its base (a separate text encoder or "
-            f"tokenizer repo) is not in the cache ({_hub_cache()}) and the hub cannot be reached{offline}. Run it once "
+            f"tokenizer repo) is not in the cache ({hub_cache()}) and the hub cannot be reached{offline}. Run it once "
             f"where there is a network, so that the files are downloaded. ({str(error).splitlines()[0]})")
     instead = f", or give a local diffusers folder of it as {BASE_OPTION}" if repo == source else ""
     return BaseUnavailableError(
-        f"{spec.model_id}: {what} is not (fully) downloaded in the Hugging Face cache ({_hub_cache()}) and the hub "
+        f"{spec.model_id}: {what} is not (fully) downloaded in the Hugging Face cache ({hub_cache()}) and the hub "
         f"cannot be reached{offline}. To run it, download it once where there is a network: `huggingface-cli "
         f"download {repo}` (gated repos need {login} first){instead}.")

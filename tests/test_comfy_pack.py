@@ -93,15 +93,19 @@ def test_base_source_stops_counting_a_folder_that_is_no_model(monkeypatch, tmp_p
 
 
 def test_base_source_hub_repo_not_downloaded_offline(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     info = core.base_source("flux", "")
     assert info == {"kind": "hub", "source": "black-forest-labs/FLUX.1-dev", "bytes": None, "cached": False,
                     "gated": None, "offline": True}
 
 
 def test_base_source_hub_repo_in_the_cache(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     repo = tmp_path / "models--owner--name"
     (repo / "blobs").mkdir(parents=True)
     (repo / "snapshots" / "abc").mkdir(parents=True)
@@ -119,6 +123,7 @@ def test_base_source_bad_base_is_an_error():
 
 def test_base_source_asks_the_hub_once_for_the_download_size(monkeypatch, tmp_path):
     import huggingface_hub
+    from huggingface_hub import constants
 
     asked = []
 
@@ -131,8 +136,8 @@ def test_base_source_asks_the_hub_once_for_the_download_size(monkeypatch, tmp_pa
 
     monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
     monkeypatch.setattr(core, "_HUB_SIZES", {})
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     for _ in range(2):
         info = core.base_source("flux", "")
         # the root single-file checkpoint is not part of a diffusers load

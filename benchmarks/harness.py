@@ -122,6 +122,35 @@ def write_result(folder: str, name: str, result) -> str:
     return path
 
 
+def referrer_path(obj, depth: int = 14, seconds: float = 60.0) -> str:
+    """What keeps ``obj`` alive: the chain of referrers from a module's globals, a class or a suspended frame (a
+    traceback's, a generator's) down to it (breadth first, at most ``depth`` links and ``seconds`` of search: each
+    step scans the whole heap), for a report; else the kinds of its direct referrers (a holder that the garbage
+    collector does not track, such as a C extension's)."""
+    import gc
+    import inspect
+    import types
+    from collections import deque
+
+    running = {id(frame_info.frame) for frame_info in inspect.stack(0)}
+    queue, seen, deadline = deque([(obj, [])]), {id(obj)}, time.perf_counter() + seconds
+    while queue and time.perf_counter() < deadline:
+        held, path = queue.popleft()
+        for referrer in gc.get_referrers(held):
+            if id(referrer) in seen or id(referrer) in running or referrer is path:
+                continue
+            seen.add(id(referrer))
+            described = type(referrer).__name__ + " " + (str(list(referrer)[:6]) if isinstance(referrer, dict)
+                                                         else repr(referrer)[:100].replace("\n", " "))
+            if isinstance(referrer, (type, types.FrameType)) or (isinstance(referrer, dict)
+                                                                  and "__builtins__" in referrer):
+                return " <- ".join([described, *reversed(path)])
+            if len(path) < depth:
+                queue.append((referrer, [*path, described]))
+    return "no chain to a root found; direct referrers: " + ", ".join(
+        type(r).__name__ for r in gc.get_referrers(obj) if id(r) not in running)
+
+
 def sync(device: str) -> None:
     import torch
 

@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     from ..pipelines import load_pipeline
     from ..pipelines.lora.stack import LoraRequest
     from ..pipelines.runtime import accelerate
-    from .harness import Options, lora_state_dict, materialize_flux, write_result
+    from .harness import Options, lora_state_dict, materialize_flux, referrer_path, write_result
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--caps", nargs="*", type=float, default=[0, 24, 12], help="GiB; 0 = the whole card")
@@ -153,6 +153,10 @@ def main(argv=None) -> int:
         gc.collect()
         torch.cuda.empty_cache()
         run["left_allocated_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)  # what the dropped run kept
+        survivor = next((o for o in gc.get_objects() if type(o).__name__ == "FluxTransformer2DModel"), None)
+        if survivor is not None:
+            run["transformer_kept_by"] = referrer_path(survivor)
+            survivor = None
         print(run, flush=True)
     accelerate.offload_blocks_keeping_resident = library
     base = result["runs"][0].get("image_s")

@@ -399,28 +399,6 @@ def test_fp8_with_auto_offload_places_fp8_weights_that_fit_and_streams_the_rest(
 
 
 
-def _path_to_a_root(obj, depth: int = 14) -> str:
-    """What keeps ``obj`` alive: the chain of referrers up to a module's globals or a class, for a failure message."""
-    import gc
-    import types
-    from collections import deque
-
-    queue, seen = deque([(obj, [])]), {id(obj)}
-    while queue:
-        held, path = queue.popleft()
-        for referrer in gc.get_referrers(held):
-            if id(referrer) in seen or isinstance(referrer, types.FrameType) or referrer is path:
-                continue
-            seen.add(id(referrer))
-            described = type(referrer).__name__ + " " + (str(list(referrer)[:6]) if isinstance(referrer, dict)
-                                                         else repr(referrer)[:100].replace("\n", " "))
-            if isinstance(referrer, type) or (isinstance(referrer, dict) and "__builtins__" in referrer):
-                return " <- ".join([described, *reversed(path)])
-            if len(path) < depth:
-                queue.append((referrer, [*path, described]))
-    return "no referrer chain to a module or class found"
-
-
 @pytest.mark.parametrize("compile", ["none", "regional"])
 def test_a_dropped_pipeline_that_streams_blocks_gives_its_gpu_memory_back(load_tiny, monkeypatch, tmp_path, compile):
     """A pipeline whose blocks stream (compiled or not, through a LoRA change) is freed when its last reference goes,
@@ -429,6 +407,7 @@ def test_a_dropped_pipeline_that_streams_blocks_gives_its_gpu_memory_back(load_t
     import gc
     import weakref
 
+    from aitk_inference.benchmarks.harness import referrer_path
     from aitk_inference.pipelines.runtime import accelerate
 
     gen, roomy, blocks, overhead = _streaming_setup(load_tiny, monkeypatch, "fused")
@@ -449,5 +428,5 @@ def test_a_dropped_pipeline_that_streams_blocks_gives_its_gpu_memory_back(load_t
     transformer = weakref.ref(pipeline.pipe.transformer)
     del pipeline
     gc.collect()
-    assert transformer() is None, _path_to_a_root(transformer())
+    assert transformer() is None, referrer_path(transformer())
     assert torch.cuda.memory_allocated() == baseline

@@ -44,9 +44,14 @@ MP4_MIN_PSNR = 24.0
 AUDIO_LEVELS = 2
 AUDIO_PREVIEW_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg")
 #: per id, the largest difference seen between each of our previews and ai-toolkit's, in 8-bit levels (a video's: its
-#: frames before the codec), as the test last measured them; the test holds every preview to its recorded value and
-#: PARITY.md's coverage table shows them. ``AITK_RECORD_E2E_DIFFERENCES=1`` makes a run write what it measures instead
+#: frames before the codec), as the test last measured them; the test holds every preview to its recorded value (plus
+#: OTHER_CPU_LEVELS) and PARITY.md's coverage table shows them. ``AITK_RECORD_E2E_DIFFERENCES=1`` makes a run write
+#: what it measures instead
 LARGEST_DIFFERENCES = os.path.join(E2E_DIR, "largest_differences.json")
+#: how much further from ai-toolkit's previews another CPU may put ours than the machine that recorded the table: its
+#: float32 kernels (torch's, by instruction set) round differently. Seen 2026-12-06 on an AVX2-only AMD EPYC (torch's
+#: CPU capability "AVX2"): 24 ids one level further on some preview than recorded, none past LEVELS
+OTHER_CPU_LEVELS = 1
 RECORD_ENV = "AITK_RECORD_E2E_DIFFERENCES"
 
 
@@ -218,5 +223,7 @@ def test_reproduce_matches_ai_toolkit_previews(model_id, tiny_dir, tmp_path, mon
     else:
         recorded = recorded_differences().get(model_id)
         assert recorded is not None, f"{model_id}: no recorded differences; run once with {RECORD_ENV}=1"
-        assert len(measured) == len(recorded) and all(m <= r for m, r in zip(measured, recorded)), (
-            f"{model_id}: {measured} levels from ai-toolkit's previews, more than the recorded {recorded}")
+        assert len(measured) == len(recorded), f"{model_id}: {len(measured)} previews, {len(recorded)} recorded"
+        assert all(m <= r + OTHER_CPU_LEVELS for m, r in zip(measured, recorded)), (
+            f"{model_id}: {measured} levels from ai-toolkit's previews, more than the recorded {recorded} "
+            f"(+{OTHER_CPU_LEVELS} for another CPU's rounding)")

@@ -144,7 +144,7 @@ def referrer_path(obj, depth: int = 14, seconds: float = 60.0) -> str:
                                                          else repr(referrer)[:100].replace("\n", " "))
             if isinstance(referrer, (type, types.FrameType)) or (isinstance(referrer, dict)
                                                                   and "__builtins__" in referrer):
-                return " <- ".join([described, *reversed(path)])
+                return " -> ".join([described, *reversed(path)])
             if len(path) < depth:
                 queue.append((referrer, [*path, described]))
     return "no chain to a root found; direct referrers: " + ", ".join(

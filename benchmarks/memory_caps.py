@@ -64,6 +64,30 @@ def diffusers_streaming(layout):
     return offload
 
 
+#: the pipeline's parts that hold GPU memory, by class name
+_COMPONENT_CLASSES = ("FluxTransformer2DModel", "T5EncoderModel", "CLIPTextModel", "AutoencoderKL")
+
+
+def what_is_left() -> dict:
+    """After a dropped run left GPU memory allocated: how much of it Python's objects still reach (CUDA tensors the
+    garbage collector tracks), and what keeps each surviving component (``harness.referrer_path``)."""
+    import torch
+
+    from .harness import referrer_path
+
+    storages, survivors = {}, {}
+    for obj in gc.get_objects():
+        if type(obj) in (torch.Tensor, torch.nn.Parameter) and obj.is_cuda:  # plain ones: a wrapper holds plain ones
+            storage = obj.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        elif type(obj).__name__ in _COMPONENT_CLASSES:
+            survivors.setdefault(type(obj).__name__, obj)
+    left = {"left_reachable_tensor_gib": round(sum(storages.values()) / 2**30, 2),
+            "left_components": {name: referrer_path(obj) for name, obj in survivors.items()}}
+    survivors.clear()
+    return left
+
+
 def host_to_gpu_gbps(gib: int = 2) -> float:
     """The card's copy rate from pinned host memory (GB/s, one ``gib`` copy after a warm-up): the floor of a step
     whose streamed bytes are known."""
@@ -85,7 +109,7 @@ def main(argv=None) -> int:
     from ..pipelines import load_pipeline
     from ..pipelines.lora.stack import LoraRequest
     from ..pipelines.runtime import accelerate
-    from .harness import Options, lora_state_dict, materialize_flux, referrer_path, write_result
+    from .harness import Options, lora_state_dict, materialize_flux, write_result
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--caps", nargs="*", type=float, default=[0, 24, 12], help="GiB; 0 = the whole card")
@@ -153,10 +177,8 @@ def main(argv=None) -> int:
         gc.collect()
         torch.cuda.empty_cache()
         run["left_allocated_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)  # what the dropped run kept
-        survivor = next((o for o in gc.get_objects() if type(o).__name__ == "FluxTransformer2DModel"), None)
-        if survivor is not None:
-            run["transformer_kept_by"] = referrer_path(survivor)
-            survivor = None
+        if run["left_allocated_gib"] > 0.5:
+            run.update(what_is_left())
         print(run, flush=True)
     accelerate.offload_blocks_keeping_resident = library
     base = result["runs"][0].get("image_s")

@@ -18,6 +18,7 @@ weights only. GPU only:
 import argparse
 import gc
 import time
+import traceback
 
 
 def keep_first_blocks(sizes: list[int], resident_bytes: int) -> list[bool]:
@@ -172,6 +173,8 @@ def main(argv=None) -> int:
             run["error"] = f"out of memory: {str(error)[:200]}"
         except Exception as error:  # a combination that fails is a result too
             run["error"] = f"{type(error).__name__}: {str(error)[:300]}"
+            run["error_at"] = [f"{frame.filename.rsplit('/', 2)[-1]}:{frame.lineno} {frame.name}"
+                               for frame in traceback.extract_tb(error.__traceback__)[-8:]]
         result["runs"].append(run)
         pipeline = None
         gc.collect()

@@ -20,6 +20,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = os.path.join(GOLDENS_DIR, "f_lite")
 ATOL = 1e-5  # float32
+#: 8-bit levels the image may differ from ai-toolkit's: equal on the CPU that made the golden, one level apart where
+#: the float32 kernels round differently (seen on an AVX2-only CPU, latents within ATOL)
+LEVELS = 1
 LORA_ATOL = 5e-6  # float32 rounding on outputs up to about 4 (ai-toolkit's own live and merged differ by 1.4e-6)
 
 
@@ -108,7 +111,8 @@ def test_whole_preview_matches_ai_toolkit(key, pipeline, report):
     assert torch.equal(torch.stack([c["t"] for c in calls]), data[f"{key}_timesteps_fed"])
     assert torch.equal(calls[0]["x"][:1], data[f"{key}_initial_noise"])
     torch.testing.assert_close(decoded["latents"], data[f"{key}_final_latents"], rtol=0, atol=ATOL)
-    assert np.array_equal(np.asarray(result.to_pil()[0]), data[f"{key}_image_uint8"].numpy())
+    image = np.asarray(result.to_pil()[0]).astype(np.int16)
+    assert np.abs(image - data[f"{key}_image_uint8"].numpy()).max() <= LEVELS
 
 
 @pytest.mark.parametrize("mode", ["dynamic", "fused"])

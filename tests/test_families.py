@@ -32,8 +32,9 @@ FUSED_VS_DYNAMIC_ATOL = 1e-4
 #: ids whose latents are bfloat16 between steps whatever the model dtype (as ai-toolkit keeps them): a float32 rounding
 #: difference can flip the bfloat16 rounding of a latent, one bfloat16 step of x + 1 after the decode (x + 1) / 2
 FUSED_VS_DYNAMIC_ATOL_BY_ID = {"hidream_o1": 2**-8}
-#: image i of a batch vs the single image of seed + i: batched kernels round differently
-BATCH_ATOL = 1e-5
+#: image i of a batch vs the single image of seed + i: batched kernels round differently, by how much depends on the
+#: CPU's float32 kernels (most ids about 1e-6; qwen_image_edit_plus 2.6e-5 on an AVX2-only CPU), far below CHANGED
+BATCH_ATOL = 5e-5
 #: ai-toolkit's PixArt DDPM starts at t = 999, where x0 = (x - sqrt(1 - ab) eps) / sqrt(ab) multiplies the batched
 #: kernels' rounding of eps (5e-7) by 1 / sqrt(ab_999) = 150; the largest difference seen is 4e-5
 BATCH_ATOL_BY_ID = {"pixart": 1e-4, "pixart_sigma": 1e-4}

@@ -21,7 +21,8 @@ PREVIEWS = {
     "w96_h64_steps2_g4_neg": (96, 64, 2, 4.0, "blurry, low quality"),
     "w64_h64_steps2_g1": (64, 64, 2, 1.0, ""),
 }
-# fp32 on the same weights and the same diffusers classes (ai-toolkit's pinned commit vs 0.42.1)
+# fp32 on the same weights and the same diffusers classes (ai-toolkit's pinned commit vs 0.42.1); the base model's
+# output is bit-exact on the CPU that made the golden, 5e-7 away on an AVX2-only CPU (other float32 kernels)
 ATOL = 1e-5
 LORA_FILES = {"lora_r4": "tiny_nucleus_lora_r4.safetensors", "lokr_default": "tiny_nucleus_lokr_default.safetensors"}
 # every Linear layer of the two blocks: attention (6) + img_mod + encoder_proj, then the dense MLP (2) in block 0 and
@@ -183,7 +184,7 @@ def test_lora_file_reproduces_ai_toolkit_outputs(variant, mode):
     flavour = "live" if mode == "dynamic" else "merged"
     model, forward = _base_case()
     base_output = forward()
-    torch.testing.assert_close(base_output, golden["base_output"], rtol=0, atol=0)
+    torch.testing.assert_close(base_output, golden["base_output"], rtol=0, atol=ATOL)
 
     assert len(_file_modules(path)) == ADAPTED_MODULES
     assert not any(".experts." in key for key in load_file(path))  # ai-toolkit never adapts the routed experts

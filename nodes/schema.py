@@ -148,7 +148,8 @@ LOAD = NodeSpec(
               "UNet models (SD 1.5, SDXL) and some transformers (Lumina 2, HiDream, OmniGen2) take only sdpa.",
               default="sdpa", options=lambda: list(ATTENTION_KERNELS), optional=True),
         Field("quantize", "COMBO", "fp8: FP8 weights for the transformer blocks (torchao; Ada/Hopper GPUs, compute "
-              "capability 8.9+), less exact than bf16; offload must be none, use with compile regional. With "
+              "capability 8.9+), less exact than bf16; offload none, or auto (FP8 blocks that do not fit the GPU "
+              "stream), use with compile regional. With "
               "lora_mode fused: the fast mode (LoRAs merged before quantizing; about 0.5x the step time of live "
               "adapters on an H200; keeps a bf16 copy in host RAM). With dynamic: LoRAs as adapters, about half the "
               "transformer's GPU memory.",

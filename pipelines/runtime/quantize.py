@@ -61,7 +61,8 @@ def fp8_option_conflict(offload: str) -> str | None:
     """Why FP8 weights cannot go with these load options, or None."""
     if offload not in ("none", "auto"):
         return (f"quantize='fp8' cannot be combined with offload={offload!r}; use offload='none', or 'auto', which "
-                "quantizes on the host when the bf16 weights do not fit the GPU and places the FP8 weights whole")
+                "quantizes on the host when the bf16 weights do not fit the GPU, then places the FP8 weights whole "
+                "when they fit, else keeps as many FP8 blocks on the GPU as fit and streams the rest")
     return None
 
 

@@ -135,3 +135,17 @@ def test_quantized_weights_stream_as_their_inner_tensors(monkeypatch):
     host = getattr(blocks[2], HOST_COPY)
     assert is_quantized(weight) and isinstance(weight, torch.nn.Parameter)
     assert host.data_ptr() <= weight.qdata.data_ptr() < host.data_ptr() + host.numel()
+
+
+def test_a_host_buffer_the_system_will_not_pin_is_plain_memory_with_a_warning(caplog):
+    """Where page-locked memory is refused (Windows and WSL cap it; here: no accelerator to pin for), a streamed block's
+    host buffer is plain memory, and the warning says what it costs and what helps."""
+    from aitk_inference.pipelines.runtime import streaming
+
+    with caplog.at_level("WARNING", logger=streaming.__name__):
+        buffer = streaming._host_buffer(64, pin=True)
+    assert buffer.numel() == 64 and buffer.dtype == torch.uint8 and buffer.device.type == "cpu"
+    if not torch.cuda.is_available():
+        assert "refused more page-locked (pinned) host memory" in caplog.text and "quantize='fp8'" in caplog.text
+        assert not buffer.is_pinned()
+    assert streaming._host_buffer(64, pin=False).numel() == 64

@@ -1,7 +1,7 @@
 """Denoiser blocks that stream from pinned host memory through two GPU slots.
 
-Each streamed block keeps its weights in one pinned host buffer and is copied to the GPU in one transfer, on a copy
-stream, into one of two preallocated slots. When streamed block ``k`` ends, the streamed block after the next one
+Each streamed block keeps its weights in one pinned host buffer (plain memory once the system refuses to pin more)
+and is copied to the GPU in one transfer, on a copy stream, into one of two preallocated slots. When streamed block ``k`` ends, the streamed block after the next one
 (in the order the forward runs them, the first ones again after the last) is copied into the slot ``k`` leaves, so
 that the copy of each block overlaps the two streamed blocks before it and every kept block since the first of them.
 A copy waits only for the compute queued before it (an event, not a host synchronisation), and the copy stream writes
@@ -23,8 +23,11 @@ Imported only when blocks stream (it imports torch).
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 #: byte alignment of each tensor in a block's buffer (enough for any dtype and for vectorised kernels)
 _ALIGNMENT = 512
@@ -130,6 +133,20 @@ class _BlockLayout:
         return torch.nn.Parameter(rebuilt, requires_grad=False) if isinstance(tensor, torch.nn.Parameter) else rebuilt
 
 
+def _host_buffer(nbytes: int, pin: bool) -> torch.Tensor:
+    """A block's host buffer: pinned (page-locked) when ``pin``, so that its copy to the GPU runs beside the compute at
+    the link's rate; plain memory where the system pins no more (Windows and WSL cap page-locked memory), whose copies
+    hold the host until they are done: slower, still correct."""
+    if pin:
+        try:
+            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        except RuntimeError as error:
+            logger.warning("Streamed blocks: the system refused more page-locked (pinned) host memory (%s); the "
+                           "remaining blocks stream from plain memory, more slowly; quantize='fp8' halves the bytes "
+                           "to pin.", str(error).splitlines()[0])
+    return torch.empty(nbytes, dtype=torch.uint8)
+
+
 class _StreamedBlock:
     """One streamed block: its host buffer and what each of its modules holds between forwards and in each slot."""
 
@@ -138,7 +155,7 @@ class _StreamedBlock:
         if previous is not None and layout.signature() == layout.signature(previous):
             self.host = previous  # the tensors are still views of the buffer made before: no copy
         else:
-            self.host = torch.empty(layout.nbytes, dtype=torch.uint8, pin_memory=pin)
+            self.host = _host_buffer(layout.nbytes, pin)
             for *_, placed in layout.entries:
                 for plain, offset in placed:
                     if plain is not None:
@@ -171,8 +188,10 @@ class BlockStreamer:
         layouts = [_BlockLayout(block) for block in blocks]
         slot_bytes = max((layout.nbytes for layout in layouts), default=0)
         self.slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(2)]
-        self.blocks = [_StreamedBlock(block, layout, self.slots, pin=self.cuda)
-                       for block, layout in zip(blocks, layouts)]
+        self.blocks, pin = [], self.cuda
+        for block, layout in zip(blocks, layouts):
+            self.blocks.append(_StreamedBlock(block, layout, self.slots, pin=pin))
+            pin = pin and self.blocks[-1].host.is_pinned()  # once the system refuses, stop asking
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.holding: list[int | None] = [None, None]  # the block each slot holds (or is being copied into it)
         self.ready: list = [None, None]  # per slot, the copy stream's event after its last copy

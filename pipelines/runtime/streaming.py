@@ -1,11 +1,12 @@
 """Denoiser blocks that stream from pinned host memory through two GPU slots.
 
 Each streamed block keeps its weights in one pinned host buffer (plain memory once the system refuses to pin more)
-and is copied to the GPU in one transfer, on a copy stream, into one of two preallocated slots. When streamed block ``k`` ends, the streamed block after the next one
-(in the order the forward runs them, the first ones again after the last) is copied into the slot ``k`` leaves, so
-that the copy of each block overlaps the two streamed blocks before it and every kept block since the first of them.
-A copy waits only for the compute queued before it (an event, not a host synchronisation), and the copy stream writes
-only into the slots, which are never freed while in use, so no allocation crosses streams.
+and is copied to the GPU in one transfer, on a copy stream, into one of two preallocated slots. When streamed block
+``k`` ends, the streamed block after the next one (in the order the forward runs them, the first ones again after the
+last) is copied into the slot ``k`` leaves, so that the copy of each block overlaps the two streamed blocks before it
+and every kept block since the first of them. A copy waits only for the compute queued before it (an event, not a
+host synchronisation), and the copy stream writes only into the slots, which are never freed while in use, so no
+allocation crosses streams.
 
 This replaced diffusers' group offloading for the denoiser's blocks: under a 12 GiB cap on an H100 its FLUX image
 took 2.13x the uncapped time where the transfers alone would have allowed much less (BENCHMARKS.md, "The GPUs users

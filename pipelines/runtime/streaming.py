@@ -11,7 +11,8 @@ allocation crosses streams.
 This replaced diffusers' group offloading for the denoiser's blocks: under a 12 GiB cap on an H100 its FLUX image
 took 2.13x the uncapped time where the transfers alone would have allowed much less (BENCHMARKS.md, "The GPUs users
 own"); its hooks synchronise the host with the transfer stream before every fetch, fetch a block only when the
-streamed one before it starts, and move weights tensor by tensor.
+streamed one before it starts, and move weights tensor by tensor. This streaming runs the same FP8 image in 0.83x
+the uncapped bf16 time (H200, BENCHMARKS.md).
 
 Between forwards a streamed block's tensors are its host copies (a plain weight keeps its ``Parameter`` object and
 changes ``.data``; a quantized (torchao) weight, which cannot change ``.data`` across devices, is a ``Parameter``

@@ -398,7 +398,6 @@ def test_fp8_with_auto_offload_places_fp8_weights_that_fit_and_streams_the_rest(
         assert all(torch.equal(a, b) for pair in zip(values(streamed), values(roomy)) for a, b in zip(*pair))
 
 
-
 @pytest.mark.parametrize("compile", ["none", "regional"])
 def test_a_dropped_pipeline_that_streams_blocks_gives_its_gpu_memory_back(load_tiny, monkeypatch, tmp_path, compile):
     """A pipeline whose blocks stream (compiled or not, through a LoRA change) is freed when its last reference goes,

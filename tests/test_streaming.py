@@ -137,15 +137,21 @@ def test_quantized_weights_stream_as_their_inner_tensors(monkeypatch):
     assert host.data_ptr() <= weight.qdata.data_ptr() < host.data_ptr() + host.numel()
 
 
-def test_a_host_buffer_the_system_will_not_pin_is_plain_memory_with_a_warning(caplog):
+def test_host_memory_the_system_will_not_pin_is_plain_memory_with_a_warning(caplog):
     """Where page-locked memory is refused (Windows and WSL cap it; here: no accelerator to pin for), a streamed block's
-    host buffer is plain memory, and the warning says what it costs and what helps."""
-    from aitk_inference.pipelines.runtime import streaming
+    host buffer and an FP8 master weight are plain memory, and the warning says what it costs and what helps."""
+    from aitk_inference.pipelines.runtime import host_memory, quantize
 
-    with caplog.at_level("WARNING", logger=streaming.__name__):
-        buffer = streaming._host_buffer(64, pin=True)
-    assert buffer.numel() == 64 and buffer.dtype == torch.uint8 and buffer.device.type == "cpu"
+    with caplog.at_level("WARNING", logger=host_memory.__name__):
+        buffer = host_memory.host_tensor(64, torch.uint8, pin=True, what="the blocks stream more slowly")
+        weight = torch.randn(8, 4)
+        master = quantize._host_copy(weight, pin=True)
+    assert buffer.shape == (64,) and buffer.dtype == torch.uint8 and buffer.device.type == "cpu"
+    assert torch.equal(master, weight) and master.device.type == "cpu"
     if not torch.cuda.is_available():
         assert "refused more page-locked (pinned) host memory" in caplog.text and "quantize='fp8'" in caplog.text
-        assert not buffer.is_pinned()
-    assert streaming._host_buffer(64, pin=False).numel() == 64
+        assert "the blocks stream more slowly" in caplog.text
+        assert "FP8 master weights stay in plain memory" in caplog.text
+        assert not buffer.is_pinned() and master is weight  # a host weight is not copied only to stay unpinned
+    assert host_memory.host_tensor((2, 3), torch.bfloat16, pin=False, what="").shape == (2, 3)
+    assert quantize._host_copy(weight, pin=False) is weight

@@ -120,11 +120,15 @@ def quantize_block_linears(denoiser, config, keep_master: bool = False, master: 
         master = master_place(denoiser, names) if master == "auto" else master
         if master not in ("gpu", "host"):
             raise ValueError(f"Unknown master place {master!r}; use one of {', '.join(MASTER_PLACES)}.")
+    pin = torch.cuda.is_available()
     for name in names:
         module = denoiser.get_submodule(name)
         weight = module.weight.detach()
-        if keep_master:
-            setattr(module, _MASTER, weight if master == "gpu" else _host_copy(weight))
+        if keep_master and master == "gpu":
+            setattr(module, _MASTER, weight)
+        elif keep_master:
+            setattr(module, _MASTER, _host_copy(weight, pin))
+            pin = pin and getattr(module, _MASTER).is_pinned()  # once the system refuses, stop asking
         target = weight.device if device is None else torch.device(device)
         from_host = weight.device.type == "cpu" and target.type != "cpu"
         if from_host:
@@ -169,16 +173,19 @@ def rebuild_device(module):
     return getattr(module, _DEVICE, None) or module.weight.device
 
 
-def _host_copy(weight):
-    """``weight`` in host memory, pinned where a GPU reads it back (the re-quantizing copies then run at full PCIe
-    speed); a weight already on the host is not copied again unless it must be pinned."""
-    import torch
+def _host_copy(weight, pin: bool):
+    """``weight`` in host memory, pinned when ``pin`` (the re-quantizing copies then run at full PCIe speed) and the
+    system allows it; a weight already on the host is not copied again unless it must be pinned."""
+    from .host_memory import host_tensor
 
-    if weight.device.type == "cpu":
-        return weight.pin_memory() if torch.cuda.is_available() else weight
-    copy = torch.empty(weight.shape, dtype=weight.dtype, device="cpu", pin_memory=True)
-    copy.copy_(weight)
-    return copy
+    if weight.device.type == "cpu" and not pin:
+        return weight
+    copy = host_tensor(weight.shape, weight.dtype, pin, "the remaining FP8 master weights stay in plain memory, and "
+                                                         "LoRA changes in the FP8 fast mode copy them back more slowly")
+    if copy.is_pinned() or weight.device.type != "cpu":
+        copy.copy_(weight)
+        return copy
+    return weight
 
 
 def requantize_(module, merged, dtype) -> None:

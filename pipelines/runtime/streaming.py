@@ -25,11 +25,10 @@ Imported only when blocks stream (it imports torch).
 from __future__ import annotations
 
 import dataclasses
-import logging
 
 import torch
 
-logger = logging.getLogger(__name__)
+from .host_memory import host_tensor
 
 #: byte alignment of each tensor in a block's buffer (enough for any dtype and for vectorised kernels)
 _ALIGNMENT = 512
@@ -135,20 +134,6 @@ class _BlockLayout:
         return torch.nn.Parameter(rebuilt, requires_grad=False) if isinstance(tensor, torch.nn.Parameter) else rebuilt
 
 
-def _host_buffer(nbytes: int, pin: bool) -> torch.Tensor:
-    """A block's host buffer: pinned (page-locked) when ``pin``, so that its copy to the GPU runs beside the compute at
-    the link's rate; plain memory where the system pins no more (Windows and WSL cap page-locked memory), whose copies
-    hold the host until they are done: slower, still correct."""
-    if pin:
-        try:
-            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-        except RuntimeError as error:
-            logger.warning("Streamed blocks: the system refused more page-locked (pinned) host memory (%s); the "
-                           "remaining blocks stream from plain memory, more slowly; quantize='fp8' halves the bytes "
-                           "to pin.", str(error).splitlines()[0])
-    return torch.empty(nbytes, dtype=torch.uint8)
-
-
 class _StreamedBlock:
     """One streamed block: its host buffer and what each of its modules holds between forwards and in each slot."""
 
@@ -157,7 +142,8 @@ class _StreamedBlock:
         if previous is not None and layout.signature() == layout.signature(previous):
             self.host = previous  # the tensors are still views of the buffer made before: no copy
         else:
-            self.host = _host_buffer(layout.nbytes, pin)
+            self.host = host_tensor(layout.nbytes, torch.uint8, pin, "the remaining streamed blocks stay in plain "
+                                    "memory and stream more slowly")
             for *_, placed in layout.entries:
                 for plain, offset in placed:
                     if plain is not None:

@@ -1,7 +1,9 @@
-"""FLUX.1-dev through ``load_pipeline(offload="auto")`` on a card whose memory this process may use is capped
+"""A model through ``load_pipeline(offload="auto")`` on a card whose memory this process may use is capped
 (``torch.cuda.set_per_process_memory_fraction``), against the uncapped run in the same process: which placement auto
 chose (and how much of the transformer's blocks it kept on the GPU), the time of a 1024x1024 image with a fused
-rank-16 LoRA, its peak memory. Full-size random weights (the benchmark's FLUX folder, written once). ``--fp8-caps``
+rank-16 LoRA, its peak memory. Full-size random weights (the benchmark's folder of ``--model``, written once:
+FLUX.1-dev whole; Qwen-Image with its 20B transformer and VAE whole and a two-layer text encoder, see
+``models.build_qwen_image_pipeline``). ``--fp8-caps``
 adds runs with ``quantize="fp8"`` (FP8 block weights, quantized on the host when the bf16 weights do not fit, as many
 blocks kept as fit and the rest streamed when the FP8 weights do not fit either), timed against the first bf16 run
 and against the uncapped FP8 run; ``--compile regional`` compiles every run (with ``library`` streaming every
@@ -13,6 +15,7 @@ library did before) and ``diffusers-first`` (the first blocks kept, before that)
 weights only. GPU only:
 
     python3 -m aitk_inference.benchmarks.memory_caps --caps 0 24 12 --fp8-caps 0 24 12 --steps 4 --out DIR
+    python3 -m aitk_inference.benchmarks.memory_caps --model qwen_image --caps 0 24 12 --fp8-caps 0 24 12 --out DIR
 """
 
 import argparse
@@ -65,13 +68,14 @@ def diffusers_streaming(layout):
     return offload
 
 
-#: the pipeline's parts that hold GPU memory, by class name
-_COMPONENT_CLASSES = ("FluxTransformer2DModel", "T5EncoderModel", "CLIPTextModel", "AutoencoderKL")
+#: model id -> the harness function that writes (once) and returns its full-size random-weight folder
+MODELS = {"flux": "materialize_flux", "qwen_image": "materialize_qwen_image"}
 
 
-def what_is_left() -> dict:
+def what_is_left(component_classes: set[str]) -> dict:
     """After a dropped run left GPU memory allocated: how much of it Python's objects still reach (CUDA tensors the
-    garbage collector tracks), and what keeps each surviving component (``harness.referrer_path``)."""
+    garbage collector tracks), and what keeps each surviving component (its class name in ``component_classes``;
+    ``harness.referrer_path``)."""
     import torch
 
     from .harness import referrer_path
@@ -81,7 +85,7 @@ def what_is_left() -> dict:
         if type(obj) in (torch.Tensor, torch.nn.Parameter) and obj.is_cuda:  # plain ones: a wrapper holds plain ones
             storage = obj.untyped_storage()
             storages[storage.data_ptr()] = storage.nbytes()
-        elif type(obj).__name__ in _COMPONENT_CLASSES:
+        elif type(obj).__name__ in component_classes:
             survivors.setdefault(type(obj).__name__, obj)
     left = {"left_reachable_tensor_gib": round(sum(storages.values()) / 2**30, 2),
             "left_components": {name: referrer_path(obj) for name, obj in survivors.items()}}
@@ -110,9 +114,10 @@ def main(argv=None) -> int:
     from ..pipelines import load_pipeline
     from ..pipelines.lora.stack import LoraRequest
     from ..pipelines.runtime import accelerate
-    from .harness import Options, lora_state_dict, materialize_flux, write_result
+    from . import harness
 
     parser = argparse.ArgumentParser()
+    parser.add_argument("--model", choices=sorted(MODELS), default="flux")
     parser.add_argument("--caps", nargs="*", type=float, default=[0, 24, 12], help="GiB; 0 = the whole card")
     parser.add_argument("--fp8-caps", nargs="*", type=float, default=[], help="the same with quantize='fp8'")
     parser.add_argument("--compile", default="none", choices=["none", "regional"])
@@ -126,9 +131,11 @@ def main(argv=None) -> int:
     library = accelerate.offload_blocks_keeping_resident
     streamings = {"library": library, "diffusers-spread": diffusers_streaming(accelerate.blocks_to_keep),
                   "diffusers-first": diffusers_streaming(keep_first_blocks)}
-    folder = materialize_flux(Options())
+    folder = getattr(harness, MODELS[args.model])(harness.Options())
     total = torch.cuda.get_device_properties(0).total_memory
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "steps": args.steps,
+    component_classes = set()
+    result = {"model": args.model, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "steps": args.steps,
               "size": 1024, "compile": args.compile, "host_to_gpu_gbps": host_to_gpu_gbps(), "runs": []}
     runs = [(quantize, cap, streaming) for quantize, caps in (("none", args.caps), ("fp8", args.fp8_caps))
             for cap in caps for streaming in (args.streaming[:1] if cap == 0 else args.streaming)
@@ -143,10 +150,12 @@ def main(argv=None) -> int:
         pipeline = None
         try:
             started = time.perf_counter()
-            pipeline = load_pipeline("flux", base=folder, device="cuda", dtype="bf16", offload="auto",
+            pipeline = load_pipeline(args.model, base=folder, device="cuda", dtype="bf16", offload="auto",
                                      lora_mode="fused", quantize=quantize, compile=args.compile)
             run["load_s"] = round(time.perf_counter() - started, 1)
             run["offload_chosen"] = pipeline.offload
+            component_classes.update(type(component).__name__ for component in pipeline.pipe.components.values()
+                                     if isinstance(component, torch.nn.Module))
             if pipeline.resident:
                 run["resident_gib"] = {k: round(v / 2**30, 2) for k, v in pipeline.resident.items()}
                 blocks = accelerate.blocks_in_order(pipeline.pipe.transformer)
@@ -154,7 +163,7 @@ def main(argv=None) -> int:
                                           if accelerate.carries_offload_hook(block)]
                 run["streamed_gib_per_step"] = round(sum(accelerate.module_bytes(blocks[i][1])
                                                          for i in run["streamed_blocks"]) / 2**30, 2)
-            lora = lora_state_dict(pipeline.pipe.transformer, rank=16, seed=0, std=0.01)
+            lora = harness.lora_state_dict(pipeline.pipe.transformer, rank=16, seed=0, std=0.01)
             pipeline.set_loras([LoraRequest(state_dict=lora, strength=1.0, name="r16")])
             gen = dict(prompt="a photo of a cat", width=1024, height=1024, steps=args.steps, seed=1)
             started = time.perf_counter()
@@ -181,7 +190,7 @@ def main(argv=None) -> int:
         torch.cuda.empty_cache()
         run["left_allocated_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)  # what the dropped run kept
         if run["left_allocated_gib"] > 0.5:
-            run.update(what_is_left())
+            run.update(what_is_left(component_classes))
         print(run, flush=True)
     accelerate.offload_blocks_keeping_resident = library
     base = result["runs"][0].get("image_s")
@@ -191,7 +200,7 @@ def main(argv=None) -> int:
             run["ratio_vs_first"] = round(run["image_s"] / base, 3)
         if fp8_base and run["quantize"] == "fp8" and run.get("image_s"):
             run["ratio_vs_uncapped_fp8"] = round(run["image_s"] / fp8_base, 3)
-    write_result(args.out, "memory_caps", result)
+    harness.write_result(args.out, "memory_caps" if args.model == "flux" else f"memory_caps_{args.model}", result)
     return 0
 
 

@@ -170,14 +170,17 @@ def collect_unloaded_warnings():
         logging.getLogger().removeHandler(handler)
 
 
-def import_comfy(comfy_dir: str, device: str):
-    """ComfyUI's modules, configured to keep everything on ``device`` (its ``--gpu-only``, or ``--cpu``)."""
+def import_comfy(comfy_dir: str, device: str, reserve_gib: float | None = None):
+    """ComfyUI's modules, configured to keep everything on ``device`` (its ``--gpu-only``, or ``--cpu``), or with
+    ``reserve_gib``, to plan its GPU memory as it does by default, keeping that much of the card free (its
+    ``--reserve-vram``). Its settings are read once, at the first import in a process."""
     if comfy_dir not in sys.path:
         sys.path.insert(0, comfy_dir)
     import comfy.cli_args
 
-    comfy.cli_args.args.gpu_only = device.startswith("cuda")
+    comfy.cli_args.args.gpu_only = device.startswith("cuda") and reserve_gib is None
     comfy.cli_args.args.cpu = not device.startswith("cuda")
+    comfy.cli_args.args.reserve_vram = reserve_gib
     import comfy.model_management
     import comfy.sd
     from comfy_api.torch_helpers import set_torch_compile_wrapper

@@ -425,7 +425,10 @@ class AITKPipeline:
         resident = None
         if offload == "group":
             names = spec.experts.components if spec.experts else (cls.denoiser,)
-            resident = accelerate.resident_block_budget({name: getattr(pipe, name) for name in names}, budget, reserve)
+            whole = sum(size for name, size in sizes.items()
+                        if accelerate.refuses_group_offloading(pipe.components[name]))  # placed on the GPU as they are
+            resident = accelerate.resident_block_budget({name: getattr(pipe, name) for name in names}, budget,
+                                                        reserve + whole)
         if budget is not None:
             logger.info("%s: offload='auto' -> %r (weights %.1f GiB, largest component %.1f GiB, %.1f GiB kept for "
                         "activations, %.1f GiB of GPU memory usable%s)", spec.model_id, offload,

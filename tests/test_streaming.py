@@ -1,6 +1,7 @@
 """Block streaming (``runtime.streaming``) on the CPU: the CPU stands in for the GPU (the same slots, views and hooks;
 the copies are plain and in order). tests/test_gpu.py streams between host and GPU on a copy stream."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -155,3 +156,72 @@ def test_host_memory_the_system_will_not_pin_is_plain_memory_with_a_warning(capl
         assert not buffer.is_pinned() and master is weight  # a host weight is not copied only to stay unpinned
     assert host_memory.host_tensor((2, 3), torch.bfloat16, pin=False, what="").shape == (2, 3)
     assert quantize._host_copy(weight, pin=False) is weight
+
+
+def _one_id_per_family() -> list[str]:
+    from aitk_inference.pipelines.registry import REGISTRY
+
+    first = {}
+    for model_id, spec in REGISTRY.items():
+        first.setdefault(spec.family, model_id)
+    return [*first.values(), "wan22_14b_t2v"]  # and a model with two denoisers (the experts)
+
+
+def _outputs(result) -> list[np.ndarray]:
+    produced = result.audio if result.is_audio else result.images
+    return [np.asarray(item, dtype=np.float64) for item in (produced if isinstance(produced, list) else [produced])]
+
+
+@pytest.mark.parametrize("model_id", _one_id_per_family())
+def test_every_family_streams_its_denoiser_blocks_under_auto(model_id, tiny_cache, tmp_path, monkeypatch):
+    """``offload="auto"`` on a card the weights do not fit, for one id of every family, through the demo (a LoRA and
+    the family's own inputs): the denoiser's blocks are found and some stream (on the CPU: the same bookkeeping with
+    plain copies), the components diffusers cannot group-offload (ACE-Step's VAE) are placed whole, and the output
+    is the one of the pipeline placed whole, within float32 rounding. Families whose pipeline has no offloading at
+    all stay whole, as their refusal says."""
+    from aitk_inference import cli
+    from aitk_inference import pipelines as pipelines_module
+    from aitk_inference.pipelines import base
+    from aitk_inference.pipelines.runtime import accelerate
+
+    results, loaded = [], []
+    generate, load = base.AITKPipeline.generate, pipelines_module.load_pipeline
+
+    def keep_result(self, *args, **kwargs):
+        results.append(generate(self, *args, **kwargs))
+        return results[-1]
+
+    def load_with(offload):
+        def load_pipeline(*args, **kwargs):
+            loaded.append(load(*args, **kwargs, offload=offload))
+            return loaded[-1]
+        return load_pipeline
+
+    def keep_three_fifths(denoisers, budget, reserve):
+        return {name: sum(accelerate.module_bytes(block) for _, block in accelerate.blocks_in_order(denoiser)) * 3 // 5
+                for name, denoiser in denoisers.items()}
+
+    monkeypatch.setattr(base.AITKPipeline, "generate", keep_result)
+    monkeypatch.setattr(pipelines_module, "load_pipeline", load_with("none"))
+    assert cli.main(["demo", "--model", model_id, "--out", str(tmp_path / "whole.png"), "--quiet"]) == 0
+    monkeypatch.setattr(pipelines_module, "load_pipeline", load_with("auto"))
+    monkeypatch.setattr(accelerate, "gpu_memory_budget", lambda device: 2**30)
+    monkeypatch.setattr(accelerate, "choose_offload", lambda sizes, budget, reserve: "group")
+    monkeypatch.setattr(accelerate, "resident_block_budget", keep_three_fifths)
+    assert cli.main(["demo", "--model", model_id, "--out", str(tmp_path / "auto.png"), "--quiet"]) == 0
+
+    pipeline = loaded[-1]
+    if type(pipeline).offload_refusal:
+        assert pipeline.offload == "none"
+    else:
+        assert pipeline.offload == "group"
+        for denoiser in pipeline.denoisers():
+            blocks = accelerate.blocks_in_order(denoiser)
+            assert any(is_streamed(block) for _, block in blocks), f"{type(denoiser).__name__}: no block streams"
+        for component in pipeline.pipe.components.values():
+            if accelerate.refuses_group_offloading(component):
+                assert not accelerate.carries_offload_hook(component)
+    whole, auto = _outputs(results[0]), _outputs(results[-1])
+    assert len(whole) == len(auto) and all(a.shape == b.shape for a, b in zip(whole, auto))
+    for a, b in zip(whole, auto):
+        np.testing.assert_allclose(b, a, rtol=0, atol=5e-5)  # measured up to 1.4e-5 (a Qwen-Image edit model)

@@ -110,11 +110,20 @@ def component_bytes(pipe) -> dict[str, int]:
 
 def blocks_in_order(denoiser) -> list[tuple[str, object]]:
     """The repeated blocks of ``denoiser`` (the members of its ModuleLists, which ``offload="auto"`` streams one by
-    one), named as in ``named_modules``, in the order they are declared (the order a forward runs them)."""
+    one), named as in ``named_modules``, in the order they are declared (the order a forward runs them). A denoiser
+    with no ModuleList among its children (a transformers model wrapped whole, such as HiDream-O1's, whose decoder
+    layers are ``language_model.layers``) gives the members of its deeper ModuleLists that are of the block classes
+    it declares (``_repeated_blocks``, or transformers' and diffusers' ``_no_split_modules``)."""
     import torch
 
-    return [(f"{name}.{index}", block) for name, child in denoiser.named_children()
-            if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential)) for index, block in enumerate(child)]
+    lists = (torch.nn.ModuleList, torch.nn.Sequential)
+    blocks = [(f"{name}.{index}", block) for name, child in denoiser.named_children()
+              if isinstance(child, lists) for index, block in enumerate(child)]
+    if blocks:
+        return blocks
+    classes = set(getattr(denoiser, "_repeated_blocks", None) or getattr(denoiser, "_no_split_modules", None) or ())
+    return [(f"{name}.{index}", block) for name, child in denoiser.named_modules()
+            if isinstance(child, lists) for index, block in enumerate(child) if type(block).__name__ in classes]
 
 
 def resident_block_budget(denoisers: dict[str, object], budget: int, reserve: int) -> dict[str, int]:
@@ -226,6 +235,8 @@ def place(pipe, device: str, offload: str, resident: dict[str, int] | None = Non
         for name, component in pipe.components.items():
             if name in resident:
                 offload_blocks_keeping_resident(component, device, resident[name])
+            elif refuses_group_offloading(component):
+                component.to(device)
             elif hasattr(component, "enable_group_offload"):  # as the pipeline's own enable_group_offload does
                 component.enable_group_offload(**leaf_level)
             elif isinstance(component, torch.nn.Module):
@@ -240,7 +251,16 @@ def place(pipe, device: str, offload: str, resident: dict[str, int] | None = Non
         pipe.enable_sequential_cpu_offload(device=device)
     else:
         pipe.enable_group_offload(onload_device=torch.device(device), offload_device=torch.device("cpu"),
-                                  offload_type="leaf_level", use_stream=str(device).startswith("cuda"))
+                                  offload_type="leaf_level", use_stream=str(device).startswith("cuda"),
+                                  exclude_modules=[name for name, component in pipe.components.items()
+                                                   if refuses_group_offloading(component)])
+
+
+def refuses_group_offloading(component) -> bool:
+    """Whether ``component`` is a diffusers model that declares it cannot be group-offloaded (ACE-Step's Oobleck VAE:
+    its weight-normed layers compute their weight in a pre-hook, before an onload would bring the parts to the GPU).
+    ``group`` placements put such components on the GPU whole; they are small (audio VAEs)."""
+    return getattr(component, "_supports_group_offloading", True) is False
 
 
 # ---------------------------------------------------------------------------------------------------------------- compile

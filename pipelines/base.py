@@ -303,8 +303,9 @@ class AITKPipeline:
     #: ``pipelines/single_file.py``: the denoiser(s) from the file, the rest from ``components``. Families that read
     #: their own checkpoint files, or refuse them, leave it off and see the file in :meth:`load_diffusers_pipeline`
     single_file_denoisers: bool = False
-    #: why this family cannot offload to the CPU (the end of a sentence that starts with the model id), or None when
-    #: it can; such a family takes ``offload="none"``, and ``"auto"`` becomes ``none``
+    #: why this family cannot take the pipeline-wide CPU offload modes (``model``, ``sequential``, ``group``: the end
+    #: of a sentence that starts with the model id), or None when it can; such a family takes ``offload="none"`` and
+    #: ``"auto"``, which streams its denoiser's blocks (our own streaming, no pipeline hooks) when it does not fit
     offload_refusal: str | None = None
     #: the components this family can take from ComfyUI's text-encoder and VAE files (``text_encoder_file``...):
     #: component -> the layout its file has (``pipelines/component_files.py``)
@@ -411,16 +412,15 @@ class AITKPipeline:
         """What ``offload="auto"`` becomes for ``pipe`` (loaded on the CPU) on ``device``: the fastest placement that
         fits the GPU memory this process may use (``accelerate.choose_offload``), keeping room for a video's or an
         image's activations, and, when that is ``group``, how many bytes of each denoiser's blocks stay on the GPU
-        (``accelerate.resident_block_budget``; the rest stream through). ``none`` for a family that cannot offload
-        (``offload_refusal``). Block Linears already in FP8 count their FP8 bytes; ``whole_components=False`` (FP8
-        weights, which are streamed as plain tensors but were never measured moving whole) makes ``model`` ``group``."""
-        if cls.offload_refusal:
-            return "none", None
+        (``accelerate.resident_block_budget``; the rest stream through). Block Linears already in FP8 count their FP8
+        bytes. ``model`` becomes ``group`` where whole components cannot move: FP8 weights (``whole_components=False``:
+        they are streamed as plain tensors but were never measured moving whole) and a family whose pipeline has no
+        CPU offloading (``offload_refusal``)."""
         sizes = accelerate.component_bytes(pipe)
         budget = accelerate.gpu_memory_budget(device)
         reserve = int(accelerate.AUTO_OFFLOAD_RESERVE_GIB["video" if spec.video else "image"] * 2**30)
         offload = accelerate.choose_offload(sizes, budget, reserve)
-        if offload == "model" and not whole_components:
+        if offload == "model" and (cls.offload_refusal or not whole_components):
             offload = "group"
         resident = None
         if offload == "group":

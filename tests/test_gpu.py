@@ -307,6 +307,50 @@ def test_every_id_runs_on_cuda_in_bf16_with_a_lora(model_id, lora_mode, load_tin
     assert np.isfinite(output).all() and np.std(output) > 0
 
 
+def _one_id_per_family() -> list[str]:
+    first = {}
+    for model_id, spec in REGISTRY.items():
+        first.setdefault(spec.family, model_id)
+    return [*first.values(), "wan22_14b_t2v"]
+
+
+@pytest.mark.parametrize("model_id", _one_id_per_family())
+def test_every_family_streams_its_denoiser_blocks_on_cuda(model_id, load_tiny, monkeypatch, tmp_path):
+    """offload="auto" where the weights do not fit, for one id of every family on the GPU (modular pipelines, whose
+    execution device comes from the components' offloading, ACE-Step's VAE placed whole, HiDream-O1's nested
+    layers): some blocks stream, the output is the all-on-GPU one's within float32 rounding, with a LoRA."""
+    from PIL import Image
+
+    from aitk_inference.pipelines.runtime import accelerate
+    from aitk_inference.pipelines.runtime.streaming import is_streamed
+
+    def keep_three_fifths(denoisers, budget, reserve):
+        return {name: sum(accelerate.module_bytes(block) for _, block in accelerate.blocks_in_order(denoiser)) * 3 // 5
+                for name, denoiser in denoisers.items()}
+
+    whole = load_tiny(model_id, device="cuda")
+    monkeypatch.setattr(accelerate, "gpu_memory_budget", lambda device: 2**30)
+    monkeypatch.setattr(accelerate, "choose_offload", lambda sizes, budget, reserve: "group")
+    monkeypatch.setattr(accelerate, "resident_block_budget", keep_three_fifths)
+    streamed = load_tiny(model_id, device="cuda", offload="auto")
+    assert streamed.offload == "group"
+    for denoiser in streamed.denoisers():
+        assert any(is_streamed(block) for _, block in accelerate.blocks_in_order(denoiser))
+    spec = whole.spec
+    names = [spec.experts.file_stem("lora", side) for side in spec.experts.SIDES] if spec.experts else ["lora"]
+    loras = [write_lora(str(tmp_path / f"{name}.safetensors"), "peft",
+                        lora_targets(getattr(whole.pipe, whole.denoiser)), seed=i) for i, name in enumerate(names)]
+    inputs = dict(width=64, height=64, steps=2, seed=42,
+                  control_images=[Image.new("RGB", (64, 64), (120, 30, 200))] * spec.control_images[0])
+    if spec.video is not None:
+        inputs["num_frames"] = spec.video.frames(2)
+    for pipeline in (whole, streamed):
+        pipeline.set_loras(loras)
+    want, got = (pipeline.generate("a tiny photo of sks", **inputs) for pipeline in (whole, streamed))
+    want, got = ((r.audio if r.is_audio else r.images) for r in (want, got))
+    assert np.abs(np.asarray(got, dtype=np.float64) - np.asarray(want, dtype=np.float64)).max() < 1e-4
+
+
 def test_fp8_fused_rebuild_gives_torchaos_bytes_on_the_gpu(load_tiny, tmp_path, monkeypatch):
     """The FP8 fast mode's strength change rebuilds each layer with one compiled kernel (runtime.quantize.fp8_rows_);
     every layer shape must pass its first-use byte comparison with torchao's quantize (else it would silently keep the

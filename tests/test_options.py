@@ -169,12 +169,23 @@ def test_auto_offload_on_the_cpu_keeps_everything_in_place_and_fp8_accepts_it(lo
     assert np.array_equal(auto.generate(**gen).images, load_tiny("flux").generate(**gen).images)
 
 
-def test_a_family_that_cannot_offload_takes_auto_and_refuses_the_rest():
+def test_a_family_that_cannot_offload_takes_auto_and_refuses_the_rest(load_tiny, monkeypatch):
+    """A modular pipeline has no whole-component offloading: where auto would move whole components it streams the
+    denoiser's blocks instead (tests/test_streaming.py runs it); the explicit modes are refused with the reason."""
     from aitk_inference.pipelines import load_pipeline
     from aitk_inference.pipelines.base import AITKPipeline
+    from aitk_inference.pipelines.runtime import accelerate
 
     assert AITKPipeline.offload_refusal is None
-    assert get_spec("anima").family_class().choose_offload(get_spec("anima"), None, "cuda") == ("none", None)
+    spec = get_spec("anima")
+    pipe = load_tiny("anima").pipe
+    sizes = accelerate.component_bytes(pipe)
+    reserve = int(accelerate.AUTO_OFFLOAD_RESERVE_GIB["image"] * 2**30)
+    assert spec.family_class().choose_offload(spec, pipe, "cpu") == ("none", None)  # no GPU budget
+    monkeypatch.setattr(accelerate, "gpu_memory_budget", lambda device: reserve + max(sizes.values()))
+    assert accelerate.choose_offload(sizes, reserve + max(sizes.values()), reserve) == "model"
+    offload, resident = spec.family_class().choose_offload(spec, pipe, "cuda")
+    assert offload == "group" and set(resident) == {"transformer"}
     with pytest.raises(ValueError, match="anima runs on diffusers' modular pipeline, which has no CPU offloading"):
         load_pipeline("anima", base="unused", device="cpu", offload="group")
 

@@ -229,7 +229,8 @@ class AnimaFamilyPipeline(AITKPipeline):
     batches_distinct_prompts = False
 
     offload_refusal = ("runs on diffusers' modular pipeline, which has no CPU offloading: use offload='none' (Anima's "
-                       "transformer and text encoder are small, about 2B and 0.6B).")
+                       "transformer and text encoder are small, about 2B and 0.6B), or 'auto', which streams the "
+                       "transformer's blocks where it does not fit.")
 
     @classmethod
     def load_diffusers_pipeline(cls, spec, source, torch_dtype, **overrides):

@@ -418,7 +418,8 @@ class MiniMaxH3FamilyPipeline(AITKPipeline):
     #: control images are ref2va references (their own aspect, the target's area), not a first frame
     references = False
 
-    offload_refusal = "runs on diffusers' modular pipeline, which has no CPU offloading in this package: use offload='none'."
+    offload_refusal = ("runs on diffusers' modular pipeline, which has no CPU offloading in this package: use "
+                       "offload='none', or 'auto', which streams the transformer's blocks where it does not fit.")
 
     @classmethod
     def load_diffusers_pipeline(cls, spec, source, torch_dtype, **overrides):

@@ -28,6 +28,7 @@ import argparse
 import gc
 import os
 import time
+import traceback
 
 #: the forward-only workloads with a ComfyUI reference (``comfyui_reference.REFERENCES``)
 MODELS = ("flux", "wan21_14b", "wan21_14b_81f")
@@ -62,6 +63,7 @@ def main(argv=None) -> int:
     reserve = int(accelerate.AUTO_OFFLOAD_RESERVE_GIB["video" if workload.frames > 1 else "image"] * 2**30)
     result = {"model": args.model, "workload": workload.label, "device": torch.cuda.get_device_name(),
               "torch": torch.__version__, "cap_gib": args.cap_gib, "reserve_gib": reserve / 2**30, "runs": []}
+    name_of_result = f"comfyui_capped_{args.model}_{args.cap_gib:g}gib"
     if missing:
         result["comfyui_skipped"] = missing
         print(f"[bench] {missing}", flush=True)
@@ -79,10 +81,13 @@ def main(argv=None) -> int:
             with torch.inference_mode():
                 run["forward_ms"] = round(timed(forward, "cuda", warmup=1, reps=args.reps) * 1000, 1)
             run["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        except torch.OutOfMemoryError as error:
-            run["error"] = f"out of memory: {str(error)[:200]}"
+        except Exception as error:  # out of memory, or a path that fails under the cap: a result too
+            run["error"] = f"{type(error).__name__}: {str(error)[:300]}"
+            run["error_at"] = [f"{frame.filename.rsplit('/', 2)[-1]}:{frame.lineno} {frame.name}"
+                               for frame in traceback.extract_tb(error.__traceback__)[-6:]]
         result["runs"].append(run)
         print(run, flush=True)
+        write_result(args.out, name_of_result, result)  # kept as it grows: a run cut short still leaves its rows
 
     dtype = torch.bfloat16
     model = build_transformer(architecture, "full", "cuda", dtype)
@@ -160,7 +165,7 @@ def main(argv=None) -> int:
     for run in result["runs"]:
         if uncapped and run.get("forward_ms"):
             run["ratio_vs_ours_uncapped"] = round(run["forward_ms"] / uncapped, 3)
-    write_result(args.out, f"comfyui_capped_{args.model}_{args.cap_gib:g}gib", result)
+    write_result(args.out, name_of_result, result)
     return 0
 
 

@@ -13,6 +13,7 @@ and a batch of N is the N previews ai-toolkit renders with ``walk_seed`` (up to 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -187,8 +188,28 @@ def test_same_seed_same_output(family):
         assert max_difference(family.run(seed=family.inputs["seed"] + 1), first) > CHANGED
 
 
+#: the fields by which two ids may differ and still run the same code on the same tiny model with the same inputs
+SAME_RUN_FIELDS_THAT_MAY_DIFFER = {"model_id", "base", "aitk_archs", "lora_mode", "notes"}
+
+
+def _same_run_as(model_id: str) -> str | None:
+    """The earlier id whose run of a LoRA-free check this id would repeat (the same spec but for the base checkpoint,
+    ai-toolkit's names and the default LoRA mode), or None."""
+    spec = REGISTRY[model_id]
+    for other_id, other in REGISTRY.items():
+        if other_id == model_id:
+            return None
+        if {f.name for f in dataclasses.fields(spec) if getattr(spec, f.name) != getattr(other, f.name)} <= \
+                SAME_RUN_FIELDS_THAT_MAY_DIFFER:
+            return other_id
+    return None
+
+
 def test_each_image_of_a_batch_is_the_single_image_of_its_seed(family):
     """With the fewest and with the most control images the model takes (reference images are encoded per seed)."""
+    same = _same_run_as(family.model_id)
+    if same:  # qwen_image_edit_plus_2511 alone took 32 s
+        pytest.skip(f"the same LoRA-free batch as {same} (same family, tiny model and defaults)")
     seed = family.inputs["seed"]
     for count in sorted(set(family.spec.control_images)):
         inputs = {"control_images": [_control_image()] * count}

@@ -16,10 +16,13 @@ card's free memory, gets ``--reserve-vram`` set to the rest of the card, so that
 
 Every forward's output is compared with our fused forward on the whole card, timed first as the uncapped reference.
 ComfyUI is never part of this project (``--comfyui DIR`` or ``COMFYUI_DIR``); without it only ours runs, and the
-result says why. GPU only:
+result says why. On a GPU:
 
     python3 -m aitk_inference.benchmarks.comfyui_capped --comfyui DIR --model flux --cap-gib 12 --fp8 --out DIR
     python3 -m aitk_inference.benchmarks.comfyui_capped --comfyui DIR --model wan21_14b_81f --cap-gib 24 --out DIR
+
+``--size tiny --device cpu`` runs the same steps on a Wan that ComfyUI's detection reads (see ``REFERENCES``), where
+the CPU stands for the card and ``--cap-gib`` for its memory (the tests: nothing is timed that matters there).
 """
 
 from __future__ import annotations
@@ -39,8 +42,9 @@ def main(argv=None) -> int:
 
     from ..pipelines.lora.stack import LoraRequest, LoraStack
     from ..pipelines.runtime import accelerate, quantize
+    from ..pipelines.runtime.accelerate import resolve_dtype
     from .comfyui_reference import REFERENCES, comfyui_missing, import_comfy
-    from .harness import lora_state_dict, relative_error, timed, write_result
+    from .harness import lora_state_dict, peak_memory_gib, relative_error, reset_peak, sync, timed, write_result
     from .models import WORKLOADS, build_transformer, forward_inputs
 
     parser = argparse.ArgumentParser()
@@ -49,20 +53,28 @@ def main(argv=None) -> int:
     parser.add_argument("--cap-gib", type=float, default=12.0)
     parser.add_argument("--fp8", action="store_true", help="add our FP8 fast mode and ComfyUI's fp8_e4m3fn weights")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--size", choices=["full", "tiny"], default="full")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--compile-backend", default="inductor")
     parser.add_argument("--out", default=".")
     args = parser.parse_args(argv)
 
-    total = torch.cuda.get_device_properties(0).total_memory
+    device, cuda = args.device, args.device.startswith("cuda")
+    total = torch.cuda.get_device_properties(device).total_memory if cuda else None
     cap = int(args.cap_gib * 2**30)
     missing = comfyui_missing(args.comfyui)
     if missing is None:  # ComfyUI reads its settings once, when its model management is first imported
-        comfy, _ = import_comfy(args.comfyui, "cuda", reserve_gib=(total - cap) / 2**30)
-    workload = WORKLOADS["full"][args.model]
+        comfy, _ = import_comfy(args.comfyui, device, reserve_gib=(total - cap) / 2**30 if cuda else None)
+    workload = WORKLOADS[args.size][args.model]
     architecture = workload.config_key(args.model)
     reference = REFERENCES[architecture]
+    if args.size == "tiny" and not reference.tiny_config:
+        parser.error(f"{args.model}: {reference.no_tiny_model}")
     reserve = int(accelerate.AUTO_OFFLOAD_RESERVE_GIB["video" if workload.frames > 1 else "image"] * 2**30)
-    result = {"model": args.model, "workload": workload.label, "device": torch.cuda.get_device_name(),
-              "torch": torch.__version__, "cap_gib": args.cap_gib, "reserve_gib": reserve / 2**30, "runs": []}
+    result = {"model": args.model, "size": args.size, "workload": workload.label,
+              "device": torch.cuda.get_device_name(device) if cuda else device, "torch": torch.__version__,
+              "cap_gib": args.cap_gib, "reserve_gib": reserve / 2**30, "runs": []}
     name_of_result = f"comfyui_capped_{args.model}_{args.cap_gib:g}gib"
     if missing:
         result["comfyui_skipped"] = missing
@@ -71,16 +83,17 @@ def main(argv=None) -> int:
     def measure(name: str, forward, to_denoised, **notes) -> None:
         run = {"variant": name, **notes}
         try:
-            torch.cuda.reset_peak_memory_stats()
+            reset_peak(device)
             started = time.perf_counter()
             with torch.inference_mode():
                 output = forward()
-            torch.cuda.synchronize()
+            sync(device)
             run["first_forward_s"] = round(time.perf_counter() - started, 2)
-            run["relative_error_vs_uncapped_fused"] = round(relative_error(to_denoised(output), expected), 5)
+            run["relative_error_vs_uncapped_fused"] = float(f"{relative_error(to_denoised(output), expected):.3g}")
             with torch.inference_mode():
-                run["forward_ms"] = round(timed(forward, "cuda", warmup=1, reps=args.reps) * 1000, 1)
-            run["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                run["forward_ms"] = round(timed(forward, device, warmup=1, reps=args.reps) * 1000, 1)
+            if cuda:
+                run["peak_gib"] = round(peak_memory_gib(device), 2)
         except Exception as error:  # out of memory, or a path that fails under the cap: a result too
             run["error"] = f"{type(error).__name__}: {str(error)[:300]}"
             run["error_at"] = [f"{frame.filename.rsplit('/', 2)[-1]}:{frame.lineno} {frame.name}"
@@ -89,13 +102,15 @@ def main(argv=None) -> int:
         print(run, flush=True)
         write_result(args.out, name_of_result, result)  # kept as it grows: a run cut short still leaves its rows
 
-    dtype = torch.bfloat16
-    model = build_transformer(architecture, "full", "cuda", dtype)
+    dtype = resolve_dtype(args.dtype, device)
+    model = build_transformer(architecture, "full", device, dtype,
+                              config_changes=reference.tiny_config if args.size == "tiny" else None)
     inputs = forward_inputs(architecture, model, workload)
-    lora = lora_state_dict(model, rank=16, seed=0, std=0.01)
+    lora = lora_state_dict(model, rank=16, seed=0, std=0.01 if args.size == "full" else 0.3)
     comfy_inputs, denoised = reference.inputs(inputs, workload)
-    # ComfyUI builds its model from the weights without the LoRA, kept in host memory
-    weights = reference.weights({name: tensor.to("cpu") for name, tensor in model.state_dict().items()})
+    # ComfyUI builds its model from the weights without the LoRA, kept in host memory (copied: merging the LoRA below
+    # edits the model's own tensors)
+    weights = reference.weights({name: tensor.to("cpu", copy=True) for name, tensor in model.state_dict().items()})
     stack = LoraStack({"transformer": model}, "fused", "transformer", args.model)
     stack.set([LoraRequest(state_dict=lora, name="r16")])
     del stack  # the LoRA stays merged into the weights
@@ -110,20 +125,22 @@ def main(argv=None) -> int:
     # the cap from here on; ours goes to the host and comes back as auto would place it
     model.to("cpu")
     gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.set_per_process_memory_fraction(cap / total)
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction(cap / total)
     modes = [("ours", "none", False), ("ours+compile", "none", True)] + ([("ours_fp8+compile", "fp8", True)]
                                                                          if args.fp8 else [])
     for name, quantized, compiled in modes:
         if quantized == "fp8":
             accelerate.remove_block_streaming(model)
             torch._dynamo.reset()
-            quantize.quantize_block_linears(model, quantize.fp8_config(), device="cuda")
-        resident = accelerate.resident_block_budget({"transformer": model}, accelerate.gpu_memory_budget("cuda"),
+            quantize.quantize_block_linears(model, quantize.fp8_config(), device=device)
+        budget = accelerate.gpu_memory_budget(device)
+        resident = accelerate.resident_block_budget({"transformer": model}, cap if budget is None else budget,
                                                     reserve)["transformer"]
-        kept = accelerate.offload_blocks_keeping_resident(model, "cuda", resident)
+        kept = accelerate.offload_blocks_keeping_resident(model, device, resident)
         if compiled:
-            accelerate.compile_denoiser([model])
+            accelerate.compile_denoiser([model], backend=args.compile_backend)
         blocks = [block for _, block in accelerate.blocks_in_order(model)]
         streamed = sum(accelerate.module_bytes(block) for block in blocks if accelerate.carries_offload_hook(block))
         measure(name, ours, denoised, blocks_kept=kept, blocks=len(blocks),
@@ -132,7 +149,8 @@ def main(argv=None) -> int:
     model = None  # ComfyUI's copy needs the host memory
     torch._dynamo.reset()
     gc.collect()
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
 
     if missing is None:
         comfy_lora = reference.lora(lora)

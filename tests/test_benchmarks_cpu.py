@@ -91,6 +91,35 @@ def test_comfyui_wan_reference_runs_the_same_model_and_lora_as_ours(tiny_cache, 
     assert not any(variant.endswith("+compile") for _, variant in by_key)
 
 
+@pytest.mark.comfyui
+@needs_comfyui
+def test_capped_comparison_streams_ours_and_runs_comfyuis_low_vram_path(tiny_cache, tmp_path):
+    """benchmarks/comfyui_capped on the CPU (the CPU stands for the card, a cap of 0 GiB streams every block): ours
+    streamed, eager and compiled, gives the uncapped output; ComfyUI's own path, with one and two streams, gives it
+    within fp32 rounding (the weights it gets are copies taken before our LoRA was merged in place)."""
+    import subprocess
+
+    command = [comfy_python(), "-m", "aitk_inference.benchmarks.comfyui_capped", "--comfyui", COMFYUI_DIR,
+               "--size", "tiny", "--device", "cpu", "--dtype", "fp32", "--model", "wan21_14b", "--cap-gib", "0",
+               "--compile-backend", "eager", "--reps", "1", "--out", str(tmp_path)]
+    importable = tmp_path / "importable"  # ComfyUI's environment has this pack's dependencies, not the pack itself
+    importable.mkdir()
+    (importable / "aitk_inference").symlink_to(ROOT, target_is_directory=True)
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "PYTHONPATH": str(importable)})
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    runs = {run["variant"]: run for run in json.loads((tmp_path / "comfyui_capped_wan21_14b_0gib.json").read_text())[
+        "runs"]}
+    assert set(runs) == {"ours_uncapped", "ours", "ours+compile", "comfyui", "comfyui+async_offload"}
+    assert not any("error" in run for run in runs.values())
+    for variant in ("ours", "ours+compile"):
+        assert runs[variant]["blocks_kept"] == 0 and runs[variant]["blocks"] == 2
+        assert runs[variant]["relative_error_vs_uncapped_fused"] < 1e-6
+    for variant in ("comfyui", "comfyui+async_offload"):
+        assert runs[variant]["relative_error_vs_uncapped_fused"] < 1e-5  # 5.8e-8 seen
+        assert runs[variant]["forward_ms"] > 0
+
+
 def test_tiny_flux_compile_variant_times_a_second_process(tiny_dir, tmp_path):
     """The compiled variant, and its probe in a new process that reads the same on-disk compile cache."""
     from aitk_inference.benchmarks.run import main

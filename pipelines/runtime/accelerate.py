@@ -257,9 +257,9 @@ def place(pipe, device: str, offload: str, resident: dict[str, int] | None = Non
 
 
 def refuses_group_offloading(component) -> bool:
-    """Whether ``component`` is a diffusers model that declares it cannot be group-offloaded (ACE-Step's Oobleck VAE:
-    its weight-normed layers compute their weight in a pre-hook, before an onload would bring the parts to the GPU).
-    ``group`` placements put such components on the GPU whole; they are small (audio VAEs)."""
+    """Whether ``component`` is a diffusers model whose class says it cannot be group-offloaded (it sets
+    ``_supports_group_offloading`` to False and its ``enable_group_offload`` raises: ACE-Step's Oobleck VAE,
+    MiniMax-H3's audio VAE). ``group`` placements put such components on the GPU whole; they are small (audio VAEs)."""
     return getattr(component, "_supports_group_offloading", True) is False
 
 

@@ -12,6 +12,7 @@ import torch
 
 from aitk_inference.pipelines.registry import REGISTRY
 from aitk_inference.tiny.loras import lora_targets, write_lora
+from family_streaming import one_id_per_family, pretend_the_weights_do_not_fit
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -283,67 +284,52 @@ def test_fp8_master_on_the_gpu_gives_the_weights_of_the_host_master(load_tiny, t
         assert any(not torch.equal(a, b) for a, b in zip(gpu, before)) == bool(strengths)
 
 
+def _loras_and_inputs(pipeline, tmp_path) -> tuple[list[str], dict]:
+    """LoRA files on every block Linear of ``pipeline``'s denoiser (one per expert where it has two), and generation
+    inputs the id takes (its control images, its frame count)."""
+    from PIL import Image
+
+    spec = pipeline.spec
+    names = [spec.experts.file_stem("lora", side) for side in spec.experts.SIDES] if spec.experts else ["lora"]
+    loras = [write_lora(str(tmp_path / f"{name}.safetensors"), "peft",
+                        lora_targets(getattr(pipeline.pipe, pipeline.denoiser)), seed=i) for i, name in enumerate(names)]
+    inputs = dict(width=64, height=64, steps=2, seed=42,
+                  control_images=[Image.new("RGB", (64, 64), (120, 30, 200))] * spec.control_images[0])
+    if spec.video is not None:
+        inputs["num_frames"] = spec.video.frames(2)
+    return loras, inputs
+
+
 @pytest.mark.parametrize("lora_mode", ["dynamic", "fused"])
 @pytest.mark.parametrize("model_id", list(REGISTRY))
 def test_every_id_runs_on_cuda_in_bf16_with_a_lora(model_id, lora_mode, load_tiny, tmp_path):
     """Every registry id on the GPU in bfloat16 with a LoRA on every block Linear, live and fused: device and dtype
     mix-ups (a tensor left on the CPU, a float32 buffer) only show here."""
-    from PIL import Image
-
     pipeline = load_tiny(model_id, device="cuda", dtype="bf16", lora_mode=lora_mode)
-    spec = pipeline.spec
     denoiser = getattr(pipeline.pipe, pipeline.denoiser)
-    names = [spec.experts.file_stem("lora", side) for side in spec.experts.SIDES] if spec.experts else ["lora"]
-    loras = [write_lora(str(tmp_path / f"{name}.safetensors"), "peft", lora_targets(denoiser), seed=i)
-             for i, name in enumerate(names)]
+    loras, inputs = _loras_and_inputs(pipeline, tmp_path)
     assert all(summary["modules"] > 0 for summary in pipeline.set_loras(loras))
-    inputs = dict(width=64, height=64, steps=2, seed=42,
-                  control_images=[Image.new("RGB", (64, 64), (120, 30, 200))] * spec.control_images[0])
-    if spec.video is not None:
-        inputs["num_frames"] = spec.video.frames(2)
     result = pipeline.generate("a tiny photo of sks", **inputs)
     output = result.audio if result.is_audio else result.images
     assert denoiser.device.type == "cuda" and denoiser.dtype == torch.bfloat16
     assert np.isfinite(output).all() and np.std(output) > 0
 
 
-def _one_id_per_family() -> list[str]:
-    first = {}
-    for model_id, spec in REGISTRY.items():
-        first.setdefault(spec.family, model_id)
-    return [*first.values(), "wan22_14b_t2v"]
-
-
-@pytest.mark.parametrize("model_id", _one_id_per_family())
+@pytest.mark.parametrize("model_id", one_id_per_family())
 def test_every_family_streams_its_denoiser_blocks_on_cuda(model_id, load_tiny, monkeypatch, tmp_path):
     """offload="auto" where the weights do not fit, for one id of every family on the GPU (modular pipelines, whose
     execution device comes from the components' offloading, ACE-Step's VAE placed whole, HiDream-O1's nested
     layers): some blocks stream, the output is the all-on-GPU one's within float32 rounding, with a LoRA."""
-    from PIL import Image
-
     from aitk_inference.pipelines.runtime import accelerate
     from aitk_inference.pipelines.runtime.streaming import is_streamed
 
-    def keep_three_fifths(denoisers, budget, reserve):
-        return {name: sum(accelerate.module_bytes(block) for _, block in accelerate.blocks_in_order(denoiser)) * 3 // 5
-                for name, denoiser in denoisers.items()}
-
     whole = load_tiny(model_id, device="cuda")
-    monkeypatch.setattr(accelerate, "gpu_memory_budget", lambda device: 2**30)
-    monkeypatch.setattr(accelerate, "choose_offload", lambda sizes, budget, reserve: "group")
-    monkeypatch.setattr(accelerate, "resident_block_budget", keep_three_fifths)
+    pretend_the_weights_do_not_fit(monkeypatch)
     streamed = load_tiny(model_id, device="cuda", offload="auto")
     assert streamed.offload == "group"
     for denoiser in streamed.denoisers():
         assert any(is_streamed(block) for _, block in accelerate.blocks_in_order(denoiser))
-    spec = whole.spec
-    names = [spec.experts.file_stem("lora", side) for side in spec.experts.SIDES] if spec.experts else ["lora"]
-    loras = [write_lora(str(tmp_path / f"{name}.safetensors"), "peft",
-                        lora_targets(getattr(whole.pipe, whole.denoiser)), seed=i) for i, name in enumerate(names)]
-    inputs = dict(width=64, height=64, steps=2, seed=42,
-                  control_images=[Image.new("RGB", (64, 64), (120, 30, 200))] * spec.control_images[0])
-    if spec.video is not None:
-        inputs["num_frames"] = spec.video.frames(2)
+    loras, inputs = _loras_and_inputs(whole, tmp_path)
     for pipeline in (whole, streamed):
         pipeline.set_loras(loras)
     want, got = (pipeline.generate("a tiny photo of sks", **inputs) for pipeline in (whole, streamed))

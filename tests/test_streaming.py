@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from aitk_inference.pipelines.runtime.streaming import HOST_COPY, BlockStreamer, is_streamed
+from family_streaming import one_id_per_family, pretend_the_weights_do_not_fit
 
 
 class Block(torch.nn.Module):
@@ -158,21 +159,12 @@ def test_host_memory_the_system_will_not_pin_is_plain_memory_with_a_warning(capl
     assert quantize._host_copy(weight, pin=False) is weight
 
 
-def _one_id_per_family() -> list[str]:
-    from aitk_inference.pipelines.registry import REGISTRY
-
-    first = {}
-    for model_id, spec in REGISTRY.items():
-        first.setdefault(spec.family, model_id)
-    return [*first.values(), "wan22_14b_t2v"]  # and a model with two denoisers (the experts)
-
-
 def _outputs(result) -> list[np.ndarray]:
     produced = result.audio if result.is_audio else result.images
     return [np.asarray(item, dtype=np.float64) for item in (produced if isinstance(produced, list) else [produced])]
 
 
-@pytest.mark.parametrize("model_id", _one_id_per_family())
+@pytest.mark.parametrize("model_id", one_id_per_family())
 def test_every_family_streams_its_denoiser_blocks_under_auto(model_id, tiny_cache, tmp_path, monkeypatch):
     """``offload="auto"`` on a card the weights do not fit, for one id of every family, through the demo (a LoRA and
     the family's own inputs): the denoiser's blocks are found and some stream (on the CPU: the same bookkeeping with
@@ -197,17 +189,11 @@ def test_every_family_streams_its_denoiser_blocks_under_auto(model_id, tiny_cach
             return loaded[-1]
         return load_pipeline
 
-    def keep_three_fifths(denoisers, budget, reserve):
-        return {name: sum(accelerate.module_bytes(block) for _, block in accelerate.blocks_in_order(denoiser)) * 3 // 5
-                for name, denoiser in denoisers.items()}
-
     monkeypatch.setattr(base.AITKPipeline, "generate", keep_result)
     monkeypatch.setattr(pipelines_module, "load_pipeline", load_with("none"))
     assert cli.main(["demo", "--model", model_id, "--out", str(tmp_path / "whole.png"), "--quiet"]) == 0
     monkeypatch.setattr(pipelines_module, "load_pipeline", load_with("auto"))
-    monkeypatch.setattr(accelerate, "gpu_memory_budget", lambda device: 2**30)
-    monkeypatch.setattr(accelerate, "choose_offload", lambda sizes, budget, reserve: "group")
-    monkeypatch.setattr(accelerate, "resident_block_budget", keep_three_fifths)
+    pretend_the_weights_do_not_fit(monkeypatch)
     assert cli.main(["demo", "--model", model_id, "--out", str(tmp_path / "auto.png"), "--quiet"]) == 0
 
     pipeline = loaded[-1]

@@ -62,24 +62,30 @@ def test_comfyui_reference_is_skipped_with_a_reason_without_comfyui(tiny_dir, tm
     assert "add --forward-only with one of flux, wan21_14b, wan21_14b_81f" in capsys.readouterr().err
 
 
+def _run_in_comfyuis_environment(tmp_path, module: str, *args: str) -> None:
+    """``python -m aitk_inference.<module> args`` with ComfyUI's interpreter, which has this pack's dependencies but
+    not the pack itself (it imports it through a link in ``tmp_path``); it must succeed."""
+    import subprocess
+
+    importable = tmp_path / "importable"
+    importable.mkdir()
+    (importable / "aitk_inference").symlink_to(ROOT, target_is_directory=True)
+    finished = subprocess.run([comfy_python(), "-m", f"aitk_inference.{module}", *args], capture_output=True,
+                              text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(importable)})
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+
+
 @pytest.mark.comfyui
 @needs_comfyui
 def test_comfyui_wan_reference_runs_the_same_model_and_lora_as_ours(tiny_cache, tmp_path):
     """ComfyUI's own Wan 2.1 path (in its environment) on a small Wan it can detect: every weight and LoRA key taken,
     and its forward equal to our fused one in fp32. The time budget leaves out its compile (it needs 150 s left)."""
     import re
-    import subprocess
 
-    command = [comfy_python(), "-m", "aitk_inference.benchmarks.run", "--size", "tiny", "--device", "cpu",
-               "--dtype", "fp32", "--models", "--forward-only", "wan21_14b", "--variants", "fused", "--reps", "1",
-               "--time-budget", "149", "--comfyui", COMFYUI_DIR, "--out", str(tmp_path / "results"),
-               "--workdir", str(tmp_path / "work")]
-    importable = tmp_path / "importable"  # ComfyUI's environment has this pack's dependencies, not the pack itself
-    importable.mkdir()
-    (importable / "aitk_inference").symlink_to(ROOT, target_is_directory=True)
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                              env={**os.environ, "PYTHONPATH": str(importable)})
-    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    _run_in_comfyuis_environment(tmp_path, "benchmarks.run", "--size", "tiny", "--device", "cpu", "--dtype", "fp32",
+                                 "--models", "--forward-only", "wan21_14b", "--variants", "fused", "--reps", "1",
+                                 "--time-budget", "149", "--comfyui", COMFYUI_DIR, "--out", str(tmp_path / "results"),
+                                 "--workdir", str(tmp_path / "work"))
     [path] = (tmp_path / "results").iterdir()
     by_key = {(r["metric"], r["variant"]): r for r in json.loads(path.read_text())["records"]}
     check = by_key[("comfyui_relative_error", "comfyui")]
@@ -97,17 +103,9 @@ def test_capped_comparison_streams_ours_and_runs_comfyuis_low_vram_path(tiny_cac
     """benchmarks/comfyui_capped on the CPU (the CPU stands for the card, a cap of 0 GiB streams every block): ours
     streamed, eager and compiled, gives the uncapped output; ComfyUI's own path, with one and two streams, gives it
     within fp32 rounding (the weights it gets are copies taken before our LoRA was merged in place)."""
-    import subprocess
-
-    command = [comfy_python(), "-m", "aitk_inference.benchmarks.comfyui_capped", "--comfyui", COMFYUI_DIR,
-               "--size", "tiny", "--device", "cpu", "--dtype", "fp32", "--model", "wan21_14b", "--cap-gib", "0",
-               "--compile-backend", "eager", "--reps", "1", "--out", str(tmp_path)]
-    importable = tmp_path / "importable"  # ComfyUI's environment has this pack's dependencies, not the pack itself
-    importable.mkdir()
-    (importable / "aitk_inference").symlink_to(ROOT, target_is_directory=True)
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                              env={**os.environ, "PYTHONPATH": str(importable)})
-    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    _run_in_comfyuis_environment(tmp_path, "benchmarks.comfyui_capped", "--comfyui", COMFYUI_DIR, "--size", "tiny",
+                                 "--device", "cpu", "--dtype", "fp32", "--model", "wan21_14b", "--cap-gib", "0",
+                                 "--compile-backend", "eager", "--reps", "1", "--out", str(tmp_path))
     runs = {run["variant"]: run for run in json.loads((tmp_path / "comfyui_capped_wan21_14b_0gib.json").read_text())[
         "runs"]}
     assert set(runs) == {"ours_uncapped", "ours", "ours+compile", "comfyui", "comfyui+async_offload"}

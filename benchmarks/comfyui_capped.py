@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     from ..pipelines.lora.stack import LoraRequest, LoraStack
     from ..pipelines.runtime import accelerate, quantize
     from ..pipelines.runtime.accelerate import resolve_dtype
-    from .comfyui_reference import REFERENCES, comfyui_missing, import_comfy
+    from .comfyui_reference import REFERENCES, comfy_model_options, comfyui_missing, import_comfy
     from .harness import lora_state_dict, peak_memory_gib, relative_error, reset_peak, sync, timed, write_result
     from .models import WORKLOADS, build_transformer, forward_inputs
 
@@ -155,10 +155,10 @@ def main(argv=None) -> int:
     if missing is None:
         comfy_lora = reference.lora(lora)
         latent = list(comfy_inputs["x"].shape)
-        dtypes = {"default": {}, **({"fp8_e4m3fn": {"dtype": torch.float8_e4m3fn}} if args.fp8 else {})}
-        for weight_dtype, model_options in dtypes.items():
+        for weight_dtype in ("default", "fp8_e4m3fn") if args.fp8 else ("default",):
             with torch.inference_mode():
-                base = comfy.sd.load_diffusion_model_state_dict(dict(weights), model_options=model_options)
+                base = comfy.sd.load_diffusion_model_state_dict(dict(weights),
+                                                                model_options=comfy_model_options(weight_dtype))
                 patched, _ = comfy.sd.load_lora_for_models(base, None, comfy_lora, 1.0, 0)
                 # as its sampler loads the model: room for a batch of two latents (cond and uncond), at least one
                 needed = patched.model.memory_required([latent[0] * 2, *latent[1:]])

@@ -31,6 +31,14 @@ from dataclasses import dataclass, field
 WEIGHT_DTYPES = {"default": {}, "fp8_e4m3fn": {"dtype": "float8_e4m3fn"},
                  "fp8_e4m3fn_fast": {"dtype": "float8_e4m3fn", "fp8_optimizations": True}}
 
+
+def comfy_model_options(weight_dtype: str) -> dict:
+    """The model_options ComfyUI's UNETLoader passes for ``weight_dtype`` (a key of :data:`WEIGHT_DTYPES`)."""
+    import torch
+
+    return {k: getattr(torch, v) if k == "dtype" else v for k, v in WEIGHT_DTYPES[weight_dtype].items()}
+
+
 #: what ComfyUI logs (and only logs) about weights it did not take -> how a record's notes count them
 UNLOADED_WARNINGS = {"lora key not loaded": "LoRA keys not loaded", "unet missing": "model weights missing",
                      "unet unexpected": "model weights unexpected"}
@@ -254,13 +262,13 @@ def bench_comfyui(model_id: str, opts, rec, comfy_dir: str | None) -> None:
         """Our record to compare with; at tiny size ours timed the tiny kit's model, not this one: none."""
         return rec.reference(model_id, metric) if opts.size == "full" else None
 
-    for weight_dtype, options in WEIGHT_DTYPES.items():
+    for weight_dtype in WEIGHT_DTYPES:
         if opts.time_left() < 120:
             print(f"[bench] comfyui {weight_dtype}: skipped, too little time left", flush=True)
             break
-        model_options = {k: getattr(torch, v) if k == "dtype" else v for k, v in options.items()}
         with torch.inference_mode(), collect_unloaded_warnings() as unloaded:  # ComfyUI runs its nodes so
-            base = comfy.sd.load_diffusion_model_state_dict(dict(weights), model_options=model_options)
+            base = comfy.sd.load_diffusion_model_state_dict(dict(weights),
+                                                            model_options=comfy_model_options(weight_dtype))
             patched, _ = comfy.sd.load_lora_for_models(base, None, comfy_lora, 1.0, 0)
             patches = len(patched.patches)
             comfy.model_management.load_models_gpu([patched], force_full_load=True)

@@ -135,8 +135,8 @@ def main(argv=None) -> int:
     total = torch.cuda.get_device_properties(0).total_memory
     component_classes = set()
     result = {"model": args.model, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "steps": args.steps,
-              "size": 1024, "compile": args.compile, "host_to_gpu_gbps": host_to_gpu_gbps(), "runs": []}
+              "steps": args.steps, "size": 1024, "compile": args.compile, "host_to_gpu_gbps": host_to_gpu_gbps(),
+              "runs": []}
     runs = [(quantize, cap, streaming) for quantize, caps in (("none", args.caps), ("fp8", args.fp8_caps))
             for cap in caps for streaming in (args.streaming[:1] if cap == 0 else args.streaming)
             if quantize == "none" or streaming == "library"]

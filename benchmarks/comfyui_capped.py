@@ -45,6 +45,7 @@ def main(argv=None) -> int:
     from ..pipelines.runtime.accelerate import resolve_dtype
     from .comfyui_reference import REFERENCES, comfy_model_options, comfyui_missing, import_comfy
     from .harness import lora_state_dict, peak_memory_gib, relative_error, reset_peak, sync, timed, write_result
+    from .memory_caps import streaming_layout
     from .models import WORKLOADS, build_transformer, forward_inputs
 
     parser = argparse.ArgumentParser()
@@ -141,10 +142,9 @@ def main(argv=None) -> int:
         kept = accelerate.offload_blocks_keeping_resident(model, device, resident)
         if compiled:
             accelerate.compile_denoiser([model], backend=args.compile_backend)
-        blocks = [block for _, block in accelerate.blocks_in_order(model)]
-        streamed = sum(accelerate.module_bytes(block) for block in blocks if accelerate.carries_offload_hook(block))
-        measure(name, ours, denoised, blocks_kept=kept, blocks=len(blocks),
-                streamed_gib_per_forward=round(streamed / 2**30, 2))
+        layout = streaming_layout(model)  # no list of the blocks here: it would keep them after the model is dropped
+        measure(name, ours, denoised, blocks_kept=kept, blocks=kept + len(layout["streamed_blocks"]),
+                streamed_gib_per_forward=layout["streamed_gib_per_step"])
     accelerate.remove_block_streaming(model)
     model = None  # ComfyUI's copy needs the host memory
     torch._dynamo.reset()

@@ -93,6 +93,19 @@ def what_is_left(component_classes: set[str]) -> dict:
     return left
 
 
+def streaming_layout(transformer) -> dict:
+    """Which of ``transformer``'s blocks stream, and their bytes a step. Its own function so that no list of the
+    blocks outlives it: one left in the run loop's scope kept the resident blocks (and the streamer's slots, through
+    the streamed blocks' hooks) on the GPU after the pipeline was dropped."""
+    from ..pipelines.runtime import accelerate
+
+    streamed = [(index, accelerate.module_bytes(block))
+                for index, (_, block) in enumerate(accelerate.blocks_in_order(transformer))
+                if accelerate.carries_offload_hook(block)]
+    return {"streamed_blocks": [index for index, _ in streamed],
+            "streamed_gib_per_step": round(sum(size for _, size in streamed) / 2**30, 2)}
+
+
 def host_to_gpu_gbps(gib: int = 2) -> float:
     """The card's copy rate from pinned host memory (GB/s, one ``gib`` copy after a warm-up): the floor of a step
     whose streamed bytes are known."""
@@ -158,13 +171,10 @@ def main(argv=None) -> int:
                                      if isinstance(component, torch.nn.Module))
             if pipeline.resident:
                 run["resident_gib"] = {k: round(v / 2**30, 2) for k, v in pipeline.resident.items()}
-                blocks = accelerate.blocks_in_order(pipeline.pipe.transformer)
-                run["streamed_blocks"] = [i for i, (_, block) in enumerate(blocks)
-                                          if accelerate.carries_offload_hook(block)]
-                run["streamed_gib_per_step"] = round(sum(accelerate.module_bytes(blocks[i][1])
-                                                         for i in run["streamed_blocks"]) / 2**30, 2)
-            lora = harness.lora_state_dict(pipeline.pipe.transformer, rank=16, seed=0, std=0.01)
-            pipeline.set_loras([LoraRequest(state_dict=lora, strength=1.0, name="r16")])
+                run.update(streaming_layout(pipeline.pipe.transformer))
+            pipeline.set_loras([LoraRequest(state_dict=harness.lora_state_dict(pipeline.pipe.transformer, rank=16,
+                                                                               seed=0, std=0.01),
+                                            strength=1.0, name="r16")])
             gen = dict(prompt="a photo of a cat", width=1024, height=1024, steps=args.steps, seed=1)
             started = time.perf_counter()
             pipeline.generate(**gen)  # warm-up (and the compile, with --compile)

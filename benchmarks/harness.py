@@ -125,19 +125,24 @@ def write_result(folder: str, name: str, result) -> str:
 def referrer_path(obj, depth: int = 14, seconds: float = 60.0) -> str:
     """What keeps ``obj`` alive: the chain of referrers from a module's globals, a class or a suspended frame (a
     traceback's, a generator's) down to it (breadth first, at most ``depth`` links and ``seconds`` of search: each
-    step scans the whole heap), for a report; else the kinds of its direct referrers (a holder that the garbage
-    collector does not track, such as a C extension's)."""
+    step scans the whole heap), for a report. Where no such root is found, the first chain whose top has no referrer
+    the garbage collector tracks: a local variable of a running function (their frames are invisible to it) or a C
+    extension's reference holds that top; else the kinds of its direct referrers."""
     import gc
     import inspect
     import types
     from collections import deque
 
-    running = {id(frame_info.frame) for frame_info in inspect.stack(0)}
+    searching = {id(frame_info.frame) for frame_info in inspect.stack(0)[:2]}  # this function's and its caller's
     queue, seen, deadline = deque([(obj, [])]), {id(obj)}, time.perf_counter() + seconds
+    untracked_holder = None
     while queue and time.perf_counter() < deadline:
         held, path = queue.popleft()
-        for referrer in gc.get_referrers(held):
-            if id(referrer) in seen or id(referrer) in running or referrer is path:
+        referrers = [r for r in gc.get_referrers(held) if id(r) not in searching and r is not path]
+        if not referrers and path and untracked_holder is None:
+            untracked_holder = " -> ".join(reversed(path))
+        for referrer in referrers:
+            if id(referrer) in seen:
                 continue
             seen.add(id(referrer))
             described = type(referrer).__name__ + " " + (str(list(referrer)[:6]) if isinstance(referrer, dict)
@@ -147,8 +152,11 @@ def referrer_path(obj, depth: int = 14, seconds: float = 60.0) -> str:
                 return " -> ".join([described, *reversed(path)])
             if len(path) < depth:
                 queue.append((referrer, [*path, described]))
+        referrers = None  # else this list would be a referrer of what the next step looks at
+    if untracked_holder:
+        return f"held by an untracked holder (a running function's local variable?): {untracked_holder}"
     return "no chain to a root found; direct referrers: " + ", ".join(
-        type(r).__name__ for r in gc.get_referrers(obj) if id(r) not in running)
+        type(r).__name__ for r in gc.get_referrers(obj) if id(r) not in searching)
 
 
 def sync(device: str) -> None:

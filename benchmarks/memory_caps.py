@@ -72,25 +72,43 @@ def diffusers_streaming(layout):
 MODELS = {"flux": "materialize_flux", "qwen_image": "materialize_qwen_image"}
 
 
-def what_is_left(component_classes: set[str]) -> dict:
+def what_is_left(most: int = 4, device_type: str = "cuda") -> dict:
     """After a dropped run left GPU memory allocated: how much of it Python's objects still reach (CUDA tensors the
-    garbage collector tracks), and what keeps each surviving component (its class name in ``component_classes``;
-    ``harness.referrer_path``)."""
+    garbage collector tracks) and, for the ``most`` module classes whose largest surviving instance holds the most GPU
+    bytes (its own and its children's), how many survive and what keeps the largest (``harness.referrer_path``): a
+    whole component, or blocks outliving their model. ``device_type`` names the memory looked at ("cpu" to try it
+    without a GPU)."""
+    import warnings
+    import weakref
+
     import torch
 
+    from ..pipelines.runtime import accelerate
     from .harness import referrer_path
 
-    storages, survivors = {}, {}
-    for obj in gc.get_objects():
-        if type(obj) in (torch.Tensor, torch.nn.Parameter) and obj.is_cuda:  # plain ones: a wrapper holds plain ones
-            storage = obj.untyped_storage()
-            storages[storage.data_ptr()] = storage.nbytes()
-        elif type(obj).__name__ in component_classes:
-            survivors.setdefault(type(obj).__name__, obj)
-    left = {"left_reachable_tensor_gib": round(sum(storages.values()) / 2**30, 2),
-            "left_components": {name: referrer_path(obj) for name, obj in survivors.items()}}
-    survivors.clear()
-    return left
+    storages, largest = {}, {}
+    with warnings.catch_warnings():  # isinstance on some of torch's deprecated objects warns
+        warnings.simplefilter("ignore", FutureWarning)
+        for obj in gc.get_objects():
+            if type(obj) in (torch.Tensor, torch.nn.Parameter) and obj.device.type == device_type:  # not wrappers
+                storage = obj.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+            elif isinstance(obj, torch.nn.Module):
+                size = sum(accelerate.tensor_bytes(tensor) for tensor in [*obj.parameters(), *obj.buffers()]
+                           if tensor.device.type == device_type)
+                if size:
+                    name = type(obj).__name__
+                    count, biggest, module = largest.get(name, (0, 0, None))
+                    largest[name] = (count + 1, size, obj) if size > biggest else (count + 1, biggest, module)
+    # weak references from here on: a container of ours holding a module would be the first holder found
+    classes = [(name, count, size, weakref.ref(module))
+               for name, (count, size, module) in sorted(largest.items(), key=lambda item: -item[1][1])[:most]]
+    largest = None
+    modules = {}
+    for name, count, size, module in classes:
+        modules[name] = {"count": count, "largest_gib": round(size / 2**30, 2),
+                         "largest_kept_by": referrer_path(module())}
+    return {"left_reachable_tensor_gib": round(sum(storages.values()) / 2**30, 2), "left_modules": modules}
 
 
 def streaming_layout(transformer) -> dict:
@@ -146,7 +164,6 @@ def main(argv=None) -> int:
                   "diffusers-first": diffusers_streaming(keep_first_blocks)}
     folder = getattr(harness, MODELS[args.model])(harness.Options())
     total = torch.cuda.get_device_properties(0).total_memory
-    component_classes = set()
     result = {"model": args.model, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "steps": args.steps, "size": 1024, "compile": args.compile, "host_to_gpu_gbps": host_to_gpu_gbps(),
               "runs": []}
@@ -167,8 +184,6 @@ def main(argv=None) -> int:
                                      lora_mode="fused", quantize=quantize, compile=args.compile)
             run["load_s"] = round(time.perf_counter() - started, 1)
             run["offload_chosen"] = pipeline.offload
-            component_classes.update(type(component).__name__ for component in pipeline.pipe.components.values()
-                                     if isinstance(component, torch.nn.Module))
             if pipeline.resident:
                 run["resident_gib"] = {k: round(v / 2**30, 2) for k, v in pipeline.resident.items()}
                 run.update(streaming_layout(pipeline.pipe.transformer))
@@ -200,7 +215,7 @@ def main(argv=None) -> int:
         torch.cuda.empty_cache()
         run["left_allocated_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)  # what the dropped run kept
         if run["left_allocated_gib"] > 0.5:
-            run.update(what_is_left(component_classes))
+            run.update(what_is_left())
         print(run, flush=True)
     accelerate.offload_blocks_keeping_resident = library
     base = result["runs"][0].get("image_s")

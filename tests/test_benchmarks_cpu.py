@@ -191,3 +191,56 @@ def test_reproduce_batch_times_one_by_one_and_batched_in_one_run(tiny_dir, tmp_p
     assert one["value"] > 0 and batched["reference_value"] == one["value"]
     assert "2 call(s)" in one["notes"] and "1 call(s)" in batched["notes"]
     assert records[("reproduce_batch_vs_one_by_one", "batch_2")]["value"] <= 1  # 8-bit levels
+
+
+def test_memory_caps_reads_the_streaming_layout_without_keeping_the_blocks(tiny_dir):
+    """A list of the blocks left in the run loop's scope kept them (and, through the streamed blocks' hooks, the
+    streamer's slots) after the pipeline was dropped: the 8.63 GiB the ninth session saw on the GPU. The layout is read
+    through ``streaming_layout``, which keeps nothing."""
+    import gc
+    import weakref
+
+    from aitk_inference.benchmarks.memory_caps import streaming_layout
+    from aitk_inference.pipelines.runtime import accelerate
+    from diffusers import FluxTransformer2DModel
+
+    transformer = FluxTransformer2DModel.from_pretrained(tiny_dir("flux"), subfolder="transformer")
+    sizes = [accelerate.module_bytes(block) for _, block in accelerate.blocks_in_order(transformer)]
+    accelerate.offload_blocks_keeping_resident(transformer, "cpu", sum(sizes) * 3 // 5)
+    blocks = [weakref.ref(block) for _, block in accelerate.blocks_in_order(transformer)]
+    streamed = [index for index, ref in enumerate(blocks) if accelerate.carries_offload_hook(ref())]
+    assert 0 < len(streamed) < len(blocks)
+    assert streaming_layout(transformer) == {
+        "streamed_blocks": streamed, "streamed_gib_per_step": round(sum(sizes[i] for i in streamed) / 2**30, 2)}
+    transformer = None
+    gc.collect()
+    assert [ref() for ref in blocks] == [None] * len(blocks)
+
+
+def test_what_is_left_names_the_list_that_keeps_blocks_after_their_model(tiny_dir):
+    """What ``memory_caps`` reports when a dropped run leaves memory allocated: the module classes holding the most of
+    it, and what keeps the largest; here blocks held by a list in a running function (a holder the garbage collector
+    does not see), their transformer gone. Meta tensors stand for the GPU's (nothing else in the process has any)."""
+    import gc
+    import weakref
+
+    import torch
+    from aitk_inference.benchmarks.memory_caps import what_is_left
+    from aitk_inference.pipelines.runtime import accelerate
+    from diffusers import FluxTransformer2DModel
+
+    with torch.device("meta"):
+        transformer = FluxTransformer2DModel.from_config(
+            FluxTransformer2DModel.load_config(tiny_dir("flux"), subfolder="transformer"))
+    kept = accelerate.blocks_in_order(transformer)
+    gone = weakref.ref(transformer)
+    transformer = None
+    gc.collect()
+    assert gone() is None
+
+    left = what_is_left(most=2, device_type="meta")["left_modules"]
+    assert set(left) == {"FluxTransformerBlock", "FluxSingleTransformerBlock"}  # the largest kept modules
+    single = left["FluxSingleTransformerBlock"]
+    assert single["count"] == 1 and single["largest_gib"] == round(accelerate.module_bytes(kept[-1][1]) / 2**30, 2)
+    assert single["largest_kept_by"].startswith("held by an untracked holder (a running function's local variable?): "
+                                                "list [('transformer_blocks.0', FluxTransformerBlock(")

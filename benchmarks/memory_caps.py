@@ -187,9 +187,8 @@ def main(argv=None) -> int:
             if pipeline.resident:
                 run["resident_gib"] = {k: round(v / 2**30, 2) for k, v in pipeline.resident.items()}
                 run.update(streaming_layout(pipeline.pipe.transformer))
-            pipeline.set_loras([LoraRequest(state_dict=harness.lora_state_dict(pipeline.pipe.transformer, rank=16,
-                                                                               seed=0, std=0.01),
-                                            strength=1.0, name="r16")])
+            lora = harness.lora_state_dict(pipeline.pipe.transformer, rank=16, seed=0, std=0.01)  # host tensors
+            pipeline.set_loras([LoraRequest(state_dict=lora, strength=1.0, name="r16")])
             gen = dict(prompt="a photo of a cat", width=1024, height=1024, steps=args.steps, seed=1)
             started = time.perf_counter()
             pipeline.generate(**gen)  # warm-up (and the compile, with --compile)

@@ -238,7 +238,7 @@ class AceStepAITKPipeline(AceStepPipeline):
         cfg = guidance_scale > 1.0
         conditions = encoded
         if cfg:
-            null = self.condition_encoder.null_condition_emb.to(dtype).expand_as(encoded)
+            null = self.condition_encoder.null_condition_emb.to(device, dtype).expand_as(encoded)
             conditions, context = torch.cat([encoded, null]), context.repeat(2, 1, 1)
         latents = randn_tensor((1, frames, self.transformer.config.audio_acoustic_hidden_dim), generator=generator,
                                device=device, dtype=dtype)

@@ -99,7 +99,8 @@ class ConvBlock(nn.Module):
 
 
 def _float32_linear(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
-    return F.linear(x, linear.weight.float(), linear.bias.float())
+    # the weights are read here, not through the Linear's forward, so an offloaded codec has them where it keeps them
+    return F.linear(x, linear.weight.to(x.device, torch.float32), linear.bias.to(x.device, torch.float32))
 
 
 def zero_time_modulations(blocks: nn.ModuleList, t_embedder: TimeEmbedding, batch: int, device) -> list[torch.Tensor]:

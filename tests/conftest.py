@@ -46,10 +46,32 @@ def assert_lora_file_reproduces_ai_toolkit(model, forward, mode: str, model_id: 
     torch.testing.assert_close(forward(), outputs["base_output"], rtol=0, atol=atol)
 
 
+#: test modules whose tests share one costly module fixture (a ComfyUI server with a browser, a Ray cluster) or one
+#: GPU: with pytest-xdist's ``--dist loadgroup`` each runs on a single worker; the other tests spread one by one
+ONE_WORKER_MODULES = ("test_comfyui_browser", "test_server_ray", "test_gpu")
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the marks into the test ids
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.stem in ONE_WORKER_MODULES:
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: one worker per core, at most 8 (each holds its own tiny pipelines, about 1-2 GB)."""
+    return min(os.cpu_count() or 1, 8)
+
+
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory) -> str:
-    """Folder holding the tiny pipelines; AITK_TINY_CACHE keeps them between runs."""
-    folder = os.environ.get("AITK_TINY_CACHE") or str(tmp_path_factory.mktemp("tiny_models"))
+    """Folder holding the tiny pipelines; AITK_TINY_CACHE keeps them between runs. Parallel workers share the run's
+    folder (the kit builds each pipeline once, the other workers wait for it)."""
+    folder = os.environ.get("AITK_TINY_CACHE")
+    if not folder:
+        worker_base = tmp_path_factory.getbasetemp()
+        folder = str(worker_base.parent / "tiny_models" if os.environ.get("PYTEST_XDIST_WORKER")
+                     else tmp_path_factory.mktemp("tiny_models"))
     os.environ["AITK_TINY_CACHE"] = folder
     return folder
 

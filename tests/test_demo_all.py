@@ -44,3 +44,32 @@ def test_make_tiny_writes_the_layout_ai_toolkit_saves(model_id, native, tiny_cac
     result = pipeline.generate(prompt="x", width=64, height=64, steps=1, **(
         {"num_frames": pipeline.spec.video.frames(1)} if pipeline.spec.is_video else {}))
     assert (result.audio if result.is_audio else result.images).size
+
+
+def test_processes_sharing_a_tiny_cache_build_each_model_once(tmp_path, monkeypatch):
+    """Parallel test workers share one tiny-model folder: two callers that both find the model missing build it once;
+    the second waits for the first and reads its folder instead of replacing it under a reader."""
+    import threading
+    import time
+
+    from aitk_inference import tiny
+
+    builds = []
+    build = tiny.save_tiny_pipeline
+
+    def slow_build(model_id, out_dir, **variant):
+        builds.append(model_id)
+        time.sleep(1.0)  # both callers are past their first look by now
+        return build(model_id, out_dir, **variant)
+
+    monkeypatch.setattr(tiny, "save_tiny_pipeline", slow_build)
+    folders = []
+    callers = [threading.Thread(target=lambda: folders.append(tiny.tiny_model_dir("sd15", str(tmp_path))))
+               for _ in range(2)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join()
+    assert builds == ["sd15"]
+    assert len(folders) == 2 and folders[0] == folders[1]
+    assert os.path.isfile(os.path.join(folders[0], "model_index.json"))

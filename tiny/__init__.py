@@ -58,8 +58,18 @@ def save_tiny_pipeline(model_id: str, out_dir: str, **variant) -> str:
 
 
 def tiny_model_dir(model_id: str, cache_dir: str | None = None, **variant) -> str:
-    """The cached tiny pipeline folder of ``model_id`` (or of a builder ``variant``), built on first use."""
+    """The cached tiny pipeline folder of ``model_id`` (or of a builder ``variant``), built on first use. Processes
+    sharing the cache (parallel test workers) build each folder once: the others wait for it, then read it."""
+    from filelock import FileLock
+
     folder = os.path.join(cache_dir or default_cache_dir(), f"v{KIT_VERSION}", variant_folder_name(model_id, variant))
-    if not any(os.path.isfile(os.path.join(folder, index)) for index in PIPELINE_INDEX_FILES):
-        save_tiny_pipeline(model_id, folder, **variant)
+
+    def saved() -> bool:
+        return any(os.path.isfile(os.path.join(folder, index)) for index in PIPELINE_INDEX_FILES)
+
+    if not saved():
+        os.makedirs(os.path.dirname(folder), exist_ok=True)
+        with FileLock(f"{folder}.lock"):
+            if not saved():
+                save_tiny_pipeline(model_id, folder, **variant)
     return folder

@@ -82,11 +82,12 @@ def main(argv=None) -> int:
                 pipeline.resolve_auto_offload(args.quantize)
                 record.update(cap_gib=args.cap_gib or round(total / 2**30, 1), quantize=pipeline.quantize,
                               auto_chose=pipeline.offload, plan_and_quantize_s=round(time.perf_counter() - t, 1),
-                              resident_gib={k: round(v / 2**30, 2) for k, v in (pipeline.resident or {}).items()})
+                              resident_gib={k: round(v / 2**30, 2) for k, v in (pipeline.resident or {}).items()},
+                              placed_whole=sorted(pipeline.placed_whole))
             else:
                 pipeline.offload = offload
             t = time.perf_counter()
-            pipeline.place(pipe, device, pipeline.offload, pipeline.resident)
+            pipeline.place(pipe, device, pipeline.offload, pipeline.resident, pipeline.placed_whole)
             record["place_s"] = round(time.perf_counter() - t, 1)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

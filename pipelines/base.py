@@ -336,6 +336,8 @@ class AITKPipeline:
         self.parallel = "none"
         #: with ``offload="group"`` chosen by ``auto``: denoiser component -> bytes of its blocks kept on the GPU
         self.resident: dict[str, int] | None = None
+        #: with that choice: the components placed on the GPU as they are (``accelerate.components_placed_whole``)
+        self.placed_whole: set[str] = set()
         self.lock = threading.RLock()
         self.loras = LoraStack(
             self.lora_components(), lora_mode, self.denoiser, spec.model_id,
@@ -378,7 +380,7 @@ class AITKPipeline:
         pipeline = cls(spec, pipe, device, torch_dtype, offload, options.lora_mode, source)
         if offload == "auto":
             pipeline.resolve_auto_offload(options.quantize, options.compile)
-        accelerate.place(pipe, device, pipeline.offload, pipeline.resident)
+        accelerate.place(pipe, device, pipeline.offload, pipeline.resident, pipeline.placed_whole)
         logger.info("Loaded %s from %s in %.2fs (%s, %s, offload=%s)", spec.model_id, source,
                     time.perf_counter() - started, device, torch_dtype, pipeline.offload)
         pipeline.set_attention_kernel(options.attention)
@@ -396,11 +398,11 @@ class AITKPipeline:
         CPU (:meth:`choose_offload`; ``offload`` and ``resident`` are set, nothing is placed). With ``quantize="fp8"``
         weights that do not all fit as they are get quantized here, where they are (each layer computed on the GPU),
         and the plan is made again with their FP8 bytes. ``compile`` is checked against the choice."""
-        offload, resident = self.choose_offload(self.spec, self.pipe, self.device)
+        offload, resident, whole = self.choose_offload(self.spec, self.pipe, self.device)
         if quantize == "fp8" and offload != "none":
             self.quantize_fp8()
-            offload, resident = self.choose_offload(self.spec, self.pipe, self.device, whole_components=False)
-        self.offload, self.resident = offload, resident
+            offload, resident, whole = self.choose_offload(self.spec, self.pipe, self.device, whole_components=False)
+        self.offload, self.resident, self.placed_whole = offload, resident, whole
         conflict = compile_offload_conflict(compile, offload)
         if conflict:
             raise LoadOptionError(f"offload='auto' chose {offload!r} (the weights do not all fit the GPU memory this "
@@ -408,33 +410,34 @@ class AITKPipeline:
 
     @classmethod
     def choose_offload(cls, spec: ModelSpec, pipe, device: str,
-                       whole_components: bool = True) -> tuple[str, dict | None]:
+                       whole_components: bool = True) -> tuple[str, dict | None, set[str]]:
         """What ``offload="auto"`` becomes for ``pipe`` (loaded on the CPU) on ``device``: the fastest placement that
         fits the GPU memory this process may use (``accelerate.choose_offload``), keeping room for a video's or an
-        image's activations, and, when that is ``group``, how many bytes of each denoiser's blocks stay on the GPU
-        (``accelerate.resident_block_budget``; the rest stream through). Block Linears already in FP8 count their FP8
-        bytes. ``model`` becomes ``group`` where whole components cannot move: FP8 weights (``whole_components=False``:
-        they are streamed as plain tensors but were never measured moving whole) and a family whose pipeline has no
-        CPU offloading (``offload_refusal``)."""
+        image's activations, and, when that is ``group``, the components placed whole on the GPU
+        (``accelerate.components_placed_whole``) and how many bytes of each denoiser's blocks stay on the GPU beside
+        them (``accelerate.resident_block_budget``; the rest stream through). Block Linears already in FP8 count
+        their FP8 bytes. ``model`` becomes ``group`` where whole components cannot move: FP8 weights
+        (``whole_components=False``: they are streamed as plain tensors but were never measured moving whole) and a
+        family whose pipeline has no CPU offloading (``offload_refusal``)."""
         sizes = accelerate.component_bytes(pipe)
         budget = accelerate.gpu_memory_budget(device)
         reserve = int(accelerate.AUTO_OFFLOAD_RESERVE_GIB["video" if spec.video else "image"] * 2**30)
         offload = accelerate.choose_offload(sizes, budget, reserve)
         if offload == "model" and (cls.offload_refusal or not whole_components):
             offload = "group"
-        resident = None
+        resident, whole = None, set()
         if offload == "group":
             names = spec.experts.components if spec.experts else (cls.denoiser,)
-            whole = sum(size for name, size in sizes.items()
-                        if accelerate.refuses_group_offloading(pipe.components[name]))  # placed on the GPU as they are
+            whole = accelerate.components_placed_whole(pipe, bool(spec.video), sizes, budget, reserve)
             resident = accelerate.resident_block_budget({name: getattr(pipe, name) for name in names}, budget,
-                                                        reserve + whole)
+                                                        reserve + sum(sizes.get(name, 0) for name in whole))
         if budget is not None:
             logger.info("%s: offload='auto' -> %r (weights %.1f GiB, largest component %.1f GiB, %.1f GiB kept for "
                         "activations, %.1f GiB of GPU memory usable%s)", spec.model_id, offload,
                         sum(sizes.values()) / 2**30, max(sizes.values(), default=0) / 2**30, reserve / 2**30,
-                        budget / 2**30, f"; denoiser blocks kept on the GPU: {resident}" if resident else "")
-        return offload, resident
+                        budget / 2**30, f"; denoiser blocks kept on the GPU: {resident}, placed whole: "
+                        f"{sorted(whole)}" if resident else "")
+        return offload, resident, whole
 
     @classmethod
     def load_diffusers_pipeline(cls, spec: ModelSpec, source: str, torch_dtype, **overrides):
@@ -614,7 +617,7 @@ class AITKPipeline:
         try:
             yield
         finally:
-            self.place(self.pipe, self.device, self.offload, self.resident)
+            self.place(self.pipe, self.device, self.offload, self.resident, self.placed_whole)
             self._placed_again()
 
     # ------------------------------------------------------------------------------------------------ generation

@@ -181,13 +181,33 @@ def test_a_family_that_cannot_offload_takes_auto_and_refuses_the_rest(load_tiny,
     pipe = load_tiny("anima").pipe
     sizes = accelerate.component_bytes(pipe)
     reserve = int(accelerate.AUTO_OFFLOAD_RESERVE_GIB["image"] * 2**30)
-    assert spec.family_class().choose_offload(spec, pipe, "cpu") == ("none", None)  # no GPU budget
+    assert spec.family_class().choose_offload(spec, pipe, "cpu") == ("none", None, set())  # no GPU budget
     monkeypatch.setattr(accelerate, "gpu_memory_budget", lambda device: reserve + max(sizes.values()))
     assert accelerate.choose_offload(sizes, reserve + max(sizes.values()), reserve) == "model"
-    offload, resident = spec.family_class().choose_offload(spec, pipe, "cuda")
-    assert offload == "group" and set(resident) == {"transformer"}
+    offload, resident, whole = spec.family_class().choose_offload(spec, pipe, "cuda")
+    assert offload == "group" and set(resident) == {"transformer"} and whole == set()
     with pytest.raises(ValueError, match="anima runs on diffusers' modular pipeline, which has no CPU offloading"):
         load_pipeline("anima", base="unused", device="cpu", offload="group")
+
+
+def test_auto_keeps_a_video_models_decoders_whole_where_they_fit(load_tiny, monkeypatch):
+    """When auto streams a video model's denoiser blocks, its VAE (run once per latent frame and tile) goes on the
+    GPU whole, counted before the blocks; an image model's VAE, or one that does not fit, streams as before."""
+    from aitk_inference.pipelines.runtime import accelerate
+
+    monkeypatch.setattr(accelerate, "choose_offload", lambda sizes, budget, reserve: "group")
+    for model_id, video in (("wan21_1b", True), ("flux", False)):
+        spec, pipe = get_spec(model_id), load_tiny(model_id).pipe
+        sizes = accelerate.component_bytes(pipe)
+        reserve = int(accelerate.AUTO_OFFLOAD_RESERVE_GIB["video" if video else "image"] * 2**30)
+        roomy = reserve + sum(sizes.values())
+        monkeypatch.setattr(accelerate, "gpu_memory_budget", lambda device: roomy)
+        _, resident, whole = spec.family_class().choose_offload(spec, pipe, "cuda")
+        assert whole == ({"vae"} if video else set()), model_id
+        blocks = {"transformer": pipe.transformer}
+        assert resident == accelerate.resident_block_budget(blocks, roomy, reserve + sum(sizes[n] for n in whole))
+        monkeypatch.setattr(accelerate, "gpu_memory_budget", lambda device: reserve + sizes["vae"] - 1)
+        assert spec.family_class().choose_offload(spec, pipe, "cuda")[2] == set(), model_id
 
 
 def test_auto_offload_budgets_the_denoiser_blocks_it_keeps(load_tiny):

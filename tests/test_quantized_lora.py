@@ -265,7 +265,7 @@ def test_auto_offload_with_fp8_measures_and_places_fp8_blocks(load_tiny, monkeyp
     monkeypatch.setattr(accelerate, "gpu_memory_budget", lambda device: budget)
     placed = {}
 
-    def place(pipe, device, offload, resident=None):
+    def place(pipe, device, offload, resident=None, whole=()):
         layer = pipe.transformer.transformer_blocks[0].attn.to_q
         placed.update(offload=offload, resident=resident, quantized=is_quantized(layer.weight),
                       sizes=accelerate.component_bytes(pipe))

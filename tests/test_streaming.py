@@ -168,7 +168,8 @@ def _outputs(result) -> list[np.ndarray]:
 def test_every_family_streams_its_denoiser_blocks_under_auto(model_id, tiny_cache, tmp_path, monkeypatch):
     """``offload="auto"`` on a card the weights do not fit, for one id of every family, through the demo (a LoRA and
     the family's own inputs): the denoiser's blocks are found and some stream (on the CPU: the same bookkeeping with
-    plain copies), the components diffusers cannot group-offload (ACE-Step's VAE) are placed whole, and the output
+    plain copies), the components diffusers cannot group-offload (ACE-Step's VAE) and a video model's decoders are
+    placed whole, and the output
     is the one of the pipeline placed whole, within float32 rounding; families whose pipeline has no CPU offloading
     of its own (diffusers' modular pipelines) stream too."""
     from aitk_inference import cli
@@ -201,9 +202,11 @@ def test_every_family_streams_its_denoiser_blocks_under_auto(model_id, tiny_cach
     for denoiser in pipeline.denoisers():
         blocks = accelerate.blocks_in_order(denoiser)
         assert any(is_streamed(block) for _, block in blocks), f"{type(denoiser).__name__}: no block streams"
-    for component in pipeline.pipe.components.values():
-        if accelerate.refuses_group_offloading(component):
-            assert not accelerate.carries_offload_hook(component)
+    assert pipeline.placed_whole == accelerate.components_placed_whole(
+        pipeline.pipe, bool(pipeline.spec.video), accelerate.component_bytes(pipeline.pipe), 64 * 2**30, 0)
+    assert "vae" in pipeline.placed_whole or not (pipeline.spec.video and "vae" in pipeline.pipe.components)
+    for name in pipeline.placed_whole:
+        assert not accelerate.carries_offload_hook(pipeline.pipe.components[name]), name
     whole, auto = _outputs(results[0]), _outputs(results[-1])
     assert len(whole) == len(auto) and all(a.shape == b.shape for a, b in zip(whole, auto))
     for a, b in zip(whole, auto):

@@ -250,6 +250,18 @@ class LatentLayout:
 
 
 # ---------------------------------------------------------------------------------------------------------------- base
+def freeze(pipe) -> None:
+    """Mark every weight of ``pipe``'s model components as not requiring gradients, as they are while ai-toolkit
+    samples (its base model is frozen) and as the first LoRA would leave them (PEFT freezes the layers it wraps).
+    Not only bookkeeping: torch's CPU ``matmul`` folds a non-contiguous input differently when the weight requires
+    gradients, so a pipeline's first outputs moved (2e-7 on ACE-Step) once any LoRA had been applied."""
+    import torch
+
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.requires_grad_(False)
+
+
 @contextlib.contextmanager
 def tiles_when_out_of_memory(vae, model_id: str):
     """Within the block, a ``vae.decode`` that runs out of GPU memory is run again in tiles (the VAE's
@@ -376,6 +388,7 @@ class AITKPipeline:
                 raise unavailable from error
         if spec.scheduler is not None:
             pipe.scheduler = cls.make_scheduler(spec)
+        freeze(pipe)
         pipe.set_progress_bar_config(disable=True)
         pipeline = cls(spec, pipe, device, torch_dtype, offload, options.lora_mode, source)
         if offload == "auto":

@@ -225,7 +225,8 @@ def place(pipe, device: str, offload: str, resident: dict[str, int] | None = Non
     ``sequential`` (accelerate, layer by layer: least memory, slowest) or ``group`` (diffusers group offloading,
     layer by layer with transfers overlapped on a CUDA stream). With ``group``, ``resident`` maps denoiser component
     names to the bytes of their blocks that stay on the GPU (:func:`offload_blocks_keeping_resident`), and the
-    components named in ``whole`` go on the GPU as they are (:func:`components_placed_whole`)."""
+    components named in ``whole`` go on the GPU as they are (:func:`components_placed_whole`, which decides it: those
+    that cannot be group-offloaded among them)."""
     import torch
 
     if offload == "group" and resident:
@@ -236,7 +237,7 @@ def place(pipe, device: str, offload: str, resident: dict[str, int] | None = Non
         for name, component in pipe.components.items():
             if name in resident:
                 offload_blocks_keeping_resident(component, device, resident[name])
-            elif refuses_group_offloading(component) or name in whole:
+            elif name in whole:
                 component.to(device)
             elif hasattr(component, "enable_group_offload"):  # as the pipeline's own enable_group_offload does
                 component.enable_group_offload(**leaf_level)

@@ -425,16 +425,16 @@ class AITKPipeline:
     def choose_offload(cls, spec: ModelSpec, pipe, device: str,
                        whole_components: bool = True) -> tuple[str, dict | None, set[str]]:
         """What ``offload="auto"`` becomes for ``pipe`` (loaded on the CPU) on ``device``: the fastest placement that
-        fits the GPU memory this process may use (``accelerate.choose_offload``), keeping room for a video's or an
-        image's activations, and, when that is ``group``, the components placed whole on the GPU
-        (``accelerate.components_placed_whole``) and how many bytes of each denoiser's blocks stay on the GPU beside
-        them (``accelerate.resident_block_budget``; the rest stream through). Block Linears already in FP8 count
+        fits the GPU memory this process may use (``accelerate.choose_offload``), keeping room for activations and
+        the decode (``accelerate.activation_reserve``), and, when that is ``group``, the components placed whole on
+        the GPU (``accelerate.components_placed_whole``) and how many bytes of each denoiser's blocks stay on the GPU
+        beside them (``accelerate.resident_block_budget``; the rest stream through). Block Linears already in FP8 count
         their FP8 bytes. ``model`` becomes ``group`` where whole components cannot move: FP8 weights
         (``whole_components=False``: they are streamed as plain tensors but were never measured moving whole) and a
         family whose pipeline has no CPU offloading (``offload_refusal``)."""
         sizes = accelerate.component_bytes(pipe)
         budget = accelerate.gpu_memory_budget(device)
-        reserve = int(accelerate.AUTO_OFFLOAD_RESERVE_GIB["video" if spec.video else "image"] * 2**30)
+        reserve = accelerate.activation_reserve(getattr(pipe, "vae", None), bool(spec.video), spec.width * spec.height)
         offload = accelerate.choose_offload(sizes, budget, reserve)
         if offload == "model" and (cls.offload_refusal or not whole_components):
             offload = "group"

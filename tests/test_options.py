@@ -2,6 +2,7 @@
 key of equivalent spellings, and the node, CLI and server choice lists read from ``pipelines.runtime.options``."""
 
 import argparse
+import dataclasses
 import os
 import subprocess
 import sys
@@ -180,7 +181,7 @@ def test_a_family_that_cannot_offload_takes_auto_and_refuses_the_rest(load_tiny,
     spec = get_spec("anima")
     pipe = load_tiny("anima").pipe
     sizes = accelerate.component_bytes(pipe)
-    reserve = int(accelerate.AUTO_OFFLOAD_RESERVE_GIB["image"] * 2**30)
+    reserve = accelerate.activation_reserve(pipe.vae, False, spec.width * spec.height)
     assert spec.family_class().choose_offload(spec, pipe, "cpu") == ("none", None, set())  # no GPU budget
     monkeypatch.setattr(accelerate, "gpu_memory_budget", lambda device: reserve + max(sizes.values()))
     assert accelerate.choose_offload(sizes, reserve + max(sizes.values()), reserve) == "model"
@@ -199,7 +200,7 @@ def test_auto_keeps_a_video_models_decoders_whole_where_they_fit(load_tiny, monk
     for model_id, video in (("wan21_1b", True), ("flux", False)):
         spec, pipe = get_spec(model_id), load_tiny(model_id).pipe
         sizes = accelerate.component_bytes(pipe)
-        reserve = int(accelerate.AUTO_OFFLOAD_RESERVE_GIB["video" if video else "image"] * 2**30)
+        reserve = accelerate.activation_reserve(pipe.vae, video, spec.width * spec.height)
         roomy = reserve + sum(sizes.values())
         monkeypatch.setattr(accelerate, "gpu_memory_budget", lambda device: roomy)
         _, resident, whole = spec.family_class().choose_offload(spec, pipe, "cuda")
@@ -208,6 +209,41 @@ def test_auto_keeps_a_video_models_decoders_whole_where_they_fit(load_tiny, monk
         assert resident == accelerate.resident_block_budget(blocks, roomy, reserve + sum(sizes[n] for n in whole))
         monkeypatch.setattr(accelerate, "gpu_memory_budget", lambda device: reserve + sizes["vae"] - 1)
         assert spec.family_class().choose_offload(spec, pipe, "cuda")[2] == set(), model_id
+
+
+def test_auto_keeps_room_for_an_image_models_untiled_decode(load_tiny, monkeypatch):
+    """offload="auto" keeps free what the untiled decode of an image of the model's default size takes, where that is
+    more than the image reserve: Qwen-Image's VAE (its decode ran out of memory under a 24 GiB cap with 3 GiB kept),
+    not FLUX's at 1024x1024; a video keeps the video reserve; an unknown VAE class, the image reserve."""
+    import diffusers
+    import torch
+
+    from aitk_inference.pipelines.runtime import accelerate
+
+    with torch.device("meta"):  # full-size configurations, no memory
+        qwen = diffusers.AutoencoderKLQwenImage().to(torch.bfloat16)
+        flux2 = diffusers.AutoencoderKLFlux2().to(torch.bfloat16)
+        wan = diffusers.AutoencoderKLWan().to(torch.bfloat16)
+    image, video = (int(accelerate.AUTO_OFFLOAD_RESERVE_GIB[kind] * 2**30) for kind in ("image", "video"))
+    megapixel = 1024 * 1024
+    assert accelerate.decoder_full_resolution_width(qwen) == 96
+    assert accelerate.decoder_full_resolution_width(flux2) == 128
+    qwen_reserve = accelerate.activation_reserve(qwen, False, megapixel)
+    assert qwen_reserve == int(accelerate.DECODE_PEAK_TENSORS["AutoencoderKLQwenImage"] * megapixel * 96 * 2) > image
+    assert abs(accelerate.activation_reserve(qwen, False, 2 * megapixel) - 2 * qwen_reserve) <= 1
+    assert accelerate.activation_reserve(flux2, False, megapixel) == image
+    assert accelerate.activation_reserve(wan, True, megapixel) == video
+    assert accelerate.activation_reserve(None, False, megapixel) == image
+    # the plan reads the reserve of the pipeline's own VAE at the id's default size: weights that fit beside the image
+    # reserve move whole, not beside the decode of a large image
+    spec, pipe = get_spec("qwen_image"), load_tiny("qwen_image").pipe
+    large = dataclasses.replace(spec, width=4096, height=4096)
+    decode = accelerate.activation_reserve(pipe.vae, False, large.width * large.height)
+    assert decode > image
+    sizes = accelerate.component_bytes(pipe)
+    monkeypatch.setattr(accelerate, "gpu_memory_budget", lambda device: sum(sizes.values()) + image)
+    assert spec.family_class().choose_offload(spec, pipe, "cuda")[0] == "none"
+    assert spec.family_class().choose_offload(large, pipe, "cuda")[0] == "group"
 
 
 def test_auto_offload_budgets_the_denoiser_blocks_it_keeps(load_tiny):

@@ -253,7 +253,7 @@ def test_auto_offload_with_fp8_measures_and_places_fp8_blocks(load_tiny, monkeyp
     quantize = _fp8_on_the_cpu(monkeypatch)
     monkeypatch.setattr(options, "fp8_unavailable", lambda device: None)
     monkeypatch.setattr(quantize, "fp8_unavailable", lambda device: None)
-    monkeypatch.setitem(accelerate.AUTO_OFFLOAD_RESERVE_GIB, "image", 0.0)
+    monkeypatch.setattr(accelerate, "activation_reserve", lambda vae, video, pixels: 0)
     bf16 = load_tiny("flux", dtype="bf16").pipe
     bf16_sizes = accelerate.component_bytes(bf16)
     quantize_block_linears(bf16.transformer, fp8_config())
@@ -291,7 +291,7 @@ def test_auto_offload_streams_fp8_blocks_that_do_not_fit(load_tiny, lora_files, 
     quantize = _fp8_on_the_cpu(monkeypatch)
     monkeypatch.setattr(options, "fp8_unavailable", lambda device: None)
     monkeypatch.setattr(quantize, "fp8_unavailable", lambda device: None)
-    monkeypatch.setitem(accelerate.AUTO_OFFLOAD_RESERVE_GIB, "image", 0.0)
+    monkeypatch.setattr(accelerate, "activation_reserve", lambda vae, video, pixels: 0)
     roomy = load_tiny("flux", dtype="bf16", quantize="fp8", lora_mode=lora_mode)
     sizes = accelerate.component_bytes(roomy.pipe)
     blocks = [accelerate.module_bytes(b) for _, b in accelerate.blocks_in_order(roomy.pipe.transformer)]

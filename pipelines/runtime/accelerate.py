@@ -57,8 +57,15 @@ def direct_load_options(device: str, offload: str) -> dict:
     return {"device_map": device} if offload == "none" and device in (get_device(), "cpu") else {}
 
 
-#: GPU memory ``offload="auto"`` leaves free for activations, the VAE decode and the CUDA context, by kind of output
+#: GPU memory ``offload="auto"`` leaves free for activations, the VAE decode and the CUDA context, by kind of output;
+#: an image model whose decode needs more at its default size gets that (:func:`activation_reserve`)
 AUTO_OFFLOAD_RESERVE_GIB = {"image": 3.0, "video": 12.0}
+#: the peak GPU memory of an untiled decode beyond the VAE's weights, in tensors of the image's size at the decoder's
+#: full-resolution width (:func:`decoder_full_resolution_width`), by VAE class: measured at full size in bf16
+#: (``benchmarks/decode_memory.py``; BENCHMARKS.md, "What an image decode needs"). Qwen-Image's causal 3D VAE keeps
+#: padded copies and frame caches and needs about three times FLUX's per pixel: under a 24 GiB cap its decode ran out of
+#: memory with the 3 GiB image reserve and fell back to tiles.
+DECODE_PEAK_TENSORS = {"AutoencoderKL": 7.5, "AutoencoderKLFlux2": 7.5, "AutoencoderKLQwenImage": 21.8}
 #: caps the GPU memory ``offload="auto"`` plans for (GiB), e.g. to leave room for another program on the card
 MAX_GPU_MEMORY_ENV = "AITK_MAX_GPU_MEMORY_GIB"
 
@@ -207,6 +214,26 @@ def move_own_tensors(module, device) -> None:
     for name, tensor in module._buffers.items():
         if tensor is not None:
             module._buffers[name] = tensor.to(device)
+
+
+def decoder_full_resolution_width(vae) -> int | None:
+    """The channels of ``vae``'s decoder at the image's resolution (its last up block), None for a VAE whose
+    configuration does not say."""
+    config = getattr(vae, "config", {})
+    widths = config.get("decoder_block_out_channels") or config.get("block_out_channels")
+    return widths[0] if widths else config.get("base_dim")
+
+
+def activation_reserve(vae, video: bool, pixels: int) -> int:
+    """The bytes ``offload="auto"`` keeps free beside the weights it places: ``AUTO_OFFLOAD_RESERVE_GIB`` for the
+    kind of output, or for an image model the untiled decode of a ``pixels`` image where that is more
+    (``DECODE_PEAK_TENSORS``)."""
+    reserve = int(AUTO_OFFLOAD_RESERVE_GIB["video" if video else "image"] * 2**30)
+    tensors, width = DECODE_PEAK_TENSORS.get(type(vae).__name__), decoder_full_resolution_width(vae)
+    if video or tensors is None or width is None:
+        return reserve
+    element_bytes = next(vae.parameters()).element_size()
+    return max(reserve, int(tensors * pixels * width * element_bytes))
 
 
 def choose_offload(sizes: dict[str, int], budget: int | None, reserve: int) -> str:

@@ -147,7 +147,7 @@ def main(argv=None) -> int:
             accelerate.compile_denoiser([model], backend=args.compile_backend)
         layout = streaming_layout(model)  # no list of the blocks here: it would keep them after the model is dropped
         measure(name, ours, denoised, blocks_kept=kept, blocks=kept + len(layout["streamed_blocks"]),
-                streamed_gib_per_forward=layout["streamed_gib_per_step"])
+                streamed_gib_per_forward=layout["streamed_gib_per_forward"])
     accelerate.remove_block_streaming(model)
     model = None  # ComfyUI's copy needs the host memory
     torch._dynamo.reset()

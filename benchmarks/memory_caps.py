@@ -112,16 +112,16 @@ def what_is_left(most: int = 4, device_type: str = "cuda") -> dict:
 
 
 def streaming_layout(transformer) -> dict:
-    """Which of ``transformer``'s blocks stream, and their bytes a step. Its own function so that no list of the
-    blocks outlives it: one left in the run loop's scope kept the resident blocks (and the streamer's slots, through
-    the streamed blocks' hooks) on the GPU after the pipeline was dropped."""
+    """Which of ``transformer``'s blocks stream, and their bytes a forward (two a step with true CFG). Its own
+    function so that no list of the blocks outlives it: one left in the run loop's scope kept the resident blocks (and
+    the streamer's slots, through the streamed blocks' hooks) on the GPU after the pipeline was dropped."""
     from ..pipelines.runtime import accelerate
 
     streamed = [(index, accelerate.module_bytes(block))
                 for index, (_, block) in enumerate(accelerate.blocks_in_order(transformer))
                 if accelerate.carries_offload_hook(block)]
     return {"streamed_blocks": [index for index, _ in streamed],
-            "streamed_gib_per_step": round(sum(size for _, size in streamed) / 2**30, 2)}
+            "streamed_gib_per_forward": round(sum(size for _, size in streamed) / 2**30, 2)}
 
 
 def host_to_gpu_gbps(gib: int = 2) -> float:

@@ -211,7 +211,7 @@ def test_memory_caps_reads_the_streaming_layout_without_keeping_the_blocks(tiny_
     streamed = [index for index, ref in enumerate(blocks) if accelerate.carries_offload_hook(ref())]
     assert 0 < len(streamed) < len(blocks)
     assert streaming_layout(transformer) == {
-        "streamed_blocks": streamed, "streamed_gib_per_step": round(sum(sizes[i] for i in streamed) / 2**30, 2)}
+        "streamed_blocks": streamed, "streamed_gib_per_forward": round(sum(sizes[i] for i in streamed) / 2**30, 2)}
     transformer = None
     gc.collect()
     assert [ref() for ref in blocks] == [None] * len(blocks)

@@ -1,0 +1,61 @@
+"""Whether an eager FP8 layer is bound by its host-side dispatch: one Linear at a transformer's shapes, bf16 and with
+the library's FP8 weights (torchao, ``quantize.fp8_config``), called 200 times; per call, the time the host took to
+enqueue it and the wall time once the GPU finished. Where FP8's host time is about its wall time and above bf16's
+wall time, the layer waits on the CPU, not the GPU (Qwen-Image's eager FP8 image took 2.1-2.7x the bf16 one on an
+H100; BENCHMARKS.md). GPU only:
+
+    python -m aitk_inference.benchmarks.fp8_dispatch --out DIR
+"""
+
+import argparse
+import time
+
+#: (tokens, in features, out features): Qwen-Image's attention and MLP Linears at 1024x1024, FLUX.1-dev's attention
+SHAPES = ((4224, 3072, 3072), (4224, 3072, 12288), (4608, 3072, 3072))
+
+
+def per_call_us(layer, x, calls: int) -> dict:
+    """Host (enqueue) and wall microseconds per call of ``layer(x)``, after a warm-up."""
+    import torch
+
+    with torch.no_grad():
+        for _ in range(20):
+            layer(x)
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(calls):
+            layer(x)
+        host = time.perf_counter() - started
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - started
+    return {"host_us": round(host / calls * 1e6, 1), "wall_us": round(wall / calls * 1e6, 1)}
+
+
+def main(argv=None) -> int:
+    import torch
+    from torchao.quantization import quantize_
+
+    from ..pipelines.runtime.quantize import fp8_config
+    from .harness import environment, write_result
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--out", default=".")
+    args = parser.parse_args(argv)
+    rows = []
+    for tokens, features_in, features_out in SHAPES:
+        x = torch.randn(1, tokens, features_in, device="cuda", dtype=torch.bfloat16)
+        row = {"tokens": tokens, "in": features_in, "out": features_out}
+        for weights in ("bf16", "fp8"):
+            layer = torch.nn.Linear(features_in, features_out, device="cuda", dtype=torch.bfloat16)
+            if weights == "fp8":
+                quantize_(layer, fp8_config())
+            row[weights] = per_call_us(layer, x, args.calls)
+        rows.append(row)
+        print(row, flush=True)
+    write_result(args.out, "fp8_dispatch", {**environment("cuda"), "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

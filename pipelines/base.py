@@ -400,9 +400,9 @@ class AITKPipeline:
         if options.quantize == "fp8" and pipeline.quantize != "fp8":
             pipeline.quantize_fp8()
         if options.quantize == "fp8" and options.compile == "none":
-            logger.warning("%s: quantize='fp8' without compile saves GPU memory but runs slower than bf16 (measured: "
-                           "each FP8 layer goes through torchao's eager dispatch); compile='regional' makes it the "
-                           "fast mode.", spec.model_id)
+            logger.warning("%s: quantize='fp8' without compile saves GPU memory but runs slower than bf16 (measured "
+                           "eager: FLUX.1-dev and Qwen-Image, BENCHMARKS.md); compile='regional' makes it the fast "
+                           "mode.", spec.model_id)
         if options.parallel != "none":
             parallel.enable_context_parallel(pipeline.denoisers(), options.parallel, device)
             pipeline.parallel = options.parallel

@@ -62,7 +62,7 @@ def direct_load_options(device: str, offload: str) -> dict:
 AUTO_OFFLOAD_RESERVE_GIB = {"image": 3.0, "video": 12.0}
 #: the peak GPU memory of an untiled decode beyond the VAE's weights, in tensors of the image's size at the decoder's
 #: full-resolution width (:func:`decoder_full_resolution_width`), by VAE class: measured at full size in bf16 on an
-#: H100 (``benchmarks/decode_memory.py``; BENCHMARKS.md, "What an image decode needs"). Qwen-Image's causal 3D VAE
+#: H100 (``benchmarks/decode_memory.py``; BENCHMARKS.md, "... and what an image decode needs"). Qwen-Image's VAE
 #: needs 1.7 times FLUX's memory per pixel (4.1 GiB at 1024x1024): under a 24 GiB cap its decode ran out of memory
 #: with the 3 GiB image reserve and fell back to tiles.
 DECODE_PEAK_TENSORS = {"AutoencoderKL": 9.5, "AutoencoderKLFlux2": 9.5, "AutoencoderKLQwenImage": 22.0}

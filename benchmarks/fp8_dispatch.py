@@ -1,8 +1,9 @@
-"""Whether an eager FP8 layer is bound by its host-side dispatch: one Linear at a transformer's shapes, bf16 and with
-the library's FP8 weights (torchao, ``quantize.fp8_config``), called 200 times; per call, the time the host took to
-enqueue it and the wall time once the GPU finished. Where FP8's host time is about its wall time and above bf16's
-wall time, the layer waits on the CPU, not the GPU (Qwen-Image's eager FP8 image took 2.1-2.7x the bf16 one on an
-H100; BENCHMARKS.md). GPU only:
+"""Whether an eager FP8 layer is bound by its host-side dispatch: one Linear at a transformer's shapes, in bf16, with
+the library's FP8 weights through torchao's dispatch (``F.linear`` on its tensor subclass), and through the library's
+direct path (``quantize.fp8_linear_forward``, torchao's operations without the subclass), called 200 times each; per
+call, the time the host took to enqueue it and the wall time once the GPU finished. Where a path's host time is about
+its wall time and above bf16's wall time, the layer waits on the CPU, not the GPU (Qwen-Image's eager FP8 image took
+2.1-2.7x the bf16 one on an H100 before the direct path; BENCHMARKS.md). GPU only:
 
     python -m aitk_inference.benchmarks.fp8_dispatch --out DIR
 """
@@ -14,17 +15,17 @@ import time
 SHAPES = ((4224, 3072, 3072), (4224, 3072, 12288), (4608, 3072, 3072))
 
 
-def per_call_us(layer, x, calls: int) -> dict:
-    """Host (enqueue) and wall microseconds per call of ``layer(x)``, after a warm-up."""
+def per_call_us(forward, x, calls: int) -> dict:
+    """Host (enqueue) and wall microseconds per call of ``forward(x)``, after a warm-up."""
     import torch
 
     with torch.no_grad():
         for _ in range(20):
-            layer(x)
+            forward(x)
         torch.cuda.synchronize()
         started = time.perf_counter()
         for _ in range(calls):
-            layer(x)
+            forward(x)
         host = time.perf_counter() - started
         torch.cuda.synchronize()
         wall = time.perf_counter() - started
@@ -33,9 +34,10 @@ def per_call_us(layer, x, calls: int) -> dict:
 
 def main(argv=None) -> int:
     import torch
+    import torch.nn.functional as F
     from torchao.quantization import quantize_
 
-    from ..pipelines.runtime.quantize import fp8_config
+    from ..pipelines.runtime.quantize import fp8_config, fp8_linear_forward
     from .harness import environment, write_result
 
     parser = argparse.ArgumentParser()
@@ -46,11 +48,11 @@ def main(argv=None) -> int:
     for tokens, features_in, features_out in SHAPES:
         x = torch.randn(1, tokens, features_in, device="cuda", dtype=torch.bfloat16)
         row = {"tokens": tokens, "in": features_in, "out": features_out}
-        for weights in ("bf16", "fp8"):
-            layer = torch.nn.Linear(features_in, features_out, device="cuda", dtype=torch.bfloat16)
-            if weights == "fp8":
-                quantize_(layer, fp8_config())
-            row[weights] = per_call_us(layer, x, args.calls)
+        layer = torch.nn.Linear(features_in, features_out, device="cuda", dtype=torch.bfloat16)
+        row["bf16"] = per_call_us(layer, x, args.calls)
+        quantize_(layer, fp8_config())
+        row["fp8_torchao"] = per_call_us(lambda x: F.linear(x, layer.weight, layer.bias), x, args.calls)
+        row["fp8_direct"] = per_call_us(lambda x: fp8_linear_forward(layer, x), x, args.calls)
         rows.append(row)
         print(row, flush=True)
     write_result(args.out, "fp8_dispatch", {**environment("cuda"), "rows": rows})

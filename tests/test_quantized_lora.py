@@ -205,6 +205,37 @@ def test_fp8_strength_changes_rebuild_with_the_fused_kernel_as_torchao_would(loa
     assert (layer.weight.qdata.data_ptr(), layer.weight.scale.data_ptr()) == storage
 
 
+def test_eager_fp8_layers_run_torchaos_operations_without_its_dispatch(load_tiny, lora_files, monkeypatch):
+    """Outside torch.compile a per-row FP8 Linear runs torchao's operations directly: the first call of each layer
+    shape checks them against torchao's own output, the image is bit for bit the one through torchao's dispatch, and a
+    shape where the direct output differs keeps torchao's path."""
+    quantize = _fp8_on_the_cpu(monkeypatch)
+    monkeypatch.setattr(quantize, "_DIRECT_CHECKED", {})
+    pipeline = _two_fp8_fused_flux(load_tiny)[0]
+    pipeline.set_loras([(lora_files["peft"], 0.8)])
+    calls = {"direct": 0}
+    direct_path = quantize._fp8_linear_direct
+
+    def counted(*args):
+        calls["direct"] += 1
+        return direct_path(*args)
+
+    monkeypatch.setattr(quantize, "_fp8_linear_direct", counted)
+    direct = pipeline.generate(**GEN).images
+    shapes = len(quantize._DIRECT_CHECKED)
+    assert shapes >= 2 and all(quantize._DIRECT_CHECKED.values())
+    assert calls["direct"] > shapes  # checked once a shape, then used
+    monkeypatch.setattr(quantize, "_DIRECT_CHECKED", dict.fromkeys(quantize._DIRECT_CHECKED, False))
+    calls["direct"] = 0
+    assert np.array_equal(pipeline.generate(**GEN).images, direct)  # torchao's dispatch throughout
+    assert calls["direct"] == 0
+
+    monkeypatch.setattr(quantize, "_DIRECT_CHECKED", {})
+    monkeypatch.setattr(quantize, "_fp8_linear_direct", lambda *args: direct_path(*args) * 1.5)
+    assert np.array_equal(pipeline.generate(**GEN).images, direct)
+    assert len(quantize._DIRECT_CHECKED) == shapes and not any(quantize._DIRECT_CHECKED.values())
+
+
 def test_a_fused_rebuild_that_differs_from_torchao_is_not_used(load_tiny, lora_files, monkeypatch, caplog):
     quantize = _fp8_on_the_cpu(monkeypatch)
     wrong, reference = _two_fp8_fused_flux(load_tiny)

@@ -318,7 +318,7 @@ _DIRECT_CHECKED: dict[tuple, bool] = {}
 def fp8_linear_forward(layer, x):
     """The forward of a per-row FP8 Linear. Outside ``torch.compile`` it runs the operations torchao runs for it (the
     input's per-row scale and float8 cast, then ``torch._scaled_mm``) directly: torchao's tensor-subclass dispatch
-    around them took about three times their host time a call (435 against 118 us on a CPU), and an eager FP8 step
+    around them took 3.7 times their host time a call (435 against 118 us on a CPU), and an eager FP8 step
     waits on that host time. Compiled graphs, and weights no longer per-row FP8, go through torchao (``F.linear``);
     the first call of each layer shape compares the direct output with torchao's bit for bit and keeps torchao's path
     for that shape where they differ (another torchao kernel)."""

@@ -218,17 +218,27 @@ def fp8_rows_(merged, dtype, qdata, scale) -> None:
     """Write the per-row float8 quantization of ``merged`` rounded to ``dtype`` into ``qdata`` (float8, same shape)
     and ``scale`` (float32, one a row), in place.
 
-    The same operations, in the same dtypes, as torchao's per-row ``Float8Tensor.from_hp`` (its plain-torch kernel):
-    the row's largest magnitude in ``dtype`` divided by the float8 maximum gives the scale (rounded to ``dtype``, then
-    float32), and the values divided by it, clamped to the float8 range, are cast to float8. Eager, it runs those
-    operations as they are; compiled (:func:`_compiled_fp8_rows`) it is one fused pass over the weight."""
+    The same operations, in the same dtypes, as torchao's per-row ``Float8Tensor.from_hp`` (:func:`_per_row_fp8`).
+    Eager, it runs those operations as they are; compiled (:func:`_compiled_fp8_rows`) it is one fused pass over the
+    weight."""
+    rows, row_scale = _per_row_fp8(merged.to(dtype), qdata.dtype)
+    qdata.copy_(rows)
+    scale.copy_(row_scale)
+
+
+def _per_row_fp8(values, float8_dtype, lower=None, upper=None) -> tuple:
+    """torchao's per-row float8 quantization of the 2-D ``values`` (its plain-torch kernel): each row's largest
+    magnitude (clamped to ``lower``/``upper`` where given) divided by the float8 maximum, in ``values``' dtype, then
+    float32, is the row's scale; the values in float32 divided by it and clamped to the float8 range are cast to
+    float8. Returns (float8 values, float32 scales, one a row)."""
     import torch
 
-    weight = merged.to(dtype)
-    quant_max = torch.finfo(qdata.dtype).max
-    row_scale = (weight.abs().amax(dim=1, keepdim=True) / quant_max).to(torch.float32)
-    qdata.copy_((weight.to(torch.float32) / row_scale).clamp(min=-quant_max, max=quant_max).to(qdata.dtype))
-    scale.copy_(row_scale)
+    quant_max = torch.finfo(float8_dtype).max
+    largest = values.abs().amax(dim=1, keepdim=True)
+    if lower is not None or upper is not None:
+        largest = largest.clamp(min=lower, max=upper)
+    scale = (largest / quant_max).to(torch.float32)
+    return (values.to(torch.float32) / scale).clamp(min=-quant_max, max=quant_max).to(float8_dtype), scale
 
 
 #: Inductor settings that keep eager PyTorch's rounding (each intermediate rounded to its dtype, IEEE division);
@@ -348,18 +358,13 @@ def fp8_linear_forward(layer, x):
 
 def _fp8_linear_direct(x, weight, bias):
     """torchao's per-row FP8 linear (its plain-torch kernel), the same operations in the same dtypes, without its
-    tensor subclass: the input's rows scaled by their largest magnitude (in the input dtype, then float32), divided,
-    clamped and cast to float8, multiplied by the weight's float8 rows with both scales."""
+    tensor subclass: the input's rows quantized as torchao quantizes them (:func:`_per_row_fp8`), multiplied by the
+    weight's float8 rows with both scales."""
     import torch
 
     settings = weight.act_quant_kwargs
-    rows = x.reshape(-1, x.shape[-1])
-    largest = rows.abs().amax(dim=-1, keepdim=True)
-    if settings.hp_value_lb is not None or settings.hp_value_ub is not None:
-        largest = largest.clamp(min=settings.hp_value_lb, max=settings.hp_value_ub)
-    quant_max = torch.finfo(settings.float8_dtype).max
-    scale = (largest / quant_max).to(torch.float32)
-    quantized = (rows.to(torch.float32) / scale).clamp(min=-quant_max, max=quant_max).to(settings.float8_dtype)
+    quantized, scale = _per_row_fp8(x.reshape(-1, x.shape[-1]), settings.float8_dtype, settings.hp_value_lb,
+                                    settings.hp_value_ub)
     fp32_with_bias = x.dtype == torch.float32 and bias is not None  # _scaled_mm takes no bias with a float32 output
     out = torch._scaled_mm(quantized, weight.qdata.t(), scale_a=scale, scale_b=weight.scale.t(),
                            bias=None if fp32_with_bias else bias, out_dtype=x.dtype,

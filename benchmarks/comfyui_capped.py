@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     reference = REFERENCES[architecture]
     if args.size == "tiny" and not reference.tiny_config:
         parser.error(f"{args.model}: {reference.no_tiny_model}")
-    reserve = int(accelerate.AUTO_OFFLOAD_RESERVE_GIB["video" if workload.frames > 1 else "image"] * 2**30)
+    reserve = accelerate.activation_reserve(None, workload.frames > 1, 0)  # auto's, for a denoiser without a VAE
     result = {"model": args.model, "size": args.size, "workload": workload.label,
               "device": torch.cuda.get_device_name(device) if cuda else device, "torch": torch.__version__,
               "cap_gib": args.cap_gib, "reserve_gib": reserve / 2**30, "runs": []}

@@ -23,14 +23,16 @@ def decode_peak_gib(vae, latent, device: str) -> tuple[float, float]:
     """(GiB the decode of ``latent`` allocated at its peak beyond what was allocated before, seconds it took)."""
     import torch
 
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
+    from .harness import peak_memory_gib, reset_peak, sync
+
+    sync(device)
+    reset_peak(device)
+    before = torch.cuda.memory_allocated(device) / 2**30
     started = time.perf_counter()
     with torch.no_grad():
         vae.decode(latent)
-    torch.cuda.synchronize(device)
-    return (torch.cuda.max_memory_allocated(device) - before) / 2**30, time.perf_counter() - started
+    sync(device)
+    return peak_memory_gib(device) - before, time.perf_counter() - started
 
 
 def main(argv=None) -> int:

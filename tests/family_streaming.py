@@ -12,6 +12,10 @@ def one_id_per_family() -> list[str]:
     return [*first.values(), "wan22_14b_t2v"]
 
 
+#: the GPU memory :func:`pretend_the_weights_do_not_fit` says there is: room for everything a tiny model places whole
+PRETENDED_BUDGET = 64 * 2**30
+
+
 def pretend_the_weights_do_not_fit(monkeypatch) -> None:
     """From here on ``offload="auto"`` streams: it chooses ``group`` and keeps three fifths of each denoiser's block
     bytes on the device, a video model's decoders whole (the budget has room for them); the tiny models fit anywhere,
@@ -22,6 +26,6 @@ def pretend_the_weights_do_not_fit(monkeypatch) -> None:
         return {name: sum(accelerate.module_bytes(block) for _, block in accelerate.blocks_in_order(denoiser)) * 3 // 5
                 for name, denoiser in denoisers.items()}
 
-    monkeypatch.setattr(accelerate, "gpu_memory_budget", lambda device: 64 * 2**30)
+    monkeypatch.setattr(accelerate, "gpu_memory_budget", lambda device: PRETENDED_BUDGET)
     monkeypatch.setattr(accelerate, "choose_offload", lambda sizes, budget, reserve: "group")
     monkeypatch.setattr(accelerate, "resident_block_budget", keep_three_fifths)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from aitk_inference.pipelines.runtime.streaming import HOST_COPY, BlockStreamer, is_streamed
-from family_streaming import one_id_per_family, pretend_the_weights_do_not_fit
+from family_streaming import PRETENDED_BUDGET, one_id_per_family, pretend_the_weights_do_not_fit
 
 
 class Block(torch.nn.Module):
@@ -169,9 +169,8 @@ def test_every_family_streams_its_denoiser_blocks_under_auto(model_id, tiny_cach
     """``offload="auto"`` on a card the weights do not fit, for one id of every family, through the demo (a LoRA and
     the family's own inputs): the denoiser's blocks are found and some stream (on the CPU: the same bookkeeping with
     plain copies), the components diffusers cannot group-offload (ACE-Step's VAE) and a video model's decoders are
-    placed whole, and the output
-    is the one of the pipeline placed whole, within float32 rounding; families whose pipeline has no CPU offloading
-    of its own (diffusers' modular pipelines) stream too."""
+    placed whole, and the output is the one of the pipeline placed whole, within float32 rounding; families whose
+    pipeline has no CPU offloading of its own (diffusers' modular pipelines) stream too."""
     from aitk_inference import cli
     from aitk_inference import pipelines as pipelines_module
     from aitk_inference.pipelines import base
@@ -203,7 +202,7 @@ def test_every_family_streams_its_denoiser_blocks_under_auto(model_id, tiny_cach
         blocks = accelerate.blocks_in_order(denoiser)
         assert any(is_streamed(block) for _, block in blocks), f"{type(denoiser).__name__}: no block streams"
     assert pipeline.placed_whole == accelerate.components_placed_whole(
-        pipeline.pipe, bool(pipeline.spec.video), accelerate.component_bytes(pipeline.pipe), 64 * 2**30, 0)
+        pipeline.pipe, bool(pipeline.spec.video), accelerate.component_bytes(pipeline.pipe), PRETENDED_BUDGET, 0)
     assert "vae" in pipeline.placed_whole or not (pipeline.spec.video and "vae" in pipeline.pipe.components)
     for name in pipeline.placed_whole:
         assert not accelerate.carries_offload_hook(pipeline.pipe.components[name]), name

@@ -25,8 +25,8 @@ logger = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 RECORD_KEYS = ("model", "metric", "variant", "value", "unit", "reference_value", "ratio", "notes")
 REFERENCE = "dynamic"
-VARIANTS = ("plain", "dynamic", "fused", "attention", "fused+compile", "fused+compile+fp8", "fused+fp8+compile",
-            "fp8+compile")
+VARIANTS = ("plain", "dynamic", "fused", "fused+rope", "attention", "fused+compile", "fused+compile+fp8",
+            "fused+fp8+compile", "fp8+compile")
 #: the library's FP8 modes in the pipeline run -> their LoRA mode (fused: merged before quantizing; dynamic: adapters)
 FP8_VARIANTS = {"fused+fp8+compile": "fused", "fp8+compile": "dynamic"}
 #: the kernels the FLUX pipeline run compares (``attention`` variant); the fastest one is used for the compiled runs
@@ -327,6 +327,21 @@ def bench_transformer(model_id: str, opts: Options, rec: Recorder) -> None:
     stack.set([lora])
     if "fused" in opts.variants:
         measure("fused")
+    if "fused+rope" in opts.variants:
+        from ..pipelines.runtime.rope import use_fused_rope
+
+        expected = forward()
+        if use_fused_rope([model]):  # stays for the compiled variants, which trace diffusers' rotation as before
+            sync(opts.device)
+            t0 = time.perf_counter()
+            forward()  # each input shape's first call compiles and checks the fused rotation against diffusers'
+            sync(opts.device)
+            rec.add(model_id, "compile_first_call", "fused+rope", time.perf_counter() - t0, "s",
+                    notes="the first eager forward with the fused rotary embedding: compile (or load from the "
+                    "on-disk cache) and the check")
+            measure("fused+rope", "; rotary embedding fused (runtime.rope), eager")
+            rec.add(model_id, "fused_rope_bitwise_equal", "fused+rope", float(torch.equal(forward(), expected)),
+                    "1 = equal", notes="the eager forward with the fused rotary embedding vs diffusers' (same LoRA)")
     reference_out = None
     if "fused+compile" in opts.variants and opts.time_left() > 120:
         graphs = compiled_graphs()

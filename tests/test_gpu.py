@@ -459,3 +459,43 @@ def test_a_dropped_pipeline_that_streams_blocks_gives_its_gpu_memory_back(load_t
     gc.collect()
     assert transformer() is None, referrer_path(transformer())
     assert torch.cuda.memory_allocated() == baseline
+
+
+@pytest.mark.parametrize("tokens,heads,dtype", [(4608, 24, torch.bfloat16), (4608, 24, torch.float16),
+                                                (1536, 24, torch.float32), (777, 3, torch.bfloat16)])
+def test_fused_rotary_embedding_gives_diffusers_bits_on_the_gpu(tokens, heads, dtype):
+    """At FLUX.1-dev's 1024x1024 shape (512 text + 4096 image tokens, 24 heads of 128) and odd ones, the compiled
+    rotation is used after its first-call check and gives diffusers' eager rotation bit for bit."""
+    from diffusers.models.embeddings import FluxPosEmbed, apply_rotary_emb
+
+    from aitk_inference.pipelines.runtime import rope
+
+    torch.manual_seed(0)
+    ids = torch.cat([torch.zeros(tokens // 9, 3), torch.randint(0, 64, (tokens - tokens // 9, 3)).float()]).cuda()
+    frequencies = FluxPosEmbed(theta=10000, axes_dim=[16, 56, 56])(ids)
+    for _ in range(3):
+        x = torch.randn(1, tokens, heads, 128, device="cuda", dtype=dtype) * 4
+        got = rope.rotary(x, frequencies)
+        want = apply_rotary_emb(x, frequencies, sequence_dim=1)
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    assert rope._COMPILED.get("cuda") is not None, "the fused rotation did not compile (is Triton installed?)"
+    assert rope._CHECKED[("cuda:0", tuple(x.shape), x.stride(), dtype, torch.float32)] is True
+
+
+def test_flux_with_the_fused_rotary_embedding_gives_diffusers_image_on_the_gpu(load_tiny):
+    """A FLUX pipeline's attention layers run the fused rotary embedding on CUDA, with the image of diffusers' own
+    attention processor."""
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    from aitk_inference.pipelines.runtime import rope
+
+    pipeline = load_tiny("flux", device="cuda", dtype="bf16")
+    layers = [m for m in pipeline.pipe.transformer.modules() if hasattr(m, "processor")]
+    assert layers and all(type(m.processor) is rope.FluxAttnProcessorFusedRope for m in layers)
+    gen = dict(prompt="x", width=64, height=64, steps=2, seed=3)
+    fused = [pipeline.generate(**gen).images for _ in range(2)]
+    assert rope._CHECKED and all(rope._CHECKED.values()), rope._CHECKED
+    for layer in layers:
+        layer.processor = FluxAttnProcessor()
+    assert np.array_equal(fused[0], pipeline.generate(**gen).images)
+    assert np.array_equal(fused[1], fused[0])

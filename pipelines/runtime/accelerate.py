@@ -321,6 +321,25 @@ def use_persistent_compile_cache() -> str:
     return folder
 
 
+#: Inductor settings that keep eager PyTorch's rounding (each intermediate rounded to its dtype, IEEE division, no
+#: fused multiply-add); the names present in the running torch are used
+_EAGER_NUMERICS = ("emulate_precision_casts", "eager_numerics.division_rounding", "emulate_divison_rounding")
+
+
+def compile_with_eager_rounding(function):
+    """``function`` compiled for CUDA so that it rounds as it does eager (dynamic shapes: one graph for every shape,
+    kept in the on-disk compile cache); None where it cannot compile (no Triton). The first call compiles."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    import torch
+    from torch._inductor import config
+
+    use_persistent_compile_cache()
+    known = config.get_config_copy()
+    options = {name: True for name in _EAGER_NUMERICS if name in known}
+    return torch.compile(function, dynamic=True, fullgraph=True, options=options)
+
+
 def compile_denoiser(denoisers: list, mode: str = "regional", **compile_kwargs) -> None:
     """``torch.compile`` the ``denoisers`` in place; the first generation pays the compilation.
 
@@ -414,12 +433,16 @@ def set_attention_kernel(denoisers: list, kernel: str, device: str, model_id: st
     ``ATTENTION_KERNELS``.
 
     ``sdpa`` leaves a denoiser that cannot choose (UNets, OmniGen2) as it is; any other kernel raises for it.
-    Kernels of the same attention differ only in floating-point rounding.
+    Kernels of the same attention differ only in floating-point rounding. FLUX-style attention layers also get their
+    rotary embedding in one kernel where it runs eager on CUDA, with the same bits (``runtime.rope``).
     """
     import diffusers
 
+    from .rope import use_fused_rope
+
     if kernel not in ATTENTION_KERNELS:
         raise unknown_option("attention", kernel)
+    use_fused_rope(denoisers)
     selectable = all(any(hasattr(getattr(m, "processor", None), "_attention_backend") for m in denoiser.modules())
                      for denoiser in denoisers)
     if not selectable:

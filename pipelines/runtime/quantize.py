@@ -241,31 +241,18 @@ def _per_row_fp8(values, float8_dtype, lower=None, upper=None) -> tuple:
     return (values.to(torch.float32) / scale).clamp(min=-quant_max, max=quant_max).to(float8_dtype), scale
 
 
-#: Inductor settings that keep eager PyTorch's rounding (each intermediate rounded to its dtype, IEEE division);
-#: the names present in the running torch are used
-_EAGER_NUMERICS = ("emulate_precision_casts", "eager_numerics.division_rounding", "emulate_divison_rounding")
 #: (device type, shape, float8 dtype, model dtype) -> whether the fused rebuild gave torchao's bytes on first use
 _FUSED_CHECKED: dict[tuple, bool] = {}
 _COMPILED: dict[str, object] = {}
 
 
 def _compiled_fp8_rows():
-    """:func:`fp8_rows_` compiled once per process for CUDA (dynamic shapes: one graph for every layer shape, kept
-    in the on-disk compile cache); None where it cannot compile (no Triton), which leaves it eager."""
+    """:func:`fp8_rows_` compiled once per process for CUDA with eager rounding; None where it cannot compile (no
+    Triton), which leaves it eager."""
     if "cuda" not in _COMPILED:
-        import torch
+        from .accelerate import compile_with_eager_rounding
 
-        compiled = None
-        if importlib.util.find_spec("triton") is not None:
-            from torch._inductor import config
-
-            from .accelerate import use_persistent_compile_cache
-
-            use_persistent_compile_cache()
-            known = config.get_config_copy()
-            options = {name: True for name in _EAGER_NUMERICS if name in known}
-            compiled = torch.compile(fp8_rows_, dynamic=True, fullgraph=True, options=options)
-        _COMPILED["cuda"] = compiled
+        _COMPILED["cuda"] = compile_with_eager_rounding(fp8_rows_)
     return _COMPILED["cuda"]
 
 

@@ -463,9 +463,10 @@ def test_a_dropped_pipeline_that_streams_blocks_gives_its_gpu_memory_back(load_t
 
 @pytest.mark.parametrize("tokens,heads,dtype", [(4608, 24, torch.bfloat16), (4608, 24, torch.float16),
                                                 (1536, 24, torch.float32), (777, 3, torch.bfloat16)])
-def test_fused_rotary_embedding_gives_diffusers_bits_on_the_gpu(tokens, heads, dtype):
-    """At FLUX.1-dev's 1024x1024 shape (512 text + 4096 image tokens, 24 heads of 128) and odd ones, the compiled
-    rotation is used after its first-call check and gives diffusers' eager rotation bit for bit."""
+def test_fused_rotary_embeddings_give_the_eager_bits_on_the_gpu(tokens, heads, dtype):
+    """At FLUX.1-dev's 1024x1024 shape (512 text + 4096 image tokens, 24 heads of 128) and odd ones, FLUX's and Wan's
+    compiled rotations are used after their first-call check and give the eager rotations bit for bit (FLUX's is
+    diffusers' ``apply_rotary_emb``; Wan's frequencies come shaped as ``WanRotaryPosEmbed`` gives them)."""
     from diffusers.models.embeddings import FluxPosEmbed, apply_rotary_emb
 
     from aitk_inference.pipelines.runtime import rope
@@ -473,29 +474,34 @@ def test_fused_rotary_embedding_gives_diffusers_bits_on_the_gpu(tokens, heads, d
     torch.manual_seed(0)
     ids = torch.cat([torch.zeros(tokens // 9, 3), torch.randint(0, 64, (tokens - tokens // 9, 3)).float()]).cuda()
     frequencies = FluxPosEmbed(theta=10000, axes_dim=[16, 56, 56])(ids)
+    wan_frequencies = tuple(f[None, :, None, :] for f in frequencies)
     for _ in range(3):
         x = torch.randn(1, tokens, heads, 128, device="cuda", dtype=dtype) * 4
-        got = rope.rotary(x, frequencies)
-        want = apply_rotary_emb(x, frequencies, sequence_dim=1)
-        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
-    assert rope._COMPILED.get("cuda") is not None, "the fused rotation did not compile (is Triton installed?)"
-    assert rope._CHECKED[("cuda:0", tuple(x.shape), x.stride(), dtype, torch.float32)] is True
+        expected = {rope.flux_rotation: (frequencies, apply_rotary_emb(x, frequencies, sequence_dim=1)),
+                    rope.wan_rotation: (wan_frequencies, rope.wan_rotation(x, *wan_frequencies))}
+        for rotation, (freqs, want) in expected.items():
+            assert torch.equal(rope.rotary(rotation, x, freqs).view(torch.uint8), want.view(torch.uint8))
+    for rotation in (rope.flux_rotation, rope.wan_rotation):
+        assert rope._COMPILED.get((rotation, "cuda")) is not None, "no compiled rotation (is Triton installed?)"
+        assert rope._CHECKED[(rotation, "cuda:0", tuple(x.shape), x.stride(), dtype, torch.float32)] is True
 
 
-def test_flux_with_the_fused_rotary_embedding_gives_diffusers_image_on_the_gpu(load_tiny):
-    """A FLUX pipeline's attention layers run the fused rotary embedding on CUDA, with the image of diffusers' own
-    attention processor."""
-    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
-
+@pytest.mark.parametrize("model_id", ["flux", "wan21_1b"])
+def test_the_fused_rotary_embedding_gives_diffusers_image_on_the_gpu(load_tiny, model_id):
+    """FLUX's and Wan's attention layers run the fused rotary embedding on CUDA, with the image of diffusers' own
+    attention processors."""
     from aitk_inference.pipelines.runtime import rope
 
-    pipeline = load_tiny("flux", device="cuda", dtype="bf16")
+    pipeline = load_tiny(model_id, device="cuda", dtype="bf16")
     layers = [m for m in pipeline.pipe.transformer.modules() if hasattr(m, "processor")]
-    assert layers and all(type(m.processor) is rope.FluxAttnProcessorFusedRope for m in layers)
-    gen = dict(prompt="x", width=64, height=64, steps=2, seed=3)
+    assert layers and all(type(m.processor) in rope.FUSED_ROPE_PROCESSORS.values() for m in layers)
+    gen = dict(prompt="x", width=64, height=64, steps=2, seed=3, **({"num_frames": 5} if "wan" in model_id else {}))
     fused = [pipeline.generate(**gen).images for _ in range(2)]
-    assert rope._CHECKED and all(rope._CHECKED.values()), rope._CHECKED
+    rotation = rope.flux_rotation if model_id == "flux" else rope.wan_rotation
+    checked = [fused for key, fused in rope._CHECKED.items() if key[0] is rotation]
+    assert checked and all(checked), rope._CHECKED
+    diffusers_classes = {fused: original for original, fused in rope.FUSED_ROPE_PROCESSORS.items()}
     for layer in layers:
-        layer.processor = FluxAttnProcessor()
+        layer.processor = diffusers_classes[type(layer.processor)]()
     assert np.array_equal(fused[0], pipeline.generate(**gen).images)
     assert np.array_equal(fused[1], fused[0])

@@ -1,10 +1,11 @@
-"""The fused rotary embedding of FLUX-style attention (``runtime.rope``): the processor the pipelines install gives
-diffusers' own processor's output bit for bit, and a fused rotation is used only after its first-call check. The
+"""The fused rotary embeddings of FLUX's and Wan's attention (``runtime.rope``): the processors the pipelines install
+give diffusers' own processors' output bit for bit, and a fused rotation is used only after its first-call check. The
 compiled kernel itself needs CUDA (``tests/test_gpu.py``); here the check runs on functions traced by dynamo."""
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from aitk_inference.pipelines.runtime import rope
 
@@ -17,17 +18,20 @@ def fresh_rope(monkeypatch):
     return rope
 
 
-@pytest.mark.parametrize("model_id", ["flux", "chroma"])
-def test_flux_style_attention_gets_the_fused_rope_processor_with_diffusers_output(load_tiny, model_id, fresh_rope):
-    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
-
+@pytest.mark.parametrize("model_id", ["flux", "chroma", "wan21_1b", "wan21_i2v_14b"])
+def test_flux_and_wan_attention_get_the_fused_rope_processors_with_diffusers_output(load_tiny, model_id, fresh_rope):
     pipeline = load_tiny(model_id)
     layers = [m for m in pipeline.pipe.transformer.modules() if hasattr(m, "processor")]
-    assert layers and all(type(m.processor) is rope.FluxAttnProcessorFusedRope for m in layers)
+    assert layers and all(type(m.processor) in rope.FUSED_ROPE_PROCESSORS.values() for m in layers)
+    diffusers_classes = {fused: original for original, fused in rope.FUSED_ROPE_PROCESSORS.items()}
     gen = dict(prompt="a red cube", width=64, height=64, steps=2, seed=5)
+    if model_id.startswith("wan"):
+        gen["num_frames"] = 5
+    if "i2v" in model_id:
+        gen["control_images"] = [Image.new("RGB", (64, 64), (200, 90, 40))]
     ours = pipeline.generate(**gen).images
     for layer in layers:
-        layer.processor = FluxAttnProcessor()
+        layer.processor = diffusers_classes[type(layer.processor)]()
     assert np.array_equal(ours, pipeline.generate(**gen).images)
 
 
@@ -48,12 +52,12 @@ def test_a_fused_rotation_is_used_after_it_gave_diffusers_bits_once(fresh_rope):
         calls.append(x.shape)
         return compiled(x, cos, sin)
 
-    compiled = torch.compile(rope._rotate, backend="eager", dynamic=True, fullgraph=True)
-    fresh_rope._COMPILED["cpu"] = traced
+    compiled = torch.compile(rope.flux_rotation, backend="eager", dynamic=True, fullgraph=True)
+    fresh_rope._COMPILED[(rope.flux_rotation, "cpu")] = traced
     x, frequencies = _rotation_inputs()
     want = apply_rotary_emb(x, frequencies, sequence_dim=1)
     for _ in range(3):
-        assert torch.equal(rope.rotary(x, frequencies).view(torch.int16), want.view(torch.int16))
+        assert torch.equal(rope.rotary(rope.flux_rotation, x, frequencies).view(torch.int16), want.view(torch.int16))
     assert len(calls) == 3  # the check, then used
     assert list(fresh_rope._CHECKED.values()) == [True]
 
@@ -65,16 +69,16 @@ def test_a_fused_rotation_that_differs_is_not_used(fresh_rope, caplog):
 
     def off_by_one(x, cos, sin):
         calls.append(x.shape)
-        return rope._rotate(x, cos, sin) + 1
+        return rope.flux_rotation(x, cos, sin) + 1
 
-    fresh_rope._COMPILED["cpu"] = off_by_one
+    fresh_rope._COMPILED[(rope.flux_rotation, "cpu")] = off_by_one
     x, frequencies = _rotation_inputs()
     want = apply_rotary_emb(x, frequencies, sequence_dim=1)
     with caplog.at_level("INFO", logger=rope.__name__):
         for _ in range(3):
-            assert torch.equal(rope.rotary(x, frequencies), want)
+            assert torch.equal(rope.rotary(rope.flux_rotation, x, frequencies), want)
     assert len(calls) == 1 and list(fresh_rope._CHECKED.values()) == [False]
-    assert "run diffusers' eager function" in caplog.text
+    assert "run eager: the fused kernel does not give the eager output" in caplog.text
 
 
 def test_a_fused_rotation_that_cannot_compile_leaves_diffusers_function(fresh_rope, caplog):
@@ -83,8 +87,9 @@ def test_a_fused_rotation_that_cannot_compile_leaves_diffusers_function(fresh_ro
     def broken(x, cos, sin):
         raise RuntimeError("no Triton for this GPU")
 
-    fresh_rope._COMPILED["cpu"] = broken
+    fresh_rope._COMPILED[(rope.flux_rotation, "cpu")] = broken
     x, frequencies = _rotation_inputs()
+    want = apply_rotary_emb(x, frequencies, sequence_dim=1)
     with caplog.at_level("WARNING", logger=rope.__name__):
-        assert torch.equal(rope.rotary(x, frequencies), apply_rotary_emb(x, frequencies, sequence_dim=1))
-    assert fresh_rope._COMPILED["cpu"] is None and "no Triton for this GPU" in caplog.text
+        assert torch.equal(rope.rotary(rope.flux_rotation, x, frequencies), want)
+    assert fresh_rope._COMPILED[(rope.flux_rotation, "cpu")] is None and "no Triton for this GPU" in caplog.text

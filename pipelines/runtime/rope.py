@@ -1,15 +1,15 @@
-"""FLUX's rotary embedding in one kernel when it runs eager on CUDA, with diffusers' rounding.
+"""Rotary embeddings in one kernel when attention runs eager on CUDA, with diffusers' rounding.
 
-diffusers rotates each query and key of FLUX-style attention with about ten elementwise kernels (the pairs swapped and
-negated, both tensors cast to float32, two products, their sum, the cast back), each reading and writing the whole
-tensor. Compiled by Inductor with eager rounding (every intermediate rounded to its dtype, no fused multiply-add:
-``accelerate.compile_with_eager_rounding``), the same function is one kernel that reads the input once. The first
-call of each input shape compares its output with diffusers' eager one byte for byte; a shape where they differ, and
-any run where it cannot compile, keeps diffusers' function. Inside ``torch.compile`` (the regional compile) diffusers'
-function is traced as before, so compiled graphs do not change.
+diffusers rotates each query and key of FLUX's and Wan's attention with about ten elementwise kernels (the pairs
+split and swapped, products in float32, their sums, the cast back), each reading and writing the whole tensor.
+Compiled by Inductor with eager rounding (every intermediate rounded to its dtype, no fused multiply-add:
+``accelerate.compile_with_eager_rounding``), the same operations are one kernel that reads the input once. The first
+call of each input shape compares its output with the eager one byte for byte; a shape where they differ, and any run
+where it cannot compile, keeps the eager operations. Inside ``torch.compile`` (the regional compile) the eager
+operations are traced as before, so compiled graphs do not change.
 
-:func:`use_fused_rope` gives a denoiser's attention layers :class:`FluxAttnProcessorFusedRope` where they run
-diffusers' ``FluxAttnProcessor`` (FLUX.1, Flex, Kontext, Chroma).
+:func:`use_fused_rope` gives a denoiser's attention layers the processors below where they run diffusers'
+``FluxAttnProcessor`` (FLUX.1, Flex, Kontext, Chroma) or ``WanAttnProcessor`` (Wan 2.1 and 2.2).
 """
 
 from __future__ import annotations
@@ -19,60 +19,72 @@ import logging
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
-from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
+from diffusers.models.transformers import transformer_flux, transformer_wan
 
 logger = logging.getLogger(__name__)
 
-#: device type -> the compiled rotation (None: it cannot compile there); only CUDA compiles
-_COMPILED: dict[str, object] = {}
-#: (device, shape, strides, input dtype, cos dtype) -> whether the compiled rotation gave diffusers' bytes
+#: (rotation, device type) -> the compiled rotation (None: it cannot compile there); only CUDA compiles
+_COMPILED: dict[tuple, object] = {}
+#: (rotation, device, shape, strides, input dtype, cos dtype) -> whether the compiled rotation gave the eager bytes
 _CHECKED: dict[tuple, bool] = {}
 
 
-def _rotate(x, cos, sin):
-    """diffusers' rotation of ``x`` (batch, tokens, heads, head dim) by the interleaved-pair frequencies
-    ``(cos, sin)`` (tokens, head dim)."""
+def flux_rotation(x, cos, sin):
+    """diffusers' FLUX rotation of ``x`` (batch, tokens, heads, head dim) by interleaved-pair frequencies (tokens,
+    head dim)."""
     return apply_rotary_emb(x, (cos, sin), sequence_dim=1)
 
 
-def _compiled(device_type: str):
-    if device_type not in _COMPILED:
+def wan_rotation(x, cos, sin):
+    """Wan's rotation of ``x`` (batch, tokens, heads, head dim) as diffusers' ``WanAttnProcessor`` computes it: each
+    pair (even, odd) rotated by the even entry of ``cos`` and the odd entry of ``sin`` (1, tokens, 1, head dim), in
+    their dtype, and written back in ``x``'s."""
+    even, odd = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[..., 0::2], sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = even * cos - odd * sin
+    out[..., 1::2] = even * sin + odd * cos
+    return out
+
+
+def _compiled(rotation, device_type: str):
+    key = (rotation, device_type)
+    if key not in _COMPILED:
         from .accelerate import compile_with_eager_rounding
 
-        _COMPILED[device_type] = compile_with_eager_rounding(_rotate) if device_type == "cuda" else None
-    return _COMPILED[device_type]
+        _COMPILED[key] = compile_with_eager_rounding(rotation) if device_type == "cuda" else None
+    return _COMPILED[key]
 
 
-def rotary(x, frequencies):
-    """``x`` (batch, tokens, heads, head dim) rotated by ``frequencies`` = (cos, sin) as diffusers' FLUX attention
-    rotates it (``apply_rotary_emb(x, frequencies, sequence_dim=1)``), bit for bit; one compiled kernel where
-    checked."""
+def rotary(rotation, x, frequencies):
+    """``rotation(x, *frequencies)`` (:func:`flux_rotation`, :func:`wan_rotation`), bit for bit; one compiled kernel
+    where checked."""
     cos, sin = frequencies
-    compiled = None if torch.compiler.is_compiling() else _compiled(x.device.type)
+    compiled = None if torch.compiler.is_compiling() else _compiled(rotation, x.device.type)
     if compiled is None:
-        return _rotate(x, cos, sin)
-    key = (str(x.device), tuple(x.shape), x.stride(), x.dtype, cos.dtype)
+        return rotation(x, cos, sin)
+    key = (rotation, str(x.device), tuple(x.shape), x.stride(), x.dtype, cos.dtype)
     fused = _CHECKED.get(key)
     if fused is None:
-        expected = _rotate(x, cos, sin)
+        expected = rotation(x, cos, sin)
         try:
             candidate = compiled(x, cos, sin)
-        except Exception as error:  # a Triton or compiler problem: diffusers' function from now on
-            logger.warning("The fused rotary embedding could not compile (%s); attention applies diffusers' "
-                           "eager one.", error)
-            _COMPILED[x.device.type] = None
+        except Exception as error:  # a Triton or compiler problem: the eager rotation from now on
+            logger.warning("The fused rotary embedding could not compile (%s); attention applies the eager one.",
+                           error)
+            _COMPILED[(rotation, x.device.type)] = None
             return expected
         fused = candidate.shape == expected.shape and candidate.dtype == expected.dtype and torch.equal(
             candidate.contiguous().view(torch.uint8), expected.contiguous().view(torch.uint8))
         _CHECKED[key] = fused
         if not fused:
-            logger.info("Rotary embeddings of shape %s on %s run diffusers' eager function: the fused kernel does not "
-                        "give its output bit for bit there.", key[1], key[0])
+            logger.info("Rotary embeddings of shape %s on %s run eager: the fused kernel does not give the eager "
+                        "output bit for bit there.", key[2], key[1])
         return expected
-    return compiled(x, cos, sin) if fused else _rotate(x, cos, sin)
+    return compiled(x, cos, sin) if fused else rotation(x, cos, sin)
 
 
-class FluxAttnProcessorFusedRope(FluxAttnProcessor):
+class FluxAttnProcessorFusedRope(transformer_flux.FluxAttnProcessor):
     """diffusers' FLUX attention, the same operations in the same order, with the rotary embedding applied by
     :func:`rotary`."""
 
@@ -80,7 +92,7 @@ class FluxAttnProcessorFusedRope(FluxAttnProcessor):
         def heads(projected):
             return projected.unflatten(-1, (-1, attn.head_dim))
 
-        query, key, value, text_query, text_key, text_value = _get_qkv_projections(
+        query, key, value, text_query, text_key, text_value = transformer_flux._get_qkv_projections(
             attn, hidden_states, encoder_hidden_states)
         query, key, value = attn.norm_q(heads(query)), attn.norm_k(heads(key)), heads(value)
         if attn.added_kv_proj_dim is not None:
@@ -88,7 +100,7 @@ class FluxAttnProcessorFusedRope(FluxAttnProcessor):
             key = torch.cat([attn.norm_added_k(heads(text_key)), key], dim=1)
             value = torch.cat([heads(text_value), value], dim=1)
         if image_rotary_emb is not None:
-            query, key = rotary(query, image_rotary_emb), rotary(key, image_rotary_emb)
+            query, key = rotary(flux_rotation, query, image_rotary_emb), rotary(flux_rotation, key, image_rotary_emb)
         out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, backend=self._attention_backend,
                                     parallel_config=self._parallel_config)
         out = out.flatten(2, 3).to(query.dtype)
@@ -99,16 +111,42 @@ class FluxAttnProcessorFusedRope(FluxAttnProcessor):
         return attn.to_out[1](attn.to_out[0](out.contiguous())), attn.to_add_out(text_out.contiguous())
 
 
+class WanAttnProcessorFusedRope(transformer_wan.WanAttnProcessor):
+    """diffusers' Wan attention with the self-attention's rotary embedding applied by :func:`rotary`; cross-attention
+    (no rotary embedding) runs diffusers' processor as it is."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        if rotary_emb is None or encoder_hidden_states is not None or attn.add_k_proj is not None:
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        query, key, value = transformer_wan._get_qkv_projections(attn, hidden_states, None)
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
+        query, key = rotary(wan_rotation, query, rotary_emb), rotary(wan_rotation, key, rotary_emb)
+        out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
+                                    backend=self._attention_backend, parallel_config=self._parallel_config)
+        out = out.flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+#: diffusers' processor class -> ours with the fused rotary embedding
+FUSED_ROPE_PROCESSORS = {
+    transformer_flux.FluxAttnProcessor: FluxAttnProcessorFusedRope,
+    transformer_wan.WanAttnProcessor: WanAttnProcessorFusedRope,
+}
+
+
 def use_fused_rope(denoisers: list) -> int:
-    """Give every attention layer of ``denoisers`` that runs diffusers' ``FluxAttnProcessor`` the fused-rotary one,
-    keeping its attention backend and parallel settings; returns how many layers changed."""
+    """Give every attention layer of ``denoisers`` that runs one of diffusers' processors in
+    :data:`FUSED_ROPE_PROCESSORS` ours, keeping its attention backend and parallel settings; returns how many layers
+    changed."""
     changed = 0
     for denoiser in denoisers:
         for module in denoiser.modules():
             processor = getattr(module, "processor", None)
-            if type(processor) is not FluxAttnProcessor:
+            fused_class = FUSED_ROPE_PROCESSORS.get(type(processor))
+            if fused_class is None:
                 continue
-            fused = FluxAttnProcessorFusedRope()
+            fused = fused_class()
             fused._attention_backend = processor._attention_backend
             fused._parallel_config = processor._parallel_config
             module.processor = fused

@@ -1,6 +1,7 @@
-"""The fused rotary embeddings of FLUX's and Wan's attention (``runtime.rope``): the processors the pipelines install
-give diffusers' own processors' output bit for bit, and a fused rotation is used only after its first-call check. The
-compiled kernel itself needs CUDA (``tests/test_gpu.py``); here the check runs on functions traced by dynamo."""
+"""The fused rotary embeddings of FLUX's, FLUX.2's and Wan's attention (``runtime.rope``): the processors the
+pipelines install give diffusers' own processors' output bit for bit, and a fused rotation is used only after its
+first-call check. The compiled kernel itself needs CUDA (``tests/test_gpu.py``); here the check runs on functions
+traced by dynamo."""
 
 import numpy as np
 import pytest
@@ -18,8 +19,8 @@ def fresh_rope(monkeypatch):
     return rope
 
 
-@pytest.mark.parametrize("model_id", ["flux", "chroma", "wan21_1b", "wan21_i2v_14b"])
-def test_flux_and_wan_attention_get_the_fused_rope_processors_with_diffusers_output(load_tiny, model_id, fresh_rope):
+@pytest.mark.parametrize("model_id", ["flux", "chroma", "flux2_klein_4b", "wan21_1b", "wan21_i2v_14b"])
+def test_flux_flux2_and_wan_attention_get_fused_rope_processors_with_diffusers_output(load_tiny, model_id, fresh_rope):
     pipeline = load_tiny(model_id)
     layers = [m for m in pipeline.pipe.transformer.modules() if hasattr(m, "processor")]
     assert layers and all(type(m.processor) in rope.FUSED_ROPE_PROCESSORS.values() for m in layers)

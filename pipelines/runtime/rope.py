@@ -1,15 +1,16 @@
 """Rotary embeddings in one kernel when attention runs eager on CUDA, with diffusers' rounding.
 
-diffusers rotates each query and key of FLUX's and Wan's attention with about ten elementwise kernels (the pairs
-split and swapped, products in float32, their sums, the cast back), each reading and writing the whole tensor.
-Compiled by Inductor with eager rounding (every intermediate rounded to its dtype, no fused multiply-add:
+diffusers rotates each query and key of FLUX's, FLUX.2's and Wan's attention with about ten elementwise kernels
+(the pairs split and swapped, products in float32, their sums, the cast back), each reading and writing the whole
+tensor. Compiled by Inductor with eager rounding (every intermediate rounded to its dtype, no fused multiply-add:
 ``accelerate.compile_with_eager_rounding``), the same operations are one kernel that reads the input once. The first
 call of each input shape compares its output with the eager one byte for byte; a shape where they differ, and any run
 where it cannot compile, keeps the eager operations. Inside ``torch.compile`` (the regional compile) the eager
 operations are traced as before, so compiled graphs do not change.
 
 :func:`use_fused_rope` gives a denoiser's attention layers the processors below where they run diffusers'
-``FluxAttnProcessor`` (FLUX.1, Flex, Kontext, Chroma) or ``WanAttnProcessor`` (Wan 2.1 and 2.2).
+``FluxAttnProcessor`` (FLUX.1, Flex, Kontext, Chroma), FLUX.2's two processors (FLUX.2, klein) or
+``WanAttnProcessor`` (Wan 2.1 and 2.2).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import logging
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
-from diffusers.models.transformers import transformer_flux, transformer_wan
+from diffusers.models.transformers import transformer_flux, transformer_flux2, transformer_wan
 
 logger = logging.getLogger(__name__)
 
@@ -84,31 +85,71 @@ def rotary(rotation, x, frequencies):
     return compiled(x, cos, sin) if fused else rotation(x, cos, sin)
 
 
+def _joint_attention(processor, attn, projections, text_tokens, attention_mask, image_rotary_emb):
+    """The attention of FLUX's and FLUX.2's blocks, as diffusers' processors compute it, from the layer's query, key
+    and value ``projections`` and its text stream's (None for a block without one): split into heads, normalised,
+    text tokens first, rotated by :func:`rotary`, attended; returns (image tokens, text tokens or None)."""
+    def heads(projected):
+        return projected.unflatten(-1, (-1, attn.head_dim))
+
+    query, key, value, text_query, text_key, text_value = projections
+    query, key, value = attn.norm_q(heads(query)), attn.norm_k(heads(key)), heads(value)
+    if text_query is not None:
+        query = torch.cat([attn.norm_added_q(heads(text_query)), query], dim=1)
+        key = torch.cat([attn.norm_added_k(heads(text_key)), key], dim=1)
+        value = torch.cat([heads(text_value), value], dim=1)
+    if image_rotary_emb is not None:
+        query, key = rotary(flux_rotation, query, image_rotary_emb), rotary(flux_rotation, key, image_rotary_emb)
+    out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, backend=processor._attention_backend,
+                                parallel_config=processor._parallel_config)
+    out = out.flatten(2, 3).to(query.dtype)
+    if text_tokens is None:
+        return out, None
+    text_out, out = out.split_with_sizes([text_tokens, out.shape[1] - text_tokens], dim=1)
+    return out, text_out
+
+
+def _text_tokens(encoder_hidden_states):
+    return None if encoder_hidden_states is None else encoder_hidden_states.shape[1]
+
+
 class FluxAttnProcessorFusedRope(transformer_flux.FluxAttnProcessor):
     """diffusers' FLUX attention, the same operations in the same order, with the rotary embedding applied by
     :func:`rotary`."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        def heads(projected):
-            return projected.unflatten(-1, (-1, attn.head_dim))
-
-        query, key, value, text_query, text_key, text_value = transformer_flux._get_qkv_projections(
-            attn, hidden_states, encoder_hidden_states)
-        query, key, value = attn.norm_q(heads(query)), attn.norm_k(heads(key)), heads(value)
-        if attn.added_kv_proj_dim is not None:
-            query = torch.cat([attn.norm_added_q(heads(text_query)), query], dim=1)
-            key = torch.cat([attn.norm_added_k(heads(text_key)), key], dim=1)
-            value = torch.cat([heads(text_value), value], dim=1)
-        if image_rotary_emb is not None:
-            query, key = rotary(flux_rotation, query, image_rotary_emb), rotary(flux_rotation, key, image_rotary_emb)
-        out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, backend=self._attention_backend,
-                                    parallel_config=self._parallel_config)
-        out = out.flatten(2, 3).to(query.dtype)
+        projections = transformer_flux._get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+        out, text_out = _joint_attention(self, attn, projections, _text_tokens(encoder_hidden_states),
+                                         attention_mask, image_rotary_emb)
         if encoder_hidden_states is None:
             return out
-        text_tokens = encoder_hidden_states.shape[1]
-        text_out, out = out.split_with_sizes([text_tokens, out.shape[1] - text_tokens], dim=1)
         return attn.to_out[1](attn.to_out[0](out.contiguous())), attn.to_add_out(text_out.contiguous())
+
+
+class Flux2AttnProcessorFusedRope(transformer_flux2.Flux2AttnProcessor):
+    """diffusers' FLUX.2 double-stream attention with the rotary embedding applied by :func:`rotary`."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        projections = transformer_flux2._get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+        out, text_out = _joint_attention(self, attn, projections, _text_tokens(encoder_hidden_states),
+                                         attention_mask, image_rotary_emb)
+        out = attn.to_out[1](attn.to_out[0](out))
+        return out if encoder_hidden_states is None else (out, attn.to_add_out(text_out))
+
+
+class Flux2ParallelSelfAttnProcessorFusedRope(transformer_flux2.Flux2ParallelSelfAttnProcessor):
+    """diffusers' FLUX.2 single-stream block (attention and MLP from one projection) with the rotary embedding
+    applied by :func:`rotary`."""
+
+    def __call__(self, attn, hidden_states, attention_mask=None, image_rotary_emb=None):
+        projected = attn.to_qkv_mlp_proj(hidden_states)
+        qkv_width = 3 * attn.inner_dim
+        mlp_width = attn.mlp_hidden_dim * attn.mlp_mult_factor
+        local_qkv = projected.shape[-1] * qkv_width // (qkv_width + mlp_width)
+        qkv, mlp = torch.split(projected, [local_qkv, projected.shape[-1] - local_qkv], dim=-1)
+        out, _ = _joint_attention(self, attn, (*qkv.chunk(3, dim=-1), None, None, None), None, attention_mask,
+                                  image_rotary_emb)
+        return attn.to_out(torch.cat([out, attn.mlp_act_fn(mlp)], dim=-1))
 
 
 class WanAttnProcessorFusedRope(transformer_wan.WanAttnProcessor):
@@ -131,6 +172,8 @@ class WanAttnProcessorFusedRope(transformer_wan.WanAttnProcessor):
 #: diffusers' processor class -> ours with the fused rotary embedding
 FUSED_ROPE_PROCESSORS = {
     transformer_flux.FluxAttnProcessor: FluxAttnProcessorFusedRope,
+    transformer_flux2.Flux2AttnProcessor: Flux2AttnProcessorFusedRope,
+    transformer_flux2.Flux2ParallelSelfAttnProcessor: Flux2ParallelSelfAttnProcessorFusedRope,
     transformer_wan.WanAttnProcessor: WanAttnProcessorFusedRope,
 }
 

@@ -486,9 +486,9 @@ def test_fused_rotary_embeddings_give_the_eager_bits_on_the_gpu(tokens, heads, d
         assert rope._CHECKED[(rotation, "cuda:0", tuple(x.shape), x.stride(), dtype, torch.float32)] is True
 
 
-@pytest.mark.parametrize("model_id", ["flux", "wan21_1b"])
+@pytest.mark.parametrize("model_id", ["flux", "flux2_klein_4b", "wan21_1b"])
 def test_the_fused_rotary_embedding_gives_diffusers_image_on_the_gpu(load_tiny, model_id):
-    """FLUX's and Wan's attention layers run the fused rotary embedding on CUDA, with the image of diffusers' own
+    """FLUX's, FLUX.2's and Wan's attention layers run the fused rotary embedding on CUDA, with the image of diffusers' own
     attention processors."""
     from aitk_inference.pipelines.runtime import rope
 
@@ -497,7 +497,7 @@ def test_the_fused_rotary_embedding_gives_diffusers_image_on_the_gpu(load_tiny, 
     assert layers and all(type(m.processor) in rope.FUSED_ROPE_PROCESSORS.values() for m in layers)
     gen = dict(prompt="x", width=64, height=64, steps=2, seed=3, **({"num_frames": 5} if "wan" in model_id else {}))
     fused = [pipeline.generate(**gen).images for _ in range(2)]
-    rotation = rope.flux_rotation if model_id == "flux" else rope.wan_rotation
+    rotation = rope.wan_rotation if "wan" in model_id else rope.flux_rotation
     checked = [fused for key, fused in rope._CHECKED.items() if key[0] is rotation]
     assert checked and all(checked), rope._CHECKED
     diffusers_classes = {fused: original for original, fused in rope.FUSED_ROPE_PROCESSORS.items()}

@@ -1,6 +1,7 @@
 """Whether an eager FP8 layer is bound by its host-side dispatch: one Linear at a transformer's shapes, in bf16, with
 the library's FP8 weights through torchao's dispatch (``F.linear`` on its tensor subclass), and through the library's
-direct path (``quantize.fp8_linear_forward``, torchao's operations without the subclass), called 200 times each; per
+direct path (``quantize.fp8_linear_forward``, torchao's operations without the subclass; the input's quantization
+eager, and compiled as one kernel), called 200 times each, and the mode the library picks for the shape; per
 call, the time the host took to enqueue it and the wall time once the GPU finished. Where a path's host time is about
 its wall time and above bf16's wall time, the layer waits on the CPU, not the GPU (Qwen-Image's eager FP8 image took
 2.1-2.7x the bf16 one on an H100 before the direct path; BENCHMARKS.md). GPU only:
@@ -37,7 +38,8 @@ def main(argv=None) -> int:
     import torch.nn.functional as F
     from torchao.quantization import quantize_
 
-    from ..pipelines.runtime.quantize import fp8_config, fp8_linear_forward
+    from ..pipelines.runtime import quantize
+    from ..pipelines.runtime.quantize import _fp8_linear_direct, fp8_config, fp8_linear_forward
     from .harness import environment, write_result
 
     parser = argparse.ArgumentParser()
@@ -52,7 +54,13 @@ def main(argv=None) -> int:
         row["bf16"] = per_call_us(layer, x, args.calls)
         quantize_(layer, fp8_config())
         row["fp8_torchao"] = per_call_us(lambda x: F.linear(x, layer.weight, layer.bias), x, args.calls)
-        row["fp8_direct"] = per_call_us(lambda x: fp8_linear_forward(layer, x), x, args.calls)
+        weight, bias = layer.weight, layer.bias
+        row["fp8_direct"] = per_call_us(lambda x: _fp8_linear_direct(x, weight, bias), x, args.calls)
+        row["fp8_direct_fused_quantization"] = per_call_us(lambda x: _fp8_linear_direct(x, weight, bias, True), x,
+                                                           args.calls)
+        fp8_linear_forward(layer, x)  # the first call of a shape picks its mode
+        row["library_mode"] = next(iter(quantize._DIRECT_CHECKED.values()))
+        quantize._DIRECT_CHECKED.clear()
         rows.append(row)
         print(row, flush=True)
     write_result(args.out, "fp8_dispatch", {**environment("cuda"), "rows": rows})

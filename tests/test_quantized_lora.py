@@ -236,6 +236,33 @@ def test_eager_fp8_layers_run_torchaos_operations_without_its_dispatch(load_tiny
     assert len(quantize._DIRECT_CHECKED) == shapes and not any(quantize._DIRECT_CHECKED.values())
 
 
+def test_eager_fp8_layers_quantize_their_input_in_one_compiled_kernel_where_it_gives_torchaos_bits(
+        load_tiny, lora_files, monkeypatch):
+    """Where the input's quantization compiles (CUDA; here a dynamo trace of it stands in for the compiled kernel),
+    each layer shape's first call picks "fused" when that output is torchao's bit for bit, and the image is the one
+    through torchao's dispatch; a compiled quantization that rounds differently leaves the eager direct path."""
+    quantize = _fp8_on_the_cpu(monkeypatch)
+    pipeline = _two_fp8_fused_flux(load_tiny)[0]
+    pipeline.set_loras([(lora_files["peft"], 0.8)])
+    with monkeypatch.context() as torchao_only:
+        torchao_only.setattr(quantize, "_is_row_fp8", lambda weight: False)
+        through_torchao = pipeline.generate(**GEN).images
+    traced = torch.compile(quantize._per_row_fp8, backend="eager", dynamic=True, fullgraph=True)
+    monkeypatch.setattr(quantize, "_COMPILED_ACTIVATION", {"cpu": traced})
+    monkeypatch.setattr(quantize, "_DIRECT_CHECKED", {})
+    assert np.array_equal(pipeline.generate(**GEN).images, through_torchao)
+    assert len(quantize._DIRECT_CHECKED) >= 2 and set(quantize._DIRECT_CHECKED.values()) == {"fused"}
+
+    def one_level_off(values, float8_dtype, lower=None, upper=None):
+        quantized, scale = quantize._per_row_fp8(values, float8_dtype, lower, upper)
+        return quantized, scale * 2
+
+    monkeypatch.setattr(quantize, "_COMPILED_ACTIVATION", {"cpu": one_level_off})
+    monkeypatch.setattr(quantize, "_DIRECT_CHECKED", {})
+    assert np.array_equal(pipeline.generate(**GEN).images, through_torchao)
+    assert set(quantize._DIRECT_CHECKED.values()) == {"eager"}
+
+
 def test_a_fused_rebuild_that_differs_from_torchao_is_not_used(load_tiny, lora_files, monkeypatch, caplog):
     quantize = _fp8_on_the_cpu(monkeypatch)
     wrong, reference = _two_fp8_fused_flux(load_tiny)

@@ -505,3 +505,21 @@ def test_the_fused_rotary_embedding_gives_diffusers_image_on_the_gpu(load_tiny, 
         layer.processor = diffusers_classes[type(layer.processor)]()
     assert np.array_equal(fused[0], pipeline.generate(**gen).images)
     assert np.array_equal(fused[1], fused[0])
+
+
+def test_eager_fp8_layers_quantize_their_input_in_one_kernel_with_torchaos_bits_on_the_gpu(load_tiny, monkeypatch):
+    """Eager FP8 layers on CUDA run the direct path with the input's quantization compiled ("fused" for every layer
+    shape after its check), and the image is bit for bit the one through torchao's dispatch."""
+    from aitk_inference.pipelines.runtime import quantize
+
+    if quantize.fp8_unavailable("cuda"):
+        pytest.skip(quantize.fp8_unavailable("cuda"))
+    monkeypatch.setattr(quantize, "_DIRECT_CHECKED", {})
+    fp8 = load_tiny("flux", device="cuda", dtype="bf16", quantize="fp8", lora_mode="fused")
+    gen = dict(prompt="x", width=64, height=64, steps=2, seed=1)
+    direct = [fp8.generate(**gen).images for _ in range(2)]
+    assert quantize._DIRECT_CHECKED and set(quantize._DIRECT_CHECKED.values()) == {"fused"}, quantize._DIRECT_CHECKED
+    with monkeypatch.context() as torchao_only:
+        torchao_only.setattr(quantize, "_is_row_fp8", lambda weight: False)
+        assert np.array_equal(fp8.generate(**gen).images, direct[0])
+    assert np.array_equal(direct[1], direct[0])

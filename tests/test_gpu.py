@@ -488,8 +488,8 @@ def test_fused_rotary_embeddings_give_the_eager_bits_on_the_gpu(tokens, heads, d
 
 @pytest.mark.parametrize("model_id", ["flux", "flux2_klein_4b", "wan21_1b"])
 def test_the_fused_rotary_embedding_gives_diffusers_image_on_the_gpu(load_tiny, model_id):
-    """FLUX's, FLUX.2's and Wan's attention layers run the fused rotary embedding on CUDA, with the image of diffusers' own
-    attention processors."""
+    """FLUX's, FLUX.2's and Wan's attention layers run the fused rotary embedding on CUDA, with the image of
+    diffusers' own attention processors."""
     from aitk_inference.pipelines.runtime import rope
 
     pipeline = load_tiny(model_id, device="cuda", dtype="bf16")

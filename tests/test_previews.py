@@ -210,16 +210,18 @@ def test_preview_cost_is_a_small_part_of_a_step(comfy, tiny_dir, record_property
     each, as the machine is shared and a busy neighbour only adds waits."""
     pipeline = core.load("flux", tiny_dir("flux"), "fp32", "none", "cpu").get_pipeline()
     previewer = previews.make_previewer("flux")
-    latents, step_ends = [], []
-    pipeline.generate("a red fox", width=256, height=256, steps=8, seed=7,
-                      on_latents=lambda step, total, unpacked: latents.append(unpacked),
-                      progress=lambda step, total: step_ends.append(time.perf_counter()))
-    preview_times = []
-    for _ in range(100):
-        started = time.perf_counter()
-        assert previewer(latents[-1]) is not None
-        preview_times.append(time.perf_counter() - started)
-    step, preview = float(np.min(np.diff(step_ends))), min(preview_times)
+    step_times, preview_times = [], []
+    for _ in range(3):  # steps and previews measured in turns, so that a slow spell of the machine hits both
+        latents, step_ends = [], []
+        pipeline.generate("a red fox", width=256, height=256, steps=8, seed=7,
+                          on_latents=lambda step, total, unpacked: latents.append(unpacked),
+                          progress=lambda step, total: step_ends.append(time.perf_counter()))
+        step_times.extend(np.diff(step_ends))
+        for _ in range(40):
+            started = time.perf_counter()
+            assert previewer(latents[-1]) is not None
+            preview_times.append(time.perf_counter() - started)
+    step, preview = float(min(step_times)), min(preview_times)
     ratio = preview / step
     record_property("preview_cost_ratio", round(ratio, 5))
     print(f"preview cost: {ratio:.3%} of a step ({preview * 1e3:.3f} ms per preview, step {step * 1e3:.1f} ms)")

@@ -1,4 +1,4 @@
-"""The fused rotary embeddings of FLUX's, FLUX.2's and Wan's attention (``runtime.rope``): the processors the
+"""The fused rotary embeddings of FLUX's, FLUX.2's, Krea 2's and Wan's attention (``runtime.rope``): the processors the
 pipelines install give diffusers' own processors' output bit for bit, and a fused rotation is used only after its
 first-call check. The compiled kernel itself needs CUDA (``tests/test_gpu.py``); here the check runs on functions
 traced by dynamo."""
@@ -19,8 +19,9 @@ def fresh_rope(monkeypatch):
     return rope
 
 
-@pytest.mark.parametrize("model_id", ["flux", "chroma", "flux2_klein_4b", "wan21_1b", "wan21_i2v_14b"])
-def test_flux_flux2_and_wan_attention_get_fused_rope_processors_with_diffusers_output(load_tiny, model_id, fresh_rope):
+@pytest.mark.parametrize("model_id", ["flux", "chroma", "flux2_klein_4b", "krea2", "krea2_o_edit", "wan21_1b",
+                                      "wan21_i2v_14b"])
+def test_rotary_attention_layers_get_fused_rope_processors_with_diffusers_output(load_tiny, model_id, fresh_rope):
     pipeline = load_tiny(model_id)
     layers = [m for m in pipeline.pipe.transformer.modules() if hasattr(m, "processor")]
     assert layers and all(type(m.processor) in rope.FUSED_ROPE_PROCESSORS.values() for m in layers)
@@ -28,7 +29,7 @@ def test_flux_flux2_and_wan_attention_get_fused_rope_processors_with_diffusers_o
     gen = dict(prompt="a red cube", width=64, height=64, steps=2, seed=5)
     if model_id.startswith("wan"):
         gen["num_frames"] = 5
-    if "i2v" in model_id:
+    if "i2v" in model_id or "edit" in model_id:
         gen["control_images"] = [Image.new("RGB", (64, 64), (200, 90, 40))]
     ours = pipeline.generate(**gen).images
     for layer in layers:

@@ -46,7 +46,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import Krea2Pipeline
-from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.pipelines.krea2.pipeline_output import Krea2PipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
@@ -54,6 +53,7 @@ from transformers import Qwen3VLProcessor
 
 from ..base import AITKPipeline, GenerationParams, LatentLayout
 from ..registry import Krea2Options
+from ..runtime.rope import flux_rotation, rotary
 
 #: prompt tokens ai-toolkit keeps (model_kwargs.max_text_length), not counting the assistant suffix
 MAX_PROMPT_TOKENS = 512
@@ -372,7 +372,7 @@ def reference_forward(transformer, latents, references, text, timestep, position
     fused = transformer.text_fusion(text, attention_mask=text_key_mask)
     visual = latents if reuse else torch.cat([latents, references], dim=1)
     hidden = torch.cat([transformer.txt_in(fused), transformer.img_in(visual)], dim=1)
-    rotary = transformer.rotary_emb(position_ids[:split] if reuse else position_ids)
+    frequencies = transformer.rotary_emb(position_ids[:split] if reuse else position_ids)
     captured = [] if cache is not None and not reuse else None
 
     for index, block in enumerate(transformer.transformer_blocks):
@@ -381,9 +381,9 @@ def reference_forward(transformer, latents, references, text, timestep, position
         clean = (mod_reference.unflatten(-1, (6, -1)) + block.scale_shift_table).unbind(-2)
         attn_input = _modulate(block.norm1(hidden), split, live, clean, 0, 1)
         if cache is None:
-            attn = block.attn(attn_input, attention_mask=key_mask, image_rotary_emb=rotary)
+            attn = block.attn(attn_input, attention_mask=key_mask, image_rotary_emb=frequencies)
         else:
-            attn = _attention_with_references(block.attn, attn_input, rotary, key_mask, split, captured,
+            attn = _attention_with_references(block.attn, attn_input, frequencies, key_mask, split, captured,
                                               cache.blocks[index] if reuse else None)
         hidden = hidden + _gate(attn, split, live, clean, 2)
         ff = block.ff(_modulate(block.norm2(hidden), split, live, clean, 3, 4))
@@ -394,15 +394,15 @@ def reference_forward(transformer, latents, references, text, timestep, position
     return transformer.final_layer(hidden[:, text_len:split], temb)
 
 
-def _attention_with_references(attn, hidden, rotary, mask, split, captured, cached):
+def _attention_with_references(attn, hidden, frequencies, mask, split, captured, cached):
     """``Krea2Attention`` (grouped-query, q/k norm, rotary, sigmoid gate) in plain SDPA that also records the keys and
     values of the tokens from ``split`` on into ``captured``, or attends to ``cached`` ones as extra keys."""
     query = attn.to_q(hidden).unflatten(-1, (attn.num_heads, attn.head_dim))
     key = attn.to_k(hidden).unflatten(-1, (attn.num_kv_heads, attn.head_dim))
     value = attn.to_v(hidden).unflatten(-1, (attn.num_kv_heads, attn.head_dim))
     gate = attn.to_gate(hidden)
-    query = apply_rotary_emb(attn.norm_q(query), rotary, sequence_dim=1)
-    key = apply_rotary_emb(attn.norm_k(key), rotary, sequence_dim=1)
+    query = rotary(flux_rotation, attn.norm_q(query), frequencies)
+    key = rotary(flux_rotation, attn.norm_k(key), frequencies)
     if captured is not None:
         captured.append((key[:, split:], value[:, split:]))
     if cached is not None:

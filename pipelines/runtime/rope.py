@@ -1,16 +1,16 @@
 """Rotary embeddings in one kernel when attention runs eager on CUDA, with diffusers' rounding.
 
-diffusers rotates each query and key of FLUX's, FLUX.2's and Wan's attention with about ten elementwise kernels
-(the pairs split and swapped, products in float32, their sums, the cast back), each reading and writing the whole
-tensor. Compiled by Inductor with eager rounding (every intermediate rounded to its dtype, no fused multiply-add:
+diffusers rotates each query and key of FLUX's, FLUX.2's, Krea 2's and Wan's attention with about ten elementwise
+kernels (the pairs split and swapped, products in float32, their sums, the cast back), each reading and writing the
+whole tensor. Compiled by Inductor with eager rounding (every intermediate rounded to its dtype, no fused multiply-add:
 ``accelerate.compile_with_eager_rounding``), the same operations are one kernel that reads the input once. The first
 call of each input shape compares its output with the eager one byte for byte; a shape where they differ, and any run
 where it cannot compile, keeps the eager operations. Inside ``torch.compile`` (the regional compile) the eager
 operations are traced as before, so compiled graphs do not change.
 
 :func:`use_fused_rope` gives a denoiser's attention layers the processors below where they run diffusers'
-``FluxAttnProcessor`` (FLUX.1, Flex, Kontext, Chroma), FLUX.2's two processors (FLUX.2, klein) or
-``WanAttnProcessor`` (Wan 2.1 and 2.2).
+``FluxAttnProcessor`` (FLUX.1, Flex, Kontext, Chroma), FLUX.2's two processors (FLUX.2, klein),
+``Krea2AttnProcessor`` (Krea 2) or ``WanAttnProcessor`` (Wan 2.1 and 2.2).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import logging
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
-from diffusers.models.transformers import transformer_flux, transformer_flux2, transformer_wan
+from diffusers.models.transformers import transformer_flux, transformer_flux2, transformer_krea2, transformer_wan
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +152,25 @@ class Flux2ParallelSelfAttnProcessorFusedRope(transformer_flux2.Flux2ParallelSel
         return attn.to_out(torch.cat([out, attn.mlp_act_fn(mlp)], dim=-1))
 
 
+class Krea2AttnProcessorFusedRope(transformer_krea2.Krea2AttnProcessor):
+    """diffusers' Krea 2 attention (grouped-query, key and value heads repeated, sigmoid output gate) with the rotary
+    embedding applied by :func:`rotary`."""
+
+    def __call__(self, attn, hidden_states, attention_mask=None, image_rotary_emb=None):
+        query = attn.norm_q(attn.to_q(hidden_states).unflatten(-1, (attn.num_heads, attn.head_dim)))
+        key = attn.norm_k(attn.to_k(hidden_states).unflatten(-1, (attn.num_kv_heads, attn.head_dim)))
+        value = attn.to_v(hidden_states).unflatten(-1, (attn.num_kv_heads, attn.head_dim))
+        gate = attn.to_gate(hidden_states)
+        if image_rotary_emb is not None:
+            query, key = rotary(flux_rotation, query, image_rotary_emb), rotary(flux_rotation, key, image_rotary_emb)
+        groups = attn.num_heads // attn.num_kv_heads
+        if groups > 1:
+            key, value = key.repeat_interleave(groups, dim=2), value.repeat_interleave(groups, dim=2)
+        out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, backend=self._attention_backend,
+                                    parallel_config=self._parallel_config)
+        return attn.to_out[0](out.flatten(2, 3) * torch.sigmoid(gate))
+
+
 class WanAttnProcessorFusedRope(transformer_wan.WanAttnProcessor):
     """diffusers' Wan attention with the self-attention's rotary embedding applied by :func:`rotary`; cross-attention
     (no rotary embedding) runs diffusers' processor as it is."""
@@ -174,6 +193,7 @@ FUSED_ROPE_PROCESSORS = {
     transformer_flux.FluxAttnProcessor: FluxAttnProcessorFusedRope,
     transformer_flux2.Flux2AttnProcessor: Flux2AttnProcessorFusedRope,
     transformer_flux2.Flux2ParallelSelfAttnProcessor: Flux2ParallelSelfAttnProcessorFusedRope,
+    transformer_krea2.Krea2AttnProcessor: Krea2AttnProcessorFusedRope,
     transformer_wan.WanAttnProcessor: WanAttnProcessorFusedRope,
 }
 

@@ -237,10 +237,11 @@ def test_eager_fp8_layers_run_torchaos_operations_without_its_dispatch(load_tiny
 
 
 def test_eager_fp8_layers_quantize_their_input_in_one_compiled_kernel_where_it_gives_torchaos_bits(
-        load_tiny, lora_files, monkeypatch):
+        load_tiny, lora_files, monkeypatch, caplog):
     """Where the input's quantization compiles (CUDA; here a dynamo trace of it stands in for the compiled kernel),
     each layer shape's first call picks "fused" when that output is torchao's bit for bit, and the image is the one
-    through torchao's dispatch; a compiled quantization that rounds differently leaves the eager direct path."""
+    through torchao's dispatch; a compiled quantization that rounds differently, or that cannot compile (a warning,
+    once), leaves the eager direct path."""
     quantize = _fp8_on_the_cpu(monkeypatch)
     pipeline = _two_fp8_fused_flux(load_tiny)[0]
     pipeline.set_loras([(lora_files["peft"], 0.8)])
@@ -261,6 +262,16 @@ def test_eager_fp8_layers_quantize_their_input_in_one_compiled_kernel_where_it_g
     monkeypatch.setattr(quantize, "_DIRECT_CHECKED", {})
     assert np.array_equal(pipeline.generate(**GEN).images, through_torchao)
     assert set(quantize._DIRECT_CHECKED.values()) == {"eager"}
+
+    def does_not_compile(*args):
+        raise RuntimeError("no Triton for this GPU")
+
+    monkeypatch.setattr(quantize, "_COMPILED_ACTIVATION", {"cpu": does_not_compile})
+    monkeypatch.setattr(quantize, "_DIRECT_CHECKED", {})
+    with caplog.at_level("WARNING", logger=quantize.__name__):
+        assert np.array_equal(pipeline.generate(**GEN).images, through_torchao)
+    assert set(quantize._DIRECT_CHECKED.values()) == {"eager"} and quantize._COMPILED_ACTIVATION["cpu"] is None
+    assert caplog.text.count("no Triton for this GPU") == 1
 
 
 def test_a_fused_rebuild_that_differs_from_torchao_is_not_used(load_tiny, lora_files, monkeypatch, caplog):

@@ -347,20 +347,33 @@ def _direct_mode(x, weight, bias, reference):
     import torch
 
     for mode in ("fused", "eager"):
-        if mode == "fused" and _compiled_activation_rows(x.device.type) is None:
+        if mode == "fused" and not _activation_rows_compile(x, weight.act_quant_kwargs):
             continue
         try:
             candidate = _fp8_linear_direct(x, weight, bias, mode == "fused")
-        except RuntimeError as error:
-            if mode == "fused":  # a Triton or compiler problem: eager quantization from now on
-                logger.warning("FP8 layers: compiling the input's quantization failed (%s); it runs eager.", error)
-                _COMPILED_ACTIVATION[x.device.type] = None
-                continue
-            return False  # a shape or layout torch._scaled_mm refuses where torchao's own path pads or converts
+        except RuntimeError:  # a shape or layout torch._scaled_mm refuses where torchao's own path pads or converts
+            return False
         if candidate.shape == reference.shape and torch.equal(
                 candidate.contiguous().view(torch.uint8), reference.contiguous().view(torch.uint8)):
             return mode
     return False
+
+
+def _activation_rows_compile(x, settings) -> bool:
+    """Whether the compiled input quantization runs for ``x`` (the first call compiles it); where it cannot (a Triton
+    or compiler problem), eager quantization from then on, with a warning."""
+    compiled = _compiled_activation_rows(x.device.type)
+    if compiled is None:
+        return False
+    try:
+        compiled(x.reshape(-1, x.shape[-1]), settings.float8_dtype, settings.hp_value_lb, settings.hp_value_ub)
+    except Exception as error:
+        logger.warning("FP8 layers: compiling the input's quantization failed (%s); it runs eager.", error)
+        _COMPILED_ACTIVATION[x.device.type] = None
+        for key in [key for key, mode in _DIRECT_CHECKED.items() if mode == "fused" and key[0] == x.device.type]:
+            del _DIRECT_CHECKED[key]  # checked again, with the eager quantization
+        return False
+    return True
 
 
 def _compiled_activation_rows(device_type: str):

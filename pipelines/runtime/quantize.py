@@ -344,7 +344,7 @@ def fp8_linear_forward(layer, x):
 def _direct_mode(x, weight, bias, reference):
     """The first :data:`_DIRECT_CHECKED` mode, "fused" then "eager", whose output is ``reference`` bit for bit;
     False where neither is."""
-    import torch
+    from .accelerate import same_bytes
 
     for mode in ("fused", "eager"):
         if mode == "fused" and not _activation_rows_compile(x, weight.act_quant_kwargs):
@@ -353,8 +353,7 @@ def _direct_mode(x, weight, bias, reference):
             candidate = _fp8_linear_direct(x, weight, bias, mode == "fused")
         except RuntimeError:  # a shape or layout torch._scaled_mm refuses where torchao's own path pads or converts
             return False
-        if candidate.shape == reference.shape and torch.equal(
-                candidate.contiguous().view(torch.uint8), reference.contiguous().view(torch.uint8)):
+        if same_bytes(candidate, reference):
             return mode
     return False
 

@@ -22,6 +22,8 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers import transformer_flux, transformer_flux2, transformer_krea2, transformer_wan
 
+from .accelerate import compile_with_eager_rounding, same_bytes
+
 logger = logging.getLogger(__name__)
 
 #: (rotation, device type) -> the compiled rotation (None: it cannot compile there); only CUDA compiles
@@ -51,8 +53,6 @@ def wan_rotation(x, cos, sin):
 def _compiled(rotation, device_type: str):
     key = (rotation, device_type)
     if key not in _COMPILED:
-        from .accelerate import compile_with_eager_rounding
-
         _COMPILED[key] = compile_with_eager_rounding(rotation) if device_type == "cuda" else None
     return _COMPILED[key]
 
@@ -75,8 +75,7 @@ def rotary(rotation, x, frequencies):
                            error)
             _COMPILED[(rotation, x.device.type)] = None
             return expected
-        fused = candidate.shape == expected.shape and candidate.dtype == expected.dtype and torch.equal(
-            candidate.contiguous().view(torch.uint8), expected.contiguous().view(torch.uint8))
+        fused = same_bytes(candidate, expected)
         _CHECKED[key] = fused
         if not fused:
             logger.info("Rotary embeddings of shape %s on %s run eager: the fused kernel does not give the eager "

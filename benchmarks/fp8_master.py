@@ -10,7 +10,7 @@ import argparse, gc, json, os, time, torch
 
 from diffusers import FluxTransformer2DModel
 from aitk_inference.pipelines.lora.stack import LoraStack, LoraRequest
-from aitk_inference.pipelines.runtime import quantize
+from aitk_inference.pipelines.runtime import eager_rounding, quantize
 from aitk_inference.pipelines.runtime.quantize import quantize_denoiser_fp8, master_place, block_linear_names
 from aitk_inference.benchmarks.harness import timed
 from aitk_inference.pipelines.runtime.accelerate import use_persistent_compile_cache
@@ -71,7 +71,7 @@ for place in args.places:
     run = {"layers": count, "auto_place_would_be": auto, "quantize_s": round(quantize_s, 3),
            "first_apply_s": round(first_apply_s, 3),
            "fused_shapes_checked": {str(k[1]): v for k, v in quantize._FUSED_CHECKED.items()},
-           "fused_compiled": quantize._COMPILED.get("cuda") is not None}
+           "fused_compiled": eager_rounding.compiled(quantize.fp8_rows_, "cuda") is not None}
     for rebuild in ("fused", "torchao"):
         original = torchao_rebuild() if rebuild == "torchao" else None
         strengths = iter([0.5, 0.8, 0.3, 0.9, 0.6, 0.7] * 4)

@@ -341,7 +341,7 @@ def test_fp8_fused_rebuild_gives_torchaos_bytes_on_the_gpu(load_tiny, tmp_path, 
     """The FP8 fast mode's strength change rebuilds each layer with one compiled kernel (runtime.quantize.fp8_rows_);
     every layer shape must pass its first-use byte comparison with torchao's quantize (else it would silently keep the
     slower path), and later rebuilds must match torchao's bytes too."""
-    from aitk_inference.pipelines.runtime import quantize
+    from aitk_inference.pipelines.runtime import eager_rounding, quantize
 
     if quantize.fp8_unavailable("cuda"):
         pytest.skip(quantize.fp8_unavailable("cuda"))
@@ -362,7 +362,8 @@ def test_fp8_fused_rebuild_gives_torchaos_bytes_on_the_gpu(load_tiny, tmp_path, 
             previous.set_loras([(lora, strength)])
         assert all(torch.equal(a, b) for pair in zip(fp8_bytes(fused), fp8_bytes(previous)) for a, b in zip(*pair))
     assert quantize._FUSED_CHECKED and all(quantize._FUSED_CHECKED.values()), quantize._FUSED_CHECKED
-    assert quantize._COMPILED.get("cuda") is not None, "the fused rebuild did not compile (is Triton installed?)"
+    assert eager_rounding._COMPILED.get((quantize.fp8_rows_, "cuda")) is not None, \
+        "the fused rebuild did not compile (is Triton installed?)"
 
 
 @pytest.mark.parametrize("lora_mode", ["fused", "dynamic"])
@@ -464,31 +465,36 @@ def test_a_dropped_pipeline_that_streams_blocks_gives_its_gpu_memory_back(load_t
 @pytest.mark.parametrize("tokens,heads,dtype", [(4608, 24, torch.bfloat16), (4608, 24, torch.float16),
                                                 (1536, 24, torch.float32), (777, 3, torch.bfloat16)])
 def test_fused_rotary_embeddings_give_the_eager_bits_on_the_gpu(tokens, heads, dtype):
-    """At FLUX.1-dev's 1024x1024 shape (512 text + 4096 image tokens, 24 heads of 128) and odd ones, FLUX's and Wan's
-    compiled rotations are used after their first-call check and give the eager rotations bit for bit (FLUX's is
-    diffusers' ``apply_rotary_emb``; Wan's frequencies come shaped as ``WanRotaryPosEmbed`` gives them)."""
+    """At FLUX.1-dev's 1024x1024 shape (512 text + 4096 image tokens, 24 heads of 128) and odd ones, FLUX's, Wan's and
+    HiDream's compiled rotations are used after their first-call check and give the eager rotations bit for bit
+    (FLUX's is diffusers' ``apply_rotary_emb``; Wan's frequencies come shaped as ``WanRotaryPosEmbed`` gives them,
+    HiDream's as ``HiDreamImageEmbedND`` with HiDream-I1's axes)."""
     from diffusers.models.embeddings import FluxPosEmbed, apply_rotary_emb
+    from diffusers.models.transformers.transformer_hidream_image import HiDreamImageEmbedND, apply_rope
 
-    from aitk_inference.pipelines.runtime import rope
+    from aitk_inference.pipelines.runtime import eager_rounding, rope
 
     torch.manual_seed(0)
     ids = torch.cat([torch.zeros(tokens // 9, 3), torch.randint(0, 64, (tokens - tokens // 9, 3)).float()]).cuda()
     frequencies = FluxPosEmbed(theta=10000, axes_dim=[16, 56, 56])(ids)
     wan_frequencies = tuple(f[None, :, None, :] for f in frequencies)
+    hidream_frequencies = (HiDreamImageEmbedND(theta=10000, axes_dim=[64, 32, 32])(ids[None]),)
     for _ in range(3):
         x = torch.randn(1, tokens, heads, 128, device="cuda", dtype=dtype) * 4
         expected = {rope.flux_rotation: (frequencies, apply_rotary_emb(x, frequencies, sequence_dim=1)),
-                    rope.wan_rotation: (wan_frequencies, rope.wan_rotation(x, *wan_frequencies))}
+                    rope.wan_rotation: (wan_frequencies, rope.wan_rotation(x, *wan_frequencies)),
+                    rope.hidream_rotation: (hidream_frequencies, apply_rope(x, x, *hidream_frequencies)[0])}
         for rotation, (freqs, want) in expected.items():
-            assert torch.equal(rope.rotary(rotation, x, freqs).view(torch.uint8), want.view(torch.uint8))
-    for rotation in (rope.flux_rotation, rope.wan_rotation):
-        assert rope._COMPILED.get((rotation, "cuda")) is not None, "no compiled rotation (is Triton installed?)"
-        assert rope._CHECKED[(rotation, "cuda:0", tuple(x.shape), x.stride(), dtype, torch.float32)] is True
+            assert torch.equal(rope.rotary(rotation, x, *freqs).view(torch.uint8), want.view(torch.uint8))
+    for rotation, (freqs, _) in expected.items():
+        assert eager_rounding._COMPILED.get((rotation, "cuda")) is not None, \
+            "no compiled rotation (is Triton installed?)"
+        assert rope._CHECKED[(rotation, "cuda:0", tuple(x.shape), x.stride(), dtype, *(f.dtype for f in freqs))]
 
 
-@pytest.mark.parametrize("model_id", ["flux", "flux2_klein_4b", "wan21_1b"])
+@pytest.mark.parametrize("model_id", ["flux", "flux2_klein_4b", "wan21_1b", "hidream"])
 def test_the_fused_rotary_embedding_gives_diffusers_image_on_the_gpu(load_tiny, model_id):
-    """FLUX's, FLUX.2's and Wan's attention layers run the fused rotary embedding on CUDA, with the image of
+    """FLUX's, FLUX.2's, Wan's and HiDream's attention layers run the fused rotary embedding on CUDA, with the image of
     diffusers' own attention processors."""
     from aitk_inference.pipelines.runtime import rope
 
@@ -497,7 +503,7 @@ def test_the_fused_rotary_embedding_gives_diffusers_image_on_the_gpu(load_tiny, 
     assert layers and all(type(m.processor) in rope.FUSED_ROPE_PROCESSORS.values() for m in layers)
     gen = dict(prompt="x", width=64, height=64, steps=2, seed=3, **({"num_frames": 5} if "wan" in model_id else {}))
     fused = [pipeline.generate(**gen).images for _ in range(2)]
-    rotation = rope.wan_rotation if "wan" in model_id else rope.flux_rotation
+    rotation = {"wan21_1b": rope.wan_rotation, "hidream": rope.hidream_rotation}.get(model_id, rope.flux_rotation)
     checked = [fused for key, fused in rope._CHECKED.items() if key[0] is rotation]
     assert checked and all(checked), rope._CHECKED
     diffusers_classes = {fused: original for original, fused in rope.FUSED_ROPE_PROCESSORS.items()}

@@ -242,14 +242,17 @@ def test_eager_fp8_layers_quantize_their_input_in_one_compiled_kernel_where_it_g
     each layer shape's first call picks "fused" when that output is torchao's bit for bit, and the image is the one
     through torchao's dispatch; a compiled quantization that rounds differently, or that cannot compile (a warning,
     once), leaves the eager direct path."""
+    from aitk_inference.pipelines.runtime import eager_rounding
+
     quantize = _fp8_on_the_cpu(monkeypatch)
     pipeline = _two_fp8_fused_flux(load_tiny)[0]
     pipeline.set_loras([(lora_files["peft"], 0.8)])
+    compiled_quantization = (quantize._per_row_fp8, "cpu")
     with monkeypatch.context() as torchao_only:
         torchao_only.setattr(quantize, "_is_row_fp8", lambda weight: False)
         through_torchao = pipeline.generate(**GEN).images
     traced = torch.compile(quantize._per_row_fp8, backend="eager", dynamic=True, fullgraph=True)
-    monkeypatch.setattr(quantize, "_COMPILED_ACTIVATION", {"cpu": traced})
+    monkeypatch.setattr(eager_rounding, "_COMPILED", {compiled_quantization: traced})
     monkeypatch.setattr(quantize, "_DIRECT_CHECKED", {})
     assert np.array_equal(pipeline.generate(**GEN).images, through_torchao)
     assert len(quantize._DIRECT_CHECKED) >= 2 and set(quantize._DIRECT_CHECKED.values()) == {"fused"}
@@ -258,7 +261,7 @@ def test_eager_fp8_layers_quantize_their_input_in_one_compiled_kernel_where_it_g
         quantized, scale = quantize._per_row_fp8(values, float8_dtype, lower, upper)
         return quantized, scale * 2
 
-    monkeypatch.setattr(quantize, "_COMPILED_ACTIVATION", {"cpu": one_level_off})
+    monkeypatch.setattr(eager_rounding, "_COMPILED", {compiled_quantization: one_level_off})
     monkeypatch.setattr(quantize, "_DIRECT_CHECKED", {})
     assert np.array_equal(pipeline.generate(**GEN).images, through_torchao)
     assert set(quantize._DIRECT_CHECKED.values()) == {"eager"}
@@ -266,11 +269,12 @@ def test_eager_fp8_layers_quantize_their_input_in_one_compiled_kernel_where_it_g
     def does_not_compile(*args):
         raise RuntimeError("no Triton for this GPU")
 
-    monkeypatch.setattr(quantize, "_COMPILED_ACTIVATION", {"cpu": does_not_compile})
+    monkeypatch.setattr(eager_rounding, "_COMPILED", {compiled_quantization: does_not_compile})
     monkeypatch.setattr(quantize, "_DIRECT_CHECKED", {})
     with caplog.at_level("WARNING", logger=quantize.__name__):
         assert np.array_equal(pipeline.generate(**GEN).images, through_torchao)
-    assert set(quantize._DIRECT_CHECKED.values()) == {"eager"} and quantize._COMPILED_ACTIVATION["cpu"] is None
+    assert set(quantize._DIRECT_CHECKED.values()) == {"eager"}
+    assert eager_rounding._COMPILED[compiled_quantization] is None
     assert caplog.text.count("no Triton for this GPU") == 1
 
 

@@ -1,26 +1,27 @@
-"""The fused rotary embeddings of FLUX's, FLUX.2's, Krea 2's and Wan's attention (``runtime.rope``): the processors the
-pipelines install give diffusers' own processors' output bit for bit, and a fused rotation is used only after its
-first-call check. The compiled kernel itself needs CUDA (``tests/test_gpu.py``); here the check runs on functions
-traced by dynamo."""
+"""The fused rotary embeddings of FLUX's, FLUX.2's, Krea 2's, Wan's and HiDream's attention (``runtime.rope``): the
+processors the pipelines install give diffusers' own processors' output bit for bit, and a fused rotation is used
+only after its first-call check. The compiled kernel itself needs CUDA (``tests/test_gpu.py``); here the check runs
+on functions traced by dynamo."""
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from aitk_inference.pipelines.runtime import rope
+from aitk_inference.pipelines.registry import REGISTRY
+from aitk_inference.pipelines.runtime import eager_rounding, rope
 
 
 @pytest.fixture
 def fresh_rope(monkeypatch):
-    """The module's compile and check records, empty for one test and restored after it."""
-    monkeypatch.setattr(rope, "_COMPILED", {})
+    """The compile and check records, empty for one test and restored after it."""
+    monkeypatch.setattr(eager_rounding, "_COMPILED", {})
     monkeypatch.setattr(rope, "_CHECKED", {})
     return rope
 
 
 @pytest.mark.parametrize("model_id", ["flux", "chroma", "flux2_klein_4b", "krea2", "krea2_o_edit", "wan21_1b",
-                                      "wan21_i2v_14b"])
+                                      "wan21_i2v_14b", "hidream", "hidream_e1"])
 def test_rotary_attention_layers_get_fused_rope_processors_with_diffusers_output(load_tiny, model_id, fresh_rope):
     pipeline = load_tiny(model_id)
     layers = [m for m in pipeline.pipe.transformer.modules() if hasattr(m, "processor")]
@@ -29,12 +30,50 @@ def test_rotary_attention_layers_get_fused_rope_processors_with_diffusers_output
     gen = dict(prompt="a red cube", width=64, height=64, steps=2, seed=5)
     if model_id.startswith("wan"):
         gen["num_frames"] = 5
-    if "i2v" in model_id or "edit" in model_id:
+    if REGISTRY[model_id].control_images[1]:  # a model that takes one gets one
         gen["control_images"] = [Image.new("RGB", (64, 64), (200, 90, 40))]
     ours = pipeline.generate(**gen).images
     for layer in layers:
         layer.processor = diffusers_classes[type(layer.processor)]()
     assert np.array_equal(ours, pipeline.generate(**gen).images)
+
+
+@pytest.mark.parametrize("single", [False, True])
+@pytest.mark.parametrize("rotary_dims", [16, 8], ids=["whole-head", "half-head"])
+def test_hidream_fused_rope_processor_gives_diffusers_attention(single, rotary_dims):
+    """Both of HiDream's layouts: the rotary embedding spans the whole head (I1, E1) or its first half."""
+    from diffusers.models.transformers.transformer_hidream_image import (HiDreamAttention, HiDreamAttnProcessor,
+                                                                         HiDreamImageEmbedND)
+
+    torch.manual_seed(0)
+    attn = HiDreamAttention(query_dim=32, heads=2, dim_head=16, processor=HiDreamAttnProcessor(), single=single)
+    attn = attn.to(torch.bfloat16)
+    image, text = torch.randn(2, 12, 32, dtype=torch.bfloat16), torch.randn(2, 5, 32, dtype=torch.bfloat16)
+    tokens = 12 if single else 17
+    ids = torch.randint(0, 8, (2, tokens, 3)).float()
+    frequencies = HiDreamImageEmbedND(theta=10000, axes_dim=[rotary_dims // 2, rotary_dims // 4, rotary_dims // 4])(ids)
+    masks = torch.ones(2, 12, dtype=torch.bfloat16)
+    masks[1, 9:] = 0
+    inputs = dict(hidden_states_masks=masks, image_rotary_emb=frequencies,
+                  encoder_hidden_states=None if single else text)
+    want = HiDreamAttnProcessor()(attn, image, **inputs)
+    got = rope.HiDreamAttnProcessorFusedRope()(attn, image, **inputs)
+    for expected, ours in zip(*((want, got) if not single else ((want,), (got,)))):
+        assert torch.equal(expected.view(torch.int16), ours.view(torch.int16))
+
+
+def test_every_rotation_traces_as_one_graph_with_its_eager_result():
+    """What CUDA compiles (``fullgraph=True``, dynamic shapes): each rotation traces without a graph break and the
+    traced function gives the eager bits; here dynamo's eager backend stands in for Inductor."""
+    from diffusers.models.transformers.transformer_hidream_image import HiDreamImageEmbedND
+
+    x, (cos, sin) = _rotation_inputs()
+    hidream = HiDreamImageEmbedND(theta=10000, axes_dim=[8, 4, 4])(torch.randint(0, 16, (1, 40, 3)).float())
+    frequencies = {rope.flux_rotation: (cos, sin), rope.wan_rotation: (cos[None, :, None], sin[None, :, None]),
+                   rope.hidream_rotation: (hidream,)}
+    for rotation, freqs in frequencies.items():
+        traced = torch.compile(rotation, backend="eager", dynamic=True, fullgraph=True)
+        assert torch.equal(traced(x, *freqs).view(torch.int16), rotation(x, *freqs).view(torch.int16))
 
 
 def _rotation_inputs():
@@ -55,11 +94,11 @@ def test_a_fused_rotation_is_used_after_it_gave_diffusers_bits_once(fresh_rope):
         return compiled(x, cos, sin)
 
     compiled = torch.compile(rope.flux_rotation, backend="eager", dynamic=True, fullgraph=True)
-    fresh_rope._COMPILED[(rope.flux_rotation, "cpu")] = traced
+    eager_rounding._COMPILED[(rope.flux_rotation, "cpu")] = traced
     x, frequencies = _rotation_inputs()
     want = apply_rotary_emb(x, frequencies, sequence_dim=1)
     for _ in range(3):
-        assert torch.equal(rope.rotary(rope.flux_rotation, x, frequencies).view(torch.int16), want.view(torch.int16))
+        assert torch.equal(rope.rotary(rope.flux_rotation, x, *frequencies).view(torch.int16), want.view(torch.int16))
     assert len(calls) == 3  # the check, then used
     assert list(fresh_rope._CHECKED.values()) == [True]
 
@@ -73,12 +112,12 @@ def test_a_fused_rotation_that_differs_is_not_used(fresh_rope, caplog):
         calls.append(x.shape)
         return rope.flux_rotation(x, cos, sin) + 1
 
-    fresh_rope._COMPILED[(rope.flux_rotation, "cpu")] = off_by_one
+    eager_rounding._COMPILED[(rope.flux_rotation, "cpu")] = off_by_one
     x, frequencies = _rotation_inputs()
     want = apply_rotary_emb(x, frequencies, sequence_dim=1)
     with caplog.at_level("INFO", logger=rope.__name__):
         for _ in range(3):
-            assert torch.equal(rope.rotary(rope.flux_rotation, x, frequencies), want)
+            assert torch.equal(rope.rotary(rope.flux_rotation, x, *frequencies), want)
     assert len(calls) == 1 and list(fresh_rope._CHECKED.values()) == [False]
     assert "run eager: the fused kernel does not give the eager output" in caplog.text
 
@@ -89,9 +128,9 @@ def test_a_fused_rotation_that_cannot_compile_leaves_diffusers_function(fresh_ro
     def broken(x, cos, sin):
         raise RuntimeError("no Triton for this GPU")
 
-    fresh_rope._COMPILED[(rope.flux_rotation, "cpu")] = broken
+    eager_rounding._COMPILED[(rope.flux_rotation, "cpu")] = broken
     x, frequencies = _rotation_inputs()
     want = apply_rotary_emb(x, frequencies, sequence_dim=1)
     with caplog.at_level("WARNING", logger=rope.__name__):
-        assert torch.equal(rope.rotary(rope.flux_rotation, x, frequencies), want)
-    assert fresh_rope._COMPILED[(rope.flux_rotation, "cpu")] is None and "no Triton for this GPU" in caplog.text
+        assert torch.equal(rope.rotary(rope.flux_rotation, x, *frequencies), want)
+    assert eager_rounding._COMPILED[(rope.flux_rotation, "cpu")] is None and "no Triton for this GPU" in caplog.text

@@ -401,8 +401,8 @@ def _attention_with_references(attn, hidden, frequencies, mask, split, captured,
     key = attn.to_k(hidden).unflatten(-1, (attn.num_kv_heads, attn.head_dim))
     value = attn.to_v(hidden).unflatten(-1, (attn.num_kv_heads, attn.head_dim))
     gate = attn.to_gate(hidden)
-    query = rotary(flux_rotation, attn.norm_q(query), frequencies)
-    key = rotary(flux_rotation, attn.norm_k(key), frequencies)
+    query = rotary(flux_rotation, attn.norm_q(query), *frequencies)
+    key = rotary(flux_rotation, attn.norm_k(key), *frequencies)
     if captured is not None:
         captured.append((key[:, split:], value[:, split:]))
     if cached is not None:

@@ -321,34 +321,6 @@ def use_persistent_compile_cache() -> str:
     return folder
 
 
-#: Inductor settings that keep eager PyTorch's rounding (each intermediate rounded to its dtype, IEEE division, no
-#: fused multiply-add); the names present in the running torch are used
-_EAGER_NUMERICS = ("emulate_precision_casts", "eager_numerics.division_rounding", "emulate_divison_rounding")
-
-
-def compile_with_eager_rounding(function):
-    """``function`` compiled for CUDA so that it rounds as it does eager (dynamic shapes: one graph for every shape,
-    kept in the on-disk compile cache); None where it cannot compile (no Triton). The first call compiles."""
-    if importlib.util.find_spec("triton") is None:
-        return None
-    import torch
-    from torch._inductor import config
-
-    use_persistent_compile_cache()
-    known = config.get_config_copy()
-    options = {name: True for name in _EAGER_NUMERICS if name in known}
-    return torch.compile(function, dynamic=True, fullgraph=True, options=options)
-
-
-def same_bytes(candidate, reference) -> bool:
-    """Whether two tensors hold the same values bit for bit (shape, dtype and bytes; NaNs compare too): the check
-    that lets a kernel compiled with eager rounding stand in for the eager operations."""
-    import torch
-
-    return (candidate.shape == reference.shape and candidate.dtype == reference.dtype
-            and torch.equal(candidate.contiguous().view(torch.uint8), reference.contiguous().view(torch.uint8)))
-
-
 def compile_denoiser(denoisers: list, mode: str = "regional", **compile_kwargs) -> None:
     """``torch.compile`` the ``denoisers`` in place; the first generation pays the compilation.
 

@@ -33,6 +33,8 @@ import logging
 import sys
 import types
 
+from . import eager_rounding
+
 logger = logging.getLogger(__name__)
 
 #: float8 matmuls need both dimensions of a weight to be multiples of 16
@@ -219,8 +221,8 @@ def fp8_rows_(merged, dtype, qdata, scale) -> None:
     and ``scale`` (float32, one a row), in place.
 
     The same operations, in the same dtypes, as torchao's per-row ``Float8Tensor.from_hp`` (:func:`_per_row_fp8`).
-    Eager, it runs those operations as they are; compiled (:func:`_compiled_fp8_rows`) it is one fused pass over the
-    weight."""
+    Eager, it runs those operations as they are; compiled on CUDA (``eager_rounding.compiled``) it is one fused pass
+    over the weight."""
     rows, row_scale = _per_row_fp8(merged.to(dtype), qdata.dtype)
     qdata.copy_(rows)
     scale.copy_(row_scale)
@@ -243,17 +245,6 @@ def _per_row_fp8(values, float8_dtype, lower=None, upper=None) -> tuple:
 
 #: (device type, shape, float8 dtype, model dtype) -> whether the fused rebuild gave torchao's bytes on first use
 _FUSED_CHECKED: dict[tuple, bool] = {}
-_COMPILED: dict[str, object] = {}
-
-
-def _compiled_fp8_rows():
-    """:func:`fp8_rows_` compiled once per process for CUDA with eager rounding; None where it cannot compile (no
-    Triton), which leaves it eager."""
-    if "cuda" not in _COMPILED:
-        from .accelerate import compile_with_eager_rounding
-
-        _COMPILED["cuda"] = compile_with_eager_rounding(fp8_rows_)
-    return _COMPILED["cuda"]
 
 
 def _is_row_fp8(weight) -> bool:
@@ -273,7 +264,7 @@ def _fused_rebuild_(module, merged, dtype) -> bool:
     import torch
 
     weight = module.weight
-    rebuild = (_compiled_fp8_rows() if merged.device.type == "cuda" else None) or fp8_rows_
+    rebuild = eager_rounding.compiled(fp8_rows_, merged.device.type) or fp8_rows_
     key = (merged.device.type, tuple(merged.shape), weight.qdata.dtype, dtype)
     if key not in _FUSED_CHECKED:
         reference = _torchao_quantized(module, merged.to(dtype))
@@ -282,7 +273,7 @@ def _fused_rebuild_(module, merged, dtype) -> bool:
             rebuild(merged, dtype, qdata, scale)
         except Exception as error:  # a compile that fails here (a Triton or compiler problem) leaves it eager
             logger.warning("FP8 rebuild: compiling the fused kernel failed (%s); it runs eager.", error)
-            _COMPILED[merged.device.type] = None
+            eager_rounding.stop_compiling(fp8_rows_, merged.device.type)
             rebuild = fp8_rows_
             rebuild(merged, dtype, qdata, scale)
         same = (torch.equal(qdata.view(torch.uint8), reference.qdata.view(torch.uint8))
@@ -311,8 +302,6 @@ def _fused_rebuild_(module, merged, dtype) -> bool:
 #: :func:`fp8_linear_forward` runs that layer shape, decided on first use: "fused" (the direct path with the input's
 #: quantization compiled as one kernel), "eager" (the direct path, eager quantization) or False (torchao's dispatch)
 _DIRECT_CHECKED: dict[tuple, object] = {}
-#: device type -> :func:`_per_row_fp8` compiled with eager rounding for activations (None: not there)
-_COMPILED_ACTIVATION: dict[str, object] = {}
 
 
 def fp8_linear_forward(layer, x):
@@ -344,8 +333,6 @@ def fp8_linear_forward(layer, x):
 def _direct_mode(x, weight, bias, reference):
     """The first :data:`_DIRECT_CHECKED` mode, "fused" then "eager", whose output is ``reference`` bit for bit;
     False where neither is."""
-    from .accelerate import same_bytes
-
     for mode in ("fused", "eager"):
         if mode == "fused" and not _activation_rows_compile(x, weight.act_quant_kwargs):
             continue
@@ -353,7 +340,7 @@ def _direct_mode(x, weight, bias, reference):
             candidate = _fp8_linear_direct(x, weight, bias, mode == "fused")
         except RuntimeError:  # a shape or layout torch._scaled_mm refuses where torchao's own path pads or converts
             return False
-        if same_bytes(candidate, reference):
+        if eager_rounding.same_bytes(candidate, reference):
             return mode
     return False
 
@@ -361,27 +348,18 @@ def _direct_mode(x, weight, bias, reference):
 def _activation_rows_compile(x, settings) -> bool:
     """Whether the compiled input quantization runs for ``x`` (the first call compiles it); where it cannot (a Triton
     or compiler problem), eager quantization from then on, with a warning."""
-    compiled = _compiled_activation_rows(x.device.type)
+    compiled = eager_rounding.compiled(_per_row_fp8, x.device.type)
     if compiled is None:
         return False
     try:
         compiled(x.reshape(-1, x.shape[-1]), settings.float8_dtype, settings.hp_value_lb, settings.hp_value_ub)
     except Exception as error:
         logger.warning("FP8 layers: compiling the input's quantization failed (%s); it runs eager.", error)
-        _COMPILED_ACTIVATION[x.device.type] = None
+        eager_rounding.stop_compiling(_per_row_fp8, x.device.type)
         for key in [key for key, mode in _DIRECT_CHECKED.items() if mode == "fused" and key[0] == x.device.type]:
             del _DIRECT_CHECKED[key]  # checked again, with the eager quantization
         return False
     return True
-
-
-def _compiled_activation_rows(device_type: str):
-    if device_type not in _COMPILED_ACTIVATION:
-        from .accelerate import compile_with_eager_rounding
-
-        _COMPILED_ACTIVATION[device_type] = (compile_with_eager_rounding(_per_row_fp8) if device_type == "cuda"
-                                             else None)
-    return _COMPILED_ACTIVATION[device_type]
 
 
 def _fp8_linear_direct(x, weight, bias, fused_quantization: bool = False):
@@ -391,7 +369,7 @@ def _fp8_linear_direct(x, weight, bias, fused_quantization: bool = False):
     import torch
 
     settings = weight.act_quant_kwargs
-    quantize_rows = _compiled_activation_rows(x.device.type) if fused_quantization else _per_row_fp8
+    quantize_rows = eager_rounding.compiled(_per_row_fp8, x.device.type) if fused_quantization else _per_row_fp8
     quantized, scale = quantize_rows(x.reshape(-1, x.shape[-1]), settings.float8_dtype, settings.hp_value_lb,
                                      settings.hp_value_ub)
     fp32_with_bias = x.dtype == torch.float32 and bias is not None  # _scaled_mm takes no bias with a float32 output

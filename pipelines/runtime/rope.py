@@ -1,16 +1,17 @@
 """Rotary embeddings in one kernel when attention runs eager on CUDA, with diffusers' rounding.
 
-diffusers rotates each query and key of FLUX's, FLUX.2's, Krea 2's and Wan's attention with about ten elementwise
-kernels (the pairs split and swapped, products in float32, their sums, the cast back), each reading and writing the
-whole tensor. Compiled by Inductor with eager rounding (every intermediate rounded to its dtype, no fused multiply-add:
-``accelerate.compile_with_eager_rounding``), the same operations are one kernel that reads the input once. The first
+diffusers rotates each query and key of FLUX's, FLUX.2's, Krea 2's, Wan's and HiDream's attention with about ten
+elementwise kernels (the pairs split and swapped, products in float32, their sums, the cast back), each reading and
+writing the whole tensor. Compiled by Inductor with eager rounding (every intermediate rounded to its dtype, no fused
+multiply-add: ``eager_rounding.compiled``), the same operations are one kernel that reads the input once. The first
 call of each input shape compares its output with the eager one byte for byte; a shape where they differ, and any run
 where it cannot compile, keeps the eager operations. Inside ``torch.compile`` (the regional compile) the eager
 operations are traced as before, so compiled graphs do not change.
 
 :func:`use_fused_rope` gives a denoiser's attention layers the processors below where they run diffusers'
 ``FluxAttnProcessor`` (FLUX.1, Flex, Kontext, Chroma), FLUX.2's two processors (FLUX.2, klein),
-``Krea2AttnProcessor`` (Krea 2) or ``WanAttnProcessor`` (Wan 2.1 and 2.2).
+``Krea2AttnProcessor`` (Krea 2), ``WanAttnProcessor`` (Wan 2.1 and 2.2) or ``HiDreamAttnProcessor`` (HiDream I1
+and E1).
 """
 
 from __future__ import annotations
@@ -18,17 +19,18 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.nn.functional as F
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
-from diffusers.models.transformers import transformer_flux, transformer_flux2, transformer_krea2, transformer_wan
+from diffusers.models.transformers import (transformer_flux, transformer_flux2, transformer_hidream_image,
+                                           transformer_krea2, transformer_wan)
 
-from .accelerate import compile_with_eager_rounding, same_bytes
+from . import eager_rounding
 
 logger = logging.getLogger(__name__)
 
-#: (rotation, device type) -> the compiled rotation (None: it cannot compile there); only CUDA compiles
-_COMPILED: dict[tuple, object] = {}
-#: (rotation, device, shape, strides, input dtype, cos dtype) -> whether the compiled rotation gave the eager bytes
+#: (rotation, device, shape, strides, input dtype, frequency dtypes) -> whether the compiled rotation gave the
+#: eager bytes
 _CHECKED: dict[tuple, bool] = {}
 
 
@@ -50,38 +52,39 @@ def wan_rotation(x, cos, sin):
     return out
 
 
-def _compiled(rotation, device_type: str):
-    key = (rotation, device_type)
-    if key not in _COMPILED:
-        _COMPILED[key] = compile_with_eager_rounding(rotation) if device_type == "cuda" else None
-    return _COMPILED[key]
+def hidream_rotation(x, frequencies):
+    """HiDream's rotation of ``x`` (batch, tokens, heads, head dim) as diffusers' ``apply_rope`` computes it: each pair
+    of ``x`` in float32 times the 2x2 rotation of its frequency (batch, tokens, 1, head dim / 2, 2, 2), cast back to
+    ``x``'s dtype."""
+    pairs = x.float().reshape(*x.shape[:-1], -1, 1, 2)
+    rotated = frequencies[..., 0] * pairs[..., 0] + frequencies[..., 1] * pairs[..., 1]
+    return rotated.reshape(*x.shape).type_as(x)
 
 
-def rotary(rotation, x, frequencies):
-    """``rotation(x, *frequencies)`` (:func:`flux_rotation`, :func:`wan_rotation`), bit for bit; one compiled kernel
-    where checked."""
-    cos, sin = frequencies
-    compiled = None if torch.compiler.is_compiling() else _compiled(rotation, x.device.type)
+def rotary(rotation, x, *frequencies):
+    """``rotation(x, *frequencies)`` (:func:`flux_rotation`, :func:`wan_rotation`, :func:`hidream_rotation`), bit for
+    bit; one compiled kernel where checked."""
+    compiled = None if torch.compiler.is_compiling() else eager_rounding.compiled(rotation, x.device.type)
     if compiled is None:
-        return rotation(x, cos, sin)
-    key = (rotation, str(x.device), tuple(x.shape), x.stride(), x.dtype, cos.dtype)
+        return rotation(x, *frequencies)
+    key = (rotation, str(x.device), tuple(x.shape), x.stride(), x.dtype, *(f.dtype for f in frequencies))
     fused = _CHECKED.get(key)
     if fused is None:
-        expected = rotation(x, cos, sin)
+        expected = rotation(x, *frequencies)
         try:
-            candidate = compiled(x, cos, sin)
+            candidate = compiled(x, *frequencies)
         except Exception as error:  # a Triton or compiler problem: the eager rotation from now on
             logger.warning("The fused rotary embedding could not compile (%s); attention applies the eager one.",
                            error)
-            _COMPILED[(rotation, x.device.type)] = None
+            eager_rounding.stop_compiling(rotation, x.device.type)
             return expected
-        fused = same_bytes(candidate, expected)
+        fused = eager_rounding.same_bytes(candidate, expected)
         _CHECKED[key] = fused
         if not fused:
             logger.info("Rotary embeddings of shape %s on %s run eager: the fused kernel does not give the eager "
                         "output bit for bit there.", key[2], key[1])
         return expected
-    return compiled(x, cos, sin) if fused else rotation(x, cos, sin)
+    return compiled(x, *frequencies) if fused else rotation(x, *frequencies)
 
 
 def _joint_attention(processor, attn, projections, text_tokens, attention_mask, image_rotary_emb):
@@ -98,7 +101,7 @@ def _joint_attention(processor, attn, projections, text_tokens, attention_mask, 
         key = torch.cat([attn.norm_added_k(heads(text_key)), key], dim=1)
         value = torch.cat([heads(text_value), value], dim=1)
     if image_rotary_emb is not None:
-        query, key = rotary(flux_rotation, query, image_rotary_emb), rotary(flux_rotation, key, image_rotary_emb)
+        query, key = rotary(flux_rotation, query, *image_rotary_emb), rotary(flux_rotation, key, *image_rotary_emb)
     out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, backend=processor._attention_backend,
                                 parallel_config=processor._parallel_config)
     out = out.flatten(2, 3).to(query.dtype)
@@ -161,7 +164,7 @@ class Krea2AttnProcessorFusedRope(transformer_krea2.Krea2AttnProcessor):
         value = attn.to_v(hidden_states).unflatten(-1, (attn.num_kv_heads, attn.head_dim))
         gate = attn.to_gate(hidden_states)
         if image_rotary_emb is not None:
-            query, key = rotary(flux_rotation, query, image_rotary_emb), rotary(flux_rotation, key, image_rotary_emb)
+            query, key = rotary(flux_rotation, query, *image_rotary_emb), rotary(flux_rotation, key, *image_rotary_emb)
         groups = attn.num_heads // attn.num_kv_heads
         if groups > 1:
             key, value = key.repeat_interleave(groups, dim=2), value.repeat_interleave(groups, dim=2)
@@ -180,11 +183,50 @@ class WanAttnProcessorFusedRope(transformer_wan.WanAttnProcessor):
         query, key, value = transformer_wan._get_qkv_projections(attn, hidden_states, None)
         query, key = attn.norm_q(query), attn.norm_k(key)
         query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
-        query, key = rotary(wan_rotation, query, rotary_emb), rotary(wan_rotation, key, rotary_emb)
+        query, key = rotary(wan_rotation, query, *rotary_emb), rotary(wan_rotation, key, *rotary_emb)
         out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
                                     backend=self._attention_backend, parallel_config=self._parallel_config)
         out = out.flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
+
+
+class HiDreamAttnProcessorFusedRope(transformer_hidream_image.HiDreamAttnProcessor):
+    """diffusers' HiDream attention (image tokens first, then the text's in the double-stream blocks) with the rotary
+    embedding applied by :func:`rotary`."""
+
+    def __call__(self, attn, hidden_states, hidden_states_masks=None, encoder_hidden_states=None,
+                 image_rotary_emb=None, *args, **kwargs):
+        dtype = hidden_states.dtype
+        batch = hidden_states.shape[0]
+
+        def heads(projected):
+            return projected.view(batch, -1, attn.heads, projected.shape[-1] // attn.heads)
+
+        query = heads(attn.q_rms_norm(attn.to_q(hidden_states)).to(dtype=dtype))
+        key = heads(attn.k_rms_norm(attn.to_k(hidden_states)).to(dtype=dtype))
+        value = heads(attn.to_v(hidden_states))
+        if hidden_states_masks is not None:
+            key = key * hidden_states_masks.view(batch, -1, 1, 1)
+        image_tokens = query.shape[1]
+        if not attn.single:
+            query = torch.cat([query, heads(attn.q_rms_norm_t(attn.to_q_t(encoder_hidden_states)).to(dtype=dtype))], 1)
+            key = torch.cat([key, heads(attn.k_rms_norm_t(attn.to_k_t(encoder_hidden_states)).to(dtype=dtype))], 1)
+            value = torch.cat([value, heads(attn.to_v_t(encoder_hidden_states))], dim=1)
+        if query.shape[-1] == image_rotary_emb.shape[-3] * 2:
+            query = rotary(hidream_rotation, query, image_rotary_emb)
+            key = rotary(hidream_rotation, key, image_rotary_emb)
+        else:  # only the first half of each head is rotated
+            query_rotated, query_rest = query.chunk(2, dim=-1)
+            key_rotated, key_rest = key.chunk(2, dim=-1)
+            query = torch.cat([rotary(hidream_rotation, query_rotated, image_rotary_emb), query_rest], dim=-1)
+            key = torch.cat([rotary(hidream_rotation, key_rotated, image_rotary_emb), key_rest], dim=-1)
+        out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                                             dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).reshape(batch, -1, query.shape[2] * query.shape[3]).to(query.dtype)
+        if attn.single:
+            return attn.to_out(out)
+        image_out, text_out = torch.split(out, [image_tokens, out.shape[1] - image_tokens], dim=1)
+        return attn.to_out(image_out), attn.to_out_t(text_out)
 
 
 #: diffusers' processor class -> ours with the fused rotary embedding
@@ -194,6 +236,7 @@ FUSED_ROPE_PROCESSORS = {
     transformer_flux2.Flux2ParallelSelfAttnProcessor: Flux2ParallelSelfAttnProcessorFusedRope,
     transformer_krea2.Krea2AttnProcessor: Krea2AttnProcessorFusedRope,
     transformer_wan.WanAttnProcessor: WanAttnProcessorFusedRope,
+    transformer_hidream_image.HiDreamAttnProcessor: HiDreamAttnProcessorFusedRope,
 }
 
 
@@ -209,8 +252,9 @@ def use_fused_rope(denoisers: list) -> int:
             if fused_class is None:
                 continue
             fused = fused_class()
-            fused._attention_backend = processor._attention_backend
-            fused._parallel_config = processor._parallel_config
+            for setting in ("_attention_backend", "_parallel_config"):  # HiDream's processor has neither
+                if hasattr(processor, setting):
+                    setattr(fused, setting, getattr(processor, setting))
             module.processor = fused
             changed += 1
     return changed

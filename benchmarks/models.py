@@ -27,6 +27,12 @@ FULL_CONFIGS = {
         patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
         text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
         qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)),
+    # HiDream-I1 (17B, mixture of experts): the values ComfyUI's model detection sets for its checkpoints
+    "hidream": ("HiDreamImageTransformer2DModel", dict(
+        patch_size=2, in_channels=16, out_channels=16, num_layers=16, num_single_layers=32, attention_head_dim=128,
+        num_attention_heads=20, caption_channels=[4096, 4096], text_emb_dim=2048, num_routed_experts=4,
+        num_activated_experts=2, axes_dims_rope=(64, 32, 32), max_resolution=(128, 128),
+        llama_layers=list(range(32)) + [31] * 16)),
 }
 
 
@@ -59,6 +65,7 @@ WORKLOADS = {
                                   forwards_per_step=2, architecture="wan21_14b"),
         "wan21_14b_720p_81f": Workload("1280x720 x 81 frames, 512 text tokens, CFG", 90, 160, 512, frames=21,
                                        forwards_per_step=2, architecture="wan21_14b"),
+        "hidream": Workload("1024x1024, 128 T5 and 128 Llama tokens, CFG", 128, 128, 128, forwards_per_step=2),
     },
     "tiny": {
         "flux": Workload("tiny 8x8 latents", 8, 8, 8),
@@ -69,6 +76,7 @@ WORKLOADS = {
                                   architecture="wan21_14b"),
         "wan21_14b_720p_81f": Workload("tiny 3x8x8 latents", 8, 8, 8, frames=3, forwards_per_step=2,
                                        architecture="wan21_14b"),
+        "hidream": Workload("tiny 8x8 latents", 8, 8, 8, forwards_per_step=2),
     },
 }
 
@@ -148,6 +156,13 @@ def forward_inputs(model_id: str, transformer, workload: Workload, seed: int = 0
         return dict(hidden_states=randn(1, config.in_channels, workload.frames, h, w),
                     timestep=torch.tensor([500.0], device=device),
                     encoder_hidden_states=randn(1, text, config.text_dim), return_dict=False)
+    if model_id == "hidream":
+        t5_width, llama_width = config.caption_channels
+        return dict(hidden_states=randn(1, config.in_channels, h, w),
+                    timesteps=torch.tensor([500.0], device=device, dtype=dtype),
+                    encoder_hidden_states_t5=randn(1, text, t5_width),
+                    encoder_hidden_states_llama3=randn(max(config.llama_layers) + 1, 1, text, llama_width),
+                    pooled_embeds=randn(1, config.text_emb_dim), return_dict=False)
     raise ValueError(f"No benchmark inputs for model {model_id!r}; use one of {sorted(FULL_CONFIGS)}.")
 
 

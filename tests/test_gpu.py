@@ -465,12 +465,13 @@ def test_a_dropped_pipeline_that_streams_blocks_gives_its_gpu_memory_back(load_t
 @pytest.mark.parametrize("tokens,heads,dtype", [(4608, 24, torch.bfloat16), (4608, 24, torch.float16),
                                                 (1536, 24, torch.float32), (777, 3, torch.bfloat16)])
 def test_fused_rotary_embeddings_give_the_eager_bits_on_the_gpu(tokens, heads, dtype):
-    """At FLUX.1-dev's 1024x1024 shape (512 text + 4096 image tokens, 24 heads of 128) and odd ones, FLUX's, Wan's and
-    HiDream's compiled rotations are used after their first-call check and give the eager rotations bit for bit
-    (FLUX's is diffusers' ``apply_rotary_emb``; Wan's frequencies come shaped as ``WanRotaryPosEmbed`` gives them,
-    HiDream's as ``HiDreamImageEmbedND`` with HiDream-I1's axes)."""
+    """At FLUX.1-dev's 1024x1024 shape (512 text + 4096 image tokens, 24 heads of 128) and odd ones, every compiled
+    rotation (FLUX's, Wan's, HiDream's, LTX-2's two) is used after its first-call check and gives the eager rotation
+    bit for bit (FLUX's is diffusers' ``apply_rotary_emb``; Wan's frequencies come shaped as ``WanRotaryPosEmbed`` gives
+    them, HiDream's as ``HiDreamImageEmbedND`` with HiDream-I1's axes, LTX-2's in its split and interleaved layouts)."""
     from diffusers.models.embeddings import FluxPosEmbed, apply_rotary_emb
     from diffusers.models.transformers.transformer_hidream_image import HiDreamImageEmbedND, apply_rope
+    from diffusers.models.transformers.transformer_ltx2 import apply_interleaved_rotary_emb, apply_split_rotary_emb
 
     from aitk_inference.pipelines.runtime import eager_rounding, rope
 
@@ -479,31 +480,43 @@ def test_fused_rotary_embeddings_give_the_eager_bits_on_the_gpu(tokens, heads, d
     frequencies = FluxPosEmbed(theta=10000, axes_dim=[16, 56, 56])(ids)
     wan_frequencies = tuple(f[None, :, None, :] for f in frequencies)
     hidream_frequencies = (HiDreamImageEmbedND(theta=10000, axes_dim=[64, 32, 32])(ids[None]),)
+    angles = torch.rand(1, heads, tokens, 64, device="cuda") * 6.3  # LTX-2's split layout: (batch, heads, tokens, 64)
+    split_frequencies = (angles.cos(), angles.sin())
+    interleaved_frequencies = tuple(f.repeat(1, 1, heads)[None] for f in frequencies)  # (batch, tokens, channels)
     for _ in range(3):
         x = torch.randn(1, tokens, heads, 128, device="cuda", dtype=dtype) * 4
-        expected = {rope.flux_rotation: (frequencies, apply_rotary_emb(x, frequencies, sequence_dim=1)),
-                    rope.wan_rotation: (wan_frequencies, rope.wan_rotation(x, *wan_frequencies)),
-                    rope.hidream_rotation: (hidream_frequencies, apply_rope(x, x, *hidream_frequencies)[0])}
-        for rotation, (freqs, want) in expected.items():
-            assert torch.equal(rope.rotary(rotation, x, *freqs).view(torch.uint8), want.view(torch.uint8))
-    for rotation, (freqs, _) in expected.items():
+        channels = x.flatten(2)
+        expected = {
+            rope.flux_rotation: (x, frequencies, apply_rotary_emb(x, frequencies, sequence_dim=1)),
+            rope.wan_rotation: (x, wan_frequencies, rope.wan_rotation(x, *wan_frequencies)),
+            rope.hidream_rotation: (x, hidream_frequencies, apply_rope(x, x, *hidream_frequencies)[0]),
+            rope.ltx2_split_rotation: (channels, split_frequencies,
+                                       apply_split_rotary_emb(channels, split_frequencies)),
+            rope.ltx2_interleaved_rotation: (channels, interleaved_frequencies,
+                                             apply_interleaved_rotary_emb(channels, interleaved_frequencies))}
+        for rotation, (values, freqs, want) in expected.items():
+            assert torch.equal(rope.rotary(rotation, values, *freqs).view(torch.uint8), want.view(torch.uint8))
+    for rotation, (values, freqs, _) in expected.items():
         assert eager_rounding._COMPILED.get((rotation, "cuda")) is not None, \
             "no compiled rotation (is Triton installed?)"
-        assert rope._CHECKED[(rotation, "cuda:0", tuple(x.shape), x.stride(), dtype, *(f.dtype for f in freqs))]
+        key = (rotation, "cuda:0", tuple(values.shape), values.stride(), dtype, *(f.dtype for f in freqs))
+        assert rope._CHECKED[key], f"{rotation.__name__}: the compiled rotation does not give the eager bits"
 
 
-@pytest.mark.parametrize("model_id", ["flux", "flux2_klein_4b", "wan21_1b", "hidream"])
+@pytest.mark.parametrize("model_id", ["flux", "flux2_klein_4b", "wan21_1b", "hidream", "ltx2"])
 def test_the_fused_rotary_embedding_gives_diffusers_image_on_the_gpu(load_tiny, model_id):
-    """FLUX's, FLUX.2's, Wan's and HiDream's attention layers run the fused rotary embedding on CUDA, with the image of
-    diffusers' own attention processors."""
+    """FLUX's, FLUX.2's, Wan's, HiDream's and LTX-2's attention layers run the fused rotary embedding on CUDA, with the
+    image of diffusers' own attention processors."""
     from aitk_inference.pipelines.runtime import rope
 
     pipeline = load_tiny(model_id, device="cuda", dtype="bf16")
     layers = [m for m in pipeline.pipe.transformer.modules() if hasattr(m, "processor")]
     assert layers and all(type(m.processor) in rope.FUSED_ROPE_PROCESSORS.values() for m in layers)
-    gen = dict(prompt="x", width=64, height=64, steps=2, seed=3, **({"num_frames": 5} if "wan" in model_id else {}))
+    video = REGISTRY[model_id].video
+    gen = dict(prompt="x", width=64, height=64, steps=2, seed=3, **({"num_frames": video.frames(1)} if video else {}))
     fused = [pipeline.generate(**gen).images for _ in range(2)]
-    rotation = {"wan21_1b": rope.wan_rotation, "hidream": rope.hidream_rotation}.get(model_id, rope.flux_rotation)
+    rotation = {"wan21_1b": rope.wan_rotation, "hidream": rope.hidream_rotation,
+                "ltx2": rope.ltx2_split_rotation}.get(model_id, rope.flux_rotation)
     checked = [fused for key, fused in rope._CHECKED.items() if key[0] is rotation]
     assert checked and all(checked), rope._CHECKED
     diffusers_classes = {fused: original for original, fused in rope.FUSED_ROPE_PROCESSORS.items()}

@@ -21,21 +21,24 @@ def fresh_rope(monkeypatch):
 
 
 @pytest.mark.parametrize("model_id", ["flux", "chroma", "flux2_klein_4b", "krea2", "krea2_o_edit", "wan21_1b",
-                                      "wan21_i2v_14b", "hidream", "hidream_e1"])
+                                      "wan21_i2v_14b", "hidream", "hidream_e1", "ltx2", "ltx2.3"])
 def test_rotary_attention_layers_get_fused_rope_processors_with_diffusers_output(load_tiny, model_id, fresh_rope):
     pipeline = load_tiny(model_id)
     layers = [m for m in pipeline.pipe.transformer.modules() if hasattr(m, "processor")]
     assert layers and all(type(m.processor) in rope.FUSED_ROPE_PROCESSORS.values() for m in layers)
     diffusers_classes = {fused: original for original, fused in rope.FUSED_ROPE_PROCESSORS.items()}
+    spec = REGISTRY[model_id]
     gen = dict(prompt="a red cube", width=64, height=64, steps=2, seed=5)
-    if model_id.startswith("wan"):
-        gen["num_frames"] = 5
-    if REGISTRY[model_id].control_images[1]:  # a model that takes one gets one
+    if spec.video:
+        gen["num_frames"] = spec.video.frames(1)
+    if spec.control_images[1]:  # a model that takes one gets one
         gen["control_images"] = [Image.new("RGB", (64, 64), (200, 90, 40))]
-    ours = pipeline.generate(**gen).images
+    ours = pipeline.generate(**gen)
     for layer in layers:
         layer.processor = diffusers_classes[type(layer.processor)]()
-    assert np.array_equal(ours, pipeline.generate(**gen).images)
+    theirs = pipeline.generate(**gen)
+    assert np.array_equal(ours.images, theirs.images)
+    assert (ours.audio is None) == (theirs.audio is None) and np.array_equal(ours.audio, theirs.audio)
 
 
 @pytest.mark.parametrize("single", [False, True])
@@ -62,6 +65,42 @@ def test_hidream_fused_rope_processor_gives_diffusers_attention(single, rotary_d
         assert torch.equal(expected.view(torch.int16), ours.view(torch.int16))
 
 
+@pytest.mark.parametrize("rope_type", ["split", "interleaved"])
+def test_ltx2_fused_rope_processors_give_diffusers_attention(rope_type):
+    """LTX-2's layouts: self-attention, cross-attention with the key's own frequencies (audio to video) and an
+    attention mask, per-head gates, and LTX-2.3's perturbation of the self-attention (partly and wholly perturbed)."""
+    from diffusers.models.transformers.transformer_ltx2 import (LTX2Attention, LTX2AudioVideoAttnProcessor,
+                                                                LTX2PerturbedAttnProcessor)
+
+    torch.manual_seed(0)
+    video, audio = torch.randn(2, 12, 32, dtype=torch.bfloat16), torch.randn(2, 7, 24, dtype=torch.bfloat16)
+
+    def frequencies(tokens):
+        shape = (2, 2, tokens, 8) if rope_type == "split" else (2, tokens, 32)
+        angles = torch.rand(shape) * 6.3
+        return angles.cos(), angles.sin()
+
+    mask = torch.ones(2, 7)
+    mask[1, 5:] = 0
+    perturbation = torch.tensor([1.0, 0.0], dtype=torch.bfloat16)[:, None, None]
+    cases = [(None, dict(query_rotary_emb=frequencies(12))),
+             (audio, dict(query_rotary_emb=frequencies(12), key_rotary_emb=frequencies(7), attention_mask=mask))]
+    for gated in (False, True):
+        for context, inputs in cases:
+            attn = LTX2Attention(query_dim=32, heads=2, kv_heads=2, dim_head=16, cross_attention_dim=None
+                                 if context is None else 24, rope_type=rope_type, apply_gated_attention=gated)
+            attn = attn.to(torch.bfloat16)
+            inputs = dict(inputs, encoder_hidden_states=context)
+            pairs = [(LTX2AudioVideoAttnProcessor(), rope.LTX2AudioVideoAttnProcessorFusedRope(), {})]
+            perturbations = ({"perturbation_mask": perturbation}, {"all_perturbed": True},
+                             {"perturbation_mask": torch.zeros(2, 1, 1, dtype=torch.bfloat16)})
+            pairs += [(LTX2PerturbedAttnProcessor(), rope.LTX2PerturbedAttnProcessorFusedRope(), extra)
+                      for extra in ({},) + (perturbations if context is None else ())]  # self-attention only
+            for theirs, ours, extra in pairs:
+                want, got = theirs(attn, video, **inputs, **extra), ours(attn, video, **inputs, **extra)
+                assert torch.equal(want.view(torch.int16), got.view(torch.int16)), (gated, context is None, extra)
+
+
 def test_every_rotation_traces_as_one_graph_with_its_eager_result():
     """What CUDA compiles (``fullgraph=True``, dynamic shapes): each rotation traces without a graph break and the
     traced function gives the eager bits; here dynamo's eager backend stands in for Inductor."""
@@ -69,11 +108,15 @@ def test_every_rotation_traces_as_one_graph_with_its_eager_result():
 
     x, (cos, sin) = _rotation_inputs()
     hidream = HiDreamImageEmbedND(theta=10000, axes_dim=[8, 4, 4])(torch.randint(0, 16, (1, 40, 3)).float())
-    frequencies = {rope.flux_rotation: (cos, sin), rope.wan_rotation: (cos[None, :, None], sin[None, :, None]),
-                   rope.hidream_rotation: (hidream,)}
-    for rotation, freqs in frequencies.items():
+    per_channel = torch.randn(2, 1, 40, 32).unbind(0)  # LTX-2's interleaved frequencies: (batch, tokens, channels)
+    per_head = (cos[None, None, :, :8].expand(1, 2, 40, 8), sin[None, None, :, :8].expand(1, 2, 40, 8))
+    cases = {rope.flux_rotation: (x, (cos, sin)), rope.wan_rotation: (x, (cos[None, :, None], sin[None, :, None])),
+             rope.hidream_rotation: (x, (hidream,)), rope.ltx2_split_rotation: (x.flatten(2), per_head),
+             rope.ltx2_interleaved_rotation: (x.flatten(2), per_channel)}
+    assert set(rope.LTX2_ROTATIONS.values()) <= set(cases)
+    for rotation, (values, freqs) in cases.items():
         traced = torch.compile(rotation, backend="eager", dynamic=True, fullgraph=True)
-        assert torch.equal(traced(x, *freqs).view(torch.int16), rotation(x, *freqs).view(torch.int16))
+        assert torch.equal(traced(values, *freqs).view(torch.int16), rotation(values, *freqs).view(torch.int16))
 
 
 def _rotation_inputs():

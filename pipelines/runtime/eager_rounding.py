@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib.util
 
 #: Inductor settings that keep eager PyTorch's rounding (each intermediate rounded to its dtype, IEEE division, no
-#: fused multiply-add); the names present in the running torch are used
+#: fused multiply-add that eager does not do); the names present in the running torch are used
 _EAGER_NUMERICS = ("emulate_precision_casts", "eager_numerics.division_rounding", "emulate_divison_rounding")
 
 #: (function, device type) -> the function compiled for that device; None where it does not compile (off CUDA, no

@@ -1,17 +1,17 @@
 """Rotary embeddings in one kernel when attention runs eager on CUDA, with diffusers' rounding.
 
-diffusers rotates each query and key of FLUX's, FLUX.2's, Krea 2's, Wan's and HiDream's attention with about ten
-elementwise kernels (the pairs split and swapped, products in float32, their sums, the cast back), each reading and
+diffusers rotates each query and key of FLUX's, FLUX.2's, Krea 2's, Wan's, HiDream's and LTX-2's attention with about
+ten elementwise kernels (the pairs split and swapped, products in float32, their sums, the cast back), each reading and
 writing the whole tensor. Compiled by Inductor with eager rounding (every intermediate rounded to its dtype, no fused
-multiply-add: ``eager_rounding.compiled``), the same operations are one kernel that reads the input once. The first
-call of each input shape compares its output with the eager one byte for byte; a shape where they differ, and any run
-where it cannot compile, keeps the eager operations. Inside ``torch.compile`` (the regional compile) the eager
-operations are traced as before, so compiled graphs do not change.
+multiply-add that eager does not do: ``eager_rounding.compiled``), the same operations are one kernel that reads the
+input once. The first call of each input shape compares its output with the eager one byte for byte; a shape where
+they differ, and any run where it cannot compile, keeps the eager operations. Inside ``torch.compile`` (the regional
+compile) the eager operations are traced as before, so compiled graphs do not change.
 
 :func:`use_fused_rope` gives a denoiser's attention layers the processors below where they run diffusers'
 ``FluxAttnProcessor`` (FLUX.1, Flex, Kontext, Chroma), FLUX.2's two processors (FLUX.2, klein),
-``Krea2AttnProcessor`` (Krea 2), ``WanAttnProcessor`` (Wan 2.1 and 2.2) or ``HiDreamAttnProcessor`` (HiDream I1
-and E1).
+``Krea2AttnProcessor`` (Krea 2), ``WanAttnProcessor`` (Wan 2.1 and 2.2), ``HiDreamAttnProcessor`` (HiDream I1
+and E1) or LTX-2's two processors (LTX-2, 2.3, 2.5).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers import (transformer_flux, transformer_flux2, transformer_hidream_image,
-                                           transformer_krea2, transformer_wan)
+                                           transformer_krea2, transformer_ltx2, transformer_wan)
 
 from . import eager_rounding
 
@@ -61,9 +61,24 @@ def hidream_rotation(x, frequencies):
     return rotated.reshape(*x.shape).type_as(x)
 
 
+def ltx2_split_rotation(x, cos, sin):
+    """diffusers' LTX-2 "split" rotation of ``x`` (batch, tokens, heads x head dim): each head's first and second
+    halves rotated as pairs by (batch, heads, tokens, head dim / 2) frequencies, in float32."""
+    return transformer_ltx2.apply_split_rotary_emb(x, (cos, sin))
+
+
+def ltx2_interleaved_rotation(x, cos, sin):
+    """diffusers' LTX-2 "interleaved" rotation of ``x`` (batch, tokens, channels) by (batch, tokens, channels)
+    frequencies, in float32."""
+    return transformer_ltx2.apply_interleaved_rotary_emb(x, (cos, sin))
+
+
+#: an LTX-2 attention layer's ``rope_type`` -> its rotation
+LTX2_ROTATIONS = {"split": ltx2_split_rotation, "interleaved": ltx2_interleaved_rotation}
+
+
 def rotary(rotation, x, *frequencies):
-    """``rotation(x, *frequencies)`` (:func:`flux_rotation`, :func:`wan_rotation`, :func:`hidream_rotation`), bit for
-    bit; one compiled kernel where checked."""
+    """``rotation(x, *frequencies)`` (one of the rotations above), bit for bit; one compiled kernel where checked."""
     compiled = None if torch.compiler.is_compiling() else eager_rounding.compiled(rotation, x.device.type)
     if compiled is None:
         return rotation(x, *frequencies)
@@ -229,6 +244,58 @@ class HiDreamAttnProcessorFusedRope(transformer_hidream_image.HiDreamAttnProcess
         return attn.to_out(image_out), attn.to_out_t(text_out)
 
 
+def _ltx2_attention(processor, attn, hidden_states, encoder_hidden_states, attention_mask, query_rotary_emb,
+                    key_rotary_emb, perturbation_mask=None, all_perturbed=None):
+    """The attention of LTX-2's layers as diffusers' processors compute it (the perturbed processor's; without a
+    perturbation mask it is the plain one's), with the rotary embedding applied by :func:`rotary`."""
+    context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+    batch, context_tokens = context.shape[:2]
+    if attention_mask is not None:
+        attention_mask = attn.prepare_attention_mask(attention_mask, context_tokens, batch)
+        attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+    gate_logits = None if attn.to_gate_logits is None else attn.to_gate_logits(hidden_states)
+    value = attn.to_v(context)
+    if all_perturbed is None:
+        all_perturbed = perturbation_mask is not None and torch.all(perturbation_mask == 0)
+    if all_perturbed:  # attention skipped: the value projection stands for its output
+        out = value
+    else:
+        query, key = attn.norm_q(attn.to_q(hidden_states)), attn.norm_k(attn.to_k(context))
+        if query_rotary_emb is not None:
+            rotation = LTX2_ROTATIONS[attn.rope_type]
+            query = rotary(rotation, query, *query_rotary_emb)
+            key = rotary(rotation, key, *(query_rotary_emb if key_rotary_emb is None else key_rotary_emb))
+        query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
+        out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
+                                    backend=processor._attention_backend, parallel_config=processor._parallel_config)
+        out = out.flatten(2, 3).to(query.dtype)
+        if perturbation_mask is not None:
+            out = torch.lerp(value.flatten(2, 3), out, perturbation_mask)
+    if gate_logits is not None:  # per head, 2 x sigmoid: zero logits leave the output as it is
+        out = (out.unflatten(2, (attn.heads, -1)) * (2.0 * torch.sigmoid(gate_logits)).unsqueeze(-1)).flatten(2, 3)
+    return attn.to_out[1](attn.to_out[0](out))
+
+
+class LTX2AudioVideoAttnProcessorFusedRope(transformer_ltx2.LTX2AudioVideoAttnProcessor):
+    """diffusers' LTX-2 attention (video, audio and their cross-attention) with the rotary embedding applied by
+    :func:`rotary`."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, query_rotary_emb=None,
+                 key_rotary_emb=None):
+        return _ltx2_attention(self, attn, hidden_states, encoder_hidden_states, attention_mask, query_rotary_emb,
+                               key_rotary_emb)
+
+
+class LTX2PerturbedAttnProcessorFusedRope(transformer_ltx2.LTX2PerturbedAttnProcessor):
+    """diffusers' LTX-2.3 attention (perturbation mask, per-head gates) with the rotary embedding applied by
+    :func:`rotary`."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, query_rotary_emb=None,
+                 key_rotary_emb=None, perturbation_mask=None, all_perturbed=None):
+        return _ltx2_attention(self, attn, hidden_states, encoder_hidden_states, attention_mask, query_rotary_emb,
+                               key_rotary_emb, perturbation_mask, all_perturbed)
+
+
 #: diffusers' processor class -> ours with the fused rotary embedding
 FUSED_ROPE_PROCESSORS = {
     transformer_flux.FluxAttnProcessor: FluxAttnProcessorFusedRope,
@@ -237,6 +304,8 @@ FUSED_ROPE_PROCESSORS = {
     transformer_krea2.Krea2AttnProcessor: Krea2AttnProcessorFusedRope,
     transformer_wan.WanAttnProcessor: WanAttnProcessorFusedRope,
     transformer_hidream_image.HiDreamAttnProcessor: HiDreamAttnProcessorFusedRope,
+    transformer_ltx2.LTX2AudioVideoAttnProcessor: LTX2AudioVideoAttnProcessorFusedRope,
+    transformer_ltx2.LTX2PerturbedAttnProcessor: LTX2PerturbedAttnProcessorFusedRope,
 }
 
 

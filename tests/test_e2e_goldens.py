@@ -125,7 +125,7 @@ def weights_sha256(folder: str) -> str:
     from safetensors.torch import load_file
 
     digest = hashlib.sha256()
-    for root, dirs, files in sorted(os.walk(folder)):
+    for root, dirs, files in os.walk(folder):  # top-down, so that pruning ``dirs`` keeps LoRA files out
         dirs[:] = sorted(d for d in dirs if d != "loras")
         for name in sorted(f for f in files if f.endswith(".safetensors")):
             rel = os.path.relpath(os.path.join(root, name), folder)

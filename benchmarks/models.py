@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..pipelines.families.ltx2_comfy import TRANSFORMER_CONFIG as LTX25_TRANSFORMER_CONFIG
+
 # The published configs of the released checkpoints (diffusers layout).
 FULL_CONFIGS = {
     "flux": ("FluxTransformer2DModel", dict(
@@ -33,6 +35,7 @@ FULL_CONFIGS = {
         num_attention_heads=20, caption_channels=[4096, 4096], text_emb_dim=2048, num_routed_experts=4,
         num_activated_experts=2, axes_dims_rope=(64, 32, 32), max_resolution=(128, 128),
         llama_layers=list(range(32)) + [31] * 16)),
+    "ltx2.5": ("LTX2VideoTransformer3DModel", LTX25_TRANSFORMER_CONFIG),  # 19.0B, video and audio streams
 }
 
 
@@ -66,6 +69,9 @@ WORKLOADS = {
         "wan21_14b_720p_81f": Workload("1280x720 x 81 frames, 512 text tokens, CFG", 90, 160, 512, frames=21,
                                        forwards_per_step=2, architecture="wan21_14b"),
         "hidream": Workload("1024x1024, 128 T5 and 128 Llama tokens, CFG", 128, 128, 128, forwards_per_step=2),
+        # LTX-2.5's default 768x768 x 121 frames: 16 x 24 x 24 latents (9,216 video tokens), 126 audio tokens
+        "ltx2.5": Workload("768x768 x 121 frames with audio, 1024 text tokens, CFG", 24, 24, 1024, frames=16,
+                           forwards_per_step=2),
     },
     "tiny": {
         "flux": Workload("tiny 8x8 latents", 8, 8, 8),
@@ -77,6 +83,7 @@ WORKLOADS = {
         "wan21_14b_720p_81f": Workload("tiny 3x8x8 latents", 8, 8, 8, frames=3, forwards_per_step=2,
                                        architecture="wan21_14b"),
         "hidream": Workload("tiny 8x8 latents", 8, 8, 8, forwards_per_step=2),
+        "ltx2.5": Workload("tiny 2x8x8 latents", 8, 8, 8, frames=2, forwards_per_step=2),
     },
 }
 
@@ -163,6 +170,20 @@ def forward_inputs(model_id: str, transformer, workload: Workload, seed: int = 0
                     encoder_hidden_states_t5=randn(1, text, t5_width),
                     encoder_hidden_states_llama3=randn(max(config.llama_layers) + 1, 1, text, llama_width),
                     pooled_embeds=randn(1, config.text_emb_dim), return_dict=False)
+    if model_id == "ltx2.5":
+        fps = 24.0
+        pixel_frames = (workload.frames - 1) * 8 + 1  # the video VAE keeps the first frame, then 8 frames a latent
+        audio_tokens = round(pixel_frames / fps * config.audio_sampling_rate / config.audio_hop_length
+                             / config.audio_scale_factor)
+        timestep = torch.tensor([500.0], device=device)
+        text_mask = torch.ones(1, text, device=device, dtype=torch.long)
+        return dict(hidden_states=randn(1, workload.frames * h * w, config.in_channels),
+                    audio_hidden_states=randn(1, audio_tokens, config.audio_in_channels),
+                    encoder_hidden_states=randn(1, text, config.cross_attention_dim),
+                    audio_encoder_hidden_states=randn(1, text, config.audio_cross_attention_dim),
+                    timestep=timestep, sigma=timestep, encoder_attention_mask=text_mask,
+                    audio_encoder_attention_mask=text_mask, num_frames=workload.frames, height=h, width=w, fps=fps,
+                    audio_num_frames=audio_tokens, return_dict=False)
     raise ValueError(f"No benchmark inputs for model {model_id!r}; use one of {sorted(FULL_CONFIGS)}.")
 
 

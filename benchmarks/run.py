@@ -20,7 +20,7 @@ import sys
 import time
 
 PIPELINE_MODELS = ("flux",)
-FORWARD_MODELS = ("flux", "zimage_turbo", "qwen_image", "wan21_14b", "wan21_14b_81f", "hidream")
+FORWARD_MODELS = ("flux", "zimage_turbo", "qwen_image", "wan21_14b", "wan21_14b_81f", "hidream", "ltx2.5")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

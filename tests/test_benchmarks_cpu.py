@@ -75,19 +75,20 @@ def _run_in_comfyuis_environment(tmp_path, module: str, *args: str) -> None:
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
 
 
-def test_tiny_hidream_forward_times_the_fused_rotary_embedding(tiny_dir, tmp_path):
-    """HiDream's forward-only run, with the variant that swaps in the fused rotary embedding: timed, and its forward
-    the same as with diffusers' processors."""
+@pytest.mark.parametrize("model_id", ["hidream", "ltx2.5"])
+def test_tiny_forward_times_the_fused_rotary_embedding(tiny_dir, tmp_path, model_id):
+    """HiDream's and LTX-2.5's forward-only runs, with the variant that swaps in the fused rotary embedding: timed, and
+    the forward the same as with diffusers' processors."""
     from aitk_inference.benchmarks.run import main
 
-    tiny_dir("hidream")
-    path = main(["--size", "tiny", "--device", "cpu", "--dtype", "fp32", "--models", "--forward-only", "hidream",
+    tiny_dir(model_id)
+    path = main(["--size", "tiny", "--device", "cpu", "--dtype", "fp32", "--models", "--forward-only", model_id,
                  "--variants", "fused", "fused+rope", "--reps", "1", "--out", str(tmp_path / "results"),
                  "--workdir", str(tmp_path / "work")])
     with open(path) as f:
         by_key = {(r["metric"], r["variant"]): r for r in json.load(f)["records"]}
     for variant in ("dynamic", "fused", "fused+rope"):
-        assert by_key[("forward_ms", variant)]["value"] > 0 and by_key[("forward_ms", variant)]["model"] == "hidream"
+        assert by_key[("forward_ms", variant)]["value"] > 0 and by_key[("forward_ms", variant)]["model"] == model_id
     assert by_key[("fused_rope_bitwise_equal", "fused+rope")]["value"] == 1.0
 
 

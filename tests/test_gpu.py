@@ -499,7 +499,8 @@ def test_fused_rotary_embeddings_give_the_eager_bits_on_the_gpu(tokens, heads, d
     for rotation, (values, freqs, _) in expected.items():
         assert eager_rounding._COMPILED.get((rotation, "cuda")) is not None, \
             "no compiled rotation (is Triton installed?)"
-        key = (rotation, "cuda:0", tuple(values.shape), values.stride(), dtype, *(f.dtype for f in freqs))
+        key = (rotation, "cuda:0", tuple(values.shape), values.stride(), dtype,
+               *((tuple(f.shape), f.stride(), f.dtype) for f in freqs))
         assert rope._CHECKED[key], f"{rotation.__name__}: the compiled rotation does not give the eager bits"
 
 

@@ -29,8 +29,8 @@ from . import eager_rounding
 
 logger = logging.getLogger(__name__)
 
-#: (rotation, device, shape, strides, input dtype, frequency dtypes) -> whether the compiled rotation gave the
-#: eager bytes
+#: (rotation, device, input shape, strides and dtype, each frequency tensor's) -> whether the compiled rotation gave
+#: the eager bytes
 _CHECKED: dict[tuple, bool] = {}
 
 
@@ -82,7 +82,8 @@ def rotary(rotation, x, *frequencies):
     compiled = None if torch.compiler.is_compiling() else eager_rounding.compiled(rotation, x.device.type)
     if compiled is None:
         return rotation(x, *frequencies)
-    key = (rotation, str(x.device), tuple(x.shape), x.stride(), x.dtype, *(f.dtype for f in frequencies))
+    key = (rotation, str(x.device), tuple(x.shape), x.stride(), x.dtype,
+           *((tuple(f.shape), f.stride(), f.dtype) for f in frequencies))
     fused = _CHECKED.get(key)
     if fused is None:
         expected = rotation(x, *frequencies)

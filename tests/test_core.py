@@ -577,6 +577,17 @@ def test_attention_sdpa_math_matches_default(flux, load_tiny):
     assert np.abs(default - forced).max() < 1e-4
 
 
+def test_hidream_attention_kernel_is_selectable(load_tiny):
+    """diffusers' HiDream processor calls torch's SDPA itself; ours goes through diffusers' dispatcher, so HiDream
+    takes ``attention=`` like the other transformers."""
+    from aitk_inference.pipelines.runtime.options import ATTENTION_KERNELS
+
+    default, math = load_tiny("hidream"), load_tiny("hidream", attention="sdpa_math")
+    assert _attention_backends(math.pipe.transformer) == {ATTENTION_KERNELS["sdpa_math"]}
+    assert _attention_backends(default.pipe.transformer) == {ATTENTION_KERNELS["sdpa"]}
+    assert np.abs(run(default, seed=5) - run(math, seed=5)).max() < 1e-4
+
+
 def test_attention_choices_fail_clearly(tiny_dir, load_tiny):
     with pytest.raises(ValueError, match="Unknown attention kernel 'fast'; use one of sdpa, sdpa_cudnn, .*sdpa_math"):
         load_tiny("flux", attention="fast")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.nn.functional as F
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers import (transformer_flux, transformer_flux2, transformer_hidream_image,
@@ -208,7 +207,11 @@ class WanAttnProcessorFusedRope(transformer_wan.WanAttnProcessor):
 
 class HiDreamAttnProcessorFusedRope(transformer_hidream_image.HiDreamAttnProcessor):
     """diffusers' HiDream attention (image tokens first, then the text's in the double-stream blocks) with the rotary
-    embedding applied by :func:`rotary`."""
+    embedding applied by :func:`rotary`, and the attention itself through diffusers' dispatcher (diffusers' processor
+    calls torch's SDPA directly), so that ``attention=`` can choose HiDream's kernel as it does other families'."""
+
+    _attention_backend = None
+    _parallel_config = None
 
     def __call__(self, attn, hidden_states, hidden_states_masks=None, encoder_hidden_states=None,
                  image_rotary_emb=None, *args, **kwargs):
@@ -236,9 +239,9 @@ class HiDreamAttnProcessorFusedRope(transformer_hidream_image.HiDreamAttnProcess
             key_rotated, key_rest = key.chunk(2, dim=-1)
             query = torch.cat([rotary(hidream_rotation, query_rotated, image_rotary_emb), query_rest], dim=-1)
             key = torch.cat([rotary(hidream_rotation, key_rotated, image_rotary_emb), key_rest], dim=-1)
-        out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                                             dropout_p=0.0, is_causal=False)
-        out = out.transpose(1, 2).reshape(batch, -1, query.shape[2] * query.shape[3]).to(query.dtype)
+        out = dispatch_attention_fn(query, key, value, dropout_p=0.0, is_causal=False, backend=self._attention_backend,
+                                    parallel_config=self._parallel_config)
+        out = out.flatten(2, 3).to(query.dtype)
         if attn.single:
             return attn.to_out(out)
         image_out, text_out = torch.split(out, [image_tokens, out.shape[1] - image_tokens], dim=1)
@@ -322,7 +325,7 @@ def use_fused_rope(denoisers: list) -> int:
             if fused_class is None:
                 continue
             fused = fused_class()
-            for setting in ("_attention_backend", "_parallel_config"):  # HiDream's processor has neither
+            for setting in ("_attention_backend", "_parallel_config"):  # diffusers' HiDream processor has neither
                 if hasattr(processor, setting):
                     setattr(fused, setting, getattr(processor, setting))
             module.processor = fused

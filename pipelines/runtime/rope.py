@@ -214,7 +214,7 @@ class HiDreamAttnProcessorFusedRope(transformer_hidream_image.HiDreamAttnProcess
     _parallel_config = None
 
     def __call__(self, attn, hidden_states, hidden_states_masks=None, encoder_hidden_states=None,
-                 image_rotary_emb=None, *args, **kwargs):
+                 image_rotary_emb=None):
         dtype = hidden_states.dtype
         batch = hidden_states.shape[0]
 

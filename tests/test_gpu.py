@@ -482,7 +482,7 @@ def test_fused_rotary_embeddings_give_the_eager_bits_on_the_gpu(tokens, heads, d
     hidream_frequencies = (HiDreamImageEmbedND(theta=10000, axes_dim=[64, 32, 32])(ids[None]),)
     angles = torch.rand(1, heads, tokens, 64, device="cuda") * 6.3  # LTX-2's split layout: (batch, heads, tokens, 64)
     split_frequencies = (angles.cos(), angles.sin())
-    interleaved_frequencies = tuple(f.repeat(1, 1, heads)[None] for f in frequencies)  # (batch, tokens, channels)
+    interleaved_frequencies = tuple(f.repeat(1, heads)[None] for f in frequencies)  # (batch, tokens, channels)
     for _ in range(3):
         x = torch.randn(1, tokens, heads, 128, device="cuda", dtype=dtype) * 4
         channels = x.flatten(2)

@@ -414,8 +414,10 @@ def set_attention_kernel(denoisers: list, kernel: str, device: str, model_id: st
     ``ATTENTION_KERNELS``.
 
     ``sdpa`` leaves a denoiser that cannot choose (UNets, OmniGen2) as it is; any other kernel raises for it.
-    Kernels of the same attention differ only in floating-point rounding. FLUX-style attention layers also get their
-    rotary embedding in one kernel where it runs eager on CUDA, with the same bits (``runtime.rope``).
+    Kernels of the same attention differ only in floating-point rounding. The attention layers ``runtime.rope`` lists
+    (FLUX, FLUX.2, Krea 2, Wan, HiDream, LTX-2) first get its processors, which apply the rotary embedding in one
+    kernel where they run eager on CUDA, with the same bits (HiDream's is also the one that makes its kernel
+    selectable).
     """
     import diffusers
 

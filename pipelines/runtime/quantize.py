@@ -261,8 +261,6 @@ def _fused_rebuild_(module, merged, dtype) -> bool:
     """Rebuild a per-row FP8 weight with :func:`fp8_rows_` (compiled on CUDA); False where it is not used. The first
     time a layer shape is seen in this process the result is compared, byte for byte, with torchao's quantize of the
     same weight; a shape where they differ (another torchao kernel, another rounding) keeps torchao's path."""
-    import torch
-
     weight = module.weight
     rebuild = eager_rounding.compiled(fp8_rows_, merged.device.type) or fp8_rows_
     key = (merged.device.type, tuple(merged.shape), weight.qdata.dtype, dtype)
@@ -276,8 +274,8 @@ def _fused_rebuild_(module, merged, dtype) -> bool:
             eager_rounding.stop_compiling(fp8_rows_, merged.device.type)
             rebuild = fp8_rows_
             rebuild(merged, dtype, qdata, scale)
-        same = (torch.equal(qdata.view(torch.uint8), reference.qdata.view(torch.uint8))
-                and torch.equal(scale.view(torch.int32), reference.scale.reshape(scale.shape).view(torch.int32)))
+        same = (eager_rounding.same_bytes(qdata, reference.qdata)
+                and eager_rounding.same_bytes(scale, reference.scale.reshape(scale.shape)))
         _FUSED_CHECKED[key] = same
         if not same:
             logger.warning("FP8 rebuild: the fused kernel does not give torchao's bytes for %s weights of shape %s on "

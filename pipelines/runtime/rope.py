@@ -231,14 +231,15 @@ class HiDreamAttnProcessorFusedRope(transformer_hidream_image.HiDreamAttnProcess
             query = torch.cat([query, heads(attn.q_rms_norm_t(attn.to_q_t(encoder_hidden_states)).to(dtype=dtype))], 1)
             key = torch.cat([key, heads(attn.k_rms_norm_t(attn.to_k_t(encoder_hidden_states)).to(dtype=dtype))], 1)
             value = torch.cat([value, heads(attn.to_v_t(encoder_hidden_states))], dim=1)
-        if query.shape[-1] == image_rotary_emb.shape[-3] * 2:
-            query = rotary(hidream_rotation, query, image_rotary_emb)
-            key = rotary(hidream_rotation, key, image_rotary_emb)
-        else:  # only the first half of each head is rotated
-            query_rotated, query_rest = query.chunk(2, dim=-1)
-            key_rotated, key_rest = key.chunk(2, dim=-1)
-            query = torch.cat([rotary(hidream_rotation, query_rotated, image_rotary_emb), query_rest], dim=-1)
-            key = torch.cat([rotary(hidream_rotation, key_rotated, image_rotary_emb), key_rest], dim=-1)
+        whole_head = query.shape[-1] == image_rotary_emb.shape[-3] * 2
+
+        def rotate(projected):  # the whole head, or only its first half
+            if whole_head:
+                return rotary(hidream_rotation, projected, image_rotary_emb)
+            rotated, rest = projected.chunk(2, dim=-1)
+            return torch.cat([rotary(hidream_rotation, rotated, image_rotary_emb), rest], dim=-1)
+
+        query, key = rotate(query), rotate(key)
         out = dispatch_attention_fn(query, key, value, dropout_p=0.0, is_causal=False, backend=self._attention_backend,
                                     parallel_config=self._parallel_config)
         out = out.flatten(2, 3).to(query.dtype)

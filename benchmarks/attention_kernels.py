@@ -2,7 +2,8 @@
 tokens x 40 heads) shapes, head dim 128, bf16: ms, TFLOP/s and relative L2 error against an fp32 reference; then
 FLUX's attention with its q/k RMSNorm and RoPE in front, eager and compiled, with the CUDA kernels' times (profiler).
 Kernels: torch SDPA (cuDNN, flash-2; strided views as diffusers passes them and contiguous), FlashAttention-3 from
-the ``fa3-fwd`` wheel in bf16 and in FP8 (per-tensor scales, quantization included), SageAttention 1 (Triton, 8-bit
+the ``fa3-fwd`` wheel in bf16 and in FP8 (per-tensor scales, and the library's per-head ``fp8_attention``, eager
+and compiled; quantization included), SageAttention 1 (Triton, 8-bit
 QK). A missing package is recorded as such. GPU only: ``python3 -m aitk_inference.benchmarks.attention_kernels``
 (writes ``attn_probe.json`` to $OUT or the working folder)."""
 import json, os
@@ -63,6 +64,12 @@ try:
         d = lambda s: s.reshape(1, 1).expand(b, h).contiguous()
         return fa3.flash_attn_func(q8, k8, v8, q_descale=d(qs), k_descale=d(ks), v_descale=d(vs))
     kernels["fa3_fp8_pertensor_incl_quant"] = fa3_fp8
+    from aitk_inference.pipelines.runtime.accelerate import use_fa3_fwd_if_needed
+    from aitk_inference.pipelines.runtime.fp8_attention import fp8_attention
+
+    use_fa3_fwd_if_needed()
+    kernels["fa3_fp8_perhead_incl_quant"] = fp8_attention  # the library's attention="flash_attn_3_fp8"
+    kernels["fa3_fp8_perhead_incl_quant_compiled"] = torch.compile(fp8_attention, fullgraph=True)
     res["fa3_import"] = "ok"
 except Exception as e:
     res["fa3_import"] = repr(e)

@@ -266,6 +266,7 @@ class Options:
     workdir: str = field(default_factory=lambda: os.path.join(tempfile.gettempdir(), "aitk_bench"))
     drop_page_cache: bool = False
     deadline: float = float("inf")
+    attention: str = "sdpa"
 
     def time_left(self) -> float:
         return self.deadline - time.time()
@@ -325,6 +326,14 @@ def bench_transformer(model_id: str, opts: Options, rec: Recorder) -> None:
         measure("plain")
     stack = LoraStack({"transformer": model}, "fused", "transformer", model_id)
     stack.set([lora])
+    if opts.attention != "sdpa":
+        from ..pipelines.runtime.accelerate import set_attention_kernel
+
+        expected = forward()
+        set_attention_kernel([model], opts.attention, opts.device, model_id)
+        note += f"; attention={opts.attention}"
+        rec.add(model_id, "attention_relative_error", opts.attention, relative_error(forward(), expected), "rel L2",
+                notes="one forward with this kernel vs diffusers' default (sdpa), the LoRA fused, same inputs")
     if "fused" in opts.variants:
         measure("fused")
     if "fused+rope" in opts.variants:

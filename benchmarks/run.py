@@ -5,6 +5,7 @@
     python -m aitk_inference.benchmarks.run --size tiny --device cpu --dtype fp32 --variants dynamic fused
     python -m aitk_inference.benchmarks.run --models --forward-only flux --comfyui ~/ComfyUI   # + ComfyUI's own path
     python -m aitk_inference.benchmarks.run --models --forward-only wan21_14b --comfyui ~/ComfyUI   # (also for Wan)
+    python -m aitk_inference.benchmarks.run --models --forward-only wan21_14b_81f --attention flash_attn_3_fp8
     python -m aitk_inference.benchmarks.run --models --reproduce-batch flux   # 8 previews: one by one vs batches of 4
 
 ``--models`` are timed through the whole pipeline (``load_pipeline`` on a local folder materialised with random
@@ -36,6 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
                         help="speed paths to time besides the reference (dynamic), which always runs")
+    parser.add_argument("--attention", default="sdpa", help="the attention kernel (an attention= choice of the "
+                        "library) of the --forward-only variants after plain; the reference and plain keep sdpa")
     parser.add_argument("--steps", type=int, default=25, help="steps of the end-to-end image")
     parser.add_argument("--image-size", type=int, default=1024)
     parser.add_argument("--reps", type=int, default=5, help="timed forwards per variant")
@@ -57,6 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--time-budget", type=float, default=float("inf"),
                         help="seconds; variants that would start too close to it are skipped")
     args = parser.parse_args(argv)
+    from ..pipelines.runtime.options import ATTENTION_KERNELS
+
+    if args.attention not in ATTENTION_KERNELS:
+        parser.error(f"--attention {args.attention!r}: not among {', '.join(ATTENTION_KERNELS)}")
     from .reproduce_batch import MODELS as REPRODUCE_MODELS
 
     unknown = sorted(set(args.reproduce_batch) - set(REPRODUCE_MODELS))
@@ -87,7 +94,8 @@ def main(argv=None) -> str:
     opts = Options(size=args.size, device=args.device, dtype=args.dtype, variants=tuple(args.variants),
                    steps=args.steps, step_timing_steps=min(10, args.steps), image_size=args.image_size,
                    reps=args.reps, e2e_reps=args.e2e_reps, compile_backend=args.compile_backend,
-                   deadline=time.time() + args.time_budget, drop_page_cache=args.drop_page_cache)
+                   deadline=time.time() + args.time_budget, drop_page_cache=args.drop_page_cache,
+                   attention=args.attention)
     if args.workdir:
         opts.workdir = args.workdir
     command = "python -m aitk_inference.benchmarks.run " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))

@@ -96,11 +96,12 @@ def test_fp8_fused_mode_merges_loras_before_quantizing(load_tiny, tmp_path):
     assert np.array_equal(fp8.generate(**gen).images, base_fp8)
 
 
+@pytest.mark.parametrize("model_id", ["flux", "hidream"])
 @pytest.mark.parametrize("kernel", ["sdpa_cudnn", "sdpa_flash", "sdpa_efficient"])
-def test_attention_kernels_agree_with_the_default(load_tiny, kernel):
+def test_attention_kernels_agree_with_the_default(load_tiny, kernel, model_id):
     gen = dict(prompt="x", width=64, height=64, steps=2)
-    default = load_tiny("flux", device="cuda", dtype="bf16").generate(**gen).images
-    chosen = load_tiny("flux", device="cuda", dtype="bf16", attention=kernel)
+    default = load_tiny(model_id, device="cuda", dtype="bf16").generate(**gen).images
+    chosen = load_tiny(model_id, device="cuda", dtype="bf16", attention=kernel)
     assert chosen.attention == kernel
     assert np.abs(chosen.generate(**gen).images - default).max() < 0.03
 
@@ -238,16 +239,17 @@ def test_regional_compile_with_auto_offload_compiles_the_resident_blocks(load_ti
     assert compiled_blocks(compiled) == (["whole", "forward"] if lora_mode == "fused" else ["forward", "whole"])
 
 
-def test_flash_attention_3_agrees_with_the_default_or_says_how_to_install_it(load_tiny):
+@pytest.mark.parametrize("model_id", ["flux", "hidream"])
+def test_flash_attention_3_agrees_with_the_default_or_says_how_to_install_it(load_tiny, model_id):
     from aitk_inference.pipelines.runtime.accelerate import use_fa3_fwd_if_needed
 
     gen = dict(prompt="x", width=64, height=64, steps=2)
     if not use_fa3_fwd_if_needed():
         with pytest.raises(ValueError, match="pip install fa3-fwd"):
-            load_tiny("flux", device="cuda", dtype="bf16", attention="flash_attn_3")
+            load_tiny(model_id, device="cuda", dtype="bf16", attention="flash_attn_3")
         pytest.skip("FlashAttention-3 (flash_attn_interface or fa3-fwd) is not installed: only its error was checked")
-    default = load_tiny("flux", device="cuda", dtype="bf16").generate(**gen).images
-    chosen = load_tiny("flux", device="cuda", dtype="bf16", attention="flash_attn_3")
+    default = load_tiny(model_id, device="cuda", dtype="bf16").generate(**gen).images
+    chosen = load_tiny(model_id, device="cuda", dtype="bf16", attention="flash_attn_3")
     assert np.abs(chosen.generate(**gen).images - default).max() < 0.03
 
 
@@ -544,3 +546,40 @@ def test_eager_fp8_layers_quantize_their_input_in_one_kernel_with_torchaos_bits_
         torchao_only.setattr(quantize, "_is_row_fp8", lambda weight: False)
         assert np.array_equal(fp8.generate(**gen).images, direct[0])
     assert np.array_equal(direct[1], direct[0])
+
+
+@pytest.mark.parametrize("model_id", ["flux", "wan21_1b", "hidream"])
+def test_fp8_attention_runs_the_attention_layers_in_fp8_close_to_the_default(load_tiny, monkeypatch, model_id):
+    """attention="flash_attn_3_fp8" hands every attention layer runtime.rope covers to FlashAttention-3's FP8 kernel
+    (e4m3 inputs, one scale per image and head), eager and under the regional compile, within a few levels of the
+    bf16 image."""
+    from diffusers.models import attention_dispatch
+
+    from aitk_inference.pipelines.runtime.accelerate import use_fa3_fwd_if_needed
+    from aitk_inference.pipelines.runtime.rope import FusedRopeProcessor
+
+    if not use_fa3_fwd_if_needed():
+        pytest.skip("FlashAttention-3 (flash_attn_interface or fa3-fwd) is not installed")
+    kernel = attention_dispatch.flash_attn_3_func
+    fp8_calls = []
+
+    def recording(q, k, v, **kwargs):
+        if q.dtype == torch.float8_e4m3fn:
+            fp8_calls.append((kwargs["q_descale"].shape, kwargs["k_descale"].dtype))
+        return kernel(q, k, v, **kwargs)
+
+    monkeypatch.setattr(attention_dispatch, "flash_attn_3_func", recording)
+    video = REGISTRY[model_id].video
+    gen = dict(prompt="x", width=64, height=64, steps=2, seed=3, **({"num_frames": video.frames(1)} if video else {}))
+    default = load_tiny(model_id, device="cuda", dtype="bf16").generate(**gen).images
+    for compile in ("none", "regional"):
+        pipeline = load_tiny(model_id, device="cuda", dtype="bf16", attention="flash_attn_3_fp8", compile=compile)
+        processors = [m.processor for m in pipeline.pipe.transformer.modules()
+                      if isinstance(getattr(m, "processor", None), FusedRopeProcessor)]
+        assert processors and all(p.fp8_attention for p in processors)
+        fp8_calls.clear()
+        images = pipeline.generate(**gen).images
+        assert fp8_calls and all(dtype == torch.float32 and len(shape) == 2 for shape, dtype in fp8_calls)
+        difference = np.abs(images.astype(np.float32) - default.astype(np.float32))
+        print(f"{model_id} compile={compile}: mean |fp8 - bf16| {difference.mean():.4f}, max {difference.max():.4f}")
+        assert difference.mean() < 0.03

@@ -23,7 +23,7 @@ from aitk_inference.pipelines.runtime.options import LoadOptionError, LoadOption
     ("lora_mode", "merged", "Unknown LoRA mode 'merged'; use one of dynamic, fused."),
     ("compile", "max", "Unknown compile mode 'max'; use one of none, regional, full."),
     ("attention", "fast", "Unknown attention kernel 'fast'; use one of sdpa, sdpa_cudnn, sdpa_flash, sdpa_efficient, "
-                          "sdpa_math, flash_attn, flash_attn_3, sage, xformers."),
+                          "sdpa_math, flash_attn, flash_attn_3, flash_attn_3_fp8, sage, xformers."),
     ("quantize", "int4", "Unknown quantize mode 'int4'; use one of none, fp8."),
 ])
 def test_each_option_rejects_values_outside_its_choices(option, value, message):

@@ -414,14 +414,15 @@ def set_attention_kernel(denoisers: list, kernel: str, device: str, model_id: st
     ``ATTENTION_KERNELS``.
 
     ``sdpa`` leaves a denoiser that cannot choose (UNets, OmniGen2) as it is; any other kernel raises for it.
-    Kernels of the same attention differ only in floating-point rounding. The attention layers ``runtime.rope`` lists
-    (FLUX, FLUX.2, Krea 2, Wan, HiDream, LTX-2) first get its processors, which apply the rotary embedding in one
-    kernel where they run eager on CUDA, with the same bits (HiDream's is also the one that makes its kernel
-    selectable).
+    Kernels of the same attention differ only in floating-point rounding; ``flash_attn_3_fp8`` also rounds its
+    inputs to FP8 (``runtime.fp8_attention``: a few percent of error, for speed). The attention layers
+    ``runtime.rope`` lists (FLUX, FLUX.2, Krea 2, Wan, HiDream, LTX-2) first get its processors, which apply the rotary
+    embedding in one kernel where they run eager on CUDA, with the same bits (HiDream's is also the one that makes its
+    kernel selectable), and the only ones that run ``flash_attn_3_fp8``'s FP8 kernel.
     """
     import diffusers
 
-    from .rope import use_fused_rope
+    from .rope import FusedRopeProcessor, use_fused_rope
 
     if kernel not in ATTENTION_KERNELS:
         raise unknown_option("attention", kernel)
@@ -436,9 +437,16 @@ def set_attention_kernel(denoisers: list, kernel: str, device: str, model_id: st
     problem = attention_device_problem(kernel, device)
     if problem:
         raise ValueError(problem + ".")
-    if kernel == "flash_attn_3" and not use_fa3_fwd_if_needed():
-        raise ValueError("attention='flash_attn_3' needs FlashAttention-3 for Hopper GPUs: pip install fa3-fwd (its "
+    if kernel.startswith("flash_attn_3") and not use_fa3_fwd_if_needed():
+        raise ValueError(f"attention={kernel!r} needs FlashAttention-3 for Hopper GPUs: pip install fa3-fwd (its "
                          "forward kernels as a wheel) or build FlashAttention's hopper/ folder; or use attention='sdpa'.")
+    fp8_processors = [m.processor for denoiser in denoisers for m in denoiser.modules()
+                      if isinstance(getattr(m, "processor", None), FusedRopeProcessor)]
+    if kernel == "flash_attn_3_fp8" and not fp8_processors:
+        raise ValueError(f"attention='flash_attn_3_fp8' runs in the attention layers of FLUX, FLUX.2, Krea 2, Wan, "
+                         f"HiDream and LTX-2, not in {model_id}'s; use attention='flash_attn_3'.")
+    for processor in fp8_processors:
+        processor.fp8_attention = kernel == "flash_attn_3_fp8"
     # Set even for the default: diffusers keeps one process-wide active backend, which another pipeline may
     # have changed; naming it on every attention layer makes this model independent of that.
     quiet = diffusers.utils.logging.get_logger("diffusers.models.modeling_utils")

@@ -30,6 +30,8 @@ COMPILE_MODES = ("none", "regional", "full")
 #: attention kernel choices -> diffusers attention backends (``ModelMixin.set_attention_backend``). ``sdpa`` is
 #: diffusers' default (torch's scaled_dot_product_attention picks its kernel); the ``sdpa_*`` names force one of
 #: torch's kernels; the rest need their own package (flash-attn, flash-attn 3, sageattention, xformers).
+#: ``flash_attn_3_fp8`` is FlashAttention-3's FP8 kernel (``runtime.fp8_attention``) where our processors run the
+#: attention (``runtime.rope``), and FlashAttention-3 in bf16 elsewhere in the model.
 ATTENTION_KERNELS = {
     "sdpa": "native",
     "sdpa_cudnn": "_native_cudnn",
@@ -38,6 +40,7 @@ ATTENTION_KERNELS = {
     "sdpa_math": "_native_math",
     "flash_attn": "flash",
     "flash_attn_3": "_flash_3",
+    "flash_attn_3_fp8": "_flash_3",
     "sage": "sage",
     "xformers": "xformers",
 }

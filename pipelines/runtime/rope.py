@@ -25,6 +25,7 @@ from diffusers.models.transformers import (transformer_flux, transformer_flux2, 
                                            transformer_krea2, transformer_ltx2, transformer_wan)
 
 from . import eager_rounding
+from .fp8_attention import fp8_attention
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +103,23 @@ def rotary(rotation, x, *frequencies):
     return compiled(x, *frequencies) if fused else rotation(x, *frequencies)
 
 
+class FusedRopeProcessor:
+    """What the processors below share: ``fp8_attention``, set by ``accelerate.set_attention_kernel`` for
+    ``attention="flash_attn_3_fp8"``."""
+
+    fp8_attention = False
+
+
+def attend(processor, query, key, value, attention_mask=None):
+    """Attention of (batch, tokens, heads, head dim) ``query``, ``key`` and ``value`` by ``processor``'s kernel:
+    FlashAttention-3 in FP8 where it was given that one (unmasked, unsharded attention), else diffusers' dispatcher
+    with the processor's backend and parallel settings."""
+    if processor.fp8_attention and attention_mask is None and processor._parallel_config is None:
+        return fp8_attention(query, key, value)
+    return dispatch_attention_fn(query, key, value, attn_mask=attention_mask, backend=processor._attention_backend,
+                                 parallel_config=processor._parallel_config)
+
+
 def _joint_attention(processor, attn, projections, text_tokens, attention_mask, image_rotary_emb):
     """The attention of FLUX's and FLUX.2's blocks, as diffusers' processors compute it, from the layer's query, key
     and value ``projections`` and its text stream's (None for a block without one): split into heads, normalised,
@@ -117,8 +135,7 @@ def _joint_attention(processor, attn, projections, text_tokens, attention_mask, 
         value = torch.cat([heads(text_value), value], dim=1)
     if image_rotary_emb is not None:
         query, key = rotary(flux_rotation, query, *image_rotary_emb), rotary(flux_rotation, key, *image_rotary_emb)
-    out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, backend=processor._attention_backend,
-                                parallel_config=processor._parallel_config)
+    out = attend(processor, query, key, value, attention_mask)
     out = out.flatten(2, 3).to(query.dtype)
     if text_tokens is None:
         return out, None
@@ -130,7 +147,7 @@ def _text_tokens(encoder_hidden_states):
     return None if encoder_hidden_states is None else encoder_hidden_states.shape[1]
 
 
-class FluxAttnProcessorFusedRope(transformer_flux.FluxAttnProcessor):
+class FluxAttnProcessorFusedRope(FusedRopeProcessor, transformer_flux.FluxAttnProcessor):
     """diffusers' FLUX attention, the same operations in the same order, with the rotary embedding applied by
     :func:`rotary`."""
 
@@ -143,7 +160,7 @@ class FluxAttnProcessorFusedRope(transformer_flux.FluxAttnProcessor):
         return attn.to_out[1](attn.to_out[0](out.contiguous())), attn.to_add_out(text_out.contiguous())
 
 
-class Flux2AttnProcessorFusedRope(transformer_flux2.Flux2AttnProcessor):
+class Flux2AttnProcessorFusedRope(FusedRopeProcessor, transformer_flux2.Flux2AttnProcessor):
     """diffusers' FLUX.2 double-stream attention with the rotary embedding applied by :func:`rotary`."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
@@ -154,7 +171,7 @@ class Flux2AttnProcessorFusedRope(transformer_flux2.Flux2AttnProcessor):
         return out if encoder_hidden_states is None else (out, attn.to_add_out(text_out))
 
 
-class Flux2ParallelSelfAttnProcessorFusedRope(transformer_flux2.Flux2ParallelSelfAttnProcessor):
+class Flux2ParallelSelfAttnProcessorFusedRope(FusedRopeProcessor, transformer_flux2.Flux2ParallelSelfAttnProcessor):
     """diffusers' FLUX.2 single-stream block (attention and MLP from one projection) with the rotary embedding
     applied by :func:`rotary`."""
 
@@ -169,7 +186,7 @@ class Flux2ParallelSelfAttnProcessorFusedRope(transformer_flux2.Flux2ParallelSel
         return attn.to_out(torch.cat([out, attn.mlp_act_fn(mlp)], dim=-1))
 
 
-class Krea2AttnProcessorFusedRope(transformer_krea2.Krea2AttnProcessor):
+class Krea2AttnProcessorFusedRope(FusedRopeProcessor, transformer_krea2.Krea2AttnProcessor):
     """diffusers' Krea 2 attention (grouped-query, key and value heads repeated, sigmoid output gate) with the rotary
     embedding applied by :func:`rotary`."""
 
@@ -183,12 +200,11 @@ class Krea2AttnProcessorFusedRope(transformer_krea2.Krea2AttnProcessor):
         groups = attn.num_heads // attn.num_kv_heads
         if groups > 1:
             key, value = key.repeat_interleave(groups, dim=2), value.repeat_interleave(groups, dim=2)
-        out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, backend=self._attention_backend,
-                                    parallel_config=self._parallel_config)
+        out = attend(self, query, key, value, attention_mask)
         return attn.to_out[0](out.flatten(2, 3) * torch.sigmoid(gate))
 
 
-class WanAttnProcessorFusedRope(transformer_wan.WanAttnProcessor):
+class WanAttnProcessorFusedRope(FusedRopeProcessor, transformer_wan.WanAttnProcessor):
     """diffusers' Wan attention with the self-attention's rotary embedding applied by :func:`rotary`; cross-attention
     (no rotary embedding) runs diffusers' processor as it is."""
 
@@ -199,13 +215,12 @@ class WanAttnProcessorFusedRope(transformer_wan.WanAttnProcessor):
         query, key = attn.norm_q(query), attn.norm_k(key)
         query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
         query, key = rotary(wan_rotation, query, *rotary_emb), rotary(wan_rotation, key, *rotary_emb)
-        out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
-                                    backend=self._attention_backend, parallel_config=self._parallel_config)
+        out = attend(self, query, key, value, attention_mask)
         out = out.flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 
 
-class HiDreamAttnProcessorFusedRope(transformer_hidream_image.HiDreamAttnProcessor):
+class HiDreamAttnProcessorFusedRope(FusedRopeProcessor, transformer_hidream_image.HiDreamAttnProcessor):
     """diffusers' HiDream attention (image tokens first, then the text's in the double-stream blocks) with the rotary
     embedding applied by :func:`rotary`, and the attention itself through diffusers' dispatcher (diffusers' processor
     calls torch's SDPA directly), so that ``attention=`` can choose HiDream's kernel as it does other families'."""
@@ -240,8 +255,7 @@ class HiDreamAttnProcessorFusedRope(transformer_hidream_image.HiDreamAttnProcess
             return torch.cat([rotary(hidream_rotation, rotated, image_rotary_emb), rest], dim=-1)
 
         query, key = rotate(query), rotate(key)
-        out = dispatch_attention_fn(query, key, value, dropout_p=0.0, is_causal=False, backend=self._attention_backend,
-                                    parallel_config=self._parallel_config)
+        out = attend(self, query, key, value)
         out = out.flatten(2, 3).to(query.dtype)
         if attn.single:
             return attn.to_out(out)
@@ -271,8 +285,7 @@ def _ltx2_attention(processor, attn, hidden_states, encoder_hidden_states, atten
             query = rotary(rotation, query, *query_rotary_emb)
             key = rotary(rotation, key, *(query_rotary_emb if key_rotary_emb is None else key_rotary_emb))
         query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
-        out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
-                                    backend=processor._attention_backend, parallel_config=processor._parallel_config)
+        out = attend(processor, query, key, value, attention_mask)
         out = out.flatten(2, 3).to(query.dtype)
         if perturbation_mask is not None:
             out = torch.lerp(value.flatten(2, 3), out, perturbation_mask)
@@ -281,7 +294,7 @@ def _ltx2_attention(processor, attn, hidden_states, encoder_hidden_states, atten
     return attn.to_out[1](attn.to_out[0](out))
 
 
-class LTX2AudioVideoAttnProcessorFusedRope(transformer_ltx2.LTX2AudioVideoAttnProcessor):
+class LTX2AudioVideoAttnProcessorFusedRope(FusedRopeProcessor, transformer_ltx2.LTX2AudioVideoAttnProcessor):
     """diffusers' LTX-2 attention (video, audio and their cross-attention) with the rotary embedding applied by
     :func:`rotary`."""
 
@@ -291,7 +304,7 @@ class LTX2AudioVideoAttnProcessorFusedRope(transformer_ltx2.LTX2AudioVideoAttnPr
                                key_rotary_emb)
 
 
-class LTX2PerturbedAttnProcessorFusedRope(transformer_ltx2.LTX2PerturbedAttnProcessor):
+class LTX2PerturbedAttnProcessorFusedRope(FusedRopeProcessor, transformer_ltx2.LTX2PerturbedAttnProcessor):
     """diffusers' LTX-2.3 attention (perturbation mask, per-head gates) with the rotary embedding applied by
     :func:`rotary`."""
 

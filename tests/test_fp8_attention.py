@@ -1,0 +1,81 @@
+"""``attention="flash_attn_3_fp8"`` (``runtime.fp8_attention``): q, k and v rounded to e4m3 with one scale per image
+and key/value head, then FlashAttention-3's FP8 kernel. The kernel needs a Hopper GPU (``tests/test_gpu.py``); here
+a CPU stand-in with its contract (e4m3 inputs, float32 scales per image and head, bf16 out) checks the quantization
+and that every attention layer runtime.rope covers routes to it."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from aitk_inference.pipelines.registry import REGISTRY
+from aitk_inference.pipelines.runtime import fp8_attention
+from aitk_inference.pipelines.runtime.rope import FusedRopeProcessor
+
+
+def test_each_head_is_scaled_so_its_largest_magnitude_is_e4m3s_largest():
+    tensor = torch.randn(2, 50, 4, 16) * torch.tensor([1.0, 1e-3, 300.0, 0.0]).view(1, 1, 4, 1)
+    quantized, scale = fp8_attention.quantize_per_head(tensor, scale_heads=4)
+    assert quantized.dtype == torch.float8_e4m3fn and quantized.shape == tensor.shape
+    assert scale.dtype == torch.float32 and scale.shape == (2, 4)
+    largest = quantized.float().abs().amax(dim=(1, 3))
+    assert torch.equal(largest[:, :3], torch.full((2, 3), fp8_attention.E4M3_MAX))
+    assert torch.equal(quantized[:, :, 3].float(), torch.zeros(2, 50, 16))  # an all-zero head stays zero
+    restored = quantized.float() * scale[:, None, :, None]
+    for head in range(3):  # e4m3 keeps 3 mantissa bits: at most half of 2^-3 off, relative, above its normal range
+        error = (restored[:, :, head] - tensor[:, :, head]).norm() / tensor[:, :, head].norm()
+        assert error < 0.04, (head, error)
+
+
+def test_query_heads_share_the_scale_of_their_key_value_head():
+    query = torch.randn(1, 10, 6, 8) * torch.arange(1.0, 7.0).view(1, 1, 6, 1)
+    _, scale = fp8_attention.quantize_per_head(query, scale_heads=2)
+    expected = torch.stack([query[:, :, :3].abs().amax(), query[:, :, 3:].abs().amax()]) / fp8_attention.E4M3_MAX
+    assert torch.allclose(scale[0], expected)
+
+
+def _flash_attention_3_fp8_on_the_cpu(calls):
+    """FlashAttention-3's FP8 contract on the CPU: e4m3 (batch, tokens, heads, head dim) inputs with float32
+    (batch, key/value heads) scales, attention of the scaled values in float32, bf16 out."""
+    def attention(q, k, v, softmax_scale=None, q_descale=None, k_descale=None, v_descale=None):
+        calls.append((q.dtype, k.dtype, v.dtype, tuple(q_descale.shape)))
+
+        def restored(t, scale):
+            return (t.float().unflatten(2, (scale.shape[1], -1)) * scale[:, None, :, None, None]).flatten(2, 3)
+
+        q, k, v = (restored(t, s).transpose(1, 2) for t, s in ((q, q_descale), (k, k_descale), (v, v_descale)))
+        return F.scaled_dot_product_attention(q, k, v, scale=softmax_scale).transpose(1, 2).to(torch.bfloat16)
+    return attention
+
+
+@pytest.mark.parametrize("model_id", ["flux", "flux2_klein_4b", "wan21_1b", "hidream", "ltx2"])
+def test_fp8_attention_layers_give_an_image_close_to_the_full_precision_one(load_tiny, monkeypatch, model_id):
+    from diffusers.models import attention_dispatch
+
+    calls = []
+    monkeypatch.setattr(attention_dispatch, "flash_attn_3_func", _flash_attention_3_fp8_on_the_cpu(calls))
+    pipeline = load_tiny(model_id)
+    spec = REGISTRY[model_id]
+    gen = dict(prompt="a red cube", width=64, height=64, steps=2, seed=5)
+    if spec.video:
+        gen["num_frames"] = spec.video.frames(1)
+    full_precision = pipeline.generate(**gen).images
+    processors = [m.processor for m in pipeline.pipe.transformer.modules()
+                  if isinstance(getattr(m, "processor", None), FusedRopeProcessor)]
+    assert processors
+    for processor in processors:  # what set_attention_kernel does on CUDA, where the real kernel runs
+        processor.fp8_attention = True
+    fp8 = pipeline.generate(**gen).images
+    assert calls and all(c[:3] == (torch.float8_e4m3fn,) * 3 and len(c[3]) == 2 for c in calls)
+    difference = np.abs(fp8.astype(np.float32) - full_precision.astype(np.float32))
+    assert 0 < difference.mean() < 0.02, difference.mean()
+
+
+def test_fp8_attention_is_refused_where_it_cannot_run(load_tiny):
+    from aitk_inference.pipelines.runtime.accelerate import set_attention_kernel
+
+    with pytest.raises(ValueError, match="is a CUDA kernel"):
+        load_tiny("wan21_1b", attention="flash_attn_3_fp8")
+    unet = load_tiny("sd15").pipe.unet
+    with pytest.raises(ValueError, match="cannot choose its attention kernel"):
+        set_attention_kernel([unet], "flash_attn_3_fp8", "cuda", "sd15")

@@ -323,7 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile the denoiser (regional: its repeated blocks); pays off over many steps/images")
     p.add_argument("--attention", choices=list(ATTENTION_KERNELS), default="sdpa",
                    help="attention kernel of the denoiser: sdpa lets torch pick (diffusers' default); the others force "
-                        "one (sdpa_math also runs on CPU; flash_attn, flash_attn_3, sage, xformers need their package)")
+                        "one (sdpa_math also runs on CPU; flash_attn, flash_attn_3, sage, xformers need their package; "
+                        "flash_attn_3_fp8: FlashAttention-3 in FP8, lossy, for the fast mode)")
     p.add_argument("--quantize", choices=QUANTIZE_MODES, default="none",
                    help="fp8: FP8 denoiser weights (torchao; CUDA GPU with compute capability 8.9+), less exact; "
                         "with --lora-mode fused the fast mode (LoRAs merged before quantizing, bf16 copy kept in "

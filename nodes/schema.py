@@ -145,6 +145,8 @@ LOAD = NodeSpec(
         Field("attention", "COMBO", "Attention kernel of the transformer. sdpa (default): torch picks the kernel, as "
               "in diffusers. The others force one: sdpa_math runs on any device; sdpa_cudnn, sdpa_flash and "
               "sdpa_efficient need CUDA; flash_attn, flash_attn_3, sage and xformers need their package installed. "
+              "flash_attn_3_fp8 (FLUX, FLUX.2, Krea 2, Wan, HiDream, LTX-2): FlashAttention-3 with FP8 inputs, a few "
+              "percent less exact, for speed with quantize fp8. "
               "UNet models (SD 1.5, SDXL) and some transformers (Lumina 2, OmniGen2) take only sdpa.",
               default="sdpa", options=lambda: list(ATTENTION_KERNELS), optional=True),
         Field("quantize", "COMBO", "fp8: FP8 weights for the transformer blocks (torchao; Ada/Hopper GPUs, compute "

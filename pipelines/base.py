@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 from . import hub, single_file
 from .component_files import check_component_files
 from .runtime import accelerate, parallel
-from .runtime.options import LoadOptionError, LoadOptions, compile_offload_conflict
+from .runtime.options import MASKLESS_ATTENTION_KERNELS, LoadOptionError, LoadOptions, compile_offload_conflict
 from .runtime.readahead import start_readahead
 from .registry import ModelSpec, get_spec
 
@@ -887,7 +887,14 @@ class AITKPipeline:
             # 3. Run
             started = time.perf_counter()
             with torch.inference_mode(), self._vae_tiling(vae_tiling):
-                output = self.call_pipeline(call)
+                try:
+                    output = self.call_pipeline(call)
+                except ValueError as error:
+                    if self.attention in MASKLESS_ATTENTION_KERNELS and "attn_mask" in str(error):
+                        raise ValueError(f"{self.spec.model_id} masks its attention (padded text tokens), which "
+                                         f"attention={self.attention!r} cannot take; load it with attention='sdpa' "
+                                         "(or 'sdpa_cudnn').") from error
+                    raise
                 # 4. Post-process (families that decode here do it inside the tiling scope)
                 fields = self.postprocess(output, params)
             total = time.perf_counter() - started

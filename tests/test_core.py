@@ -605,6 +605,24 @@ def test_attention_choices_fail_clearly(tiny_dir, load_tiny):
     assert sd15.attention == "sdpa" and np.isfinite(run(sd15)).all()
 
 
+def test_a_kernel_without_masks_on_a_model_that_masks_says_which_kernel_to_use(load_tiny):
+    """Chroma masks its padded text tokens; diffusers' mask-less kernels (here torch's flash kernel, the one that
+    needs no package) raise for such a call. The error names the model, the kernel and the fix, and the pipeline
+    still generates once its kernel is set back."""
+    from aitk_inference.pipelines.runtime.accelerate import set_attention_kernel
+
+    chroma = load_tiny("chroma")
+    expected = run(chroma, seed=5)
+    set_attention_kernel([chroma.pipe.transformer], "sdpa_flash", "cuda", "chroma")  # the device check passes
+    chroma.attention = "sdpa_flash"
+    with pytest.raises(ValueError, match="chroma masks its attention .*attention='sdpa_flash' cannot take; load it "
+                                         "with attention='sdpa'"):
+        run(chroma, seed=5)
+    set_attention_kernel([chroma.pipe.transformer], "sdpa", "cpu", "chroma")
+    chroma.attention = "sdpa"
+    assert np.array_equal(run(chroma, seed=5), expected)
+
+
 def test_quantize_fp8_needs_a_cuda_gpu(load_tiny):
     with pytest.raises(ValueError, match="FP8 needs a CUDA GPU.*not 'cpu'"):
         load_tiny("flux", quantize="fp8")

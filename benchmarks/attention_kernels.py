@@ -3,8 +3,8 @@ tokens x 40 heads) shapes, head dim 128, bf16: ms, TFLOP/s and relative L2 error
 FLUX's attention with its q/k RMSNorm and RoPE in front, eager and compiled, with the CUDA kernels' times (profiler).
 Kernels: torch SDPA (cuDNN, flash-2; strided views as diffusers passes them and contiguous), FlashAttention-3 from
 the ``fa3-fwd`` wheel in bf16 and in FP8 (per-tensor scales, and the library's per-head ``fp8_attention``, eager
-and compiled; quantization included), SageAttention 1 (Triton, 8-bit
-QK). A missing package is recorded as such. GPU only: ``python3 -m aitk_inference.benchmarks.attention_kernels``
+and compiled; quantization included), FlashAttention-4 (``flash-attn-4``, CuTe DSL) in bf16, SageAttention 1
+(Triton, 8-bit QK). A missing package is recorded as such. GPU only: ``python3 -m aitk_inference.benchmarks.attention_kernels``
 (writes ``attn_probe.json`` to $OUT or the working folder)."""
 import json, os
 
@@ -73,6 +73,16 @@ try:
     res["fa3_import"] = "ok"
 except Exception as e:
     res["fa3_import"] = repr(e)
+try:
+    from flash_attn.cute import flash_attn_func as fa4_func
+
+    def fa4(q, k, v):
+        out = fa4_func(q, k, v)
+        return out[0] if isinstance(out, tuple) else out
+    kernels["fa4_bf16_BSHD"] = fa4
+    res["fa4_import"] = "ok"
+except Exception as e:
+    res["fa4_import"] = repr(e)
 try:
     from sageattention import sageattn
     kernels["sage1_triton_NHD"] = lambda q, k, v: sageattn(q, k, v, tensor_layout="NHD", is_causal=False)

@@ -11,7 +11,8 @@ compile) the eager operations are traced as before, so compiled graphs do not ch
 :func:`use_fused_rope` gives a denoiser's attention layers the processors below where they run diffusers'
 ``FluxAttnProcessor`` (FLUX.1, Flex, Kontext, Chroma), FLUX.2's two processors (FLUX.2, klein),
 ``Krea2AttnProcessor`` (Krea 2), ``WanAttnProcessor`` (Wan 2.1 and 2.2), ``HiDreamAttnProcessor`` (HiDream I1
-and E1) or LTX-2's two processors (LTX-2, 2.3, 2.5).
+and E1) or LTX-2's two processors (LTX-2, 2.3, 2.5). Their attention goes through :func:`attend`, which is also
+where ``attention="flash_attn_3_fp8"`` runs FlashAttention-3 in FP8 (``runtime.fp8_attention``).
 """
 
 from __future__ import annotations

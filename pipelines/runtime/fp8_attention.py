@@ -24,10 +24,13 @@ def quantize_per_head(tensor: torch.Tensor, scale_heads: int, centre: bool = Fal
     it back (value = e4m3 x scale); heads share a scale in groups of ``heads // scale_heads``, as FlashAttention-3
     takes one scale per key/value head for the query too. ``centre`` first takes each head's mean over the tokens
     away."""
-    grouped = tensor.unflatten(2, (scale_heads, -1)).float()
-    if centre:
-        grouped = grouped - grouped.mean(dim=1, keepdim=True)
-    scale = (grouped.abs().amax(dim=(1, 3, 4)) / E4M3_MAX).clamp(min=_SMALLEST_SCALE)
+    grouped = tensor.unflatten(2, (scale_heads, -1))
+    if centre:  # in float32
+        grouped = grouped - grouped.mean(dim=1, keepdim=True, dtype=torch.float32)
+    # the largest magnitude in one pass, exact in any dtype; the division in float32 (type promotion), and no other
+    # full-size copy where attention runs eager
+    largest = torch.linalg.vector_norm(grouped, ord=float("inf"), dim=(1, 3, 4)).float()
+    scale = (largest / E4M3_MAX).clamp(min=_SMALLEST_SCALE)
     quantized = (grouped / scale[:, None, :, None, None]).to(torch.float8_e4m3fn).flatten(2, 3)
     return quantized, scale
 

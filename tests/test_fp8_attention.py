@@ -76,8 +76,10 @@ def _flash_attention_3_fp8_on_the_cpu(calls):
     return attention
 
 
-@pytest.mark.parametrize("model_id", ["flux", "flux2_klein_4b", "wan21_1b", "hidream", "ltx2"])
-def test_fp8_attention_layers_give_an_image_close_to_the_full_precision_one(load_tiny, monkeypatch, model_id):
+def _generate_with_and_without_fp8_attention(load_tiny, monkeypatch, model_id, flash_attention_backend=False):
+    """The tiny model's image with its own attention, then with FP8 attention on in its layers (with
+    ``flash_attention_backend``, also FlashAttention-3's backend, as ``set_attention_kernel`` sets it on CUDA: only for
+    models whose every attention call goes through ``rope.attend``); returns both and the stand-in's calls."""
     from diffusers.models import attention_dispatch
 
     calls = []
@@ -91,12 +93,32 @@ def test_fp8_attention_layers_give_an_image_close_to_the_full_precision_one(load
     processors = [m.processor for m in pipeline.pipe.transformer.modules()
                   if isinstance(getattr(m, "processor", None), FusedRopeProcessor)]
     assert processors
-    for processor in processors:  # what set_attention_kernel does on CUDA, where the real kernel runs
+    for processor in processors:
         processor.fp8_attention = True
-    fp8 = pipeline.generate(**gen).images
+        if flash_attention_backend:  # which takes no mask
+            processor._attention_backend = attention_dispatch.AttentionBackendName._FLASH_3
+    return full_precision, pipeline.generate(**gen).images, calls
+
+
+def _assert_fp8_calls_and_a_close_image(full_precision, fp8, calls):
     assert calls and all(c[:3] == (torch.float8_e4m3fn,) * 3 and len(c[3]) == 2 for c in calls)
     difference = np.abs(fp8.astype(np.float32) - full_precision.astype(np.float32))
     assert 0 < difference.mean() < 0.02, difference.mean()
+
+
+@pytest.mark.parametrize("model_id", ["flux", "flux2_klein_4b", "wan21_1b", "hidream", "ltx2"])
+def test_fp8_attention_layers_give_an_image_close_to_the_full_precision_one(load_tiny, monkeypatch, model_id):
+    _assert_fp8_calls_and_a_close_image(*_generate_with_and_without_fp8_attention(load_tiny, monkeypatch, model_id))
+
+
+def test_fp8_attention_runs_masked_attention_with_torchs_sdpa(load_tiny, monkeypatch):
+    """FlashAttention takes no mask. LTX-2 masks its text cross-attention (those calls run torch's SDPA, the rest
+    FP8); Chroma masks every call (padded text tokens): all run torch's SDPA, and the image is the model's own."""
+    ltx2 = _generate_with_and_without_fp8_attention(load_tiny, monkeypatch, "ltx2", flash_attention_backend=True)
+    _assert_fp8_calls_and_a_close_image(*ltx2)
+    full_precision, fp8, calls = _generate_with_and_without_fp8_attention(load_tiny, monkeypatch, "chroma",
+                                                                          flash_attention_backend=True)
+    assert not calls and np.array_equal(fp8, full_precision)
 
 
 def test_fp8_attention_is_refused_where_it_cannot_run(load_tiny):

@@ -46,7 +46,7 @@ ATTENTION_KERNELS = {
 }
 #: the attention kernels that take no attention mask (diffusers raises for a masked call); the families that mask
 #: padded text tokens (Chroma, LTX-2's text cross-attention, Ernie-Image, Nucleus-Image, PRX, Ideogram 4, ACE-Step)
-#: cannot run them
+#: cannot run them (``flash_attn_3_fp8`` runs masked calls with torch's SDPA where our processors make them)
 MASKLESS_ATTENTION_KERNELS = ("sdpa_flash", "flash_attn", "flash_attn_3", "flash_attn_3_fp8", "sage")
 #: the attention kernels that run on any device; every other one needs CUDA
 PORTABLE_ATTENTION_KERNELS = ("sdpa", "sdpa_math")

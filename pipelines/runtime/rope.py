@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 
 import torch
-from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers import (transformer_flux, transformer_flux2, transformer_hidream_image,
                                            transformer_krea2, transformer_ltx2, transformer_wan)
@@ -112,11 +112,14 @@ class FusedRopeProcessor:
 
 
 def attend(processor, query, key, value, attention_mask=None):
-    """Attention of (batch, tokens, heads, head dim) ``query``, ``key`` and ``value`` by ``processor``'s kernel:
-    FlashAttention-3 in FP8 where it was given that one (unmasked, unsharded attention), else diffusers' dispatcher
-    with the processor's backend and parallel settings."""
-    if processor.fp8_attention and attention_mask is None and processor._parallel_config is None:
-        return fp8_attention(query, key, value)
+    """Attention of (batch, tokens, heads, head dim) ``query``, ``key`` and ``value`` by ``processor``'s kernel
+    through diffusers' dispatcher (its backend and parallel settings). A layer given ``flash_attn_3_fp8`` runs
+    FlashAttention-3 in FP8 instead, and its masked calls (padded text, which FlashAttention cannot mask) torch's
+    SDPA."""
+    if processor.fp8_attention and processor._parallel_config is None:
+        if attention_mask is None:
+            return fp8_attention(query, key, value)
+        return dispatch_attention_fn(query, key, value, attn_mask=attention_mask, backend=AttentionBackendName.NATIVE)
     return dispatch_attention_fn(query, key, value, attn_mask=attention_mask, backend=processor._attention_backend,
                                  parallel_config=processor._parallel_config)
 

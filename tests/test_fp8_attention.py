@@ -12,6 +12,8 @@ from aitk_inference.pipelines.registry import REGISTRY
 from aitk_inference.pipelines.runtime import fp8_attention
 from aitk_inference.pipelines.runtime.rope import FusedRopeProcessor
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def test_each_head_is_scaled_so_its_largest_magnitude_is_e4m3s_largest():
     tensor = torch.randn(2, 50, 4, 16) * torch.tensor([1.0, 1e-3, 300.0, 0.0]).view(1, 1, 4, 1)

@@ -11,6 +11,8 @@ from PIL import Image
 from aitk_inference.pipelines.registry import REGISTRY
 from aitk_inference.pipelines.runtime import eager_rounding, rope
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture
 def fresh_rope(monkeypatch):

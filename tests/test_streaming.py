@@ -8,6 +8,8 @@ import torch
 from aitk_inference.pipelines.runtime.streaming import HOST_COPY, BlockStreamer, is_streamed
 from family_streaming import PRETENDED_BUDGET, one_id_per_family, pretend_the_weights_do_not_fit
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 class Block(torch.nn.Module):
     def __init__(self, width: int):

@@ -3,10 +3,10 @@
 Query, key and value are each rounded to float8 e4m3 with one scale per (image, key/value head): that head's largest
 magnitude maps to e4m3's largest, 448. The keys are centred first (each head's mean key over the tokens taken away,
 as SageAttention does): that shifts every score of a query by the same amount, which the softmax ignores, so the
-result is unchanged while the bits go to what tells the keys apart. FlashAttention-3 takes the scales into the kernel, multiplies in FP8 on
-Hopper's tensor cores (the softmax probabilities rounded to e4m3 too) and returns bf16. Three mantissa bits make this
-lossy, a few percent of relative L2 per attention call (BENCHMARKS.md measures it per family): like FP8 weights, a
-speed option, never for parity with ai-toolkit's previews.
+result is unchanged while the bits go to what tells the keys apart. FlashAttention-3 takes the scales into the
+kernel, multiplies in FP8 on Hopper's tensor cores (the softmax probabilities rounded to e4m3 too) and returns bf16.
+Three mantissa bits make this lossy, a few percent of relative L2 per attention call (BENCHMARKS.md measures it per
+family): like FP8 weights, a speed option, never for parity with ai-toolkit's previews.
 """
 
 from __future__ import annotations

@@ -134,11 +134,13 @@ class QwenImageEditFamilyPipeline(QwenImageFamilyPipeline):
         return round(new_height / 32) * 32, round(new_height / ratio / 32) * 32
 
     def condition_images(self, images) -> list[torch.Tensor]:
-        """The control images as ai-toolkit encodes them: 0..1 tensors resized bilinear to ``condition_size``."""
+        """The control images as ai-toolkit encodes them: 0..1 tensors resized bilinear to ``condition_size``, clamped
+        to 0..1 (the resize can round a white pixel just above 1.0, which the Qwen2.5-VL processor refuses)."""
         tensors = []
         for image in images:
             tensor = _unit_tensor(image)
-            tensors.append(F.interpolate(tensor, size=self.condition_size(*tensor.shape[2:]), mode="bilinear"))
+            resized = F.interpolate(tensor, size=self.condition_size(*tensor.shape[2:]), mode="bilinear")
+            tensors.append(resized.clamp_(0.0, 1.0))
         return tensors
 
     def encode(self, text: str, images) -> tuple[torch.Tensor, torch.Tensor]:

@@ -55,13 +55,10 @@ def test_centring_the_keys_leaves_the_attention_and_cuts_the_fp8_error_of_keys_w
         return float((out.float() - exact).norm() / exact.norm())
 
     with_centring = error(fp8_attention.fp8_attention(query, key, value))
-    monkeypatch.setattr(fp8_attention, "quantize_per_head",
-                        lambda t, heads, centre=False: quantize_per_head(t, heads))
+    quantize = fp8_attention.quantize_per_head
+    monkeypatch.setattr(fp8_attention, "quantize_per_head", lambda t, heads, centre=False: quantize(t, heads))
     without = error(fp8_attention.fp8_attention(query, key, value))
     assert with_centring < without / 2, (with_centring, without)
-
-
-quantize_per_head = fp8_attention.quantize_per_head
 
 
 def _flash_attention_3_fp8_on_the_cpu(calls):

@@ -437,7 +437,7 @@ def set_attention_kernel(denoisers: list, kernel: str, device: str, model_id: st
     problem = attention_device_problem(kernel, device)
     if problem:
         raise ValueError(problem + ".")
-    if kernel.startswith("flash_attn_3") and not use_fa3_fwd_if_needed():
+    if ATTENTION_KERNELS[kernel] == ATTENTION_KERNELS["flash_attn_3"] and not use_fa3_fwd_if_needed():
         raise ValueError(f"attention={kernel!r} needs FlashAttention-3 for Hopper GPUs: pip install fa3-fwd (its "
                          "forward kernels as a wheel) or build FlashAttention's hopper/ folder; or use attention='sdpa'.")
     fp8_processors = [m.processor for denoiser in denoisers for m in denoiser.modules()

@@ -18,6 +18,8 @@ from aitk_inference.pipelines.runtime import accelerate
 from aitk_inference.pipelines.runtime.options import LoadOptionError, LoadOptions
 from aitk_inference.tiny.loras import lora_targets, write_lora
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 GEN = {"prompt": "a cat", "width": 64, "height": 64, "steps": 1, "seed": 3}
 
 

@@ -3,12 +3,15 @@ ai-toolkit's goldens in their own tests."""
 
 import math
 
+import pytest
 import torch
 
 from aitk_inference.pipelines.families.pixel_space import (
     DctPatchEmbedder, dct_features, dct_position_code, patchify_pixels, patchify_pixels_channels_last, unpatchify_pixels,
     unpatchify_pixels_channels_last, velocity_from_x0,
 )
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_patchify_order_and_round_trip():

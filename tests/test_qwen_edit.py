@@ -14,6 +14,8 @@ from PIL import Image
 
 from conftest import GOLDENS_DIR
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 FAST = dict(width=64, height=64, steps=2, seed=3)
 # a high guidance makes the norm rescale (which ai-toolkit leaves out) visible on the tiny model
 PLUS = dict(FAST, guidance=10.0, negative="blurry, low quality")

@@ -61,10 +61,29 @@ def test_centring_the_keys_leaves_the_attention_and_cuts_the_fp8_error_of_keys_w
     assert with_centring < without / 2, (with_centring, without)
 
 
+def test_heads_of_other_sizes_are_padded_to_the_kernels_multiple_of_16(monkeypatch):
+    """FlashAttention-3's FP8 kernel refuses head dims that are not multiples of 16 (tiny models' 8 and 12): zero
+    columns added to q, k and v change no score, the softmax scale stays that of the real head dim, and the padding
+    is cut from the output."""
+    from diffusers.models import attention_dispatch
+
+    calls = []
+    monkeypatch.setattr(attention_dispatch, "flash_attn_3_func", _flash_attention_3_fp8_on_the_cpu(calls))
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(1, 64, 2, 12, generator=generator) for _ in range(3))
+    exact = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (query, key, value))).transpose(1, 2)
+    out = fp8_attention.fp8_attention(query, key, value)
+    assert out.shape == exact.shape and calls
+    assert float((out.float() - exact).norm() / exact.norm()) < 0.08
+
+
 def _flash_attention_3_fp8_on_the_cpu(calls):
     """FlashAttention-3's FP8 contract on the CPU: e4m3 (batch, tokens, heads, head dim) inputs with float32
-    (batch, key/value heads) scales, attention of the scaled values in float32, bf16 out."""
+    (batch, key/value heads) scales, head dims in multiples of 16, attention of the scaled values in float32, bf16
+    out."""
     def attention(q, k, v, softmax_scale=None, q_descale=None, k_descale=None, v_descale=None):
+        if q.shape[-1] % 16:
+            raise RuntimeError("head_size should be a multiple of 16")
         calls.append((q.dtype, k.dtype, v.dtype, tuple(q_descale.shape)))
 
         def restored(t, scale):

@@ -250,7 +250,10 @@ def test_flash_attention_3_agrees_with_the_default_or_says_how_to_install_it(loa
         pytest.skip("FlashAttention-3 (flash_attn_interface or fa3-fwd) is not installed: only its error was checked")
     default = load_tiny(model_id, device="cuda", dtype="bf16").generate(**gen).images
     chosen = load_tiny(model_id, device="cuda", dtype="bf16", attention="flash_attn_3")
-    assert np.abs(chosen.generate(**gen).images - default).max() < 0.03
+    difference = np.abs(chosen.generate(**gen).images - default)
+    print(f"{model_id}: mean |fa3 - sdpa| {difference.mean():.4f}, max {difference.max():.4f}")
+    # two bf16 kernels on a random tiny model: a few pixels may differ by several 8-bit levels, the image by little
+    assert difference.mean() < 0.005 and difference.max() < 0.05
 
 
 def test_fp8_master_on_the_gpu_gives_the_weights_of_the_host_master(load_tiny, tmp_path):
@@ -548,7 +551,7 @@ def test_eager_fp8_layers_quantize_their_input_in_one_kernel_with_torchaos_bits_
     assert np.array_equal(direct[1], direct[0])
 
 
-@pytest.mark.parametrize("model_id", ["flux", "flux2_klein_4b", "krea2"])  # tiny head dims FlashAttention-3 takes
+@pytest.mark.parametrize("model_id", ["flux", "flux2_klein_4b", "krea2", "wan21_1b", "hidream"])
 def test_fp8_attention_runs_the_attention_layers_in_fp8_close_to_the_default(load_tiny, monkeypatch, model_id):
     """attention="flash_attn_3_fp8" hands every attention layer runtime.rope covers to FlashAttention-3's FP8 kernel
     (e4m3 inputs, one scale per image and head), eager and under the regional compile, within a few levels of the

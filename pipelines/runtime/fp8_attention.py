@@ -39,10 +39,16 @@ def fp8_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, s
     """Attention of (batch, tokens, heads, head dim) ``query``, ``key`` and ``value`` (bf16 or fp16) by
     FlashAttention-3's FP8 kernel, returned in bf16, same layout; ``scale`` multiplies the query-key products (default
     1/sqrt(head dim)). Needs FlashAttention-3 set up for diffusers (``accelerate.use_fa3_fwd_if_needed``)."""
+    head_dim = query.shape[-1]
+    padding = -head_dim % 16
+    if padding:  # the FP8 kernel takes head dims in multiples of 16; zero columns change no score and no output
+        scale = head_dim ** -0.5 if scale is None else scale
+        query, key, value = (torch.nn.functional.pad(t, (0, padding)) for t in (query, key, value))
     scale_heads = key.shape[2]
     query, query_scale = quantize_per_head(query, scale_heads)
     key, key_scale = quantize_per_head(key, scale_heads, centre=True)
     value, value_scale = quantize_per_head(value, scale_heads)
     out = attention_dispatch.flash_attn_3_func(query, key, value, softmax_scale=scale, q_descale=query_scale,
                                                k_descale=key_scale, v_descale=value_scale)
-    return out[0] if isinstance(out, tuple) else out  # FlashAttention-3's beta releases also return the log-sum-exp
+    out = out[0] if isinstance(out, tuple) else out  # FlashAttention-3's beta releases also return the log-sum-exp
+    return out[..., :head_dim] if padding else out

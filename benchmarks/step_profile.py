@@ -11,6 +11,8 @@ in the order given; ``fp8`` quantizes the LoRA-merged weights (what ``quantize="
 comes last. The ``qkv`` variants fuse the q/k/v projections with diffusers' ``fuse_qkv_projections`` (for timing: a
 LoRA change after it would not reach the fused copies) and try Inductor's tuning options on top; the 2026-12-03 run
 found none of them faster than plain regional compile (BENCHMARKS.md), so the library does not use them.
+``--attention KERNEL`` runs every variant after the reference with that attention kernel (e.g. the FP8 fast mode's
+``flash_attn_3_fp8``: ``--variants fp8 --attention flash_attn_3_fp8``).
 """
 
 from __future__ import annotations
@@ -151,9 +153,18 @@ def main(argv=None) -> str:
     parser.add_argument("--variants", nargs="+", default=list(PROFILE_VARIANTS), choices=PROFILE_VARIANTS)
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--no-attention-sweep", action="store_true")
+    parser.add_argument("--attention", default="sdpa", help="the attention kernel (an attention= choice of the "
+                        "library) of the variants; the reference keeps sdpa")
     parser.add_argument("--time-budget", type=float, default=float("inf"), help="seconds; later variants are skipped")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args(argv)
+    from ..pipelines.runtime.options import ATTENTION_KERNELS
+
+    if args.attention not in ATTENTION_KERNELS:
+        parser.error(f"--attention {args.attention!r}: not among {', '.join(ATTENTION_KERNELS)}")
+    if args.attention != "sdpa" and any(v.startswith("qkv") for v in args.variants):
+        parser.error("--attention with the qkv variants: a forced kernel gives the model the library's attention "
+                     "processors, which take the unfused q/k/v projections; leave the qkv variants out")
     deadline = time.time() + args.time_budget
 
     on_gpu = args.device.startswith("cuda")
@@ -176,7 +187,8 @@ def main(argv=None) -> str:
     def measure(variant: str, breakdown: bool = False, fn=forward, note: str = "") -> None:
         ms = time_ms(fn, args.reps, args.device)
         rec.add(model_id, "forward_ms", variant, ms, "ms", rec.reference(model_id, "forward_ms"),
-                notes=f"{workload.label}; {workload.forwards_per_step} forward(s) per step{note}")
+                notes=f"{workload.label}; {workload.forwards_per_step} forward(s) per step{note}"
+                + (f"; attention={args.attention}" if variant != "dynamic" and args.attention != "sdpa" else ""))
         if breakdown and on_gpu:
             parts = kernel_breakdown(fn)
             rec.add(model_id, "gpu_busy_ms", variant, parts["busy"], "ms", notes=str(parts))
@@ -201,6 +213,12 @@ def main(argv=None) -> str:
     stack = LoraStack({"transformer": model}, "fused", "transformer", model_id)
     stack.set([lora])
     eager_out = forward()
+    if args.attention != "sdpa":
+        from ..pipelines.runtime.accelerate import set_attention_kernel
+
+        set_attention_kernel([model], args.attention, args.device, model_id)
+        rec.add(model_id, "attention_relative_error", args.attention, relative_error(forward(), eager_out), "rel L2",
+                notes="one eager forward with this kernel vs diffusers' default (sdpa), the LoRA fused, same inputs")
     if "fused" in args.variants:
         measure("fused", breakdown=True)
     inductor = torch._inductor.config

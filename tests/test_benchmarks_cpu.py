@@ -153,7 +153,8 @@ def test_tiny_flux_compile_variant_times_a_second_process(tiny_dir, tmp_path):
 
 
 def test_tiny_step_profile_times_each_variant_against_the_reference(tiny_dir, tmp_path):
-    """The step profiler's CPU path: every variant's forward is recorded against the live-adapter reference."""
+    """The step profiler's CPU path: every variant's forward is recorded against the live-adapter reference; with
+    ``--attention`` the variants run that kernel and its error is recorded."""
     from aitk_inference.benchmarks.step_profile import main
 
     tiny_dir("flux")
@@ -166,6 +167,14 @@ def test_tiny_step_profile_times_each_variant_against_the_reference(tiny_dir, tm
         assert by_key[("forward_ms", variant)]["reference_value"] == reference
     assert by_key[("recompiles_after_strength_change", "fused+compile")]["value"] == 0
     assert by_key[("qkv_fused_relative_diff", "qkv+compile")]["value"] < 1e-5  # fp32: same numbers
+    with pytest.raises(SystemExit):  # the library's processors take no fused q/k/v
+        main(["--model", "flux", "--size", "tiny", "--variants", "qkv+compile", "--attention", "sdpa_math"])
+    path = main(["--model", "flux", "--size", "tiny", "--device", "cpu", "--compile-backend", "eager", "--reps", "1",
+                 "--no-attention-sweep", "--variants", "fused", "--attention", "sdpa_math", "--out", str(tmp_path)])
+    with open(path) as f:
+        by_key = {(r["metric"], r["variant"]): r for r in json.load(f)["records"]}
+    assert by_key[("attention_relative_error", "sdpa_math")]["value"] < 1e-5
+    assert "attention=sdpa_math" in by_key[("forward_ms", "fused")]["notes"]
 
 
 def test_tiny_lora_soak_keeps_caches_bounded_and_dynamic_exact(tiny_dir, tmp_path):

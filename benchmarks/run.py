@@ -25,6 +25,7 @@ FORWARD_MODELS = ("flux", "zimage_turbo", "qwen_image", "wan21_14b", "wan21_14b_
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from ..pipelines.runtime.options import ATTENTION_KERNELS
     from .harness import VARIANTS
 
     parser = argparse.ArgumentParser(prog="python -m aitk_inference.benchmarks.run", description=__doc__.split("\n")[0])
@@ -37,8 +38,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
                         help="speed paths to time besides the reference (dynamic), which always runs")
-    parser.add_argument("--attention", default="sdpa", help="the attention kernel (an attention= choice of the "
-                        "library) of the --forward-only variants after plain; the reference and plain keep sdpa")
+    parser.add_argument("--attention", default="sdpa", choices=list(ATTENTION_KERNELS),
+                        help="the attention kernel of the --forward-only variants after plain; the reference and plain "
+                        "keep sdpa")
     parser.add_argument("--steps", type=int, default=25, help="steps of the end-to-end image")
     parser.add_argument("--image-size", type=int, default=1024)
     parser.add_argument("--reps", type=int, default=5, help="timed forwards per variant")
@@ -60,10 +62,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--time-budget", type=float, default=float("inf"),
                         help="seconds; variants that would start too close to it are skipped")
     args = parser.parse_args(argv)
-    from ..pipelines.runtime.options import ATTENTION_KERNELS
-
-    if args.attention not in ATTENTION_KERNELS:
-        parser.error(f"--attention {args.attention!r}: not among {', '.join(ATTENTION_KERNELS)}")
     from .reproduce_batch import MODELS as REPRODUCE_MODELS
 
     unknown = sorted(set(args.reproduce_batch) - set(REPRODUCE_MODELS))

@@ -140,6 +140,7 @@ def main(argv=None) -> str:
     import torch
 
     from ..pipelines.lora.stack import LoraRequest, LoraStack
+    from ..pipelines.runtime.options import ATTENTION_KERNELS
     from ..pipelines.runtime.quantize import fp8_unavailable, quantize_denoiser_fp8
     from .harness import compiled_graphs, lora_state_dict, new_recorder, relative_error
     from .models import WORKLOADS, build_transformer, forward_inputs
@@ -153,15 +154,11 @@ def main(argv=None) -> str:
     parser.add_argument("--variants", nargs="+", default=list(PROFILE_VARIANTS), choices=PROFILE_VARIANTS)
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--no-attention-sweep", action="store_true")
-    parser.add_argument("--attention", default="sdpa", help="the attention kernel (an attention= choice of the "
-                        "library) of the variants; the reference keeps sdpa")
+    parser.add_argument("--attention", default="sdpa", choices=list(ATTENTION_KERNELS),
+                        help="the attention kernel of the variants; the reference keeps sdpa")
     parser.add_argument("--time-budget", type=float, default=float("inf"), help="seconds; later variants are skipped")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args(argv)
-    from ..pipelines.runtime.options import ATTENTION_KERNELS
-
-    if args.attention not in ATTENTION_KERNELS:
-        parser.error(f"--attention {args.attention!r}: not among {', '.join(ATTENTION_KERNELS)}")
     if args.attention != "sdpa" and any(v.startswith("qkv") for v in args.variants):
         parser.error("--attention with the qkv variants: a forced kernel gives the model the library's attention "
                      "processors, which take the unfused q/k/v projections; leave the qkv variants out")

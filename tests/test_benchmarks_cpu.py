@@ -167,6 +167,8 @@ def test_tiny_step_profile_times_each_variant_against_the_reference(tiny_dir, tm
         assert by_key[("forward_ms", variant)]["reference_value"] == reference
     assert by_key[("recompiles_after_strength_change", "fused+compile")]["value"] == 0
     assert by_key[("qkv_fused_relative_diff", "qkv+compile")]["value"] < 1e-5  # fp32: same numbers
+    with pytest.raises(SystemExit):  # not a kernel of the library
+        main(["--model", "flux", "--size", "tiny", "--attention", "fast"])
     with pytest.raises(SystemExit):  # the library's processors take no fused q/k/v
         main(["--model", "flux", "--size", "tiny", "--variants", "qkv+compile", "--attention", "sdpa_math"])
     path = main(["--model", "flux", "--size", "tiny", "--device", "cpu", "--compile-backend", "eager", "--reps", "1",

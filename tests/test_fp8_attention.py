@@ -144,6 +144,10 @@ def test_fp8_attention_is_refused_where_it_cannot_run(load_tiny):
 
     with pytest.raises(ValueError, match="is a CUDA kernel"):
         load_tiny("wan21_1b", attention="flash_attn_3_fp8")
+    wan = load_tiny("wan21_1b").pipe.transformer
+    for kernel in ("flash_attn_3", "flash_attn_3_fp8"):  # tiny Wan's heads are 12 wide
+        with pytest.raises(ValueError, match=r"multiple of 8, and wan21_1b's attention has heads of \[12\]"):
+            set_attention_kernel([wan], kernel, "cuda", "wan21_1b")
     unet = load_tiny("sd15").pipe.unet
     with pytest.raises(ValueError, match="cannot choose its attention kernel"):
         set_attention_kernel([unet], "flash_attn_3_fp8", "cuda", "sd15")

@@ -103,7 +103,15 @@ def test_attention_kernels_agree_with_the_default(load_tiny, kernel, model_id):
     default = load_tiny(model_id, device="cuda", dtype="bf16").generate(**gen).images
     chosen = load_tiny(model_id, device="cuda", dtype="bf16", attention=kernel)
     assert chosen.attention == kernel
-    assert np.abs(chosen.generate(**gen).images - default).max() < 0.03
+    assert_kernels_agree(chosen.generate(**gen).images, default, f"{model_id} {kernel}")
+
+
+def assert_kernels_agree(images, default, label: str) -> None:
+    """Two bf16 attention kernels on a random tiny model: a few pixels may differ by several 8-bit levels (HiDream's
+    did by 0.033 with FlashAttention-2 and -3), the image by little."""
+    difference = np.abs(images - default)
+    print(f"{label}: mean |kernel - sdpa| {difference.mean():.4f}, max {difference.max():.4f}")
+    assert difference.mean() < 0.005 and difference.max() < 0.05
 
 
 def test_auto_offload_follows_the_memory_it_may_use(load_tiny, monkeypatch):
@@ -250,10 +258,7 @@ def test_flash_attention_3_agrees_with_the_default_or_says_how_to_install_it(loa
         pytest.skip("FlashAttention-3 (flash_attn_interface or fa3-fwd) is not installed: only its error was checked")
     default = load_tiny(model_id, device="cuda", dtype="bf16").generate(**gen).images
     chosen = load_tiny(model_id, device="cuda", dtype="bf16", attention="flash_attn_3")
-    difference = np.abs(chosen.generate(**gen).images - default)
-    print(f"{model_id}: mean |fa3 - sdpa| {difference.mean():.4f}, max {difference.max():.4f}")
-    # two bf16 kernels on a random tiny model: a few pixels may differ by several 8-bit levels, the image by little
-    assert difference.mean() < 0.005 and difference.max() < 0.05
+    assert_kernels_agree(chosen.generate(**gen).images, default, f"{model_id} flash_attn_3")
 
 
 def test_fp8_master_on_the_gpu_gives_the_weights_of_the_host_master(load_tiny, tmp_path):
@@ -551,11 +556,11 @@ def test_eager_fp8_layers_quantize_their_input_in_one_kernel_with_torchaos_bits_
     assert np.array_equal(direct[1], direct[0])
 
 
-@pytest.mark.parametrize("model_id", ["flux", "flux2_klein_4b", "krea2", "wan21_1b", "hidream"])
+# tiny Wan's 12-wide and LTX-2's 4-wide heads are refused (FlashAttention-3 takes multiples of 8)
+@pytest.mark.parametrize("model_id", ["flux", "flux2_klein_4b", "krea2", "hidream"])
 def test_fp8_attention_runs_the_attention_layers_in_fp8_close_to_the_default(load_tiny, monkeypatch, model_id):
     """attention="flash_attn_3_fp8" hands every attention layer runtime.rope covers to FlashAttention-3's FP8 kernel
-    (e4m3 inputs, one scale per image and head), eager and under the regional compile, within a few levels of the
-    bf16 image."""
+    (e4m3 inputs, one scale per image and head), eager and compiled, within a few levels of the bf16 image."""
     from diffusers.models import attention_dispatch
 
     from aitk_inference.pipelines.runtime.accelerate import use_fa3_fwd_if_needed
@@ -574,8 +579,11 @@ def test_fp8_attention_runs_the_attention_layers_in_fp8_close_to_the_default(loa
     monkeypatch.setattr(attention_dispatch, "flash_attn_3_func", recording)
     video = REGISTRY[model_id].video
     gen = dict(prompt="x", width=64, height=64, steps=2, seed=3, **({"num_frames": video.frames(1)} if video else {}))
-    default = load_tiny(model_id, device="cuda", dtype="bf16").generate(**gen).images
-    for compile in ("none", "regional"):
+    reference = load_tiny(model_id, device="cuda", dtype="bf16")
+    default = reference.generate(**gen).images
+    # HiDream's transformer declares no repeated blocks: it compiles whole
+    compiled = "regional" if getattr(reference.pipe.transformer, "_repeated_blocks", None) else "full"
+    for compile in ("none", compiled):
         pipeline = load_tiny(model_id, device="cuda", dtype="bf16", attention="flash_attn_3_fp8", compile=compile)
         processors = [m.processor for m in pipeline.pipe.transformer.modules()
                       if isinstance(getattr(m, "processor", None), FusedRopeProcessor)]

@@ -434,10 +434,15 @@ def set_attention_kernel(denoisers: list, kernel: str, device: str, model_id: st
             raise ValueError(f"{model_id}'s {type(denoisers[0]).__name__} cannot choose its attention kernel; use "
                              "attention='sdpa'.")
         return
+    flash_attention_3 = ATTENTION_KERNELS[kernel] == ATTENTION_KERNELS["flash_attn_3"]
+    odd_heads = sorted(size for size in attention_head_sizes(denoisers) if size % 8) if flash_attention_3 else []
+    if odd_heads:
+        raise ValueError(f"attention={kernel!r}: FlashAttention-3 takes attention heads whose size is a multiple of 8, "
+                         f"and {model_id}'s attention has heads of {odd_heads}; use attention='sdpa'.")
     problem = attention_device_problem(kernel, device)
     if problem:
         raise ValueError(problem + ".")
-    if ATTENTION_KERNELS[kernel] == ATTENTION_KERNELS["flash_attn_3"] and not use_fa3_fwd_if_needed():
+    if flash_attention_3 and not use_fa3_fwd_if_needed():
         raise ValueError(f"attention={kernel!r} needs FlashAttention-3 for Hopper GPUs: pip install fa3-fwd (its "
                          "forward kernels as a wheel) or build FlashAttention's hopper/ folder; or use attention='sdpa'.")
     fp8_processors = [m.processor for denoiser in denoisers for m in denoiser.modules()
@@ -459,6 +464,22 @@ def set_attention_kernel(denoisers: list, kernel: str, device: str, model_id: st
         raise ValueError(f"attention={kernel!r} is not usable here: {e}") from e
     finally:
         quiet.setLevel(level)
+
+
+def attention_head_sizes(denoisers: list) -> set[int]:
+    """The head sizes of the attention layers of ``denoisers`` that name them (diffusers' ``head_dim``, or the query
+    projection's width over the head count)."""
+    sizes = set()
+    for denoiser in denoisers:
+        for module in denoiser.modules():
+            if not hasattr(module, "processor"):
+                continue
+            heads = getattr(module, "heads", None) or getattr(module, "num_heads", None)
+            query_width = getattr(getattr(module, "to_q", None), "out_features", None)
+            size = getattr(module, "head_dim", None) or (query_width // heads if heads and query_width else None)
+            if size:
+                sizes.add(size)
+    return sizes
 
 
 def use_fa3_fwd_if_needed() -> bool:

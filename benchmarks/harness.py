@@ -22,8 +22,13 @@ from ..pipelines.atomic import atomic_path
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-RECORD_KEYS = ("model", "metric", "variant", "value", "unit", "reference_value", "ratio", "notes")
+SCHEMA_VERSION = 2
+RECORD_KEYS = ("model", "metric", "variant", "value", "unit", "reference_value", "ratio", "notes", "card")
+#: what tells two cards of one name apart (nvidia-smi's field names; its units: W, MHz)
+CARD_IDENTITY = ("uuid", "pci.bus_id", "driver_version", "power.limit", "power.max_limit", "clocks.max.sm",
+                 "clocks.max.memory")
+#: the card's state just after a timing: whether it ran at its clocks or was held back (power, heat)
+CARD_LOAD = ("clocks.sm", "clocks.memory", "power.draw", "temperature.gpu", "clocks_event_reasons.active")
 REFERENCE = "dynamic"
 VARIANTS = ("plain", "dynamic", "fused", "fused+rope", "attention", "fused+compile", "fused+compile+fp8",
             "fused+fp8+compile", "fp8+compile")
@@ -36,7 +41,8 @@ PROMPT = "a photo of a cat holding a sign that says hello world, studio lighting
 
 @dataclass
 class Record:
-    """One measured number; ``ratio`` is ``value / reference_value`` when the reference was measured."""
+    """One measured number; ``ratio`` is ``value / reference_value`` when the reference was measured; ``card``, for
+    a time measured on a GPU that nvidia-smi sees, is its ``CARD_LOAD`` just after the measurement."""
 
     model: str
     metric: str
@@ -46,6 +52,7 @@ class Record:
     reference_value: float | None = None
     ratio: float | None = None
     notes: str = ""
+    card: dict | None = None
 
 
 @dataclass
@@ -59,12 +66,16 @@ class Recorder:
     def add(self, model: str, metric: str, variant: str, value: float, unit: str,
             reference_value: float | None = None, notes: str = "") -> Record:
         ratio = value / reference_value if reference_value else None
+        card = (self.meta.get("card") or {}).get("uuid")
         record = Record(model, metric, variant, round(float(value), 6), unit,
                         None if reference_value is None else round(float(reference_value), 6),
-                        None if ratio is None else round(ratio, 4), notes)
+                        None if ratio is None else round(ratio, 4), notes,
+                        card_state(card, CARD_LOAD) if card and unit in ("ms", "s") else None)
         self.records.append(record)
         ref = f" (ref {record.reference_value}, ratio {record.ratio})" if ratio is not None else ""
-        print(f"[bench] {model:13s} {metric:28s} {variant:22s} {record.value:12.4f} {unit}{ref} {notes}", flush=True)
+        load = f" [card: {', '.join(f'{k} {v}' for k, v in record.card.items())}]" if record.card else ""
+        print(f"[bench] {model:13s} {metric:28s} {variant:22s} {record.value:12.4f} {unit}{ref} {notes}{load}",
+              flush=True)
         self.write()
         return record
 
@@ -95,8 +106,42 @@ def environment(device: str) -> dict:
             versions[name] = md.version(name)
         except md.PackageNotFoundError:
             versions[name] = None
-    name = torch.cuda.get_device_name(0) if device.startswith("cuda") else (platform.processor() or platform.machine())
-    return {"device": name, "versions": versions}
+    if not device.startswith("cuda"):
+        return {"device": platform.processor() or platform.machine(), "versions": versions}
+    index = torch.device(device).index or 0
+    card = (card_state(f"GPU-{torch.cuda.get_device_properties(index).uuid}", CARD_IDENTITY)
+            or card_state(str(index), CARD_IDENTITY))  # the index is nvidia-smi's only where no GPU is hidden
+    return {"device": torch.cuda.get_device_name(index), "versions": versions, "card": card}
+
+
+def card_state(card: str, fields: tuple) -> dict | None:
+    """nvidia-smi's values of ``fields`` for the GPU it knows as ``card`` (a UUID or an index; numbers as numbers),
+    or None without nvidia-smi; a field this driver does not know is left out."""
+
+    def query(names):
+        try:
+            done = subprocess.run(["nvidia-smi", f"--id={card}", "--query-gpu=" + ",".join(names),
+                                   "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        values = [v.strip() for v in done.stdout.strip().split(",")]
+        if done.returncode != 0 or len(values) != len(names):
+            return None
+        return dict(zip(names, map(_number_or_text, values)))
+
+    state = query(fields)
+    if state is None:  # one unknown field fails the whole query: ask for each alone
+        state = {}
+        for name in fields:
+            state.update(query((name,)) or {})
+    return state or None
+
+
+def _number_or_text(value: str):
+    try:
+        return float(value)
+    except ValueError:
+        return value
 
 
 def device_slug(name: str) -> str:

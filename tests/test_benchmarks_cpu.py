@@ -272,3 +272,33 @@ def test_what_is_left_names_the_list_that_keeps_blocks_after_their_model(tiny_di
     assert single["count"] == 1 and single["largest_gib"] == round(accelerate.module_bytes(kept[-1][1]) / 2**30, 2)
     assert single["largest_kept_by"].startswith("held by an untracked holder (a running function's local variable?): "
                                                 "list [('transformer_blocks.0', FluxTransformerBlock(")
+
+
+def _fake_nvidia_smi(folder, known: dict) -> None:
+    """An ``nvidia-smi`` on PATH that answers ``--query-gpu`` for the fields in ``known`` and fails, as a driver
+    does, for a query with any other field."""
+    import sys
+
+    script = folder / "nvidia-smi"
+    script.write_text(f"#!{sys.executable}\nimport sys\nknown = {known!r}\n"
+                      "fields = next(a for a in sys.argv if a.startswith('--query-gpu=')).split('=', 1)[1].split(',')\n"
+                      "if any(f not in known for f in fields):\n"
+                      "    sys.exit('Field is not a valid field to query.')\n"
+                      "print(', '.join(known[f] for f in fields))\n")
+    script.chmod(0o755)
+
+
+def test_card_state_reads_nvidia_smi_and_leaves_out_what_the_driver_does_not_know(tmp_path, monkeypatch):
+    from aitk_inference.benchmarks.harness import CARD_LOAD, Recorder, card_state
+
+    _fake_nvidia_smi(tmp_path, {"uuid": "GPU-1234", "clocks.sm": "1980", "clocks.memory": "2619",
+                                "power.draw": "690.50", "temperature.gpu": "61"})
+    monkeypatch.setenv("PATH", str(tmp_path))
+    # an older driver: it does not know clocks_event_reasons.active, so each field is asked alone
+    load = {"clocks.sm": 1980.0, "clocks.memory": 2619.0, "power.draw": 690.5, "temperature.gpu": 61.0}
+    assert card_state("GPU-1234", CARD_LOAD) == load
+    recorder = Recorder(str(tmp_path / "r.json"), {"card": {"uuid": "GPU-1234"}})
+    assert recorder.add("flux", "forward_ms", "fused", 100.0, "ms").card == load  # a time: the card just after it
+    assert recorder.add("flux", "peak_memory", "fused", 11.7, "GiB").card is None
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert card_state("GPU-1234", CARD_LOAD) is None

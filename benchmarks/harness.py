@@ -16,7 +16,7 @@ import statistics
 import subprocess
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from ..pipelines.atomic import atomic_path
 
@@ -31,7 +31,7 @@ CARD_IDENTITY = ("uuid", "pci.bus_id", "driver_version", "power.limit", "power.m
 CARD_LOAD = ("clocks.sm", "clocks.memory", "power.draw", "temperature.gpu", "clocks_event_reasons.active")
 REFERENCE = "dynamic"
 VARIANTS = ("plain", "dynamic", "fused", "fused+rope", "attention", "fused+compile", "fused+compile+fp8",
-            "fused+fp8+compile", "fp8+compile")
+            "fused+fp8+compile", "fp8+compile", "resize")
 #: the library's FP8 modes in the pipeline run -> their LoRA mode (fused: merged before quantizing; dynamic: adapters)
 FP8_VARIANTS = {"fused+fp8+compile": "fused", "fp8+compile": "dynamic"}
 #: the kernels the FLUX pipeline run compares (``attention`` variant); the fastest one is used for the compiled runs
@@ -397,11 +397,13 @@ def bench_transformer(model_id: str, opts: Options, rec: Recorder) -> None:
             rec.add(model_id, "fused_rope_bitwise_equal", "fused+rope", float(torch.equal(forward(), expected)),
                     "1 = equal", notes="the eager forward with the fused rotary embedding vs diffusers' (same LoRA)")
     reference_out = None
+    last_compiled = None  # the variant the "resize" variant measures again
     if "fused+compile" in opts.variants and opts.time_left() > 120:
         graphs = compiled_graphs()
         reference_out = compile_and_first_forward(
             "fused+compile", "regional compile (compile_repeated_blocks, fullgraph) + first forward")
         measure("fused+compile")
+        last_compiled = "fused+compile"
         before = compiled_graphs()
         stack.set([LoraRequest(state_dict=lora.state_dict, name=lora.name, strength=0.5)])
         forward()
@@ -422,6 +424,7 @@ def bench_transformer(model_id: str, opts: Options, rec: Recorder) -> None:
             rec.add(model_id, "fp8_relative_error", "fused+compile+fp8", relative_error(out, reference_out), "rel L2",
                     notes="one forward vs the bf16 fused model, same inputs")
             measure("fused+compile+fp8")
+            last_compiled = "fused+compile+fp8"
     if "fp8+compile" in opts.variants and opts.time_left() > 150:
         compiled_before = any(v in opts.variants for v in ("fused+compile", "fused+compile+fp8"))
         why = fp8_unavailable(opts.device) or (
@@ -442,6 +445,7 @@ def bench_transformer(model_id: str, opts: Options, rec: Recorder) -> None:
             rec.add(model_id, "fp8_relative_error", "fp8+compile", relative_error(out, reference_out), "rel L2",
                     notes="one forward vs bf16 with the LoRA fused, same inputs")
             measure("fp8+compile")
+            last_compiled = "fp8+compile"
             before = compiled_graphs()
             stack.set([LoraRequest(state_dict=lora.state_dict, name=lora.name, strength=0.5)])
             sync(opts.device)
@@ -450,9 +454,25 @@ def bench_transformer(model_id: str, opts: Options, rec: Recorder) -> None:
             sync(opts.device)
             rec.add(model_id, "recompiles_after_strength_change", "fp8+compile", compiled_graphs() - before, "graphs",
                     notes=f"the forward after the change took {time.perf_counter() - t0:.2f} s")
+    if "resize" in opts.variants and last_compiled and opts.time_left() > 90:
+        # a user's next image at another size: torch recompiles the blocks once with dynamic shapes, which every
+        # later size, this one included, then runs
+        smaller = replace(workload, height=_three_quarters(workload.height), width=_three_quarters(workload.width))
+        before = compiled_graphs()
+        with torch.inference_mode():
+            model(**forward_inputs(architecture, model, smaller))
+        rec.add(model_id, "recompiles_after_size_change", last_compiled, compiled_graphs() - before, "graphs",
+                notes=f"one forward at {smaller.height}x{smaller.width} latents instead of "
+                f"{workload.height}x{workload.width}")
+        measure(f"{last_compiled}+resize", f"; {last_compiled} measured again after that forward at another size")
     del model, inputs, stack
     if opts.device.startswith("cuda"):
         torch.cuda.empty_cache()
+
+
+def _three_quarters(latent_pixels: int) -> int:
+    """Three quarters of a latent side, rounded down to an even number (the transformers' 2x2 patches)."""
+    return max(2, latent_pixels * 3 // 4 // 2 * 2)
 
 
 # ---------------------------------------------------------------------------------------------------------------- FLUX pipeline

@@ -302,3 +302,19 @@ def test_card_state_reads_nvidia_smi_and_leaves_out_what_the_driver_does_not_kno
     assert recorder.add("flux", "peak_memory", "fused", 11.7, "GiB").card is None
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     assert card_state("GPU-1234", CARD_LOAD) is None
+
+
+def test_tiny_forward_resize_variant_times_the_compiled_blocks_again_after_another_size(tmp_path):
+    """``resize``: one forward at another size recompiles the compiled blocks (dynamic shapes), and the last compiled
+    variant is timed again at the workload's size against the reference."""
+    from aitk_inference.benchmarks.run import main
+
+    path = main(["--size", "tiny", "--device", "cpu", "--dtype", "fp32", "--models", "--forward-only", "flux",
+                 "--variants", "fused+compile", "resize", "--compile-backend", "eager", "--reps", "1",
+                 "--out", str(tmp_path / "results"), "--workdir", str(tmp_path / "work")])
+    with open(path) as f:
+        by_key = {(r["metric"], r["variant"]): r for r in json.load(f)["records"]}
+    recompiles = by_key[("recompiles_after_size_change", "fused+compile")]
+    assert recompiles["value"] >= 1 and "6x6 latents instead of 8x8" in recompiles["notes"]
+    resized = by_key[("forward_ms", "fused+compile+resize")]
+    assert resized["value"] > 0 and resized["reference_value"] == by_key[("forward_ms", "dynamic")]["value"]

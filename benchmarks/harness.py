@@ -109,7 +109,8 @@ def environment(device: str) -> dict:
     if not device.startswith("cuda"):
         return {"device": platform.processor() or platform.machine(), "versions": versions}
     index = torch.device(device).index or 0
-    card = (card_state(f"GPU-{torch.cuda.get_device_properties(index).uuid}", CARD_IDENTITY)
+    uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+    card = ((uuid and card_state(f"GPU-{uuid}", CARD_IDENTITY))
             or card_state(str(index), CARD_IDENTITY))  # the index is nvidia-smi's only where no GPU is hidden
     return {"device": torch.cuda.get_device_name(index), "versions": versions, "card": card}
 

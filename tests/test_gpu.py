@@ -563,7 +563,7 @@ def test_fp8_attention_runs_the_attention_layers_in_fp8_close_to_the_default(loa
     (e4m3 inputs, one scale per image and head), eager and compiled, within a few levels of the bf16 image."""
     from diffusers.models import attention_dispatch
 
-    from aitk_inference.pipelines.runtime.accelerate import use_fa3_fwd_if_needed
+    from aitk_inference.pipelines.runtime.accelerate import repeated_blocks, use_fa3_fwd_if_needed
     from aitk_inference.pipelines.runtime.rope import FusedRopeProcessor
 
     if not use_fa3_fwd_if_needed():
@@ -582,7 +582,7 @@ def test_fp8_attention_runs_the_attention_layers_in_fp8_close_to_the_default(loa
     reference = load_tiny(model_id, device="cuda", dtype="bf16")
     default = reference.generate(**gen).images
     # HiDream's transformer declares no repeated blocks: it compiles whole
-    compiled = "regional" if getattr(reference.pipe.transformer, "_repeated_blocks", None) else "full"
+    compiled = "regional" if repeated_blocks(reference.pipe.transformer) else "full"
     for compile in ("none", compiled):
         pipeline = load_tiny(model_id, device="cuda", dtype="bf16", attention="flash_attn_3_fp8", compile=compile)
         processors = [m.processor for m in pipeline.pipe.transformer.modules()

@@ -7,6 +7,7 @@ plus a rank-16 PEFT LoRA injected as a live adapter on every Linear of the trans
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import json
 import logging
@@ -15,6 +16,7 @@ import platform
 import statistics
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 
@@ -42,7 +44,9 @@ PROMPT = "a photo of a cat holding a sign that says hello world, studio lighting
 @dataclass
 class Record:
     """One measured number; ``ratio`` is ``value / reference_value`` when the reference was measured; ``card``, for
-    a time measured on a GPU that nvidia-smi sees, is its ``CARD_LOAD`` just after the measurement."""
+    a time measured on a GPU that nvidia-smi sees, is its ``CARD_LOAD`` while it was busy since the record before
+    (``CardMonitor.busy_since``: medians, the lowest SM clock, the highest power and temperature, every clock-event
+    reason seen), or, where no busy sample was taken, one reading just after the measurement."""
 
     model: str
     metric: str
@@ -62,19 +66,24 @@ class Recorder:
     path: str
     meta: dict
     records: list = field(default_factory=list)
+    monitor: CardMonitor | None = None
+    since: float = field(default_factory=time.monotonic)
 
     def add(self, model: str, metric: str, variant: str, value: float, unit: str,
             reference_value: float | None = None, notes: str = "") -> Record:
         ratio = value / reference_value if reference_value else None
         card = (self.meta.get("card") or {}).get("uuid")
+        load = None
+        if card and unit in ("ms", "s"):
+            load = (self.monitor and self.monitor.busy_since(self.since)) or card_state(card, CARD_LOAD)
+        self.since = time.monotonic()
         record = Record(model, metric, variant, round(float(value), 6), unit,
                         None if reference_value is None else round(float(reference_value), 6),
-                        None if ratio is None else round(ratio, 4), notes,
-                        card_state(card, CARD_LOAD) if card and unit in ("ms", "s") else None)
+                        None if ratio is None else round(ratio, 4), notes, load)
         self.records.append(record)
         ref = f" (ref {record.reference_value}, ratio {record.ratio})" if ratio is not None else ""
-        load = f" [card: {', '.join(f'{k} {v}' for k, v in record.card.items())}]" if record.card else ""
-        print(f"[bench] {model:13s} {metric:28s} {variant:22s} {record.value:12.4f} {unit}{ref} {notes}{load}",
+        card_text = f" [card: {', '.join(f'{k} {v}' for k, v in record.card.items())}]" if record.card else ""
+        print(f"[bench] {model:13s} {metric:28s} {variant:22s} {record.value:12.4f} {unit}{ref} {notes}{card_text}",
               flush=True)
         self.write()
         return record
@@ -138,6 +147,67 @@ def card_state(card: str, fields: tuple) -> dict | None:
     return state or None
 
 
+class CardMonitor:
+    """nvidia-smi reading the card's ``CARD_LOAD`` every ``interval_ms`` in a background process, so that a timing
+    can say which clocks and power the card held while it was busy: one reading after the timing finds the card idle,
+    its clocks already back up."""
+
+    BUSY = "utilization.gpu"
+
+    def __init__(self, card: str, fields: tuple, interval_ms: int):
+        self.fields = (self.BUSY, *fields)
+        self.samples: list[tuple[float, dict]] = []
+        self._process = subprocess.Popen(
+            ["nvidia-smi", f"--id={card}", "--query-gpu=" + ",".join(self.fields), "--format=csv,noheader,nounits",
+             "-lms", str(interval_ms)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        threading.Thread(target=self._read, daemon=True).start()
+        atexit.register(self.close)
+
+    @classmethod
+    def start(cls, card: str, interval_ms: int = 100) -> CardMonitor | None:
+        """A monitor of the fields this driver knows, or None without nvidia-smi or its utilization reading."""
+        known = card_state(card, (cls.BUSY, *CARD_LOAD)) or {}
+        if cls.BUSY not in known:
+            return None
+        try:
+            return cls(card, tuple(f for f in CARD_LOAD if f in known), interval_ms)
+        except OSError:
+            return None
+
+    def _read(self) -> None:
+        for line in self._process.stdout:
+            values = [v.strip() for v in line.split(",")]
+            if len(values) == len(self.fields):
+                self.samples.append((time.monotonic(), dict(zip(self.fields, map(_number_or_text, values)))))
+
+    def busy_since(self, since: float, min_utilization: float = 50.0) -> dict | None:
+        """The samples after ``since`` (``time.monotonic``) with the card at least ``min_utilization`` % busy."""
+        busy = [s for t, s in list(self.samples) if t >= since and _at_least(s[self.BUSY], min_utilization)]
+        if not busy:
+            return None
+        summary = {"busy_samples": len(busy)}
+        for name in self.fields[1:]:
+            values = [s[name] for s in busy if isinstance(s[name], float)]
+            if values:
+                summary[name] = statistics.median(values)
+            elif name == "clocks_event_reasons.active":
+                summary[name] = sorted({s[name] for s in busy})
+        for name, extreme in (("clocks.sm", min), ("power.draw", max), ("temperature.gpu", max)):
+            values = [s[name] for s in busy if isinstance(s.get(name), float)]
+            if values:
+                summary[f"{name}.{extreme.__name__}"] = extreme(values)
+        return summary
+
+    def close(self) -> None:
+        if self._process.poll() is None:
+            self._process.terminate()
+            self._process.wait(timeout=10)
+
+
+def _at_least(value, bound: float) -> bool:
+    return isinstance(value, float) and value >= bound
+
+
 def _number_or_text(value: str):
     try:
         return float(value)
@@ -155,7 +225,7 @@ def new_recorder(out_dir: str, device: str, command: str, size: str) -> Recorder
     path = os.path.join(out_dir, f"{today}-{device_slug(env['device'])}{'' if size == 'full' else '-' + size}.json")
     meta = {"schema": SCHEMA_VERSION, "date": today, "size": size, "command": command, "reference_path":
             "dynamic: diffusers + rank-16 PEFT LoRA as a live adapter on every block Linear", **env}
-    return Recorder(path, meta)
+    return Recorder(path, meta, monitor=CardMonitor.start(env["card"]["uuid"]) if env.get("card") else None)
 
 
 # ---------------------------------------------------------------------------------------------------------------- timing

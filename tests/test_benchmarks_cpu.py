@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import time
 
 import pytest
 from aitk_inference.benchmarks.harness import RECORD_KEYS, SCHEMA_VERSION
@@ -275,33 +276,72 @@ def test_what_is_left_names_the_list_that_keeps_blocks_after_their_model(tiny_di
 
 
 def _fake_nvidia_smi(folder, known: dict) -> None:
-    """An ``nvidia-smi`` on PATH that answers ``--query-gpu`` for the fields in ``known`` and fails, as a driver
-    does, for a query with any other field."""
+    """An ``nvidia-smi`` on PATH that answers ``--query-gpu`` for the fields in ``known`` (every 20 ms with ``-lms``)
+    and fails, as a driver does, for a query with any other field."""
     import sys
 
     script = folder / "nvidia-smi"
-    script.write_text(f"#!{sys.executable}\nimport sys\nknown = {known!r}\n"
+    script.write_text(f"#!{sys.executable}\nimport sys, time\nknown = {known!r}\n"
                       "fields = next(a for a in sys.argv if a.startswith('--query-gpu=')).split('=', 1)[1].split(',')\n"
                       "if any(f not in known for f in fields):\n"
                       "    sys.exit('Field is not a valid field to query.')\n"
-                      "print(', '.join(known[f] for f in fields))\n")
+                      "while True:\n"
+                      "    print(', '.join(known[f] for f in fields), flush=True)\n"
+                      "    if '-lms' not in sys.argv:\n"
+                      "        break\n"
+                      "    time.sleep(0.02)\n")
     script.chmod(0o755)
 
 
 def test_card_state_reads_nvidia_smi_and_leaves_out_what_the_driver_does_not_know(tmp_path, monkeypatch):
-    from aitk_inference.benchmarks.harness import CARD_LOAD, Recorder, card_state
+    from aitk_inference.benchmarks.harness import CARD_LOAD, CardMonitor, Recorder, card_state
 
     _fake_nvidia_smi(tmp_path, {"uuid": "GPU-1234", "clocks.sm": "1980", "clocks.memory": "2619",
-                                "power.draw": "690.50", "temperature.gpu": "61"})
+                                "power.draw": "690.50", "temperature.gpu": "61", "utilization.gpu": "0"})
     monkeypatch.setenv("PATH", str(tmp_path))
     # an older driver: it does not know clocks_event_reasons.active, so each field is asked alone
     load = {"clocks.sm": 1980.0, "clocks.memory": 2619.0, "power.draw": 690.5, "temperature.gpu": 61.0}
     assert card_state("GPU-1234", CARD_LOAD) == load
-    recorder = Recorder(str(tmp_path / "r.json"), {"card": {"uuid": "GPU-1234"}})
-    assert recorder.add("flux", "forward_ms", "fused", 100.0, "ms").card == load  # a time: the card just after it
+    monitor = CardMonitor.start("GPU-1234")
+    recorder = Recorder(str(tmp_path / "r.json"), {"card": {"uuid": "GPU-1234"}}, monitor=monitor)
+    _wait_for_samples(monitor, 3)
+    # the card never busy: the reading just after the time
+    assert recorder.add("flux", "forward_ms", "fused", 100.0, "ms").card == load
     assert recorder.add("flux", "peak_memory", "fused", 11.7, "GiB").card is None
+    monitor.close()
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     assert card_state("GPU-1234", CARD_LOAD) is None
+    assert CardMonitor.start("GPU-1234") is None
+
+
+def _wait_for_samples(monitor, count: int) -> None:
+    deadline = time.monotonic() + 30
+    while len(monitor.samples) < count and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(monitor.samples) >= count
+
+
+def test_card_monitor_reports_the_card_while_busy_since_the_record_before(tmp_path, monkeypatch):
+    """A timing's ``card`` summarises the samples nvidia-smi took while the card was busy since the record before:
+    clock-event reasons as nvidia-smi writes them, the lowest SM clock and the highest power."""
+    from aitk_inference.benchmarks.harness import CardMonitor, Recorder
+
+    _fake_nvidia_smi(tmp_path, {"clocks.sm": "1755", "clocks.memory": "2619", "power.draw": "699.10",
+                                "temperature.gpu": "70", "clocks_event_reasons.active": "0x0000000000000004",
+                                "utilization.gpu": "100"})
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monitor = CardMonitor.start("GPU-1234")
+    try:
+        recorder = Recorder(str(tmp_path / "r.json"), {"card": {"uuid": "GPU-1234"}}, monitor=monitor)
+        _wait_for_samples(monitor, 3)
+        card = recorder.add("flux", "forward_ms", "fp8", 100.0, "ms").card
+        assert card.pop("busy_samples") >= 3
+        assert card == {"clocks.sm": 1755.0, "clocks.memory": 2619.0, "power.draw": 699.1, "temperature.gpu": 70.0,
+                        "clocks_event_reasons.active": ["0x0000000000000004"], "clocks.sm.min": 1755.0,
+                        "power.draw.max": 699.1, "temperature.gpu.max": 70.0}
+        assert monitor.busy_since(time.monotonic() + 60) is None  # no sample after the record: not a busy card
+    finally:
+        monitor.close()
 
 
 def test_tiny_forward_resize_variant_times_the_compiled_blocks_again_after_another_size(tmp_path):

@@ -153,6 +153,26 @@ def test_tiny_flux_compile_variant_times_a_second_process(tiny_dir, tmp_path):
     assert by_key[("step", "fused+compile")]["reference_value"] == by_key[("step", "dynamic")]["value"]
 
 
+def test_tiny_attention_forward_compares_kernels_eager_and_compiled(tiny_dir, tmp_path):
+    """benchmarks/attention_forward on the CPU: each kernel's eager and compiled forward of one model, its error and
+    its ratios against the first kernel; one kernel alone is refused."""
+    from aitk_inference.benchmarks.attention_forward import main
+
+    tiny_dir("flux")
+    path = main(["--models", "flux", "--kernels", "sdpa", "sdpa_math", "--size", "tiny", "--device", "cpu",
+                 "--dtype", "fp32", "--compile-backend", "eager", "--reps", "1", "--out", str(tmp_path)])
+    with open(path) as f:
+        flux = json.load(f)["models"]["flux"]
+    for mode in ("eager", "compiled"):
+        assert flux[f"{mode}_sdpa_math_ms"] > 0
+        assert flux[f"{mode}_ratio_sdpa_math_vs_sdpa"] == round(flux[f"{mode}_sdpa_math_ms"] / flux[f"{mode}_sdpa_ms"],
+                                                                4)
+    assert flux["compile_first_call_sdpa_s"] >= 0
+    assert flux["relative_error_sdpa_math_vs_sdpa"] < 1e-5  # fp32: one attention, two kernels
+    with pytest.raises(SystemExit):
+        main(["--models", "flux", "--kernels", "sdpa", "--size", "tiny", "--device", "cpu"])
+
+
 def test_tiny_step_profile_times_each_variant_against_the_reference(tiny_dir, tmp_path):
     """The step profiler's CPU path: every variant's forward is recorded against the live-adapter reference; with
     ``--attention`` the variants run that kernel and its error is recorded."""

@@ -62,10 +62,6 @@ def bench_model(model_id: str, kernels: list, size: str, device: str, dtype: str
         for kernel in kernels[1:]:
             result[f"{mode}_ratio_{kernel}_vs_{reference}"] = round(
                 result[f"{mode}_{kernel}_ms"] / result[f"{mode}_{reference}_ms"], 4)
-    del model, inputs
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
     return result
 
 
@@ -101,6 +97,9 @@ def main(argv=None) -> str:
     for model_id in args.models:
         result["models"][model_id] = bench_model(model_id, args.kernels, args.size, args.device, args.dtype,
                                                  args.reps, args.compile_backend)
+        gc.collect()  # the model of the one before leaves the card
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
         path = write_result(args.out, "attention_forward", result)  # after each model: a cut-short run keeps it
     return path
 

@@ -1,181 +1,234 @@
-"""Attention kernels alone at FLUX.1 (1024x1024: 4,608 tokens x 24 heads) and Wan 2.1 14B (480p x 81 frames: 32,760
-tokens x 40 heads) shapes, head dim 128, bf16: ms, TFLOP/s and relative L2 error against an fp32 reference; then
-FLUX's attention with its q/k RMSNorm and RoPE in front, eager and compiled, with the CUDA kernels' times (profiler).
-Kernels: torch SDPA (cuDNN, flash-2; strided views as diffusers passes them and contiguous), FlashAttention-3 from
-the ``fa3-fwd`` wheel in bf16 and in FP8 (per-tensor scales, and the library's per-head ``fp8_attention``, eager
-and compiled; quantization included), FlashAttention-4 (``flash-attn-4``, CuTe DSL) in bf16, SageAttention 1
-(Triton, 8-bit QK). A missing package is recorded as such. GPU only: ``python3 -m aitk_inference.benchmarks.attention_kernels``
-(writes ``attn_probe.json`` to $OUT or the working folder)."""
-import json, os
+"""Attention kernels alone at FLUX.1's (1024x1024: 4,608 tokens x 24 heads) and Wan 2.1 14B's (480p x 81 frames:
+32,760 tokens x 40 heads) shapes, head dim 128: ms, TFLOP/s and relative L2 against an fp32 reference; then FLUX's
+attention with its q/k RMSNorm and rotary embedding in front, eager and compiled, with the GPU kernels' times.
 
-import torch
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
+    python -m aitk_inference.benchmarks.attention_kernels --out DIR
+    python -m aitk_inference.benchmarks.attention_kernels --shapes tiny --device cpu --dtype fp32   # smoke run
 
-dev = "cuda"
-torch.manual_seed(0)
-res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "kernels": {}}
+Kernels: torch SDPA (cuDNN and FlashAttention-2, on the strided views diffusers passes and on contiguous copies),
+FlashAttention-3 (the ``fa3-fwd`` wheel) in bf16 and in FP8 (per-tensor scales, and the library's per-head
+``fp8_attention``, eager and compiled; quantization included), FlashAttention-4 (``flash-attn-4``) in bf16,
+SageAttention 1 (8-bit QK). A kernel whose package is missing, or that cannot run on the device, is recorded with
+the reason. Writes ``attention_kernels.json`` to ``--out``.
+"""
 
+from __future__ import annotations
 
-def bench(fn, reps=30):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
+import argparse
+import contextlib
+import os
+import shlex
+import sys
 
-
-def rel(a, b):
-    return float((a.float() - b.float()).norm() / b.float().norm())
+#: (batch, tokens, heads, head dim), the layout diffusers hands its attention backends
+SHAPES = {
+    "full": {"flux_1024": (1, 4608, 24, 128), "wan14b_480p_81f": (1, 32760, 40, 128)},
+    "tiny": {"flux_tiny": (1, 64, 2, 16)},
+}
+#: above this many tokens the fp32 reference uses the memory-efficient kernel (the math one would not fit)
+LONG_SEQUENCE = 10_000
 
 
-shapes = {"flux_1024": (1, 4608, 24, 128), "wan14b_480p_81f": (1, 32760, 40, 128)}
-kernels = {}
-kernels["sdpa_default_BHSD_contig"] = lambda q, k, v: F.scaled_dot_product_attention(
-    q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()).transpose(1, 2)
-QT = {}
+def sdpa_kernels() -> dict:
+    """torch's SDPA with one backend forced, on the (batch, heads, tokens, dim) views of diffusers' layout or on
+    contiguous copies: name -> attention(query, key, value) in (batch, tokens, heads, dim)."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def forced(backend, contiguous: bool):
+        def attention(query, key, value):
+            query, key, value = (t.transpose(1, 2) for t in (query, key, value))
+            if contiguous:
+                query, key, value = (t.contiguous() for t in (query, key, value))
+            with sdpa_kernel(backend) if backend else contextlib.nullcontext():
+                return F.scaled_dot_product_attention(query, key, value).transpose(1, 2)
+        return attention
+
+    return {"sdpa_default_strided_view": forced(None, False),  # torch's choice: what diffusers' default runs
+            "sdpa_cudnn_strided_view": forced(SDPBackend.CUDNN_ATTENTION, False),
+            "sdpa_cudnn_contiguous": forced(SDPBackend.CUDNN_ATTENTION, True),
+            "sdpa_flash2_contiguous": forced(SDPBackend.FLASH_ATTENTION, True),
+            "sdpa_math_contiguous": forced(SDPBackend.MATH, True)}
 
 
-def prep_t(q, k, v):
-    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+def optional_kernels() -> tuple[dict, dict]:
+    """The kernels of packages that may be missing: (name -> attention, package -> "ok" or why not)."""
+    import torch
+
+    kernels, found = {}, {}
+    try:
+        import fa3_fwd_interface as fa3
+
+        from ..pipelines.runtime.accelerate import use_fa3_fwd_if_needed
+        from ..pipelines.runtime.fp8_attention import fp8_attention
+
+        def fa3_fp8_per_tensor(query, key, value):
+            scales = [t.abs().amax().float() / torch.finfo(torch.float8_e4m3fn).max for t in (query, key, value)]
+            query, key, value = ((t / s).to(torch.float8_e4m3fn) for t, s in zip((query, key, value), scales))
+            batch, heads = query.shape[0], query.shape[2]
+            descale = [s.reshape(1, 1).expand(batch, heads).contiguous() for s in scales]
+            return fa3.flash_attn_func(query, key, value, q_descale=descale[0], k_descale=descale[1],
+                                       v_descale=descale[2])
+
+        use_fa3_fwd_if_needed()
+        kernels["fa3_bf16"] = fa3.flash_attn_func
+        kernels["fa3_fp8_per_tensor_with_quantization"] = fa3_fp8_per_tensor
+        kernels["fa3_fp8_per_head_with_quantization"] = fp8_attention  # the library's attention="flash_attn_3_fp8"
+        kernels["fa3_fp8_per_head_with_quantization_compiled"] = torch.compile(fp8_attention, fullgraph=True)
+        found["fa3_fwd"] = "ok"
+    except Exception as error:  # a missing package or one built for another torch: recorded, the rest runs
+        found["fa3_fwd"] = repr(error)
+    try:
+        from flash_attn.cute import flash_attn_func as fa4
+
+        kernels["fa4_bf16"] = fa4
+        found["flash_attn_4"] = "ok"
+    except Exception as error:
+        found["flash_attn_4"] = repr(error)
+    try:
+        from sageattention import sageattn
+
+        kernels["sage1"] = lambda query, key, value: sageattn(query, key, value, tensor_layout="NHD", is_causal=False)
+        found["sageattention"] = "ok"
+    except Exception as error:
+        found["sageattention"] = repr(error)
+    return kernels, found
 
 
-def sdpa_on(backend, contiguous):
-    def run(q, k, v):
-        qq, kk, vv = QT["c" if contiguous else "t"]
-        with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(qq, kk, vv)
-    return run
+def milliseconds(fn, device: str, reps: int) -> float:
+    from .harness import timed
+
+    return timed(fn, device, 3, reps) * 1000
 
 
-try:
-    import fa3_fwd_interface as fa3
-    kernels["fa3_bf16_BSHD"] = lambda q, k, v: fa3.flash_attn_func(q, k, v)
+def time_kernels(kernels: dict, shape: tuple, device: str, dtype, reps: int) -> dict:
+    """Each kernel at ``shape``: ms, TFLOP/s and error against fp32 attention, or the error it raised."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    def fa3_fp8(q, k, v):
-        qs, ks, vs = (t.abs().amax().float() / 448.0 for t in (q, k, v))
-        q8, k8, v8 = ((t / s).to(torch.float8_e4m3fn) for t, s in ((q, qs), (k, ks), (v, vs)))
-        b, _, h, _ = q.shape
-        d = lambda s: s.reshape(1, 1).expand(b, h).contiguous()
-        return fa3.flash_attn_func(q8, k8, v8, q_descale=d(qs), k_descale=d(ks), v_descale=d(vs))
-    kernels["fa3_fp8_pertensor_incl_quant"] = fa3_fp8
-    from aitk_inference.pipelines.runtime.accelerate import use_fa3_fwd_if_needed
-    from aitk_inference.pipelines.runtime.fp8_attention import fp8_attention
+    from .harness import relative_error
 
-    use_fa3_fwd_if_needed()
-    kernels["fa3_fp8_perhead_incl_quant"] = fp8_attention  # the library's attention="flash_attn_3_fp8"
-    kernels["fa3_fp8_perhead_incl_quant_compiled"] = torch.compile(fp8_attention, fullgraph=True)
-    res["fa3_import"] = "ok"
-except Exception as e:
-    res["fa3_import"] = repr(e)
-try:
-    from flash_attn.cute import flash_attn_func as fa4_func
-
-    def fa4(q, k, v):
-        out = fa4_func(q, k, v)
-        return out[0] if isinstance(out, tuple) else out
-    kernels["fa4_bf16_BSHD"] = fa4
-    res["fa4_import"] = "ok"
-except Exception as e:
-    res["fa4_import"] = repr(e)
-try:
-    from sageattention import sageattn
-    kernels["sage1_triton_NHD"] = lambda q, k, v: sageattn(q, k, v, tensor_layout="NHD", is_causal=False)
-    res["sage_import"] = "ok"
-except Exception as e:
-    res["sage_import"] = repr(e)
-
-for shape_name, (b, s, h, d) in shapes.items():
-    q, k, v = (torch.randn(b, s, h, d, device=dev, dtype=torch.bfloat16) for _ in range(3))
-    QT["t"] = prep_t(q, k, v)
-    QT["c"] = tuple(t.contiguous() for t in QT["t"])
-    with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION if s > 10000 else SDPBackend.MATH):
-        ref = F.scaled_dot_product_attention(*(t.float() for t in QT["c"])).transpose(1, 2)
-    ks = dict(kernels)
-    ks["sdpa_cudnn_strided_view"] = sdpa_on(SDPBackend.CUDNN_ATTENTION, False)
-    ks["sdpa_cudnn_contiguous"] = sdpa_on(SDPBackend.CUDNN_ATTENTION, True)
-    ks["sdpa_flash2_contiguous"] = sdpa_on(SDPBackend.FLASH_ATTENTION, True)
-    flops = 4 * b * h * s * s * d
-    for name, fn in ks.items():
+    batch, tokens, heads, head_dim = shape
+    generator = torch.Generator(device).manual_seed(0)
+    query, key, value = (torch.randn(shape, device=device, dtype=dtype, generator=generator) for _ in range(3))
+    reference_backend = SDPBackend.EFFICIENT_ATTENTION if tokens > LONG_SEQUENCE else SDPBackend.MATH
+    with sdpa_kernel(reference_backend):
+        expected = F.scaled_dot_product_attention(
+            *(t.transpose(1, 2).float() for t in (query, key, value))).transpose(1, 2)
+    flops = 4 * batch * heads * tokens * tokens * head_dim
+    results = {}
+    for name, attention in kernels.items():
         try:
-            out = fn(q, k, v)
-            if out.dim() == 4 and out.shape[1] == h and out.shape[2] == s:
-                out = out.transpose(1, 2)
-            ms = bench(lambda: fn(q, k, v), reps=30 if s < 10000 else 8)
-            res["kernels"].setdefault(shape_name, {})[name] = {"ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 1),
-                                                                "rel_err_vs_fp32": round(rel(out, ref), 6)}
-        except Exception as e:
-            res["kernels"].setdefault(shape_name, {})[name] = {"error": repr(e)[:300]}
-        print(shape_name, name, res["kernels"][shape_name][name], flush=True)
-    del ref
-    torch.cuda.empty_cache()
-
-# compiled vs eager: FLUX attention with q/k RMSNorm + RoPE in front, diffusers' layout (B,S,H,D) -> transpose
-b, s, h, d = shapes["flux_1024"]
-x = torch.randn(b, s, 3 * h * d, device=dev, dtype=torch.bfloat16)
-wq = torch.ones(d, device=dev, dtype=torch.bfloat16)
-freqs = torch.randn(s, d // 2, device=dev)
-cos, sin = freqs.cos().repeat_interleave(2, -1), freqs.sin().repeat_interleave(2, -1)
+            out = attention(query, key, value)
+            out = out[0] if isinstance(out, tuple) else out  # some releases also return the log-sum-exp
+            ms = milliseconds(lambda: attention(query, key, value), device, reps)
+            results[name] = {"ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 1),
+                             "relative_error_vs_fp32": round(relative_error(out, expected), 6)}
+        except Exception as error:  # a kernel this device or dtype cannot run
+            results[name] = {"error": repr(error)[:300]}
+        print(f"[attention_kernels] {shape} {name}: {results[name]}", flush=True)
+    return results
 
 
-def rope(t):
-    t_ = t.float().unflatten(-1, (-1, 2))
-    real, imag = t_.unbind(-1)
-    rot = torch.stack([-imag, real], -1).flatten(3)
-    return (t.float() * cos[None, :, None] + rot * sin[None, :, None]).to(t.dtype)
+def flux_attention_block(shape: tuple, device: str, dtype, contiguous: bool):
+    """FLUX's attention as a function of the fused q/k/v projection's output: q/k RMSNorm, the rotary embedding
+    (pairs rotated in float32), then SDPA on diffusers' strided views or on contiguous copies."""
+    import torch
+    import torch.nn.functional as F
+
+    batch, tokens, heads, head_dim = shape
+    norm_weight = torch.ones(head_dim, device=device, dtype=dtype)
+    angles = torch.randn(tokens, head_dim // 2, device=device, generator=torch.Generator(device).manual_seed(1))
+    cos, sin = (f(angles).repeat_interleave(2, -1)[None, :, None] for f in (torch.cos, torch.sin))
+
+    def rotate(t):
+        real, imaginary = t.float().unflatten(-1, (-1, 2)).unbind(-1)
+        swapped = torch.stack([-imaginary, real], -1).flatten(3)
+        return (t.float() * cos + swapped * sin).to(t.dtype)
+
+    def block(projected):
+        query, key, value = projected.view(batch, tokens, 3, heads, head_dim).unbind(2)
+        query = rotate(F.rms_norm(query, (head_dim,), norm_weight, 1e-6))
+        key = rotate(F.rms_norm(key, (head_dim,), norm_weight, 1e-6))
+        query, key, value = (t.transpose(1, 2) for t in (query, key, value))
+        if contiguous:
+            query, key, value = (t.contiguous() for t in (query, key, value))
+        return F.scaled_dot_product_attention(query, key, value).transpose(1, 2).reshape(batch, tokens, -1)
+
+    return block
 
 
-def block(x, backend=None):
-    q, k, v = x.view(b, s, 3, h, d).unbind(2)
-    q = F.rms_norm(q, (d,), wq, 1e-6)
-    k = F.rms_norm(k, (d,), wq, 1e-6)
-    q, k = rope(q), rope(k)
-    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return o.transpose(1, 2).reshape(b, s, h * d)
+def kernel_times(fn, device: str, calls: int = 10) -> dict:
+    """The eight longest GPU kernels of ``fn()`` (ms per call; empty off CUDA)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
 
-
-def block_contig(x):
-    q, k, v = x.view(b, s, 3, h, d).unbind(2)
-    q = F.rms_norm(q, (d,), wq, 1e-6)
-    k = F.rms_norm(k, (d,), wq, 1e-6)
-    q, k = rope(q), rope(k)
-    o = F.scaled_dot_product_attention(q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous(),
-                                       v.transpose(1, 2).contiguous())
-    return o.transpose(1, 2).reshape(b, s, h * d)
-
-
-def kernel_times(fn):
-    from torch.profiler import profile, ProfilerActivity
+    if not device.startswith("cuda"):
+        return {}
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(10):
+    with profile(activities=[ProfilerActivity.CUDA]) as profiler:
+        for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-    out = {}
-    for e in prof.key_averages():
-        if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0):
-            t = getattr(e, "self_device_time_total", 0) / 10 / 1000
-            if t > 0.01:
-                out[e.key[:90]] = round(t, 4)
-    return dict(sorted(out.items(), key=lambda kv: -kv[1])[:8])
+    times = {event.key[:90]: event.self_device_time_total / calls / 1000 for event in profiler.key_averages()}
+    return {name: round(ms, 4) for name, ms in sorted(times.items(), key=lambda item: -item[1])[:8] if ms > 0.01}
 
 
-comp = {}
-for name, fn in {"eager": lambda: block(x), "eager_contig": lambda: block_contig(x)}.items():
-    comp[name] = {"ms": round(bench(fn), 4), "kernels": kernel_times(fn)}
-    print(name, comp[name], flush=True)
-for name, f in {"compiled": block, "compiled_contig": block_contig}.items():
-    cf = torch.compile(f, dynamic=False)
-    fn = lambda: cf(x)
-    comp[name] = {"ms": round(bench(fn), 4), "kernels": kernel_times(fn)}
-    print(name, comp[name], flush=True)
-res["compiled_vs_eager_flux_attention_block"] = comp
-out = os.environ.get("OUT", ".")
-json.dump(res, open(os.path.join(out, "attn_probe.json"), "w"), indent=1)
+def compiled_vs_eager(shape: tuple, device: str, dtype, reps: int, backend: str) -> dict:
+    """FLUX's attention block eager and compiled (static shapes), strided and contiguous: ms and its kernels."""
+    import torch
+
+    projected = torch.randn(shape[0], shape[1], 3 * shape[2] * shape[3], device=device, dtype=dtype)
+    results = {}
+    for contiguous in (False, True):
+        block = flux_attention_block(shape, device, dtype, contiguous)
+        suffix = "_contiguous" if contiguous else ""
+        for mode, fn in (("eager", block), ("compiled", torch.compile(block, dynamic=False, backend=backend))):
+            results[mode + suffix] = {"ms": round(milliseconds(lambda: fn(projected), device, reps), 4),
+                                      "kernels": kernel_times(lambda: fn(projected), device)}
+            print(f"[attention_kernels] FLUX attention block {mode + suffix}: {results[mode + suffix]}", flush=True)
+    return results
+
+
+def main(argv=None) -> str:
+    """Run what ``argv`` asks for; returns the path of the results file."""
+    import torch
+
+    from ..pipelines.runtime.accelerate import resolve_dtype
+    from .harness import environment, write_result
+
+    parser = argparse.ArgumentParser(prog="python -m aitk_inference.benchmarks.attention_kernels",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--shapes", default="full", choices=sorted(SHAPES))
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    parser.add_argument("--reps", type=int, default=30, help="timed calls per kernel (a quarter at Wan's length)")
+    parser.add_argument("--compile-backend", default="inductor")
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but no CUDA GPU is visible; use --shapes tiny --device cpu for a smoke run.")
+    dtype = resolve_dtype(args.dtype, args.device)
+    torch.manual_seed(0)
+    kernels, found = optional_kernels()
+    kernels = {**sdpa_kernels(), **kernels}
+    command = "python -m aitk_inference.benchmarks.attention_kernels " + " ".join(
+        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    result = {**environment(args.device), "command": command, "packages": found, "kernels": {}}
+    for name, shape in SHAPES[args.shapes].items():
+        reps = args.reps if shape[1] <= LONG_SEQUENCE else max(1, args.reps // 4)
+        result["kernels"][name] = time_kernels(kernels, shape, args.device, dtype, reps)
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    first_shape = next(iter(SHAPES[args.shapes].values()))
+    result["flux_attention_block_compiled_vs_eager"] = compiled_vs_eager(first_shape, args.device, dtype, args.reps,
+                                                                         args.compile_backend)
+    os.makedirs(args.out, exist_ok=True)
+    return write_result(args.out, "attention_kernels", result)
+
+
+if __name__ == "__main__":
+    main()

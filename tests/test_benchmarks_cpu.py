@@ -173,6 +173,26 @@ def test_tiny_attention_forward_compares_kernels_eager_and_compiled(tiny_dir, tm
         main(["--models", "flux", "--kernels", "sdpa", "--size", "tiny", "--device", "cpu"])
 
 
+def test_attention_kernels_probe_records_each_kernel_or_why_it_cannot_run(tmp_path):
+    """benchmarks/attention_kernels on the CPU at a tiny shape: the SDPA kernels the CPU has are timed and equal the
+    fp32 attention, cuDNN's is recorded with its error, missing packages are named, and FLUX's attention block is
+    timed eager and compiled."""
+    from aitk_inference.benchmarks.attention_kernels import main
+
+    path = main(["--shapes", "tiny", "--device", "cpu", "--dtype", "fp32", "--reps", "1", "--compile-backend", "eager",
+                 "--out", str(tmp_path)])
+    with open(path) as f:
+        result = json.load(f)
+    kernels = result["kernels"]["flux_tiny"]
+    for name in ("sdpa_default_strided_view", "sdpa_math_contiguous"):
+        assert kernels[name]["ms"] > 0 and kernels[name]["relative_error_vs_fp32"] < 1e-5
+    assert "error" in kernels["sdpa_cudnn_contiguous"]  # a CUDA-only kernel
+    assert set(result["packages"]) == {"fa3_fwd", "flash_attn_4", "sageattention"}
+    block = result["flux_attention_block_compiled_vs_eager"]
+    assert set(block) == {"eager", "compiled", "eager_contiguous", "compiled_contiguous"}
+    assert all(row["ms"] > 0 and row["kernels"] == {} for row in block.values())  # no GPU kernels on the CPU
+
+
 def test_tiny_step_profile_times_each_variant_against_the_reference(tiny_dir, tmp_path):
     """The step profiler's CPU path: every variant's forward is recorded against the live-adapter reference; with
     ``--attention`` the variants run that kernel and its error is recorded."""

@@ -225,7 +225,8 @@ def new_recorder(out_dir: str, device: str, command: str, size: str) -> Recorder
     path = os.path.join(out_dir, f"{today}-{device_slug(env['device'])}{'' if size == 'full' else '-' + size}.json")
     meta = {"schema": SCHEMA_VERSION, "date": today, "size": size, "command": command, "reference_path":
             "dynamic: diffusers + rank-16 PEFT LoRA as a live adapter on every block Linear", **env}
-    return Recorder(path, meta, monitor=CardMonitor.start(env["card"]["uuid"]) if env.get("card") else None)
+    card = (env.get("card") or {}).get("uuid")
+    return Recorder(path, meta, monitor=CardMonitor.start(card) if card else None)
 
 
 # ---------------------------------------------------------------------------------------------------------------- timing

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import logging
 import os
 import warnings
@@ -243,7 +244,6 @@ class LoraStack:
         self.active: "OrderedDict[tuple[str, str | None], _Active]" = OrderedDict()
         self._loaded_cache: "OrderedDict[tuple[str, str | None], LoadedLora]" = OrderedDict()
         self._module_names = {c: patchable_module_names(m) for c, m in self.components.items()}
-        self._adapter_counter = 0
         self._stale_quantized: set[tuple[str, str]] = set()
         self.stats = Counter()
 
@@ -458,10 +458,16 @@ class LoraStack:
     def _uses_peft(self, patch: ModulePatch, side: str | None = None) -> bool:
         return patch.kind == "lora" and (self.mode == "dynamic" or side in self.pass_sides)
 
+    def _free_adapter_name(self) -> str:
+        """The lowest ``aitk_N`` no applied LoRA holds. A LoRA that replaces another takes over its name: a compiled
+        denoiser's guards name the adapters, so a new name per LoRA would compile new graphs at every switch until
+        Dynamo's recompile limit, which a ``fullgraph`` compile turns into an error."""
+        taken = {entry.adapter for entry in self.active.values()}
+        return next(name for name in (f"aitk_{n}" for n in itertools.count(1)) if name not in taken)
+
     def _add(self, slot, loaded: LoadedLora, strength: float) -> None:
-        self._adapter_counter += 1
-        adapter = f"aitk_{self._adapter_counter}"
-        entry = _Active(loaded, strength, adapter)
+        entry = _Active(loaded, strength, self._free_adapter_name())
+        adapter = entry.adapter
         self.active[slot] = entry
         peft_patches: dict[str, dict[str, ModulePatch]] = {}
         for (component, path), patch in loaded.patches.items():

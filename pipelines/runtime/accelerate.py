@@ -321,6 +321,20 @@ def use_persistent_compile_cache() -> str:
     return folder
 
 
+#: graphs Dynamo may keep for one compiled forward (all blocks of one class share it): every LoRA rank and LoRA count
+#: in the dynamic mode, image size regime (a first size, then one graph for all others), attention kernel and weight
+#: format compiles its own, and past torch's default of 8 a ``fullgraph`` compile raises instead of running
+RECOMPILE_LIMIT = 64
+
+
+def allow_recompiles(limit: int = RECOMPILE_LIMIT) -> None:
+    """Let Dynamo keep at least ``limit`` graphs per compiled function (a process-wide setting; a higher one is kept),
+    so that a long-lived process switching LoRAs and sizes keeps running its compiled blocks."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+
+
 def compile_denoiser(denoisers: list, mode: str = "regional", **compile_kwargs) -> None:
     """``torch.compile`` the ``denoisers`` in place; the first generation pays the compilation.
 
@@ -335,6 +349,7 @@ def compile_denoiser(denoisers: list, mode: str = "regional", **compile_kwargs) 
     if mode not in ("regional", "full"):
         raise ValueError(f"Unknown compile mode {mode!r}; use regional or full.")
     use_persistent_compile_cache()
+    allow_recompiles()
     for denoiser in denoisers:
         if mode == "full":
             denoiser.compile(**compile_kwargs)

@@ -96,6 +96,39 @@ def test_fp8_fused_mode_merges_loras_before_quantizing(load_tiny, tmp_path):
     assert np.array_equal(fp8.generate(**gen).images, base_fp8)
 
 
+@pytest.mark.parametrize("quantize", ["none", "fp8"])
+def test_compiled_live_adapters_switch_loras_past_the_recompile_limit(load_tiny, tmp_path, quantize):
+    """Inductor's regional compile with live adapters (bf16, and the FP8 fast mode's adapters next to FP8 weights):
+    LoRAs of one rank switch without a new graph, and nine ranks (past torch's default of 8 graphs) all generate,
+    near the uncompiled pipeline's images (tests/test_compile_lora.py checks the same on the CPU with Dynamo alone)."""
+    from torch._dynamo.utils import counters
+
+    from aitk_inference.pipelines.runtime.quantize import fp8_unavailable
+
+    if quantize == "fp8" and fp8_unavailable("cuda"):
+        pytest.skip(fp8_unavailable("cuda"))
+    options = dict(device="cuda", dtype="bf16", quantize=quantize, lora_mode="dynamic")
+    compiled, eager = load_tiny("flux", compile="regional", **options), load_tiny("flux", **options)
+    targets = lora_targets(eager.pipe.transformer)
+    gen = dict(prompt="x", width=64, height=64, steps=2)
+
+    def switch_and_compare(lora):
+        for pipe in (compiled, eager):
+            pipe.set_loras([lora])
+        assert _relative(compiled.generate(**gen).images, eager.generate(**gen).images) < 0.05
+
+    same_rank = [write_lora(str(tmp_path / f"rank4_{seed}.safetensors"), "peft", targets, rank=4, seed=seed)
+                 for seed in range(3)]
+    switch_and_compare(same_rank[0])
+    graphs = counters["stats"]["unique_graphs"]
+    for lora in same_rank[1:]:
+        switch_and_compare(lora)
+    assert counters["stats"]["unique_graphs"] == graphs
+    for rank in (1, 2, 3, 5, 6, 7, 8, 9):
+        switch_and_compare(write_lora(str(tmp_path / f"rank{rank}.safetensors"), "peft", targets, rank=rank,
+                                      seed=rank))
+
+
 @pytest.mark.parametrize("model_id", ["flux", "hidream"])
 @pytest.mark.parametrize("kernel", ["sdpa_cudnn", "sdpa_flash", "sdpa_efficient"])
 def test_attention_kernels_agree_with_the_default(load_tiny, kernel, model_id):

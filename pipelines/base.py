@@ -895,6 +895,11 @@ class AITKPipeline:
                                          f"attention={self.attention!r} cannot take; load it with attention='sdpa' "
                                          "(or 'sdpa_cudnn').") from error
                     raise
+                except Exception as error:
+                    message = self.compiled and accelerate.recompile_limit_message(error, self.spec.model_id)
+                    if message:
+                        raise ValueError(message) from error
+                    raise
                 # 4. Post-process (families that decode here do it inside the tiling scope)
                 fields = self.postprocess(output, params)
             total = time.perf_counter() - started

@@ -47,3 +47,24 @@ def test_compiled_dynamic_loras_switch_without_new_graphs_and_past_the_recompile
         switch_and_compare(write_lora(str(tmp_path / f"rank{rank}.safetensors"), "peft", targets, rank=rank,
                                       seed=rank))
     assert _graphs() >= graphs + 8
+
+
+def test_a_compiled_pipeline_past_the_recompile_limit_says_what_to_do(load_tiny, tmp_path, monkeypatch):
+    """Should a process still reach the limit, generate ends in a ValueError naming the cause and the ways out
+    instead of Dynamo's error, and the graphs compiled before keep working."""
+    import torch._dynamo
+
+    pipeline = load_tiny("flux", lora_mode="dynamic")
+    pipeline.compile_denoiser("regional", backend="eager")
+    targets = lora_targets(pipeline.pipe.transformer)
+    # ranks no other test compiles: the graphs of a block class are shared by every pipeline of the process
+    known = write_lora(str(tmp_path / "rank11.safetensors"), "peft", targets, rank=11)
+    pipeline.set_loras([known])
+    images = pipeline.generate(**GEN).images
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    pipeline.set_loras([write_lora(str(tmp_path / "rank13.safetensors"), "peft", targets, rank=13)])
+    with pytest.raises(ValueError, match=r"flux: the compiled blocks already hold torch's limit of 1 graphs .*"
+                                         r"lora_mode='fused'"):
+        pipeline.generate(**GEN)
+    pipeline.set_loras([known])
+    assert np.array_equal(pipeline.generate(**GEN).images, images)

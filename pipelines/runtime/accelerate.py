@@ -335,6 +335,21 @@ def allow_recompiles(limit: int = RECOMPILE_LIMIT) -> None:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
 
 
+def recompile_limit_message(error: BaseException, model_id: str) -> str | None:
+    """What to do when ``error`` is Dynamo refusing a compiled block one more graph (:func:`allow_recompiles`), else
+    None."""
+    import torch._dynamo
+    import torch._dynamo.exc
+
+    limit_hit = getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", None)
+    if limit_hit is None or not isinstance(error, limit_hit):
+        return None
+    return (f"{model_id}: the compiled blocks already hold torch's limit of {torch._dynamo.config.recompile_limit} "
+            "graphs (each new LoRA rank or number of LoRAs with lora_mode='dynamic', and a second image size, "
+            "compiles one), so this generation did not run. Load the pipeline again, or use lora_mode='fused', whose "
+            "LoRA changes never compile, or raise torch._dynamo.config.recompile_limit.")
+
+
 def compile_denoiser(denoisers: list, mode: str = "regional", **compile_kwargs) -> None:
     """``torch.compile`` the ``denoisers`` in place; the first generation pays the compilation.
 

@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import shlex
-import sys
 import time
 
 
@@ -70,7 +68,7 @@ def main(argv=None) -> str:
     import torch
 
     from ..pipelines.runtime.options import ATTENTION_KERNELS
-    from .harness import environment, write_result
+    from .harness import command_line, environment, write_result
     from .models import WORKLOADS
 
     parser = argparse.ArgumentParser(prog="python -m aitk_inference.benchmarks.attention_forward",
@@ -89,9 +87,7 @@ def main(argv=None) -> str:
         parser.error("--kernels: give at least two different kernels to compare")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda but no CUDA GPU is visible; use --size tiny --device cpu for a smoke run.")
-    command = "python -m aitk_inference.benchmarks.attention_forward " + " ".join(
-        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    result = {**environment(args.device), "command": command, "models": {}}
+    result = {**environment(args.device), "command": command_line("attention_forward", argv), "models": {}}
     os.makedirs(args.out, exist_ok=True)
     path = ""
     for model_id in args.models:

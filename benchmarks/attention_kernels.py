@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import shlex
-import sys
 
 #: (batch, tokens, heads, head dim), the layout diffusers hands its attention backends
 SHAPES = {
@@ -198,7 +196,7 @@ def main(argv=None) -> str:
     import torch
 
     from ..pipelines.runtime.accelerate import resolve_dtype
-    from .harness import environment, write_result
+    from .harness import command_line, environment, write_result
 
     parser = argparse.ArgumentParser(prog="python -m aitk_inference.benchmarks.attention_kernels",
                                      description=__doc__.split("\n")[0])
@@ -215,9 +213,8 @@ def main(argv=None) -> str:
     torch.manual_seed(0)
     kernels, found = optional_kernels()
     kernels = {**sdpa_kernels(), **kernels}
-    command = "python -m aitk_inference.benchmarks.attention_kernels " + " ".join(
-        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    result = {**environment(args.device), "command": command, "packages": found, "kernels": {}}
+    result = {**environment(args.device), "command": command_line("attention_kernels", argv), "packages": found,
+              "kernels": {}}
     for name, shape in SHAPES[args.shapes].items():
         reps = args.reps if shape[1] <= LONG_SEQUENCE else max(1, args.reps // 4)
         result["kernels"][name] = time_kernels(kernels, shape, args.device, dtype, reps)

@@ -13,8 +13,10 @@ import json
 import logging
 import os
 import platform
+import shlex
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -29,7 +31,7 @@ RECORD_KEYS = ("model", "metric", "variant", "value", "unit", "reference_value",
 #: what tells two cards of one name apart (nvidia-smi's field names; its units: W, MHz)
 CARD_IDENTITY = ("uuid", "pci.bus_id", "driver_version", "power.limit", "power.max_limit", "clocks.max.sm",
                  "clocks.max.memory")
-#: the card's state just after a timing: whether it ran at its clocks or was held back (power, heat)
+#: the card's state during a timing: whether it ran at its clocks or was held back (power, heat)
 CARD_LOAD = ("clocks.sm", "clocks.memory", "power.draw", "temperature.gpu", "clocks_event_reasons.active")
 REFERENCE = "dynamic"
 VARIANTS = ("plain", "dynamic", "fused", "fused+rope", "attention", "fused+compile", "fused+compile+fp8",
@@ -149,8 +151,8 @@ def card_state(card: str, fields: tuple) -> dict | None:
 
 class CardMonitor:
     """nvidia-smi reading the card's ``CARD_LOAD`` every ``interval_ms`` in a background process, so that a timing
-    can say which clocks and power the card held while it was busy: one reading after the timing finds the card idle,
-    its clocks already back up."""
+    can say which clocks and power the card held while it was busy (one reading after the timing may find the card
+    idle again, its clocks back up)."""
 
     BUSY = "utilization.gpu"
 
@@ -186,16 +188,15 @@ class CardMonitor:
         if not busy:
             return None
         summary = {"busy_samples": len(busy)}
-        for name in self.fields[1:]:
-            values = [s[name] for s in busy if isinstance(s[name], float)]
+        numbers = {name: [s[name] for s in busy if isinstance(s[name], float)] for name in self.fields[1:]}
+        for name, values in numbers.items():
             if values:
                 summary[name] = statistics.median(values)
             elif name == "clocks_event_reasons.active":
                 summary[name] = sorted({s[name] for s in busy})
         for name, extreme in (("clocks.sm", min), ("power.draw", max), ("temperature.gpu", max)):
-            values = [s[name] for s in busy if isinstance(s.get(name), float)]
-            if values:
-                summary[f"{name}.{extreme.__name__}"] = extreme(values)
+            if numbers.get(name):
+                summary[f"{name}.{extreme.__name__}"] = extreme(numbers[name])
         return summary
 
     def close(self) -> None:
@@ -217,6 +218,13 @@ def _number_or_text(value: str):
 
 def device_slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
+
+
+def command_line(module: str, argv: list | None) -> str:
+    """How ``python -m aitk_inference.benchmarks.<module>`` was called (``argv``, else this process's arguments), for
+    a results file."""
+    return f"python -m aitk_inference.benchmarks.{module} " + " ".join(
+        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
 
 
 def new_recorder(out_dir: str, device: str, command: str, size: str) -> Recorder:

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
-import sys
 import time
 
 PIPELINE_MODELS = ("flux",)
@@ -84,7 +82,7 @@ def main(argv=None) -> str:
     import torch
 
     from .comfyui_reference import bench_comfyui, has_comfyui_reference
-    from .harness import Options, bench_flux_pipeline, bench_transformer, new_recorder
+    from .harness import Options, bench_flux_pipeline, bench_transformer, command_line, new_recorder
 
     args = parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -96,8 +94,7 @@ def main(argv=None) -> str:
                    attention=args.attention)
     if args.workdir:
         opts.workdir = args.workdir
-    command = "python -m aitk_inference.benchmarks.run " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    rec = new_recorder(args.out, args.device, command, args.size)
+    rec = new_recorder(args.out, args.device, command_line("run", argv), args.size)
     for model_id in args.forward_only:
         bench_transformer(model_id, opts, rec)
         if args.comfyui is not None and has_comfyui_reference(model_id):

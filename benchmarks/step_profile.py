@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 
 #: in run order; each one keeps what the ones before it set up (except that compile variants re-compile)
@@ -142,7 +141,7 @@ def main(argv=None) -> str:
     from ..pipelines.lora.stack import LoraRequest, LoraStack
     from ..pipelines.runtime.options import ATTENTION_KERNELS
     from ..pipelines.runtime.quantize import fp8_unavailable, quantize_denoiser_fp8
-    from .harness import compiled_graphs, lora_state_dict, new_recorder, relative_error
+    from .harness import command_line, compiled_graphs, lora_state_dict, new_recorder, relative_error
     from .models import WORKLOADS, build_transformer, forward_inputs
     from .run import print_table
 
@@ -165,8 +164,7 @@ def main(argv=None) -> str:
     deadline = time.time() + args.time_budget
 
     on_gpu = args.device.startswith("cuda")
-    rec = new_recorder(args.out, args.device, "python -m aitk_inference.benchmarks.step_profile " + " ".join(
-        argv if argv is not None else sys.argv[1:]), args.size)
+    rec = new_recorder(args.out, args.device, command_line("step_profile", argv), args.size)
     rec.path = rec.path.replace(".json", f"-{args.model}-profile.json")
     model_id = args.model
     workload = WORKLOADS[args.size][model_id]

@@ -466,8 +466,8 @@ class LoraStack:
         return next(name for name in (f"aitk_{n}" for n in itertools.count(1)) if name not in taken)
 
     def _add(self, slot, loaded: LoadedLora, strength: float) -> None:
-        entry = _Active(loaded, strength, self._free_adapter_name())
-        adapter = entry.adapter
+        adapter = self._free_adapter_name()
+        entry = _Active(loaded, strength, adapter)
         self.active[slot] = entry
         peft_patches: dict[str, dict[str, ModulePatch]] = {}
         for (component, path), patch in loaded.patches.items():

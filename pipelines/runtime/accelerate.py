@@ -338,7 +338,6 @@ def allow_recompiles(limit: int = RECOMPILE_LIMIT) -> None:
 def recompile_limit_message(error: BaseException, model_id: str) -> str | None:
     """What to do when ``error`` is Dynamo refusing a compiled block one more graph (:func:`allow_recompiles`), else
     None."""
-    import torch._dynamo
     import torch._dynamo.exc
 
     limit_hit = getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", None)
